@@ -1,0 +1,81 @@
+/**
+ * The trainer seam. A model architecture describes its parameters (with the groups plans select by);
+ * a Trainer runs local training and evaluation on a compute engine. The small demo net and the
+ * Med3D encoder both plug in here, so the coordinator and site agent never see layer code.
+ */
+import type { TensorBundle, TensorSpec } from '../tensors/bundle.ts';
+
+/** Which side owns a parameter by default: the shared encoder, or the site's own head. */
+export type ModelPart = 'encoder' | 'head';
+/** Layer type, so plans can say "keep BatchNorm local" without string tricks on names. */
+export type LayerType = 'conv' | 'norm' | 'dense' | 'other';
+
+export interface ParamInfo extends TensorSpec {
+  readonly part: ModelPart;
+  readonly layerType: LayerType;
+  /** Stage within the part, e.g. "stem", "stage1", "decoder". */
+  readonly stage: string;
+  /** False for statistics (BatchNorm running mean/var) that are updated but not trained by gradients. */
+  readonly trainable: boolean;
+}
+
+export interface ModelArchitecture {
+  /** Stable identifier written into plans and model files, e.g. "tiny3d". */
+  readonly id: string;
+  /** Number of output classes of the segmentation head (background included). */
+  readonly numClasses: number;
+  /** Input patch size [D, H, W] the architecture is built for. */
+  readonly patchShape: readonly [number, number, number];
+  params(): readonly ParamInfo[];
+  /** Fresh weights for every parameter (encoder and head), deterministic in `seed`. */
+  init(seed: number): TensorBundle;
+}
+
+/** One preprocessed case, in memory at the site only. Never serialised to the wire. */
+export interface VolumeCase {
+  /** Opaque per-site index such as "case-3"; never a path. */
+  readonly id: string;
+  readonly shape: readonly [number, number, number];
+  /** Normalised intensities, D*H*W, z fastest-varying last (index = (z*H + y)*W + x). */
+  readonly image: Float32Array;
+  /** Class index per voxel, same layout as image; undefined for unlabelled cases. */
+  readonly label?: Uint8Array;
+}
+
+export interface TrainRequest {
+  /** Start weights: the global shared tensors merged with the site's own local tensors. */
+  readonly weights: TensorBundle;
+  readonly cases: readonly VolumeCase[];
+  readonly steps: number;
+  readonly batchSize: number;
+  readonly learningRate: number;
+  readonly seed: number;
+  /** FedProx proximal coefficient μ (0 = plain local SGD). */
+  readonly proximalMu?: number;
+  /** Called after each step; lets the agent heartbeat progress and draw bars. */
+  readonly onStep?: (step: number, loss: number) => void;
+}
+
+export interface TrainResult {
+  /** All weights after training (shared and local); the agent picks what the plan shares. */
+  readonly weights: TensorBundle;
+  /** Mean loss over the last quarter of steps (less noisy than the last step). */
+  readonly loss: number;
+  readonly firstLoss: number;
+  readonly samples: number;
+}
+
+export interface EvalResult {
+  /** Mean Dice per foreground class (index 0 is class 1), averaged over cases. */
+  readonly dicePerClass: readonly number[];
+  readonly meanDice: number;
+  readonly cases: number;
+}
+
+export interface Trainer {
+  /** The compute engine actually running, e.g. "tfjs-node-gpu", "tfjs-node", "cpu". */
+  readonly engine: string;
+  readonly architecture: ModelArchitecture;
+  train(req: TrainRequest): Promise<TrainResult>;
+  evaluate(weights: TensorBundle, cases: readonly VolumeCase[]): Promise<EvalResult>;
+}

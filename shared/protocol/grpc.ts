@@ -1,0 +1,66 @@
+/**
+ * Loads the medfl.v1 proto once and exposes the service definitions and client constructors.
+ * Options are fixed here so both sides agree: camelCase fields, int64 as JS numbers, bytes as Buffers.
+ */
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+import { fileURLToPath } from 'node:url';
+import { dirname, join } from 'node:path';
+
+const PROTO_ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'proto');
+export const PROTO_FILE = join(PROTO_ROOT, 'medfl', 'v1', 'federation.proto');
+
+/** Largest chunk either side sends; the gRPC message cap below leaves room for framing. */
+export const CHUNK_BYTES = 2 * 1024 * 1024;
+export const MAX_MESSAGE_BYTES = CHUNK_BYTES + 64 * 1024;
+
+/** Larger HTTP/2 windows: grpc-js defaults cap throughput at ~0.3 GB/s on loopback (baselines.md). */
+export const CHANNEL_OPTIONS: grpc.ChannelOptions = {
+  'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
+  'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+  'grpc-node.flow_control_window': 32 * 1024 * 1024,
+  'grpc.keepalive_time_ms': 20_000,
+  'grpc.keepalive_timeout_ms': 10_000,
+  'grpc.keepalive_permit_without_calls': 1,
+};
+
+export const SERVER_OPTIONS: grpc.ServerOptions = {
+  'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
+  'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+  'grpc.keepalive_permit_without_calls': 1,
+  'grpc.http2.min_ping_interval_without_data_ms': 5_000,
+};
+
+export const AUTH_METADATA_KEY = 'authorization';
+/** Set by the server's auth interceptor after a token checks out; any client-sent value is dropped first. */
+export const AUTHENTICATED_SITE_KEY = 'x-medfl-authenticated-site';
+
+type ServiceCtor = grpc.ServiceClientConstructor;
+
+let cached: { Enrollment: ServiceCtor; Federation: ServiceCtor } | undefined;
+
+export function loadProto(): { Enrollment: ServiceCtor; Federation: ServiceCtor } {
+  if (cached) return cached;
+  const def = protoLoader.loadSync(PROTO_FILE, {
+    keepCase: false,
+    longs: Number,
+    enums: String,
+    bytes: Buffer,
+    defaults: true,
+    oneofs: true,
+    includeDirs: [PROTO_ROOT],
+  });
+  const pkg = grpc.loadPackageDefinition(def) as unknown as { medfl: { v1: { Enrollment: ServiceCtor; Federation: ServiceCtor } } };
+  cached = { Enrollment: pkg.medfl.v1.Enrollment, Federation: pkg.medfl.v1.Federation };
+  return cached;
+}
+
+/** Full method paths, as interceptors and per-method policies see them. */
+export const METHODS = {
+  enroll: '/medfl.v1.Enrollment/Enroll',
+  heartbeat: '/medfl.v1.Federation/Heartbeat',
+  subscribeTasks: '/medfl.v1.Federation/SubscribeTasks',
+  downloadModel: '/medfl.v1.Federation/DownloadModel',
+  uploadUpdate: '/medfl.v1.Federation/UploadUpdate',
+  reportMetrics: '/medfl.v1.Federation/ReportMetrics',
+} as const;

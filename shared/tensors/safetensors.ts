@@ -1,0 +1,111 @@
+/**
+ * The safetensors format (8-byte little-endian header length, JSON header, raw little-endian data),
+ * written and read here so that numpy/PyTorch users can open every model and update file as is.
+ * Reading validates everything: header size, offsets that tile the buffer exactly, shapes, dtypes.
+ */
+import { type NamedTensor, type TensorBundle, elementCount, makeBundle } from './bundle.ts';
+
+const MAX_HEADER_BYTES = 100 * 1024 * 1024;
+const DTYPE_BYTES: Record<string, number> = { F32: 4 };
+
+export class SafetensorsError extends Error {
+  override name = 'SafetensorsError';
+}
+
+export function encodeSafetensors(bundle: TensorBundle, metadata: Record<string, string> = {}): Buffer {
+  const header: Record<string, unknown> = {};
+  if (Object.keys(metadata).length > 0) header.__metadata__ = metadata;
+  let offset = 0;
+  const names = [...bundle.keys()].sort();
+  for (const name of names) {
+    const t = bundle.get(name)!;
+    const bytes = t.data.length * DTYPE_BYTES[t.dtype];
+    header[name] = { dtype: t.dtype, shape: [...t.shape], data_offsets: [offset, offset + bytes] };
+    offset += bytes;
+  }
+  let json = JSON.stringify(header);
+  // Pad with spaces so the data section starts 8-byte aligned (allowed by the format, helps zero-copy readers).
+  const pad = (8 - ((8 + Buffer.byteLength(json)) % 8)) % 8;
+  json += ' '.repeat(pad);
+  const headerBytes = Buffer.from(json, 'utf8');
+  const out = Buffer.allocUnsafe(8 + headerBytes.length + offset);
+  out.writeBigUInt64LE(BigInt(headerBytes.length), 0);
+  headerBytes.copy(out, 8);
+  let pos = 8 + headerBytes.length;
+  for (const name of names) {
+    const t = bundle.get(name)!;
+    const src = Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength);
+    if (!littleEndian()) throw new SafetensorsError('big-endian hosts are not supported');
+    src.copy(out, pos);
+    pos += src.length;
+  }
+  return out;
+}
+
+export interface DecodedSafetensors {
+  bundle: TensorBundle;
+  metadata: Record<string, string>;
+}
+
+export function decodeSafetensors(buf: Uint8Array): DecodedSafetensors {
+  if (buf.length < 8) throw new SafetensorsError(`file too short (${buf.length} bytes) to be safetensors`);
+  const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  const headerLen = Number(view.getBigUint64(0, true));
+  if (headerLen > MAX_HEADER_BYTES || 8 + headerLen > buf.length) {
+    throw new SafetensorsError(`header length ${headerLen} does not fit in ${buf.length} bytes: truncated or not safetensors`);
+  }
+  let header: Record<string, unknown>;
+  try {
+    header = JSON.parse(Buffer.from(buf.buffer, buf.byteOffset + 8, headerLen).toString('utf8'));
+  } catch (e) {
+    throw new SafetensorsError(`header is not valid JSON: ${(e as Error).message}`);
+  }
+  if (header === null || typeof header !== 'object' || Array.isArray(header)) throw new SafetensorsError('header is not a JSON object');
+  const dataStart = 8 + headerLen;
+  const dataLen = buf.length - dataStart;
+  const metadata: Record<string, string> = {};
+  const entries: { name: string; dtype: string; shape: number[]; begin: number; end: number }[] = [];
+  for (const [name, raw] of Object.entries(header)) {
+    if (name === '__metadata__') {
+      if (raw && typeof raw === 'object') for (const [k, v] of Object.entries(raw)) metadata[k] = String(v);
+      continue;
+    }
+    const e = raw as { dtype?: unknown; shape?: unknown; data_offsets?: unknown };
+    if (typeof e?.dtype !== 'string' || !Array.isArray(e.shape) || !Array.isArray(e.data_offsets) || e.data_offsets.length !== 2) {
+      throw new SafetensorsError(`tensor "${name}": header entry needs dtype, shape and data_offsets`);
+    }
+    if (!(e.dtype in DTYPE_BYTES)) throw new SafetensorsError(`tensor "${name}": dtype ${e.dtype} is not supported (only F32)`);
+    const shape = e.shape as unknown[];
+    if (!shape.every((d) => Number.isInteger(d) && (d as number) >= 0)) throw new SafetensorsError(`tensor "${name}": bad shape ${JSON.stringify(shape)}`);
+    const [begin, end] = e.data_offsets as unknown[];
+    if (!Number.isInteger(begin) || !Number.isInteger(end) || (begin as number) < 0 || (end as number) < (begin as number) || (end as number) > dataLen) {
+      throw new SafetensorsError(`tensor "${name}": data_offsets ${JSON.stringify(e.data_offsets)} outside the ${dataLen}-byte data section`);
+    }
+    const need = elementCount(shape as number[]) * DTYPE_BYTES[e.dtype];
+    if ((end as number) - (begin as number) !== need) {
+      throw new SafetensorsError(`tensor "${name}": shape [${shape.join(',')}] needs ${need} bytes, offsets give ${(end as number) - (begin as number)}`);
+    }
+    entries.push({ name, dtype: e.dtype, shape: shape as number[], begin: begin as number, end: end as number });
+  }
+  // Offsets must tile the data section exactly: no gaps, no overlaps, nothing trailing.
+  entries.sort((a, b) => a.begin - b.begin);
+  let expect = 0;
+  for (const e of entries) {
+    if (e.begin !== expect) throw new SafetensorsError(`tensor "${e.name}" starts at ${e.begin}, expected ${expect}: gap or overlap in data`);
+    expect = e.end;
+  }
+  if (expect !== dataLen) throw new SafetensorsError(`data section is ${dataLen} bytes but tensors cover ${expect}: truncated or trailing bytes`);
+  const tensors: NamedTensor[] = entries.map((e) => {
+    // Copy so the result is aligned and does not pin the (possibly large, pooled) input buffer.
+    const bytes = new Uint8Array(e.end - e.begin);
+    bytes.set(buf.subarray(dataStart + e.begin, dataStart + e.end));
+    return { name: e.name, dtype: 'F32', shape: e.shape, data: new Float32Array(bytes.buffer) };
+  });
+  return { bundle: makeBundle(tensors), metadata };
+}
+
+let le: boolean | undefined;
+function littleEndian(): boolean {
+  if (le === undefined) le = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
+  return le;
+}
