@@ -1,0 +1,173 @@
+/**
+ * The one CLI: `medfl coordinator …`, `medfl site …`, `medfl status`, `medfl demo`.
+ * Output here is for people (tables, progress); logs from library code go to stderr as JSON (pino).
+ */
+import { Command, Option } from 'commander';
+import { CoordinatorHome, DEFAULT_PORT } from '../coordinator/home.ts';
+import { addSite, listSites, revokeSite, withStore } from '../coordinator/admin.ts';
+import { sitesTable, statusReport } from './status.ts';
+import { parsePlan, PlanError } from '../shared/plan/load.ts';
+import { readFileSync } from 'node:fs';
+
+const program = new Command();
+program.name('medfl').description('MedFL: federated transfer learning for 3D medical imaging').showHelpAfterError();
+
+const coordinator = program.command('coordinator').description('run and administer a coordinator');
+
+coordinator
+  .command('init')
+  .description("create a coordinator directory: signing key, CA, server certificate, default plan")
+  .requiredOption('--dir <dir>', 'coordinator directory')
+  .option('--host <host...>', 'DNS names / IPs sites will dial (go into the server certificate)', ['localhost', '127.0.0.1', '::1'])
+  .option('--port <port>', 'default listening port', String(DEFAULT_PORT))
+  .action(async (o: { dir: string; host: string[]; port: string }) => {
+    const home = await CoordinatorHome.init(o.dir, { hosts: o.host, port: Number(o.port) });
+    const c = home.config();
+    process.stdout.write(
+      [
+        `coordinator created in ${o.dir}`,
+        `  federation id   ${c.federationId}`,
+        `  CA fingerprint  ${home.caFingerprint()}`,
+        `  plan            ${home.planPath} (edit it, then \`medfl coordinator start --dir ${o.dir}\`)`,
+        `  add a site      medfl coordinator site add NAME --dir ${o.dir}`,
+        '',
+      ].join('\n'),
+    );
+  });
+
+coordinator
+  .command('start')
+  .description('start the coordinator (TLS + token auth) and run the plan')
+  .requiredOption('--dir <dir>', 'coordinator directory')
+  .option('--plan <file>', 'plan file (YAML or JSON); default: DIR/plan.yaml')
+  .option('--nats <url>', 'publish events to this NATS server (JetStream stream when available)')
+  .option('--port <port>', 'listening port (default from coordinator.json)')
+  .option('--bind <host>', 'address to listen on', '0.0.0.0')
+  .option('--mtls', 'also require client certificates from the federation CA', false)
+  .action(async (o: { dir: string; plan?: string; nats?: string; port?: string; bind: string; mtls: boolean }) => {
+    const { startCoordinator } = await import('../coordinator/coordinator.ts');
+    const running = await startCoordinator({ dir: o.dir, planPath: o.plan, natsUrl: o.nats, port: o.port !== undefined ? Number(o.port) : undefined, host: o.bind, requireClientCert: o.mtls });
+    process.stdout.write(`coordinator ${running.federationId} listening on port ${running.port} (events: ${running.bus.describe()})\n`);
+    const shutdown = async (sig: string) => {
+      process.stdout.write(`\n${sig}: stopping coordinator\n`);
+      await running.stop();
+      process.exit(0);
+    };
+    process.once('SIGINT', () => void shutdown('SIGINT'));
+    process.once('SIGTERM', () => void shutdown('SIGTERM'));
+  });
+
+const site = coordinator.command('site').description('add, revoke and list sites (no restart needed)');
+
+site
+  .command('add <name>')
+  .description('invite a site: prints a one-time enrolment token and the CA fingerprint')
+  .requiredOption('--dir <dir>', 'coordinator directory')
+  .option('--ttl <hours>', 'hours the token stays valid', '24')
+  .action((name: string, o: { dir: string; ttl: string }) => {
+    const inv = addSite(o.dir, name, { ttlSeconds: Math.round(Number(o.ttl) * 3600) });
+    process.stdout.write(
+      [
+        `site '${inv.site}' invited to federation ${inv.federationId}`,
+        `  token           ${inv.token}`,
+        `  expires         ${inv.expiresAt.toISOString()} (one use)`,
+        `  CA fingerprint  ${inv.caFingerprint}`,
+        '',
+        'At the site, run:',
+        `  medfl site enroll --coordinator HOST:PORT --token ${inv.token} --ca-fingerprint ${inv.caFingerprint} --dir SITE_DIR`,
+        '',
+      ].join('\n'),
+    );
+  });
+
+site
+  .command('revoke <name>')
+  .description('revoke a site: its tokens stop working at once')
+  .requiredOption('--dir <dir>', 'coordinator directory')
+  .action((name: string, o: { dir: string }) => {
+    revokeSite(o.dir, name);
+    process.stdout.write(`site '${name}' revoked\n`);
+  });
+
+site
+  .command('list')
+  .description('list sites')
+  .requiredOption('--dir <dir>', 'coordinator directory')
+  .action((o: { dir: string }) => {
+    process.stdout.write(sitesTable(listSites(o.dir)) + '\n');
+  });
+
+coordinator
+  .command('check-plan <file>')
+  .description('validate a plan file and print it with defaults filled in')
+  .action((file: string) => {
+    const plan = parsePlan(readFileSync(file, 'utf8'), file);
+    process.stdout.write(JSON.stringify(plan, null, 2) + '\n');
+  });
+
+const siteCmd = program.command('site').description('run a site agent inside a hospital');
+
+siteCmd
+  .command('enroll')
+  .description("join a federation: pins the coordinator's CA, makes this site's own key pair, registers the public key")
+  .requiredOption('--coordinator <host:port>', 'coordinator address')
+  .requiredOption('--token <token>', 'one-time enrolment token from the coordinator admin')
+  .requiredOption('--ca-fingerprint <fp>', 'SHA-256 fingerprint of the federation CA, from the coordinator admin')
+  .requiredOption('--dir <dir>', 'site directory (keys, cache, local model parts)')
+  .action(async (o: { coordinator: string; token: string; caFingerprint: string; dir: string }) => {
+    const { enrollSite } = await import('../site-agent/enroll.ts');
+    const c = await enrollSite({ coordinator: o.coordinator, token: o.token, caFingerprint: o.caFingerprint, dir: o.dir });
+    process.stdout.write(`enrolled as '${c.siteName}' in federation ${c.federationId}; private key kept in ${o.dir}/site.key (mode 0600)\nnext: medfl site run --dir ${o.dir} --data DATA_DIR\n`);
+  });
+
+siteCmd
+  .command('run')
+  .description('connect out to the coordinator and train when asked')
+  .requiredOption('--dir <dir>', 'site directory')
+  .requiredOption('--data <dir>', 'local data in the MSD / nnU-Net layout (dataset.json, imagesTr/, labelsTr/)')
+  .option('--audit-wire <file>', 'append a summary of every message this site sends to FILE')
+  .option('--exit-when-finished', 'exit when the coordinator says the federation is finished', false)
+  .addOption(new Option('--engine <name>', 'force a compute engine').choices(['auto', 'tfjs-node-gpu', 'tfjs-node', 'cpu']))
+  .action(async (o: { dir: string; data: string; auditWire?: string; exitWhenFinished: boolean; engine?: string }) => {
+    const { SiteAgent } = await import('../site-agent/agent.ts');
+    const { createLogger } = await import('../shared/util/log.ts');
+    const { SiteHome } = await import('../site-agent/home.ts');
+    const log = createLogger('site-agent', { site: new SiteHome(o.dir).config().siteName });
+    const agent = new SiteAgent({ dir: o.dir, dataDir: o.data, log, auditPath: o.auditWire, exitWhenFinished: o.exitWhenFinished, engine: o.engine });
+    process.once('SIGINT', () => agent.stop());
+    process.once('SIGTERM', () => agent.stop());
+    await agent.run();
+    process.exit(0);
+  });
+
+program
+  .command('status')
+  .description('rounds, sites and the current model of a coordinator, as tables')
+  .requiredOption('--dir <dir>', 'coordinator directory')
+  .action((o: { dir: string }) => {
+    const home = new CoordinatorHome(o.dir);
+    const c = home.config();
+    process.stdout.write(withStore(home, (s) => statusReport(s, c.federationId)) + '\n');
+  });
+
+program
+  .command('demo')
+  .description('a local federation: one coordinator and three sites as separate processes, TLS and tokens on, generated phantoms')
+  .option('--dir <dir>', 'work directory (default: a new temporary directory)')
+  .option('--rounds <n>', 'rounds to run', '3')
+  .option('--sites <n>', 'number of sites', '3')
+  .option('--steps <n>', 'local steps per round', '12')
+  .option('--nats <url>', 'also publish events to this NATS server')
+  .action(async (o: { dir?: string; rounds: string; sites: string; steps: string; nats?: string }) => {
+    const { runDemo } = await import('./demo.ts');
+    const ok = await runDemo({ dir: o.dir, rounds: Number(o.rounds), sites: Number(o.sites), steps: Number(o.steps), natsUrl: o.nats });
+    process.exit(ok ? 0 : 1);
+  });
+
+program.parseAsync(process.argv).catch((e: unknown) => {
+  const err = e as Error;
+  // People get the cause and the fix, not a stack; MEDFL_DEBUG=1 shows the stack.
+  process.stderr.write(`medfl: ${err instanceof PlanError ? err.message : err.message}\n`);
+  if (process.env.MEDFL_DEBUG) process.stderr.write(`${err.stack}\n`);
+  process.exit(1);
+});

@@ -1,0 +1,65 @@
+/**
+ * `medfl status`: what a coordinator knows, as tables for people — rounds, sites, metrics.
+ */
+import Table from 'cli-table3';
+import type { CoordinatorStore, MetricRow, RoundRow, SiteRow } from '../coordinator/store/store.ts';
+
+const short = (h: string | null | undefined) => (h ? `${h.slice(0, 12)}…` : '—');
+const ago = (t: number | null, now: number) => (t === null ? 'never' : `${Math.max(0, Math.round((now - t) / 1000))} s ago`);
+/** Colour only for a terminal; logs and CI get plain text. */
+const style = () => (process.stdout.isTTY ? {} : { style: { head: [], border: [] } });
+const fmt = (v: number | undefined, digits = 3) => (v === undefined || Number.isNaN(v) ? '—' : v.toFixed(digits));
+
+export function sitesTable(sites: SiteRow[], now = Date.now()): string {
+  const t = new Table({ head: ['site', 'state', 'last seen', 'activity', 'engine'], ...style() });
+  for (const s of sites) t.push([s.name, s.state, ago(s.lastSeenAt, now), s.activity ?? '—', s.engine ?? '—']);
+  return t.toString();
+}
+
+export function roundsTable(rounds: RoundRow[]): string {
+  const t = new Table({ head: ['round', 'state', 'sites', 'from model', 'result model', 'seconds', 'note'], ...style() });
+  for (const r of rounds) {
+    const secs = r.closedAt ? ((r.closedAt - r.openedAt) / 1000).toFixed(1) : '—';
+    t.push([r.round, r.state, r.selected.join(', '), short(r.baseModelHash), short(r.resultModelHash), secs, r.note ?? '']);
+  }
+  return t.toString();
+}
+
+/** round × site → samples, local loss, validation Dice. */
+export function metricsTable(metrics: MetricRow[]): string {
+  const byKey = new Map<string, Record<string, number>>();
+  for (const m of metrics) {
+    const k = `${m.round}\u0000${m.site}`;
+    const row = byKey.get(k) ?? {};
+    row[m.key] = m.value;
+    byKey.set(k, row);
+  }
+  const t = new Table({ head: ['round', 'site', 'samples', 'loss (first → last)', 'val Dice', 'train s'], ...style() });
+  const keys = [...byKey.keys()].sort((a, b) => {
+    const [ra, sa] = a.split('\u0000');
+    const [rb, sb] = b.split('\u0000');
+    return Number(ra) - Number(rb) || sa.localeCompare(sb);
+  });
+  for (const k of keys) {
+    const [round, site] = k.split('\u0000');
+    const v = byKey.get(k)!;
+    t.push([round, site, fmt(v.num_train, 0), `${fmt(v.train_loss_first)} → ${fmt(v.train_loss)}`, fmt(v.val_dice_mean), fmt(v.train_seconds, 1)]);
+  }
+  return t.toString();
+}
+
+export function statusReport(store: CoordinatorStore, federationId: string): string {
+  const rounds = store.listRounds();
+  const lines = [
+    `federation ${federationId}`,
+    `current global model: ${store.getMeta('current_model') ?? '— (coordinator never started)'}`,
+    `rounds closed: ${store.closedRoundCount()}`,
+    '',
+    'Sites',
+    sitesTable(store.listSites()),
+  ];
+  if (rounds.length > 0) lines.push('', 'Rounds', roundsTable(rounds));
+  const metrics = store.listMetrics();
+  if (metrics.length > 0) lines.push('', 'Local training and validation, per round and site', metricsTable(metrics));
+  return lines.join('\n');
+}

@@ -1,0 +1,254 @@
+/**
+ * Server interceptor that authenticates every Federation call by the site's bearer JWT (Enroll is exempt: its
+ * one-time token is checked by the enrolment handler itself).
+ *
+ * Sequencing: verification happens in the listener's onReceiveMetadata hook and is async (jose). grpc-js does not
+ * hand metadata to the handler until we call `next(metadata)`, and every built-in handler only starts reading
+ * request messages (startRead) after it has the metadata. So until verification succeeds no handler code runs and
+ * no request message is read, for unary, server-stream and client-stream methods alike. On failure we never call
+ * `next`: we end the call with sendStatus, and the handler is never invoked.
+ *
+ * On success the client-sent AUTHENTICATED_SITE_KEY header is removed and replaced by the verified site name:
+ * handlers read `call.metadata.get(AUTHENTICATED_SITE_KEY)[0]` and a site can only act as itself.
+ */
+import * as grpc from '@grpc/grpc-js';
+import { decodeJwt, decodeProtectedHeader, errors as joseErrors, jwtVerify, type JWTPayload } from 'jose';
+import type { KeyObject } from 'node:crypto';
+import type { Logger } from 'pino';
+import { AUTH_METADATA_KEY, AUTHENTICATED_SITE_KEY, METHODS } from '../../shared/protocol/grpc.ts';
+import { publicKeyFromRaw } from '../../shared/security/site-identity.ts';
+
+/** Longest token lifetime (exp - iat) accepted, seconds. */
+export const MAX_TOKEN_LIFETIME_S = 300;
+/** Allowed clock difference between site and coordinator, seconds. */
+export const CLOCK_TOLERANCE_S = 30;
+/** Far above a real token (~300 bytes); stops a huge header from costing parse time. */
+const MAX_TOKEN_CHARS = 4096;
+const MAX_JTI_CHARS = 128;
+
+export interface SiteRecord {
+  publicKeyRaw: Buffer;
+  revoked: boolean;
+}
+
+export interface SiteDirectory {
+  getSite(name: string): SiteRecord | undefined;
+  /**
+   * Records a token id; returns false if it was seen before (replay). Entries may be forgotten after
+   * `expiresAtSec` (+ clock tolerance): an expired token is rejected anyway.
+   * The interceptor passes `<site>/<jti>`, so one site cannot burn another site's ids.
+   */
+  consumeJti(jti: string, expiresAtSec: number): boolean;
+}
+
+export interface AuthInterceptorOptions {
+  /** The `aud` every token must carry. */
+  federationId: string;
+  directory: SiteDirectory;
+  log?: Logger;
+}
+
+/** Verification failure: the gRPC status to end the call with and a message naming cause and fix. */
+export class AuthError extends Error {
+  constructor(
+    readonly code: grpc.status.UNAUTHENTICATED | grpc.status.PERMISSION_DENIED,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'AuthError';
+  }
+}
+
+const unauth = (msg: string): AuthError => new AuthError(grpc.status.UNAUTHENTICATED, msg);
+const isoSec = (sec: number): string => new Date(sec * 1000).toISOString();
+
+/**
+ * Verifies a bearer token from request metadata; returns the site name it authenticates.
+ * Exported so other transports (or tests) can share the exact rules.
+ */
+export async function verifySiteToken(
+  metadata: grpc.Metadata,
+  opts: { federationId: string; directory: SiteDirectory; nowSec?: number },
+): Promise<string> {
+  const values = metadata.get(AUTH_METADATA_KEY);
+  if (values.length === 0) {
+    throw unauth(`missing '${AUTH_METADATA_KEY}: Bearer <token>' metadata — site calls must be made with the site's call credentials`);
+  }
+  if (values.length > 1) throw unauth(`more than one '${AUTH_METADATA_KEY}' header; send exactly one bearer token`);
+  const header = String(values[0]);
+  const m = /^Bearer\s+(\S+)$/i.exec(header.trim());
+  if (!m) throw unauth(`'${AUTH_METADATA_KEY}' metadata is not of the form 'Bearer <token>'`);
+  const token = m[1]!;
+  if (token.length > MAX_TOKEN_CHARS) throw unauth(`malformed token: longer than ${MAX_TOKEN_CHARS} characters`);
+
+  // Unverified peek, only to pick the algorithm check and the key; nothing here is trusted yet.
+  let alg: unknown;
+  let claimed: JWTPayload;
+  try {
+    alg = decodeProtectedHeader(token).alg;
+    claimed = decodeJwt(token);
+  } catch (e) {
+    throw unauth(`malformed token: ${(e as Error).message} — expected a compact JWT signed with the site key`);
+  }
+  if (alg !== 'EdDSA') {
+    throw unauth(`token alg '${String(alg)}' is not allowed: site tokens must be signed with EdDSA (the site's Ed25519 key)`);
+  }
+  const site = claimed.iss;
+  if (typeof site !== 'string' || site === '') throw unauth(`token has no 'iss' (site name) claim`);
+  const record = opts.directory.getSite(site);
+  if (!record) throw unauth(`unknown site '${site}' — enrol it with \`medfl site enroll\` (token from \`medfl coordinator site add\`)`);
+
+  let key: KeyObject;
+  try {
+    key = publicKeyFromRaw(record.publicKeyRaw);
+  } catch (e) {
+    throw unauth(`site '${site}' has an unusable registered key (${(e as Error).message}) — re-enrol the site`);
+  }
+
+  const nowSec = opts.nowSec ?? Math.floor(Date.now() / 1000);
+  let payload: JWTPayload;
+  try {
+    ({ payload } = await jwtVerify(token, key, {
+      algorithms: ['EdDSA'],
+      clockTolerance: CLOCK_TOLERANCE_S,
+      currentDate: new Date(nowSec * 1000),
+    }));
+  } catch (e) {
+    if (e instanceof joseErrors.JWTExpired) {
+      const exp = typeof claimed.exp === 'number' ? isoSec(claimed.exp) : '?';
+      throw unauth(`token expired at ${exp} (coordinator time ${isoSec(nowSec)}) — check the site clock (NTP)`);
+    }
+    if (e instanceof joseErrors.JWSSignatureVerificationFailed) {
+      throw unauth(
+        `token signature does not verify with the key registered for site '${site}' — ` +
+          `the site key changed or someone else is using this name; re-enrol the site if its key was replaced`,
+      );
+    }
+    if (e instanceof joseErrors.JWTClaimValidationFailed) {
+      throw unauth(`token claim '${e.claim}' is invalid: ${e.message} — check the site clock (NTP)`);
+    }
+    throw unauth(`invalid token: ${(e as Error).message}`);
+  }
+
+  // Signature verified: the claims below are the site's own statements.
+  if (payload.aud !== opts.federationId) {
+    const aud = Array.isArray(payload.aud) ? payload.aud.join(',') : String(payload.aud);
+    throw unauth(`token audience '${aud}' is not this federation '${opts.federationId}' — the site is configured for another coordinator/federation`);
+  }
+  if (payload.sub !== site) throw unauth(`token 'sub' '${String(payload.sub)}' differs from 'iss' '${site}'; a site may only act as itself`);
+  if (typeof payload.iat !== 'number') throw unauth(`token has no 'iat' claim`);
+  if (typeof payload.exp !== 'number') throw unauth(`token has no 'exp' claim — site tokens must expire within ${MAX_TOKEN_LIFETIME_S} s`);
+  if (payload.iat > nowSec + CLOCK_TOLERANCE_S) {
+    throw unauth(`token issued in the future (${isoSec(payload.iat)}, coordinator time ${isoSec(nowSec)}) — check the site clock (NTP)`);
+  }
+  if (payload.exp - payload.iat > MAX_TOKEN_LIFETIME_S) {
+    throw unauth(`token lifetime ${payload.exp - payload.iat} s exceeds the ${MAX_TOKEN_LIFETIME_S} s maximum — sign short-lived tokens`);
+  }
+  if (record.revoked) {
+    throw new AuthError(grpc.status.PERMISSION_DENIED, `site '${site}' is revoked — ask the coordinator admin to re-enrol it`);
+  }
+  const jti = payload.jti;
+  if (typeof jti !== 'string' || jti === '' || jti.length > MAX_JTI_CHARS) throw unauth(`token has no usable 'jti' claim (unique token id)`);
+  // Last: only an otherwise valid token consumes its id.
+  if (!opts.directory.consumeJti(`${site}/${jti}`, payload.exp)) {
+    throw unauth(`token replayed (jti seen before) — every call needs a freshly signed token`);
+  }
+  return site;
+}
+
+export function createAuthInterceptor(opts: AuthInterceptorOptions): grpc.ServerInterceptor {
+  const { federationId, directory, log } = opts;
+  return (method, call) => {
+    if (method.path === METHODS.enroll) {
+      // No site is authenticated on Enroll; still drop a client-sent identity header.
+      const listener = new grpc.ServerListenerBuilder()
+        .withOnReceiveMetadata((md, next) => {
+          md.remove(AUTHENTICATED_SITE_KEY);
+          next(md);
+        })
+        .build();
+      return new grpc.ServerInterceptingCall(call, { start: (next) => next(listener) });
+    }
+
+    let done = false; // guards against ending the call twice (e.g. client cancelled during verification)
+    const intercepting: grpc.ServerInterceptingCall = new grpc.ServerInterceptingCall(call, {
+      start: (next) => {
+        const listener = new grpc.ServerListenerBuilder()
+          .withOnReceiveMetadata((metadata, nextMd) => {
+            verifySiteToken(metadata, { federationId, directory }).then(
+              (site) => {
+                if (done) return;
+                metadata.remove(AUTHENTICATED_SITE_KEY);
+                metadata.set(AUTHENTICATED_SITE_KEY, site);
+                log?.debug({ site, method: method.path }, 'site call authenticated');
+                nextMd(metadata);
+              },
+              (err: unknown) => {
+                if (done) return;
+                done = true;
+                const e = err instanceof AuthError ? err : new AuthError(grpc.status.UNAUTHENTICATED, `token verification failed: ${String(err)}`);
+                log?.warn({ method: method.path, peer: call.getPeer(), code: grpc.status[e.code], reason: e.message }, 'site call rejected');
+                intercepting.sendStatus({ code: e.code, details: e.message, metadata: new grpc.Metadata() });
+              },
+            );
+          })
+          .withOnCancel(() => {
+            done = true;
+          })
+          .build();
+        next(listener);
+      },
+    });
+    return intercepting;
+  };
+}
+
+/** In-memory SiteDirectory for tests and demos; replayed-token ids are pruned once their token has expired. */
+export class MemorySiteDirectory implements SiteDirectory {
+  private readonly sites = new Map<string, SiteRecord>();
+  private readonly jtis = new Map<string, number>();
+  private nextPruneSec = 0;
+
+  constructor(private readonly nowSec: () => number = () => Math.floor(Date.now() / 1000)) {}
+
+  addSite(name: string, publicKeyRaw: Buffer): void {
+    this.sites.set(name, { publicKeyRaw: Buffer.from(publicKeyRaw), revoked: false });
+  }
+
+  revoke(name: string): void {
+    const s = this.sites.get(name);
+    if (s) s.revoked = true;
+  }
+
+  reinstate(name: string): void {
+    const s = this.sites.get(name);
+    if (s) s.revoked = false;
+  }
+
+  remove(name: string): void {
+    this.sites.delete(name);
+  }
+
+  getSite(name: string): SiteRecord | undefined {
+    return this.sites.get(name);
+  }
+
+  consumeJti(jti: string, expiresAtSec: number): boolean {
+    const now = this.nowSec();
+    if (now >= this.nextPruneSec) this.prune(now);
+    if (this.jtis.has(jti)) return false;
+    // Keep past exp + tolerance: until then the interceptor would still accept the token.
+    this.jtis.set(jti, expiresAtSec + CLOCK_TOLERANCE_S);
+    return true;
+  }
+
+  /** Number of remembered token ids (for tests). */
+  get jtiCount(): number {
+    return this.jtis.size;
+  }
+
+  prune(nowSec = this.nowSec()): void {
+    for (const [id, until] of this.jtis) if (until < nowSec) this.jtis.delete(id);
+    this.nextPruneSec = nowSec + 10;
+  }
+}

@@ -1,0 +1,119 @@
+/**
+ * Wires a coordinator together: store, model files, round engine, event bus, and the gRPC server
+ * (TLS on, token interceptor on every call but Enroll).
+ */
+import * as grpc from '@grpc/grpc-js';
+import { existsSync } from 'node:fs';
+import { CoordinatorHome } from './home.ts';
+import { CoordinatorStore } from './store/store.ts';
+import { ModelFiles } from './models/model-store.ts';
+import { RoundEngine } from './rounds/round-engine.ts';
+import { strategyFromPlan } from './aggregation/index.ts';
+import { federationHandlers } from './server/federation-service.ts';
+import { enrollmentHandlers } from './server/enrollment-service.ts';
+import { UploadReceiver } from './server/upload-receiver.ts';
+import { createAuthInterceptor, type SiteDirectory } from './auth/interceptor.ts';
+import { NatsBus } from './events/nats-bus.ts';
+import { InProcessBus, type EventBus } from '../shared/events/bus.ts';
+import { loadPlanFile, defaultPlan } from '../shared/plan/load.ts';
+import type { Plan } from '../shared/plan/schema.ts';
+import { architectureFor } from '../shared/model/registry.ts';
+import { loadProto, SERVER_OPTIONS } from '../shared/protocol/grpc.ts';
+import { serverCredentials } from '../shared/security/pki.ts';
+import { rawPublicKey, signManifest } from '../shared/security/site-identity.ts';
+import { createLogger, type Logger } from '../shared/util/log.ts';
+import { encodeSafetensors } from '../shared/tensors/safetensors.ts';
+import { makeBundle } from '../shared/tensors/bundle.ts';
+
+export interface CoordinatorOptions {
+  dir: string;
+  planPath?: string;
+  natsUrl?: string;
+  port?: number;
+  host?: string;
+  /** Require client certificates signed by the federation CA (mTLS) in addition to tokens. */
+  requireClientCert?: boolean;
+  log?: Logger;
+}
+
+export interface RunningCoordinator {
+  port: number;
+  federationId: string;
+  engine: RoundEngine;
+  bus: EventBus;
+  store: CoordinatorStore;
+  plan: Plan;
+  stop(): Promise<void>;
+}
+
+export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCoordinator> {
+  const home = new CoordinatorHome(o.dir);
+  const config = home.config();
+  const log = o.log ?? createLogger('coordinator', { federation: config.federationId });
+  const planPath = o.planPath ?? home.planPath;
+  const plan = existsSync(planPath) ? loadPlanFile(planPath) : defaultPlan();
+  const architecture = architectureFor(plan.model);
+  const store = new CoordinatorStore(home.dbPath);
+  const models = new ModelFiles(home.modelsDir);
+  const bus: EventBus = o.natsUrl ? await NatsBus.connect(o.natsUrl, { log }) : new InProcessBus();
+  const signingKey = home.signingKey();
+
+  const engine = new RoundEngine({
+    store,
+    models,
+    plan,
+    architecture,
+    strategy: strategyFromPlan(plan),
+    bus,
+    federationId: config.federationId,
+    sign: (bytes) => signManifest(signingKey, bytes),
+    log,
+  });
+
+  // The largest valid update is the shared tensors as safetensors; allow slack for header formatting.
+  const sharedSpecs = engine.shared.map((p) => ({ name: p.name, shape: [...p.shape], dtype: p.dtype }));
+  const expectedBytes = encodeSafetensors(
+    makeBundle(sharedSpecs.map((s) => ({ ...s, data: new Float32Array(s.shape.reduce((a, b) => a * b, 1)) }))),
+  ).length;
+  const receiver = new UploadReceiver(home.updatesDir, sharedSpecs, expectedBytes + 64 * 1024);
+  const cleaned = receiver.cleanPartials();
+  if (cleaned > 0) log.info({ files: cleaned }, 'removed partial uploads left by an earlier run (never acknowledged)');
+
+  const directory: SiteDirectory = {
+    getSite(name) {
+      const s = store.getSite(name);
+      if (!s || !s.publicKey || s.state === 'invited') return undefined;
+      return { publicKeyRaw: s.publicKey, revoked: s.state === 'revoked' };
+    },
+    consumeJti: (jti, exp) => store.consumeJti(jti, exp),
+  };
+
+  const { Enrollment, Federation } = loadProto();
+  const server = new grpc.Server({ ...SERVER_OPTIONS, interceptors: [createAuthInterceptor({ federationId: config.federationId, directory, log })] });
+  server.addService(Enrollment.service, enrollmentHandlers({ store, federationId: config.federationId, coordinatorPublicKey: rawPublicKey(signingKey), bus, log }));
+  server.addService(Federation.service, federationHandlers({ store, models, engine, receiver, log }));
+
+  const creds = serverCredentials(home.serverCertificate(), o.requireClientCert ? { clientCaPem: home.caPem(), requireClientCert: true } : {});
+  const host = o.host ?? '0.0.0.0';
+  const port = await new Promise<number>((resolve, reject) =>
+    server.bindAsync(`${host}:${o.port ?? config.port}`, creds, (err, p) => (err ? reject(new Error(`cannot listen on ${host}:${o.port ?? config.port}: ${err.message}`)) : resolve(p))),
+  );
+  log.info({ port, plan: planPath, rounds: plan.rounds, minSites: plan.minSites, bus: bus.describe(), shared: engine.sharedNames.length }, 'coordinator listening (TLS, token auth)');
+  engine.start();
+
+  return {
+    port,
+    federationId: config.federationId,
+    engine,
+    bus,
+    store,
+    plan,
+    async stop() {
+      engine.stop();
+      // Task streams never end on their own, so a graceful shutdown would wait forever; sites reconnect.
+      server.forceShutdown();
+      await bus.close();
+      store.close();
+    },
+  };
+}

@@ -1,0 +1,343 @@
+/**
+ * The round engine: opens rounds when a quorum of sites is connected, pushes tasks, folds accepted
+ * updates into the running aggregate, and closes each round when every selected site reported or,
+ * at the deadline, when the quorum did. All state that matters is in the store before anything is
+ * acknowledged, so a restarted coordinator resumes the same round by re-folding its accepted updates.
+ */
+import { randomUUID } from 'node:crypto';
+import type { CoordinatorStore, RoundRow, UpdateRow } from '../store/store.ts';
+import type { ModelFiles } from '../models/model-store.ts';
+import type { AggregationStrategy, RoundAggregator } from '../aggregation/strategy.ts';
+import type { EventBus, FederationEvent, FederationEventType } from '../../shared/events/bus.ts';
+import type { Plan } from '../../shared/plan/schema.ts';
+import type { ModelArchitecture, ParamInfo } from '../../shared/model/types.ts';
+import type { TensorBundle } from '../../shared/tensors/bundle.ts';
+import { sharedParams, pick } from '../../shared/model/sharing.ts';
+import { manifestBytes, type TaskManifest, type TaskSettings } from '../../shared/protocol/task.ts';
+import { decodeSafetensors } from '../../shared/tensors/safetensors.ts';
+import { readFileSync } from 'node:fs';
+import type { Logger } from '../../shared/util/log.ts';
+
+/** The wire shape of a Task, as handed to a site's stream. */
+export interface TaskMessage extends TaskManifest {
+  signature: Buffer;
+}
+
+export interface TaskSink {
+  send(task: TaskMessage): void;
+}
+
+export interface RoundEngineOptions {
+  store: CoordinatorStore;
+  models: ModelFiles;
+  plan: Plan;
+  architecture: ModelArchitecture;
+  strategy: AggregationStrategy;
+  bus: EventBus;
+  federationId: string;
+  sign: (bytes: Buffer) => Buffer;
+  log: Logger;
+  /** Extra time given to an open round found at start-up, so sites can reconnect after a coordinator restart. */
+  resumeGraceMs?: number;
+}
+
+interface OpenRound {
+  row: RoundRow;
+  base: TensorBundle;
+  aggregator: RoundAggregator;
+  reported: Set<string>;
+  timer?: NodeJS.Timeout;
+  closing: boolean;
+}
+
+export class RoundEngine {
+  private readonly connected = new Map<string, TaskSink>();
+  private open: OpenRound | undefined;
+  private waitTimer: NodeJS.Timeout | undefined;
+  private finished = false;
+  private stopped = false;
+  /** Serialises the heavy part of accepting updates (decode + fold), so memory stays at about one model. */
+  private foldChain: Promise<unknown> = Promise.resolve();
+  readonly shared: ParamInfo[];
+  readonly sharedNames: string[];
+
+  constructor(private readonly o: RoundEngineOptions) {
+    this.shared = sharedParams(o.architecture, o.plan.share);
+    this.sharedNames = this.shared.map((p) => p.name);
+  }
+
+  /** Makes sure an initial model exists, then resumes an open round or waits to open the next one. */
+  start(): void {
+    const { store, models, architecture, plan } = this.o;
+    if (!store.getMeta('current_model')) {
+      const init = pick(architecture.init(plan.model.seed), this.shared);
+      const saved = models.save(init, { architecture: architecture.id, round: '0', kind: 'initial' });
+      store.addModel({ hash: saved.hash, path: saved.path, round: 0, sizeBytes: saved.sizeBytes, createdAt: Date.now() });
+      store.setMeta('current_model', saved.hash);
+      this.o.log.info({ model: saved.hash, params: this.shared.length, bytes: saved.sizeBytes }, 'initial global model written');
+    }
+    const openRow = store.openRoundRow();
+    if (openRow) this.resume(openRow);
+    else this.maybeOpenRound();
+  }
+
+  stop(): void {
+    this.stopped = true;
+    if (this.open?.timer) clearTimeout(this.open.timer);
+    if (this.waitTimer) clearTimeout(this.waitTimer);
+  }
+
+  get currentModelHash(): string {
+    return this.o.store.getMeta('current_model')!;
+  }
+
+  get isFinished(): boolean {
+    return this.finished;
+  }
+
+  get openRoundNumber(): number | undefined {
+    return this.open?.row.round;
+  }
+
+  // ---- sites ----
+
+  siteConnected(site: string, sink: TaskSink): void {
+    const had = this.connected.has(site);
+    this.connected.set(site, sink);
+    if (!had) this.emit('site.joined', { site });
+    if (this.finished) {
+      sink.send(this.finishedTask());
+      return;
+    }
+    const open = this.open;
+    if (open && open.row.selected.includes(site) && !open.reported.has(site)) {
+      // A site that reconnects mid-round gets its task again; its update id makes a retry count once.
+      sink.send(this.trainTask(open.row, site));
+    } else if (!open) {
+      this.maybeOpenRound();
+    }
+  }
+
+  siteDisconnected(site: string, sink: TaskSink): void {
+    if (this.connected.get(site) !== sink) return; // an older stream of a site that already reconnected
+    this.connected.delete(site);
+    this.emit('site.left', { site });
+  }
+
+  connectedSites(): string[] {
+    return [...this.connected.keys()].sort();
+  }
+
+  // ---- updates ----
+
+  /**
+   * Decides whether an update for `round` from `site` may be stored at all (before the bytes are kept).
+   * Returns a reason to refuse, or undefined.
+   */
+  admissionProblem(site: string, round: number, baseModelHash: string): string | undefined {
+    const open = this.open;
+    if (!open) return `no round is open (the federation is ${this.finished ? 'finished' : 'between rounds'}); wait for the next task`;
+    if (round !== open.row.round) return `round ${round} is not the open round ${open.row.round}; drop this update and take the current task`;
+    if (!open.row.selected.includes(site)) return `site '${site}' was not selected for round ${round}`;
+    if (open.reported.has(site)) return `site '${site}' already reported an update for round ${round}`;
+    if (baseModelHash !== open.row.baseModelHash) return `update was trained from model ${baseModelHash.slice(0, 12)}…, but round ${round} starts from ${open.row.baseModelHash.slice(0, 12)}…`;
+    if (open.closing) return `round ${round} is closing`;
+    return undefined;
+  }
+
+  /**
+   * Called after an update has been validated and durably recorded in the store. Folds it in and
+   * closes the round when every selected site has reported.
+   */
+  async accepted(row: UpdateRow, update: TensorBundle): Promise<void> {
+    const open = this.open;
+    if (!open || open.row.round !== row.round) return;
+    await this.serialised(() => {
+      open.aggregator.add(pick(update, this.shared), { site: row.site, numSamples: row.numSamples });
+      open.reported.add(row.site);
+    });
+    this.emit('update.accepted', { round: row.round, site: row.site, samples: row.numSamples, updateHash: row.sha256 });
+    this.o.log.info({ round: row.round, site: row.site, samples: row.numSamples, reported: open.reported.size, selected: open.row.selected.length }, 'update accepted');
+    if (open.row.selected.every((s) => open.reported.has(s))) await this.closeRound(open, 'all selected sites reported');
+  }
+
+  rejected(site: string, round: number, reason: string): void {
+    this.emit('update.rejected', { site, round, reason });
+    this.o.log.warn({ site, round, reason }, 'update rejected');
+  }
+
+  /** Runs `fn` after every earlier serialised job, so no two model-sized folds run at once. */
+  serialised<T>(fn: () => T | Promise<T>): Promise<T> {
+    const next = this.foldChain.then(fn, fn);
+    this.foldChain = next.catch(() => undefined);
+    return next;
+  }
+
+  // ---- rounds ----
+
+  private resume(row: RoundRow): void {
+    const { store, models, strategy, log } = this.o;
+    const base = models.load(row.baseModelHash);
+    const aggregator = strategy.begin(base, this.shared);
+    const reported = new Set<string>();
+    for (const u of store.updatesForRound(row.round)) {
+      // Accepted updates were stored before their ack, so re-folding them reproduces the running sum exactly.
+      const bundle = decodeSafetensors(readFileSync(u.path)).bundle;
+      aggregator.add(pick(bundle, this.shared), { site: u.site, numSamples: u.numSamples });
+      reported.add(u.site);
+    }
+    const grace = this.o.resumeGraceMs ?? Math.min(60_000, this.o.plan.roundDeadlineSeconds * 500);
+    const deadlineAt = Math.max(row.deadlineAt, Date.now() + grace);
+    if (deadlineAt !== row.deadlineAt) store.extendDeadline(row.round, deadlineAt);
+    this.open = { row: { ...row, deadlineAt }, base, aggregator, reported, closing: false };
+    log.info({ round: row.round, reported: reported.size, selected: row.selected.length }, 'resumed open round after restart');
+    if (row.selected.every((s) => reported.has(s))) {
+      void this.closeRound(this.open, 'all selected sites had reported before the restart');
+      return;
+    }
+    this.armDeadline(this.open);
+  }
+
+  private maybeOpenRound(): void {
+    if (this.stopped || this.open || this.finished) return;
+    const { store, plan, log } = this.o;
+    if (store.closedRoundCount() >= plan.rounds) {
+      this.finish();
+      return;
+    }
+    const eligible = this.connectedSites().filter((s) => store.getSite(s)?.state === 'enrolled');
+    if (eligible.length < plan.minSites) {
+      if (!this.waitTimer) {
+        log.info({ connected: eligible.length, needed: plan.minSites }, 'waiting for sites to connect');
+        this.waitTimer = setTimeout(() => {
+          this.waitTimer = undefined;
+          log.warn({ connected: this.connectedSites().length, needed: plan.minSites, waitedSeconds: plan.waitForSitesSeconds }, 'still waiting for a quorum of sites');
+          this.maybeOpenRound();
+        }, plan.waitForSitesSeconds * 1000);
+      }
+      return;
+    }
+    if (this.waitTimer) {
+      clearTimeout(this.waitTimer);
+      this.waitTimer = undefined;
+    }
+    const selected = plan.sitesPerRound > 0 ? shuffle(eligible).slice(0, plan.sitesPerRound).sort() : eligible;
+    const now = Date.now();
+    const row: RoundRow = {
+      round: store.lastRoundNumber() + 1,
+      state: 'open',
+      baseModelHash: this.currentModelHash,
+      selected,
+      openedAt: now,
+      deadlineAt: now + plan.roundDeadlineSeconds * 1000,
+      closedAt: null,
+      resultModelHash: null,
+      note: null,
+    };
+    store.openRound(row);
+    const base = this.o.models.load(row.baseModelHash);
+    this.open = { row, base, aggregator: this.o.strategy.begin(base, this.shared), reported: new Set(), closing: false };
+    this.emit('round.started', { round: row.round, selected, model: row.baseModelHash });
+    log.info({ round: row.round, selected, model: row.baseModelHash.slice(0, 12) }, 'round started');
+    for (const s of selected) this.connected.get(s)?.send(this.trainTask(row, s));
+    this.armDeadline(this.open);
+  }
+
+  private armDeadline(open: OpenRound): void {
+    const delay = Math.max(0, open.row.deadlineAt - Date.now());
+    open.timer = setTimeout(() => void this.onDeadline(open), delay);
+  }
+
+  private async onDeadline(open: OpenRound): Promise<void> {
+    if (this.open !== open || open.closing) return;
+    const { plan, store, log } = this.o;
+    await this.foldChain; // an update being folded right now still counts
+    if (open.reported.size >= plan.minSites) {
+      await this.closeRound(open, `deadline reached with quorum (${open.reported.size} of ${open.row.selected.length} sites)`);
+      return;
+    }
+    const note = `deadline reached without quorum: ${open.reported.size} of ${open.row.selected.length} selected sites reported, ${plan.minSites} needed`;
+    store.failRound(open.row.round, note);
+    this.emit('round.failed', { round: open.row.round, reason: note });
+    log.warn({ round: open.row.round }, note);
+    this.open = undefined;
+    this.maybeOpenRound();
+  }
+
+  private async closeRound(open: OpenRound, why: string): Promise<void> {
+    if (open.closing) return;
+    open.closing = true;
+    if (open.timer) clearTimeout(open.timer);
+    const { store, models, architecture, log } = this.o;
+    await this.foldChain;
+    const next = open.aggregator.finish();
+    const saved = models.save(next, { architecture: architecture.id, round: String(open.row.round), parent: open.row.baseModelHash });
+    store.closeRound(open.row.round, { hash: saved.hash, path: saved.path, round: open.row.round, sizeBytes: saved.sizeBytes, createdAt: Date.now() });
+    this.open = undefined;
+    this.emit('round.closed', { round: open.row.round, model: saved.hash, sites: [...open.reported].sort(), why });
+    log.info({ round: open.row.round, model: saved.hash.slice(0, 12), sites: open.reported.size, why }, 'round closed');
+    this.maybeOpenRound();
+  }
+
+  private finish(): void {
+    if (this.finished) return;
+    this.finished = true;
+    this.emit('federation.finished', { model: this.currentModelHash, rounds: this.o.store.closedRoundCount() });
+    this.o.log.info({ model: this.currentModelHash }, 'federation finished: all planned rounds closed');
+    for (const sink of this.connected.values()) sink.send(this.finishedTask());
+  }
+
+  // ---- tasks ----
+
+  settings(): TaskSettings {
+    const { plan } = this.o;
+    return {
+      federation: this.o.federationId,
+      model: plan.model,
+      local: plan.local,
+      share: plan.share,
+      sharedTensors: this.sharedNames,
+    };
+  }
+
+  private trainTask(row: RoundRow, site: string): TaskMessage {
+    const manifest: TaskManifest = {
+      // Stable per round and site: a re-sent task is the same task.
+      taskId: `r${row.round}-${site}`,
+      kind: 'TRAIN',
+      round: row.round,
+      modelHash: row.baseModelHash,
+      modelSize: this.o.models.size(row.baseModelHash),
+      deadlineUnixMs: row.deadlineAt,
+      settingsJson: JSON.stringify(this.settings()),
+    };
+    return { ...manifest, signature: this.o.sign(manifestBytes(manifest)) };
+  }
+
+  private finishedTask(): TaskMessage {
+    const manifest: TaskManifest = {
+      taskId: `finished-${randomUUID()}`,
+      kind: 'FINISHED',
+      round: this.o.store.lastRoundNumber(),
+      modelHash: this.currentModelHash,
+      modelSize: this.o.models.size(this.currentModelHash),
+      deadlineUnixMs: 0,
+      settingsJson: '{}',
+    };
+    return { ...manifest, signature: this.o.sign(manifestBytes(manifest)) };
+  }
+
+  private emit(type: FederationEventType, fields: Record<string, unknown>): void {
+    const event: FederationEvent = { type, federation: this.o.federationId, at: new Date().toISOString(), ...fields };
+    this.o.bus.publish(event);
+  }
+}
+
+function shuffle<T>(xs: T[]): T[] {
+  const a = [...xs];
+  for (let i = a.length - 1; i > 0; i--) {
+    const j = Math.floor(Math.random() * (i + 1));
+    [a[i], a[j]] = [a[j], a[i]];
+  }
+  return a;
+}

@@ -1,0 +1,245 @@
+/**
+ * gRPC handlers of medfl.v1.Federation. The auth interceptor has already checked the caller's token and
+ * put the verified site name in the metadata; handlers only ever act for that site.
+ */
+import * as grpc from '@grpc/grpc-js';
+import { createReadStream, rmSync } from 'node:fs';
+import { z } from 'zod';
+import { AUTHENTICATED_SITE_KEY, CHUNK_BYTES } from '../../shared/protocol/grpc.ts';
+import { SHA256_HEX } from '../../shared/util/hash.ts';
+import type { CoordinatorStore } from '../store/store.ts';
+import type { ModelFiles } from '../models/model-store.ts';
+import type { RoundEngine, TaskMessage, TaskSink } from '../rounds/round-engine.ts';
+import { UploadRefused, type PartialUpload, type UploadReceiver, type UpdateHeader } from './upload-receiver.ts';
+import type { Logger } from '../../shared/util/log.ts';
+
+export interface FederationServiceDeps {
+  store: CoordinatorStore;
+  models: ModelFiles;
+  engine: RoundEngine;
+  receiver: UploadReceiver;
+  log: Logger;
+  /** How often an open task stream re-checks that its site is still enrolled (revocation without restart). */
+  revocationCheckMs?: number;
+}
+
+const HeartbeatSchema = z.object({
+  state: z.enum(['idle', 'downloading', 'training', 'uploading', '']).transform((s) => s || 'idle'),
+  progress: z.number().min(0).max(1),
+  taskId: z.string().max(200),
+  engine: z.string().max(64),
+});
+
+const MetricsSchema = z.object({
+  round: z.number().int().positive(),
+  taskId: z.string().max(200),
+  values: z
+    .record(z.string().regex(/^[a-z][a-z0-9_.]{0,63}$/, 'metric names are lowercase [a-z0-9_.], at most 64 characters'), z.number().finite())
+    .refine((v) => Object.keys(v).length <= 64, 'at most 64 metrics per report'),
+});
+
+function siteOf(call: { metadata: grpc.Metadata }): string {
+  const v = call.metadata.get(AUTHENTICATED_SITE_KEY)[0];
+  if (typeof v !== 'string' || v === '') throw Object.assign(new Error('no authenticated site on this call (server misconfigured: auth interceptor missing)'), { code: grpc.status.INTERNAL });
+  return v;
+}
+
+function toWireTask(t: TaskMessage): Record<string, unknown> {
+  return {
+    taskId: t.taskId,
+    kind: t.kind,
+    round: t.round,
+    modelHash: t.modelHash,
+    modelSize: t.modelSize,
+    deadlineUnixMs: t.deadlineUnixMs,
+    settingsJson: t.settingsJson,
+    signature: t.signature,
+  };
+}
+
+export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServiceImplementation {
+  const { store, models, engine, receiver, log } = d;
+
+  return {
+    Heartbeat(call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
+      try {
+        const site = siteOf(call);
+        const hb = HeartbeatSchema.safeParse(call.request);
+        if (!hb.success) return cb({ code: grpc.status.INVALID_ARGUMENT, details: `bad heartbeat: ${hb.error.issues[0]?.message}` });
+        store.touchSite(site, hb.data.state, hb.data.engine || null);
+        cb(null, { serverTimeMs: Date.now() });
+      } catch (e) {
+        cb(e as grpc.ServiceError);
+      }
+    },
+
+    SubscribeTasks(call: grpc.ServerWritableStream<unknown, unknown>) {
+      let site: string;
+      try {
+        site = siteOf(call);
+      } catch (e) {
+        call.destroy(e as Error);
+        return;
+      }
+      store.touchSite(site, 'idle', null);
+      let open = true;
+      const sink: TaskSink = {
+        send(task) {
+          if (open) call.write(toWireTask(task));
+        },
+      };
+      const revocationCheck = setInterval(() => {
+        if (store.getSite(site)?.state !== 'enrolled') {
+          log.warn({ site }, 'site revoked: closing its task stream');
+          done();
+          call.emit('error', { code: grpc.status.PERMISSION_DENIED, details: `site '${site}' was revoked by the coordinator admin` });
+        }
+      }, d.revocationCheckMs ?? 2000);
+      const done = () => {
+        if (!open) return;
+        open = false;
+        clearInterval(revocationCheck);
+        engine.siteDisconnected(site, sink);
+      };
+      call.on('cancelled', done);
+      call.on('close', done);
+      call.on('error', done);
+      engine.siteConnected(site, sink);
+    },
+
+    DownloadModel(call: grpc.ServerWritableStream<{ modelHash: string; offset: number }, unknown>) {
+      const { modelHash, offset } = call.request;
+      if (!SHA256_HEX.test(modelHash ?? '')) {
+        call.emit('error', { code: grpc.status.INVALID_ARGUMENT, details: 'model_hash must be 64 lowercase hex digits' });
+        return;
+      }
+      const m = store.getModel(modelHash);
+      if (!m) {
+        call.emit('error', { code: grpc.status.NOT_FOUND, details: `no model version ${modelHash.slice(0, 12)}… on this coordinator` });
+        return;
+      }
+      if (!Number.isInteger(offset) || offset < 0 || offset > m.sizeBytes) {
+        call.emit('error', { code: grpc.status.OUT_OF_RANGE, details: `offset ${offset} is outside the ${m.sizeBytes}-byte model` });
+        return;
+      }
+      const stream = createReadStream(models.pathFor(modelHash), { start: offset, highWaterMark: CHUNK_BYTES });
+      let pos = offset;
+      stream.on('data', (chunk) => {
+        const buf = chunk as Buffer;
+        const more = call.write({ offset: pos, data: buf, totalSize: m.sizeBytes, sha256: modelHash });
+        pos += buf.length;
+        // Respect HTTP/2 flow control: never queue a whole model in memory for a slow site.
+        if (!more) {
+          stream.pause();
+          call.once('drain', () => stream.resume());
+        }
+      });
+      stream.on('end', () => call.end());
+      stream.on('error', (e) => call.emit('error', { code: grpc.status.INTERNAL, details: `reading model failed: ${e.message}` }));
+      call.on('cancelled', () => stream.destroy());
+    },
+
+    UploadUpdate(call: grpc.ServerReadableStream<Record<string, unknown>, unknown>, cb: grpc.sendUnaryData<unknown>) {
+      let site: string;
+      try {
+        site = siteOf(call);
+      } catch (e) {
+        cb(e as grpc.ServiceError);
+        return;
+      }
+      let header: UpdateHeader | undefined;
+      let partial: PartialUpload | undefined;
+      let answered = false;
+      const answer = (ack: { updateId: string; accepted: boolean; duplicate?: boolean; reason?: string }) => {
+        if (answered) return;
+        answered = true;
+        cb(null, { duplicate: false, reason: '', ...ack });
+      };
+      const refuse = (reason: string) => {
+        partial?.discard();
+        partial = undefined;
+        engine.rejected(site, header?.round ?? 0, reason);
+        answer({ updateId: header?.updateId ?? '', accepted: false, reason });
+      };
+
+      call.on('data', (msg: Record<string, unknown>) => {
+        if (answered) return;
+        try {
+          if (!header) {
+            if (msg.part !== 'header') throw new UploadRefused('the first chunk must carry the update header');
+            header = receiver.parseHeader(msg.header);
+            const earlier = store.getUpdate(header.updateId);
+            if (earlier) {
+              if (earlier.site !== site) throw new UploadRefused('update id belongs to another site');
+              // Idempotent retry: the first upload was stored and counted; this one changes nothing.
+              answer({ updateId: header.updateId, accepted: true, duplicate: true });
+              return;
+            }
+            const problem = engine.admissionProblem(site, header.round, header.baseModelHash);
+            if (problem) throw new UploadRefused(problem);
+            partial = receiver.begin(header);
+            return;
+          }
+          if (msg.part !== 'data') throw new UploadRefused('only one header per upload');
+          partial!.write(Number(msg.offset), msg.data as Buffer);
+        } catch (e) {
+          if (e instanceof UploadRefused) refuse(e.message);
+          else refuse(`upload failed: ${(e as Error).message}`);
+        }
+      });
+
+      call.on('end', () => {
+        if (answered) return;
+        if (!header || !partial) return refuse('upload ended before any data arrived');
+        const p = partial;
+        const h = header;
+        partial = undefined;
+        engine
+          .serialised(() => {
+            const received = receiver.finish(p, site);
+            // Re-check: the round may have closed while the bytes were travelling.
+            const problem = engine.admissionProblem(site, h.round, h.baseModelHash);
+            if (problem) {
+              rmSync(received.path, { force: true }); // refused updates leave no trace
+              throw new UploadRefused(problem);
+            }
+            const row = { updateId: h.updateId, round: h.round, site, numSamples: h.numSamples, sha256: h.sha256, path: received.path, sizeBytes: h.totalSize, acceptedAt: Date.now() };
+            // The store row is the commit point; the ack below goes out only after it is written.
+            store.insertUpdate(row);
+            return { row, bundle: received.bundle };
+          })
+          .then(
+            async ({ row, bundle }) => {
+              answer({ updateId: h.updateId, accepted: true });
+              await engine.accepted(row, bundle);
+            },
+            (e: Error) => refuse(e instanceof UploadRefused ? e.message : `upload failed: ${e.message}`),
+          )
+          .catch((e: Error) => log.error({ err: e.message }, 'aggregation step failed'));
+      });
+
+      const abort = () => {
+        if (partial) {
+          partial.discard();
+          partial = undefined;
+          log.warn({ site, round: header?.round }, 'upload cut off before it ended: partial data deleted');
+        }
+      };
+      call.on('cancelled', abort);
+      call.on('error', abort);
+    },
+
+    ReportMetrics(call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
+      try {
+        const site = siteOf(call);
+        const r = MetricsSchema.safeParse(call.request);
+        if (!r.success) return cb(null, { accepted: false, reason: `bad metrics: ${r.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}` });
+        if (r.data.round > store.lastRoundNumber()) return cb(null, { accepted: false, reason: `round ${r.data.round} has not started` });
+        store.recordMetrics(r.data.round, site, r.data.values);
+        cb(null, { accepted: true, reason: '' });
+      } catch (e) {
+        cb(e as grpc.ServiceError);
+      }
+    },
+  };
+}

@@ -1,0 +1,148 @@
+/**
+ * Receives one update upload (a client stream of chunks) into a partial file, checks everything, and
+ * makes it durable: fsync, rename into place, then the store row — and only then is it acknowledged.
+ * Anything refused or cut off is deleted, so a dropped upload leaves no trace.
+ */
+import { createHash, randomUUID } from 'node:crypto';
+import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, unlinkSync, writeSync, readdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { z } from 'zod';
+import { decodeSafetensors } from '../../shared/tensors/safetensors.ts';
+import { checkAgainstSpecs, findNonFinite, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
+import { CHUNK_BYTES } from '../../shared/protocol/grpc.ts';
+import { fsyncDir } from '../../shared/util/fs-atomic.ts';
+import { SHA256_HEX } from '../../shared/util/hash.ts';
+
+export const UpdateHeaderSchema = z.object({
+  updateId: z.string().regex(/^[A-Za-z0-9._-]{8,128}$/, 'update_id must be 8–128 characters of [A-Za-z0-9._-]'),
+  round: z.number().int().positive(),
+  taskId: z.string().max(200),
+  baseModelHash: z.string().regex(SHA256_HEX, 'base_model_hash must be 64 lowercase hex digits'),
+  totalSize: z.number().int().positive(),
+  sha256: z.string().regex(SHA256_HEX, 'sha256 must be 64 lowercase hex digits'),
+  numSamples: z.number().int().positive().max(10_000_000),
+});
+export type UpdateHeader = z.infer<typeof UpdateHeaderSchema>;
+
+export class UploadRefused extends Error {
+  override name = 'UploadRefused';
+}
+
+export interface ReceivedUpdate {
+  header: UpdateHeader;
+  bundle: TensorBundle;
+  /** Final path, already fsynced and renamed into place. */
+  path: string;
+}
+
+export class UploadReceiver {
+  private readonly partialDir: string;
+
+  constructor(
+    private readonly updatesDir: string,
+    private readonly specs: readonly TensorSpec[],
+    private readonly maxBytes: number,
+  ) {
+    this.partialDir = join(updatesDir, '.partial');
+    mkdirSync(this.partialDir, { recursive: true });
+  }
+
+  /** Deletes partial files left by a crash: they were never acknowledged, so they never counted. */
+  cleanPartials(): number {
+    let n = 0;
+    for (const f of readdirSync(this.partialDir)) {
+      rmSync(join(this.partialDir, f), { force: true });
+      n++;
+    }
+    return n;
+  }
+
+  parseHeader(raw: unknown): UpdateHeader {
+    const r = UpdateHeaderSchema.safeParse(raw);
+    if (!r.success) throw new UploadRefused(`bad update header: ${r.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
+    if (r.data.totalSize > this.maxBytes) {
+      throw new UploadRefused(`update of ${r.data.totalSize} bytes exceeds the ${this.maxBytes}-byte limit for this model`);
+    }
+    return r.data;
+  }
+
+  /** Starts a partial file for a header already admitted by the round engine. */
+  begin(header: UpdateHeader): PartialUpload {
+    return new PartialUpload(header, join(this.partialDir, `${randomUUID()}.part`));
+  }
+
+  /** Validates a complete partial upload and moves it into place. Throws UploadRefused with a reason. */
+  finish(p: PartialUpload, site: string): ReceivedUpdate {
+    try {
+      p.close();
+      const h = p.header;
+      if (p.received !== h.totalSize) throw new UploadRefused(`upload ended after ${p.received} of ${h.totalSize} bytes`);
+      const digest = p.digest();
+      if (digest !== h.sha256) throw new UploadRefused(`hash mismatch: received bytes hash to ${digest.slice(0, 16)}…, header says ${h.sha256.slice(0, 16)}…`);
+      const bytes = readFileSync(p.path);
+      let bundle: TensorBundle;
+      try {
+        bundle = decodeSafetensors(bytes).bundle;
+      } catch (e) {
+        throw new UploadRefused(`payload is not a valid safetensors bundle: ${(e as Error).message}`);
+      }
+      const specProblem = checkAgainstSpecs(bundle, this.specs);
+      if (specProblem) throw new UploadRefused(`update does not match the plan's shared tensors: ${specProblem}`);
+      const nonFinite = findNonFinite(bundle);
+      if (nonFinite) throw new UploadRefused(`update holds non-finite values: ${nonFinite}`);
+      const dir = join(this.updatesDir, `round-${h.round}`);
+      mkdirSync(dir, { recursive: true });
+      const finalPath = join(dir, `${site}-${h.updateId}.safetensors`);
+      renameSync(p.path, finalPath);
+      fsyncDir(dir);
+      return { header: h, bundle, path: finalPath };
+    } catch (e) {
+      p.discard();
+      throw e;
+    }
+  }
+}
+
+export class PartialUpload {
+  received = 0;
+  private fd: number | undefined;
+  private readonly hash = createHash('sha256');
+
+  constructor(readonly header: UpdateHeader, readonly path: string) {
+    this.fd = openSync(path, 'w', 0o600);
+  }
+
+  /** Appends a chunk; chunks must arrive in order and stay within the announced size. */
+  write(offset: number, data: Buffer): void {
+    if (this.fd === undefined) throw new UploadRefused('upload already finished');
+    if (offset !== this.received) throw new UploadRefused(`out-of-order chunk: offset ${offset}, expected ${this.received}`);
+    if (data.length === 0) throw new UploadRefused('empty chunk');
+    if (data.length > CHUNK_BYTES) throw new UploadRefused(`chunk of ${data.length} bytes is larger than the ${CHUNK_BYTES}-byte maximum`);
+    if (this.received + data.length > this.header.totalSize) {
+      throw new UploadRefused(`chunk at offset ${offset} runs past the announced size ${this.header.totalSize}`);
+    }
+    let off = 0;
+    while (off < data.length) off += writeSync(this.fd, data, off, data.length - off);
+    this.hash.update(data);
+    this.received += data.length;
+  }
+
+  digest(): string {
+    return this.hash.digest('hex');
+  }
+
+  close(): void {
+    if (this.fd === undefined) return;
+    fsyncSync(this.fd);
+    closeSync(this.fd);
+    this.fd = undefined;
+  }
+
+  discard(): void {
+    if (this.fd !== undefined) {
+      try { closeSync(this.fd); } catch { /* closing twice */ }
+      this.fd = undefined;
+    }
+    try { unlinkSync(this.path); } catch { /* already gone or moved */ }
+  }
+}

@@ -1,0 +1,312 @@
+/**
+ * Durable coordinator state in SQLite (WAL, synchronous=FULL): sites, enrolment invitations, rounds,
+ * accepted updates, model versions, metrics, seen token ids. Several processes share it — the running
+ * coordinator and admin commands such as `medfl coordinator site add` — which is how sites are added
+ * or revoked without a restart.
+ */
+import Database from 'better-sqlite3';
+
+export type SiteState = 'invited' | 'enrolled' | 'revoked';
+
+export interface SiteRow {
+  name: string;
+  state: SiteState;
+  publicKey: Buffer | null;
+  invitedAt: number;
+  inviteExpiresAt: number;
+  enrolledAt: number | null;
+  revokedAt: number | null;
+  lastSeenAt: number | null;
+  activity: string | null;
+  engine: string | null;
+}
+
+export interface RoundRow {
+  round: number;
+  state: 'open' | 'closed' | 'failed';
+  baseModelHash: string;
+  selected: string[];
+  openedAt: number;
+  deadlineAt: number;
+  closedAt: number | null;
+  resultModelHash: string | null;
+  note: string | null;
+}
+
+export interface UpdateRow {
+  updateId: string;
+  round: number;
+  site: string;
+  numSamples: number;
+  sha256: string;
+  path: string;
+  sizeBytes: number;
+  acceptedAt: number;
+}
+
+export interface ModelRow {
+  hash: string;
+  path: string;
+  round: number;
+  sizeBytes: number;
+  createdAt: number;
+}
+
+export interface MetricRow {
+  round: number;
+  site: string;
+  key: string;
+  value: number;
+}
+
+export type EnrolOutcome =
+  | { ok: true }
+  | { ok: false; code: 'unknown-site' | 'bad-token' | 'expired' | 'used' | 'revoked'; message: string };
+
+const SCHEMA = `
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sites (
+  name TEXT PRIMARY KEY, state TEXT NOT NULL, public_key BLOB,
+  token_hash TEXT, invited_at INTEGER NOT NULL, invite_expires_at INTEGER NOT NULL, token_used_at INTEGER,
+  enrolled_at INTEGER, revoked_at INTEGER, last_seen_at INTEGER, activity TEXT, engine TEXT);
+CREATE TABLE IF NOT EXISTS rounds (
+  round INTEGER PRIMARY KEY, state TEXT NOT NULL, base_model_hash TEXT NOT NULL, selected TEXT NOT NULL,
+  opened_at INTEGER NOT NULL, deadline_at INTEGER NOT NULL, closed_at INTEGER, result_model_hash TEXT, note TEXT);
+CREATE TABLE IF NOT EXISTS updates (
+  update_id TEXT PRIMARY KEY, round INTEGER NOT NULL, site TEXT NOT NULL, num_samples INTEGER NOT NULL,
+  sha256 TEXT NOT NULL, path TEXT NOT NULL, size_bytes INTEGER NOT NULL, accepted_at INTEGER NOT NULL,
+  UNIQUE (round, site));
+CREATE TABLE IF NOT EXISTS models (
+  hash TEXT PRIMARY KEY, path TEXT NOT NULL, round INTEGER NOT NULL, size_bytes INTEGER NOT NULL, created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS metrics (
+  round INTEGER NOT NULL, site TEXT NOT NULL, key TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (round, site, key));
+CREATE TABLE IF NOT EXISTS seen_jti (jti TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
+`;
+
+export class CoordinatorStore {
+  private readonly db: Database.Database;
+
+  constructor(path: string) {
+    this.db = new Database(path);
+    this.db.pragma('journal_mode = WAL');
+    // FULL: an acknowledged update must survive power loss, not only a process crash.
+    this.db.pragma('synchronous = FULL');
+    this.db.pragma('busy_timeout = 5000');
+    this.db.exec(SCHEMA);
+  }
+
+  close(): void {
+    this.db.close();
+  }
+
+  getMeta(key: string): string | undefined {
+    const row = this.db.prepare('SELECT value FROM meta WHERE key = ?').get(key) as { value: string } | undefined;
+    return row?.value;
+  }
+
+  setMeta(key: string, value: string): void {
+    this.db.prepare('INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value').run(key, value);
+  }
+
+  // ---- sites ----
+
+  /** Creates or renews an invitation. An enrolled, unrevoked site cannot be re-invited by accident. */
+  inviteSite(name: string, tokenHash: string, expiresAt: number, now = Date.now()): void {
+    const existing = this.getSite(name);
+    if (existing?.state === 'enrolled') {
+      throw new Error(`site '${name}' is already enrolled; revoke it first (medfl coordinator site revoke ${name}) to re-enrol it with a new key`);
+    }
+    this.db
+      .prepare(
+        `INSERT INTO sites (name, state, token_hash, invited_at, invite_expires_at) VALUES (?, 'invited', ?, ?, ?)
+         ON CONFLICT(name) DO UPDATE SET state = 'invited', token_hash = excluded.token_hash, invited_at = excluded.invited_at,
+           invite_expires_at = excluded.invite_expires_at, token_used_at = NULL, public_key = NULL, revoked_at = NULL, enrolled_at = NULL`,
+      )
+      .run(name, tokenHash, now, expiresAt);
+  }
+
+  /** Checks and consumes a one-time token in one transaction, so two racing enrolments cannot both win. */
+  enrolSite(name: string, tokenHash: string, publicKey: Buffer, now = Date.now()): EnrolOutcome {
+    return this.db.transaction((): EnrolOutcome => {
+      const row = this.db.prepare('SELECT * FROM sites WHERE name = ?').get(name) as Record<string, unknown> | undefined;
+      if (!row) return { ok: false, code: 'unknown-site', message: `no site named '${name}' was invited; ask the coordinator admin to run \`medfl coordinator site add ${name}\`` };
+      if (row.state === 'revoked') return { ok: false, code: 'revoked', message: `site '${name}' is revoked; ask the coordinator admin for a new invitation` };
+      if (row.token_used_at !== null) return { ok: false, code: 'used', message: `the enrolment token for '${name}' was already used; tokens are one-time — ask for a new one (\`medfl coordinator site revoke ${name}\` then \`site add ${name}\`)` };
+      if (row.token_hash !== tokenHash) return { ok: false, code: 'bad-token', message: `the enrolment token is not valid for site '${name}'; check you copied it whole and used the right site name` };
+      if ((row.invite_expires_at as number) < now) {
+        return { ok: false, code: 'expired', message: `the enrolment token for '${name}' expired at ${new Date(row.invite_expires_at as number).toISOString()}; ask for a new one with \`medfl coordinator site add ${name}\`` };
+      }
+      this.db.prepare("UPDATE sites SET state = 'enrolled', public_key = ?, token_used_at = ?, enrolled_at = ? WHERE name = ?").run(publicKey, now, now, name);
+      return { ok: true };
+    })();
+  }
+
+  revokeSite(name: string, now = Date.now()): boolean {
+    return this.db.prepare("UPDATE sites SET state = 'revoked', revoked_at = ? WHERE name = ?").run(now, name).changes > 0;
+  }
+
+  getSite(name: string): SiteRow | undefined {
+    const row = this.db.prepare('SELECT * FROM sites WHERE name = ?').get(name) as Record<string, unknown> | undefined;
+    return row ? toSite(row) : undefined;
+  }
+
+  listSites(): SiteRow[] {
+    return (this.db.prepare('SELECT * FROM sites ORDER BY name').all() as Record<string, unknown>[]).map(toSite);
+  }
+
+  touchSite(name: string, activity: string | null, engine: string | null, now = Date.now()): void {
+    this.db.prepare('UPDATE sites SET last_seen_at = ?, activity = COALESCE(?, activity), engine = COALESCE(?, engine) WHERE name = ?').run(now, activity, engine, name);
+  }
+
+  /** Records a token id; false when it was seen before (a replay). Expired ids are pruned as we go. */
+  consumeJti(jti: string, expiresAtSec: number, nowSec = Math.floor(Date.now() / 1000)): boolean {
+    const ins = this.db.prepare('INSERT OR IGNORE INTO seen_jti (jti, expires_at) VALUES (?, ?)').run(jti, expiresAtSec);
+    if (Math.random() < 0.01) this.db.prepare('DELETE FROM seen_jti WHERE expires_at < ?').run(nowSec - 60);
+    return ins.changes === 1;
+  }
+
+  // ---- models ----
+
+  addModel(m: ModelRow): void {
+    this.db.prepare('INSERT OR IGNORE INTO models (hash, path, round, size_bytes, created_at) VALUES (?, ?, ?, ?, ?)').run(m.hash, m.path, m.round, m.sizeBytes, m.createdAt);
+  }
+
+  getModel(hash: string): ModelRow | undefined {
+    const r = this.db.prepare('SELECT * FROM models WHERE hash = ?').get(hash) as Record<string, unknown> | undefined;
+    return r ? toModel(r) : undefined;
+  }
+
+  listModels(): ModelRow[] {
+    return (this.db.prepare('SELECT * FROM models ORDER BY created_at, round').all() as Record<string, unknown>[]).map(toModel);
+  }
+
+  // ---- rounds ----
+
+  openRound(r: Omit<RoundRow, 'state' | 'closedAt' | 'resultModelHash' | 'note'>): void {
+    this.db
+      .prepare("INSERT INTO rounds (round, state, base_model_hash, selected, opened_at, deadline_at) VALUES (?, 'open', ?, ?, ?, ?)")
+      .run(r.round, r.baseModelHash, JSON.stringify(r.selected), r.openedAt, r.deadlineAt);
+  }
+
+  extendDeadline(round: number, deadlineAt: number): void {
+    this.db.prepare('UPDATE rounds SET deadline_at = ? WHERE round = ?').run(deadlineAt, round);
+  }
+
+  /** Closes a round and registers its model in one transaction, so a crash leaves either both or neither. */
+  closeRound(round: number, result: ModelRow, now = Date.now()): void {
+    this.db.transaction(() => {
+      this.addModel(result);
+      this.db.prepare("UPDATE rounds SET state = 'closed', closed_at = ?, result_model_hash = ? WHERE round = ?").run(now, result.hash, round);
+      this.setMeta('current_model', result.hash);
+    })();
+  }
+
+  failRound(round: number, note: string, now = Date.now()): void {
+    this.db.prepare("UPDATE rounds SET state = 'failed', closed_at = ?, note = ? WHERE round = ?").run(now, note, round);
+  }
+
+  getRound(round: number): RoundRow | undefined {
+    const r = this.db.prepare('SELECT * FROM rounds WHERE round = ?').get(round) as Record<string, unknown> | undefined;
+    return r ? toRound(r) : undefined;
+  }
+
+  openRoundRow(): RoundRow | undefined {
+    const r = this.db.prepare("SELECT * FROM rounds WHERE state = 'open' ORDER BY round DESC LIMIT 1").get() as Record<string, unknown> | undefined;
+    return r ? toRound(r) : undefined;
+  }
+
+  listRounds(): RoundRow[] {
+    return (this.db.prepare('SELECT * FROM rounds ORDER BY round').all() as Record<string, unknown>[]).map(toRound);
+  }
+
+  lastRoundNumber(): number {
+    const r = this.db.prepare('SELECT MAX(round) AS m FROM rounds').get() as { m: number | null };
+    return r.m ?? 0;
+  }
+
+  closedRoundCount(): number {
+    return (this.db.prepare("SELECT COUNT(*) AS n FROM rounds WHERE state = 'closed'").get() as { n: number }).n;
+  }
+
+  // ---- updates ----
+
+  /** The row is the commit point of an update: once it is here, the update counts, even across a crash. */
+  insertUpdate(u: UpdateRow): void {
+    this.db
+      .prepare('INSERT INTO updates (update_id, round, site, num_samples, sha256, path, size_bytes, accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)')
+      .run(u.updateId, u.round, u.site, u.numSamples, u.sha256, u.path, u.sizeBytes, u.acceptedAt);
+  }
+
+  getUpdate(updateId: string): UpdateRow | undefined {
+    const r = this.db.prepare('SELECT * FROM updates WHERE update_id = ?').get(updateId) as Record<string, unknown> | undefined;
+    return r ? toUpdate(r) : undefined;
+  }
+
+  updateFor(round: number, site: string): UpdateRow | undefined {
+    const r = this.db.prepare('SELECT * FROM updates WHERE round = ? AND site = ?').get(round, site) as Record<string, unknown> | undefined;
+    return r ? toUpdate(r) : undefined;
+  }
+
+  updatesForRound(round: number): UpdateRow[] {
+    return (this.db.prepare('SELECT * FROM updates WHERE round = ? ORDER BY accepted_at').all(round) as Record<string, unknown>[]).map(toUpdate);
+  }
+
+  // ---- metrics ----
+
+  recordMetrics(round: number, site: string, values: Record<string, number>): void {
+    const stmt = this.db.prepare('INSERT INTO metrics (round, site, key, value) VALUES (?, ?, ?, ?) ON CONFLICT(round, site, key) DO UPDATE SET value = excluded.value');
+    this.db.transaction(() => {
+      for (const [k, v] of Object.entries(values)) stmt.run(round, site, k, v);
+    })();
+  }
+
+  listMetrics(): MetricRow[] {
+    return this.db.prepare('SELECT round, site, key, value FROM metrics ORDER BY round, site, key').all() as MetricRow[];
+  }
+}
+
+function toSite(r: Record<string, unknown>): SiteRow {
+  return {
+    name: r.name as string,
+    state: r.state as SiteState,
+    publicKey: (r.public_key as Buffer | null) ?? null,
+    invitedAt: r.invited_at as number,
+    inviteExpiresAt: r.invite_expires_at as number,
+    enrolledAt: (r.enrolled_at as number | null) ?? null,
+    revokedAt: (r.revoked_at as number | null) ?? null,
+    lastSeenAt: (r.last_seen_at as number | null) ?? null,
+    activity: (r.activity as string | null) ?? null,
+    engine: (r.engine as string | null) ?? null,
+  };
+}
+
+function toRound(r: Record<string, unknown>): RoundRow {
+  return {
+    round: r.round as number,
+    state: r.state as RoundRow['state'],
+    baseModelHash: r.base_model_hash as string,
+    selected: JSON.parse(r.selected as string) as string[],
+    openedAt: r.opened_at as number,
+    deadlineAt: r.deadline_at as number,
+    closedAt: (r.closed_at as number | null) ?? null,
+    resultModelHash: (r.result_model_hash as string | null) ?? null,
+    note: (r.note as string | null) ?? null,
+  };
+}
+
+function toUpdate(r: Record<string, unknown>): UpdateRow {
+  return {
+    updateId: r.update_id as string,
+    round: r.round as number,
+    site: r.site as string,
+    numSamples: r.num_samples as number,
+    sha256: r.sha256 as string,
+    path: r.path as string,
+    sizeBytes: r.size_bytes as number,
+    acceptedAt: r.accepted_at as number,
+  };
+}
+
+function toModel(r: Record<string, unknown>): ModelRow {
+  return { hash: r.hash as string, path: r.path as string, round: r.round as number, sizeBytes: r.size_bytes as number, createdAt: r.created_at as number };
+}

@@ -1,0 +1,68 @@
+/**
+ * The federation plan: what a coordinator runs. Validated at the edge (zod); everything inside uses the typed `Plan`.
+ */
+import { z } from 'zod';
+
+const positiveInt = z.number().int().positive();
+
+export const ModelPartSchema = z.enum(['encoder', 'head']);
+export const LayerTypeSchema = z.enum(['conv', 'norm', 'dense', 'other']);
+
+export const PlanSchema = z
+  .object({
+    /** Human name of the federation; the JWT audience is derived from the coordinator's id, not from this. */
+    name: z.string().min(1).default('medfl-federation'),
+    model: z
+      .object({
+        architecture: z.enum(['tiny3d']).default('tiny3d'),
+        patch: z.tuple([positiveInt, positiveInt, positiveInt]).default([24, 24, 24]),
+        numClasses: z.number().int().min(2).default(2),
+        width: positiveInt.default(8),
+        seed: z.number().int().default(1),
+      })
+      .strict()
+      .default({ architecture: 'tiny3d', patch: [24, 24, 24], numClasses: 2, width: 8, seed: 1 }),
+    rounds: positiveInt.default(3),
+    /** Quorum: a round closes at its deadline only if at least this many sites reported. */
+    minSites: positiveInt.default(2),
+    /** Sites asked per round; 0 = every connected site. */
+    sitesPerRound: z.number().int().min(0).default(0),
+    /** Seconds a round may run before it closes on quorum (or is retried without it). */
+    roundDeadlineSeconds: z.number().positive().default(300),
+    /** Seconds to wait at round start for `minSites` sites to be connected. */
+    waitForSitesSeconds: z.number().positive().default(600),
+    local: z
+      .object({
+        steps: positiveInt.optional(),
+        epochs: z.number().positive().optional(),
+        batchSize: positiveInt.default(2),
+        learningRate: z.number().positive().default(0.003),
+        proximalMu: z.number().min(0).default(0),
+      })
+      .strict()
+      .default({ batchSize: 2, learningRate: 0.003, proximalMu: 0 })
+      .refine((l) => !(l.steps !== undefined && l.epochs !== undefined), { message: 'give local.steps or local.epochs, not both' }),
+    share: z
+      .object({
+        /** Model parts that travel; by default only the encoder, so heads stay at the site. */
+        parts: z.array(ModelPartSchema).min(1).default(['encoder']),
+        /** Layer types kept local even inside shared parts (e.g. ["norm"] for FedBN). */
+        keepLocal: z.array(LayerTypeSchema).default([]),
+      })
+      .strict()
+      .default({ parts: ['encoder'], keepLocal: [] }),
+    aggregation: z
+      .object({ strategy: z.enum(['fedavg']).default('fedavg') })
+      .strict()
+      .default({ strategy: 'fedavg' }),
+  })
+  .strict();
+
+export type Plan = z.infer<typeof PlanSchema>;
+
+/** Local steps for a site with `numTrain` labelled cases. */
+export function localSteps(plan: Plan, numTrain: number): number {
+  if (plan.local.steps !== undefined) return plan.local.steps;
+  const epochs = plan.local.epochs ?? 1;
+  return Math.max(1, Math.ceil((epochs * Math.max(1, numTrain)) / plan.local.batchSize));
+}

@@ -1,0 +1,43 @@
+/**
+ * What a TRAIN task tells a site, and the bytes the coordinator signs so a site can tell a genuine task
+ * from one injected on the way (TLS protects the channel; the signature pins the author).
+ */
+import { z } from 'zod';
+import { PlanSchema } from '../plan/schema.ts';
+
+export const TaskSettingsSchema = z
+  .object({
+    federation: z.string(),
+    model: PlanSchema.shape.model.unwrap(),
+    local: z.object({
+      steps: z.number().int().positive().optional(),
+      epochs: z.number().positive().optional(),
+      batchSize: z.number().int().positive(),
+      learningRate: z.number().positive(),
+      proximalMu: z.number().min(0),
+    }),
+    share: PlanSchema.shape.share.unwrap(),
+    /** Names of the tensors the site must send back, exactly. */
+    sharedTensors: z.array(z.string()),
+  })
+  .strict();
+
+export type TaskSettings = z.infer<typeof TaskSettingsSchema>;
+
+export interface TaskManifest {
+  taskId: string;
+  kind: string;
+  round: number;
+  modelHash: string;
+  modelSize: number;
+  deadlineUnixMs: number;
+  settingsJson: string;
+}
+
+/** Canonical bytes of a task: fixed field order, so both sides hash the same thing. */
+export function manifestBytes(t: TaskManifest): Buffer {
+  return Buffer.from(
+    JSON.stringify(['medfl.v1.Task', t.taskId, t.kind, t.round, t.modelHash, t.modelSize, t.deadlineUnixMs, t.settingsJson]),
+    'utf8',
+  );
+}

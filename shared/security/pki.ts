@@ -1,0 +1,346 @@
+/**
+ * Coordinator PKI: a private CA (ECDSA P-256) that issues the coordinator's TLS server certificate and, for
+ * optional mTLS, site client certificates. Sites trust the coordinator by pinning the CA's SHA-256 fingerprint
+ * (printed by `medfl coordinator site add`): fetchAndPinCa takes the CA from the TLS handshake and keeps it only
+ * if its fingerprint matches, so no CA file has to be copied to the hospital.
+ *
+ * All private keys are PKCS#8 PEM, which Node's tls and grpc.ServerCredentials.createSsl accept.
+ */
+import type * as X509 from '@peculiar/x509';
+import * as grpc from '@grpc/grpc-js';
+import { X509Certificate, createHash, webcrypto } from 'node:crypto';
+import { isIP } from 'node:net';
+import * as tls from 'node:tls';
+
+type CryptoKey = webcrypto.CryptoKey;
+type CryptoKeyPair = webcrypto.CryptoKeyPair;
+
+/**
+ * @peculiar/x509 (through tsyringe) throws at import time unless `Reflect.getMetadata` exists, and the project
+ * has no direct dependency on a polyfill (reflect-metadata / core-js). It only uses defineMetadata,
+ * getMetadata and getOwnMetadata, so we install a minimal WeakMap-backed version when none is present, then
+ * load the library lazily (only the async generators need it; fingerprints and pinning use node:crypto).
+ */
+function ensureReflectMetadata(): void {
+  type Key = unknown;
+  type Prop = string | symbol | undefined;
+  const R = Reflect as unknown as Record<string, unknown>;
+  if (typeof R.getMetadata === 'function') return;
+  const store = new WeakMap<object, Map<Prop, Map<Key, unknown>>>();
+  const own = (target: object, prop: Prop, create: boolean): Map<Key, unknown> | undefined => {
+    let byProp = store.get(target);
+    if (!byProp) {
+      if (!create) return undefined;
+      store.set(target, (byProp = new Map()));
+    }
+    let m = byProp.get(prop);
+    if (!m && create) byProp.set(prop, (m = new Map()));
+    return m;
+  };
+  const getOwnMetadata = (key: Key, target: object, prop?: Prop): unknown => own(target, prop, false)?.get(key);
+  const hasOwnMetadata = (key: Key, target: object, prop?: Prop): boolean => own(target, prop, false)?.has(key) ?? false;
+  const walk = <T>(target: object, f: (t: object) => T | undefined): T | undefined => {
+    for (let t: object | null = target; t; t = Object.getPrototypeOf(t) as object | null) {
+      const r = f(t);
+      if (r !== undefined) return r;
+    }
+    return undefined;
+  };
+  const defineMetadata = (key: Key, value: unknown, target: object, prop?: Prop): void => {
+    own(target, prop, true)!.set(key, value);
+  };
+  const fns: Record<string, unknown> = {
+    defineMetadata,
+    getOwnMetadata,
+    hasOwnMetadata,
+    getMetadata: (key: Key, target: object, prop?: Prop) =>
+      walk(target, (t) => (hasOwnMetadata(key, t, prop) ? { v: getOwnMetadata(key, t, prop) } : undefined))?.v,
+    hasMetadata: (key: Key, target: object, prop?: Prop) => walk(target, (t) => hasOwnMetadata(key, t, prop) || undefined) ?? false,
+    metadata: (key: Key, value: unknown) => (target: object, prop?: Prop) => defineMetadata(key, value, target, prop),
+  };
+  for (const [name, fn] of Object.entries(fns)) {
+    Object.defineProperty(Reflect, name, { value: fn, writable: true, configurable: true, enumerable: false });
+  }
+}
+
+let x509Lib: Promise<typeof X509> | undefined;
+function loadX509(): Promise<typeof X509> {
+  ensureReflectMetadata();
+  x509Lib ??= import('@peculiar/x509').then((mod) => {
+    // Named exports of the CJS build, or its default export, depending on the loader.
+    const lib = ('X509CertificateGenerator' in mod ? mod : (mod as unknown as { default: typeof X509 }).default) as typeof X509;
+    lib.cryptoProvider.set(globalThis.crypto); // Node 20's built-in WebCrypto
+    return lib;
+  });
+  return x509Lib;
+}
+
+const EC_ALG: webcrypto.EcKeyGenParams = { name: 'ECDSA', namedCurve: 'P-256' };
+const SIGNING_ALG: webcrypto.EcdsaParams = { name: 'ECDSA', hash: 'SHA-256' };
+/** Backdate notBefore so a site whose clock is a little behind still accepts a fresh certificate. */
+const BACKDATE_MS = 5 * 60_000;
+export const DEFAULT_SERVER_HOSTS = ['localhost', '127.0.0.1', '::1'];
+
+export interface CertificateAuthority {
+  certPem: string;
+  /** PKCS#8 PEM; keep it on the coordinator only (mode 0600). */
+  keyPem: string;
+}
+
+export interface IssuedCertificate {
+  certPem: string;
+  keyPem: string;
+}
+
+export interface ServerCertificate extends IssuedCertificate {
+  /** Server certificate followed by the CA certificate: what the TLS server presents. */
+  chainPem: string;
+}
+
+function toPem(der: ArrayBuffer, label: string): string {
+  const b64 = Buffer.from(der).toString('base64').match(/.{1,64}/g)!.join('\n');
+  return `-----BEGIN ${label}-----\n${b64}\n-----END ${label}-----\n`;
+}
+
+function randomSerial(): string {
+  const b = globalThis.crypto.getRandomValues(new Uint8Array(16));
+  b[0] = b[0]! & 0x7f; // positive INTEGER
+  if (b[0] === 0) b[0] = 1; // no leading zero byte (DER minimal encoding)
+  return Buffer.from(b).toString('hex');
+}
+
+function validity(validDays: number): { notBefore: Date; notAfter: Date } {
+  if (!(validDays > 0)) throw new Error(`validDays must be positive, got ${validDays}`);
+  const now = Date.now();
+  return { notBefore: new Date(now - BACKDATE_MS), notAfter: new Date(now + validDays * 86_400_000) };
+}
+
+/** JSON form, so a name with commas or '=' cannot inject extra RDNs. */
+const cn = (commonName: string): X509.JsonName => [{ CN: [commonName] }];
+
+async function newKeyPair(): Promise<CryptoKeyPair> {
+  return (await globalThis.crypto.subtle.generateKey(EC_ALG, true, ['sign', 'verify'])) as CryptoKeyPair;
+}
+
+async function exportKeyPem(key: CryptoKey): Promise<string> {
+  return toPem(await globalThis.crypto.subtle.exportKey('pkcs8', key), 'PRIVATE KEY');
+}
+
+async function importCa(x509: typeof X509, ca: CertificateAuthority): Promise<{ cert: X509.X509Certificate; key: CryptoKey }> {
+  const cert = new x509.X509Certificate(ca.certPem);
+  const key = await globalThis.crypto.subtle.importKey(
+    'pkcs8',
+    x509.PemConverter.decodeFirst(ca.keyPem),
+    EC_ALG,
+    false,
+    ['sign'],
+  );
+  return { cert, key };
+}
+
+export async function createCertificateAuthority(opts: { commonName: string; validDays: number }): Promise<CertificateAuthority> {
+  const x509 = await loadX509();
+  const keys = await newKeyPair();
+  const cert = await x509.X509CertificateGenerator.createSelfSigned({
+    serialNumber: randomSerial(),
+    name: cn(opts.commonName),
+    ...validity(opts.validDays),
+    signingAlgorithm: SIGNING_ALG,
+    keys,
+    extensions: [
+      new x509.BasicConstraintsExtension(true, 0, true), // pathLength 0: issues leaf certificates only
+      new x509.KeyUsagesExtension(x509.KeyUsageFlags.keyCertSign | x509.KeyUsageFlags.cRLSign, true),
+      await x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
+    ],
+  });
+  return { certPem: toPem(cert.rawData, 'CERTIFICATE'), keyPem: await exportKeyPem(keys.privateKey) };
+}
+
+async function issueLeaf(
+  ca: CertificateAuthority,
+  commonName: string,
+  validDays: number,
+  usage: 'serverAuth' | 'clientAuth',
+  extra: (x509: typeof X509) => X509.Extension[],
+): Promise<IssuedCertificate> {
+  const x509 = await loadX509();
+  const { cert: caCert, key: caKey } = await importCa(x509, ca);
+  const keys = await newKeyPair();
+  const cert = await x509.X509CertificateGenerator.create({
+    serialNumber: randomSerial(),
+    subject: cn(commonName),
+    issuer: caCert.subject,
+    ...validity(validDays),
+    signingAlgorithm: SIGNING_ALG,
+    publicKey: keys.publicKey,
+    signingKey: caKey,
+    extensions: [
+      new x509.BasicConstraintsExtension(false, undefined, true),
+      new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
+      new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage[usage]]),
+      await x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
+      await x509.AuthorityKeyIdentifierExtension.create(caCert.publicKey),
+      ...extra(x509),
+    ],
+  });
+  return { certPem: toPem(cert.rawData, 'CERTIFICATE'), keyPem: await exportKeyPem(keys.privateKey) };
+}
+
+/** TLS server certificate for the coordinator; SANs cover every DNS name / IP sites will dial. */
+export async function issueServerCertificate(
+  ca: CertificateAuthority,
+  opts: { hosts?: string[]; validDays: number },
+): Promise<ServerCertificate> {
+  const hosts = opts.hosts && opts.hosts.length > 0 ? opts.hosts : DEFAULT_SERVER_HOSTS;
+  const names: X509.JsonGeneralNames = hosts.map((h) => ({ type: isIP(h) ? 'ip' : 'dns', value: h }));
+  const leaf = await issueLeaf(ca, hosts[0]!, opts.validDays, 'serverAuth', (x509) => [
+    new x509.SubjectAlternativeNameExtension(names),
+  ]);
+  return { ...leaf, chainPem: leaf.certPem + ca.certPem };
+}
+
+/** Client certificate for optional mTLS; CN = site name. */
+export async function issueClientCertificate(
+  ca: CertificateAuthority,
+  opts: { siteName: string; validDays: number },
+): Promise<IssuedCertificate> {
+  return issueLeaf(ca, opts.siteName, opts.validDays, 'clientAuth', () => []);
+}
+
+/** SHA-256 of the certificate DER as colon-separated upper hex, like `openssl x509 -fingerprint -sha256`. */
+export function certificateFingerprint(pemOrDer: string | Uint8Array): string {
+  const der = new X509Certificate(typeof pemOrDer === 'string' ? pemOrDer : Buffer.from(pemOrDer)).raw; // first cert of a PEM
+  return formatFingerprint(createHash('sha256').update(der).digest('hex'));
+}
+
+function formatFingerprint(hex: string): string {
+  return hex.toUpperCase().match(/../g)!.join(':');
+}
+
+/** Accepts a SHA-256 fingerprint with or without colons (or spaces), any case; returns the canonical form. */
+export function normalizeFingerprint(fp: string): string {
+  const hex = fp.replace(/^sha256\s*(fingerprint)?\s*[:=]?\s*/i, '').replace(/[:\s-]/g, '');
+  if (!/^[0-9a-fA-F]{64}$/.test(hex)) {
+    throw new Error(`'${fp}' is not a SHA-256 certificate fingerprint (64 hex digits, colons optional)`);
+  }
+  return formatFingerprint(hex);
+}
+
+/** The certificate chain the peer sent, leaf first (from getPeerCertificate(true)). */
+function peerChain(socket: tls.TLSSocket): X509Certificate[] {
+  const out: X509Certificate[] = [];
+  const seen = new Set<string>();
+  let c: tls.DetailedPeerCertificate | undefined = socket.getPeerCertificate(true);
+  while (c && c.raw && !seen.has(c.fingerprint256)) {
+    seen.add(c.fingerprint256);
+    out.push(new X509Certificate(c.raw));
+    c = c.issuerCertificate;
+  }
+  return out;
+}
+
+function verifyLeaf(leaf: X509Certificate, ca: X509Certificate, host: string, where: string): void {
+  const now = Date.now();
+  if (!ca.ca) throw new Error(`the certificate matching the fingerprint at ${where} is not a CA certificate`);
+  if (!leaf.verify(ca.publicKey)) {
+    throw new Error(`the coordinator at ${where} presents a server certificate not signed by the pinned CA`);
+  }
+  for (const [what, c] of [['server', leaf], ['CA', ca]] as const) {
+    const from = Date.parse(c.validFrom);
+    const to = Date.parse(c.validTo);
+    // `!(a <= b)` so an unparsable date fails closed.
+    if (!(from <= now) || !(now <= to)) {
+      throw new Error(`the ${what} certificate at ${where} is not valid now (valid ${c.validFrom} .. ${c.validTo}) — check this machine's clock`);
+    }
+  }
+  const ok = isIP(host) ? leaf.checkIP(host) : leaf.checkHost(host);
+  if (!ok) {
+    throw new Error(
+      `the coordinator's certificate at ${where} is not valid for '${host}' (names: ${leaf.subjectAltName ?? leaf.subject}) — ` +
+        `dial one of those names, or reissue the server certificate with this host`,
+    );
+  }
+}
+
+/**
+ * First contact with a coordinator: fetch its CA from the TLS handshake and keep it only if its SHA-256 matches
+ * `expectedFingerprint`. Certificate verification is off for this one look only; we then check by hand that the
+ * server certificate is signed by that CA and valid for `host`. Returns the CA PEM to trust from now on.
+ */
+export function fetchAndPinCa(
+  host: string,
+  port: number,
+  expectedFingerprint: string,
+  opts: { timeoutMs?: number } = {},
+): Promise<string> {
+  const expected = normalizeFingerprint(expectedFingerprint);
+  const timeoutMs = opts.timeoutMs ?? 10_000;
+  host = host.replace(/^\[(.*)\]$/, '$1'); // accept "[::1]"
+  const where = host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
+  return new Promise<string>((resolve, reject) => {
+    let settled = false;
+    const socket = tls.connect({
+      host,
+      port,
+      servername: isIP(host) ? undefined : host, // SNI must not be an IP address
+      rejectUnauthorized: false,
+      ALPNProtocols: ['h2'], // the gRPC server is HTTP/2 only
+    });
+    const finish = (err: Error | null, pem?: string): void => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      socket.destroy();
+      if (err) reject(err);
+      else resolve(pem!);
+    };
+    const timer = setTimeout(
+      () => finish(new Error(`timed out after ${timeoutMs} ms waiting for a TLS handshake with the coordinator at ${where} — is it running and is the port reachable (firewall)?`)),
+      timeoutMs,
+    );
+    socket.on('error', (e) => // 'on', not 'once': a late second error must not go unhandled
+      finish(new Error(`could not complete a TLS handshake with the coordinator at ${where}: ${e.message} — check the address and that the coordinator is running`)),
+    );
+    socket.once('secureConnect', () => {
+      try {
+        const chain = peerChain(socket);
+        if (chain.length === 0) throw new Error(`the server at ${where} presented no certificate`);
+        const ca = chain.find((c) => normalizeFingerprint(c.fingerprint256) === expected);
+        if (!ca) {
+          // Name the fingerprint of the chain's top (the CA, when the server sends its chain).
+          const presented = normalizeFingerprint(chain[chain.length - 1]!.fingerprint256);
+          throw new Error(
+            `CA fingerprint mismatch: the coordinator at ${where} presents CA ${presented}, you were given ${expected}. ` +
+              'Check the fingerprint printed by `medfl coordinator site add`, or you may be talking to the wrong server.',
+          );
+        }
+        verifyLeaf(chain[0]!, ca, host, where);
+        finish(null, ca.toString());
+      } catch (e) {
+        finish(e as Error);
+      }
+    });
+  });
+}
+
+/** gRPC server credentials from a server certificate; pass `clientCaPem` + `requireClientCert` for mTLS. */
+export function serverCredentials(
+  server: ServerCertificate,
+  opts: { clientCaPem?: string; requireClientCert?: boolean } = {},
+): grpc.ServerCredentials {
+  if (opts.requireClientCert && !opts.clientCaPem) throw new Error('requireClientCert needs clientCaPem');
+  return grpc.ServerCredentials.createSsl(
+    opts.clientCaPem ? Buffer.from(opts.clientCaPem) : null,
+    [{ private_key: Buffer.from(server.keyPem), cert_chain: Buffer.from(server.chainPem) }],
+    opts.requireClientCert ?? false,
+  );
+}
+
+/** gRPC channel credentials trusting only the pinned CA; add a client certificate for mTLS. */
+export function pinnedChannelCredentials(caPem: string, client?: IssuedCertificate): grpc.ChannelCredentials {
+  return grpc.credentials.createSsl(
+    Buffer.from(caPem),
+    client ? Buffer.from(client.keyPem) : null,
+    client ? Buffer.from(client.certPem) : null,
+  );
+}

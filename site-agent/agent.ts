@@ -1,0 +1,234 @@
+/**
+ * The site agent's main loop. It dials out (hospitals open no inbound port), keeps a task stream open,
+ * heartbeats on its own timer (so a long training step is never mistaken for death), and reconnects
+ * with exponential backoff and full jitter, logging every retry. For each TRAIN task it downloads the
+ * global model (cached by hash), trains locally with the site's own head, and sends back only the
+ * plan's shared tensors. An update waits in the outbox until the coordinator acknowledges it.
+ */
+import * as grpc from '@grpc/grpc-js';
+import { randomUUID } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { SiteHome } from './home.ts';
+import { FederationClient, type WireTask } from './transport/client.ts';
+import { ModelCache } from './transport/model-cache.ts';
+import { WireAudit } from './transport/wire-audit.ts';
+import { uploadUpdate } from './transport/upload.ts';
+import { LocalTraining } from './training/local-training.ts';
+import { manifestBytes, TaskSettingsSchema, type TaskSettings } from '../shared/protocol/task.ts';
+import { verifyManifest } from '../shared/security/site-identity.ts';
+import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
+import type { Logger } from '../shared/util/log.ts';
+
+export interface AgentOptions {
+  dir: string;
+  dataDir: string;
+  log: Logger;
+  /** Append every outgoing message's summary to this file (see wire-audit.ts). */
+  auditPath?: string;
+  /** Resolve run() when the coordinator says the federation is finished. */
+  exitWhenFinished?: boolean;
+  heartbeatMs?: number;
+  maxBackoffMs?: number;
+  /** Force a compute engine (e.g. "cpu"); otherwise the best available one is chosen. */
+  engine?: string;
+}
+
+interface OutboxEntry {
+  updateId: string;
+  taskId: string;
+  round: number;
+  baseModelHash: string;
+  numSamples: number;
+  metrics: Record<string, number>;
+}
+
+export class SiteAgent {
+  private readonly home: SiteHome;
+  private readonly cache: ModelCache;
+  private readonly training: LocalTraining;
+  private readonly audit?: WireAudit;
+  private client: FederationClient | undefined;
+  private stopped = false;
+  private finished = false;
+  private state: 'idle' | 'downloading' | 'training' | 'uploading' = 'idle';
+  private progress = 0;
+  private currentTask = '';
+  private readonly queue: WireTask[] = [];
+  private working = false;
+  private readonly done = new Set<string>();
+  private wake: (() => void) | undefined;
+  private readonly coordinatorKey: Buffer;
+
+  constructor(private readonly o: AgentOptions) {
+    this.home = new SiteHome(o.dir);
+    const config = this.home.config();
+    this.coordinatorKey = Buffer.from(config.coordinatorPublicKey, 'base64');
+    this.cache = new ModelCache(this.home.modelCacheDir);
+    this.training = new LocalTraining({ siteName: config.siteName, dataDir: o.dataDir, localDir: this.home.localDir, log: o.log, engine: o.engine });
+    if (o.auditPath) this.audit = new WireAudit(o.auditPath);
+    mkdirSync(this.home.outboxDir, { recursive: true });
+  }
+
+  get siteName(): string {
+    return this.home.config().siteName;
+  }
+
+  stop(): void {
+    this.stopped = true;
+    this.client?.close();
+    this.wake?.();
+  }
+
+  /** Runs until stop(), or until the federation finishes when exitWhenFinished is set. */
+  async run(): Promise<void> {
+    const { log } = this.o;
+    let attempt = 0;
+    while (!this.stopped && !(this.finished && this.o.exitWhenFinished)) {
+      this.client = new FederationClient(this.home, { audit: this.audit });
+      const heartbeat = this.startHeartbeat(() => { attempt = 0; });
+      try {
+        await this.consumeTasks(this.client);
+        if (this.stopped || (this.finished && this.o.exitWhenFinished)) break;
+        log.warn('task stream ended; reconnecting');
+      } catch (e) {
+        const err = e as grpc.ServiceError;
+        if (err.code === grpc.status.PERMISSION_DENIED) {
+          log.error({ reason: err.details }, 'the coordinator refused this site; stopping (ask the coordinator admin)');
+          throw new Error(`coordinator refused this site: ${err.details}`);
+        }
+        if (this.stopped) break;
+        log.warn({ code: err.code !== undefined ? grpc.status[err.code] : undefined, reason: err.details ?? err.message }, 'lost the coordinator');
+      } finally {
+        clearInterval(heartbeat);
+        this.client.close();
+      }
+      attempt++;
+      const delay = backoffDelay(attempt, this.o.maxBackoffMs ?? 30_000);
+      log.info({ attempt, delayMs: delay }, 'reconnecting to the coordinator after backoff');
+      await new Promise<void>((r) => {
+        this.wake = r;
+        setTimeout(r, delay);
+      });
+    }
+    // Let an in-flight task finish its upload before we return.
+    while (this.working) await new Promise((r) => setTimeout(r, 100));
+  }
+
+  private startHeartbeat(onOk: () => void): NodeJS.Timeout {
+    const beat = () => {
+      this.client
+        ?.heartbeat({ state: this.state, progress: this.progress, taskId: this.currentTask, engine: this.training.engineName ?? '' })
+        .then(onOk, (e: grpc.ServiceError) => this.o.log.debug({ reason: e.details ?? e.message }, 'heartbeat failed'));
+    };
+    beat();
+    return setInterval(beat, this.o.heartbeatMs ?? 5000);
+  }
+
+  private consumeTasks(client: FederationClient): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      const stream = client.subscribeTasks(this.cache.hashes());
+      const stopWatch = setInterval(() => {
+        if (this.stopped || (this.finished && this.o.exitWhenFinished)) stream.cancel();
+      }, 200);
+      stream.on('data', (t: WireTask) => this.onTask(t));
+      stream.on('error', (e: grpc.ServiceError) => {
+        clearInterval(stopWatch);
+        if (e.code === grpc.status.CANCELLED && (this.stopped || this.finished)) resolve();
+        else reject(e);
+      });
+      stream.on('end', () => {
+        clearInterval(stopWatch);
+        resolve();
+      });
+    });
+  }
+
+  private onTask(t: WireTask): void {
+    const { log } = this.o;
+    if (!verifyManifest(this.coordinatorKey, manifestBytes(t), t.signature)) {
+      log.error({ task: t.taskId }, 'task signature does not verify against the coordinator key from enrolment: ignored');
+      return;
+    }
+    if (t.kind === 'FINISHED') {
+      log.info({ rounds: t.round, model: t.modelHash.slice(0, 12) }, 'federation finished');
+      this.finished = true;
+      return;
+    }
+    if (t.kind !== 'TRAIN') return;
+    if (this.done.has(t.taskId) || this.queue.some((q) => q.taskId === t.taskId) || this.currentTask === t.taskId) return;
+    this.queue.push(t);
+    void this.drain();
+  }
+
+  private async drain(): Promise<void> {
+    if (this.working) return;
+    this.working = true;
+    try {
+      while (this.queue.length > 0 && !this.stopped) {
+        const t = this.queue.shift()!;
+        this.currentTask = t.taskId;
+        try {
+          await this.runTask(t);
+          this.done.add(t.taskId);
+        } catch (e) {
+          this.o.log.warn({ task: t.taskId, reason: (e as Error).message }, 'task failed; it will be retried if the coordinator sends it again');
+        } finally {
+          this.state = 'idle';
+          this.progress = 0;
+          this.currentTask = '';
+        }
+      }
+    } finally {
+      this.working = false;
+    }
+  }
+
+  private async runTask(t: WireTask): Promise<void> {
+    const { log } = this.o;
+    if (t.deadlineUnixMs > 0 && t.deadlineUnixMs < Date.now()) {
+      log.warn({ task: t.taskId }, 'task deadline already passed: skipped');
+      return;
+    }
+    const settings: TaskSettings = TaskSettingsSchema.parse(JSON.parse(t.settingsJson));
+    const outboxPath = join(this.home.outboxDir, `${t.taskId}.json`);
+    let entry: OutboxEntry;
+    if (existsSync(outboxPath)) {
+      // Trained before a crash or a lost connection: send the same update again, under the same id.
+      entry = JSON.parse(readFileSync(outboxPath, 'utf8')) as OutboxEntry;
+      log.info({ round: t.round }, 'resending an update from the outbox');
+    } else {
+      this.state = 'downloading';
+      const client = this.client!;
+      const bytes = await this.cache.ensure(client, t.modelHash, t.modelSize, (d, n) => { this.progress = d / n; });
+      log.info({ round: t.round, model: t.modelHash.slice(0, 12), downloadedBytes: bytes, cached: bytes === 0 }, 'global model ready');
+      this.state = 'training';
+      this.progress = 0;
+      const result = await this.training.run(settings, this.cache.read(t.modelHash), {
+        round: t.round,
+        onProgress: (p) => { this.progress = p; },
+      });
+      entry = { updateId: `${t.taskId}-${randomUUID()}`, taskId: t.taskId, round: t.round, baseModelHash: t.modelHash, numSamples: result.numSamples, metrics: result.metrics };
+      writeFileAtomic(join(this.home.outboxDir, `${t.taskId}.safetensors`), result.update);
+      writeFileAtomic(outboxPath, JSON.stringify(entry));
+    }
+    this.state = 'uploading';
+    const payload = readFileSync(join(this.home.outboxDir, `${t.taskId}.safetensors`));
+    const ack = await uploadUpdate(() => this.client!, { ...entry, payload }, (p) => { this.progress = p; });
+    if (!ack.accepted) {
+      log.warn({ round: t.round, reason: ack.reason }, 'the coordinator refused the update');
+    } else {
+      log.info({ round: t.round, duplicate: ack.duplicate, samples: entry.numSamples }, 'update acknowledged');
+      const m = await this.client!.reportMetrics({ round: t.round, taskId: t.taskId, values: entry.metrics });
+      if (!m.accepted) log.warn({ reason: m.reason }, 'metrics refused');
+    }
+    // Acknowledged or refused for good: either way the outbox entry is settled.
+    for (const f of readdirSync(this.home.outboxDir)) if (f.startsWith(`${t.taskId}.`)) rmSync(join(this.home.outboxDir, f), { force: true });
+  }
+}
+
+/** Exponential backoff with "equal jitter" (half fixed, half random), so sites never reconnect in lockstep yet always wait a little. */
+export function backoffDelay(attempt: number, maxMs: number, baseMs = 500): number {
+  const cap = Math.min(maxMs, baseMs * 2 ** Math.min(attempt, 16));
+  return Math.round(cap / 2 + (Math.random() * cap) / 2);
+}
