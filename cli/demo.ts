@@ -4,20 +4,17 @@
  * one-time token and holding its own generated phantoms (NIfTI, MSD layout, site-specific intensities).
  * Progress comes from the coordinator's state database; the end is a table of round × site results.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { createWriteStream, mkdirSync, mkdtempSync, readFileSync, writeFileSync, existsSync } from 'node:fs';
-import { createServer } from 'node:net';
+import type { ChildProcess } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readFileSync, writeFileSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join, resolve, dirname } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join, resolve } from 'node:path';
 import cliProgress from 'cli-progress';
 import { CoordinatorHome } from '../coordinator/home.ts';
 import { addSite } from '../coordinator/admin.ts';
 import { CoordinatorStore } from '../coordinator/store/store.ts';
 import { writePhantomSite } from '../site-agent/data/phantom.ts';
 import { metricsTable, roundsTable } from './status.ts';
-
-const MEDFL_BIN = resolve(dirname(fileURLToPath(import.meta.url)), '..', 'bin', 'medfl.js');
+import { freePort, runToEnd, spawnMedfl, waitFor } from './processes.ts';
 
 export interface DemoOptions {
   dir?: string;
@@ -38,40 +35,6 @@ const SITE_PROFILES = [
   { shift: 15, scale: 1.1 },
   { shift: -10, scale: 0.9 },
 ];
-
-export async function freePort(): Promise<number> {
-  return new Promise((res, rej) => {
-    const s = createServer();
-    s.once('error', rej);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => res(port));
-    });
-  });
-}
-
-export function spawnMedfl(args: string[], logPath: string, env: NodeJS.ProcessEnv = {}): ChildProcess {
-  const log = createWriteStream(logPath, { flags: 'a' });
-  const child = spawn(process.execPath, [MEDFL_BIN, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-  child.stdout!.pipe(log, { end: false });
-  child.stderr!.pipe(log, { end: false });
-  return child;
-}
-
-export function runToEnd(args: string[], logPath: string): Promise<void> {
-  return new Promise((res, rej) => {
-    const child = spawnMedfl(args, logPath);
-    child.once('exit', (code) => (code === 0 ? res() : rej(new Error(`medfl ${args.slice(0, 2).join(' ')} exited with ${code}; see ${logPath}`))));
-  });
-}
-
-export async function waitFor(cond: () => boolean, timeoutMs: number, what: string, intervalMs = 100): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out after ${Math.round(timeoutMs / 1000)} s waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, intervalMs));
-  }
-}
 
 export async function runDemo(o: DemoOptions): Promise<boolean> {
   const out = o.out ?? process.stdout;

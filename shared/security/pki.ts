@@ -16,57 +16,12 @@ type CryptoKey = webcrypto.CryptoKey;
 type CryptoKeyPair = webcrypto.CryptoKeyPair;
 
 /**
- * @peculiar/x509 (through tsyringe) throws at import time unless `Reflect.getMetadata` exists, and the project
- * has no direct dependency on a polyfill (reflect-metadata / core-js). It only uses defineMetadata,
- * getMetadata and getOwnMetadata, so we install a minimal WeakMap-backed version when none is present, then
- * load the library lazily (only the async generators need it; fingerprints and pinning use node:crypto).
+ * @peculiar/x509 (through tsyringe) needs the Reflect metadata API at import time; reflect-metadata provides it.
+ * The library is loaded lazily: only the async certificate generators need it (fingerprints and pinning use node:crypto).
  */
-function ensureReflectMetadata(): void {
-  type Key = unknown;
-  type Prop = string | symbol | undefined;
-  const R = Reflect as unknown as Record<string, unknown>;
-  if (typeof R.getMetadata === 'function') return;
-  const store = new WeakMap<object, Map<Prop, Map<Key, unknown>>>();
-  const own = (target: object, prop: Prop, create: boolean): Map<Key, unknown> | undefined => {
-    let byProp = store.get(target);
-    if (!byProp) {
-      if (!create) return undefined;
-      store.set(target, (byProp = new Map()));
-    }
-    let m = byProp.get(prop);
-    if (!m && create) byProp.set(prop, (m = new Map()));
-    return m;
-  };
-  const getOwnMetadata = (key: Key, target: object, prop?: Prop): unknown => own(target, prop, false)?.get(key);
-  const hasOwnMetadata = (key: Key, target: object, prop?: Prop): boolean => own(target, prop, false)?.has(key) ?? false;
-  const walk = <T>(target: object, f: (t: object) => T | undefined): T | undefined => {
-    for (let t: object | null = target; t; t = Object.getPrototypeOf(t) as object | null) {
-      const r = f(t);
-      if (r !== undefined) return r;
-    }
-    return undefined;
-  };
-  const defineMetadata = (key: Key, value: unknown, target: object, prop?: Prop): void => {
-    own(target, prop, true)!.set(key, value);
-  };
-  const fns: Record<string, unknown> = {
-    defineMetadata,
-    getOwnMetadata,
-    hasOwnMetadata,
-    getMetadata: (key: Key, target: object, prop?: Prop) =>
-      walk(target, (t) => (hasOwnMetadata(key, t, prop) ? { v: getOwnMetadata(key, t, prop) } : undefined))?.v,
-    hasMetadata: (key: Key, target: object, prop?: Prop) => walk(target, (t) => hasOwnMetadata(key, t, prop) || undefined) ?? false,
-    metadata: (key: Key, value: unknown) => (target: object, prop?: Prop) => defineMetadata(key, value, target, prop),
-  };
-  for (const [name, fn] of Object.entries(fns)) {
-    Object.defineProperty(Reflect, name, { value: fn, writable: true, configurable: true, enumerable: false });
-  }
-}
-
 let x509Lib: Promise<typeof X509> | undefined;
 function loadX509(): Promise<typeof X509> {
-  ensureReflectMetadata();
-  x509Lib ??= import('@peculiar/x509').then((mod) => {
+  x509Lib ??= import('reflect-metadata').then(() => import('@peculiar/x509')).then((mod) => {
     // Named exports of the CJS build, or its default export, depending on the loader.
     const lib = ('X509CertificateGenerator' in mod ? mod : (mod as unknown as { default: typeof X509 }).default) as typeof X509;
     lib.cryptoProvider.set(globalThis.crypto); // Node 20's built-in WebCrypto

@@ -1,0 +1,314 @@
+/**
+ * The real coordinator (in this process, real gRPC over TLS on loopback) against clients that misbehave:
+ * forged and stale tokens, bad enrolments, and malformed, inconsistent or poisoned uploads. Each refusal
+ * must say why, and nothing refused may leave a file or a row behind.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import * as grpc from '@grpc/grpc-js';
+import { mkdtempSync, readdirSync, writeFileSync, existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { randomUUID } from 'node:crypto';
+import { SignJWT } from 'jose';
+import { pino } from 'pino';
+import { CoordinatorHome } from '../../coordinator/home.ts';
+import { addSite, revokeSite } from '../../coordinator/admin.ts';
+import { startCoordinator, type RunningCoordinator } from '../../coordinator/coordinator.ts';
+import { enrollSite } from '../../site-agent/enroll.ts';
+import { SiteHome } from '../../site-agent/home.ts';
+import { FederationClient, type WireTask, type UploadAck } from '../../site-agent/transport/client.ts';
+import { uploadOnce } from '../../site-agent/transport/upload.ts';
+import { loadSiteKey, signSiteToken } from '../../shared/security/site-identity.ts';
+import { pinnedChannelCredentials } from '../../shared/security/pki.ts';
+import { CHANNEL_OPTIONS, loadProto } from '../../shared/protocol/grpc.ts';
+import { TaskSettingsSchema, type TaskSettings } from '../../shared/protocol/task.ts';
+import { architectureFor } from '../../shared/model/registry.ts';
+import { pick } from '../../shared/model/sharing.ts';
+import { encodeSafetensors } from '../../shared/tensors/safetensors.ts';
+import { makeBundle, type NamedTensor, type TensorBundle } from '../../shared/tensors/bundle.ts';
+import { sha256Hex } from '../../shared/util/hash.ts';
+import { waitFor } from '../../cli/processes.ts';
+import { TEST_PLAN } from '../helpers/federation.ts';
+
+let work: string;
+let coordDir: string;
+let coord: RunningCoordinator;
+let siteA: FederationClient;
+let task: WireTask;
+let settings: TaskSettings;
+const fp = () => new CoordinatorHome(coordDir).caFingerprint();
+const address = () => `localhost:${coord.port}`;
+
+function rawClient(siteDir: string) {
+  const { Federation } = loadProto();
+  const home = new SiteHome(siteDir);
+  return new Federation(address(), pinnedChannelCredentials(home.caPem()), CHANNEL_OPTIONS) as grpc.Client & Record<string, (...a: unknown[]) => unknown>;
+}
+
+function heartbeatWith(siteDir: string, authorization: string | undefined): Promise<{ code: number; details: string }> {
+  const c = rawClient(siteDir);
+  const md = new grpc.Metadata();
+  if (authorization !== undefined) md.set('authorization', authorization);
+  return new Promise((resolve) =>
+    c.Heartbeat({ state: 'idle', progress: 0, taskId: '', engine: '' }, md, (err: grpc.ServiceError | null) => {
+      c.close();
+      resolve(err ? { code: err.code, details: err.details } : { code: grpc.status.OK, details: '' });
+    }),
+  );
+}
+
+function update(mutate?: (t: NamedTensor) => NamedTensor): TensorBundle {
+  const arch = architectureFor(settings.model);
+  const base = pick(arch.init(5), settings.sharedTensors.map((name) => ({ name })));
+  return mutate ? makeBundle([...base.values()].map(mutate)) : base;
+}
+
+function send(u: { payload: Buffer; round?: number; base?: string; updateId?: string; numSamples?: number }): Promise<UploadAck> {
+  return uploadOnce(siteA, {
+    updateId: u.updateId ?? `test-${randomUUID()}`,
+    taskId: task.taskId,
+    round: u.round ?? task.round,
+    baseModelHash: u.base ?? task.modelHash,
+    numSamples: u.numSamples ?? 4,
+    payload: u.payload,
+  });
+}
+
+/** Sends hand-made chunks; returns the ack. */
+function sendRaw(messages: Record<string, unknown>[]): Promise<UploadAck> {
+  const { stream, ack } = siteA.openUpload(30_000);
+  stream.on('error', () => undefined);
+  for (const m of messages) stream.write(m);
+  stream.end();
+  return ack;
+}
+
+function nothingStored() {
+  expect(readdirSync(join(coordDir, 'updates', '.partial'))).toEqual([]);
+  const r1 = join(coordDir, 'updates', 'round-1');
+  expect(existsSync(r1) ? readdirSync(r1) : []).toEqual([]);
+  expect(coord.store.updatesForRound(1)).toEqual([]);
+}
+
+beforeAll(async () => {
+  work = mkdtempSync(join(tmpdir(), 'medfl-proto-'));
+  coordDir = join(work, 'coordinator');
+  const home = await CoordinatorHome.init(coordDir, { hosts: ['localhost', '127.0.0.1'] });
+  writeFileSync(home.planPath, TEST_PLAN({ rounds: 1, minSites: 1, gather: 0 }));
+  coord = await startCoordinator({ dir: coordDir, port: 0, host: '127.0.0.1', log: pino({ level: 'silent' }) });
+  for (const s of ['site-a', 'site-b', 'site-x']) {
+    const inv = addSite(coordDir, s, { ttlSeconds: 600 });
+    await enrollSite({ coordinator: address(), token: inv.token, caFingerprint: inv.caFingerprint, dir: join(work, s) });
+  }
+  siteA = new FederationClient(new SiteHome(join(work, 'site-a')));
+  const stream = siteA.subscribeTasks([]);
+  stream.on('error', () => undefined);
+  task = await new Promise<WireTask>((resolve) => stream.on('data', (t: WireTask) => t.kind === 'TRAIN' && resolve(t)));
+  settings = TaskSettingsSchema.parse(JSON.parse(task.settingsJson));
+});
+
+afterAll(async () => {
+  siteA?.close();
+  await coord?.stop();
+});
+
+describe('tokens on every call', () => {
+  const dir = () => join(work, 'site-a');
+  const key = () => loadSiteKey(dir()).privateKey;
+  const fed = () => coord.federationId;
+  const now = () => Math.floor(Date.now() / 1000);
+
+  it('accepts a fresh token signed by the site itself', async () => {
+    const token = await signSiteToken({ siteName: 'site-a', federationId: fed(), privateKey: key() });
+    expect((await heartbeatWith(dir(), `Bearer ${token}`)).code).toBe(grpc.status.OK);
+  });
+
+  it('refuses a call without a token', async () => {
+    const r = await heartbeatWith(dir(), undefined);
+    expect(r.code).toBe(grpc.status.UNAUTHENTICATED);
+    expect(r.details).toMatch(/token/i);
+  });
+
+  it('refuses an expired token', async () => {
+    const t = await new SignJWT({}).setProtectedHeader({ alg: 'EdDSA' }).setIssuer('site-a').setSubject('site-a').setAudience(fed()).setIssuedAt(now() - 600).setExpirationTime(now() - 300).setJti(randomUUID()).sign(key());
+    const r = await heartbeatWith(dir(), `Bearer ${t}`);
+    expect(r.code).toBe(grpc.status.UNAUTHENTICATED);
+    expect(r.details).toMatch(/expired/);
+  });
+
+  it('refuses a token for another federation', async () => {
+    const t = await signSiteToken({ siteName: 'site-a', federationId: 'fed-someone-else', privateKey: key() });
+    const r = await heartbeatWith(dir(), `Bearer ${t}`);
+    expect(r.code).toBe(grpc.status.UNAUTHENTICATED);
+    expect(r.details).toMatch(/audience/);
+  });
+
+  it("refuses alg: none", async () => {
+    const b64 = (o: object) => Buffer.from(JSON.stringify(o)).toString('base64url');
+    const t = `${b64({ alg: 'none', typ: 'JWT' })}.${b64({ iss: 'site-a', sub: 'site-a', aud: fed(), iat: now(), exp: now() + 60, jti: randomUUID() })}.`;
+    const r = await heartbeatWith(dir(), `Bearer ${t}`);
+    expect(r.code).toBe(grpc.status.UNAUTHENTICATED);
+    expect(r.details).toMatch(/alg/i);
+  });
+
+  it("refuses a token signed by another site's key (a site can act only as itself)", async () => {
+    const otherKey = loadSiteKey(join(work, 'site-b')).privateKey;
+    const t = await signSiteToken({ siteName: 'site-a', federationId: fed(), privateKey: otherKey });
+    const r = await heartbeatWith(dir(), `Bearer ${t}`);
+    expect(r.code).toBe(grpc.status.UNAUTHENTICATED);
+    expect(r.details).toMatch(/signature/i);
+  });
+
+  it('refuses a replayed token', async () => {
+    const t = await signSiteToken({ siteName: 'site-a', federationId: fed(), privateKey: key() });
+    expect((await heartbeatWith(dir(), `Bearer ${t}`)).code).toBe(grpc.status.OK);
+    const r = await heartbeatWith(dir(), `Bearer ${t}`);
+    expect(r.code).toBe(grpc.status.UNAUTHENTICATED);
+    expect(r.details).toMatch(/replay/i);
+  });
+
+  it('refuses a revoked site at once, without a restart, and closes its task stream', async () => {
+    const x = new FederationClient(new SiteHome(join(work, 'site-x')));
+    const stream = x.subscribeTasks([]);
+    const closed = new Promise<grpc.ServiceError>((resolve) => stream.on('error', resolve));
+    await x.heartbeat({ state: 'idle', progress: 0, taskId: '', engine: '' });
+    revokeSite(coordDir, 'site-x');
+    const err = await closed;
+    expect(err.code).toBe(grpc.status.PERMISSION_DENIED);
+    await expect(x.heartbeat({ state: 'idle', progress: 0, taskId: '', engine: '' })).rejects.toMatchObject({ code: grpc.status.PERMISSION_DENIED, details: expect.stringMatching(/revoked/) });
+    x.close();
+  });
+});
+
+describe('enrolment', () => {
+  it('refuses a token that was already used', async () => {
+    const inv = addSite(coordDir, 'site-y', { ttlSeconds: 600 });
+    await enrollSite({ coordinator: address(), token: inv.token, caFingerprint: inv.caFingerprint, dir: join(work, 'site-y') });
+    await expect(enrollSite({ coordinator: address(), token: inv.token, caFingerprint: inv.caFingerprint, dir: join(work, 'site-y2') })).rejects.toThrow(/already used/);
+  });
+
+  it('refuses an expired token', async () => {
+    const inv = addSite(coordDir, 'site-z', { ttlSeconds: -1 });
+    await expect(enrollSite({ coordinator: address(), token: inv.token, caFingerprint: inv.caFingerprint, dir: join(work, 'site-z') })).rejects.toThrow(/expired/);
+  });
+
+  it('refuses a forged token for an invited site', async () => {
+    addSite(coordDir, 'site-w', { ttlSeconds: 600 });
+    await expect(enrollSite({ coordinator: address(), token: `site-w.${'A'.repeat(32)}`, caFingerprint: fp(), dir: join(work, 'site-w') })).rejects.toThrow(/not valid/);
+  });
+
+  it('refuses a coordinator whose CA does not match the fingerprint', async () => {
+    const inv = addSite(coordDir, 'site-v', { ttlSeconds: 600 });
+    const wrong = 'AB:'.repeat(31) + 'AB';
+    await expect(enrollSite({ coordinator: address(), token: inv.token, caFingerprint: wrong, dir: join(work, 'site-v') })).rejects.toThrow(/CA fingerprint mismatch/);
+  });
+});
+
+describe('model download', () => {
+  it('streams the snapshot in chunks and resumes from an offset', async () => {
+    const read = (offset: number) =>
+      new Promise<Buffer>((resolve, reject) => {
+        const parts: Buffer[] = [];
+        const s = siteA.downloadModel(task.modelHash, offset);
+        s.on('data', (c: { data: Buffer; sha256: string }) => { expect(c.sha256).toBe(task.modelHash); parts.push(c.data); });
+        s.on('end', () => resolve(Buffer.concat(parts)));
+        s.on('error', reject);
+      });
+    const whole = await read(0);
+    expect(whole.length).toBe(task.modelSize);
+    expect(sha256Hex(whole)).toBe(task.modelHash);
+    const half = Math.floor(whole.length / 2);
+    expect((await read(half)).equals(whole.subarray(half))).toBe(true);
+    await expect(read(whole.length + 1)).rejects.toMatchObject({ code: grpc.status.OUT_OF_RANGE });
+    const missing = new Promise((resolve, reject) => {
+      const s = siteA.downloadModel('0'.repeat(64), 0);
+      s.on('data', () => undefined);
+      s.on('end', resolve);
+      s.on('error', reject);
+    });
+    await expect(missing).rejects.toMatchObject({ code: grpc.status.NOT_FOUND });
+  });
+});
+
+describe('update uploads', () => {
+  it('refuses a payload whose hash does not match the header', async () => {
+    const payload = encodeSafetensors(update());
+    const { stream, ack } = siteA.openUpload(30_000);
+    stream.on('error', () => undefined);
+    stream.write({ header: { updateId: `test-${randomUUID()}`, round: task.round, taskId: task.taskId, baseModelHash: task.modelHash, totalSize: payload.length, sha256: sha256Hex(Buffer.from('something else')), numSamples: 4 } });
+    stream.write({ data: payload, offset: 0 });
+    stream.end();
+    const a = await ack;
+    expect(a.accepted).toBe(false);
+    expect(a.reason).toMatch(/hash mismatch/);
+    nothingStored();
+  });
+
+  it('refuses a tensor of the wrong shape', async () => {
+    const a = await send({ payload: encodeSafetensors(update((t) => (t.shape.length === 1 ? { ...t, shape: [t.shape[0] + 1], data: new Float32Array(t.shape[0] + 1) } : t))) });
+    expect(a.accepted).toBe(false);
+    expect(a.reason).toMatch(/shape/);
+    nothingStored();
+  });
+
+  it('refuses NaN and Inf', async () => {
+    let poisoned = false;
+    const a = await send({
+      payload: encodeSafetensors(update((t) => {
+        if (poisoned) return t;
+        poisoned = true;
+        const data = Float32Array.from(t.data);
+        data[0] = Number.NaN;
+        return { ...t, data };
+      })),
+    });
+    expect(a.accepted).toBe(false);
+    expect(a.reason).toMatch(/non-finite.*NaN/);
+    nothingStored();
+  });
+
+  it('refuses tensor names the plan does not share (e.g. a head)', async () => {
+    const extra = makeBundle([...update().values(), { name: 'head.out.conv.weight', dtype: 'F32', shape: [2], data: new Float32Array(2) }]);
+    const a = await send({ payload: encodeSafetensors(extra) });
+    expect(a.accepted).toBe(false);
+    expect(a.reason).toMatch(/unknown tensor name.*head\.out/);
+    nothingStored();
+  });
+
+  it('refuses out-of-order and oversized chunks, and a stream without a header', async () => {
+    const payload = encodeSafetensors(update());
+    const header = { updateId: `test-${randomUUID()}`, round: task.round, taskId: task.taskId, baseModelHash: task.modelHash, totalSize: payload.length, sha256: sha256Hex(payload), numSamples: 4 };
+    const a1 = await sendRaw([{ header }, { data: payload.subarray(100), offset: 100 }]);
+    expect(a1.reason).toMatch(/out-of-order chunk: offset 100, expected 0/);
+    const a2 = await sendRaw([{ header: { ...header, totalSize: 500 * 1024 * 1024 } }]);
+    expect(a2.reason).toMatch(/exceeds the .*-byte limit/);
+    const a3 = await sendRaw([{ data: payload, offset: 0 }]);
+    expect(a3.reason).toMatch(/first chunk must carry the update header/);
+    const a4 = await sendRaw([{ header: { ...header, sha256: 'xyz' } }]);
+    expect(a4.reason).toMatch(/sha256 must be 64 lowercase hex/);
+    for (const a of [a1, a2, a3, a4]) expect(a.accepted).toBe(false);
+    nothingStored();
+  });
+
+  it('refuses updates for another round or trained from another model', async () => {
+    const payload = encodeSafetensors(update());
+    expect((await send({ payload, round: task.round + 1 })).reason).toMatch(/not the open round/);
+    expect((await send({ payload, base: 'f'.repeat(64) })).reason).toMatch(/trained from model/);
+    nothingStored();
+  });
+
+  it('accepts a good update once, and a retry under the same id is a duplicate that changes nothing', async () => {
+    const payload = encodeSafetensors(update());
+    const updateId = `test-${randomUUID()}`;
+    const first = await send({ payload, updateId });
+    expect(first).toMatchObject({ accepted: true, duplicate: false });
+    const again = await send({ payload, updateId });
+    expect(again).toMatchObject({ accepted: true, duplicate: true });
+    expect(coord.store.updatesForRound(1)).toHaveLength(1);
+    const other = await send({ payload });
+    expect(other.accepted).toBe(false);
+    // The single selected site reported, so round 1 closed: the global model moved on.
+    await waitFor(() => coord.store.getRound(1)?.state === 'closed', 10_000, 'round 1 to close');
+    expect(coord.store.getMeta('current_model')).not.toBe(task.modelHash);
+  });
+});
