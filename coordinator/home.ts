@@ -40,6 +40,7 @@ minSites: 2                 # quorum: a round closes at its deadline only with t
 sitesPerRound: 0            # 0 = every connected site
 roundDeadlineSeconds: 300
 waitForSitesSeconds: 600
+gatherSeconds: 5            # with a quorum connected, wait this long for the other enrolled sites
 local:
   steps: 12                 # or epochs: N (not both)
   batchSize: 2

@@ -54,6 +54,8 @@ export class RoundEngine {
   private readonly connected = new Map<string, TaskSink>();
   private open: OpenRound | undefined;
   private waitTimer: NodeJS.Timeout | undefined;
+  private gatherUntil: number | undefined;
+  private gatherTimer: NodeJS.Timeout | undefined;
   private finished = false;
   private stopped = false;
   /** Serialises the heavy part of accepting updates (decode + fold), so memory stays at about one model. */
@@ -85,6 +87,7 @@ export class RoundEngine {
     this.stopped = true;
     if (this.open?.timer) clearTimeout(this.open.timer);
     if (this.waitTimer) clearTimeout(this.waitTimer);
+    if (this.gatherTimer) clearTimeout(this.gatherTimer);
   }
 
   get currentModelHash(): string {
@@ -220,6 +223,25 @@ export class RoundEngine {
     if (this.waitTimer) {
       clearTimeout(this.waitTimer);
       this.waitTimer = undefined;
+    }
+    // With a quorum here, give the other enrolled sites a short while to join, so one late process
+    // start does not leave a site out of a whole round.
+    const enrolled = store.listSites().filter((s) => s.state === 'enrolled').map((s) => s.name);
+    const missing = enrolled.filter((s) => !this.connected.has(s));
+    if (missing.length > 0 && plan.gatherSeconds > 0) {
+      const now = Date.now();
+      if (this.gatherUntil === undefined) {
+        this.gatherUntil = now + plan.gatherSeconds * 1000;
+        this.gatherTimer = setTimeout(() => this.maybeOpenRound(), plan.gatherSeconds * 1000);
+        log.info({ connected: eligible.length, missing: missing.length, seconds: plan.gatherSeconds }, 'quorum connected; waiting briefly for the other sites');
+        return;
+      }
+      if (now < this.gatherUntil) return;
+    }
+    this.gatherUntil = undefined;
+    if (this.gatherTimer) {
+      clearTimeout(this.gatherTimer);
+      this.gatherTimer = undefined;
     }
     const selected = plan.sitesPerRound > 0 ? shuffle(eligible).slice(0, plan.sitesPerRound).sort() : eligible;
     const now = Date.now();

@@ -29,6 +29,8 @@ export const PlanSchema = z
     sitesPerRound: z.number().int().min(0).default(0),
     /** Seconds a round may run before it closes on quorum (or is retried without it). */
     roundDeadlineSeconds: z.number().positive().default(300),
+    /** Once a quorum is connected, seconds to wait for the other enrolled sites before a round starts without them. */
+    gatherSeconds: z.number().min(0).default(5),
     /** Seconds to wait at round start for `minSites` sites to be connected. */
     waitForSitesSeconds: z.number().positive().default(600),
     local: z
