@@ -3,7 +3,7 @@
  * e.g. "plan.yaml:7: rounds: Too small: expected number to be >0".
  */
 import { readFileSync } from 'node:fs';
-import { LineCounter, parseDocument, isNode } from 'yaml';
+import { LineCounter, parseDocument, isMap, isSeq, isScalar, type Node } from 'yaml';
 import { PlanSchema, type Plan } from './schema.ts';
 
 export class PlanError extends Error {
@@ -27,12 +27,7 @@ export function parsePlan(text: string, source = 'plan'): Plan {
     const path = issue.path.map(String);
     // An unknown key is best pointed at by its own line.
     const probe = issue.code === 'unrecognized_keys' ? [...path, (issue as { keys: string[] }).keys[0]] : path;
-    // Walk up to the deepest node that exists so "unknown key" and "missing key" errors still get a line.
-    let line: number | undefined;
-    for (let n = probe.length; n >= 0 && line === undefined; n--) {
-      const node = n === 0 ? doc.contents : doc.getIn(probe.slice(0, n), true);
-      if (isNode(node) && node.range) line = lineCounter.linePos(node.range[0]).line;
-    }
+    const line = lineOf(doc.contents, probe, lineCounter);
     const where = path.length > 0 ? path.join('.') : '(top level)';
     return `${source}:${line ?? '?'}: ${where}: ${issue.message}`;
   });
@@ -45,4 +40,28 @@ export function loadPlanFile(path: string): Plan {
 
 export function defaultPlan(overrides: Record<string, unknown> = {}): Plan {
   return PlanSchema.parse(overrides);
+}
+
+/**
+ * Line of the deepest part of `path` that exists in the document: the key's own line for a map entry
+ * (so an error about `local` points at `local:`, not at its first child), the item's line in a list.
+ */
+function lineOf(root: unknown, path: readonly string[], lc: LineCounter): number | undefined {
+  let node = root as Node | null | undefined;
+  let line = node && 'range' in node && node.range ? lc.linePos(node.range[0]).line : undefined;
+  for (const seg of path) {
+    if (isMap(node)) {
+      const pair = node.items.find((p) => (isScalar(p.key) ? String(p.key.value) : String(p.key)) === seg);
+      if (!pair) break;
+      const key = pair.key as Node | null;
+      if (key?.range) line = lc.linePos(key.range[0]).line;
+      node = pair.value as Node | null;
+    } else if (isSeq(node)) {
+      const item = node.items[Number(seg)] as Node | undefined;
+      if (!item) break;
+      if (item.range) line = lc.linePos(item.range[0]).line;
+      node = item;
+    } else break;
+  }
+  return line;
 }

@@ -1,0 +1,450 @@
+/**
+ * Trainer on tfjs: forward passes written as functions of named tensors (no tf.layers, so the
+ * parameter names are exactly the bundle's), Adam, soft Dice + cross-entropy, FedProx.
+ *
+ * On the pure-JS `cpu` engine convolutions run through our own kernels (conv3d-cpu.ts) wrapped in
+ * tf.customGrad: tfjs's cpu Conv3D is correct but ~5-10× slower. Native engines use tf.conv3d.
+ */
+import type * as TfModule from '@tensorflow/tfjs';
+import type { EngineInfo } from '../engine/select.ts';
+import { diceScores, meanDicePerClass } from '../metrics/dice.ts';
+import { checkAgainstSpecs, makeBundle, type NamedTensor, type TensorBundle } from '../tensors/bundle.ts';
+import { mulberry32, randomInt, type Rng } from '../util/random.ts';
+import {
+  addReluInPlace,
+  conv3dBackward,
+  conv3dForward,
+  reluGrad,
+  sameGeometry,
+  upsample2xBackward,
+  upsample2xForward,
+} from './conv3d-cpu.ts';
+import { TINY3D_ID } from './tiny3d.ts';
+import type { EvalResult, ModelArchitecture, TrainRequest, TrainResult, Trainer, VolumeCase } from './types.ts';
+
+type Tf = typeof TfModule;
+type Tensor = TfModule.Tensor;
+type Tensor5D = TfModule.Tensor5D;
+
+export interface ConvOptions {
+  /** Stride in all three dimensions (default 1). Padding is always TF "same". */
+  readonly stride?: number;
+  /** Tensor of the output's shape added before the activation (a residual or skip connection). */
+  readonly add?: Tensor5D;
+  /** Apply ReLU to the output (fused on the cpu engine). */
+  readonly relu?: boolean;
+  /** False when x needs no gradient (the input image): skips the input-gradient pass. */
+  readonly inputGrad?: boolean;
+}
+
+/** Engine-specific building blocks with gradients, for forward functions. */
+export interface TfjsOps {
+  readonly tf: Tf;
+  /** y = act(conv3d(x, w, 'same') + b + add); x NDHWC, w [k,k,k,in,out] with a cubic kernel. */
+  conv3d(x: Tensor5D, w: Tensor, b: Tensor, opts?: ConvOptions): Tensor5D;
+  /** Nearest-neighbour ×2 upsampling of D, H and W. */
+  upsample2x(x: Tensor5D): Tensor5D;
+  /** ½·(cross-entropy + soft Dice loss) of NDHWC logits against one-hot targets [N·D·H·W, C]; see segmentationLoss. */
+  segmentationLoss(logits: Tensor, oneHot: Tensor): TfModule.Scalar;
+}
+
+/** Maps an NDHWC image batch (C = 1) to NDHWC logits of the same spatial size. */
+export type TfjsForward = (params: ReadonlyMap<string, Tensor>, x: Tensor5D, ops: TfjsOps) => Tensor5D;
+
+export function tiny3dForward(p: ReadonlyMap<string, Tensor>, x: Tensor5D, ops: TfjsOps): Tensor5D {
+  const get = (name: string): Tensor => {
+    const t = p.get(name);
+    if (!t) throw new Error(`tiny3d forward: missing parameter ${name}`);
+    return t;
+  };
+  const conv = (input: Tensor5D, stage: string, opts: ConvOptions) =>
+    ops.conv3d(input, get(`${stage}.conv.weight`), get(`${stage}.conv.bias`), opts);
+  const stem = conv(x, 'encoder.stem', { relu: true, inputGrad: false });
+  const down = conv(stem, 'encoder.down', { stride: 2, relu: true });
+  const mid = conv(down, 'encoder.mid', { relu: true });
+  const up = ops.upsample2x(conv(mid, 'head.up', { relu: true }));
+  const fused = conv(stem, 'head.skip', { add: up, relu: true });
+  return conv(fused, 'head.out', {});
+}
+
+const FORWARDS = new Map<string, TfjsForward>([[TINY3D_ID, tiny3dForward]]);
+
+/** Lets other architectures (e.g. the Med3D encoder) plug their forward pass into this trainer. */
+export function registerTfjsForward(architectureId: string, forward: TfjsForward): void {
+  FORWARDS.set(architectureId, forward);
+}
+
+/** Soft-Dice smoothing in voxels: negligible against real counts, keeps empty-foreground batches finite. */
+export const DICE_SMOOTH = 1;
+
+/**
+ * Training loss in tf ops: ½·(cross-entropy + (1 − mean soft Dice of the foreground classes)).
+ * Soft Dice per class over the whole batch (nnU-Net's "batch Dice"): random crops often miss the
+ * foreground, and per-sample Dice would then push hard towards all-background.
+ */
+export function segmentationLoss(tf: Tf, logits: Tensor, oneHot: Tensor): TfModule.Scalar {
+  return tf.tidy(() => {
+    const c = logits.shape[logits.rank - 1] as number;
+    const flat = tf.reshape(logits, [-1, c]);
+    const logp = tf.logSoftmax(flat);
+    const ce = tf.neg(tf.mean(tf.sum(tf.mul(oneHot, logp), -1)));
+    const prob = tf.exp(logp);
+    const inter = tf.sum(tf.mul(prob, oneHot), 0);
+    const denom = tf.add(tf.sum(prob, 0), tf.sum(oneHot, 0));
+    const dice = tf.div(tf.add(tf.mul(inter, 2), DICE_SMOOTH), tf.add(denom, DICE_SMOOTH));
+    const diceLoss = tf.sub(1, tf.mean(tf.slice(dice, [1], [c - 1])));
+    return tf.mul(tf.add(ce, diceLoss), 0.5) as TfModule.Scalar;
+  });
+}
+
+/**
+ * The same loss and its gradient with respect to the logits in one JS pass (the tf-ops version costs
+ * ~20% of a cpu training step). Rows of `oneHot` must sum to 1.
+ */
+export function segmentationLossJs(z: Float32Array, oneHot: Float32Array, numClasses: number): { loss: number; grad: Float32Array } {
+  const C = numClasses;
+  const nv = z.length / C;
+  const p = new Float32Array(z.length);
+  const inter = new Float64Array(C);
+  const psum = new Float64Array(C);
+  const gsum = new Float64Array(C);
+  let ce = 0;
+  for (let v = 0, o = 0; v < nv; v++, o += C) {
+    let max = z[o];
+    for (let c = 1; c < C; c++) if (z[o + c] > max) max = z[o + c];
+    let se = 0;
+    for (let c = 0; c < C; c++) se += Math.exp(z[o + c] - max);
+    const lse = max + Math.log(se);
+    for (let c = 0; c < C; c++) {
+      const g = oneHot[o + c];
+      const pc = Math.exp(z[o + c] - lse);
+      p[o + c] = pc;
+      if (g !== 0) ce -= g * (z[o + c] - lse);
+      inter[c] += pc * g;
+      psum[c] += pc;
+      gsum[c] += g;
+    }
+  }
+  ce /= nv;
+  let diceMean = 0;
+  // dL/dp for foreground class c at a voxel is coefA[c]·g + coefB[c] (Dice is linear in g there).
+  const coefA = new Float64Array(C);
+  const coefB = new Float64Array(C);
+  const w = -0.5 / (C - 1);
+  for (let c = 1; c < C; c++) {
+    const den = psum[c] + gsum[c] + DICE_SMOOTH;
+    const num = 2 * inter[c] + DICE_SMOOTH;
+    diceMean += num / den / (C - 1);
+    coefA[c] = (w * 2) / den;
+    coefB[c] = (-w * num) / (den * den);
+  }
+  const loss = 0.5 * (ce + 1 - diceMean);
+  const grad = new Float32Array(z.length);
+  const a = new Float64Array(C);
+  const ceScale = 0.5 / nv;
+  for (let v = 0, o = 0; v < nv; v++, o += C) {
+    // Back through softmax: dz_j = p_j·(a_j − Σ_k p_k·a_k), plus the cross-entropy term (p − g)/NV.
+    let dot = 0;
+    for (let c = 0; c < C; c++) {
+      a[c] = coefA[c] * oneHot[o + c] + coefB[c];
+      dot += p[o + c] * a[c];
+    }
+    for (let c = 0; c < C; c++) grad[o + c] = p[o + c] * (a[c] - dot) + ceScale * (p[o + c] - oneHot[o + c]);
+  }
+  return { loss, grad };
+}
+
+export function createTfjsOps(engine: EngineInfo): TfjsOps {
+  const tf = engine.tf;
+  if (engine.name !== 'cpu') {
+    return {
+      tf,
+      conv3d(x, w, b, opts = {}) {
+        let y = tf.add(tf.conv3d(x, w as Tensor5D, opts.stride ?? 1, 'same'), b) as Tensor5D;
+        if (opts.add) y = tf.add(y, opts.add);
+        return opts.relu ? (tf.relu(y) as Tensor5D) : y;
+      },
+      upsample2x(x) {
+        const [n, d, h, w, c] = x.shape;
+        // One axis at a time, each a rank-4 broadcast against ones: it has a gradient everywhere (tfjs's
+        // Tile gradient stops at rank 4) and stays within TensorFlow's 5-D limit for broadcasting ops.
+        const ones = tf.ones([1, 1, 2, 1]);
+        const twice = (t: Tensor, outer: number, inner: number) => tf.mul(tf.reshape(t, [outer, t.size / (outer * inner), 1, inner]), ones);
+        const xw = twice(x, n * d * h * w, c);
+        const xh = twice(xw, n * d * h, 2 * w * c);
+        const xd = twice(xh, n * d, 4 * h * w * c);
+        return tf.reshape(xd, [n, 2 * d, 2 * h, 2 * w, c]) as Tensor5D;
+      },
+      segmentationLoss: (logits, oneHot) => segmentationLoss(tf, logits, oneHot),
+    };
+  }
+  return {
+    tf,
+    conv3d(x, w, b, opts = {}) {
+      const stride = opts.stride ?? 1;
+      const relu = opts.relu ?? false;
+      const [k, , , , cout] = w.shape as [number, number, number, number, number];
+      if (w.rank !== 5 || w.shape[1] !== k || w.shape[2] !== k || w.shape[3] !== x.shape[4]) {
+        throw new Error(`conv3d: weight shape [${w.shape.join(',')}] does not fit input [${x.shape.join(',')}] (cubic kernel expected)`);
+      }
+      const g = sameGeometry(x.shape, k, stride, cout);
+      const outShape: [number, number, number, number, number] = [g.n, g.outD, g.outH, g.outW, cout];
+      const add = opts.add;
+      if (add && add.shape.some((d, i) => d !== outShape[i])) {
+        throw new Error(`conv3d: add shape [${add.shape.join(',')}] differs from output [${outShape.join(',')}]`);
+      }
+      const withInput = opts.inputGrad !== false;
+      // The input image is data: keeping it out of the op's inputs means no gradient is computed for it.
+      const xData = withInput ? undefined : (x.dataSync() as Float32Array);
+      const op = tf.customGrad((...args: unknown[]) => {
+        // args: [x]? w b [add]? save — in that order.
+        let i = 0;
+        const xT = withInput ? (args[i++] as Tensor) : undefined;
+        const wT = args[i++] as Tensor;
+        const bT = args[i++] as Tensor;
+        const addT = add ? (args[i++] as Tensor) : undefined;
+        // The cpu backend hands out its own storage from dataSync(); we only read it. Arrays captured by
+        // the gradient closure stay valid after their tensors are disposed (plain GC'd memory).
+        const xv = xData ?? (xT!.dataSync() as Float32Array);
+        const wv = wT.dataSync() as Float32Array;
+        const y = conv3dForward(xv, wv, bT.dataSync() as Float32Array, g);
+        addReluInPlace(y, addT ? (addT.dataSync() as Float32Array) : undefined, relu);
+        return {
+          value: tf.tensor(y, outShape) as Tensor5D,
+          gradFunc: (dy: Tensor5D) => {
+            const dyv = relu ? reluGrad(y, dy.dataSync() as Float32Array) : (dy.dataSync() as Float32Array);
+            const gr = conv3dBackward(xv, wv, dyv, g, withInput);
+            const grads: Tensor[] = [];
+            if (xT) grads.push(tf.tensor(gr.dx!, xT.shape));
+            grads.push(tf.tensor(gr.dw, wT.shape), tf.tensor(gr.db, bT.shape));
+            if (addT) grads.push(tf.tensor(relu ? dyv : new Float32Array(dyv), outShape));
+            return grads;
+          },
+        };
+      });
+      const inputs: Tensor[] = [...(withInput ? [x] : []), w, b, ...(add ? [add] : [])];
+      return op(...inputs) as Tensor5D;
+    },
+    upsample2x(x) {
+      const shape = x.shape;
+      const op = tf.customGrad((...args: unknown[]) => {
+        const [xT] = args as [Tensor];
+        const y = upsample2xForward(xT.dataSync() as Float32Array, shape);
+        return {
+          value: tf.tensor(y, [shape[0], 2 * shape[1], 2 * shape[2], 2 * shape[3], shape[4]]) as Tensor5D,
+          gradFunc: (dy: Tensor5D) => tf.tensor(upsample2xBackward(dy.dataSync() as Float32Array, shape), shape),
+        };
+      });
+      return op(x) as Tensor5D;
+    },
+    segmentationLoss(logits, oneHot) {
+      const c = logits.shape[logits.rank - 1] as number;
+      const target = oneHot.dataSync() as Float32Array;
+      const op = tf.customGrad((...args: unknown[]) => {
+        const [zT] = args as [Tensor];
+        const r = segmentationLossJs(zT.dataSync() as Float32Array, target, c);
+        return {
+          value: tf.scalar(r.loss),
+          gradFunc: (dy: TfModule.Scalar) => tf.mul(tf.tensor(r.grad, zT.shape), dy),
+        };
+      });
+      return op(logits) as TfModule.Scalar;
+    },
+  };
+}
+
+interface Batch {
+  readonly image: Float32Array;
+  readonly oneHot: Float32Array;
+}
+
+/**
+ * Random patch of each sampled case with random flips on every axis. Dimensions smaller than the
+ * patch are zero-padded (image 0 = the normalised mean, label background).
+ */
+function sampleBatch(cases: readonly VolumeCase[], batchSize: number, patch: readonly [number, number, number], numClasses: number, rng: Rng): Batch {
+  const [pd, ph, pw] = patch;
+  const pv = pd * ph * pw;
+  const image = new Float32Array(batchSize * pv);
+  const oneHot = new Float32Array(batchSize * pv * numClasses);
+  for (let b = 0; b < batchSize; b++) {
+    const vc = cases[randomInt(rng, cases.length)];
+    const [D, H, W] = vc.shape;
+    const label = vc.label!;
+    const oz = D > pd ? randomInt(rng, D - pd + 1) : 0;
+    const oy = H > ph ? randomInt(rng, H - ph + 1) : 0;
+    const ox = W > pw ? randomInt(rng, W - pw + 1) : 0;
+    const fz = rng() < 0.5;
+    const fy = rng() < 0.5;
+    const fx = rng() < 0.5;
+    const base = b * pv;
+    for (let z = 0; z < pd; z++) {
+      const sz = oz + (fz ? pd - 1 - z : z);
+      for (let y = 0; y < ph; y++) {
+        const sy = oy + (fy ? ph - 1 - y : y);
+        for (let x = 0; x < pw; x++) {
+          const sx = ox + (fx ? pw - 1 - x : x);
+          const dst = base + (z * ph + y) * pw + x;
+          if (sz < D && sy < H && sx < W) {
+            const src = (sz * H + sy) * W + sx;
+            image[dst] = vc.image[src];
+            const cls = label[src];
+            if (cls >= numClasses) throw new Error(`case ${vc.id}: label ${cls} ≥ numClasses ${numClasses}`);
+            oneHot[dst * numClasses + cls] = 1;
+          } else {
+            oneHot[dst * numClasses] = 1;
+          }
+        }
+      }
+    }
+  }
+  return { image, oneHot };
+}
+
+/** Yields to the event loop so heartbeats and progress I/O run between training steps. */
+const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resolve));
+
+export function createTfjsTrainer(arch: ModelArchitecture, engine: EngineInfo, forward?: TfjsForward): Trainer {
+  const fwd = forward ?? FORWARDS.get(arch.id);
+  if (!fwd) throw new Error(`no tfjs forward pass registered for architecture "${arch.id}"`);
+  const tf = engine.tf;
+  const ops = createTfjsOps(engine);
+  const specs = arch.params();
+  const numClasses = arch.numClasses;
+
+  const checkWeights = (weights: TensorBundle) => {
+    const problem = checkAgainstSpecs(weights, specs);
+    if (problem) throw new Error(`weights do not match architecture ${arch.id}: ${problem}`);
+  };
+
+  /** Own copies of the weights: the caller's Float32Arrays must never become backend storage. */
+  const toTensors = (weights: TensorBundle): Map<string, Tensor> => {
+    const m = new Map<string, Tensor>();
+    for (const s of specs) m.set(s.name, tf.tensor(new Float32Array(weights.get(s.name)!.data), [...s.shape]));
+    return m;
+  };
+
+  return {
+    engine: engine.name,
+    architecture: arch,
+
+    async train(req: TrainRequest): Promise<TrainResult> {
+      checkWeights(req.weights);
+      if (!Number.isInteger(req.steps) || req.steps < 1) throw new Error(`train: steps must be a positive integer, got ${req.steps}`);
+      if (!Number.isInteger(req.batchSize) || req.batchSize < 1) throw new Error(`train: batchSize must be a positive integer, got ${req.batchSize}`);
+      if (!(req.learningRate > 0)) throw new Error(`train: learningRate must be > 0, got ${req.learningRate}`);
+      const labelled = req.cases.filter((c) => c.label !== undefined);
+      if (labelled.length === 0) throw new Error('train: no labelled cases');
+      const mu = req.proximalMu ?? 0;
+      const rng = mulberry32(req.seed);
+
+      const start = toTensors(req.weights);
+      const vars = new Map<string, TfModule.Variable>();
+      for (const s of specs) vars.set(s.name, tf.variable(start.get(s.name)!, s.trainable));
+      const trainable = specs.filter((s) => s.trainable).map((s) => vars.get(s.name)!);
+      const optimizer = tf.train.adam(req.learningRate);
+      const losses: number[] = [];
+      try {
+        // `step` is the 0-based index of the step just run, as the site agent's progress bar expects.
+        for (let step = 0; step < req.steps; step++) {
+          const batch = sampleBatch(labelled, req.batchSize, arch.patchShape, numClasses, rng);
+          const [pd, ph, pw] = arch.patchShape;
+          const x = tf.tensor(batch.image, [req.batchSize, pd, ph, pw, 1]) as Tensor5D;
+          const y = tf.tensor(batch.oneHot, [req.batchSize * pd * ph * pw, numClasses]);
+          let task: Tensor | undefined;
+          try {
+            const total = optimizer.minimize(
+              () => {
+                const t = ops.segmentationLoss(fwd(vars, x, ops), y);
+                task = tf.keep(t);
+                if (mu <= 0) return t;
+                // FedProx: (μ/2)·Σ‖w − w_start‖² over trainable parameters.
+                const terms = specs.filter((s) => s.trainable).map((s) => tf.sum(tf.square(tf.sub(vars.get(s.name)!, start.get(s.name)!))));
+                return tf.add(t, tf.mul(tf.addN(terms), mu / 2)) as TfModule.Scalar;
+              },
+              true,
+              trainable,
+            );
+            // Read before disposing: without FedProx `total` and `task` are the same tensor.
+            const loss = (task as Tensor | undefined)?.dataSync()[0] ?? Number.NaN;
+            total?.dispose();
+            if (!Number.isFinite(loss)) throw new Error(`train: loss became ${loss} at step ${step + 1} of ${req.steps} (learning rate ${req.learningRate} too high?)`);
+            losses.push(loss);
+            req.onStep?.(step, loss);
+          } finally {
+            (task as Tensor | undefined)?.dispose();
+            x.dispose();
+            y.dispose();
+          }
+          await yieldToEventLoop();
+        }
+        const out: NamedTensor[] = specs.map((s) => ({
+          name: s.name,
+          dtype: 'F32',
+          shape: [...s.shape],
+          data: new Float32Array(vars.get(s.name)!.dataSync() as Float32Array),
+        }));
+        const quarter = Math.max(1, Math.floor(losses.length / 4));
+        const tail = losses.slice(-quarter);
+        return {
+          weights: makeBundle(out),
+          loss: tail.reduce((a, v) => a + v, 0) / tail.length,
+          firstLoss: losses[0],
+          samples: labelled.length,
+        };
+      } finally {
+        optimizer.dispose();
+        for (const v of vars.values()) v.dispose();
+        for (const t of start.values()) t.dispose();
+      }
+    },
+
+    async evaluate(weights: TensorBundle, cases: readonly VolumeCase[]): Promise<EvalResult> {
+      checkWeights(weights);
+      const labelled = cases.filter((c) => c.label !== undefined);
+      const params = toTensors(weights);
+      const perCase: number[][] = [];
+      try {
+        for (const vc of labelled) {
+          const pred = predictVolume(tf, ops, fwd, params, vc);
+          perCase.push(diceScores(pred, vc.label!, numClasses));
+          await yieldToEventLoop();
+        }
+      } finally {
+        for (const t of params.values()) t.dispose();
+      }
+      const dicePerClass = meanDicePerClass(perCase, numClasses - 1);
+      const meanDice = dicePerClass.reduce((a, v) => a + v, 0) / dicePerClass.length;
+      return { dicePerClass, meanDice, cases: perCase.length };
+    },
+  };
+}
+
+/**
+ * Argmax labels for a whole volume in one forward pass. Odd dimensions are zero-padded to even
+ * (one stride-2 level) and cropped back.
+ */
+export function predictVolume(tf: Tf, ops: TfjsOps, fwd: TfjsForward, params: ReadonlyMap<string, Tensor>, vc: VolumeCase): Uint8Array {
+  const [D, H, W] = vc.shape;
+  const [Dp, Hp, Wp] = [D, H, W].map((s) => s + (s % 2)) as [number, number, number];
+  let input = vc.image;
+  if (Dp !== D || Hp !== H || Wp !== W) {
+    input = new Float32Array(Dp * Hp * Wp);
+    for (let z = 0; z < D; z++) for (let y = 0; y < H; y++) input.set(vc.image.subarray((z * H + y) * W, (z * H + y + 1) * W), (z * Hp + y) * Wp);
+  }
+  const labels = tf.tidy(() => {
+    const x = tf.tensor(input, [1, Dp, Hp, Wp, 1]) as Tensor5D;
+    return tf.argMax(fwd(params, x, ops), -1);
+  });
+  const full = labels.dataSync();
+  labels.dispose();
+  const out = new Uint8Array(D * H * W);
+  for (let z = 0; z < D; z++) {
+    for (let y = 0; y < H; y++) {
+      const src = (z * Hp + y) * Wp;
+      const dst = (z * H + y) * W;
+      for (let x = 0; x < W; x++) out[dst + x] = full[src + x];
+    }
+  }
+  return out;
+}

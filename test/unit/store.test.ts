@@ -1,0 +1,50 @@
+import { describe, expect, it } from 'vitest';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { CoordinatorStore } from '../../coordinator/store/store.ts';
+
+const fresh = () => new CoordinatorStore(join(mkdtempSync(join(tmpdir(), 'medfl-store-')), 'state.db'));
+const key = Buffer.alloc(32, 7);
+
+describe('coordinator store', () => {
+  it('enrols a site once per token, and only before the token expires', () => {
+    const s = fresh();
+    s.inviteSite('a', 'hash-a', Date.now() + 60_000);
+    expect(s.enrolSite('a', 'wrong', key)).toMatchObject({ ok: false, code: 'bad-token' });
+    expect(s.enrolSite('a', 'hash-a', key)).toEqual({ ok: true });
+    expect(s.enrolSite('a', 'hash-a', key)).toMatchObject({ ok: false, code: 'used' });
+    expect(s.getSite('a')).toMatchObject({ state: 'enrolled', publicKey: key });
+    s.inviteSite('b', 'hash-b', Date.now() - 1);
+    expect(s.enrolSite('b', 'hash-b', key)).toMatchObject({ ok: false, code: 'expired' });
+    expect(s.enrolSite('nobody', 'x', key)).toMatchObject({ ok: false, code: 'unknown-site' });
+    expect(() => s.inviteSite('a', 'again', Date.now() + 1000)).toThrow(/already enrolled; revoke it first/);
+    s.revokeSite('a');
+    expect(s.getSite('a')!.state).toBe('revoked');
+    s.close();
+  });
+
+  it('keeps one update per site and round, and detects replayed token ids', () => {
+    const s = fresh();
+    s.openRound({ round: 1, baseModelHash: 'h', selected: ['a'], openedAt: 1, deadlineAt: 2 });
+    const row = { updateId: 'u1', round: 1, site: 'a', numSamples: 3, sha256: 'x', path: '/p', sizeBytes: 9, acceptedAt: 5 };
+    s.insertUpdate(row);
+    expect(() => s.insertUpdate({ ...row, updateId: 'u2' })).toThrow(/UNIQUE/);
+    expect(s.getUpdate('u1')).toEqual(row);
+    expect(s.consumeJti('site/j1', 10)).toBe(true);
+    expect(s.consumeJti('site/j1', 10)).toBe(false);
+    s.close();
+  });
+
+  it('closes a round and records its model in one step', () => {
+    const s = fresh();
+    s.openRound({ round: 1, baseModelHash: 'h0', selected: ['a'], openedAt: 1, deadlineAt: 2 });
+    expect(s.openRoundRow()!.round).toBe(1);
+    s.closeRound(1, { hash: 'h1', path: '/m', round: 1, sizeBytes: 4, createdAt: 3 });
+    expect(s.openRoundRow()).toBeUndefined();
+    expect(s.getMeta('current_model')).toBe('h1');
+    expect(s.getModel('h1')!.round).toBe(1);
+    expect(s.closedRoundCount()).toBe(1);
+    s.close();
+  });
+});
