@@ -154,9 +154,9 @@ program
   .command('demo')
   .description('a local federation: one coordinator and three sites as separate processes, TLS and tokens on, generated phantoms')
   .option('--dir <dir>', 'work directory (default: a new temporary directory)')
-  .option('--rounds <n>', 'rounds to run', '3')
+  .option('--rounds <n>', 'rounds to run', '5')
   .option('--sites <n>', 'number of sites', '3')
-  .option('--steps <n>', 'local steps per round', '12')
+  .option('--steps <n>', 'local steps per round', '16')
   .option('--nats <url>', 'also publish events to this NATS server')
   .action(async (o: { dir?: string; rounds: string; sites: string; steps: string; nats?: string }) => {
     const { runDemo } = await import('./demo.ts');

@@ -10,9 +10,16 @@ const ago = (t: number | null, now: number) => (t === null ? 'never' : `${Math.m
 const style = () => (process.stdout.isTTY ? {} : { style: { head: [], border: [] } });
 const fmt = (v: number | undefined, digits = 3) => (v === undefined || Number.isNaN(v) ? '—' : v.toFixed(digits));
 
+/** Agents heartbeat every 5 s; three missed beats and we call the site offline. */
+export const OFFLINE_AFTER_MS = 15_000;
+
 export function sitesTable(sites: SiteRow[], now = Date.now()): string {
-  const t = new Table({ head: ['site', 'state', 'last seen', 'activity', 'engine'], ...style() });
-  for (const s of sites) t.push([s.name, s.state, ago(s.lastSeenAt, now), s.activity ?? '—', s.engine ?? '—']);
+  const t = new Table({ head: ['site', 'state', 'link', 'last seen', 'activity', 'engine'], ...style() });
+  for (const s of sites) {
+    const online = s.lastSeenAt !== null && now - s.lastSeenAt < OFFLINE_AFTER_MS;
+    const link = s.lastSeenAt === null ? '—' : online ? 'online' : 'offline';
+    t.push([s.name, s.state, link, ago(s.lastSeenAt, now), online ? (s.activity ?? '—') : `(was ${s.activity ?? '—'})`, s.engine ?? '—']);
+  }
   return t.toString();
 }
 
