@@ -18,6 +18,7 @@ import { enrollSite } from '../../site-agent/enroll.ts';
 import { SiteHome } from '../../site-agent/home.ts';
 import { FederationClient, type WireTask, type UploadAck } from '../../site-agent/transport/client.ts';
 import { uploadOnce } from '../../site-agent/transport/upload.ts';
+import { ModelCache } from '../../site-agent/transport/model-cache.ts';
 import { loadSiteKey, signSiteToken } from '../../shared/security/site-identity.ts';
 import { pinnedChannelCredentials } from '../../shared/security/pki.ts';
 import { CHANNEL_OPTIONS, loadProto } from '../../shared/protocol/grpc.ts';
@@ -227,6 +228,34 @@ describe('model download', () => {
       s.on('error', reject);
     });
     await expect(missing).rejects.toMatchObject({ code: grpc.status.NOT_FOUND });
+  });
+});
+
+describe('site model cache', () => {
+  it('resumes a cut-off download from its .part file and skips models it already has', async () => {
+    const cache = new ModelCache(mkdtempSync(join(tmpdir(), 'medfl-cache-')));
+    const whole = await new Promise<Buffer>((resolve, reject) => {
+      const parts: Buffer[] = [];
+      const s = siteA.downloadModel(task.modelHash, 0);
+      s.on('data', (c: { data: Buffer }) => parts.push(c.data));
+      s.on('end', () => resolve(Buffer.concat(parts)));
+      s.on('error', reject);
+    });
+    const cut = Math.floor(whole.length / 3);
+    writeFileSync(join(cache.dir, `${task.modelHash}.part`), whole.subarray(0, cut));
+    expect(await cache.ensure(siteA, task.modelHash, task.modelSize)).toBe(whole.length - cut);
+    expect(cache.read(task.modelHash).equals(whole)).toBe(true);
+    expect(await cache.ensure(siteA, task.modelHash, task.modelSize)).toBe(0);
+    expect(cache.hashes()).toEqual([task.modelHash]);
+  });
+
+  it('throws away a download whose bytes do not hash to the model asked for', async () => {
+    const cache = new ModelCache(mkdtempSync(join(tmpdir(), 'medfl-cache-')));
+    // A corrupt prefix: the resumed tail is right, the whole is not.
+    writeFileSync(join(cache.dir, `${task.modelHash}.part`), Buffer.alloc(100, 0xff));
+    await expect(cache.ensure(siteA, task.modelHash, task.modelSize)).rejects.toThrow(/hashes to .* expected/);
+    expect(existsSync(join(cache.dir, `${task.modelHash}.part`))).toBe(false);
+    expect(await cache.ensure(siteA, task.modelHash, task.modelSize)).toBe(task.modelSize);
   });
 });
 
