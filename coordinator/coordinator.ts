@@ -1,6 +1,11 @@
 /**
  * Wires a coordinator together: store, model files, round engine, event bus, and the gRPC server
  * (TLS on, token interceptor on every call but Enroll).
+ *
+ * mTLS (`requireClientCert`, CLI --mtls) on one port: TLS asks every client for a certificate from the federation
+ * CA but does not reject a handshake without one, because a site enrols (and gets its certificate) over this
+ * same port before it has one. The auth interceptor then requires a valid client certificate naming the calling
+ * site on every method except Enroll.
  */
 import * as grpc from '@grpc/grpc-js';
 import { existsSync } from 'node:fs';
@@ -31,7 +36,10 @@ export interface CoordinatorOptions {
   natsUrl?: string;
   port?: number;
   host?: string;
-  /** Require client certificates signed by the federation CA (mTLS) in addition to tokens. */
+  /**
+   * Require client certificates signed by the federation CA (mTLS) in addition to tokens, on every call but
+   * Enroll. Sites get theirs at enrolment (always, with or without this option).
+   */
   requireClientCert?: boolean;
   log?: Logger;
 }
@@ -88,17 +96,32 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     consumeJti: (jti, exp) => store.consumeJti(jti, exp),
   };
 
+  const mtls = o.requireClientCert ?? false;
+  const caPem = home.caPem();
+  // The CA key signs site client certificates at enrolment; without it sites enrol with no certificate.
+  const ca = home.certificateAuthority();
+  if (!ca) log.warn({ path: home.caKeyPath }, 'no CA key: sites will enrol without a TLS client certificate' + (mtls ? ', so none can enrol under --mtls' : ''));
+
   const { Enrollment, Federation } = loadProto();
-  const server = new grpc.Server({ ...SERVER_OPTIONS, interceptors: [createAuthInterceptor({ federationId: config.federationId, directory, log })] });
-  server.addService(Enrollment.service, enrollmentHandlers({ store, federationId: config.federationId, coordinatorPublicKey: rawPublicKey(signingKey), bus, log }));
+  const server = new grpc.Server({
+    ...SERVER_OPTIONS,
+    interceptors: [createAuthInterceptor({ federationId: config.federationId, directory, log, clientCaPem: mtls ? caPem : undefined })],
+  });
+  server.addService(
+    Enrollment.service,
+    enrollmentHandlers({ store, federationId: config.federationId, coordinatorPublicKey: rawPublicKey(signingKey), bus, log, ca, requireClientCert: mtls }),
+  );
   server.addService(Federation.service, federationHandlers({ store, models, engine, receiver, log }));
 
-  const creds = serverCredentials(home.serverCertificate(), o.requireClientCert ? { clientCaPem: home.caPem(), requireClientCert: true } : {});
+  const creds = serverCredentials(home.serverCertificate(), mtls ? { clientCaPem: caPem, requestClientCert: true } : {});
   const host = o.host ?? '0.0.0.0';
   const port = await new Promise<number>((resolve, reject) =>
     server.bindAsync(`${host}:${o.port ?? config.port}`, creds, (err, p) => (err ? reject(new Error(`cannot listen on ${host}:${o.port ?? config.port}: ${err.message}`)) : resolve(p))),
   );
-  log.info({ port, plan: planPath, rounds: plan.rounds, minSites: plan.minSites, bus: bus.describe(), shared: engine.sharedNames.length }, 'coordinator listening (TLS, token auth)');
+  log.info(
+    { port, plan: planPath, rounds: plan.rounds, minSites: plan.minSites, bus: bus.describe(), shared: engine.sharedNames.length, mtls },
+    mtls ? 'coordinator listening (TLS, token auth, client certificates required)' : 'coordinator listening (TLS, token auth)',
+  );
   engine.start();
 
   return {

@@ -1,7 +1,8 @@
 /**
  * The coordinator's directory: identity, PKI, signing key, plan and state, all in one place an admin can back up.
  *   coordinator.json   federation id, hosts, port
- *   pki/               ca.pem, ca.key (0600), server.pem, server.key (0600), server-chain.pem
+ *   pki/               ca.pem, ca.key (0600; read only by the coordinator, to sign site TLS client certificates at
+ *                      enrolment), server.pem, server.key (0600), server-chain.pem
  *   keys/              coordinator.key (0600, Ed25519: signs task manifests)
  *   plan.yaml          the default plan, editable
  *   state.db           SQLite: sites, rounds, updates, models, metrics
@@ -12,7 +13,7 @@ import { existsSync, mkdirSync, readFileSync, chmodSync, writeFileSync } from 'n
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
-import { createCertificateAuthority, issueServerCertificate, certificateFingerprint, DEFAULT_SERVER_HOSTS, type ServerCertificate } from '../shared/security/pki.ts';
+import { createCertificateAuthority, issueServerCertificate, certificateFingerprint, DEFAULT_SERVER_HOSTS, type CertificateAuthority, type ServerCertificate } from '../shared/security/pki.ts';
 import { generateCoordinatorKey, toPrivateKey } from '../shared/security/site-identity.ts';
 import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
 import type { KeyObject } from 'node:crypto';
@@ -62,6 +63,7 @@ export class CoordinatorHome {
   get modelsDir(): string { return join(this.dir, 'models'); }
   get updatesDir(): string { return join(this.dir, 'updates'); }
   get caCertPath(): string { return join(this.dir, 'pki', 'ca.pem'); }
+  get caKeyPath(): string { return join(this.dir, 'pki', 'ca.key'); }
 
   exists(): boolean {
     return existsSync(this.configPath);
@@ -83,6 +85,15 @@ export class CoordinatorHome {
 
   caPem(): string {
     return readFileSync(this.caCertPath, 'utf8');
+  }
+
+  /**
+   * The CA with its private key, for issuing site client certificates; undefined when pki/ca.key is absent
+   * (an admin may keep the CA key offline: sites then enrol without a client certificate, and --mtls cannot enrol).
+   */
+  certificateAuthority(): CertificateAuthority | undefined {
+    if (!existsSync(this.caKeyPath)) return undefined;
+    return { certPem: this.caPem(), keyPem: readFileSync(this.caKeyPath, 'utf8') };
   }
 
   caFingerprint(): string {

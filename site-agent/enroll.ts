@@ -1,9 +1,22 @@
 /**
  * `medfl site enroll`: pin the coordinator's CA by the fingerprint the admin gave, make the site's own
  * Ed25519 key pair (private key stays here, mode 0600), and register only the public key.
+ *
+ * It also makes a TLS client key (ECDSA P-256, tls-client.key, 0600) and sends a certificate request for it; the
+ * coordinator returns a client certificate (tls-client.pem, CN = site name) that the site presents on every
+ * later connection, so the coordinator can run with --mtls without the site re-enrolling. The enrolment call
+ * itself needs no client certificate.
  */
 import * as grpc from '@grpc/grpc-js';
-import { fetchAndPinCa, pinnedChannelCredentials, certificateFingerprint } from '../shared/security/pki.ts';
+import { X509Certificate, createPrivateKey } from 'node:crypto';
+import { chmodSync } from 'node:fs';
+import {
+  fetchAndPinCa,
+  pinnedChannelCredentials,
+  certificateFingerprint,
+  createClientCertificateRequest,
+  verifyClientCertificate,
+} from '../shared/security/pki.ts';
 import { ensureSiteKey } from '../shared/security/site-identity.ts';
 import { CHANNEL_OPTIONS, loadProto } from '../shared/protocol/grpc.ts';
 import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
@@ -32,15 +45,26 @@ export async function enrollSite(o: EnrollOptions): Promise<SiteConfig> {
   siteOfToken(o.token); // fail on a mangled token before touching the network
   const caPem = await fetchAndPinCa(host, port, o.caFingerprint);
   const key = ensureSiteKey(o.dir);
+  const siteName = siteOfToken(o.token);
+  const tlsClient = await createClientCertificateRequest(siteName);
   const { Enrollment } = loadProto();
   const client = new Enrollment(`${host.includes(':') ? `[${host}]` : host}:${port}`, pinnedChannelCredentials(caPem), CHANNEL_OPTIONS);
   try {
-    const res = await new Promise<{ siteName: string; federationId: string; coordinatorPublicKey: Buffer }>((resolve, reject) =>
-      client.Enroll({ siteName: siteOfToken(o.token), token: o.token, publicKey: key.publicKeyRaw }, { deadline: Date.now() + 15_000 }, (err: grpc.ServiceError | null, r: never) =>
-        err ? reject(new Error(`enrolment refused: ${err.details || err.message}`)) : resolve(r),
+    const res = await new Promise<{ siteName: string; federationId: string; coordinatorPublicKey: Buffer; clientCertPem: string }>((resolve, reject) =>
+      client.Enroll(
+        { siteName, token: o.token, publicKey: key.publicKeyRaw, clientCsrPem: tlsClient.csrPem },
+        { deadline: Date.now() + 15_000 },
+        (err: grpc.ServiceError | null, r: never) => (err ? reject(new Error(`enrolment refused: ${err.details || err.message}`)) : resolve(r)),
       ),
     );
     writeFileAtomic(home.caPath, caPem);
+    // An older coordinator, or one without its CA key, returns no certificate: the site then works without mTLS.
+    if (res.clientCertPem) {
+      checkIssuedCertificate(res.clientCertPem, tlsClient.keyPem, caPem, res.siteName);
+      writeFileAtomic(home.tlsClientKeyPath, tlsClient.keyPem, 0o600);
+      if (process.platform !== 'win32') chmodSync(home.tlsClientKeyPath, 0o600); // exact, whatever the umask
+      writeFileAtomic(home.tlsClientCertPath, res.clientCertPem);
+    }
     const config: SiteConfig = {
       siteName: res.siteName,
       coordinator: o.coordinator,
@@ -54,4 +78,24 @@ export async function enrollSite(o: EnrollOptions): Promise<SiteConfig> {
   } finally {
     client.close();
   }
+}
+
+/** The certificate the coordinator returned must be for our key, from the pinned CA, for this site. */
+function checkIssuedCertificate(certPem: string, keyPem: string, caPem: string, siteName: string): void {
+  const problem = (why: string) =>
+    new Error(`the coordinator returned an unusable TLS client certificate (${why}); the enrolment was recorded, so ask the coordinator admin for a new token`);
+  let cert: X509Certificate;
+  try {
+    cert = new X509Certificate(certPem);
+  } catch (e) {
+    throw problem((e as Error).message);
+  }
+  if (!cert.checkPrivateKey(createPrivateKey(keyPem))) throw problem('it is not for the key this site generated');
+  let cn: string;
+  try {
+    cn = verifyClientCertificate(cert.raw, new X509Certificate(caPem));
+  } catch (e) {
+    throw problem((e as Error).message);
+  }
+  if (cn !== siteName) throw problem(`it names site '${cn}', not '${siteName}'`);
 }

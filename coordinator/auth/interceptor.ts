@@ -10,13 +10,22 @@
  *
  * On success the client-sent AUTHENTICATED_SITE_KEY header is removed and replaced by the verified site name:
  * handlers read `call.metadata.get(AUTHENTICATED_SITE_KEY)[0]` and a site can only act as itself.
+ *
+ * mTLS (`clientCaPem` set, coordinator --mtls): the TLS layer asks for a client certificate but lets the handshake
+ * complete without one, so that Enroll stays reachable for a site that has no certificate yet (see
+ * serverCredentials' requestClientCert). Every other method is checked here, before the token: the connection must
+ * carry a client certificate that TLS verified against the federation CA (grpc-js reports sslPeerCertificate only
+ * then), that we verify again by hand (CA signature, dates, clientAuth), and whose CN is the site the token
+ * authenticates, so a site cannot use another site's certificate. Revocation needs no CRL: a revoked site's token
+ * is refused whatever certificate it presents.
  */
 import * as grpc from '@grpc/grpc-js';
 import { decodeJwt, decodeProtectedHeader, errors as joseErrors, jwtVerify, type JWTPayload } from 'jose';
-import type { KeyObject } from 'node:crypto';
+import { X509Certificate, type KeyObject } from 'node:crypto';
 import type { Logger } from 'pino';
 import { AUTH_METADATA_KEY, AUTHENTICATED_SITE_KEY, METHODS } from '../../shared/protocol/grpc.ts';
 import { publicKeyFromRaw } from '../../shared/security/site-identity.ts';
+import { verifyClientCertificate } from '../../shared/security/pki.ts';
 
 /** Longest token lifetime (exp - iat) accepted, seconds. */
 export const MAX_TOKEN_LIFETIME_S = 300;
@@ -46,6 +55,12 @@ export interface AuthInterceptorOptions {
   federationId: string;
   directory: SiteDirectory;
   log?: Logger;
+  /**
+   * mTLS: the federation CA (PEM). When set, every call but Enroll must come over a connection with a client
+   * certificate from this CA whose CN is the calling site. The server must request client certificates
+   * (serverCredentials with requestClientCert or requireClientCert and this CA).
+   */
+  clientCaPem?: string;
 }
 
 /** Verification failure: the gRPC status to end the call with and a message naming cause and fix. */
@@ -68,7 +83,13 @@ const isoSec = (sec: number): string => new Date(sec * 1000).toISOString();
  */
 export async function verifySiteToken(
   metadata: grpc.Metadata,
-  opts: { federationId: string; directory: SiteDirectory; nowSec?: number },
+  opts: {
+    federationId: string;
+    directory: SiteDirectory;
+    nowSec?: number;
+    /** mTLS: the site named by the client certificate (its CN); the token must be that site's. */
+    certificateSite?: string;
+  },
 ): Promise<string> {
   const values = metadata.get(AUTH_METADATA_KEY);
   if (values.length === 0) {
@@ -147,6 +168,12 @@ export async function verifySiteToken(
   if (record.revoked) {
     throw new AuthError(grpc.status.PERMISSION_DENIED, `site '${site}' is revoked — ask the coordinator admin to re-enrol it`);
   }
+  if (opts.certificateSite !== undefined && opts.certificateSite !== site) {
+    throw unauth(
+      `the client certificate names site '${opts.certificateSite}' but the token is for site '${site}' — ` +
+        `a site must present its own certificate: check tls-client.pem in the site directory, or re-enrol the site`,
+    );
+  }
   const jti = payload.jti;
   if (typeof jti !== 'string' || jti === '' || jti.length > MAX_JTI_CHARS) throw unauth(`token has no usable 'jti' claim (unique token id)`);
   // Last: only an otherwise valid token consumes its id.
@@ -156,8 +183,29 @@ export async function verifySiteToken(
   return site;
 }
 
+/** Message for a call without a usable client certificate on an mTLS coordinator: cause and fix. */
+export const CLIENT_CERT_REQUIRED =
+  'this coordinator requires a client certificate (mTLS); none issued by its CA was presented — ' +
+  're-enrol the site or check tls-client.pem (and tls-client.key) in the site directory';
+
+/**
+ * mTLS check of one call: returns the site named by the client certificate. grpc-js reports the peer certificate
+ * only when TLS verified it against the CA the server was given (a missing, foreign, expired or non-client
+ * certificate reads as absent); we verify it again by hand, since TLS was told not to reject the handshake.
+ */
+export function clientCertificateSite(call: Pick<grpc.ServerInterceptingCallInterface, 'getAuthContext'>, ca: X509Certificate, nowMs = Date.now()): string {
+  const peer = call.getAuthContext().sslPeerCertificate;
+  if (!peer?.raw) throw unauth(CLIENT_CERT_REQUIRED);
+  try {
+    return verifyClientCertificate(peer.raw, ca, nowMs);
+  } catch (e) {
+    throw unauth(`${(e as Error).message} — this coordinator requires a client certificate (mTLS) issued by its CA; re-enrol the site or check tls-client.pem`);
+  }
+}
+
 export function createAuthInterceptor(opts: AuthInterceptorOptions): grpc.ServerInterceptor {
   const { federationId, directory, log } = opts;
+  const clientCa = opts.clientCaPem ? new X509Certificate(opts.clientCaPem) : undefined;
   return (method, call) => {
     if (method.path === METHODS.enroll) {
       // No site is authenticated on Enroll; still drop a client-sent identity header.
@@ -175,22 +223,26 @@ export function createAuthInterceptor(opts: AuthInterceptorOptions): grpc.Server
       start: (next) => {
         const listener = new grpc.ServerListenerBuilder()
           .withOnReceiveMetadata((metadata, nextMd) => {
-            verifySiteToken(metadata, { federationId, directory }).then(
-              (site) => {
-                if (done) return;
-                metadata.remove(AUTHENTICATED_SITE_KEY);
-                metadata.set(AUTHENTICATED_SITE_KEY, site);
-                log?.debug({ site, method: method.path }, 'site call authenticated');
-                nextMd(metadata);
-              },
-              (err: unknown) => {
-                if (done) return;
-                done = true;
-                const e = err instanceof AuthError ? err : new AuthError(grpc.status.UNAUTHENTICATED, `token verification failed: ${String(err)}`);
-                log?.warn({ method: method.path, peer: call.getPeer(), code: grpc.status[e.code], reason: e.message }, 'site call rejected');
-                intercepting.sendStatus({ code: e.code, details: e.message, metadata: new grpc.Metadata() });
-              },
-            );
+            // Certificate first (cheap, and no token id is consumed by a call that fails it).
+            Promise.resolve()
+              .then(() => (clientCa ? clientCertificateSite(call, clientCa) : undefined))
+              .then((certificateSite) => verifySiteToken(metadata, { federationId, directory, certificateSite }))
+              .then(
+                (site) => {
+                  if (done) return;
+                  metadata.remove(AUTHENTICATED_SITE_KEY);
+                  metadata.set(AUTHENTICATED_SITE_KEY, site);
+                  log?.debug({ site, method: method.path }, 'site call authenticated');
+                  nextMd(metadata);
+                },
+                (err: unknown) => {
+                  if (done) return;
+                  done = true;
+                  const e = err instanceof AuthError ? err : new AuthError(grpc.status.UNAUTHENTICATED, `token verification failed: ${String(err)}`);
+                  log?.warn({ method: method.path, peer: call.getPeer(), code: grpc.status[e.code], reason: e.message }, 'site call rejected');
+                  intercepting.sendStatus({ code: e.code, details: e.message, metadata: new grpc.Metadata() });
+                },
+              );
           })
           .withOnCancel(() => {
             done = true;

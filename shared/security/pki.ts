@@ -1,6 +1,7 @@
 /**
  * Coordinator PKI: a private CA (ECDSA P-256) that issues the coordinator's TLS server certificate and, for
- * optional mTLS, site client certificates. Sites trust the coordinator by pinning the CA's SHA-256 fingerprint
+ * optional mTLS, site client certificates (for a key the site made itself: it sends a PKCS#10 request at enrolment,
+ * see createClientCertificateRequest / issueClientCertificateFromCsr). Sites trust the coordinator by pinning the CA's SHA-256 fingerprint
  * (printed by `medfl coordinator site add`): fetchAndPinCa takes the CA from the TLS handshake and keeps it only
  * if its fingerprint matches, so no CA file has to be copied to the hospital.
  *
@@ -111,6 +112,38 @@ export async function createCertificateAuthority(opts: { commonName: string; val
   return { certPem: toPem(cert.rawData, 'CERTIFICATE'), keyPem: await exportKeyPem(keys.privateKey) };
 }
 
+/** Signs a leaf certificate for `publicKey` with the CA key; returns the certificate PEM. */
+async function signLeaf(
+  ca: CertificateAuthority,
+  publicKey: CryptoKey,
+  commonName: string,
+  validDays: number,
+  usage: 'serverAuth' | 'clientAuth',
+  extra: (x509: typeof X509) => X509.Extension[],
+): Promise<string> {
+  const x509 = await loadX509();
+  const { cert: caCert, key: caKey } = await importCa(x509, ca);
+  const cert = await x509.X509CertificateGenerator.create({
+    serialNumber: randomSerial(),
+    subject: cn(commonName),
+    issuer: caCert.subject,
+    ...validity(validDays),
+    signingAlgorithm: SIGNING_ALG,
+    publicKey,
+    signingKey: caKey,
+    extensions: [
+      new x509.BasicConstraintsExtension(false, undefined, true),
+      new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
+      new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage[usage]]),
+      await x509.SubjectKeyIdentifierExtension.create(publicKey),
+      await x509.AuthorityKeyIdentifierExtension.create(caCert.publicKey),
+      ...extra(x509),
+    ],
+  });
+  return toPem(cert.rawData, 'CERTIFICATE');
+}
+
+/** A fresh key pair and a leaf certificate for it (key generated here, e.g. by the coordinator for itself). */
 async function issueLeaf(
   ca: CertificateAuthority,
   commonName: string,
@@ -118,27 +151,9 @@ async function issueLeaf(
   usage: 'serverAuth' | 'clientAuth',
   extra: (x509: typeof X509) => X509.Extension[],
 ): Promise<IssuedCertificate> {
-  const x509 = await loadX509();
-  const { cert: caCert, key: caKey } = await importCa(x509, ca);
   const keys = await newKeyPair();
-  const cert = await x509.X509CertificateGenerator.create({
-    serialNumber: randomSerial(),
-    subject: cn(commonName),
-    issuer: caCert.subject,
-    ...validity(validDays),
-    signingAlgorithm: SIGNING_ALG,
-    publicKey: keys.publicKey,
-    signingKey: caKey,
-    extensions: [
-      new x509.BasicConstraintsExtension(false, undefined, true),
-      new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
-      new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage[usage]]),
-      await x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
-      await x509.AuthorityKeyIdentifierExtension.create(caCert.publicKey),
-      ...extra(x509),
-    ],
-  });
-  return { certPem: toPem(cert.rawData, 'CERTIFICATE'), keyPem: await exportKeyPem(keys.privateKey) };
+  const certPem = await signLeaf(ca, keys.publicKey, commonName, validDays, usage, extra);
+  return { certPem, keyPem: await exportKeyPem(keys.privateKey) };
 }
 
 /** TLS server certificate for the coordinator; SANs cover every DNS name / IP sites will dial. */
@@ -154,12 +169,109 @@ export async function issueServerCertificate(
   return { ...leaf, chainPem: leaf.certPem + ca.certPem };
 }
 
-/** Client certificate for optional mTLS; CN = site name. */
+/** Client certificate for optional mTLS; CN = site name. The key is made here (tests, tools). */
 export async function issueClientCertificate(
   ca: CertificateAuthority,
   opts: { siteName: string; validDays: number },
 ): Promise<IssuedCertificate> {
   return issueLeaf(ca, opts.siteName, opts.validDays, 'clientAuth', () => []);
+}
+
+/** How long a site's TLS client certificate (issued at enrolment) is valid. */
+export const CLIENT_CERT_VALID_DAYS = 825;
+/** Far above a real P-256 request (~400 characters); bounds parse work on an unauthenticated call. */
+export const MAX_CSR_PEM_CHARS = 8192;
+const CSR_PEM = /^-----BEGIN CERTIFICATE REQUEST-----\r?\n([A-Za-z0-9+/=\r\n]+)-----END CERTIFICATE REQUEST-----\s*$/;
+
+export interface ClientCertificateRequest {
+  /** PKCS#10, PEM ("-----BEGIN CERTIFICATE REQUEST-----"); public. */
+  csrPem: string;
+  /** PKCS#8 PEM of the TLS client key; stays at the site (mode 0600). */
+  keyPem: string;
+}
+
+/** A certificate request the coordinator refuses (malformed, wrong key type, or a signature that does not verify). */
+export class InvalidCsrError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'InvalidCsrError';
+  }
+}
+
+/**
+ * Site side of mTLS enrolment: a fresh ECDSA P-256 key pair for TLS client authentication and a PKCS#10 request
+ * for it. The requested subject (CN = site name) is informational: the coordinator sets the subject itself.
+ */
+export async function createClientCertificateRequest(siteName: string): Promise<ClientCertificateRequest> {
+  const x509 = await loadX509();
+  const keys = await newKeyPair();
+  const csr = await x509.Pkcs10CertificateRequestGenerator.create({ name: cn(siteName), keys, signingAlgorithm: SIGNING_ALG });
+  return { csrPem: toPem(csr.rawData, 'CERTIFICATE REQUEST'), keyPem: await exportKeyPem(keys.privateKey) };
+}
+
+/**
+ * Coordinator side: checks the request's self-signature (proof that the requester holds the private key), that
+ * the key is ECDSA P-256, and issues a clientAuth certificate for that key with CN = `siteName`, whatever subject,
+ * extensions or attributes the request asked for. Throws InvalidCsrError for a bad request.
+ */
+export async function issueClientCertificateFromCsr(
+  ca: CertificateAuthority,
+  csrPem: string,
+  opts: { siteName: string; validDays?: number },
+): Promise<string> {
+  if (csrPem.length > MAX_CSR_PEM_CHARS) throw new InvalidCsrError(`certificate request is longer than ${MAX_CSR_PEM_CHARS} characters`);
+  const m = CSR_PEM.exec(csrPem.trim() + '\n');
+  if (!m) throw new InvalidCsrError("certificate request is not a PEM 'CERTIFICATE REQUEST' (PKCS#10)");
+  const x509 = await loadX509();
+  let csr: X509.Pkcs10CertificateRequest;
+  try {
+    csr = new x509.Pkcs10CertificateRequest(Buffer.from(m[1]!.replace(/\s+/g, ''), 'base64'));
+  } catch (e) {
+    throw new InvalidCsrError(`certificate request does not parse: ${(e as Error).message}`);
+  }
+  const alg = csr.publicKey.algorithm as webcrypto.EcKeyAlgorithm;
+  if (alg.name !== 'ECDSA' || alg.namedCurve !== 'P-256') {
+    throw new InvalidCsrError(`certificate request key must be ECDSA P-256, got ${alg.name}${alg.namedCurve ? ` ${alg.namedCurve}` : ''}`);
+  }
+  let ok = false;
+  try {
+    ok = await csr.verify();
+  } catch {
+    ok = false;
+  }
+  if (!ok) throw new InvalidCsrError('certificate request signature does not verify (the request was altered, or not signed by its own key)');
+  const publicKey = await csr.publicKey.export(EC_ALG, ['verify']);
+  return signLeaf(ca, publicKey, opts.siteName, opts.validDays ?? CLIENT_CERT_VALID_DAYS, 'clientAuth', () => []);
+}
+
+const CLIENT_AUTH_EKU = '1.3.6.1.5.5.7.3.2';
+
+/**
+ * Coordinator side of mTLS: checks by hand a client certificate the TLS layer handed over (DER), in addition to
+ * whatever TLS already checked: signed by the federation CA, issued by it (names), not a CA itself, valid now
+ * (CA too), clientAuth usage, exactly one CN. Returns the CN (the site name). Throws an Error naming the problem.
+ */
+export function verifyClientCertificate(certDer: Uint8Array, ca: X509Certificate, nowMs = Date.now()): string {
+  let leaf: X509Certificate;
+  try {
+    leaf = new X509Certificate(Buffer.from(certDer));
+  } catch (e) {
+    throw new Error(`client certificate does not parse: ${(e as Error).message}`);
+  }
+  if (!leaf.checkIssued(ca) || !leaf.verify(ca.publicKey)) throw new Error("client certificate was not issued by this federation's CA");
+  if (leaf.ca) throw new Error('client certificate is a CA certificate');
+  for (const [what, c] of [['client', leaf], ['CA', ca]] as const) {
+    const from = Date.parse(c.validFrom);
+    const to = Date.parse(c.validTo);
+    if (!(from <= nowMs) || !(nowMs <= to)) {
+      throw new Error(`the ${what} certificate is not valid now (valid ${c.validFrom} .. ${c.validTo})`);
+    }
+  }
+  // Node 20 names the extended key usage list `keyUsage`; undefined means no EKU extension (any use): refuse.
+  if (!(leaf.keyUsage ?? []).includes(CLIENT_AUTH_EKU)) throw new Error('client certificate is not for TLS client authentication (no clientAuth usage)');
+  const cns = leaf.subject.split('\n').filter((l) => l.startsWith('CN='));
+  if (cns.length !== 1) throw new Error(`client certificate subject '${leaf.subject}' must hold exactly one CN (the site name)`);
+  return cns[0]!.slice(3);
 }
 
 /** SHA-256 of the certificate DER as colon-separated upper hex, like `openssl x509 -fingerprint -sha256`. */
@@ -278,12 +390,39 @@ export function fetchAndPinCa(
   });
 }
 
-/** gRPC server credentials from a server certificate; pass `clientCaPem` + `requireClientCert` for mTLS. */
+/**
+ * TLS that asks every client for a certificate but completes the handshake without one, or with one it cannot
+ * verify (Node `requestCert: true, rejectUnauthorized: false`). grpc-js's createSsl cannot express this: with
+ * checkClientCertificate=false it does not ask at all, with true it rejects a missing certificate. The server must
+ * then enforce client certificates per method itself: grpc-js's `getAuthContext().sslPeerCertificate` is set only
+ * when TLS verified the certificate against `clientCaPem` (see coordinator/auth/interceptor.ts).
+ */
+class RequestClientCertServerCredentials extends grpc.ServerCredentials {
+  constructor(server: ServerCertificate, clientCaPem: string) {
+    super(
+      { requestCert: true, rejectUnauthorized: false, ciphers: process.env.GRPC_SSL_CIPHER_SUITES },
+      { ca: Buffer.from(clientCaPem), cert: [Buffer.from(server.chainPem)], key: [Buffer.from(server.keyPem)] },
+    );
+  }
+
+  _equals(other: grpc.ServerCredentials): boolean {
+    return other === this;
+  }
+}
+
+/**
+ * gRPC server credentials from a server certificate. For mTLS pass `clientCaPem` and either
+ * `requireClientCert` (TLS refuses a handshake without a certificate from that CA) or `requestClientCert`
+ * (TLS asks for one but lets calls without it through, so that one method, e.g. Enroll, can be reached by a
+ * client that has no certificate yet; every other method must then check the certificate itself).
+ */
 export function serverCredentials(
   server: ServerCertificate,
-  opts: { clientCaPem?: string; requireClientCert?: boolean } = {},
+  opts: { clientCaPem?: string; requireClientCert?: boolean; requestClientCert?: boolean } = {},
 ): grpc.ServerCredentials {
-  if (opts.requireClientCert && !opts.clientCaPem) throw new Error('requireClientCert needs clientCaPem');
+  if ((opts.requireClientCert || opts.requestClientCert) && !opts.clientCaPem) throw new Error('requireClientCert/requestClientCert need clientCaPem');
+  if (opts.requireClientCert && opts.requestClientCert) throw new Error('pass requireClientCert or requestClientCert, not both');
+  if (opts.requestClientCert) return new RequestClientCertServerCredentials(server, opts.clientCaPem!);
   return grpc.ServerCredentials.createSsl(
     opts.clientCaPem ? Buffer.from(opts.clientCaPem) : null,
     [{ private_key: Buffer.from(server.keyPem), cert_chain: Buffer.from(server.chainPem) }],

@@ -105,19 +105,26 @@ export function saveSiteKey(dir: string, key: Ed25519KeyPair, opts: { overwrite?
   writeFileAtomic(join(dir, SITE_PUBLIC_KEY_FILE), key.publicKeyRaw.toString('base64') + '\n', 0o644);
 }
 
+/**
+ * Throws if a private key file is group- or world-accessible (see file header), naming the `chmod 600` fix.
+ * `what` names the file in the message ("site key", "TLS client key").
+ */
+export function assertOwnerOnly(path: string, what: string): void {
+  if (process.platform === 'win32') return;
+  const mode = statSync(path).mode & 0o777;
+  if (mode & 0o077) {
+    throw new Error(
+      `${what} ${path} is accessible by group/others (mode 0${mode.toString(8)}); ` +
+        `anyone who can read it can act as this site. Run \`chmod 600 ${path}\` and retry.`,
+    );
+  }
+}
+
 /** Loads `<dir>/site.key`; throws if missing, not Ed25519, or group/world accessible (see file header). */
 export function loadSiteKey(dir: string): LoadedSiteKey {
   const keyPath = join(dir, SITE_KEY_FILE);
   if (!existsSync(keyPath)) throw new Error(`no site key at ${keyPath} — run \`medfl site enroll\` first`);
-  if (process.platform !== 'win32') {
-    const mode = statSync(keyPath).mode & 0o777;
-    if (mode & 0o077) {
-      throw new Error(
-        `site key ${keyPath} is accessible by group/others (mode 0${mode.toString(8)}); ` +
-          `anyone who can read it can act as this site. Run \`chmod 600 ${keyPath}\` and retry.`,
-      );
-    }
-  }
+  assertOwnerOnly(keyPath, 'site key');
   const privateKeyPem = readFileSync(keyPath, 'utf8');
   const privateKey = toPrivateKey(privateKeyPem);
   return { privateKey, privateKeyPem, publicKeyRaw: rawPublicKey(privateKey) };

@@ -1,5 +1,6 @@
 /**
- * The site's side of the wire: one TLS channel (CA pinned at enrolment) with a fresh site-signed token
+ * The site's side of the wire: one TLS channel (CA pinned at enrolment, presenting the site's TLS client
+ * certificate from enrolment whenever it has one, for coordinators running --mtls) with a fresh site-signed token
  * on every call, wrapped in promise/stream helpers. The optional wire audit records every message the
  * site sends, so a site admin can check what left the hospital.
  */
@@ -46,7 +47,7 @@ export class FederationClient {
     const key = loadSiteKey(home.dir);
     const { host, port } = parseAddress(config.coordinator);
     const creds = grpc.credentials.combineChannelCredentials(
-      pinnedChannelCredentials(home.caPem()),
+      pinnedChannelCredentials(home.caPem(), home.clientCertificate()),
       siteCallCredentials({ siteName: config.siteName, federationId: config.federationId, privateKey: key.privateKey, ttlSeconds: opts.tokenTtlSeconds }),
     );
     const { Federation } = loadProto();
