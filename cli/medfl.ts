@@ -140,6 +140,39 @@ siteCmd
     process.exit(0);
   });
 
+const model = program.command('model').description('import pretrained checkpoints and run the Med3D encoder');
+
+model
+  .command('import <checkpoint>')
+  .description('read a MedicalNet checkpoint (.pth as published, or .safetensors) into a MedFL model file; fails with a list of every mismatched key')
+  .requiredOption('--arch <arch>', 'resnet10 | resnet18 | resnet34 | resnet50 | resnet101')
+  .option('--shortcut <type>', "A or B (default: MedicalNet's release choice for the depth)")
+  .option('--width <multiplier>', 'width multiplier of the checkpoint', '1')
+  .option('--classes <n>', 'segmentation classes of the head, when the head is imported', '2')
+  .addOption(new Option('--parts <parts>', 'what to import').choices(['auto', 'encoder', 'all']).default('auto'))
+  .option('--container <key>', 'dotted key of the weights inside the checkpoint (default: state_dict, model, net or the top level)')
+  .requiredOption('--out <file>', 'output .safetensors')
+  .action(async (checkpoint: string, o: { arch: string; shortcut?: string; width: string; classes: string; parts: 'auto' | 'encoder' | 'all'; container?: string; out: string }) => {
+    const { runImport, formatImportResult } = await import('./model-import.ts');
+    const r = await runImport({ checkpoint, arch: o.arch, shortcut: o.shortcut, widthMultiplier: Number(o.width), numClasses: Number(o.classes), parts: o.parts, container: o.container, out: o.out });
+    process.stdout.write(formatImportResult(r) + '\n');
+  });
+
+model
+  .command('embed')
+  .description('run the Med3D encoder (eval mode) on a volume and write layer4 features as .npy (N×D′×H′×W′×C)')
+  .requiredOption('--model <file>', 'model .safetensors (MedFL or PyTorch layout)')
+  .requiredOption('--input <volume>', '.nii, .nii.gz or .npy (float32, D×H×W or N×D×H×W×1)')
+  .requiredOption('--out <file>', 'output .npy')
+  .option('--arch <arch>', 'override the architecture recorded in the file (resnet10 …)')
+  .option('--shortcut <type>', 'override the shortcut type (A or B)')
+  .option('--width <multiplier>', 'override the width multiplier')
+  .addOption(new Option('--engine <name>', 'force a compute engine').choices(['auto', 'tfjs-node-gpu', 'tfjs-node', 'cpu']))
+  .action(async (o: { model: string; input: string; out: string; arch?: string; shortcut?: string; width?: string; engine?: string }) => {
+    const { runEmbed } = await import('./model-embed.ts');
+    await runEmbed({ ...o, log: (line) => process.stdout.write(line + '\n') });
+  });
+
 program
   .command('status')
   .description('rounds, sites and the current model of a coordinator, as tables')

@@ -1,0 +1,204 @@
+/**
+ * Med3D / MedicalNet forward pass in tfjs, NDHWC, matching PyTorch exactly (eval mode):
+ *   - convolutions pad SYMMETRICALLY with tf.pad and then run 'valid' (tfjs 'same' pads (2,3) for conv1 and
+ *     (0,1) for stride-2 3³ convs on even sizes, where PyTorch pads (3,3) and (1,1));
+ *   - max-pool pads with -Infinity (PyTorch ignores padding in max pooling);
+ *   - layer3/layer4 use dilated tf.conv3d (padding = dilation);
+ *   - BatchNorm uses the running statistics with PyTorch's eps 1e-5;
+ *   - conv_seg's ConvTranspose3d (k 2, s 2, no padding) is tf.conv3dTranspose with output 2× the input and
+ *     the filter [2,2,2,out,in] (PyTorch [in,out,2,2,2] permuted (2,3,4,1,0); no kernel flip);
+ *   - shortcut A = 1³ average pool with the stride (a strided subsample) + zero channels appended.
+ *
+ * The layer graph (med3dEncoderForward / med3dHeadForward) is written against the small Med3dOps interface,
+ * so a training forward can reuse it with ops that have gradients (tfjs 4.22 has none for dilated conv3d or
+ * conv3dTranspose) and batch-statistics BatchNorm; createMed3dEvalOps is the plain-tf-ops inference set,
+ * valid on every backend (slow on the pure-JS `cpu` one: its Conv3D is a naive loop).
+ */
+import type * as TfModule from '@tensorflow/tfjs';
+import { checkAgainstSpecs, type TensorBundle } from '../tensors/bundle.ts';
+import { describeMed3d, MED3D_BN_EPS, type Med3dArchitecture, type Med3dBlock } from './med3d.ts';
+
+type Tf = typeof TfModule;
+type Tensor = TfModule.Tensor;
+type Tensor5D = TfModule.Tensor5D;
+
+export interface Med3dConvOptions {
+  readonly stride?: number;
+  readonly dilation?: number;
+  /** Symmetric zero padding on D, H and W (PyTorch `padding`). */
+  readonly pad?: number;
+}
+
+/** The building blocks of the Med3D graph. Eval: createMed3dEvalOps; training ops can replace any of them. */
+export interface Med3dOps {
+  readonly tf: Tf;
+  /** PyTorch Conv3d without bias: x NDHWC, w [k,k,k,in,out]. */
+  conv3d(x: Tensor5D, w: Tensor, opts: Med3dConvOptions): Tensor5D;
+  /** PyTorch ConvTranspose3d with kernel 2, stride 2, padding 0, plus bias: w [2,2,2,out,in], b [out]. */
+  convTranspose2x(x: Tensor5D, w: Tensor, b: Tensor): Tensor5D;
+  /** BatchNorm3d over the channel axis; `name` is the layer prefix (e.g. "encoder.bn1") for ops that keep state. */
+  batchNorm(x: Tensor5D, p: BatchNormParams, name: string): Tensor5D;
+  relu(x: Tensor5D): Tensor5D;
+  /** MaxPool3d kernel 3, stride 2, padding 1 (padding never wins). */
+  maxPool(x: Tensor5D): Tensor5D;
+  /** Shortcut A: x[:, ::s, ::s, ::s, :] with zero channels appended up to `outChannels`. */
+  shortcutA(x: Tensor5D, outChannels: number, stride: number): Tensor5D;
+  add(a: Tensor5D, b: Tensor5D): Tensor5D;
+}
+
+export interface BatchNormParams {
+  readonly gamma: Tensor;
+  readonly beta: Tensor;
+  readonly mean: Tensor;
+  readonly variance: Tensor;
+}
+
+export function createMed3dEvalOps(tf: Tf): Med3dOps {
+  return {
+    tf,
+    conv3d(x, w, { stride = 1, dilation = 1, pad = 0 }) {
+      const xp = pad > 0 ? tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [pad, pad], [0, 0]]) : x;
+      // tfjs accepts dilation > 1 only with stride 1, which always holds in Med3D (dilated stages have stride 1).
+      return tf.conv3d(xp, w as Tensor5D, stride, 'valid', 'NDHWC', dilation);
+    },
+    convTranspose2x(x, w, b) {
+      const [n, d, h, wd] = x.shape;
+      const outC = w.shape[3] as number;
+      if (w.rank !== 5 || w.shape[0] !== 2 || w.shape[1] !== 2 || w.shape[2] !== 2 || w.shape[4] !== x.shape[4]) {
+        throw new Error(`med3d: ConvTranspose3d weight [${w.shape.join(',')}] does not fit input [${x.shape.join(',')}] (expected [2,2,2,out,${x.shape[4]}])`);
+      }
+      const y = tf.conv3dTranspose(x, w as Tensor5D, [n, 2 * d, 2 * h, 2 * wd, outC], 2, 'valid');
+      return tf.add(y, b) as Tensor5D;
+    },
+    batchNorm(x, p) {
+      // PyTorch eval: (x − mean)/√(var + eps)·γ + β, folded into one scale and shift per channel.
+      const scale = tf.mul(p.gamma, tf.rsqrt(tf.add(p.variance, MED3D_BN_EPS)));
+      const shift = tf.sub(p.beta, tf.mul(p.mean, scale));
+      return tf.add(tf.mul(x, scale), shift) as Tensor5D;
+    },
+    relu: (x) => tf.relu(x),
+    maxPool(x) {
+      const xp = tf.pad(x, [[0, 0], [1, 1], [1, 1], [1, 1], [0, 0]], -Infinity);
+      return tf.maxPool3d(xp, 3, 2, 'valid');
+    },
+    shortcutA(x, outChannels, stride) {
+      const sub = stride === 1 ? x : tf.avgPool3d(x, 1, stride, 'valid');
+      const extra = outChannels - (x.shape[4] as number);
+      if (extra < 0) throw new Error(`med3d: shortcut A cannot shrink ${x.shape[4]} channels to ${outChannels}`);
+      return extra === 0 ? sub : tf.pad(sub, [[0, 0], [0, 0], [0, 0], [0, 0], [0, extra]]);
+    },
+    add: (a, b) => tf.add(a, b),
+  };
+}
+
+type Params = ReadonlyMap<string, Tensor>;
+
+function getter(p: Params): (name: string) => Tensor {
+  return (name) => {
+    const t = p.get(name);
+    if (!t) throw new Error(`med3d forward: missing parameter ${name}`);
+    return t;
+  };
+}
+
+function bnParams(get: (n: string) => Tensor, prefix: string): BatchNormParams {
+  return { gamma: get(`${prefix}.weight`), beta: get(`${prefix}.bias`), mean: get(`${prefix}.running_mean`), variance: get(`${prefix}.running_var`) };
+}
+
+function block(arch: Med3dArchitecture, b: Med3dBlock, x: Tensor5D, get: (n: string) => Tensor, ops: Med3dOps): Tensor5D {
+  const bn = (t: Tensor5D, name: string) => ops.batchNorm(t, bnParams(get, `${b.prefix}.${name}`), `${b.prefix}.${name}`);
+  const d = b.dilation;
+  let out: Tensor5D;
+  if (arch.config.block === 'basic') {
+    out = ops.relu(bn(ops.conv3d(x, get(`${b.prefix}.conv1.weight`), { stride: b.stride, dilation: d, pad: d }), 'bn1'));
+    out = bn(ops.conv3d(out, get(`${b.prefix}.conv2.weight`), { dilation: d, pad: d }), 'bn2');
+  } else {
+    out = ops.relu(bn(ops.conv3d(x, get(`${b.prefix}.conv1.weight`), {}), 'bn1'));
+    out = ops.relu(bn(ops.conv3d(out, get(`${b.prefix}.conv2.weight`), { stride: b.stride, dilation: d, pad: d }), 'bn2'));
+    out = bn(ops.conv3d(out, get(`${b.prefix}.conv3.weight`), {}), 'bn3');
+  }
+  let residual = x;
+  if (b.downsample === 'A') residual = ops.shortcutA(x, b.outChannels, b.stride);
+  else if (b.downsample === 'B') {
+    const proj = ops.conv3d(x, get(`${b.prefix}.downsample.0.weight`), { stride: b.stride });
+    residual = ops.batchNorm(proj, bnParams(get, `${b.prefix}.downsample.1`), `${b.prefix}.downsample.1`);
+  }
+  return ops.relu(ops.add(out, residual));
+}
+
+/** Encoder graph: NDHWC image (C = 1) → layer4 features NDHWC. No tidy: call inside tf.tidy or a gradient scope. */
+export function med3dEncoderForward(arch: Med3dArchitecture, params: Params, x: Tensor5D, ops: Med3dOps): Tensor5D {
+  if (x.rank !== 5 || x.shape[4] !== 1) throw new Error(`med3d: input must be NDHWC with one channel, got [${x.shape.join(',')}]`);
+  const get = getter(params);
+  let y = ops.conv3d(x, get('encoder.conv1.weight'), { stride: 2, pad: 3 });
+  y = ops.maxPool(ops.relu(ops.batchNorm(y, bnParams(get, 'encoder.bn1'), 'encoder.bn1')));
+  for (const b of arch.config.blocks) y = block(arch, b, y, get, ops);
+  return y;
+}
+
+export interface HeadForwardOptions {
+  /** Apply the classification head's dropout (training only); needs `seed` for reproducibility. */
+  readonly dropout?: boolean;
+  readonly seed?: number;
+}
+
+/** Head graph: layer4 features → segmentation logits NDHWC (2× the feature size) or class logits [N, classes]. */
+export function med3dHeadForward(arch: Med3dArchitecture, params: Params, feats: Tensor5D, ops: Med3dOps, opts: HeadForwardOptions = {}): Tensor {
+  const get = getter(params);
+  const h = arch.config.head;
+  const tf = ops.tf;
+  if (h.kind === 'segmentation') {
+    let y = ops.convTranspose2x(feats, get('head.conv_seg.0.weight'), get('head.conv_seg.0.bias'));
+    y = ops.relu(ops.batchNorm(y, bnParams(get, 'head.conv_seg.1'), 'head.conv_seg.1'));
+    y = ops.conv3d(y, get('head.conv_seg.3.weight'), { pad: 1 });
+    y = ops.relu(ops.batchNorm(y, bnParams(get, 'head.conv_seg.4'), 'head.conv_seg.4'));
+    return ops.conv3d(y, get('head.conv_seg.6.weight'), {});
+  }
+  let pooled: Tensor = tf.mean(feats, [1, 2, 3]);
+  if (opts.dropout && h.dropout > 0) pooled = tf.dropout(pooled, h.dropout, undefined, opts.seed);
+  return tf.add(tf.matMul(pooled as TfModule.Tensor2D, get('head.fc.weight') as TfModule.Tensor2D), get('head.fc.bias'));
+}
+
+function checkWeights(arch: Med3dArchitecture, weights: TensorBundle, withHead: boolean): void {
+  const specs = arch.params().filter((p) => withHead || p.part === 'encoder');
+  // A head in the bundle is ignored when only embedding; anything else must match exactly, so that e.g. a
+  // shortcut-B checkpoint never runs as an A model with its projection weights silently unused.
+  const used = new Map([...weights].filter(([n]) => withHead || !n.startsWith('head.')));
+  const problem = checkAgainstSpecs(used, specs);
+  if (problem) throw new Error(`weights do not match ${describeMed3d(arch)}: ${problem}`);
+}
+
+function toTensors(tf: Tf, arch: Med3dArchitecture, weights: TensorBundle, withHead: boolean): Map<string, Tensor> {
+  const m = new Map<string, Tensor>();
+  for (const p of arch.params()) {
+    if (!withHead && p.part !== 'encoder') continue;
+    // Copy: the caller's Float32Arrays must never become backend storage.
+    m.set(p.name, tf.tensor(new Float32Array(weights.get(p.name)!.data), [...p.shape]));
+  }
+  return m;
+}
+
+/**
+ * Eval-mode encoder: NDHWC input (C = 1) → layer4 features NDHWC [N, D′, H′, W′, 8P·e]. Only the encoder
+ * tensors of `weights` are used. The caller owns (and disposes) the result.
+ */
+export function med3dEmbed(tf: Tf, arch: Med3dArchitecture, weights: TensorBundle, input: Tensor5D, ops: Med3dOps = createMed3dEvalOps(tf)): Tensor5D {
+  checkWeights(arch, weights, false);
+  const params = toTensors(tf, arch, weights, false);
+  try {
+    return tf.tidy(() => med3dEncoderForward(arch, params, input, ops));
+  } finally {
+    for (const t of params.values()) t.dispose();
+  }
+}
+
+/** Eval-mode encoder + head: segmentation logits NDHWC [N, 2D′, 2H′, 2W′, classes] or class logits [N, classes]. */
+export function med3dPredict(tf: Tf, arch: Med3dArchitecture, weights: TensorBundle, input: Tensor5D, ops: Med3dOps = createMed3dEvalOps(tf)): Tensor {
+  checkWeights(arch, weights, true);
+  const params = toTensors(tf, arch, weights, true);
+  try {
+    return tf.tidy(() => med3dHeadForward(arch, params, med3dEncoderForward(arch, params, input, ops), ops));
+  } finally {
+    for (const t of params.values()) t.dispose();
+  }
+}

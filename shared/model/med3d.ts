@@ -1,0 +1,466 @@
+/**
+ * Med3D / MedicalNet 3D ResNet encoder (Chen, Ma, Zheng 2019; Tencent/MedicalNet models/resnet.py) with
+ * MedicalNet's segmentation head `conv_seg`, or a classification head. Parameter table, deterministic
+ * init and PyTorch <-> MedFL conversion only (no tfjs import); the forward pass is in med3d-forward.ts.
+ *
+ * Layout (exactly MedicalNet's, see /work/shared/reference/methods.md §1):
+ *   conv1   Conv3d 1→P, 7³, stride 2, padding 3, no bias; BN; ReLU        (P = base planes, 64 at full width)
+ *   maxpool 3³, stride 2, padding 1
+ *   layer1  P planes,  stride 1, dilation 1
+ *   layer2  2P planes, stride 2, dilation 1
+ *   layer3  4P planes, stride 1, dilation 2
+ *   layer4  8P planes, stride 1, dilation 4      → features with 8P·e channels at ⅛ of the input size
+ *   BasicBlock (e = 1) for depth 10/18/34, Bottleneck (e = 4, stride on the 3³ conv) for 50/101;
+ *   every 3³ conv has padding = dilation. The first block of a stage gets a shortcut projection when
+ *   stride ≠ 1 or in-channels ≠ planes·e: type A = 1³ average pool with the stride + zero channels
+ *   appended (no parameters), type B = Conv3d 1³ (no bias, with the stride) + BN.
+ *   Segmentation head conv_seg (nn.Sequential indices): 0 ConvTranspose3d(8P·e → Ch, k 2, s 2, bias),
+ *   1 BN, 2 ReLU, 3 Conv3d(Ch → Ch, 3³, pad 1, no bias), 4 BN, 5 ReLU, 6 Conv3d(Ch → classes, 1³, no bias)
+ *   → logits at ¼ of the input size (2× the layer4 size).
+ *   Classification head (not in MedicalNet): global average pool → dropout → dense (with bias).
+ *
+ * Width: base planes P = max(1, round(64·widthMultiplier)) and stage planes P, 2P, 4P, 8P (for multipliers
+ * where 64·m is an integer — 1, 0.5, 0.25, 0.125, 0.0625, … — this is round(planes·m) per stage, and the
+ * width can always be read back from conv1). Head channels Ch default to max(1, round(32·widthMultiplier))
+ * (32 at full width, as MedicalNet) and can be set with head.channels.
+ *
+ * Names: "encoder." + PyTorch state_dict key for the encoder (encoder.conv1.weight, encoder.bn1.running_mean,
+ * encoder.layer2.0.downsample.0.weight, …), "head." + key for the head (head.conv_seg.0.weight, head.fc.weight).
+ * No num_batches_tracked. Layouts are tfjs's: conv [kD,kH,kW,in,out]; ConvTranspose3d for tf.conv3dTranspose
+ * [kD,kH,kW,out,in]; BN vectors [C]; dense [in,out]. PyTorch → MedFL is the permutation (2,3,4,1,0) for both
+ * conv kinds and a transpose for dense (see med3dFromTorch).
+ *
+ * Init (deterministic in the seed, one mulberry32 stream in parameter order, as MedicalNet's init):
+ * Conv3d Kaiming-normal fan_out (std = √(2 / (out·k³))); BN γ = 1, β = 0, running mean 0, var 1;
+ * ConvTranspose3d and dense keep PyTorch's defaults, which MedicalNet does not override: uniform
+ * ±1/√fan_in for weight and bias, fan_in = out·k³ for ConvTranspose3d (PyTorch reads dim 1 of its
+ * [in,out,k,k,k] weight) and in-features for dense (nn.Linear).
+ */
+import { elementCount, makeBundle, type NamedTensor, type TensorBundle } from '../tensors/bundle.ts';
+import { gaussian, mulberry32 } from '../util/random.ts';
+import type { LayerType, ModelArchitecture, ModelPart, ParamInfo } from './types.ts';
+import { mapStateDict, medicalNetIsConvTranspose, medicalNetRename, permute, torchToTfjsPermutation } from '../checkpoints/torch-mapping.ts';
+import type { TorchTensor as CheckpointTensor } from '../checkpoints/pth.ts';
+
+export const MED3D_ID = 'med3d';
+
+export type Med3dDepth = 10 | 18 | 34 | 50 | 101;
+export type Med3dShortcut = 'A' | 'B';
+export const MED3D_DEPTHS: readonly Med3dDepth[] = [10, 18, 34, 50, 101];
+
+export type Med3dHeadOptions =
+  | { readonly kind: 'segmentation'; readonly numClasses: number; /** default max(1, round(32·widthMultiplier)) */ readonly channels?: number }
+  | { readonly kind: 'classification'; readonly numClasses: number; /** dropout before the dense layer in training (default 0) */ readonly dropout?: number };
+
+export interface Med3dOptions {
+  readonly depth: Med3dDepth;
+  /** Shortcut type of the projection blocks (MedicalNet's releases: R10 B, R18 A, R34 A, R50/101 B). */
+  readonly shortcut: Med3dShortcut;
+  /** Scales every width: 1 = MedicalNet (64 base planes), 0.25 → 16, 0.125 → 8 (default 1). */
+  readonly widthMultiplier?: number;
+  readonly head: Med3dHeadOptions;
+  /** Training patch [D, H, W]. The forward pass accepts any input size; see med3dFeatureShape. */
+  readonly patch: readonly [number, number, number];
+}
+
+export type Med3dHead =
+  | { readonly kind: 'segmentation'; readonly numClasses: number; readonly channels: number }
+  | { readonly kind: 'classification'; readonly numClasses: number; readonly dropout: number };
+
+export interface Med3dBlock {
+  /** Name prefix, e.g. "encoder.layer2.0". */
+  readonly prefix: string;
+  /** "layer1".."layer4". */
+  readonly stage: string;
+  readonly inChannels: number;
+  readonly planes: number;
+  readonly outChannels: number;
+  readonly stride: number;
+  readonly dilation: number;
+  /** Shortcut of this block: identity, or a projection of type A (no parameters) or B. */
+  readonly downsample: 'none' | 'A' | 'B';
+}
+
+/** Everything the forward pass needs, resolved from the options. */
+export interface Med3dConfig {
+  readonly depth: Med3dDepth;
+  readonly shortcut: Med3dShortcut;
+  readonly widthMultiplier: number;
+  readonly block: 'basic' | 'bottleneck';
+  readonly expansion: 1 | 4;
+  readonly basePlanes: number;
+  readonly blocksPerStage: readonly [number, number, number, number];
+  readonly blocks: readonly Med3dBlock[];
+  /** Channels of the layer4 output (8·basePlanes·expansion). */
+  readonly featureChannels: number;
+  readonly head: Med3dHead;
+  readonly patch: readonly [number, number, number];
+}
+
+export interface Med3dArchitecture extends ModelArchitecture {
+  readonly config: Med3dConfig;
+}
+
+const STAGE_BLOCKS: Record<Med3dDepth, readonly [number, number, number, number]> = {
+  10: [1, 1, 1, 1],
+  18: [2, 2, 2, 2],
+  34: [3, 4, 6, 3],
+  50: [3, 4, 6, 3],
+  101: [3, 4, 23, 3],
+};
+const STAGE_STRIDES = [1, 2, 1, 1] as const;
+const STAGE_DILATIONS = [1, 1, 2, 4] as const;
+/** PyTorch BatchNorm eps (MedicalNet keeps the default). */
+export const MED3D_BN_EPS = 1e-5;
+
+export function resolveMed3dConfig(opts: Med3dOptions): Med3dConfig {
+  const depth = opts.depth;
+  if (!MED3D_DEPTHS.includes(depth)) throw new Error(`med3d: depth must be one of ${MED3D_DEPTHS.join(', ')}, got ${String(depth)}`);
+  if (opts.shortcut !== 'A' && opts.shortcut !== 'B') throw new Error(`med3d: shortcut must be "A" or "B", got ${String(opts.shortcut)}`);
+  const wm = opts.widthMultiplier ?? 1;
+  if (!(typeof wm === 'number' && Number.isFinite(wm) && wm > 0 && wm <= 16)) throw new Error(`med3d: widthMultiplier must be a number in (0, 16], got ${String(wm)}`);
+  const patch = [...opts.patch] as [number, number, number];
+  if (patch.length !== 3 || patch.some((d) => !Number.isInteger(d) || d < 1)) {
+    throw new Error(`med3d: patch must be three positive integers, got [${opts.patch.join(', ')}]`);
+  }
+  const h = opts.head;
+  if (!h || (h.kind !== 'segmentation' && h.kind !== 'classification')) throw new Error('med3d: head.kind must be "segmentation" or "classification"');
+  if (!Number.isInteger(h.numClasses) || h.numClasses < 1 || h.numClasses > 65535) {
+    throw new Error(`med3d: head.numClasses must be a positive integer, got ${String(h.numClasses)}`);
+  }
+  let head: Med3dHead;
+  if (h.kind === 'segmentation') {
+    if (h.numClasses < 2 || h.numClasses > 255) throw new Error(`med3d: segmentation numClasses must be in 2..255, got ${h.numClasses}`);
+    const channels = h.channels ?? Math.max(1, Math.round(32 * wm));
+    if (!Number.isInteger(channels) || channels < 1) throw new Error(`med3d: head.channels must be a positive integer, got ${String(channels)}`);
+    head = { kind: 'segmentation', numClasses: h.numClasses, channels };
+  } else {
+    const dropout = h.dropout ?? 0;
+    if (!(dropout >= 0 && dropout < 1)) throw new Error(`med3d: head.dropout must be in [0, 1), got ${String(dropout)}`);
+    head = { kind: 'classification', numClasses: h.numClasses, dropout };
+  }
+
+  const bottleneck = depth >= 50;
+  const expansion = bottleneck ? 4 : 1;
+  const base = Math.max(1, Math.round(64 * wm));
+  const counts = STAGE_BLOCKS[depth];
+  const blocks: Med3dBlock[] = [];
+  let inplanes = base;
+  for (let s = 0; s < 4; s++) {
+    const planes = base << s;
+    const out = planes * expansion;
+    for (let b = 0; b < counts[s]; b++) {
+      const first = b === 0;
+      const stride = first ? STAGE_STRIDES[s] : 1;
+      const project = first && (stride !== 1 || inplanes !== out);
+      blocks.push({
+        prefix: `encoder.layer${s + 1}.${b}`,
+        stage: `layer${s + 1}`,
+        inChannels: inplanes,
+        planes,
+        outChannels: out,
+        stride,
+        dilation: STAGE_DILATIONS[s],
+        downsample: project ? opts.shortcut : 'none',
+      });
+      inplanes = out;
+    }
+  }
+  return {
+    depth,
+    shortcut: opts.shortcut,
+    widthMultiplier: wm,
+    block: bottleneck ? 'bottleneck' : 'basic',
+    expansion,
+    basePlanes: base,
+    blocksPerStage: counts,
+    blocks,
+    featureChannels: inplanes,
+    head,
+    patch,
+  };
+}
+
+/** Spatial size after a conv/pool with kernel k, stride s, symmetric padding p, dilation d (PyTorch formula). */
+function convOut(size: number, k: number, s: number, p: number, d = 1): number {
+  return Math.floor((size + 2 * p - d * (k - 1) - 1) / s) + 1;
+}
+
+/** Layer4 output [D', H', W', C] for an input of spatial size [D, H, W] (⌈⌈⌈D/2⌉/2⌉/2⌉ per axis). */
+export function med3dFeatureShape(config: Med3dConfig, input: readonly [number, number, number]): [number, number, number, number] {
+  const sp = input.map((v) => convOut(convOut(convOut(v, 7, 2, 3), 3, 2, 1), 3, 2, 1)) as [number, number, number];
+  return [...sp, config.featureChannels];
+}
+
+/** Head output: [2D', 2H', 2W', classes] for segmentation (¼ of the input when it divides by 8), [classes] for classification. */
+export function med3dOutputShape(config: Med3dConfig, input: readonly [number, number, number]): number[] {
+  const [d, h, w] = med3dFeatureShape(config, input);
+  return config.head.kind === 'segmentation' ? [2 * d, 2 * h, 2 * w, config.head.numClasses] : [config.head.numClasses];
+}
+
+type InitKind =
+  | { kind: 'kaiming'; fanOut: number }
+  | { kind: 'uniform'; bound: number }
+  | { kind: 'const'; value: number };
+
+interface ParamDef extends ParamInfo {
+  readonly init: InitKind;
+}
+
+function buildParams(cfg: Med3dConfig): ParamDef[] {
+  const defs: ParamDef[] = [];
+  const add = (name: string, shape: number[], part: ModelPart, layerType: LayerType, stage: string, trainable: boolean, init: InitKind) =>
+    defs.push({ name, shape, dtype: 'F32', part, layerType, stage, trainable, init });
+  const conv = (name: string, k: number, cin: number, cout: number, part: ModelPart, stage: string) =>
+    add(`${name}.weight`, [k, k, k, cin, cout], part, 'conv', stage, true, { kind: 'kaiming', fanOut: cout * k * k * k });
+  const bn = (name: string, c: number, part: ModelPart, stage: string) => {
+    add(`${name}.weight`, [c], part, 'norm', stage, true, { kind: 'const', value: 1 });
+    add(`${name}.bias`, [c], part, 'norm', stage, true, { kind: 'const', value: 0 });
+    add(`${name}.running_mean`, [c], part, 'norm', stage, false, { kind: 'const', value: 0 });
+    add(`${name}.running_var`, [c], part, 'norm', stage, false, { kind: 'const', value: 1 });
+  };
+
+  conv('encoder.conv1', 7, 1, cfg.basePlanes, 'encoder', 'stem');
+  bn('encoder.bn1', cfg.basePlanes, 'encoder', 'stem');
+  for (const b of cfg.blocks) {
+    const e = 'encoder';
+    if (cfg.block === 'basic') {
+      conv(`${b.prefix}.conv1`, 3, b.inChannels, b.planes, e, b.stage);
+      bn(`${b.prefix}.bn1`, b.planes, e, b.stage);
+      conv(`${b.prefix}.conv2`, 3, b.planes, b.planes, e, b.stage);
+      bn(`${b.prefix}.bn2`, b.planes, e, b.stage);
+    } else {
+      conv(`${b.prefix}.conv1`, 1, b.inChannels, b.planes, e, b.stage);
+      bn(`${b.prefix}.bn1`, b.planes, e, b.stage);
+      conv(`${b.prefix}.conv2`, 3, b.planes, b.planes, e, b.stage);
+      bn(`${b.prefix}.bn2`, b.planes, e, b.stage);
+      conv(`${b.prefix}.conv3`, 1, b.planes, b.outChannels, e, b.stage);
+      bn(`${b.prefix}.bn3`, b.outChannels, e, b.stage);
+    }
+    if (b.downsample === 'B') {
+      conv(`${b.prefix}.downsample.0`, 1, b.inChannels, b.outChannels, e, b.stage);
+      bn(`${b.prefix}.downsample.1`, b.outChannels, e, b.stage);
+    }
+  }
+
+  const h = cfg.head;
+  if (h.kind === 'segmentation') {
+    const ch = h.channels;
+    const fanIn = ch * 8; // PyTorch's fan_in for a ConvTranspose3d weight [in, out, 2, 2, 2] is out·k³
+    const bound = 1 / Math.sqrt(fanIn);
+    add('head.conv_seg.0.weight', [2, 2, 2, ch, cfg.featureChannels], 'head', 'conv', 'head', true, { kind: 'uniform', bound });
+    add('head.conv_seg.0.bias', [ch], 'head', 'conv', 'head', true, { kind: 'uniform', bound });
+    bn('head.conv_seg.1', ch, 'head', 'head');
+    conv('head.conv_seg.3', 3, ch, ch, 'head', 'head');
+    bn('head.conv_seg.4', ch, 'head', 'head');
+    conv('head.conv_seg.6', 1, ch, h.numClasses, 'head', 'head');
+  } else {
+    const bound = 1 / Math.sqrt(cfg.featureChannels);
+    add('head.fc.weight', [cfg.featureChannels, h.numClasses], 'head', 'dense', 'head', true, { kind: 'uniform', bound });
+    add('head.fc.bias', [h.numClasses], 'head', 'dense', 'head', true, { kind: 'uniform', bound });
+  }
+  return defs;
+}
+
+export function createMed3d(opts: Med3dOptions): Med3dArchitecture {
+  const config = resolveMed3dConfig(opts);
+  const defs = buildParams(config);
+  const params: readonly ParamInfo[] = Object.freeze(
+    defs.map(({ name, shape, dtype, part, layerType, stage, trainable }) => Object.freeze({ name, shape: Object.freeze([...shape]), dtype, part, layerType, stage, trainable })),
+  );
+  return {
+    id: MED3D_ID,
+    numClasses: config.head.numClasses,
+    patchShape: config.patch,
+    config,
+    params: () => params,
+    init(seed: number): TensorBundle {
+      const rng = mulberry32(seed);
+      const tensors: NamedTensor[] = [];
+      for (const d of defs) {
+        const data = new Float32Array(elementCount(d.shape));
+        const init = d.init;
+        if (init.kind === 'kaiming') {
+          const std = Math.sqrt(2 / init.fanOut);
+          for (let i = 0; i < data.length; i++) data[i] = gaussian(rng) * std;
+        } else if (init.kind === 'uniform') {
+          for (let i = 0; i < data.length; i++) data[i] = (2 * rng() - 1) * init.bound;
+        } else if (init.value !== 0) {
+          data.fill(init.value);
+        }
+        tensors.push({ name: d.name, dtype: 'F32', shape: [...d.shape], data });
+      }
+      return makeBundle(tensors);
+    },
+  };
+}
+
+/** Parameters of the encoder only (what med3dEmbed needs). */
+export function med3dEncoderParams(arch: ModelArchitecture): ParamInfo[] {
+  return arch.params().filter((p) => p.part === 'encoder');
+}
+
+/** Counts comparable with methods.md §1.4 (its "params" are PyTorch model.parameters(), its "entries" state_dict keys). */
+export function med3dCounts(arch: ModelArchitecture, part?: ModelPart): { trainable: number; all: number; entries: number; torchEntries: number } {
+  const ps = arch.params().filter((p) => part === undefined || p.part === part);
+  let trainable = 0;
+  let all = 0;
+  for (const p of ps) {
+    const n = elementCount(p.shape);
+    all += n;
+    if (p.trainable) trainable += n;
+  }
+  const bnLayers = ps.filter((p) => p.name.endsWith('.running_mean')).length;
+  return { trainable, all, entries: ps.length, torchEntries: ps.length + bnLayers };
+}
+
+// -------------------------------------------------------------------------------------------------
+// PyTorch state_dict <-> MedFL names and layouts
+
+/** A named tensor in PyTorch names and layouts (as read from a state_dict saved as safetensors). */
+export interface TorchTensor {
+  readonly name: string;
+  readonly shape: readonly number[];
+  readonly data: Float32Array;
+}
+
+/** PyTorch key (DataParallel "module." prefix allowed) → MedFL name; undefined for num_batches_tracked. */
+export function med3dNameFromTorch(key: string): string | undefined {
+  return medicalNetRename(key.startsWith('module.') ? key.slice('module.'.length) : key);
+}
+
+/** MedFL name → PyTorch key (without "module."). */
+export function med3dNameToTorch(name: string): string {
+  if (name.startsWith('encoder.')) return name.slice('encoder.'.length);
+  if (name.startsWith('head.')) return name.slice('head.'.length);
+  throw new Error(`med3d: "${name}" is not a Med3D parameter name (expected encoder.* or head.*)`);
+}
+
+export { permute };
+
+const CONV_FROM_TF = [4, 3, 0, 1, 2] as const;
+
+export interface FromTorchOptions {
+  /** Convert only the encoder and ignore head keys (default false: every key must match the architecture). */
+  readonly encoderOnly?: boolean;
+}
+
+/**
+ * PyTorch state_dict tensors (MedicalNet names and layouts, "module." and num_batches_tracked allowed) →
+ * a MedFL bundle for `arch`, through the checkpoint mapping (shared/checkpoints/torch-mapping.ts): one
+ * error lists every missing, unexpected and mis-shaped key (MedicalNet's own loader silently skips them).
+ */
+export function med3dFromTorch(arch: ModelArchitecture, tensors: Iterable<TorchTensor>, opts: FromTorchOptions = {}): TensorBundle {
+  const byKey = new Map<string, CheckpointTensor>();
+  for (const t of tensors) {
+    if (elementCount(t.shape) !== t.data.length) throw new Error(`med3d: "${t.name}" has shape [${t.shape.join(',')}] but ${t.data.length} values`);
+    byKey.set(t.name, { dtype: 'float32', shape: t.shape, strides: contiguousStrides(t.shape), data: t.data });
+  }
+  const expected = arch.params().filter((p) => !opts.encoderOnly || p.part === 'encoder');
+  return mapStateDict(byKey, expected, {
+    rename: (key) => {
+      const name = med3dNameFromTorch(key);
+      return opts.encoderOnly && name?.startsWith('head.') ? undefined : name;
+    },
+    convTranspose: medicalNetIsConvTranspose,
+  });
+}
+
+function contiguousStrides(shape: readonly number[]): number[] {
+  const strides = new Array<number>(shape.length);
+  let s = 1;
+  for (let i = shape.length - 1; i >= 0; i--) {
+    strides[i] = s;
+    s *= shape[i];
+  }
+  return strides;
+}
+
+/** A MedFL bundle → PyTorch state_dict tensors (keys without "module.", no num_batches_tracked). */
+export function med3dToTorch(bundle: TensorBundle): TorchTensor[] {
+  return [...bundle.values()].map((t) => {
+    let conv: { shape: readonly number[]; data: Float32Array } = { shape: t.shape, data: new Float32Array(t.data) };
+    if (t.shape.length === 5) conv = permute(t.data, t.shape, CONV_FROM_TF);
+    else if (t.shape.length === 2) conv = permute(t.data, t.shape, [1, 0]);
+    return { name: med3dNameToTorch(t.name), shape: [...conv.shape], data: conv.data };
+  });
+}
+
+export function describeMed3d(arch: ModelArchitecture): string {
+  const c = (arch as Partial<Med3dArchitecture>).config;
+  if (!c) return arch.id;
+  const head = c.head.kind === 'segmentation' ? `seg head ${c.head.numClasses} classes/${c.head.channels} ch` : `classification head ${c.head.numClasses} classes`;
+  return `Med3D ResNet-${c.depth}-${c.shortcut} ×${c.widthMultiplier} (${c.basePlanes} base planes, ${head})`;
+}
+
+// -------------------------------------------------------------------------------------------------
+// Architecture in model files
+
+/**
+ * safetensors __metadata__ for a Med3D model file: `architecture: "med3d"` and `med3d:` JSON of
+ * {depth, shortcut, widthMultiplier, head, patch}; `format: "medfl"` (MedFL names and layouts) unless
+ * the file holds a PyTorch state_dict (`format: "pytorch-state-dict"`, as scripts/make_med3d_fixtures.py writes).
+ */
+export function med3dMetadata(arch: Med3dArchitecture, format: 'medfl' | 'pytorch-state-dict' = 'medfl'): Record<string, string> {
+  const c = arch.config;
+  return {
+    format,
+    architecture: MED3D_ID,
+    med3d: JSON.stringify({ depth: c.depth, shortcut: c.shortcut, widthMultiplier: c.widthMultiplier, head: c.head, patch: c.patch }),
+  };
+}
+
+/** Options recorded in a file's metadata (any subset), or undefined when it names no Med3D architecture. */
+export function med3dOptionsFromMetadata(meta: Readonly<Record<string, string>>): Partial<Med3dOptions> | undefined {
+  if (meta.architecture !== undefined && meta.architecture !== MED3D_ID) {
+    throw new Error(`model file is for architecture "${meta.architecture}", not ${MED3D_ID}`);
+  }
+  if (meta.med3d === undefined) return undefined;
+  let raw: Record<string, unknown>;
+  try {
+    raw = JSON.parse(meta.med3d) as Record<string, unknown>;
+  } catch (e) {
+    throw new Error(`model file metadata "med3d" is not JSON: ${(e as Error).message}`);
+  }
+  const out: { -readonly [K in keyof Med3dOptions]?: Med3dOptions[K] } = {};
+  if (raw.depth !== undefined) out.depth = Number(raw.depth) as Med3dDepth;
+  if (raw.shortcut !== undefined) out.shortcut = String(raw.shortcut) as Med3dShortcut;
+  if (raw.widthMultiplier !== undefined) out.widthMultiplier = Number(raw.widthMultiplier);
+  if (raw.head && typeof raw.head === 'object') out.head = raw.head as Med3dHeadOptions;
+  if (Array.isArray(raw.patch) && raw.patch.length === 3) out.patch = raw.patch.map(Number) as [number, number, number];
+  return out;
+}
+
+/**
+ * The architecture read off the tensors themselves (MedFL names, tfjs layouts): depth from the blocks per
+ * stage and the block type, shortcut from layer2's projection, width from conv1, head from its tensors.
+ */
+export function inferMed3dOptions(specs: Iterable<{ readonly name: string; readonly shape: readonly number[] }>): Partial<Med3dOptions> {
+  const shapes = new Map<string, readonly number[]>();
+  for (const s of specs) shapes.set(s.name, s.shape);
+  const out: { -readonly [K in keyof Med3dOptions]?: Med3dOptions[K] } = {};
+  const c1 = shapes.get('encoder.conv1.weight');
+  if (c1 && c1.length === 5) out.widthMultiplier = c1[4] / 64;
+  const counts = [1, 2, 3, 4].map((s) => {
+    let n = 0;
+    while (shapes.has(`encoder.layer${s}.${n}.conv1.weight`)) n++;
+    return n;
+  });
+  const bottleneck = shapes.has('encoder.layer1.0.conv3.weight');
+  for (const d of MED3D_DEPTHS) {
+    if ((d >= 50) === bottleneck && STAGE_BLOCKS[d].every((n, i) => n === counts[i])) out.depth = d;
+  }
+  if (counts[1] > 0) out.shortcut = shapes.has('encoder.layer2.0.downsample.0.weight') ? 'B' : 'A';
+  const seg = shapes.get('head.conv_seg.6.weight');
+  const fc = shapes.get('head.fc.weight');
+  if (seg && seg.length === 5) out.head = { kind: 'segmentation', numClasses: seg[4], channels: seg[3] };
+  else if (fc && fc.length === 2) out.head = { kind: 'classification', numClasses: fc[1] };
+  return out;
+}
+
+/** Name and shape a PyTorch tensor will have in MedFL (undefined for num_batches_tracked); for inference before conversion. */
+export function med3dSpecFromTorch(t: { readonly name: string; readonly shape: readonly number[] }): { name: string; shape: number[] } | undefined {
+  const name = med3dNameFromTorch(t.name);
+  if (name === undefined) return undefined;
+  return { name, shape: torchToTfjsPermutation(t.shape.length).map((p) => t.shape[p]) };
+}
