@@ -19,6 +19,14 @@ describe('safetensors', () => {
     expect(metadata).toEqual({ round: '3' });
   });
 
+  it('can return views into the buffer instead of copies', () => {
+    const buf = encodeSafetensors(bundle());
+    const viewed = decodeSafetensors(buf, { views: true }).bundle.get('b.bias')!.data;
+    expect(viewed.buffer).toBe(buf.buffer);
+    expect([...viewed]).toEqual([1, -2, 3.5]);
+    expect(decodeSafetensors(buf).bundle.get('b.bias')!.data.buffer).not.toBe(buf.buffer);
+  });
+
   it('is byte-identical for the same content whatever the insertion order', () => {
     const b1 = bundle();
     const b2 = makeBundle([...b1.values()].reverse());

@@ -2,56 +2,92 @@
  * FedAvg (McMahan et al.): the new shared weights are the sample-weighted mean of the sites' weights.
  * One float32 accumulator per tensor, reused across the round: memory is one model, whatever the site count.
  */
-import { makeBundle, type NamedTensor, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
+import { elementCount, makeBundle, type NamedTensor, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
+import { createSimdArena, type SimdArena } from './simd-axpy.ts';
 import type { AggregationStrategy, RoundAggregator, UpdateInfo } from './strategy.ts';
 
 export class FedAvg implements AggregationStrategy {
   readonly name = 'fedavg';
+  /** Kept across rounds: refilling memory costs milliseconds, faulting in fresh pages ~0.5 s per 132 MB. */
+  private arena: SimdArena | undefined;
 
   begin(_current: TensorBundle, specs: readonly TensorSpec[]): RoundAggregator {
-    return new WeightedMeanAggregator(specs);
+    const agg = new WeightedMeanAggregator(specs, { arena: this.arena });
+    this.arena = agg.simdArena;
+    return agg;
   }
 }
 
 export class WeightedMeanAggregator implements RoundAggregator {
-  private readonly sums = new Map<string, Float32Array>();
+  /** Where each tensor's running sum starts in the flat accumulator. */
+  private readonly offsets = new Map<string, { off: number; n: number }>();
+  private readonly total: number;
+  /** WebAssembly SIMD arena when available (sums + one staging copy), else plain per-tensor sums. */
+  private readonly arena: SimdArena | undefined = undefined;
+  private readonly sums: Float32Array;
   private totalWeight = 0;
   count = 0;
 
-  constructor(private readonly specs: readonly TensorSpec[]) {
+  constructor(private readonly specs: readonly TensorSpec[], opts: { simd?: boolean; arena?: SimdArena } = {}) {
+    let off = 0;
     for (const s of specs) {
-      let n = 1;
-      for (const d of s.shape) n *= d;
-      this.sums.set(s.name, new Float32Array(n));
+      const n = elementCount(s.shape);
+      this.offsets.set(s.name, { off, n });
+      off += n;
     }
+    this.total = off;
+    if (opts.simd !== false) this.arena = opts.arena?.floats === off ? opts.arena : createSimdArena(off);
+    this.sums = this.arena ? this.arena.mem.subarray(0, off) : new Float32Array(off);
+    if (this.arena && opts.arena === this.arena) this.sums.fill(0); // a reused arena holds last round's sums
+  }
+
+  /** The arena, so a strategy can hand it to the next round's aggregator. */
+  get simdArena(): SimdArena | undefined {
+    return this.arena;
+  }
+
+  /** Which loop folds updates, for logs and benchmarks. */
+  get kernel(): 'wasm-simd' | 'js' {
+    return this.arena ? 'wasm-simd' : 'js';
   }
 
   add(update: TensorBundle, info: UpdateInfo): void {
     if (!(info.numSamples > 0)) throw new Error(`update from ${info.site} has no samples; it cannot carry FedAvg weight`);
     const w = info.numSamples;
-    for (const [name, acc] of this.sums) {
+    for (const [name, { n }] of this.offsets) {
       const t = update.get(name);
-      if (!t || t.data.length !== acc.length) throw new Error(`update from ${info.site} lacks tensor ${name} or has the wrong size`);
-      axpy(acc, t.data, w);
+      if (!t || t.data.length !== n) throw new Error(`update from ${info.site} lacks tensor ${name} or has the wrong size`);
+    }
+    for (const [name, { off, n }] of this.offsets) {
+      const x = update.get(name)!.data;
+      if (this.arena) {
+        // One copy into wasm memory at memcpy speed, then the f32x4 loop.
+        this.arena.mem.set(x, this.total + off);
+        this.arena.axpyFromStaging(off, n, w);
+      } else {
+        axpy(this.sums.subarray(off, off + n), x, w);
+      }
     }
     this.totalWeight += w;
     this.count++;
   }
 
+  /** The mean, as views into the sums (no model-sized copy): valid until the strategy's next begin(). */
   finish(): TensorBundle {
     if (this.count === 0) throw new Error('no updates to aggregate');
     const inv = 1 / this.totalWeight;
     const out: NamedTensor[] = [];
     for (const s of this.specs) {
-      const acc = this.sums.get(s.name)!;
-      for (let i = 0; i < acc.length; i++) acc[i] *= inv;
-      out.push({ name: s.name, dtype: 'F32', shape: [...s.shape], data: acc });
+      const { off, n } = this.offsets.get(s.name)!;
+      const data = this.sums.subarray(off, off + n);
+      for (let i = 0; i < n; i++) data[i] *= inv;
+      out.push({ name: s.name, dtype: 'F32', shape: [...s.shape], data });
     }
     return makeBundle(out);
   }
 }
 
-/** acc += w·x, unrolled by 4: the simple loop shape V8 compiles best (see baselines.md, 1–12 GB/s by loop shape). */
+/** acc += w·x in plain JS, unrolled by 4 (the fallback where wasm SIMD is missing; ~3 GB/s here). */
 export function axpy(acc: Float32Array, x: Float32Array, w: number): void {
   const n = x.length;
   const n4 = n - (n % 4);

@@ -14,7 +14,10 @@ export interface RoundAggregator {
   /** Folds one validated update in. Must not keep a reference to `update`'s arrays. */
   add(update: TensorBundle, info: UpdateInfo): void;
   readonly count: number;
-  /** The new shared weights; call once, after the last add. */
+  /**
+   * The new shared weights; call once, after the last add. The tensors may share memory with the
+   * strategy (no model-sized copy), so consume them before the strategy's next begin().
+   */
   finish(): TensorBundle;
 }
 

@@ -2,12 +2,13 @@
  * Global model versions as immutable files named by their SHA-256: a site that asks for a hash always
  * gets exactly that snapshot, never a mix of two rounds.
  */
-import { existsSync, statSync, mkdirSync, readFileSync } from 'node:fs';
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { encodeSafetensors, decodeSafetensors } from '../../shared/tensors/safetensors.ts';
+import { createHash, randomBytes } from 'node:crypto';
+import { decodeSafetensors, writeSafetensors } from '../../shared/tensors/safetensors.ts';
 import type { TensorBundle } from '../../shared/tensors/bundle.ts';
 import { sha256Hex, SHA256_HEX } from '../../shared/util/hash.ts';
-import { writeFileAtomic } from '../../shared/util/fs-atomic.ts';
+import { fsyncDir } from '../../shared/util/fs-atomic.ts';
 
 export class ModelFiles {
   constructor(readonly dir: string) {
@@ -19,13 +20,33 @@ export class ModelFiles {
     return join(this.dir, `${hash}.safetensors`);
   }
 
-  /** Writes (or finds) the snapshot; returns its hash, path and size. Same content ⇒ same file. */
+  /**
+   * Writes (or finds) the snapshot; returns its hash, path and size. Same content ⇒ same file.
+   * Streams tensor by tensor into a temp file while hashing (no model-sized buffer), fsyncs, then
+   * renames it to its hash: readers never see a half-written version.
+   */
   save(bundle: TensorBundle, metadata: Record<string, string>): { hash: string; path: string; sizeBytes: number } {
-    const bytes = encodeSafetensors(bundle, metadata);
-    const hash = sha256Hex(bytes);
+    const tmp = join(this.dir, `.incoming-${randomBytes(6).toString('hex')}.tmp`);
+    const h = createHash('sha256');
+    const fd = openSync(tmp, 'w', 0o644);
+    let sizeBytes: number;
+    try {
+      sizeBytes = writeSafetensors(fd, bundle, metadata, (b) => h.update(b));
+      fsyncSync(fd);
+    } catch (e) {
+      closeSync(fd);
+      rmSync(tmp, { force: true });
+      throw e;
+    }
+    closeSync(fd);
+    const hash = h.digest('hex');
     const path = this.pathFor(hash);
-    if (!existsSync(path)) writeFileAtomic(path, bytes);
-    return { hash, path, sizeBytes: bytes.length };
+    if (existsSync(path)) rmSync(tmp, { force: true });
+    else {
+      renameSync(tmp, path);
+      fsyncDir(this.dir);
+    }
+    return { hash, path, sizeBytes };
   }
 
   load(hash: string): TensorBundle {

@@ -43,7 +43,6 @@ export interface RoundEngineOptions {
 
 interface OpenRound {
   row: RoundRow;
-  base: TensorBundle;
   aggregator: RoundAggregator;
   reported: Set<string>;
   timer?: NodeJS.Timeout;
@@ -149,16 +148,21 @@ export class RoundEngine {
   }
 
   /**
-   * Called after an update has been validated and durably recorded in the store. Folds it in and
-   * closes the round when every selected site has reported.
+   * Folds an update that has been validated and durably recorded in the store into the running
+   * aggregate. Synchronous; callers run it inside serialised(), so one model-sized fold at a time.
    */
-  async accepted(row: UpdateRow, update: TensorBundle): Promise<void> {
+  fold(row: UpdateRow, update: TensorBundle): boolean {
+    const open = this.open;
+    if (!open || open.row.round !== row.round) return false;
+    open.aggregator.add(pick(update, this.shared), { site: row.site, numSamples: row.numSamples });
+    open.reported.add(row.site);
+    return true;
+  }
+
+  /** After fold(): announces the update and closes the round when every selected site has reported. */
+  async accepted(row: UpdateRow): Promise<void> {
     const open = this.open;
     if (!open || open.row.round !== row.round) return;
-    await this.serialised(() => {
-      open.aggregator.add(pick(update, this.shared), { site: row.site, numSamples: row.numSamples });
-      open.reported.add(row.site);
-    });
     this.emit('update.accepted', { round: row.round, site: row.site, samples: row.numSamples, updateHash: row.sha256 });
     this.o.log.info({ round: row.round, site: row.site, samples: row.numSamples, reported: open.reported.size, selected: open.row.selected.length }, 'update accepted');
     if (open.row.selected.every((s) => open.reported.has(s))) await this.closeRound(open, 'all selected sites reported');
@@ -180,19 +184,19 @@ export class RoundEngine {
 
   private resume(row: RoundRow): void {
     const { store, models, strategy, log } = this.o;
-    const base = models.load(row.baseModelHash);
-    const aggregator = strategy.begin(base, this.shared);
+    // The base model is handed to the strategy and not kept here: a strategy that needs it keeps it.
+    const aggregator = strategy.begin(models.load(row.baseModelHash), this.shared);
     const reported = new Set<string>();
     for (const u of store.updatesForRound(row.round)) {
       // Accepted updates were stored before their ack, so re-folding them reproduces the running sum exactly.
-      const bundle = decodeSafetensors(readFileSync(u.path)).bundle;
+      const bundle = decodeSafetensors(readFileSync(u.path), { views: true }).bundle;
       aggregator.add(pick(bundle, this.shared), { site: u.site, numSamples: u.numSamples });
       reported.add(u.site);
     }
     const grace = this.o.resumeGraceMs ?? Math.min(60_000, this.o.plan.roundDeadlineSeconds * 500);
     const deadlineAt = Math.max(row.deadlineAt, Date.now() + grace);
     if (deadlineAt !== row.deadlineAt) store.extendDeadline(row.round, deadlineAt);
-    this.open = { row: { ...row, deadlineAt }, base, aggregator, reported, closing: false };
+    this.open = { row: { ...row, deadlineAt }, aggregator, reported, closing: false };
     log.info({ round: row.round, reported: reported.size, selected: row.selected.length }, 'resumed open round after restart');
     if (row.selected.every((s) => reported.has(s))) {
       void this.closeRound(this.open, 'all selected sites had reported before the restart');
@@ -257,8 +261,7 @@ export class RoundEngine {
       note: null,
     };
     store.openRound(row);
-    const base = this.o.models.load(row.baseModelHash);
-    this.open = { row, base, aggregator: this.o.strategy.begin(base, this.shared), reported: new Set(), closing: false };
+    this.open = { row, aggregator: this.o.strategy.begin(this.o.models.load(row.baseModelHash), this.shared), reported: new Set(), closing: false };
     this.emit('round.started', { round: row.round, selected, model: row.baseModelHash });
     log.info({ round: row.round, selected, model: row.baseModelHash.slice(0, 12) }, 'round started');
     for (const s of selected) this.connected.get(s)?.send(this.trainTask(row, s));

@@ -195,7 +195,7 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         const h = header;
         partial = undefined;
         engine
-          .serialised(() => {
+          .serialised(async () => {
             const received = receiver.finish(p, site);
             // Re-check: the round may have closed while the bytes were travelling.
             const problem = engine.admissionProblem(site, h.round, h.baseModelHash);
@@ -204,15 +204,22 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
               throw new UploadRefused(problem);
             }
             const row = { updateId: h.updateId, round: h.round, site, numSamples: h.numSamples, sha256: h.sha256, path: received.path, sizeBytes: h.totalSize, acceptedAt: Date.now() };
-            // The store row is the commit point; the ack below goes out only after it is written.
+            // The store row is the commit point; the ack goes out only after it is written.
             store.insertUpdate(row);
-            return { row, bundle: received.bundle };
+            answer({ updateId: h.updateId, accepted: true });
+            // Let the ack reach the socket before the model-sized, synchronous fold. The fold stays in this
+            // serialised job: the bundle views the receiver's scratch buffer, which the next finish() reuses.
+            await new Promise((r) => setImmediate(r));
+            try {
+              engine.fold(row, received.bundle);
+            } catch (e) {
+              // Stored and acknowledged, so it counts: a restart re-folds it from disk.
+              log.error({ site, round: row.round, err: (e as Error).message }, 'folding an accepted update failed; restart the coordinator to re-fold it');
+            }
+            return row;
           })
           .then(
-            async ({ row, bundle }) => {
-              answer({ updateId: h.updateId, accepted: true });
-              await engine.accepted(row, bundle);
-            },
+            (row) => engine.accepted(row),
             (e: Error) => refuse(e instanceof UploadRefused ? e.message : `upload failed: ${e.message}`),
           )
           .catch((e: Error) => log.error({ err: e.message }, 'aggregation step failed'));

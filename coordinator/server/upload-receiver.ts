@@ -4,7 +4,7 @@
  * Anything refused or cut off is deleted, so a dropped upload leaves no trace.
  */
 import { createHash, randomUUID } from 'node:crypto';
-import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, unlinkSync, writeSync, readdirSync } from 'node:fs';
+import { closeSync, fsyncSync, mkdirSync, openSync, readSync, renameSync, rmSync, unlinkSync, writeSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { decodeSafetensors } from '../../shared/tensors/safetensors.ts';
@@ -71,7 +71,33 @@ export class UploadReceiver {
     return new PartialUpload(header, join(this.partialDir, `${randomUUID()}.part`));
   }
 
-  /** Validates a complete partial upload and moves it into place. Throws UploadRefused with a reason. */
+  /**
+   * One read buffer for every upload, reused: a fresh model-sized buffer per update would leave several
+   * alive until the GC runs (5× one model measured, bench/README.md). Callers serialise finish() and the
+   * fold, so the views handed out are consumed before the next finish() overwrites them.
+   */
+  private scratch: Buffer | undefined;
+
+  private readIntoScratch(path: string, size: number): Buffer {
+    if (!this.scratch || this.scratch.length < size) this.scratch = Buffer.allocUnsafe(size);
+    const buf = this.scratch.subarray(0, size);
+    const fd = openSync(path, 'r');
+    try {
+      for (let off = 0; off < size; ) {
+        const n = readSync(fd, buf, off, size - off, off);
+        if (n === 0) throw new UploadRefused(`stored upload is shorter than the ${size} bytes received`);
+        off += n;
+      }
+    } finally {
+      closeSync(fd);
+    }
+    return buf;
+  }
+
+  /**
+   * Validates a complete partial upload and moves it into place. Throws UploadRefused with a reason.
+   * The returned bundle views the receiver's scratch buffer: use it before the next finish().
+   */
   finish(p: PartialUpload, site: string): ReceivedUpdate {
     try {
       p.close();
@@ -79,10 +105,10 @@ export class UploadReceiver {
       if (p.received !== h.totalSize) throw new UploadRefused(`upload ended after ${p.received} of ${h.totalSize} bytes`);
       const digest = p.digest();
       if (digest !== h.sha256) throw new UploadRefused(`hash mismatch: received bytes hash to ${digest.slice(0, 16)}…, header says ${h.sha256.slice(0, 16)}…`);
-      const bytes = readFileSync(p.path);
+      const bytes = this.readIntoScratch(p.path, p.received);
       let bundle: TensorBundle;
       try {
-        bundle = decodeSafetensors(bytes).bundle;
+        bundle = decodeSafetensors(bytes, { views: true }).bundle;
       } catch (e) {
         throw new UploadRefused(`payload is not a valid safetensors bundle: ${(e as Error).message}`);
       }

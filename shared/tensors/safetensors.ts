@@ -3,7 +3,8 @@
  * written and read here so that numpy/PyTorch users can open every model and update file as is.
  * Reading validates everything: header size, offsets that tile the buffer exactly, shapes, dtypes.
  */
-import { type NamedTensor, type TensorBundle, elementCount, makeBundle } from './bundle.ts';
+import { writeSync } from 'node:fs';
+import { type NamedTensor, type TensorBundle, type TensorSpec, elementCount, makeBundle } from './bundle.ts';
 
 const MAX_HEADER_BYTES = 100 * 1024 * 1024;
 const DTYPE_BYTES: Record<string, number> = { F32: 4 };
@@ -12,14 +13,19 @@ export class SafetensorsError extends Error {
   override name = 'SafetensorsError';
 }
 
-export function encodeSafetensors(bundle: TensorBundle, metadata: Record<string, string> = {}): Buffer {
+/**
+ * The JSON header (padded so data starts 8-byte aligned) for tensors of these specs, in name order,
+ * and the size of the data section. Sizes follow from specs alone, so limits need no model-sized buffer.
+ */
+export function safetensorsLayout(specs: Iterable<TensorSpec>, metadata: Record<string, string> = {}): { header: Buffer; dataBytes: number; names: string[] } {
   const header: Record<string, unknown> = {};
   if (Object.keys(metadata).length > 0) header.__metadata__ = metadata;
+  const byName = new Map([...specs].map((t) => [t.name, t]));
+  const names = [...byName.keys()].sort();
   let offset = 0;
-  const names = [...bundle.keys()].sort();
   for (const name of names) {
-    const t = bundle.get(name)!;
-    const bytes = t.data.length * DTYPE_BYTES[t.dtype];
+    const t = byName.get(name)!;
+    const bytes = elementCount(t.shape) * DTYPE_BYTES[t.dtype];
     header[name] = { dtype: t.dtype, shape: [...t.shape], data_offsets: [offset, offset + bytes] };
     offset += bytes;
   }
@@ -27,19 +33,45 @@ export function encodeSafetensors(bundle: TensorBundle, metadata: Record<string,
   // Pad with spaces so the data section starts 8-byte aligned (allowed by the format, helps zero-copy readers).
   const pad = (8 - ((8 + Buffer.byteLength(json)) % 8)) % 8;
   json += ' '.repeat(pad);
-  const headerBytes = Buffer.from(json, 'utf8');
-  const out = Buffer.allocUnsafe(8 + headerBytes.length + offset);
-  out.writeBigUInt64LE(BigInt(headerBytes.length), 0);
-  headerBytes.copy(out, 8);
-  let pos = 8 + headerBytes.length;
+  return { header: Buffer.from(json, 'utf8'), dataBytes: offset, names };
+}
+
+export function encodeSafetensors(bundle: TensorBundle, metadata: Record<string, string> = {}): Buffer {
+  if (!littleEndian()) throw new SafetensorsError('big-endian hosts are not supported');
+  const { header, dataBytes, names } = safetensorsLayout(bundle.values(), metadata);
+  const out = Buffer.allocUnsafe(8 + header.length + dataBytes);
+  out.writeBigUInt64LE(BigInt(header.length), 0);
+  header.copy(out, 8);
+  let pos = 8 + header.length;
   for (const name of names) {
     const t = bundle.get(name)!;
-    const src = Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength);
-    if (!littleEndian()) throw new SafetensorsError('big-endian hosts are not supported');
-    src.copy(out, pos);
-    pos += src.length;
+    Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength).copy(out, pos);
+    pos += t.data.byteLength;
   }
   return out;
+}
+
+/**
+ * Writes the same bytes as encodeSafetensors to an open file descriptor, tensor by tensor, feeding
+ * `onBytes` (e.g. a hash) as it goes: no model-sized buffer is allocated. Returns the bytes written.
+ */
+export function writeSafetensors(fd: number, bundle: TensorBundle, metadata: Record<string, string> = {}, onBytes?: (b: Uint8Array) => void): number {
+  if (!littleEndian()) throw new SafetensorsError('big-endian hosts are not supported');
+  const { header, dataBytes, names } = safetensorsLayout(bundle.values(), metadata);
+  const prefix = Buffer.allocUnsafe(8 + header.length);
+  prefix.writeBigUInt64LE(BigInt(header.length), 0);
+  header.copy(prefix, 8);
+  const put = (b: Uint8Array) => {
+    let off = 0;
+    while (off < b.length) off += writeSync(fd, b, off, b.length - off);
+    onBytes?.(b);
+  };
+  put(prefix);
+  for (const name of names) {
+    const t = bundle.get(name)!;
+    put(new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength));
+  }
+  return prefix.length + dataBytes;
 }
 
 export interface DecodedSafetensors {
@@ -47,7 +79,15 @@ export interface DecodedSafetensors {
   metadata: Record<string, string>;
 }
 
-export function decodeSafetensors(buf: Uint8Array): DecodedSafetensors {
+export interface DecodeOptions {
+  /**
+   * Return views into `buf` instead of copies where the data is 4-byte aligned (ours always is).
+   * Saves a model-sized copy on the coordinator's hot path; the caller must not reuse `buf` meanwhile.
+   */
+  readonly views?: boolean;
+}
+
+export function decodeSafetensors(buf: Uint8Array, opts: DecodeOptions = {}): DecodedSafetensors {
   if (buf.length < 8) throw new SafetensorsError(`file too short (${buf.length} bytes) to be safetensors`);
   const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
   const headerLen = Number(view.getBigUint64(0, true));
@@ -96,6 +136,10 @@ export function decodeSafetensors(buf: Uint8Array): DecodedSafetensors {
   }
   if (expect !== dataLen) throw new SafetensorsError(`data section is ${dataLen} bytes but tensors cover ${expect}: truncated or trailing bytes`);
   const tensors: NamedTensor[] = entries.map((e) => {
+    const at = buf.byteOffset + dataStart + e.begin;
+    if (opts.views && at % 4 === 0) {
+      return { name: e.name, dtype: 'F32', shape: e.shape, data: new Float32Array(buf.buffer, at, (e.end - e.begin) / 4) };
+    }
     // Copy so the result is aligned and does not pin the (possibly large, pooled) input buffer.
     const bytes = new Uint8Array(e.end - e.begin);
     bytes.set(buf.subarray(dataStart + e.begin, dataStart + e.end));

@@ -83,12 +83,12 @@ export class FederationClient {
 
   /** Opens an upload; the caller writes chunks and ends it, the promise gives the coordinator's ack. */
   openUpload(timeoutMs: number): { stream: grpc.ClientWritableStream<Record<string, unknown>>; ack: Promise<UploadAck> } {
-    let stream!: grpc.ClientWritableStream<Record<string, unknown>>;
+    let settle!: (err: grpc.ServiceError | null, res?: UploadAck) => void;
     const ack = new Promise<UploadAck>((resolve, reject) => {
-      stream = this.client.UploadUpdate({ deadline: Date.now() + timeoutMs }, (err: grpc.ServiceError | null, res: UploadAck) =>
-        err ? reject(err) : resolve(res),
-      ) as grpc.ClientWritableStream<Record<string, unknown>>;
+      settle = (err, res) => (err ? reject(err) : resolve(res!));
     });
+    // Outside the promise: a closed channel throws here, to the caller, instead of leaving a rejection nobody awaits.
+    const stream = this.client.UploadUpdate({ deadline: Date.now() + timeoutMs }, (err: grpc.ServiceError | null, res: UploadAck) => settle(err, res)) as grpc.ClientWritableStream<Record<string, unknown>>;
     return { stream, ack };
   }
 

@@ -27,15 +27,27 @@ export async function uploadOnce(client: FederationClient, u: OutgoingUpdate, on
     sha256: sha256Hex(u.payload),
     numSamples: u.numSamples,
   };
+  // A failed call rejects `ack` and stops 'drain' from ever firing: stop writing then, and let the
+  // rejection surface through the `return ack` below (handled here so it is never "unhandled").
+  let failed = false;
+  let wake: (() => void) | undefined;
+  ack.catch(() => {
+    failed = true;
+    wake?.();
+  });
   const write = (msg: Record<string, unknown>) =>
     new Promise<void>((resolve) => {
+      if (failed) return resolve();
       // Honour flow control: wait for 'drain' instead of buffering the whole update in grpc's queue.
       if (stream.write(msg)) resolve();
-      else stream.once('drain', () => resolve());
+      else {
+        wake = resolve;
+        stream.once('drain', () => resolve());
+      }
     });
   stream.on('error', () => undefined); // surfaced through `ack`
   await write({ header });
-  for (let off = 0; off < u.payload.length; off += CHUNK_BYTES) {
+  for (let off = 0; off < u.payload.length && !failed; off += CHUNK_BYTES) {
     const data = u.payload.subarray(off, Math.min(off + CHUNK_BYTES, u.payload.length));
     await write({ data, offset: off });
     onProgress?.(Math.min(1, (off + data.length) / u.payload.length));

@@ -326,6 +326,21 @@ describe('update uploads', () => {
     nothingStored();
   });
 
+  it('an upload on a closed channel fails as an error, not as an unhandled rejection that kills the agent', async () => {
+    const c = new FederationClient(new SiteHome(join(work, 'site-b')));
+    c.close();
+    const unhandled: unknown[] = [];
+    const onUnhandled = (e: unknown) => unhandled.push(e);
+    process.on('unhandledRejection', onUnhandled);
+    try {
+      await expect(uploadOnce(c, { updateId: `test-${randomUUID()}`, taskId: 't', round: 1, baseModelHash: task.modelHash, numSamples: 1, payload: Buffer.alloc(10) })).rejects.toThrow(/shut down/);
+      await new Promise((r) => setTimeout(r, 50));
+      expect(unhandled).toEqual([]);
+    } finally {
+      process.off('unhandledRejection', onUnhandled);
+    }
+  });
+
   it('accepts a good update once, and a retry under the same id is a duplicate that changes nothing', async () => {
     const payload = encodeSafetensors(update());
     const updateId = `test-${randomUUID()}`;
