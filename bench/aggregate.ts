@@ -1,0 +1,365 @@
+/**
+ * FedAvg of 10 Med3D-sized updates (tiny3d width 451 encoder = 32.97 M float32 = 131.9 MB each)
+ * through the real strategy (coordinator/aggregation/fedavg.ts: begin → add ×10 → finish), against a
+ * plain memory copy of the same bytes in the same run, plus candidate axpy loop shapes; then peak RSS
+ * for "all updates in memory" (this process) and two streaming scenarios (fresh child processes, so
+ * each peak is its own).
+ *
+ *   npm run bench:aggregate                 # = node --expose-gc --import tsx bench/aggregate.ts
+ *   BENCH_REPS=3 npm run bench:aggregate    # quicker
+ */
+import { fork } from 'node:child_process';
+import { once } from 'node:events';
+import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import * as os from 'node:os';
+import { join } from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { fileURLToPath } from 'node:url';
+import Table from 'cli-table3';
+import { FedAvg, axpy } from '../coordinator/aggregation/fedavg.ts';
+import { createTiny3d } from '../shared/model/tiny3d.ts';
+import { makeBundle, type TensorBundle, type TensorSpec } from '../shared/tensors/bundle.ts';
+import { decodeSafetensors, encodeSafetensors } from '../shared/tensors/safetensors.ts';
+
+const WIDTH = 451;
+const UPDATES = 10;
+const REPS = Number(process.env.BENCH_REPS ?? 5);
+const gc = (globalThis as { gc?: () => void }).gc ?? (() => undefined);
+
+const SPECS: TensorSpec[] = createTiny3d({ patch: [16, 16, 16], width: WIDTH })
+  .params()
+  .filter((p) => p.part === 'encoder')
+  .map((p) => ({ name: p.name, dtype: p.dtype, shape: [...p.shape] }));
+const sizeOf = (s: TensorSpec) => s.shape.reduce((a, b) => a * b, 1);
+const PARAMS = SPECS.reduce((a, s) => a + sizeOf(s), 0);
+const MODEL_BYTES = PARAMS * 4;
+const MB = (b: number) => b / 1e6;
+const fmt = (x: number, d = 0): string => x.toLocaleString('en-US', { maximumFractionDigits: d, minimumFractionDigits: d });
+
+function makeUpdate(k: number): TensorBundle {
+  return makeBundle(SPECS.map((s) => {
+    const data = new Float32Array(sizeOf(s));
+    fillUpdate(data, k);
+    return { name: s.name, dtype: 'F32' as const, shape: [...s.shape], data };
+  }));
+}
+function fillUpdate(data: Float32Array, k: number): void {
+  for (let i = 0; i < data.length; i++) data[i] = ((i * 7 + k * 13) % 1009) * 1e-3 - 0.5;
+}
+const samplesOf = (k: number) => 10 + 7 * k; // unequal weights, as real sites have
+
+// ── candidate loop shapes (acc += w·x), each its own function so V8 keeps each call site monomorphic ──
+function axpySimple(acc: Float32Array, x: Float32Array, w: number): void {
+  for (let i = 0; i < x.length; i++) acc[i] += w * x[i];
+}
+function axpyUnroll8(acc: Float32Array, x: Float32Array, w: number): void {
+  const n = x.length;
+  const n8 = n - (n % 8);
+  let i = 0;
+  for (; i < n8; i += 8) {
+    acc[i] += w * x[i]; acc[i + 1] += w * x[i + 1]; acc[i + 2] += w * x[i + 2]; acc[i + 3] += w * x[i + 3];
+    acc[i + 4] += w * x[i + 4]; acc[i + 5] += w * x[i + 5]; acc[i + 6] += w * x[i + 6]; acc[i + 7] += w * x[i + 7];
+  }
+  for (; i < n; i++) acc[i] += w * x[i];
+}
+
+/** The slice of the WebAssembly API used here (tsconfig's lib has no WebAssembly types). */
+interface WasmApi {
+  Module: new (bytes: Uint8Array) => object;
+  Instance: new (module: object) => { exports: Record<string, unknown> };
+}
+const WA = (globalThis as unknown as { WebAssembly: WasmApi }).WebAssembly;
+
+/**
+ * The same loop in WebAssembly SIMD (f32x4: 4 lanes per instruction), hand-assembled so nothing needs
+ * installing. Operands must live in the module's memory, so a JS-side update costs one copy in first.
+ */
+function wasmAxpy(maxFloats: number): { mem: Float32Array; axpy(accOff: number, xOff: number, n: number, w: number): void } {
+  const leb = (n: number): number[] => {
+    const out: number[] = [];
+    do {
+      let b = n & 0x7f;
+      n >>>= 7;
+      if (n !== 0) b |= 0x80;
+      out.push(b);
+    } while (n !== 0);
+    return out;
+  };
+  const section = (id: number, body: number[]) => [id, ...leb(body.length), ...body];
+  const str = (s: string) => [s.length, ...Buffer.from(s)];
+  const body = [
+    0x02, 0x01, 0x7f, 0x01, 0x7b, // locals: end i32 (4), wv v128 (5)
+    0x20, 0x03, 0xfd, 0x13, 0x21, 0x05, // wv = f32x4.splat(w)
+    0x20, 0x00, 0x20, 0x02, 0x41, 0x02, 0x74, 0x6a, 0x21, 0x04, // end = acc + n<<2
+    0x02, 0x40, 0x03, 0x40, // block loop
+    0x20, 0x00, 0x20, 0x04, 0x4f, 0x0d, 0x01, // if acc >= end: break
+    0x20, 0x00, // address for the store
+    0x20, 0x00, 0xfd, 0x00, 0x04, 0x00, // v128.load acc
+    0x20, 0x01, 0xfd, 0x00, 0x04, 0x00, // v128.load x
+    0x20, 0x05, 0xfd, 0xe6, 0x01, // f32x4.mul
+    0xfd, 0xe4, 0x01, // f32x4.add
+    0xfd, 0x0b, 0x04, 0x00, // v128.store
+    0x20, 0x00, 0x41, 0x10, 0x6a, 0x21, 0x00, // acc += 16
+    0x20, 0x01, 0x41, 0x10, 0x6a, 0x21, 0x01, // x += 16
+    0x0c, 0x00, 0x0b, 0x0b, 0x0b, // br loop; end; end; end
+  ];
+  const bytes = new Uint8Array([
+    0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00,
+    ...section(1, [0x01, 0x60, 0x04, 0x7f, 0x7f, 0x7f, 0x7d, 0x00]), // (i32 i32 i32 f32) → ()
+    ...section(3, [0x01, 0x00]),
+    ...section(5, [0x01, 0x00, 0x01]), // memory, min 1 page (grown below)
+    ...section(7, [0x02, ...str('axpy'), 0x00, 0x00, ...str('mem'), 0x02, 0x00]),
+    ...section(10, [0x01, ...leb(body.length), ...body]),
+  ]);
+  const inst = new WA.Instance(new WA.Module(bytes));
+  const memory = inst.exports.mem as { buffer: ArrayBuffer; grow(pages: number): number };
+  memory.grow(Math.ceil((maxFloats * 4) / 65536));
+  const fn = inst.exports.axpy as (a: number, x: number, n: number, w: number) => void;
+  const mem = new Float32Array(memory.buffer);
+  return {
+    mem,
+    axpy(accOff, xOff, n, w) {
+      const n4 = n - (n % 4);
+      fn(accOff * 4, xOff * 4, n4, w);
+      for (let i = n4; i < n; i++) mem[accOff + i] += w * mem[xOff + i];
+    },
+  };
+}
+
+interface Stat { median: number; min: number; max: number }
+function stat(xs: number[]): Stat {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+  return { median: m, min: s[0], max: s[s.length - 1] };
+}
+
+// ───────────────────── streaming scenarios (child processes) ─────────────────────
+
+interface StreamResult { baselineRss: number; peakSampledRss: number; hwm: number; ms: number; check: number }
+
+/**
+ * Peak RSS of this process. Linux: VmHWM from /proc (resets at exec). getrusage's maxRSS does not: it
+ * is kept across exec, so a child forked while the parent was big would report the parent's size.
+ */
+function peakRss(): number {
+  try {
+    const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync('/proc/self/status', 'utf8'));
+    if (m) return Number(m[1]) * 1024;
+  } catch { /* not Linux */ }
+  return process.resourceUsage().maxRSS * 1024;
+}
+
+type StreamMode = 'refill' | 'decode' | 'decode-gc' | 'reuse';
+const STREAM_MODES: Record<StreamMode, string> = {
+  refill: 'one update buffer, refilled per update',
+  decode: 'readFileSync + decodeSafetensors per update (as the coordinator), no gc()',
+  'decode-gc': 'same, with gc() after each fold (floor of that path)',
+  reuse: 'file read into one reused buffer + Float32Array views (no decode copy)',
+};
+
+/** Tensors as views on the file bytes (safetensors data is 8-byte aligned by encodeSafetensors; the buffer starts at offset 0). */
+function viewSafetensors(buf: Buffer): TensorBundle {
+  const hlen = Number(buf.readBigUInt64LE(0));
+  const header = JSON.parse(buf.toString('utf8', 8, 8 + hlen)) as Record<string, { shape: number[]; data_offsets: [number, number] }>;
+  const start = buf.byteOffset + 8 + hlen;
+  return makeBundle(SPECS.map((s) => {
+    const e = header[s.name];
+    return { name: s.name, dtype: 'F32' as const, shape: e.shape, data: new Float32Array(buf.buffer, start + e.data_offsets[0], (e.data_offsets[1] - e.data_offsets[0]) / 4) };
+  }));
+}
+
+/**
+ * One round folded update by update, nothing else alive: `refill` reuses one update buffer (a decoder
+ * writing into a reused buffer); `decode` does what the coordinator does per accepted upload: read the
+ * file, decode safetensors (fresh arrays), fold, drop — with no explicit gc(); `decode-gc` adds gc();
+ * `view` skips the decode copy.
+ */
+function streamingChild(mode: StreamMode, file: string): void {
+  const baselineRss = process.memoryUsage().rss;
+  let peak = baselineRss;
+  const sample = () => { peak = Math.max(peak, process.memoryUsage().rss); };
+  const t0 = performance.now();
+  const agg = new FedAvg().begin(new Map(), SPECS);
+  const reused = mode === 'refill' ? makeUpdate(0) : undefined;
+  const readBuf = mode === 'reuse' ? Buffer.allocUnsafe(statSync(file).size) : undefined;
+  for (let k = 0; k < UPDATES; k++) {
+    let u: TensorBundle;
+    if (reused) {
+      for (const t of reused.values()) fillUpdate(t.data, k);
+      u = reused;
+    } else if (readBuf) {
+      const fd = openSync(file, 'r');
+      for (let off = 0; off < readBuf.length; ) off += readSync(fd, readBuf, off, readBuf.length - off, off);
+      closeSync(fd);
+      sample();
+      u = viewSafetensors(readBuf);
+    } else {
+      const bytes = readFileSync(file);
+      sample();
+      u = decodeSafetensors(bytes, { views: true }).bundle; // as the coordinator's upload receiver
+    }
+    sample();
+    agg.add(u, { site: `site-${k}`, numSamples: samplesOf(k) });
+    sample();
+    if (mode === 'decode-gc') gc();
+  }
+  const out = agg.finish();
+  sample();
+  const ms = performance.now() - t0;
+  const r: StreamResult = { baselineRss, peakSampledRss: peak, hwm: peakRss(), ms, check: out.get(SPECS[0].name)!.data[5] };
+  process.send!(r, () => process.disconnect());
+}
+
+async function runChild(mode: StreamMode, file: string): Promise<StreamResult> {
+  const child = fork(fileURLToPath(import.meta.url), ['--stream', mode, file], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+  const [msg] = (await Promise.race([once(child, 'message'), once(child, 'exit').then(() => { throw new Error(`streaming child (${mode}) exited without a result`); })])) as [StreamResult];
+  if (child.exitCode === null) await once(child, 'exit');
+  return msg;
+}
+
+// ───────────────────────────── main ─────────────────────────────
+
+async function main(): Promise<void> {
+  const cpus = os.cpus();
+  console.log(`machine: ${cpus.length} × ${cpus[0]?.model ?? '?'}, ${fmt(os.totalmem() / 2 ** 30, 1)} GiB RAM, node ${process.version}${(globalThis as { gc?: unknown }).gc ? ', --expose-gc' : ''}`);
+  console.log(`load average at start: ${os.loadavg().map((x) => fmt(x, 2)).join(' ')} (2 cores; other work on the machine skews every row)`);
+  console.log(`model: tiny3d width ${WIDTH} encoder, ${SPECS.length} tensors, ${fmt(PARAMS)} float32 = ${fmt(MB(MODEL_BYTES), 1)} MB; ${UPDATES} updates; GB/s = bytes of updates read per second (10^9 B)`);
+  const rssStart = process.memoryUsage().rss;
+
+  const t = performance.now();
+  const updates = Array.from({ length: UPDATES }, (_, k) => makeUpdate(k));
+  console.log(`made ${UPDATES} updates in ${fmt((performance.now() - t) / 1000, 1)} s`);
+  const totalBytes = UPDATES * MODEL_BYTES;
+  const flat = updates.map((u) => SPECS.map((s) => u.get(s.name)!.data));
+
+  // Reused, pre-touched destinations: the copy baseline and the loop candidates measure the loop, not page faults.
+  const dst = SPECS.map((s) => new Float32Array(sizeOf(s)).fill(0));
+  const wasm = wasmAxpy(2 * PARAMS);
+  wasm.mem.fill(0, 0, 2 * PARAMS);
+  const offs: number[] = [];
+  SPECS.reduce((o, s) => (offs.push(o), o + sizeOf(s)), 0);
+
+  const runs: Record<string, () => number> = {
+    'memory copy (dst.set(src), reused dst)': () => {
+      const t0 = performance.now();
+      for (const u of flat) for (let j = 0; j < u.length; j++) dst[j].set(u[j]);
+      return performance.now() - t0;
+    },
+    'FedAvg add ×10 (real, fedavg.ts)': () => NaN, // filled from the round below
+    'FedAvg round: begin + add ×10 + finish (real)': () => NaN,
+    'axpy loop of fedavg.ts (unroll 4), reused acc': () => loop(axpy),
+    'simple loop acc[i] += w*x[i], reused acc': () => loop(axpySimple),
+    'unroll 8, reused acc': () => loop(axpyUnroll8),
+    'wasm SIMD f32x4 (update already in wasm memory)': () => {
+      const t0 = performance.now();
+      for (let k = 0; k < UPDATES; k++) for (let j = 0; j < SPECS.length; j++) wasm.axpy(offs[j], PARAMS + offs[j], sizeOf(SPECS[j]), samplesOf(k));
+      return performance.now() - t0;
+    },
+    'wasm SIMD f32x4 incl. copying each update in': () => {
+      const t0 = performance.now();
+      for (let k = 0; k < UPDATES; k++) {
+        for (let j = 0; j < SPECS.length; j++) wasm.mem.set(flat[k][j], PARAMS + offs[j]);
+        for (let j = 0; j < SPECS.length; j++) wasm.axpy(offs[j], PARAMS + offs[j], sizeOf(SPECS[j]), samplesOf(k));
+      }
+      return performance.now() - t0;
+    },
+  };
+  function loop(f: (acc: Float32Array, x: Float32Array, w: number) => void): number {
+    const t0 = performance.now();
+    for (let k = 0; k < UPDATES; k++) for (let j = 0; j < SPECS.length; j++) f(dst[j], flat[k][j], samplesOf(k));
+    return performance.now() - t0;
+  }
+  const times: Record<string, number[]> = Object.fromEntries(Object.keys(runs).map((k) => [k, []]));
+  let firstResult: Float32Array | undefined;
+  // One strategy for all rounds, as the coordinator keeps one: it reuses its accumulator arena.
+  const strategy = new FedAvg();
+  const round = (): { adds: number; all: number } => {
+    const t0 = performance.now();
+    const agg = strategy.begin(new Map(), SPECS);
+    const t1 = performance.now();
+    for (let k = 0; k < UPDATES; k++) agg.add(updates[k], { site: `site-${k}`, numSamples: samplesOf(k) });
+    const t2 = performance.now();
+    const out = agg.finish();
+    const t3 = performance.now();
+    firstResult ??= out.get(SPECS[0].name)!.data.slice(); // finish() returns views into the reused arena
+    return { adds: t2 - t1, all: t3 - t0 };
+  };
+
+  // One untimed pass of everything (JIT, first-touch of reused buffers), then interleaved repetitions.
+  for (const [name, f] of Object.entries(runs)) if (!name.startsWith('FedAvg')) f();
+  round();
+  let peakSampled = process.memoryUsage().rss;
+  for (let r = 0; r < REPS; r++) {
+    gc(); // start each repetition from a collected heap, so one run's garbage does not bill the next
+    for (const [name, f] of Object.entries(runs)) {
+      if (name.startsWith('FedAvg')) continue;
+      times[name].push(f());
+    }
+    const rr = round();
+    times['FedAvg add ×10 (real, fedavg.ts)'].push(rr.adds);
+    times['FedAvg round: begin + add ×10 + finish (real)'].push(rr.all);
+    peakSampled = Math.max(peakSampled, process.memoryUsage().rss);
+  }
+
+  // Sanity: FedAvg's output is the weighted mean (checked at a few indices, float32 tolerance).
+  const wsum = Array.from({ length: UPDATES }, (_, k) => samplesOf(k)).reduce((a, b) => a + b, 0);
+  for (const i of [0, 5, 12345]) {
+    let expect = 0;
+    for (let k = 0; k < UPDATES; k++) expect += samplesOf(k) * flat[k][0][i];
+    expect /= wsum;
+    if (Math.abs(firstResult![i] - expect) > 1e-4) throw new Error(`FedAvg result ${firstResult![i]} ≠ weighted mean ${expect} at ${i}`);
+  }
+
+  const gbps = (ms: number) => totalBytes / 1e9 / (ms / 1000);
+  const copyMed = stat(times['memory copy (dst.set(src), reused dst)'].map(gbps)).median;
+  const table = new Table({
+    head: ['10 × 131.9 MB, same run', 'median GB/s', 'min–max GB/s', 'median ms', '× memory copy'],
+    colAligns: ['left', 'right', 'right', 'right', 'right'],
+  });
+  for (const [name, ms] of Object.entries(times)) {
+    const s = stat(ms.map(gbps));
+    table.push([name, fmt(s.median, 2), `${fmt(s.min, 2)}–${fmt(s.max, 2)}`, fmt(stat(ms).median), fmt(s.median / copyMed, 2)]);
+  }
+  console.log(table.toString());
+  const addMed = stat(times['FedAvg add ×10 (real, fedavg.ts)'].map(gbps)).median;
+  console.log(`target ≥ 0.5× memory copy: FedAvg add ${fmt(addMed / copyMed, 2)}× ${addMed / copyMed >= 0.5 ? 'MET' : 'NOT met'}`);
+  console.log('  "FedAvg round" includes begin() zeroing the reused accumulator and finish() scaling it.');
+
+  const maxRss = Math.max(peakRss(), process.resourceUsage().maxRSS * 1024);
+  console.log(`\nRSS, all ${UPDATES} updates held in memory (this process): start ${fmt(MB(rssStart))} MB, peak sampled ${fmt(MB(peakSampled))} MB, peak (VmHWM/maxRSS) ${fmt(MB(maxRss))} MB = ${fmt(maxRss / MODEL_BYTES, 1)}× one model`);
+  console.log(`  (= ${UPDATES} updates + the copy/loop destination (1×) + wasm memory (2×) + FedAvg's accumulator (1×) + the previous round's result awaiting GC)`);
+
+  // Streaming: fresh processes, so each maxRSS is that scenario's own.
+  const dir = mkdtempSync(join(os.tmpdir(), 'medfl-bench-aggregate-'));
+  try {
+    const file = join(dir, 'update.safetensors');
+    writeFileSync(file, encodeSafetensors(updates[3]));
+    updates.length = 0;
+    flat.length = 0;
+    const rt = new Table({
+      head: ['streaming round (fresh process)', 'baseline RSS MB', 'peak RSS MB (VmHWM)', 'peak − baseline', '÷ one model', 'round s'],
+      colAligns: ['left', 'right', 'right', 'right', 'right', 'right'],
+    });
+    for (const mode of Object.keys(STREAM_MODES) as StreamMode[]) {
+      const r = await runChild(mode, file);
+      const peak = Math.max(r.hwm, r.peakSampledRss);
+      rt.push([
+        STREAM_MODES[mode],
+        fmt(MB(r.baselineRss)), fmt(MB(peak)), fmt(MB(peak - r.baselineRss)), fmt((peak - r.baselineRss) / MODEL_BYTES, 2), fmt(r.ms / 1000, 2),
+      ]);
+    }
+    console.log(rt.toString());
+    console.log('  target: peak − baseline ≤ 3× one model. The coordinator also keeps the round\'s base model (+1×) while a round is open.');
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+if (process.argv[2] === '--stream') {
+  streamingChild(process.argv[3] as StreamMode, process.argv[4]!);
+} else {
+  main().catch((e: Error) => {
+    console.error(e.stack ?? e.message);
+    process.exitCode = 1;
+  });
+}
