@@ -6,7 +6,7 @@ import { Command, Option } from 'commander';
 import { CoordinatorHome, DEFAULT_PORT } from '../coordinator/home.ts';
 import { addSite, listSites, revokeSite, withStore } from '../coordinator/admin.ts';
 import { sitesTable, statusReport } from './status.ts';
-import { parsePlan, PlanError } from '../shared/plan/load.ts';
+import { parsePlan } from '../shared/plan/load.ts';
 import { readFileSync } from 'node:fs';
 
 const program = new Command();
@@ -200,7 +200,7 @@ program
 program.parseAsync(process.argv).catch((e: unknown) => {
   const err = e as Error;
   // People get the cause and the fix, not a stack; MEDFL_DEBUG=1 shows the stack.
-  process.stderr.write(`medfl: ${err instanceof PlanError ? err.message : err.message}\n`);
+  process.stderr.write(`medfl: ${err.message}\n`);
   if (process.env.MEDFL_DEBUG) process.stderr.write(`${err.stack}\n`);
   process.exit(1);
 });
