@@ -13,6 +13,7 @@ import { existsSync } from 'node:fs';
 import { CoordinatorHome } from './home.ts';
 import { CoordinatorStore } from './store/store.ts';
 import { ModelFiles } from './models/model-store.ts';
+import { initialWeights } from './models/initial-model.ts';
 import { RoundEngine } from './rounds/round-engine.ts';
 import { strategyFromPlan } from './aggregation/index.ts';
 import { federationHandlers } from './server/federation-service.ts';
@@ -76,6 +77,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     federationId: config.federationId,
     sign: (bytes) => signManifest(signingKey, bytes),
     log,
+    initialWeights: () => initialWeights(architecture, plan, existsSync(planPath) ? planPath : undefined, log),
   });
 
   // The largest valid update is the shared tensors as safetensors; allow slack for header formatting.
@@ -121,7 +123,14 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     { port, plan: planPath, rounds: plan.rounds, minSites: plan.minSites, bus: bus.describe(), shared: engine.sharedNames.length, mtls },
     mtls ? 'coordinator listening (TLS, token auth, client certificates required)' : 'coordinator listening (TLS, token auth)',
   );
-  engine.start();
+  try {
+    await engine.start();
+  } catch (e) {
+    server.forceShutdown();
+    await bus.close();
+    store.close();
+    throw e;
+  }
 
   return {
     port,

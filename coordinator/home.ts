@@ -36,6 +36,7 @@ model:
   numClasses: 2
   width: 8
   seed: 1
+  init: scratch             # or pretrained | partial:2 | mean-var (need pretrained: FILE) | inflate-2d:i3d (needs source2d: FILE)
 rounds: 3
 minSites: 2                 # quorum: a round closes at its deadline only with this many updates
 sitesPerRound: 0            # 0 = every connected site

@@ -39,6 +39,8 @@ export interface RoundEngineOptions {
   log: Logger;
   /** Extra time given to an open round found at start-up, so sites can reconnect after a coordinator restart. */
   resumeGraceMs?: number;
+  /** All weights of the first global model (plan.model.init); only called when there is no model yet. */
+  initialWeights?: () => Promise<TensorBundle>;
 }
 
 interface OpenRound {
@@ -68,10 +70,11 @@ export class RoundEngine {
   }
 
   /** Makes sure an initial model exists, then resumes an open round or waits to open the next one. */
-  start(): void {
+  async start(): Promise<void> {
     const { store, models, architecture, plan } = this.o;
     if (!store.getMeta('current_model')) {
-      const init = pick(architecture.init(plan.model.seed), this.shared);
+      const all = this.o.initialWeights ? await this.o.initialWeights() : architecture.init(plan.model.seed);
+      const init = pick(all, this.shared);
       const saved = models.save(init, { architecture: architecture.id, round: '0', kind: 'initial' });
       store.addModel({ hash: saved.hash, path: saved.path, round: 0, sizeBytes: saved.sizeBytes, createdAt: Date.now() });
       store.setMeta('current_model', saved.hash);
@@ -318,7 +321,8 @@ export class RoundEngine {
     const { plan } = this.o;
     return {
       federation: this.o.federationId,
-      model: plan.model,
+      // The coordinator's file paths (pretrained, source2d) stay here: sites need the layout and seed only.
+      model: { ...plan.model, pretrained: undefined, source2d: undefined },
       local: plan.local,
       share: plan.share,
       sharedTensors: this.sharedNames,

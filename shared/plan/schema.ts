@@ -2,6 +2,7 @@
  * The federation plan: what a coordinator runs. Validated at the edge (zod); everything inside uses the typed `Plan`.
  */
 import { z } from 'zod';
+import { INIT_SPEC_FORMS, isInitSpec } from '../model/transfer-init.ts';
 
 const positiveInt = z.number().int().positive();
 
@@ -19,9 +20,15 @@ export const PlanSchema = z
         numClasses: z.number().int().min(2).default(2),
         width: positiveInt.default(8),
         seed: z.number().int().default(1),
+        /** How the initial global model is made: scratch | pretrained | partial:k | mean-var | inflate-2d:1xk | inflate-2d:i3d. */
+        init: z.string().refine(isInitSpec, { message: `init must be one of ${INIT_SPEC_FORMS.join(', ')}` }).default('scratch'),
+        /** Pretrained weights (MedFL safetensors, e.g. from `medfl model import`) for pretrained / partial:k / mean-var. */
+        pretrained: z.string().optional(),
+        /** A torchvision-layout 2D ResNet (safetensors) for inflate-2d:*. */
+        source2d: z.string().optional(),
       })
       .strict()
-      .default({ architecture: 'tiny3d', patch: [24, 24, 24], numClasses: 2, width: 8, seed: 1 }),
+      .default({ architecture: 'tiny3d', patch: [24, 24, 24], numClasses: 2, width: 8, seed: 1, init: 'scratch' }),
     rounds: positiveInt.default(3),
     /** Quorum: a round closes at its deadline only if at least this many sites reported. */
     minSites: positiveInt.default(2),
