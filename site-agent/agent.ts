@@ -101,6 +101,9 @@ export class SiteAgent {
         log.warn({ code: err.code !== undefined ? grpc.status[err.code] : undefined, reason: err.details ?? err.message }, 'lost the coordinator');
       } finally {
         clearInterval(heartbeat);
+        // Finished: let the task in flight send its last upload and metrics before the channel closes.
+        // (On a lost connection we close at once; the task retries on the next channel.)
+        if (this.finished && this.o.exitWhenFinished) await this.idle();
         this.client.close();
       }
       attempt++;
@@ -111,8 +114,12 @@ export class SiteAgent {
         setTimeout(r, delay);
       });
     }
-    // Let an in-flight task finish its upload before we return.
-    while (this.working) await new Promise((r) => setTimeout(r, 100));
+    await this.idle();
+  }
+
+  /** Resolves when no task is being worked on. */
+  private async idle(): Promise<void> {
+    while (this.working) await new Promise((r) => setTimeout(r, 50));
   }
 
   private startHeartbeat(onOk: () => void): NodeJS.Timeout {

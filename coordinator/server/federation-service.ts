@@ -3,15 +3,16 @@
  * put the verified site name in the metadata; handlers only ever act for that site.
  */
 import * as grpc from '@grpc/grpc-js';
-import { createReadStream, rmSync } from 'node:fs';
+import { rmSync } from 'node:fs';
 import { z } from 'zod';
-import { AUTHENTICATED_SITE_KEY, CHUNK_BYTES } from '../../shared/protocol/grpc.ts';
+import { AUTHENTICATED_SITE_KEY } from '../../shared/protocol/grpc.ts';
 import { SHA256_HEX } from '../../shared/util/hash.ts';
 import type { CoordinatorStore } from '../store/store.ts';
 import type { ModelFiles } from '../models/model-store.ts';
 import type { RoundEngine, TaskMessage, TaskSink } from '../rounds/round-engine.ts';
 import { UploadRefused, type PartialUpload, type UploadReceiver, type UpdateHeader } from './upload-receiver.ts';
 import type { Logger } from '../../shared/util/log.ts';
+import { streamModelFile } from './model-stream.ts';
 
 export interface FederationServiceDeps {
   store: CoordinatorStore;
@@ -55,6 +56,31 @@ function toWireTask(t: TaskMessage): Record<string, unknown> {
     settingsJson: t.settingsJson,
     signature: t.signature,
   };
+}
+
+/** Upload bytes allowed to wait for the file-writer thread before the call stops reading. */
+const UPLOAD_BACKLOG_BYTES = 16 * 1024 * 1024;
+
+/**
+ * Resolves once the unary answer of a client-streaming call has left the process. grpc-js writes the message,
+ * and only when that write completes, the status in HTTP/2 trailers; once the trailers are handed to the
+ * session it emits 'cancelled' on the call. The session writes them to the socket from a native immediate
+ * that can run after one JS setImmediate but not after two (measured: with one, the ack still waited for
+ * the fold and round close; with two it reaches the client before the fold starts — bench/transport.ts,
+ * column "ack − fold end"). Any synchronous job started earlier would hold all of that until it ends.
+ * The timer is a fallback should a grpc-js version stop emitting the event.
+ */
+function statusSent(call: grpc.ServerReadableStream<unknown, unknown>, maxWaitMs = 200): Promise<void> {
+  return new Promise((resolve) => {
+    if (call.cancelled) return resolve();
+    const done = () => {
+      clearTimeout(timer);
+      call.off('cancelled', done);
+      setImmediate(() => setImmediate(resolve));
+    };
+    const timer = setTimeout(done, maxWaitMs);
+    call.once('cancelled', done);
+  });
 }
 
 export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServiceImplementation {
@@ -122,21 +148,7 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         call.emit('error', { code: grpc.status.OUT_OF_RANGE, details: `offset ${offset} is outside the ${m.sizeBytes}-byte model` });
         return;
       }
-      const stream = createReadStream(models.pathFor(modelHash), { start: offset, highWaterMark: CHUNK_BYTES });
-      let pos = offset;
-      stream.on('data', (chunk) => {
-        const buf = chunk as Buffer;
-        const more = call.write({ offset: pos, data: buf, totalSize: m.sizeBytes, sha256: modelHash });
-        pos += buf.length;
-        // Respect HTTP/2 flow control: never queue a whole model in memory for a slow site.
-        if (!more) {
-          stream.pause();
-          call.once('drain', () => stream.resume());
-        }
-      });
-      stream.on('end', () => call.end());
-      stream.on('error', (e) => call.emit('error', { code: grpc.status.INTERNAL, details: `reading model failed: ${e.message}` }));
-      call.on('cancelled', () => stream.destroy());
+      streamModelFile(call, models.pathFor(modelHash), offset, m.sizeBytes, modelHash);
     },
 
     UploadUpdate(call: grpc.ServerReadableStream<Record<string, unknown>, unknown>, cb: grpc.sendUnaryData<unknown>) {
@@ -158,8 +170,21 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
       const refuse = (reason: string) => {
         partial?.discard();
         partial = undefined;
+        if (answered) return;
         engine.rejected(site, header?.round ?? 0, reason);
         answer({ updateId: header?.updateId ?? '', accepted: false, reason });
+      };
+      // Chunks are written on the file-writer thread; stop reading (HTTP/2 flow control then holds the
+      // client) while more than UPLOAD_BACKLOG_BYTES wait for the disk, so a slow disk never buffers a whole update.
+      let paused = false;
+      const throttle = (p: PartialUpload) => {
+        if (paused || p.backlog <= UPLOAD_BACKLOG_BYTES) return;
+        paused = true;
+        call.pause();
+        void p.drained(UPLOAD_BACKLOG_BYTES / 2).then(() => {
+          paused = false;
+          call.resume();
+        });
       };
 
       call.on('data', (msg: Record<string, unknown>) => {
@@ -178,10 +203,13 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
             const problem = engine.admissionProblem(site, header.round, header.baseModelHash);
             if (problem) throw new UploadRefused(problem);
             partial = receiver.begin(header);
+            partial.onWriteError = (e) => refuse(`upload failed: storing it failed: ${e.message}`);
             return;
           }
           if (msg.part !== 'data') throw new UploadRefused('only one header per upload');
+          // The chunk's memory moves to the writer thread: msg.data must not be used after this.
           partial!.write(Number(msg.offset), msg.data as Buffer);
+          throttle(partial!);
         } catch (e) {
           if (e instanceof UploadRefused) refuse(e.message);
           else refuse(`upload failed: ${(e as Error).message}`);
@@ -194,30 +222,42 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         const p = partial;
         const h = header;
         partial = undefined;
-        engine
-          .serialised(async () => {
-            const received = receiver.finish(p, site);
-            // Re-check: the round may have closed while the bytes were travelling.
-            const problem = engine.admissionProblem(site, h.round, h.baseModelHash);
-            if (problem) {
-              rmSync(received.path, { force: true }); // refused updates leave no trace
-              throw new UploadRefused(problem);
-            }
-            const row = { updateId: h.updateId, round: h.round, site, numSamples: h.numSamples, sha256: h.sha256, path: received.path, sizeBytes: h.totalSize, acceptedAt: Date.now() };
-            // The store row is the commit point; the ack goes out only after it is written.
-            store.insertUpdate(row);
-            answer({ updateId: h.updateId, accepted: true });
-            // Let the ack reach the socket before the model-sized, synchronous fold. The fold stays in this
-            // serialised job: the bundle views the receiver's scratch buffer, which the next finish() reuses.
-            await new Promise((r) => setImmediate(r));
-            try {
-              engine.fold(row, received.bundle);
-            } catch (e) {
-              // Stored and acknowledged, so it counts: a restart re-folds it from disk.
-              log.error({ site, round: row.round, err: (e as Error).message }, 'folding an accepted update failed; restart the coordinator to re-fold it');
-            }
-            return row;
-          })
+        // Wait for the writer thread (last chunks, fsync, SHA-256) outside the serialised section: it needs no
+        // scratch buffer, and another upload's checks or fold can run meanwhile.
+        p.close()
+          .then(
+            () => undefined,
+            (e: Error) => {
+              p.discard();
+              throw new UploadRefused(`upload failed: storing it failed: ${e.message}`);
+            },
+          )
+          .then(() =>
+            engine.serialised(async () => {
+              const received = receiver.finish(p, site);
+              // Re-check: the round may have closed while the bytes were travelling.
+              const problem = engine.admissionProblem(site, h.round, h.baseModelHash);
+              if (problem) {
+                rmSync(received.path, { force: true }); // refused updates leave no trace
+                throw new UploadRefused(problem);
+              }
+              const row = { updateId: h.updateId, round: h.round, site, numSamples: h.numSamples, sha256: h.sha256, path: received.path, sizeBytes: h.totalSize, acceptedAt: Date.now() };
+              // The store row is the commit point; the ack goes out only after it is written.
+              store.insertUpdate(row);
+              const ackSent = statusSent(call);
+              answer({ updateId: h.updateId, accepted: true });
+              // Let the ack leave the process before the model-sized, synchronous fold. The fold stays in this
+              // serialised job: the bundle views the receiver's scratch buffer, which the next finish() reuses.
+              await ackSent;
+              try {
+                engine.fold(row, received.bundle);
+              } catch (e) {
+                // Stored and acknowledged, so it counts: a restart re-folds it from disk.
+                log.error({ site, round: row.round, err: (e as Error).message }, 'folding an accepted update failed; restart the coordinator to re-fold it');
+              }
+              return row;
+            }),
+          )
           .then(
             (row) => engine.accepted(row),
             (e: Error) => refuse(e instanceof UploadRefused ? e.message : `upload failed: ${e.message}`),

@@ -2,9 +2,12 @@
  * Receives one update upload (a client stream of chunks) into a partial file, checks everything, and
  * makes it durable: fsync, rename into place, then the store row — and only then is it acknowledged.
  * Anything refused or cut off is deleted, so a dropped upload leaves no trace.
+ *
+ * Chunks are checked on arrival (order, size) and then written and hashed on the file-writer thread
+ * (shared/protocol/hashing-writer.ts), so the event loop keeps receiving while the disk catches up.
  */
-import { createHash, randomUUID } from 'node:crypto';
-import { closeSync, fsyncSync, mkdirSync, openSync, readSync, renameSync, rmSync, unlinkSync, writeSync, readdirSync } from 'node:fs';
+import { randomUUID } from 'node:crypto';
+import { closeSync, mkdirSync, openSync, readSync, renameSync, rmSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { decodeSafetensors } from '../../shared/tensors/safetensors.ts';
@@ -12,6 +15,7 @@ import { checkAgainstSpecs, findNonFinite, type TensorBundle, type TensorSpec } 
 import { CHUNK_BYTES } from '../../shared/protocol/grpc.ts';
 import { fsyncDir } from '../../shared/util/fs-atomic.ts';
 import { SHA256_HEX } from '../../shared/util/hash.ts';
+import { HashingFileWriter } from '../../shared/protocol/hashing-writer.ts';
 
 export const UpdateHeaderSchema = z.object({
   updateId: z.string().regex(/^[A-Za-z0-9._-]{8,128}$/, 'update_id must be 8–128 characters of [A-Za-z0-9._-]'),
@@ -96,11 +100,12 @@ export class UploadReceiver {
 
   /**
    * Validates a complete partial upload and moves it into place. Throws UploadRefused with a reason.
+   * `p` must have been closed (`await p.close()`: every chunk written, fsynced, hashed) — that wait needs no
+   * scratch buffer, so callers do it before entering their serialised section.
    * The returned bundle views the receiver's scratch buffer: use it before the next finish().
    */
   finish(p: PartialUpload, site: string): ReceivedUpdate {
     try {
-      p.close();
       const h = p.header;
       if (p.received !== h.totalSize) throw new UploadRefused(`upload ended after ${p.received} of ${h.totalSize} bytes`);
       const digest = p.digest();
@@ -131,44 +136,62 @@ export class UploadReceiver {
 
 export class PartialUpload {
   received = 0;
-  private fd: number | undefined;
-  private readonly hash = createHash('sha256');
+  private readonly file: HashingFileWriter;
+  private closing: Promise<void> | undefined;
+  private sha256: string | undefined;
 
   constructor(readonly header: UpdateHeader, readonly path: string) {
-    this.fd = openSync(path, 'w', 0o600);
+    this.file = new HashingFileWriter(path, { mode: 0o600 });
   }
 
-  /** Appends a chunk; chunks must arrive in order and stay within the announced size. */
+  /**
+   * Appends a chunk; chunks must arrive in order and stay within the announced size. The chunk is written
+   * and hashed on the writer thread; its memory may move there, so the caller must not use `data` again.
+   * Throws UploadRefused for a bad chunk, and the writer's error if an earlier write failed.
+   */
   write(offset: number, data: Buffer): void {
-    if (this.fd === undefined) throw new UploadRefused('upload already finished');
+    if (this.closing) throw new UploadRefused('upload already finished');
     if (offset !== this.received) throw new UploadRefused(`out-of-order chunk: offset ${offset}, expected ${this.received}`);
     if (data.length === 0) throw new UploadRefused('empty chunk');
     if (data.length > CHUNK_BYTES) throw new UploadRefused(`chunk of ${data.length} bytes is larger than the ${CHUNK_BYTES}-byte maximum`);
     if (this.received + data.length > this.header.totalSize) {
       throw new UploadRefused(`chunk at offset ${offset} runs past the announced size ${this.header.totalSize}`);
     }
-    let off = 0;
-    while (off < data.length) off += writeSync(this.fd, data, off, data.length - off);
-    this.hash.update(data);
-    this.received += data.length;
+    const n = data.length;
+    this.file.write(data, offset, true);
+    this.received += n;
   }
 
+  /** Bytes received but not yet written to the partial file. */
+  get backlog(): number {
+    return this.file.queuedBytes;
+  }
+
+  /** Resolves once at most `bytes` are waiting to be written (or the write failed). */
+  drained(bytes: number): Promise<void> {
+    return this.file.whenBelow(bytes);
+  }
+
+  /** Called once if writing the partial file fails while chunks are still arriving. */
+  set onWriteError(f: ((e: Error) => void) | undefined) {
+    this.file.onError = f;
+  }
+
+  /** SHA-256 (hex) of everything written; available after close(). */
   digest(): string {
-    return this.hash.digest('hex');
+    if (this.sha256 === undefined) throw new Error('digest() before close() finished');
+    return this.sha256;
   }
 
-  close(): void {
-    if (this.fd === undefined) return;
-    fsyncSync(this.fd);
-    closeSync(this.fd);
-    this.fd = undefined;
+  /** Waits for every chunk to be written, then fsyncs and closes the file. Idempotent. */
+  close(): Promise<void> {
+    this.closing ??= this.file.finish({ fsync: true }).then((d) => {
+      this.sha256 = d;
+    });
+    return this.closing;
   }
 
   discard(): void {
-    if (this.fd !== undefined) {
-      try { closeSync(this.fd); } catch { /* closing twice */ }
-      this.fd = undefined;
-    }
-    try { unlinkSync(this.path); } catch { /* already gone or moved */ }
+    this.file.discard();
   }
 }

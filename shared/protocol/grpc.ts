@@ -50,6 +50,12 @@ export function loadProto(): { Enrollment: ServiceCtor; Federation: ServiceCtor 
     oneofs: true,
     includeDirs: [PROTO_ROOT],
   });
+  // DownloadModel's handler writes ModelChunk messages it has already encoded (shared/protocol/chunk-codec.ts)
+  // as Buffers, to skip a model-sized copy; objects are still encoded by protobufjs. The wire format is the
+  // proto's either way.
+  const download = (def['medfl.v1.Federation'] as grpc.ServiceDefinition).DownloadModel;
+  const encode = download.responseSerialize;
+  download.responseSerialize = (value: unknown) => (Buffer.isBuffer(value) ? value : encode(value));
   const pkg = grpc.loadPackageDefinition(def) as unknown as { medfl: { v1: { Enrollment: ServiceCtor; Federation: ServiceCtor } } };
   cached = { Enrollment: pkg.medfl.v1.Enrollment, Federation: pkg.medfl.v1.Federation };
   return cached;

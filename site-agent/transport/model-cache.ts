@@ -3,11 +3,15 @@
  * cut off midway resumes from the bytes already in its .part file; a finished file is kept only if its
  * SHA-256 is the one asked for.
  */
-import { existsSync, mkdirSync, openSync, closeSync, writeSync, fsyncSync, renameSync, statSync, readdirSync, rmSync, readFileSync } from 'node:fs';
+import { existsSync, mkdirSync, renameSync, statSync, readdirSync, rmSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { sha256File, SHA256_HEX, sha256Hex } from '../../shared/util/hash.ts';
+import { SHA256_HEX, sha256Hex } from '../../shared/util/hash.ts';
 import { fsyncDir } from '../../shared/util/fs-atomic.ts';
+import { HashingFileWriter } from '../../shared/protocol/hashing-writer.ts';
 import type { FederationClient } from './client.ts';
+
+/** Downloaded bytes allowed to wait for the file-writer thread before the stream is paused. */
+const DOWNLOAD_BACKLOG_BYTES = 16 * 1024 * 1024;
 
 export class ModelCache {
   constructor(readonly dir: string) {
@@ -42,6 +46,9 @@ export class ModelCache {
   /**
    * Makes sure `hash` is in the cache, downloading (or resuming) it if needed.
    * Returns how many bytes crossed the wire (0 for a cache hit).
+   *
+   * Chunks are written and hashed on the file-writer thread as they arrive (shared/protocol/hashing-writer.ts),
+   * so the download needs no second pass over the file to check its SHA-256.
    */
   async ensure(client: FederationClient, hash: string, expectedSize: number, onProgress?: (done: number, total: number) => void): Promise<number> {
     if (this.has(hash)) return 0;
@@ -51,38 +58,55 @@ export class ModelCache {
       rmSync(part, { force: true });
       offset = 0;
     }
-    const fd = openSync(part, offset > 0 ? 'a' : 'w');
+    // A resumed download hashes the bytes already in the .part file first.
+    const file = new HashingFileWriter(part, { hashExisting: offset });
     let received = 0;
+    let digest: string;
     try {
       await new Promise<void>((resolve, reject) => {
         const stream = client.downloadModel(hash, offset);
         let pos = offset;
+        let paused = false;
+        const fail = (e: Error) => {
+          stream.cancel();
+          reject(e);
+        };
+        file.onError = (e) => fail(new Error(`writing ${part} failed: ${e.message}`));
         stream.on('data', (c: { offset: number; data: Buffer; totalSize: number; sha256: string }) => {
           try {
             if (c.sha256 !== hash) throw new Error(`server sent chunks of model ${c.sha256.slice(0, 12)}…, not ${hash.slice(0, 12)}…`);
             if (c.offset !== pos) throw new Error(`out-of-order model chunk at ${c.offset}, expected ${pos}`);
             if (c.totalSize !== expectedSize) throw new Error(`model is ${c.totalSize} bytes, the task said ${expectedSize}`);
             if (pos + c.data.length > expectedSize) throw new Error('model chunk runs past the announced size');
-            let off = 0;
-            while (off < c.data.length) off += writeSync(fd, c.data, off, c.data.length - off);
-            pos += c.data.length;
-            received += c.data.length;
+            const n = c.data.length;
+            file.write(c.data, pos, true); // the chunk's memory moves to the writer thread
+            pos += n;
+            received += n;
             onProgress?.(pos, expectedSize);
+            // Stop reading while the disk is behind (HTTP/2 flow control then holds the coordinator).
+            if (!paused && file.queuedBytes > DOWNLOAD_BACKLOG_BYTES) {
+              paused = true;
+              stream.pause();
+              void file.whenBelow(DOWNLOAD_BACKLOG_BYTES / 2).then(() => {
+                paused = false;
+                stream.resume();
+              });
+            }
           } catch (e) {
-            stream.cancel();
-            reject(e);
+            fail(e as Error);
           }
         });
         stream.on('error', reject);
         stream.on('end', () => resolve());
       });
-      fsyncSync(fd);
-    } finally {
-      closeSync(fd);
+      digest = await file.finish({ fsync: true });
+    } catch (e) {
+      // Keep what arrived for a resume: let the queued chunks reach the .part file before giving up.
+      await file.finish({ fsync: false }).catch(() => undefined);
+      throw e;
     }
     const size = statSync(part).size;
     if (size !== expectedSize) throw new Error(`model download ended at ${size} of ${expectedSize} bytes; it will resume from there`);
-    const digest = await sha256File(part);
     if (digest !== hash) {
       rmSync(part, { force: true });
       throw new Error(`downloaded model hashes to ${digest.slice(0, 12)}…, expected ${hash.slice(0, 12)}…; discarded, will download again`);

@@ -1,0 +1,642 @@
+/**
+ * Moving one Med3D-sized payload (~132 MB, ~33 M float32) over loopback, in one run:
+ *   a. raw TCP socket            (ceiling of the kernel path)
+ *   b. raw TLS socket            (same PKI and TLS stack as the coordinator: the target to compare against)
+ *   c. MedFL DownloadModel       (real coordinator, gRPC+TLS, model streamed from disk) to memory, and
+ *                                through ModelCache.ensure (write + fsync + SHA-256 + rename)
+ *   d. MedFL UploadUpdate        (real uploadOnce → real coordinator: validate, fsync, store row, ack)
+ *
+ * The server side (raw sinks + the real coordinator) runs in a child process, as it would on another
+ * machine: on a 2-core box each side then has a core, instead of sender and receiver sharing one
+ * event loop. The child reports server-side upload timings over IPC (instrumented by wrapping
+ * UploadReceiver.begin/finish, PartialUpload.write/close and RoundEngine.fold/accepted in that process only;
+ * no coordinator code is changed), the HTTP/2 windows its sessions actually use, and, for the download
+ * sweep, changes DownloadModel's chunk size and buffer count (modelStreamOptions) in that process.
+ *
+ *   npm run bench:transport
+ *   BENCH_REPS=3 BENCH_UPLOADS=2 npm run bench:transport     # quicker
+ *   BENCH_SWEEP=0 npm run bench:transport                    # without the download chunk-size / window sweep
+ */
+import { fork, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import http2 from 'node:http2';
+import * as net from 'node:net';
+import * as os from 'node:os';
+import { join } from 'node:path';
+import { performance } from 'node:perf_hooks';
+import * as tls from 'node:tls';
+import { fileURLToPath } from 'node:url';
+import { createRequire } from 'node:module';
+import * as grpc from '@grpc/grpc-js';
+import Table from 'cli-table3';
+import { pino } from 'pino';
+import { CoordinatorHome } from '../coordinator/home.ts';
+import { addSite } from '../coordinator/admin.ts';
+import { startCoordinator, type RunningCoordinator } from '../coordinator/coordinator.ts';
+import { PartialUpload, UploadReceiver, type UpdateHeader } from '../coordinator/server/upload-receiver.ts';
+import { RoundEngine } from '../coordinator/rounds/round-engine.ts';
+import { modelStreamOptions } from '../coordinator/server/model-stream.ts';
+import type { UpdateRow } from '../coordinator/store/store.ts';
+import { enrollSite } from '../site-agent/enroll.ts';
+import { SiteHome } from '../site-agent/home.ts';
+import { FederationClient, type WireChunk, type WireTask } from '../site-agent/transport/client.ts';
+import { ModelCache } from '../site-agent/transport/model-cache.ts';
+import { uploadOnce } from '../site-agent/transport/upload.ts';
+import { CHANNEL_OPTIONS, CHUNK_BYTES, MAX_MESSAGE_BYTES, loadProto } from '../shared/protocol/grpc.ts';
+import { pinnedChannelCredentials } from '../shared/security/pki.ts';
+import { loadSiteKey, siteCallCredentials } from '../shared/security/site-identity.ts';
+import { loadPlanFile } from '../shared/plan/load.ts';
+import { architectureFor } from '../shared/model/registry.ts';
+import { sharedParams } from '../shared/model/sharing.ts';
+import { encodeSafetensors } from '../shared/tensors/safetensors.ts';
+import { makeBundle, type TensorBundle } from '../shared/tensors/bundle.ts';
+import { sha256Hex } from '../shared/util/hash.ts';
+
+/** tiny3d's shared encoder has 162·w² + 32·w parameters: w = 451 gives 32.97 M ≈ Med3D ResNet-18. */
+const WIDTH = 451;
+const REPS = Number(process.env.BENCH_REPS ?? 5);
+/** Uploads timed (after one warm-up); each closes a round (~1–3 s of coordinator work between them). */
+const UPLOADS = Number(process.env.BENCH_UPLOADS ?? 5);
+/** Raw sockets write a reused buffer in pieces of this size (same as the gRPC chunk). */
+const RAW_PIECE = 2 * 1024 * 1024;
+/**
+ * Download sweep over chunk size, buffers per download and client window, back to back (adds ~15 s;
+ * BENCH_SWEEP=0 skips it).
+ * Its 2 MiB / 32 MiB row is the shipped configuration measured download-after-download, which has come out
+ * faster than the interleaved row c (download right after a raw transfer): both are printed.
+ */
+const SWEEP = process.env.BENCH_SWEEP !== '0';
+const HOST = '127.0.0.1';
+
+const now = (): number => performance.timeOrigin + performance.now(); // comparable across processes
+
+// ───────────────────────────── child: servers ─────────────────────────────
+
+interface ServerTiming {
+  type: 'upload-timing';
+  updateId: string;
+  /** Header admitted (UploadReceiver.begin). */
+  headerAt: number;
+  /** Last chunk received and checked (PartialUpload.write returned; it is then queued to the writer thread). */
+  lastChunkAt: number;
+  /** PartialUpload.close() resolved: every chunk written, fsynced and hashed. */
+  onDiskAt: number;
+  finishStart: number;
+  finishEnd: number;
+  foldStart: number;
+  foldEnd: number;
+  /** End of RoundEngine.accepted(): here, since each bench round has one site, the round close. */
+  acceptedEnd: number;
+  bytes: number;
+}
+type ChildMsg =
+  | { type: 'ready'; grpcPort: number; tcpPort: number; tlsPort: number }
+  | { type: 'reply'; id: number; cpuMs: number; windows?: string }
+  | ServerTiming;
+/** Requests carry an id; the child answers each with a 'reply' holding its CPU time so far (user + system). */
+type ParentMsg =
+  | { type: 'stream-options'; id: number; chunkBytes: number; slots: number }
+  | { type: 'cpu'; id: number }
+  | { type: 'windows'; id: number }
+  | { type: 'stop' };
+
+/** Receives `8-byte length + payload`, then answers one byte: the sender times until that byte. */
+function countingSink(sock: net.Socket): void {
+  let need = -1;
+  let got = 0;
+  let head = Buffer.alloc(0);
+  sock.on('error', () => undefined);
+  sock.on('data', (c: Buffer) => {
+    if (need < 0) {
+      head = Buffer.concat([head, c]);
+      if (head.length < 8) return;
+      need = Number(head.readBigUInt64LE(0));
+      got = head.length - 8;
+      head = Buffer.alloc(0);
+    } else {
+      got += c.length;
+    }
+    if (got >= need) {
+      need = -1;
+      sock.write(Buffer.from([1]));
+    }
+  });
+}
+
+async function serve(dir: string): Promise<void> {
+  const send = (m: ChildMsg) => process.send!(m);
+
+  // HTTP/2 sessions of the coordinator, to report the receive windows they really use (coordinator.ts widens them).
+  const sessions: http2.ServerHttp2Session[] = [];
+  const h2 = http2 as unknown as { createSecureServer: typeof http2.createSecureServer };
+  const origCreate = http2.createSecureServer;
+  h2.createSecureServer = ((...args: Parameters<typeof http2.createSecureServer>) => {
+    const srv = origCreate(...args);
+    srv.on('session', (session: http2.ServerHttp2Session) => {
+      sessions.push(session);
+      session.once('close', () => sessions.splice(sessions.indexOf(session), 1));
+    });
+    return srv;
+  }) as typeof http2.createSecureServer;
+  const windows = (): string =>
+    sessions
+      .filter((x) => !x.destroyed)
+      .map((x) => `connection ${fmt(x.state.effectiveLocalWindowSize ?? 0)} B, streams ${fmt(x.localSettings.initialWindowSize ?? 0)} B`)
+      .join('; ');
+
+  // Server-side upload timings: header admitted (begin), last chunk received, all on disk (close), finish()
+  // (re-read, decode, checks, rename), fold, accepted() (round close); sent to the parent once all are known.
+  type Partial = Omit<ServerTiming, 'type' | 'foldStart' | 'foldEnd' | 'acceptedEnd'>;
+  const byUpload = new Map<PartialUpload, Partial>();
+  const byId = new Map<string, Partial>();
+  const origBegin = UploadReceiver.prototype.begin;
+  UploadReceiver.prototype.begin = function (this: UploadReceiver, header: UpdateHeader): PartialUpload {
+    const p = origBegin.call(this, header);
+    byUpload.set(p, { updateId: header.updateId, headerAt: now(), lastChunkAt: 0, onDiskAt: 0, finishStart: 0, finishEnd: 0, bytes: 0 });
+    return p;
+  };
+  const origWrite = PartialUpload.prototype.write;
+  PartialUpload.prototype.write = function (this: PartialUpload, offset: number, data: Buffer): void {
+    origWrite.call(this, offset, data);
+    const t = byUpload.get(this);
+    if (t) t.lastChunkAt = now();
+  };
+  const origClose = PartialUpload.prototype.close;
+  PartialUpload.prototype.close = function (this: PartialUpload): Promise<void> {
+    const t = byUpload.get(this);
+    return origClose.call(this).then(() => {
+      if (t && t.onDiskAt === 0) t.onDiskAt = now();
+    });
+  };
+  const origFinish = UploadReceiver.prototype.finish;
+  UploadReceiver.prototype.finish = function (this: UploadReceiver, p: PartialUpload, site: string) {
+    const finishStart = now();
+    const r = origFinish.call(this, p, site);
+    const t = byUpload.get(p);
+    byUpload.delete(p);
+    if (t) byId.set(t.updateId, { ...t, finishStart, finishEnd: now(), bytes: p.received });
+    return r;
+  };
+  const folds = new Map<string, { foldStart: number; foldEnd: number }>();
+  const origFold = RoundEngine.prototype.fold;
+  RoundEngine.prototype.fold = function (this: RoundEngine, row: UpdateRow, update: TensorBundle): boolean {
+    const foldStart = now();
+    const r = origFold.call(this, row, update);
+    folds.set(row.updateId, { foldStart, foldEnd: now() });
+    return r;
+  };
+  const origAccepted = RoundEngine.prototype.accepted;
+  RoundEngine.prototype.accepted = async function (this: RoundEngine, row: UpdateRow): Promise<void> {
+    await origAccepted.call(this, row);
+    const t = byId.get(row.updateId);
+    byId.delete(row.updateId);
+    const f = folds.get(row.updateId) ?? { foldStart: now(), foldEnd: now() };
+    folds.delete(row.updateId);
+    if (t) send({ type: 'upload-timing', ...t, ...f, acceptedEnd: now() });
+  };
+
+  const coord: RunningCoordinator = await startCoordinator({ dir, port: 0, host: HOST, log: pino({ level: 'silent' }) });
+  const home = new CoordinatorHome(dir);
+  const cert = home.serverCertificate();
+  const tcpServer = net.createServer(countingSink);
+  const tlsServer = tls.createServer({ key: cert.keyPem, cert: cert.chainPem }, countingSink);
+  tcpServer.listen(0, HOST);
+  tlsServer.listen(0, HOST);
+  await Promise.all([once(tcpServer, 'listening'), once(tlsServer, 'listening')]);
+
+  let stopping = false;
+  const stop = async () => {
+    if (stopping) return;
+    stopping = true;
+    await coord.stop();
+    tcpServer.close();
+    tlsServer.close();
+    process.disconnect?.();
+  };
+  process.on('message', (m: ParentMsg) => {
+    if (m.type === 'stop') {
+      void stop();
+      return;
+    }
+    if (m.type === 'stream-options') Object.assign(modelStreamOptions, { chunkBytes: m.chunkBytes, slots: m.slots });
+    const u = process.cpuUsage();
+    send({ type: 'reply', id: m.id, cpuMs: (u.user + u.system) / 1000, ...(m.type === 'windows' ? { windows: windows() } : {}) });
+  });
+  process.on('disconnect', () => void stop());
+  send({
+    type: 'ready',
+    grpcPort: coord.port,
+    tcpPort: (tcpServer.address() as net.AddressInfo).port,
+    tlsPort: (tlsServer.address() as net.AddressInfo).port,
+  });
+}
+
+// ───────────────────────────── parent: clients ─────────────────────────────
+
+interface Sample { ms: number; serverCpuMs: number; clientCpuMs: number }
+interface Stat { median: number; min: number; max: number; n: number }
+function stat(xs: number[]): Stat {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+  return { median: m, min: s[0], max: s[s.length - 1], n: s.length };
+}
+const mbps = (bytes: number, ms: number): number => bytes / 1e6 / (ms / 1000);
+const fmt = (x: number, d = 0): string => x.toLocaleString('en-US', { maximumFractionDigits: d, minimumFractionDigits: d });
+
+/** Sends `total` bytes from a reused buffer, honouring backpressure; ms until the sink's 1-byte answer. */
+async function rawSend(sock: net.Socket, total: number, piece: Buffer): Promise<number> {
+  const answered = once(sock, 'data');
+  const head = Buffer.alloc(8);
+  head.writeBigUInt64LE(BigInt(total));
+  const t0 = performance.now();
+  sock.write(head);
+  for (let sent = 0; sent < total; ) {
+    const n = Math.min(piece.length, total - sent);
+    const ok = sock.write(n === piece.length ? piece : piece.subarray(0, n));
+    sent += n;
+    if (!ok) await once(sock, 'drain');
+  }
+  await answered;
+  return performance.now() - t0;
+}
+
+async function rawTcp(port: number, total: number, piece: Buffer): Promise<number> {
+  const sock = net.connect({ host: HOST, port });
+  await once(sock, 'connect');
+  sock.setNoDelay(true);
+  try {
+    return await rawSend(sock, total, piece);
+  } finally {
+    sock.destroy();
+  }
+}
+
+let tlsInfo = '';
+async function rawTls(port: number, caPem: string, total: number, piece: Buffer): Promise<number> {
+  const sock = tls.connect({ host: HOST, port, ca: caPem, servername: 'localhost' });
+  await once(sock, 'secureConnect');
+  tlsInfo = `${sock.getProtocol()} ${sock.getCipher().name}`;
+  try {
+    return await rawSend(sock, total, piece);
+  } finally {
+    sock.destroy();
+  }
+}
+
+/** Times one DownloadModel stream, counting bytes only (nothing kept). */
+function downloadToMemory(open: () => grpc.ClientReadableStream<WireChunk>, expected: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    let got = 0;
+    const s = open();
+    s.on('data', (c: WireChunk) => { got += c.data.length; });
+    s.on('error', reject);
+    s.on('end', () => (got === expected ? resolve(performance.now() - t0) : reject(new Error(`download gave ${got} of ${expected} bytes`))));
+  });
+}
+
+type RawFederation = grpc.Client & Record<string, (...a: unknown[]) => unknown>;
+
+/** A Federation client like FederationClient's, but with channel options of our choosing (for window comparisons). */
+function federationWith(siteDir: string, target: string, options: grpc.ChannelOptions): RawFederation {
+  const home = new SiteHome(siteDir);
+  const cfg = home.config();
+  const creds = grpc.credentials.combineChannelCredentials(
+    pinnedChannelCredentials(home.caPem()),
+    siteCallCredentials({ siteName: cfg.siteName, federationId: cfg.federationId, privateKey: loadSiteKey(siteDir).privateKey }),
+  );
+  const { Federation } = loadProto();
+  return new Federation(target, creds, options) as RawFederation;
+}
+
+function planYaml(rounds: number): string {
+  return [
+    'name: transport-bench',
+    `model: { architecture: tiny3d, patch: [16, 16, 16], numClasses: 2, width: ${WIDTH}, seed: 1 }`,
+    `rounds: ${rounds}`,
+    'minSites: 1',
+    'roundDeadlineSeconds: 600',
+    'waitForSitesSeconds: 600',
+    'gatherSeconds: 0',
+    'local: { steps: 1, batchSize: 2, learningRate: 0.003 }',
+    'share: { parts: [encoder] }',
+    '',
+  ].join('\n');
+}
+
+async function main(): Promise<void> {
+  const started = performance.now();
+  const cpus = os.cpus();
+  console.log(`machine: ${cpus.length} × ${cpus[0]?.model ?? '?'}, ${fmt(os.totalmem() / 2 ** 30, 1)} GiB RAM, ${os.platform()} ${os.release()}, node ${process.version}, grpc-js ${grpcVersion()}`);
+  console.log(`load average at start: ${os.loadavg().map((x) => fmt(x, 2)).join(' ')} (other work on this machine skews every row; compare rows of one run)`);
+
+  const work = mkdtempSync(join(os.tmpdir(), 'medfl-bench-transport-'));
+  let child: ChildProcess | undefined;
+  const closers: (() => void)[] = [];
+  try {
+    const coordDir = join(work, 'coordinator');
+    const siteDir = join(work, 'site-a');
+    const home = await CoordinatorHome.init(coordDir, { hosts: ['localhost', HOST] });
+    const rounds = 1 + UPLOADS; // a warm-up upload, then UPLOADS timed
+    writeFileSync(home.planPath, planYaml(rounds));
+    const plan = loadPlanFile(home.planPath);
+    const specs = sharedParams(architectureFor(plan.model), plan.share);
+    const params = specs.reduce((a, p) => a + p.shape.reduce((x, y) => x * y, 1), 0);
+
+    // Server process: same file, --serve. It writes the ~132 MB initial model before answering 'ready'.
+    const t0 = performance.now();
+    child = fork(fileURLToPath(import.meta.url), ['--serve', coordDir], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    const timings = new Map<string, ServerTiming>();
+    const timingWaiters = new Map<string, (t: ServerTiming) => void>();
+    const replies = new Map<number, (r: { cpuMs: number; windows?: string }) => void>();
+    let nextId = 0;
+    const request = (m: { type: 'stream-options'; chunkBytes: number; slots: number } | { type: 'cpu' } | { type: 'windows' }) =>
+      new Promise<{ cpuMs: number; windows?: string }>((resolve) => {
+        const id = nextId++;
+        replies.set(id, (r) => {
+          replies.delete(id);
+          resolve(r);
+        });
+        child!.send({ ...m, id } satisfies ParentMsg);
+      });
+    const ask = async (m: Parameters<typeof request>[0]): Promise<number> => (await request(m)).cpuMs;
+    /** Runs one timed transfer and records both processes' CPU time over it (IPC round trips stay outside the timing). */
+    // No forced gc() between transfers: tried, and it made the next download slower (V8 lowers its
+    // external-memory GC trigger after a full GC), so it would bias whichever path runs first.
+    const measured = async (f: () => Promise<number>): Promise<Sample> => {
+      const s0 = await ask({ type: 'cpu' });
+      const c0 = process.cpuUsage();
+      const ms = await f();
+      const c1 = process.cpuUsage(c0);
+      const s1 = await ask({ type: 'cpu' });
+      return { ms, serverCpuMs: s1 - s0, clientCpuMs: (c1.user + c1.system) / 1000 };
+    };
+    const ready = new Promise<{ grpcPort: number; tcpPort: number; tlsPort: number }>((resolve, reject) => {
+      child!.on('message', (m: ChildMsg) => {
+        if (m.type === 'ready') resolve(m);
+        if (m.type === 'reply') replies.get(m.id)?.(m);
+        if (m.type === 'upload-timing') {
+          timings.set(m.updateId, m);
+          timingWaiters.get(m.updateId)?.(m);
+        }
+      });
+      child!.once('exit', (code) => reject(new Error(`server process exited early (${code})`)));
+    });
+    const ports = await ready;
+    // 'localhost' (a name on the certificate) rather than the IP: grpc-js would send an IP as TLS SNI, which Node warns about.
+    const target = `localhost:${ports.grpcPort}`;
+    console.log(`coordinator up in a child process (${fmt((performance.now() - t0) / 1000, 1)} s incl. writing the initial model)`);
+
+    const inv = addSite(coordDir, 'site-a', { ttlSeconds: 600 });
+    await enrollSite({ coordinator: target, token: inv.token, caFingerprint: inv.caFingerprint, dir: siteDir });
+    const site = new FederationClient(new SiteHome(siteDir));
+    closers.push(() => site.close());
+
+    // Task stream: each accepted upload closes a round and the next TRAIN task arrives here.
+    let latest: WireTask | undefined;
+    let taskWaiter: (() => void) | undefined;
+    const tasks = site.subscribeTasks([]);
+    tasks.on('error', () => undefined);
+    tasks.on('data', (t: WireTask) => {
+      if (t.kind === 'TRAIN') latest = t;
+      taskWaiter?.();
+    });
+    closers.push(() => tasks.cancel());
+    const nextTask = async (after: number): Promise<WireTask> => {
+      while (!latest || latest.round <= after) await new Promise<void>((r) => (taskWaiter = r));
+      return latest;
+    };
+    const first = await nextTask(0);
+    const total = first.modelSize;
+    const modelHash = first.modelHash;
+    console.log(`payload: tiny3d width ${WIDTH} encoder = ${fmt(params)} float32 → model file ${fmt(total)} B (${fmt(total / 1e6, 1)} MB); MB = 10^6 B`);
+
+    // ── a/b/c: interleaved repetitions so machine noise hits every path alike ──
+    const piece = Buffer.alloc(RAW_PIECE, 0x5a);
+    const caPem = home.caPem();
+    const defaultWindowOpts: grpc.ChannelOptions = { ...CHANNEL_OPTIONS };
+    delete defaultWindowOpts['grpc-node.flow_control_window'];
+    const dflt = federationWith(siteDir, target, defaultWindowOpts);
+    closers.push(() => dflt.close());
+    const openTuned = () => site.downloadModel(modelHash, 0);
+    const openDefault = () => dflt.DownloadModel({ modelHash, offset: 0 }) as grpc.ClientReadableStream<WireChunk>;
+    const ensureOnce = async (i: number) => {
+      const cache = new ModelCache(join(work, `cache-${i}`));
+      const t = performance.now();
+      const got = await cache.ensure(site, modelHash, total);
+      const ms = performance.now() - t;
+      if (got !== total) throw new Error(`ModelCache.ensure moved ${got} of ${total} bytes`);
+      rmSync(cache.dir, { recursive: true, force: true });
+      return ms;
+    };
+
+    // Warm-up (connections, TLS sessions, JIT): one of each, not counted.
+    await rawTcp(ports.tcpPort, total, piece);
+    await rawTls(ports.tlsPort, caPem, total, piece);
+    await downloadToMemory(openTuned, total);
+    await downloadToMemory(openDefault, total);
+
+    const r = { tcp: [] as Sample[], tls: [] as Sample[], dl: [] as Sample[], dlDefault: [] as Sample[], ensure: [] as Sample[] };
+    const ensureReps = Math.max(1, Math.min(3, REPS));
+    for (let i = 0; i < REPS; i++) {
+      r.tcp.push(await measured(() => rawTcp(ports.tcpPort, total, piece)));
+      r.tls.push(await measured(() => rawTls(ports.tlsPort, caPem, total, piece)));
+      r.dl.push(await measured(() => downloadToMemory(openTuned, total)));
+      r.dlDefault.push(await measured(() => downloadToMemory(openDefault, total)));
+      if (i < ensureReps) r.ensure.push(await measured(() => ensureOnce(i)));
+    }
+
+    // ── optional sweep: download chunk size (bytes per ModelChunk), buffers per download, client window ──
+    const sweep: { label: string; mbps: number[] }[] = [];
+    if (SWEEP) {
+      const shippedSlots = modelStreamOptions.slots;
+      const variants = [
+        ...[256, 512, 1024, 2048].map((kib) => ({ chunk: kib * 1024, slots: shippedSlots, window: 32 * 2 ** 20 })),
+        ...[2, 8].map((slots) => ({ chunk: CHUNK_BYTES, slots, window: 32 * 2 ** 20 })),
+        ...[8, 128].map((mib) => ({ chunk: CHUNK_BYTES, slots: shippedSlots, window: mib * 2 ** 20 })),
+      ];
+      const clients = variants.map((v) => federationWith(siteDir, target, { ...CHANNEL_OPTIONS, 'grpc-node.flow_control_window': v.window }));
+      closers.push(() => clients.forEach((c) => c.close()));
+      for (const v of variants) sweep.push({ label: `chunk ${v.chunk / 1024} KiB, ${v.slots} buffers, client window ${v.window / 2 ** 20} MiB`, mbps: [] });
+      for (let i = -1; i < Math.min(3, REPS); i++) {
+        for (const [k, v] of variants.entries()) {
+          await ask({ type: 'stream-options', chunkBytes: v.chunk, slots: v.slots });
+          const ms = await downloadToMemory(() => clients[k].DownloadModel({ modelHash, offset: 0 }) as grpc.ClientReadableStream<WireChunk>, total);
+          if (i >= 0) sweep[k].mbps.push(mbps(total, ms));
+        }
+      }
+      await ask({ type: 'stream-options', chunkBytes: CHUNK_BYTES, slots: shippedSlots });
+    }
+
+    // ── d: uploads through the real path; one per round ──
+    const payload = encodeSafetensors(
+      makeBundle(specs.map((p) => {
+        const n = p.shape.reduce((a, b) => a * b, 1);
+        const data = new Float32Array(n);
+        for (let i = 0; i < n; i++) data[i] = ((i % 1021) - 510) * 1e-4; // finite, not all zero
+        return { name: p.name, dtype: 'F32' as const, shape: [...p.shape], data };
+      })),
+    );
+    const shaStart = performance.now();
+    sha256Hex(payload);
+    const shaMs = performance.now() - shaStart;
+
+    interface UploadRun {
+      ackMs: number;
+      clientToHeaderMs: number;
+      wireMs: number;
+      diskMs: number;
+      finishMs: number;
+      /** finish() end → ack at the client: store row, ack, its trip. */
+      finishToAckMs: number;
+      /** Ack at the client − fold end: negative when the ack left before the fold (which blocks the event loop). */
+      ackVsFoldEndMs: number;
+      foldMs: number;
+      closeMs: number;
+      bytes: number;
+      cpu?: Sample;
+    }
+    const uploads: UploadRun[] = [];
+    let round = first.round;
+    let task = first;
+    const uploadVia = async (client: FederationClient, n: number): Promise<UploadRun> => {
+      const updateId = `bench-${process.pid}-${n}`;
+      const timing = new Promise<ServerTiming>((resolve) => {
+        const have = timings.get(updateId);
+        if (have) resolve(have);
+        else timingWaiters.set(updateId, resolve);
+      });
+      const start = now();
+      const ack = await uploadOnce(client, { updateId, taskId: task.taskId, round: task.round, baseModelHash: task.modelHash, numSamples: 10, payload });
+      const ackAt = now();
+      if (!ack.accepted) throw new Error(`upload refused: ${ack.reason}`);
+      const t = await timing;
+      timingWaiters.delete(updateId);
+      return {
+        ackMs: ackAt - start,
+        clientToHeaderMs: t.headerAt - start,
+        wireMs: t.lastChunkAt - t.headerAt,
+        diskMs: t.onDiskAt - t.headerAt,
+        finishMs: t.finishEnd - t.finishStart,
+        finishToAckMs: ackAt - t.finishEnd,
+        ackVsFoldEndMs: ackAt - t.foldEnd,
+        foldMs: t.foldEnd - t.foldStart,
+        closeMs: t.acceptedEnd - t.foldEnd,
+        bytes: t.bytes,
+      };
+    };
+
+    let n = 0;
+    let serverWindows = '';
+    for (let i = -1; i < UPLOADS; i++) {
+      let run: UploadRun | undefined;
+      const cpu = await measured(async () => {
+        run = await uploadVia(site, n++);
+        return run.ackMs;
+      });
+      if (i === -1) serverWindows = (await request({ type: 'windows' })).windows ?? '';
+      else uploads.push({ ...run!, cpu });
+      if (i < UPLOADS - 1) {
+        task = await nextTask(round);
+        round = task.round;
+      }
+    }
+
+    // ── report ──
+    const msOf = (xs: Sample[]) => xs.map((x) => x.ms);
+    const tlsMed = stat(msOf(r.tls).map((ms) => mbps(total, ms))).median;
+    const tcpMed = stat(msOf(r.tcp).map((ms) => mbps(total, ms))).median;
+    const table = new Table({
+      head: ['path (loopback, same run)', 'n', 'median MB/s', 'min–max MB/s', 'median s', '× raw TLS', '× raw TCP', 'server CPU', 'client CPU'],
+      colAligns: ['left', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right'],
+    });
+    const pct = (xs: Sample[] | undefined, f: (x: Sample) => number) => (xs && xs.length ? `${fmt(stat(xs.map((x) => (100 * f(x)) / x.ms)).median)}%` : '—');
+    const row = (name: string, msList: number[], cpu?: Sample[]) => {
+      const s = stat(msList.map((ms) => mbps(total, ms)));
+      const t = stat(msList);
+      table.push([name, s.n, fmt(s.median), `${fmt(s.min)}–${fmt(s.max)}`, fmt(t.median / 1000, 2), fmt(s.median / tlsMed, 2), fmt(s.median / tcpMed, 2), pct(cpu, (x) => x.serverCpuMs), pct(cpu, (x) => x.clientCpuMs)]);
+    };
+    row('a. raw TCP socket', msOf(r.tcp), r.tcp);
+    row('b. raw TLS socket', msOf(r.tls), r.tls);
+    row('c. DownloadModel → memory (32 MiB client window)', msOf(r.dl), r.dl);
+    row('c. DownloadModel → memory (grpc-js default window)', msOf(r.dlDefault), r.dlDefault);
+    row('c. ModelCache.ensure (write+fsync+sha256)', msOf(r.ensure), r.ensure);
+    row('d. uploadOnce → ack', uploads.map((u) => u.ackMs), uploads.map((u) => u.cpu!));
+    row('d. … wire only: header → last byte received at server', uploads.map((u) => u.wireMs));
+    row('d. … header → all on disk (written, fsynced, hashed)', uploads.map((u) => u.diskMs));
+    console.log(table.toString());
+    console.log('  CPU = that process\'s user+system time over the transfer ÷ its wall time (100% = one core busy); server = the child process.');
+
+    const breakdown = new Table({
+      head: ['upload, median ms', 'to ack', 'client sha256 + open', 'header → last byte', 'header → on disk', 'finish()', 'finish() → ack', 'ack − fold end', 'fold', 'round close'],
+      colAligns: ['left', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right'],
+    });
+    const m = (f: (u: UploadRun) => number) => fmt(stat(uploads.map(f)).median);
+    breakdown.push([`${uploads.length} uploads`, m((u) => u.ackMs), m((u) => u.clientToHeaderMs), m((u) => u.wireMs), m((u) => u.diskMs), m((u) => u.finishMs), m((u) => u.finishToAckMs), m((u) => u.ackVsFoldEndMs), m((u) => u.foldMs), m((u) => u.closeMs)]);
+    console.log(breakdown.toString());
+    console.log(`  client sha256 of the payload alone: ${fmt(shaMs)} ms (uploadOnce hashes before sending the header).`);
+    console.log('  header → last byte: until the last chunk was received and checked (then queued to the file-writer thread);');
+    console.log('  header → on disk: until every chunk was written, fsynced and hashed (PartialUpload.close()).');
+    console.log('  finish() = re-read into the scratch buffer + safetensors decode + shape/NaN checks + rename + dir fsync.');
+    console.log('  finish() → ack: store row, ack, its way to the client. ack − fold end < 0: the ack reached the client before');
+    console.log('  the fold ended, so it left before the fold began (the fold blocks the event loop). fold = FedAvg add;');
+    console.log('  round close = RoundEngine.accepted() (one site per round here: finish the aggregate, save + fsync the new');
+    console.log('  model, load the next base).');
+
+    if (sweep.length > 0) {
+      const st = new Table({ head: ['download sweep → memory (same run)', 'median MB/s', 'min–max MB/s'], colAligns: ['left', 'right', 'right'] });
+      for (const v of sweep) {
+        const x = stat(v.mbps);
+        st.push([v.label, fmt(x.median), `${fmt(x.min)}–${fmt(x.max)}`]);
+      }
+      console.log(st.toString());
+      console.log('  chunk = the server\'s read size, i.e. bytes per ModelChunk message (CHUNK_BYTES in the real path).');
+    }
+    console.log('options:');
+    console.log(`  CHUNK_BYTES ${fmt(CHUNK_BYTES)} B, MAX_MESSAGE_BYTES ${fmt(MAX_MESSAGE_BYTES)} B`);
+    console.log(`  client 'grpc-node.flow_control_window' ${fmt(Number(CHANNEL_OPTIONS['grpc-node.flow_control_window'] ?? 65535))} B (compared with grpc-js default: HTTP/2 65,535 B)`);
+    console.log(`  server receive windows (coordinator.ts widenServerWindows; grpc-js 1.14 has no option), as the server's HTTP/2 sessions report them: ${serverWindows || '?'}`);
+    console.log(`  DownloadModel: ${modelStreamOptions.slots} reused buffers per download, chunk ${fmt(modelStreamOptions.chunkBytes)} B`);
+    console.log(`  raw sockets: ${fmt(RAW_PIECE)} B pieces from one reused buffer; TLS ${tlsInfo}, same CA/server certificate as the coordinator`);
+    console.log(`  reps: ${REPS} (ModelCache.ensure ${ensureReps}, uploads ${UPLOADS} + 1 warm-up), after one warm-up each`);
+    const dlMed = stat(msOf(r.dl).map((ms) => mbps(total, ms))).median;
+    const upMed = stat(uploads.map((u) => mbps(total, u.ackMs))).median;
+    const wireMed = stat(uploads.map((u) => mbps(total, u.wireMs))).median;
+    const diskMed = stat(uploads.map((u) => mbps(total, u.diskMs))).median;
+    const verdict = (x: number) => `${fmt(x / tlsMed, 2)}× ${x / tlsMed >= 0.8 ? '(met)' : '(NOT met)'}`;
+    const shipped = sweep.find((v) => v.label === `chunk ${CHUNK_BYTES / 1024} KiB, ${modelStreamOptions.slots} buffers, client window ${Number(CHANNEL_OPTIONS['grpc-node.flow_control_window']) / 2 ** 20} MiB`);
+    console.log('target ≥ 0.8× raw TLS (median MB/s ÷ raw TLS median):');
+    console.log(`  download, interleaved (row c): ${verdict(dlMed)}${shipped ? `; download, back to back (sweep, shipped settings): ${verdict(stat(shipped.mbps).median)}` : ''}`);
+    console.log(`  upload, wire only (header → last byte): ${verdict(wireMed)}; header → on disk: ${verdict(diskMed)}; upload to ack: ${verdict(upMed)}`);
+    console.log(`total bench time ${fmt((performance.now() - started) / 1000, 1)} s; load average at end: ${os.loadavg().map((x) => fmt(x, 2)).join(' ')}`);
+  } finally {
+    for (const c of closers.reverse()) {
+      try { c(); } catch { /* already closed */ }
+    }
+    if (child && child.exitCode === null) {
+      child.send({ type: 'stop' } satisfies ParentMsg);
+      const exited = once(child, 'exit');
+      const timer = setTimeout(() => child!.kill('SIGKILL'), 10_000);
+      await exited;
+      clearTimeout(timer);
+    }
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+function grpcVersion(): string {
+  return (createRequire(import.meta.url)('@grpc/grpc-js/package.json') as { version: string }).version;
+}
+
+if (process.argv[2] === '--serve') {
+  serve(process.argv[3]!).catch((e: Error) => {
+    console.error(`bench server failed: ${e.stack ?? e.message}`);
+    process.exit(1);
+  });
+} else {
+  main().catch((e: Error) => {
+    console.error(e.stack ?? e.message);
+    process.exitCode = 1;
+  });
+}

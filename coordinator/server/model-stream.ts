@@ -1,0 +1,128 @@
+/**
+ * Streams a model file as DownloadModel's ModelChunk messages with a fixed set of reused buffers.
+ *
+ * Each chunk is read from disk (libuv thread pool) straight into a buffer laid out as the encoded message
+ * (shared/protocol/chunk-codec.ts): room for the head, the data, the per-model tail. The buffer is written to
+ * the call as it is (the service's serializer passes pre-encoded Buffers through) and reused once grpc-js
+ * reports that write done; grpc-js copies it into its own framed message inside that write, so the only
+ * per-chunk allocation left is grpc-js's. fs.createReadStream allocated a fresh buffer per chunk and
+ * protobuf encoding another, which with grpc-js's made the coordinator run a full GC every 20–40 ms while
+ * serving a model (bench/README.md).
+ */
+import * as grpc from '@grpc/grpc-js';
+import { close, open, read } from 'node:fs';
+import { CHUNK_BYTES } from '../../shared/protocol/grpc.ts';
+import { MODEL_CHUNK_HEAD_ROOM, modelChunkTail, writeModelChunkHead } from '../../shared/protocol/chunk-codec.ts';
+
+/** Tunables; the transport bench changes them in its own server process to sweep them. */
+export const modelStreamOptions = {
+  /** Bytes of model per ModelChunk. */
+  chunkBytes: CHUNK_BYTES,
+  /** Buffers per download: one being sent, the next queued, one being read from disk, one spare. */
+  slots: 4,
+};
+
+/** Room for the tail: total_size (≤ 1 + 8 B) and sha256 (2 + 64 B), rounded up. */
+const TAIL_ROOM = 128;
+
+/** Free buffers, shared by all downloads; a few are kept between downloads. */
+const pool = new Map<number, Buffer[]>();
+const POOL_KEEP = 8;
+
+function takeBuffer(size: number): Buffer {
+  return pool.get(size)?.pop() ?? Buffer.allocUnsafe(size);
+}
+
+function giveBack(buf: Buffer): void {
+  const free = pool.get(buf.length) ?? [];
+  pool.set(buf.length, free);
+  if (free.length < POOL_KEEP) free.push(buf);
+}
+
+export function streamModelFile(call: grpc.ServerWritableStream<unknown, unknown>, path: string, start: number, totalSize: number, sha256: string): void {
+  const chunkBytes = modelStreamOptions.chunkBytes;
+  const tail = modelChunkTail(totalSize, sha256);
+  const size = MODEL_CHUNK_HEAD_ROOM + chunkBytes + Math.max(TAIL_ROOM, tail.length);
+  const free: Buffer[] = [];
+  let owned = 0; // buffers taken from the pool by this download
+  let fd: number | undefined;
+  let nextPos = start; // next file position to read
+  let reading = false;
+  let stopped = false; // everything read (or the call failed): the file is closed, buffers go back to the pool
+
+  const stop = () => {
+    if (stopped) return;
+    stopped = true;
+    if (fd !== undefined) {
+      const f = fd;
+      fd = undefined;
+      close(f, () => undefined);
+    }
+    // Buffers still queued in the call stay with it (it may be cancelled and never complete them).
+    for (const b of free.splice(0)) giveBack(b);
+  };
+  const fail = (details: string) => {
+    if (stopped) return;
+    stop();
+    call.emit('error', { code: grpc.status.INTERNAL, details });
+  };
+
+  const pump = () => {
+    if (stopped || reading || fd === undefined) return;
+    if (nextPos >= totalSize) {
+      // Every chunk is with the call; it sends the status after the last one.
+      stop();
+      call.end();
+      return;
+    }
+    let buf = free.pop();
+    if (!buf) {
+      if (owned >= modelStreamOptions.slots) return; // all buffers are with the call: wait for a write to complete
+      buf = takeBuffer(size);
+      owned++;
+    }
+    const slot = buf;
+    const pos = nextPos;
+    const want = Math.min(chunkBytes, totalSize - pos);
+    reading = true;
+    readFully(fd, slot, MODEL_CHUNK_HEAD_ROOM, want, pos, (err) => {
+      reading = false;
+      if (stopped) return giveBack(slot);
+      if (err) {
+        giveBack(slot);
+        return fail(`reading model failed: ${err.message}`);
+      }
+      nextPos = pos + want;
+      const dataEnd = MODEL_CHUNK_HEAD_ROOM + want;
+      tail.copy(slot, dataEnd);
+      const msgStart = writeModelChunkHead(slot, MODEL_CHUNK_HEAD_ROOM, pos, want);
+      // Serialised (copied by grpc-js) within this write or a later one from the call's queue; the callback
+      // runs once the framed copy has gone to HTTP/2, so only then may the buffer be refilled.
+      call.write(slot.subarray(msgStart, dataEnd + tail.length), () => {
+        if (stopped) return giveBack(slot);
+        free.push(slot);
+        pump();
+      });
+      pump();
+    });
+  };
+
+  call.on('cancelled', stop);
+  call.on('error', stop);
+  open(path, 'r', (err, f) => {
+    if (err) return fail(`reading model failed: ${err.message}`);
+    if (stopped) return close(f, () => undefined);
+    fd = f;
+    pump();
+  });
+}
+
+/** fs.read until `length` bytes are in `buf` at `offset`; a file that ends early is an error. */
+function readFully(fd: number, buf: Buffer, offset: number, length: number, position: number, cb: (err: Error | null) => void): void {
+  read(fd, buf, offset, length, position, (err, n) => {
+    if (err) return cb(err);
+    if (n === length) return cb(null);
+    if (n === 0) return cb(new Error(`model file ended at byte ${position}, before its recorded size`));
+    readFully(fd, buf, offset + n, length - n, position + n, cb);
+  });
+}

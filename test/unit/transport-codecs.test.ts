@@ -1,0 +1,75 @@
+/**
+ * The download path's hand-encoded ModelChunk must be byte-identical to protobufjs's, and the upload
+ * path's threaded hashing writer must store and hash exactly what it was given, resume, and clean up.
+ */
+import { describe, expect, it } from 'vitest';
+import { createHash, randomBytes } from 'node:crypto';
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import protobuf from 'protobufjs';
+import { MODEL_CHUNK_HEAD_ROOM, modelChunkTail, writeModelChunkHead } from '../../shared/protocol/chunk-codec.ts';
+import { HashingFileWriter } from '../../shared/protocol/hashing-writer.ts';
+import { PROTO_FILE } from '../../shared/protocol/grpc.ts';
+
+
+describe('hand-encoded ModelChunk', () => {
+  it('matches protobufjs byte for byte, for small and large offsets and sizes', async () => {
+    const root = await protobuf.load(PROTO_FILE);
+    const ModelChunk = root.lookupType('medfl.v1.ModelChunk');
+    const sha = 'ab'.repeat(32);
+    for (const [offset, len, total] of [[0, 5, 5], [127, 300, 1000], [2 ** 31 + 7, 70_000, 2 ** 33], [1, 1, 2 ** 40]] as const) {
+      const data = randomBytes(len);
+      const buf = Buffer.alloc(MODEL_CHUNK_HEAD_ROOM + len);
+      data.copy(buf, MODEL_CHUNK_HEAD_ROOM);
+      const start = writeModelChunkHead(buf, MODEL_CHUNK_HEAD_ROOM, offset, len);
+      const ours = Buffer.concat([buf.subarray(start), modelChunkTail(total, sha)]);
+      const theirs = Buffer.from(ModelChunk.encode(ModelChunk.fromObject({ offset, data, totalSize: total, sha256: sha })).finish());
+      expect(ours.equals(theirs)).toBe(true);
+    }
+  });
+
+  it('refuses values it cannot encode', () => {
+    expect(() => writeModelChunkHead(Buffer.alloc(4), 2, 0, 10)).toThrow(/need \d+ bytes before the data/);
+    expect(() => modelChunkTail(-1, 'x')).toThrow(/non-negative/);
+  });
+});
+
+describe('threaded hashing file writer', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'medfl-writer-'));
+
+  it('writes and hashes out-of-thread exactly what it was given, transferred or copied', async () => {
+    const path = join(dir, 'a.part');
+    const w = new HashingFileWriter(path);
+    const parts = [randomBytes(100), randomBytes(200_000), randomBytes(3)];
+    let pos = 0;
+    for (const [i, p] of parts.entries()) {
+      w.write(Buffer.from(p), pos, i === 1);
+      pos += p.length;
+    }
+    const digest = await w.finish({ fsync: true });
+    const all = Buffer.concat(parts);
+    expect(readFileSync(path).equals(all)).toBe(true);
+    expect(digest).toBe(createHash('sha256').update(all).digest('hex'));
+  });
+
+  it('resumes a file: hashes the bytes already there, then the new ones', async () => {
+    const path = join(dir, 'b.part');
+    const head = randomBytes(1000);
+    writeFileSync(path, head);
+    const tail = randomBytes(5000);
+    const w = new HashingFileWriter(path, { hashExisting: head.length });
+    w.write(Buffer.from(tail), head.length);
+    const digest = await w.finish();
+    expect(digest).toBe(createHash('sha256').update(Buffer.concat([head, tail])).digest('hex'));
+  });
+
+  it('discard deletes the file, even mid-write', async () => {
+    const path = join(dir, 'c.part');
+    const w = new HashingFileWriter(path);
+    w.write(randomBytes(300_000), 0, true);
+    w.discard();
+    await new Promise((r) => setTimeout(r, 200));
+    expect(existsSync(path)).toBe(false);
+  });
+});
