@@ -152,9 +152,9 @@ function peakRss(): number {
 type StreamMode = 'refill' | 'decode' | 'decode-gc' | 'reuse';
 const STREAM_MODES: Record<StreamMode, string> = {
   refill: 'one update buffer, refilled per update',
-  decode: 'readFileSync + decodeSafetensors per update (as the coordinator), no gc()',
+  decode: 'a fresh readFileSync buffer per update (the coordinator before 2026-11-25), no gc()',
   'decode-gc': 'same, with gc() after each fold (floor of that path)',
-  reuse: 'file read into one reused buffer + Float32Array views (no decode copy)',
+  reuse: 'one reused read buffer + Float32Array views (as the coordinator\'s upload receiver)',
 };
 
 /** Tensors as views on the file bytes (safetensors data is 8-byte aligned by encodeSafetensors; the buffer starts at offset 0). */
