@@ -17,6 +17,7 @@ import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import Table from 'cli-table3';
 import { FedAvg, axpy } from '../coordinator/aggregation/fedavg.ts';
+import { createSimdArena } from '../coordinator/aggregation/simd-axpy.ts';
 import { createTiny3d } from '../shared/model/tiny3d.ts';
 import { makeBundle, type TensorBundle, type TensorSpec } from '../shared/tensors/bundle.ts';
 import { decodeSafetensors, encodeSafetensors } from '../shared/tensors/safetensors.ts';
@@ -61,69 +62,6 @@ function axpyUnroll8(acc: Float32Array, x: Float32Array, w: number): void {
     acc[i + 4] += w * x[i + 4]; acc[i + 5] += w * x[i + 5]; acc[i + 6] += w * x[i + 6]; acc[i + 7] += w * x[i + 7];
   }
   for (; i < n; i++) acc[i] += w * x[i];
-}
-
-/** The slice of the WebAssembly API used here (tsconfig's lib has no WebAssembly types). */
-interface WasmApi {
-  Module: new (bytes: Uint8Array) => object;
-  Instance: new (module: object) => { exports: Record<string, unknown> };
-}
-const WA = (globalThis as unknown as { WebAssembly: WasmApi }).WebAssembly;
-
-/**
- * The same loop in WebAssembly SIMD (f32x4: 4 lanes per instruction), hand-assembled so nothing needs
- * installing. Operands must live in the module's memory, so a JS-side update costs one copy in first.
- */
-function wasmAxpy(maxFloats: number): { mem: Float32Array; axpy(accOff: number, xOff: number, n: number, w: number): void } {
-  const leb = (n: number): number[] => {
-    const out: number[] = [];
-    do {
-      let b = n & 0x7f;
-      n >>>= 7;
-      if (n !== 0) b |= 0x80;
-      out.push(b);
-    } while (n !== 0);
-    return out;
-  };
-  const section = (id: number, body: number[]) => [id, ...leb(body.length), ...body];
-  const str = (s: string) => [s.length, ...Buffer.from(s)];
-  const body = [
-    0x02, 0x01, 0x7f, 0x01, 0x7b, // locals: end i32 (4), wv v128 (5)
-    0x20, 0x03, 0xfd, 0x13, 0x21, 0x05, // wv = f32x4.splat(w)
-    0x20, 0x00, 0x20, 0x02, 0x41, 0x02, 0x74, 0x6a, 0x21, 0x04, // end = acc + n<<2
-    0x02, 0x40, 0x03, 0x40, // block loop
-    0x20, 0x00, 0x20, 0x04, 0x4f, 0x0d, 0x01, // if acc >= end: break
-    0x20, 0x00, // address for the store
-    0x20, 0x00, 0xfd, 0x00, 0x04, 0x00, // v128.load acc
-    0x20, 0x01, 0xfd, 0x00, 0x04, 0x00, // v128.load x
-    0x20, 0x05, 0xfd, 0xe6, 0x01, // f32x4.mul
-    0xfd, 0xe4, 0x01, // f32x4.add
-    0xfd, 0x0b, 0x04, 0x00, // v128.store
-    0x20, 0x00, 0x41, 0x10, 0x6a, 0x21, 0x00, // acc += 16
-    0x20, 0x01, 0x41, 0x10, 0x6a, 0x21, 0x01, // x += 16
-    0x0c, 0x00, 0x0b, 0x0b, 0x0b, // br loop; end; end; end
-  ];
-  const bytes = new Uint8Array([
-    0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00,
-    ...section(1, [0x01, 0x60, 0x04, 0x7f, 0x7f, 0x7f, 0x7d, 0x00]), // (i32 i32 i32 f32) → ()
-    ...section(3, [0x01, 0x00]),
-    ...section(5, [0x01, 0x00, 0x01]), // memory, min 1 page (grown below)
-    ...section(7, [0x02, ...str('axpy'), 0x00, 0x00, ...str('mem'), 0x02, 0x00]),
-    ...section(10, [0x01, ...leb(body.length), ...body]),
-  ]);
-  const inst = new WA.Instance(new WA.Module(bytes));
-  const memory = inst.exports.mem as { buffer: ArrayBuffer; grow(pages: number): number };
-  memory.grow(Math.ceil((maxFloats * 4) / 65536));
-  const fn = inst.exports.axpy as (a: number, x: number, n: number, w: number) => void;
-  const mem = new Float32Array(memory.buffer);
-  return {
-    mem,
-    axpy(accOff, xOff, n, w) {
-      const n4 = n - (n % 4);
-      fn(accOff * 4, xOff * 4, n4, w);
-      for (let i = n4; i < n; i++) mem[accOff + i] += w * mem[xOff + i];
-    },
-  };
 }
 
 interface Stat { median: number; min: number; max: number }
@@ -234,7 +172,9 @@ async function main(): Promise<void> {
 
   // Reused, pre-touched destinations: the copy baseline and the loop candidates measure the loop, not page faults.
   const dst = SPECS.map((s) => new Float32Array(sizeOf(s)).fill(0));
-  const wasm = wasmAxpy(2 * PARAMS);
+  // The coordinator's own kernel: sums in [0, PARAMS), one update staged in [PARAMS, 2·PARAMS).
+  const wasm = createSimdArena(PARAMS);
+  if (!wasm) throw new Error('WebAssembly SIMD is not available in this Node');
   wasm.mem.fill(0, 0, 2 * PARAMS);
   const offs: number[] = [];
   SPECS.reduce((o, s) => (offs.push(o), o + sizeOf(s)), 0);
@@ -252,14 +192,14 @@ async function main(): Promise<void> {
     'unroll 8, reused acc': () => loop(axpyUnroll8),
     'wasm SIMD f32x4 (update already in wasm memory)': () => {
       const t0 = performance.now();
-      for (let k = 0; k < UPDATES; k++) for (let j = 0; j < SPECS.length; j++) wasm.axpy(offs[j], PARAMS + offs[j], sizeOf(SPECS[j]), samplesOf(k));
+      for (let k = 0; k < UPDATES; k++) for (let j = 0; j < SPECS.length; j++) wasm.axpyFromStaging(offs[j], sizeOf(SPECS[j]), samplesOf(k));
       return performance.now() - t0;
     },
     'wasm SIMD f32x4 incl. copying each update in': () => {
       const t0 = performance.now();
       for (let k = 0; k < UPDATES; k++) {
         for (let j = 0; j < SPECS.length; j++) wasm.mem.set(flat[k][j], PARAMS + offs[j]);
-        for (let j = 0; j < SPECS.length; j++) wasm.axpy(offs[j], PARAMS + offs[j], sizeOf(SPECS[j]), samplesOf(k));
+        for (let j = 0; j < SPECS.length; j++) wasm.axpyFromStaging(offs[j], sizeOf(SPECS[j]), samplesOf(k));
       }
       return performance.now() - t0;
     },

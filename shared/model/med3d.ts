@@ -40,7 +40,7 @@ import { elementCount, makeBundle, type NamedTensor, type TensorBundle } from '.
 import { gaussian, mulberry32 } from '../util/random.ts';
 import type { LayerType, ModelArchitecture, ModelPart, ParamInfo } from './types.ts';
 import { mapStateDict, medicalNetIsConvTranspose, medicalNetRename, permute, torchToTfjsPermutation } from '../checkpoints/torch-mapping.ts';
-import type { TorchTensor as CheckpointTensor } from '../checkpoints/pth.ts';
+import { contiguousStrides, type TorchTensor as CheckpointTensor } from '../checkpoints/pth.ts';
 
 export const MED3D_ID = 'med3d';
 
@@ -366,15 +366,6 @@ export function med3dFromTorch(arch: ModelArchitecture, tensors: Iterable<TorchT
   });
 }
 
-function contiguousStrides(shape: readonly number[]): number[] {
-  const strides = new Array<number>(shape.length);
-  let s = 1;
-  for (let i = shape.length - 1; i >= 0; i--) {
-    strides[i] = s;
-    s *= shape[i];
-  }
-  return strides;
-}
 
 /** A MedFL bundle → PyTorch state_dict tensors (keys without "module.", no num_batches_tracked). */
 export function med3dToTorch(bundle: TensorBundle): TorchTensor[] {
