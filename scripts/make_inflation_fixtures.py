@@ -32,6 +32,8 @@ import sys
 
 import numpy as np
 import torch
+
+from fixture_io import write_npy, write_safetensors
 import torch.nn as nn
 
 
@@ -93,30 +95,6 @@ class ResNet2d(nn.Module):
         x = self.maxpool(self.stem(x))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def write_npy(path, arr):
-    np.save(path, np.ascontiguousarray(arr, dtype='<f4'), allow_pickle=False)
-
-
-def write_safetensors(path, tensors, metadata):
-    """safetensors by hand: u64 LE header length, JSON header, raw little-endian float32 data, 8-byte aligned."""
-    header = {'__metadata__': metadata}
-    blobs = []
-    offset = 0
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name], dtype='<f4')
-        b = a.tobytes()
-        header[name] = {'dtype': 'F32', 'shape': list(a.shape), 'data_offsets': [offset, offset + len(b)]}
-        blobs.append(b)
-        offset += len(b)
-    js = json.dumps(header, separators=(',', ':'))
-    js += ' ' * ((8 - (8 + len(js.encode())) % 8) % 8)
-    with open(path, 'wb') as f:
-        f.write(struct.pack('<Q', len(js.encode())))
-        f.write(js.encode())
-        for b in blobs:
-            f.write(b)
 
 
 def make_bn_nontrivial(model, gen, shape):

@@ -27,6 +27,8 @@ import sys
 
 import numpy as np
 import torch
+
+from fixture_io import write_npy, write_safetensors
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -163,31 +165,6 @@ class Med3d(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------
 # Files
-
-
-def write_npy(path, arr):
-    arr = np.ascontiguousarray(arr, dtype='<f4')
-    np.save(path, arr, allow_pickle=False)
-
-
-def write_safetensors(path, tensors, metadata):
-    """safetensors by hand: u64 LE header length, JSON header, raw little-endian data, 8-byte aligned."""
-    header = {'__metadata__': metadata}
-    blobs = []
-    offset = 0
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name], dtype='<f4')
-        b = a.tobytes()
-        header[name] = {'dtype': 'F32', 'shape': list(a.shape), 'data_offsets': [offset, offset + len(b)]}
-        blobs.append(b)
-        offset += len(b)
-    js = json.dumps(header, separators=(',', ':'))
-    js += ' ' * ((8 - (8 + len(js.encode())) % 8) % 8)
-    with open(path, 'wb') as f:
-        f.write(struct.pack('<Q', len(js.encode())))
-        f.write(js.encode())
-        for b in blobs:
-            f.write(b)
 
 
 def make_stats_nontrivial(model, gen, shape):
