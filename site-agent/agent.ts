@@ -57,6 +57,8 @@ export class SiteAgent {
   private readonly queue: WireTask[] = [];
   private working = false;
   private readonly done = new Set<string>();
+  /** Set on each new connection: look for outbox entries from an earlier run before taking new work. */
+  private outboxUnchecked = true;
   private wake: (() => void) | undefined;
   private readonly coordinatorKey: Buffer;
 
@@ -87,6 +89,8 @@ export class SiteAgent {
     while (!this.stopped && !(this.finished && this.o.exitWhenFinished)) {
       this.client = new FederationClient(this.home, { audit: this.audit });
       const heartbeat = this.startHeartbeat(() => { attempt = 0; });
+      this.outboxUnchecked = true;
+      void this.drain();
       try {
         await this.consumeTasks(this.client);
         if (this.stopped || (this.finished && this.o.exitWhenFinished)) break;
@@ -172,6 +176,10 @@ export class SiteAgent {
     if (this.working) return;
     this.working = true;
     try {
+      if (this.outboxUnchecked) {
+        this.outboxUnchecked = false;
+        await this.flushOutbox();
+      }
       while (this.queue.length > 0 && !this.stopped) {
         const t = this.queue.shift()!;
         this.currentTask = t.taskId;
@@ -219,18 +227,50 @@ export class SiteAgent {
       writeFileAtomic(join(this.home.outboxDir, `${t.taskId}.safetensors`), result.update);
       writeFileAtomic(outboxPath, JSON.stringify(entry));
     }
+    await this.deliver(entry);
+  }
+
+  /**
+   * Uploads an outbox entry (same update id on every try), reports its metrics once acknowledged, and
+   * clears the entry once the coordinator has answered for good (acknowledged or refused).
+   */
+  private async deliver(entry: OutboxEntry): Promise<void> {
+    const { log } = this.o;
     this.state = 'uploading';
-    const payload = readFileSync(join(this.home.outboxDir, `${t.taskId}.safetensors`));
+    const payload = readFileSync(join(this.home.outboxDir, `${entry.taskId}.safetensors`));
     const ack = await uploadUpdate(() => this.client!, { ...entry, payload }, (p) => { this.progress = p; });
     if (!ack.accepted) {
-      log.warn({ round: t.round, reason: ack.reason }, 'the coordinator refused the update');
+      log.warn({ round: entry.round, reason: ack.reason }, 'the coordinator refused the update');
     } else {
-      log.info({ round: t.round, duplicate: ack.duplicate, samples: entry.numSamples }, 'update acknowledged');
-      const m = await this.client!.reportMetrics({ round: t.round, taskId: t.taskId, values: entry.metrics });
+      log.info({ round: entry.round, duplicate: ack.duplicate, samples: entry.numSamples }, 'update acknowledged');
+      const m = await this.client!.reportMetrics({ round: entry.round, taskId: entry.taskId, values: entry.metrics });
       if (!m.accepted) log.warn({ reason: m.reason }, 'metrics refused');
     }
-    // Acknowledged or refused for good: either way the outbox entry is settled.
-    for (const f of readdirSync(this.home.outboxDir)) if (f.startsWith(`${t.taskId}.`)) rmSync(join(this.home.outboxDir, f), { force: true });
+    for (const f of readdirSync(this.home.outboxDir)) if (f.startsWith(`${entry.taskId}.`)) rmSync(join(this.home.outboxDir, f), { force: true });
+  }
+
+  /**
+   * Entries left by an earlier run whose task will not come again (e.g. the agent died after the ack but
+   * before its metrics, so the coordinator does not re-send the task): deliver them now. A duplicate ack
+   * changes nothing at the coordinator; a refusal (round long closed) settles the entry.
+   */
+  private async flushOutbox(): Promise<void> {
+    for (const f of readdirSync(this.home.outboxDir).filter((x) => x.endsWith('.json')).sort()) {
+      const entry = JSON.parse(readFileSync(join(this.home.outboxDir, f), 'utf8')) as OutboxEntry;
+      if (this.queue.some((q) => q.taskId === entry.taskId) || !existsSync(join(this.home.outboxDir, `${entry.taskId}.safetensors`))) continue;
+      this.o.log.info({ round: entry.round }, 'delivering an update left in the outbox by an earlier run');
+      this.currentTask = entry.taskId; // the same task re-sent meanwhile is not run twice
+      try {
+        await this.deliver(entry);
+        this.done.add(entry.taskId);
+      } catch (e) {
+        this.o.log.warn({ round: entry.round, reason: (e as Error).message }, 'outbox delivery failed; will retry on the next connection');
+      } finally {
+        this.state = 'idle';
+        this.progress = 0;
+        this.currentTask = '';
+      }
+    }
   }
 }
 
