@@ -25,6 +25,8 @@ export interface TaskMessage extends TaskManifest {
 
 export interface TaskSink {
   send(task: TaskMessage): void;
+  /** Another stream of the same site took over: end this one, saying why. */
+  replaced?(): void;
 }
 
 export interface RoundEngineOptions {
@@ -107,9 +109,11 @@ export class RoundEngine {
   // ---- sites ----
 
   siteConnected(site: string, sink: TaskSink): void {
-    const had = this.connected.has(site);
+    const previous = this.connected.get(site);
     this.connected.set(site, sink);
-    if (!had) this.emit('site.joined', { site });
+    if (!previous) this.emit('site.joined', { site });
+    // One task stream per site: an older one is a dead connection or a second agent with the same key.
+    else if (previous !== sink) previous.replaced?.();
     if (this.finished) {
       sink.send(this.finishedTask());
       return;

@@ -113,6 +113,12 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         send(task) {
           if (open) call.write(toWireTask(task));
         },
+        replaced() {
+          if (!open) return;
+          log.warn({ site }, 'a newer task stream of this site took over; closing the older one');
+          done();
+          call.emit('error', { code: grpc.status.ALREADY_EXISTS, details: `another agent connected as site '${site}'; this task stream is closed — run one agent per site (or this was a stale connection)` });
+        },
       };
       const revocationCheck = setInterval(() => {
         if (store.getSite(site)?.state !== 'enrolled') {

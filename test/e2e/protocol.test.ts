@@ -181,6 +181,25 @@ describe('tokens on every call', () => {
   });
 });
 
+describe('task streams', () => {
+  it('keeps one per site: a newer stream closes the older with a reason', async () => {
+    const b = new FederationClient(new SiteHome(join(work, 'site-b')));
+    const first = b.subscribeTasks([]);
+    first.on('data', () => undefined);
+    const firstError = new Promise<grpc.ServiceError>((resolve) => first.on('error', resolve));
+    await waitFor(() => coord.engine.connectedSites().includes('site-b'), 5_000, 'site-b connected');
+    const second = b.subscribeTasks([]);
+    second.on('data', () => undefined);
+    second.on('error', () => undefined);
+    const err = await firstError;
+    expect(err.code).toBe(grpc.status.ALREADY_EXISTS);
+    expect(err.details).toMatch(/another agent connected as site 'site-b'/);
+    expect(coord.engine.connectedSites()).toContain('site-b');
+    second.cancel();
+    b.close();
+  });
+});
+
 describe('enrolment', () => {
   it('refuses a token that was already used', async () => {
     const inv = addSite(coordDir, 'site-y', { ttlSeconds: 600 });
