@@ -148,7 +148,8 @@ export class RoundEngine {
     if (!open) return `no round is open (the federation is ${this.finished ? 'finished' : 'between rounds'}); wait for the next task`;
     if (round !== open.row.round) return `round ${round} is not the open round ${open.row.round}; drop this update and take the current task`;
     if (!open.row.selected.includes(site)) return `site '${site}' was not selected for round ${round}`;
-    if (open.reported.has(site)) return `site '${site}' already reported an update for round ${round}`;
+    // The store too: an update is stored and acknowledged a moment before it is folded into `reported`.
+    if (open.reported.has(site) || this.o.store.updateFor(round, site)) return `site '${site}' already reported an update for round ${round}`;
     if (baseModelHash !== open.row.baseModelHash) return `update was trained from model ${baseModelHash.slice(0, 12)}…, but round ${round} starts from ${open.row.baseModelHash.slice(0, 12)}…`;
     if (open.closing) return `round ${round} is closing`;
     return undefined;

@@ -370,6 +370,7 @@ describe('update uploads', () => {
     expect(coord.store.updatesForRound(1)).toHaveLength(1);
     const other = await send({ payload });
     expect(other.accepted).toBe(false);
+    expect(other.reason).toMatch(/already reported|no round is open/);
     // The single selected site reported, so round 1 closed: the global model moved on.
     await waitFor(() => coord.store.getRound(1)?.state === 'closed', 10_000, 'round 1 to close');
     expect(coord.store.getMeta('current_model')).not.toBe(task.modelHash);
