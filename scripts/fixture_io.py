@@ -3,6 +3,7 @@ import json
 import struct
 
 import numpy as np
+import torch
 
 
 def write_npy(path, arr):
@@ -27,3 +28,26 @@ def write_safetensors(path, tensors, metadata):
         f.write(js.encode())
         for b in blobs:
             f.write(b)
+
+
+def nontrivial_bn(model, gen, bn_type, run_batch):
+    """BatchNorm statistics from three real train-mode batches (`run_batch()`), so activations keep a sane
+    scale, then perturbed, with random γ/β: a forward that loses, misplaces or mis-applies any BN tensor
+    (batch instead of running statistics, eps or γ/β in the wrong place) would not reproduce the outputs."""
+    for m in model.modules():
+        if isinstance(m, bn_type):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            run_batch()
+        for m in model.modules():
+            if isinstance(m, bn_type):
+                c = m.num_features
+                m.running_mean.add_(0.1 * torch.randn(c, generator=gen) * m.running_var.sqrt())
+                m.running_var.mul_(0.7 + 0.6 * torch.rand(c, generator=gen))
+                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
+                m.bias.copy_(0.2 * torch.randn(c, generator=gen))
+                m.momentum = 0.1
+    model.eval()

@@ -33,7 +33,7 @@ import sys
 import numpy as np
 import torch
 
-from fixture_io import write_npy, write_safetensors
+from fixture_io import nontrivial_bn, write_npy, write_safetensors
 import torch.nn as nn
 
 
@@ -98,25 +98,8 @@ class ResNet2d(nn.Module):
 
 
 def make_bn_nontrivial(model, gen, shape):
-    """Running statistics from a few train-mode batches, then perturbed, with random γ/β: a copy that lost
-    or misplaced any BN tensor would not reproduce the responses."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(4, 3, *shape, generator=gen))
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.add_(0.1 * torch.randn(c, generator=gen) * m.running_var.sqrt())
-                m.running_var.mul_(0.7 + 0.6 * torch.rand(c, generator=gen))
-                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
-                m.bias.copy_(0.2 * torch.randn(c, generator=gen))
-                m.momentum = 0.1
-    model.eval()
+    nontrivial_bn(model, gen, nn.BatchNorm2d, lambda: model(torch.randn(4, 3, *shape, generator=gen)))
+
 
 
 def main():

@@ -28,7 +28,7 @@ import sys
 import numpy as np
 import torch
 
-from fixture_io import write_npy, write_safetensors
+from fixture_io import nontrivial_bn, write_npy, write_safetensors
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -168,27 +168,12 @@ class Med3d(nn.Module):
 
 
 def make_stats_nontrivial(model, gen, shape):
-    """Running statistics from real forward passes (so activations keep a sane scale through the net),
-    then perturbed, with random affine γ/β, so that a forward using batch statistics or eps/γ/β in the
-    wrong place would not match."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm3d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches below
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            x = torch.randn(2, *shape[1:], generator=gen)
-            model(x) if model.conv_seg is not None else model.embed(x)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm3d):
-                c = m.num_features
-                m.running_mean.add_(0.1 * torch.randn(c, generator=gen) * m.running_var.sqrt())
-                m.running_var.mul_(0.7 + 0.6 * torch.rand(c, generator=gen))
-                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
-                m.bias.copy_(0.2 * torch.randn(c, generator=gen))
-                m.momentum = 0.1
-    model.eval()
+    def batch():
+        x = torch.randn(2, *shape[1:], generator=gen)
+        return model(x) if model.conv_seg is not None else model.embed(x)
+
+    nontrivial_bn(model, gen, nn.BatchNorm3d, batch)
+
 
 
 def main():

@@ -182,17 +182,7 @@ export class SiteAgent {
       }
       while (this.queue.length > 0 && !this.stopped) {
         const t = this.queue.shift()!;
-        this.currentTask = t.taskId;
-        try {
-          await this.runTask(t);
-          this.done.add(t.taskId);
-        } catch (e) {
-          this.o.log.warn({ task: t.taskId, reason: (e as Error).message }, 'task failed; it will be retried if the coordinator sends it again');
-        } finally {
-          this.state = 'idle';
-          this.progress = 0;
-          this.currentTask = '';
-        }
+        await this.work(t.taskId, () => this.runTask(t), 'task failed; it will be retried if the coordinator sends it again');
       }
     } finally {
       this.working = false;
@@ -259,17 +249,23 @@ export class SiteAgent {
       const entry = JSON.parse(readFileSync(join(this.home.outboxDir, f), 'utf8')) as OutboxEntry;
       if (this.queue.some((q) => q.taskId === entry.taskId) || !existsSync(join(this.home.outboxDir, `${entry.taskId}.safetensors`))) continue;
       this.o.log.info({ round: entry.round }, 'delivering an update left in the outbox by an earlier run');
-      this.currentTask = entry.taskId; // the same task re-sent meanwhile is not run twice
-      try {
-        await this.deliver(entry);
-        this.done.add(entry.taskId);
-      } catch (e) {
-        this.o.log.warn({ round: entry.round, reason: (e as Error).message }, 'outbox delivery failed; will retry on the next connection');
-      } finally {
-        this.state = 'idle';
-        this.progress = 0;
-        this.currentTask = '';
-      }
+      // As the current task: the same task re-sent meanwhile is not run twice.
+      await this.work(entry.taskId, () => this.deliver(entry), 'outbox delivery failed; will retry on the next connection');
+    }
+  }
+
+  /** Runs one unit of work as the current task; failures are logged (the work is retried later), state is reset. */
+  private async work(taskId: string, fn: () => Promise<void>, failure: string): Promise<void> {
+    this.currentTask = taskId;
+    try {
+      await fn();
+      this.done.add(taskId);
+    } catch (e) {
+      this.o.log.warn({ task: taskId, reason: (e as Error).message }, failure);
+    } finally {
+      this.state = 'idle';
+      this.progress = 0;
+      this.currentTask = '';
     }
   }
 }
