@@ -1,82 +1,53 @@
 /**
- * Hand-written 3D convolution kernels on Float32Arrays (NDHWC activations, [k,k,k,in,out] weights,
- * TF "same" padding), for the pure-JS `cpu` engine. tfjs's cpu Conv3D and its backprop kernels are
+ * Hand-written 3D convolution kernels on Float32Arrays (NDHWC activations, [kD,kH,kW,in,out] weights,
+ * any stride, dilation and padding), for the pure-JS engines: tiny3d's `cpu` path and the "js" ConvKernels. tfjs's cpu Conv3D and its backprop kernels are
  * naive nested loops (~0.1 GMAC/s for forward+backward at our channel counts); a patch gather plus
  * dot products keeps V8 in tight contiguous loops and skips zero gradients (after ReLU about half).
  * Forward, input gradient and weight gradient all run in one pass per output voxel.
  */
 
-export interface Conv3dGeometry {
-  readonly n: number;
-  readonly inD: number;
-  readonly inH: number;
-  readonly inW: number;
-  readonly cin: number;
-  readonly cout: number;
-  /** Cubic kernel edge (1 or 3 here). */
-  readonly k: number;
-  readonly stride: number;
-  readonly outD: number;
-  readonly outH: number;
-  readonly outW: number;
-  readonly padD: number;
-  readonly padH: number;
-  readonly padW: number;
-}
+import { inputLength, tfSameGeom, type Conv3dGeom, type ConvKernels } from '../engine/conv-kernels.ts';
 
-/** TF "same" padding: out = ceil(in / stride), extra padding on the far side when odd. */
-export function sameGeometry(
-  xShape: readonly number[],
-  k: number,
-  stride: number,
-  cout: number,
-): Conv3dGeometry {
-  const [n, inD, inH, inW, cin] = xShape;
-  const dim = (size: number) => {
-    const out = Math.ceil(size / stride);
-    const padTotal = Math.max((out - 1) * stride + k - size, 0);
-    return { out, pad: Math.floor(padTotal / 2) };
-  };
-  const d = dim(inD);
-  const h = dim(inH);
-  const w = dim(inW);
-  return { n, inD, inH, inW, cin, cout, k, stride, outD: d.out, outH: h.out, outW: w.out, padD: d.pad, padH: h.pad, padW: w.pad };
-}
+/** TF "same" geometry with a cubic kernel (tiny3d's layout); kept under its old name for callers. */
+export const sameGeometry = (xShape: readonly number[], k: number, stride: number, cout: number): Conv3dGeom => tfSameGeom(xShape, cout, k, stride);
 
 /**
- * Copies the receptive field of one output voxel into `col` (length k³·cin, order kd,kh,kw,ci —
- * the weight layout), zeros outside the volume.
+ * Copies the receptive field of one output voxel into `col` (length kD·kH·kW·cin, order kd,kh,kw,ci —
+ * the weight layout), zeros outside the volume. Any stride, dilation and padding.
  */
-function gather(x: Float32Array, g: Conv3dGeometry, nBase: number, oz: number, oy: number, ox: number, col: Float32Array): void {
-  const { k, cin, inD, inH, inW, stride } = g;
-  const iz0 = oz * stride - g.padD;
-  const iy0 = oy * stride - g.padH;
-  const ix0 = ox * stride - g.padW;
-  const rowLen = k * cin;
-  const xInside = ix0 >= 0 && ix0 + k <= inW;
+function gather(x: Float32Array, g: Conv3dGeom, nBase: number, oz: number, oy: number, ox: number, col: Float32Array): void {
+  const cin = g.cin;
+  const [inD, inH, inW] = g.in;
+  const [kD, kH, kW] = g.k;
+  const [dd, dh, dw] = g.dilation;
+  const iz0 = oz * g.stride[0] - g.padBefore[0];
+  const iy0 = oy * g.stride[1] - g.padBefore[1];
+  const ix0 = ox * g.stride[2] - g.padBefore[2];
+  const rowLen = kW * cin;
+  // The kW voxels along x with all their channels are contiguous in NDHWC when undilated and inside.
+  const xContiguous = dw === 1 && ix0 >= 0 && ix0 + kW <= inW;
   let c = 0;
-  for (let kd = 0; kd < k; kd++) {
-    const iz = iz0 + kd;
+  for (let kd = 0; kd < kD; kd++) {
+    const iz = iz0 + kd * dd;
     if (iz < 0 || iz >= inD) {
-      col.fill(0, c, c + k * rowLen);
-      c += k * rowLen;
+      col.fill(0, c, c + kH * rowLen);
+      c += kH * rowLen;
       continue;
     }
-    for (let kh = 0; kh < k; kh++) {
-      const iy = iy0 + kh;
+    for (let kh = 0; kh < kH; kh++) {
+      const iy = iy0 + kh * dh;
       if (iy < 0 || iy >= inH) {
         col.fill(0, c, c + rowLen);
         c += rowLen;
         continue;
       }
       const rowBase = ((nBase + iz) * inH + iy) * inW;
-      if (xInside) {
-        // The k voxels along x with all their channels are contiguous in NDHWC.
+      if (xContiguous) {
         let src = (rowBase + ix0) * cin;
         for (let j = 0; j < rowLen; j++) col[c++] = x[src++];
       } else {
-        for (let kw = 0; kw < k; kw++) {
-          const ix = ix0 + kw;
+        for (let kw = 0; kw < kW; kw++) {
+          const ix = ix0 + kw * dw;
           if (ix < 0 || ix >= inW) {
             for (let ci = 0; ci < cin; ci++) col[c++] = 0;
           } else {
@@ -90,33 +61,36 @@ function gather(x: Float32Array, g: Conv3dGeometry, nBase: number, oz: number, o
 }
 
 /** Adds `col` back into the receptive field of one output voxel (the adjoint of gather). */
-function scatterAdd(dx: Float32Array, g: Conv3dGeometry, nBase: number, oz: number, oy: number, ox: number, col: Float32Array): void {
-  const { k, cin, inD, inH, inW, stride } = g;
-  const iz0 = oz * stride - g.padD;
-  const iy0 = oy * stride - g.padH;
-  const ix0 = ox * stride - g.padW;
-  const rowLen = k * cin;
-  const xInside = ix0 >= 0 && ix0 + k <= inW;
+function scatterAdd(dx: Float32Array, g: Conv3dGeom, nBase: number, oz: number, oy: number, ox: number, col: Float32Array): void {
+  const cin = g.cin;
+  const [inD, inH, inW] = g.in;
+  const [kD, kH, kW] = g.k;
+  const [dd, dh, dw] = g.dilation;
+  const iz0 = oz * g.stride[0] - g.padBefore[0];
+  const iy0 = oy * g.stride[1] - g.padBefore[1];
+  const ix0 = ox * g.stride[2] - g.padBefore[2];
+  const rowLen = kW * cin;
+  const xContiguous = dw === 1 && ix0 >= 0 && ix0 + kW <= inW;
   let c = 0;
-  for (let kd = 0; kd < k; kd++) {
-    const iz = iz0 + kd;
+  for (let kd = 0; kd < kD; kd++) {
+    const iz = iz0 + kd * dd;
     if (iz < 0 || iz >= inD) {
-      c += k * rowLen;
+      c += kH * rowLen;
       continue;
     }
-    for (let kh = 0; kh < k; kh++) {
-      const iy = iy0 + kh;
+    for (let kh = 0; kh < kH; kh++) {
+      const iy = iy0 + kh * dh;
       if (iy < 0 || iy >= inH) {
         c += rowLen;
         continue;
       }
       const rowBase = ((nBase + iz) * inH + iy) * inW;
-      if (xInside) {
+      if (xContiguous) {
         let dst = (rowBase + ix0) * cin;
         for (let j = 0; j < rowLen; j++) dx[dst++] += col[c++];
       } else {
-        for (let kw = 0; kw < k; kw++) {
-          const ix = ix0 + kw;
+        for (let kw = 0; kw < kW; kw++) {
+          const ix = ix0 + kw * dw;
           if (ix < 0 || ix >= inW) {
             c += cin;
           } else {
@@ -137,15 +111,16 @@ function transposeWeights(w: Float32Array, kLen: number, cout: number): Float32A
 }
 
 /** y = conv3d(x, w) + bias, NDHWC. */
-export function conv3dForward(x: Float32Array, w: Float32Array, bias: Float32Array | null, g: Conv3dGeometry): Float32Array {
-  const { n, cout, outD, outH, outW } = g;
-  const kLen = g.k * g.k * g.k * g.cin;
+export function conv3dForward(x: Float32Array, w: Float32Array, bias: Float32Array | null, g: Conv3dGeom): Float32Array {
+  const { n, cout } = g;
+  const [outD, outH, outW] = g.out;
+  const kLen = g.k[0] * g.k[1] * g.k[2] * g.cin;
   const wt = transposeWeights(w, kLen, cout);
   const y = new Float32Array(n * outD * outH * outW * cout);
   const col = new Float32Array(kLen);
   let p = 0;
   for (let b = 0; b < n; b++) {
-    const nBase = b * g.inD;
+    const nBase = b * g.in[0];
     for (let oz = 0; oz < outD; oz++) {
       for (let oy = 0; oy < outH; oy++) {
         for (let ox = 0; ox < outW; ox++) {
@@ -210,18 +185,23 @@ export function conv3dForward(x: Float32Array, w: Float32Array, bias: Float32Arr
 export interface Conv3dGrads {
   /** Undefined when the caller said the input gradient is not needed (first layer). */
   readonly dx?: Float32Array;
+  /** All zeros when the caller said the weight gradient is not needed. */
   readonly dw: Float32Array;
   readonly db: Float32Array;
 }
 
-/** Gradients of conv3dForward with respect to x (optional), w and bias, given dy. */
-export function conv3dBackward(x: Float32Array, w: Float32Array, dy: Float32Array, g: Conv3dGeometry, needDx: boolean): Conv3dGrads {
-  const { n, cout, outD, outH, outW } = g;
-  const kLen = g.k * g.k * g.k * g.cin;
-  const wt = transposeWeights(w, kLen, cout);
+/**
+ * Gradients of conv3dForward with respect to x (optional), w (optional) and bias, given dy, in one pass
+ * over the output voxels. `x` is not read when `needDw` is false.
+ */
+export function conv3dBackward(x: Float32Array, w: Float32Array, dy: Float32Array, g: Conv3dGeom, needDx: boolean, needDw = true): Conv3dGrads {
+  const { n, cout } = g;
+  const [outD, outH, outW] = g.out;
+  const kLen = g.k[0] * g.k[1] * g.k[2] * g.cin;
+  const wt = needDx ? transposeWeights(w, kLen, cout) : undefined;
   const dwt = new Float32Array(kLen * cout);
   const db = new Float32Array(cout);
-  const dx = needDx ? new Float32Array(x.length) : undefined;
+  const dx = needDx ? new Float32Array(inputLength(g)) : undefined;
   const col = new Float32Array(kLen);
   const dcol = new Float32Array(kLen);
   // Non-zero output gradients of the current voxel (ReLU closes about half of them).
@@ -229,7 +209,7 @@ export function conv3dBackward(x: Float32Array, w: Float32Array, dy: Float32Arra
   const nzGrad = new Float32Array(cout);
   let p = 0;
   for (let b = 0; b < n; b++) {
-    const nBase = b * g.inD;
+    const nBase = b * g.in[0];
     for (let oz = 0; oz < outD; oz++) {
       for (let oy = 0; oy < outH; oy++) {
         for (let ox = 0; ox < outW; ox++, p++) {
@@ -245,29 +225,40 @@ export function conv3dBackward(x: Float32Array, w: Float32Array, dy: Float32Arra
             }
           }
           if (m === 0) continue;
-          gather(x, g, nBase, oz, oy, ox, col);
-          if (dx) dcol.fill(0);
-          let i = 0;
-          // Four filters at a time, so col and dcol are loaded once per four products.
-          for (; i + 4 <= m; i += 4) {
-            const r0 = nzRow[i];
-            const r1 = nzRow[i + 1];
-            const r2 = nzRow[i + 2];
-            const r3 = nzRow[i + 3];
-            const g0 = nzGrad[i];
-            const g1 = nzGrad[i + 1];
-            const g2 = nzGrad[i + 2];
-            const g3 = nzGrad[i + 3];
-            if (dx) {
-              for (let kk = 0; kk < kLen; kk++) {
-                const c = col[kk];
-                dwt[r0 + kk] += g0 * c;
-                dwt[r1 + kk] += g1 * c;
-                dwt[r2 + kk] += g2 * c;
-                dwt[r3 + kk] += g3 * c;
-                dcol[kk] += g0 * wt[r0 + kk] + g1 * wt[r1 + kk] + g2 * wt[r2 + kk] + g3 * wt[r3 + kk];
-              }
-            } else {
+          if (needDw) gather(x, g, nBase, oz, oy, ox, col);
+          if (wt) {
+            dcol.fill(0);
+            let i = 0;
+            // Four filters at a time, so dcol is loaded once per four products.
+            for (; i + 4 <= m; i += 4) {
+              const r0 = nzRow[i];
+              const r1 = nzRow[i + 1];
+              const r2 = nzRow[i + 2];
+              const r3 = nzRow[i + 3];
+              const g0 = nzGrad[i];
+              const g1 = nzGrad[i + 1];
+              const g2 = nzGrad[i + 2];
+              const g3 = nzGrad[i + 3];
+              for (let kk = 0; kk < kLen; kk++) dcol[kk] += g0 * wt[r0 + kk] + g1 * wt[r1 + kk] + g2 * wt[r2 + kk] + g3 * wt[r3 + kk];
+            }
+            for (; i < m; i++) {
+              const r = nzRow[i];
+              const gv = nzGrad[i];
+              for (let kk = 0; kk < kLen; kk++) dcol[kk] += gv * wt[r + kk];
+            }
+            scatterAdd(dx!, g, nBase, oz, oy, ox, dcol);
+          }
+          if (needDw) {
+            let i = 0;
+            for (; i + 4 <= m; i += 4) {
+              const r0 = nzRow[i];
+              const r1 = nzRow[i + 1];
+              const r2 = nzRow[i + 2];
+              const r3 = nzRow[i + 3];
+              const g0 = nzGrad[i];
+              const g1 = nzGrad[i + 1];
+              const g2 = nzGrad[i + 2];
+              const g3 = nzGrad[i + 3];
               for (let kk = 0; kk < kLen; kk++) {
                 const c = col[kk];
                 dwt[r0 + kk] += g0 * c;
@@ -276,28 +267,29 @@ export function conv3dBackward(x: Float32Array, w: Float32Array, dy: Float32Arra
                 dwt[r3 + kk] += g3 * c;
               }
             }
-          }
-          for (; i < m; i++) {
-            const r = nzRow[i];
-            const gv = nzGrad[i];
-            if (dx) {
-              for (let kk = 0; kk < kLen; kk++) {
-                dwt[r + kk] += gv * col[kk];
-                dcol[kk] += gv * wt[r + kk];
-              }
-            } else {
+            for (; i < m; i++) {
+              const r = nzRow[i];
+              const gv = nzGrad[i];
               for (let kk = 0; kk < kLen; kk++) dwt[r + kk] += gv * col[kk];
             }
           }
-          if (dx) scatterAdd(dx, g, nBase, oz, oy, ox, dcol);
         }
       }
     }
   }
   const dw = new Float32Array(kLen * cout);
-  for (let co = 0; co < cout; co++) for (let kk = 0; kk < kLen; kk++) dw[kk * cout + co] = dwt[co * kLen + kk];
+  if (needDw) for (let co = 0; co < cout; co++) for (let kk = 0; kk < kLen; kk++) dw[kk * cout + co] = dwt[co * kLen + kk];
   return { dx, dw, db };
 }
+
+/** The "js" ConvKernels: these loops behind the engine seam (always available; the others' reference). */
+export const jsConvKernels: ConvKernels = {
+  name: 'js',
+  conv3d: (x, w, g) => conv3dForward(x, w, null, g),
+  conv3dBackwardData: (dy, w, g) => conv3dBackward(EMPTY, w, dy, g, true, false).dx!,
+  conv3dBackwardFilter: (x, dy, g) => conv3dBackward(x, EMPTY, dy, g, false, true).dw,
+};
+const EMPTY = new Float32Array(0);
 
 /** Nearest-neighbour ×2 upsampling, NDHWC. */
 export function upsample2xForward(x: Float32Array, shape: readonly number[]): Float32Array {

@@ -188,7 +188,7 @@ export function createTfjsOps(engine: EngineInfo): TfjsOps {
         throw new Error(`conv3d: weight shape [${w.shape.join(',')}] does not fit input [${x.shape.join(',')}] (cubic kernel expected)`);
       }
       const g = sameGeometry(x.shape, k, stride, cout);
-      const outShape: [number, number, number, number, number] = [g.n, g.outD, g.outH, g.outW, cout];
+      const outShape: [number, number, number, number, number] = [g.n, ...g.out, cout];
       const add = opts.add;
       if (add && add.shape.some((d, i) => d !== outShape[i])) {
         throw new Error(`conv3d: add shape [${add.shape.join(',')}] differs from output [${outShape.join(',')}]`);
