@@ -29,33 +29,46 @@ export interface Med3dConvOptions {
   readonly pad?: number;
 }
 
-/** The building blocks of the Med3D graph. Eval: createMed3dEvalOps; training ops can replace any of them. */
-export interface Med3dOps {
-  readonly tf: Tf;
-  /** PyTorch Conv3d without bias: x NDHWC, w [k,k,k,in,out]. */
-  conv3d(x: Tensor5D, w: Tensor, opts: Med3dConvOptions): Tensor5D;
-  /** PyTorch ConvTranspose3d with kernel 2, stride 2, padding 0, plus bias: w [2,2,2,out,in], b [out]. */
-  convTranspose2x(x: Tensor5D, w: Tensor, b: Tensor): Tensor5D;
-  /** BatchNorm3d over the channel axis; `name` is the layer prefix (e.g. "encoder.bn1") for ops that keep state. */
-  batchNorm(x: Tensor5D, p: BatchNormParams, name: string): Tensor5D;
-  relu(x: Tensor5D): Tensor5D;
-  /** MaxPool3d kernel 3, stride 2, padding 1 (padding never wins). */
-  maxPool(x: Tensor5D): Tensor5D;
-  /** Shortcut A: x[:, ::s, ::s, ::s, :] with zero channels appended up to `outChannels`. */
-  shortcutA(x: Tensor5D, outChannels: number, stride: number): Tensor5D;
-  add(a: Tensor5D, b: Tensor5D): Tensor5D;
+export interface BatchNormParams<P> {
+  readonly gamma: P;
+  readonly beta: P;
+  readonly mean: P;
+  readonly variance: P;
 }
 
-export interface BatchNormParams {
-  readonly gamma: Tensor;
-  readonly beta: Tensor;
-  readonly mean: Tensor;
-  readonly variance: Tensor;
+/**
+ * The building blocks of the Med3D graph, generic in the activation type T and the parameter handle P, so
+ * one graph definition serves tfjs eval (T = Tensor5D, P = Tensor) and the training engine of
+ * med3d-train-ops.ts (T = its activations, P = parameter names it resolves and records gradients for).
+ */
+export interface Med3dGraphOps<T, P> {
+  /** NDHWC shape of an activation. */
+  shape(x: T): readonly number[];
+  /** PyTorch Conv3d without bias: x NDHWC, w [k,k,k,in,out]. */
+  conv3d(x: T, w: P, opts: Med3dConvOptions): T;
+  /** PyTorch ConvTranspose3d with kernel 2, stride 2, padding 0, plus bias: w [2,2,2,out,in], b [out]. */
+  convTranspose2x(x: T, w: P, b: P): T;
+  /** BatchNorm3d over the channel axis; `name` is the layer prefix (e.g. "encoder.bn1") for ops that keep state. */
+  batchNorm(x: T, p: BatchNormParams<P>, name: string): T;
+  relu(x: T): T;
+  /** MaxPool3d kernel 3, stride 2, padding 1 (padding never wins). */
+  maxPool(x: T): T;
+  /** Shortcut A: x[:, ::s, ::s, ::s, :] with zero channels appended up to `outChannels`. */
+  shortcutA(x: T, outChannels: number, stride: number): T;
+  add(a: T, b: T): T;
+  /** Classification head: global average pool over D, H, W, dropout (training only), dense → [N, classes]. */
+  classifier(x: T, w: P, b: P, dropout: number): T;
+}
+
+/** The tfjs instance of the graph ops (eval everywhere; tests swap single ops). */
+export interface Med3dOps extends Med3dGraphOps<Tensor5D, Tensor> {
+  readonly tf: Tf;
 }
 
 export function createMed3dEvalOps(tf: Tf): Med3dOps {
   return {
     tf,
+    shape: (x) => x.shape,
     conv3d(x, w, { stride = 1, dilation = 1, pad = 0 }) {
       const xp = pad > 0 ? tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [pad, pad], [0, 0]]) : x;
       // tfjs accepts dilation > 1 only with stride 1, which always holds in Med3D (dilated stages have stride 1).
@@ -88,27 +101,32 @@ export function createMed3dEvalOps(tf: Tf): Med3dOps {
       return extra === 0 ? sub : tf.pad(sub, [[0, 0], [0, 0], [0, 0], [0, 0], [0, extra]]);
     },
     add: (a, b) => tf.add(a, b),
+    classifier(x, w, b) {
+      // Eval: no dropout. Returned as a rank-5 stand-in type; callers of the classification head read [N, classes].
+      const pooled = tf.mean(x, [1, 2, 3]) as TfModule.Tensor2D;
+      return tf.add(tf.matMul(pooled, w as TfModule.Tensor2D), b) as unknown as Tensor5D;
+    },
   };
 }
 
-type Params = ReadonlyMap<string, Tensor>;
+type Params<P> = ReadonlyMap<string, P>;
 
-function getter(p: Params): (name: string) => Tensor {
+function getter<P>(p: Params<P>): (name: string) => P {
   return (name) => {
     const t = p.get(name);
-    if (!t) throw new Error(`med3d forward: missing parameter ${name}`);
+    if (t === undefined) throw new Error(`med3d forward: missing parameter ${name}`);
     return t;
   };
 }
 
-function bnParams(get: (n: string) => Tensor, prefix: string): BatchNormParams {
+function bnParams<P>(get: (n: string) => P, prefix: string): BatchNormParams<P> {
   return { gamma: get(`${prefix}.weight`), beta: get(`${prefix}.bias`), mean: get(`${prefix}.running_mean`), variance: get(`${prefix}.running_var`) };
 }
 
-function block(arch: Med3dArchitecture, b: Med3dBlock, x: Tensor5D, get: (n: string) => Tensor, ops: Med3dOps): Tensor5D {
-  const bn = (t: Tensor5D, name: string) => ops.batchNorm(t, bnParams(get, `${b.prefix}.${name}`), `${b.prefix}.${name}`);
+function block<T, P>(arch: Med3dArchitecture, b: Med3dBlock, x: T, get: (n: string) => P, ops: Med3dGraphOps<T, P>): T {
+  const bn = (t: T, name: string) => ops.batchNorm(t, bnParams(get, `${b.prefix}.${name}`), `${b.prefix}.${name}`);
   const d = b.dilation;
-  let out: Tensor5D;
+  let out: T;
   if (arch.config.block === 'basic') {
     out = ops.relu(bn(ops.conv3d(x, get(`${b.prefix}.conv1.weight`), { stride: b.stride, dilation: d, pad: d }), 'bn1'));
     out = bn(ops.conv3d(out, get(`${b.prefix}.conv2.weight`), { dilation: d, pad: d }), 'bn2');
@@ -127,8 +145,9 @@ function block(arch: Med3dArchitecture, b: Med3dBlock, x: Tensor5D, get: (n: str
 }
 
 /** Encoder graph: NDHWC image (C = 1) → layer4 features NDHWC. No tidy: call inside tf.tidy or a gradient scope. */
-export function med3dEncoderForward(arch: Med3dArchitecture, params: Params, x: Tensor5D, ops: Med3dOps): Tensor5D {
-  if (x.rank !== 5 || x.shape[4] !== 1) throw new Error(`med3d: input must be NDHWC with one channel, got [${x.shape.join(',')}]`);
+export function med3dEncoderForward<T, P>(arch: Med3dArchitecture, params: Params<P>, x: T, ops: Med3dGraphOps<T, P>): T {
+  const shape = ops.shape(x);
+  if (shape.length !== 5 || shape[4] !== 1) throw new Error(`med3d: input must be NDHWC with one channel, got [${shape.join(',')}]`);
   const get = getter(params);
   let y = ops.conv3d(x, get('encoder.conv1.weight'), { stride: 2, pad: 3 });
   y = ops.maxPool(ops.relu(ops.batchNorm(y, bnParams(get, 'encoder.bn1'), 'encoder.bn1')));
@@ -137,16 +156,14 @@ export function med3dEncoderForward(arch: Med3dArchitecture, params: Params, x: 
 }
 
 export interface HeadForwardOptions {
-  /** Apply the classification head's dropout (training only); needs `seed` for reproducibility. */
+  /** Apply the classification head's dropout (training only). */
   readonly dropout?: boolean;
-  readonly seed?: number;
 }
 
 /** Head graph: layer4 features → segmentation logits NDHWC (2× the feature size) or class logits [N, classes]. */
-export function med3dHeadForward(arch: Med3dArchitecture, params: Params, feats: Tensor5D, ops: Med3dOps, opts: HeadForwardOptions = {}): Tensor {
+export function med3dHeadForward<T, P>(arch: Med3dArchitecture, params: Params<P>, feats: T, ops: Med3dGraphOps<T, P>, opts: HeadForwardOptions = {}): T {
   const get = getter(params);
   const h = arch.config.head;
-  const tf = ops.tf;
   if (h.kind === 'segmentation') {
     let y = ops.convTranspose2x(feats, get('head.conv_seg.0.weight'), get('head.conv_seg.0.bias'));
     y = ops.relu(ops.batchNorm(y, bnParams(get, 'head.conv_seg.1'), 'head.conv_seg.1'));
@@ -154,9 +171,7 @@ export function med3dHeadForward(arch: Med3dArchitecture, params: Params, feats:
     y = ops.relu(ops.batchNorm(y, bnParams(get, 'head.conv_seg.4'), 'head.conv_seg.4'));
     return ops.conv3d(y, get('head.conv_seg.6.weight'), {});
   }
-  let pooled: Tensor = tf.mean(feats, [1, 2, 3]);
-  if (opts.dropout && h.dropout > 0) pooled = tf.dropout(pooled, h.dropout, undefined, opts.seed);
-  return tf.add(tf.matMul(pooled as TfModule.Tensor2D, get('head.fc.weight') as TfModule.Tensor2D), get('head.fc.bias'));
+  return ops.classifier(feats, get('head.fc.weight'), get('head.fc.bias'), opts.dropout ? h.dropout : 0);
 }
 
 function checkWeights(arch: Med3dArchitecture, weights: TensorBundle, withHead: boolean): void {
