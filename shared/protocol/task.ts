@@ -19,6 +19,8 @@ export const TaskSettingsSchema = z
     share: PlanSchema.shape.share.unwrap(),
     /** Names of the tensors the site must send back, exactly. */
     sharedTensors: z.array(z.string()),
+    /** Client-level DP the coordinator applies to this round's aggregate (absent: none). */
+    dp: z.object({ clipNorm: z.number().positive(), noiseMultiplier: z.number().min(0), delta: z.number().gt(0).lt(1) }).strict().optional(),
   })
   .strict();
 
