@@ -1,0 +1,12 @@
+{
+  "targets": [
+    {
+      "target_name": "medfl_onednn",
+      "sources": ["src/addon.cc", "src/conv.cc"],
+      "cflags_cc!": ["-fno-exceptions", "-fno-rtti"],
+      "cflags_cc": ["-std=c++17", "-O2", "-fexceptions"],
+      "defines": ["NAPI_VERSION=8"],
+      "libraries": ["-ldnnl", "-lgomp"]
+    }
+  ]
+}

@@ -1,0 +1,255 @@
+// Node-API bindings for the oneDNN convolution engine (see conv.h). Synchronous; one engine and one
+// primitive cache per Node environment (main thread or worker), kept as the addon's instance data.
+#include <node_api.h>
+#include <omp.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "conv.h"
+
+namespace {
+
+using medfl::Geom;
+using medfl::Layout;
+using medfl::Op;
+
+struct Instance {
+  medfl::ConvEngine engine;
+};
+
+#define CALL(env, expr)                                                  \
+  do {                                                                   \
+    if ((expr) != napi_ok) {                                             \
+      const napi_extended_error_info* info_ = nullptr;                   \
+      napi_get_last_error_info((env), &info_);                           \
+      bool pending_ = false;                                             \
+      napi_is_exception_pending((env), &pending_);                       \
+      if (!pending_)                                                     \
+        napi_throw_error((env), nullptr,                                 \
+                         info_ && info_->error_message ? info_->error_message : "Node-API call failed"); \
+      return nullptr;                                                    \
+    }                                                                    \
+  } while (0)
+
+napi_value throw_error(napi_env env, const std::string& msg) {
+  napi_throw_error(env, nullptr, msg.c_str());
+  return nullptr;
+}
+
+Instance* instance(napi_env env) {
+  void* data = nullptr;
+  napi_get_instance_data(env, &data);
+  return static_cast<Instance*>(data);
+}
+
+// Reads a Float32Array (or Int32Array) argument; returns false (exception set) on a type mismatch.
+bool typed(napi_env env, napi_value v, napi_typedarray_type want, void** data, size_t* length, const char* what) {
+  bool is = false;
+  napi_is_typedarray(env, v, &is);
+  napi_typedarray_type type;
+  napi_value ab;
+  size_t offset;
+  if (!is || napi_get_typedarray_info(env, v, &type, length, data, &ab, &offset) != napi_ok || type != want) {
+    throw_error(env, std::string(what) + (want == napi_float32_array ? " must be a Float32Array" : " must be an Int32Array"));
+    return false;
+  }
+  return true;
+}
+
+bool read_int(napi_env env, napi_value v, int32_t* out, const char* what) {
+  if (napi_get_value_int32(env, v, out) != napi_ok) {
+    throw_error(env, std::string(what) + " must be a number");
+    return false;
+  }
+  return true;
+}
+
+bool read_geom(napi_env env, napi_value v, Geom* g) {
+  void* data;
+  size_t len;
+  if (!typed(env, v, napi_int32_array, &data, &len, "geometry")) return false;
+  if (len != medfl::kGeomLen) {
+    throw_error(env, "geometry must hold " + std::to_string(medfl::kGeomLen) + " integers");
+    return false;
+  }
+  const int32_t* p = static_cast<const int32_t*>(data);
+  for (int i = 0; i < medfl::kGeomLen; ++i) (*g)[i] = p[i];
+  return true;
+}
+
+void free_buffer(napi_env env, void* data, void* hint) {
+  int64_t adjusted = 0;
+  napi_adjust_external_memory(env, -static_cast<int64_t>(reinterpret_cast<uintptr_t>(hint)), &adjusted);
+  std::free(data);
+}
+
+// run(op, layout, geom: Int32Array, a: Float32Array, b: Float32Array, out?: Float32Array): Float32Array
+// Forward: a = x, b = w, out = y. BackwardData: a = dy, b = w, out = dx. BackwardFilter: a = x, b = dy, out = dw.
+// Without `out` the result is a new Float32Array over memory the addon allocated (an external ArrayBuffer).
+napi_value Run(napi_env env, napi_callback_info info) {
+  size_t argc = 6;
+  napi_value argv[6];
+  CALL(env, napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr));
+  if (argc < 5) return throw_error(env, "run(op, layout, geom, a, b, out?) takes at least 5 arguments");
+  int32_t op_i, layout_i;
+  Geom g;
+  if (!read_int(env, argv[0], &op_i, "op") || !read_int(env, argv[1], &layout_i, "layout") || !read_geom(env, argv[2], &g))
+    return nullptr;
+  if (op_i < 0 || op_i > 2) return throw_error(env, "op must be 0 (forward), 1 (backward data) or 2 (backward filter)");
+  if (layout_i < 0 || layout_i > 2) return throw_error(env, "layout must be 0 (plain), 1 (any weights) or 2 (any)");
+  const Op op = static_cast<Op>(op_i);
+  const size_t x_len = static_cast<size_t>(g[0] * g[1] * g[2] * g[3] * g[4]);
+  const size_t w_len = static_cast<size_t>(g[6] * g[7] * g[8] * g[4] * g[5]);
+  const size_t y_len = static_cast<size_t>(g[0] * g[21] * g[22] * g[23] * g[5]);
+  size_t want_a, want_b, want_out;
+  const char *name_a, *name_b;
+  switch (op) {
+    case Op::Forward: want_a = x_len, want_b = w_len, want_out = y_len, name_a = "x", name_b = "w"; break;
+    case Op::BackwardData: want_a = y_len, want_b = w_len, want_out = x_len, name_a = "dy", name_b = "w"; break;
+    default: want_a = x_len, want_b = y_len, want_out = w_len, name_a = "x", name_b = "dy"; break;
+  }
+  void *a, *b, *out = nullptr;
+  size_t len_a, len_b, len_out = 0;
+  if (!typed(env, argv[3], napi_float32_array, &a, &len_a, name_a) || !typed(env, argv[4], napi_float32_array, &b, &len_b, name_b))
+    return nullptr;
+  if (len_a != want_a) return throw_error(env, std::string(name_a) + " has " + std::to_string(len_a) + " elements, the geometry needs " + std::to_string(want_a));
+  if (len_b != want_b) return throw_error(env, std::string(name_b) + " has " + std::to_string(len_b) + " elements, the geometry needs " + std::to_string(want_b));
+  napi_value result = nullptr;
+  napi_valuetype out_type = napi_undefined;
+  if (argc >= 6) napi_typeof(env, argv[5], &out_type);
+  if (out_type != napi_undefined && out_type != napi_null) {
+    if (!typed(env, argv[5], napi_float32_array, &out, &len_out, "out")) return nullptr;
+    if (len_out != want_out) return throw_error(env, "out has " + std::to_string(len_out) + " elements, the geometry needs " + std::to_string(want_out));
+    result = argv[5];
+  }
+  Instance* inst = instance(env);
+  if (!inst) return throw_error(env, "oneDNN addon: no instance data");
+  void* owned = nullptr;
+  const size_t bytes = want_out * sizeof(float);
+  if (!out) {
+    owned = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!owned) return throw_error(env, "oneDNN addon: out of memory (" + std::to_string(bytes) + " bytes)");
+    out = owned;
+  }
+  try {
+    inst->engine.run(op, static_cast<Layout>(layout_i), g, {a, b, out});
+  } catch (const dnnl::error& e) {
+    std::free(owned);
+    return throw_error(env, std::string("oneDNN: ") + e.what() + " (status " + std::to_string(static_cast<int>(e.status)) + ")");
+  } catch (const std::exception& e) {
+    std::free(owned);
+    return throw_error(env, e.what());
+  }
+  if (owned) {
+    napi_value ab;
+    if (napi_create_external_arraybuffer(env, owned, bytes, free_buffer, reinterpret_cast<void*>(static_cast<uintptr_t>(bytes)), &ab) != napi_ok) {
+      std::free(owned);
+      return throw_error(env, "oneDNN addon: could not create an external ArrayBuffer");
+    }
+    int64_t adjusted = 0;
+    napi_adjust_external_memory(env, static_cast<int64_t>(bytes), &adjusted);
+    CALL(env, napi_create_typedarray(env, napi_float32_array, want_out, ab, 0, &result));
+  }
+  return result;
+}
+
+// impl(op, layout, geom): the implementation oneDNN chose, e.g. "jit:avx512_core" (+ reorders).
+napi_value Impl(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  CALL(env, napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr));
+  int32_t op_i, layout_i;
+  Geom g;
+  if (argc < 3 || !read_int(env, argv[0], &op_i, "op") || !read_int(env, argv[1], &layout_i, "layout") || !read_geom(env, argv[2], &g))
+    return nullptr;
+  if (op_i < 0 || op_i > 2 || layout_i < 0 || layout_i > 2) return throw_error(env, "bad op or layout");
+  std::string s;
+  try {
+    s = instance(env)->engine.impl(static_cast<Op>(op_i), static_cast<Layout>(layout_i), g);
+  } catch (const dnnl::error& e) {
+    return throw_error(env, std::string("oneDNN: ") + e.what());
+  } catch (const std::exception& e) {
+    return throw_error(env, e.what());
+  }
+  napi_value r;
+  CALL(env, napi_create_string_utf8(env, s.c_str(), s.size(), &r));
+  return r;
+}
+
+napi_value SetThreads(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  CALL(env, napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr));
+  int32_t n;
+  if (argc < 1 || !read_int(env, argv[0], &n, "threads")) return nullptr;
+  if (n < 1) return throw_error(env, "threads must be >= 1");
+  omp_set_num_threads(n);
+  return nullptr;
+}
+
+napi_value Info(napi_env env, napi_callback_info info) {
+  napi_value obj, v;
+  CALL(env, napi_create_object(env, &obj));
+  const dnnl_version_t* ver = dnnl_version();
+  const std::string version = std::to_string(ver->major) + "." + std::to_string(ver->minor) + "." + std::to_string(ver->patch);
+  CALL(env, napi_create_string_utf8(env, version.c_str(), version.size(), &v));
+  CALL(env, napi_set_named_property(env, obj, "version", v));
+  const char* cpu_runtime = ver->cpu_runtime == DNNL_RUNTIME_OMP ? "omp" : ver->cpu_runtime == DNNL_RUNTIME_SEQ ? "seq" : "other";
+  CALL(env, napi_create_string_utf8(env, cpu_runtime, NAPI_AUTO_LENGTH, &v));
+  CALL(env, napi_set_named_property(env, obj, "runtime", v));
+  const int isa = static_cast<int>(dnnl::get_effective_cpu_isa());
+  const char* isa_name = isa == static_cast<int>(dnnl::cpu_isa::avx512_core_amx) ? "avx512_core_amx"
+                         : isa == static_cast<int>(dnnl::cpu_isa::avx512_core_bf16) ? "avx512_core_bf16"
+                         : isa == static_cast<int>(dnnl::cpu_isa::avx512_core_vnni) ? "avx512_core_vnni"
+                         : isa == static_cast<int>(dnnl::cpu_isa::avx512_core) ? "avx512_core"
+                         : isa == static_cast<int>(dnnl::cpu_isa::avx2_vnni) ? "avx2_vnni"
+                         : isa == static_cast<int>(dnnl::cpu_isa::avx2) ? "avx2"
+                         : isa == static_cast<int>(dnnl::cpu_isa::avx) ? "avx"
+                         : "other";
+  CALL(env, napi_create_string_utf8(env, isa_name, NAPI_AUTO_LENGTH, &v));
+  CALL(env, napi_set_named_property(env, obj, "isa", v));
+  CALL(env, napi_create_int32(env, omp_get_max_threads(), &v));
+  CALL(env, napi_set_named_property(env, obj, "threads", v));
+  CALL(env, napi_create_int32(env, omp_get_num_procs(), &v));
+  CALL(env, napi_set_named_property(env, obj, "procs", v));
+  Instance* inst = instance(env);
+  CALL(env, napi_create_uint32(env, inst ? static_cast<uint32_t>(inst->engine.cached()) : 0, &v));
+  CALL(env, napi_set_named_property(env, obj, "cachedPrimitives", v));
+  return obj;
+}
+
+napi_value ClearCache(napi_env env, napi_callback_info info) {
+  Instance* inst = instance(env);
+  if (inst) inst->engine.clear();
+  return nullptr;
+}
+
+void delete_instance(napi_env env, void* data, void* hint) { delete static_cast<Instance*>(data); }
+
+}  // namespace
+
+NAPI_MODULE_INIT() {
+  Instance* inst = nullptr;
+  try {
+    inst = new Instance();
+  } catch (const std::exception& e) {
+    napi_throw_error(env, nullptr, (std::string("oneDNN: could not create a CPU engine: ") + e.what()).c_str());
+    return nullptr;
+  }
+  if (napi_set_instance_data(env, inst, delete_instance, nullptr) != napi_ok) {
+    delete inst;
+    napi_throw_error(env, nullptr, "oneDNN addon: could not set instance data");
+    return nullptr;
+  }
+  const napi_property_descriptor props[] = {
+      {"run", nullptr, Run, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"impl", nullptr, Impl, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"setThreads", nullptr, SetThreads, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"clearCache", nullptr, ClearCache, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+  };
+  napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
+  return exports;
+}

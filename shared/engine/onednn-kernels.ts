@@ -1,0 +1,211 @@
+/**
+ * "onednn" ConvKernels: the native addon in native/ (Node-API over oneDNN 2.x, the library PyTorch uses
+ * for convolutions on CPU). Built at `npm ci` by scripts/build-native.mjs when libdnnl-dev, g++ and make
+ * are installed; `loadOneDnnKernels()` never throws and says what is missing when it is not built.
+ *
+ * Tensors are passed as they are (NDHWC activations, DHWIO weights: oneDNN's `ndhwc` / `dhwio` tags), the
+ * caller's Float32Arrays serve as oneDNN's memory, and primitives are cached per geometry in the addon.
+ * Calls are synchronous; oneDNN runs them on its OpenMP threads (OMP_NUM_THREADS, default: all cores).
+ */
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+import { inputLength, outputLength, padAfter, weightLength, type Conv3dGeom, type ConvKernels } from './conv-kernels.ts';
+
+/**
+ * Memory formats the primitives may use:
+ *  - plain: exactly the caller's ndhwc / dhwio (no reorders; oneDNN then picks its gemm convolution),
+ *  - any-weights: activations as they are, weights in oneDNN's blocked format (reordered on each call),
+ *  - any: every tensor in the format oneDNN prefers (reorders on activations too),
+ *  - auto: on the first call of each (operation, geometry) time the three once and keep the fastest.
+ */
+export type OneDnnLayout = 'plain' | 'any-weights' | 'any' | 'auto';
+
+/**
+ * Where results live: "js" allocates a Float32Array in JS and the addon writes into it; "external" lets
+ * the addon allocate (64-byte aligned) and hand the memory over as an external ArrayBuffer.
+ */
+export type OneDnnOutput = 'js' | 'external';
+
+export interface OneDnnOptions {
+  readonly layout?: OneDnnLayout;
+  readonly output?: OneDnnOutput;
+  /** OpenMP threads for oneDNN; default: OMP_NUM_THREADS, else every core the process may use. */
+  readonly threads?: number;
+}
+
+export interface OneDnnInfo {
+  readonly version: string;
+  readonly runtime: string;
+  readonly isa: string;
+  readonly threads: number;
+  readonly procs: number;
+  readonly cachedPrimitives: number;
+}
+
+/** The addon's raw interface (native/src/addon.cc). */
+export interface OneDnnAddon {
+  run(op: number, layout: number, geom: Int32Array, a: Float32Array, b: Float32Array, out?: Float32Array): Float32Array;
+  impl(op: number, layout: number, geom: Int32Array): string;
+  setThreads(n: number): void;
+  info(): OneDnnInfo;
+  clearCache(): void;
+}
+
+export interface OneDnnKernels extends ConvKernels {
+  readonly addon: OneDnnAddon;
+  /** Implementation oneDNN picked for an operation and geometry, e.g. "jit:avx512_core <reorder". */
+  impl(op: 'forward' | 'backwardData' | 'backwardFilter', g: Conv3dGeom): string;
+}
+
+export type OneDnnLoadResult = { kernels: OneDnnKernels; info: OneDnnInfo } | { kernels: undefined; reason: string };
+
+export const ONEDNN_ADDON_PATH = fileURLToPath(new URL('../../native/build/Release/medfl_onednn.node', import.meta.url));
+const FIX = 'apt-get install -y libdnnl-dev g++ make && npm run build:native';
+
+const OP = { forward: 0, backwardData: 1, backwardFilter: 2 } as const;
+const LAYOUTS = { plain: 0, 'any-weights': 1, any: 2 } as const;
+
+let addonCache: { addon: OneDnnAddon } | { reason: string } | undefined;
+
+function loadAddon(): { addon: OneDnnAddon } | { reason: string } {
+  if (addonCache) return addonCache;
+  if (!existsSync(ONEDNN_ADDON_PATH)) {
+    const headers = existsSync('/usr/include/oneapi/dnnl/dnnl.hpp') || existsSync('/usr/include/dnnl.hpp');
+    addonCache = {
+      reason:
+        `oneDNN addon not built (${ONEDNN_ADDON_PATH} is missing${headers ? '' : '; the oneDNN headers are not installed'}); ` +
+        `fix: ${FIX}`,
+    };
+    return addonCache;
+  }
+  try {
+    const addon = createRequire(import.meta.url)(ONEDNN_ADDON_PATH) as OneDnnAddon;
+    addonCache = { addon };
+  } catch (err) {
+    const msg = err instanceof Error ? err.message : String(err);
+    const fix = /libdnnl/.test(msg) ? 'apt-get install -y libdnnl2 (the oneDNN runtime)' : `rebuild it: ${FIX}`;
+    addonCache = { reason: `oneDNN addon failed to load (${msg.split('\n')[0]}); fix: ${fix}` };
+  }
+  return addonCache;
+}
+
+/** Geometry as the addon reads it: n, in[3], cin, cout, k[3], stride[3], dilation[3], padBefore[3], padAfter[3], out[3]. */
+function packGeom(g: Conv3dGeom): Int32Array {
+  const pa = padAfter(g);
+  return Int32Array.from([g.n, ...g.in, g.cin, g.cout, ...g.k, ...g.stride, ...g.dilation, ...g.padBefore, ...pa, ...g.out]);
+}
+
+/**
+ * oneDNN accepts padding after down to 1 − stride (the rounding slack of the output size). When more
+ * trailing input is never read, convolve a cropped copy of the input instead.
+ */
+function croppedGeom(g: Conv3dGeom): Conv3dGeom | undefined {
+  const pa = padAfter(g);
+  if (pa.every((p, i) => p > -g.stride[i])) return undefined;
+  const inp = g.in.map((size, i) => (pa[i] > -g.stride[i] ? size : size + pa[i])) as unknown as Conv3dGeom['in'];
+  return { ...g, in: inp };
+}
+
+/** Copies the [0, to.in) corner of an NDHWC tensor of geometry `from` (crop) or back into zeros (uncrop). */
+function cornerCopy(src: Float32Array, from: Conv3dGeom, to: Conv3dGeom, crop: boolean): Float32Array {
+  const big = crop ? from : to;
+  const small = crop ? to : from;
+  const dst = new Float32Array(inputLength(to));
+  const c = big.cin;
+  const row = small.in[2] * c;
+  for (let n = 0; n < big.n; n++)
+    for (let d = 0; d < small.in[0]; d++)
+      for (let h = 0; h < small.in[1]; h++) {
+        const bigOff = (((n * big.in[0] + d) * big.in[1] + h) * big.in[2]) * c;
+        const smallOff = (((n * small.in[0] + d) * small.in[1] + h) * small.in[2]) * c;
+        if (crop) dst.set(src.subarray(bigOff, bigOff + row), smallOff);
+        else dst.set(src.subarray(smallOff, smallOff + row), bigOff);
+      }
+  return dst;
+}
+
+function checkLength(what: string, a: Float32Array, want: number): void {
+  if (a.length !== want) throw new Error(`onednn: ${what} has ${a.length} elements, the geometry needs ${want}`);
+}
+
+/** Loads the addon and wraps it as ConvKernels; never throws. */
+export function loadOneDnnKernels(opts: OneDnnOptions = {}): OneDnnLoadResult {
+  const loaded = loadAddon();
+  if ('reason' in loaded) return { kernels: undefined, reason: loaded.reason };
+  const { addon } = loaded;
+  try {
+    if (opts.threads !== undefined) addon.setThreads(opts.threads);
+    return { kernels: wrap(addon, opts), info: addon.info() };
+  } catch (err) {
+    return { kernels: undefined, reason: `oneDNN addon loaded but failed: ${err instanceof Error ? err.message : String(err)}` };
+  }
+}
+
+function wrap(addon: OneDnnAddon, opts: OneDnnOptions): OneDnnKernels {
+  const layoutOpt = opts.layout ?? 'auto';
+  const external = (opts.output ?? 'js') === 'external';
+  const packed = new WeakMap<Conv3dGeom, Int32Array>();
+  const chosen = new Map<string, number>();
+  const geomOf = (g: Conv3dGeom): Int32Array => {
+    let p = packed.get(g);
+    if (!p) packed.set(g, (p = packGeom(g)));
+    return p;
+  };
+
+  const exec = (op: number, g: Conv3dGeom, a: Float32Array, b: Float32Array, outLen: number): Float32Array => {
+    const geom = geomOf(g);
+    const alloc = (): Float32Array | undefined => (external ? undefined : new Float32Array(outLen));
+    if (layoutOpt !== 'auto') return addon.run(op, LAYOUTS[layoutOpt], geom, a, b, alloc());
+    const key = `${op}:${geom.join(',')}`;
+    const known = chosen.get(key);
+    if (known !== undefined) return addon.run(op, known, geom, a, b, alloc());
+    // First call of this (op, geometry): build each layout's primitive, run it once to warm it up,
+    // time a second run, keep the fastest. Every run computes the full result.
+    let best = 0;
+    let bestMs = Infinity;
+    let result: Float32Array | undefined;
+    for (const layout of [0, 1, 2]) {
+      addon.run(op, layout, geom, a, b, alloc());
+      const t0 = performance.now();
+      result = addon.run(op, layout, geom, a, b, alloc());
+      const ms = performance.now() - t0;
+      if (ms < bestMs) [best, bestMs] = [layout, ms];
+    }
+    chosen.set(key, best);
+    return result!;
+  };
+
+  const withCrop = (g: Conv3dGeom, x: Float32Array, run: (g: Conv3dGeom, x: Float32Array) => Float32Array): Float32Array => {
+    const c = croppedGeom(g);
+    return c ? run(c, cornerCopy(x, g, c, true)) : run(g, x);
+  };
+
+  return {
+    name: 'onednn',
+    addon,
+    impl: (op, g) => {
+      const c = croppedGeom(g) ?? g;
+      const geom = geomOf(c);
+      const layout = layoutOpt === 'auto' ? chosen.get(`${OP[op]}:${geom.join(',')}`) ?? 1 : LAYOUTS[layoutOpt];
+      return addon.impl(OP[op], layout, geom);
+    },
+    conv3d(x, w, g) {
+      checkLength('x', x, inputLength(g));
+      checkLength('w', w, weightLength(g));
+      return withCrop(g, x, (gc, xc) => exec(OP.forward, gc, xc, w, outputLength(gc)));
+    },
+    conv3dBackwardData(dy, w, g) {
+      checkLength('dy', dy, outputLength(g));
+      checkLength('w', w, weightLength(g));
+      const c = croppedGeom(g);
+      if (!c) return exec(OP.backwardData, g, dy, w, inputLength(g));
+      return cornerCopy(exec(OP.backwardData, c, dy, w, inputLength(c)), c, g, false);
+    },
+    conv3dBackwardFilter(x, dy, g) {
+      checkLength('x', x, inputLength(g));
+      checkLength('dy', dy, outputLength(g));
+      return withCrop(g, x, (gc, xc) => exec(OP.backwardFilter, gc, xc, dy, weightLength(gc)));
+    },
+  };
+}
