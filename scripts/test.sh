@@ -4,10 +4,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v nats-server >/dev/null 2>&1; then
-  echo "installing nats-server (Debian package) for the event-bus tests"
+# libdnnl-dev, g++ and make: `npm ci` builds the oneDNN conv engine (native/) with them; its tests require it.
+if ! command -v nats-server >/dev/null 2>&1 || [ ! -f /usr/include/oneapi/dnnl/dnnl.hpp ] || ! command -v g++ >/dev/null 2>&1 || ! command -v make >/dev/null 2>&1; then
+  echo "installing Debian packages: nats-server (event-bus tests), libdnnl-dev g++ make (oneDNN conv engine)"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq nats-server >/dev/null || { echo "could not install nats-server"; exit 1; }
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq nats-server libdnnl-dev g++ make >/dev/null || { echo "could not install nats-server libdnnl-dev g++ make"; exit 1; }
 fi
 
 # @tensorflow/tfjs-node(-gpu) are optional: without internet their install fails and npm drops them;
