@@ -4,7 +4,8 @@
  */
 import { elementCount, makeBundle, type NamedTensor, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
 import { createSimdArena, type SimdArena } from './simd-axpy.ts';
-import type { AggregationStrategy, RoundAggregator, UpdateInfo } from './strategy.ts';
+import type { AggregationStrategy, RoundAggregator, UpdateInfo, Verdict } from './strategy.ts';
+import { DEFAULT_RULES, nonFiniteProblem, shapeAndSamplesProblem } from './validate.ts';
 
 export class FedAvg implements AggregationStrategy {
   readonly name = 'fedavg';
@@ -51,12 +52,24 @@ export class WeightedMeanAggregator implements RoundAggregator {
     return this.arena ? 'wasm-simd' : 'js';
   }
 
+  /** Layout, sample count and finiteness (the plain FedAvg keeps no base, so it bounds no norm). */
+  check(update: TensorBundle, info: UpdateInfo): Verdict {
+    const problem = shapeAndSamplesProblem(update, info, this.specs, DEFAULT_RULES) ?? nonFiniteProblem(update);
+    return problem ? { problem } : {};
+  }
+
   add(update: TensorBundle, info: UpdateInfo): void {
     if (!(info.numSamples > 0)) throw new Error(`update from ${info.site} has no samples; it cannot carry FedAvg weight`);
-    const w = info.numSamples;
+    if (info.isDelta) throw new Error(`update from ${info.site} is delta-encoded; the plain FedAvg folds weights (use the composed strategy)`);
+    this.addWeighted(update, info.numSamples, info.site);
+    this.totalWeight += info.numSamples;
+  }
+
+  /** sums += w · update (no bookkeeping of weights: the caller keeps them). */
+  addWeighted(update: TensorBundle, w: number, site = 'an update'): void {
     for (const [name, { n }] of this.offsets) {
       const t = update.get(name);
-      if (!t || t.data.length !== n) throw new Error(`update from ${info.site} lacks tensor ${name} or has the wrong size`);
+      if (!t || t.data.length !== n) throw new Error(`update from ${site} lacks tensor ${name} or has the wrong size`);
     }
     for (const [name, { off, n }] of this.offsets) {
       const x = update.get(name)!.data;
@@ -68,8 +81,12 @@ export class WeightedMeanAggregator implements RoundAggregator {
         axpy(this.sums.subarray(off, off + n), x, w);
       }
     }
-    this.totalWeight += w;
     this.count++;
+  }
+
+  /** The running sums, flat in spec order (valid until the strategy's next begin()). */
+  get rawSums(): Float32Array {
+    return this.sums;
   }
 
   /** The mean, as views into the sums (no model-sized copy): valid until the strategy's next begin(). */

@@ -1,10 +1,7 @@
 import type { Plan } from '../../shared/plan/schema.ts';
-import { FedAvg } from './fedavg.ts';
-import type { AggregationStrategy } from './strategy.ts';
+import { ComposedStrategy, type ComposedOptions } from './composed.ts';
 
-export function strategyFromPlan(plan: Plan): AggregationStrategy {
-  switch (plan.aggregation.strategy) {
-    case 'fedavg':
-      return new FedAvg();
-  }
+/** The plan's aggregation section as one composed strategy (composed.ts); defaults = streaming FedAvg. */
+export function strategyFromPlan(plan: Plan, opts: ComposedOptions = {}): ComposedStrategy {
+  return new ComposedStrategy(plan.aggregation, opts);
 }

@@ -1,28 +1,61 @@
 /**
- * The aggregation seam. A strategy starts one aggregator per round; the aggregator folds updates in
- * as they arrive (streaming, so memory stays O(model)) and produces the new shared weights at the end.
- * More strategies (median, trimmed mean, server optimisers, DP) plug in here without touching rounds.
+ * The aggregation seam. A strategy starts one aggregator per round; the aggregator checks each update
+ * (check), folds the ones that pass (add), and produces the new shared weights at the end (finish).
+ * Strategies are composed from parts (combine rule, server optimiser, filters: composed.ts), not subclassed.
  */
 import type { TensorBundle, TensorSpec } from '../../shared/tensors/bundle.ts';
 
 export interface UpdateInfo {
   readonly site: string;
   readonly numSamples: number;
+  /** The update holds x_i − x_base (a delta-encoded upload) instead of the weights x_i. */
+  readonly isDelta?: boolean;
+}
+
+/** The outcome of check(): a reason to refuse, or what add() may reuse (the delta's L2 norm). */
+export interface Verdict {
+  readonly problem?: string;
+  readonly norm?: number;
+}
+
+export interface RoundContext {
+  /** Sites asked this round (the expected count DP divides by). */
+  readonly expected?: number;
+  /** Updates may arrive delta-encoded (plan.compression.delta): keep the base model. */
+  readonly deltaUpdates?: boolean;
 }
 
 export interface RoundAggregator {
-  /** Folds one validated update in. Must not keep a reference to `update`'s arrays. */
-  add(update: TensorBundle, info: UpdateInfo): void;
+  /**
+   * Checks an update against the plan's rules without changing any state; an update with a problem
+   * must not be passed to add(). Pure: calling it and then refusing leaves the round untouched.
+   */
+  check(update: TensorBundle, info: UpdateInfo): Verdict;
+  /** Folds one checked update in. Must not keep a reference to `update`'s arrays. */
+  add(update: TensorBundle, info: UpdateInfo, verdict?: Verdict): void;
   readonly count: number;
   /**
    * The new shared weights; call once, after the last add. The tensors may share memory with the
    * strategy (no model-sized copy), so consume them before the strategy's next begin().
    */
   finish(): TensorBundle;
+  /** Drops a round that will not finish (no quorum): deletes what it spilled. */
+  discard?(): void;
+}
+
+/** What a strategy carries from round to round (server-optimiser moments, recent norms), for the store. */
+export interface StrategyState {
+  readonly json: string;
+  /** Model-sized state (e.g. Adam's m and v), stored as a safetensors file next to the models. */
+  readonly tensors?: TensorBundle;
 }
 
 export interface AggregationStrategy {
   readonly name: string;
   /** `current` holds the shared tensors of the round's base model. */
-  begin(current: TensorBundle, specs: readonly TensorSpec[]): RoundAggregator;
+  begin(current: TensorBundle, specs: readonly TensorSpec[], ctx?: RoundContext): RoundAggregator;
+  /** State after the last finish(), or undefined when the strategy keeps none. */
+  exportState?(): StrategyState | undefined;
+  /** Continues from state exported by an earlier process. */
+  restoreState?(s: StrategyState): void;
 }

@@ -60,10 +60,51 @@ export const PlanSchema = z
       })
       .strict()
       .default({ parts: ['encoder'], keepLocal: [] }),
+    /** How updates become the next model: a combine rule, an optional server optimiser, filters (docs/plan.md). */
     aggregation: z
-      .object({ strategy: z.enum(['fedavg']).default('fedavg') })
+      .object({
+        /** fedavg = sample-weighted mean (streaming); median / trimmed-mean = coordinate-wise, unweighted (need all updates, spilled to disk). */
+        strategy: z.enum(['fedavg', 'median', 'trimmed-mean']).default('fedavg'),
+        /** β for trimmed-mean: the fraction dropped at each end, per coordinate; must exceed the Byzantine fraction. */
+        trimFraction: z.number().min(0).lt(0.5).default(0.1),
+        /** Applied to the combined delta (Reddi et al.): none = take it as is (plain FedAvg). */
+        serverOptimizer: z
+          .object({
+            type: z.enum(['none', 'fedadam', 'fedyogi', 'fedadagrad']).default('none'),
+            /** η, the server learning rate. */
+            lr: z.number().positive().default(0.1),
+            beta1: z.number().min(0).lt(1).default(0.9),
+            beta2: z.number().min(0).lt(1).default(0.99),
+            /** τ, the adaptivity (added to √v). */
+            tau: z.number().positive().default(1e-3),
+          })
+          .strict()
+          .prefault({}),
+        /** Checks every update passes before it counts (names, dtypes, shapes and finiteness are always checked). */
+        validation: z
+          .object({
+            /** Refuse an update whose delta (against the round's base model) has an L2 norm above this. */
+            maxNorm: z.number().positive().optional(),
+            /** Refuse an update whose delta norm exceeds k × the median norm of recently accepted updates. */
+            maxNormFactor: z.number().gt(1).optional(),
+            /** Accepted norms needed (this round and the last) before maxNormFactor applies. */
+            normReference: z.number().int().min(1).default(3),
+            minSamples: positiveInt.default(1),
+            maxSamples: positiveInt.default(1_000_000),
+          })
+          .strict()
+          .prefault({}),
+        /** Clip each update's delta to this L2 norm before combining (robustness, without noise). */
+        clipNorm: z.number().positive().optional(),
+        /** Client-level DP (DP-FedAvg): clip to clipNorm, add N(0, (noiseMultiplier·clipNorm)²) to the sum, divide by the sites asked. */
+        dp: z
+          .object({ clipNorm: z.number().positive(), noiseMultiplier: z.number().min(0), delta: z.number().gt(0).lt(1) })
+          .strict()
+          .optional(),
+      })
       .strict()
-      .default({ strategy: 'fedavg' }),
+      .prefault({})
+      .refine((a) => !(a.dp && a.strategy !== 'fedavg'), { message: 'aggregation.dp needs strategy fedavg (the noise is calibrated to a clipped sum, not a median)' }),
   })
   .strict();
 

@@ -1,0 +1,312 @@
+/**
+ * A strategy composed from the parts the plan names (plan.aggregation), with no class per combination:
+ *
+ *   validation filter → clip filter → combine rule → noise filter → server optimiser
+ *
+ * - validation: names/dtypes/shapes, sample count, finite values and the delta's L2 norm (absolute bound
+ *   or k × the median of recently accepted norms), checked by check() before anything counts;
+ * - clip: each delta Δ_i = x_i − x_base scaled by min(1, S/‖Δ_i‖) (plan clipNorm, or dp.clipNorm);
+ * - combine: `fedavg` = sample-weighted mean folded as updates arrive (WebAssembly SIMD, O(model)),
+ *   `median` / `trimmed-mean` coordinate-wise over spilled updates (robust.ts);
+ * - noise (DP-FedAvg): uniform weights, N(0, (z·S)²) added to the clipped sum, divided by the sites asked;
+ * - server optimiser: none | FedAdam | FedYogi | FedAdagrad on the combined delta (server-optimizer.ts).
+ *
+ * What is shared (FedBN etc.) is decided before this, by plan.share: the specs handed to begin().
+ * Everything works in delta space, so any combination composes; with no clip, no noise, no optimiser
+ * and the mean, the result is bit-for-bit the plain FedAvg (sums × 1/Σn), and no base model is kept.
+ */
+import { randomFillSync } from 'node:crypto';
+import { elementCount, makeBundle, type NamedTensor, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
+import type { Plan } from '../../shared/plan/schema.ts';
+import { createSimdArena, type SimdArena } from './simd-axpy.ts';
+import { WeightedMeanAggregator } from './fedavg.ts';
+import { RobustCombiner, type RobustRule } from './robust.ts';
+import { ServerOptimizer } from './server-optimizer.ts';
+import type { AggregationStrategy, RoundAggregator, RoundContext, StrategyState, UpdateInfo, Verdict } from './strategy.ts';
+import { deltaNorm, median, normProblem, shapeAndSamplesProblem, type ValidationRules } from './validate.ts';
+
+export type AggregationConfig = Plan['aggregation'];
+
+export interface ComposedOptions {
+  /** Where median / trimmed-mean spill updates (one model per update); default the OS temp dir. */
+  spillDir?: string;
+  /** Block size of the robust passes (bytes of the n × block matrix). */
+  blockBytes?: number;
+  /** Fills `out` with N(0, 1) samples; default a CSPRNG (DP noise must not be predictable). */
+  gaussian?: (out: Float32Array) => void;
+  simd?: boolean;
+}
+
+type Offsets = Map<string, { off: number; n: number }>;
+
+export class ComposedStrategy implements AggregationStrategy {
+  readonly name: string;
+  private readonly optimizer: ServerOptimizer;
+  private readonly rules: ValidationRules;
+  private readonly clipNorm: number | undefined;
+  /** Norms accepted in the last closed round: the reference for maxNormFactor early in a round. */
+  private recentNorms: number[] = [];
+  private arena: SimdArena | undefined;
+  private robustOut: Float32Array | undefined;
+  private specs: readonly TensorSpec[] = [];
+  private offsets: Offsets = new Map();
+  /** Restored tensors waiting for the first begin() (which knows the specs). */
+  private pendingTensors: TensorBundle | undefined;
+
+  constructor(readonly cfg: AggregationConfig, private readonly opts: ComposedOptions = {}) {
+    this.optimizer = new ServerOptimizer(cfg.serverOptimizer);
+    this.rules = cfg.validation;
+    const clips = [cfg.clipNorm, cfg.dp?.clipNorm].filter((x): x is number => x !== undefined);
+    this.clipNorm = clips.length ? Math.min(...clips) : undefined;
+    const parts = [cfg.strategy === 'trimmed-mean' ? `trimmed-mean(β=${cfg.trimFraction})` : cfg.strategy];
+    if (cfg.serverOptimizer.type !== 'none') parts.push(`${cfg.serverOptimizer.type}(η=${cfg.serverOptimizer.lr})`);
+    if (this.clipNorm !== undefined) parts.push(`clip(${this.clipNorm})`);
+    if (cfg.dp) parts.push(`dp(z=${cfg.dp.noiseMultiplier})`);
+    this.name = parts.join('+');
+  }
+
+  /** Whether rounds need the base model in memory (one model) for deltas, norms or the optimiser. */
+  needsBase(ctx: RoundContext = {}): boolean {
+    const c = this.cfg;
+    return (
+      c.strategy !== 'fedavg' || c.serverOptimizer.type !== 'none' || this.clipNorm !== undefined || !!c.dp ||
+      c.validation.maxNorm !== undefined || c.validation.maxNormFactor !== undefined || !!ctx.deltaUpdates
+    );
+  }
+
+  begin(current: TensorBundle, specs: readonly TensorSpec[], ctx: RoundContext = {}): RoundAggregator {
+    const offsets: Offsets = new Map();
+    let total = 0;
+    for (const s of specs) {
+      const n = elementCount(s.shape);
+      offsets.set(s.name, { off: total, n });
+      total += n;
+    }
+    this.specs = specs;
+    this.offsets = offsets;
+    if (this.pendingTensors) {
+      this.optimizer.restoreTensors(this.pendingTensors, specs, offsets, total);
+      this.pendingTensors = undefined;
+    }
+    let base: Float32Array | undefined;
+    if (this.needsBase(ctx)) {
+      base = new Float32Array(total);
+      for (const s of specs) {
+        const t = current.get(s.name);
+        if (!t || t.data.length !== offsets.get(s.name)!.n) throw new Error(`base model lacks shared tensor ${s.name} or has the wrong size`);
+        base.set(t.data, offsets.get(s.name)!.off);
+      }
+    }
+    let combiner: Combiner;
+    if (this.cfg.strategy === 'fedavg') {
+      const mean = new WeightedMeanAggregator(specs, { arena: this.arena, simd: this.opts.simd });
+      this.arena = mean.simdArena;
+      combiner = new MeanCombiner(mean, this.cfg.dp ? { expected: Math.max(1, ctx.expected ?? 1), sigma: this.cfg.dp.noiseMultiplier * this.cfg.dp.clipNorm, gaussian: this.opts.gaussian ?? cryptoGaussian } : undefined);
+    } else {
+      const rule: RobustRule = this.cfg.strategy === 'median' ? { kind: 'median' } : { kind: 'trimmed-mean', beta: this.cfg.trimFraction };
+      if (!this.robustOut || this.robustOut.length !== total) this.robustOut = new Float32Array(total);
+      combiner = new RobustCombinerAdapter(new RobustCombiner(rule, offsets, total, this.opts), this.robustOut);
+    }
+    return new ComposedRound(this, specs, offsets, base, combiner, this.rules, this.clipNorm, [...this.recentNorms]);
+  }
+
+  /** Called by a round at finish: the optimiser step and the norm reference for the next round. */
+  applyOptimizer(base: Float32Array | undefined, y: Float32Array): void {
+    if (this.cfg.serverOptimizer.type === 'none') return;
+    this.optimizer.apply(base!, y);
+  }
+
+  roundFinished(norms: readonly number[]): void {
+    if (norms.length > 0) this.recentNorms = [...norms];
+  }
+
+  exportState(): StrategyState | undefined {
+    const tensors = this.optimizer.exportTensors(this.specs, this.offsets);
+    return { json: JSON.stringify({ strategy: this.name, optimizerStep: this.optimizer.step, recentNorms: this.recentNorms }), tensors };
+  }
+
+  restoreState(s: StrategyState): void {
+    const j = JSON.parse(s.json) as { optimizerStep?: number; recentNorms?: number[] };
+    this.optimizer.step = j.optimizerStep ?? 0;
+    this.recentNorms = j.recentNorms ?? [];
+    this.pendingTensors = s.tensors;
+  }
+
+  get optimizerStep(): number {
+    return this.optimizer.step;
+  }
+}
+
+interface Combiner {
+  readonly count: number;
+  /** Adds `scale`·Δ with weight `weight` (the mean's sample weight; ignored by robust rules). */
+  add(update: TensorBundle, weight: number, scale: number, isDelta: boolean, site: string): void;
+  /** The combined proposal y = base + Δ̄ (flat, spec order). `base` may be undefined only for the plain mean. */
+  finish(base: Float32Array | undefined): Float32Array;
+  discard(): void;
+}
+
+class MeanCombiner implements Combiner {
+  /** Σ w_i (the divisor). */
+  private weight = 0;
+  /** Σ a_i over weight-form updates folded with coefficient a_i (what the base must be subtracted by). */
+  private baseCoef = 0;
+
+  constructor(
+    private readonly mean: WeightedMeanAggregator,
+    private readonly dp: { expected: number; sigma: number; gaussian: (out: Float32Array) => void } | undefined,
+  ) {}
+
+  get count(): number {
+    return this.mean.count;
+  }
+
+  add(update: TensorBundle, weight: number, scale: number, isDelta: boolean, site: string): void {
+    // DP-FedAvg weighs sites uniformly: the sensitivity of the sum is then S, whatever a site claims.
+    const w = this.dp ? 1 : weight;
+    const a = w * scale;
+    this.mean.addWeighted(update, a, site);
+    this.weight += w;
+    if (!isDelta) this.baseCoef += a;
+  }
+
+  finish(base: Float32Array | undefined): Float32Array {
+    if (this.mean.count === 0) throw new Error('no updates to aggregate');
+    const s = this.mean.rawSums;
+    const n = s.length;
+    if (this.dp) {
+      // y = b + (Σ a_i x_i − A·b + N(0, σ²)) / E, E = the sites asked (fixed before the round: not data-dependent).
+      const inv = 1 / this.dp.expected;
+      const noise = new Float32Array(Math.min(n, 1 << 20));
+      for (let at = 0; at < n; at += noise.length) {
+        const len = Math.min(noise.length, n - at);
+        this.dp.gaussian(noise);
+        for (let i = 0; i < len; i++) {
+          const j = at + i;
+          s[j] = base![j] + (s[j] - this.baseCoef * base![j] + this.dp.sigma * noise[i]) * inv;
+        }
+      }
+      return s;
+    }
+    const inv = 1 / this.weight;
+    if (this.baseCoef === this.weight) {
+      // Plain FedAvg (weights, unclipped): the mean itself, exactly as the streaming FedAvg computes it.
+      for (let i = 0; i < n; i++) s[i] *= inv;
+      return s;
+    }
+    const k = 1 - this.baseCoef * inv;
+    for (let i = 0; i < n; i++) s[i] = s[i] * inv + k * base![i];
+    return s;
+  }
+
+  discard(): void {}
+}
+
+class RobustCombinerAdapter implements Combiner {
+  constructor(private readonly r: RobustCombiner, private readonly out: Float32Array) {}
+  get count(): number {
+    return this.r.count;
+  }
+  add(update: TensorBundle, _weight: number, scale: number, isDelta: boolean): void {
+    this.r.add(update, scale, isDelta);
+  }
+  finish(base: Float32Array | undefined): Float32Array {
+    this.r.finish(base!, this.out);
+    return this.out;
+  }
+  discard(): void {
+    this.r.discard();
+  }
+}
+
+class ComposedRound implements RoundAggregator {
+  private readonly norms: number[] = [];
+  private finished = false;
+
+  constructor(
+    private readonly strategy: ComposedStrategy,
+    private readonly specs: readonly TensorSpec[],
+    private readonly offsets: Offsets,
+    private readonly base: Float32Array | undefined,
+    private readonly combiner: Combiner,
+    private readonly rules: ValidationRules,
+    private readonly clipNorm: number | undefined,
+    /** Norms of the last closed round; this round's accepted norms are added as they come. */
+    private readonly previousNorms: readonly number[],
+  ) {}
+
+  get count(): number {
+    return this.combiner.count;
+  }
+
+  check(update: TensorBundle, info: UpdateInfo): Verdict {
+    const layout = shapeAndSamplesProblem(update, info, this.specs, this.rules);
+    if (layout) return { problem: layout };
+    if (info.isDelta && !this.base) return { problem: 'delta-encoded update, but this round keeps no base model (plan.compression.delta is off)' };
+    // One pass gives both: a NaN/Inf anywhere makes the norm non-finite.
+    const norm = deltaNorm(update, !!info.isDelta, this.base, this.offsets);
+    if (!Number.isFinite(norm)) {
+      for (const t of update.values()) {
+        for (let i = 0; i < t.data.length; i++) {
+          const v = t.data[i];
+          if (v - v !== 0) return { problem: `update holds non-finite values: tensor "${t.name}" holds ${Number.isNaN(v) ? 'NaN' : v > 0 ? '+Inf' : '-Inf'} at index ${i}` };
+        }
+      }
+      return { problem: `update delta norm overflows float64 (${norm}); values are far too large` };
+    }
+    if (this.base) {
+      const reference = this.norms.length + this.previousNorms.length >= this.rules.normReference ? [...this.previousNorms, ...this.norms] : this.norms;
+      const problem = normProblem(norm, this.rules, reference);
+      if (problem) return { problem, norm };
+    }
+    return { norm };
+  }
+
+  add(update: TensorBundle, info: UpdateInfo, verdict?: Verdict): void {
+    if (this.finished) throw new Error('add() after finish()');
+    if (info.isDelta && !this.base) throw new Error(`update from ${info.site} is delta-encoded, but this round keeps no base model`);
+    const norm = verdict?.norm ?? (this.base ? deltaNorm(update, !!info.isDelta, this.base, this.offsets) : undefined);
+    const scale = this.clipNorm !== undefined && norm !== undefined && norm > this.clipNorm ? this.clipNorm / norm : 1;
+    this.combiner.add(update, info.numSamples, scale, !!info.isDelta, info.site);
+    if (norm !== undefined) this.norms.push(norm);
+  }
+
+  finish(): TensorBundle {
+    if (this.finished) throw new Error('finish() called twice');
+    this.finished = true;
+    const y = this.combiner.finish(this.base);
+    this.strategy.applyOptimizer(this.base, y);
+    this.strategy.roundFinished(this.norms);
+    const out: NamedTensor[] = [];
+    for (const s of this.specs) {
+      const { off, n } = this.offsets.get(s.name)!;
+      out.push({ name: s.name, dtype: 'F32', shape: [...s.shape], data: y.subarray(off, off + n) });
+    }
+    return makeBundle(out);
+  }
+
+  discard(): void {
+    this.finished = true;
+    this.combiner.discard();
+  }
+
+  /** Norms of the updates added so far (for events and tests). */
+  get acceptedNorms(): readonly number[] {
+    return this.norms;
+  }
+}
+
+/** N(0, 1) from a CSPRNG (Box–Muller over crypto.randomFillSync). */
+export function cryptoGaussian(out: Float32Array): void {
+  const u = new Uint32Array(out.length + (out.length % 2));
+  randomFillSync(u);
+  for (let i = 0; i < out.length; i += 2) {
+    const u1 = (u[i] + 1) / 4294967297; // (0, 1)
+    const u2 = u[i + 1] / 4294967296;
+    const r = Math.sqrt(-2 * Math.log(u1));
+    out[i] = r * Math.cos(2 * Math.PI * u2);
+    if (i + 1 < out.length) out[i + 1] = r * Math.sin(2 * Math.PI * u2);
+  }
+}
+
+export { median };

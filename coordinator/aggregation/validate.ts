@@ -1,0 +1,75 @@
+/**
+ * The validation filter: every update is checked before it counts. Names, dtypes, shapes and sample
+ * counts here; finiteness and the delta norm in one pass over the update (norm.ts-style loop below).
+ */
+import { checkAgainstSpecs, findNonFinite, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
+import type { UpdateInfo } from './strategy.ts';
+
+export interface ValidationRules {
+  readonly minSamples: number;
+  readonly maxSamples: number;
+  readonly maxNorm?: number;
+  readonly maxNormFactor?: number;
+  /** Accepted norms needed before maxNormFactor applies. */
+  readonly normReference: number;
+}
+
+export const DEFAULT_RULES: ValidationRules = { minSamples: 1, maxSamples: 1_000_000, normReference: 3 };
+
+/** Layout and sample-count problems (cheap), or undefined. */
+export function shapeAndSamplesProblem(update: TensorBundle, info: UpdateInfo, specs: readonly TensorSpec[], rules: ValidationRules): string | undefined {
+  const spec = checkAgainstSpecs(update, specs);
+  if (spec) return `update does not match the plan's shared tensors: ${spec}`;
+  if (!Number.isInteger(info.numSamples) || info.numSamples < rules.minSamples) {
+    return `update claims ${info.numSamples} training samples; the plan needs at least ${rules.minSamples} (aggregation.validation.minSamples)`;
+  }
+  if (info.numSamples > rules.maxSamples) {
+    return `update claims ${info.numSamples} training samples, more than the plan's plausible maximum ${rules.maxSamples} (aggregation.validation.maxSamples)`;
+  }
+  return undefined;
+}
+
+/**
+ * L2 norm of the update's delta against the flat base (`base` in spec order, `offsets` per tensor), or of the
+ * update itself when it is a delta. Non-finite values make the sum non-finite; the caller then names the tensor.
+ */
+export function deltaNorm(update: TensorBundle, isDelta: boolean, base: Float32Array | undefined, offsets: ReadonlyMap<string, { off: number; n: number }>): number {
+  let s = 0;
+  for (const [name, { off, n }] of offsets) {
+    const x = update.get(name)!.data;
+    if (isDelta || !base) {
+      for (let i = 0; i < n; i++) s += x[i] * x[i];
+    } else {
+      for (let i = 0; i < n; i++) {
+        const d = x[i] - base[off + i];
+        s += d * d;
+      }
+    }
+  }
+  return Math.sqrt(s);
+}
+
+export function nonFiniteProblem(update: TensorBundle): string | undefined {
+  const nf = findNonFinite(update);
+  return nf ? `update holds non-finite values: ${nf}` : undefined;
+}
+
+/** Refusal for a delta norm beyond the absolute bound or k × the reference median, or undefined. */
+export function normProblem(norm: number, rules: ValidationRules, reference: readonly number[]): string | undefined {
+  if (rules.maxNorm !== undefined && norm > rules.maxNorm) {
+    return `update delta has L2 norm ${norm.toPrecision(4)}, above the plan's bound ${rules.maxNorm} (aggregation.validation.maxNorm); check the site's learning rate and data`;
+  }
+  if (rules.maxNormFactor !== undefined && reference.length >= rules.normReference) {
+    const med = median(reference);
+    if (norm > rules.maxNormFactor * med) {
+      return `update delta has L2 norm ${norm.toPrecision(4)}, more than ${rules.maxNormFactor} × the median ${med.toPrecision(4)} of recently accepted updates (aggregation.validation.maxNormFactor)`;
+    }
+  }
+  return undefined;
+}
+
+export function median(xs: readonly number[]): number {
+  const a = [...xs].sort((p, q) => p - q);
+  const m = a.length >> 1;
+  return a.length % 2 ? a[m] : (a[m - 1] + a[m]) / 2;
+}
