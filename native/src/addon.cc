@@ -178,6 +178,21 @@ napi_value Impl(napi_env env, napi_callback_info info) {
   return r;
 }
 
+// drop(op, layout, geom): forgets that cached plan (after the auto layout chose another one).
+napi_value Drop(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  CALL(env, napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr));
+  int32_t op_i, layout_i;
+  Geom g;
+  if (argc < 3 || !read_int(env, argv[0], &op_i, "op") || !read_int(env, argv[1], &layout_i, "layout") || !read_geom(env, argv[2], &g))
+    return nullptr;
+  if (op_i < 0 || op_i > 2 || layout_i < 0 || layout_i > 2) return throw_error(env, "bad op or layout");
+  napi_value r;
+  CALL(env, napi_get_boolean(env, instance(env)->engine.drop(static_cast<Op>(op_i), static_cast<Layout>(layout_i), g), &r));
+  return r;
+}
+
 napi_value SetThreads(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1];
@@ -246,6 +261,7 @@ NAPI_MODULE_INIT() {
   const napi_property_descriptor props[] = {
       {"run", nullptr, Run, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"impl", nullptr, Impl, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"drop", nullptr, Drop, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"setThreads", nullptr, SetThreads, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"clearCache", nullptr, ClearCache, nullptr, nullptr, nullptr, napi_enumerable, nullptr},

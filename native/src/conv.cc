@@ -120,8 +120,14 @@ std::unique_ptr<Plan> ConvEngine::build(Op op, Layout layout, const Geom& g) {
   return plan;
 }
 
+static std::pair<int, Geom> key_of(Op op, Layout layout, const Geom& g) {
+  return std::make_pair(static_cast<int>(op) * 16 + static_cast<int>(layout), g);
+}
+
+bool ConvEngine::drop(Op op, Layout layout, const Geom& g) { return plans_.erase(key_of(op, layout, g)) > 0; }
+
 Plan& ConvEngine::plan(Op op, Layout layout, const Geom& g) {
-  const auto key = std::make_pair(static_cast<int>(op) * 16 + static_cast<int>(layout), g);
+  const auto key = key_of(op, layout, g);
   auto it = plans_.find(key);
   if (it == plans_.end()) it = plans_.emplace(key, build(op, layout, g)).first;
   return *it->second;

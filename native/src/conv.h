@@ -47,6 +47,8 @@ class ConvEngine {
   // ptrs follow the slot order of the op. Throws dnnl::error or std::runtime_error.
   void run(Op op, Layout layout, const Geom& g, const std::array<void*, 3>& ptrs);
   std::string impl(Op op, Layout layout, const Geom& g);
+  // Forgets one cached plan (its primitive, reorders and buffers); false when there was none.
+  bool drop(Op op, Layout layout, const Geom& g);
   size_t cached() const { return plans_.size(); }
   void clear() { plans_.clear(); }
 
