@@ -19,8 +19,6 @@ export const TaskSettingsSchema = z
     share: PlanSchema.shape.share.unwrap(),
     /** Names of the tensors the site must send back, exactly. */
     sharedTensors: z.array(z.string()),
-    /** Client-level DP the coordinator applies to this federation's sum (plan aggregation.dp); absent = none. */
-    dp: z.object({ clipNorm: z.number().positive(), noiseMultiplier: z.number().min(0), delta: z.number().gt(0).lt(1) }).strict().optional(),
     /** How to encode the update (plan compression); absent = float32 weights. */
     compression: z.object({ update: z.enum(['float32', 'float16', 'int8']), delta: z.boolean() }).strict().optional(),
     /** Client-level DP the coordinator applies to this round's aggregate (absent: none). */
