@@ -140,6 +140,14 @@ siteCmd
     process.exit(0);
   });
 
+siteCmd
+  .command('check-data <dir>')
+  .description('validate a data folder (MSD / nnU-Net layout): table of cases and every problem; exit 1 if a case is unusable')
+  .action(async (dir: string) => {
+    const { runCheckData } = await import('./check-data.ts');
+    process.exit(await runCheckData(dir));
+  });
+
 const model = program.command('model').description('import pretrained checkpoints and run the Med3D encoder');
 
 model

@@ -99,7 +99,7 @@ export function parseDatasetJson(text: string, file = 'dataset.json'): DatasetJs
 }
 
 /** Class names indexed by class, from either label-map orientation; checks they are 0..n-1 with no gaps. */
-function classNames(labels: DatasetJson['labels']): string[] {
+export function classNames(labels: DatasetJson['labels']): string[] {
   const byIndex = new Map<number, string>();
   for (const [k, v] of Object.entries(labels)) {
     if (typeof v === 'number') byIndex.set(v, k);

@@ -2,9 +2,9 @@
  * Seeded helpers for the synthetic phantoms, on top of the shared mulberry32 / gaussian in
  * shared/util/random.ts (re-exported so phantom code has one import).
  */
-import { gaussian, mulberry32, type Rng } from '../../shared/util/random.ts';
+import { gaussian, mulberry32, randomInt, type Rng } from '../../shared/util/random.ts';
 
-export { gaussian, mulberry32, type Rng };
+export { gaussian, mulberry32, randomInt, type Rng };
 
 /** Uniform in [lo, hi). */
 export function uniform(rng: Rng, lo: number, hi: number): number {

@@ -1,0 +1,203 @@
+/**
+ * A site's data folder opened lazily: the layout is scanned at open (no voxels read); a case is read,
+ * checked, reoriented, normalised and resampled the first time it is needed and kept in a cache bounded in
+ * bytes (lru-cache.ts), so a 200-case site never holds 200 volumes. Bad cases are skipped with a warning
+ * (case id and fault at warn, file path only at debug) and never retried; training goes on without them.
+ *
+ * Trainer entry points: `SiteData.open(dir, opts)`, then `sampleBatch(data.train, batchSize, rng)` for
+ * augmented training patches, `load(ref)` for a whole prepared case, `patchToVolumeCase` to feed today's
+ * single-channel Trainer interface.
+ */
+import type { VolumeCase } from '../../shared/model/types.ts';
+import { augmentPatch, type AugmentOptions } from './augment.ts';
+import { readCase } from './case-reader.ts';
+import { scanDataset, type CaseEntry, type DataProblem, type DatasetLayout } from './layout.ts';
+import { ByteLruCache, type CacheStats } from './lru-cache.ts';
+import { modalityOf, type Modality } from './normalize.ts';
+import { preprocessCase, type PreprocessOptions } from './preprocess.ts';
+import { randomInt, type Rng } from './prng.ts';
+import { centrePatch, samplePatch } from './sampler.ts';
+import { checkShape, preparedBytes, type Patch, type PreparedCase, type Shape3 } from './types.ts';
+
+/** The subset of a pino logger used here. */
+export interface DataLogger {
+  debug(obj: object, msg?: string): void;
+  info?(obj: object, msg?: string): void;
+  warn(obj: object, msg?: string): void;
+}
+
+export interface SiteDataOptions {
+  /** Patch shape [D, H, W] the sampler cuts. */
+  readonly patch: Shape3;
+  /** Target spacing [D, H, W] mm (canonical S, A, R); absent = keep each case's spacing. */
+  readonly spacing?: Shape3;
+  /** 'auto' (default): CT for channels named "CT" in dataset.json, MRI z-score otherwise. */
+  readonly normalization?: 'auto' | Modality;
+  readonly ctWindow?: readonly [number, number];
+  /** Share of training patches forced to contain foreground (default 0.33). */
+  readonly foregroundFraction?: number;
+  /** Cache budget for prepared cases, bytes (default 1 GiB). */
+  readonly cacheBytes?: number;
+  readonly log?: DataLogger;
+}
+
+export interface CaseRef {
+  /** Opaque id: train-i (labelled imagesTr), val-i (labelled imagesTs), pool-i (no label). */
+  readonly id: string;
+  readonly split: 'train' | 'val' | 'pool';
+  readonly classLabel?: number;
+  /** Has a segmentation label file. */
+  readonly segmentation: boolean;
+}
+
+export interface SkippedCase {
+  readonly id: string;
+  /** What is wrong, with the file relative to the data folder; local only, never send it. */
+  readonly reason: string;
+}
+
+export const DEFAULT_CACHE_BYTES = 1024 * 1024 * 1024;
+
+export class SiteData {
+  readonly train: readonly CaseRef[];
+  readonly val: readonly CaseRef[];
+  readonly unlabelled: readonly CaseRef[];
+  readonly modalities: readonly Modality[];
+  private readonly entries = new Map<string, CaseEntry>();
+  private readonly bad = new Map<string, string>();
+  private readonly cache: ByteLruCache<string, PreparedCase>;
+  private readonly pre: PreprocessOptions;
+
+  private constructor(
+    readonly dir: string,
+    readonly layout: DatasetLayout,
+    private readonly opts: SiteDataOptions,
+  ) {
+    checkShape(opts.patch, 'patch');
+    const norm = opts.normalization ?? 'auto';
+    this.modalities = layout.channelNames.map((n) => (norm === 'auto' ? modalityOf(n) : norm));
+    this.pre = { spacing: opts.spacing, modalities: this.modalities, ctWindow: opts.ctWindow };
+    this.cache = new ByteLruCache(opts.cacheBytes ?? DEFAULT_CACHE_BYTES, preparedBytes);
+
+    const errorsByCase = new Map<string, DataProblem>();
+    for (const p of layout.problems) if (p.severity === 'error' && p.case !== undefined && !errorsByCase.has(p.case)) errorsByCase.set(p.case, p);
+    const train: CaseRef[] = [];
+    const val: CaseRef[] = [];
+    const pool: CaseRef[] = [];
+    for (const e of layout.cases) {
+      const labelled = e.label !== undefined || e.classLabel !== undefined;
+      const [list, prefix, split] = !labelled ? [pool, 'pool', 'pool'] as const : e.split === 'Tr' ? [train, 'train', 'train'] as const : [val, 'val', 'val'] as const;
+      const ref: CaseRef = { id: `${prefix}-${list.length}`, split, segmentation: e.label !== undefined, ...(e.classLabel !== undefined ? { classLabel: e.classLabel } : {}) };
+      list.push(ref);
+      this.entries.set(ref.id, e);
+      const p = errorsByCase.get(e.name);
+      if (p) this.markBad(ref.id, `${p.file ? `${p.file}: ` : ''}${p.fault}`, p.fault);
+    }
+    this.train = train;
+    this.val = val;
+    this.unlabelled = pool;
+  }
+
+  /** Scan the folder (dataset.json and file names only). Throws DatasetError for a missing/invalid dataset.json. */
+  static async open(dir: string, opts: SiteDataOptions): Promise<SiteData> {
+    const layout = await scanDataset(dir);
+    const d = new SiteData(dir, layout, opts);
+    opts.log?.info?.(
+      { train: d.train.length, val: d.val.length, unlabelled: d.unlabelled.length, channels: layout.channelNames.length, skipped: d.bad.size },
+      'site data opened',
+    );
+    return d;
+  }
+
+  get labels(): readonly string[] {
+    return this.layout.labels;
+  }
+
+  /** Cases found unusable so far (at open or when first read). */
+  skipped(): SkippedCase[] {
+    return [...this.bad].map(([id, reason]) => ({ id, reason }));
+  }
+
+  isBad(ref: CaseRef): boolean {
+    return this.bad.has(ref.id);
+  }
+
+  cacheStats(): CacheStats {
+    return this.cache.stats();
+  }
+
+  /** The prepared case, or undefined when it is unusable (then logged once and remembered). */
+  async load(ref: CaseRef): Promise<PreparedCase | undefined> {
+    if (this.bad.has(ref.id)) return undefined;
+    const entry = this.entries.get(ref.id);
+    if (!entry) throw new RangeError(`unknown case ${ref.id}`);
+    try {
+      return await this.cache.getOrLoad(ref.id, async () => {
+        this.opts.log?.debug({ case: ref.id, images: entry.images, label: entry.label }, 'reading case');
+        const r = await readCase(this.dir, entry, this.layout.labels.length);
+        if (!r.raw) {
+          const p = r.problems.find((q) => q.severity === 'error');
+          throw new CaseUnusable(p ? `${p.file ? `${p.file}: ` : ''}${p.fault}` : 'unusable', p?.fault ?? 'unusable');
+        }
+        return preprocessCase(ref.id, r.raw, this.pre, entry.classLabel);
+      });
+    } catch (e) {
+      if (!(e instanceof CaseUnusable)) throw e;
+      this.markBad(ref.id, e.message, e.fault);
+      return undefined;
+    }
+  }
+
+  /**
+   * `batchSize` training patches from random cases of `refs` (default the labelled training cases): foreground
+   * oversampled, then augmented (pass `augment: false` for none). Unusable cases are skipped and replaced by
+   * others; throws when none of `refs` is usable.
+   */
+  async sampleBatch(
+    refs: readonly CaseRef[] | undefined,
+    batchSize: number,
+    rng: Rng,
+    o: { augment?: AugmentOptions | false; foregroundFraction?: number } = {},
+  ): Promise<Patch[]> {
+    const from = refs ?? this.train;
+    const out: Patch[] = [];
+    while (out.length < batchSize) {
+      const live = from.filter((r) => !this.bad.has(r.id));
+      if (live.length === 0) throw new Error(`no usable case to sample from (${from.length} case(s), all unusable; run \`medfl site check-data\`)`);
+      const c = await this.load(live[randomInt(rng, live.length)]);
+      if (!c) continue;
+      const p = samplePatch(c, { patch: this.opts.patch, foregroundFraction: o.foregroundFraction ?? this.opts.foregroundFraction ?? 0.33 }, rng);
+      out.push(o.augment === false ? p : augmentPatch(p, rng, o.augment ?? {}));
+    }
+    return out;
+  }
+
+  /** The centred patch of each usable case (validation), read one at a time through the cache. */
+  async centrePatches(refs: readonly CaseRef[]): Promise<{ id: string; patch: Patch }[]> {
+    const out: { id: string; patch: Patch }[] = [];
+    for (const r of refs) {
+      const c = await this.load(r);
+      if (c) out.push({ id: r.id, patch: centrePatch(c, this.opts.patch) });
+    }
+    return out;
+  }
+
+  private markBad(id: string, reason: string, fault: string): void {
+    if (this.bad.has(id)) return;
+    this.bad.set(id, reason);
+    this.opts.log?.warn({ case: id, fault }, 'skipping unusable case');
+    this.opts.log?.debug({ case: id, reason }, 'skipped case detail');
+  }
+}
+
+class CaseUnusable extends Error {
+  constructor(message: string, readonly fault: string) {
+    super(message);
+  }
+}
+
+/** A single-channel patch as a VolumeCase (today's Trainer input). Multi-channel patches are refused. */
+export function patchToVolumeCase(patch: Patch, id: string): VolumeCase {
+  if (patch.channels !== 1) throw new RangeError(`VolumeCase holds one channel; this patch has ${patch.channels}`);
+  return { id, shape: [patch.shape[0], patch.shape[1], patch.shape[2]], image: patch.image, ...(patch.label ? { label: patch.label } : {}) };
+}
