@@ -9,7 +9,8 @@ import type * as TfModule from '@tensorflow/tfjs';
 import type { EngineInfo } from '../engine/select.ts';
 import { diceScores, meanDicePerClass } from '../metrics/dice.ts';
 import { checkAgainstSpecs, makeBundle, type NamedTensor, type TensorBundle } from '../tensors/bundle.ts';
-import { mulberry32, randomInt, type Rng } from '../util/random.ts';
+import { mulberry32 } from '../util/random.ts';
+import { sampleBatch } from './batch.ts';
 import {
   addReluInPlace,
   conv3dBackward,
@@ -251,54 +252,6 @@ export function createTfjsOps(engine: EngineInfo): TfjsOps {
       return op(logits) as TfModule.Scalar;
     },
   };
-}
-
-interface Batch {
-  readonly image: Float32Array;
-  readonly oneHot: Float32Array;
-}
-
-/**
- * Random patch of each sampled case with random flips on every axis. Dimensions smaller than the
- * patch are zero-padded (image 0 = the normalised mean, label background).
- */
-function sampleBatch(cases: readonly VolumeCase[], batchSize: number, patch: readonly [number, number, number], numClasses: number, rng: Rng): Batch {
-  const [pd, ph, pw] = patch;
-  const pv = pd * ph * pw;
-  const image = new Float32Array(batchSize * pv);
-  const oneHot = new Float32Array(batchSize * pv * numClasses);
-  for (let b = 0; b < batchSize; b++) {
-    const vc = cases[randomInt(rng, cases.length)];
-    const [D, H, W] = vc.shape;
-    const label = vc.label!;
-    const oz = D > pd ? randomInt(rng, D - pd + 1) : 0;
-    const oy = H > ph ? randomInt(rng, H - ph + 1) : 0;
-    const ox = W > pw ? randomInt(rng, W - pw + 1) : 0;
-    const fz = rng() < 0.5;
-    const fy = rng() < 0.5;
-    const fx = rng() < 0.5;
-    const base = b * pv;
-    for (let z = 0; z < pd; z++) {
-      const sz = oz + (fz ? pd - 1 - z : z);
-      for (let y = 0; y < ph; y++) {
-        const sy = oy + (fy ? ph - 1 - y : y);
-        for (let x = 0; x < pw; x++) {
-          const sx = ox + (fx ? pw - 1 - x : x);
-          const dst = base + (z * ph + y) * pw + x;
-          if (sz < D && sy < H && sx < W) {
-            const src = (sz * H + sy) * W + sx;
-            image[dst] = vc.image[src];
-            const cls = label[src];
-            if (cls >= numClasses) throw new Error(`case ${vc.id}: label ${cls} ≥ numClasses ${numClasses}`);
-            oneHot[dst * numClasses + cls] = 1;
-          } else {
-            oneHot[dst * numClasses] = 1;
-          }
-        }
-      }
-    }
-  }
-  return { image, oneHot };
 }
 
 /** Yields to the event loop so heartbeats and progress I/O run between training steps. */

@@ -4,6 +4,7 @@
  * Med3D encoder both plug in here, so the coordinator and site agent never see layer code.
  */
 import type { TensorBundle, TensorSpec } from '../tensors/bundle.ts';
+import type { OptimizerSpec } from './optim.ts';
 
 /** Which side owns a parameter by default: the shared encoder, or the site's own head. */
 export type ModelPart = 'encoder' | 'head';
@@ -40,6 +41,8 @@ export interface VolumeCase {
   readonly image: Float32Array;
   /** Class index per voxel, same layout as image; undefined for unlabelled cases. */
   readonly label?: Uint8Array;
+  /** Case-level class for classification heads. */
+  readonly classLabel?: number;
 }
 
 export interface TrainRequest {
@@ -52,6 +55,8 @@ export interface TrainRequest {
   readonly seed: number;
   /** FedProx proximal coefficient μ (0 = plain local SGD). */
   readonly proximalMu?: number;
+  /** Optimiser, per-group learning-rate scales and frozen groups (default: Adam, everything trained). */
+  readonly optimizer?: OptimizerSpec;
   /** Called after each step; lets the agent heartbeat progress and draw bars. */
   readonly onStep?: (step: number, loss: number) => void;
 }
@@ -69,6 +74,8 @@ export interface EvalResult {
   /** Mean Dice per foreground class (index 0 is class 1), averaged over cases. */
   readonly dicePerClass: readonly number[];
   readonly meanDice: number;
+  /** Classification heads: fraction of cases whose argmax class is right (Dice fields are then empty/NaN). */
+  readonly accuracy?: number;
   readonly cases: number;
 }
 

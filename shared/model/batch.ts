@@ -1,0 +1,70 @@
+/**
+ * Training batches from preprocessed cases: random patches with random flips, one-hot targets.
+ * Deterministic in the caller's rng. Shared by the trainers so every engine sees the same data.
+ */
+import { randomInt, type Rng } from '../util/random.ts';
+import type { VolumeCase } from './types.ts';
+
+export interface Batch {
+  readonly image: Float32Array;
+  /** [batch·D·H·W, numClasses]; empty when sampled without labels. */
+  readonly oneHot: Float32Array;
+  /** The case each batch entry came from. */
+  readonly cases: readonly VolumeCase[];
+}
+
+/**
+ * Random patch of each sampled case with random flips on every axis. Dimensions smaller than the
+ * patch are zero-padded (image 0 = the normalised mean, label background).
+ */
+export function sampleBatch(
+  cases: readonly VolumeCase[],
+  batchSize: number,
+  patch: readonly [number, number, number],
+  numClasses: number,
+  rng: Rng,
+  opts: { withLabels?: boolean } = {},
+): Batch {
+  const withLabels = opts.withLabels ?? true;
+  const [pd, ph, pw] = patch;
+  const pv = pd * ph * pw;
+  const image = new Float32Array(batchSize * pv);
+  const oneHot = new Float32Array(withLabels ? batchSize * pv * numClasses : 0);
+  const picked: VolumeCase[] = [];
+  for (let b = 0; b < batchSize; b++) {
+    const vc = cases[randomInt(rng, cases.length)];
+    picked.push(vc);
+    const [D, H, W] = vc.shape;
+    const label = vc.label;
+    const oz = D > pd ? randomInt(rng, D - pd + 1) : 0;
+    const oy = H > ph ? randomInt(rng, H - ph + 1) : 0;
+    const ox = W > pw ? randomInt(rng, W - pw + 1) : 0;
+    const fz = rng() < 0.5;
+    const fy = rng() < 0.5;
+    const fx = rng() < 0.5;
+    const base = b * pv;
+    for (let z = 0; z < pd; z++) {
+      const sz = oz + (fz ? pd - 1 - z : z);
+      for (let y = 0; y < ph; y++) {
+        const sy = oy + (fy ? ph - 1 - y : y);
+        for (let x = 0; x < pw; x++) {
+          const sx = ox + (fx ? pw - 1 - x : x);
+          const dst = base + (z * ph + y) * pw + x;
+          if (sz < D && sy < H && sx < W) {
+            const src = (sz * H + sy) * W + sx;
+            image[dst] = vc.image[src];
+            if (withLabels) {
+              const cls = label![src];
+              if (cls >= numClasses) throw new Error(`case ${vc.id}: label ${cls} ≥ numClasses ${numClasses}`);
+              oneHot[dst * numClasses + cls] = 1;
+            }
+          } else if (withLabels) {
+            oneHot[dst * numClasses] = 1;
+          }
+        }
+      }
+    }
+  }
+  return { image, oneHot, cases: picked };
+}
+

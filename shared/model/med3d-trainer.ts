@@ -1,0 +1,261 @@
+/**
+ * The Med3D trainer: MedicalNet's encoder and a site head trained on Float32Arrays with our own reverse-mode
+ * tape, convolutions on the selected ConvKernels (oneDNN or JS). tfjs has no gradient for dilated conv3d
+ * (layer3/layer4) nor for conv3dTranspose (the segmentation head), and its wasm conv3d gradients are wrong,
+ * so this engine does not go through tfjs at all.
+ *
+ * Segmentation: MedicalNet's head predicts at ¼ of the input resolution. Training compares it with the label
+ * patch average-pooled to that grid (soft targets: a small lesion still weighs in, where MedicalNet's
+ * nearest-neighbour label resize can drop it); evaluation upsamples the logits trilinearly to the full grid.
+ */
+import type { ConvKernels } from '../engine/conv-kernels.ts';
+import { diceScores, meanDicePerClass } from '../metrics/dice.ts';
+import { checkAgainstSpecs, makeBundle, type NamedTensor, type TensorBundle } from '../tensors/bundle.ts';
+import { mulberry32 } from '../util/random.ts';
+import { sampleBatch } from './batch.ts';
+import { Tape, type Act, act } from './graph/tape.ts';
+import { createMed3dTrainOps, type ParamStore } from './graph/med3d-ops.ts';
+import type { Med3dArchitecture } from './med3d.ts';
+import { med3dEncoderForward, med3dHeadForward } from './med3d-forward.ts';
+import { DEFAULT_OPTIMIZER, Optimizer } from './optim.ts';
+import { segmentationLossJs } from './tfjs-trainer.ts';
+import type { EvalResult, TrainRequest, TrainResult, Trainer, VolumeCase } from './types.ts';
+
+/** Output grid of the segmentation head relative to the input. */
+export const MED3D_SEG_FACTOR = 4;
+
+class ArrayStore implements ParamStore {
+  readonly values = new Map<string, Float32Array>();
+  readonly shapes = new Map<string, readonly number[]>();
+  readonly grads = new Map<string, Float32Array>();
+
+  constructor(arch: Med3dArchitecture, weights: TensorBundle) {
+    for (const p of arch.params()) {
+      // Own copies: training mutates them in place.
+      this.values.set(p.name, new Float32Array(weights.get(p.name)!.data));
+      this.shapes.set(p.name, p.shape);
+    }
+  }
+
+  value(name: string): Float32Array {
+    const v = this.values.get(name);
+    if (!v) throw new Error(`med3d: unknown parameter ${name}`);
+    return v;
+  }
+
+  shape(name: string): readonly number[] {
+    return this.shapes.get(name)!;
+  }
+
+  grad(name: string): Float32Array | undefined {
+    return this.grads.get(name);
+  }
+}
+
+const names = (arch: Med3dArchitecture) => new Map(arch.params().map((p) => [p.name, p.name]));
+
+/** Average-pools a one-hot target [N·D·H·W, C] by `f` per axis (soft labels on the head's grid). */
+export function poolTargets(oneHot: Float32Array, shape: readonly [number, number, number, number], numClasses: number, f: number): Float32Array {
+  const [n, D, H, W] = shape;
+  const [d, h, w] = [D / f, H / f, W / f];
+  if (![d, h, w].every(Number.isInteger)) throw new Error(`patch ${D}×${H}×${W} must be divisible by ${f} for the Med3D segmentation head`);
+  const C = numClasses;
+  const out = new Float32Array(n * d * h * w * C);
+  const inv = 1 / (f * f * f);
+  for (let b = 0; b < n; b++) {
+    for (let z = 0; z < D; z++) {
+      for (let y = 0; y < H; y++) {
+        for (let x = 0; x < W; x++) {
+          const src = (((b * D + z) * H + y) * W + x) * C;
+          const dst = (((b * d + ((z / f) | 0)) * h + ((y / f) | 0)) * w + ((x / f) | 0)) * C;
+          for (let c = 0; c < C; c++) out[dst + c] += oneHot[src + c] * inv;
+        }
+      }
+    }
+  }
+  return out;
+}
+
+/** Linear interpolation by an integer factor along D, H and W (PyTorch `align_corners=False`), NDHWC. */
+export function upsampleLinear(x: Float32Array, shape: readonly number[], f: number): Float32Array {
+  let data = x;
+  let cur = [...shape];
+  for (let axis = 1; axis <= 3; axis++) {
+    const inLen = cur[axis];
+    const outLen = inLen * f;
+    const outer = cur.slice(0, axis).reduce((a, b) => a * b, 1);
+    const inner = cur.slice(axis + 1).reduce((a, b) => a * b, 1);
+    const out = new Float32Array(outer * outLen * inner);
+    for (let o = 0; o < outLen; o++) {
+      const src = Math.max(0, (o + 0.5) / f - 0.5);
+      const i0 = Math.min(inLen - 1, Math.floor(src));
+      const i1 = Math.min(inLen - 1, i0 + 1);
+      const t = src - i0;
+      for (let a = 0; a < outer; a++) {
+        const s0 = (a * inLen + i0) * inner;
+        const s1 = (a * inLen + i1) * inner;
+        const dst = (a * outLen + o) * inner;
+        for (let k = 0; k < inner; k++) out[dst + k] = data[s0 + k] * (1 - t) + data[s1 + k] * t;
+      }
+    }
+    data = out;
+    cur[axis] = outLen;
+  }
+  return data;
+}
+
+/** Softmax cross-entropy of class logits [N, K] against class indices; mean over the batch. */
+export function classificationLossJs(z: Float32Array, labels: readonly number[], K: number): { loss: number; grad: Float32Array } {
+  const n = labels.length;
+  const grad = new Float32Array(z.length);
+  let loss = 0;
+  for (let b = 0; b < n; b++) {
+    const o = b * K;
+    let max = -Infinity;
+    for (let k = 0; k < K; k++) max = Math.max(max, z[o + k]);
+    let se = 0;
+    for (let k = 0; k < K; k++) se += Math.exp(z[o + k] - max);
+    const lse = max + Math.log(se);
+    loss += lse - z[o + labels[b]];
+    for (let k = 0; k < K; k++) grad[o + k] = (Math.exp(z[o + k] - lse) - (k === labels[b] ? 1 : 0)) / n;
+  }
+  return { loss: loss / n, grad };
+}
+
+const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resolve));
+
+export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels): Trainer {
+  const specs = arch.params();
+  const head = arch.config.head;
+  const numClasses = arch.numClasses;
+  const checkWeights = (weights: TensorBundle) => {
+    const problem = checkAgainstSpecs(weights, specs);
+    if (problem) throw new Error(`weights do not match architecture ${arch.id}: ${problem}`);
+  };
+
+  return {
+    engine: kernels.name,
+    architecture: arch,
+
+    async train(req: TrainRequest): Promise<TrainResult> {
+      checkWeights(req.weights);
+      if (!Number.isInteger(req.steps) || req.steps < 1) throw new Error(`train: steps must be a positive integer, got ${req.steps}`);
+      if (!Number.isInteger(req.batchSize) || req.batchSize < 1) throw new Error(`train: batchSize must be a positive integer, got ${req.batchSize}`);
+      if (!(req.learningRate > 0)) throw new Error(`train: learningRate must be > 0, got ${req.learningRate}`);
+      if (head.kind === 'segmentation' && req.batchSize < 2) {
+        // Batch statistics of one 4³ head map are too noisy to train BatchNorm; PyTorch would train but badly.
+        throw new Error('train: Med3D segmentation needs batchSize ≥ 2 (BatchNorm uses batch statistics)');
+      }
+      const labelled = req.cases.filter((c) => (head.kind === 'segmentation' ? c.label !== undefined : c.classLabel !== undefined));
+      if (labelled.length === 0) throw new Error(`train: no ${head.kind === 'segmentation' ? 'voxel-labelled' : 'class-labelled'} cases`);
+      const rng = mulberry32(req.seed);
+      const store = new ArrayStore(arch, req.weights);
+      const optimizer = new Optimizer(req.optimizer ?? DEFAULT_OPTIMIZER, req.learningRate, specs, store.values);
+      for (const name of optimizer.trained) store.grads.set(name, new Float32Array(store.values.get(name)!.length));
+      const mu = req.proximalMu ?? 0;
+      const start = mu > 0 ? new Map(optimizer.trained.map((n) => [n, new Float32Array(store.values.get(n)!)])) : undefined;
+      const params = names(arch);
+      const [pd, ph, pw] = arch.patchShape;
+      const losses: number[] = [];
+
+      for (let step = 0; step < req.steps; step++) {
+        for (const g of store.grads.values()) g.fill(0);
+        const tape = new Tape();
+        const ops = createMed3dTrainOps({ kernels, store, tape, training: true, rng });
+        let loss: number;
+        let out: Act;
+        let grad: Float32Array;
+        if (head.kind === 'segmentation') {
+          const batch = sampleBatch(labelled, req.batchSize, arch.patchShape, numClasses, rng);
+          const x = act(batch.image, [req.batchSize, pd, ph, pw, 1], false);
+          out = med3dHeadForward(arch, params, med3dEncoderForward(arch, params, x, ops), ops);
+          const target = poolTargets(batch.oneHot, [req.batchSize, pd, ph, pw], numClasses, MED3D_SEG_FACTOR);
+          ({ loss, grad } = segmentationLossJs(out.data, target, numClasses));
+        } else {
+          const batch = sampleBatch(labelled, req.batchSize, arch.patchShape, 2, rng, { withLabels: false });
+          const x = act(batch.image, [req.batchSize, pd, ph, pw, 1], false);
+          out = med3dHeadForward(arch, params, med3dEncoderForward(arch, params, x, ops), ops, { dropout: true });
+          ({ loss, grad } = classificationLossJs(out.data, batch.cases.map((c) => c.classLabel!), numClasses));
+        }
+        if (!Number.isFinite(loss)) throw new Error(`train: loss became ${loss} at step ${step + 1} of ${req.steps} (learning rate ${req.learningRate} too high?)`);
+        tape.backward(out, grad);
+        if (start) {
+          // FedProx: ∇(μ/2)‖w − w_start‖² = μ(w − w_start).
+          for (const [name, w0] of start) {
+            const g = store.grads.get(name)!;
+            const w = store.values.get(name)!;
+            for (let i = 0; i < g.length; i++) g[i] += mu * (w[i] - w0[i]);
+          }
+        }
+        optimizer.step(store.grads);
+        losses.push(loss);
+        req.onStep?.(step, loss);
+        await yieldToEventLoop();
+      }
+      const outTensors: NamedTensor[] = specs.map((s) => ({ name: s.name, dtype: 'F32', shape: [...s.shape], data: store.values.get(s.name)! }));
+      const quarter = Math.max(1, Math.floor(losses.length / 4));
+      const tail = losses.slice(-quarter);
+      return { weights: makeBundle(outTensors), loss: tail.reduce((a, v) => a + v, 0) / tail.length, firstLoss: losses[0], samples: labelled.length };
+    },
+
+    async evaluate(weights: TensorBundle, cases: readonly VolumeCase[]): Promise<EvalResult> {
+      checkWeights(weights);
+      const store = new ArrayStore(arch, weights);
+      const ops = createMed3dTrainOps({ kernels, store, training: false });
+      const params = names(arch);
+      if (head.kind === 'classification') {
+        const labelled = cases.filter((c) => c.classLabel !== undefined);
+        let correct = 0;
+        for (const vc of labelled) {
+          const [D, H, W] = vc.shape;
+          const logits = med3dHeadForward(arch, params, med3dEncoderForward(arch, params, act(vc.image, [1, D, H, W, 1], false), ops), ops).data;
+          let best = 0;
+          for (let k = 1; k < numClasses; k++) if (logits[k] > logits[best]) best = k;
+          if (best === vc.classLabel) correct++;
+          await yieldToEventLoop();
+        }
+        const accuracy = labelled.length ? correct / labelled.length : 0;
+        return { dicePerClass: [], meanDice: Number.NaN, accuracy, cases: labelled.length };
+      }
+      const perCase: number[][] = [];
+      for (const vc of cases) {
+        if (!vc.label) continue;
+        perCase.push(diceScores(predictMed3dVolume(arch, ops, vc), vc.label, numClasses));
+        await yieldToEventLoop();
+      }
+      const dicePerClass = meanDicePerClass(perCase, numClasses - 1);
+      const meanDice = dicePerClass.reduce((a, v) => a + v, 0) / dicePerClass.length;
+      return { dicePerClass, meanDice, cases: perCase.length };
+    },
+  };
+}
+
+/**
+ * Argmax labels of a whole volume: zero-padded to a multiple of 8 (so the head's ¼ grid tiles it exactly),
+ * logits upsampled ×4 linearly, cropped back.
+ */
+export function predictMed3dVolume(arch: Med3dArchitecture, ops: ReturnType<typeof createMed3dTrainOps>, vc: VolumeCase): Uint8Array {
+  const [D, H, W] = vc.shape;
+  const [Dp, Hp, Wp] = [D, H, W].map((s) => Math.ceil(s / 8) * 8) as [number, number, number];
+  let input = vc.image;
+  if (Dp !== D || Hp !== H || Wp !== W) {
+    input = new Float32Array(Dp * Hp * Wp);
+    for (let z = 0; z < D; z++) for (let y = 0; y < H; y++) input.set(vc.image.subarray((z * H + y) * W, (z * H + y + 1) * W), (z * Hp + y) * Wp);
+  }
+  const params = names(arch);
+  const logits = med3dHeadForward(arch, params, med3dEncoderForward(arch, params, act(input, [1, Dp, Hp, Wp, 1], false), ops), ops);
+  const C = arch.numClasses;
+  const full = upsampleLinear(logits.data, logits.shape, MED3D_SEG_FACTOR);
+  const out = new Uint8Array(D * H * W);
+  for (let z = 0; z < D; z++) {
+    for (let y = 0; y < H; y++) {
+      for (let x = 0; x < W; x++) {
+        const src = ((z * Hp + y) * Wp + x) * C;
+        let best = 0;
+        for (let c = 1; c < C; c++) if (full[src + c] > full[src + best]) best = c;
+        out[(z * H + y) * W + x] = best;
+      }
+    }
+  }
+  return out;
+}
