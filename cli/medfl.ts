@@ -8,6 +8,7 @@ import { addSite, listSites, revokeSite, withStore } from '../coordinator/admin.
 import { sitesTable, statusReport } from './status.ts';
 import { parsePlan } from '../shared/plan/load.ts';
 import { readFileSync } from 'node:fs';
+import { registerAuditCommands } from './audit.ts';
 
 const program = new Command();
 program.name('medfl').description('MedFL: federated transfer learning for 3D medical imaging').showHelpAfterError();
@@ -204,6 +205,8 @@ program
     const ok = await runDemo({ dir: o.dir, rounds: Number(o.rounds), sites: Number(o.sites), steps: Number(o.steps), natsUrl: o.nats });
     process.exit(ok ? 0 : 1);
   });
+
+registerAuditCommands(program); // medfl audit verify, medfl site ledger
 
 program.parseAsync(process.argv).catch((e: unknown) => {
   const err = e as Error;

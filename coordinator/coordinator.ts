@@ -18,6 +18,9 @@ import { RoundEngine } from './rounds/round-engine.ts';
 import { strategyFromPlan } from './aggregation/index.ts';
 import { federationHandlers } from './server/federation-service.ts';
 import { enrollmentHandlers } from './server/enrollment-service.ts';
+import { governanceHandlers } from './server/ledger-service.ts';
+import { openLedger, strategyName } from './ledger/index.ts';
+import { loadGovernanceService } from '../shared/privacy/governance-proto.ts';
 import { UploadReceiver } from './server/upload-receiver.ts';
 import { createAuthInterceptor, type SiteDirectory } from './auth/interceptor.ts';
 import { NatsBus } from './events/nats-bus.ts';
@@ -80,6 +83,10 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     initialWeights: () => initialWeights(architecture, plan, existsSync(planPath) ? planPath : undefined, log),
   });
 
+  // Every accepted update goes into the signed, hash-chained contribution ledger (coordinator/ledger/).
+  const ledger = await openLedger({ dir: o.dir, natsUrl: o.natsUrl, federation: config.federationId, signingKey, log });
+  ledger.attach(bus, strategyName(plan));
+
   // The largest valid update is the shared tensors as safetensors; allow slack for header formatting.
   const sharedSpecs = engine.shared.map((p) => ({ name: p.name, shape: [...p.shape], dtype: p.dtype }));
   const layout = safetensorsLayout(sharedSpecs);
@@ -112,6 +119,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     enrollmentHandlers({ store, federationId: config.federationId, coordinatorPublicKey: rawPublicKey(signingKey), bus, log, ca, requireClientCert: mtls }),
   );
   server.addService(Federation.service, federationHandlers({ store, models, engine, receiver, log }));
+  server.addService(loadGovernanceService().service, governanceHandlers({ ledger, bus, federationId: config.federationId, log }));
 
   const creds = serverCredentials(home.serverCertificate(), mtls ? { clientCaPem: caPem, requestClientCert: true } : {});
   const host = o.host ?? '0.0.0.0';
@@ -127,6 +135,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     await engine.start();
   } catch (e) {
     server.forceShutdown();
+    await ledger.close();
     await bus.close();
     store.close();
     throw e;
@@ -143,6 +152,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
       engine.stop();
       // Task streams never end on their own, so a graceful shutdown would wait forever; sites reconnect.
       server.forceShutdown();
+      await ledger.close();
       await bus.close();
       store.close();
     },

@@ -15,6 +15,7 @@ import { ModelCache } from './transport/model-cache.ts';
 import { WireAudit } from './transport/wire-audit.ts';
 import { uploadUpdate } from './transport/upload.ts';
 import { LocalTraining } from './training/local-training.ts';
+import { SitePolicy, declineTask } from './policy.ts';
 import { manifestBytes, TaskSettingsSchema, type TaskSettings } from '../shared/protocol/task.ts';
 import { verifyManifest } from '../shared/security/site-identity.ts';
 import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
@@ -61,11 +62,14 @@ export class SiteAgent {
   private outboxUnchecked = true;
   private wake: (() => void) | undefined;
   private readonly coordinatorKey: Buffer;
+  /** The site's own policy file (site-agent/policy.ts); checked before any new task is worked on. */
+  private readonly policy: SitePolicy;
 
   constructor(private readonly o: AgentOptions) {
     this.home = new SiteHome(o.dir);
     const config = this.home.config();
     this.coordinatorKey = Buffer.from(config.coordinatorPublicKey, 'base64');
+    this.policy = SitePolicy.load(o.dir, config.federationId);
     this.cache = new ModelCache(this.home.modelCacheDir);
     this.training = new LocalTraining({ siteName: config.siteName, dataDir: o.dataDir, localDir: this.home.localDir, log: o.log, engine: o.engine });
     if (o.auditPath) this.audit = new WireAudit(o.auditPath);
@@ -203,6 +207,13 @@ export class SiteAgent {
       entry = JSON.parse(readFileSync(outboxPath, 'utf8')) as OutboxEntry;
       log.info({ round: t.round }, 'resending an update from the outbox');
     } else {
+      const verdict = this.policy.admit(t, settings);
+      if (!verdict.ok) {
+        log.warn({ round: t.round, task: t.taskId, reason: verdict.reason }, "task declined: it breaks this site's policy");
+        await declineTask(this.home, { round: t.round, taskId: t.taskId, reason: verdict.reason }, log);
+        return;
+      }
+      if (verdict.epsilon !== undefined) log.info({ round: t.round, epsilonSpent: verdict.epsilon }, 'privacy spent by this site so far (if the coordinator applies the announced DP)');
       this.state = 'downloading';
       const client = this.client!;
       const bytes = await this.cache.ensure(client, t.modelHash, t.modelSize, (d, n) => { this.progress = d / n; });

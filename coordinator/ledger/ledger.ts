@@ -1,0 +1,255 @@
+/**
+ * The contribution ledger: one signed, hash-chained entry per accepted update (see chain.ts for the
+ * format), appended when the round engine publishes `update.accepted`. Two back ends:
+ *   - a local append-only JSONL file (`ledger.jsonl` in the coordinator dir), fsync'd after every entry;
+ *   - a JetStream stream per federation when NATS is configured (stream sequence = ledger sequence,
+ *     each publish expects the previous sequence, so no entry can be slotted in between).
+ * Appends are serialised; a failed append is logged at error and retried with the next event (the
+ * ledger never blocks or fails a round). An update already in the ledger (same round, site and hash,
+ * e.g. re-folded after a restart) is not recorded twice.
+ */
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, writeSync } from 'node:fs';
+import { dirname } from 'node:path';
+import type { KeyObject } from 'node:crypto';
+import { connect, StringCodec, type JetStreamClient, type JetStreamManager, type NatsConnection } from 'nats';
+import type { EventBus, FederationEvent } from '../../shared/events/bus.ts';
+import { signManifest } from '../../shared/security/site-identity.ts';
+import type { Logger } from '../../shared/util/log.ts';
+import { LedgerEntrySchema, canonicalJson, entryHash, genesisHash, signedBytes, type LedgerEntry, type LedgerRecord } from './chain.ts';
+
+export const LEDGER_FILE = 'ledger.jsonl';
+
+export interface LedgerBackend {
+  describe(): string;
+  /** Every stored line, in order (a removed JetStream message reads as an empty line). */
+  load(): Promise<string[]>;
+  append(line: string, seq: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+export class FileLedgerBackend implements LedgerBackend {
+  constructor(readonly path: string) {}
+
+  describe(): string {
+    return `file ${this.path}`;
+  }
+
+  async load(): Promise<string[]> {
+    return readLedgerFile(this.path);
+  }
+
+  async append(line: string): Promise<void> {
+    mkdirSync(dirname(this.path), { recursive: true });
+    const fd = openSync(this.path, 'a', 0o644);
+    try {
+      writeSync(fd, line + '\n');
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+  }
+
+  async close(): Promise<void> {}
+}
+
+export function readLedgerFile(path: string): string[] {
+  if (!existsSync(path)) return [];
+  const text = readFileSync(path, 'utf8');
+  const lines = text.split('\n');
+  if (lines.at(-1) === '') lines.pop();
+  return lines;
+}
+
+/** Stream and subject for one federation's ledger (names allow only [A-Za-z0-9_-]). */
+export function ledgerStreamNames(federation: string): { stream: string; subject: string } {
+  const safe = federation.replace(/[^A-Za-z0-9_-]/g, '_');
+  return { stream: `MEDFL_LEDGER_${safe}`, subject: `medfl-ledger.${safe}` };
+}
+
+export class JetStreamLedgerBackend implements LedgerBackend {
+  private constructor(
+    private readonly nc: NatsConnection,
+    private readonly js: JetStreamClient,
+    private readonly jsm: JetStreamManager,
+    private readonly url: string,
+    private readonly stream: string,
+    private readonly subject: string,
+  ) {}
+
+  static async connect(url: string, federation: string): Promise<JetStreamLedgerBackend> {
+    let nc: NatsConnection;
+    try {
+      nc = await connect({ servers: url, name: 'medfl-ledger', reconnect: true, maxReconnectAttempts: -1, reconnectTimeWait: 500, timeout: 5000 });
+    } catch (e) {
+      throw new Error(`cannot reach NATS at ${url} for the contribution ledger: ${(e as Error).message}. Start nats-server with -js, or leave out --nats to keep the ledger in a local file.`);
+    }
+    const { stream, subject } = ledgerStreamNames(federation);
+    try {
+      const jsm = await nc.jetstreamManager({ timeout: 3000 });
+      try {
+        await jsm.streams.info(stream);
+      } catch {
+        await jsm.streams.add({ name: stream, subjects: [subject] });
+      }
+      return new JetStreamLedgerBackend(nc, nc.jetstream(), jsm, url, stream, subject);
+    } catch (e) {
+      await nc.close().catch(() => undefined);
+      throw new Error(`NATS at ${url} has no JetStream, which the contribution ledger needs (${(e as Error).message}); start nats-server with -js.`);
+    }
+  }
+
+  describe(): string {
+    return `${this.url} (JetStream stream ${this.stream})`;
+  }
+
+  async load(): Promise<string[]> {
+    const info = await this.jsm.streams.info(this.stream);
+    const lines: string[] = [];
+    const sc = StringCodec();
+    for (let seq = 1; seq <= info.state.last_seq; seq++) {
+      try {
+        const m = await this.jsm.streams.getMessage(this.stream, { seq });
+        lines.push(sc.decode(m.data));
+      } catch {
+        lines.push(''); // removed from the stream: verification reports the gap
+      }
+    }
+    return lines;
+  }
+
+  async append(line: string, seq: number): Promise<void> {
+    await this.js.publish(this.subject, StringCodec().encode(line), { expect: { lastSequence: seq - 1 }, timeout: 5000 });
+  }
+
+  /** For tests of tamper detection: remove one stored message. */
+  async removeForTest(seq: number): Promise<void> {
+    await this.jsm.streams.deleteMessage(this.stream, seq, true);
+  }
+
+  async close(): Promise<void> {
+    try {
+      await this.nc.drain();
+    } catch {
+      await this.nc.close().catch(() => undefined);
+    }
+  }
+}
+
+export class ContributionLedger {
+  private head: { seq: number; hash: string };
+  private readonly recorded = new Set<string>();
+  private chain: Promise<unknown> = Promise.resolve();
+  failures = 0;
+
+  private constructor(
+    readonly backend: LedgerBackend,
+    private readonly federation: string,
+    private readonly signingKey: KeyObject,
+    private readonly log: Logger | undefined,
+    existing: LedgerEntry[],
+  ) {
+    const last = existing.at(-1);
+    this.head = { seq: last?.seq ?? 0, hash: last?.hash ?? genesisHash(federation) };
+    for (const e of existing) this.recorded.add(key(e));
+  }
+
+  /** Opens the ledger and continues from its last entry. A ledger whose tail cannot be parsed is refused. */
+  static async open(backend: LedgerBackend, o: { federation: string; signingKey: KeyObject; log?: Logger }): Promise<ContributionLedger> {
+    const lines = await backend.load();
+    const entries: LedgerEntry[] = [];
+    lines.forEach((l, i) => {
+      const r = LedgerEntrySchema.safeParse(safeJson(l));
+      if (r.success) entries.push(r.data);
+      else if (i === lines.length - 1) {
+        throw new Error(`the last line of the contribution ledger (${backend.describe()}) is not a valid entry; run \`medfl audit verify\` to see what is wrong and restore the ledger from a backup before starting`);
+      }
+    });
+    return new ContributionLedger(backend, o.federation, o.signingKey, o.log, entries);
+  }
+
+  describe(): string {
+    return this.backend.describe();
+  }
+
+  get headSeq(): number {
+    return this.head.seq;
+  }
+
+  /** Appends one record (serialised with every other append). Resolves to the entry, or undefined if it was already there. */
+  append(r: LedgerRecord): Promise<LedgerEntry | undefined> {
+    const next = this.chain.then(async () => {
+      if (this.recorded.has(key(r))) return undefined;
+      const body = {
+        v: 1 as const,
+        seq: this.head.seq + 1,
+        federation: this.federation,
+        at: new Date().toISOString(),
+        round: r.round,
+        site: r.site,
+        updateHash: r.updateHash,
+        samples: r.samples,
+        strategy: r.strategy,
+        ...(r.metrics && Object.keys(r.metrics).length > 0 ? { metrics: r.metrics } : {}),
+        prev: this.head.hash,
+      };
+      const hash = entryHash(body);
+      const entry: LedgerEntry = { ...body, hash, sig: signManifest(this.signingKey, signedBytes(hash)).toString('base64') };
+      await this.backend.append(canonicalJson(entry), entry.seq);
+      this.head = { seq: entry.seq, hash };
+      this.recorded.add(key(entry));
+      return entry;
+    });
+    this.chain = next.catch(() => undefined);
+    return next;
+  }
+
+  /** Stored lines from sequence number `fromSeq` (1-based) on. */
+  async lines(fromSeq = 1): Promise<string[]> {
+    await this.chain;
+    const all = await this.backend.load();
+    return all.slice(Math.max(0, fromSeq - 1));
+  }
+
+  /**
+   * Records every `update.accepted` event from the bus. Numeric fields of the event other than the
+   * round and sample count (e.g. an update norm from validation) go into `metrics`.
+   */
+  attach(bus: EventBus, strategy: string): () => void {
+    return bus.subscribe((e: FederationEvent) => {
+      if (e.type !== 'update.accepted') return;
+      const { round, site, samples, updateHash } = e as FederationEvent & { samples?: unknown; updateHash?: unknown };
+      if (typeof round !== 'number' || typeof site !== 'string' || typeof updateHash !== 'string' || typeof samples !== 'number') {
+        this.log?.error({ event: e }, 'update.accepted event without round, site, samples and updateHash: not recorded in the ledger');
+        return;
+      }
+      const metrics: Record<string, number> = {};
+      for (const [k, v] of Object.entries(e)) {
+        if (!['round', 'samples'].includes(k) && typeof v === 'number' && Number.isFinite(v)) metrics[k] = v;
+      }
+      this.append({ round, site, samples, updateHash, strategy, metrics }).then(
+        (entry) => entry && this.log?.debug({ seq: entry.seq, round, site }, 'ledger entry appended'),
+        (err: Error) => {
+          this.failures++;
+          this.log?.error({ round, site, reason: err.message, ledger: this.describe() }, 'could not append to the contribution ledger; the round goes on, this update is missing from the ledger');
+        },
+      );
+    });
+  }
+
+  async close(): Promise<void> {
+    await this.chain;
+    await this.backend.close();
+  }
+}
+
+function key(r: { round: number; site: string; updateHash: string }): string {
+  return `${r.round}\u0000${r.site}\u0000${r.updateHash}`;
+}
+
+function safeJson(s: string): unknown {
+  try {
+    return JSON.parse(s);
+  } catch {
+    return undefined;
+  }
+}

@@ -1,0 +1,276 @@
+/**
+ * The site's own policy: what this hospital agrees to, whatever the coordinator's plan says. It lives in
+ * the site directory (`policy.yaml`, `policy.yml` or `policy.json`), never in the plan, and the agent
+ * checks every new TRAIN task against it before downloading anything. A task that breaks it is declined:
+ * a warn log line here and the reason sent to the coordinator (Governance.DeclineTask), which logs it
+ * and publishes a `task.declined` event.
+ *
+ *   # policy.yaml
+ *   dp:
+ *     required: true        # refuse any round without client-level DP
+ *     maxEpsilon: 8         # refuse a round that would take this site's spent ε above 8 …
+ *     delta: 1.0e-5         # … measured at this δ (default 1e-5)
+ *     minNoiseMultiplier: 0.8
+ *     samplingRate: 1       # what the site assumes its chance of being asked is (1 = no amplification)
+ *   share:
+ *     parts: [encoder]      # parts that may leave; a plan sharing the head is refused
+ *     keepLocal: [norm]     # layer types that must stay here (the plan must keep them local, e.g. FedBN)
+ *   maxRounds: 50           # rounds this site will train in, in this federation
+ *
+ * Spent privacy: each accepted DP round composes one sampled-Gaussian release (noise multiplier z from
+ * the task, sampling rate from the policy) into an RDP accountant kept in `privacy-spent.json` beside the
+ * policy, per federation, written before training starts (a round counts as spent once accepted, even if
+ * training later fails: conservative). The noise is added by the coordinator (central DP), so this ε is
+ * what the site has spent *if the coordinator applies the settings it announced in the signed task*.
+ */
+import * as grpc from '@grpc/grpc-js';
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { LineCounter, parseDocument, isMap, isSeq, isScalar, type Node } from 'yaml';
+import { z } from 'zod';
+import { LayerTypeSchema, ModelPartSchema } from '../shared/plan/schema.ts';
+import type { TaskSettings } from '../shared/protocol/task.ts';
+import { RdpAccountant, RdpAccountantStateSchema } from '../shared/privacy/rdp-accountant.ts';
+import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
+import { CHANNEL_OPTIONS } from '../shared/protocol/grpc.ts';
+import { loadGovernanceService } from '../shared/privacy/governance-proto.ts';
+import { pinnedChannelCredentials } from '../shared/security/pki.ts';
+import { loadSiteKey, siteCallCredentials } from '../shared/security/site-identity.ts';
+import { parseAddress } from './enroll.ts';
+import { SiteHome } from './home.ts';
+import type { Logger } from '../shared/util/log.ts';
+
+export const POLICY_FILES = ['policy.yaml', 'policy.yml', 'policy.json'] as const;
+export const PRIVACY_SPENT_FILE = 'privacy-spent.json';
+
+export const SitePolicySchema = z
+  .object({
+    dp: z
+      .object({
+        required: z.boolean().default(false),
+        /** Cap on this site's cumulative ε (at `delta`); implies DP is required. */
+        maxEpsilon: z.number().positive().optional(),
+        delta: z.number().gt(0).lt(1).default(1e-5),
+        minNoiseMultiplier: z.number().positive().optional(),
+        samplingRate: z.number().gt(0).max(1).default(1),
+      })
+      .strict()
+      .optional(),
+    share: z
+      .object({
+        parts: z.array(ModelPartSchema).min(1).optional(),
+        keepLocal: z.array(LayerTypeSchema).optional(),
+      })
+      .strict()
+      .optional(),
+    maxRounds: z.number().int().positive().optional(),
+  })
+  .strict();
+
+export type SitePolicyConfig = z.infer<typeof SitePolicySchema>;
+
+export class PolicyError extends Error {
+  override name = 'PolicyError';
+  constructor(readonly source: string, readonly problems: string[]) {
+    super(`site policy ${source} is invalid:\n  ${problems.join('\n  ')}\nFix the policy file (or remove it to accept every plan) and start the agent again.`);
+  }
+}
+
+export function parsePolicy(text: string, source = 'policy'): SitePolicyConfig {
+  const lc = new LineCounter();
+  const doc = parseDocument(text, { lineCounter: lc, prettyErrors: true });
+  if (doc.errors.length > 0) throw new PolicyError(source, doc.errors.map((e) => `${source}:${e.linePos?.[0]?.line ?? '?'}: ${e.message.split('\n')[0]}`));
+  const r = SitePolicySchema.safeParse(doc.toJS() ?? {});
+  if (r.success) return r.data;
+  throw new PolicyError(
+    source,
+    r.error.issues.map((issue) => {
+      const path = issue.path.map(String);
+      const probe = issue.code === 'unrecognized_keys' ? [...path, (issue as { keys: string[] }).keys[0]!] : path;
+      return `${source}:${lineOf(doc.contents, probe, lc) ?? '?'}: ${path.length > 0 ? path.join('.') : '(top level)'}: ${issue.message}`;
+    }),
+  );
+}
+
+function lineOf(root: unknown, path: readonly string[], lc: LineCounter): number | undefined {
+  let node = root as Node | null | undefined;
+  let line = node && 'range' in node && node.range ? lc.linePos(node.range[0]).line : undefined;
+  for (const seg of path) {
+    if (isMap(node)) {
+      const pair = node.items.find((p) => (isScalar(p.key) ? String(p.key.value) : String(p.key)) === seg);
+      if (!pair) break;
+      const key = pair.key as Node | null;
+      if (key?.range) line = lc.linePos(key.range[0]).line;
+      node = pair.value as Node | null;
+    } else if (isSeq(node)) {
+      const item = node.items[Number(seg)] as Node | undefined;
+      if (!item) break;
+      if (item.range) line = lc.linePos(item.range[0]).line;
+      node = item;
+    } else break;
+  }
+  return line;
+}
+
+const SpentSchema = z
+  .object({
+    federation: z.string(),
+    /** Task ids accepted (a re-sent task is not counted twice). */
+    tasks: z.array(z.string()),
+    /** Distinct rounds accepted. */
+    rounds: z.array(z.number().int()),
+    /** Rounds accepted without DP (ε is unbounded once one is there). */
+    nonDpRounds: z.number().int().min(0),
+    accountant: RdpAccountantStateSchema,
+  })
+  .strict();
+type Spent = z.infer<typeof SpentSchema>;
+
+export type Verdict = { ok: true; epsilon?: number } | { ok: false; reason: string };
+
+export interface TaskRef {
+  taskId: string;
+  round: number;
+}
+
+export class SitePolicy {
+  private spent: Spent;
+
+  private constructor(
+    readonly config: SitePolicyConfig | undefined,
+    readonly source: string | undefined,
+    private readonly spentPath: string,
+    federation: string,
+  ) {
+    this.spent = SitePolicy.readSpent(spentPath, federation);
+  }
+
+  /** The policy in `dir` (none there: every task is accepted, but DP spend is still tracked). */
+  static load(dir: string, federation: string): SitePolicy {
+    const file = POLICY_FILES.map((f) => join(dir, f)).find((p) => existsSync(p));
+    const config = file ? parsePolicy(readFileSync(file, 'utf8'), file) : undefined;
+    return new SitePolicy(config, file, join(dir, PRIVACY_SPENT_FILE), federation);
+  }
+
+  /** For tests and embedding: a policy from an object, spend kept at `spentPath`. */
+  static fromConfig(config: unknown, spentPath: string, federation: string): SitePolicy {
+    const r = SitePolicySchema.safeParse(config);
+    if (!r.success) throw new PolicyError('(object)', r.error.issues.map((i) => `${i.path.join('.') || '(top level)'}: ${i.message}`));
+    return new SitePolicy(r.data, '(object)', spentPath, federation);
+  }
+
+  private static readSpent(path: string, federation: string): Spent {
+    const fresh = (): Spent => ({ federation, tasks: [], rounds: [], nonDpRounds: 0, accountant: new RdpAccountant().toJSON() });
+    if (!existsSync(path)) return fresh();
+    let raw: unknown;
+    try {
+      raw = JSON.parse(readFileSync(path, 'utf8'));
+    } catch (e) {
+      throw new Error(`${path} is not valid JSON (${(e as Error).message}); it records this site's spent privacy — restore it from a backup rather than deleting it.`);
+    }
+    const r = SpentSchema.safeParse(raw);
+    if (!r.success) throw new Error(`${path} is not a privacy-spent record (${r.error.issues[0]?.path.join('.')}: ${r.error.issues[0]?.message}); restore it from a backup rather than deleting it.`);
+    // One site directory is one enrolment: a record from another federation (the directory was re-enrolled) does not carry over.
+    if (r.data.federation !== federation) return fresh();
+    return r.data;
+  }
+
+  /** ε this site has spent so far in this federation, at the policy's δ (∞ once a non-DP round was accepted). */
+  spentEpsilon(delta = this.config?.dp?.delta ?? 1e-5): number {
+    if (this.spent.nonDpRounds > 0) return Number.POSITIVE_INFINITY;
+    return RdpAccountant.fromJSON(this.spent.accountant).epsilon(delta).epsilon;
+  }
+
+  get roundsAccepted(): number {
+    return this.spent.rounds.length;
+  }
+
+  /** Checks a task without recording anything. */
+  check(task: TaskRef, settings: TaskSettings): Verdict {
+    if (this.spent.tasks.includes(task.taskId)) return { ok: true };
+    const c = this.config;
+    const dp = settings.dp;
+    const reasons: string[] = [];
+    if (c?.dp) {
+      const needDp = c.dp.required || c.dp.maxEpsilon !== undefined;
+      if (needDp && (!dp || dp.noiseMultiplier <= 0)) {
+        reasons.push('site policy requires differential privacy, but this round has none (set aggregation.dp with noiseMultiplier > 0 in the plan)');
+      } else if (dp) {
+        if (c.dp.minNoiseMultiplier !== undefined && dp.noiseMultiplier < c.dp.minNoiseMultiplier) {
+          reasons.push(`noise multiplier ${dp.noiseMultiplier} is below the site's minimum ${c.dp.minNoiseMultiplier}`);
+        }
+        if (c.dp.maxEpsilon !== undefined && dp.noiseMultiplier > 0) {
+          const after = RdpAccountant.fromJSON(this.spent.accountant);
+          after.step(c.dp.samplingRate, dp.noiseMultiplier);
+          const eps = this.spent.nonDpRounds > 0 ? Number.POSITIVE_INFINITY : after.epsilon(c.dp.delta).epsilon;
+          if (eps > c.dp.maxEpsilon) {
+            reasons.push(`this round would bring the site's spent ε to ${eps.toFixed(3)} (δ=${c.dp.delta}), above its cap ${c.dp.maxEpsilon}; already spent ${this.spentEpsilon().toFixed(3)} over ${this.spent.rounds.length} round(s)`);
+          }
+        }
+      }
+    }
+    if (c?.share?.parts) {
+      const extra = settings.share.parts.filter((p) => !c.share!.parts!.includes(p));
+      if (extra.length > 0) reasons.push(`the plan shares part(s) ${extra.join(', ')}, but site policy lets only ${c.share.parts.join(', ')} leave`);
+    }
+    if (c?.share?.keepLocal) {
+      const leaking = c.share.keepLocal.filter((t) => !settings.share.keepLocal.includes(t));
+      if (leaking.length > 0) reasons.push(`site policy keeps layer type(s) ${leaking.join(', ')} local, but the plan would send them (add them to share.keepLocal)`);
+    }
+    if (c?.maxRounds !== undefined && !this.spent.rounds.includes(task.round) && this.spent.rounds.length >= c.maxRounds) {
+      reasons.push(`site policy caps participation at ${c.maxRounds} round(s) and this site has trained in ${this.spent.rounds.length}`);
+    }
+    if (reasons.length > 0) return { ok: false, reason: `${reasons.join('; ')} [policy ${this.source ?? '(none)'}]` };
+    return { ok: true };
+  }
+
+  /** Checks a task and, if it passes, records it as spent (durably, before any training). */
+  admit(task: TaskRef, settings: TaskSettings): Verdict {
+    const v = this.check(task, settings);
+    if (!v.ok || this.spent.tasks.includes(task.taskId)) return v;
+    const next: Spent = structuredClone(this.spent);
+    next.tasks.push(task.taskId);
+    if (!next.rounds.includes(task.round)) next.rounds.push(task.round);
+    if (settings.dp && settings.dp.noiseMultiplier > 0) {
+      const acc = RdpAccountant.fromJSON(next.accountant);
+      acc.step(this.config?.dp?.samplingRate ?? 1, settings.dp.noiseMultiplier);
+      next.accountant = acc.toJSON();
+    } else {
+      next.nonDpRounds++;
+    }
+    writeFileAtomic(this.spentPath, JSON.stringify(next, null, 2) + '\n');
+    this.spent = next;
+    return settings.dp && settings.dp.noiseMultiplier > 0 ? { ok: true, epsilon: this.spentEpsilon() } : { ok: true };
+  }
+}
+
+type AnyClient = grpc.Client & Record<string, (...args: unknown[]) => unknown>;
+
+/** A client for the coordinator's Governance service, with the site's channel and token credentials. */
+export function governanceClient(home: SiteHome): AnyClient {
+  const config = home.config();
+  const key = loadSiteKey(home.dir);
+  const { host, port } = parseAddress(config.coordinator);
+  const creds = grpc.credentials.combineChannelCredentials(
+    pinnedChannelCredentials(home.caPem(), home.clientCertificate()),
+    siteCallCredentials({ siteName: config.siteName, federationId: config.federationId, privateKey: key.privateKey }),
+  );
+  const Governance = loadGovernanceService();
+  return new Governance(`${host.includes(':') ? `[${host}]` : host}:${port}`, creds, CHANNEL_OPTIONS) as AnyClient;
+}
+
+/** Tells the coordinator why this site declines a task. Never throws: a coordinator without the RPC only loses the reason. */
+export async function declineTask(home: SiteHome, req: { round: number; taskId: string; reason: string }, log: Logger): Promise<boolean> {
+  const client = governanceClient(home);
+  try {
+    const ack = await new Promise<{ recorded: boolean }>((resolve, reject) =>
+      client.DeclineTask(req, { deadline: Date.now() + 10_000 }, (err: grpc.ServiceError | null, res: { recorded: boolean }) => (err ? reject(err) : resolve(res))),
+    );
+    return ack.recorded;
+  } catch (e) {
+    log.warn({ task: req.taskId, reason: (e as grpc.ServiceError).details ?? (e as Error).message }, 'could not tell the coordinator why the task was declined');
+    return false;
+  } finally {
+    client.close();
+  }
+}
