@@ -2,7 +2,9 @@
  * Load a Medical Segmentation Decathlon / nnU-Net style folder into VolumeCases:
  *   dataset.json, imagesTr/CASE_0000.nii.gz + labelsTr/CASE.nii.gz (training),
  *   imagesTs/CASE_0000.nii.gz + labelsTs/CASE.nii.gz (held-back validation; unlabelled ones are only counted).
- * Preprocessing is MRI style: z-score over the foreground, then centre crop/pad to the patch.
+ * Preprocessing is MRI style: canonical RAS+ orientation, z-score over the foreground, then centre crop/pad
+ * to the patch. This loader is eager (every case in memory); for large sites use SiteData (site-data.ts),
+ * which reads lazily through a byte-bounded cache, resamples, and samples patches.
  *
  * Privacy: case ids are opaque ("train-3", "val-0"); file paths are only logged at debug level and never put
  * into a VolumeCase. A corrupt case is skipped with its reason so a training run can go on.
@@ -12,6 +14,7 @@ import { join } from 'node:path';
 import { z } from 'zod';
 import type { VolumeCase } from '../../shared/model/types.ts';
 import { NiftiError, readNifti, shapeFromDims, type NiftiVolume } from './nifti.ts';
+import { toCanonical } from './orientation.ts';
 
 /** The subset of a pino logger this module uses. */
 export interface DatasetLogger {
@@ -232,6 +235,9 @@ async function loadCase(
   }
   const gridFault = compareGrids(img, lbl);
   if (gridFault) return { id, file: f.label!, reason: gridFault };
+  // One orientation for every site (RAS+, orientation.ts); a no-op for files already stored that way.
+  img = toCanonical(img);
+  lbl = toCanonical(lbl);
 
   const nonFinite = countNonFinite(img.data);
   if (nonFinite > 0) return { id, file: f.image, reason: `image: ${nonFinite} non-finite voxel values` };

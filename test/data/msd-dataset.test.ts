@@ -159,6 +159,26 @@ describe('loadMsdDataset', () => {
     await expect(loadMsdDataset(dir, { patch: size })).rejects.toThrow(/dataset\.json: field "numTraining": /);
     await expect(loadMsdDataset(join(tmp, 'nowhere'), { patch: size })).rejects.toThrow('dataset.json: cannot read (ENOENT)');
   });
+
+  it('brings a case stored left-right mirrored (LAS) to the same canonical voxels', async () => {
+    const dir = copySite('las');
+    const [X, Y, Z] = [size[2], size[1], size[0]];
+    for (const f of ['imagesTr/siteA_001_0000.nii.gz', 'labelsTr/siteA_001.nii.gz']) {
+      const v = await readNifti(join(dir, f));
+      const flipped = new Float32Array(v.data.length);
+      for (let z = 0; z < Z; z++) for (let y = 0; y < Y; y++) for (let x = 0; x < X; x++) flipped[x + X * (y + Y * z)] = v.data[X - 1 - x + X * (y + Y * z)];
+      const affine = v.affine.map((r) => [...r]);
+      for (let r = 0; r < 3; r++) {
+        affine[r][3] += (X - 1) * affine[r][0];
+        affine[r][0] = -affine[r][0];
+      }
+      const data = f.startsWith('labels') ? Uint8Array.from(flipped) : flipped;
+      await writeNifti(join(dir, f), { data, dims: v.dims, spacing: v.spacing, affine });
+    }
+    const [a, b] = await Promise.all([loadMsdDataset(site, { patch: size }), loadMsdDataset(dir, { patch: size })]);
+    expect(b.train[1].label).toEqual(a.train[1].label);
+    expect(b.train[1].image).toEqual(a.train[1].image);
+  });
 });
 
 describe('parseDatasetJson', () => {
