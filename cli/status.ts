@@ -3,6 +3,7 @@
  */
 import Table from 'cli-table3';
 import type { CoordinatorStore, MetricRow, RoundRow, SiteRow } from '../coordinator/store/store.ts';
+import { PRIVACY_KEY, type PrivacySpent } from '../coordinator/rounds/round-engine.ts';
 
 const short = (h: string | null | undefined) => (h ? `${h.slice(0, 12)}…` : '—');
 const ago = (t: number | null, now: number) => (t === null ? 'never' : `${Math.max(0, Math.round((now - t) / 1000))} s ago`);
@@ -55,12 +56,21 @@ export function metricsTable(metrics: MetricRow[]): string {
   return t.toString();
 }
 
+/** The client-level DP spent so far (plan aggregation.dp), from the round-close records. */
+function privacyLines(raw: string | undefined): string[] {
+  if (!raw) return [];
+  const p = JSON.parse(raw) as PrivacySpent;
+  if (p.epsilon === null) return [`privacy: noise multiplier 0 — updates are clipped to ${p.clipNorm} but no ε can be claimed`];
+  return [`privacy spent (client-level DP): ε = ${p.epsilon.toFixed(2)} at δ = ${p.delta} after ${p.rounds} round${p.rounds === 1 ? '' : 's'} (z = ${p.noiseMultiplier}, S = ${p.clipNorm}, RDP order ${p.order})`];
+}
+
 export function statusReport(store: CoordinatorStore, federationId: string): string {
   const rounds = store.listRounds();
   const lines = [
     `federation ${federationId}`,
     `current global model: ${store.getMeta('current_model') ?? '— (coordinator never started)'}`,
     `rounds closed: ${store.closedRoundCount()}`,
+    ...privacyLines(store.getMeta(PRIVACY_KEY)),
     '',
     'Sites',
     sitesTable(store.listSites()),

@@ -75,7 +75,8 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     models,
     plan,
     architecture,
-    strategy: strategyFromPlan(plan),
+    // median / trimmed-mean spill each update here (one model per update, deleted at round close).
+    strategy: strategyFromPlan(plan, { spillDir: `${home.updatesDir}/.spill` }),
     bus,
     federationId: config.federationId,
     sign: (bytes) => signManifest(signingKey, bytes),

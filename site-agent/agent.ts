@@ -13,7 +13,7 @@ import { SiteHome } from './home.ts';
 import { FederationClient, type WireTask } from './transport/client.ts';
 import { ModelCache } from './transport/model-cache.ts';
 import { WireAudit } from './transport/wire-audit.ts';
-import { uploadUpdate } from './transport/upload.ts';
+import { encodeForUpload, uploadUpdate } from './transport/upload.ts';
 import { LocalTraining } from './training/local-training.ts';
 import { SitePolicy, declineTask } from './policy.ts';
 import { manifestBytes, TaskSettingsSchema, type TaskSettings } from '../shared/protocol/task.ts';
@@ -225,7 +225,8 @@ export class SiteAgent {
         onProgress: (p) => { this.progress = p; },
       });
       entry = { updateId: `${t.taskId}-${randomUUID()}`, taskId: t.taskId, round: t.round, baseModelHash: t.modelHash, numSamples: result.numSamples, metrics: result.metrics };
-      writeFileAtomic(join(this.home.outboxDir, `${t.taskId}.safetensors`), result.update);
+      // Encoded now (plan.compression), so a resend after a crash sends the very same bytes.
+      writeFileAtomic(join(this.home.outboxDir, `${t.taskId}.safetensors`), encodeForUpload(result.update, settings, () => this.cache.read(t.modelHash)));
       writeFileAtomic(outboxPath, JSON.stringify(entry));
     }
     await this.deliver(entry);

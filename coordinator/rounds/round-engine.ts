@@ -7,14 +7,15 @@
 import { randomUUID } from 'node:crypto';
 import type { CoordinatorStore, RoundRow, UpdateRow } from '../store/store.ts';
 import type { ModelFiles } from '../models/model-store.ts';
-import type { AggregationStrategy, RoundAggregator } from '../aggregation/strategy.ts';
+import type { AggregationStrategy, RoundAggregator, Verdict } from '../aggregation/strategy.ts';
+import { RdpAccountant, type RdpAccountantState } from '../../shared/privacy/rdp-accountant.ts';
 import type { EventBus, FederationEvent, FederationEventType } from '../../shared/events/bus.ts';
 import type { Plan } from '../../shared/plan/schema.ts';
 import type { ModelArchitecture, ParamInfo } from '../../shared/model/types.ts';
 import type { TensorBundle } from '../../shared/tensors/bundle.ts';
 import { sharedParams, pick } from '../../shared/model/sharing.ts';
 import { manifestBytes, type TaskManifest, type TaskSettings } from '../../shared/protocol/task.ts';
-import { decodeSafetensors } from '../../shared/tensors/safetensors.ts';
+import { decodeUpdate } from '../../shared/tensors/update-codec.ts';
 import { readFileSync } from 'node:fs';
 import type { Logger } from '../../shared/util/log.ts';
 
@@ -45,6 +46,22 @@ export interface RoundEngineOptions {
   initialWeights?: () => Promise<TensorBundle>;
 }
 
+/** Store meta keys of what aggregation carries across rounds (written in the round-close transaction). */
+export const AGGREGATION_STATE_KEY = 'aggregation_state';
+export const PRIVACY_KEY = 'privacy';
+
+/** What `medfl status` shows of the privacy spent (store meta PRIVACY_KEY). */
+export interface PrivacySpent {
+  /** ε after the last closed round at the plan's δ; null when the noise multiplier is 0 (no DP guarantee). */
+  epsilon: number | null;
+  delta: number;
+  order: number | null;
+  rounds: number;
+  noiseMultiplier: number;
+  clipNorm: number;
+  accountant: RdpAccountantState | null;
+}
+
 interface OpenRound {
   row: RoundRow;
   aggregator: RoundAggregator;
@@ -65,6 +82,8 @@ export class RoundEngine {
   private foldChain: Promise<unknown> = Promise.resolve();
   readonly shared: ParamInfo[];
   readonly sharedNames: string[];
+  /** Client-level DP accountant (plan.aggregation.dp), continued from the store across restarts. */
+  private accountant: RdpAccountant | undefined;
 
   constructor(private readonly o: RoundEngineOptions) {
     this.shared = sharedParams(o.architecture, o.plan.share);
@@ -82,6 +101,7 @@ export class RoundEngine {
       store.setMeta('current_model', saved.hash);
       this.o.log.info({ model: saved.hash, params: this.shared.length, bytes: saved.sizeBytes }, 'initial global model written');
     }
+    this.restoreAggregationState();
     const openRow = store.openRoundRow();
     if (openRow) this.resume(openRow);
     else this.maybeOpenRound();
@@ -159,12 +179,22 @@ export class RoundEngine {
    * Folds an update that has been validated and durably recorded in the store into the running
    * aggregate. Synchronous; callers run it inside serialised(), so one model-sized fold at a time.
    */
-  fold(row: UpdateRow, update: TensorBundle): boolean {
+  fold(row: UpdateRow, update: TensorBundle, opts: { isDelta?: boolean; verdict?: Verdict } = {}): boolean {
     const open = this.open;
     if (!open || open.row.round !== row.round) return false;
-    open.aggregator.add(pick(update, this.shared), { site: row.site, numSamples: row.numSamples });
+    open.aggregator.add(pick(update, this.shared), { site: row.site, numSamples: row.numSamples, isDelta: opts.isDelta }, opts.verdict);
     open.reported.add(row.site);
     return true;
+  }
+
+  /**
+   * The validation filter of the open round's strategy (names, dtypes, shapes, finite values, norm bound,
+   * sample count). Changes nothing: call it inside serialised(), before the update is stored and acknowledged.
+   */
+  checkUpdate(site: string, round: number, update: TensorBundle, numSamples: number, isDelta: boolean): Verdict {
+    const open = this.open;
+    if (!open || open.row.round !== round) return { problem: `round ${round} is not open any more` };
+    return open.aggregator.check(update, { site, numSamples, isDelta });
   }
 
   /** After fold(): announces the update and closes the round when every selected site has reported. */
@@ -193,12 +223,12 @@ export class RoundEngine {
   private resume(row: RoundRow): void {
     const { store, models, strategy, log } = this.o;
     // The base model is handed to the strategy and not kept here: a strategy that needs it keeps it.
-    const aggregator = strategy.begin(models.load(row.baseModelHash), this.shared);
+    const aggregator = strategy.begin(models.load(row.baseModelHash), this.shared, this.roundContext(row));
     const reported = new Set<string>();
     for (const u of store.updatesForRound(row.round)) {
       // Accepted updates were stored before their ack, so re-folding them reproduces the running sum exactly.
-      const bundle = decodeSafetensors(readFileSync(u.path), { views: true }).bundle;
-      aggregator.add(pick(bundle, this.shared), { site: u.site, numSamples: u.numSamples });
+      const d = decodeUpdate(readFileSync(u.path), { views: true });
+      aggregator.add(pick(d.bundle, this.shared), { site: u.site, numSamples: u.numSamples, isDelta: d.isDelta });
       reported.add(u.site);
     }
     const grace = this.o.resumeGraceMs ?? Math.min(60_000, this.o.plan.roundDeadlineSeconds * 500);
@@ -269,7 +299,7 @@ export class RoundEngine {
       note: null,
     };
     store.openRound(row);
-    this.open = { row, aggregator: this.o.strategy.begin(this.o.models.load(row.baseModelHash), this.shared), reported: new Set(), closing: false };
+    this.open = { row, aggregator: this.o.strategy.begin(this.o.models.load(row.baseModelHash), this.shared, this.roundContext(row)), reported: new Set(), closing: false };
     this.emit('round.started', { round: row.round, selected, model: row.baseModelHash });
     log.info({ round: row.round, selected, model: row.baseModelHash.slice(0, 12) }, 'round started');
     for (const s of selected) this.connected.get(s)?.send(this.trainTask(row, s));
@@ -290,6 +320,7 @@ export class RoundEngine {
       return;
     }
     const note = `deadline reached without quorum: ${open.reported.size} of ${open.row.selected.length} selected sites reported, ${plan.minSites} needed`;
+    open.aggregator.discard?.();
     store.failRound(open.row.round, note);
     this.emit('round.failed', { round: open.row.round, reason: note });
     log.warn({ round: open.row.round }, note);
@@ -305,10 +336,21 @@ export class RoundEngine {
     await this.foldChain;
     const next = open.aggregator.finish();
     const saved = models.save(next, { architecture: architecture.id, round: String(open.row.round), parent: open.row.baseModelHash });
-    store.closeRound(open.row.round, { hash: saved.hash, path: saved.path, round: open.row.round, sizeBytes: saved.sizeBytes, createdAt: Date.now() });
+    // Server-optimiser moments and the DP accountant move on with the model, in the same transaction:
+    // a coordinator killed before it commits redoes this round from the previous state.
+    const meta: Record<string, string> = {};
+    const state = this.o.strategy.exportState?.();
+    if (state) {
+      const tensors = state.tensors ? models.save(state.tensors, { kind: 'aggregation-state', round: String(open.row.round) }).hash : null;
+      meta[AGGREGATION_STATE_KEY] = JSON.stringify({ json: state.json, tensors });
+    }
+    const privacy = this.stepAccountant(open.row);
+    if (privacy) meta[PRIVACY_KEY] = JSON.stringify(privacy);
+    store.closeRound(open.row.round, { hash: saved.hash, path: saved.path, round: open.row.round, sizeBytes: saved.sizeBytes, createdAt: Date.now() }, Date.now(), meta);
     this.open = undefined;
-    this.emit('round.closed', { round: open.row.round, model: saved.hash, sites: [...open.reported].sort(), why });
-    log.info({ round: open.row.round, model: saved.hash.slice(0, 12), sites: open.reported.size, why }, 'round closed');
+    const dp = privacy ? { epsilon: privacy.epsilon, delta: privacy.delta } : undefined;
+    this.emit('round.closed', { round: open.row.round, model: saved.hash, sites: [...open.reported].sort(), why, strategy: this.o.strategy.name, ...(dp ? { dp } : {}) });
+    log.info({ round: open.row.round, model: saved.hash.slice(0, 12), sites: open.reported.size, why, ...(dp ? { epsilon: dp.epsilon } : {}) }, 'round closed');
     this.maybeOpenRound();
   }
 
@@ -331,6 +373,8 @@ export class RoundEngine {
       local: plan.local,
       share: plan.share,
       sharedTensors: this.sharedNames,
+      ...(plan.aggregation.dp ? { dp: { ...plan.aggregation.dp } } : {}),
+      ...(plan.compression.update !== 'float32' || plan.compression.delta ? { compression: { ...plan.compression } } : {}),
     };
   }
 
@@ -359,6 +403,48 @@ export class RoundEngine {
       settingsJson: '{}',
     };
     return { ...manifest, signature: this.o.sign(manifestBytes(manifest)) };
+  }
+
+  private roundContext(row: RoundRow): { expected: number; deltaUpdates: boolean } {
+    return { expected: row.selected.length, deltaUpdates: this.o.plan.compression.delta };
+  }
+
+  /** Strategy state and DP accountant from the store, so a restarted coordinator continues them. */
+  private restoreAggregationState(): void {
+    const { store, models, plan, strategy, log } = this.o;
+    const raw = store.getMeta(AGGREGATION_STATE_KEY);
+    if (raw && strategy.restoreState) {
+      const s = JSON.parse(raw) as { json: string; tensors: string | null };
+      strategy.restoreState({ json: s.json, tensors: s.tensors ? models.load(s.tensors) : undefined });
+      log.info({ strategy: strategy.name, tensors: s.tensors?.slice(0, 12) ?? null }, 'aggregation state restored');
+    }
+    if (plan.aggregation.dp) {
+      const p = store.getMeta(PRIVACY_KEY);
+      const saved = p ? (JSON.parse(p) as PrivacySpent).accountant : null;
+      this.accountant = saved ? RdpAccountant.fromJSON(saved) : new RdpAccountant();
+    }
+  }
+
+  /**
+   * One DP release per closed round: the sampled Gaussian with q = sites asked / sites enrolled and the
+   * plan's noise multiplier. Returns what the round-close transaction stores, or undefined without DP.
+   */
+  private stepAccountant(row: RoundRow): PrivacySpent | undefined {
+    const dp = this.o.plan.aggregation.dp;
+    if (!dp || !this.accountant) return undefined;
+    const enrolled = this.o.store.listSites().filter((s) => s.state === 'enrolled').length;
+    const q = Math.min(1, row.selected.length / Math.max(1, enrolled, row.selected.length));
+    const prev = this.o.store.getMeta(PRIVACY_KEY);
+    const rounds = (prev ? (JSON.parse(prev) as PrivacySpent).rounds : 0) + 1;
+    if (dp.noiseMultiplier === 0) {
+      return { epsilon: null, delta: dp.delta, order: null, rounds, noiseMultiplier: 0, clipNorm: dp.clipNorm, accountant: null };
+    }
+    // Step a copy: the live accountant only moves once the round-close transaction is written.
+    const next = RdpAccountant.fromJSON(this.accountant.toJSON());
+    next.step(q, dp.noiseMultiplier);
+    const { epsilon, order } = next.epsilon(dp.delta);
+    this.accountant = next;
+    return { epsilon, delta: dp.delta, order, rounds, noiseMultiplier: dp.noiseMultiplier, clipNorm: dp.clipNorm, accountant: next.toJSON() };
   }
 
   private emit(type: FederationEventType, fields: Record<string, unknown>): void {

@@ -243,9 +243,11 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
               const received = receiver.finish(p, site);
               // Re-check: the round may have closed while the bytes were travelling.
               const problem = engine.admissionProblem(site, h.round, h.baseModelHash);
-              if (problem) {
+              // The strategy's validation filter: finite values, norm bound, sample count. Nothing is counted yet.
+              const verdict = problem ? undefined : engine.checkUpdate(site, h.round, received.bundle, h.numSamples, received.isDelta);
+              if (problem || verdict?.problem) {
                 rmSync(received.path, { force: true }); // refused updates leave no trace
-                throw new UploadRefused(problem);
+                throw new UploadRefused(problem ?? verdict!.problem!);
               }
               const row = { updateId: h.updateId, round: h.round, site, numSamples: h.numSamples, sha256: h.sha256, path: received.path, sizeBytes: h.totalSize, acceptedAt: Date.now() };
               // The store row is the commit point; the ack goes out only after it is written.
@@ -256,7 +258,7 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
               // serialised job: the bundle views the receiver's scratch buffer, which the next finish() reuses.
               await ackSent;
               try {
-                engine.fold(row, received.bundle);
+                engine.fold(row, received.bundle, { isDelta: received.isDelta, verdict });
               } catch (e) {
                 // Stored and acknowledged, so it counts: a restart re-folds it from disk.
                 log.error({ site, round: row.round, err: (e as Error).message }, 'folding an accepted update failed; restart the coordinator to re-fold it');

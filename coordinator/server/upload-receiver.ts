@@ -10,8 +10,8 @@ import { randomUUID } from 'node:crypto';
 import { closeSync, mkdirSync, openSync, readSync, renameSync, rmSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { decodeSafetensors } from '../../shared/tensors/safetensors.ts';
-import { checkAgainstSpecs, findNonFinite, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
+import { decodeUpdate } from '../../shared/tensors/update-codec.ts';
+import { checkAgainstSpecs, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
 import { CHUNK_BYTES } from '../../shared/protocol/grpc.ts';
 import { fsyncDir } from '../../shared/util/fs-atomic.ts';
 import { SHA256_HEX } from '../../shared/util/hash.ts';
@@ -34,7 +34,10 @@ export class UploadRefused extends Error {
 
 export interface ReceivedUpdate {
   header: UpdateHeader;
+  /** Float32, decoded from whatever encoding the site used (plan.compression). */
   bundle: TensorBundle;
+  /** The bundle holds x − x_base (a delta encoding), not weights. */
+  isDelta: boolean;
   /** Final path, already fsynced and renamed into place. */
   path: string;
 }
@@ -81,6 +84,8 @@ export class UploadReceiver {
    * fold, so the views handed out are consumed before the next finish() overwrites them.
    */
   private scratch: Buffer | undefined;
+  /** Float32 output of float16/int8 decoding, reused for the same reason. */
+  private decoded: Float32Array | undefined;
 
   private readIntoScratch(path: string, size: number): Buffer {
     if (!this.scratch || this.scratch.length < size) this.scratch = Buffer.allocUnsafe(size);
@@ -112,21 +117,26 @@ export class UploadReceiver {
       if (digest !== h.sha256) throw new UploadRefused(`hash mismatch: received bytes hash to ${digest.slice(0, 16)}…, header says ${h.sha256.slice(0, 16)}…`);
       const bytes = this.readIntoScratch(p.path, p.received);
       let bundle: TensorBundle;
+      let isDelta: boolean;
       try {
-        bundle = decodeSafetensors(bytes, { views: true }).bundle;
+        const d = decodeUpdate(bytes, {
+          views: true,
+          into: (n) => (this.decoded && this.decoded.length >= n ? this.decoded : (this.decoded = new Float32Array(n))),
+        });
+        bundle = d.bundle;
+        isDelta = d.isDelta;
       } catch (e) {
-        throw new UploadRefused(`payload is not a valid safetensors bundle: ${(e as Error).message}`);
+        throw new UploadRefused(`payload is not a valid update (safetensors, float32/float16/int8): ${(e as Error).message}`);
       }
       const specProblem = checkAgainstSpecs(bundle, this.specs);
       if (specProblem) throw new UploadRefused(`update does not match the plan's shared tensors: ${specProblem}`);
-      const nonFinite = findNonFinite(bundle);
-      if (nonFinite) throw new UploadRefused(`update holds non-finite values: ${nonFinite}`);
+      // Finite values, the norm bound and the sample count are the strategy's validation filter (engine.checkUpdate).
       const dir = join(this.updatesDir, `round-${h.round}`);
       mkdirSync(dir, { recursive: true });
       const finalPath = join(dir, `${site}-${h.updateId}.safetensors`);
       renameSync(p.path, finalPath);
       fsyncDir(dir);
-      return { header: h, bundle, path: finalPath };
+      return { header: h, bundle, isDelta, path: finalPath };
     } catch (e) {
       p.discard();
       throw e;

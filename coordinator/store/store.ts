@@ -192,12 +192,14 @@ export class CoordinatorStore {
     this.db.prepare('UPDATE rounds SET deadline_at = ? WHERE round = ?').run(deadlineAt, round);
   }
 
-  /** Closes a round and registers its model in one transaction, so a crash leaves either both or neither. */
-  closeRound(round: number, result: ModelRow, now = Date.now()): void {
+  /** Closes a round, registers its model and writes `meta` in one transaction, so a crash leaves all or nothing. */
+  closeRound(round: number, result: ModelRow, now = Date.now(), meta: Record<string, string> = {}): void {
     this.db.transaction(() => {
       this.addModel(result);
       this.db.prepare("UPDATE rounds SET state = 'closed', closed_at = ?, result_model_hash = ? WHERE round = ?").run(now, result.hash, round);
       this.setMeta('current_model', result.hash);
+      // State that moves on with the model (server-optimiser moments, DP accountant): both or neither.
+      for (const [k, v] of Object.entries(meta)) this.setMeta(k, v);
     })();
   }
 

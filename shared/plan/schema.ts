@@ -105,6 +105,16 @@ export const PlanSchema = z
       .strict()
       .prefault({})
       .refine((a) => !(a.dp && a.strategy !== 'fedavg'), { message: 'aggregation.dp needs strategy fedavg (the noise is calibrated to a clipped sum, not a median)' }),
+    /** Encodings of what crosses the wire (docs/plan.md). */
+    compression: z
+      .object({
+        /** How a site encodes its update: float32 (exact), float16, int8 (per-tensor affine). */
+        update: z.enum(['float32', 'float16', 'int8']).default('float32'),
+        /** Send the difference to the model the site started from instead of the weights. */
+        delta: z.boolean().default(false),
+      })
+      .strict()
+      .prefault({}),
   })
   .strict();
 

@@ -6,6 +6,20 @@ import * as grpc from '@grpc/grpc-js';
 import { CHUNK_BYTES } from '../../shared/protocol/grpc.ts';
 import { sha256Hex } from '../../shared/util/hash.ts';
 import type { FederationClient, UploadAck } from './client.ts';
+import type { TaskSettings } from '../../shared/protocol/task.ts';
+import { decodeSafetensors } from '../../shared/tensors/safetensors.ts';
+import { encodeUpdate } from '../../shared/tensors/update-codec.ts';
+
+/**
+ * The trained update (float32 safetensors) in the encoding the task asks for (plan.compression):
+ * float32 / float16 / int8, of the weights or of the delta to `baseModel` (the global model it started from).
+ * Without a compression setting the bytes are returned unchanged.
+ */
+export function encodeForUpload(update: Buffer, settings: TaskSettings, baseModel: () => Buffer): Buffer {
+  const c = settings.compression;
+  if (!c || (c.update === 'float32' && !c.delta)) return update;
+  return encodeUpdate(update, c, () => decodeSafetensors(baseModel()).bundle);
+}
 
 export interface OutgoingUpdate {
   updateId: string;
