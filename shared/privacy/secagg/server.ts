@@ -26,7 +26,9 @@ export class SecAggServer {
   private u1: number[] = [];
   private readonly shared = new Map<number, ShareKeys>();
   private u2: number[] = [];
-  private readonly masked = new Map<number, Uint32Array>();
+  /** Ids whose masked input was folded into `running` (inputs are summed on arrival: memory stays one vector). */
+  private readonly masked = new Set<number>();
+  private running: Uint32Array | undefined;
   private u3: number[] = [];
   private readonly unmasks = new Map<number, UnmaskResponse>();
 
@@ -91,13 +93,16 @@ export class SecAggServer {
     if (!this.u2.includes(m.id)) throw new Error(`client ${m.id} did not share keys, so its masked input cannot be unmasked`);
     if (this.masked.has(m.id)) throw new Error(`client ${m.id} sent its masked input twice`);
     if (m.y.length !== this.o.vectorLength) throw new Error(`client ${m.id} sent ${m.y.length} values, the session expects ${this.o.vectorLength}`);
-    this.masked.set(m.id, m.y);
+    this.masked.add(m.id);
+    const sum = (this.running ??= new Uint32Array(this.o.vectorLength));
+    const y = m.y;
+    for (let i = 0; i < y.length; i++) sum[i] = (sum[i]! + y[i]!) >>> 0;
   }
 
   /** Closes the masking phase: U3 = who sent a masked input. */
   unmaskRequest(): UnmaskRequest {
     this.expect('mask', 'the unmask request');
-    this.u3 = [...this.masked.keys()].sort((a, b) => a - b);
+    this.u3 = [...this.masked].sort((a, b) => a - b);
     this.need(this.u3.length, 'masked inputs');
     this.phase = 'unmask';
     return { type: 'unmask-request', survivors: [...this.u3] };
@@ -122,8 +127,8 @@ export class SecAggServer {
     if (responders.length < this.o.threshold) {
       throw new Error(`only ${responders.length} unmask response(s), fewer than the threshold ${this.o.threshold}: the sum cannot be recovered (wait for more survivors, or abandon this round)`);
     }
-    const sum = new Uint32Array(this.o.vectorLength);
-    for (const y of this.masked.values()) for (let i = 0; i < y.length; i++) sum[i] = (sum[i]! + y[i]!) >>> 0;
+    const sum = this.running!;
+    this.running = undefined;
 
     const sharesOf = (v: number, kind: 'selfMaskShares' | 'keyShares'): Share[] =>
       responders.slice(0, this.o.threshold).map((r) => decodeShare(r, this.unmasks.get(r)![kind].find((s) => s.of === v)!.share));
