@@ -112,4 +112,11 @@ describe('augmentation', () => {
     const g = flipPatch(p, [true, false, false], [[1, 2]]);
     expect([...g.label!]).toEqual([0, 1, 2, 3]); // no left-right flip, no swap
   });
+
+  it('works on unlabelled patches (pseudo-labelling pool) without inventing a label', () => {
+    const { label: _drop, ...rest } = makePatch([3, 4, 5], 1);
+    const a = augmentPatch(rest, mulberry32(2), { flipProbability: 1, noiseProbability: 0, scaleProbability: 0 });
+    expect(a.label).toBeUndefined();
+    expect(flipPatch(a, [true, true, true]).image).toEqual(rest.image);
+  });
 });
