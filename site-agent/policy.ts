@@ -30,6 +30,8 @@ import { LineCounter, parseDocument, isMap, isSeq, isScalar, type Node } from 'y
 import { z } from 'zod';
 import { LayerTypeSchema, ModelPartSchema } from '../shared/plan/schema.ts';
 import type { TaskSettings } from '../shared/protocol/task.ts';
+import { architectureFor } from '../shared/model/registry.ts';
+import type { ParamInfo } from '../shared/model/types.ts';
 import { RdpAccountant, RdpAccountantStateSchema } from '../shared/privacy/rdp-accountant.ts';
 import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
 import { CHANNEL_OPTIONS } from '../shared/protocol/grpc.ts';
@@ -217,11 +219,37 @@ export class SitePolicy {
       const leaking = c.share.keepLocal.filter((t) => !settings.share.keepLocal.includes(t));
       if (leaking.length > 0) reasons.push(`site policy keeps layer type(s) ${leaking.join(', ')} local, but the plan would send them (add them to share.keepLocal)`);
     }
+    if (c?.share?.parts || c?.share?.keepLocal) {
+      // What actually leaves is the task's list of tensor names: check each one's part and layer type too,
+      // so a task whose list disagrees with its share spec cannot slip a head or a norm layer out.
+      const problem = this.checkTensorList(settings);
+      if (problem) reasons.push(problem);
+    }
     if (c?.maxRounds !== undefined && !this.spent.rounds.includes(task.round) && this.spent.rounds.length >= c.maxRounds) {
       reasons.push(`site policy caps participation at ${c.maxRounds} round(s) and this site has trained in ${this.spent.rounds.length}`);
     }
     if (reasons.length > 0) return { ok: false, reason: `${reasons.join('; ')} [policy ${this.source ?? '(none)'}]` };
     return { ok: true };
+  }
+
+  private checkTensorList(settings: TaskSettings): string | undefined {
+    const c = this.config!.share!;
+    let params: readonly ParamInfo[];
+    try {
+      params = architectureFor(settings.model).params();
+    } catch (e) {
+      return `cannot tell which parameter groups the task's tensors belong to (${(e as Error).message})`;
+    }
+    const byName = new Map(params.map((p) => [p.name, p]));
+    const bad: string[] = [];
+    for (const name of settings.sharedTensors) {
+      const p = byName.get(name);
+      if (!p) bad.push(`${name} (not a parameter of ${settings.model.architecture})`);
+      else if (c.parts && !c.parts.includes(p.part)) bad.push(`${name} (part ${p.part})`);
+      else if (c.keepLocal?.includes(p.layerType)) bad.push(`${name} (layer type ${p.layerType})`);
+    }
+    if (bad.length === 0) return undefined;
+    return `the task asks for ${bad.length} tensor(s) site policy keeps here: ${bad.slice(0, 5).join(', ')}${bad.length > 5 ? ', …' : ''}`;
   }
 
   /** Checks a task and, if it passes, records it as spent (durably, before any training). */

@@ -5,6 +5,7 @@ import { describe, expect, it } from 'vitest';
 import { PolicyError, PRIVACY_SPENT_FILE, SitePolicy, parsePolicy } from '../../site-agent/policy.ts';
 import type { TaskSettings } from '../../shared/protocol/task.ts';
 import { RdpAccountant } from '../../shared/privacy/rdp-accountant.ts';
+import { architectureFor } from '../../shared/model/registry.ts';
 
 const FED = 'fed-1';
 
@@ -14,7 +15,7 @@ function settings(o: Partial<TaskSettings> = {}): TaskSettings {
     model: { architecture: 'tiny3d', patch: [16, 16, 16], numClasses: 2, width: 4, seed: 1, init: 'scratch' },
     local: { steps: 2, batchSize: 2, learningRate: 0.01, proximalMu: 0 },
     share: { parts: ['encoder'], keepLocal: [] },
-    sharedTensors: ['a'],
+    sharedTensors: [],
     ...o,
   } as TaskSettings;
 }
@@ -62,6 +63,23 @@ describe('site policy', () => {
     const bn = p.check({ taskId: 't', round: 1 }, settings({ share: { parts: ['encoder'], keepLocal: [] } }));
     expect(!bn.ok && bn.reason).toMatch(/layer type\(s\) norm local/);
     expect(p.check({ taskId: 't', round: 1 }, settings({ share: { parts: ['encoder'], keepLocal: ['norm', 'dense'] } })).ok).toBe(true);
+  });
+
+  it('checks the tensors the task actually asks for, not only its share spec', () => {
+    const arch = architectureFor(settings().model);
+    const head = arch.params().find((p) => p.part === 'head')!;
+    const conv = arch.params().find((p) => p.part === 'encoder' && p.layerType === 'conv')!;
+    const p = SitePolicy.load(siteDir('share: { parts: [encoder] }\n'), FED);
+    const spec = { parts: ['encoder' as const], keepLocal: [] };
+    expect(p.check({ taskId: 't', round: 1 }, settings({ share: spec, sharedTensors: [conv.name] })).ok).toBe(true);
+    const sneaky = p.check({ taskId: 't', round: 1 }, settings({ share: spec, sharedTensors: [conv.name, head.name, 'bogus'] }));
+    expect(sneaky.ok).toBe(false);
+    expect(!sneaky.ok && sneaky.reason).toContain(`${head.name} (part head)`);
+    expect(!sneaky.ok && sneaky.reason).toContain('bogus (not a parameter of tiny3d)');
+    // A spec that claims to keep a layer type local while the list still sends it.
+    const q = SitePolicy.load(siteDir('share: { keepLocal: [conv] }\n'), FED);
+    const lying = q.check({ taskId: 't', round: 1 }, settings({ share: { parts: ['encoder'], keepLocal: ['conv'] }, sharedTensors: [conv.name] }));
+    expect(!lying.ok && lying.reason).toContain(`${conv.name} (layer type conv)`);
   });
 
   it('caps ε with its own accountant, persisted across restarts; a re-sent task is not counted twice', () => {
