@@ -31,10 +31,12 @@ export type CoordinatorConfig = z.infer<typeof ConfigSchema>;
 export const DEFAULT_PLAN_YAML = `# MedFL federation plan. Every key is optional; these are the defaults.
 name: medfl-federation
 model:
-  architecture: tiny3d      # the Med3D encoder comes in a later release
-  patch: [24, 24, 24]       # D, H, W voxels after preprocessing
+  architecture: tiny3d      # or med3d: MedicalNet's 3D ResNet encoder + a head per site
+  patch: [24, 24, 24]       # D, H, W voxels after preprocessing (med3d segmentation: multiples of 8)
   numClasses: 2
-  width: 8
+  width: 8                  # tiny3d base channels
+  # med3d only: depth: 10 | 18 | 34 | 50 | 101, shortcut: A | B, widthMultiplier: 0.25 (1 = MedicalNet),
+  #             head: segmentation | classification, headChannels: N, dropout: 0.0
   seed: 1
   init: scratch             # or pretrained | partial:2 | mean-var (need pretrained: FILE) | inflate-2d:i3d (needs source2d: FILE)
 rounds: 3
@@ -48,6 +50,8 @@ local:
   batchSize: 2
   learningRate: 0.003
   proximalMu: 0             # FedProx μ; 0 = plain FedAvg
+  # optimizer: { kind: sgd, momentum: 0.9, weightDecay: 0.001,
+  #              groups: [{ select: { part: head }, lrScale: 100 }, { select: { stage: [stem, layer1] }, freeze: true }] }
 share:
   parts: [encoder]          # heads stay at the sites
   keepLocal: []             # e.g. [norm] for FedBN

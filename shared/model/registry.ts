@@ -1,11 +1,24 @@
 import type { Plan } from '../plan/schema.ts';
+import { createMed3d } from './med3d.ts';
 import { createTiny3d } from './tiny3d.ts';
 import type { ModelArchitecture } from './types.ts';
 
-/** The architecture a plan's `model` section names. The Med3D encoder registers here next to the demo net. */
+/** The architecture a plan's `model` section names. */
 export function architectureFor(model: Plan['model']): ModelArchitecture {
+  const patch = [...model.patch] as [number, number, number];
   switch (model.architecture) {
     case 'tiny3d':
-      return createTiny3d({ patch: [...model.patch] as [number, number, number], numClasses: model.numClasses, width: model.width });
+      return createTiny3d({ patch, numClasses: model.numClasses, width: model.width });
+    case 'med3d':
+      return createMed3d({
+        depth: model.depth,
+        shortcut: model.shortcut,
+        widthMultiplier: model.widthMultiplier,
+        patch,
+        head:
+          model.head === 'segmentation'
+            ? { kind: 'segmentation', numClasses: model.numClasses, channels: model.headChannels }
+            : { kind: 'classification', numClasses: model.numClasses, dropout: model.dropout },
+      });
   }
 }

@@ -3,6 +3,7 @@
  */
 import { z } from 'zod';
 import { INIT_SPEC_FORMS, isInitSpec } from '../model/transfer-init.ts';
+import { OptimizerSpecSchema } from '../model/optim.ts';
 
 const positiveInt = z.number().int().positive();
 
@@ -15,10 +16,24 @@ export const PlanSchema = z
     name: z.string().min(1).default('medfl-federation'),
     model: z
       .object({
-        architecture: z.enum(['tiny3d']).default('tiny3d'),
+        /** tiny3d: the small demo net; med3d: MedicalNet's 3D ResNet encoder with a site head. */
+        architecture: z.enum(['tiny3d', 'med3d']).default('tiny3d'),
         patch: z.tuple([positiveInt, positiveInt, positiveInt]).default([24, 24, 24]),
         numClasses: z.number().int().min(2).default(2),
+        /** tiny3d only: base channel count. */
         width: positiveInt.default(8),
+        /** med3d only: ResNet depth (MedicalNet publishes 10, 18, 34, 50, 101). */
+        depth: z.union([z.literal(10), z.literal(18), z.literal(34), z.literal(50), z.literal(101)]).default(10),
+        /** med3d only: shortcut type of the projection blocks (MedicalNet: R10 B, R18/R34 A, R50/R101 B). */
+        shortcut: z.enum(['A', 'B']).default('B'),
+        /** med3d only: scales every width; 1 is MedicalNet itself, 0.25 trains on a CPU. */
+        widthMultiplier: z.number().positive().max(16).default(0.25),
+        /** med3d only: the site head (segmentation: MedicalNet's conv_seg; classification: pool, dropout, dense). */
+        head: z.enum(['segmentation', 'classification']).default('segmentation'),
+        /** med3d segmentation head channels (default 32 × widthMultiplier). */
+        headChannels: positiveInt.optional(),
+        /** med3d classification head: dropout before the dense layer while training. */
+        dropout: z.number().min(0).lt(1).default(0),
         seed: z.number().int().default(1),
         /** How the initial global model is made: scratch | pretrained | partial:k | mean-var | inflate-2d:1xk | inflate-2d:i3d. */
         init: z.string().refine(isInitSpec, { message: `init must be one of ${INIT_SPEC_FORMS.join(', ')}` }).default('scratch'),
@@ -28,7 +43,7 @@ export const PlanSchema = z
         source2d: z.string().optional(),
       })
       .strict()
-      .default({ architecture: 'tiny3d', patch: [24, 24, 24], numClasses: 2, width: 8, seed: 1, init: 'scratch' }),
+      .prefault({}),
     rounds: positiveInt.default(3),
     /** Quorum: a round closes at its deadline only if at least this many sites reported. */
     minSites: positiveInt.default(2),
@@ -47,9 +62,11 @@ export const PlanSchema = z
         batchSize: positiveInt.default(2),
         learningRate: z.number().positive().default(0.003),
         proximalMu: z.number().min(0).default(0),
+        /** Optimiser, learning-rate scale per parameter group, frozen groups (default Adam, all trained). */
+        optimizer: OptimizerSpecSchema.optional(),
       })
       .strict()
-      .default({ batchSize: 2, learningRate: 0.003, proximalMu: 0 })
+      .prefault({})
       .refine((l) => !(l.steps !== undefined && l.epochs !== undefined), { message: 'give local.steps or local.epochs, not both' }),
     share: z
       .object({

@@ -4,6 +4,7 @@
  */
 import { z } from 'zod';
 import { PlanSchema } from '../plan/schema.ts';
+import { OptimizerSpecSchema } from '../model/optim.ts';
 
 export const TaskSettingsSchema = z
   .object({
@@ -15,6 +16,7 @@ export const TaskSettingsSchema = z
       batchSize: z.number().int().positive(),
       learningRate: z.number().positive(),
       proximalMu: z.number().min(0),
+      optimizer: OptimizerSpecSchema.optional(),
     }),
     share: PlanSchema.shape.share.unwrap(),
     /** Names of the tensors the site must send back, exactly. */

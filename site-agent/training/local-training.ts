@@ -8,8 +8,7 @@ import { join } from 'node:path';
 import { architectureFor } from '../../shared/model/registry.ts';
 import { localParams, merge, pick } from '../../shared/model/sharing.ts';
 import type { ModelArchitecture, Trainer, VolumeCase } from '../../shared/model/types.ts';
-import { selectEngine } from '../../shared/engine/select.ts';
-import { createTfjsTrainer } from '../../shared/model/tfjs-trainer.ts';
+import { createTrainer } from '../../shared/model/trainer-factory.ts';
 import { decodeSafetensors, encodeSafetensors } from '../../shared/tensors/safetensors.ts';
 import { checkAgainstSpecs, findNonFinite, type TensorBundle } from '../../shared/tensors/bundle.ts';
 import type { TaskSettings } from '../../shared/protocol/task.ts';
@@ -68,6 +67,7 @@ export class LocalTraining {
       learningRate: settings.local.learningRate,
       seed: this.siteSeed(settings.model.seed) + ctx.round,
       proximalMu: settings.local.proximalMu,
+      optimizer: settings.local.optimizer,
       onStep: (s) => ctx.onProgress?.((s + 1) / steps),
     });
     const trainSeconds = (performance.now() - t0) / 1000;
@@ -93,10 +93,10 @@ export class LocalTraining {
   private async trainerFor(arch: ModelArchitecture, settings: TaskSettings): Promise<Trainer> {
     const key = JSON.stringify(settings.model);
     if (this.trainer?.key !== key) {
-      const engine = await selectEngine({ force: this.o.engine });
-      this.engineName = engine.name;
-      this.o.log.info({ engine: engine.name, tried: engine.tried }, 'compute engine selected');
-      this.trainer = { key, trainer: createTfjsTrainer(arch, engine) };
+      const { trainer, tried } = await createTrainer(arch, { engine: this.o.engine });
+      this.engineName = trainer.engine;
+      this.o.log.info({ engine: trainer.engine, architecture: arch.id, tried }, 'compute engine selected');
+      this.trainer = { key, trainer };
     }
     return this.trainer.trainer;
   }

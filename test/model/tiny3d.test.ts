@@ -21,6 +21,7 @@ import { createTiny3d } from '../../shared/model/tiny3d.ts';
 import type { VolumeCase } from '../../shared/model/types.ts';
 import { checkAgainstSpecs, findNonFinite, makeBundle, type TensorBundle } from '../../shared/tensors/bundle.ts';
 import { gaussian, mulberry32, randomInt } from '../../shared/util/random.ts';
+import { sphereCase } from '../helpers/volumes.ts';
 
 type Tensor = TfModule.Tensor;
 
@@ -61,25 +62,6 @@ function maxRelErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
 }
 
 /** A bright ball (class 1) of random centre and radius on Gaussian noise. */
-function sphereCase(seed: number, size: number, noise: number): VolumeCase {
-  const rng = mulberry32(seed);
-  const n = size ** 3;
-  const image = new Float32Array(n);
-  const label = new Uint8Array(n);
-  const r = 2.5 + rng() * 2.5;
-  const [cz, cy, cx] = [0, 1, 2].map(() => r + 1 + rng() * (size - 2 * r - 2));
-  for (let z = 0; z < size; z++) {
-    for (let y = 0; y < size; y++) {
-      for (let x = 0; x < size; x++) {
-        const i = (z * size + y) * size + x;
-        const inside = (z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 <= r * r;
-        label[i] = inside ? 1 : 0;
-        image[i] = (inside ? 1 : 0) + noise * gaussian(rng);
-      }
-    }
-  }
-  return { id: `case-${seed}`, shape: [size, size, size], image, label };
-}
 
 function toTensorMap(bundle: TensorBundle): Map<string, Tensor> {
   return new Map([...bundle.values()].map((t) => [t.name, tf.tensor(new Float32Array(t.data), [...t.shape])]));
