@@ -56,17 +56,24 @@ function moduleBytes(): Uint8Array {
 const MAX_ARENA_FLOATS = Math.floor((4 * 1024 ** 3 - 65536) / 4);
 
 export interface SimdArena {
-  /** The whole arena as float32: [0, floats) are the sums, [floats, 2·floats) the staging area. */
+  /** The whole arena as float32: [0, floats) are the sums, [floats, floats + stagingFloats) the staging area. */
   readonly mem: Float32Array;
   readonly floats: number;
-  /** sums[off … off+n) += w · staging[off … off+n) */
+  readonly stagingFloats: number;
+  /** sums[off … off+n) += w · staging[off … off+n) (needs a full-size staging area) */
   axpyFromStaging(off: number, n: number, w: number): void;
+  /** sums[off … off+n) += w · staging[stagingOff … stagingOff+n) */
+  axpyBlock(off: number, stagingOff: number, n: number, w: number): void;
 }
 
-/** An arena for `floats` sums plus as many staging floats, or undefined where wasm SIMD is unavailable. */
-export function createSimdArena(floats: number): SimdArena | undefined {
+/**
+ * An arena for `floats` sums plus a staging area (by default as many floats; a smaller one lets callers
+ * stage updates block by block, so the arena costs one model instead of two), or undefined where wasm
+ * SIMD is unavailable.
+ */
+export function createSimdArena(floats: number, stagingFloats = floats): SimdArena | undefined {
   const WA = (globalThis as unknown as { WebAssembly?: WasmApi }).WebAssembly;
-  if (!WA || 2 * floats > MAX_ARENA_FLOATS) return undefined;
+  if (!WA || floats + stagingFloats > MAX_ARENA_FLOATS) return undefined;
   let inst: { exports: Record<string, unknown> };
   try {
     inst = new WA.Instance(new WA.Module(moduleBytes()));
@@ -74,16 +81,24 @@ export function createSimdArena(floats: number): SimdArena | undefined {
     return undefined; // no SIMD in this runtime
   }
   const memory = inst.exports.mem as { buffer: ArrayBuffer; grow(pages: number): number };
-  memory.grow(Math.ceil((2 * floats * 4) / 65536));
+  memory.grow(Math.ceil(((floats + stagingFloats) * 4) / 65536));
   const fn = inst.exports.axpy as (acc: number, x: number, bytes: number, w: number) => void;
   const mem = new Float32Array(memory.buffer);
+  const block = (off: number, x: number, n: number, w: number) => {
+    const n4 = n - (n % 4);
+    fn(off * 4, x * 4, n4 * 4, w);
+    for (let i = n4; i < n; i++) mem[off + i] += w * mem[x + i];
+  };
   return {
     mem,
     floats,
+    stagingFloats,
     axpyFromStaging(off, n, w) {
-      const n4 = n - (n % 4);
-      fn(off * 4, (floats + off) * 4, n4 * 4, w);
-      for (let i = n4; i < n; i++) mem[off + i] += w * mem[floats + off + i];
+      if (off + n > stagingFloats) throw new RangeError(`staging holds ${stagingFloats} floats; use axpyBlock`);
+      block(off, floats + off, n, w);
+    },
+    axpyBlock(off, stagingOff, n, w) {
+      block(off, floats + stagingOff, n, w);
     },
   };
 }

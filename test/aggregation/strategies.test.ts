@@ -41,6 +41,26 @@ describe('order statistics', () => {
   });
 });
 
+describe('the SIMD fold', () => {
+  it('stages large tensors block by block and matches the plain-JS fold', () => {
+    const specs = [{ name: 'big', dtype: 'F32' as const, shape: [600_001] }];
+    const r = rng(3);
+    const ups = [0, 1, 2].map(() => Float32Array.from({ length: 600_001 }, () => r()));
+    const out = (simd: boolean) => {
+      const agg = new ComposedStrategy(aggregationPlan({}), { simd }).begin(new Map(), specs);
+      ups.forEach((d, i) => agg.add(new Map([['big', { name: 'big', dtype: 'F32' as const, shape: [600_001], data: d }]]), { site: `s${i}`, numSamples: i + 1 }));
+      return agg.finish().get('big')!.data.slice();
+    };
+    const simd = out(true);
+    const js = out(false);
+    expect(simd.length).toBe(600_001);
+    let maxDiff = 0;
+    for (let i = 0; i < js.length; i++) maxDiff = Math.max(maxDiff, Math.abs(simd[i] - js[i]));
+    expect(maxDiff).toBeLessThan(1e-6);
+    expect(simd[600_000]).toBeCloseTo((ups[0][600_000] + 2 * ups[1][600_000] + 3 * ups[2][600_000]) / 6, 6);
+  });
+});
+
 describe('composed strategies', () => {
   it('default plan = the streaming FedAvg, bit for bit, keeping no base model', () => {
     const ups = honestUpdates(base, 3);
