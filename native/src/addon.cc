@@ -98,7 +98,7 @@ napi_value Run(napi_env env, napi_callback_info info) {
   if (!read_int(env, argv[0], &op_i, "op") || !read_int(env, argv[1], &layout_i, "layout") || !read_geom(env, argv[2], &g))
     return nullptr;
   if (op_i < 0 || op_i > 2) return throw_error(env, "op must be 0 (forward), 1 (backward data) or 2 (backward filter)");
-  if (layout_i < 0 || layout_i > 2) return throw_error(env, "layout must be 0 (plain), 1 (any weights) or 2 (any)");
+  if (layout_i < 0 || layout_i > 3) return throw_error(env, "layout must be 0 (plain), 1 (any weights), 2 (any) or 3 (ncsp)");
   const Op op = static_cast<Op>(op_i);
   const size_t x_len = static_cast<size_t>(g[0] * g[1] * g[2] * g[3] * g[4]);
   const size_t w_len = static_cast<size_t>(g[6] * g[7] * g[8] * g[4] * g[5]);
@@ -164,7 +164,7 @@ napi_value Impl(napi_env env, napi_callback_info info) {
   Geom g;
   if (argc < 3 || !read_int(env, argv[0], &op_i, "op") || !read_int(env, argv[1], &layout_i, "layout") || !read_geom(env, argv[2], &g))
     return nullptr;
-  if (op_i < 0 || op_i > 2 || layout_i < 0 || layout_i > 2) return throw_error(env, "bad op or layout");
+  if (op_i < 0 || op_i > 2 || layout_i < 0 || layout_i > 3) return throw_error(env, "bad op or layout");
   std::string s;
   try {
     s = instance(env)->engine.impl(static_cast<Op>(op_i), static_cast<Layout>(layout_i), g);
@@ -187,7 +187,7 @@ napi_value Drop(napi_env env, napi_callback_info info) {
   Geom g;
   if (argc < 3 || !read_int(env, argv[0], &op_i, "op") || !read_int(env, argv[1], &layout_i, "layout") || !read_geom(env, argv[2], &g))
     return nullptr;
-  if (op_i < 0 || op_i > 2 || layout_i < 0 || layout_i > 2) return throw_error(env, "bad op or layout");
+  if (op_i < 0 || op_i > 2 || layout_i < 0 || layout_i > 3) return throw_error(env, "bad op or layout");
   napi_value r;
   CALL(env, napi_get_boolean(env, instance(env)->engine.drop(static_cast<Op>(op_i), static_cast<Layout>(layout_i), g), &r));
   return r;

@@ -22,8 +22,9 @@ enum class Op : int { Forward = 0, BackwardData = 1, BackwardFilter = 2 };
 // How the primitive's memory formats are chosen:
 //  Plain:      src/dst ndhwc and weights dhwio exactly as the caller holds them (no reorders);
 //  AnyWeights: activations plain, weights format_tag::any (weights reordered each call; they are small);
-//  Any:        every tensor format_tag::any (reorders on activations too).
-enum class Layout : int { Plain = 0, AnyWeights = 1, Any = 2 };
+//  Any:        every tensor format_tag::any (reorders on activations too);
+//  Ncsp:       activations reordered to ncdhw (PyTorch's default layout), weights any.
+enum class Layout : int { Plain = 0, AnyWeights = 1, Any = 2, Ncsp = 3 };
 
 struct Slot {
   int arg = 0;
