@@ -5,7 +5,7 @@
  *
  *   npm run bench:conv                      # ~1–2 min on the 2-core VM
  *   npm run bench:conv -- --quick           # width ¼ only
- *   npm run bench:conv -- --layouts         # also: each memory-format choice (plain / any-weights / any)
+ *   npm run bench:conv -- --layouts         # also: each memory-format choice (plain / any-weights / any / ncsp)
  *   BENCH_TORCH_LAYOUT=channels_last_3d npm run bench:conv   # PyTorch layout (default: contiguous NCDHW)
  *
  * Both sides use 2 threads. PyTorch calls aten::convolution_backward with an output mask, so each gradient
@@ -57,7 +57,7 @@ function median(xs: number[]): number {
 }
 
 function timeIt(fn: () => unknown): number {
-  fn(); // warm-up: builds and caches the primitive (and, in auto layout, picks the layout)
+  fn(); // warm-up: builds and caches the primitive
   const times: number[] = [];
   let spent = 0;
   while (times.length < MAX_REPS && (times.length < 3 || spent < BUDGET_MS)) {
@@ -141,7 +141,7 @@ const pad = (s: string, n: number): string => s.padStart(n);
 const fmt = (ms: number): string => (ms >= 100 ? ms.toFixed(0) : ms >= 10 ? ms.toFixed(1) : ms.toFixed(2));
 
 function main(): void {
-  const loaded = loadOneDnnKernels({ layout: 'auto' });
+  const loaded = loadOneDnnKernels({ layout: 'default' });
   if (!loaded.kernels) {
     console.error(`onednn kernels unavailable: ${loaded.reason}`);
     process.exit(1);
@@ -150,7 +150,7 @@ function main(): void {
   const list = QUICK ? shapes(0.25) : [...shapes(0.25), ...shapes(1)];
   console.log(
     `conv-kernels bench: ${list.length} MedicalNet ResNet-10 shapes, batch 2; loadavg ${loadavg().map((l) => l.toFixed(2)).join(' ')}; ` +
-      `oneDNN ${loaded.info.version} (${loaded.info.runtime}, ${loaded.info.isa}, ${loaded.info.threads} threads), layout auto, outputs allocated in JS`,
+      `oneDNN ${loaded.info.version} (${loaded.info.runtime}, ${loaded.info.isa}, ${loaded.info.threads} threads), default layout, outputs allocated in JS`,
   );
   const t0 = performance.now();
   const ours = list.map((s) => benchOneDnn(k, s.g));
@@ -173,14 +173,14 @@ function main(): void {
     }
     console.log(row.join(' '));
   });
-  console.log(`\nimplementations chosen (auto layout): `);
+  console.log(`\nimplementations (default layout):`);
   for (const s of list) console.log(`  ${s.name}: ${OPS.map((op, j) => `${op} ${k.impl((['forward', 'backwardData', 'backwardFilter'] as const)[j], s.g)}`).join('; ')}`);
 
   // Outputs allocated in JS (new Float32Array, written by the addon) vs by the addon (external ArrayBuffer).
   const small = list.filter((s) => outputLength(s.g) * 4 >= 1 << 20).slice(0, 3);
-  console.log(`\noutput allocation, forward ms (js / external):`);
-  const js = loadOneDnnKernels({ layout: 'auto', output: 'js' });
-  const ext = loadOneDnnKernels({ layout: 'auto', output: 'external' });
+  console.log(`\noutput allocation, forward median ms (new Float32Array in JS / external ArrayBuffer from the addon):`);
+  const js = loadOneDnnKernels({ output: 'js' });
+  const ext = loadOneDnnKernels({ output: 'external' });
   if (js.kernels && ext.kernels) {
     for (const s of small) {
       const x = randomArray(inputLength(s.g));
@@ -193,7 +193,7 @@ function main(): void {
 
   if (LAYOUTS) {
     console.log(`\nmemory formats, ms per op (fwd / bwdData / bwdFilter):`);
-    const layouts: OneDnnLayout[] = ['plain', 'any-weights', 'any'];
+    const layouts: OneDnnLayout[] = ['plain', 'any-weights', 'any', 'ncsp'];
     const ks = layouts.map((layout) => loadOneDnnKernels({ layout }).kernels!);
     console.log(`${pad('shape', 36)} ${layouts.map((l) => pad(l, 24)).join(' ')}`);
     for (const s of list) {
