@@ -2,6 +2,8 @@
  * Secure-aggregation overhead (shared/privacy/secagg): one in-process session per row, n sites, a
  * vector of L parameters (default 1,048,576), threshold t = ⌊n/2⌋ + 1, one site dropping after it shared
  * its keys (so the server also has to cancel that site's pairwise masks) — the realistic costly case.
+ * Each n runs twice: the complete graph (classic SecAgg, t = ⌊n/2⌋ + 1) and SecAgg+ on a random
+ * k-regular ring with k = 2⌈log2 n⌉, t = k/2 + 1 (BENCH_PLUS=0 skips it).
  * Sites run one after another in this process, so "per site" times are each site's own work (median and
  * max over the sites); in a federation they run in parallel on their own machines.
  *
@@ -29,6 +31,8 @@ const fmt = (x: number, d = 0) => x.toLocaleString('en-US', { maximumFractionDig
 
 interface Row {
   n: number;
+  /** SecAgg+ degree, or undefined for the complete graph. */
+  k?: number;
   t: number;
   setupMs: number[];
   maskMs: number[];
@@ -42,13 +46,13 @@ interface Row {
   exact: boolean;
 }
 
-function session(n: number): Row {
-  const t = Math.floor(n / 2) + 1;
+function session(n: number, k?: number): Row {
+  const t = k !== undefined ? k / 2 + 1 : Math.floor(n / 2) + 1;
   const q = quantizer({ clip: 1, maxSites: n });
   const x = new Float32Array(L);
   for (let i = 0; i < L; i++) x[i] = Math.sin(i * 0.001) * 0.1;
   const encoded = q.encode(x);
-  const server = new SecAggServer({ threshold: t, vectorLength: L });
+  const server = new SecAggServer({ threshold: t, vectorLength: L, neighbours: k });
   const clients = Array.from({ length: n }, (_, i) => new SecAggClient(i + 1));
   const setupMs = new Array<number>(n).fill(0);
   const maskMs: number[] = [];
@@ -108,6 +112,7 @@ function session(n: number): Row {
   const serverOut = [...recv.values()].reduce((a, b) => a + b, 0);
   return {
     n,
+    k,
     t,
     setupMs,
     maskMs,
@@ -123,15 +128,23 @@ function session(n: number): Row {
 }
 
 process.stdout.write(`secure aggregation, L = ${fmt(L)} parameters, ${os.cpus().length} cores, load ${os.loadavg().map((x) => x.toFixed(2)).join(' ')}\n`);
-const rows = SITES.map((n) => {
-  process.stdout.write(`  running n = ${n} …\n`);
-  return session(n);
-});
+/** SecAgg+ degree: the even number ≥ 2·⌈log2 n⌉ (Bell et al. take k = O(log n)). */
+const plusDegree = (n: number) => 2 * Math.ceil(Math.log2(n));
+const rows: Row[] = [];
+for (const n of SITES) {
+  process.stdout.write(`  running n = ${n} (complete graph) …\n`);
+  rows.push(session(n));
+  if (process.env.BENCH_PLUS !== '0' && plusDegree(n) < n) {
+    process.stdout.write(`  running n = ${n} (SecAgg+, k = ${plusDegree(n)}) …\n`);
+    rows.push(session(n, plusDegree(n)));
+  }
+}
+const label = (r: Row) => (r.k === undefined ? `${r.n}` : `${r.n} (k=${r.k})`);
 const plain = 4 * L;
 const per = new Table({ head: ['sites n', 't', 'keys+shares ms (med)', 'mask ms (med / max)', 'unmask ms', 'sent B', '× plain', 'received B', `mask s @33M (est.)`] });
 for (const r of rows) {
   per.push([
-    r.n,
+    label(r),
     r.t,
     fmt(med(r.setupMs), 1),
     `${fmt(med(r.maskMs))} / ${fmt(Math.max(...r.maskMs))}`,
@@ -146,7 +159,7 @@ process.stdout.write(`\nper site (plain float32 upload = ${fmt(plain)} B)\n${per
 const srv = new Table({ head: ['sites n', 'fold inputs ms (all)', 'unmask ms (1 drop-out)', 'in B (all sites)', 'out B (all sites)', 'in × plain', 'server s @33M (est.)', 'exact'] });
 for (const r of rows) {
   srv.push([
-    r.n,
+    label(r),
     fmt(r.serverFoldMs),
     fmt(r.serverFinishMs),
     fmt(r.serverIn),

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { SecAggClient, SecAggServer, quantizer, shamir } from '../../shared/privacy/secagg/index.ts';
+import { SecAggClient, SecAggServer, neighboursOf, quantizer, shamir } from '../../shared/privacy/secagg/index.ts';
 import type { UnmaskRequest } from '../../shared/privacy/secagg/messages.ts';
 
 function inputs(n: number, len: number, seed = 1): Float32Array[] {
@@ -15,10 +15,10 @@ interface Drops {
 }
 
 /** One in-memory session; ids 1..n. Returns the server result and the masked uploads. */
-function run(n: number, t: number, xs: Float32Array[], drops: Drops = {}) {
+function run(n: number, t: number, xs: Float32Array[], drops: Drops = {}, neighbours?: number) {
   const q = quantizer({ clip: 1, maxSites: n });
   const len = xs[0]!.length;
-  const server = new SecAggServer({ threshold: t, vectorLength: len });
+  const server = new SecAggServer({ threshold: t, vectorLength: len, neighbours });
   const clients = Array.from({ length: n }, (_, i) => new SecAggClient(i + 1));
   for (const c of clients) server.receiveAdvertise(c.advertise());
   const roster = server.roster();
@@ -133,6 +133,50 @@ describe('secure aggregation', () => {
     const r = clients[0]!.unmask({ type: 'unmask-request', survivors: [1, 2] });
     expect(r.selfMaskShares.map((s) => s.of)).toEqual([1, 2]);
     expect(r.keyShares.map((s) => s.of)).toEqual([3]);
+  });
+
+  it('SecAgg+: a random k-regular ring; k pair masks and shares per site; exact with drop-outs before and after masking', () => {
+    const n = 20, k = 6, t = 4;
+    const server = new SecAggServer({ threshold: t, vectorLength: 8, neighbours: k });
+    const clients = Array.from({ length: n }, (_, i) => new SecAggClient(i + 1));
+    for (const c of clients) server.receiveAdvertise(c.advertise());
+    const roster = server.roster();
+    const ids = roster.members.map((m) => m.id);
+    for (const id of ids) {
+      const nb = neighboursOf(id, ids, roster.graph);
+      expect(nb).toHaveLength(k);
+      for (const v of nb) expect(neighboursOf(v, ids, roster.graph)).toContain(id); // symmetric
+    }
+    expect(clients[0]!.shareKeys(roster).sealed).toHaveLength(k);
+
+    const xs = inputs(n, 4000, 13);
+    const { q, result } = run(n, t, xs, { beforeMask: [7], beforeUnmask: [12] }, k);
+    expect(result.dropped).toEqual([7]);
+    const survivors = ids.filter((id) => id !== 7);
+    const expected = new Uint32Array(4000);
+    for (const id of survivors) {
+      const e = q.encode(xs[id - 1]!);
+      for (let i = 0; i < e.length; i++) expected[i] = (expected[i]! + e[i]!) >>> 0;
+    }
+    expect(Buffer.from(result.sum.buffer).equals(Buffer.from(expected.buffer))).toBe(true);
+  });
+
+  it("SecAgg+: if too few of a dropped site's neighbours answer, the server cannot unmask", () => {
+    const n = 12, k = 4, t = 3;
+    const q = quantizer({ clip: 1, maxSites: n });
+    const server = new SecAggServer({ threshold: t, vectorLength: 16, neighbours: k });
+    const clients = Array.from({ length: n }, (_, i) => new SecAggClient(i + 1));
+    for (const c of clients) server.receiveAdvertise(c.advertise());
+    const roster = server.roster();
+    for (const c of clients) server.receiveShareKeys(c.shareKeys(roster));
+    const fwd = server.forwardShares();
+    const dropped = 1;
+    const nb = neighboursOf(dropped, roster.members.map((m) => m.id), roster.graph);
+    for (const c of clients) if (c.id !== dropped) server.receiveMaskedInput(c.maskedInput(fwd.get(c.id)!, q.encode(new Float32Array(16))));
+    const req = server.unmaskRequest();
+    // Only k − 2 = 2 of its 4 neighbours answer (plus everyone else): fewer than t = 3 shares of its key.
+    for (const c of clients) if (c.id !== dropped && !nb.slice(0, 2).includes(c.id)) server.receiveUnmask(c.unmask(req));
+    expect(() => server.finish()).toThrow(/share holders answered, fewer than the threshold 3/);
   });
 
   it('quantiser refuses settings that could wrap the ring', () => {

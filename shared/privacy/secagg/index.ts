@@ -4,3 +4,4 @@ export { SecAggServer, type SecAggServerOptions } from './server.ts';
 export { quantizer, type Quantizer, type QuantizerConfig } from './quantize.ts';
 export { wireBytes, type SecAggMessage } from './messages.ts';
 export * as shamir from './shamir.ts';
+export { neighboursOf, randomRing, type NeighbourGraph } from './graph.ts';

@@ -14,6 +14,7 @@
  */
 import type { Sealed } from './crypto.ts';
 import { SHARE_BYTES } from './shamir.ts';
+import type { NeighbourGraph } from './graph.ts';
 
 export interface AdvertiseKeys {
   type: 'advertise';
@@ -30,6 +31,8 @@ export interface Roster {
   threshold: number;
   vectorLength: number;
   members: { id: number; cPk: Buffer; sPk: Buffer }[];
+  /** SecAgg+: pair masks and shares only along this k-regular graph; absent = complete graph (classic SecAgg). */
+  graph?: NeighbourGraph;
 }
 
 export interface SealedShare extends Sealed {
@@ -84,7 +87,7 @@ export function wireBytes(m: SecAggMessage): number {
     case 'advertise':
       return 1 + 4 + 32 + 32;
     case 'roster':
-      return 1 + 16 + 4 + 4 + m.members.length * (4 + 32 + 32);
+      return 1 + 16 + 4 + 4 + m.members.length * (4 + 32 + 32) + (m.graph ? 4 + 4 * m.graph.ring.length : 0);
     case 'share-keys':
       return 1 + 4 + m.sealed.length * SEALED_BYTES;
     case 'forwarded-shares':

@@ -8,6 +8,7 @@
 import { createPublicKey, randomUUID } from 'node:crypto';
 import { agree, applyPrg, deriveKey, x25519PrivateFromRaw } from './crypto.ts';
 import { combine, decodeShare, SHARE_BYTES, type Share } from './shamir.ts';
+import { neighboursOf, randomRing, type NeighbourGraph } from './graph.ts';
 import type { AdvertiseKeys, ForwardedShares, MaskedInput, Roster, ShareKeys, UnmaskRequest, UnmaskResponse } from './messages.ts';
 
 type Phase = 'advertise' | 'share' | 'mask' | 'unmask' | 'done';
@@ -17,6 +18,11 @@ export interface SecAggServerOptions {
   threshold: number;
   vectorLength: number;
   session?: string;
+  /**
+   * SecAgg+: pair each site with only `neighbours` others (even, k = O(log n)) on a random ring; the
+   * threshold then counts within a neighbourhood (t ≤ k). Absent: every site with every other.
+   */
+  neighbours?: number;
 }
 
 export class SecAggServer {
@@ -24,6 +30,7 @@ export class SecAggServer {
   private phase: Phase = 'advertise';
   private readonly keys = new Map<number, { cPk: Buffer; sPk: Buffer }>();
   private u1: number[] = [];
+  private graph: NeighbourGraph | undefined;
   private readonly shared = new Map<number, ShareKeys>();
   private u2: number[] = [];
   /** Ids whose masked input was folded into `running` (inputs are summed on arrival: memory stays one vector). */
@@ -35,6 +42,7 @@ export class SecAggServer {
   constructor(private readonly o: SecAggServerOptions) {
     if (!Number.isInteger(o.threshold) || o.threshold < 2) throw new RangeError(`threshold ${o.threshold} must be a whole number ≥ 2`);
     if (!Number.isInteger(o.vectorLength) || o.vectorLength < 1) throw new RangeError(`vector length ${o.vectorLength} must be ≥ 1`);
+    if (o.neighbours !== undefined && o.threshold > o.neighbours) throw new RangeError(`threshold ${o.threshold} cannot exceed the neighbourhood size ${o.neighbours}`);
     this.session = o.session ?? randomUUID();
   }
 
@@ -54,6 +62,7 @@ export class SecAggServer {
     this.expect('advertise', 'the roster');
     this.u1 = [...this.keys.keys()].sort((a, b) => a - b);
     this.need(this.u1.length, 'advertised keys');
+    if (this.o.neighbours !== undefined) this.graph = randomRing(this.u1, this.o.neighbours);
     this.phase = 'share';
     return {
       type: 'roster',
@@ -61,6 +70,7 @@ export class SecAggServer {
       threshold: this.o.threshold,
       vectorLength: this.o.vectorLength,
       members: this.u1.map((id) => ({ id, ...this.keys.get(id)! })),
+      ...(this.graph ? { graph: { k: this.graph.k, ring: [...this.graph.ring] } } : {}),
     };
   }
 
@@ -69,8 +79,8 @@ export class SecAggServer {
     if (!this.u1.includes(m.id)) throw new Error(`client ${m.id} is not on the roster`);
     if (this.shared.has(m.id)) throw new Error(`client ${m.id} shared keys twice`);
     const to = m.sealed.map((s) => s.to).sort((a, b) => a - b);
-    const expected = this.u1.filter((v) => v !== m.id);
-    if (m.sealed.some((s) => s.from !== m.id) || to.join(',') !== expected.join(',')) throw new Error(`client ${m.id} did not seal exactly one share for every other roster member`);
+    const expected = this.nb(m.id);
+    if (m.sealed.some((s) => s.from !== m.id) || to.join(',') !== expected.join(',')) throw new Error(`client ${m.id} did not seal exactly one share for each of its neighbours`);
     this.shared.set(m.id, m);
   }
 
@@ -81,7 +91,7 @@ export class SecAggServer {
     this.need(this.u2.length, 'shared keys');
     const out = new Map<number, ForwardedShares>();
     for (const to of this.u2) {
-      const sealed = this.u2.filter((from) => from !== to).map((from) => this.shared.get(from)!.sealed.find((s) => s.to === to)!);
+      const sealed = this.u2.filter((from) => from !== to && this.nb(to).includes(from)).map((from) => this.shared.get(from)!.sealed.find((s) => s.to === to)!);
       out.set(to, { type: 'forwarded-shares', to, sharers: [...this.u2], sealed });
     }
     this.phase = 'mask';
@@ -113,9 +123,10 @@ export class SecAggServer {
     if (!this.u3.includes(m.id)) throw new Error(`client ${m.id} is not a survivor; its unmask shares are not wanted`);
     if (this.unmasks.has(m.id)) throw new Error(`client ${m.id} answered the unmask request twice`);
     const dropped = this.u2.filter((v) => !this.u3.includes(v));
+    const holdsFor = (v: number) => v === m.id || this.nb(m.id).includes(v);
     const selfOf = m.selfMaskShares.map((s) => s.of).sort((a, b) => a - b).join(',');
     const keyOf = m.keyShares.map((s) => s.of).sort((a, b) => a - b).join(',');
-    if (selfOf !== this.u3.join(',') || keyOf !== dropped.join(',')) throw new Error(`client ${m.id} sent shares for the wrong clients`);
+    if (selfOf !== this.u3.filter(holdsFor).join(',') || keyOf !== dropped.filter(holdsFor).join(',')) throw new Error(`client ${m.id} sent shares for the wrong clients`);
     if ([...m.selfMaskShares, ...m.keyShares].some((s) => s.share.length !== SHARE_BYTES)) throw new Error(`client ${m.id} sent a malformed share`);
     this.unmasks.set(m.id, m);
   }
@@ -130,8 +141,13 @@ export class SecAggServer {
     const sum = this.running!;
     this.running = undefined;
 
-    const sharesOf = (v: number, kind: 'selfMaskShares' | 'keyShares'): Share[] =>
-      responders.slice(0, this.o.threshold).map((r) => decodeShare(r, this.unmasks.get(r)![kind].find((s) => s.of === v)!.share));
+    const sharesOf = (v: number, kind: 'selfMaskShares' | 'keyShares'): Share[] => {
+      const holders = responders.filter((r) => r === v || this.nb(v).includes(r));
+      if (holders.length < this.o.threshold) {
+        throw new Error(`only ${holders.length} of client ${v}'s share holders answered, fewer than the threshold ${this.o.threshold}: the sum cannot be recovered (abandon this round)`);
+      }
+      return holders.slice(0, this.o.threshold).map((r) => decodeShare(r, this.unmasks.get(r)![kind].find((s) => s.of === v)!.share));
+    };
 
     for (const v of this.u3) {
       const seed = combine(sharesOf(v, 'selfMaskShares'), 32);
@@ -144,6 +160,7 @@ export class SecAggServer {
       const pub = createPublicKey(priv).export({ format: 'der', type: 'spki' }).subarray(-32);
       if (!Buffer.from(pub).equals(this.keys.get(v)!.sPk)) throw new Error(`the shares of client ${v}'s mask key do not reconstruct the key it advertised (a client sent a bad share)`);
       for (const u of this.u3) {
+        if (!this.nb(v).includes(u)) continue;
         const pairKey = deriveKey(agree(priv, this.keys.get(u)!.sPk), this.session, 'pair');
         // u added +PRG if u < v and −PRG if u > v; take it back out.
         applyPrg(sum, pairKey, u < v ? -1 : 1);
@@ -151,6 +168,11 @@ export class SecAggServer {
     }
     this.phase = 'done';
     return { sum, survivors: [...this.u3], dropped };
+  }
+
+  /** The sites `id` pairs with. */
+  private nb(id: number): number[] {
+    return neighboursOf(id, this.u1, this.graph);
   }
 
   private need(n: number, what: string): void {
