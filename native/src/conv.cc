@@ -138,7 +138,17 @@ bool ConvEngine::drop(Op op, Layout layout, const Geom& g) { return plans_.erase
 Plan& ConvEngine::plan(Op op, Layout layout, const Geom& g) {
   const auto key = key_of(op, layout, g);
   auto it = plans_.find(key);
-  if (it == plans_.end()) it = plans_.emplace(key, build(op, layout, g)).first;
+  if (it == plans_.end()) {
+    std::unique_ptr<Plan> built = build(op, layout, g);
+    if (plans_.size() >= kMaxPlans) {
+      auto oldest = plans_.begin();
+      for (auto j = plans_.begin(); j != plans_.end(); ++j)
+        if (j->second->last_use < oldest->second->last_use) oldest = j;
+      plans_.erase(oldest);
+    }
+    it = plans_.emplace(key, std::move(built)).first;
+  }
+  it->second->last_use = ++clock_;
   return *it->second;
 }
 

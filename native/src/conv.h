@@ -40,6 +40,7 @@ struct Plan {
   std::vector<Slot> slots;  // order: for Forward x, w, y; BackwardData dy, w, dx; BackwardFilter x, dy, dw
   dnnl::memory scratchpad;
   std::string impl;
+  uint64_t last_use = 0;
 };
 
 class ConvEngine {
@@ -57,6 +58,10 @@ class ConvEngine {
   Plan& plan(Op op, Layout layout, const Geom& g);
   std::unique_ptr<Plan> build(Op op, Layout layout, const Geom& g);
 
+  // Plans kept at most; past it the least recently used is dropped (a training run repeats a few dozen
+  // geometries; evaluation on volumes of many sizes should not grow the cache without bound).
+  static constexpr size_t kMaxPlans = 192;
+  uint64_t clock_ = 0;
   dnnl::engine engine_;
   dnnl::stream stream_;
   std::map<std::pair<int, Geom>, std::unique_ptr<Plan>> plans_;

@@ -233,6 +233,17 @@ describe('onednn conv kernels', () => {
     expect(kernelsOrFail({ layout: 'any-weights' }).impl('backwardFilter', g)).toMatch(/gemm/);
   });
 
+  it('keeps at most 192 cached primitives', () => {
+    const k = kernelsOrFail({ layout: 'any-weights' });
+    for (let i = 0; i < 200; i++) {
+      const g = torchConvGeom([1, 2, 2, 1 + i, 1], 1, { k: 1 });
+      const y = k.conv3d(new Float32Array(inputLength(g)).fill(2), new Float32Array([3]), g);
+      expect(y[i]).toBe(6);
+    }
+    const r = loadOneDnnKernels();
+    expect(r.kernels && r.info.cachedPrimitives).toBeLessThanOrEqual(192);
+  });
+
   it('accepts subarray views and rejects arrays of the wrong length with a clear error', () => {
     const k = kernelsOrFail();
     const rand = rng(3);
