@@ -19,7 +19,7 @@ import { FileLedgerBackend, JetStreamLedgerBackend, LEDGER_FILE, type LedgerBack
 import { rawPublicKey } from '../shared/security/site-identity.ts';
 import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
 import { SiteHome } from '../site-agent/home.ts';
-import { governanceClient, PRIVACY_SPENT_FILE } from '../site-agent/policy.ts';
+import { governanceClient, PRIVACY_SPENT_FILE, SitePolicy } from '../site-agent/policy.ts';
 
 export const LEDGER_HEAD_FILE = 'ledger-head.json';
 const HeadSchema = z.object({ seq: z.number().int().min(0), hash: z.string() });
@@ -98,6 +98,21 @@ export async function siteLedger(o: { dir: string; lines?: string[] }): Promise<
   return { ok: report.ok, text: out.join('\n'), own };
 }
 
+/** `medfl site privacy`: the site's policy and what it has spent so far in its federation. */
+export function sitePrivacy(o: { dir: string }): string {
+  const home = new SiteHome(o.dir);
+  const c = home.config();
+  const policy = SitePolicy.load(o.dir, c.federationId);
+  const dp = policy.config?.dp;
+  const eps = policy.spentEpsilon();
+  return [
+    `site '${c.siteName}', federation ${c.federationId}`,
+    `policy: ${policy.source ?? 'none (every plan accepted)'}${policy.config ? `\n  ${JSON.stringify(policy.config)}` : ''}`,
+    `rounds accepted: ${policy.roundsAccepted}${policy.config?.maxRounds !== undefined ? ` of at most ${policy.config.maxRounds}` : ''}`,
+    `ε spent: ${Number.isFinite(eps) ? eps.toFixed(3) : '∞ (a round without DP was accepted)'} at δ = ${dp?.delta ?? 1e-5}${dp?.maxEpsilon !== undefined ? `, cap ${dp.maxEpsilon}` : ''} (assuming the coordinator applies the DP its signed tasks announce)`,
+  ].join('\n');
+}
+
 export function registerAuditCommands(program: Command): void {
   program
     .command('audit')
@@ -122,5 +137,12 @@ export function registerAuditCommands(program: Command): void {
       const r = await siteLedger(o);
       process.stdout.write(r.text + '\n');
       process.exitCode = r.ok ? 0 : 1;
+    });
+  site
+    .command('privacy')
+    .description("this site's policy (policy.yaml) and the privacy it has spent so far (its own RDP accountant)")
+    .requiredOption('--dir <dir>', 'site directory')
+    .action((o: { dir: string }) => {
+      process.stdout.write(sitePrivacy(o) + '\n');
     });
 }

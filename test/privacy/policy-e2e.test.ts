@@ -54,6 +54,10 @@ describe('site policy, end to end', () => {
     expect(forA.ok).toBe(true);
     expect(forA.own).toEqual([]);
 
+    const privacy = execFileSync(process.execPath, ['bin/medfl.js', 'site', 'privacy', '--dir', fed.siteDir('site-b')], { encoding: 'utf8' });
+    expect(privacy).toMatch(/rounds accepted: 1/);
+    expect(privacy).toMatch(/ε spent: ∞ \(a round without DP was accepted\)/);
+
     // And the CLI, as an admin runs it.
     const out = execFileSync(process.execPath, ['bin/medfl.js', 'audit', 'verify', '--dir', fed.coordDir], { encoding: 'utf8' });
     expect(out).toMatch(/ledger OK: 1 entry/);
