@@ -194,13 +194,28 @@ export class ContributionLedger {
       };
       const hash = entryHash(body);
       const entry: LedgerEntry = { ...body, hash, sig: signManifest(this.signingKey, signedBytes(hash)).toString('base64') };
-      await this.backend.append(canonicalJson(entry), entry.seq);
+      try {
+        await this.backend.append(canonicalJson(entry), entry.seq);
+      } catch (e) {
+        // The write may have landed although it reported failure (e.g. a JetStream ack that timed out):
+        // take the head from what is stored, so the next append links to it instead of failing forever.
+        await this.resync().catch(() => undefined);
+        if (this.recorded.has(key(entry))) return entry;
+        throw e;
+      }
       this.head = { seq: entry.seq, hash };
       this.recorded.add(key(entry));
       return entry;
     });
     this.chain = next.catch(() => undefined);
     return next;
+  }
+
+  private async resync(): Promise<void> {
+    const entries = (await this.backend.load()).map((l) => LedgerEntrySchema.safeParse(safeJson(l))).filter((r) => r.success).map((r) => r.data!);
+    const last = entries.at(-1);
+    this.head = { seq: last?.seq ?? 0, hash: last?.hash ?? genesisHash(this.federation) };
+    for (const e of entries) this.recorded.add(key(e));
   }
 
   /** Stored lines from sequence number `fromSeq` (1-based) on. */

@@ -105,6 +105,31 @@ describe('contribution ledger', () => {
     expect(check(readLedgerFile(path), k.pub).ok).toBe(true);
   });
 
+  it('an append reported as failed but stored after all (a lost ack) does not break the chain', async () => {
+    const stored: string[] = [];
+    let failNext = false;
+    const flaky = {
+      describe: () => 'memory',
+      load: async () => [...stored],
+      append: async (line: string) => {
+        stored.push(line);
+        if (failNext) {
+          failNext = false;
+          throw new Error('ack timed out');
+        }
+      },
+      close: async () => undefined,
+    };
+    const ledger = await ContributionLedger.open(flaky, { federation: FED, signingKey: k.priv });
+    await ledger.append({ round: 1, site: 'site-a', updateHash: hex(1), samples: 1, strategy: 'fedavg' });
+    failNext = true;
+    expect((await ledger.append({ round: 1, site: 'site-b', updateHash: hex(2), samples: 1, strategy: 'fedavg' }))?.seq).toBe(2);
+    await ledger.append({ round: 2, site: 'site-a', updateHash: hex(3), samples: 1, strategy: 'fedavg' });
+    const r = check(stored, k.pub);
+    expect(r.problems).toEqual([]);
+    expect(r.entries.map((e) => e.seq)).toEqual([1, 2, 3]);
+  });
+
   it('records update.accepted events from the bus, numeric extras as metrics', async () => {
     const path = join(mkdtempSync(join(tmpdir(), 'medfl-ledger-')), 'ledger.jsonl');
     const ledger = await ContributionLedger.open(new FileLedgerBackend(path), { federation: FED, signingKey: k.priv });
