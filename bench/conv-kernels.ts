@@ -11,8 +11,9 @@
  * Both sides use 2 threads. PyTorch calls aten::convolution_backward with an output mask, so each gradient
  * is timed alone. The machine is shared: compare rows of one run only.
  */
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { loadavg } from 'node:os';
+import { createInterface } from 'node:readline';
 import { convMacs, inputLength, outputLength, torchConvGeom, weightLength, type Conv3dGeom } from '../shared/engine/conv-kernels.ts';
 import { loadOneDnnKernels, type OneDnnKernels, type OneDnnLayout } from '../shared/engine/onednn-kernels.ts';
 
@@ -87,23 +88,25 @@ function benchOneDnn(k: OneDnnKernels, g: Conv3dGeom): Record<OpName, number> {
   };
 }
 
+// A persistent PyTorch process: one JSON request per line on stdin, one JSON answer per line on stdout,
+// so that each shape runs in PyTorch right after it ran here (the machine's load drifts).
 const PY = String.raw`
 import json, sys, time, statistics
 import torch
 torch.set_num_threads(2)
-req = json.load(sys.stdin)
-layout = torch.channels_last_3d if req["layout"] == "channels_last_3d" else torch.contiguous_format
-def timeit(fn):
+def timeit(fn, max_reps, budget_ms):
     fn()
     times, spent = [], 0.0
-    while len(times) < req["maxReps"] and (len(times) < 3 or spent < req["budgetMs"]):
+    while len(times) < max_reps and (len(times) < 3 or spent < budget_ms):
         t0 = time.perf_counter(); fn(); ms = (time.perf_counter() - t0) * 1e3
         times.append(ms); spent += ms
     return statistics.median(times)
-out = []
-with torch.no_grad():
-    for s in req["shapes"]:
-        n, d, h, w_, cin, cout, k, st, dil, pad, od, oh, ow = s
+print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "mkldnn": torch.backends.mkldnn.is_available()}), flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    layout = torch.channels_last_3d if req["layout"] == "channels_last_3d" else torch.contiguous_format
+    n, d, h, w_, cin, cout, k, st, dil, pad, od, oh, ow = req["shape"]
+    with torch.no_grad():
         x = torch.randn(n, cin, d, h, w_).contiguous(memory_format=layout)
         w = torch.randn(cout, cin, k, k, k).contiguous(memory_format=layout)
         dy = torch.randn(n, cout, od, oh, ow).contiguous(memory_format=layout)
@@ -111,36 +114,48 @@ with torch.no_grad():
         fwd = lambda: torch.nn.functional.conv3d(x, w, None, S, P, D)
         bd = lambda: torch.ops.aten.convolution_backward(dy, x, w, None, S, P, D, False, [0, 0, 0], 1, [True, False, False])
         bf = lambda: torch.ops.aten.convolution_backward(dy, x, w, None, S, P, D, False, [0, 0, 0], 1, [False, True, False])
-        out.append({"fwd": timeit(fwd), "bwdData": timeit(bd), "bwdFilter": timeit(bf)})
-print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "mkldnn": torch.backends.mkldnn.is_available(), "results": out}))
+        r = {op: timeit(fn, req["maxReps"], req["budgetMs"]) for op, fn in (("fwd", fwd), ("bwdData", bd), ("bwdFilter", bf))}
+    print(json.dumps(r), flush=True)
 `;
 
-interface TorchResult {
+interface TorchInfo {
   torch: string;
   threads: number;
   mkldnn: boolean;
-  results: Record<OpName, number>[];
 }
 
-function benchTorch(list: Shape[]): TorchResult | string {
-  const probe = spawnSync('/usr/bin/python3', ['-c', 'import torch'], { encoding: 'utf8' });
-  if (probe.status !== 0) return 'PyTorch not available (/usr/bin/python3 -c "import torch" failed)';
-  const req = {
-    layout: TORCH_LAYOUT,
-    maxReps: MAX_REPS,
-    budgetMs: BUDGET_MS,
-    shapes: list.map(({ g, pad }) => [g.n, ...g.in, g.cin, g.cout, g.k[0], g.stride[0], g.dilation[0], pad, ...g.out]),
-  };
-  const r = spawnSync('/usr/bin/python3', ['-c', PY], { input: JSON.stringify(req), encoding: 'utf8', maxBuffer: 1 << 24 });
-  if (r.status !== 0) return `PyTorch run failed: ${(r.stderr || '').trim().split('\n').pop()}`;
-  return JSON.parse(r.stdout) as TorchResult;
+class TorchBench {
+  private readonly child: ChildProcessWithoutNullStreams;
+  private readonly lines: AsyncIterator<string>;
+  private constructor(child: ChildProcessWithoutNullStreams) {
+    this.child = child;
+    this.lines = createInterface({ input: child.stdout })[Symbol.asyncIterator]();
+  }
+  static async start(): Promise<{ bench: TorchBench; info: TorchInfo } | string> {
+    const probe = spawnSync('/usr/bin/python3', ['-c', 'import torch'], { encoding: 'utf8' });
+    if (probe.status !== 0) return 'PyTorch not available (/usr/bin/python3 -c "import torch" failed)';
+    const bench = new TorchBench(spawn('/usr/bin/python3', ['-c', PY]));
+    const first = await bench.lines.next();
+    if (first.done) return 'PyTorch bench process exited at start';
+    return { bench, info: JSON.parse(first.value) as TorchInfo };
+  }
+  async run({ g, pad }: Shape): Promise<Record<OpName, number>> {
+    const shape = [g.n, ...g.in, g.cin, g.cout, g.k[0], g.stride[0], g.dilation[0], pad, ...g.out];
+    this.child.stdin.write(JSON.stringify({ layout: TORCH_LAYOUT, maxReps: MAX_REPS, budgetMs: BUDGET_MS, shape }) + '\n');
+    const line = await this.lines.next();
+    if (line.done) throw new Error('PyTorch bench process exited');
+    return JSON.parse(line.value) as Record<OpName, number>;
+  }
+  stop(): void {
+    this.child.stdin.end();
+  }
 }
 
 const gflops = (g: Conv3dGeom, ms: number): number => (2 * convMacs(g)) / (ms * 1e6);
 const pad = (s: string, n: number): string => s.padStart(n);
 const fmt = (ms: number): string => (ms >= 100 ? ms.toFixed(0) : ms >= 10 ? ms.toFixed(1) : ms.toFixed(2));
 
-function main(): void {
+async function main(): Promise<void> {
   const loaded = loadOneDnnKernels({ layout: 'default' });
   if (!loaded.kernels) {
     console.error(`onednn kernels unavailable: ${loaded.reason}`);
@@ -153,13 +168,21 @@ function main(): void {
       `oneDNN ${loaded.info.version} (${loaded.info.runtime}, ${loaded.info.isa}, ${loaded.info.threads} threads), default layout, outputs allocated in JS`,
   );
   const t0 = performance.now();
-  const ours = list.map((s) => benchOneDnn(k, s.g));
-  const tOurs = performance.now() - t0;
-  const torch = benchTorch(list);
+  const torch = await TorchBench.start();
+  const ours: Record<OpName, number>[] = [];
+  const theirs: (Record<OpName, number> | undefined)[] = [];
+  let tOurs = 0;
+  for (const s of list) {
+    const t = performance.now();
+    ours.push(benchOneDnn(k, s.g));
+    tOurs += performance.now() - t;
+    theirs.push(typeof torch === 'string' ? undefined : await torch.bench.run(s));
+  }
+  if (typeof torch !== 'string') torch.bench.stop();
   const tTorch = performance.now() - t0 - tOurs;
   const torchNote =
-    typeof torch === 'string' ? torch : `PyTorch ${torch.torch} (${torch.threads} threads, mkldnn ${torch.mkldnn}, ${TORCH_LAYOUT} layout)`;
-  console.log(`comparison: ${torchNote}; ratio = PyTorch ms / onednn ms (> 1: onednn faster)\n`);
+    typeof torch === 'string' ? torch : `PyTorch ${torch.info.torch} (${torch.info.threads} threads, mkldnn ${torch.info.mkldnn}, ${TORCH_LAYOUT} layout)`;
+  console.log(`comparison: ${torchNote}, each shape right after ours; ratio = PyTorch ms / onednn ms (> 1: onednn faster)\n`);
 
   const header = [pad('shape', 36), pad('GFLOP', 6)];
   for (const op of OPS) header.push(pad(`${op} ms`, 12), pad('GF/s', 5), pad('torch ms', 9), pad('ratio', 5));
@@ -168,7 +191,7 @@ function main(): void {
     const row = [pad(s.name, 36), pad(((2 * convMacs(s.g)) / 1e9).toFixed(2), 6)];
     for (const op of OPS) {
       const ms = ours[i][op];
-      const t = typeof torch === 'string' ? undefined : torch.results[i][op];
+      const t = theirs[i]?.[op];
       row.push(pad(fmt(ms), 12), pad(gflops(s.g, ms).toFixed(0), 5), pad(t === undefined ? '-' : fmt(t), 9), pad(t === undefined ? '-' : (t / ms).toFixed(2), 5));
     }
     console.log(row.join(' '));
@@ -207,4 +230,4 @@ function main(): void {
   console.log(`\nonednn ${(tOurs / 1000).toFixed(1)} s, PyTorch ${(tTorch / 1000).toFixed(1)} s, total ${((performance.now() - t0) / 1000).toFixed(1)} s`);
 }
 
-main();
+await main();
