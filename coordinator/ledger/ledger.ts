@@ -251,9 +251,11 @@ export class ContributionLedger {
     });
   }
 
-  async close(): Promise<void> {
-    await this.chain;
-    await this.backend.close();
+  /** Waits (at most `waitMs`) for appends in flight, then closes the back end (also at most `waitMs`). */
+  async close(waitMs = 5000): Promise<void> {
+    const within = (p: Promise<unknown>) => Promise.race([p, new Promise((r) => setTimeout(r, waitMs).unref())]);
+    await within(this.chain);
+    await within(this.backend.close().catch(() => undefined));
   }
 }
 
