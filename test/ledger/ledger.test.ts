@@ -151,6 +151,16 @@ describe('contribution ledger', () => {
     const ok = await auditVerify({ dir });
     expect(ok.ok).toBe(true);
     expect(ok.text).toMatch(/ledger OK: 3 entries/);
+    const head = /head (\d+:[0-9a-f]{64})/.exec(ok.text)![1]!;
+    // Cut the last entry off: the chain alone still verifies, the head printed earlier does not.
+    const full = readFileSync(join(dir, 'ledger.jsonl'), 'utf8');
+    writeFileSync(join(dir, 'ledger.jsonl'), full.split('\n').slice(0, 2).join('\n') + '\n');
+    expect((await auditVerify({ dir })).ok).toBe(true);
+    const cut = await auditVerify({ dir, expectHead: head });
+    expect(cut.ok).toBe(false);
+    expect(cut.text).toMatch(/cut off the end/);
+    writeFileSync(join(dir, 'ledger.jsonl'), full);
+    await expect(auditVerify({ dir, expectHead: 'nonsense' })).rejects.toThrow(/SEQ:SHA256HEX/);
     const lines = readFileSync(join(dir, 'ledger.jsonl'), 'utf8').replace('"samples":2', '"samples":200');
     writeFileSync(join(dir, 'ledger.jsonl'), lines);
     const bad = await auditVerify({ dir });
