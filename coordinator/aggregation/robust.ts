@@ -70,18 +70,18 @@ export class RobustCombiner {
     const col = new Float64Array(n);
     const fds = this.spilled.map((s) => openSync(s.path, 'r'));
     const trim = this.rule.kind === 'trimmed-mean' ? trimCount(n, this.rule.beta) : 0;
+    const isMedian = this.rule.kind === 'median';
+    const scale = Float64Array.from(this.spilled, (s) => s.scale);
+    // What to subtract from each stored value, per unit of base: 1 for weights, 0 for deltas.
+    const baseCoef = Float64Array.from(this.spilled, (s) => (s.isDelta ? 0 : 1));
     try {
       for (let a = 0; a < this.total; a += block) {
         const len = Math.min(block, this.total - a);
         for (let i = 0; i < n; i++) readFully(fds[i], rowBytes, i * block * 4, len * 4, a * 4);
         for (let j = 0; j < len; j++) {
           const b = base[a + j];
-          for (let i = 0; i < n; i++) {
-            const s = this.spilled[i];
-            const v = rows[i * block + j];
-            col[i] = s.scale * (s.isDelta ? v : v - b);
-          }
-          out[a + j] = b + (this.rule.kind === 'median' ? medianInPlace(col, n) : trimmedMeanInPlace(col, n, trim));
+          for (let i = 0, at = j; i < n; i++, at += block) col[i] = scale[i] * (rows[at] - baseCoef[i] * b);
+          out[a + j] = b + (isMedian ? medianInPlace(col, n) : trimmedMeanInPlace(col, n, trim));
         }
       }
     } finally {

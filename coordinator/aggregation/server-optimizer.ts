@@ -39,17 +39,36 @@ export class ServerOptimizer {
     const v = this.v!;
     const b1 = 1 - beta1;
     const b2 = 1 - beta2;
-    for (let i = 0; i < n; i++) {
-      const d = y[i] - base[i];
-      const mi = beta1 * m[i] + b1 * d;
-      const d2 = d * d;
-      let vi = v[i];
-      if (type === 'fedadagrad') vi = vi + d2;
-      else if (type === 'fedadam') vi = beta2 * vi + b2 * d2;
-      else vi = vi - b2 * d2 * Math.sign(vi - d2);
-      m[i] = mi;
-      v[i] = vi;
-      y[i] = base[i] + (lr * mi) / (Math.sqrt(vi) + tau);
+    // One loop per optimiser: no branch on the type per element.
+    if (type === 'fedadagrad') {
+      for (let i = 0; i < n; i++) {
+        const d = y[i] - base[i];
+        const mi = beta1 * m[i] + b1 * d;
+        const vi = v[i] + d * d;
+        m[i] = mi;
+        v[i] = vi;
+        y[i] = base[i] + (lr * mi) / (Math.sqrt(vi) + tau);
+      }
+    } else if (type === 'fedadam') {
+      for (let i = 0; i < n; i++) {
+        const d = y[i] - base[i];
+        const mi = beta1 * m[i] + b1 * d;
+        const vi = beta2 * v[i] + b2 * d * d;
+        m[i] = mi;
+        v[i] = vi;
+        y[i] = base[i] + (lr * mi) / (Math.sqrt(vi) + tau);
+      }
+    } else {
+      for (let i = 0; i < n; i++) {
+        const d = y[i] - base[i];
+        const mi = beta1 * m[i] + b1 * d;
+        const d2 = d * d;
+        const vo = v[i];
+        const vi = vo > d2 ? vo - b2 * d2 : vo < d2 ? vo + b2 * d2 : vo; // v − (1−β₂)Δ²·sign(v − Δ²)
+        m[i] = mi;
+        v[i] = vi;
+        y[i] = base[i] + (lr * mi) / (Math.sqrt(vi) + tau);
+      }
     }
     this.step++;
   }

@@ -37,14 +37,27 @@ export function deltaNorm(update: TensorBundle, isDelta: boolean, base: Float32A
   let s = 0;
   for (const [name, { off, n }] of offsets) {
     const x = update.get(name)!.data;
+    // Four independent sums: the loop is bound by the add chain otherwise (~2× faster here).
+    let s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    const n4 = n - (n % 4);
+    let i = 0;
     if (isDelta || !base) {
-      for (let i = 0; i < n; i++) s += x[i] * x[i];
+      for (; i < n4; i += 4) {
+        const a = x[i], b = x[i + 1], c = x[i + 2], d = x[i + 3];
+        s0 += a * a; s1 += b * b; s2 += c * c; s3 += d * d;
+      }
+      for (; i < n; i++) s0 += x[i] * x[i];
     } else {
-      for (let i = 0; i < n; i++) {
-        const d = x[i] - base[off + i];
-        s += d * d;
+      for (; i < n4; i += 4) {
+        const a = x[i] - base[off + i], b = x[i + 1] - base[off + i + 1], c = x[i + 2] - base[off + i + 2], d = x[i + 3] - base[off + i + 3];
+        s0 += a * a; s1 += b * b; s2 += c * c; s3 += d * d;
+      }
+      for (; i < n; i++) {
+        const a = x[i] - base[off + i];
+        s0 += a * a;
       }
     }
+    s += s0 + s1 + s2 + s3;
   }
   return Math.sqrt(s);
 }
