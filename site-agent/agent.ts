@@ -210,7 +210,7 @@ export class SiteAgent {
       const verdict = this.policy.admit(t, settings);
       if (!verdict.ok) {
         log.warn({ round: t.round, task: t.taskId, reason: verdict.reason }, "task declined: it breaks this site's policy");
-        await declineTask(this.home, { round: t.round, taskId: t.taskId, reason: verdict.reason }, log);
+        await declineTask(this.home, { round: t.round, taskId: t.taskId, reason: verdict.reason }, log, this.audit);
         return;
       }
       if (verdict.epsilon !== undefined) log.info({ round: t.round, epsilonSpent: verdict.epsilon }, 'privacy spent by this site so far (if the coordinator applies the announced DP)');

@@ -40,6 +40,7 @@ import { pinnedChannelCredentials } from '../shared/security/pki.ts';
 import { loadSiteKey, siteCallCredentials } from '../shared/security/site-identity.ts';
 import { parseAddress } from './enroll.ts';
 import { SiteHome } from './home.ts';
+import type { WireAudit } from './transport/wire-audit.ts';
 import type { Logger } from '../shared/util/log.ts';
 
 export const POLICY_FILES = ['policy.yaml', 'policy.yml', 'policy.json'] as const;
@@ -275,7 +276,7 @@ export class SitePolicy {
 type AnyClient = grpc.Client & Record<string, (...args: unknown[]) => unknown>;
 
 /** A client for the coordinator's Governance service, with the site's channel and token credentials. */
-export function governanceClient(home: SiteHome): AnyClient {
+export function governanceClient(home: SiteHome, opts: { audit?: WireAudit } = {}): AnyClient {
   const config = home.config();
   const key = loadSiteKey(home.dir);
   const { host, port } = parseAddress(config.coordinator);
@@ -284,12 +285,13 @@ export function governanceClient(home: SiteHome): AnyClient {
     siteCallCredentials({ siteName: config.siteName, federationId: config.federationId, privateKey: key.privateKey }),
   );
   const Governance = loadGovernanceService();
-  return new Governance(`${host.includes(':') ? `[${host}]` : host}:${port}`, creds, CHANNEL_OPTIONS) as AnyClient;
+  // With --audit-wire, what goes out here is recorded like every other call.
+  return new Governance(`${host.includes(':') ? `[${host}]` : host}:${port}`, creds, { ...CHANNEL_OPTIONS, interceptors: opts.audit ? [opts.audit.interceptor()] : [] }) as AnyClient;
 }
 
 /** Tells the coordinator why this site declines a task. Never throws: a coordinator without the RPC only loses the reason. */
-export async function declineTask(home: SiteHome, req: { round: number; taskId: string; reason: string }, log: Logger): Promise<boolean> {
-  const client = governanceClient(home);
+export async function declineTask(home: SiteHome, req: { round: number; taskId: string; reason: string }, log: Logger, audit?: WireAudit): Promise<boolean> {
+  const client = governanceClient(home, { audit });
   try {
     const ack = await new Promise<{ recorded: boolean }>((resolve, reject) =>
       client.DeclineTask(req, { deadline: Date.now() + 10_000 }, (err: grpc.ServiceError | null, res: { recorded: boolean }) => (err ? reject(err) : resolve(res))),

@@ -23,7 +23,8 @@ describe('site policy, end to end', () => {
     await fed.startCoordinator();
     await fed.enrollAll();
     writeFileSync(join(fed.siteDir('site-a'), 'policy.yaml'), 'dp:\n  required: true\n');
-    const a = fed.startSite('site-a');
+    const auditA = join(fed.work, 'site-a-wire.jsonl');
+    const a = fed.startSite('site-a', ['--audit-wire', auditA]);
     const b = fed.startSite('site-b');
     expect(await exited(b, 150_000)).toBe(0);
     expect(await exited(a, 60_000)).toBe(0);
@@ -32,6 +33,11 @@ describe('site policy, end to end', () => {
     expect(logA).toMatch(/task declined: it breaks this site's policy/);
     expect(logA).toMatch(/requires differential privacy/);
     expect(logA).not.toMatch(/update acknowledged/);
+    // The site's wire audit shows the decline and no upload.
+    const calls = readFileSync(auditA, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { method: string; messages: { reason?: string }[] });
+    const decline = calls.find((c) => c.method.endsWith('/DeclineTask'));
+    expect(decline?.messages[0]?.reason).toMatch(/requires differential privacy/);
+    expect(calls.some((c) => c.method.endsWith('/UploadUpdate'))).toBe(false);
     const logC = readFileSync(fed.logPath('coordinator'), 'utf8');
     const declined = logC.split('\n').find((l) => l.includes('site declined its task'));
     expect(declined).toBeDefined();
