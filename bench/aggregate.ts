@@ -3,7 +3,10 @@
  * through the real strategy (coordinator/aggregation/fedavg.ts: begin → add ×10 → finish), against a
  * plain memory copy of the same bytes in the same run, plus candidate axpy loop shapes; then peak RSS
  * for "all updates in memory" (this process) and two streaming scenarios (fresh child processes, so
- * each peak is its own).
+ * each peak is its own). Then every composed strategy (coordinator/aggregation/composed.ts: fedavg, with a
+ * norm bound, FedAdam, DP; median; trimmed mean; trimmed mean + FedYogi + clip) on the same updates against
+ * the same memory copy, and the peak RSS of one round of 50 sites (BENCH_SITES) per strategy, each in a
+ * fresh process; median / trimmed mean spill to the OS temp dir (6.6 GB at 50 sites).
  *
  *   npm run bench:aggregate                 # = node --expose-gc --import tsx bench/aggregate.ts
  *   BENCH_REPS=3 npm run bench:aggregate    # quicker
@@ -17,6 +20,8 @@ import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import Table from 'cli-table3';
 import { FedAvg, axpy } from '../coordinator/aggregation/fedavg.ts';
+import { ComposedStrategy } from '../coordinator/aggregation/composed.ts';
+import { PlanSchema } from '../shared/plan/schema.ts';
 import { createSimdArena } from '../coordinator/aggregation/simd-axpy.ts';
 import { createTiny3d } from '../shared/model/tiny3d.ts';
 import { makeBundle, type TensorBundle, type TensorSpec } from '../shared/tensors/bundle.ts';
@@ -24,7 +29,7 @@ import { decodeSafetensors, encodeSafetensors } from '../shared/tensors/safetens
 
 const WIDTH = 451;
 const UPDATES = 10;
-const REPS = Number(process.env.BENCH_REPS ?? 5);
+const REPS = Number(process.env.BENCH_REPS ?? 3);
 const gc = (globalThis as { gc?: () => void }).gc ?? (() => undefined);
 
 const SPECS: TensorSpec[] = createTiny3d({ patch: [16, 16, 16], width: WIDTH })
@@ -69,6 +74,73 @@ function stat(xs: number[]): Stat {
   const s = [...xs].sort((a, b) => a - b);
   const m = s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
   return { median: m, min: s[0], max: s[s.length - 1] };
+}
+
+// ───────────────────── composed strategies (coordinator/aggregation/composed.ts) ─────────────────────
+
+/** Each strategy the plan can name, as plan.aggregation sections. */
+const STRATEGIES: Record<string, { cfg: Record<string, unknown>; streaming: boolean }> = {
+  fedavg: { cfg: {}, streaming: true },
+  'fedavg + norm bound': { cfg: { validation: { maxNorm: 1e12 } }, streaming: true },
+  'fedavg + FedAdam': { cfg: { serverOptimizer: { type: 'fedadam' } }, streaming: true },
+  'fedavg + DP (clip + noise)': { cfg: { dp: { clipNorm: 1, noiseMultiplier: 1, delta: 1e-5 } }, streaming: true },
+  median: { cfg: { strategy: 'median' }, streaming: false },
+  'trimmed-mean β=0.1': { cfg: { strategy: 'trimmed-mean', trimFraction: 0.1 }, streaming: false },
+  'trimmed-mean + FedYogi + clip': { cfg: { strategy: 'trimmed-mean', trimFraction: 0.1, clipNorm: 1, serverOptimizer: { type: 'fedyogi' } }, streaming: false },
+};
+const RSS_STRATEGIES = ['fedavg', 'fedavg + DP (clip + noise)', 'fedavg + FedAdam', 'median'];
+const RSS_SITES = Number(process.env.BENCH_SITES ?? 50);
+
+function composed(name: string): ComposedStrategy {
+  return new ComposedStrategy(PlanSchema.parse({ aggregation: STRATEGIES[name].cfg }).aggregation, { spillDir: join(os.tmpdir(), 'medfl-bench-spill') });
+}
+
+/** One round as the coordinator runs it: begin, then check + add per update, then finish. */
+function composedRound(s: ComposedStrategy, base: TensorBundle, next: (k: number) => TensorBundle, n: number): number {
+  const t0 = performance.now();
+  const agg = s.begin(base, SPECS, { expected: n });
+  for (let k = 0; k < n; k++) {
+    const u = next(k);
+    const v = agg.check(u, { site: `site-${k}`, numSamples: samplesOf(k) });
+    if (v.problem) throw new Error(`bench update refused: ${v.problem}`);
+    agg.add(u, { site: `site-${k}`, numSamples: samplesOf(k) }, v);
+  }
+  agg.finish();
+  return performance.now() - t0;
+}
+
+/**
+ * Peak RSS of one round of `sites` updates through a strategy, in a fresh process: the base model as the
+ * engine loads it (dropped after begin unless the strategy keeps it), and one update buffer refilled per
+ * site (the upload receiver's reused scratch).
+ */
+function rssChild(name: string, sites: number): void {
+  const baselineRss = process.memoryUsage().rss;
+  let peak = baselineRss;
+  let base: TensorBundle | undefined = makeUpdate(1000);
+  const s = composed(name);
+  const update = makeUpdate(0);
+  const t0 = performance.now();
+  const agg = s.begin(base, SPECS, { expected: sites });
+  base = undefined; // the engine keeps no reference; a strategy that needs the base copied it
+  for (let k = 0; k < sites; k++) {
+    for (const t of update.values()) fillUpdate(t.data, k);
+    const v = agg.check(update, { site: `site-${k}`, numSamples: samplesOf(k) });
+    if (v.problem) throw new Error(v.problem);
+    agg.add(update, { site: `site-${k}`, numSamples: samplesOf(k) }, v);
+    peak = Math.max(peak, process.memoryUsage().rss);
+  }
+  const out = agg.finish();
+  peak = Math.max(peak, process.memoryUsage().rss);
+  const r: StreamResult = { baselineRss, peakSampledRss: peak, hwm: peakRss(), ms: performance.now() - t0, check: out.get(SPECS[0].name)!.data[5] };
+  process.send!(r, () => process.disconnect());
+}
+
+async function runRssChild(name: string, sites: number): Promise<StreamResult> {
+  const child = fork(fileURLToPath(import.meta.url), ['--rss', name, String(sites)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+  const [msg] = (await Promise.race([once(child, 'message'), once(child, 'exit').then(() => { throw new Error(`rss child (${name}) exited without a result`); })])) as [StreamResult];
+  if (child.exitCode === null) await once(child, 'exit');
+  return msg;
 }
 
 // ───────────────────── streaming scenarios (child processes) ─────────────────────
@@ -265,6 +337,26 @@ async function main(): Promise<void> {
   console.log(`target ≥ 0.5× memory copy: FedAvg add ${fmt(addMed / copyMed, 2)}× ${addMed / copyMed >= 0.5 ? 'MET' : 'NOT met'}`);
   console.log('  "FedAvg round" includes begin() zeroing the reused accumulator and finish() scaling it.');
 
+  // Every strategy the plan can compose, on the same 10 updates, against the same memory copy.
+  const base = makeUpdate(1000);
+  const st = new Table({
+    head: [`strategy: one round of ${UPDATES} × ${fmt(MB(MODEL_BYTES), 1)} MB (check + add + finish)`, 'GB/s', '× memory copy', 'round s'],
+    colAligns: ['left', 'right', 'right', 'right'],
+  });
+  for (const name of Object.keys(STRATEGIES)) {
+    const strat = composed(name);
+    const reps = STRATEGIES[name].streaming ? 3 : 1;
+    const ms: number[] = [];
+    for (let r = 0; r < reps; r++) {
+      gc();
+      ms.push(composedRound(strat, base, (k) => updates[k], UPDATES));
+    }
+    const m = stat(ms).median;
+    st.push([name, fmt(gbps(m), 2), fmt(gbps(m) / copyMed, 2), fmt(m / 1000, 2)]);
+  }
+  console.log(st.toString());
+  console.log('  streaming rows include check() (one pass computing the delta norm when the strategy keeps the base); median/trimmed rows include spilling every update to disk and reading it back.');
+
   const maxRss = Math.max(peakRss(), process.resourceUsage().maxRSS * 1024);
   console.log(`\nRSS, all ${UPDATES} updates held in memory (this process): start ${fmt(MB(rssStart))} MB, peak sampled ${fmt(MB(peakSampled))} MB, peak (VmHWM/maxRSS) ${fmt(MB(maxRss))} MB = ${fmt(maxRss / MODEL_BYTES, 1)}× one model`);
   console.log(`  (= ${UPDATES} updates + the copy/loop destination (1×) + wasm memory (2×) + FedAvg's accumulator (1×) + the previous round's result awaiting GC)`);
@@ -289,7 +381,19 @@ async function main(): Promise<void> {
       ]);
     }
     console.log(rt.toString());
-    console.log('  target: peak − baseline ≤ 3× one model. The coordinator also keeps the round\'s base model (+1×) while a round is open.');
+    console.log('  target: peak − baseline ≤ 3× one model.');
+    const ct = new Table({
+      head: [`${RSS_SITES} sites × ${fmt(PARAMS / 1e6, 1)} M params (fresh process)`, 'peak − baseline MB', '÷ one model', 'round s', 'disk spilled'],
+      colAligns: ['left', 'right', 'right', 'right', 'right'],
+    });
+    for (const name of RSS_STRATEGIES) {
+      const r = await runRssChild(name, RSS_SITES);
+      const peak = Math.max(r.hwm, r.peakSampledRss);
+      ct.push([name, fmt(MB(peak - r.baselineRss)), fmt((peak - r.baselineRss) / MODEL_BYTES, 2), fmt(r.ms / 1000, 1), STRATEGIES[name].streaming ? '—' : `${fmt((RSS_SITES * MODEL_BYTES) / 1e9, 1)} GB`]);
+    }
+    console.log(ct.toString());
+    console.log('  includes the base model as loaded and one update buffer (the receiver\'s). Streaming goal ≤ 3×: FedAvg = sums + update; +base when a norm bound, clip, DP or optimiser needs it; +2× (m, v) for an adaptive optimiser.');
+    console.log('  trimmed mean has the memory of the median (same block pass); both spill one model of disk per update.');
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
@@ -297,6 +401,8 @@ async function main(): Promise<void> {
 
 if (process.argv[2] === '--stream') {
   streamingChild(process.argv[3] as StreamMode, process.argv[4]!);
+} else if (process.argv[2] === '--rss') {
+  rssChild(process.argv[3]!, Number(process.argv[4]));
 } else {
   main().catch((e: Error) => {
     console.error(e.stack ?? e.message);
