@@ -373,6 +373,7 @@ export class RoundEngine {
       local: plan.local,
       share: plan.share,
       sharedTensors: this.sharedNames,
+      data: plan.data,
       ...(plan.aggregation.dp ? { dp: { ...plan.aggregation.dp } } : {}),
       ...(plan.compression.update !== 'float32' || plan.compression.delta ? { compression: { ...plan.compression } } : {}),
     };

@@ -10,7 +10,7 @@
 import * as grpc from '@grpc/grpc-js';
 import { z } from 'zod';
 import { AUTHENTICATED_SITE_KEY } from '../../shared/protocol/grpc.ts';
-import type { EventBus, FederationEventType } from '../../shared/events/bus.ts';
+import type { EventBus } from '../../shared/events/bus.ts';
 import type { Logger } from '../../shared/util/log.ts';
 import type { ContributionLedger } from '../ledger/ledger.ts';
 
@@ -64,8 +64,7 @@ export function governanceHandlers(d: GovernanceDeps): grpc.UntypedServiceImplem
         if (!r.success) return cb({ code: grpc.status.INVALID_ARGUMENT, details: `bad decline: ${r.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}` });
         d.log.warn({ site, round: r.data.round, task: r.data.taskId, reason: r.data.reason }, 'site declined its task under its own policy');
         d.bus.publish({
-          // Not (yet) in the FederationEventType union, which this file does not own.
-          type: 'task.declined' as FederationEventType,
+          type: 'task.declined',
           federation: d.federationId,
           at: new Date().toISOString(),
           round: r.data.round,

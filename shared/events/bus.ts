@@ -12,6 +12,7 @@ export type FederationEventType =
   | 'site.enrolled'
   | 'update.accepted'
   | 'update.rejected'
+  | 'task.declined'
   | 'federation.finished';
 
 export interface FederationEvent {

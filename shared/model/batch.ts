@@ -3,7 +3,7 @@
  * Deterministic in the caller's rng. Shared by the trainers so every engine sees the same data.
  */
 import { randomInt, type Rng } from '../util/random.ts';
-import type { VolumeCase } from './types.ts';
+import type { PatchSource, VolumeCase } from './types.ts';
 
 export interface Batch {
   readonly image: Float32Array;
@@ -23,25 +23,26 @@ export function sampleBatch(
   patch: readonly [number, number, number],
   numClasses: number,
   rng: Rng,
-  opts: { withLabels?: boolean } = {},
+  opts: { withLabels?: boolean; inOrder?: boolean; flip?: boolean } = {},
 ): Batch {
   const withLabels = opts.withLabels ?? true;
+  const flip = opts.flip ?? true;
   const [pd, ph, pw] = patch;
   const pv = pd * ph * pw;
   const image = new Float32Array(batchSize * pv);
   const oneHot = new Float32Array(withLabels ? batchSize * pv * numClasses : 0);
   const picked: VolumeCase[] = [];
   for (let b = 0; b < batchSize; b++) {
-    const vc = cases[randomInt(rng, cases.length)];
+    const vc = opts.inOrder ? cases[b % cases.length] : cases[randomInt(rng, cases.length)];
     picked.push(vc);
     const [D, H, W] = vc.shape;
     const label = vc.label;
     const oz = D > pd ? randomInt(rng, D - pd + 1) : 0;
     const oy = H > ph ? randomInt(rng, H - ph + 1) : 0;
     const ox = W > pw ? randomInt(rng, W - pw + 1) : 0;
-    const fz = rng() < 0.5;
-    const fy = rng() < 0.5;
-    const fx = rng() < 0.5;
+    const fz = flip && rng() < 0.5;
+    const fy = flip && rng() < 0.5;
+    const fx = flip && rng() < 0.5;
     const base = b * pv;
     for (let z = 0; z < pd; z++) {
       const sz = oz + (fz ? pd - 1 - z : z);
@@ -68,3 +69,22 @@ export function sampleBatch(
   return { image, oneHot, cases: picked };
 }
 
+
+/**
+ * The next training batch: from the request's patch source (already cropped and augmented: taken in order,
+ * no further flips) or sampled from in-memory cases.
+ */
+export async function nextBatch(
+  source: PatchSource | undefined,
+  cases: readonly VolumeCase[],
+  batchSize: number,
+  patch: readonly [number, number, number],
+  numClasses: number,
+  rng: Rng,
+  opts: { withLabels?: boolean } = {},
+): Promise<Batch> {
+  if (!source) return sampleBatch(cases, batchSize, patch, numClasses, rng, opts);
+  const patches = await source.sample(batchSize, rng);
+  if (patches.length !== batchSize) throw new Error(`patch source returned ${patches.length} patches for a batch of ${batchSize}`);
+  return sampleBatch(patches, batchSize, patch, numClasses, rng, { ...opts, inOrder: true, flip: false });
+}

@@ -12,7 +12,7 @@ import type { ConvKernels } from '../engine/conv-kernels.ts';
 import { diceScores, meanDicePerClass } from '../metrics/dice.ts';
 import { checkAgainstSpecs, makeBundle, type NamedTensor, type TensorBundle } from '../tensors/bundle.ts';
 import { mulberry32 } from '../util/random.ts';
-import { sampleBatch } from './batch.ts';
+import { nextBatch } from './batch.ts';
 import { Tape, type Act, act } from './graph/tape.ts';
 import { createMed3dTrainOps, type ParamStore } from './graph/med3d-ops.ts';
 import type { Med3dArchitecture } from './med3d.ts';
@@ -147,7 +147,7 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
         throw new Error('train: Med3D segmentation needs batchSize ≥ 2 (BatchNorm uses batch statistics)');
       }
       const labelled = req.cases.filter((c) => (head.kind === 'segmentation' ? c.label !== undefined : c.classLabel !== undefined));
-      if (labelled.length === 0) throw new Error(`train: no ${head.kind === 'segmentation' ? 'voxel-labelled' : 'class-labelled'} cases`);
+      if (!req.source && labelled.length === 0) throw new Error(`train: no ${head.kind === 'segmentation' ? 'voxel-labelled' : 'class-labelled'} cases`);
       const rng = mulberry32(req.seed);
       const store = new ArrayStore(arch, req.weights);
       const optimizer = new Optimizer(req.optimizer ?? DEFAULT_OPTIMIZER, req.learningRate, specs, store.values);
@@ -166,13 +166,13 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
         let out: Act;
         let grad: Float32Array;
         if (head.kind === 'segmentation') {
-          const batch = sampleBatch(labelled, req.batchSize, arch.patchShape, numClasses, rng);
+          const batch = await nextBatch(req.source, labelled, req.batchSize, arch.patchShape, numClasses, rng);
           const x = act(batch.image, [req.batchSize, pd, ph, pw, 1], false);
           out = med3dHeadForward(arch, params, med3dEncoderForward(arch, params, x, ops), ops);
           const target = poolTargets(batch.oneHot, [req.batchSize, pd, ph, pw], numClasses, MED3D_SEG_FACTOR);
           ({ loss, grad } = segmentationLossJs(out.data, target, numClasses));
         } else {
-          const batch = sampleBatch(labelled, req.batchSize, arch.patchShape, 2, rng, { withLabels: false });
+          const batch = await nextBatch(req.source, labelled, req.batchSize, arch.patchShape, 2, rng, { withLabels: false });
           const x = act(batch.image, [req.batchSize, pd, ph, pw, 1], false);
           out = med3dHeadForward(arch, params, med3dEncoderForward(arch, params, x, ops), ops, { dropout: true });
           ({ loss, grad } = classificationLossJs(out.data, batch.cases.map((c) => c.classLabel!), numClasses));
@@ -195,7 +195,7 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
       const outTensors: NamedTensor[] = specs.map((s) => ({ name: s.name, dtype: 'F32', shape: [...s.shape], data: store.values.get(s.name)! }));
       const quarter = Math.max(1, Math.floor(losses.length / 4));
       const tail = losses.slice(-quarter);
-      return { weights: makeBundle(outTensors), loss: tail.reduce((a, v) => a + v, 0) / tail.length, firstLoss: losses[0], samples: labelled.length };
+      return { weights: makeBundle(outTensors), loss: tail.reduce((a, v) => a + v, 0) / tail.length, firstLoss: losses[0], samples: req.source ? req.source.cases : labelled.length };
     },
 
     async evaluate(weights: TensorBundle, cases: readonly VolumeCase[]): Promise<EvalResult> {

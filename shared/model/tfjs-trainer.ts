@@ -10,7 +10,7 @@ import type { EngineInfo } from '../engine/select.ts';
 import { diceScores, meanDicePerClass } from '../metrics/dice.ts';
 import { checkAgainstSpecs, makeBundle, type NamedTensor, type TensorBundle } from '../tensors/bundle.ts';
 import { mulberry32 } from '../util/random.ts';
-import { sampleBatch } from './batch.ts';
+import { nextBatch } from './batch.ts';
 import {
   addReluInPlace,
   conv3dBackward,
@@ -287,7 +287,7 @@ export function createTfjsTrainer(arch: ModelArchitecture, engine: EngineInfo, f
       if (!Number.isInteger(req.batchSize) || req.batchSize < 1) throw new Error(`train: batchSize must be a positive integer, got ${req.batchSize}`);
       if (!(req.learningRate > 0)) throw new Error(`train: learningRate must be > 0, got ${req.learningRate}`);
       const labelled = req.cases.filter((c) => c.label !== undefined);
-      if (labelled.length === 0) throw new Error('train: no labelled cases');
+      if (!req.source && labelled.length === 0) throw new Error('train: no labelled cases');
       const mu = req.proximalMu ?? 0;
       const rng = mulberry32(req.seed);
 
@@ -300,7 +300,7 @@ export function createTfjsTrainer(arch: ModelArchitecture, engine: EngineInfo, f
       try {
         // `step` is the 0-based index of the step just run, as the site agent's progress bar expects.
         for (let step = 0; step < req.steps; step++) {
-          const batch = sampleBatch(labelled, req.batchSize, arch.patchShape, numClasses, rng);
+          const batch = await nextBatch(req.source, labelled, req.batchSize, arch.patchShape, numClasses, rng);
           const [pd, ph, pw] = arch.patchShape;
           const x = tf.tensor(batch.image, [req.batchSize, pd, ph, pw, 1]) as Tensor5D;
           const y = tf.tensor(batch.oneHot, [req.batchSize * pd * ph * pw, numClasses]);
@@ -343,7 +343,7 @@ export function createTfjsTrainer(arch: ModelArchitecture, engine: EngineInfo, f
           weights: makeBundle(out),
           loss: tail.reduce((a, v) => a + v, 0) / tail.length,
           firstLoss: losses[0],
-          samples: labelled.length,
+          samples: req.source ? req.source.cases : labelled.length,
         };
       } finally {
         optimizer.dispose();

@@ -5,6 +5,7 @@
  */
 import type { TensorBundle, TensorSpec } from '../tensors/bundle.ts';
 import type { OptimizerSpec } from './optim.ts';
+import type { Rng } from '../util/random.ts';
 
 /** Which side owns a parameter by default: the shared encoder, or the site's own head. */
 export type ModelPart = 'encoder' | 'head';
@@ -45,10 +46,24 @@ export interface VolumeCase {
   readonly classLabel?: number;
 }
 
+/**
+ * Training patches drawn on demand, so a site never holds all its volumes: the site's data loader reads,
+ * preprocesses, caches (within a byte budget) and augments; the trainer only asks for a batch.
+ */
+export interface PatchSource {
+  /** Number of distinct training cases behind the source (the update's sample count). */
+  readonly cases: number;
+  /** `count` patches of the architecture's patch shape, already augmented. */
+  sample(count: number, rng: Rng): Promise<readonly VolumeCase[]>;
+}
+
 export interface TrainRequest {
   /** Start weights: the global shared tensors merged with the site's own local tensors. */
   readonly weights: TensorBundle;
+  /** In-memory cases to sample random patches from; ignored when `source` is given. */
   readonly cases: readonly VolumeCase[];
+  /** Patches on demand (the site's bounded-memory loader); takes precedence over `cases`. */
+  readonly source?: PatchSource;
   readonly steps: number;
   readonly batchSize: number;
   readonly learningRate: number;

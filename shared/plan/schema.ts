@@ -4,6 +4,7 @@
 import { z } from 'zod';
 import { INIT_SPEC_FORMS, isInitSpec } from '../model/transfer-init.ts';
 import { OptimizerSpecSchema } from '../model/optim.ts';
+import { DataSettingsSchema } from './data-settings.ts';
 
 const positiveInt = z.number().int().positive();
 
@@ -68,6 +69,8 @@ export const PlanSchema = z
       .strict()
       .prefault({})
       .refine((l) => !(l.steps !== undefined && l.epochs !== undefined), { message: 'give local.steps or local.epochs, not both' }),
+    /** How every site prepares its scans: spacing, normalisation, patch sampling, augmentation (docs/data.md). */
+    data: DataSettingsSchema.prefault({}),
     share: z
       .object({
         /** Model parts that travel; by default only the encoder, so heads stay at the site. */

@@ -5,6 +5,7 @@
 import { z } from 'zod';
 import { PlanSchema } from '../plan/schema.ts';
 import { OptimizerSpecSchema } from '../model/optim.ts';
+import { DataSettingsSchema } from '../plan/data-settings.ts';
 
 export const TaskSettingsSchema = z
   .object({
@@ -21,6 +22,8 @@ export const TaskSettingsSchema = z
     share: PlanSchema.shape.share.unwrap(),
     /** Names of the tensors the site must send back, exactly. */
     sharedTensors: z.array(z.string()),
+    /** How sites prepare scans (spacing, normalisation, sampling, augmentation); absent = defaults. */
+    data: DataSettingsSchema.optional(),
     /** How to encode the update (plan compression); absent = float32 weights. */
     compression: z.object({ update: z.enum(['float32', 'float16', 'int8']), delta: z.boolean() }).strict().optional(),
     /** Client-level DP the coordinator applies to this round's aggregate (absent: none). */

@@ -18,6 +18,7 @@ import { preprocessCase, type PreprocessOptions } from './preprocess.ts';
 import { randomInt, type Rng } from './prng.ts';
 import { centrePatch, samplePatch } from './sampler.ts';
 import { checkShape, preparedBytes, type Patch, type PreparedCase, type Shape3 } from './types.ts';
+import { DEFAULT_CACHE_MIB } from '../../shared/plan/data-settings.ts';
 
 /** The subset of a pino logger used here. */
 export interface DataLogger {
@@ -56,7 +57,7 @@ export interface SkippedCase {
   readonly reason: string;
 }
 
-export const DEFAULT_CACHE_BYTES = 1024 * 1024 * 1024;
+export const DEFAULT_CACHE_BYTES = DEFAULT_CACHE_MIB * 2 ** 20;
 
 export class SiteData {
   readonly train: readonly CaseRef[];

@@ -14,7 +14,9 @@ import { checkAgainstSpecs, findNonFinite, type TensorBundle } from '../../share
 import type { TaskSettings } from '../../shared/protocol/task.ts';
 import { writeFileAtomic } from '../../shared/util/fs-atomic.ts';
 import { sha256Hex } from '../../shared/util/hash.ts';
-import { loadMsdDataset, type MsdDataset } from '../data/msd-dataset.ts';
+import { patchToVolumeCase, SiteData } from '../data/site-data.ts';
+import { augmentOptions, DataSettingsSchema, siteDataOptions } from '../data/settings.ts';
+import type { PreparedCase } from '../data/types.ts';
 import type { Logger } from '../../shared/util/log.ts';
 
 export interface LocalTrainingOptions {
@@ -36,7 +38,7 @@ export interface LocalRoundResult {
 export class LocalTraining {
   engineName: string | undefined;
   private trainer: { key: string; trainer: Trainer } | undefined;
-  private dataset: { key: string; data: MsdDataset } | undefined;
+  private dataset: { key: string; data: SiteData } | undefined;
 
   constructor(private readonly o: LocalTrainingOptions) {}
 
@@ -44,10 +46,19 @@ export class LocalTraining {
     const { log } = this.o;
     const arch = architectureFor(settings.model);
     const trainer = await this.trainerFor(arch, settings);
-    const data = await this.datasetFor(settings);
-    if (data.train.length === 0) {
-      throw new Error(`no usable labelled training cases in the site's data folder (${data.skipped.length} skipped); run \`medfl site check-data\` to see why`);
+    const dataSettings = settings.data ?? DataSettingsSchema.parse({});
+    const data = await this.siteDataFor(settings);
+    const usable = data.train.filter((r) => !data.isBad(r));
+    if (usable.length === 0) {
+      throw new Error(`no usable labelled training cases in the site's data folder (${data.skipped().length} skipped); run \`medfl site check-data\` to see why`);
     }
+    const augment = augmentOptions(dataSettings);
+    // Patches come from the site's bounded cache, one batch at a time; whole volumes are never all in memory.
+    const source = {
+      cases: usable.length,
+      sample: async (count: number, rng: () => number) =>
+        (await data.sampleBatch(data.train, count, rng, { augment })).map((p, i) => patchToVolumeCase(p, `batch-${i}`)),
+    };
 
     const global = decodeSafetensors(modelBytes).bundle;
     const sharedSpecs = arch.params().filter((p) => settings.sharedTensors.includes(p.name));
@@ -56,12 +67,13 @@ export class LocalTraining {
 
     const local = this.loadLocal(arch, settings);
     const start = merge(merge(arch.init(this.siteSeed(settings.model.seed)), local), global);
-    const steps = settings.local.steps ?? Math.max(1, Math.ceil(((settings.local.epochs ?? 1) * data.train.length) / settings.local.batchSize));
+    const steps = settings.local.steps ?? Math.max(1, Math.ceil(((settings.local.epochs ?? 1) * usable.length) / settings.local.batchSize));
     const t0 = performance.now();
-    log.info({ round: ctx.round, steps, engine: trainer.engine, trainCases: data.train.length }, 'local training started');
+    log.info({ round: ctx.round, steps, engine: trainer.engine, trainCases: usable.length }, 'local training started');
     const result = await trainer.train({
       weights: start,
-      cases: data.train,
+      cases: [],
+      source,
       steps,
       batchSize: settings.local.batchSize,
       learningRate: settings.local.learningRate,
@@ -71,7 +83,8 @@ export class LocalTraining {
       onStep: (s) => ctx.onProgress?.((s + 1) / steps),
     });
     const trainSeconds = (performance.now() - t0) / 1000;
-    const evaluation = data.val.length > 0 ? await trainer.evaluate(result.weights, data.val) : undefined;
+    const val = await this.validationCases(data);
+    const evaluation = val.length > 0 ? await trainer.evaluate(result.weights, val) : undefined;
 
     this.saveLocal(arch, settings, result.weights);
     const update = pick(result.weights, settings.sharedTensors.map((name) => ({ name })));
@@ -79,7 +92,7 @@ export class LocalTraining {
       train_loss: result.loss,
       train_loss_first: result.firstLoss,
       num_train: result.samples,
-      num_val: data.val.length,
+      num_val: val.length,
       train_seconds: trainSeconds,
     };
     if (evaluation) {
@@ -101,15 +114,28 @@ export class LocalTraining {
     return this.trainer.trainer;
   }
 
-  private async datasetFor(settings: TaskSettings): Promise<MsdDataset> {
-    const key = JSON.stringify(settings.model.patch);
+  private async siteDataFor(settings: TaskSettings): Promise<SiteData> {
+    const dataSettings = settings.data ?? DataSettingsSchema.parse({});
+    const key = JSON.stringify({ patch: settings.model.patch, data: dataSettings });
     if (this.dataset?.key !== key) {
-      const data = await loadMsdDataset(this.o.dataDir, { patch: settings.model.patch, log: this.o.log });
-      if (data.skipped.length > 0) this.o.log.warn({ skipped: data.skipped.length }, 'some cases were unreadable and are skipped (see debug log or `medfl site check-data`)');
-      this.o.log.info({ train: data.train.length, val: data.val.length, unlabelled: data.unlabelled }, 'site data loaded');
+      const patch = [...settings.model.patch] as [number, number, number];
+      const data = await SiteData.open(this.o.dataDir, siteDataOptions(dataSettings, patch, this.o.log));
+      if (data.skipped().length > 0) this.o.log.warn({ skipped: data.skipped().length }, 'some cases are unusable and are skipped (see debug log or `medfl site check-data`)');
       this.dataset = { key, data };
     }
     return this.dataset.data;
+  }
+
+  /** Held-back validation cases (imagesTs + labelsTs), whole volumes, single channel. */
+  private async validationCases(data: SiteData): Promise<VolumeCase[]> {
+    const out: VolumeCase[] = [];
+    for (const ref of data.val) {
+      const c: PreparedCase | undefined = await data.load(ref);
+      if (!c || !c.label) continue;
+      if (c.channels.length !== 1) throw new Error(`validation case ${ref.id} has ${c.channels.length} channels; the trainers take one`);
+      out.push({ id: ref.id, shape: [c.shape[0], c.shape[1], c.shape[2]], image: c.channels[0], label: c.label });
+    }
+    return out;
   }
 
   /** The site's own tensors live in a file keyed by the architecture, so a plan change never mixes layouts. */

@@ -6,6 +6,8 @@ import { writeNifti } from '../../site-agent/data/nifti.ts';
 import { mulberry32 } from '../../site-agent/data/prng.ts';
 import { patchToVolumeCase, SiteData, type DataLogger } from '../../site-agent/data/site-data.ts';
 import { preparedBytes } from '../../site-agent/data/types.ts';
+import { normalizeMri } from '../../site-agent/data/normalize.ts';
+import { foregroundMask } from '../../site-agent/data/msd-dataset.ts';
 
 const tmp = mkdtempSync(join(tmpdir(), 'medfl-sitedata-'));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
@@ -134,9 +136,15 @@ describe('SiteData preprocessing', () => {
     expect(c.channels).toHaveLength(2);
     expect(Math.min(...c.channels[0])).toBeGreaterThanOrEqual(0);
     expect(Math.max(...c.channels[0])).toBeLessThanOrEqual(1);
+    // All voxels nonzero here: the statistics come from the threshold body mask, applied to every voxel.
     const mri = c.channels[1];
-    const mean = mri.reduce((s, x) => s + x, 0) / mri.length;
-    expect(Math.abs(mean)).toBeLessThan(0.1); // all voxels nonzero here, so the whole volume is z-scored
+    expect(mri.some((x) => x === 0)).toBe(false);
+    const { data: z, stats } = normalizeMri(v.image);
+    const body = foregroundMask(v.image, 'auto');
+    expect(stats.foregroundVoxels).toBe(body.reduce((a, b) => a + b, 0));
+    expect(stats.foregroundVoxels).toBeLessThan(v.image.length);
+    const bodyZ = z.filter((_, i) => body[i] === 1);
+    expect(Math.abs(bodyZ.reduce((a, b) => a + b, 0) / bodyZ.length)).toBeLessThan(1e-4);
     expect(new Set(c.label)).toEqual(new Set([0, 1]));
     const batch = await data.sampleBatch(undefined, 2, mulberry32(3));
     expect(batch[0].channels).toBe(2);

@@ -1,0 +1,49 @@
+/**
+ * The plan's `data` section: how every site prepares its scans (spacing, intensity normalisation, patch
+ * sampling, augmentation, cache budget). Validated at the edge; every field has a default, so
+ * `DataSettingsSchema.parse({})` is a complete setting. Sites map it to their loader in
+ * site-agent/data/settings.ts.
+ */
+import { z } from 'zod';
+
+/** CT window in HU (soft-tissue window), scaled to [0, 1]. */
+export const DEFAULT_CT_WINDOW: readonly [number, number] = [-200, 250];
+/** Memory for prepared cases at a site. */
+export const DEFAULT_CACHE_MIB = 1024;
+
+const positive = z.number().positive();
+const prob = z.number().min(0).max(1);
+const range = z.tuple([z.number(), z.number()]).refine(([a, b]) => a <= b, { message: 'range must be [low, high]' });
+
+export const AugmentSettingsSchema = z
+  .object({
+    flipProbability: prob.default(0.5),
+    /** Label pairs swapped by a left–right flip (laterality), e.g. [[1, 2]]. */
+    leftRightPairs: z.array(z.tuple([z.number().int().min(0).max(255), z.number().int().min(0).max(255)])).default([]),
+    scaleProbability: prob.default(0.15),
+    scaleRange: range.default([0.75, 1.25]),
+    shiftProbability: prob.default(0),
+    shiftRange: range.default([-0.1, 0.1]),
+    noiseProbability: prob.default(0.1),
+    noiseVariance: range.default([0, 0.1]),
+  })
+  .strict();
+
+export const DataSettingsSchema = z
+  .object({
+    /** Target voxel size [D, H, W] in mm in canonical RAS+ (D = S, H = A, W = R); absent = each case's own. */
+    spacing: z.tuple([positive, positive, positive]).optional(),
+    /** auto: CT window for channels dataset.json names "CT", MRI z-score over nonzero voxels for the rest. */
+    normalization: z.enum(['auto', 'ct', 'mri', 'none']).default('auto'),
+    /** CT window [lo, hi] in HU, scaled to [0, 1]. */
+    ctWindow: range.default([DEFAULT_CT_WINDOW[0], DEFAULT_CT_WINDOW[1]]),
+    /** Share of training patches forced to contain foreground (nnU-Net: 0.33). */
+    foregroundFraction: prob.default(0.33),
+    /** Memory for prepared cases, MiB. */
+    cacheMiB: positive.default(DEFAULT_CACHE_MIB),
+    /** false = no augmentation. */
+    augment: z.union([z.literal(false), AugmentSettingsSchema]).default(() => AugmentSettingsSchema.parse({})),
+  })
+  .strict();
+
+export type DataSettings = z.infer<typeof DataSettingsSchema>;
