@@ -244,6 +244,20 @@ describe('onednn conv kernels', () => {
     expect(r.kernels && r.info.cachedPrimitives).toBeLessThanOrEqual(192);
   });
 
+  it('threads: OMP_NUM_THREADS or every core by default; the threads option sets them', () => {
+    const before = kernelsOrFail().addon.info().threads;
+    const env = Number(process.env.OMP_NUM_THREADS);
+    if (env > 0) expect(before).toBe(env);
+    else expect(before).toBe(kernelsOrFail().addon.info().procs);
+    const one = loadOneDnnKernels({ threads: 1 });
+    try {
+      expect(one.kernels && one.info.threads).toBe(1);
+    } finally {
+      kernelsOrFail().addon.setThreads(before);
+    }
+    expect(kernelsOrFail().addon.info().threads).toBe(before);
+  });
+
   it('accepts subarray views and rejects arrays of the wrong length with a clear error', () => {
     const k = kernelsOrFail();
     const rand = rng(3);
