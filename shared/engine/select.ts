@@ -1,11 +1,13 @@
 /**
- * Compute-engine selection for training. Native TensorFlow (GPU, then CPU) when its optional npm
- * package loads, else the pure-JS `cpu` backend of @tensorflow/tfjs. The wasm backend is never chosen
- * for training: tfjs-backend-wasm 4.22 computes wrong conv3d gradients (training stalls at ln 2).
+ * Compute-engine selection for the tfjs trainer (tiny3d). In order: native TensorFlow with a GPU, native
+ * TensorFlow on CPU (when their optional npm packages load), WebAssembly, pure JS. tfjs-backend-wasm 4.22
+ * computes wrong conv3d gradients (training stalls at ln 2), so on wasm, as on cpu, convolutions run through
+ * our own verified kernels (conv3d-cpu.ts) and wasm does the rest (element-wise ops, reductions, Adam).
+ * The Med3D trainer does not use tfjs: it picks convolution kernels in conv-select.ts.
  */
 import type * as TfModule from '@tensorflow/tfjs';
 
-export type EngineName = 'tfjs-node-gpu' | 'tfjs-node' | 'cpu';
+export type EngineName = 'tfjs-node-gpu' | 'tfjs-node' | 'wasm' | 'cpu';
 
 export interface EngineAttempt {
   readonly name: string;
@@ -25,9 +27,9 @@ export interface SelectEngineOptions {
   readonly force?: string;
 }
 
-const ENGINE_NAMES: readonly EngineName[] = ['tfjs-node-gpu', 'tfjs-node', 'cpu'];
+const ENGINE_NAMES: readonly EngineName[] = ['tfjs-node-gpu', 'tfjs-node', 'wasm', 'cpu'];
 
-const NATIVE_PACKAGES: Record<Exclude<EngineName, 'cpu'>, { pkg: string; backend: string; hint: string }> = {
+const NATIVE_PACKAGES: Record<Exclude<EngineName, 'cpu' | 'wasm'>, { pkg: string; backend: string; hint: string }> = {
   'tfjs-node-gpu': {
     pkg: '@tensorflow/tfjs-node-gpu',
     backend: 'tensorflow',
@@ -38,12 +40,6 @@ const NATIVE_PACKAGES: Record<Exclude<EngineName, 'cpu'>, { pkg: string; backend
     backend: 'tensorflow',
     hint: 'its install needs internet access to download libtensorflow',
   },
-};
-
-const WASM_NOTE: EngineAttempt = {
-  name: 'wasm',
-  ok: false,
-  reason: 'not used for training: tfjs-backend-wasm 4.22 computes wrong conv3d gradients',
 };
 
 const memo = new Map<string, Promise<EngineInfo>>();
@@ -65,12 +61,6 @@ export function selectEngine(opts: SelectEngineOptions = {}): Promise<EngineInfo
 }
 
 async function resolveEngine(requested: string): Promise<EngineInfo> {
-  if (requested === 'wasm') {
-    throw new Error(
-      `MEDFL_ENGINE=wasm is not supported for training: ${WASM_NOTE.reason}. ` +
-        'Use MEDFL_ENGINE=cpu (pure JS, correct gradients) or install @tensorflow/tfjs-node.',
-    );
-  }
   if (requested !== 'auto' && !(ENGINE_NAMES as readonly string[]).includes(requested)) {
     throw new Error(`unknown engine "${requested}" (MEDFL_ENGINE): expected one of auto, ${ENGINE_NAMES.join(', ')}`);
   }
@@ -79,9 +69,18 @@ async function resolveEngine(requested: string): Promise<EngineInfo> {
   for (const name of order) {
     if (name === 'cpu') {
       const tf = await loadCpu();
-      tried.push({ name: 'cpu', ok: true, reason: 'pure-JS backend of @tensorflow/tfjs (correct gradients, slow)' });
-      tried.push(WASM_NOTE);
+      tried.push({ name: 'cpu', ok: true, reason: 'pure-JS backend of @tensorflow/tfjs' });
       return { name, tf, tried };
+    }
+    if (name === 'wasm') {
+      const w = await loadWasm();
+      if ('tf' in w) {
+        tried.push({ name, ok: true, reason: 'tfjs-backend-wasm; convolutions on MedFL kernels (wasm conv3d gradients are wrong)' });
+        return { name, tf: w.tf, tried };
+      }
+      tried.push({ name, ok: false, reason: w.reason });
+      if (requested !== 'auto') throw new Error(`engine "wasm" was requested (MEDFL_ENGINE or --engine), but ${w.reason}. Reinstall with "npm ci", or use MEDFL_ENGINE=cpu.`);
+      continue;
     }
     const attempt = await loadNative(name);
     if ('tf' in attempt) {
@@ -101,7 +100,7 @@ async function resolveEngine(requested: string): Promise<EngineInfo> {
   throw new Error('no compute engine could be selected');
 }
 
-async function loadNative(name: Exclude<EngineName, 'cpu'>): Promise<{ tf: typeof TfModule } | { reason: string }> {
+async function loadNative(name: Exclude<EngineName, 'cpu' | 'wasm'>): Promise<{ tf: typeof TfModule } | { reason: string }> {
   const { pkg, backend } = NATIVE_PACKAGES[name];
   let mod: unknown;
   try {
@@ -132,6 +131,18 @@ function hasGpu(tf: typeof TfModule): boolean {
   const probe = be.binding?.isUsingGpuDevice;
   // Without the probe we cannot tell; trust the package that was installed on purpose.
   return typeof probe === 'function' ? Boolean(probe.call(be.binding)) : true;
+}
+
+async function loadWasm(): Promise<{ tf: typeof TfModule } | { reason: string }> {
+  try {
+    const tf = await import('@tensorflow/tfjs');
+    await import('@tensorflow/tfjs-backend-wasm');
+    if (!(await tf.setBackend('wasm'))) return { reason: 'the @tensorflow/tfjs-backend-wasm backend failed to initialise' };
+    await tf.ready();
+    return { tf };
+  } catch (err) {
+    return { reason: describeLoadError(err, '@tensorflow/tfjs-backend-wasm') };
+  }
 }
 
 async function loadCpu(): Promise<typeof TfModule> {

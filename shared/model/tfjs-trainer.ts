@@ -46,7 +46,9 @@ export interface TfjsOps {
   /** Nearest-neighbour ×2 upsampling of D, H and W. */
   upsample2x(x: Tensor5D): Tensor5D;
   /** ½·(cross-entropy + soft Dice loss) of NDHWC logits against one-hot targets [N·D·H·W, C]; see segmentationLoss. */
-  segmentationLoss(logits: Tensor, oneHot: Tensor): TfModule.Scalar;
+  segmentationLoss(logits: Tensor, oneHot: Tensor, weight?: Tensor): TfModule.Scalar;
+  /** Training-time feature noise (a noisy student's dropout); absent = identity. */
+  readonly dropout?: (x: Tensor5D) => Tensor5D;
 }
 
 /** Maps an NDHWC image batch (C = 1) to NDHWC logits of the same spatial size. */
@@ -65,7 +67,7 @@ export function tiny3dForward(p: ReadonlyMap<string, Tensor>, x: Tensor5D, ops: 
   const mid = conv(down, 'encoder.mid', { relu: true });
   const up = ops.upsample2x(conv(mid, 'head.up', { relu: true }));
   const fused = conv(stem, 'head.skip', { add: up, relu: true });
-  return conv(fused, 'head.out', {});
+  return conv(ops.dropout ? ops.dropout(fused) : fused, 'head.out', {});
 }
 
 const FORWARDS = new Map<string, TfjsForward>([[TINY3D_ID, tiny3dForward]]);
@@ -83,7 +85,8 @@ export const DICE_SMOOTH = 1;
  * Soft Dice per class over the whole batch (nnU-Net's "batch Dice"): random crops often miss the
  * foreground, and per-sample Dice would then push hard towards all-background.
  */
-export function segmentationLoss(tf: Tf, logits: Tensor, oneHot: Tensor): TfModule.Scalar {
+export function segmentationLoss(tf: Tf, logits: Tensor, oneHot: Tensor, weight?: Tensor): TfModule.Scalar {
+  if (weight) return weightedSegmentationLoss(tf, logits, oneHot, weight);
   return tf.tidy(() => {
     const c = logits.shape[logits.rank - 1] as number;
     const flat = tf.reshape(logits, [-1, c]);
@@ -99,10 +102,33 @@ export function segmentationLoss(tf: Tf, logits: Tensor, oneHot: Tensor): TfModu
 }
 
 /**
- * The same loss and its gradient with respect to the logits in one JS pass (the tf-ops version costs
- * ~20% of a cpu training step). Rows of `oneHot` must sum to 1.
+ * segmentationLoss with a per-voxel weight w (pseudo-label confidence mask × class balance): cross-entropy
+ * −Σ_v w_v Σ_c g·log p / N, soft Dice from Σ w·p·g, Σ w·p and Σ w·g. With w ≡ 1 it equals the unweighted loss.
  */
-export function segmentationLossJs(z: Float32Array, oneHot: Float32Array, numClasses: number): { loss: number; grad: Float32Array } {
+function weightedSegmentationLoss(tf: Tf, logits: Tensor, oneHot: Tensor, weight: Tensor): TfModule.Scalar {
+  return tf.tidy(() => {
+    const c = logits.shape[logits.rank - 1] as number;
+    const flat = tf.reshape(logits, [-1, c]);
+    const w = tf.reshape(weight, [-1, 1]);
+    const logp = tf.logSoftmax(flat);
+    const ce = tf.neg(tf.mean(tf.mul(tf.sum(tf.mul(oneHot, logp), -1, true), w)));
+    const prob = tf.exp(logp);
+    const pw = tf.mul(prob, w);
+    const inter = tf.sum(tf.mul(pw, oneHot), 0);
+    const denom = tf.add(tf.sum(pw, 0), tf.sum(tf.mul(oneHot, w), 0));
+    const dice = tf.div(tf.add(tf.mul(inter, 2), DICE_SMOOTH), tf.add(denom, DICE_SMOOTH));
+    const diceLoss = tf.sub(1, tf.mean(tf.slice(dice, [1], [c - 1])));
+    return tf.mul(tf.add(ce, diceLoss), 0.5) as TfModule.Scalar;
+  });
+}
+
+/**
+ * The same loss and its gradient with respect to the logits in one JS pass (the tf-ops version costs
+ * ~20% of a cpu training step). Rows of `oneHot` must sum to 1 (soft rows are fine). `weight` (one value per
+ * voxel) scales each voxel's share of the cross-entropy and of the Dice sums; 0 masks a voxel out. Without it
+ * the result is bit for bit the unweighted loss.
+ */
+export function segmentationLossJs(z: Float32Array, oneHot: Float32Array, numClasses: number, weight?: Float32Array): { loss: number; grad: Float32Array } {
   const C = numClasses;
   const nv = z.length / C;
   const p = new Float32Array(z.length);
@@ -110,7 +136,9 @@ export function segmentationLossJs(z: Float32Array, oneHot: Float32Array, numCla
   const psum = new Float64Array(C);
   const gsum = new Float64Array(C);
   let ce = 0;
+  if (weight && weight.length !== nv) throw new Error(`segmentation loss: ${weight.length} voxel weights for ${nv} voxels`);
   for (let v = 0, o = 0; v < nv; v++, o += C) {
+    const wv = weight ? weight[v] : 1;
     let max = z[o];
     for (let c = 1; c < C; c++) if (z[o + c] > max) max = z[o + c];
     let se = 0;
@@ -120,6 +148,13 @@ export function segmentationLossJs(z: Float32Array, oneHot: Float32Array, numCla
       const g = oneHot[o + c];
       const pc = Math.exp(z[o + c] - lse);
       p[o + c] = pc;
+      if (weight) {
+        if (g !== 0) ce -= wv * g * (z[o + c] - lse);
+        inter[c] += wv * pc * g;
+        psum[c] += wv * pc;
+        gsum[c] += wv * g;
+        continue;
+      }
       if (g !== 0) ce -= g * (z[o + c] - lse);
       inter[c] += pc * g;
       psum[c] += pc;
@@ -150,6 +185,11 @@ export function segmentationLossJs(z: Float32Array, oneHot: Float32Array, numCla
       a[c] = coefA[c] * oneHot[o + c] + coefB[c];
       dot += p[o + c] * a[c];
     }
+    if (weight) {
+      const wv = weight[v];
+      for (let c = 0; c < C; c++) grad[o + c] = wv * (p[o + c] * (a[c] - dot) + ceScale * (p[o + c] - oneHot[o + c]));
+      continue;
+    }
     for (let c = 0; c < C; c++) grad[o + c] = p[o + c] * (a[c] - dot) + ceScale * (p[o + c] - oneHot[o + c]);
   }
   return { loss, grad };
@@ -157,7 +197,9 @@ export function segmentationLossJs(z: Float32Array, oneHot: Float32Array, numCla
 
 export function createTfjsOps(engine: EngineInfo): TfjsOps {
   const tf = engine.tf;
-  if (engine.name !== 'cpu') {
+  // Native TensorFlow has correct conv3d gradients; on wasm (wrong conv3d gradients) and cpu (slow Conv3D)
+  // convolutions go through our kernels.
+  if (engine.name !== 'cpu' && engine.name !== 'wasm') {
     return {
       tf,
       conv3d(x, w, b, opts = {}) {
@@ -176,7 +218,7 @@ export function createTfjsOps(engine: EngineInfo): TfjsOps {
         const xd = twice(xh, n * d, 4 * h * w * c);
         return tf.reshape(xd, [n, 2 * d, 2 * h, 2 * w, c]) as Tensor5D;
       },
-      segmentationLoss: (logits, oneHot) => segmentationLoss(tf, logits, oneHot),
+      segmentationLoss: (logits, oneHot, weight) => segmentationLoss(tf, logits, oneHot, weight),
     };
   }
   return {
@@ -238,12 +280,13 @@ export function createTfjsOps(engine: EngineInfo): TfjsOps {
       });
       return op(x) as Tensor5D;
     },
-    segmentationLoss(logits, oneHot) {
+    segmentationLoss(logits, oneHot, weight) {
       const c = logits.shape[logits.rank - 1] as number;
       const target = oneHot.dataSync() as Float32Array;
+      const w = weight ? (weight.dataSync() as Float32Array) : undefined;
       const op = tf.customGrad((...args: unknown[]) => {
         const [zT] = args as [Tensor];
-        const r = segmentationLossJs(zT.dataSync() as Float32Array, target, c);
+        const r = segmentationLossJs(zT.dataSync() as Float32Array, target, c, w);
         return {
           value: tf.scalar(r.loss),
           gradFunc: (dy: TfModule.Scalar) => tf.mul(tf.tensor(r.grad, zT.shape), dy),
@@ -286,8 +329,10 @@ export function createTfjsTrainer(arch: ModelArchitecture, engine: EngineInfo, f
       if (!Number.isInteger(req.steps) || req.steps < 1) throw new Error(`train: steps must be a positive integer, got ${req.steps}`);
       if (!Number.isInteger(req.batchSize) || req.batchSize < 1) throw new Error(`train: batchSize must be a positive integer, got ${req.batchSize}`);
       if (!(req.learningRate > 0)) throw new Error(`train: learningRate must be > 0, got ${req.learningRate}`);
-      const labelled = req.cases.filter((c) => c.label !== undefined);
+      const labelled = req.cases.filter((c) => c.label !== undefined || c.target !== undefined);
       if (!req.source && labelled.length === 0) throw new Error('train: no labelled cases');
+      const dropout = req.dropout ?? 0;
+      if (!(dropout >= 0 && dropout < 1)) throw new Error(`train: dropout must be in [0, 1), got ${req.dropout}`);
       const mu = req.proximalMu ?? 0;
       const rng = mulberry32(req.seed);
 
@@ -297,6 +342,18 @@ export function createTfjsTrainer(arch: ModelArchitecture, engine: EngineInfo, f
       const trainable = specs.filter((s) => s.trainable).map((s) => vars.get(s.name)!);
       const optimizer = tf.train.adam(req.learningRate);
       const losses: number[] = [];
+      // Inverted dropout with a mask from the request's rng (so a seed fixes the run on every engine).
+      const trainOps: TfjsOps = dropout > 0
+        ? {
+            ...ops,
+            dropout: (f: Tensor5D) => {
+              const mask = new Float32Array(f.size);
+              const keep = 1 / (1 - dropout);
+              for (let i = 0; i < mask.length; i++) mask[i] = rng() < dropout ? 0 : keep;
+              return tf.mul(f, tf.tensor(mask, f.shape)) as Tensor5D;
+            },
+          }
+        : ops;
       try {
         // `step` is the 0-based index of the step just run, as the site agent's progress bar expects.
         for (let step = 0; step < req.steps; step++) {
@@ -304,11 +361,12 @@ export function createTfjsTrainer(arch: ModelArchitecture, engine: EngineInfo, f
           const [pd, ph, pw] = arch.patchShape;
           const x = tf.tensor(batch.image, [req.batchSize, pd, ph, pw, 1]) as Tensor5D;
           const y = tf.tensor(batch.oneHot, [req.batchSize * pd * ph * pw, numClasses]);
+          const wt = batch.weight ? tf.tensor(batch.weight, [req.batchSize * pd * ph * pw]) : undefined;
           let task: Tensor | undefined;
           try {
             const total = optimizer.minimize(
               () => {
-                const t = ops.segmentationLoss(fwd(vars, x, ops), y);
+                const t = trainOps.segmentationLoss(fwd(vars, x, trainOps), y, wt);
                 task = tf.keep(t);
                 if (mu <= 0) return t;
                 // FedProx: (μ/2)·Σ‖w − w_start‖² over trainable parameters.
@@ -328,6 +386,7 @@ export function createTfjsTrainer(arch: ModelArchitecture, engine: EngineInfo, f
             (task as Tensor | undefined)?.dispose();
             x.dispose();
             y.dispose();
+            wt?.dispose();
           }
           await yieldToEventLoop();
         }
@@ -370,7 +429,37 @@ export function createTfjsTrainer(arch: ModelArchitecture, engine: EngineInfo, f
       const meanDice = dicePerClass.reduce((a, v) => a + v, 0) / dicePerClass.length;
       return { dicePerClass, meanDice, cases: perCase.length };
     },
+
+    async predictProbs(weights: TensorBundle, vc: VolumeCase): Promise<Float32Array> {
+      checkWeights(weights);
+      const params = toTensors(weights);
+      try {
+        return volumeProbs(tf, ops, fwd, params, vc);
+      } finally {
+        for (const t of params.values()) t.dispose();
+      }
+    },
   };
+}
+
+/** Softmax probabilities [D·H·W, C] of a whole volume in one forward pass (odd sizes padded as in predictVolume). */
+export function volumeProbs(tf: Tf, ops: TfjsOps, fwd: TfjsForward, params: ReadonlyMap<string, Tensor>, vc: VolumeCase): Float32Array {
+  const [D, H, W] = vc.shape;
+  const [Dp, Hp, Wp] = [D, H, W].map((s) => s + (s % 2)) as [number, number, number];
+  let input = vc.image;
+  if (Dp !== D || Hp !== H || Wp !== W) {
+    input = new Float32Array(Dp * Hp * Wp);
+    for (let z = 0; z < D; z++) for (let y = 0; y < H; y++) input.set(vc.image.subarray((z * H + y) * W, (z * H + y + 1) * W), (z * Hp + y) * Wp);
+  }
+  const probs = tf.tidy(() => tf.softmax(fwd(params, tf.tensor(input, [1, Dp, Hp, Wp, 1]) as Tensor5D, ops)));
+  const full = probs.dataSync() as Float32Array;
+  const C = probs.shape[probs.rank - 1] as number;
+  probs.dispose();
+  const out = new Float32Array(D * H * W * C);
+  for (let z = 0; z < D; z++) {
+    for (let y = 0; y < H; y++) out.set(full.subarray(((z * Hp + y) * Wp) * C, ((z * Hp + y) * Wp + W) * C), ((z * H + y) * W) * C);
+  }
+  return out;
 }
 
 /**
