@@ -128,8 +128,10 @@ siteCmd
   .requiredOption('--data <dir>', 'local data in the MSD / nnU-Net layout (dataset.json, imagesTr/, labelsTr/)')
   .option('--audit-wire <file>', 'append a summary of every message this site sends to FILE')
   .option('--exit-when-finished', 'exit when the coordinator says the federation is finished', false)
-  .addOption(new Option('--engine <name>', 'force a compute engine').choices(['auto', 'tfjs-node-gpu', 'tfjs-node', 'cpu']))
-  .action(async (o: { dir: string; data: string; auditWire?: string; exitWhenFinished: boolean; engine?: string }) => {
+  .addOption(new Option('--engine <name>', 'force the tfjs engine (tiny3d); env MEDFL_ENGINE').choices(['auto', 'tfjs-node-gpu', 'tfjs-node', 'wasm', 'cpu']))
+  .addOption(new Option('--kernels <name>', 'force the convolution kernels of the Med3D engine; env MEDFL_KERNELS').choices(['auto', 'onednn', 'js']))
+  .action(async (o: { dir: string; data: string; auditWire?: string; exitWhenFinished: boolean; engine?: string; kernels?: string }) => {
+    if (o.kernels) process.env.MEDFL_KERNELS = o.kernels;
     const { SiteAgent } = await import('../site-agent/agent.ts');
     const { createLogger } = await import('../shared/util/log.ts');
     const { SiteHome } = await import('../site-agent/home.ts');
@@ -176,7 +178,7 @@ model
   .option('--arch <arch>', 'override the architecture recorded in the file (resnet10 …)')
   .option('--shortcut <type>', 'override the shortcut type (A or B)')
   .option('--width <multiplier>', 'override the width multiplier')
-  .addOption(new Option('--engine <name>', 'force a compute engine').choices(['auto', 'tfjs-node-gpu', 'tfjs-node', 'cpu']))
+  .addOption(new Option('--engine <name>', 'force a compute engine').choices(['auto', 'tfjs-node-gpu', 'tfjs-node', 'wasm', 'cpu']))
   .action(async (o: { model: string; input: string; out: string; arch?: string; shortcut?: string; width?: string; engine?: string }) => {
     const { runEmbed } = await import('./model-embed.ts');
     await runEmbed({ ...o, log: (line) => process.stdout.write(line + '\n') });
