@@ -22,7 +22,12 @@ export function parsePlan(text: string, source = 'plan'): Plan {
   }
   const raw = doc.toJS() ?? {};
   const result = PlanSchema.safeParse(raw);
-  if (result.success) return result.data;
+  if (result.success) {
+    // Rules across sections, checked here so the schema stays a plain object others can pick parts from.
+    const cross = crossSectionProblems(result.data).map((c) => `${source}:${lineOf(doc.contents, c.path, lineCounter) ?? '?'}: ${c.path.join('.')}: ${c.message}`);
+    if (cross.length === 0) return result.data;
+    throw new PlanError(source, cross);
+  }
   const problems = result.error.issues.map((issue) => {
     const path = issue.path.map(String);
     // An unknown key is best pointed at by its own line.
@@ -32,6 +37,17 @@ export function parsePlan(text: string, source = 'plan'): Plan {
     return `${source}:${line ?? '?'}: ${where}: ${issue.message}`;
   });
   throw new PlanError(source, problems);
+}
+
+function crossSectionProblems(plan: Plan): { path: string[]; message: string }[] {
+  const out: { path: string[]; message: string }[] = [];
+  if (plan.model.architecture === 'tiny3d' && plan.local.optimizer) {
+    out.push({ path: ['local', 'optimizer'], message: 'applies to model.architecture med3d; the tiny3d demo net always trains with Adam at local.learningRate (remove local.optimizer or use med3d)' });
+  }
+  if (plan.model.architecture === 'med3d' && plan.model.head === 'segmentation' && plan.model.patch.some((d) => d % 8 !== 0)) {
+    out.push({ path: ['model', 'patch'], message: `med3d segmentation predicts on a ¼ grid and needs patch sides that are multiples of 8, got [${plan.model.patch.join(', ')}]` });
+  }
+  return out;
 }
 
 export function loadPlanFile(path: string): Plan {
