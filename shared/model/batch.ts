@@ -7,8 +7,13 @@ import type { PatchSource, VolumeCase } from './types.ts';
 
 export interface Batch {
   readonly image: Float32Array;
-  /** [batch·D·H·W, numClasses]; empty when sampled without labels. */
+  /** [batch·D·H·W, numClasses]; empty when sampled without labels. Soft rows where a case has `target`. */
   readonly oneHot: Float32Array;
+  /**
+   * Per-voxel loss weights [batch·D·H·W]; only present when some sampled case carries `weight` or `target`
+   * (pseudo-labels), so plain labelled batches are exactly what they were.
+   */
+  readonly weight?: Float32Array;
   /** The case each batch entry came from. */
   readonly cases: readonly VolumeCase[];
 }
@@ -32,11 +37,16 @@ export function sampleBatch(
   const image = new Float32Array(batchSize * pv);
   const oneHot = new Float32Array(withLabels ? batchSize * pv * numClasses : 0);
   const picked: VolumeCase[] = [];
+  let weight: Float32Array | undefined;
   for (let b = 0; b < batchSize; b++) {
     const vc = opts.inOrder ? cases[b % cases.length] : cases[randomInt(rng, cases.length)];
     picked.push(vc);
     const [D, H, W] = vc.shape;
     const label = vc.label;
+    const target = vc.target;
+    if (withLabels && (vc.weight || target) && !weight) weight = new Float32Array(batchSize * pv).fill(1);
+    if (withLabels && target && target.length !== D * H * W * numClasses) throw new Error(`case ${vc.id}: soft target holds ${target.length} values, expected ${D * H * W * numClasses}`);
+    if (withLabels && !target && !label) throw new Error(`case ${vc.id}: no label and no soft target`);
     const oz = D > pd ? randomInt(rng, D - pd + 1) : 0;
     const oy = H > ph ? randomInt(rng, H - ph + 1) : 0;
     const ox = W > pw ? randomInt(rng, W - pw + 1) : 0;
@@ -54,7 +64,11 @@ export function sampleBatch(
           if (sz < D && sy < H && sx < W) {
             const src = (sz * H + sy) * W + sx;
             image[dst] = vc.image[src];
-            if (withLabels) {
+            if (withLabels && target) {
+              for (let c = 0; c < numClasses; c++) oneHot[dst * numClasses + c] = target[src * numClasses + c];
+              if (vc.weight) weight![dst] = vc.weight[src];
+            } else if (withLabels) {
+              if (vc.weight) weight![dst] = vc.weight[src];
               const cls = label![src];
               if (cls >= numClasses) throw new Error(`case ${vc.id}: label ${cls} ≥ numClasses ${numClasses}`);
               oneHot[dst * numClasses + cls] = 1;
@@ -66,7 +80,8 @@ export function sampleBatch(
       }
     }
   }
-  return { image, oneHot, cases: picked };
+  // Entries without weights that share a batch with weighted ones keep weight 1 (the array starts filled with 1).
+  return { image, oneHot, cases: picked, ...(weight ? { weight } : {}) };
 }
 
 

@@ -13,7 +13,7 @@ import { diceScores, meanDicePerClass } from '../metrics/dice.ts';
 import { checkAgainstSpecs, makeBundle, type NamedTensor, type TensorBundle } from '../tensors/bundle.ts';
 import { mulberry32 } from '../util/random.ts';
 import { nextBatch } from './batch.ts';
-import { Tape, type Act, act } from './graph/tape.ts';
+import { Tape, type Act, accumulate, act } from './graph/tape.ts';
 import { createMed3dTrainOps, type ParamStore } from './graph/med3d-ops.ts';
 import type { Med3dArchitecture } from './med3d.ts';
 import { med3dEncoderForward, med3dHeadForward } from './med3d-forward.ts';
@@ -73,6 +73,49 @@ export function poolTargets(oneHot: Float32Array, shape: readonly [number, numbe
       }
     }
   }
+  return out;
+}
+
+/**
+ * Pools per-voxel weighted targets onto the head's grid: the pooled weight is the mean weight of the f³ block,
+ * the pooled target the weight-averaged target (so masked voxels do not pull the soft label).
+ */
+export function poolWeightedTargets(
+  target: Float32Array,
+  weight: Float32Array,
+  shape: readonly [number, number, number, number],
+  numClasses: number,
+  f: number,
+): { target: Float32Array; weight: Float32Array } {
+  const C = numClasses;
+  const weighted = new Float32Array(target.length);
+  for (let v = 0; v < weight.length; v++) for (let c = 0; c < C; c++) weighted[v * C + c] = target[v * C + c] * weight[v];
+  const num = poolTargets(weighted, shape, C, f);
+  const plain = poolTargets(target, shape, C, f);
+  const w = poolTargets(weight, shape, 1, f);
+  for (let v = 0; v < w.length; v++) {
+    if (w[v] > 0) for (let c = 0; c < C; c++) num[v * C + c] /= w[v];
+    else for (let c = 0; c < C; c++) num[v * C + c] = plain[v * C + c];
+  }
+  return { target: num, weight: w };
+}
+
+/** Inverted dropout on an activation, recorded on the tape (a noisy student's model noise). */
+function dropoutAct(x: Act, p: number, rng: () => number, tape: Tape): Act {
+  const keep = 1 / (1 - p);
+  const mask = new Float32Array(x.data.length);
+  const y = new Float32Array(x.data.length);
+  for (let i = 0; i < mask.length; i++) {
+    mask[i] = rng() < p ? 0 : keep;
+    y[i] = x.data[i] * mask[i];
+  }
+  const out = act(y, x.shape, true);
+  tape.record(() => {
+    if (!out.grad) return;
+    const g = new Float32Array(mask.length);
+    for (let i = 0; i < g.length; i++) g[i] = out.grad[i] * mask[i];
+    accumulate(x, g, true);
+  });
   return out;
 }
 
@@ -146,7 +189,9 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
         // Batch statistics of one 4³ head map are too noisy to train BatchNorm; PyTorch would train but badly.
         throw new Error('train: Med3D segmentation needs batchSize ≥ 2 (BatchNorm uses batch statistics)');
       }
-      const labelled = req.cases.filter((c) => (head.kind === 'segmentation' ? c.label !== undefined : c.classLabel !== undefined));
+      const labelled = req.cases.filter((c) => (head.kind === 'segmentation' ? c.label !== undefined || c.target !== undefined : c.classLabel !== undefined));
+      const dropout = req.dropout ?? 0;
+      if (!(dropout >= 0 && dropout < 1)) throw new Error(`train: dropout must be in [0, 1), got ${req.dropout}`);
       if (!req.source && labelled.length === 0) throw new Error(`train: no ${head.kind === 'segmentation' ? 'voxel-labelled' : 'class-labelled'} cases`);
       const rng = mulberry32(req.seed);
       const store = new ArrayStore(arch, req.weights);
@@ -168,9 +213,16 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
         if (head.kind === 'segmentation') {
           const batch = await nextBatch(req.source, labelled, req.batchSize, arch.patchShape, numClasses, rng);
           const x = act(batch.image, [req.batchSize, pd, ph, pw, 1], false);
-          out = med3dHeadForward(arch, params, med3dEncoderForward(arch, params, x, ops), ops);
-          const target = poolTargets(batch.oneHot, [req.batchSize, pd, ph, pw], numClasses, MED3D_SEG_FACTOR);
-          ({ loss, grad } = segmentationLossJs(out.data, target, numClasses));
+          const feats = med3dEncoderForward(arch, params, x, ops);
+          out = med3dHeadForward(arch, params, dropout > 0 ? dropoutAct(feats, dropout, rng, tape) : feats, ops);
+          const shape4: [number, number, number, number] = [req.batchSize, pd, ph, pw];
+          if (batch.weight) {
+            const pooled = poolWeightedTargets(batch.oneHot, batch.weight, shape4, numClasses, MED3D_SEG_FACTOR);
+            ({ loss, grad } = segmentationLossJs(out.data, pooled.target, numClasses, pooled.weight));
+          } else {
+            const target = poolTargets(batch.oneHot, shape4, numClasses, MED3D_SEG_FACTOR);
+            ({ loss, grad } = segmentationLossJs(out.data, target, numClasses));
+          }
         } else {
           const batch = await nextBatch(req.source, labelled, req.batchSize, arch.patchShape, 2, rng, { withLabels: false });
           const x = act(batch.image, [req.batchSize, pd, ph, pw, 1], false);
@@ -227,7 +279,44 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
       const meanDice = dicePerClass.reduce((a, v) => a + v, 0) / dicePerClass.length;
       return { dicePerClass, meanDice, cases: perCase.length };
     },
+
+    async predictProbs(weights: TensorBundle, vc: VolumeCase): Promise<Float32Array> {
+      if (head.kind !== 'segmentation') throw new Error('predictProbs: the Med3D classification head has no per-voxel output');
+      checkWeights(weights);
+      const store = new ArrayStore(arch, weights);
+      return med3dVolumeProbs(arch, createMed3dTrainOps({ kernels, store, training: false }), vc);
+    },
   };
+}
+
+/** Softmax probabilities [D·H·W, C] of a whole volume (padding and upsampling as in predictMed3dVolume). */
+export function med3dVolumeProbs(arch: Med3dArchitecture, ops: ReturnType<typeof createMed3dTrainOps>, vc: VolumeCase): Float32Array {
+  const [D, H, W] = vc.shape;
+  const [Dp, Hp, Wp] = [D, H, W].map((s) => Math.ceil(s / 8) * 8) as [number, number, number];
+  let input = vc.image;
+  if (Dp !== D || Hp !== H || Wp !== W) {
+    input = new Float32Array(Dp * Hp * Wp);
+    for (let z = 0; z < D; z++) for (let y = 0; y < H; y++) input.set(vc.image.subarray((z * H + y) * W, (z * H + y + 1) * W), (z * Hp + y) * Wp);
+  }
+  const params = names(arch);
+  const logits = med3dHeadForward(arch, params, med3dEncoderForward(arch, params, act(input, [1, Dp, Hp, Wp, 1], false), ops), ops);
+  const C = arch.numClasses;
+  const full = upsampleLinear(logits.data, logits.shape, MED3D_SEG_FACTOR);
+  const out = new Float32Array(D * H * W * C);
+  for (let z = 0; z < D; z++) {
+    for (let y = 0; y < H; y++) {
+      for (let x = 0; x < W; x++) {
+        const src = ((z * Hp + y) * Wp + x) * C;
+        const dst = ((z * H + y) * W + x) * C;
+        let max = full[src];
+        for (let c = 1; c < C; c++) if (full[src + c] > max) max = full[src + c];
+        let se = 0;
+        for (let c = 0; c < C; c++) se += Math.exp(full[src + c] - max);
+        for (let c = 0; c < C; c++) out[dst + c] = Math.exp(full[src + c] - max) / se;
+      }
+    }
+  }
+  return out;
 }
 
 /**

@@ -44,6 +44,13 @@ export interface VolumeCase {
   readonly label?: Uint8Array;
   /** Case-level class for classification heads. */
   readonly classLabel?: number;
+  /**
+   * Soft per-voxel targets [D·H·W, numClasses] (rows sum to 1), e.g. a teacher's pseudo-labels; used instead
+   * of `label` when present. Site-local like everything here.
+   */
+  readonly target?: Float32Array;
+  /** Per-voxel loss weight, D·H·W (0 = masked out, e.g. an uncertain pseudo-label); absent = 1 everywhere. */
+  readonly weight?: Float32Array;
 }
 
 /**
@@ -74,6 +81,11 @@ export interface TrainRequest {
   readonly optimizer?: OptimizerSpec;
   /** Called after each step; lets the agent heartbeat progress and draw bars. */
   readonly onStep?: (step: number, loss: number) => void;
+  /**
+   * Model noise of a noisy student: dropout probability on the features before the segmentation output
+   * (tiny3d: the fused decoder features; Med3D: the encoder output) and on the classification head. 0/absent = none.
+   */
+  readonly dropout?: number;
 }
 
 export interface TrainResult {
@@ -100,4 +112,9 @@ export interface Trainer {
   readonly architecture: ModelArchitecture;
   train(req: TrainRequest): Promise<TrainResult>;
   evaluate(weights: TensorBundle, cases: readonly VolumeCase[]): Promise<EvalResult>;
+  /**
+   * Eval-mode (un-noised) class probabilities of a whole volume, [D·H·W, numClasses] (softmax, rows sum to 1).
+   * Segmentation heads only; a teacher labels unlabelled cases with it.
+   */
+  predictProbs(weights: TensorBundle, vc: VolumeCase): Promise<Float32Array>;
 }
