@@ -257,18 +257,18 @@ class ComposedRound implements RoundAggregator {
       }
       return { problem: `update delta norm overflows float64 (${norm}); values are far too large` };
     }
-    if (this.base) {
-      const reference = this.norms.length + this.previousNorms.length >= this.rules.normReference ? [...this.previousNorms, ...this.norms] : this.norms;
-      const problem = normProblem(norm, this.rules, reference);
-      if (problem) return { problem, norm };
-    }
+    // Without a base the pass measured ‖x‖, not a delta: only its finiteness means anything.
+    if (!this.base) return {};
+    const reference = this.norms.length + this.previousNorms.length >= this.rules.normReference ? [...this.previousNorms, ...this.norms] : this.norms;
+    const problem = normProblem(norm, this.rules, reference);
+    if (problem) return { problem, norm };
     return { norm };
   }
 
   add(update: TensorBundle, info: UpdateInfo, verdict?: Verdict): void {
     if (this.finished) throw new Error('add() after finish()');
     if (info.isDelta && !this.base) throw new Error(`update from ${info.site} is delta-encoded, but this round keeps no base model`);
-    const norm = verdict?.norm ?? (this.base ? deltaNorm(update, !!info.isDelta, this.base, this.offsets) : undefined);
+    const norm = this.base ? (verdict?.norm ?? deltaNorm(update, !!info.isDelta, this.base, this.offsets)) : undefined;
     const scale = this.clipNorm !== undefined && norm !== undefined && norm > this.clipNorm ? this.clipNorm / norm : 1;
     this.combiner.add(update, info.numSamples, scale, !!info.isDelta, info.site);
     if (norm !== undefined) this.norms.push(norm);

@@ -16,8 +16,9 @@ import type { TensorBundle } from '../../shared/tensors/bundle.ts';
 import { sharedParams, pick } from '../../shared/model/sharing.ts';
 import { manifestBytes, type TaskManifest, type TaskSettings } from '../../shared/protocol/task.ts';
 import { decodeUpdate } from '../../shared/tensors/update-codec.ts';
-import { readFileSync } from 'node:fs';
+import { readFileSync, rmSync } from 'node:fs';
 import type { Logger } from '../../shared/util/log.ts';
+import { parseTeacher, promotion, TEACHER_KEY } from './teacher.ts';
 
 /** The wire shape of a Task, as handed to a site's stream. */
 export interface TaskMessage extends TaskManifest {
@@ -339,6 +340,7 @@ export class RoundEngine {
     // Server-optimiser moments and the DP accountant move on with the model, in the same transaction:
     // a coordinator killed before it commits redoes this round from the previous state.
     const meta: Record<string, string> = {};
+    const previousState = store.getMeta(AGGREGATION_STATE_KEY);
     const state = this.o.strategy.exportState?.();
     if (state) {
       const tensors = state.tensors ? models.save(state.tensors, { kind: 'aggregation-state', round: String(open.row.round) }).hash : null;
@@ -346,11 +348,22 @@ export class RoundEngine {
     }
     const privacy = this.stepAccountant(open.row);
     if (privacy) meta[PRIVACY_KEY] = JSON.stringify(privacy);
+    // Noisy student: the aggregate may become the teacher (persisted in the same transaction).
+    const teacher = promotion(this.o.plan, open.row.round, saved.hash, parseTeacher(store.getMeta(TEACHER_KEY)));
+    if (teacher) meta[TEACHER_KEY] = JSON.stringify(teacher);
     store.closeRound(open.row.round, { hash: saved.hash, path: saved.path, round: open.row.round, sizeBytes: saved.sizeBytes, createdAt: Date.now() }, Date.now(), meta);
+    // The previous round's optimiser state is superseded once this commit is durable (two models of disk each).
+    const oldTensors = previousState ? (JSON.parse(previousState) as { tensors: string | null }).tensors : null;
+    const newTensors = meta[AGGREGATION_STATE_KEY] ? (JSON.parse(meta[AGGREGATION_STATE_KEY]) as { tensors: string | null }).tensors : oldTensors;
+    if (oldTensors && oldTensors !== newTensors && !store.getModel(oldTensors)) rmSync(models.pathFor(oldTensors), { force: true });
     this.open = undefined;
     const dp = privacy ? { epsilon: privacy.epsilon, delta: privacy.delta } : undefined;
     this.emit('round.closed', { round: open.row.round, model: saved.hash, sites: [...open.reported].sort(), why, strategy: this.o.strategy.name, ...(dp ? { dp } : {}) });
     log.info({ round: open.row.round, model: saved.hash.slice(0, 12), sites: open.reported.size, why, ...(dp ? { epsilon: dp.epsilon } : {}) }, 'round closed');
+    if (teacher) {
+      this.emit('teacher.promoted', { round: open.row.round, model: teacher.modelHash, generation: teacher.generation });
+      log.info({ round: open.row.round, generation: teacher.generation, model: teacher.modelHash.slice(0, 12) }, 'student promoted to teacher');
+    }
     this.maybeOpenRound();
   }
 
@@ -376,7 +389,16 @@ export class RoundEngine {
       data: plan.data,
       ...(plan.aggregation.dp ? { dp: { ...plan.aggregation.dp } } : {}),
       ...(plan.compression.update !== 'float32' || plan.compression.delta ? { compression: { ...plan.compression } } : {}),
+      ...this.teacherSettings(),
     };
+  }
+
+  /** Noisy student: the plan's settings and, once promoted, the teacher's hash (sites download it like the model). */
+  private teacherSettings(): Pick<TaskSettings, 'teacherStudent' | 'teacher'> {
+    const ts = this.o.plan.teacherStudent;
+    if (!ts.enabled) return {};
+    const t = parseTeacher(this.o.store.getMeta(TEACHER_KEY));
+    return { teacherStudent: { ...ts }, ...(t ? { teacher: { modelHash: t.modelHash, modelSize: this.o.models.size(t.modelHash), generation: t.generation } } : {}) };
   }
 
   private trainTask(row: RoundRow, site: string): TaskMessage {

@@ -3,6 +3,8 @@
  * is stopped between rounds continues them: round 2 after a restart equals round 2 without one.
  */
 import { afterAll, describe, expect, it } from 'vitest';
+import { readdirSync } from 'node:fs';
+import { join } from 'node:path';
 import { ComposedStrategy } from '../../coordinator/aggregation/composed.ts';
 import { PRIVACY_KEY, type PrivacySpent } from '../../coordinator/rounds/round-engine.ts';
 import { statusReport } from '../../cli/status.ts';
@@ -57,6 +59,9 @@ describe('a coordinator restart between rounds', () => {
     await runRound(f, 2);
     const rounds = f.coord!.store.listRounds();
     expect(rounds.map((r) => r.state)).toEqual(['closed', 'closed']);
+    // Three model versions and only the latest optimiser state (the round-1 state was superseded and deleted).
+    const files = readdirSync(join(f.coordDir, 'models')).filter((n) => n.endsWith('.safetensors'));
+    expect(files).toHaveLength(4);
 
     // The same two rounds through one strategy object that never restarted.
     const plan = parsePlan(text);
