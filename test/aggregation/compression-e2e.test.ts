@@ -23,7 +23,7 @@ let f: InprocFederation | undefined;
 afterAll(async () => f?.stop());
 
 describe('compressed updates end to end', () => {
-  it('int8 deltas are announced in the task, decoded on receipt, and averaged as weights', async () => {
+  it('int8 deltas are announced in the task, decoded on receipt, and averaged as weights; a refused try leaves nothing', async () => {
     f = await InprocFederation.create(plan, ['site-a', 'site-b']);
     const sites = f.connect(['site-a', 'site-b']);
     const sent: { bytes: Buffer; samples: number }[] = [];
@@ -37,6 +37,18 @@ describe('compressed updates end to end', () => {
       const raw = encodeSafetensors(trained);
       const bytes = encodeForUpload(raw, settings, () => encodeSafetensors(base!));
       expect(bytes.length).toBeLessThan(0.4 * raw.length); // a tiny model: the header is a good part of it
+      if (i === 0) {
+        // A poisoned first try (NaN in an int8 delta cannot even be encoded, so send float32 weights with a NaN):
+        // refused with its reason, published as update.rejected, and the site may still send a good one.
+        const bad = makeBundle([...trained.values()].map((x, k) => ({ ...x, data: k === 0 ? x.data.map((v, j) => (j === 2 ? Number.NaN : v)) : x.data })));
+        const refused = await f.upload(s, t, encodeSafetensors(bad), 2);
+        expect(refused.accepted).toBe(false);
+        expect(refused.reason).toMatch(/non-finite values: .* NaN at index 2/);
+        const ev = f.events.filter((e) => e.type === 'update.rejected');
+        expect(ev).toHaveLength(1);
+        expect(ev[0]).toMatchObject({ site: 'site-a', round: 1, reason: refused.reason });
+        expect(f.coord!.store.updatesForRound(1)).toEqual([]);
+      }
       const ack = await f.upload(s, t, bytes, 2 + i);
       expect(ack.accepted, ack.reason).toBe(true);
       sent.push({ bytes, samples: 2 + i });
