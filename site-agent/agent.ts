@@ -218,11 +218,18 @@ export class SiteAgent {
       const client = this.client!;
       const bytes = await this.cache.ensure(client, t.modelHash, t.modelSize, (d, n) => { this.progress = d / n; });
       log.info({ round: t.round, model: t.modelHash.slice(0, 12), downloadedBytes: bytes, cached: bytes === 0 }, 'global model ready');
+      // Noisy student: the teacher is a model version like any other, fetched by hash through the same cache.
+      const teacher = settings.teacherStudent?.enabled ? settings.teacher : undefined;
+      if (teacher) {
+        const tb = await this.cache.ensure(client, teacher.modelHash, teacher.modelSize, (d, n) => { this.progress = d / n; });
+        log.info({ round: t.round, generation: teacher.generation, model: teacher.modelHash.slice(0, 12), downloadedBytes: tb, cached: tb === 0 }, 'teacher model ready');
+      }
       this.state = 'training';
       this.progress = 0;
       const result = await this.training.run(settings, this.cache.read(t.modelHash), {
         round: t.round,
         onProgress: (p) => { this.progress = p; },
+        ...(teacher ? { teacherBytes: this.cache.read(teacher.modelHash) } : {}),
       });
       entry = { updateId: `${t.taskId}-${randomUUID()}`, taskId: t.taskId, round: t.round, baseModelHash: t.modelHash, numSamples: result.numSamples, metrics: result.metrics };
       // Encoded now (plan.compression), so a resend after a crash sends the very same bytes.

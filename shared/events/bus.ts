@@ -13,6 +13,7 @@ export type FederationEventType =
   | 'update.accepted'
   | 'update.rejected'
   | 'task.declined'
+  | 'teacher.promoted'
   | 'federation.finished';
 
 export interface FederationEvent {

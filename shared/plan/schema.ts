@@ -11,6 +11,35 @@ const positiveInt = z.number().int().positive();
 export const ModelPartSchema = z.enum(['encoder', 'head']);
 export const LayerTypeSchema = z.enum(['conv', 'norm', 'dense', 'other']);
 
+/**
+ * Noisy student, federated: every `promoteEvery` rounds the aggregated model becomes the teacher; each site's
+ * un-noised teacher (with that site's own head) labels its unlabelled pool, and the noised student trains on
+ * labelled + pseudo-labelled patches. Travels to sites in every task.
+ */
+export const TeacherStudentSchema = z
+  .object({
+    enabled: z.boolean().default(false),
+    /** Rounds between promotions of the aggregated student to teacher (the first teacher after this many rounds). */
+    promoteEvery: positiveInt.default(2),
+    /** Pseudo-labelled patches per labelled patch in a student batch (1 = half of each batch). */
+    ratio: z.number().min(0).max(16).default(1),
+    /** Voxels whose teacher max-probability is below this are masked out of the pseudo-label loss. */
+    confidence: z.number().min(0).max(1).default(0.3),
+    /** soft = teacher softmax as targets; hard = one-hot argmax. */
+    labels: z.enum(['soft', 'hard']).default('soft'),
+    /** Teacher test-time augmentation: mean of the probabilities over the 8 axis-flip combinations. */
+    flipTTA: z.boolean().default(false),
+    /** Weigh pseudo-labelled voxels by inverse class frequency in the pool (clamped to [0.2, 5]). */
+    classBalance: z.boolean().default(true),
+    /** Student noise: dropout before the output layer (methods.md §4: 0.5 on the last layer). */
+    dropout: z.number().min(0).lt(1).default(0.5),
+    /** Student noise: stronger augmentation (brightness, noise, shift at higher probabilities) on every patch. */
+    strongAugment: z.boolean().default(true),
+  })
+  .strict();
+
+export type TeacherStudentSettings = z.infer<typeof TeacherStudentSchema>;
+
 export const PlanSchema = z
   .object({
     /** Human name of the federation; the JWT audience is derived from the coordinator's id, not from this. */
@@ -125,6 +154,8 @@ export const PlanSchema = z
       .strict()
       .prefault({})
       .refine((a) => !(a.dp && a.strategy !== 'fedavg'), { message: 'aggregation.dp needs strategy fedavg (the noise is calibrated to a clipped sum, not a median)' }),
+    /** Federated noisy-student training (docs/teacher-student.md); off by default. */
+    teacherStudent: TeacherStudentSchema.prefault({}),
     /** Encodings of what crosses the wire (docs/plan.md). */
     compression: z
       .object({

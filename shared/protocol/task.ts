@@ -3,7 +3,7 @@
  * from one injected on the way (TLS protects the channel; the signature pins the author).
  */
 import { z } from 'zod';
-import { PlanSchema } from '../plan/schema.ts';
+import { PlanSchema, TeacherStudentSchema } from '../plan/schema.ts';
 import { OptimizerSpecSchema } from '../model/optim.ts';
 import { DataSettingsSchema } from '../plan/data-settings.ts';
 
@@ -26,6 +26,10 @@ export const TaskSettingsSchema = z
     data: DataSettingsSchema.optional(),
     /** How to encode the update (plan compression); absent = float32 weights. */
     compression: z.object({ update: z.enum(['float32', 'float16', 'int8']), delta: z.boolean() }).strict().optional(),
+    /** Noisy-student settings (plan teacherStudent); absent when off. */
+    teacherStudent: TeacherStudentSchema.optional(),
+    /** The current teacher model version (absent until the first promotion); downloaded by hash like the model. */
+    teacher: z.object({ modelHash: z.string().regex(/^[0-9a-f]{64}$/), modelSize: z.number().int().positive(), generation: z.number().int().positive() }).strict().optional(),
     /** Client-level DP the coordinator applies to this round's aggregate (absent: none). */
     dp: z.object({ clipNorm: z.number().positive(), noiseMultiplier: z.number().min(0), delta: z.number().gt(0).lt(1) }).strict().optional(),
   })

@@ -3,7 +3,7 @@
  * (its head, and anything the plan keeps local), train on local scans, evaluate on local held-back
  * cases, keep the local tensors here, and return only the shared tensors as the update.
  */
-import { existsSync, readFileSync } from 'node:fs';
+import { copyFileSync, existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { architectureFor } from '../../shared/model/registry.ts';
 import { localParams, merge, pick } from '../../shared/model/sharing.ts';
@@ -18,6 +18,8 @@ import { patchToVolumeCase, SiteData } from '../data/site-data.ts';
 import { augmentOptions, DataSettingsSchema, siteDataOptions } from '../data/settings.ts';
 import type { PreparedCase } from '../data/types.ts';
 import type { Logger } from '../../shared/util/log.ts';
+import type { AugmentOptions } from '../data/augment.ts';
+import { labelPool, prunePseudoDirs, PseudoPatches, type PseudoPool } from './pseudo-label.ts';
 
 export interface LocalTrainingOptions {
   siteName: string;
@@ -42,7 +44,11 @@ export class LocalTraining {
 
   constructor(private readonly o: LocalTrainingOptions) {}
 
-  async run(settings: TaskSettings, modelBytes: Buffer, ctx: { round: number; onProgress?: (p: number) => void }): Promise<LocalRoundResult> {
+  /**
+   * One round. `teacherBytes` is the teacher model version named in `settings.teacher` (noisy student), when the
+   * plan has teacherStudent on and a teacher was promoted.
+   */
+  async run(settings: TaskSettings, modelBytes: Buffer, ctx: { round: number; onProgress?: (p: number) => void; teacherBytes?: Buffer }): Promise<LocalRoundResult> {
     const { log } = this.o;
     const arch = architectureFor(settings.model);
     const trainer = await this.trainerFor(arch, settings);
@@ -52,18 +58,32 @@ export class LocalTraining {
     if (usable.length === 0) {
       throw new Error(`no usable labelled training cases in the site's data folder (${data.skipped().length} skipped); run \`medfl site check-data\` to see why`);
     }
-    const augment = augmentOptions(dataSettings);
-    // Patches come from the site's bounded cache, one batch at a time; whole volumes are never all in memory.
-    const source = {
-      cases: usable.length,
-      sample: async (count: number, rng: () => number) =>
-        (await data.sampleBatch(data.train, count, rng, { augment })).map((p, i) => patchToVolumeCase(p, `batch-${i}`)),
-    };
-
     const global = decodeSafetensors(modelBytes).bundle;
     const sharedSpecs = arch.params().filter((p) => settings.sharedTensors.includes(p.name));
     const problem = checkAgainstSpecs(global, sharedSpecs) ?? findNonFinite(global);
     if (problem) throw new Error(`the global model does not fit this site's architecture: ${problem}`);
+
+    // Noisy student: with a teacher, its pseudo-labelled pool joins the labelled patches, and the student is noised.
+    const student = await this.studentSetup(arch, trainer, settings, data, ctx);
+    const baseAugment = augmentOptions(dataSettings);
+    const augment = student?.strongAugment ? strongAugment(baseAugment) : baseAugment;
+    const pseudo = student
+      ? new PseudoPatches(student.pool, student.dir, data, new Map(data.unlabelled.map((r) => [r.id, r])), [...settings.model.patch] as [number, number, number], {
+          foregroundFraction: dataSettings.foregroundFraction,
+          augment,
+        })
+      : undefined;
+    const pseudoShare = student ? student.ratio / (1 + student.ratio) : 0;
+    // Patches come from the site's bounded cache, one batch at a time; whole volumes are never all in memory.
+    const source = {
+      cases: usable.length,
+      sample: async (count: number, rng: () => number) => {
+        let nPseudo = pseudo && pseudo.size > 0 ? Math.round(count * pseudoShare) : 0;
+        if (nPseudo === count && count > 1) nPseudo = count - 1;
+        const labelled = (await data.sampleBatch(data.train, count - nPseudo, rng, { augment })).map((p, i) => patchToVolumeCase(p, `batch-${i}`));
+        return nPseudo > 0 ? [...labelled, ...(await pseudo!.sample(nPseudo, rng))] : labelled;
+      },
+    };
 
     const local = this.loadLocal(arch, settings);
     const start = merge(merge(arch.init(this.siteSeed(settings.model.seed)), local), global);
@@ -80,6 +100,7 @@ export class LocalTraining {
       seed: this.siteSeed(settings.model.seed) + ctx.round,
       proximalMu: settings.local.proximalMu,
       optimizer: settings.local.optimizer,
+      ...(student && student.dropout > 0 ? { dropout: student.dropout } : {}),
       onStep: (s) => ctx.onProgress?.((s + 1) / steps),
     });
     const trainSeconds = (performance.now() - t0) / 1000;
@@ -95,12 +116,89 @@ export class LocalTraining {
       num_val: val.length,
       train_seconds: trainSeconds,
     };
+    if (student) {
+      // Aggregate counts only: never a per-case value.
+      metrics.teacher_generation = student.generation;
+      metrics.pseudo_cases = student.pool.stats.cases;
+      metrics.pseudo_confident_fraction = student.pool.stats.confidentFraction;
+    }
     if (evaluation) {
       metrics.val_dice_mean = evaluation.meanDice;
       evaluation.dicePerClass.forEach((d, i) => { metrics[`val_dice_class_${i + 1}`] = d; });
     }
     log.info({ round: ctx.round, loss: round4(result.loss), firstLoss: round4(result.firstLoss), valDice: evaluation ? round4(evaluation.meanDice) : null, seconds: round4(trainSeconds) }, 'local training done');
     return { update: encodeSafetensors(update, { round: String(ctx.round) }), numSamples: result.samples, metrics };
+  }
+
+  /**
+   * Evaluates this site's model — the given shared tensors with the site's own saved local tensors (its head) —
+   * on `cases` (e.g. a common test folder in `medfl experiment`). Nothing leaves the site.
+   */
+  async evaluateModel(settings: TaskSettings, sharedBytes: Buffer, cases: readonly VolumeCase[]): Promise<{ dicePerClass: readonly number[]; meanDice: number }> {
+    const arch = architectureFor(settings.model);
+    const trainer = await this.trainerFor(arch, settings);
+    const shared = decodeSafetensors(sharedBytes).bundle;
+    const weights = merge(merge(arch.init(this.siteSeed(settings.model.seed)), this.loadLocal(arch, settings)), shared);
+    return trainer.evaluate(weights, cases);
+  }
+
+  /**
+   * The teacher of this round, if any: the teacher's shared tensors (downloaded by hash) merged with this site's
+   * head of that generation — the head the site had when the teacher's aggregate was made, snapshotted the first
+   * time the generation is seen. The teacher (eval mode) labels the pool once per generation, to disk.
+   */
+  private async studentSetup(
+    arch: ModelArchitecture,
+    trainer: Trainer,
+    settings: TaskSettings,
+    data: SiteData,
+    ctx: { round: number; teacherBytes?: Buffer },
+  ): Promise<{ pool: PseudoPool; dir: string; generation: number; ratio: number; dropout: number; strongAugment: boolean } | undefined> {
+    const ts = settings.teacherStudent;
+    const teacher = settings.teacher;
+    if (!ts?.enabled || !teacher) return undefined;
+    const { log } = this.o;
+    if (!ctx.teacherBytes) throw new Error(`task names teacher ${teacher.modelHash.slice(0, 12)}… but its bytes were not given to the trainer`);
+    if (settings.model.architecture === 'med3d' && settings.model.head === 'classification') {
+      log.warn({ round: ctx.round }, 'teacher–student needs a segmentation head; training on labelled cases only');
+      return undefined;
+    }
+    const usablePool = data.unlabelled.filter((r) => !data.isBad(r));
+    if (usablePool.length === 0) {
+      log.info({ round: ctx.round }, 'no unlabelled cases at this site: the student trains on labelled cases only');
+      return undefined;
+    }
+    const headPath = this.teacherHeadPath(arch, settings, teacher.generation);
+    if (!existsSync(headPath)) {
+      const current = this.localPath(arch, settings);
+      if (!existsSync(current)) {
+        log.warn({ round: ctx.round, generation: teacher.generation }, 'this site has no head from the teacher generation (it joined later): training on labelled cases only this round');
+        return undefined;
+      }
+      copyFileSync(current, headPath);
+    }
+    const teacherShared = decodeSafetensors(ctx.teacherBytes).bundle;
+    const sharedSpecs = arch.params().filter((p) => settings.sharedTensors.includes(p.name));
+    const problem = checkAgainstSpecs(teacherShared, sharedSpecs) ?? findNonFinite(teacherShared);
+    if (problem) throw new Error(`the teacher model does not fit this site's architecture: ${problem}`);
+    const head = decodeSafetensors(readFileSync(headPath)).bundle;
+    const headProblem = checkAgainstSpecs(head, localParams(arch, settings.share)) ?? findNonFinite(head);
+    if (headProblem) throw new Error(`the site's teacher head (${headPath}) is unusable: ${headProblem}. Delete it to train on labelled cases only for this generation.`);
+    const weights = merge(merge(arch.init(this.siteSeed(settings.model.seed)), head), teacherShared);
+    const parent = join(this.o.localDir, 'pseudo');
+    const dir = join(parent, `${this.localKey(settings)}-g${teacher.generation}`);
+    prunePseudoDirs(parent, dir);
+    const pool = await labelPool(trainer, weights, data, usablePool, dir, teacher.generation, ts, log);
+    if (pool.cases.length === 0) return undefined;
+    return { pool, dir, generation: teacher.generation, ratio: ts.ratio, dropout: ts.dropout, strongAugment: ts.strongAugment };
+  }
+
+  private teacherHeadPath(arch: ModelArchitecture, settings: TaskSettings, generation: number): string {
+    return join(this.o.localDir, `${arch.id}-${this.localKey(settings)}-teacher-g${generation}.safetensors`);
+  }
+
+  private localKey(settings: TaskSettings): string {
+    return sha256Hex(JSON.stringify({ model: settings.model, share: settings.share })).slice(0, 16);
   }
 
   private async trainerFor(arch: ModelArchitecture, settings: TaskSettings): Promise<Trainer> {
@@ -166,5 +264,20 @@ export class LocalTraining {
 }
 
 const round4 = (x: number) => Math.round(x * 1e4) / 1e4;
+
+/** The noised student's augmentation: the plan's, with intensity transforms more often and stronger. */
+export function strongAugment(base: AugmentOptions | false): AugmentOptions {
+  const b = base === false ? {} : base;
+  return {
+    ...b,
+    flipProbability: 0.5,
+    scaleProbability: Math.max(0.4, b.scaleProbability ?? 0),
+    scaleRange: [0.7, 1.4],
+    shiftProbability: Math.max(0.3, b.shiftProbability ?? 0),
+    shiftRange: [-0.2, 0.2],
+    noiseProbability: Math.max(0.4, b.noiseProbability ?? 0),
+    noiseVariance: [0, 0.1],
+  };
+}
 
 export type { VolumeCase };

@@ -1,0 +1,283 @@
+/**
+ * Noisy student at a site: the un-noised teacher labels the unlabelled pool, and the student draws
+ * pseudo-labelled patches next to its labelled ones.
+ *
+ * Bounded memory: cases are labelled one at a time (image read through the site's byte-bounded cache,
+ * probabilities computed, written to the site's own directory, dropped); training later reads the pseudo-labels
+ * back through a small LRU of a few cases. Pseudo-labels never leave the site: they live in
+ * `<site dir>/local/pseudo/`, are never logged per case and never put in an update or a metric.
+ */
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import type { Trainer, VolumeCase } from '../../shared/model/types.ts';
+import type { TeacherStudentSettings } from '../../shared/plan/schema.ts';
+import { decodeSafetensors, encodeSafetensors } from '../../shared/tensors/safetensors.ts';
+import { makeBundle, type TensorBundle } from '../../shared/tensors/bundle.ts';
+import { writeFileAtomic } from '../../shared/util/fs-atomic.ts';
+import { randomInt, type Rng } from '../../shared/util/random.ts';
+import type { Logger } from '../../shared/util/log.ts';
+import { augmentPatch, type AugmentOptions } from '../data/augment.ts';
+import type { CaseRef, SiteData } from '../data/site-data.ts';
+
+/** What labelling the pool produced (kept as meta.json next to the per-case files). */
+export interface PseudoPool {
+  readonly generation: number;
+  readonly numClasses: number;
+  readonly cases: readonly { readonly id: string; readonly shape: readonly [number, number, number] }[];
+  /** Weight per class of the teacher's argmax (inverse frequency among confident voxels, or 1s). */
+  readonly classWeights: readonly number[];
+  /** Aggregate numbers only (they may become metrics). */
+  readonly stats: { readonly cases: number; readonly voxels: number; readonly confidentFraction: number; readonly foregroundFraction: number };
+}
+
+/** Probabilities [D·H·W, C] from the teacher, optionally averaged over the 8 axis flips (test-time augmentation). */
+export async function teacherProbs(trainer: Trainer, weights: TensorBundle, vc: VolumeCase, flipTTA: boolean): Promise<Float32Array> {
+  if (!flipTTA) return trainer.predictProbs(weights, vc);
+  const C = trainer.architecture.numClasses;
+  const [D, H, W] = vc.shape;
+  const sum = new Float32Array(D * H * W * C);
+  for (let f = 0; f < 8; f++) {
+    const flip: [boolean, boolean, boolean] = [(f & 4) !== 0, (f & 2) !== 0, (f & 1) !== 0];
+    const image = flipVolume(vc.image, vc.shape, flip, 1);
+    const p = await trainer.predictProbs(weights, { id: vc.id, shape: vc.shape, image });
+    const back = flipVolume(p, vc.shape, flip, C);
+    for (let i = 0; i < sum.length; i++) sum[i] += back[i] / 8;
+  }
+  return sum;
+}
+
+/** Mirrors a [D, H, W, C] volume along the marked axes (its own inverse). */
+export function flipVolume(x: Float32Array, shape: readonly [number, number, number], flip: readonly [boolean, boolean, boolean], C: number): Float32Array {
+  if (!flip.some(Boolean)) return x;
+  const [D, H, W] = shape;
+  const out = new Float32Array(x.length);
+  for (let z = 0; z < D; z++) {
+    const sz = flip[0] ? D - 1 - z : z;
+    for (let y = 0; y < H; y++) {
+      const sy = flip[1] ? H - 1 - y : y;
+      for (let xx = 0; xx < W; xx++) {
+        const sx = flip[2] ? W - 1 - xx : xx;
+        const d = ((z * H + y) * W + xx) * C;
+        const s = ((sz * H + sy) * W + sx) * C;
+        for (let c = 0; c < C; c++) out[d + c] = x[s + c];
+      }
+    }
+  }
+  return out;
+}
+
+/**
+ * Turns teacher probabilities into a training target and a per-voxel weight: soft (the probabilities) or hard
+ * (one-hot argmax) targets; weight 0 where the teacher's max probability is below `confidence`, else 1
+ * (class balancing multiplies in later, once the whole pool's frequencies are known).
+ */
+export function pseudoTarget(probs: Float32Array, C: number, ts: Pick<TeacherStudentSettings, 'labels' | 'confidence'>): { target: Float32Array; mask: Float32Array; argmax: Uint8Array } {
+  const nv = probs.length / C;
+  const target = ts.labels === 'soft' ? probs : new Float32Array(probs.length);
+  const mask = new Float32Array(nv);
+  const argmax = new Uint8Array(nv);
+  for (let v = 0; v < nv; v++) {
+    const o = v * C;
+    let best = 0;
+    for (let c = 1; c < C; c++) if (probs[o + c] > probs[o + best]) best = c;
+    argmax[v] = best;
+    mask[v] = probs[o + best] >= ts.confidence ? 1 : 0;
+    if (ts.labels === 'hard') target[o + best] = 1;
+  }
+  return { target, mask, argmax };
+}
+
+/** Inverse class frequency, normalised so the mean weight over confident voxels is 1, clamped to [0.2, 5]. */
+export function classBalanceWeights(counts: readonly number[]): number[] {
+  const total = counts.reduce((a, b) => a + b, 0);
+  const C = counts.length;
+  if (total === 0) return counts.map(() => 1);
+  return counts.map((n) => (n === 0 ? 1 : Math.min(5, Math.max(0.2, total / (C * n)))));
+}
+
+const META = 'meta.json';
+
+/**
+ * Labels every usable case of `pool` with the teacher, one case at a time, into `dir` (made afresh unless a
+ * complete labelling of the same generation is there already). Returns the pool description.
+ */
+export async function labelPool(
+  trainer: Trainer,
+  teacher: TensorBundle,
+  data: SiteData,
+  pool: readonly CaseRef[],
+  dir: string,
+  generation: number,
+  ts: TeacherStudentSettings,
+  log: Logger,
+): Promise<PseudoPool> {
+  const metaPath = join(dir, META);
+  if (existsSync(metaPath)) {
+    const meta = JSON.parse(readFileSync(metaPath, 'utf8')) as PseudoPool;
+    if (meta.generation === generation) return meta;
+  }
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const C = trainer.architecture.numClasses;
+  const counts = new Array<number>(C).fill(0);
+  let voxels = 0;
+  let confident = 0;
+  const cases: { id: string; shape: [number, number, number] }[] = [];
+  for (const ref of pool) {
+    const c = await data.load(ref);
+    if (!c) continue;
+    if (c.channels.length !== 1) throw new Error(`unlabelled case ${ref.id} has ${c.channels.length} channels; the trainers take one`);
+    const shape: [number, number, number] = [c.shape[0], c.shape[1], c.shape[2]];
+    const probs = await teacherProbs(trainer, teacher, { id: ref.id, shape, image: c.channels[0] }, ts.flipTTA);
+    const { target, mask, argmax } = pseudoTarget(probs, C, ts);
+    for (let v = 0; v < mask.length; v++) if (mask[v] > 0) { counts[argmax[v]]++; confident++; }
+    voxels += mask.length;
+    const nv = mask.length;
+    writeFileAtomic(
+      join(dir, `${ref.id}.safetensors`),
+      encodeSafetensors(makeBundle([
+        { name: 'target', dtype: 'F32', shape: [nv, C], data: target },
+        { name: 'mask', dtype: 'F32', shape: [nv], data: mask },
+      ])),
+      0o600,
+    );
+    cases.push({ id: ref.id, shape });
+  }
+  const fg = counts.slice(1).reduce((a, b) => a + b, 0);
+  const meta: PseudoPool = {
+    generation,
+    numClasses: C,
+    cases,
+    classWeights: ts.classBalance ? classBalanceWeights(counts) : counts.map(() => 1),
+    stats: { cases: cases.length, voxels, confidentFraction: voxels ? confident / voxels : 0, foregroundFraction: confident ? fg / confident : 0 },
+  };
+  // Written last: a site stopped half-way labels the pool again next time.
+  writeFileAtomic(metaPath, JSON.stringify(meta), 0o600);
+  log.info({ generation, cases: cases.length, confidentFraction: round3(meta.stats.confidentFraction), foregroundFraction: round3(meta.stats.foregroundFraction) }, 'teacher labelled the unlabelled pool');
+  return meta;
+}
+
+/** Removes pseudo-label folders of other generations under `parent` except `keep`. */
+export function prunePseudoDirs(parent: string, keep: string): void {
+  if (!existsSync(parent)) return;
+  for (const d of readdirSync(parent)) if (join(parent, d) !== keep) rmSync(join(parent, d), { recursive: true, force: true });
+}
+
+interface LoadedPseudo {
+  readonly target: Float32Array;
+  readonly weight: Float32Array;
+  /** Confident foreground voxels, for foreground oversampling. */
+  readonly foreground: Uint32Array;
+}
+
+/**
+ * Pseudo-labelled training patches: random crops (foreground-oversampled on the teacher's confident
+ * foreground), mirrored on every axis together with target and weight, intensity-augmented.
+ */
+export class PseudoPatches {
+  private readonly lru = new Map<string, LoadedPseudo>();
+
+  constructor(
+    private readonly pool: PseudoPool,
+    private readonly dir: string,
+    private readonly data: SiteData,
+    private readonly refs: ReadonlyMap<string, CaseRef>,
+    private readonly patch: readonly [number, number, number],
+    private readonly o: { foregroundFraction: number; augment: AugmentOptions | false; maxCached?: number },
+  ) {}
+
+  get size(): number {
+    return this.pool.cases.length;
+  }
+
+  async sample(count: number, rng: Rng): Promise<VolumeCase[]> {
+    const out: VolumeCase[] = [];
+    const C = this.pool.numClasses;
+    const [pd, ph, pw] = this.patch;
+    while (out.length < count) {
+      const entry = this.pool.cases[randomInt(rng, this.pool.cases.length)];
+      const ref = this.refs.get(entry.id);
+      const c = ref ? await this.data.load(ref) : undefined;
+      if (!c) {
+        if (this.pool.cases.every((e) => { const r = this.refs.get(e.id); return !r || this.data.isBad(r); })) throw new Error('no usable pseudo-labelled case');
+        continue;
+      }
+      const p = this.load(entry.id);
+      const [D, H, W] = entry.shape;
+      // Crop origin: around a confident foreground voxel with probability foregroundFraction, else uniform.
+      let oz: number, oy: number, ox: number;
+      if (p.foreground.length > 0 && rng() < this.o.foregroundFraction) {
+        const v = p.foreground[randomInt(rng, p.foreground.length)];
+        const z = Math.floor(v / (H * W)), y = Math.floor(v / W) % H, x = v % W;
+        oz = clampOrigin(z - randomInt(rng, pd), D, pd);
+        oy = clampOrigin(y - randomInt(rng, ph), H, ph);
+        ox = clampOrigin(x - randomInt(rng, pw), W, pw);
+      } else {
+        oz = D > pd ? randomInt(rng, D - pd + 1) : 0;
+        oy = H > ph ? randomInt(rng, H - ph + 1) : 0;
+        ox = W > pw ? randomInt(rng, W - pw + 1) : 0;
+      }
+      const fp = this.o.augment === false ? 0 : typeof this.o.augment.flipProbability === 'number' ? this.o.augment.flipProbability : 0.5;
+      const flip = [0, 1, 2].map(() => fp > 0 && rng() < fp);
+      const pv = pd * ph * pw;
+      const image = new Float32Array(pv);
+      const target = new Float32Array(pv * C);
+      const weight = new Float32Array(pv);
+      const img = c.channels[0];
+      for (let z = 0; z < pd; z++) {
+        const sz = oz + (flip[0] ? pd - 1 - z : z);
+        for (let y = 0; y < ph; y++) {
+          const sy = oy + (flip[1] ? ph - 1 - y : y);
+          for (let x = 0; x < pw; x++) {
+            const sx = ox + (flip[2] ? pw - 1 - x : x);
+            const d = (z * ph + y) * pw + x;
+            if (sz < D && sy < H && sx < W) {
+              const s = (sz * H + sy) * W + sx;
+              image[d] = img[s];
+              for (let k = 0; k < C; k++) target[d * C + k] = p.target[s * C + k];
+              weight[d] = p.weight[s];
+            } else {
+              target[d * C] = 1; // padding: background, and weight 0 (nothing to learn there)
+            }
+          }
+        }
+      }
+      // Intensity noise only (mirroring was done above, on target and weight too).
+      const aug = this.o.augment === false ? image : augmentPatch({ shape: [pd, ph, pw], channels: 1, image }, rng, { ...this.o.augment, flipProbability: 0 }).image;
+      out.push({ id: `pseudo-${out.length}`, shape: [pd, ph, pw], image: aug, target, weight });
+    }
+    return out;
+  }
+
+  private load(id: string): LoadedPseudo {
+    const hit = this.lru.get(id);
+    if (hit) {
+      this.lru.delete(id);
+      this.lru.set(id, hit);
+      return hit;
+    }
+    const b = decodeSafetensors(readFileSync(join(this.dir, `${id}.safetensors`))).bundle;
+    const target = b.get('target')!.data as Float32Array;
+    const mask = b.get('mask')!.data as Float32Array;
+    const C = this.pool.numClasses;
+    const weight = new Float32Array(mask.length);
+    const fg: number[] = [];
+    for (let v = 0; v < mask.length; v++) {
+      if (mask[v] === 0) continue;
+      let best = 0;
+      for (let k = 1; k < C; k++) if (target[v * C + k] > target[v * C + best]) best = k;
+      weight[v] = this.pool.classWeights[best];
+      if (best > 0) fg.push(v);
+    }
+    const loaded = { target, weight, foreground: Uint32Array.from(fg) };
+    this.lru.set(id, loaded);
+    while (this.lru.size > (this.o.maxCached ?? 4)) this.lru.delete(this.lru.keys().next().value!);
+    return loaded;
+  }
+}
+
+function clampOrigin(o: number, n: number, p: number): number {
+  return n > p ? Math.max(0, Math.min(n - p, o)) : 0;
+}
+
+const round3 = (x: number) => Math.round(x * 1e3) / 1e3;
