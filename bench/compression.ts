@@ -4,6 +4,7 @@
  * validation Dice after the last round.
  *
  *   node --import tsx bench/compression.ts                 # float32, float16, int8, int8+delta
+ *   BENCH_ENCODINGS=float32+model-float16,int8+delta+model-int8 node --import tsx bench/compression.ts
  *   BENCH_ENCODINGS=float32,int8+delta node --import tsx bench/compression.ts
  */
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -25,10 +26,14 @@ const PROFILES = [
   { shift: -25, scale: 0.8 },
 ];
 
-interface Outcome { uploadBytes: number; uploads: number; dice: number[]; seconds: number }
+interface Outcome { uploadBytes: number; uploads: number; modelBytes: number; dice: number[]; seconds: number }
 
 async function federation(encoding: string): Promise<Outcome> {
-  const [update, delta] = encoding.split('+');
+  // e.g. float32, int8+delta, int8+delta+model-float16
+  const parts = encoding.split('+');
+  const update = parts[0];
+  const delta = parts.includes('delta') ? 'delta' : '';
+  const model = parts.find((p) => p.startsWith('model-'))?.slice(6) ?? 'float32';
   const work = mkdtempSync(join(tmpdir(), `medfl-compress-${encoding}-`));
   const started = Date.now();
   const sites = ['site-a', 'site-b', 'site-c'];
@@ -49,7 +54,7 @@ async function federation(encoding: string): Promise<Outcome> {
       'waitForSitesSeconds: 60',
       `local: { steps: ${STEPS}, batchSize: 2, learningRate: 0.005 }`,
       'share: { parts: [encoder] }',
-      `compression: { update: ${update}, delta: ${delta === 'delta'} }`,
+      `compression: { update: ${update}, delta: ${delta === 'delta'}, model: ${model} }`,
       '',
     ].join('\n'));
     const logs = join(work, 'logs');
@@ -65,8 +70,11 @@ async function federation(encoding: string): Promise<Outcome> {
       const rows = store.listRounds().flatMap((r) => store.updatesForRound(r.round));
       const last = store.closedRoundCount();
       const dice = store.listMetrics().filter((m) => m.round === last && m.key === 'val_dice_mean').map((m) => m.value);
+      const base1 = store.listRounds()[0].baseModelHash;
+      const encoded = store.getMeta(`model_file:${model}:${base1}`);
+      const modelBytes = encoded ? (JSON.parse(encoded) as { size: number }).size : store.getModel(base1)!.sizeBytes;
       store.close();
-      return { uploadBytes: rows.reduce((s, u) => s + u.sizeBytes, 0), uploads: rows.length, dice, seconds: (Date.now() - started) / 1000 };
+      return { uploadBytes: rows.reduce((s, u) => s + u.sizeBytes, 0), uploads: rows.length, modelBytes, dice, seconds: (Date.now() - started) / 1000 };
     } finally {
       if (coordinator.exitCode === null) {
         coordinator.kill('SIGTERM');
@@ -80,14 +88,14 @@ async function federation(encoding: string): Promise<Outcome> {
 
 async function main(): Promise<void> {
   const encodings = (process.env.BENCH_ENCODINGS ?? 'float32,float16,int8,int8+delta').split(',');
-  const t = new Table({ head: ['encoding', 'bytes per update', '× float32', `val Dice after round ${ROUNDS} (per site)`, 'mean Dice', 's'], colAligns: ['left', 'right', 'right', 'left', 'right', 'right'] });
+  const t = new Table({ head: ['encoding', 'bytes per update', '× float32', 'bytes per model download', `val Dice after round ${ROUNDS} (per site)`, 'mean Dice', 's'], colAligns: ['left', 'right', 'right', 'right', 'left', 'right', 'right'] });
   let ref: number | undefined;
   for (const e of encodings) {
     const o = await federation(e);
     const per = o.uploadBytes / Math.max(1, o.uploads);
     ref ??= per;
     const mean = o.dice.reduce((a, b) => a + b, 0) / Math.max(1, o.dice.length);
-    t.push([e, Math.round(per).toLocaleString('en-US'), (per / ref).toFixed(3), o.dice.map((d) => d.toFixed(3)).join(' '), mean.toFixed(3), o.seconds.toFixed(0)]);
+    t.push([e, Math.round(per).toLocaleString('en-US'), (per / ref).toFixed(3), o.modelBytes.toLocaleString('en-US'), o.dice.map((d) => d.toFixed(3)).join(' '), mean.toFixed(3), o.seconds.toFixed(0)]);
     process.stdout.write(`${e}: done in ${o.seconds.toFixed(0)} s\n`);
   }
   process.stdout.write(`${t.toString()}\n`);

@@ -14,6 +14,7 @@ import { FederationClient, type WireTask } from './transport/client.ts';
 import { ModelCache } from './transport/model-cache.ts';
 import { WireAudit } from './transport/wire-audit.ts';
 import { encodeForUpload, uploadUpdate } from './transport/upload.ts';
+import { float32Safetensors } from '../shared/tensors/update-codec.ts';
 import { LocalTraining } from './training/local-training.ts';
 import { SitePolicy, declineTask } from './policy.ts';
 import { manifestBytes, TaskSettingsSchema, type TaskSettings } from '../shared/protocol/task.ts';
@@ -216,8 +217,10 @@ export class SiteAgent {
       if (verdict.epsilon !== undefined) log.info({ round: t.round, epsilonSpent: verdict.epsilon }, 'privacy spent by this site so far (if the coordinator applies the announced DP)');
       this.state = 'downloading';
       const client = this.client!;
-      const bytes = await this.cache.ensure(client, t.modelHash, t.modelSize, (d, n) => { this.progress = d / n; });
-      log.info({ round: t.round, model: t.modelHash.slice(0, 12), downloadedBytes: bytes, cached: bytes === 0 }, 'global model ready');
+      // The plan may send the model float16/int8-encoded (settings.modelFile); the task's hash stays the round's base.
+      const file = settings.modelFile ?? { hash: t.modelHash, size: t.modelSize };
+      const bytes = await this.cache.ensure(client, file.hash, file.size, (d, n) => { this.progress = d / n; });
+      log.info({ round: t.round, model: t.modelHash.slice(0, 12), downloadedBytes: bytes, cached: bytes === 0, encoding: settings.modelFile?.encoding ?? 'float32' }, 'global model ready');
       // Noisy student: the teacher is a model version like any other, fetched by hash through the same cache.
       const teacher = settings.teacherStudent?.enabled ? settings.teacher : undefined;
       if (teacher) {
@@ -226,14 +229,14 @@ export class SiteAgent {
       }
       this.state = 'training';
       this.progress = 0;
-      const result = await this.training.run(settings, this.cache.read(t.modelHash), {
+      const result = await this.training.run(settings, float32Safetensors(this.cache.read(file.hash)), {
         round: t.round,
         onProgress: (p) => { this.progress = p; },
         ...(teacher ? { teacherBytes: this.cache.read(teacher.modelHash) } : {}),
       });
       entry = { updateId: `${t.taskId}-${randomUUID()}`, taskId: t.taskId, round: t.round, baseModelHash: t.modelHash, numSamples: result.numSamples, metrics: result.metrics };
       // Encoded now (plan.compression), so a resend after a crash sends the very same bytes.
-      writeFileAtomic(join(this.home.outboxDir, `${t.taskId}.safetensors`), encodeForUpload(result.update, settings, () => this.cache.read(t.modelHash)));
+      writeFileAtomic(join(this.home.outboxDir, `${t.taskId}.safetensors`), encodeForUpload(result.update, settings, () => float32Safetensors(this.cache.read(file.hash))));
       writeFileAtomic(outboxPath, JSON.stringify(entry));
     }
     await this.deliver(entry);

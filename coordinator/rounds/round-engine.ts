@@ -15,8 +15,10 @@ import type { ModelArchitecture, ParamInfo } from '../../shared/model/types.ts';
 import type { TensorBundle } from '../../shared/tensors/bundle.ts';
 import { sharedParams, pick } from '../../shared/model/sharing.ts';
 import { manifestBytes, type TaskManifest, type TaskSettings } from '../../shared/protocol/task.ts';
-import { decodeUpdate } from '../../shared/tensors/update-codec.ts';
-import { readFileSync, rmSync } from 'node:fs';
+import { decodeUpdate, encodeModel } from '../../shared/tensors/update-codec.ts';
+import { existsSync, readFileSync, rmSync } from 'node:fs';
+import { sha256Hex } from '../../shared/util/hash.ts';
+import { writeFileAtomic } from '../../shared/util/fs-atomic.ts';
 import type { Logger } from '../../shared/util/log.ts';
 import { parseTeacher, promotion, TEACHER_KEY } from './teacher.ts';
 
@@ -377,8 +379,9 @@ export class RoundEngine {
 
   // ---- tasks ----
 
-  settings(): TaskSettings {
+  settings(baseModelHash?: string): TaskSettings {
     const { plan } = this.o;
+    const modelFile = baseModelHash ? this.modelFileFor(baseModelHash) : undefined;
     return {
       federation: this.o.federationId,
       // The coordinator's file paths (pretrained, source2d) stay here: sites need the layout and seed only.
@@ -388,9 +391,33 @@ export class RoundEngine {
       sharedTensors: this.sharedNames,
       data: plan.data,
       ...(plan.aggregation.dp ? { dp: { ...plan.aggregation.dp } } : {}),
-      ...(plan.compression.update !== 'float32' || plan.compression.delta ? { compression: { ...plan.compression } } : {}),
+      ...(plan.compression.update !== 'float32' || plan.compression.delta || plan.compression.model !== 'float32' ? { compression: { ...plan.compression } } : {}),
+      ...(modelFile ? { modelFile } : {}),
       ...this.teacherSettings(),
     };
+  }
+
+  /**
+   * The model version encoded as the plan's compression.model asks (float16 / int8), written once next to the
+   * float32 file and registered as a downloadable version; undefined for float32. The float32 hash stays the
+   * round's identity (what updates name as their base); sites only download the smaller file.
+   */
+  private modelFileFor(hash: string): { hash: string; size: number; encoding: 'float16' | 'int8' } | undefined {
+    const encoding = this.o.plan.compression.model;
+    if (encoding === 'float32') return undefined;
+    const { store, models, log } = this.o;
+    const key = `model_file:${encoding}:${hash}`;
+    const known = store.getMeta(key);
+    if (known) return JSON.parse(known) as { hash: string; size: number; encoding: 'float16' | 'int8' };
+    const bytes = encodeModel(models.load(hash), encoding);
+    const encHash = sha256Hex(bytes);
+    const path = models.pathFor(encHash);
+    if (!existsSync(path)) writeFileAtomic(path, bytes);
+    store.addModel({ hash: encHash, path, round: store.getModel(hash)?.round ?? 0, sizeBytes: bytes.length, createdAt: Date.now() });
+    const file = { hash: encHash, size: bytes.length, encoding };
+    store.setMeta(key, JSON.stringify(file));
+    log.info({ model: hash.slice(0, 12), encoded: encHash.slice(0, 12), encoding, bytes: bytes.length, float32Bytes: models.size(hash) }, 'model encoded for download');
+    return file;
   }
 
   /** Noisy student: the plan's settings and, once promoted, the teacher's hash (sites download it like the model). */
@@ -410,7 +437,7 @@ export class RoundEngine {
       modelHash: row.baseModelHash,
       modelSize: this.o.models.size(row.baseModelHash),
       deadlineUnixMs: row.deadlineAt,
-      settingsJson: JSON.stringify(this.settings()),
+      settingsJson: JSON.stringify(this.settings(row.baseModelHash)),
     };
     return { ...manifest, signature: this.o.sign(manifestBytes(manifest)) };
   }

@@ -163,6 +163,8 @@ export const PlanSchema = z
         update: z.enum(['float32', 'float16', 'int8']).default('float32'),
         /** Send the difference to the model the site started from instead of the weights. */
         delta: z.boolean().default(false),
+        /** How sites download each global model: float32 (exact), float16, int8 (per-tensor affine). */
+        model: z.enum(['float32', 'float16', 'int8']).default('float32'),
       })
       .strict()
       .prefault({}),

@@ -25,7 +25,9 @@ export const TaskSettingsSchema = z
     /** How sites prepare scans (spacing, normalisation, sampling, augmentation); absent = defaults. */
     data: DataSettingsSchema.optional(),
     /** How to encode the update (plan compression); absent = float32 weights. */
-    compression: z.object({ update: z.enum(['float32', 'float16', 'int8']), delta: z.boolean() }).strict().optional(),
+    compression: z.object({ update: z.enum(['float32', 'float16', 'int8']), delta: z.boolean(), model: z.enum(['float32', 'float16', 'int8']).optional() }).strict().optional(),
+    /** The global model encoded for download (plan compression.model), by hash and size; absent = download the task's modelHash. */
+    modelFile: z.object({ hash: z.string().regex(/^[0-9a-f]{64}$/), size: z.number().int().positive(), encoding: z.enum(['float16', 'int8']) }).strict().optional(),
     /** Noisy-student settings (plan teacherStudent); absent when off. */
     teacherStudent: TeacherStudentSchema.optional(),
     /** The current teacher model version (absent until the first promotion); downloaded by hash like the model. */

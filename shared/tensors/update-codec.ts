@@ -257,3 +257,19 @@ function writeRaw(payloads: { name: string; shape: readonly number[]; bytes: Uin
   }
   return out;
 }
+
+/**
+ * A global model as a site downloads it (plan compression.model): the float32 weights encoded as float16 or
+ * int8, self-describing like an update. Sites turn it back into float32 safetensors with float32Safetensors().
+ */
+export function encodeModel(weights: TensorBundle, dtype: Exclude<UpdateDType, 'float32'>): Buffer {
+  return encodeUpdate(weights, { update: dtype, delta: false });
+}
+
+/** Float32 safetensors bytes of a model or update file of any (non-delta) encoding; plain float32 comes back as is. */
+export function float32Safetensors(bytes: Buffer): Buffer {
+  const d = decodeUpdate(bytes);
+  if (d.isDelta) throw new SafetensorsError('a delta-encoded file is not a model; it needs the base it was taken against');
+  if (d.encoding.update === 'float32') return bytes;
+  return encodeSafetensors(d.bundle);
+}

@@ -3,6 +3,10 @@
  * the receiver decodes them, and the round's model is the sample-weighted mean of the decoded weights.
  */
 import { afterAll, describe, expect, it } from 'vitest';
+import { join } from 'node:path';
+import { ModelCache } from '../../site-agent/transport/model-cache.ts';
+import { float32Safetensors } from '../../shared/tensors/update-codec.ts';
+import { decodeSafetensors } from '../../shared/tensors/safetensors.ts';
 import { encodeForUpload } from '../../site-agent/transport/upload.ts';
 import { TaskSettingsSchema } from '../../shared/protocol/task.ts';
 import { decodeUpdate, weightsOf } from '../../shared/tensors/update-codec.ts';
@@ -20,7 +24,11 @@ const plan = [
 ].join('\n');
 
 let f: InprocFederation | undefined;
-afterAll(async () => f?.stop());
+let g: InprocFederation | undefined;
+afterAll(async () => {
+  await f?.stop();
+  await g?.stop();
+});
 
 describe('compressed updates end to end', () => {
   it('int8 deltas are announced in the task, decoded on receipt, and averaged as weights; a refused try leaves nothing', async () => {
@@ -31,7 +39,8 @@ describe('compressed updates end to end', () => {
     for (const [i, s] of sites.entries()) {
       const t = await f.task(s, 1);
       const settings = TaskSettingsSchema.parse(JSON.parse(t.settingsJson));
-      expect(settings.compression).toEqual({ update: 'int8', delta: true });
+      expect(settings.compression).toEqual({ update: 'int8', delta: true, model: 'float32' });
+      expect(settings.modelFile).toBeUndefined();
       base = f.model(t.modelHash);
       const trained = makeBundle([...base.values()].map((x) => ({ ...x, data: x.data.map((v, j) => v + 0.01 * Math.sin(j + i)) })));
       const raw = encodeSafetensors(trained);
@@ -61,6 +70,24 @@ describe('compressed updates end to end', () => {
         const want = (2 * decoded[0].get(name)!.data[j] + 3 * decoded[1].get(name)!.data[j]) / 5;
         expect(t.data[j]).toBeCloseTo(want, 5);
       }
+    }
+  }, 30_000);
+
+  it('a float16 model download: named in the task, served by hash, half the bytes, decoded within half precision', async () => {
+    g = await InprocFederation.create(plan.replace('compression: { update: int8, delta: true }', 'compression: { model: float16 }'), ['site-a', 'site-b']);
+    const [a] = g.connect(['site-a', 'site-b']);
+    const t = await g.task(a, 1);
+    const settings = TaskSettingsSchema.parse(JSON.parse(t.settingsJson));
+    expect(settings.modelFile?.encoding).toBe('float16');
+    expect(settings.modelFile!.hash).not.toBe(t.modelHash); // the round's identity stays the float32 version
+    const cache = new ModelCache(join(g.work, 'cache-a'));
+    const downloaded = await cache.ensure(a.client, settings.modelFile!.hash, settings.modelFile!.size);
+    expect(downloaded).toBe(settings.modelFile!.size);
+    expect(settings.modelFile!.size).toBeLessThan(0.6 * t.modelSize);
+    const exact = g.model(t.modelHash);
+    const got = decodeSafetensors(float32Safetensors(cache.read(settings.modelFile!.hash))).bundle;
+    for (const [name, x] of exact) {
+      for (let j = 0; j < x.data.length; j++) expect(Math.abs(got.get(name)!.data[j] - x.data[j])).toBeLessThanOrEqual(Math.abs(x.data[j]) * 2 ** -11 + 2 ** -24);
     }
   }, 30_000);
 });
