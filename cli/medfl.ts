@@ -9,6 +9,7 @@ import { sitesTable, statusReport } from './status.ts';
 import { parsePlan } from '../shared/plan/load.ts';
 import { readFileSync } from 'node:fs';
 import { registerAuditCommands } from './audit.ts';
+import { registerExperimentCommand } from './experiment.ts';
 
 const program = new Command();
 program.name('medfl').description('MedFL: federated transfer learning for 3D medical imaging').showHelpAfterError();
@@ -209,6 +210,7 @@ program
   });
 
 registerAuditCommands(program); // medfl audit verify, medfl site ledger
+registerExperimentCommand(program); // medfl experiment (in-process comparison of training arms)
 
 program.parseAsync(process.argv).catch((e: unknown) => {
   const err = e as Error;

@@ -21,15 +21,18 @@ export const TeacherStudentSchema = z
     enabled: z.boolean().default(false),
     /** Rounds between promotions of the aggregated student to teacher (the first teacher after this many rounds). */
     promoteEvery: positiveInt.default(2),
-    /** Pseudo-labelled patches per labelled patch in a student batch (1 = half of each batch). */
+    /** Pseudo-labelled patches per labelled patch: a student batch is local.batchSize labelled + round(ratio × batchSize) pseudo-labelled. */
     ratio: z.number().min(0).max(16).default(1),
-    /** Voxels whose teacher max-probability is below this are masked out of the pseudo-label loss. */
-    confidence: z.number().min(0).max(1).default(0.3),
+    /**
+     * Voxels whose teacher max-probability is below this are masked out of the pseudo-label loss. Noisy Student's
+     * 0.3 is for 1000 image classes; with 2–3 voxel classes every max-probability is ≥ 1/C, so the default is 0.9.
+     */
+    confidence: z.number().min(0).max(1).default(0.9),
     /** soft = teacher softmax as targets; hard = one-hot argmax. */
     labels: z.enum(['soft', 'hard']).default('soft'),
     /** Teacher test-time augmentation: mean of the probabilities over the 8 axis-flip combinations. */
     flipTTA: z.boolean().default(false),
-    /** Weigh pseudo-labelled voxels by inverse class frequency in the pool (clamped to [0.2, 5]). */
+    /** Class-balanced sampling of pseudo-labelled patches: each is centred on a confidently labelled voxel of a uniformly drawn class. */
     classBalance: z.boolean().default(true),
     /** Student noise: dropout before the output layer (methods.md §4: 0.5 on the last layer). */
     dropout: z.number().min(0).lt(1).default(0.5),

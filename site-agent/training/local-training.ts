@@ -73,13 +73,13 @@ export class LocalTraining {
           augment,
         })
       : undefined;
-    const pseudoShare = student ? student.ratio / (1 + student.ratio) : 0;
+    // Noisy Student's batches: the plan's batch of labelled patches plus ratio × as many pseudo-labelled ones
+    // (loss = labelled + ratio × pseudo, as in Xie et al.), so the student sees as much labelled data as without a teacher.
+    const nPseudo = pseudo && pseudo.size > 0 ? Math.round(settings.local.batchSize * student!.ratio) : 0;
     // Patches come from the site's bounded cache, one batch at a time; whole volumes are never all in memory.
     const source = {
       cases: usable.length,
       sample: async (count: number, rng: () => number) => {
-        let nPseudo = pseudo && pseudo.size > 0 ? Math.round(count * pseudoShare) : 0;
-        if (nPseudo === count && count > 1) nPseudo = count - 1;
         const labelled = (await data.sampleBatch(data.train, count - nPseudo, rng, { augment })).map((p, i) => patchToVolumeCase(p, `batch-${i}`));
         return nPseudo > 0 ? [...labelled, ...(await pseudo!.sample(nPseudo, rng))] : labelled;
       },
@@ -95,7 +95,7 @@ export class LocalTraining {
       cases: [],
       source,
       steps,
-      batchSize: settings.local.batchSize,
+      batchSize: settings.local.batchSize + nPseudo,
       learningRate: settings.local.learningRate,
       seed: this.siteSeed(settings.model.seed) + ctx.round,
       proximalMu: settings.local.proximalMu,

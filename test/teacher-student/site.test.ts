@@ -8,7 +8,8 @@ import { existsSync, mkdtempSync, readFileSync, readdirSync, statSync } from 'no
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
-import { classBalanceWeights, flipVolume, pseudoTarget, teacherProbs } from '../../site-agent/training/pseudo-label.ts';
+import { flipVolume, pickBalancedClass, pseudoTarget, teacherProbs } from '../../site-agent/training/pseudo-label.ts';
+import { mulberry32 } from '../../shared/util/random.ts';
 import { LocalTraining } from '../../site-agent/training/local-training.ts';
 import { writePhantomSite } from '../../site-agent/data/phantom.ts';
 import { writePhantomPool } from '../../site-agent/training/phantom-pool.ts';
@@ -33,10 +34,15 @@ describe('pseudo-label targets', () => {
     expect(Array.from(hard.mask)).toEqual([1, 1, 1]);
   });
 
-  it('balances classes by inverse frequency, clamped', () => {
-    expect(classBalanceWeights([900, 100])).toEqual([1000 / 1800, 5]);
-    expect(classBalanceWeights([500, 500])).toEqual([1, 1]);
-    expect(classBalanceWeights([0, 0])).toEqual([1, 1]);
+  it('balances classes by drawing crop-centre classes uniformly among those present, whatever their frequency', () => {
+    const perClass = [new Uint32Array(9000), new Uint32Array(0), new Uint32Array(10)];
+    const rng = mulberry32(1);
+    const counts = [0, 0, 0];
+    for (let i = 0; i < 2000; i++) counts[pickBalancedClass(perClass, rng)!]++;
+    expect(counts[1]).toBe(0);
+    expect(counts[0] / 2000).toBeCloseTo(0.5, 1);
+    expect(counts[2] / 2000).toBeCloseTo(0.5, 1);
+    expect(pickBalancedClass([new Uint32Array(0), new Uint32Array(0)], rng)).toBeUndefined();
   });
 
   it('flip TTA maps each flipped prediction back (a flip-equivariant teacher is unchanged by it)', async () => {
