@@ -4,6 +4,7 @@
 import Table from 'cli-table3';
 import type { CoordinatorStore, MetricRow, RoundRow, SiteRow } from '../coordinator/store/store.ts';
 import { PRIVACY_KEY, type PrivacySpent } from '../coordinator/rounds/round-engine.ts';
+import { parseTeacher, TEACHER_KEY } from '../coordinator/rounds/teacher.ts';
 
 const short = (h: string | null | undefined) => (h ? `${h.slice(0, 12)}…` : '—');
 const ago = (t: number | null, now: number) => (t === null ? 'never' : `${Math.max(0, Math.round((now - t) / 1000))} s ago`);
@@ -42,7 +43,14 @@ export function metricsTable(metrics: MetricRow[]): string {
     row[m.key] = m.value;
     byKey.set(k, row);
   }
-  const t = new Table({ head: ['round', 'site', 'samples', 'loss (first → last)', 'val Dice', 'train s'], ...style() });
+  // Per-class validation Dice (val_dice_class_N) as columns when any site reported more than one class.
+  const classes = [...new Set(metrics.map((m) => /^val_dice_class_(\d+)$/.exec(m.key)?.[1]).filter((c): c is string => c !== undefined))].map(Number).sort((a, b) => a - b);
+  const perClass = classes.length > 1 ? classes : [];
+  const teacher = metrics.some((m) => m.key === 'teacher_generation');
+  const t = new Table({
+    head: ['round', 'site', 'samples', 'loss (first → last)', 'val Dice', ...perClass.map((c) => `Dice c${c}`), ...(teacher ? ['teacher'] : []), 'train s'],
+    ...style(),
+  });
   const keys = [...byKey.keys()].sort((a, b) => {
     const [ra, sa] = a.split('\u0000');
     const [rb, sb] = b.split('\u0000');
@@ -51,7 +59,8 @@ export function metricsTable(metrics: MetricRow[]): string {
   for (const k of keys) {
     const [round, site] = k.split('\u0000');
     const v = byKey.get(k)!;
-    t.push([round, site, fmt(v.num_train, 0), `${fmt(v.train_loss_first)} → ${fmt(v.train_loss)}`, fmt(v.val_dice_mean), fmt(v.train_seconds, 1)]);
+    const gen = v.teacher_generation === undefined ? '—' : `g${v.teacher_generation} (${fmt(v.pseudo_cases, 0)} pseudo)`;
+    t.push([round, site, fmt(v.num_train, 0), `${fmt(v.train_loss_first)} → ${fmt(v.train_loss)}`, fmt(v.val_dice_mean), ...perClass.map((c) => fmt(v[`val_dice_class_${c}`])), ...(teacher ? [gen] : []), fmt(v.train_seconds, 1)]);
   }
   return t.toString();
 }
@@ -64,6 +73,12 @@ function privacyLines(raw: string | undefined): string[] {
   return [`privacy spent (client-level DP): ε = ${p.epsilon.toFixed(2)} at δ = ${p.delta} after ${p.rounds} round${p.rounds === 1 ? '' : 's'} (z = ${p.noiseMultiplier}, S = ${p.clipNorm}, RDP order ${p.order})`];
 }
 
+/** Noisy student: the current teacher (plan teacherStudent). */
+function teacherLines(raw: string | undefined): string[] {
+  const t = parseTeacher(raw);
+  return t ? [`teacher: generation ${t.generation}, model ${short(t.modelHash)} (the aggregate of round ${t.round})`] : [];
+}
+
 export function statusReport(store: CoordinatorStore, federationId: string): string {
   const rounds = store.listRounds();
   const lines = [
@@ -71,6 +86,7 @@ export function statusReport(store: CoordinatorStore, federationId: string): str
     `current global model: ${store.getMeta('current_model') ?? '— (coordinator never started)'}`,
     `rounds closed: ${store.closedRoundCount()}`,
     ...privacyLines(store.getMeta(PRIVACY_KEY)),
+    ...teacherLines(store.getMeta(TEACHER_KEY)),
     '',
     'Sites',
     sitesTable(store.listSites()),
