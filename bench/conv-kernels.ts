@@ -6,10 +6,11 @@
  *   npm run bench:conv                      # ~1–2 min on the 2-core VM
  *   npm run bench:conv -- --quick           # width ¼ only
  *   npm run bench:conv -- --layouts         # also: each memory-format choice (plain / any-weights / any / ncsp)
+ *   npm run bench:conv -- --threads=1       # both sides on one thread (steadier when another process is busy)
  *   npm run bench:conv -- --min             # fastest repetition instead of the median (a loaded machine)
  *   BENCH_TORCH_LAYOUT=channels_last_3d npm run bench:conv   # PyTorch layout (default: contiguous NCDHW)
  *
- * Both sides use 2 threads. PyTorch calls aten::convolution_backward with an output mask, so each gradient
+ * Both sides use 2 threads (--threads=N). PyTorch calls aten::convolution_backward with an output mask, so each gradient
  * is timed alone. The machine is shared: compare rows of one run only.
  */
 import { spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'node:child_process';
@@ -23,6 +24,10 @@ const QUICK = args.has('--quick');
 const LAYOUTS = args.has('--layouts');
 /** --min: report the fastest repetition instead of the median (closer to the uncontended figure on a loaded machine). */
 const STAT = args.has('--min') ? 'min' : 'median';
+/** --threads=N: threads for both oneDNN and PyTorch (default 2, the machine's cores). With another busy
+ * process on the machine, 2 OpenMP threads wait on each other at every barrier (ms-long stalls) while 1
+ * thread runs steadily on the free core: --threads=1 then gives the cleaner comparison. */
+const THREADS = Number([...args].find((a) => a.startsWith('--threads='))?.slice('--threads='.length) ?? 2);
 const TORCH_LAYOUT = process.env.BENCH_TORCH_LAYOUT === 'channels_last_3d' ? 'channels_last_3d' : 'contiguous';
 const MAX_REPS = 7;
 const BUDGET_MS = 700; // per (shape, op, engine): stop repeating once this much time was spent (at least 3 reps)
@@ -96,7 +101,7 @@ function benchOneDnn(k: OneDnnKernels, g: Conv3dGeom): Record<OpName, number> {
 const PY = String.raw`
 import json, sys, time, statistics
 import torch
-torch.set_num_threads(2)
+torch.set_num_threads(int(sys.argv[2]))
 def timeit(fn, max_reps, budget_ms):
     fn()
     times, spent = [], 0.0
@@ -137,7 +142,7 @@ class TorchBench {
   static async start(): Promise<{ bench: TorchBench; info: TorchInfo } | string> {
     const probe = spawnSync('/usr/bin/python3', ['-c', 'import torch'], { encoding: 'utf8' });
     if (probe.status !== 0) return 'PyTorch not available (/usr/bin/python3 -c "import torch" failed)';
-    const bench = new TorchBench(spawn('/usr/bin/python3', ['-c', PY, STAT]));
+    const bench = new TorchBench(spawn('/usr/bin/python3', ['-c', PY, STAT, String(THREADS)]));
     const first = await bench.lines.next();
     if (first.done) return 'PyTorch bench process exited at start';
     return { bench, info: JSON.parse(first.value) as TorchInfo };
@@ -159,7 +164,7 @@ const pad = (s: string, n: number): string => s.padStart(n);
 const fmt = (ms: number): string => (ms >= 100 ? ms.toFixed(0) : ms >= 10 ? ms.toFixed(1) : ms.toFixed(2));
 
 async function main(): Promise<void> {
-  const loaded = loadOneDnnKernels({ layout: 'default' });
+  const loaded = loadOneDnnKernels({ layout: 'default', threads: THREADS });
   if (!loaded.kernels) {
     console.error(`onednn kernels unavailable: ${loaded.reason}`);
     process.exit(1);
