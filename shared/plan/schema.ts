@@ -34,6 +34,12 @@ export const TeacherStudentSchema = z
     flipTTA: z.boolean().default(false),
     /** Class-balanced sampling of pseudo-labelled patches: each is centred on a confidently labelled voxel of a uniformly drawn class. */
     classBalance: z.boolean().default(true),
+    /**
+     * Teacher quality gate, decided at each site: a site whose held-back validation cases give the teacher (with the
+     * site's head) a mean Dice below this trains on labelled cases only for that generation (a teacher that misses
+     * the foreground would otherwise teach the student to miss it too). 0 = always use the teacher.
+     */
+    minTeacherDice: z.number().min(0).max(1).default(0.5),
     /** Student noise: dropout before the output layer (methods.md §4: 0.5 on the last layer). */
     dropout: z.number().min(0).lt(1).default(0.5),
     /** Student noise: stronger augmentation (brightness, noise, shift at higher probabilities) on every patch. */

@@ -41,6 +41,8 @@ export class LocalTraining {
   engineName: string | undefined;
   private trainer: { key: string; trainer: Trainer } | undefined;
   private dataset: { key: string; data: SiteData } | undefined;
+  /** Teacher validation Dice at this site, by teacher model hash (the gate is decided once per generation). */
+  private readonly teacherDice = new Map<string, number>();
 
   constructor(private readonly o: LocalTrainingOptions) {}
 
@@ -64,7 +66,8 @@ export class LocalTraining {
     if (problem) throw new Error(`the global model does not fit this site's architecture: ${problem}`);
 
     // Noisy student: with a teacher, its pseudo-labelled pool joins the labelled patches, and the student is noised.
-    const student = await this.studentSetup(arch, trainer, settings, data, ctx);
+    const setup = await this.studentSetup(arch, trainer, settings, data, ctx);
+    const student = setup && 'pool' in setup ? setup : undefined;
     const baseAugment = augmentOptions(dataSettings);
     const augment = student?.strongAugment ? strongAugment(baseAugment) : baseAugment;
     const pseudo = student
@@ -116,8 +119,10 @@ export class LocalTraining {
       num_val: val.length,
       train_seconds: trainSeconds,
     };
+    if (setup && 'skipped' in setup) metrics.teacher_val_dice = setup.skipped;
     if (student) {
       // Aggregate counts only: never a per-case value.
+      if (Number.isFinite(student.teacherDice)) metrics.teacher_val_dice = student.teacherDice;
       metrics.teacher_generation = student.generation;
       metrics.pseudo_cases = student.pool.stats.cases;
       metrics.pseudo_confident_fraction = student.pool.stats.confidentFraction;
@@ -153,7 +158,7 @@ export class LocalTraining {
     settings: TaskSettings,
     data: SiteData,
     ctx: { round: number; teacherBytes?: Buffer },
-  ): Promise<{ pool: PseudoPool; dir: string; generation: number; ratio: number; dropout: number; strongAugment: boolean } | undefined> {
+  ): Promise<{ pool: PseudoPool; dir: string; generation: number; ratio: number; dropout: number; strongAugment: boolean; teacherDice: number } | { skipped: number } | undefined> {
     const ts = settings.teacherStudent;
     const teacher = settings.teacher;
     if (!ts?.enabled || !teacher) return undefined;
@@ -185,12 +190,23 @@ export class LocalTraining {
     const headProblem = checkAgainstSpecs(head, localParams(arch, settings.share)) ?? findNonFinite(head);
     if (headProblem) throw new Error(`the site's teacher head (${headPath}) is unusable: ${headProblem}. Delete it to train on labelled cases only for this generation.`);
     const weights = merge(merge(arch.init(this.siteSeed(settings.model.seed)), head), teacherShared);
+    // Quality gate on the site's own held-back cases, once per generation.
+    let teacherDice = this.teacherDice.get(teacher.modelHash);
+    if (teacherDice === undefined) {
+      const val = await this.validationCases(data);
+      teacherDice = val.length > 0 ? (await trainer.evaluate(weights, val)).meanDice : Number.NaN;
+      this.teacherDice.set(teacher.modelHash, teacherDice);
+    }
+    if (teacherDice < ts.minTeacherDice) {
+      log.info({ round: ctx.round, generation: teacher.generation, teacherValDice: round4(teacherDice), needed: ts.minTeacherDice }, 'teacher too weak on this site\'s validation cases: training on labelled cases only this generation');
+      return { skipped: teacherDice };
+    }
     const parent = join(this.o.localDir, 'pseudo');
     const dir = join(parent, `${this.localKey(settings)}-g${teacher.generation}`);
     prunePseudoDirs(parent, dir);
     const pool = await labelPool(trainer, weights, data, usablePool, dir, teacher.generation, ts, log);
     if (pool.cases.length === 0) return undefined;
-    return { pool, dir, generation: teacher.generation, ratio: ts.ratio, dropout: ts.dropout, strongAugment: ts.strongAugment };
+    return { pool, dir, generation: teacher.generation, ratio: ts.ratio, dropout: ts.dropout, strongAugment: ts.strongAugment, teacherDice };
   }
 
   private teacherHeadPath(arch: ModelArchitecture, settings: TaskSettings, generation: number): string {

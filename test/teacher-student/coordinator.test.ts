@@ -41,7 +41,7 @@ describe('teacher promotion rule', () => {
   });
 
   it('the plan section is off by default and refuses unknown keys', () => {
-    expect(parsePlan('rounds: 1\n').teacherStudent).toMatchObject({ enabled: false, promoteEvery: 2, ratio: 1, confidence: 0.9, labels: 'soft', flipTTA: false, classBalance: true, dropout: 0.5, strongAugment: true });
+    expect(parsePlan('rounds: 1\n').teacherStudent).toMatchObject({ enabled: false, promoteEvery: 2, ratio: 1, confidence: 0.9, labels: 'soft', flipTTA: false, classBalance: true, dropout: 0.5, strongAugment: true, minTeacherDice: 0.5 });
     expect(() => parsePlan('teacherStudent: { enabled: true, temperature: 2 }\n')).toThrow(/temperature/);
   });
 });

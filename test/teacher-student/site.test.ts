@@ -71,11 +71,11 @@ describe('a teacher–student round at a site', () => {
   const plan = defaultPlan({
     model: { architecture: 'tiny3d', patch: [16, 16, 16], numClasses: 2, width: 4, seed: 3 },
     local: { steps: 3, batchSize: 2, learningRate: 0.005 },
-    teacherStudent: { enabled: true, promoteEvery: 1, ratio: 1, confidence: 0.6, flipTTA: true },
+    teacherStudent: { enabled: true, promoteEvery: 1, ratio: 1, confidence: 0.6, flipTTA: true, minTeacherDice: 0 },
   });
   const arch = architectureFor(plan.model);
   const shared = sharedParams(arch, plan.share).map((p) => p.name);
-  const settings = (teacher?: { hash: string; size: number; generation: number }): TaskSettings =>
+  const settings = (teacher?: { hash: string; size: number; generation: number }, minTeacherDice = 0): TaskSettings =>
     TaskSettingsSchema.parse({
       federation: 'f',
       model: { ...plan.model, pretrained: undefined, source2d: undefined },
@@ -83,7 +83,7 @@ describe('a teacher–student round at a site', () => {
       share: plan.share,
       sharedTensors: shared,
       data: plan.data,
-      teacherStudent: plan.teacherStudent,
+      teacherStudent: { ...plan.teacherStudent, minTeacherDice },
       ...(teacher ? { teacher: { modelHash: teacher.hash, modelSize: teacher.size, generation: teacher.generation } } : {}),
     });
   const log = pino({ level: 'silent' });
@@ -119,6 +119,7 @@ describe('a teacher–student round at a site', () => {
     expect(label.get('target')!.shape).toEqual([16 ** 3, 2]);
     // Aggregate metrics only, and the update holds exactly the shared tensors.
     expect(r2.metrics).toMatchObject({ teacher_generation: 1, pseudo_cases: 3 });
+    expect(r2.metrics.teacher_val_dice).toBeGreaterThanOrEqual(0);
     expect(r2.metrics.pseudo_confident_fraction).toBeGreaterThan(0);
     expect(r2.metrics.pseudo_confident_fraction).toBeLessThanOrEqual(1);
     expect(Number.isFinite(r2.metrics.train_loss)).toBe(true);
@@ -128,6 +129,17 @@ describe('a teacher–student round at a site', () => {
     const r3 = await lt.run(settings(teacher), r2.update, { round: 3, teacherBytes: round1Update });
     expect(statSync(join(localDir, 'pseudo', pseudoDirs[0], 'meta.json')).mtimeMs).toBe(before);
     expect(r3.metrics.teacher_generation).toBe(1);
+  }, 120_000);
+
+  it('does not use a teacher that scores below minTeacherDice on the site\'s validation cases', async () => {
+    const gated = new LocalTraining({ siteName: 'site-a', dataDir, localDir: join(work, 'local-gated'), log, engine: 'cpu' });
+    await gated.run(settings(), round1Update, { round: 1 });
+    const teacher = { hash: sha256Hex(round1Update), size: round1Update.length, generation: 1 };
+    const r = await gated.run(settings(teacher, 1), round1Update, { round: 2, teacherBytes: round1Update });
+    expect(r.metrics.teacher_generation).toBeUndefined();
+    expect(r.metrics.teacher_val_dice).toBeGreaterThanOrEqual(0);
+    expect(r.metrics.teacher_val_dice).toBeLessThanOrEqual(1);
+    expect(existsSync(join(work, 'local-gated', 'pseudo'))).toBe(false);
   }, 120_000);
 
   it('says what is wrong when the teacher bytes are missing', async () => {
