@@ -19,8 +19,8 @@ import { inputLength, outputLength, padAfter, weightLength, type Conv3dGeom, typ
  *    they are small): the jit/brgconv AVX-512 kernels, fastest for nearly every shape measured,
  *  - any: every tensor in the format oneDNN prefers (reorders on activations too; never faster here),
  *  - ncsp: activations reordered to ncdhw (PyTorch's default), weights any,
- *  - default: any-weights, except the data gradient of a 1-channel input (conv1), where oneDNN's gemm
- *    (ncsp, or plain for large maps) beats the jit kernel 2–5× (bench:conv -- --layouts),
+ *  - default: any-weights, except the data gradient of a 1-channel input (conv1), where oneDNN's ncsp
+ *    gemm beats the jit kernel 3–8× (bench:conv -- --threads=1 --layouts),
  *  - auto: on the first call of each (operation, geometry) time the four once and keep the fastest.
  */
 export type OneDnnLayout = 'plain' | 'any-weights' | 'any' | 'ncsp' | 'default' | 'auto';
@@ -74,14 +74,11 @@ const ALL_LAYOUTS = [0, 1, 2, 3] as const;
 
 /**
  * The 'default' layout's rule (see OneDnnLayout). The data gradient of a 1-channel input (conv1; training
- * never needs it, the image has no gradient) is 2–5× slower in the jit kernel than in oneDNN's gemm; the
- * ncsp gemm's column buffer (k³ · output voxels floats per image) wins while it fits the 32 MiB L3, the
- * plain (ndhwc) gemm after that.
+ * never needs it, the image has no gradient) runs 3–8× faster in oneDNN's ncsp gemm than in the jit kernel
+ * (bench:conv -- --threads=1 --layouts: 32³ and 64³ inputs, widths ¼ and 1).
  */
 function defaultLayout(op: number, g: Conv3dGeom): number {
-  if (op !== OP.backwardData || g.cin !== 1) return LAYOUTS['any-weights'];
-  const colBytes = 4 * g.k[0] * g.k[1] * g.k[2] * g.out[0] * g.out[1] * g.out[2];
-  return colBytes <= 32 * 2 ** 20 ? LAYOUTS.ncsp : LAYOUTS.plain;
+  return op === OP.backwardData && g.cin === 1 ? LAYOUTS.ncsp : LAYOUTS['any-weights'];
 }
 
 /** Layout the auto mode chose per (op, geometry), shared by every kernels object over the one addon. */
