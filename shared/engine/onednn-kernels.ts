@@ -19,8 +19,8 @@ import { inputLength, outputLength, padAfter, weightLength, type Conv3dGeom, typ
  *    they are small): the jit/brgconv AVX-512 kernels, fastest for nearly every shape measured,
  *  - any: every tensor in the format oneDNN prefers (reorders on activations too; never faster here),
  *  - ncsp: activations reordered to ncdhw (PyTorch's default), weights any,
- *  - default: any-weights, except the data gradient of a 1-channel input (conv1), where oneDNN's ncsp
- *    gemm beats the jit kernel 3–8× (bench:conv -- --threads=1 --layouts),
+ *  - default: any-weights, except the data gradient of a 1-channel input (conv1), where oneDNN's plain
+ *    gemm beats the jit kernel 1.5–5× (see defaultLayout),
  *  - auto: on the first call of each (operation, geometry) time the four once and keep the fastest.
  */
 export type OneDnnLayout = 'plain' | 'any-weights' | 'any' | 'ncsp' | 'default' | 'auto';
@@ -74,11 +74,13 @@ const ALL_LAYOUTS = [0, 1, 2, 3] as const;
 
 /**
  * The 'default' layout's rule (see OneDnnLayout). The data gradient of a 1-channel input (conv1; training
- * never needs it, the image has no gradient) runs 3–8× faster in oneDNN's ncsp gemm than in the jit kernel
- * (bench:conv -- --threads=1 --layouts: 32³ and 64³ inputs, widths ¼ and 1).
+ * never needs it, the image has no gradient) runs 1.5–5× faster in oneDNN's plain (ndhwc) gemm than in the
+ * jit kernel. The ncsp gemm is faster still on one thread (50 vs 75 ms, w1 conv1 on 64³), but with two
+ * threads while another process kept a core busy it took 1.2 s (plain: 0.1 s): it syncs its threads
+ * far more often.
  */
 function defaultLayout(op: number, g: Conv3dGeom): number {
-  return op === OP.backwardData && g.cin === 1 ? LAYOUTS.ncsp : LAYOUTS['any-weights'];
+  return op === OP.backwardData && g.cin === 1 ? LAYOUTS.plain : LAYOUTS['any-weights'];
 }
 
 /** Layout the auto mode chose per (op, geometry), shared by every kernels object over the one addon. */
