@@ -5,7 +5,8 @@
  *
  * Tensors are passed as they are (NDHWC activations, DHWIO weights: oneDNN's `ndhwc` / `dhwio` tags), the
  * caller's Float32Arrays serve as oneDNN's memory, and primitives are cached per geometry in the addon.
- * Calls are synchronous; oneDNN runs them on its OpenMP threads (OMP_NUM_THREADS, default: all cores).
+ * Calls are synchronous; oneDNN runs them on its OpenMP threads (OMP_NUM_THREADS, default: all cores;
+ * OMP_WAIT_POLICY defaults to PASSIVE here, see loadAddon).
  */
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -99,6 +100,11 @@ function loadAddon(): { addon: OneDnnAddon } | { reason: string } {
     };
     return addonCache;
   }
+  // OpenMP threads that wait for work spin by default. With another busy process on a 2-core machine (a
+  // second site, the coordinator, this process's own JS between calls) the spinning thread takes the core
+  // from the one it waits for, and every convolution stalls for scheduler slices (16–32 ms on sub-ms work,
+  // bench:conv). Sleeping waits cost microseconds. libgomp reads this once, when the addon loads it.
+  if (process.env.OMP_WAIT_POLICY === undefined) process.env.OMP_WAIT_POLICY = 'PASSIVE';
   try {
     const addon = createRequire(import.meta.url)(ONEDNN_ADDON_PATH) as OneDnnAddon;
     addonCache = { addon };

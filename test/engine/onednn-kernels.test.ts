@@ -249,6 +249,8 @@ describe('onednn conv kernels', () => {
     const env = Number(process.env.OMP_NUM_THREADS);
     if (env > 0) expect(before).toBe(env);
     else expect(before).toBe(kernelsOrFail().addon.info().procs);
+    // Waiting threads sleep unless the user chose otherwise (spinning stalls every call on a busy machine).
+    expect(process.env.OMP_WAIT_POLICY).toBeDefined();
     const one = loadOneDnnKernels({ threads: 1 });
     try {
       expect(one.kernels && one.info.threads).toBe(1);
