@@ -76,9 +76,8 @@ const ALL_LAYOUTS = [0, 1, 2, 3] as const;
 /**
  * The 'default' layout's rule (see OneDnnLayout). The data gradient of a 1-channel input (conv1; training
  * never needs it, the image has no gradient) runs 1.5–5× faster in oneDNN's plain (ndhwc) gemm than in the
- * jit kernel. The ncsp gemm is faster still on one thread (50 vs 75 ms, w1 conv1 on 64³), but with two
- * threads while another process kept a core busy it took 1.2 s (plain: 0.1 s): it syncs its threads
- * far more often.
+ * jit kernel. The ncsp gemm is faster on one thread (50 vs 75 ms, w1 conv1 on 64³) but not on two (43 vs
+ * 39 ms), and with two spin-waiting threads next to a busy process it took 1.2 s (plain: 0.1 s).
  */
 function defaultLayout(op: number, g: Conv3dGeom): number {
   return op === OP.backwardData && g.cin === 1 ? LAYOUTS.plain : LAYOUTS['any-weights'];
