@@ -53,6 +53,7 @@ export interface ExperimentOptions {
   dropout: number;
   strongAugment: boolean;
   classBalance: boolean;
+  minTeacherDice: number;
   /** Generated federation: labelled, validation and unlabelled cases per site. */
   phantom: { sites: number; cases: number; valCases: number; poolCases: number; testCases: number };
   engine?: string;
@@ -150,6 +151,7 @@ export async function runExperiment(o: ExperimentOptions): Promise<ExperimentRes
         dropout: o.dropout,
         strongAugment: o.strongAugment,
         classBalance: o.classBalance,
+        minTeacherDice: o.minTeacherDice,
       },
     });
   const basePlan = planFor(false, o.steps);
@@ -437,8 +439,10 @@ export function registerExperimentCommand(program: Command): void {
     .option('--flip-tta', 'teacher–student: teacher averages the 8 flips')
     .option('--dropout <x>', 'teacher–student: student dropout before the output layer', '0.5')
     .option('--no-strong-augment', 'teacher–student: the plan augmentation for the student, not the stronger one')
+    .option('--min-teacher-dice <x>', 'teacher–student: sites skip a teacher scoring below this on their validation cases', '0.5')
     .option('--no-class-balance', 'teacher–student: no inverse-frequency weights on pseudo-labelled voxels')
     .option('--phantom-sites <n>', 'generated federation: sites', '3')
+    .option('--phantom-cases <n>', 'generated federation: labelled training cases per site', '4')
     .option('--phantom-pool <n>', 'generated federation: unlabelled cases per site', '8')
     .option('--engine <name>', 'force a compute engine (e.g. cpu)')
     .action(async (a: Record<string, string | boolean | undefined>) => {
@@ -482,7 +486,8 @@ export function registerExperimentCommand(program: Command): void {
         dropout: num('dropout'),
         strongAugment: a.strongAugment !== false,
         classBalance: a.classBalance !== false,
-        phantom: { sites: phantomSites, cases: 4, valCases: 2, poolCases: num('phantomPool'), testCases: 2 * phantomSites },
+        minTeacherDice: num('minTeacherDice'),
+        phantom: { sites: phantomSites, cases: num('phantomCases'), valCases: 2, poolCases: num('phantomPool'), testCases: 2 * phantomSites },
         engine: a.engine ? String(a.engine) : undefined,
         say,
       });
