@@ -51,7 +51,7 @@ async function resolve(requested: string): Promise<KernelSelection> {
       return { kernels: r.kernels, tried };
     }
     if (requested === 'onednn') {
-      throw new Error(`MEDFL_KERNELS=onednn but ${r.reason ?? 'the addon did not load'}. Fix: apt-get install -y libdnnl-dev g++ make && npm rebuild (or unset MEDFL_KERNELS to fall back to the JS kernels).`);
+      throw new Error(`MEDFL_KERNELS=onednn but ${r.reason ?? 'the addon did not load'}. Fix: apt-get install -y libdnnl-dev g++ make && npm run build:native (or unset MEDFL_KERNELS to fall back to the JS kernels).`);
     }
     tried.push({ name: 'onednn', ok: false, reason: r.reason });
   }

@@ -91,6 +91,8 @@ export async function makeFederation(o: { sites: number; plan: string }): Promis
       const c = spawnMedfl(['site', 'run', '--dir', f.siteDir(name), '--data', f.dataDir(name), '--exit-when-finished', ...extra], f.logPath(name), {
         MEDFL_LOG_LEVEL: 'info',
         MEDFL_ENGINE: 'cpu',
+        // Several sites share this machine's cores: one OpenMP thread each keeps oneDNN from oversubscribing.
+        OMP_NUM_THREADS: '1',
       });
       children.push(c);
       return c;
