@@ -173,7 +173,7 @@ export class LocalTraining {
       log.info({ round: ctx.round }, 'no unlabelled cases at this site: the student trains on labelled cases only');
       return undefined;
     }
-    const headPath = this.teacherHeadPath(arch, settings, teacher.generation);
+    const headPath = this.teacherHeadPath(arch, settings, teacher.generation, teacher.modelHash);
     if (!existsSync(headPath)) {
       const current = this.localPath(arch, settings);
       if (!existsSync(current)) {
@@ -204,13 +204,14 @@ export class LocalTraining {
     const parent = join(this.o.localDir, 'pseudo');
     const dir = join(parent, `${this.localKey(settings)}-g${teacher.generation}`);
     prunePseudoDirs(parent, dir);
-    const pool = await labelPool(trainer, weights, data, usablePool, dir, teacher.generation, ts, log);
+    const pool = await labelPool(trainer, weights, data, usablePool, dir, { generation: teacher.generation, teacherHash: teacher.modelHash }, ts, log);
     if (pool.cases.length === 0) return undefined;
     return { pool, dir, generation: teacher.generation, ratio: ts.ratio, dropout: ts.dropout, strongAugment: ts.strongAugment, teacherDice };
   }
 
-  private teacherHeadPath(arch: ModelArchitecture, settings: TaskSettings, generation: number): string {
-    return join(this.o.localDir, `${arch.id}-${this.localKey(settings)}-teacher-g${generation}.safetensors`);
+  /** Keyed by generation and teacher hash, so a restarted federation never pairs a new teacher with an old head. */
+  private teacherHeadPath(arch: ModelArchitecture, settings: TaskSettings, generation: number, teacherHash: string): string {
+    return join(this.o.localDir, `${arch.id}-${this.localKey(settings)}-teacher-g${generation}-${teacherHash.slice(0, 12)}.safetensors`);
   }
 
   private localKey(settings: TaskSettings): string {

@@ -22,6 +22,8 @@ import type { CaseRef, SiteData } from '../data/site-data.ts';
 /** What labelling the pool produced (kept as meta.json next to the per-case files). */
 export interface PseudoPool {
   readonly generation: number;
+  /** The teacher model version that made these labels. */
+  readonly teacherHash: string;
   readonly numClasses: number;
   readonly cases: readonly { readonly id: string; readonly shape: readonly [number, number, number] }[];
   /** Share of each class (teacher argmax) among the pool's confident voxels. */
@@ -113,14 +115,14 @@ export async function labelPool(
   data: SiteData,
   pool: readonly CaseRef[],
   dir: string,
-  generation: number,
+  teacherId: { generation: number; teacherHash: string },
   ts: TeacherStudentSettings,
   log: Logger,
 ): Promise<PseudoPool> {
   const metaPath = join(dir, META);
   if (existsSync(metaPath)) {
     const meta = JSON.parse(readFileSync(metaPath, 'utf8')) as PseudoPool;
-    if (meta.generation === generation) return meta;
+    if (meta.generation === teacherId.generation && meta.teacherHash === teacherId.teacherHash) return meta;
   }
   rmSync(dir, { recursive: true, force: true });
   mkdirSync(dir, { recursive: true, mode: 0o700 });
@@ -150,8 +152,10 @@ export async function labelPool(
     cases.push({ id: ref.id, shape });
   }
   const fg = counts.slice(1).reduce((a, b) => a + b, 0);
+  const { generation } = teacherId;
   const meta: PseudoPool = {
     generation,
+    teacherHash: teacherId.teacherHash,
     numClasses: C,
     cases,
     classFrequencies: counts.map((n) => (confident ? n / confident : 0)),

@@ -53,7 +53,7 @@ describe('a teacher–student federation', () => {
   it('kept pseudo-labels and the teacher head at the site', () => {
     for (const site of fed.sites) {
       const local = join(fed.siteDir(site), 'local');
-      expect(readdirSync(local).some((f) => f.includes('-teacher-g1.'))).toBe(true);
+      expect(readdirSync(local).some((f) => f.includes('-teacher-g1-'))).toBe(true);
       const [dir] = readdirSync(join(local, 'pseudo'));
       expect(readdirSync(join(local, 'pseudo', dir)).filter((f) => f.startsWith('pool-'))).toHaveLength(3);
     }

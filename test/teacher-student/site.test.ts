@@ -129,6 +129,12 @@ describe('a teacher–student round at a site', () => {
     const r3 = await lt.run(settings(teacher), r2.update, { round: 3, teacherBytes: round1Update });
     expect(statSync(join(localDir, 'pseudo', pseudoDirs[0], 'meta.json')).mtimeMs).toBe(before);
     expect(r3.metrics.teacher_generation).toBe(1);
+    // Another teacher under the same generation number (a federation started afresh): labelled again, new head snapshot.
+    const other = { hash: sha256Hex(r3.update), size: r3.update.length, generation: 1 };
+    await lt.run(settings(other), r3.update, { round: 4, teacherBytes: r3.update });
+    const [dir2] = readdirSync(join(localDir, 'pseudo'));
+    expect(JSON.parse(readFileSync(join(localDir, 'pseudo', dir2, 'meta.json'), 'utf8')).teacherHash).toBe(other.hash);
+    expect(readdirSync(localDir).filter((f) => f.includes('teacher-g1'))).toHaveLength(2);
   }, 120_000);
 
   it('does not use a teacher that scores below minTeacherDice on the site\'s validation cases', async () => {
