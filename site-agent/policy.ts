@@ -26,7 +26,6 @@
 import * as grpc from '@grpc/grpc-js';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { LineCounter, parseDocument, isMap, isSeq, isScalar, type Node } from 'yaml';
 import { z } from 'zod';
 import { LayerTypeSchema, ModelPartSchema } from '../shared/plan/schema.ts';
 import type { TaskSettings } from '../shared/protocol/task.ts';
@@ -34,6 +33,7 @@ import { architectureFor } from '../shared/model/registry.ts';
 import type { ParamInfo } from '../shared/model/types.ts';
 import { RdpAccountant, RdpAccountantStateSchema } from '../shared/privacy/rdp-accountant.ts';
 import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
+import { parseYamlConfig } from '../shared/util/yaml-config.ts';
 import { CHANNEL_OPTIONS } from '../shared/protocol/grpc.ts';
 import { loadGovernanceService } from '../shared/privacy/governance-proto.ts';
 import { pinnedChannelCredentials } from '../shared/security/pki.ts';
@@ -80,39 +80,7 @@ export class PolicyError extends Error {
 }
 
 export function parsePolicy(text: string, source = 'policy'): SitePolicyConfig {
-  const lc = new LineCounter();
-  const doc = parseDocument(text, { lineCounter: lc, prettyErrors: true });
-  if (doc.errors.length > 0) throw new PolicyError(source, doc.errors.map((e) => `${source}:${e.linePos?.[0]?.line ?? '?'}: ${e.message.split('\n')[0]}`));
-  const r = SitePolicySchema.safeParse(doc.toJS() ?? {});
-  if (r.success) return r.data;
-  throw new PolicyError(
-    source,
-    r.error.issues.map((issue) => {
-      const path = issue.path.map(String);
-      const probe = issue.code === 'unrecognized_keys' ? [...path, (issue as { keys: string[] }).keys[0]!] : path;
-      return `${source}:${lineOf(doc.contents, probe, lc) ?? '?'}: ${path.length > 0 ? path.join('.') : '(top level)'}: ${issue.message}`;
-    }),
-  );
-}
-
-function lineOf(root: unknown, path: readonly string[], lc: LineCounter): number | undefined {
-  let node = root as Node | null | undefined;
-  let line = node && 'range' in node && node.range ? lc.linePos(node.range[0]).line : undefined;
-  for (const seg of path) {
-    if (isMap(node)) {
-      const pair = node.items.find((p) => (isScalar(p.key) ? String(p.key.value) : String(p.key)) === seg);
-      if (!pair) break;
-      const key = pair.key as Node | null;
-      if (key?.range) line = lc.linePos(key.range[0]).line;
-      node = pair.value as Node | null;
-    } else if (isSeq(node)) {
-      const item = node.items[Number(seg)] as Node | undefined;
-      if (!item) break;
-      if (item.range) line = lc.linePos(item.range[0]).line;
-      node = item;
-    } else break;
-  }
-  return line;
+  return parseYamlConfig(text, source, SitePolicySchema, (problems) => new PolicyError(source, problems));
 }
 
 const SpentSchema = z
