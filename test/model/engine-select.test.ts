@@ -3,22 +3,14 @@
  * own because selection switches tfjs's global backend; and the wasm engine trains tiny3d exactly as the
  * pure-JS one does (its convolutions run on MedFL's kernels; wasm's own conv3d gradients are wrong).
  */
-import { createRequire } from 'node:module';
 import { describe, expect, it } from 'vitest';
 import { selectEngine } from '../../shared/engine/select.ts';
 import { selectConvKernels } from '../../shared/engine/conv-select.ts';
 import { createTfjsTrainer } from '../../shared/model/tfjs-trainer.ts';
 import { createTiny3d } from '../../shared/model/tiny3d.ts';
 import { sphereCase } from '../helpers/volumes.ts';
+import { isInstalled } from '../helpers/modules.ts';
 
-const isInstalled = (pkg: string) => {
-  try {
-    createRequire(import.meta.url).resolve(pkg);
-    return true;
-  } catch {
-    return false;
-  }
-};
 
 describe('engine selection', () => {
   it('tries native GPU, native CPU, then wasm, and says why each was or was not used', async () => {

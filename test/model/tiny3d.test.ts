@@ -1,4 +1,3 @@
-import { createRequire } from 'node:module';
 import type * as TfModule from '@tensorflow/tfjs';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { selectEngine, type EngineInfo } from '../../shared/engine/select.ts';
@@ -22,6 +21,7 @@ import type { VolumeCase } from '../../shared/model/types.ts';
 import { checkAgainstSpecs, findNonFinite, makeBundle, type TensorBundle } from '../../shared/tensors/bundle.ts';
 import { gaussian, mulberry32, randomInt } from '../../shared/util/random.ts';
 import { sphereCase } from '../helpers/volumes.ts';
+import { isInstalled } from '../helpers/modules.ts';
 
 type Tensor = TfModule.Tensor;
 
@@ -38,14 +38,6 @@ beforeAll(async () => {
   ops = createTfjsOps(engine);
 });
 
-const isInstalled = (pkg: string) => {
-  try {
-    createRequire(import.meta.url).resolve(pkg);
-    return true;
-  } catch {
-    return false;
-  }
-};
 
 function randomArray(rng: () => number, n: number, scale = 1): Float32Array {
   const a = new Float32Array(n);
