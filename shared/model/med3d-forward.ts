@@ -51,11 +51,15 @@ export interface Med3dGraphOps<T, P> {
   /** BatchNorm3d over the channel axis; `name` is the layer prefix (e.g. "encoder.bn1") for ops that keep state. */
   batchNorm(x: T, p: BatchNormParams<P>, name: string): T;
   relu(x: T): T;
+  /** Optional fusion of relu(batchNorm(x)) (one pass, no intermediate); the graph uses it when present. */
+  batchNormRelu?(x: T, p: BatchNormParams<P>, name: string): T;
   /** MaxPool3d kernel 3, stride 2, padding 1 (padding never wins). */
   maxPool(x: T): T;
   /** Shortcut A: x[:, ::s, ::s, ::s, :] with zero channels appended up to `outChannels`. */
   shortcutA(x: T, outChannels: number, stride: number): T;
   add(a: T, b: T): T;
+  /** Optional fusion of relu(add(a, b)); the graph uses it when present. */
+  addRelu?(a: T, b: T): T;
   /** Classification head: global average pool over D, H, W, dropout (training only), dense → [N, classes]. */
   classifier(x: T, w: P, b: P, dropout: number): T;
 }
@@ -123,16 +127,22 @@ function bnParams<P>(get: (n: string) => P, prefix: string): BatchNormParams<P> 
   return { gamma: get(`${prefix}.weight`), beta: get(`${prefix}.bias`), mean: get(`${prefix}.running_mean`), variance: get(`${prefix}.running_var`) };
 }
 
+/** relu(batchNorm(x)), fused when the ops offer it. */
+function bnRelu<T, P>(ops: Med3dGraphOps<T, P>, x: T, p: BatchNormParams<P>, name: string): T {
+  return ops.batchNormRelu ? ops.batchNormRelu(x, p, name) : ops.relu(ops.batchNorm(x, p, name));
+}
+
 function block<T, P>(arch: Med3dArchitecture, b: Med3dBlock, x: T, get: (n: string) => P, ops: Med3dGraphOps<T, P>): T {
   const bn = (t: T, name: string) => ops.batchNorm(t, bnParams(get, `${b.prefix}.${name}`), `${b.prefix}.${name}`);
+  const bnR = (t: T, name: string) => bnRelu(ops, t, bnParams(get, `${b.prefix}.${name}`), `${b.prefix}.${name}`);
   const d = b.dilation;
   let out: T;
   if (arch.config.block === 'basic') {
-    out = ops.relu(bn(ops.conv3d(x, get(`${b.prefix}.conv1.weight`), { stride: b.stride, dilation: d, pad: d }), 'bn1'));
+    out = bnR(ops.conv3d(x, get(`${b.prefix}.conv1.weight`), { stride: b.stride, dilation: d, pad: d }), 'bn1');
     out = bn(ops.conv3d(out, get(`${b.prefix}.conv2.weight`), { dilation: d, pad: d }), 'bn2');
   } else {
-    out = ops.relu(bn(ops.conv3d(x, get(`${b.prefix}.conv1.weight`), {}), 'bn1'));
-    out = ops.relu(bn(ops.conv3d(out, get(`${b.prefix}.conv2.weight`), { stride: b.stride, dilation: d, pad: d }), 'bn2'));
+    out = bnR(ops.conv3d(x, get(`${b.prefix}.conv1.weight`), {}), 'bn1');
+    out = bnR(ops.conv3d(out, get(`${b.prefix}.conv2.weight`), { stride: b.stride, dilation: d, pad: d }), 'bn2');
     out = bn(ops.conv3d(out, get(`${b.prefix}.conv3.weight`), {}), 'bn3');
   }
   let residual = x;
@@ -141,7 +151,7 @@ function block<T, P>(arch: Med3dArchitecture, b: Med3dBlock, x: T, get: (n: stri
     const proj = ops.conv3d(x, get(`${b.prefix}.downsample.0.weight`), { stride: b.stride });
     residual = ops.batchNorm(proj, bnParams(get, `${b.prefix}.downsample.1`), `${b.prefix}.downsample.1`);
   }
-  return ops.relu(ops.add(out, residual));
+  return ops.addRelu ? ops.addRelu(out, residual) : ops.relu(ops.add(out, residual));
 }
 
 /** Encoder graph: NDHWC image (C = 1) → layer4 features NDHWC. No tidy: call inside tf.tidy or a gradient scope. */
@@ -150,7 +160,7 @@ export function med3dEncoderForward<T, P>(arch: Med3dArchitecture, params: Param
   if (shape.length !== 5 || shape[4] !== 1) throw new Error(`med3d: input must be NDHWC with one channel, got [${shape.join(',')}]`);
   const get = getter(params);
   let y = ops.conv3d(x, get('encoder.conv1.weight'), { stride: 2, pad: 3 });
-  y = ops.maxPool(ops.relu(ops.batchNorm(y, bnParams(get, 'encoder.bn1'), 'encoder.bn1')));
+  y = ops.maxPool(bnRelu(ops, y, bnParams(get, 'encoder.bn1'), 'encoder.bn1'));
   for (const b of arch.config.blocks) y = block(arch, b, y, get, ops);
   return y;
 }
@@ -166,9 +176,9 @@ export function med3dHeadForward<T, P>(arch: Med3dArchitecture, params: Params<P
   const h = arch.config.head;
   if (h.kind === 'segmentation') {
     let y = ops.convTranspose2x(feats, get('head.conv_seg.0.weight'), get('head.conv_seg.0.bias'));
-    y = ops.relu(ops.batchNorm(y, bnParams(get, 'head.conv_seg.1'), 'head.conv_seg.1'));
+    y = bnRelu(ops, y, bnParams(get, 'head.conv_seg.1'), 'head.conv_seg.1');
     y = ops.conv3d(y, get('head.conv_seg.3.weight'), { pad: 1 });
-    y = ops.relu(ops.batchNorm(y, bnParams(get, 'head.conv_seg.4'), 'head.conv_seg.4'));
+    y = bnRelu(ops, y, bnParams(get, 'head.conv_seg.4'), 'head.conv_seg.4');
     return ops.conv3d(y, get('head.conv_seg.6.weight'), {});
   }
   return ops.classifier(feats, get('head.fc.weight'), get('head.fc.bias'), opts.dropout ? h.dropout : 0);

@@ -1,11 +1,13 @@
 /**
  * Med3D graph ops on Float32Arrays with gradients: the training engine behind the Med3D trainer.
  * Convolutions go through a ConvKernels implementation (oneDNN when built, else JS loops); BatchNorm,
- * ReLU, pooling and the shortcuts are memory-bound and written here. Semantics follow PyTorch exactly:
+ * ReLU, max-pool and add through ElementwiseKernels (the addon's C++ loops with the oneDNN kernels, else
+ * JS), fused with the ReLU that follows them where the graph has one; shortcuts and heads are written here. Semantics follow PyTorch exactly:
  * symmetric padding, BatchNorm with batch statistics in training (biased variance to normalise, unbiased
  * for the running estimate, momentum 0.1 in PyTorch's sense), running statistics in eval.
  */
 import { torchConvGeom, type ConvKernels } from '../../engine/conv-kernels.ts';
+import { elementwiseOf, type ElementwiseKernels } from '../../engine/elementwise-kernels.ts';
 import type { Rng } from '../../util/random.ts';
 import { MED3D_BN_EPS } from '../med3d.ts';
 import type { BatchNormParams, Med3dConvOptions, Med3dGraphOps } from '../med3d-forward.ts';
@@ -28,6 +30,8 @@ export interface Med3dOpsOptions {
   readonly training: boolean;
   /** PyTorch BatchNorm momentum (weight of the new batch in the running estimate). */
   readonly bnMomentum?: number;
+  /** BatchNorm, ReLU, max-pool and add; default: the ones that come with `kernels` (elementwiseOf). */
+  readonly elementwise?: ElementwiseKernels;
   /** For dropout masks; required when training with dropout. */
   readonly rng?: Rng;
 }
@@ -37,6 +41,7 @@ export type Med3dTrainOps = Med3dGraphOps<Act, string>;
 export function createMed3dTrainOps(o: Med3dOpsOptions): Med3dTrainOps {
   const { kernels, store, tape, training } = o;
   const momentum = o.bnMomentum ?? 0.1;
+  const ew = o.elementwise ?? elementwiseOf(kernels);
   const record = (fn: () => void) => tape?.record(fn);
 
   const conv3d = (x: Act, wName: string, opts: Med3dConvOptions): Act => {
@@ -81,154 +86,65 @@ export function createMed3dTrainOps(o: Med3dOpsOptions): Med3dTrainOps {
     return out;
   };
 
-  const batchNorm = (x: Act, p: BatchNormParams<string>): Act => {
+  const batchNorm = (x: Act, p: BatchNormParams<string>, relu: boolean): Act => {
     const C = x.shape[x.shape.length - 1];
     const xv = x.data;
-    const nv = xv.length / C;
     const gamma = store.value(p.gamma);
     const beta = store.value(p.beta);
-    const runMean = store.value(p.mean);
-    const runVar = store.value(p.variance);
-    const mean = new Float64Array(C);
-    const invStd = new Float64Array(C);
+    let y: Float32Array;
+    let mean: Float32Array;
+    let invStd: Float32Array;
     if (training) {
-      for (let i = 0; i < xv.length; i += C) for (let c = 0; c < C; c++) mean[c] += xv[i + c];
-      for (let c = 0; c < C; c++) mean[c] /= nv;
-      const sq = new Float64Array(C);
-      for (let i = 0; i < xv.length; i += C) {
-        for (let c = 0; c < C; c++) {
-          const dv = xv[i + c] - mean[c];
-          sq[c] += dv * dv;
-        }
-      }
-      for (let c = 0; c < C; c++) {
-        const biased = sq[c] / nv;
-        invStd[c] = 1 / Math.sqrt(biased + MED3D_BN_EPS);
-        runMean[c] = (1 - momentum) * runMean[c] + momentum * mean[c];
-        runVar[c] = (1 - momentum) * runVar[c] + momentum * (nv > 1 ? sq[c] / (nv - 1) : biased);
-      }
+      ({ y, mean, invStd } = ew.batchNormTrain(xv, C, gamma, beta, store.value(p.mean), store.value(p.variance), momentum, MED3D_BN_EPS, relu));
     } else {
+      const runMean = store.value(p.mean);
+      const runVar = store.value(p.variance);
+      mean = new Float32Array(C);
+      invStd = new Float32Array(C);
+      const scale = new Float32Array(C);
+      const shift = new Float32Array(C);
       for (let c = 0; c < C; c++) {
         mean[c] = runMean[c];
         invStd[c] = 1 / Math.sqrt(runVar[c] + MED3D_BN_EPS);
+        scale[c] = gamma[c] * invStd[c];
+        shift[c] = beta[c] - runMean[c] * scale[c];
       }
+      y = ew.scaleShift(xv, C, scale, shift, relu);
     }
-    const scale = new Float32Array(C);
-    const shift = new Float32Array(C);
-    for (let c = 0; c < C; c++) {
-      scale[c] = gamma[c] * invStd[c];
-      shift[c] = beta[c] - mean[c] * scale[c];
-    }
-    const y = new Float32Array(xv.length);
-    for (let i = 0; i < xv.length; i += C) for (let c = 0; c < C; c++) y[i + c] = xv[i + c] * scale[c] + shift[c];
     const out = act(y, x.shape, true);
     record(() => {
       const dy = out.grad;
       if (!dy) return;
-      const sumDy = new Float64Array(C);
-      const sumDyXhat = new Float64Array(C);
-      for (let i = 0; i < xv.length; i += C) {
-        for (let c = 0; c < C; c++) {
-          const g = dy[i + c];
-          sumDy[c] += g;
-          sumDyXhat[c] += g * (xv[i + c] - mean[c]) * invStd[c];
-        }
-      }
       const gg = store.grad(p.gamma);
       const gb = store.grad(p.beta);
+      const g = ew.batchNormBackward(xv, dy, C, mean, invStd, gamma, relu ? y : undefined, training, x.needsGrad);
       for (let c = 0; c < C; c++) {
-        if (gg) gg[c] += sumDyXhat[c];
-        if (gb) gb[c] += sumDy[c];
+        if (gg) gg[c] += g.dgamma[c];
+        if (gb) gb[c] += g.dbeta[c];
       }
-      if (!x.needsGrad) return;
-      const dx = new Float32Array(xv.length);
-      if (training) {
-        // dx = γ·σ⁻¹·(dy − mean(dy) − x̂·mean(dy·x̂)): the batch statistics depend on x too.
-        const a = new Float32Array(C);
-        const bMean = new Float32Array(C);
-        const cMean = new Float32Array(C);
-        for (let c = 0; c < C; c++) {
-          a[c] = gamma[c] * invStd[c];
-          bMean[c] = sumDy[c] / nv;
-          cMean[c] = sumDyXhat[c] / nv;
-        }
-        for (let i = 0; i < xv.length; i += C) {
-          for (let c = 0; c < C; c++) {
-            const xhat = (xv[i + c] - mean[c]) * invStd[c];
-            dx[i + c] = a[c] * (dy[i + c] - bMean[c] - xhat * cMean[c]);
-          }
-        }
-      } else {
-        for (let i = 0; i < xv.length; i += C) for (let c = 0; c < C; c++) dx[i + c] = dy[i + c] * scale[c];
-      }
-      accumulate(x, dx, true);
+      if (g.dx) accumulate(x, g.dx, true);
     });
     return out;
   };
 
   const relu = (x: Act): Act => {
-    const xv = x.data;
-    const y = new Float32Array(xv.length);
-    for (let i = 0; i < y.length; i++) y[i] = xv[i] > 0 ? xv[i] : 0;
+    const y = ew.relu(x.data);
     const out = act(y, x.shape, x.needsGrad);
     record(() => {
       const dy = out.grad;
       if (!dy || !x.needsGrad) return;
-      const dx = new Float32Array(y.length);
-      for (let i = 0; i < y.length; i++) dx[i] = y[i] > 0 ? dy[i] : 0;
-      accumulate(x, dx, true);
+      accumulate(x, ew.reluBackward(y, dy), true);
     });
     return out;
   };
 
   const maxPool = (x: Act): Act => {
-    const [n, D, H, W, C] = x.shape;
-    const o = (s: number) => Math.floor((s - 1) / 2) + 1; // kernel 3, stride 2, padding 1
-    const [oD, oH, oW] = [o(D), o(H), o(W)];
-    const y = new Float32Array(n * oD * oH * oW * C);
-    const argmax = new Int32Array(y.length);
-    const xv = x.data;
-    let p = 0;
-    for (let b = 0; b < n; b++) {
-      for (let oz = 0; oz < oD; oz++) {
-        const z0 = Math.max(0, 2 * oz - 1);
-        const z1 = Math.min(D, 2 * oz + 2);
-        for (let oy = 0; oy < oH; oy++) {
-          const y0 = Math.max(0, 2 * oy - 1);
-          const y1 = Math.min(H, 2 * oy + 2);
-          for (let ox = 0; ox < oW; ox++, p += C) {
-            const x0 = Math.max(0, 2 * ox - 1);
-            const x1 = Math.min(W, 2 * ox + 2);
-            for (let c = 0; c < C; c++) {
-              y[p + c] = -Infinity;
-              argmax[p + c] = -1;
-            }
-            for (let z = z0; z < z1; z++) {
-              for (let yy = y0; yy < y1; yy++) {
-                for (let xx = x0; xx < x1; xx++) {
-                  const src = (((b * D + z) * H + yy) * W + xx) * C;
-                  for (let c = 0; c < C; c++) {
-                    const v = xv[src + c];
-                    // Strictly greater: the first maximum wins, as in PyTorch (NaN propagates as a loss check).
-                    if (v > y[p + c] || argmax[p + c] < 0) {
-                      y[p + c] = v;
-                      argmax[p + c] = src + c;
-                    }
-                  }
-                }
-              }
-            }
-          }
-        }
-      }
-    }
-    const out = act(y, [n, oD, oH, oW, C], x.needsGrad);
+    const { y, argmax, shape } = ew.maxPool(x.data, x.shape);
+    const out = act(y, shape, x.needsGrad);
     record(() => {
       const dy = out.grad;
       if (!dy || !x.needsGrad) return;
-      const dx = new Float32Array(xv.length);
-      for (let i = 0; i < dy.length; i++) dx[argmax[i]] += dy[i];
-      accumulate(x, dx, true);
+      accumulate(x, ew.maxPoolBackward(dy, argmax, x.data.length, shape[4]), true);
     });
     return out;
   };
@@ -266,14 +182,22 @@ export function createMed3dTrainOps(o: Med3dOpsOptions): Med3dTrainOps {
     return out;
   };
 
-  const add = (a: Act, b: Act): Act => {
+  const add = (a: Act, b: Act, relu: boolean): Act => {
     if (a.data.length !== b.data.length) throw new Error(`add: shapes [${a.shape.join(',')}] and [${b.shape.join(',')}] differ`);
-    const y = new Float32Array(a.data.length);
-    for (let i = 0; i < y.length; i++) y[i] = a.data[i] + b.data[i];
+    const y = ew.add(a.data, b.data, relu);
     const out = act(y, a.shape, a.needsGrad || b.needsGrad);
     record(() => {
-      const dy = out.grad;
+      let dy = out.grad;
       if (!dy) return;
+      if (relu) {
+        dy = ew.reluBackward(y, dy);
+        // The masked gradient is ours: the first input that needs one takes it over, the other gets a copy.
+        if (a.needsGrad) {
+          accumulate(a, dy, true);
+          accumulate(b, dy, false);
+        } else accumulate(b, dy, true);
+        return;
+      }
       accumulate(a, dy, false);
       accumulate(b, dy, false);
     });
@@ -343,11 +267,13 @@ export function createMed3dTrainOps(o: Med3dOpsOptions): Med3dTrainOps {
     shape: (x) => x.shape,
     conv3d,
     convTranspose2x,
-    batchNorm: (x, p) => batchNorm(x, p),
+    batchNorm: (x, p) => batchNorm(x, p, false),
+    batchNormRelu: (x, p) => batchNorm(x, p, true),
     relu,
     maxPool,
     shortcutA,
-    add,
+    add: (a, b) => add(a, b, false),
+    addRelu: (a, b) => add(a, b, true),
     classifier,
   };
 }

@@ -1,0 +1,283 @@
+/**
+ * The memory-bound seam of the training engine, next to ConvKernels: BatchNorm (train forward with batch
+ * statistics, eval, backward), ReLU, max-pool 3³ / stride 2 / padding 1 with argmax, add — each optionally
+ * fused with the ReLU that follows it in the Med3D graph. Tensors are NDHWC Float32Arrays; per-channel
+ * vectors have C entries. Implementations:
+ *   - "js" (here): plain loops in as few passes as the op allows (the reference for the native one),
+ *   - "native": the same loops in C++ in the oneDNN addon (native/src/elementwise.cc), OpenMP-parallel;
+ *     a ConvKernels object carries it as `elementwise` (onednn-kernels.ts), so selecting the "onednn"
+ *     convolutions brings both, and the JS convolutions bring the JS ops.
+ *
+ * Semantics are PyTorch's: train-mode BatchNorm normalises with the batch mean and the biased variance and
+ * moves the running estimates towards the batch mean and the UNBIASED variance (momentum = weight of the
+ * batch); max pooling takes the first maximum in (z, y, x) order and never the padding; NaN propagates.
+ */
+import type { ConvKernels } from './conv-kernels.ts';
+
+export interface BnTrainResult {
+  readonly y: Float32Array;
+  /** Batch mean per channel. */
+  readonly mean: Float32Array;
+  /** 1/√(biased batch variance + eps) per channel. */
+  readonly invStd: Float32Array;
+}
+
+export interface BnGrads {
+  /** Σ dy·x̂ per channel (the gradient of γ). */
+  readonly dgamma: Float32Array;
+  /** Σ dy per channel (the gradient of β). */
+  readonly dbeta: Float32Array;
+  /** Input gradient; absent when not asked for. */
+  readonly dx?: Float32Array;
+}
+
+export interface MaxPoolResult {
+  readonly y: Float32Array;
+  /** For each output value, the flat index of the input value it took. */
+  readonly argmax: Int32Array;
+  /** Output [n, oD, oH, oW, C]. */
+  readonly shape: readonly [number, number, number, number, number];
+}
+
+export interface ElementwiseKernels {
+  readonly name: string;
+  /**
+   * Train-mode BatchNorm over the last axis (C channels): y = (x − μ)·σ⁻¹·γ + β with batch μ, σ², then
+   * max(y, 0) when `relu`. Updates runMean / runVar in place (momentum, unbiased variance).
+   */
+  batchNormTrain(
+    x: Float32Array, C: number, gamma: Float32Array, beta: Float32Array,
+    runMean: Float32Array, runVar: Float32Array, momentum: number, eps: number, relu: boolean,
+  ): BnTrainResult;
+  /** y = x·scale + shift per channel (eval BatchNorm folded), then max(y, 0) when `relu`. */
+  scaleShift(x: Float32Array, C: number, scale: Float32Array, shift: Float32Array, relu: boolean): Float32Array;
+  /**
+   * BatchNorm backward. `y` (the fused op's output) masks dy where y ≤ 0 when given (the ReLU after it).
+   * With `batchStats` dx includes the terms through μ and σ² (train mode), else dx = dy·γ·σ⁻¹.
+   */
+  batchNormBackward(
+    x: Float32Array, dy: Float32Array, C: number, mean: Float32Array, invStd: Float32Array, gamma: Float32Array,
+    y: Float32Array | undefined, batchStats: boolean, wantDx: boolean,
+  ): BnGrads;
+  relu(x: Float32Array): Float32Array;
+  /** dy where y > 0, else 0 (y: the ReLU's output). */
+  reluBackward(y: Float32Array, dy: Float32Array): Float32Array;
+  /** a + b, then max(·, 0) when `relu`. */
+  add(a: Float32Array, b: Float32Array, relu: boolean): Float32Array;
+  /** dst += src. */
+  addInto(dst: Float32Array, src: Float32Array): void;
+  /** MaxPool3d kernel 3, stride 2, padding 1 over x [n, D, H, W, C]. */
+  maxPool(x: Float32Array, shape: readonly number[]): MaxPoolResult;
+  /** dx (of `inLength` values, C channels) with dy[i] added at argmax[i]. */
+  maxPoolBackward(dy: Float32Array, argmax: Int32Array, inLength: number, C: number): Float32Array;
+}
+
+/** The elementwise kernels that come with a ConvKernels object: its own (native) ones, else JS. */
+export function elementwiseOf(kernels: ConvKernels): ElementwiseKernels {
+  return (kernels as ConvKernels & { elementwise?: ElementwiseKernels }).elementwise ?? jsElementwiseKernels;
+}
+
+export const poolOut = (s: number): number => Math.floor((s - 1) / 2) + 1;
+
+function checkC(x: Float32Array, C: number, what: string): void {
+  if (!(C >= 1) || x.length % C !== 0) throw new Error(`${what}: ${x.length} values are not a whole number of ${C}-channel voxels`);
+}
+
+export const jsElementwiseKernels: ElementwiseKernels = {
+  name: 'js',
+
+  batchNormTrain(x, C, gamma, beta, runMean, runVar, momentum, eps, relu) {
+    checkC(x, C, 'batchNorm');
+    const nv = x.length / C;
+    // One pass: sums of x − K and (x − K)² with K = the first voxel's value per channel (shifted data, so
+    // the variance does not cancel catastrophically when |mean| ≫ std), accumulated in float64.
+    const s1 = new Float64Array(C);
+    const s2 = new Float64Array(C);
+    const K = new Float64Array(C);
+    for (let c = 0; c < C; c++) K[c] = x[c];
+    for (let i = 0; i < x.length; i += C) {
+      for (let c = 0; c < C; c++) {
+        const d = x[i + c] - K[c];
+        s1[c] += d;
+        s2[c] += d * d;
+      }
+    }
+    const mean = new Float32Array(C);
+    const invStd = new Float32Array(C);
+    const scale = new Float32Array(C);
+    const shift = new Float32Array(C);
+    for (let c = 0; c < C; c++) {
+      const m1 = s1[c] / nv;
+      const sq = Math.max(s2[c] - s1[c] * m1, 0); // Σ(x − μ)²
+      const mu = K[c] + m1;
+      const biased = sq / nv;
+      const is = 1 / Math.sqrt(biased + eps);
+      mean[c] = mu;
+      invStd[c] = is;
+      runMean[c] = (1 - momentum) * runMean[c] + momentum * mu;
+      runVar[c] = (1 - momentum) * runVar[c] + momentum * (nv > 1 ? sq / (nv - 1) : biased);
+      scale[c] = gamma[c] * is;
+      shift[c] = beta[c] - mu * gamma[c] * is;
+    }
+    return { y: jsElementwiseKernels.scaleShift(x, C, scale, shift, relu), mean, invStd };
+  },
+
+  scaleShift(x, C, scale, shift, relu) {
+    checkC(x, C, 'batchNorm');
+    const y = new Float32Array(x.length);
+    if (relu) {
+      for (let i = 0; i < x.length; i += C) {
+        for (let c = 0; c < C; c++) {
+          const v = x[i + c] * scale[c] + shift[c];
+          y[i + c] = v < 0 ? 0 : v; // NaN stays NaN, as in PyTorch
+        }
+      }
+    } else {
+      for (let i = 0; i < x.length; i += C) for (let c = 0; c < C; c++) y[i + c] = x[i + c] * scale[c] + shift[c];
+    }
+    return y;
+  },
+
+  batchNormBackward(x, dy, C, mean, invStd, gamma, y, batchStats, wantDx) {
+    checkC(x, C, 'batchNorm backward');
+    const nv = x.length / C;
+    const sumDy = new Float64Array(C);
+    const sumDyXc = new Float64Array(C); // Σ dy·(x − μ)
+    for (let i = 0; i < x.length; i += C) {
+      for (let c = 0; c < C; c++) {
+        const g = y === undefined || y[i + c] > 0 ? dy[i + c] : 0;
+        sumDy[c] += g;
+        sumDyXc[c] += g * (x[i + c] - mean[c]);
+      }
+    }
+    const dgamma = new Float32Array(C);
+    const dbeta = new Float32Array(C);
+    for (let c = 0; c < C; c++) {
+      dgamma[c] = sumDyXc[c] * invStd[c];
+      dbeta[c] = sumDy[c];
+    }
+    if (!wantDx) return { dgamma, dbeta };
+    const dx = new Float32Array(x.length);
+    // dx = γσ⁻¹·(dy − mean(dy) − x̂·mean(dy·x̂)) = a·dy + b·(x − μ) + k per channel (train); a·dy (eval).
+    const a = new Float32Array(C);
+    const b = new Float32Array(C);
+    const k = new Float32Array(C);
+    for (let c = 0; c < C; c++) {
+      const gi = gamma[c] * invStd[c];
+      a[c] = gi;
+      if (batchStats) {
+        const cm = (sumDyXc[c] / nv) * invStd[c] * invStd[c]; // mean(dy·x̂)·σ⁻¹
+        b[c] = -gi * cm;
+        k[c] = (-gi * sumDy[c]) / nv;
+      }
+    }
+    if (y) {
+      for (let i = 0; i < x.length; i += C) {
+        for (let c = 0; c < C; c++) dx[i + c] = (y[i + c] > 0 ? a[c] * dy[i + c] : 0) + b[c] * (x[i + c] - mean[c]) + k[c];
+      }
+    } else {
+      for (let i = 0; i < x.length; i += C) for (let c = 0; c < C; c++) dx[i + c] = a[c] * dy[i + c] + b[c] * (x[i + c] - mean[c]) + k[c];
+    }
+    return { dgamma, dbeta, dx };
+  },
+
+  relu(x) {
+    const y = new Float32Array(x.length);
+    for (let i = 0; i < x.length; i++) {
+      const v = x[i];
+      y[i] = v < 0 ? 0 : v;
+    }
+    return y;
+  },
+
+  reluBackward(y, dy) {
+    const dx = new Float32Array(y.length);
+    for (let i = 0; i < y.length; i++) if (y[i] > 0) dx[i] = dy[i];
+    return dx;
+  },
+
+  add(a, b, relu) {
+    if (a.length !== b.length) throw new Error(`add: ${a.length} and ${b.length} values`);
+    const y = new Float32Array(a.length);
+    if (relu) {
+      for (let i = 0; i < y.length; i++) {
+        const v = a[i] + b[i];
+        y[i] = v < 0 ? 0 : v;
+      }
+    } else for (let i = 0; i < y.length; i++) y[i] = a[i] + b[i];
+    return y;
+  },
+
+  addInto(dst, src) {
+    for (let i = 0; i < dst.length; i++) dst[i] += src[i];
+  },
+
+  maxPool(x, shape) {
+    const [n, D, H, W, C] = shape;
+    if (n * D * H * W * C !== x.length) throw new Error(`maxPool: shape [${shape.join(',')}] does not hold ${x.length} values`);
+    const [oD, oH, oW] = [poolOut(D), poolOut(H), poolOut(W)];
+    // Separable: max over x, then y, then z, each keeping the first maximum (strictly greater replaces),
+    // which picks the same voxel as one scan in (z, y, x) order: the lexicographically first maximum.
+    const rowsW = n * D * H;
+    const mW = new Float32Array(rowsW * oW * C);
+    const aW = new Int32Array(mW.length);
+    for (let r = 0; r < rowsW; r++) {
+      const inRow = r * W * C;
+      for (let ox = 0; ox < oW; ox++) {
+        const x0 = Math.max(0, 2 * ox - 1);
+        const x1 = Math.min(W, 2 * ox + 2);
+        const o = (r * oW + ox) * C;
+        for (let c = 0; c < C; c++) {
+          let best = x0 * C + inRow + c;
+          let m = x[best];
+          for (let xx = x0 + 1; xx < x1; xx++) {
+            const j = inRow + xx * C + c;
+            const v = x[j];
+            if (v > m || (v !== v && m === m)) {
+              m = v;
+              best = j;
+            }
+          }
+          mW[o + c] = m;
+          aW[o + c] = best;
+        }
+      }
+    }
+    const reduce = (src: Float32Array, srcArg: Int32Array, outer: number, len: number, outLen: number, inner: number) => {
+      // src [outer, len, inner] → [outer, outLen, inner], window 3 / stride 2 / padding 1 along len.
+      const m = new Float32Array(outer * outLen * inner);
+      const a = new Int32Array(m.length);
+      for (let q = 0; q < outer; q++) {
+        for (let o = 0; o < outLen; o++) {
+          const s0 = Math.max(0, 2 * o - 1);
+          const s1 = Math.min(len, 2 * o + 2);
+          const dst = (q * outLen + o) * inner;
+          const first = (q * len + s0) * inner;
+          m.set(src.subarray(first, first + inner), dst);
+          a.set(srcArg.subarray(first, first + inner), dst);
+          for (let s = s0 + 1; s < s1; s++) {
+            const base = (q * len + s) * inner;
+            for (let e = 0; e < inner; e++) {
+              const v = src[base + e];
+              const cur = m[dst + e];
+              if (v > cur || (v !== v && cur === cur)) {
+                m[dst + e] = v;
+                a[dst + e] = srcArg[base + e];
+              }
+            }
+          }
+        }
+      }
+      return { m, a };
+    };
+    const hPass = reduce(mW, aW, n * D, H, oH, oW * C);
+    const dPass = reduce(hPass.m, hPass.a, n, D, oD, oH * oW * C);
+    return { y: dPass.m, argmax: dPass.a, shape: [n, oD, oH, oW, C] };
+  },
+
+  maxPoolBackward(dy, argmax, inLength) {
+    const dx = new Float32Array(inLength);
+    for (let i = 0; i < dy.length; i++) dx[argmax[i]] += dy[i];
+    return dx;
+  },
+};
