@@ -168,7 +168,7 @@ export class SiteData {
       const c = await this.load(live[randomInt(rng, live.length)]);
       if (!c) continue;
       const p = samplePatch(c, { patch: this.opts.patch, foregroundFraction: o.foregroundFraction ?? this.opts.foregroundFraction ?? 0.33 }, rng);
-      out.push(o.augment === false ? p : augmentPatch(p, rng, o.augment ?? {}));
+      out.push(withClass(o.augment === false ? p : augmentPatch(p, rng, o.augment ?? {}), c));
     }
     return out;
   }
@@ -178,7 +178,7 @@ export class SiteData {
     const out: { id: string; patch: Patch }[] = [];
     for (const r of refs) {
       const c = await this.load(r);
-      if (c) out.push({ id: r.id, patch: centrePatch(c, this.opts.patch) });
+      if (c) out.push({ id: r.id, patch: withClass(centrePatch(c, this.opts.patch), c) });
     }
     return out;
   }
@@ -197,8 +197,19 @@ class CaseUnusable extends Error {
   }
 }
 
+/** The patch with its case's class label (classification tasks); unchanged when the case has none. */
+function withClass(p: Patch, c: PreparedCase): Patch {
+  return c.classLabel === undefined ? p : { ...p, classLabel: c.classLabel };
+}
+
 /** A single-channel patch as a VolumeCase (today's Trainer input). Multi-channel patches are refused. */
 export function patchToVolumeCase(patch: Patch, id: string): VolumeCase {
   if (patch.channels !== 1) throw new RangeError(`VolumeCase holds one channel; this patch has ${patch.channels}`);
-  return { id, shape: [patch.shape[0], patch.shape[1], patch.shape[2]], image: patch.image, ...(patch.label ? { label: patch.label } : {}) };
+  return {
+    id,
+    shape: [patch.shape[0], patch.shape[1], patch.shape[2]],
+    image: patch.image,
+    ...(patch.label ? { label: patch.label } : {}),
+    ...(patch.classLabel !== undefined ? { classLabel: patch.classLabel } : {}),
+  };
 }

@@ -32,6 +32,8 @@ export interface Patch {
   readonly image: Float32Array;
   /** D*H*W class indices, same grid as `image`; absent for unlabelled patches. */
   readonly label?: Uint8Array;
+  /** The case's class (classification tasks), carried from PreparedCase.classLabel. */
+  readonly classLabel?: number;
 }
 
 /** Bytes a prepared case holds (what the case cache counts). */

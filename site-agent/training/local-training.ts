@@ -4,7 +4,7 @@
  * cases, keep the local tensors here, and return only the shared tensors as the update.
  */
 import { copyFileSync, existsSync, readFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { architectureFor } from '../../shared/model/registry.ts';
 import { localParams, merge, pick } from '../../shared/model/sharing.ts';
 import type { ModelArchitecture, Trainer, VolumeCase } from '../../shared/model/types.ts';
@@ -20,6 +20,8 @@ import type { PreparedCase } from '../data/types.ts';
 import type { Logger } from '../../shared/util/log.ts';
 import type { AugmentOptions } from '../data/augment.ts';
 import { labelPool, prunePseudoDirs, PseudoPatches, type PseudoPool } from './pseudo-label.ts';
+import { applySiteTask, describeSiteTask, loadSiteTask, type SiteTask } from '../task-config.ts';
+import type { CaseRef } from '../data/site-data.ts';
 
 export interface LocalTrainingOptions {
   siteName: string;
@@ -27,6 +29,11 @@ export interface LocalTrainingOptions {
   localDir: string;
   log: Logger;
   engine?: string;
+  /**
+   * Where the site's task file (task.yaml: its own head, site-agent/task-config.ts) is looked for; default the
+   * parent of `localDir`, which for an agent is the site directory (SiteHome.localDir is `<site dir>/local`).
+   */
+  siteDir?: string;
 }
 
 export interface LocalRoundResult {
@@ -44,19 +51,29 @@ export class LocalTraining {
   /** Teacher validation Dice at this site, by teacher model hash (the gate is decided once per generation). */
   private readonly teacherDice = new Map<string, number>();
 
-  constructor(private readonly o: LocalTrainingOptions) {}
+  /** This site's own head (task.yaml), read once at start so a bad file stops the agent before it connects. */
+  readonly siteTask: SiteTask | undefined;
+
+  constructor(private readonly o: LocalTrainingOptions) {
+    this.siteTask = loadSiteTask(o.siteDir ?? dirname(o.localDir));
+    if (this.siteTask) o.log.info({ head: this.siteTask.config.head, numClasses: this.siteTask.config.numClasses }, `site task file: this site trains its own ${describeSiteTask(this.siteTask.config)} on the shared encoder`);
+  }
 
   /**
    * One round. `teacherBytes` is the teacher model version named in `settings.teacher` (noisy student), when the
    * plan has teacherStudent on and a teacher was promoted.
    */
-  async run(settings: TaskSettings, modelBytes: Buffer, ctx: { round: number; onProgress?: (p: number) => void; teacherBytes?: Buffer }): Promise<LocalRoundResult> {
+  async run(planSettings: TaskSettings, modelBytes: Buffer, ctx: { round: number; onProgress?: (p: number) => void; teacherBytes?: Buffer }): Promise<LocalRoundResult> {
     const { log } = this.o;
+    // The site's own head (task.yaml) on the plan's encoder; the shared tensor names stay the plan's.
+    const settings = applySiteTask(planSettings, this.siteTask);
     const arch = architectureFor(settings.model);
     const trainer = await this.trainerFor(arch, settings);
     const dataSettings = settings.data ?? DataSettingsSchema.parse({});
     const data = await this.siteDataFor(settings);
-    const usable = data.train.filter((r) => !data.isBad(r));
+    const classification = isClassification(settings);
+    const trainRefs = this.trainingRefs(data, settings);
+    const usable = trainRefs.filter((r) => !data.isBad(r));
     if (usable.length === 0) {
       throw new Error(`no usable labelled training cases in the site's data folder (${data.skipped().length} skipped); run \`medfl site check-data\` to see why`);
     }
@@ -83,7 +100,7 @@ export class LocalTraining {
     const source = {
       cases: usable.length,
       sample: async (count: number, rng: () => number) => {
-        const labelled = (await data.sampleBatch(data.train, count - nPseudo, rng, { augment })).map((p, i) => patchToVolumeCase(p, `batch-${i}`));
+        const labelled = (await data.sampleBatch(trainRefs, count - nPseudo, rng, { augment })).map((p, i) => patchToVolumeCase(p, `batch-${i}`));
         return nPseudo > 0 ? [...labelled, ...(await pseudo!.sample(nPseudo, rng))] : labelled;
       },
     };
@@ -107,8 +124,9 @@ export class LocalTraining {
       onStep: (s) => ctx.onProgress?.((s + 1) / steps),
     });
     const trainSeconds = (performance.now() - t0) / 1000;
-    const val = await this.validationCases(data);
-    const evaluation = val.length > 0 ? await trainer.evaluate(result.weights, val) : undefined;
+    const val = await this.validationCases(data, settings);
+    const evaluation = val.length > 0 && !classification ? await trainer.evaluate(result.weights, val) : undefined;
+    const accuracy = val.length > 0 && classification ? await classificationMetrics(trainer, result.weights, val, settings.model.numClasses) : undefined;
 
     this.saveLocal(arch, settings, result.weights);
     const update = pick(result.weights, settings.sharedTensors.map((name) => ({ name })));
@@ -131,7 +149,12 @@ export class LocalTraining {
       metrics.val_dice_mean = evaluation.meanDice;
       evaluation.dicePerClass.forEach((d, i) => { metrics[`val_dice_class_${i + 1}`] = d; });
     }
-    log.info({ round: ctx.round, loss: round4(result.loss), firstLoss: round4(result.firstLoss), valDice: evaluation ? round4(evaluation.meanDice) : null, seconds: round4(trainSeconds) }, 'local training done');
+    if (accuracy) {
+      metrics.val_accuracy = accuracy.accuracy;
+      // Recall of each class present among the validation cases (class 0 included: there is no background).
+      accuracy.recall.forEach((r, k) => { if (r !== undefined) metrics[`val_recall_class_${k}`] = r; });
+    }
+    log.info({ round: ctx.round, loss: round4(result.loss), firstLoss: round4(result.firstLoss), valDice: evaluation ? round4(evaluation.meanDice) : null, ...(accuracy ? { valAccuracy: round4(accuracy.accuracy) } : {}), seconds: round4(trainSeconds) }, 'local training done');
     return { update: encodeSafetensors(update, { round: String(ctx.round) }), numSamples: result.samples, metrics };
   }
 
@@ -139,7 +162,8 @@ export class LocalTraining {
    * Evaluates this site's model — the given shared tensors with the site's own saved local tensors (its head) —
    * on `cases` (e.g. a common test folder in `medfl experiment`). Nothing leaves the site.
    */
-  async evaluateModel(settings: TaskSettings, sharedBytes: Buffer, cases: readonly VolumeCase[]): Promise<{ dicePerClass: readonly number[]; meanDice: number }> {
+  async evaluateModel(planSettings: TaskSettings, sharedBytes: Buffer, cases: readonly VolumeCase[]): Promise<{ dicePerClass: readonly number[]; meanDice: number }> {
+    const settings = applySiteTask(planSettings, this.siteTask);
     const arch = architectureFor(settings.model);
     const trainer = await this.trainerFor(arch, settings);
     const shared = decodeSafetensors(sharedBytes).bundle;
@@ -193,7 +217,7 @@ export class LocalTraining {
     // Quality gate on the site's own held-back cases, once per generation.
     let teacherDice = this.teacherDice.get(teacher.modelHash);
     if (teacherDice === undefined) {
-      const val = await this.validationCases(data);
+      const val = await this.validationCases(data, settings);
       teacherDice = val.length > 0 ? (await trainer.evaluate(weights, val)).meanDice : Number.NaN;
       this.teacherDice.set(teacher.modelHash, teacherDice);
     }
@@ -241,9 +265,42 @@ export class LocalTraining {
     return this.dataset.data;
   }
 
-  /** Held-back validation cases (imagesTs + labelsTs), whole volumes, single channel. */
-  private async validationCases(data: SiteData): Promise<VolumeCase[]> {
+  /**
+   * The labelled training cases this site's head can learn from: those with a segmentation label for a
+   * segmentation head, those with a case class for a classification head. Refuses labels the head cannot hold.
+   */
+  private trainingRefs(data: SiteData, settings: TaskSettings): readonly CaseRef[] {
+    const k = settings.model.numClasses;
+    const where = this.siteTask ? `this site's task file (${this.siteTask.source})` : 'the plan (model.numClasses)';
+    if (isClassification(settings)) {
+      const refs = data.train.filter((r) => r.classLabel !== undefined);
+      if (refs.length === 0) {
+        throw new Error('this site trains a classification head but no training case has a class label: give them in dataset.json ("classification": {"CASE": k}) or classification.csv (case,label)');
+      }
+      const tooHigh = [...refs, ...data.val].filter((r) => r.classLabel !== undefined && r.classLabel >= k).length;
+      if (tooHigh > 0) throw new Error(`${tooHigh} case(s) have a class label ≥ ${k}, but ${where} gives the head ${k} classes (labels 0..${k - 1}); raise numClasses or fix the labels`);
+      return refs;
+    }
+    if (data.labels.length > k) {
+      // Only a warning: a dataset may name classes it never uses; a label value ≥ k stops training with its case.
+      this.o.log.warn({ datasetClasses: data.labels.length, headClasses: k }, `dataset.json names more label classes than ${where} gives the segmentation head; set numClasses to match if those labels occur`);
+    }
+    return data.train.filter((r) => r.segmentation);
+  }
+
+  /**
+   * Held-back validation cases (imagesTs + labelsTs), single channel: whole volumes for a segmentation head; for a
+   * classification head the centred patch of each case with a class label (the input size the head trained on).
+   */
+  private async validationCases(data: SiteData, settings: TaskSettings): Promise<VolumeCase[]> {
     const out: VolumeCase[] = [];
+    if (isClassification(settings)) {
+      for (const { id, patch } of await data.centrePatches(data.val.filter((r) => r.classLabel !== undefined))) {
+        if (patch.channels !== 1) throw new Error(`validation case ${id} has ${patch.channels} channels; the trainers take one`);
+        out.push(patchToVolumeCase(patch, id));
+      }
+      return out;
+    }
     for (const ref of data.val) {
       const c: PreparedCase | undefined = await data.load(ref);
       if (!c || !c.label) continue;
@@ -281,6 +338,28 @@ export class LocalTraining {
 }
 
 const round4 = (x: number) => Math.round(x * 1e4) / 1e4;
+
+const isClassification = (settings: TaskSettings) => settings.model.architecture === 'med3d' && settings.model.head === 'classification';
+
+/**
+ * Accuracy and per-class recall on class-labelled cases: each class's cases are evaluated as one group, so the
+ * group's accuracy is that class's recall (every case still goes through the model once). Aggregates only.
+ */
+async function classificationMetrics(trainer: Trainer, weights: TensorBundle, cases: readonly VolumeCase[], numClasses: number): Promise<{ accuracy: number; recall: (number | undefined)[] }> {
+  const recall: (number | undefined)[] = Array.from({ length: numClasses }, () => undefined);
+  let correct = 0;
+  let total = 0;
+  for (let k = 0; k < numClasses; k++) {
+    const group = cases.filter((c) => c.classLabel === k);
+    if (group.length === 0) continue;
+    const r = await trainer.evaluate(weights, group);
+    const acc = r.accuracy ?? Number.NaN;
+    recall[k] = acc;
+    correct += acc * r.cases;
+    total += r.cases;
+  }
+  return { accuracy: total > 0 ? correct / total : Number.NaN, recall };
+}
 
 /** The noised student's augmentation: the plan's, with intensity transforms more often and stronger. */
 export function strongAugment(base: AugmentOptions | false): AugmentOptions {
