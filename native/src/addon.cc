@@ -3,11 +3,13 @@
 #include <node_api.h>
 #include <omp.h>
 
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 
 #include "conv.h"
+#include "elementwise.h"
 
 namespace {
 
@@ -241,6 +243,211 @@ napi_value ClearCache(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// ---- elementwise ops (elementwise.h): every array is the caller's; outputs are preallocated by JS. ----
+
+// Reads arguments in order; the first failure sets a JS exception and makes ok() false.
+class Args {
+ public:
+  Args(napi_env env, napi_callback_info info, size_t want, const char* fn) : env_(env), fn_(fn) {
+    argc_ = 16;
+    if (napi_get_cb_info(env, info, &argc_, argv_, nullptr, nullptr) != napi_ok || argc_ < want) fail("wrong number of arguments");
+  }
+  bool ok() const { return ok_; }
+  float* f32(size_t i, const char* what, size_t want, bool nullable = false) {
+    return static_cast<float*>(array(i, what, want, napi_float32_array, nullable, sizeof(float)));
+  }
+  int32_t* i32(size_t i, const char* what, size_t want) {
+    return static_cast<int32_t*>(array(i, what, want, napi_int32_array, false, sizeof(int32_t)));
+  }
+  // Length of a Float32Array argument (0 after a failure).
+  size_t length(size_t i, const char* what) {
+    if (!ok_) return 0;
+    size_t len = 0;
+    void* data;
+    if (!typed(env_, argv_[i], napi_float32_array, &data, &len, what)) ok_ = false;
+    return len;
+  }
+  int64_t integer(size_t i, const char* what, int64_t min) {
+    if (!ok_) return 0;
+    int64_t v = 0;
+    if (napi_get_value_int64(env_, argv_[i], &v) != napi_ok || v < min) fail(std::string(what) + " must be an integer >= " + std::to_string(min));
+    return v;
+  }
+  double number(size_t i, const char* what) {
+    if (!ok_) return 0;
+    double v = 0;
+    if (napi_get_value_double(env_, argv_[i], &v) != napi_ok) fail(std::string(what) + " must be a number");
+    return v;
+  }
+  bool flag(size_t i) {
+    if (!ok_) return false;
+    bool v = false;
+    napi_get_value_bool(env_, argv_[i], &v);
+    return v;
+  }
+  void fail(const std::string& msg) {
+    if (!ok_) return;
+    ok_ = false;
+    throw_error(env_, std::string(fn_) + ": " + msg);
+  }
+
+ private:
+  void* array(size_t i, const char* what, size_t want, napi_typedarray_type type, bool nullable, size_t) {
+    if (!ok_) return nullptr;
+    napi_valuetype vt = napi_undefined;
+    napi_typeof(env_, argv_[i], &vt);
+    if (nullable && (vt == napi_undefined || vt == napi_null)) return nullptr;
+    void* data = nullptr;
+    size_t len = 0;
+    if (!typed(env_, argv_[i], type, &data, &len, what)) {
+      ok_ = false;
+      return nullptr;
+    }
+    if (len != want) {
+      fail(std::string(what) + " has " + std::to_string(len) + " elements, expected " + std::to_string(want));
+      return nullptr;
+    }
+    return data;
+  }
+  napi_env env_;
+  const char* fn_;
+  size_t argc_;
+  napi_value argv_[16];
+  bool ok_ = true;
+};
+
+// bnStats(x, C, momentum, eps, mean, invstd, runMean, runVar)
+napi_value BnStats(napi_env env, napi_callback_info info) {
+  Args a(env, info, 8, "bnStats");
+  const size_t n = a.length(0, "x");
+  const int64_t C = a.integer(1, "C", 1);
+  if (a.ok() && (n == 0 || n % C)) a.fail("x must hold a positive whole number of voxels");
+  const float* x = a.f32(0, "x", n);
+  const double momentum = a.number(2, "momentum"), eps = a.number(3, "eps");
+  float* mean = a.f32(4, "mean", C);
+  float* invstd = a.f32(5, "invstd", C);
+  float* rm = a.f32(6, "runMean", C);
+  float* rv = a.f32(7, "runVar", C);
+  if (!a.ok()) return nullptr;
+  medfl::bn_stats(x, n / C, C, momentum, eps, mean, invstd, rm, rv);
+  return nullptr;
+}
+
+// scaleShift(x, C, scale, shift, relu, y)
+napi_value ScaleShift(napi_env env, napi_callback_info info) {
+  Args a(env, info, 6, "scaleShift");
+  const size_t n = a.length(0, "x");
+  const int64_t C = a.integer(1, "C", 1);
+  if (a.ok() && n % C) a.fail("x must hold a whole number of voxels");
+  const float* x = a.f32(0, "x", n);
+  const float* scale = a.f32(2, "scale", C);
+  const float* shift = a.f32(3, "shift", C);
+  const bool relu = a.flag(4);
+  float* y = a.f32(5, "y", n);
+  if (!a.ok()) return nullptr;
+  medfl::scale_shift(x, n / C, C, scale, shift, relu, y);
+  return nullptr;
+}
+
+// bnBackward(x, dy, C, mean, invstd, gamma, y|null, batchStats, dgamma, dbeta, dx|null)
+napi_value BnBackward(napi_env env, napi_callback_info info) {
+  Args a(env, info, 11, "bnBackward");
+  const size_t n = a.length(0, "x");
+  const int64_t C = a.integer(2, "C", 1);
+  if (a.ok() && (n == 0 || n % C)) a.fail("x must hold a positive whole number of voxels");
+  const float* x = a.f32(0, "x", n);
+  const float* dy = a.f32(1, "dy", n);
+  const float* mean = a.f32(3, "mean", C);
+  const float* invstd = a.f32(4, "invstd", C);
+  const float* gamma = a.f32(5, "gamma", C);
+  const float* y = a.f32(6, "y", n, true);
+  const bool batch_stats = a.flag(7);
+  float* dgamma = a.f32(8, "dgamma", C);
+  float* dbeta = a.f32(9, "dbeta", C);
+  float* dx = a.f32(10, "dx", n, true);
+  if (!a.ok()) return nullptr;
+  medfl::bn_backward(x, dy, n / C, C, mean, invstd, gamma, y, batch_stats, dgamma, dbeta, dx);
+  return nullptr;
+}
+
+// relu(x, y) · reluBackward(y, dy, dx) · add(a, b, relu, y) · addInto(dst, src)
+napi_value Relu(napi_env env, napi_callback_info info) {
+  Args a(env, info, 2, "relu");
+  const size_t n = a.length(0, "x");
+  const float* x = a.f32(0, "x", n);
+  float* y = a.f32(1, "y", n);
+  if (!a.ok()) return nullptr;
+  medfl::relu(x, n, y);
+  return nullptr;
+}
+
+napi_value ReluBackward(napi_env env, napi_callback_info info) {
+  Args a(env, info, 3, "reluBackward");
+  const size_t n = a.length(0, "y");
+  const float* y = a.f32(0, "y", n);
+  const float* dy = a.f32(1, "dy", n);
+  float* dx = a.f32(2, "dx", n);
+  if (!a.ok()) return nullptr;
+  medfl::relu_backward(y, dy, n, dx);
+  return nullptr;
+}
+
+napi_value Add(napi_env env, napi_callback_info info) {
+  Args a(env, info, 4, "add");
+  const size_t n = a.length(0, "a");
+  const float* x = a.f32(0, "a", n);
+  const float* z = a.f32(1, "b", n);
+  const bool relu = a.flag(2);
+  float* y = a.f32(3, "y", n);
+  if (!a.ok()) return nullptr;
+  medfl::add(x, z, n, relu, y);
+  return nullptr;
+}
+
+napi_value AddInto(napi_env env, napi_callback_info info) {
+  Args a(env, info, 2, "addInto");
+  const size_t n = a.length(0, "dst");
+  float* dst = a.f32(0, "dst", n);
+  const float* src = a.f32(1, "src", n);
+  if (!a.ok()) return nullptr;
+  medfl::add_into(dst, src, n);
+  return nullptr;
+}
+
+// maxPool(x, n, D, H, W, C, y, argmax)
+napi_value MaxPool(napi_env env, napi_callback_info info) {
+  Args a(env, info, 8, "maxPool");
+  const int64_t n = a.integer(1, "n", 1), D = a.integer(2, "D", 1), H = a.integer(3, "H", 1), W = a.integer(4, "W", 1),
+                C = a.integer(5, "C", 1);
+  const int64_t len = n * D * H * W * C;
+  if (a.ok() && len > INT32_MAX) a.fail("input too large for int32 argmax");
+  const int64_t m = n * ((D - 1) / 2 + 1) * ((H - 1) / 2 + 1) * ((W - 1) / 2 + 1) * C;
+  const float* x = a.f32(0, "x", len);
+  float* y = a.f32(6, "y", m);
+  int32_t* am = a.i32(7, "argmax", m);
+  if (!a.ok()) return nullptr;
+  medfl::max_pool(x, n, D, H, W, C, y, am);
+  return nullptr;
+}
+
+// maxPoolBackward(dy, argmax, C, dx): dx zeroed by the caller; argmax values are checked against dx.
+napi_value MaxPoolBackward(napi_env env, napi_callback_info info) {
+  Args a(env, info, 4, "maxPoolBackward");
+  const size_t m = a.length(0, "dy");
+  const int64_t C = a.integer(2, "C", 1);
+  const size_t n = a.length(3, "dx");
+  if (a.ok() && (m % C || n % C)) a.fail("dy and dx must hold whole voxels");
+  const float* dy = a.f32(0, "dy", m);
+  const int32_t* am = a.i32(1, "argmax", m);
+  float* dx = a.f32(3, "dx", n);
+  if (!a.ok()) return nullptr;
+  for (size_t i = 0; i < m; ++i)
+    if (am[i] < 0 || static_cast<size_t>(am[i]) >= n || static_cast<int64_t>(am[i]) % C != static_cast<int64_t>(i) % C)
+      return throw_error(env, "maxPoolBackward: argmax out of range");
+  medfl::max_pool_backward(dy, am, m, C, dx);
+  return nullptr;
+}
+
 void delete_instance(napi_env env, void* data, void* hint) { delete static_cast<Instance*>(data); }
 
 }  // namespace
@@ -265,6 +472,15 @@ NAPI_MODULE_INIT() {
       {"setThreads", nullptr, SetThreads, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"clearCache", nullptr, ClearCache, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"bnStats", nullptr, BnStats, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"scaleShift", nullptr, ScaleShift, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"bnBackward", nullptr, BnBackward, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"relu", nullptr, Relu, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"reluBackward", nullptr, ReluBackward, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"add", nullptr, Add, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"addInto", nullptr, AddInto, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"maxPool", nullptr, MaxPool, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"maxPoolBackward", nullptr, MaxPoolBackward, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   return exports;

@@ -281,3 +281,94 @@ export const jsElementwiseKernels: ElementwiseKernels = {
     return dx;
   },
 };
+
+/** The addon's elementwise functions (native/src/addon.cc, elementwise.cc); outputs are preallocated here. */
+export interface ElementwiseAddon {
+  bnStats(x: Float32Array, C: number, momentum: number, eps: number, mean: Float32Array, invStd: Float32Array, runMean: Float32Array, runVar: Float32Array): void;
+  scaleShift(x: Float32Array, C: number, scale: Float32Array, shift: Float32Array, relu: boolean, y: Float32Array): void;
+  bnBackward(
+    x: Float32Array, dy: Float32Array, C: number, mean: Float32Array, invStd: Float32Array, gamma: Float32Array,
+    y: Float32Array | null, batchStats: boolean, dgamma: Float32Array, dbeta: Float32Array, dx: Float32Array | null,
+  ): void;
+  relu(x: Float32Array, y: Float32Array): void;
+  reluBackward(y: Float32Array, dy: Float32Array, dx: Float32Array): void;
+  add(a: Float32Array, b: Float32Array, relu: boolean, y: Float32Array): void;
+  addInto(dst: Float32Array, src: Float32Array): void;
+  maxPool(x: Float32Array, n: number, D: number, H: number, W: number, C: number, y: Float32Array, argmax: Int32Array): void;
+  maxPoolBackward(dy: Float32Array, argmax: Int32Array, C: number, dx: Float32Array): void;
+}
+
+/** True when a loaded addon has the elementwise functions (an addon built before them has not). */
+export function hasElementwise(addon: object): addon is ElementwiseAddon {
+  return typeof (addon as Partial<ElementwiseAddon>).bnStats === 'function' && typeof (addon as Partial<ElementwiseAddon>).maxPoolBackward === 'function';
+}
+
+/** "native" ElementwiseKernels over the addon: same results as the JS ones up to float rounding order. */
+export function nativeElementwiseKernels(addon: ElementwiseAddon): ElementwiseKernels {
+  return {
+    name: 'native',
+    batchNormTrain(x, C, gamma, beta, runMean, runVar, momentum, eps, relu) {
+      checkC(x, C, 'batchNorm');
+      const mean = new Float32Array(C);
+      const invStd = new Float32Array(C);
+      addon.bnStats(x, C, momentum, eps, mean, invStd, runMean, runVar);
+      const scale = new Float32Array(C);
+      const shift = new Float32Array(C);
+      for (let c = 0; c < C; c++) {
+        scale[c] = gamma[c] * invStd[c];
+        shift[c] = beta[c] - mean[c] * gamma[c] * invStd[c];
+      }
+      const y = new Float32Array(x.length);
+      addon.scaleShift(x, C, scale, shift, relu, y);
+      return { y, mean, invStd };
+    },
+    scaleShift(x, C, scale, shift, relu) {
+      checkC(x, C, 'batchNorm');
+      const y = new Float32Array(x.length);
+      addon.scaleShift(x, C, scale, shift, relu, y);
+      return y;
+    },
+    batchNormBackward(x, dy, C, mean, invStd, gamma, y, batchStats, wantDx) {
+      checkC(x, C, 'batchNorm backward');
+      const dgamma = new Float32Array(C);
+      const dbeta = new Float32Array(C);
+      const dx = wantDx ? new Float32Array(x.length) : undefined;
+      addon.bnBackward(x, dy, C, mean, invStd, gamma, y ?? null, batchStats, dgamma, dbeta, dx ?? null);
+      return { dgamma, dbeta, dx };
+    },
+    relu(x) {
+      const y = new Float32Array(x.length);
+      addon.relu(x, y);
+      return y;
+    },
+    reluBackward(y, dy) {
+      const dx = new Float32Array(y.length);
+      addon.reluBackward(y, dy, dx);
+      return dx;
+    },
+    add(a, b, relu) {
+      if (a.length !== b.length) throw new Error(`add: ${a.length} and ${b.length} values`);
+      const y = new Float32Array(a.length);
+      addon.add(a, b, relu, y);
+      return y;
+    },
+    addInto(dst, src) {
+      addon.addInto(dst, src);
+    },
+    maxPool(x, shape) {
+      const [n, D, H, W, C] = shape;
+      if (n * D * H * W * C !== x.length) throw new Error(`maxPool: shape [${shape.join(',')}] does not hold ${x.length} values`);
+      const out: [number, number, number, number, number] = [n, poolOut(D), poolOut(H), poolOut(W), C];
+      const len = out.reduce((a, b) => a * b, 1);
+      const y = new Float32Array(len);
+      const argmax = new Int32Array(len);
+      addon.maxPool(x, n, D, H, W, C, y, argmax);
+      return { y, argmax, shape: out };
+    },
+    maxPoolBackward(dy, argmax, inLength, C) {
+      const dx = new Float32Array(inLength);
+      addon.maxPoolBackward(dy, argmax, C, dx);
+      return dx;
+    },
+  };
+}

@@ -12,6 +12,7 @@ import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import { inputLength, outputLength, padAfter, weightLength, type Conv3dGeom, type ConvKernels } from './conv-kernels.ts';
+import { hasElementwise, nativeElementwiseKernels, type ElementwiseKernels } from './elementwise-kernels.ts';
 
 /**
  * Memory formats the primitives may use (the caller's tensors stay NDHWC / DHWIO; oneDNN reorders):
@@ -60,6 +61,11 @@ export interface OneDnnAddon {
 
 export interface OneDnnKernels extends ConvKernels {
   readonly addon: OneDnnAddon;
+  /**
+   * BatchNorm, ReLU, max-pool and add in the addon's C++ loops (createMed3dTrainOps picks them up through
+   * elementwiseOf); undefined with an addon built before they existed (the JS ones are used then).
+   */
+  readonly elementwise?: ElementwiseKernels;
   /** Implementation oneDNN picked for an operation and geometry, e.g. "jit:avx512_core <reorder" (builds it if needed). */
   impl(op: 'forward' | 'backwardData' | 'backwardFilter', g: Conv3dGeom): string;
 }
@@ -221,6 +227,7 @@ function wrap(addon: OneDnnAddon, opts: OneDnnOptions): OneDnnKernels {
   return {
     name: 'onednn',
     addon,
+    elementwise: hasElementwise(addon) ? nativeElementwiseKernels(addon) : undefined,
     impl: (op, g) => {
       const c = croppedGeom(g) ?? g;
       const geom = geomOf(c);

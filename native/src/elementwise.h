@@ -1,0 +1,30 @@
+// Memory-bound training ops on NDHWC float32 tensors (channels innermost): BatchNorm (train statistics,
+// scale/shift, backward), ReLU, add, max-pool 3^3 / stride 2 / padding 1 with argmax. Plain loops the
+// compiler vectorises over the channel axis, split over OpenMP threads; reductions are per thread in
+// float64 and summed in thread order. Semantics: shared/engine/elementwise-kernels.ts.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace medfl {
+
+// Batch mean and 1/sqrt(biased var + eps) per channel, and the running estimates moved by `momentum`
+// (unbiased variance), of x [nv, C].
+void bn_stats(const float* x, int64_t nv, int64_t C, double momentum, double eps, float* mean, float* invstd,
+              float* run_mean, float* run_var);
+// y = x * scale + shift per channel, then max(y, 0) when relu.
+void scale_shift(const float* x, int64_t nv, int64_t C, const float* scale, const float* shift, bool relu, float* y);
+// BatchNorm backward; y (nullable) masks dy where y <= 0. dx nullable (not wanted).
+void bn_backward(const float* x, const float* dy, int64_t nv, int64_t C, const float* mean, const float* invstd,
+                 const float* gamma, const float* y, bool batch_stats, float* dgamma, float* dbeta, float* dx);
+void relu(const float* x, int64_t n, float* y);
+void relu_backward(const float* y, const float* dy, int64_t n, float* dx);
+void add(const float* a, const float* b, int64_t n, bool relu, float* y);
+void add_into(float* dst, const float* src, int64_t n);
+// x [n, D, H, W, C] -> y, argmax [n, oD, oH, oW, C], o = floor((s - 1) / 2) + 1.
+void max_pool(const float* x, int64_t n, int64_t D, int64_t H, int64_t W, int64_t C, float* y, int32_t* argmax);
+// dx (zeroed by the caller, C channels) += dy at argmax.
+void max_pool_backward(const float* dy, const int32_t* argmax, int64_t m, int64_t C, float* dx);
+
+}  // namespace medfl
