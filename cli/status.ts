@@ -47,8 +47,10 @@ export function metricsTable(metrics: MetricRow[]): string {
   const classes = [...new Set(metrics.map((m) => /^val_dice_class_(\d+)$/.exec(m.key)?.[1]).filter((c): c is string => c !== undefined))].map(Number).sort((a, b) => a - b);
   const perClass = classes.length > 1 ? classes : [];
   const teacher = metrics.some((m) => m.key === 'teacher_generation');
+  // Classification sites (their own head, site-agent/task-config.ts) report accuracy instead of Dice.
+  const accuracy = metrics.some((m) => m.key === 'val_accuracy');
   const t = new Table({
-    head: ['round', 'site', 'samples', 'loss (first → last)', 'val Dice', ...perClass.map((c) => `Dice c${c}`), ...(teacher ? ['teacher'] : []), 'train s'],
+    head: ['round', 'site', 'samples', 'loss (first → last)', 'val Dice', ...(accuracy ? ['val acc'] : []), ...perClass.map((c) => `Dice c${c}`), ...(teacher ? ['teacher'] : []), 'train s'],
     ...style(),
   });
   const keys = [...byKey.keys()].sort((a, b) => {
@@ -60,7 +62,7 @@ export function metricsTable(metrics: MetricRow[]): string {
     const [round, site] = k.split('\u0000');
     const v = byKey.get(k)!;
     const gen = v.teacher_generation === undefined ? '—' : `g${v.teacher_generation} (${fmt(v.pseudo_cases, 0)} pseudo)`;
-    t.push([round, site, fmt(v.num_train, 0), `${fmt(v.train_loss_first)} → ${fmt(v.train_loss)}`, fmt(v.val_dice_mean), ...perClass.map((c) => fmt(v[`val_dice_class_${c}`])), ...(teacher ? [gen] : []), fmt(v.train_seconds, 1)]);
+    t.push([round, site, fmt(v.num_train, 0), `${fmt(v.train_loss_first)} → ${fmt(v.train_loss)}`, fmt(v.val_dice_mean), ...(accuracy ? [fmt(v.val_accuracy)] : []), ...perClass.map((c) => fmt(v[`val_dice_class_${c}`])), ...(teacher ? [gen] : []), fmt(v.train_seconds, 1)]);
   }
   return t.toString();
 }

@@ -46,7 +46,12 @@ export const TEST_PLAN = (o: { rounds: number; minSites: number; deadline?: numb
     '',
   ].join('\n');
 
-export async function makeFederation(o: { sites: number; plan: string }): Promise<TestFederation> {
+export async function makeFederation(o: {
+  sites: number;
+  plan: string;
+  /** Writes site `index`'s data folder instead of the default two-class phantom (e.g. a classification site). */
+  writeData?: (dir: string, name: string, index: number) => Promise<void>;
+}): Promise<TestFederation> {
   const work = mkdtempSync(join(tmpdir(), 'medfl-test-'));
   const coordDir = join(work, 'coordinator');
   const port = await freePort();
@@ -55,7 +60,8 @@ export async function makeFederation(o: { sites: number; plan: string }): Promis
   const sites = Array.from({ length: o.sites }, (_, i) => `site-${String.fromCharCode(97 + i)}`);
   mkdirSync(join(work, 'logs'), { recursive: true });
   for (const [i, name] of sites.entries()) {
-    await writePhantomSite(join(work, 'data', name), { siteName: name, cases: 4, valCases: 2, size: [16, 16, 16], seed: 100 + i, intensityShift: 20 * i });
+    if (o.writeData) await o.writeData(join(work, 'data', name), name, i);
+    else await writePhantomSite(join(work, 'data', name), { siteName: name, cases: 4, valCases: 2, size: [16, 16, 16], seed: 100 + i, intensityShift: 20 * i });
   }
   const invitations = sites.map((n) => addSite(coordDir, n, { ttlSeconds: 600 }));
   const children: ChildProcess[] = [];
