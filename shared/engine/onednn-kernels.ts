@@ -12,7 +12,7 @@ import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import { inputLength, outputLength, padAfter, weightLength, type Conv3dGeom, type ConvKernels } from './conv-kernels.ts';
-import { hasElementwise, nativeElementwiseKernels, type ElementwiseKernels } from './elementwise-kernels.ts';
+import { hasElementwise, nativeElementwiseKernels, uninitF32, type ElementwiseKernels } from './elementwise-kernels.ts';
 
 /**
  * Memory formats the primitives may use (the caller's tensors stay NDHWC / DHWIO; oneDNN reorders):
@@ -185,7 +185,8 @@ function wrap(addon: OneDnnAddon, opts: OneDnnOptions): OneDnnKernels {
 
   const exec = (op: number, g: Conv3dGeom, a: Float32Array, b: Float32Array, outLen: number): Float32Array => {
     const geom = geomOf(g);
-    const alloc = (): Float32Array | undefined => (external ? undefined : new Float32Array(outLen));
+    // The forward output is written completely, so it needs no zeroing; the gradients keep zeroed memory.
+    const alloc = (): Float32Array | undefined => (external ? undefined : op === OP.forward ? uninitF32(outLen) : new Float32Array(outLen));
     if (layoutOpt === 'default') return addon.run(op, defaultLayout(op, g), geom, a, b, alloc());
     if (layoutOpt !== 'auto') return addon.run(op, LAYOUTS[layoutOpt], geom, a, b, alloc());
     const key = `${op}:${geom.join(',')}`;

@@ -11,7 +11,7 @@ import { elementwiseOf, type ElementwiseKernels } from '../../engine/elementwise
 import type { Rng } from '../../util/random.ts';
 import { MED3D_BN_EPS } from '../med3d.ts';
 import type { BatchNormParams, Med3dConvOptions, Med3dGraphOps } from '../med3d-forward.ts';
-import { accumulate, act, addInto, type Act, type Tape } from './tape.ts';
+import { act, addInto, type Act, type Tape } from './tape.ts';
 
 /** Where ops read parameters and put their gradients; parameters are referred to by name. */
 export interface ParamStore {
@@ -42,6 +42,12 @@ export function createMed3dTrainOps(o: Med3dOpsOptions): Med3dTrainOps {
   const { kernels, store, tape, training } = o;
   const momentum = o.bnMomentum ?? 0.1;
   const ew = o.elementwise ?? elementwiseOf(kernels);
+  // tape.accumulate with the sum in the elementwise kernels (native: vectorised and threaded).
+  const accumulate = (a: Act, g: Float32Array, owned: boolean): void => {
+    if (!a.needsGrad) return;
+    if (!a.grad) a.grad = owned ? g : g.slice();
+    else ew.addInto(a.grad, g);
+  };
   const record = (fn: () => void) => tape?.record(fn);
 
   const conv3d = (x: Act, wName: string, opts: Med3dConvOptions): Act => {
