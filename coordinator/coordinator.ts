@@ -22,6 +22,8 @@ import { governanceHandlers } from './server/ledger-service.ts';
 import { openLedger, strategyName } from './ledger/index.ts';
 import { loadGovernanceService } from '../shared/privacy/governance-proto.ts';
 import { UploadReceiver } from './server/upload-receiver.ts';
+import { secAggHandlers } from './secagg/service.ts';
+import { loadSecAggService } from '../shared/privacy/secagg/wire.ts';
 import { createAuthInterceptor, type SiteDirectory } from './auth/interceptor.ts';
 import { NatsBus } from './events/nats-bus.ts';
 import { InProcessBus, type EventBus } from '../shared/events/bus.ts';
@@ -82,6 +84,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     sign: (bytes) => signManifest(signingKey, bytes),
     log,
     initialWeights: () => initialWeights(architecture, plan, existsSync(planPath) ? planPath : undefined, log),
+    maskedDir: `${home.updatesDir}/secagg`,
   });
 
   // Every accepted update goes into the signed, hash-chained contribution ledger (coordinator/ledger/).
@@ -121,6 +124,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   );
   server.addService(Federation.service, federationHandlers({ store, models, engine, receiver, log }));
   server.addService(loadGovernanceService().service, governanceHandlers({ ledger, bus, federationId: config.federationId, log }));
+  server.addService(loadSecAggService().service, secAggHandlers({ session: (round) => engine.secAggFor(round), log }));
 
   const creds = serverCredentials(home.serverCertificate(), mtls ? { clientCaPem: caPem, requestClientCert: true } : {});
   const host = o.host ?? '0.0.0.0';

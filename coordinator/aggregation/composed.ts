@@ -71,7 +71,8 @@ export class ComposedStrategy implements AggregationStrategy {
     const c = this.cfg;
     return (
       c.strategy !== 'fedavg' || c.serverOptimizer.type !== 'none' || this.clipNorm !== undefined || !!c.dp ||
-      c.validation.maxNorm !== undefined || c.validation.maxNormFactor !== undefined || !!ctx.deltaUpdates
+      c.validation.maxNorm !== undefined || c.validation.maxNormFactor !== undefined || !!ctx.deltaUpdates ||
+      c.secureAggregation.enabled
     );
   }
 
@@ -144,6 +145,8 @@ interface Combiner {
   readonly count: number;
   /** Adds `scale`·Δ with weight `weight` (the mean's sample weight; ignored by robust rules). */
   add(update: TensorBundle, weight: number, scale: number, isDelta: boolean, site: string): void;
+  /** Secure aggregation: Σ wᵢΔᵢ of several sites at once (already weighted), with Σ wᵢ. Mean only. */
+  addSum?(sum: TensorBundle, totalWeight: number, sites: number): void;
   /** The combined proposal y = base + Δ̄ (flat, spec order). `base` may be undefined only for the plain mean. */
   finish(base: Float32Array | undefined): Float32Array;
   discard(): void;
@@ -171,6 +174,12 @@ class MeanCombiner implements Combiner {
     this.mean.addWeighted(update, a, site);
     this.weight += w;
     if (!isDelta) this.baseCoef += a;
+  }
+
+  addSum(sum: TensorBundle, totalWeight: number, sites: number): void {
+    // Already Σ wᵢΔᵢ (under DP: Σ of site-clipped Δᵢ, wᵢ = 1): delta form, folded once with coefficient 1.
+    this.mean.addWeighted(sum, 1, `secure-aggregation(${sites} sites)`);
+    this.weight += totalWeight;
   }
 
   finish(base: Float32Array | undefined): Float32Array {
@@ -220,6 +229,15 @@ class RobustCombinerAdapter implements Combiner {
   discard(): void {
     this.r.discard();
   }
+}
+
+/** A round aggregator that can take an already-summed secure-aggregation result (the composed fedavg round). */
+export interface SumAggregator extends RoundAggregator {
+  addSum(sum: TensorBundle, totalWeight: number, sites: number): void;
+}
+
+export function acceptsSums(a: RoundAggregator): a is SumAggregator {
+  return typeof (a as Partial<SumAggregator>).addSum === 'function';
 }
 
 class ComposedRound implements RoundAggregator {
@@ -291,6 +309,17 @@ class ComposedRound implements RoundAggregator {
   discard(): void {
     this.finished = true;
     this.combiner.discard();
+  }
+
+  /**
+   * Secure aggregation: folds the unmasked Σ wᵢΔᵢ of `sites` sites with Σ wᵢ = `totalWeight` (no single update
+   * is seen, so nothing is validated or clipped here; DP noise and the server optimiser follow in finish()).
+   */
+  addSum(sum: TensorBundle, totalWeight: number, sites: number): void {
+    if (this.finished) throw new Error('addSum() after finish()');
+    if (!this.combiner.addSum || !this.base) throw new Error('secure aggregation needs strategy fedavg with the base model kept (plan aggregation.secureAggregation)');
+    if (!(totalWeight > 0)) throw new Error(`secure aggregation sum carries total weight ${totalWeight}; nothing to divide by`);
+    this.combiner.addSum(sum, totalWeight, sites);
   }
 
   /** Norms of the updates added so far (for events and tests). */

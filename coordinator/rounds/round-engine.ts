@@ -21,6 +21,12 @@ import { sha256Hex } from '../../shared/util/hash.ts';
 import { writeFileAtomic } from '../../shared/util/fs-atomic.ts';
 import type { Logger } from '../../shared/util/log.ts';
 import { parseTeacher, promotion, TEACHER_KEY } from './teacher.ts';
+import { SecAggRound } from '../secagg/session.ts';
+import { acceptsSums } from '../aggregation/composed.ts';
+import { decodeRoundSum } from '../../shared/privacy/secagg/wire.ts';
+import { makeBundle, type NamedTensor } from '../../shared/tensors/bundle.ts';
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
 
 /** The wire shape of a Task, as handed to a site's stream. */
 export interface TaskMessage extends TaskManifest {
@@ -47,6 +53,8 @@ export interface RoundEngineOptions {
   resumeGraceMs?: number;
   /** All weights of the first global model (plan.model.init); only called when there is no model yet. */
   initialWeights?: () => Promise<TensorBundle>;
+  /** Where secure-aggregation rounds keep the masked vectors they received (round-N/masked-SITE.u32), for audit. */
+  maskedDir?: string;
 }
 
 /** Store meta keys of what aggregation carries across rounds (written in the round-close transaction). */
@@ -71,6 +79,8 @@ interface OpenRound {
   reported: Set<string>;
   timer?: NodeJS.Timeout;
   closing: boolean;
+  /** Plan aggregation.secureAggregation: the round's session (masked inputs replace uploads). */
+  secagg?: SecAggRound;
 }
 
 export class RoundEngine {
@@ -113,6 +123,8 @@ export class RoundEngine {
   stop(): void {
     this.stopped = true;
     if (this.open?.timer) clearTimeout(this.open.timer);
+    // Ends the session's phase timers and waiting calls; the round itself is failed by the next start (see resume()).
+    this.open?.secagg?.abort('the coordinator is stopping');
     if (this.waitTimer) clearTimeout(this.waitTimer);
     if (this.gatherTimer) clearTimeout(this.gatherTimer);
   }
@@ -171,6 +183,7 @@ export class RoundEngine {
     if (!open) return `no round is open (the federation is ${this.finished ? 'finished' : 'between rounds'}); wait for the next task`;
     if (round !== open.row.round) return `round ${round} is not the open round ${open.row.round}; drop this update and take the current task`;
     if (!open.row.selected.includes(site)) return `site '${site}' was not selected for round ${round}`;
+    if (open.secagg) return `round ${round} uses secure aggregation: send the masked input through SecureAggregation, not an update upload`;
     // The store too: an update is stored and acknowledged a moment before it is folded into `reported`.
     if (open.reported.has(site) || this.o.store.updateFor(round, site)) return `site '${site}' already reported an update for round ${round}`;
     if (baseModelHash !== open.row.baseModelHash) return `update was trained from model ${baseModelHash.slice(0, 12)}…, but round ${round} starts from ${open.row.baseModelHash.slice(0, 12)}…`;
@@ -225,6 +238,15 @@ export class RoundEngine {
 
   private resume(row: RoundRow): void {
     const { store, models, strategy, log } = this.o;
+    if (this.o.plan.aggregation.secureAggregation.enabled) {
+      // The session's state (keys, shares forwarded, the masked sum) lives in memory only: start over.
+      const note = 'the coordinator restarted during a secure-aggregation round; its session is not kept across restarts, so the round failed and a new one starts';
+      store.failRound(row.round, note);
+      this.emit('round.failed', { round: row.round, reason: note });
+      log.warn({ round: row.round }, note);
+      this.maybeOpenRound();
+      return;
+    }
     // The base model is handed to the strategy and not kept here: a strategy that needs it keeps it.
     const aggregator = strategy.begin(models.load(row.baseModelHash), this.shared, this.roundContext(row));
     const reported = new Set<string>();
@@ -303,6 +325,7 @@ export class RoundEngine {
     };
     store.openRound(row);
     this.open = { row, aggregator: this.o.strategy.begin(this.o.models.load(row.baseModelHash), this.shared, this.roundContext(row)), reported: new Set(), closing: false };
+    if (plan.aggregation.secureAggregation.enabled) this.open.secagg = this.secAggSession(this.open);
     this.emit('round.started', { round: row.round, selected, model: row.baseModelHash });
     log.info({ round: row.round, selected, model: row.baseModelHash.slice(0, 12) }, 'round started');
     for (const s of selected) this.connected.get(s)?.send(this.trainTask(row, s));
@@ -317,6 +340,11 @@ export class RoundEngine {
   private async onDeadline(open: OpenRound): Promise<void> {
     if (this.open !== open || open.closing) return;
     const { plan, store, log } = this.o;
+    if (open.secagg) {
+      // Closes only through the session; still running at the deadline means it cannot finish in time.
+      open.secagg.abort(`round deadline reached in phase '${open.secagg.phase}'`);
+      return;
+    }
     await this.foldChain; // an update being folded right now still counts
     if (open.reported.size >= plan.minSites) {
       await this.closeRound(open, `deadline reached with quorum (${open.reported.size} of ${open.row.selected.length} sites)`);
@@ -329,6 +357,76 @@ export class RoundEngine {
     log.warn({ round: open.row.round }, note);
     this.open = undefined;
     this.maybeOpenRound();
+  }
+
+  /** The round's secure-aggregation session: on success the unmasked sum is folded and the round closes; on failure the round fails. */
+  private secAggSession(open: OpenRound): SecAggRound {
+    const { plan, log } = this.o;
+    const sa = plan.aggregation.secureAggregation;
+    const row = open.row;
+    const vectorLength = this.shared.reduce((n, p) => n + p.shape.reduce((a, b) => a * b, 1), 0) + 1;
+    const dir = this.o.maskedDir ? join(this.o.maskedDir, `round-${row.round}`) : undefined;
+    return new SecAggRound({
+      round: row.round,
+      sites: row.selected,
+      threshold: sa.threshold,
+      neighbours: sa.neighbours,
+      vectorLength,
+      phaseMs: sa.phaseSeconds * 1000,
+      session: `${this.o.federationId}/round-${row.round}/${randomUUID()}`,
+      log,
+      onMasked: dir
+        ? (site, y) => {
+            mkdirSync(dir, { recursive: true });
+            writeFileAtomic(join(dir, `masked-${site}.u32`), Buffer.from(y.buffer, y.byteOffset, y.byteLength));
+          }
+        : undefined,
+      onResult: (r) => {
+        void this.serialised(() => {
+          if (this.open !== open || open.closing) return false;
+          const { weightedDelta, weight } = decodeRoundSum(r.sum, { clip: sa.clip, sites: row.selected.length, maxWeight: sa.maxWeight });
+          const tensors: NamedTensor[] = [];
+          let off = 0;
+          for (const p of this.shared) {
+            const n = p.shape.reduce((a, b) => a * b, 1);
+            tensors.push({ name: p.name, dtype: 'F32', shape: [...p.shape], data: weightedDelta.subarray(off, off + n) });
+            off += n;
+          }
+          if (!acceptsSums(open.aggregator)) throw new Error(`strategy ${this.o.strategy.name} cannot take a secure-aggregation sum`);
+          open.aggregator.addSum(makeBundle(tensors), weight, r.survivors.length);
+          for (const s of r.survivors) open.reported.add(s);
+          return true;
+        }).then(
+          (ok) => {
+            if (!ok) return;
+            // No update.accepted (and so no ledger entry) per site: the coordinator never saw a single update.
+            return this.closeRound(open, `secure aggregation unmasked the sum of ${r.survivors.length} of ${row.selected.length} sites${r.dropped.length ? ` (${r.dropped.join(', ')} dropped before masking)` : ''}`);
+          },
+          (e: Error) => this.failSecAgg(open, `folding the unmasked sum failed: ${e.message}`),
+        );
+      },
+      onFailure: (reason) => this.failSecAgg(open, reason),
+    });
+  }
+
+  private failSecAgg(open: OpenRound, reason: string): void {
+    if (this.stopped || this.open !== open || open.closing) return;
+    const { store, log } = this.o;
+    open.closing = true;
+    if (open.timer) clearTimeout(open.timer);
+    const note = `secure aggregation failed: ${reason}`;
+    open.aggregator.discard?.();
+    store.failRound(open.row.round, note);
+    this.emit('round.failed', { round: open.row.round, reason: note });
+    log.warn({ round: open.row.round }, note);
+    this.open = undefined;
+    this.maybeOpenRound();
+  }
+
+  /** The secure-aggregation session of the open round `round`, if it has one (for the SecureAggregation service). */
+  secAggFor(round: number): SecAggRound | undefined {
+    const open = this.open;
+    return open && open.row.round === round && !open.closing ? open.secagg : undefined;
   }
 
   private async closeRound(open: OpenRound, why: string): Promise<void> {
@@ -360,7 +458,7 @@ export class RoundEngine {
     if (oldTensors && oldTensors !== newTensors && !store.getModel(oldTensors)) rmSync(models.pathFor(oldTensors), { force: true });
     this.open = undefined;
     const dp = privacy ? { epsilon: privacy.epsilon, delta: privacy.delta } : undefined;
-    this.emit('round.closed', { round: open.row.round, model: saved.hash, sites: [...open.reported].sort(), why, strategy: this.o.strategy.name, ...(dp ? { dp } : {}) });
+    this.emit('round.closed', { round: open.row.round, model: saved.hash, sites: [...open.reported].sort(), why, strategy: this.o.strategy.name, ...(dp ? { dp } : {}), ...(open.secagg ? { secureAggregation: { timeline: open.secagg.timeline } } : {}) });
     log.info({ round: open.row.round, model: saved.hash.slice(0, 12), sites: open.reported.size, why, ...(dp ? { epsilon: dp.epsilon } : {}) }, 'round closed');
     if (teacher) {
       this.emit('teacher.promoted', { round: open.row.round, model: teacher.modelHash, generation: teacher.generation });
@@ -437,9 +535,20 @@ export class RoundEngine {
       modelHash: row.baseModelHash,
       modelSize: this.o.models.size(row.baseModelHash),
       deadlineUnixMs: row.deadlineAt,
-      settingsJson: JSON.stringify(this.settings(row.baseModelHash)),
+      settingsJson: JSON.stringify({ ...this.settings(row.baseModelHash), ...this.secAggSettings(row, site) }),
     };
     return { ...manifest, signature: this.o.sign(manifestBytes(manifest)) };
+  }
+
+  /** What a site needs to take part in the round's secure aggregation: its id, t, k, the quantiser and the vector length. */
+  private secAggSettings(row: RoundRow, site: string): Pick<TaskSettings, 'secureAggregation'> {
+    const s = this.open?.row.round === row.round ? this.open.secagg : undefined;
+    const id = s?.ids.get(site);
+    if (!s || id === undefined) return {};
+    const sa = this.o.plan.aggregation.secureAggregation;
+    const vectorLength = this.shared.reduce((n, p) => n + p.shape.reduce((a, b) => a * b, 1), 0) + 1;
+    const neighbours = sa.neighbours !== undefined && sa.neighbours < row.selected.length ? { neighbours: sa.neighbours } : {};
+    return { secureAggregation: { id, threshold: sa.threshold, ...neighbours, clip: sa.clip, maxWeight: sa.maxWeight, sites: row.selected.length, vectorLength } };
   }
 
   private finishedTask(): TaskMessage {

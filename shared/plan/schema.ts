@@ -159,10 +159,36 @@ export const PlanSchema = z
           .object({ clipNorm: z.number().positive(), noiseMultiplier: z.number().min(0), delta: z.number().gt(0).lt(1) })
           .strict()
           .optional(),
+        /** Secure aggregation (docs/privacy.md): the coordinator sees only masked inputs and their sum; off by default. */
+        secureAggregation: z
+          .object({
+            enabled: z.boolean().default(false),
+            /** Shamir threshold t: the round closes only if at least t sites reach every phase; t ≤ minSites. */
+            threshold: z.number().int().min(2).default(2),
+            /** SecAgg+: mask with only k ring neighbours (even, t ≤ k < sites); absent = every pair. */
+            neighbours: z.number().int().min(2).multipleOf(2).optional(),
+            /** Quantisation range: each coordinate of (w/maxWeight)·Δ is clipped to ±clip before fixed-point encoding. */
+            clip: z.number().positive().default(1),
+            /** Largest sample weight a site may put in (its weight is min(samples, maxWeight)); the resolution shrinks in proportion. */
+            maxWeight: positiveInt.default(10_000),
+            /** A phase closes when every expected site answered, or this long after it opened if at least t did. */
+            phaseSeconds: z.number().positive().default(30),
+          })
+          .strict()
+          .prefault({}),
       })
       .strict()
       .prefault({})
-      .refine((a) => !(a.dp && a.strategy !== 'fedavg'), { message: 'aggregation.dp needs strategy fedavg (the noise is calibrated to a clipped sum, not a median)' }),
+      .refine((a) => !(a.dp && a.strategy !== 'fedavg'), { message: 'aggregation.dp needs strategy fedavg (the noise is calibrated to a clipped sum, not a median)' })
+      .refine((a) => !(a.secureAggregation.enabled && a.strategy !== 'fedavg'), {
+        message: 'aggregation.secureAggregation needs strategy fedavg: the coordinator only sees the sum, so a median or trimmed mean cannot be computed (drop secureAggregation or use fedavg)',
+      })
+      .refine((a) => !(a.secureAggregation.enabled && (a.validation.maxNorm !== undefined || a.validation.maxNormFactor !== undefined || a.clipNorm !== undefined)), {
+        message: 'aggregation.secureAggregation cannot check or clip single updates at the coordinator: remove validation.maxNorm / maxNormFactor and clipNorm (with dp, sites clip their own delta to dp.clipNorm)',
+      })
+      .refine((a) => !(a.secureAggregation.enabled && a.secureAggregation.neighbours !== undefined && a.secureAggregation.threshold > a.secureAggregation.neighbours), {
+        message: 'aggregation.secureAggregation.threshold cannot exceed neighbours (shares are held only by a site\'s neighbours)',
+      }),
     /** Federated noisy-student training (docs/teacher-student.md); off by default. */
     teacherStudent: TeacherStudentSchema.prefault({}),
     /** Encodings of what crosses the wire (docs/plan.md). */
@@ -178,7 +204,13 @@ export const PlanSchema = z
       .strict()
       .prefault({}),
   })
-  .strict();
+  .strict()
+  .refine((p) => !(p.aggregation.secureAggregation.enabled && p.aggregation.secureAggregation.threshold > p.minSites), {
+    message: 'aggregation.secureAggregation.threshold must not exceed minSites (a round may open with minSites sites, and fewer than t can never unmask)',
+  })
+  .refine((p) => !(p.aggregation.secureAggregation.enabled && (p.compression.update !== 'float32' || p.compression.delta)), {
+    message: 'compression.update / compression.delta apply to plain uploads; with aggregation.secureAggregation sites send masked 32-bit ring words (leave compression.update float32 and delta false)',
+  });
 
 export type Plan = z.infer<typeof PlanSchema>;
 

@@ -34,6 +34,19 @@ export const TaskSettingsSchema = z
     teacher: z.object({ modelHash: z.string().regex(/^[0-9a-f]{64}$/), modelSize: z.number().int().positive(), generation: z.number().int().positive() }).strict().optional(),
     /** Client-level DP the coordinator applies to this round's aggregate (absent: none). */
     dp: z.object({ clipNorm: z.number().positive(), noiseMultiplier: z.number().min(0), delta: z.number().gt(0).lt(1) }).strict().optional(),
+    /** This round uses secure aggregation (plan aggregation.secureAggregation): send a masked input, not an upload. */
+    secureAggregation: z
+      .object({
+        id: z.number().int().min(1),
+        threshold: z.number().int().min(2),
+        neighbours: z.number().int().min(2).optional(),
+        clip: z.number().positive(),
+        maxWeight: z.number().int().positive(),
+        sites: z.number().int().min(2),
+        vectorLength: z.number().int().min(2),
+      })
+      .strict()
+      .optional(),
   })
   .strict();
 
