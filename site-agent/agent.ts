@@ -17,6 +17,7 @@ import { encodeForUpload, uploadUpdate } from './transport/upload.ts';
 import { float32Safetensors } from '../shared/tensors/update-codec.ts';
 import { LocalTraining } from './training/local-training.ts';
 import { SitePolicy, declineTask } from './policy.ts';
+import { runSecAggRound } from './secagg/round.ts';
 import { manifestBytes, TaskSettingsSchema, type TaskSettings } from '../shared/protocol/task.ts';
 import { verifyManifest } from '../shared/security/site-identity.ts';
 import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
@@ -234,6 +235,17 @@ export class SiteAgent {
         onProgress: (p) => { this.progress = p; },
         ...(teacher ? { teacherBytes: this.cache.read(teacher.modelHash) } : {}),
       });
+      if (settings.secureAggregation) {
+        // The masked input replaces the upload; a session cannot be resumed, so nothing goes to the outbox.
+        this.state = 'uploading';
+        await runSecAggRound({
+          home: this.home, audit: this.audit, log, round: t.round, taskId: t.taskId, deadlineUnixMs: t.deadlineUnixMs, settings,
+          update: result.update, base: float32Safetensors(this.cache.read(file.hash)), numSamples: result.numSamples,
+        });
+        const m = await this.client!.reportMetrics({ round: t.round, taskId: t.taskId, values: result.metrics });
+        if (!m.accepted) log.warn({ reason: m.reason }, 'metrics refused');
+        return;
+      }
       entry = { updateId: `${t.taskId}-${randomUUID()}`, taskId: t.taskId, round: t.round, baseModelHash: t.modelHash, numSamples: result.numSamples, metrics: result.metrics };
       // Encoded now (plan.compression), so a resend after a crash sends the very same bytes.
       writeFileAtomic(join(this.home.outboxDir, `${t.taskId}.safetensors`), encodeForUpload(result.update, settings, () => float32Safetensors(this.cache.read(file.hash))));
