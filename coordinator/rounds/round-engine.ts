@@ -384,7 +384,7 @@ export class RoundEngine {
       onResult: (r) => {
         void this.serialised(() => {
           if (this.open !== open || open.closing) return false;
-          const { weightedDelta, weight } = decodeRoundSum(r.sum, { clip: sa.clip, sites: row.selected.length, maxWeight: sa.maxWeight });
+          const { weightedDelta, weight } = decodeRoundSum(r.sum, { clip: sa.clip, sites: row.selected.length, maxWeight: this.secAggMaxWeight() });
           const tensors: NamedTensor[] = [];
           let off = 0;
           for (const p of this.shared) {
@@ -548,7 +548,12 @@ export class RoundEngine {
     const sa = this.o.plan.aggregation.secureAggregation;
     const vectorLength = this.shared.reduce((n, p) => n + p.shape.reduce((a, b) => a * b, 1), 0) + 1;
     const neighbours = sa.neighbours !== undefined && sa.neighbours < row.selected.length ? { neighbours: sa.neighbours } : {};
-    return { secureAggregation: { id, threshold: sa.threshold, ...neighbours, clip: sa.clip, maxWeight: sa.maxWeight, sites: row.selected.length, vectorLength } };
+    return { secureAggregation: { id, threshold: sa.threshold, ...neighbours, clip: sa.clip, maxWeight: this.secAggMaxWeight(), sites: row.selected.length, vectorLength } };
+  }
+
+  /** Under DP every site puts in weight 1 (uniform DP-FedAvg), so no resolution is spent on larger weights. */
+  private secAggMaxWeight(): number {
+    return this.o.plan.aggregation.dp ? 1 : this.o.plan.aggregation.secureAggregation.maxWeight;
   }
 
   private finishedTask(): TaskMessage {

@@ -208,6 +208,9 @@ export const PlanSchema = z
   .refine((p) => !(p.aggregation.secureAggregation.enabled && p.aggregation.secureAggregation.threshold > p.minSites), {
     message: 'aggregation.secureAggregation.threshold must not exceed minSites (a round may open with minSites sites, and fewer than t can never unmask)',
   })
+  .refine((p) => !(p.aggregation.secureAggregation.enabled && p.sitesPerRound > 0 && p.sitesPerRound < p.aggregation.secureAggregation.threshold), {
+    message: 'sitesPerRound must be 0 (all) or at least aggregation.secureAggregation.threshold: a round of fewer than t sites can never unmask',
+  })
   .refine((p) => !(p.aggregation.secureAggregation.enabled && (p.compression.update !== 'float32' || p.compression.delta)), {
     message: 'compression.update / compression.delta apply to plain uploads; with aggregation.secureAggregation sites send masked 32-bit ring words (leave compression.update float32 and delta false)',
   });

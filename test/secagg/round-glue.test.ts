@@ -192,6 +192,7 @@ describe('plan rules for secure aggregation', () => {
     expect(bad('clipNorm: 3')).toThrow(/cannot check or clip single updates/);
     expect(() => parsePlan('minSites: 2\naggregation: { secureAggregation: { enabled: true, threshold: 3 } }\n')).toThrow(/threshold must not exceed minSites/);
     expect(() => parsePlan('minSites: 2\ncompression: { update: int8 }\naggregation: { secureAggregation: { enabled: true } }\n')).toThrow(/masked 32-bit ring words/);
+    expect(() => parsePlan('minSites: 3\nsitesPerRound: 1\naggregation: { secureAggregation: { enabled: true, threshold: 2 } }\n')).toThrow(/sitesPerRound must be 0 \(all\) or at least/);
   });
   it('is off by default and leaves other plans alone', () => {
     const p = parsePlan('minSites: 2\naggregation: { strategy: median }\n');
