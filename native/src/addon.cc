@@ -430,21 +430,19 @@ napi_value MaxPool(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
-// maxPoolBackward(dy, argmax, C, dx): dx zeroed by the caller; argmax values are checked against dx.
+// maxPoolBackward(dy, argmax, n, D, H, W, C, dx): dx written completely (argmax is only compared with).
 napi_value MaxPoolBackward(napi_env env, napi_callback_info info) {
-  Args a(env, info, 4, "maxPoolBackward");
-  const size_t m = a.length(0, "dy");
-  const int64_t C = a.integer(2, "C", 1);
-  const size_t n = a.length(3, "dx");
-  if (a.ok() && (m % C || n % C)) a.fail("dy and dx must hold whole voxels");
+  Args a(env, info, 8, "maxPoolBackward");
+  const int64_t n = a.integer(2, "n", 1), D = a.integer(3, "D", 1), H = a.integer(4, "H", 1), W = a.integer(5, "W", 1),
+                C = a.integer(6, "C", 1);
+  const int64_t len = n * D * H * W * C;
+  if (a.ok() && len > INT32_MAX) a.fail("input too large for int32 argmax");
+  const int64_t m = n * ((D - 1) / 2 + 1) * ((H - 1) / 2 + 1) * ((W - 1) / 2 + 1) * C;
   const float* dy = a.f32(0, "dy", m);
   const int32_t* am = a.i32(1, "argmax", m);
-  float* dx = a.f32(3, "dx", n);
+  float* dx = a.f32(7, "dx", len);
   if (!a.ok()) return nullptr;
-  for (size_t i = 0; i < m; ++i)
-    if (am[i] < 0 || static_cast<size_t>(am[i]) >= n || static_cast<int64_t>(am[i]) % C != static_cast<int64_t>(i) % C)
-      return throw_error(env, "maxPoolBackward: argmax out of range");
-  medfl::max_pool_backward(dy, am, m, C, dx);
+  medfl::max_pool_backward(dy, am, n, D, H, W, C, dx);
   return nullptr;
 }
 

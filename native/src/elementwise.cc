@@ -255,17 +255,39 @@ void max_pool(const float* x, int64_t n, int64_t D, int64_t H, int64_t W, int64_
   }
 }
 
-void max_pool_backward(const float* dy, const int32_t* argmax, int64_t m, int64_t C, float* dx) {
-  // Every gradient stays in its channel, so threads split the channels and never write the same value.
-  const int nt = C >= 2 ? std::min<int64_t>(threads_for(m), C) : 1;
-  const int64_t rows = m / C;
-#pragma omp parallel num_threads(nt)
-  {
-    int64_t c0, c1;
-    split(C, omp_get_thread_num(), omp_get_num_threads(), &c0, &c1);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t o = r * C;
-      for (int64_t c = c0; c < c1; ++c) dx[argmax[o + c]] += dy[o + c];
+void max_pool_backward(const float* dy, const int32_t* argmax, int64_t n, int64_t D, int64_t H, int64_t W, int64_t C,
+                       float* dx) {
+  const int64_t oD = (D - 1) / 2 + 1, oH = (H - 1) / 2 + 1, oW = (W - 1) / 2 + 1;
+  const int nt = threads_for(n * D * H * W * C);
+  // A gather, not a scatter: each input voxel sums dy over the (1 to 8) outputs whose window holds it and
+  // whose argmax names it, in output order (the order a serial scatter would add them in). Every dx value
+  // is written once, so threads never share one and dx needs no zeroing; argmax is only compared.
+  const auto first = [](int64_t i) { return i / 2; };                  // first output whose window holds i:
+  const auto last = [](int64_t i, int64_t o) { return std::min<int64_t>((i + 1) / 2, o - 1); };  // window 2o-1 .. 2o+1
+#pragma omp parallel for num_threads(nt) schedule(static) collapse(2)
+  for (int64_t b = 0; b < n; ++b) {
+    for (int64_t z = 0; z < D; ++z) {
+      const int64_t oz0 = first(z), oz1 = last(z, oD);
+      for (int64_t yy = 0; yy < H; ++yy) {
+        const int64_t oy0 = first(yy), oy1 = last(yy, oH);
+        for (int64_t xx = 0; xx < W; ++xx) {
+          const int64_t ox0 = first(xx), ox1 = last(xx, oW);
+          const int64_t in = (((b * D + z) * H + yy) * W + xx) * C;
+          float* d = dx + in;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) d[c] = 0.f;
+          const int32_t base = static_cast<int32_t>(in);
+          for (int64_t oz = oz0; oz <= oz1; ++oz)
+            for (int64_t oy = oy0; oy <= oy1; ++oy)
+              for (int64_t ox = ox0; ox <= ox1; ++ox) {
+                const int64_t o = (((b * oD + oz) * oH + oy) * oW + ox) * C;
+                const int32_t* am = argmax + o;
+                const float* g = dy + o;
+#pragma omp simd
+                for (int64_t c = 0; c < C; ++c) d[c] += am[c] == base + static_cast<int32_t>(c) ? g[c] : 0.f;
+              }
+        }
+      }
     }
   }
 }

@@ -24,7 +24,8 @@ void add(const float* a, const float* b, int64_t n, bool relu, float* y);
 void add_into(float* dst, const float* src, int64_t n);
 // x [n, D, H, W, C] -> y, argmax [n, oD, oH, oW, C], o = floor((s - 1) / 2) + 1.
 void max_pool(const float* x, int64_t n, int64_t D, int64_t H, int64_t W, int64_t C, float* y, int32_t* argmax);
-// dx (zeroed by the caller, C channels) += dy at argmax.
-void max_pool_backward(const float* dy, const int32_t* argmax, int64_t m, int64_t C, float* dx);
+// dx [n, D, H, W, C] = the sum of dy over the outputs whose argmax is that value (every value written).
+void max_pool_backward(const float* dy, const int32_t* argmax, int64_t n, int64_t D, int64_t H, int64_t W, int64_t C,
+                       float* dx);
 
 }  // namespace medfl

@@ -69,8 +69,8 @@ export interface ElementwiseKernels {
   addInto(dst: Float32Array, src: Float32Array): void;
   /** MaxPool3d kernel 3, stride 2, padding 1 over x [n, D, H, W, C]. */
   maxPool(x: Float32Array, shape: readonly number[]): MaxPoolResult;
-  /** dx (of `inLength` values, C channels) with dy[i] added at argmax[i]. */
-  maxPoolBackward(dy: Float32Array, argmax: Int32Array, inLength: number, C: number): Float32Array;
+  /** dx of the pool's input shape [n, D, H, W, C]: dy[i] added at argmax[i] (in output order). */
+  maxPoolBackward(dy: Float32Array, argmax: Int32Array, inShape: readonly number[]): Float32Array;
 }
 
 /** The elementwise kernels that come with a ConvKernels object: its own (native) ones, else JS. */
@@ -276,8 +276,8 @@ export const jsElementwiseKernels: ElementwiseKernels = {
     return { y: dPass.m, argmax: dPass.a, shape: [n, oD, oH, oW, C] };
   },
 
-  maxPoolBackward(dy, argmax, inLength) {
-    const dx = new Float32Array(inLength);
+  maxPoolBackward(dy, argmax, inShape) {
+    const dx = new Float32Array(inShape.reduce((a, b) => a * b, 1));
     for (let i = 0; i < dy.length; i++) dx[argmax[i]] += dy[i];
     return dx;
   },
@@ -296,7 +296,7 @@ export interface ElementwiseAddon {
   add(a: Float32Array, b: Float32Array, relu: boolean, y: Float32Array): void;
   addInto(dst: Float32Array, src: Float32Array): void;
   maxPool(x: Float32Array, n: number, D: number, H: number, W: number, C: number, y: Float32Array, argmax: Int32Array): void;
-  maxPoolBackward(dy: Float32Array, argmax: Int32Array, C: number, dx: Float32Array): void;
+  maxPoolBackward(dy: Float32Array, argmax: Int32Array, n: number, D: number, H: number, W: number, C: number, dx: Float32Array): void;
 }
 
 /**
@@ -375,9 +375,10 @@ export function nativeElementwiseKernels(addon: ElementwiseAddon): ElementwiseKe
       addon.maxPool(x, n, D, H, W, C, y, argmax);
       return { y, argmax, shape: out };
     },
-    maxPoolBackward(dy, argmax, inLength, C) {
-      const dx = new Float32Array(inLength);
-      addon.maxPoolBackward(dy, argmax, C, dx);
+    maxPoolBackward(dy, argmax, inShape) {
+      const [n, D, H, W, C] = inShape;
+      const dx = uninitF32(n * D * H * W * C);
+      addon.maxPoolBackward(dy, argmax, n, D, H, W, C, dx);
       return dx;
     },
   };

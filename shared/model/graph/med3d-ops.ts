@@ -150,7 +150,7 @@ export function createMed3dTrainOps(o: Med3dOpsOptions): Med3dTrainOps {
     record(() => {
       const dy = out.grad;
       if (!dy || !x.needsGrad) return;
-      accumulate(x, ew.maxPoolBackward(dy, argmax, x.data.length, shape[4]), true);
+      accumulate(x, ew.maxPoolBackward(dy, argmax, x.shape), true);
     });
     return out;
   };
