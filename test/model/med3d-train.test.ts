@@ -1,7 +1,8 @@
 /**
  * The Med3D training engine against PyTorch in train mode (fixtures from scripts/make_med3d_train_fixtures.py):
  * forward output, every parameter gradient and the BatchNorm running-statistics update, on every
- * convolution-kernel implementation that loads here.
+ * convolution-kernel implementation that loads here, each with its elementwise kernels (js: the JS ones;
+ * onednn: the addon's native ones).
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -9,6 +10,7 @@ import { describe, expect, it } from 'vitest';
 import { jsConvKernels } from '../../shared/model/conv3d-cpu.ts';
 import type { ConvKernels } from '../../shared/engine/conv-kernels.ts';
 import { selectConvKernels } from '../../shared/engine/conv-select.ts';
+import { elementwiseOf } from '../../shared/engine/elementwise-kernels.ts';
 import { permute } from '../../shared/checkpoints/torch-mapping.ts';
 import { decodeNpy } from '../../shared/io/npy.ts';
 import { createMed3dTrainOps, type ParamStore } from '../../shared/model/graph/med3d-ops.ts';
@@ -71,7 +73,7 @@ const implementations: Promise<ConvKernels[]> = (async () => {
 describe('Med3D training step vs PyTorch (train mode)', async () => {
   for (const kernels of await implementations) {
     for (const name of ['r10-A', 'r10-B', 'r18-A', 'r50-B']) {
-      it(`${name} on ${kernels.name} kernels: output, all gradients, running statistics`, () => {
+      it(`${name} on ${kernels.name} kernels (${elementwiseOf(kernels).name} BatchNorm/ReLU/pool/add): output, all gradients, running statistics`, () => {
         const fx = load(name);
         const { store, values, grads } = storeFor(fx.arch, fx.weights);
         const tape = new Tape();
