@@ -130,7 +130,7 @@ siteCmd
   .option('--audit-wire <file>', 'append a summary of every message this site sends to FILE')
   .option('--exit-when-finished', 'exit when the coordinator says the federation is finished', false)
   .addOption(new Option('--engine <name>', 'force the tfjs engine (tiny3d); env MEDFL_ENGINE').choices(['auto', 'tfjs-node-gpu', 'tfjs-node', 'wasm', 'cpu']))
-  .addOption(new Option('--kernels <name>', 'force the convolution kernels of the Med3D engine; env MEDFL_KERNELS').choices(['auto', 'onednn', 'js']))
+  .addOption(new Option('--kernels <name>', 'force the convolution kernels of the Med3D engine; env MEDFL_KERNELS').choices(['auto', 'tfjs-node-gpu', 'onednn', 'tfjs-node', 'js']))
   .action(async (o: { dir: string; data: string; auditWire?: string; exitWhenFinished: boolean; engine?: string; kernels?: string }) => {
     if (o.kernels) process.env.MEDFL_KERNELS = o.kernels;
     const { SiteAgent } = await import('../site-agent/agent.ts');

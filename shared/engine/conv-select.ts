@@ -1,11 +1,14 @@
 /**
- * Picks the convolution kernels for the Float32Array training engine (Med3D): the oneDNN addon when it
- * was built at install, else the JS loops. MEDFL_KERNELS=onednn|js (or opts.force) requires one and
- * fails loudly, with the fix, when it cannot load.
+ * Picks the convolution kernels for the Float32Array training engine (Med3D), in order: native TensorFlow
+ * with a GPU (@tensorflow/tfjs-node-gpu), the oneDNN addon built at install, native TensorFlow on CPU
+ * (@tensorflow/tfjs-node), the JS loops. WebAssembly is not in the list for Med3D: tfjs-backend-wasm's conv3d
+ * gradients are wrong. MEDFL_KERNELS=<name> (or opts.force) requires one and fails loudly, with the fix,
+ * when it cannot load.
  */
 import type { ConvKernels } from './conv-kernels.ts';
 import { jsConvKernels } from '../model/conv3d-cpu.ts';
-import type { EngineAttempt } from './select.ts';
+import { selectEngine, type EngineAttempt } from './select.ts';
+import { createTfjsConvKernels } from './tfjs-conv-kernels.ts';
 
 export interface KernelSelection {
   readonly kernels: ConvKernels;
@@ -13,7 +16,21 @@ export interface KernelSelection {
   readonly tried: readonly EngineAttempt[];
 }
 
-export const KERNEL_NAMES = ['onednn', 'js'] as const;
+export const KERNEL_NAMES = ['tfjs-node-gpu', 'onednn', 'tfjs-node', 'js'] as const;
+
+type KernelName = (typeof KERNEL_NAMES)[number];
+
+const WASM_NOTE: EngineAttempt = { name: 'wasm', ok: false, reason: 'not used for Med3D: tfjs-backend-wasm 4.22 computes wrong conv3d gradients' };
+
+/** Convolutions on native TensorFlow through tfjs (GPU or CPU), when its optional package loads. */
+async function tryTfjsNative(name: 'tfjs-node-gpu' | 'tfjs-node'): Promise<{ kernels?: ConvKernels; reason?: string }> {
+  try {
+    const engine = await selectEngine({ force: name });
+    return { kernels: createTfjsConvKernels(engine.tf, name) };
+  } catch (e) {
+    return { reason: (e as Error).message.split('. Install it with')[0] };
+  }
+}
 
 async function tryOneDnn(): Promise<{ kernels?: ConvKernels; reason?: string }> {
   try {
@@ -44,17 +61,26 @@ async function resolve(requested: string): Promise<KernelSelection> {
     throw new Error(`unknown convolution kernels "${requested}" (MEDFL_KERNELS): expected auto, ${KERNEL_NAMES.join(', ')}`);
   }
   const tried: EngineAttempt[] = [];
-  if (requested === 'auto' || requested === 'onednn') {
-    const r = await tryOneDnn();
+  const order: readonly KernelName[] = requested === 'auto' ? KERNEL_NAMES : [requested as KernelName];
+  for (const name of order) {
+    if (name === 'js') {
+      if (requested === 'auto') tried.push(WASM_NOTE);
+      tried.push({ name: 'js', ok: true });
+      return { kernels: jsConvKernels, tried };
+    }
+    const r = name === 'onednn' ? await tryOneDnn() : await tryTfjsNative(name);
     if (r.kernels) {
-      tried.push({ name: 'onednn', ok: true });
+      tried.push({ name, ok: true });
       return { kernels: r.kernels, tried };
     }
-    if (requested === 'onednn') {
-      throw new Error(`MEDFL_KERNELS=onednn but ${r.reason ?? 'the addon did not load'}. Fix: apt-get install -y libdnnl-dev g++ make && npm run build:native (or unset MEDFL_KERNELS to fall back to the JS kernels).`);
+    tried.push({ name, ok: false, reason: r.reason });
+    if (requested !== 'auto') {
+      const fix =
+        name === 'onednn'
+          ? 'apt-get install -y libdnnl-dev g++ make && npm run build:native'
+          : `npm install @tensorflow/${name} (its install downloads libtensorflow, so it needs internet)`;
+      throw new Error(`MEDFL_KERNELS=${name} but ${r.reason ?? 'it did not load'}. Fix: ${fix} (or unset MEDFL_KERNELS to take the first that loads).`);
     }
-    tried.push({ name: 'onednn', ok: false, reason: r.reason });
   }
-  tried.push({ name: 'js', ok: true });
-  return { kernels: jsConvKernels, tried };
+  throw new Error('no convolution kernels could be selected');
 }

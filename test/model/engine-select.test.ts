@@ -54,12 +54,19 @@ describe('engine selection', () => {
     }
   });
 
-  it('Med3D convolution kernels: oneDNN when built, else JS, and a forced unknown name fails clearly', async () => {
+  it('Med3D convolution kernels: native TensorFlow GPU, oneDNN, native TensorFlow CPU, JS — each refusal with its reason', async () => {
     const sel = await selectConvKernels();
-    expect(['onednn', 'js']).toContain(sel.kernels.name);
+    const names = sel.tried.map((t) => t.name);
     expect(sel.tried.at(-1)).toMatchObject({ name: sel.kernels.name, ok: true });
-    if (sel.kernels.name === 'js') expect(sel.tried[0]).toMatchObject({ name: 'onednn', ok: false, reason: expect.any(String) });
+    if (!isInstalled('@tensorflow/tfjs-node-gpu')) expect(sel.tried[0]).toMatchObject({ name: 'tfjs-node-gpu', ok: false, reason: expect.stringMatching(/not installed/) });
+    if (sel.kernels.name === 'onednn') expect(names).toEqual(['tfjs-node-gpu', 'onednn']);
+    if (sel.kernels.name === 'js') {
+      expect(names).toEqual(['tfjs-node-gpu', 'onednn', 'tfjs-node', 'wasm', 'js']);
+      expect(sel.tried[3]).toMatchObject({ ok: false, reason: expect.stringMatching(/wrong conv3d gradients/) });
+    }
     await expect(selectConvKernels({ force: 'mkl' })).rejects.toThrow(/unknown convolution kernels "mkl"/);
+    if (!isInstalled('@tensorflow/tfjs-node')) await expect(selectConvKernels({ force: 'tfjs-node' })).rejects.toThrow(/MEDFL_KERNELS=tfjs-node but .*not installed.*needs internet/);
     expect((await selectConvKernels({ force: 'js' })).kernels.name).toBe('js');
   });
+
 });

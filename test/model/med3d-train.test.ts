@@ -8,6 +8,8 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { jsConvKernels } from '../../shared/model/conv3d-cpu.ts';
+import { createTfjsConvKernels } from '../../shared/engine/tfjs-conv-kernels.ts';
+import { selectEngine } from '../../shared/engine/select.ts';
 import type { ConvKernels } from '../../shared/engine/conv-kernels.ts';
 import { selectConvKernels } from '../../shared/engine/conv-select.ts';
 import { elementwiseOf } from '../../shared/engine/elementwise-kernels.ts';
@@ -67,7 +69,9 @@ function storeFor(arch: ReturnType<typeof createMed3d>, weights: TensorBundle) {
 
 const implementations: Promise<ConvKernels[]> = (async () => {
   const sel = await selectConvKernels();
-  return sel.kernels.name === 'js' ? [jsConvKernels] : [jsConvKernels, sel.kernels];
+  // tfjs kernels on tfjs's pure-JS cpu backend: the code path a site with tfjs-node(-gpu) runs Med3D on.
+  const tfjsCpu = createTfjsConvKernels((await selectEngine({ force: 'cpu' })).tf, 'tfjs-cpu');
+  return sel.kernels.name === 'js' ? [jsConvKernels, tfjsCpu] : [jsConvKernels, tfjsCpu, sel.kernels];
 })();
 
 describe('Med3D training step vs PyTorch (train mode)', async () => {
