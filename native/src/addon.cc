@@ -414,6 +414,35 @@ napi_value AddInto(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// adamStep(w, g, m, v, stepSize, beta1, beta2, eps, sqrtC2, weightDecay): w, m, v updated in place.
+napi_value AdamStep(napi_env env, napi_callback_info info) {
+  Args a(env, info, 10, "adamStep");
+  const size_t n = a.length(0, "w");
+  float* w = a.f32(0, "w", n);
+  const float* g = a.f32(1, "g", n);
+  float* m = a.f32(2, "m", n);
+  float* v = a.f32(3, "v", n);
+  const double ss = a.number(4, "stepSize"), b1 = a.number(5, "beta1"), b2 = a.number(6, "beta2"), eps = a.number(7, "eps"),
+               sc2 = a.number(8, "sqrtC2"), wd = a.number(9, "weightDecay");
+  if (!a.ok()) return nullptr;
+  medfl::adam_step(w, g, m, v, int64_t(n), ss, b1, b2, eps, sc2, wd);
+  return nullptr;
+}
+
+// sgdStep(w, g, buf, lr, momentum, weightDecay, first): w and buf updated in place.
+napi_value SgdStep(napi_env env, napi_callback_info info) {
+  Args a(env, info, 7, "sgdStep");
+  const size_t n = a.length(0, "w");
+  float* w = a.f32(0, "w", n);
+  const float* g = a.f32(1, "g", n);
+  float* buf = a.f32(2, "buf", n);
+  const double lr = a.number(3, "lr"), mo = a.number(4, "momentum"), wd = a.number(5, "weightDecay");
+  const bool first = a.number(6, "first") != 0;
+  if (!a.ok()) return nullptr;
+  medfl::sgd_step(w, g, buf, int64_t(n), lr, mo, wd, first);
+  return nullptr;
+}
+
 // maxPool(x, n, D, H, W, C, y, argmax)
 napi_value MaxPool(napi_env env, napi_callback_info info) {
   Args a(env, info, 8, "maxPool");
@@ -479,6 +508,8 @@ NAPI_MODULE_INIT() {
       {"addInto", nullptr, AddInto, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"maxPool", nullptr, MaxPool, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"maxPoolBackward", nullptr, MaxPoolBackward, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"adamStep", nullptr, AdamStep, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"sgdStep", nullptr, SgdStep, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   return exports;

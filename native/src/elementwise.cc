@@ -292,4 +292,31 @@ void max_pool_backward(const float* dy, const int32_t* argmax, int64_t n, int64_
   }
 }
 
+void adam_step(float* w, const float* g, float* m, float* v, int64_t n, double step_size, double beta1, double beta2,
+               double eps, double sqrt_c2, double wd) {
+  const float b1 = float(beta1), b2 = float(beta2), c1 = float(1 - beta1), c2 = float(1 - beta2);
+  const float ss = float(step_size), e = float(eps), inv_sc2 = float(1 / sqrt_c2), fwd = float(wd);
+#pragma omp parallel for simd num_threads(threads_for(n)) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = g[i] + fwd * w[i];
+    const float mi = b1 * m[i] + c1 * gi;
+    const float vi = b2 * v[i] + c2 * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    w[i] -= ss * mi / (std::sqrt(vi) * inv_sc2 + e);
+  }
+}
+
+void sgd_step(float* w, const float* g, float* buf, int64_t n, double lr, double momentum, double wd, bool first) {
+  const float l = float(lr), mo = float(momentum), fwd = float(wd);
+  const bool use_buf = momentum > 0;
+#pragma omp parallel for simd num_threads(threads_for(n)) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = g[i] + fwd * w[i];
+    const float b = first ? gi : mo * buf[i] + gi;
+    buf[i] = b;
+    w[i] -= l * (use_buf ? b : gi);
+  }
+}
+
 }  // namespace medfl

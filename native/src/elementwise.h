@@ -28,4 +28,11 @@ void max_pool(const float* x, int64_t n, int64_t D, int64_t H, int64_t W, int64_
 void max_pool_backward(const float* dy, const int32_t* argmax, int64_t n, int64_t D, int64_t H, int64_t W, int64_t C,
                        float* dx);
 
+// One optimiser step over a tensor, PyTorch's rules (shared/model/optim.ts holds the JS twin and the semantics):
+// Adam: g' = g + wd*w; m = b1*m + (1-b1)*g'; v = b2*v + (1-b2)*g'^2; w -= step_size*m / (sqrt(v)/sqrt_c2 + eps).
+void adam_step(float* w, const float* g, float* m, float* v, int64_t n, double step_size, double beta1, double beta2,
+               double eps, double sqrt_c2, double wd);
+// SGD with momentum: b = first ? g' : momentum*b + g'; w -= lr*(momentum > 0 ? b : g').
+void sgd_step(float* w, const float* g, float* buf, int64_t n, double lr, double momentum, double wd, bool first);
+
 }  // namespace medfl

@@ -17,7 +17,7 @@ import { Tape, type Act, accumulate, act } from './graph/tape.ts';
 import { createMed3dTrainOps, type ParamStore } from './graph/med3d-ops.ts';
 import type { Med3dArchitecture } from './med3d.ts';
 import { med3dEncoderForward, med3dHeadForward } from './med3d-forward.ts';
-import { DEFAULT_OPTIMIZER, Optimizer } from './optim.ts';
+import { DEFAULT_OPTIMIZER, Optimizer, optimizerKernelsOf } from './optim.ts';
 import { segmentationLossJs } from './tfjs-trainer.ts';
 import type { EvalResult, TrainRequest, TrainResult, Trainer, VolumeCase } from './types.ts';
 
@@ -195,7 +195,7 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
       if (!req.source && labelled.length === 0) throw new Error(`train: no ${head.kind === 'segmentation' ? 'voxel-labelled' : 'class-labelled'} cases`);
       const rng = mulberry32(req.seed);
       const store = new ArrayStore(arch, req.weights);
-      const optimizer = new Optimizer(req.optimizer ?? DEFAULT_OPTIMIZER, req.learningRate, specs, store.values);
+      const optimizer = new Optimizer(req.optimizer ?? DEFAULT_OPTIMIZER, req.learningRate, specs, store.values, optimizerKernelsOf(kernels));
       for (const name of optimizer.trained) store.grads.set(name, new Float32Array(store.values.get(name)!.length));
       const mu = req.proximalMu ?? 0;
       const start = mu > 0 ? new Map(optimizer.trained.map((n) => [n, new Float32Array(store.values.get(n)!)])) : undefined;

@@ -82,6 +82,18 @@ export function resolveGroups(params: readonly ParamInfo[], groups: readonly Gro
   return out;
 }
 
+/** Fused per-tensor update kernels (the native addon's); the JS loops below are the reference and fallback. */
+export interface OptimizerKernels {
+  adamStep(w: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, stepSize: number, beta1: number, beta2: number, eps: number, sqrtC2: number, weightDecay: number): void;
+  sgdStep(w: Float32Array, g: Float32Array, buf: Float32Array, lr: number, momentum: number, weightDecay: number, first: number): void;
+}
+
+/** The optimiser kernels a convolution-kernel object brings (the oneDNN addon's), if any. */
+export function optimizerKernelsOf(k: object): OptimizerKernels | undefined {
+  const addon = (k as { addon?: Partial<OptimizerKernels> }).addon;
+  return addon && typeof addon.adamStep === 'function' && typeof addon.sgdStep === 'function' ? (addon as OptimizerKernels) : undefined;
+}
+
 interface Slot {
   readonly name: string;
   readonly value: Float32Array;
@@ -104,6 +116,7 @@ export class Optimizer {
     private readonly learningRate: number,
     params: readonly ParamInfo[],
     values: ReadonlyMap<string, Float32Array>,
+    private readonly kernels?: OptimizerKernels,
   ) {
     if (!(learningRate > 0)) throw new Error(`optimizer: learning rate must be > 0, got ${learningRate}`);
     const groups = resolveGroups(params, spec.groups);
@@ -139,6 +152,16 @@ export class Optimizer {
       const lr = this.learningRate * s.lrScale;
       const wd = s.decay ? weightDecay : 0;
       const m = s.m;
+      const k = this.kernels;
+      if (k && kind === 'sgd') {
+        k.sgdStep(w, g, m, lr, momentum, wd, this.t === 1 ? 1 : 0);
+        continue;
+      }
+      if (k) {
+        const c1 = 1 - Math.pow(beta1, this.t);
+        k.adamStep(w, g, m, s.v!, lr / c1, beta1, beta2, eps, Math.sqrt(1 - Math.pow(beta2, this.t)), wd);
+        continue;
+      }
       if (kind === 'sgd') {
         const first = this.t === 1;
         for (let i = 0; i < w.length; i++) {

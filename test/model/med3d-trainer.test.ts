@@ -12,7 +12,7 @@ import { selectConvKernels } from '../../shared/engine/conv-select.ts';
 import type { ConvKernels } from '../../shared/engine/conv-kernels.ts';
 import { createMed3d } from '../../shared/model/med3d.ts';
 import { createMed3dTrainer, poolTargets, upsampleLinear } from '../../shared/model/med3d-trainer.ts';
-import { Optimizer, OptimizerSpecSchema, resolveGroups } from '../../shared/model/optim.ts';
+import { Optimizer, OptimizerSpecSchema, optimizerKernelsOf, resolveGroups } from '../../shared/model/optim.ts';
 import type { ParamInfo, VolumeCase } from '../../shared/model/types.ts';
 import { checkAgainstSpecs } from '../../shared/tensors/bundle.ts';
 import { sphereCase } from '../helpers/volumes.ts';
@@ -169,15 +169,41 @@ describe('optimisers follow PyTorch (fixtures from scripts/make_optim_fixtures.p
   };
   const lr: Record<string, number> = { sgd: 0.1, 'sgd-plain': 0.1, adam: 0.01 };
   for (const run of fx.runs) {
-    it(`${run.name}: four steps match torch.optim to float32 precision`, () => {
-      const w = Float32Array.from(fx.w0);
-      const opt = new Optimizer(OptimizerSpecSchema.parse(specs[run.name]), lr[run.name], [param], new Map([[param.name, w]]));
-      run.steps.forEach((want, i) => {
-        opt.step(new Map([[param.name, Float32Array.from(fx.grads[i])]]));
-        for (let k = 0; k < want.length; k++) expect(w[k]).toBeCloseTo(want[k], 5);
-      });
+    it(`${run.name}: four steps match torch.optim to float32 precision (JS loops and, when built, the native kernels)`, () => {
+      const native = optimizerKernelsOf(kernels);
+      for (const k of native ? [undefined, native] : [undefined]) {
+        const w = Float32Array.from(fx.w0);
+        const opt = new Optimizer(OptimizerSpecSchema.parse(specs[run.name]), lr[run.name], [param], new Map([[param.name, w]]), k);
+        run.steps.forEach((want, i) => {
+          opt.step(new Map([[param.name, Float32Array.from(fx.grads[i])]]));
+          for (let j = 0; j < want.length; j++) expect(w[j]).toBeCloseTo(want[j], 5);
+        });
+      }
     });
   }
+
+  it('native optimiser kernels agree with the JS loops on a large tensor (Adam and SGD, weight decay on)', () => {
+    const native = optimizerKernelsOf(kernels);
+    expect(native !== undefined).toBe(kernels.name === 'onednn');
+    if (!native) return;
+    const n = 100_003;
+    const big: ParamInfo = { ...param, shape: [n] };
+    for (const spec of [{ kind: 'adam', weightDecay: 0.01 }, { kind: 'sgd', momentum: 0.9, weightDecay: 0.01 }]) {
+      const a = Float32Array.from({ length: n }, (_, i) => Math.sin(i));
+      const b = a.slice();
+      const oa = new Optimizer(OptimizerSpecSchema.parse(spec), 0.01, [big], new Map([[big.name, a]]));
+      const ob = new Optimizer(OptimizerSpecSchema.parse(spec), 0.01, [big], new Map([[big.name, b]]), native);
+      for (let t = 0; t < 3; t++) {
+        const g = Float32Array.from({ length: n }, (_, i) => Math.cos(i * (t + 1)));
+        oa.step(new Map([[big.name, g]]));
+        ob.step(new Map([[big.name, g]]));
+      }
+      let d = 0;
+      for (let i = 0; i < n; i++) d = Math.max(d, Math.abs(a[i] - b[i]));
+      expect(d, spec.kind).toBeLessThan(1e-6);
+      expect(a.some((v, i) => v !== Math.sin(i))).toBe(true);
+    }
+  });
 
   it('per-group learning-rate scale: later rules override earlier ones', () => {
     const arch = createMed3d({ depth: 10, shortcut: 'B', widthMultiplier: 0.0625, head: seg2, patch: [16, 16, 16] });
