@@ -6,7 +6,7 @@
  */
 import Table from 'cli-table3';
 import { checkDataFolder, type CheckReport } from '../site-agent/data/check.ts';
-import { DatasetError } from '../site-agent/data/msd-dataset.ts';
+import { DatasetError } from '../site-agent/data/dataset-json.ts';
 
 const style = () => (process.stdout.isTTY ? {} : { style: { head: [], border: [] } });
 const fmt = (v: readonly number[] | undefined, digits = 3): string => (v ? v.map((x) => +x.toFixed(digits)).join(' × ') : '—');

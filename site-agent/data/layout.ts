@@ -12,7 +12,7 @@
 import { readFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { classNames, DatasetError, parseDatasetJson, type DatasetJson } from './msd-dataset.ts';
+import { classNames, DatasetError, parseDatasetJson, type DatasetJson } from './dataset-json.ts';
 
 export type Severity = 'error' | 'warning';
 

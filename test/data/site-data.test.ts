@@ -6,8 +6,7 @@ import { writeNifti } from '../../site-agent/data/nifti.ts';
 import { mulberry32 } from '../../site-agent/data/prng.ts';
 import { patchToVolumeCase, SiteData, type DataLogger } from '../../site-agent/data/site-data.ts';
 import { preparedBytes } from '../../site-agent/data/types.ts';
-import { normalizeMri } from '../../site-agent/data/normalize.ts';
-import { foregroundMask } from '../../site-agent/data/msd-dataset.ts';
+import { foregroundMask, normalizeMri } from '../../site-agent/data/normalize.ts';
 
 const tmp = mkdtempSync(join(tmpdir(), 'medfl-sitedata-'));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
