@@ -18,6 +18,7 @@ import { float32Safetensors } from '../shared/tensors/update-codec.ts';
 import { LocalTraining } from './training/local-training.ts';
 import { SitePolicy, declineTask } from './policy.ts';
 import { runSecAggRound } from './secagg/round.ts';
+import { applySiteTask } from './task-config.ts';
 import { manifestBytes, TaskSettingsSchema, type TaskSettings } from '../shared/protocol/task.ts';
 import { verifyManifest } from '../shared/security/site-identity.ts';
 import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
@@ -216,6 +217,18 @@ export class SiteAgent {
         return;
       }
       if (verdict.epsilon !== undefined) log.info({ round: t.round, epsilonSpent: verdict.epsilon }, 'privacy spent by this site so far (if the coordinator applies the announced DP)');
+      // A plan this site's own head (task.yaml) cannot train with is declined before anything is downloaded.
+      let headProblem: string | undefined;
+      try {
+        applySiteTask(settings, this.training.siteTask);
+      } catch (e) {
+        headProblem = (e as Error).message;
+      }
+      if (headProblem) {
+        log.warn({ round: t.round, task: t.taskId, reason: headProblem }, "task declined: it conflicts with this site's task file");
+        await declineTask(this.home, { round: t.round, taskId: t.taskId, reason: headProblem }, log, this.audit);
+        return;
+      }
       this.state = 'downloading';
       const client = this.client!;
       // The plan may send the model float16/int8-encoded (settings.modelFile); the task's hash stays the round's base.
