@@ -123,7 +123,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     enrollmentHandlers({ store, federationId: config.federationId, coordinatorPublicKey: rawPublicKey(signingKey), bus, log, ca, requireClientCert: mtls }),
   );
   server.addService(Federation.service, federationHandlers({ store, models, engine, receiver, log }));
-  server.addService(loadGovernanceService().service, governanceHandlers({ ledger, bus, federationId: config.federationId, log }));
+  server.addService(loadGovernanceService().service, governanceHandlers({ ledger, bus, federationId: config.federationId, log, onDecline: (site, round) => void engine.siteDeclined(site, round).catch((e: Error) => log.error({ err: e.message, site, round }, 'closing the round after a decline failed')) }));
   server.addService(loadSecAggService().service, secAggHandlers({ session: (round) => engine.secAggFor(round), log }));
 
   const creds = serverCredentials(home.serverCertificate(), mtls ? { clientCaPem: caPem, requestClientCert: true } : {});

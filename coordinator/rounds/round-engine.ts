@@ -77,6 +77,8 @@ interface OpenRound {
   row: RoundRow;
   aggregator: RoundAggregator;
   reported: Set<string>;
+  /** Selected sites that declined this round's task (their policy or head forbids it): not waited for. */
+  declined?: Set<string>;
   timer?: NodeJS.Timeout;
   closing: boolean;
   /** Plan aggregation.secureAggregation: the round's session (masked inputs replace uploads). */
@@ -220,6 +222,24 @@ export class RoundEngine {
     this.emit('update.accepted', { round: row.round, site: row.site, samples: row.numSamples, updateHash: row.sha256 });
     this.o.log.info({ round: row.round, site: row.site, samples: row.numSamples, reported: open.reported.size, selected: open.row.selected.length }, 'update accepted');
     if (open.row.selected.every((s) => open.reported.has(s))) await this.closeRound(open, 'all selected sites reported');
+    else if (this.allAccountedFor(open) && open.reported.size >= this.o.plan.minSites) await this.closeRound(open, 'every selected site reported or declined');
+  }
+
+  /**
+   * A selected site declined its task (Governance.DeclineTask): stop waiting for it. The round closes now if
+   * every other selected site has reported and the quorum is met; otherwise the deadline decides as before.
+   */
+  async siteDeclined(site: string, round: number): Promise<void> {
+    const open = this.open;
+    if (!open || open.row.round !== round || open.secagg || !open.row.selected.includes(site) || open.reported.has(site)) return;
+    (open.declined ??= new Set()).add(site);
+    if (!open.closing && this.allAccountedFor(open) && open.reported.size >= this.o.plan.minSites) {
+      await this.closeRound(open, 'every selected site reported or declined');
+    }
+  }
+
+  private allAccountedFor(open: OpenRound): boolean {
+    return open.row.selected.every((s) => open.reported.has(s) || open.declined?.has(s));
   }
 
   rejected(site: string, round: number, reason: string): void {

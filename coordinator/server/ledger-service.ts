@@ -4,8 +4,8 @@
  *   FetchLedger: streams the contribution ledger's stored lines, so a site can verify the chain and
  *                find its own entries (every site sees the whole ledger: site names, rounds, hashes and
  *                sample counts, nothing per-patient).
- *   DeclineTask: a site's reason for refusing a task under its own policy; logged at warn and published
- *                as a `task.declined` event. The round itself is unchanged (it closes on quorum or deadline).
+ *   DeclineTask: a site's reason for refusing a task (its policy, or a head its task file cannot fit); logged at
+ *                warn, published as a `task.declined` event, and the round stops waiting for that site.
  */
 import * as grpc from '@grpc/grpc-js';
 import { z } from 'zod';
@@ -19,6 +19,8 @@ export interface GovernanceDeps {
   bus: EventBus;
   federationId: string;
   log: Logger;
+  /** Tells the rounds not to wait for a site that declined (RoundEngine.siteDeclined). */
+  onDecline?: (site: string, round: number) => void;
 }
 
 const DeclineSchema = z.object({
@@ -73,6 +75,7 @@ export function governanceHandlers(d: GovernanceDeps): grpc.UntypedServiceImplem
           reason: r.data.reason,
         });
         cb(null, { recorded: true });
+        d.onDecline?.(site, r.data.round);
       } catch (e) {
         cb(e as grpc.ServiceError);
       }
