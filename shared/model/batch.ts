@@ -3,7 +3,7 @@
  * Deterministic in the caller's rng. Shared by the trainers so every engine sees the same data.
  */
 import { randomInt, type Rng } from '../util/random.ts';
-import type { PatchSource, VolumeCase } from './types.ts';
+import type { PatchSource, TrainRequest, VolumeCase } from './types.ts';
 
 export interface Batch {
   readonly image: Float32Array;
@@ -102,4 +102,11 @@ export async function nextBatch(
   const patches = await source.sample(batchSize, rng);
   if (patches.length !== batchSize) throw new Error(`patch source returned ${patches.length} patches for a batch of ${batchSize}`);
   return sampleBatch(patches, batchSize, patch, numClasses, rng, { ...opts, inOrder: true, flip: false });
+}
+
+/** The checks every trainer makes on a request's numbers, with the value that was wrong. */
+export function checkTrainRequest(req: Pick<TrainRequest, 'steps' | 'batchSize' | 'learningRate'>): void {
+  if (!Number.isInteger(req.steps) || req.steps < 1) throw new Error(`train: steps must be a positive integer, got ${req.steps}`);
+  if (!Number.isInteger(req.batchSize) || req.batchSize < 1) throw new Error(`train: batchSize must be a positive integer, got ${req.batchSize}`);
+  if (!(req.learningRate > 0)) throw new Error(`train: learningRate must be > 0, got ${req.learningRate}`);
 }

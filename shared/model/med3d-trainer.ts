@@ -12,7 +12,7 @@ import type { ConvKernels } from '../engine/conv-kernels.ts';
 import { diceScores, meanDicePerClass } from '../metrics/dice.ts';
 import { checkAgainstSpecs, makeBundle, type NamedTensor, type TensorBundle } from '../tensors/bundle.ts';
 import { mulberry32 } from '../util/random.ts';
-import { nextBatch } from './batch.ts';
+import { checkTrainRequest, nextBatch } from './batch.ts';
 import { Tape, type Act, accumulate, act } from './graph/tape.ts';
 import { createMed3dTrainOps, type ParamStore } from './graph/med3d-ops.ts';
 import type { Med3dArchitecture } from './med3d.ts';
@@ -182,9 +182,7 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
 
     async train(req: TrainRequest): Promise<TrainResult> {
       checkWeights(req.weights);
-      if (!Number.isInteger(req.steps) || req.steps < 1) throw new Error(`train: steps must be a positive integer, got ${req.steps}`);
-      if (!Number.isInteger(req.batchSize) || req.batchSize < 1) throw new Error(`train: batchSize must be a positive integer, got ${req.batchSize}`);
-      if (!(req.learningRate > 0)) throw new Error(`train: learningRate must be > 0, got ${req.learningRate}`);
+      checkTrainRequest(req);
       if (head.kind === 'segmentation' && req.batchSize < 2) {
         // Batch statistics of one 4³ head map are too noisy to train BatchNorm; PyTorch would train but badly.
         throw new Error('train: Med3D segmentation needs batchSize ≥ 2 (BatchNorm uses batch statistics)');
@@ -289,8 +287,11 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
   };
 }
 
-/** Softmax probabilities [D·H·W, C] of a whole volume (padding and upsampling as in predictMed3dVolume). */
-export function med3dVolumeProbs(arch: Med3dArchitecture, ops: ReturnType<typeof createMed3dTrainOps>, vc: VolumeCase): Float32Array {
+/**
+ * Logits of a whole volume on its own grid: zero-padded to a multiple of 8 (so the head's ¼ grid tiles it
+ * exactly), upsampled ×4 linearly; returned on the padded grid [Dp, Hp, Wp, C] with its sizes.
+ */
+function med3dVolumeLogits(arch: Med3dArchitecture, ops: ReturnType<typeof createMed3dTrainOps>, vc: VolumeCase): { full: Float32Array; Hp: number; Wp: number } {
   const [D, H, W] = vc.shape;
   const [Dp, Hp, Wp] = [D, H, W].map((s) => Math.ceil(s / 8) * 8) as [number, number, number];
   let input = vc.image;
@@ -300,8 +301,14 @@ export function med3dVolumeProbs(arch: Med3dArchitecture, ops: ReturnType<typeof
   }
   const params = names(arch);
   const logits = med3dHeadForward(arch, params, med3dEncoderForward(arch, params, act(input, [1, Dp, Hp, Wp, 1], false), ops), ops);
+  return { full: upsampleLinear(logits.data, logits.shape, MED3D_SEG_FACTOR), Hp, Wp };
+}
+
+/** Softmax probabilities [D·H·W, C] of a whole volume. */
+export function med3dVolumeProbs(arch: Med3dArchitecture, ops: ReturnType<typeof createMed3dTrainOps>, vc: VolumeCase): Float32Array {
+  const [D, H, W] = vc.shape;
   const C = arch.numClasses;
-  const full = upsampleLinear(logits.data, logits.shape, MED3D_SEG_FACTOR);
+  const { full, Hp, Wp } = med3dVolumeLogits(arch, ops, vc);
   const out = new Float32Array(D * H * W * C);
   for (let z = 0; z < D; z++) {
     for (let y = 0; y < H; y++) {
@@ -319,22 +326,11 @@ export function med3dVolumeProbs(arch: Med3dArchitecture, ops: ReturnType<typeof
   return out;
 }
 
-/**
- * Argmax labels of a whole volume: zero-padded to a multiple of 8 (so the head's ¼ grid tiles it exactly),
- * logits upsampled ×4 linearly, cropped back.
- */
+/** Argmax labels of a whole volume (logits as med3dVolumeLogits makes them, cropped back). */
 export function predictMed3dVolume(arch: Med3dArchitecture, ops: ReturnType<typeof createMed3dTrainOps>, vc: VolumeCase): Uint8Array {
   const [D, H, W] = vc.shape;
-  const [Dp, Hp, Wp] = [D, H, W].map((s) => Math.ceil(s / 8) * 8) as [number, number, number];
-  let input = vc.image;
-  if (Dp !== D || Hp !== H || Wp !== W) {
-    input = new Float32Array(Dp * Hp * Wp);
-    for (let z = 0; z < D; z++) for (let y = 0; y < H; y++) input.set(vc.image.subarray((z * H + y) * W, (z * H + y + 1) * W), (z * Hp + y) * Wp);
-  }
-  const params = names(arch);
-  const logits = med3dHeadForward(arch, params, med3dEncoderForward(arch, params, act(input, [1, Dp, Hp, Wp, 1], false), ops), ops);
   const C = arch.numClasses;
-  const full = upsampleLinear(logits.data, logits.shape, MED3D_SEG_FACTOR);
+  const { full, Hp, Wp } = med3dVolumeLogits(arch, ops, vc);
   const out = new Uint8Array(D * H * W);
   for (let z = 0; z < D; z++) {
     for (let y = 0; y < H; y++) {

@@ -10,7 +10,7 @@ import type { EngineInfo } from '../engine/select.ts';
 import { diceScores, meanDicePerClass } from '../metrics/dice.ts';
 import { checkAgainstSpecs, makeBundle, type NamedTensor, type TensorBundle } from '../tensors/bundle.ts';
 import { mulberry32 } from '../util/random.ts';
-import { nextBatch } from './batch.ts';
+import { checkTrainRequest, nextBatch } from './batch.ts';
 import {
   addReluInPlace,
   conv3dBackward,
@@ -326,9 +326,7 @@ export function createTfjsTrainer(arch: ModelArchitecture, engine: EngineInfo, f
 
     async train(req: TrainRequest): Promise<TrainResult> {
       checkWeights(req.weights);
-      if (!Number.isInteger(req.steps) || req.steps < 1) throw new Error(`train: steps must be a positive integer, got ${req.steps}`);
-      if (!Number.isInteger(req.batchSize) || req.batchSize < 1) throw new Error(`train: batchSize must be a positive integer, got ${req.batchSize}`);
-      if (!(req.learningRate > 0)) throw new Error(`train: learningRate must be > 0, got ${req.learningRate}`);
+      checkTrainRequest(req);
       const labelled = req.cases.filter((c) => c.label !== undefined || c.target !== undefined);
       if (!req.source && labelled.length === 0) throw new Error('train: no labelled cases');
       const dropout = req.dropout ?? 0;
