@@ -9,19 +9,12 @@
 import { describe, expect, it } from 'vitest';
 import { jsElementwiseKernels, poolOut, type ElementwiseKernels } from '../../shared/engine/elementwise-kernels.ts';
 import { loadOneDnnKernels } from '../../shared/engine/onednn-kernels.ts';
+import { mulberry32 } from '../../shared/util/random.ts';
 
 const EPS = 1e-5;
 
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+// A small deterministic PRNG (mulberry32), so failures reproduce.
+const rng = mulberry32;
 
 function randn(n: number, r: () => number, scale = 1, offset = 0): Float32Array {
   const a = new Float32Array(n);

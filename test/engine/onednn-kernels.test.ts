@@ -18,6 +18,7 @@ import {
   type Triple,
 } from '../../shared/engine/conv-kernels.ts';
 import { loadOneDnnKernels, type OneDnnKernels, type OneDnnLayout } from '../../shared/engine/onednn-kernels.ts';
+import { mulberry32 } from '../../shared/util/random.ts';
 
 type Tf = typeof TfModule;
 let tf: Tf;
@@ -34,17 +35,8 @@ beforeAll(async () => {
   await tf.ready();
 });
 
-/** Small deterministic PRNG (mulberry32) so failures reproduce. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+// A small deterministic PRNG (mulberry32), so failures reproduce.
+const rng = mulberry32;
 
 function randomArray(n: number, rand: () => number): Float32Array {
   const a = new Float32Array(n);
