@@ -38,6 +38,8 @@ export interface ExperimentOptions {
   arch: 'tiny3d' | 'med3d';
   patch: [number, number, number];
   width: number;
+  /** Layer types kept at each site inside the shared encoder (["norm"] = FedBN); default none. */
+  keepLocal?: ('conv' | 'norm' | 'dense' | 'other')[];
   /** MedFL safetensors whose encoder initialises the `pretrained` arms; absent = pretrain one in-process. */
   pretrained?: string;
   pretrainSteps: number;
@@ -140,7 +142,7 @@ export async function runExperiment(o: ExperimentOptions): Promise<ExperimentRes
       model: { architecture: o.arch, patch: o.patch, numClasses, width: o.width, seed: o.seed },
       rounds: o.rounds,
       local: { steps, batchSize: o.batchSize, learningRate: o.learningRate },
-      share: { parts: ['encoder'] },
+      share: { parts: ['encoder'], keepLocal: o.keepLocal ?? [] },
       teacherStudent: {
         enabled: ts,
         promoteEvery: o.promoteEvery,
@@ -189,7 +191,10 @@ export async function runExperiment(o: ExperimentOptions): Promise<ExperimentRes
         await writePhantomSite(preDir, { siteName: 'pretrain', cases: 8, valCases: 0, size: o.patch, seed: 777_000 + o.seed, intensityShift: 5, intensityScale: 1.05 });
       }
       const lt = new LocalTraining({ siteName: 'pretrain', dataDir: preDir, localDir: mkd(join(out, 'work', 'pretrain')), log, engine: o.engine });
-      const res = await lt.run(settingsOf(planFor(false, o.pretrainSteps)), encode(pick(arch.init(o.seed + 1), shared)), { round: 1 });
+      // The whole encoder is pretrained and kept (BatchNorm included), whatever the arms keep local.
+      const whole = sharedParams(arch, { parts: ['encoder'], keepLocal: [] });
+      const preSettings = { ...settingsOf(planFor(false, o.pretrainSteps)), share: { parts: ['encoder' as const], keepLocal: [] }, sharedTensors: whole.map((p) => p.name) };
+      const res = await lt.run(preSettings, encode(pick(arch.init(o.seed + 1), whole)), { round: 1 });
       source = decodeUpdate(res.update).bundle;
       const path = join(out, 'pretrained-encoder.safetensors');
       writeFileSync(path, encode(source));
@@ -432,6 +437,7 @@ export function registerExperimentCommand(program: Command): void {
     .option('--arms <list>', `arms to run (${ARMS.join(',')})`, ARMS.join(','))
     .option('--inits <list>', 'scratch,pretrained', 'scratch,pretrained')
     .option('--seed <n>', 'seed of every arm', '1')
+    .option('--keep-local <types>', 'federated arms: layer types kept at each site inside the shared encoder (norm = FedBN)', '')
     .option('--promote-every <n>', 'teacher–student: rounds between promotions', '3')
     .option('--ratio <x>', 'teacher–student: pseudo-labelled per labelled patch', '1')
     .option('--confidence <x>', 'teacher–student: per-voxel confidence threshold', '0.9')
@@ -478,6 +484,7 @@ export function registerExperimentCommand(program: Command): void {
         arms,
         inits,
         seed: num('seed'),
+        keepLocal: keepLocalTypes(String(a.keepLocal ?? '')),
         promoteEvery: num('promoteEvery'),
         ratio: num('ratio'),
         confidence: num('confidence'),
@@ -500,4 +507,10 @@ export function registerExperimentCommand(program: Command): void {
       say(`plot: ${r.svgPath}`);
       say(`results: ${r.jsonPath}`);
     });
+}
+
+function keepLocalTypes(v: string): ('conv' | 'norm' | 'dense' | 'other')[] {
+  const types = list(v);
+  for (const t of types) if (!['conv', 'norm', 'dense', 'other'].includes(t)) throw new Error(`--keep-local takes layer types conv, norm, dense, other (e.g. norm for FedBN); got '${t}'`);
+  return types as ('conv' | 'norm' | 'dense' | 'other')[];
 }

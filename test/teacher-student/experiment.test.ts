@@ -63,6 +63,29 @@ describe('medfl experiment', () => {
     expect(existsSync(join(out, 'pretrained-encoder.safetensors'))).toBe(true);
   }, 180_000);
 
+  it('runs Med3D with BatchNorm kept at the sites (FedBN), from scratch and from an encoder pretrained here', async () => {
+    const out = mkdtempSync(join(tmpdir(), 'medfl-exp-fedbn-'));
+    const r = await runExperiment({
+      out, rounds: 1, steps: 1, batchSize: 2, learningRate: 0.005, arch: 'med3d', patch: [16, 16, 16], width: 4, pretrainSteps: 1,
+      arms: ['federated'], inits: ['scratch', 'pretrained'], seed: 1, keepLocal: ['norm'],
+      promoteEvery: 1, ratio: 1, confidence: 0.6, labels: 'soft', flipTTA: false, dropout: 0.5, strongAugment: true, classBalance: true, minTeacherDice: 0,
+      phantom: { sites: 2, cases: 2, valCases: 1, poolCases: 1, testCases: 1 },
+      engine: 'cpu',
+      say: () => undefined,
+    });
+    expect(r.results.map((x) => `${x.init}/${x.arm}`)).toEqual(['scratch/federated', 'pretrained/federated']);
+    // The pretrained encoder is whole (BatchNorm included) even though the arms keep BatchNorm local.
+    const { decodeSafetensors } = await import('../../shared/tensors/safetensors.ts');
+    const pre = decodeSafetensors(readFileSync(join(out, 'pretrained-encoder.safetensors'))).bundle;
+    expect(pre.has('encoder.bn1.running_var')).toBe(true);
+    // Each site keeps its BatchNorm tensors in its own local file.
+    const local = readdirSync(join(out, 'work', 'pretrained', 'federated', 'site-a')).filter((f) => f.startsWith('med3d-'));
+    expect(local).toHaveLength(1);
+    const kept = decodeSafetensors(readFileSync(join(out, 'work', 'pretrained', 'federated', 'site-a', local[0]))).bundle;
+    expect(kept.has('encoder.layer1.0.bn1.weight')).toBe(true);
+    expect(kept.has('encoder.conv1.weight')).toBe(false);
+  }, 180_000);
+
   it('plots dashed lines for scratch and clamps Dice to the axis', () => {
     const res: ArmResult[] = [{ arm: 'federated', init: 'scratch', dice: { a: [0.2, 1.5] }, mean: [0.2, 1.5], seconds: 1 }];
     const svg = diceSvg(res, 2);
