@@ -17,9 +17,9 @@ import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import Table from 'cli-table3';
 import type { TaskSettings } from '../shared/protocol/task.ts';
-import type { Plan } from '../shared/plan/schema.ts';
+import { LayerTypeSchema, type Plan } from '../shared/plan/schema.ts';
 import type { TensorBundle } from '../shared/tensors/bundle.ts';
-import type { VolumeCase } from '../shared/model/types.ts';
+import type { LayerType, VolumeCase } from '../shared/model/types.ts';
 
 export const ARMS = ['local-only', 'federated', 'teacher-student', 'pooled'] as const;
 export type Arm = (typeof ARMS)[number];
@@ -39,7 +39,7 @@ export interface ExperimentOptions {
   patch: [number, number, number];
   width: number;
   /** Layer types kept at each site inside the shared encoder (["norm"] = FedBN); default none. */
-  keepLocal?: ('conv' | 'norm' | 'dense' | 'other')[];
+  keepLocal?: LayerType[];
   /** MedFL safetensors whose encoder initialises the `pretrained` arms; absent = pretrain one in-process. */
   pretrained?: string;
   pretrainSteps: number;
@@ -509,8 +509,10 @@ export function registerExperimentCommand(program: Command): void {
     });
 }
 
-function keepLocalTypes(v: string): ('conv' | 'norm' | 'dense' | 'other')[] {
-  const types = list(v);
-  for (const t of types) if (!['conv', 'norm', 'dense', 'other'].includes(t)) throw new Error(`--keep-local takes layer types conv, norm, dense, other (e.g. norm for FedBN); got '${t}'`);
-  return types as ('conv' | 'norm' | 'dense' | 'other')[];
+function keepLocalTypes(v: string): LayerType[] {
+  return list(v).map((t) => {
+    const r = LayerTypeSchema.safeParse(t);
+    if (!r.success) throw new Error(`--keep-local takes layer types ${LayerTypeSchema.options.join(', ')} (e.g. norm for FedBN); got '${t}'`);
+    return r.data;
+  });
 }

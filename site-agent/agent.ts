@@ -243,7 +243,9 @@ export class SiteAgent {
       }
       this.state = 'training';
       this.progress = 0;
-      const result = await this.training.run(settings, float32Safetensors(this.cache.read(file.hash)), {
+      // Decoded once: training, the secure-aggregation delta and the upload encoding all start from it.
+      const baseModel = float32Safetensors(this.cache.read(file.hash));
+      const result = await this.training.run(settings, baseModel, {
         round: t.round,
         onProgress: (p) => { this.progress = p; },
         ...(teacher ? { teacherBytes: this.cache.read(teacher.modelHash) } : {}),
@@ -253,7 +255,7 @@ export class SiteAgent {
         this.state = 'uploading';
         await runSecAggRound({
           home: this.home, audit: this.audit, log, round: t.round, taskId: t.taskId, deadlineUnixMs: t.deadlineUnixMs, settings,
-          update: result.update, base: float32Safetensors(this.cache.read(file.hash)), numSamples: result.numSamples,
+          update: result.update, base: baseModel, numSamples: result.numSamples,
         });
         const m = await this.client!.reportMetrics({ round: t.round, taskId: t.taskId, values: result.metrics });
         if (!m.accepted) log.warn({ reason: m.reason }, 'metrics refused');
@@ -261,7 +263,7 @@ export class SiteAgent {
       }
       entry = { updateId: `${t.taskId}-${randomUUID()}`, taskId: t.taskId, round: t.round, baseModelHash: t.modelHash, numSamples: result.numSamples, metrics: result.metrics };
       // Encoded now (plan.compression), so a resend after a crash sends the very same bytes.
-      writeFileAtomic(join(this.home.outboxDir, `${t.taskId}.safetensors`), encodeForUpload(result.update, settings, () => float32Safetensors(this.cache.read(file.hash))));
+      writeFileAtomic(join(this.home.outboxDir, `${t.taskId}.safetensors`), encodeForUpload(result.update, settings, () => baseModel));
       writeFileAtomic(outboxPath, JSON.stringify(entry));
     }
     await this.deliver(entry);
