@@ -58,7 +58,8 @@ parentPort.on('message', (m) => {
           fail(m.id, f, e);
         }
       }
-      parentPort.postMessage({ op: 'written', id: m.id, bytes: m.data.length });
+      // The chunk's memory goes back (the sender may reuse it for later chunks).
+      parentPort.postMessage({ op: 'written', id: m.id, bytes: m.data.length, data: m.data }, [m.data.buffer]);
       return;
     }
     case 'finish': {
@@ -84,7 +85,7 @@ parentPort.on('message', (m) => {
 `;
 
 type FromWorker =
-  | { op: 'written'; id: number; bytes: number }
+  | { op: 'written'; id: number; bytes: number; data: Uint8Array }
   | { op: 'error'; id: number; message: string }
   | { op: 'finished'; id: number; digest?: string; error?: string }
   | { op: 'dropped'; id: number };
@@ -136,8 +137,12 @@ const writerThread = (): WriterThread => (thread ??= new WriterThread());
 
 /** Below this, a chunk is copied rather than transferred (small buffers may share Node's pool). */
 const MIN_TRANSFER_BYTES = 64 * 1024;
-/** A chunk is transferred only when its ArrayBuffer holds little else (a gRPC message: chunk + framing). */
+/**
+ * A chunk is transferred only when its ArrayBuffer holds little else (a gRPC message: chunk + framing, in a
+ * buffer sized for the largest message): at most this many bytes or an eighth of the chunk beside it.
+ */
 const MAX_TRANSFER_SLACK = 256;
+const transferSlack = (n: number): number => Math.max(MAX_TRANSFER_SLACK, n / 8);
 
 export class HashingFileWriter {
   private readonly id: number;
@@ -151,6 +156,8 @@ export class HashingFileWriter {
   private dropping = false;
   /** Called once, on the first write failure (or loss of the writer thread); `write` throws it afterwards. */
   onError?: (e: Error) => void;
+  /** Gets the memory of each written chunk back (transferred or copied), for the caller to reuse or drop. */
+  onWritten?: (memory: Uint8Array) => void;
 
   /**
    * Opens `path` for writing. `hashExisting` > 0 resumes a file that already holds that many bytes: they are
@@ -185,7 +192,7 @@ export class HashingFileWriter {
     if (n === 0) return;
     let sent = false;
     const ab = data.buffer;
-    if (transfer && ab instanceof ArrayBuffer && n >= MIN_TRANSFER_BYTES && ab.byteLength - n <= MAX_TRANSFER_SLACK) {
+    if (transfer && ab instanceof ArrayBuffer && n >= MIN_TRANSFER_BYTES && ab.byteLength - n <= transferSlack(n)) {
       try {
         writerThread().post({ op: 'write', id: this.id, data, position }, [ab]);
         sent = true;
@@ -244,6 +251,7 @@ export class HashingFileWriter {
   fromWorker(m: FromWorker): void {
     if (m.op === 'written') {
       this.queued -= m.bytes;
+      this.onWritten?.(m.data);
       this.release();
       return;
     }

@@ -3,11 +3,16 @@
  * certificate from enrolment whenever it has one, for coordinators running --mtls) with a fresh site-signed token
  * on every call, wrapped in promise/stream helpers. The optional wire audit records every message the
  * site sends, so a site admin can check what left the hospital.
+ *
+ * Model downloads go over a second HTTP/2 connection with a lean gRPC client (h2-channel.ts), the rest over
+ * grpc-js: same coordinator, same pinned CA, client certificate and per-call token.
  */
 import * as grpc from '@grpc/grpc-js';
-import { CHANNEL_OPTIONS, loadProto } from '../../shared/protocol/grpc.ts';
+import { AUTH_METADATA_KEY, CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, METHODS, loadProto } from '../../shared/protocol/grpc.ts';
 import { pinnedChannelCredentials } from '../../shared/security/pki.ts';
-import { siteCallCredentials, loadSiteKey } from '../../shared/security/site-identity.ts';
+import { siteCallCredentials, loadSiteKey, signSiteToken } from '../../shared/security/site-identity.ts';
+import { H2Channel, type ServerStreamCall } from './h2-channel.ts';
+import { updateDataChunkParts } from '../../shared/protocol/chunk-codec.ts';
 import { SiteHome } from '../home.ts';
 import { parseAddress } from '../enroll.ts';
 import type { WireAudit } from './wire-audit.ts';
@@ -37,20 +42,49 @@ export interface UploadAck {
   reason: string;
 }
 
+/** An open UploadUpdate call. Sends resolve once more may be written; the outcome is `ack`. */
+export interface UploadCall {
+  /** One UpdateChunk given as an object (the header; tests also send hand-made chunks this way). */
+  send(chunk: Record<string, unknown>): Promise<void>;
+  /** One data chunk, sent from `data`'s memory without a copy (it must not change until `ack` settles). */
+  sendData(offset: number, data: Uint8Array): Promise<void>;
+  end(): Promise<void>;
+  cancel(): void;
+  ack: Promise<UploadAck>;
+}
+
 type AnyClient = grpc.Client & Record<string, (...args: unknown[]) => unknown>;
 
 export class FederationClient {
   private readonly client: AnyClient;
+  private readonly bulk: H2Channel;
+  private readonly audit: WireAudit | undefined;
+  private readonly download: grpc.MethodDefinition<unknown, unknown>;
+  private readonly upload: grpc.MethodDefinition<unknown, unknown>;
 
   constructor(home: SiteHome, opts: { audit?: WireAudit; tokenTtlSeconds?: number } = {}) {
     const config = home.config();
     const key = loadSiteKey(home.dir);
     const { host, port } = parseAddress(config.coordinator);
+    const tokenOptions = { siteName: config.siteName, federationId: config.federationId, privateKey: key.privateKey, ttlSeconds: opts.tokenTtlSeconds };
+    const clientCertificate = home.clientCertificate();
     const creds = grpc.credentials.combineChannelCredentials(
-      pinnedChannelCredentials(home.caPem(), home.clientCertificate()),
-      siteCallCredentials({ siteName: config.siteName, federationId: config.federationId, privateKey: key.privateKey, ttlSeconds: opts.tokenTtlSeconds }),
+      pinnedChannelCredentials(home.caPem(), clientCertificate),
+      siteCallCredentials(tokenOptions),
     );
     const { Federation } = loadProto();
+    this.download = (Federation.service as grpc.ServiceDefinition).DownloadModel;
+    this.upload = (Federation.service as grpc.ServiceDefinition).UploadUpdate;
+    this.audit = opts.audit;
+    this.bulk = new H2Channel({
+      host,
+      port,
+      caPem: home.caPem(),
+      clientCertificate,
+      authHeaders: async () => ({ [AUTH_METADATA_KEY]: `Bearer ${await signSiteToken(tokenOptions)}` }),
+      windowBytes: Number(CHANNEL_OPTIONS['grpc-node.flow_control_window']),
+      maxMessageBytes: MAX_MESSAGE_BYTES,
+    });
     const target = `${host.includes(':') ? `[${host}]` : host}:${port}`;
     this.client = new Federation(target, creds, {
       ...CHANNEL_OPTIONS,
@@ -63,6 +97,7 @@ export class FederationClient {
 
   close(): void {
     this.client.close();
+    this.bulk.close();
   }
 
   heartbeat(req: { state: string; progress: number; taskId: string; engine: string }, timeoutMs = 10_000): Promise<{ serverTimeMs: number }> {
@@ -77,19 +112,34 @@ export class FederationClient {
     return this.client.SubscribeTasks({ cachedModels }) as grpc.ClientReadableStream<WireTask>;
   }
 
-  downloadModel(modelHash: string, offset: number): grpc.ClientReadableStream<WireChunk> {
-    return this.client.DownloadModel({ modelHash, offset }) as grpc.ClientReadableStream<WireChunk>;
+  /** The model's chunks from `offset` on; errors are grpc-js-shaped (`code`, `details`). */
+  downloadModel(modelHash: string, offset: number): ServerStreamCall<WireChunk> {
+    const request = { modelHash, offset };
+    const audit = this.audit?.begin(METHODS.downloadModel);
+    audit?.sent(request);
+    audit?.end();
+    return this.bulk.serverStream(METHODS.downloadModel, this.download.requestSerialize(request), (b) => this.download.responseDeserialize(b) as WireChunk);
   }
 
-  /** Opens an upload; the caller writes chunks and ends it, the promise gives the coordinator's ack. */
-  openUpload(timeoutMs: number): { stream: grpc.ClientWritableStream<Record<string, unknown>>; ack: Promise<UploadAck> } {
-    let settle!: (err: grpc.ServiceError | null, res?: UploadAck) => void;
-    const ack = new Promise<UploadAck>((resolve, reject) => {
-      settle = (err, res) => (err ? reject(err) : resolve(res!));
-    });
-    // Outside the promise: a closed channel throws here, to the caller, instead of leaving a rejection nobody awaits.
-    const stream = this.client.UploadUpdate({ deadline: Date.now() + timeoutMs }, (err: grpc.ServiceError | null, res: UploadAck) => settle(err, res)) as grpc.ClientWritableStream<Record<string, unknown>>;
-    return { stream, ack };
+  /** Opens an upload (over the lean HTTP/2 client): send the header, the data chunks, end; `ack` is the coordinator's answer. */
+  openUpload(timeoutMs: number): UploadCall {
+    const call = this.bulk.clientStream(METHODS.uploadUpdate, (b) => this.upload.responseDeserialize(b) as UploadAck, { deadline: Date.now() + timeoutMs });
+    const audit = this.audit?.begin(METHODS.uploadUpdate);
+    // The audit line is written once the call has its outcome; the caller sees that outcome through `ack`.
+    call.response.finally(() => audit?.end()).catch(() => undefined);
+    return {
+      send: (chunk) => {
+        audit?.sent(chunk);
+        return call.write([this.upload.requestSerialize(chunk)]);
+      },
+      sendData: (offset, data) => {
+        audit?.sent({ data, offset });
+        return call.write(updateDataChunkParts(offset, data));
+      },
+      end: () => call.end(),
+      cancel: () => call.cancel(),
+      ack: call.response,
+    };
   }
 
   private unary<T>(method: string, req: unknown, timeoutMs: number): Promise<T> {

@@ -1,6 +1,7 @@
 /**
  * Sends one update as a client stream: a header (id, round, base model, size, SHA-256, samples), then
- * the payload in ordered chunks. Retried under the same update id, so the coordinator counts it once.
+ * the payload in ordered chunks, straight from its buffer (FederationClient.openUpload, lean HTTP/2 client).
+ * Retried under the same update id, so the coordinator counts it once.
  */
 import * as grpc from '@grpc/grpc-js';
 import { CHUNK_BYTES } from '../../shared/protocol/grpc.ts';
@@ -31,7 +32,7 @@ export interface OutgoingUpdate {
 }
 
 export async function uploadOnce(client: FederationClient, u: OutgoingUpdate, onProgress?: (p: number) => void, timeoutMs = 600_000): Promise<UploadAck> {
-  const { stream, ack } = client.openUpload(timeoutMs);
+  const call = client.openUpload(timeoutMs);
   const header = {
     updateId: u.updateId,
     round: u.round,
@@ -41,33 +42,21 @@ export async function uploadOnce(client: FederationClient, u: OutgoingUpdate, on
     sha256: sha256Hex(u.payload),
     numSamples: u.numSamples,
   };
-  // A failed call rejects `ack` and stops 'drain' from ever firing: stop writing then, and let the
-  // rejection surface through the `return ack` below (handled here so it is never "unhandled").
-  let failed = false;
-  let wake: (() => void) | undefined;
-  ack.catch(() => {
-    failed = true;
-    wake?.();
-  });
-  const write = (msg: Record<string, unknown>) =>
-    new Promise<void>((resolve) => {
-      if (failed) return resolve();
-      // Honour flow control: wait for 'drain' instead of buffering the whole update in grpc's queue.
-      if (stream.write(msg)) resolve();
-      else {
-        wake = resolve;
-        stream.once('drain', () => resolve());
-      }
-    });
-  stream.on('error', () => undefined); // surfaced through `ack`
-  await write({ header });
-  for (let off = 0; off < u.payload.length && !failed; off += CHUNK_BYTES) {
+  // A refused or failed call settles `ack` early: stop sending then (sends after it return at once).
+  let over = false;
+  call.ack.then(
+    () => (over = true),
+    () => (over = true),
+  );
+  await call.send({ header });
+  for (let off = 0; off < u.payload.length && !over; off += CHUNK_BYTES) {
     const data = u.payload.subarray(off, Math.min(off + CHUNK_BYTES, u.payload.length));
-    await write({ data, offset: off });
+    // Each send waits for HTTP/2 flow control, so at most a window of the update is ever queued.
+    await call.sendData(off, data);
     onProgress?.(Math.min(1, (off + data.length) / u.payload.length));
   }
-  stream.end();
-  return ack;
+  await call.end();
+  return call.ack;
 }
 
 /** Retries transport failures (not refusals) with backoff; a refusal carries a reason and is final. */

@@ -1,6 +1,6 @@
 /**
- * Wire audit: a client interceptor that appends one JSON line per call to a file the site keeps,
- * listing every message the site sent — scalar fields as they are, bytes as length + SHA-256, and for
+ * Wire audit: appends one JSON line per call to a file the site keeps (from a grpc-js client interceptor,
+ * and from the lean HTTP/2 client through `begin`), listing every message the site sent — scalar fields as they are, bytes as length + SHA-256, and for
  * uploads the tensor names and shapes inside the payload. Site admins (and our privacy tests) read it
  * to check that only the plan's shared tensors and aggregate metrics left the site.
  */
@@ -16,21 +16,44 @@ export interface AuditedCall {
   payload?: { bytes: number; sha256: string; tensors: { name: string; dtype: string; shape: number[] }[] | { error: string } };
 }
 
+export interface AuditRecorder {
+  /** One message the site sent on this call. */
+  sent(message: unknown): void;
+  /** Appends the call's line (once). */
+  end(): void;
+}
+
 export class WireAudit {
   constructor(readonly path: string) {}
 
-  interceptor(): grpc.Interceptor {
-    return (options, nextCall) => {
-      const method = String(options.method_definition.path);
-      const record: AuditedCall = { method, at: new Date().toISOString(), messages: [] };
-      const payloadParts: Buffer[] = [];
-      const flush = () => {
+  /**
+   * Records one call: every message sent, then one line at the end. Used by the grpc-js interceptor and
+   * directly by the lean HTTP/2 client (h2-channel.ts), so both write the same lines.
+   */
+  begin(method: string): AuditRecorder {
+    const record: AuditedCall = { method, at: new Date().toISOString(), messages: [] };
+    const isUpload = method.endsWith('/UploadUpdate');
+    const payloadParts: Buffer[] = [];
+    let written = false;
+    return {
+      sent: (message) => {
+        record.messages.push(summarise(message, (b) => payloadParts.push(b), isUpload));
+      },
+      end: () => {
+        if (written) return;
+        written = true;
         if (payloadParts.length > 0) record.payload = describePayload(Buffer.concat(payloadParts));
         appendFileSync(this.path, JSON.stringify(record) + '\n');
-      };
+      },
+    };
+  }
+
+  interceptor(): grpc.Interceptor {
+    return (options, nextCall) => {
+      const recorder = this.begin(String(options.method_definition.path));
       return new grpc.InterceptingCall(nextCall(options), {
         sendMessage(message, next) {
-          record.messages.push(summarise(message, (b) => payloadParts.push(b), method.endsWith('/UploadUpdate')));
+          recorder.sent(message);
           next(message);
         },
         halfClose(next) {
@@ -39,7 +62,7 @@ export class WireAudit {
         start(metadata, listener, next) {
           next(metadata, {
             onReceiveStatus(status, nextStatus) {
-              flush();
+              recorder.end();
               nextStatus(status);
             },
           });

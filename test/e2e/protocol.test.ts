@@ -77,11 +77,10 @@ function send(u: { payload: Buffer; round?: number; base?: string; updateId?: st
 
 /** Sends hand-made chunks; returns the ack. */
 function sendRaw(messages: Record<string, unknown>[]): Promise<UploadAck> {
-  const { stream, ack } = siteA.openUpload(30_000);
-  stream.on('error', () => undefined);
-  for (const m of messages) stream.write(m);
-  stream.end();
-  return ack;
+  const call = siteA.openUpload(30_000);
+  for (const m of messages) void call.send(m);
+  void call.end();
+  return call.ack;
 }
 
 function nothingStored() {
@@ -281,12 +280,11 @@ describe('site model cache', () => {
 describe('update uploads', () => {
   it('refuses a payload whose hash does not match the header', async () => {
     const payload = encodeSafetensors(update());
-    const { stream, ack } = siteA.openUpload(30_000);
-    stream.on('error', () => undefined);
-    stream.write({ header: { updateId: `test-${randomUUID()}`, round: task.round, taskId: task.taskId, baseModelHash: task.modelHash, totalSize: payload.length, sha256: sha256Hex(Buffer.from('something else')), numSamples: 4 } });
-    stream.write({ data: payload, offset: 0 });
-    stream.end();
-    const a = await ack;
+    const call = siteA.openUpload(30_000);
+    await call.send({ header: { updateId: `test-${randomUUID()}`, round: task.round, taskId: task.taskId, baseModelHash: task.modelHash, totalSize: payload.length, sha256: sha256Hex(Buffer.from('something else')), numSamples: 4 } });
+    await call.sendData(0, payload);
+    await call.end();
+    const a = await call.ack;
     expect(a.accepted).toBe(false);
     expect(a.reason).toMatch(/hash mismatch/);
     nothingStored();

@@ -19,11 +19,12 @@ stream.on('data', (t: WireTask) => {
   const settings = TaskSettingsSchema.parse(JSON.parse(t.settingsJson));
   const arch = architectureFor(settings.model);
   const payload = encodeSafetensors(pick(arch.init(99), settings.sharedTensors.map((name) => ({ name }))));
-  const { stream: up } = client.openUpload(600_000);
-  up.on('error', () => undefined);
-  up.write({ header: { updateId: `partial-${Date.now()}`, round: t.round, taskId: t.taskId, baseModelHash: t.modelHash, totalSize: payload.length, sha256: sha256Hex(payload), numSamples: 4 } });
-  up.write({ data: payload.subarray(0, Math.floor(payload.length / 2)), offset: 0 }, () => {
+  const up = client.openUpload(600_000);
+  up.ack.catch(() => undefined);
+  void (async () => {
+    await up.send({ header: { updateId: `partial-${Date.now()}`, round: t.round, taskId: t.taskId, baseModelHash: t.modelHash, totalSize: payload.length, sha256: sha256Hex(payload), numSamples: 4 } });
+    await up.sendData(0, payload.subarray(0, Math.floor(payload.length / 2)));
     process.stdout.write('PARTIAL_SENT\n');
-  });
+  })();
 });
 stream.on('error', () => undefined);

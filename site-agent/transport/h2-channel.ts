@@ -1,0 +1,457 @@
+/**
+ * A lean gRPC client on node:http2 for the site's two bulk calls: DownloadModel (server stream) and
+ * UploadUpdate (client stream).
+ *
+ * Why not grpc-js for these: its client path (a decoder fed per HTTP/2 DATA frame, object-mode streams through
+ * the interceptor chain, a fresh buffer and a copy per message each way) kept the site's core busy: downloads
+ * ran at ~0.5–0.65× of a raw TLS socket moving the same 132 MB, and an upload cost the site twice the CPU it
+ * needs, on machines where it competes with training (bench/README.md). Here messages are reassembled into
+ * reusable buffers and sent straight from the caller's memory. Every other call stays on grpc-js.
+ *
+ * It speaks standard gRPC over HTTP/2 to the unchanged grpc-js server: TLS with the CA pinned at enrolment (and
+ * the site's client certificate, for coordinators running --mtls), a fresh site token on every call, POST with
+ * `content-type: application/grpc`, `te: trailers`, `grpc-timeout`, length-prefixed messages, and the call's
+ * status from `grpc-status` / `grpc-message` in the trailers (or in the headers of a trailers-only response).
+ * Errors carry grpc-js's shape (`code`, `details`, message `"<code> <NAME>: <details>"`), so callers and tests
+ * handle both clients alike.
+ */
+import http2 from 'node:http2';
+import { isIP } from 'node:net';
+import { Readable } from 'node:stream';
+import * as grpc from '@grpc/grpc-js';
+
+export interface H2ChannelOptions {
+  host: string;
+  port: number;
+  /** PEM of the CA pinned at enrolment: the only CA this channel trusts. */
+  caPem: string;
+  /** The site's TLS client certificate, when it has one (mTLS). */
+  clientCertificate?: { certPem: string; keyPem: string };
+  /** Headers that authenticate one call (a site token is single-use, so this is asked anew per call). */
+  authHeaders: () => Promise<Record<string, string>>;
+  /** HTTP/2 receive window, connection and per stream. */
+  windowBytes: number;
+  /** Largest response message accepted (grpc.max_receive_message_length). */
+  maxMessageBytes: number;
+}
+
+export type GrpcCallError = Error & { code: grpc.status; details: string; metadata: grpc.Metadata };
+
+/** An error shaped like grpc-js's ServiceError. */
+export function grpcCallError(code: grpc.status, details: string): GrpcCallError {
+  return Object.assign(new Error(`${code} ${grpc.status[code]}: ${details}`), { code, details, metadata: new grpc.Metadata() });
+}
+
+/** A client-streaming call: write messages (each given as parts, sent without copying), end, await the response. */
+export interface ClientStreamCall<T> {
+  /** Sends one message made of `parts` (concatenated on the wire); resolves once more may be written. */
+  write(parts: Uint8Array[]): Promise<void>;
+  end(): Promise<void>;
+  cancel(): void;
+  /** The server's one response message, or the call's error. */
+  response: Promise<T>;
+}
+
+/** A server-streaming call: an object-mode Readable of decoded messages, plus cancel() and recycle(). */
+export interface ServerStreamCall<T> extends Readable {
+  cancel(): void;
+  /**
+   * Hands the memory behind a received message (any view of it, e.g. a chunk's `data`) back for later
+   * messages to reuse. Only for memory the caller will never read again; anything else is ignored.
+   */
+  recycle(view: Uint8Array): void;
+  [Symbol.asyncIterator](): AsyncIterableIterator<T>;
+}
+
+/** gRPC's mapping of HTTP statuses for responses that carry no grpc-status (the gRPC HTTP/2 spec). */
+function codeForHttpStatus(status: number): grpc.status {
+  switch (status) {
+    case 400: return grpc.status.INTERNAL;
+    case 401: return grpc.status.UNAUTHENTICATED;
+    case 403: return grpc.status.PERMISSION_DENIED;
+    case 404: return grpc.status.UNIMPLEMENTED;
+    case 429: case 502: case 503: case 504: return grpc.status.UNAVAILABLE;
+    default: return grpc.status.UNKNOWN;
+  }
+}
+
+/** A stream reset with no status: what the RST_STREAM code means for the call (as grpc-js maps it). */
+function codeForReset(rstCode: number): grpc.status {
+  const c = http2.constants;
+  if (rstCode === c.NGHTTP2_REFUSED_STREAM) return grpc.status.UNAVAILABLE;
+  if (rstCode === c.NGHTTP2_CANCEL) return grpc.status.CANCELLED;
+  if (rstCode === c.NGHTTP2_ENHANCE_YOUR_CALM) return grpc.status.RESOURCE_EXHAUSTED;
+  if (rstCode === c.NGHTTP2_INADEQUATE_SECURITY) return grpc.status.PERMISSION_DENIED;
+  return grpc.status.INTERNAL;
+}
+
+/** grpc-message is percent-encoded; a malformed one is shown as it came. */
+function decodeGrpcMessage(v: unknown): string {
+  const s = Array.isArray(v) ? String(v[0] ?? '') : String(v ?? '');
+  try {
+    return decodeURIComponent(s);
+  } catch {
+    return s;
+  }
+}
+
+/** `grpc-timeout`: at most 8 digits and a unit. */
+function grpcTimeout(ms: number): string {
+  const m = Math.max(1, Math.ceil(ms));
+  return m < 1e8 ? `${m}m` : `${Math.ceil(m / 1000)}S`;
+}
+
+interface Status { code: grpc.status; details: string }
+
+function statusOf(headers: http2.IncomingHttpHeaders): Status | undefined {
+  const raw = headers['grpc-status'];
+  if (raw === undefined) return undefined;
+  const code = Number(Array.isArray(raw) ? raw[0] : raw);
+  if (!Number.isInteger(code) || code < 0 || code > 16) return { code: grpc.status.UNKNOWN, details: `server sent grpc-status "${String(raw)}"` };
+  return { code, details: decodeGrpcMessage(headers['grpc-message']) };
+}
+
+/**
+ * Message buffers handed back by consumers (recycle()), reused for later messages of any call on the channel:
+ * a 132 MB download otherwise allocates 64 fresh 2 MiB buffers, whose page faults and garbage collection
+ * cost the site about a third of the time the bytes take to arrive (bench/README.md).
+ */
+class MessagePool {
+  private readonly free: ArrayBuffer[] = [];
+
+  /** Messages at least this large come from the pool; smaller ones get a buffer of their own. */
+  static readonly MIN_POOLED = 64 * 1024;
+  private static readonly KEEP = 8;
+
+  constructor(readonly capacity: number) {}
+
+  /** A buffer of exactly `length` bytes that owns its memory (never Node's shared small-buffer pool). */
+  take(length: number): Buffer {
+    if (length < MessagePool.MIN_POOLED || length > this.capacity) return Buffer.allocUnsafeSlow(length);
+    const ab = this.free.pop() ?? new ArrayBuffer(this.capacity);
+    return Buffer.from(ab, 0, length);
+  }
+
+  give(view: Uint8Array): void {
+    const ab = view.buffer;
+    if (!(ab instanceof ArrayBuffer) || ab.byteLength !== this.capacity || this.free.length >= MessagePool.KEEP) return;
+    if (this.free.includes(ab)) return; // recycled twice: keep one entry
+    this.free.push(ab);
+  }
+}
+
+/**
+ * The request side of a call: length-prefixed messages written straight from the caller's buffers (no copy
+ * here; HTTP/2 frames them from there). Writes wait for the stream to open and for 'drain'; once the call is
+ * over (answered, failed, cancelled) they return at once and the outcome comes from the response side.
+ */
+class RequestWriter {
+  private req: http2.ClientHttp2Stream | undefined;
+  private readonly opened: Promise<void>;
+  private open!: () => void;
+
+  constructor(private readonly isOver: () => boolean) {
+    this.opened = new Promise((resolve) => (this.open = resolve));
+  }
+
+  attach(req: http2.ClientHttp2Stream | undefined): void {
+    this.req = req;
+    this.open();
+  }
+
+  private usable(): http2.ClientHttp2Stream | undefined {
+    const req = this.req;
+    return req && !req.destroyed && !req.writableEnded && !this.isOver() ? req : undefined;
+  }
+
+  async write(parts: Uint8Array[]): Promise<void> {
+    await this.opened;
+    const req = this.usable();
+    if (!req) return;
+    const prefix = Buffer.allocUnsafe(5);
+    prefix[0] = 0;
+    prefix.writeUInt32BE(parts.reduce((n, p) => n + p.byteLength, 0), 1);
+    req.cork();
+    req.write(prefix);
+    for (const p of parts) if (p.byteLength > 0) req.write(p);
+    req.uncork();
+    if (!req.writableNeedDrain) return;
+    await new Promise<void>((resolve) => {
+      const done = () => {
+        req.off('drain', done);
+        req.off('close', done);
+        resolve();
+      };
+      req.on('drain', done);
+      req.on('close', done);
+    });
+  }
+
+  async end(): Promise<void> {
+    await this.opened;
+    this.usable()?.end();
+  }
+}
+
+class ServerStream<T> extends Readable implements ServerStreamCall<T> {
+  private req: http2.ClientHttp2Stream | undefined;
+  private settled = false;
+  private timer: NodeJS.Timeout | undefined;
+  // Reassembly of length-prefixed messages: the 5-byte prefix, then the message into its own buffer.
+  private readonly prefix = Buffer.alloc(5);
+  private prefixFill = 0;
+  private message: Buffer | undefined;
+  private messageFill = 0;
+  private status: Status | undefined;
+
+  constructor(
+    private readonly decode: (b: Buffer) => T,
+    private readonly pool: MessagePool,
+    private readonly onSettled: () => void,
+  ) {
+    super({ objectMode: true, highWaterMark: 4 });
+  }
+
+  /** Wires the HTTP/2 stream in; `deadline` is absolute (ms since epoch). */
+  attach(req: http2.ClientHttp2Stream, deadline: number | undefined): void {
+    this.req = req;
+    if (this.settled) {
+      req.close(http2.constants.NGHTTP2_CANCEL);
+      return;
+    }
+    if (deadline !== undefined) {
+      this.timer = setTimeout(() => this.fail(grpc.status.DEADLINE_EXCEEDED, 'Deadline exceeded', true), Math.max(0, deadline - Date.now()));
+    }
+    req.on('response', (headers) => {
+      const httpStatus = Number(headers[':status']);
+      const trailersOnly = statusOf(headers);
+      if (trailersOnly) {
+        this.status = trailersOnly;
+        return;
+      }
+      if (httpStatus !== 200) return this.fail(codeForHttpStatus(httpStatus), `server answered HTTP ${httpStatus}, not a gRPC response`, true);
+      const type = String(headers['content-type'] ?? '');
+      if (!type.startsWith('application/grpc')) this.fail(grpc.status.UNKNOWN, `server answered content-type "${type}", not application/grpc`, true);
+    });
+    req.on('data', (chunk: Buffer) => this.onData(chunk));
+    req.on('trailers', (trailers) => {
+      this.status = statusOf(trailers) ?? { code: grpc.status.UNKNOWN, details: 'server sent trailers without grpc-status' };
+    });
+    req.on('end', () => this.onEnd());
+    req.on('error', (e: Error) => this.fail(grpc.status.UNAVAILABLE, `connection to the coordinator failed: ${e.message}`, false));
+    req.on('close', () => {
+      if (this.settled) return;
+      if (req.rstCode && req.rstCode !== http2.constants.NGHTTP2_NO_ERROR) {
+        this.fail(codeForReset(req.rstCode), `stream reset by the coordinator (HTTP/2 code ${req.rstCode})`, false);
+      } else {
+        this.onEnd();
+      }
+    });
+  }
+
+  /** The call has its outcome (ended, failed or cancelled). */
+  get over(): boolean {
+    return this.settled;
+  }
+
+  /** Called before attach() when the call could not even start (no token, no connection). */
+  failStart(code: grpc.status, details: string): void {
+    this.fail(code, details, false);
+  }
+
+  cancel(): void {
+    this.fail(grpc.status.CANCELLED, 'Cancelled on client', true);
+  }
+
+  recycle(view: Uint8Array): void {
+    this.pool.give(view);
+  }
+
+  override _read(): void {
+    if (this.req && !this.settled && this.req.isPaused()) this.req.resume();
+  }
+
+  private onData(chunk: Buffer): void {
+    if (this.settled) return;
+    let at = 0;
+    while (at < chunk.length) {
+      if (!this.message) {
+        const n = Math.min(5 - this.prefixFill, chunk.length - at);
+        chunk.copy(this.prefix, this.prefixFill, at, at + n);
+        this.prefixFill += n;
+        at += n;
+        if (this.prefixFill < 5) return;
+        this.prefixFill = 0;
+        if (this.prefix[0] !== 0) return this.fail(grpc.status.INTERNAL, 'server sent a compressed message, but this client asked for none', true);
+        const length = this.prefix.readUInt32BE(1);
+        if (length > this.pool.capacity) {
+          return this.fail(grpc.status.RESOURCE_EXHAUSTED, `Received message larger than max (${length} vs. ${this.pool.capacity})`, true);
+        }
+        // Memory of its own per message (pooled or fresh, never Node's shared small-buffer pool): consumers
+        // may transfer it to a worker thread (shared/protocol/hashing-writer.ts).
+        this.message = this.pool.take(length);
+        this.messageFill = 0;
+        if (length > 0) continue;
+      } else {
+        const n = Math.min(this.message.length - this.messageFill, chunk.length - at);
+        chunk.copy(this.message, this.messageFill, at, at + n);
+        this.messageFill += n;
+        at += n;
+        if (this.messageFill < this.message.length) return;
+      }
+      const message = this.message;
+      this.message = undefined;
+      let value: T;
+      try {
+        value = this.decode(message);
+      } catch (e) {
+        return this.fail(grpc.status.INTERNAL, `could not decode a response message: ${(e as Error).message}`, true);
+      }
+      // Backpressure: stop reading the HTTP/2 stream (its flow control then holds the server) until _read().
+      if (!this.push(value) && this.req && !this.req.isPaused()) this.req.pause();
+    }
+  }
+
+  private onEnd(): void {
+    if (this.settled) return;
+    if (this.message || this.prefixFill > 0) return this.fail(grpc.status.INTERNAL, 'response ended inside a message', false);
+    const status = this.status ?? { code: grpc.status.UNKNOWN, details: 'response ended without a grpc-status' };
+    if (status.code !== grpc.status.OK) return this.fail(status.code, status.details, false);
+    this.settle();
+    this.push(null);
+  }
+
+  private fail(code: grpc.status, details: string, reset: boolean): void {
+    if (this.settled) return;
+    this.settle();
+    if (reset && this.req && !this.req.closed) this.req.close(http2.constants.NGHTTP2_CANCEL);
+    this.destroy(grpcCallError(code, details));
+  }
+
+  private settle(): void {
+    this.settled = true;
+    this.message = undefined;
+    if (this.timer) clearTimeout(this.timer);
+    this.onSettled();
+  }
+}
+
+export class H2Channel {
+  private session: http2.ClientHttp2Session | undefined;
+  private active = 0;
+  private closed = false;
+  private readonly pool: MessagePool;
+
+  constructor(private readonly o: H2ChannelOptions) {
+    this.pool = new MessagePool(o.maxMessageBytes);
+  }
+
+  /** Starts a server-streaming call; `request` is the encoded request message. */
+  serverStream<T>(path: string, request: Uint8Array, decode: (b: Buffer) => T, opts: { deadline?: number } = {}): ServerStreamCall<T> {
+    const { call, writer } = this.start(path, decode, opts.deadline);
+    void writer.write([request]).then(() => writer.end());
+    return call;
+  }
+
+  /** Starts a client-streaming call whose one response is decoded with `decode`. */
+  clientStream<T>(path: string, decode: (b: Buffer) => T, opts: { deadline?: number } = {}): ClientStreamCall<T> {
+    const { call, writer } = this.start(path, decode, opts.deadline);
+    const response = new Promise<T>((resolve, reject) => {
+      let answer: { value: T } | undefined;
+      call.on('data', (v: T) => (answer ??= { value: v }));
+      call.on('end', () => (answer ? resolve(answer.value) : reject(grpcCallError(grpc.status.INTERNAL, 'the coordinator ended the call without a response'))));
+      call.on('error', reject);
+    });
+    return { write: (parts) => writer.write(parts), end: () => writer.end(), cancel: () => call.cancel(), response };
+  }
+
+  private start<T>(path: string, decode: (b: Buffer) => T, deadline: number | undefined): { call: ServerStream<T>; writer: RequestWriter } {
+    this.active++;
+    const call = new ServerStream<T>(decode, this.pool, () => this.callDone());
+    const writer = new RequestWriter(() => call.over);
+    if (this.closed) {
+      call.failStart(grpc.status.UNAVAILABLE, 'channel has been shut down (the site client was closed)');
+      writer.attach(undefined);
+      return { call, writer };
+    }
+    this.o.authHeaders().then(
+      (auth) => {
+        if (call.destroyed) return writer.attach(undefined);
+        try {
+          const session = this.connect();
+          session.ref();
+          const headers: http2.OutgoingHttpHeaders = {
+            ':method': 'POST',
+            ':path': path,
+            'content-type': 'application/grpc',
+            te: 'trailers',
+            'user-agent': 'medfl-site (node http2)',
+            ...auth,
+          };
+          if (deadline !== undefined) headers['grpc-timeout'] = grpcTimeout(deadline - Date.now());
+          const req = session.request(headers);
+          call.attach(req, deadline);
+          writer.attach(req);
+        } catch (e) {
+          call.failStart(grpc.status.UNAVAILABLE, `could not open a stream to the coordinator: ${(e as Error).message}`);
+          writer.attach(undefined);
+        }
+      },
+      (e: Error) => {
+        call.failStart(grpc.status.UNAUTHENTICATED, `could not sign a site token: ${e.message}`);
+        writer.attach(undefined);
+      },
+    );
+    return { call, writer };
+  }
+
+  close(): void {
+    this.closed = true;
+    const s = this.session;
+    this.session = undefined;
+    if (s && !s.destroyed) s.close();
+  }
+
+  private callDone(): void {
+    this.active--;
+    // An idle session must not keep the process alive (grpc-js channels behave the same).
+    if (this.active === 0 && this.session && !this.session.destroyed) this.session.unref();
+  }
+
+  private connect(): http2.ClientHttp2Session {
+    const live = this.session;
+    if (live && !live.closed && !live.destroyed) return live;
+    const { host, port, windowBytes } = this.o;
+    const authority = `${host.includes(':') ? `[${host}]` : host}:${port}`;
+    const session = http2.connect(`https://${authority}`, {
+      ca: this.o.caPem,
+      cert: this.o.clientCertificate?.certPem,
+      key: this.o.clientCertificate?.keyPem,
+      // SNI carries names only; an address is still checked against the certificate's IP entries.
+      ...(isIP(host) ? {} : { servername: host }),
+      settings: { enablePush: false, initialWindowSize: Math.min(windowBytes, 2 ** 31 - 1) },
+      // Node refuses new streams once a session holds this much unprocessed data; a wide window needs room.
+      maxSessionMemory: Math.max(10, Math.ceil((2 * windowBytes) / 2 ** 20)),
+    });
+    session.on('connect', () => {
+      try {
+        session.setLocalWindowSize(windowBytes);
+      } catch {
+        /* closed meanwhile: its streams fail on their own */
+      }
+    });
+    // Streams report the failure themselves; the next call opens a new session.
+    session.on('error', () => undefined);
+    session.on('goaway', () => {
+      if (this.session === session) this.session = undefined;
+    });
+    session.on('close', () => {
+      if (this.session === session) this.session = undefined;
+    });
+    session.setTimeout(5 * 60_000, () => {
+      if (this.active === 0) session.close();
+    });
+    this.session = session;
+    return session;
+  }
+}

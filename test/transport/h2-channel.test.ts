@@ -1,0 +1,268 @@
+/**
+ * The lean HTTP/2 gRPC client (site-agent/transport/h2-channel.ts) against a real grpc-js server over TLS:
+ * messages and statuses as grpc-js would deliver them, deadlines, cancellation, size limits, a wrong CA, a
+ * server that is down or restarts, flow control, buffer reuse, and client streams with early answers.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { once } from 'node:events';
+import * as grpc from '@grpc/grpc-js';
+import { createCertificateAuthority, issueServerCertificate, serverCredentials, type CertificateAuthority, type ServerCertificate } from '../../shared/security/pki.ts';
+import { sha256Hex } from '../../shared/util/hash.ts';
+import { H2Channel, type GrpcCallError, type ServerStreamCall } from '../../site-agent/transport/h2-channel.ts';
+
+const pass = (b: Buffer) => b;
+const SERVICE: grpc.ServiceDefinition = {
+  Stream: { path: '/test.T/Stream', requestStream: false, responseStream: true, requestSerialize: pass, requestDeserialize: pass, responseSerialize: pass, responseDeserialize: pass, originalName: 'Stream' },
+  Collect: { path: '/test.T/Collect', requestStream: true, responseStream: false, requestSerialize: pass, requestDeserialize: pass, responseSerialize: pass, responseDeserialize: pass, originalName: 'Collect' },
+};
+
+/** Bytes that tell message i from message j, and byte k from byte l. */
+function pattern(i: number, size: number): Buffer {
+  const b = Buffer.allocUnsafe(size);
+  for (let k = 0; k < size; k++) b[k] = (i * 31 + k * 7) & 0xff;
+  return b;
+}
+
+interface ServerLog { auth: string[]; cancelled: number; written: number }
+
+function startServer(cert: ServerCertificate, port = 0): Promise<{ server: grpc.Server; port: number; log: ServerLog }> {
+  const log: ServerLog = { auth: [], cancelled: 0, written: 0 };
+  const server = new grpc.Server({ 'grpc.max_send_message_length': 8 << 20, 'grpc.max_receive_message_length': 8 << 20 });
+  server.addService(SERVICE, {
+    Stream(call: grpc.ServerWritableStream<Buffer, Buffer>) {
+      log.auth.push(String(call.metadata.get('authorization')[0] ?? ''));
+      call.on('cancelled', () => log.cancelled++);
+      const [cmd, a, b] = call.request.toString().split(':');
+      if (cmd === 'ok') {
+        const n = Number(a);
+        let i = 0;
+        const pump = () => {
+          while (i < n) {
+            const ok = call.write(pattern(i, Number(b)));
+            i++;
+            log.written = i;
+            if (!ok) return void call.once('drain', pump);
+          }
+          call.end();
+        };
+        pump();
+      } else if (cmd === 'fail-early') {
+        call.emit('error', { code: grpc.status.NOT_FOUND, details: 'no model 5% ü here' });
+      } else if (cmd === 'fail-late') {
+        call.write(pattern(0, 100));
+        call.write(pattern(1, 100));
+        call.emit('error', { code: grpc.status.PERMISSION_DENIED, details: 'site revoked' });
+      } else if (cmd === 'hang') {
+        call.write(pattern(0, 10));
+      }
+    },
+    Collect(call: grpc.ServerReadableStream<Buffer, Buffer>, cb: grpc.sendUnaryData<Buffer>) {
+      const parts: Buffer[] = [];
+      let answered = false;
+      call.on('data', (m: Buffer) => {
+        if (answered) return;
+        if (m.toString() === 'refuse') {
+          answered = true;
+          cb(null, Buffer.from('refused early'));
+          return;
+        }
+        if (m.toString() === 'error') {
+          answered = true;
+          cb({ code: grpc.status.INVALID_ARGUMENT, details: 'bad chunk' });
+          return;
+        }
+        parts.push(Buffer.from(m));
+      });
+      call.on('end', () => {
+        if (!answered) cb(null, Buffer.from(`${parts.length}:${sha256Hex(Buffer.concat(parts))}`));
+      });
+    },
+  });
+  return new Promise((resolve, reject) =>
+    server.bindAsync(`127.0.0.1:${port}`, serverCredentials(cert), (err, bound) => (err ? reject(err) : resolve({ server, port: bound, log }))),
+  );
+}
+
+let ca: CertificateAuthority;
+let cert: ServerCertificate;
+let srv: { server: grpc.Server; port: number; log: ServerLog };
+const channels: H2Channel[] = [];
+
+function channel(opts: { port?: number; caPem?: string; windowBytes?: number; maxMessageBytes?: number } = {}): H2Channel {
+  let n = 0;
+  const c = new H2Channel({
+    host: 'localhost',
+    port: opts.port ?? srv.port,
+    caPem: opts.caPem ?? ca.certPem,
+    authHeaders: async () => ({ authorization: `Bearer token-${++n}` }),
+    windowBytes: opts.windowBytes ?? 4 << 20,
+    maxMessageBytes: opts.maxMessageBytes ?? 4 << 20,
+  });
+  channels.push(c);
+  return c;
+}
+
+function collect(call: ServerStreamCall<Buffer>, onMessage?: (m: Buffer) => void): Promise<Buffer[]> {
+  return new Promise((resolve, reject) => {
+    const got: Buffer[] = [];
+    call.on('data', (m: Buffer) => {
+      got.push(m);
+      onMessage?.(m);
+    });
+    call.on('end', () => resolve(got));
+    call.on('error', (e) => reject(Object.assign(e, { got })));
+  });
+}
+
+const stream = (c: H2Channel, cmd: string, deadline?: number) => c.serverStream('/test.T/Stream', Buffer.from(cmd), pass, { deadline });
+
+beforeAll(async () => {
+  ca = await createCertificateAuthority({ commonName: 'h2 test CA', validDays: 1 });
+  cert = await issueServerCertificate(ca, { hosts: ['localhost', '127.0.0.1'], validDays: 1 });
+  srv = await startServer(cert);
+});
+
+afterAll(() => {
+  for (const c of channels) c.close();
+  srv.server.forceShutdown();
+});
+
+describe('H2Channel server streams', () => {
+  it('delivers every message intact and in order, with a fresh auth header per call', async () => {
+    const c = channel();
+    const got = await collect(stream(c, 'ok:20:300000'));
+    expect(got.length).toBe(20);
+    got.forEach((m, i) => expect(m.equals(pattern(i, 300000))).toBe(true));
+    await collect(stream(c, 'ok:1:10'));
+    expect(srv.log.auth.slice(-2)).toEqual(['Bearer token-1', 'Bearer token-2']);
+  });
+
+  it('gives the status of a trailers-only error (percent-encoded text decoded)', async () => {
+    await expect(collect(stream(channel(), 'fail-early'))).rejects.toMatchObject({ code: grpc.status.NOT_FOUND, details: 'no model 5% ü here', message: '5 NOT_FOUND: no model 5% ü here' });
+  });
+
+  it('delivers the messages sent before an error, then the error', async () => {
+    const err = await collect(stream(channel(), 'fail-late')).catch((e: GrpcCallError & { got: Buffer[] }) => e);
+    expect(err).toMatchObject({ code: grpc.status.PERMISSION_DENIED, details: 'site revoked' });
+    expect((err as { got: Buffer[] }).got.length).toBe(2);
+  });
+
+  it('ends a call at its deadline, and the server sees it cancelled', async () => {
+    const before = srv.log.cancelled;
+    const t0 = Date.now();
+    await expect(collect(stream(channel(), 'hang', Date.now() + 300))).rejects.toMatchObject({ code: grpc.status.DEADLINE_EXCEEDED });
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(250);
+    await expect.poll(() => srv.log.cancelled).toBe(before + 1);
+  });
+
+  it('cancel() ends the call with CANCELLED and the server sees it', async () => {
+    const before = srv.log.cancelled;
+    const call = stream(channel(), 'hang');
+    const done = collect(call, () => call.cancel());
+    await expect(done).rejects.toMatchObject({ code: grpc.status.CANCELLED });
+    await expect.poll(() => srv.log.cancelled).toBe(before + 1);
+  });
+
+  it('refuses a message over the size limit', async () => {
+    await expect(collect(stream(channel({ maxMessageBytes: 1000 }), 'ok:1:5000'))).rejects.toMatchObject({ code: grpc.status.RESOURCE_EXHAUSTED, details: expect.stringMatching(/5000 vs\. 1000/) });
+  });
+
+  it('refuses a coordinator whose certificate is not from the pinned CA', async () => {
+    const other = await createCertificateAuthority({ commonName: 'someone else', validDays: 1 });
+    await expect(collect(stream(channel({ caPem: other.certPem }), 'ok:1:10'))).rejects.toMatchObject({ code: grpc.status.UNAVAILABLE, details: expect.stringMatching(/certificate/i) });
+  });
+
+  it('reports a coordinator that is down as UNAVAILABLE, and reconnects once it is back', async () => {
+    const back = await startServer(cert);
+    const c = channel({ port: back.port });
+    expect((await collect(stream(c, 'ok:2:10'))).length).toBe(2);
+    back.server.forceShutdown();
+    await expect(collect(stream(c, 'ok:2:10'))).rejects.toMatchObject({ code: grpc.status.UNAVAILABLE });
+    const again = await startServer(cert, back.port);
+    try {
+      expect((await collect(stream(c, 'ok:3:10'))).length).toBe(3);
+    } finally {
+      again.server.forceShutdown();
+    }
+  });
+
+  it('holds the server back while the consumer is paused (HTTP/2 flow control), then delivers everything', async () => {
+    const c = channel({ windowBytes: 1 << 20 });
+    const call = stream(c, 'ok:64:1000000');
+    const got: Buffer[] = [];
+    call.on('data', (m: Buffer) => {
+      got.push(m);
+      if (got.length === 1) {
+        call.pause();
+        setTimeout(() => call.resume(), 400);
+      }
+    });
+    await new Promise((r) => setTimeout(r, 300));
+    // 64 MB asked for; with a 1 MiB window the server cannot have got far.
+    expect(srv.log.written).toBeLessThan(20);
+    await once(call, 'end');
+    expect(got.length).toBe(64);
+    got.forEach((m, i) => expect(m.equals(pattern(i, 1000000))).toBe(true));
+  });
+
+  it('reuses the memory of recycled messages, and only theirs', async () => {
+    const c = channel();
+    const kept = await collect(stream(c, 'ok:6:200000'));
+    expect(new Set(kept.map((m) => m.buffer)).size).toBe(6); // nothing recycled: all distinct
+    const seen = new Set<ArrayBufferLike>();
+    let reused = 0;
+    let i = 0;
+    const call = stream(c, 'ok:6:200000');
+    const got = await collect(call, (m) => {
+      if (seen.has(m.buffer)) reused++;
+      seen.add(m.buffer);
+      expect(m.equals(pattern(i++, 200000))).toBe(true);
+      call.recycle(m);
+    });
+    expect(got.length).toBe(6);
+    expect(reused).toBeGreaterThan(0);
+    // Earlier messages nobody recycled still hold their bytes.
+    kept.forEach((m, i) => expect(m.equals(pattern(i, 200000))).toBe(true));
+  });
+
+  it('gives small messages memory of their own (safe to transfer to a worker)', async () => {
+    const [m] = await collect(stream(channel(), 'ok:1:100'));
+    expect(m!.buffer.byteLength).toBe(100);
+  });
+});
+
+describe('H2Channel client streams', () => {
+  it('sends messages made of parts without changing a byte, and returns the answer', async () => {
+    const c = channel();
+    const call = c.clientStream('/test.T/Collect', pass);
+    const big = pattern(3, 3_000_000);
+    await call.write([Buffer.from('ab'), Buffer.from('cd')]);
+    await call.write([big.subarray(0, 1_000_000), big.subarray(1_000_000)]);
+    await call.end();
+    const answer = (await call.response).toString();
+    expect(answer).toBe(`2:${sha256Hex(Buffer.concat([Buffer.from('abcd'), big]))}`);
+  });
+
+  it('resolves with an early answer and lets later writes return without error', async () => {
+    const call = channel().clientStream('/test.T/Collect', pass);
+    await call.write([Buffer.from('refuse')]);
+    for (let i = 0; i < 20; i++) await call.write([pattern(i, 500_000)]);
+    await call.end();
+    expect((await call.response).toString()).toBe('refused early');
+  });
+
+  it('rejects with the status of an error answer', async () => {
+    const call = channel().clientStream('/test.T/Collect', pass);
+    await call.write([Buffer.from('error')]);
+    await call.end();
+    await expect(call.response).rejects.toMatchObject({ code: grpc.status.INVALID_ARGUMENT, details: 'bad chunk' });
+  });
+
+  it('fails calls on a closed channel with a clear error', async () => {
+    const c = channel();
+    c.close();
+    const call = c.clientStream('/test.T/Collect', pass);
+    await call.write([Buffer.from('x')]);
+    await expect(call.response).rejects.toMatchObject({ code: grpc.status.UNAVAILABLE, details: expect.stringMatching(/shut down/) });
+  });
+});
