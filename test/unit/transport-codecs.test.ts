@@ -8,7 +8,7 @@ import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import protobuf from 'protobufjs';
-import { MODEL_CHUNK_HEAD_ROOM, modelChunkTail, writeModelChunkHead } from '../../shared/protocol/chunk-codec.ts';
+import { MODEL_CHUNK_HEAD_ROOM, modelChunkTail, updateDataChunkParts, writeModelChunkHead } from '../../shared/protocol/chunk-codec.ts';
 import { HashingFileWriter } from '../../shared/protocol/hashing-writer.ts';
 import { PROTO_FILE } from '../../shared/protocol/grpc.ts';
 
@@ -35,8 +35,39 @@ describe('hand-encoded ModelChunk', () => {
   });
 });
 
+describe('hand-encoded UpdateChunk (data)', () => {
+  it('matches protobufjs byte for byte and decodes back to the same chunk', async () => {
+    const root = await protobuf.load(PROTO_FILE);
+    const UpdateChunk = root.lookupType('medfl.v1.UpdateChunk');
+    for (const [offset, len] of [[0, 5], [127, 300], [2 ** 31 + 7, 70_000], [2 ** 40, 1]] as const) {
+      const data = randomBytes(len);
+      const ours = Buffer.concat(updateDataChunkParts(offset, data));
+      const theirs = Buffer.from(UpdateChunk.encode(UpdateChunk.fromObject({ data, offset })).finish());
+      expect(ours.equals(theirs)).toBe(true);
+      const back = UpdateChunk.toObject(UpdateChunk.decode(ours), { longs: Number, bytes: Buffer, oneofs: true }) as { data: Buffer; offset: number; part: string };
+      expect(back.part).toBe('data');
+      expect(back.offset).toBe(offset);
+      expect(back.data.equals(data)).toBe(true);
+    }
+  });
+});
+
 describe('threaded hashing file writer', () => {
   const dir = mkdtempSync(join(tmpdir(), 'medfl-writer-'));
+
+  it('hands each chunk\'s memory back once written (for the sender to reuse)', async () => {
+    const w = new HashingFileWriter(join(dir, 'r.part'));
+    const back: Uint8Array[] = [];
+    w.onWritten = (m) => back.push(m);
+    const chunk = Buffer.from(new ArrayBuffer(200_000));
+    chunk.fill(7);
+    w.write(chunk, 0, true);
+    expect(chunk.length).toBe(0); // transferred away
+    await w.finish({ fsync: false });
+    expect(back.length).toBe(1);
+    expect(back[0]!.byteLength).toBe(200_000);
+    expect(back[0]!.every((b) => b === 7)).toBe(true);
+  });
 
   it('writes and hashes out-of-thread exactly what it was given, transferred or copied', async () => {
     const path = join(dir, 'a.part');
