@@ -19,6 +19,7 @@ import http2 from 'node:http2';
 import { isIP } from 'node:net';
 import { Readable } from 'node:stream';
 import * as grpc from '@grpc/grpc-js';
+import { MessagePool, MessageReader, decodeGrpcMessage, formatGrpcTimeout, grpcPrefix } from '../../shared/protocol/grpc-frames.ts';
 
 export interface H2ChannelOptions {
   host: string;
@@ -85,22 +86,6 @@ function codeForReset(rstCode: number): grpc.status {
   return grpc.status.INTERNAL;
 }
 
-/** grpc-message is percent-encoded; a malformed one is shown as it came. */
-function decodeGrpcMessage(v: unknown): string {
-  const s = Array.isArray(v) ? String(v[0] ?? '') : String(v ?? '');
-  try {
-    return decodeURIComponent(s);
-  } catch {
-    return s;
-  }
-}
-
-/** `grpc-timeout`: at most 8 digits and a unit. */
-function grpcTimeout(ms: number): string {
-  const m = Math.max(1, Math.ceil(ms));
-  return m < 1e8 ? `${m}m` : `${Math.ceil(m / 1000)}S`;
-}
-
 interface Status { code: grpc.status; details: string }
 
 function statusOf(headers: http2.IncomingHttpHeaders): Status | undefined {
@@ -109,35 +94,6 @@ function statusOf(headers: http2.IncomingHttpHeaders): Status | undefined {
   const code = Number(Array.isArray(raw) ? raw[0] : raw);
   if (!Number.isInteger(code) || code < 0 || code > 16) return { code: grpc.status.UNKNOWN, details: `server sent grpc-status "${String(raw)}"` };
   return { code, details: decodeGrpcMessage(headers['grpc-message']) };
-}
-
-/**
- * Message buffers handed back by consumers (recycle()), reused for later messages of any call on the channel:
- * a 132 MB download otherwise allocates 64 fresh 2 MiB buffers, whose page faults and garbage collection
- * cost the site about a third of the time the bytes take to arrive (bench/README.md).
- */
-class MessagePool {
-  private readonly free: ArrayBuffer[] = [];
-
-  /** Messages at least this large come from the pool; smaller ones get a buffer of their own. */
-  static readonly MIN_POOLED = 64 * 1024;
-  private static readonly KEEP = 8;
-
-  constructor(readonly capacity: number) {}
-
-  /** A buffer of exactly `length` bytes that owns its memory (never Node's shared small-buffer pool). */
-  take(length: number): Buffer {
-    if (length < MessagePool.MIN_POOLED || length > this.capacity) return Buffer.allocUnsafeSlow(length);
-    const ab = this.free.pop() ?? new ArrayBuffer(this.capacity);
-    return Buffer.from(ab, 0, length);
-  }
-
-  give(view: Uint8Array): void {
-    const ab = view.buffer;
-    if (!(ab instanceof ArrayBuffer) || ab.byteLength !== this.capacity || this.free.length >= MessagePool.KEEP) return;
-    if (this.free.includes(ab)) return; // recycled twice: keep one entry
-    this.free.push(ab);
-  }
 }
 
 /**
@@ -168,11 +124,8 @@ class RequestWriter {
     await this.opened;
     const req = this.usable();
     if (!req) return;
-    const prefix = Buffer.allocUnsafe(5);
-    prefix[0] = 0;
-    prefix.writeUInt32BE(parts.reduce((n, p) => n + p.byteLength, 0), 1);
     req.cork();
-    req.write(prefix);
+    req.write(grpcPrefix(parts.reduce((n, p) => n + p.byteLength, 0)));
     for (const p of parts) if (p.byteLength > 0) req.write(p);
     req.uncork();
     if (!req.writableNeedDrain) return;
@@ -197,11 +150,7 @@ class ServerStream<T> extends Readable implements ServerStreamCall<T> {
   private req: http2.ClientHttp2Stream | undefined;
   private settled = false;
   private timer: NodeJS.Timeout | undefined;
-  // Reassembly of length-prefixed messages: the 5-byte prefix, then the message into its own buffer.
-  private readonly prefix = Buffer.alloc(5);
-  private prefixFill = 0;
-  private message: Buffer | undefined;
-  private messageFill = 0;
+  private readonly reader: MessageReader;
   private status: Status | undefined;
 
   constructor(
@@ -210,6 +159,7 @@ class ServerStream<T> extends Readable implements ServerStreamCall<T> {
     private readonly onSettled: () => void,
   ) {
     super({ objectMode: true, highWaterMark: 4 });
+    this.reader = new MessageReader(pool);
   }
 
   /** Wires the HTTP/2 stream in; `deadline` is absolute (ms since epoch). */
@@ -273,48 +223,25 @@ class ServerStream<T> extends Readable implements ServerStreamCall<T> {
 
   private onData(chunk: Buffer): void {
     if (this.settled) return;
-    let at = 0;
-    while (at < chunk.length) {
-      if (!this.message) {
-        const n = Math.min(5 - this.prefixFill, chunk.length - at);
-        chunk.copy(this.prefix, this.prefixFill, at, at + n);
-        this.prefixFill += n;
-        at += n;
-        if (this.prefixFill < 5) return;
-        this.prefixFill = 0;
-        if (this.prefix[0] !== 0) return this.fail(grpc.status.INTERNAL, 'server sent a compressed message, but this client asked for none', true);
-        const length = this.prefix.readUInt32BE(1);
-        if (length > this.pool.capacity) {
-          return this.fail(grpc.status.RESOURCE_EXHAUSTED, `Received message larger than max (${length} vs. ${this.pool.capacity})`, true);
-        }
-        // Memory of its own per message (pooled or fresh, never Node's shared small-buffer pool): consumers
-        // may transfer it to a worker thread (shared/protocol/hashing-writer.ts).
-        this.message = this.pool.take(length);
-        this.messageFill = 0;
-        if (length > 0) continue;
-      } else {
-        const n = Math.min(this.message.length - this.messageFill, chunk.length - at);
-        chunk.copy(this.message, this.messageFill, at, at + n);
-        this.messageFill += n;
-        at += n;
-        if (this.messageFill < this.message.length) return;
-      }
-      const message = this.message;
-      this.message = undefined;
+    const problem = this.reader.push(chunk, (message) => {
       let value: T;
       try {
         value = this.decode(message);
       } catch (e) {
-        return this.fail(grpc.status.INTERNAL, `could not decode a response message: ${(e as Error).message}`, true);
+        this.fail(grpc.status.INTERNAL, `could not decode a response message: ${(e as Error).message}`, true);
+        return false;
       }
       // Backpressure: stop reading the HTTP/2 stream (its flow control then holds the server) until _read().
       if (!this.push(value) && this.req && !this.req.isPaused()) this.req.pause();
-    }
+      return !this.settled;
+    });
+    if (problem?.kind === 'compressed') this.fail(grpc.status.INTERNAL, 'server sent a compressed message, but this client asked for none', true);
+    if (problem?.kind === 'too-large') this.fail(grpc.status.RESOURCE_EXHAUSTED, `Received message larger than max (${problem.length} vs. ${problem.max})`, true);
   }
 
   private onEnd(): void {
     if (this.settled) return;
-    if (this.message || this.prefixFill > 0) return this.fail(grpc.status.INTERNAL, 'response ended inside a message', false);
+    if (!this.reader.atBoundary) return this.fail(grpc.status.INTERNAL, 'response ended inside a message', false);
     const status = this.status ?? { code: grpc.status.UNKNOWN, details: 'response ended without a grpc-status' };
     if (status.code !== grpc.status.OK) return this.fail(status.code, status.details, false);
     this.settle();
@@ -330,7 +257,7 @@ class ServerStream<T> extends Readable implements ServerStreamCall<T> {
 
   private settle(): void {
     this.settled = true;
-    this.message = undefined;
+    this.reader.reset();
     if (this.timer) clearTimeout(this.timer);
     this.onSettled();
   }
@@ -388,7 +315,7 @@ export class H2Channel {
             'user-agent': 'medfl-site (node http2)',
             ...auth,
           };
-          if (deadline !== undefined) headers['grpc-timeout'] = grpcTimeout(deadline - Date.now());
+          if (deadline !== undefined) headers['grpc-timeout'] = formatGrpcTimeout(deadline - Date.now());
           const req = session.request(headers);
           call.attach(req, deadline);
           writer.attach(req);
