@@ -24,13 +24,14 @@ import { loadGovernanceService } from '../shared/privacy/governance-proto.ts';
 import { UploadReceiver } from './server/upload-receiver.ts';
 import { secAggHandlers } from './secagg/service.ts';
 import { loadSecAggService } from '../shared/privacy/secagg/wire.ts';
-import { createAuthInterceptor, type SiteDirectory } from './auth/interceptor.ts';
+import { createAuthInterceptor, siteCallAuthenticator, type SiteDirectory } from './auth/interceptor.ts';
+import { routeBulkCalls, type BulkRouting } from './server/bulk-h2.ts';
 import { NatsBus } from './events/nats-bus.ts';
 import { InProcessBus, type EventBus } from '../shared/events/bus.ts';
 import { loadPlanFile, defaultPlan } from '../shared/plan/load.ts';
 import type { Plan } from '../shared/plan/schema.ts';
 import { architectureFor } from '../shared/model/registry.ts';
-import { loadProto, SERVER_OPTIONS } from '../shared/protocol/grpc.ts';
+import { loadProto, MAX_MESSAGE_BYTES, METHODS, SERVER_OPTIONS } from '../shared/protocol/grpc.ts';
 import { serverCredentials } from '../shared/security/pki.ts';
 import { rawPublicKey, signManifest } from '../shared/security/site-identity.ts';
 import { createLogger, type Logger } from '../shared/util/log.ts';
@@ -47,6 +48,11 @@ export interface CoordinatorOptions {
    * Enroll. Sites get theirs at enrolment (always, with or without this option).
    */
   requireClientCert?: boolean;
+  /**
+   * Who serves DownloadModel and UploadUpdate: 'http2' (default; server/bulk-h2.ts) or 'grpc-js' (like every other
+   * call). Both speak the same protocol; the bench and tests compare them.
+   */
+  bulkCalls?: 'http2' | 'grpc-js';
   log?: Logger;
 }
 
@@ -57,6 +63,8 @@ export interface RunningCoordinator {
   bus: EventBus;
   store: CoordinatorStore;
   plan: Plan;
+  /** The HTTP/2 bulk path's switch (undefined when grpc-js serves the bulk calls); benchmarks flip it. */
+  bulkRouting: BulkRouting | undefined;
   stop(): Promise<void>;
 }
 
@@ -114,15 +122,14 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   if (!ca) log.warn({ path: home.caKeyPath }, 'no CA key: sites will enrol without a TLS client certificate' + (mtls ? ', so none can enrol under --mtls' : ''));
 
   const { Enrollment, Federation } = loadProto();
-  const server = new grpc.Server({
-    ...SERVER_OPTIONS,
-    interceptors: [createAuthInterceptor({ federationId: config.federationId, directory, log, clientCaPem: mtls ? caPem : undefined })],
-  });
+  const authOptions = { federationId: config.federationId, directory, log, clientCaPem: mtls ? caPem : undefined };
+  const server = new grpc.Server({ ...SERVER_OPTIONS, interceptors: [createAuthInterceptor(authOptions)] });
+  const federation = federationHandlers({ store, models, engine, receiver, log });
   server.addService(
     Enrollment.service,
     enrollmentHandlers({ store, federationId: config.federationId, coordinatorPublicKey: rawPublicKey(signingKey), bus, log, ca, requireClientCert: mtls }),
   );
-  server.addService(Federation.service, federationHandlers({ store, models, engine, receiver, log }));
+  server.addService(Federation.service, federation);
   server.addService(loadGovernanceService().service, governanceHandlers({ ledger, bus, federationId: config.federationId, log, onDecline: (site, round) => void engine.siteDeclined(site, round).catch((e: Error) => log.error({ err: e.message, site, round }, 'closing the round after a decline failed')) }));
   server.addService(loadSecAggService().service, secAggHandlers({ session: (round) => engine.secAggFor(round), log }));
 
@@ -132,6 +139,22 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     server.bindAsync(`${host}:${o.port ?? config.port}`, creds, (err, p) => (err ? reject(new Error(`cannot listen on ${host}:${o.port ?? config.port}: ${err.message}`)) : resolve(p))),
   );
   widenServerWindows(server, SERVER_FLOW_CONTROL_WINDOW, log);
+  // The two bulk calls on HTTP/2 directly (same handlers, same authentication): grpc-js's per-message copies
+  // held model transfers back (server/bulk-h2.ts). grpc-js keeps serving them should its internals change.
+  let bulkRouting: BulkRouting | undefined;
+  if (o.bulkCalls !== 'grpc-js') {
+    const svc = Federation.service as grpc.ServiceDefinition;
+    bulkRouting = routeBulkCalls(server, {
+      methods: new Map([
+        [METHODS.downloadModel, { definition: svc.DownloadModel!, handler: federation.DownloadModel as never }],
+        [METHODS.uploadUpdate, { definition: svc.UploadUpdate!, handler: federation.UploadUpdate as never }],
+      ]),
+      authenticate: siteCallAuthenticator(authOptions),
+      maxMessageBytes: MAX_MESSAGE_BYTES,
+      log,
+    });
+    if (!bulkRouting) log.warn('grpc-js internals changed: model downloads and update uploads stay on grpc-js (slower)');
+  }
   log.info(
     { port, plan: planPath, rounds: plan.rounds, minSites: plan.minSites, bus: bus.describe(), shared: engine.sharedNames.length, mtls },
     mtls ? 'coordinator listening (TLS, token auth, client certificates required)' : 'coordinator listening (TLS, token auth)',
@@ -153,6 +176,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     bus,
     store,
     plan,
+    bulkRouting,
     async stop() {
       engine.stop();
       // Task streams never end on their own, so a graceful shutdown would wait forever; sites reconnect.

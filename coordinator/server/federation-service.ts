@@ -210,6 +210,9 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
             if (problem) throw new UploadRefused(problem);
             partial = receiver.begin(header);
             partial.onWriteError = (e) => refuse(`upload failed: storing it failed: ${e.message}`);
+            // On the HTTP/2 bulk path (bulk-h2.ts) a written chunk's memory carries later chunks.
+            const recycle = (call as unknown as { recycle?: (m: Uint8Array) => void }).recycle;
+            if (recycle) partial.onChunkWritten = (m) => recycle.call(call, m);
             return;
           }
           if (msg.part !== 'data') throw new UploadRefused('only one header per upload');

@@ -6,7 +6,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as grpc from '@grpc/grpc-js';
-import { X509Certificate, createPrivateKey } from 'node:crypto';
+import { X509Certificate, createHash, createPrivateKey } from 'node:crypto';
 import { chmodSync, mkdtempSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -199,6 +199,44 @@ describe('calls under --mtls', () => {
     const server = new CoordinatorHome(m.dir).serverCertificate();
     const r = await heartbeat(clientAs(siteA, m.coord.port, { certPem: server.certPem, keyPem: server.keyPem }));
     expect(r.code).toBe(grpc.status.UNAUTHENTICATED);
+  });
+
+  it('the bulk calls (coordinator HTTP/2 path) make the same certificate checks, and the site downloads over it', async () => {
+    // A download from the model's end: OK once authenticated, with no chunks.
+    const download = (c: AnyClient, hash: string, offset: number): Promise<Outcome> =>
+      new Promise((resolve) => {
+        const s = c.DownloadModel({ modelHash: hash, offset }, { deadline: Date.now() + 5000 }) as grpc.ClientReadableStream<unknown>;
+        s.on('data', () => undefined);
+        s.on('error', (e: grpc.ServiceError) => resolve({ code: e.code, details: e.details }));
+        s.on('end', () => resolve({ code: grpc.status.OK, details: '' }));
+      });
+    const site = new FederationClient(new SiteHome(siteA));
+    try {
+      const t = (await firstTask(site.subscribeTasks([]))) as WireTask;
+      const cases: [IssuedCertificate | undefined, number, RegExp | undefined][] = [
+        [cert(siteA), grpc.status.OK, undefined],
+        [undefined, grpc.status.UNAUTHENTICATED, /requires a client certificate/],
+        [cert(siteB), grpc.status.UNAUTHENTICATED, /certificate names site 'site-b' but the token is for site 'site-a'/],
+      ];
+      for (const [c, code, details] of cases) {
+        const client = clientAs(siteA, m.coord.port, c);
+        const r = await download(client, t.modelHash, t.modelSize);
+        client.close();
+        expect(r.code).toBe(code);
+        if (details) expect(r.details).toMatch(details);
+      }
+      // The site's own client (lean HTTP/2, presenting its certificate) fetches the whole model.
+      const parts: Buffer[] = [];
+      await new Promise((resolve, reject) => {
+        const s = site.downloadModel(t.modelHash, 0);
+        s.on('data', (ch: { data: Buffer }) => parts.push(ch.data));
+        s.on('end', resolve);
+        s.on('error', reject);
+      });
+      expect(createHash('sha256').update(Buffer.concat(parts)).digest('hex')).toBe(t.modelHash);
+    } finally {
+      site.close();
+    }
   });
 
   it('a revoked site is refused by its token, whatever certificate it holds (no CRL needed)', async () => {

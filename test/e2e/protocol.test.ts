@@ -21,7 +21,8 @@ import { uploadOnce } from '../../site-agent/transport/upload.ts';
 import { ModelCache } from '../../site-agent/transport/model-cache.ts';
 import { loadSiteKey, signSiteToken } from '../../shared/security/site-identity.ts';
 import { pinnedChannelCredentials } from '../../shared/security/pki.ts';
-import { CHANNEL_OPTIONS, loadProto } from '../../shared/protocol/grpc.ts';
+import { CHANNEL_OPTIONS, METHODS, loadProto } from '../../shared/protocol/grpc.ts';
+import http2 from 'node:http2';
 import { TaskSettingsSchema, type TaskSettings } from '../../shared/protocol/task.ts';
 import { architectureFor } from '../../shared/model/registry.ts';
 import { pick } from '../../shared/model/sharing.ts';
@@ -46,17 +47,34 @@ function rawClient(siteDir: string) {
   return new Federation(address(), pinnedChannelCredentials(home.caPem()), CHANNEL_OPTIONS) as grpc.Client & Record<string, (...a: unknown[]) => unknown>;
 }
 
-function heartbeatWith(siteDir: string, authorization: string | undefined): Promise<{ code: number; details: string }> {
+type CallName = 'Heartbeat' | 'DownloadModel' | 'UploadUpdate';
+
+/**
+ * One call with the given authorization header (or none), through a plain grpc-js client: Heartbeat is served by
+ * grpc-js (auth interceptor), DownloadModel and UploadUpdate by the coordinator's HTTP/2 bulk path
+ * (coordinator/server/bulk-h2.ts), which must apply the same checks. Each request is one that succeeds once
+ * authenticated: a heartbeat, a download from the model's end (no chunks), an upload with no chunks (answered).
+ */
+function callWith(siteDir: string, authorization: string | undefined, method: CallName = 'Heartbeat'): Promise<{ code: number; details: string }> {
   const c = rawClient(siteDir);
   const md = new grpc.Metadata();
   if (authorization !== undefined) md.set('authorization', authorization);
-  return new Promise((resolve) =>
-    c.Heartbeat({ state: 'idle', progress: 0, taskId: '', engine: '' }, md, (err: grpc.ServiceError | null) => {
+  return new Promise((resolve) => {
+    const done = (err: grpc.ServiceError | null) => {
       c.close();
       resolve(err ? { code: err.code, details: err.details } : { code: grpc.status.OK, details: '' });
-    }),
-  );
+    };
+    if (method === 'Heartbeat') c.Heartbeat({ state: 'idle', progress: 0, taskId: '', engine: '' }, md, done);
+    else if (method === 'UploadUpdate') (c.UploadUpdate(md, done) as grpc.ClientWritableStream<unknown>).end();
+    else {
+      const s = c.DownloadModel({ modelHash: task.modelHash, offset: task.modelSize }, md) as grpc.ClientReadableStream<unknown>;
+      s.on('data', () => undefined);
+      s.on('error', done);
+      s.on('end', () => done(null));
+    }
+  });
 }
+const heartbeatWith = (siteDir: string, authorization: string | undefined) => callWith(siteDir, authorization);
 
 function update(mutate?: (t: NamedTensor) => NamedTensor): TensorBundle {
   const arch = architectureFor(settings.model);
@@ -112,7 +130,7 @@ afterAll(async () => {
   await coord?.stop();
 });
 
-describe('tokens on every call', () => {
+for (const method of ['Heartbeat', 'DownloadModel', 'UploadUpdate'] as const) describe(`tokens on every call: ${method}`, () => {
   const dir = () => join(work, 'site-a');
   const key = () => loadSiteKey(dir()).privateKey;
   const fed = () => coord.federationId;
@@ -120,25 +138,25 @@ describe('tokens on every call', () => {
 
   it('accepts a fresh token signed by the site itself', async () => {
     const token = await signSiteToken({ siteName: 'site-a', federationId: fed(), privateKey: key() });
-    expect((await heartbeatWith(dir(), `Bearer ${token}`)).code).toBe(grpc.status.OK);
+    expect((await callWith(dir(), `Bearer ${token}`, method)).code).toBe(grpc.status.OK);
   });
 
   it('refuses a call without a token', async () => {
-    const r = await heartbeatWith(dir(), undefined);
+    const r = await callWith(dir(), undefined, method);
     expect(r.code).toBe(grpc.status.UNAUTHENTICATED);
     expect(r.details).toMatch(/token/i);
   });
 
   it('refuses an expired token', async () => {
     const t = await new SignJWT({}).setProtectedHeader({ alg: 'EdDSA' }).setIssuer('site-a').setSubject('site-a').setAudience(fed()).setIssuedAt(now() - 600).setExpirationTime(now() - 300).setJti(randomUUID()).sign(key());
-    const r = await heartbeatWith(dir(), `Bearer ${t}`);
+    const r = await callWith(dir(), `Bearer ${t}`, method);
     expect(r.code).toBe(grpc.status.UNAUTHENTICATED);
     expect(r.details).toMatch(/expired/);
   });
 
   it('refuses a token for another federation', async () => {
     const t = await signSiteToken({ siteName: 'site-a', federationId: 'fed-someone-else', privateKey: key() });
-    const r = await heartbeatWith(dir(), `Bearer ${t}`);
+    const r = await callWith(dir(), `Bearer ${t}`, method);
     expect(r.code).toBe(grpc.status.UNAUTHENTICATED);
     expect(r.details).toMatch(/audience/);
   });
@@ -146,7 +164,7 @@ describe('tokens on every call', () => {
   it("refuses alg: none", async () => {
     const b64 = (o: object) => Buffer.from(JSON.stringify(o)).toString('base64url');
     const t = `${b64({ alg: 'none', typ: 'JWT' })}.${b64({ iss: 'site-a', sub: 'site-a', aud: fed(), iat: now(), exp: now() + 60, jti: randomUUID() })}.`;
-    const r = await heartbeatWith(dir(), `Bearer ${t}`);
+    const r = await callWith(dir(), `Bearer ${t}`, method);
     expect(r.code).toBe(grpc.status.UNAUTHENTICATED);
     expect(r.details).toMatch(/alg/i);
   });
@@ -154,19 +172,21 @@ describe('tokens on every call', () => {
   it("refuses a token signed by another site's key (a site can act only as itself)", async () => {
     const otherKey = loadSiteKey(join(work, 'site-b')).privateKey;
     const t = await signSiteToken({ siteName: 'site-a', federationId: fed(), privateKey: otherKey });
-    const r = await heartbeatWith(dir(), `Bearer ${t}`);
+    const r = await callWith(dir(), `Bearer ${t}`, method);
     expect(r.code).toBe(grpc.status.UNAUTHENTICATED);
     expect(r.details).toMatch(/signature/i);
   });
 
   it('refuses a replayed token', async () => {
     const t = await signSiteToken({ siteName: 'site-a', federationId: fed(), privateKey: key() });
-    expect((await heartbeatWith(dir(), `Bearer ${t}`)).code).toBe(grpc.status.OK);
-    const r = await heartbeatWith(dir(), `Bearer ${t}`);
+    expect((await callWith(dir(), `Bearer ${t}`, method)).code).toBe(grpc.status.OK);
+    const r = await callWith(dir(), `Bearer ${t}`, method);
     expect(r.code).toBe(grpc.status.UNAUTHENTICATED);
     expect(r.details).toMatch(/replay/i);
   });
+});
 
+describe('revocation', () => {
   it('refuses a revoked site at once, without a restart, and closes its task stream', async () => {
     const x = new FederationClient(new SiteHome(join(work, 'site-x')));
     const stream = x.subscribeTasks([]);
@@ -176,7 +196,112 @@ describe('tokens on every call', () => {
     const err = await closed;
     expect(err.code).toBe(grpc.status.PERMISSION_DENIED);
     await expect(x.heartbeat({ state: 'idle', progress: 0, taskId: '', engine: '' })).rejects.toMatchObject({ code: grpc.status.PERMISSION_DENIED, details: expect.stringMatching(/revoked/) });
+    // The bulk calls (the coordinator's HTTP/2 path, the site's lean client) refuse it the same way.
+    const download = new Promise((resolve, reject) => {
+      const s = x.downloadModel(task.modelHash, 0);
+      s.on('data', () => undefined);
+      s.on('end', resolve);
+      s.on('error', reject);
+    });
+    await expect(download).rejects.toMatchObject({ code: grpc.status.PERMISSION_DENIED, details: expect.stringMatching(/revoked/) });
+    await expect(uploadOnce(x, { updateId: `test-${randomUUID()}`, taskId: task.taskId, round: task.round, baseModelHash: task.modelHash, numSamples: 4, payload: Buffer.alloc(100) })).rejects.toMatchObject({ code: grpc.status.PERMISSION_DENIED });
     x.close();
+  });
+});
+
+/**
+ * A raw HTTP/2 request to the coordinator with hand-made gRPC frames, as site-a: what the coordinator's HTTP/2
+ * bulk path answers to frames no well-behaved client sends. Resolves the grpc-status and grpc-message it gave.
+ */
+async function rawBulk(path: string, body: Buffer[], opts: { end?: boolean; timeout?: string } = {}): Promise<{ status: number; message: string; elapsedMs: number }> {
+  const home = new SiteHome(join(work, 'site-a'));
+  const token = await signSiteToken({ siteName: 'site-a', federationId: coord.federationId, privateKey: loadSiteKey(join(work, 'site-a')).privateKey });
+  const session = http2.connect(`https://localhost:${coord.port}`, { ca: home.caPem() });
+  session.on('error', () => undefined);
+  const t0 = Date.now();
+  try {
+    return await new Promise((resolve, reject) => {
+      const headers: http2.OutgoingHttpHeaders = { ':method': 'POST', ':path': path, 'content-type': 'application/grpc', te: 'trailers', authorization: `Bearer ${token}` };
+      if (opts.timeout) headers['grpc-timeout'] = opts.timeout;
+      const req = session.request(headers);
+      let status: { status: number; message: string } | undefined;
+      const take = (h: http2.IncomingHttpHeaders) => {
+        if (h['grpc-status'] !== undefined) status = { status: Number(h['grpc-status']), message: decodeURIComponent(String(h['grpc-message'] ?? '')) };
+      };
+      req.on('response', take);
+      req.on('trailers', take);
+      req.on('data', () => undefined);
+      req.on('error', () => undefined);
+      req.on('close', () => (status ? resolve({ ...status, elapsedMs: Date.now() - t0 }) : reject(new Error(`no grpc-status (HTTP/2 code ${req.rstCode})`))));
+      for (const b of body) req.write(b);
+      if (opts.end !== false) req.end();
+    });
+  } finally {
+    session.close();
+  }
+}
+
+const frame = (message: Uint8Array, compressed = false): Buffer => {
+  const b = Buffer.alloc(5 + message.length);
+  b[0] = compressed ? 1 : 0;
+  b.writeUInt32BE(message.length, 1);
+  b.set(message, 5);
+  return b;
+};
+
+describe("the coordinator's HTTP/2 bulk path refuses frames no client should send", () => {
+  const downloadRequest = () => (loadProto().Federation.service as grpc.ServiceDefinition).DownloadModel!.requestSerialize({ modelHash: task.modelHash, offset: task.modelSize });
+
+  it('a message over the size limit, a compressed message, a second request for a server stream, no request at all', async () => {
+    const huge = Buffer.alloc(5);
+    huge.writeUInt32BE(64 * 1024 * 1024, 1); // a prefix announcing 64 MiB: refused before any of it is held
+    expect(await rawBulk(METHODS.uploadUpdate, [huge])).toMatchObject({ status: grpc.status.RESOURCE_EXHAUSTED, message: expect.stringMatching(/larger than max/) });
+    expect(await rawBulk(METHODS.uploadUpdate, [frame(Buffer.from('x'), true)])).toMatchObject({ status: grpc.status.UNIMPLEMENTED, message: expect.stringMatching(/compressed/) });
+    expect(await rawBulk(METHODS.downloadModel, [frame(downloadRequest()), frame(downloadRequest())])).toMatchObject({ status: grpc.status.UNIMPLEMENTED, message: expect.stringMatching(/second request message/) });
+    expect(await rawBulk(METHODS.downloadModel, [])).toMatchObject({ status: grpc.status.UNIMPLEMENTED, message: expect.stringMatching(/no request message/) });
+    expect(await rawBulk(METHODS.downloadModel, [frame(downloadRequest()).subarray(0, 7)])).toMatchObject({ status: grpc.status.INTERNAL, message: expect.stringMatching(/ended inside a message/) });
+    expect(await rawBulk(METHODS.downloadModel, [frame(Buffer.from([0xff, 0xff, 0xff]))])).toMatchObject({ status: grpc.status.INTERNAL, message: expect.stringMatching(/could not parse/) });
+    nothingStored();
+  });
+
+  it('ends an upload that outlives its grpc-timeout, and keeps nothing of it', async () => {
+    const r = await rawBulk(METHODS.uploadUpdate, [], { end: false, timeout: '300m' });
+    expect(r.status).toBe(grpc.status.DEADLINE_EXCEEDED);
+    expect(r.elapsedMs).toBeGreaterThanOrEqual(250);
+    nothingStored();
+  });
+});
+
+describe('bulk calls with a grpc-js client (sites of the previous version)', () => {
+  it('download the whole model and get upload refusals with their reasons', async () => {
+    const c = rawClient(join(work, 'site-a'));
+    const md = async () => {
+      const m = new grpc.Metadata();
+      m.set('authorization', `Bearer ${await signSiteToken({ siteName: 'site-a', federationId: coord.federationId, privateKey: loadSiteKey(join(work, 'site-a')).privateKey })}`);
+      return m;
+    };
+    try {
+      const dl = c.DownloadModel({ modelHash: task.modelHash, offset: 0 }, await md()) as grpc.ClientReadableStream<{ data: Buffer; offset: number }>;
+      const parts: Buffer[] = [];
+      await new Promise((resolve, reject) => {
+        dl.on('data', (ch: { data: Buffer }) => parts.push(ch.data));
+        dl.on('end', resolve);
+        dl.on('error', reject);
+      });
+      expect(sha256Hex(Buffer.concat(parts))).toBe(task.modelHash);
+
+      const payload = encodeSafetensors(update());
+      const ack = await new Promise<UploadAck>(async (resolve, reject) => {
+        const up = c.UploadUpdate(await md(), (err: grpc.ServiceError | null, a: UploadAck) => (err ? reject(err) : resolve(a))) as grpc.ClientWritableStream<unknown>;
+        up.write({ header: { updateId: `test-${randomUUID()}`, round: task.round, taskId: task.taskId, baseModelHash: task.modelHash, totalSize: payload.length, sha256: sha256Hex(Buffer.from('not it')), numSamples: 4 } });
+        up.write({ data: payload, offset: 0 });
+        up.end();
+      });
+      expect(ack).toMatchObject({ accepted: false, reason: expect.stringMatching(/hash mismatch/) });
+      nothingStored();
+    } finally {
+      c.close();
+    }
   });
 });
 
