@@ -99,6 +99,7 @@ type ChildMsg =
 /** Requests carry an id; the child answers each with a 'reply' holding its CPU time so far (user + system). */
 type ParentMsg =
   | { type: 'stream-options'; id: number; chunkBytes: number; slots: number }
+  | { type: 'bulk-routing'; id: number; enabled: boolean }
   | { type: 'cpu'; id: number }
   | { type: 'windows'; id: number }
   | { type: 'stop' };
@@ -251,6 +252,10 @@ async function serve(dir: string): Promise<void> {
       return;
     }
     if (m.type === 'stream-options') Object.assign(modelStreamOptions, { chunkBytes: m.chunkBytes, slots: m.slots });
+    if (m.type === 'bulk-routing') {
+      if (!coord.bulkRouting) throw new Error('the coordinator did not route the bulk calls to its HTTP/2 path');
+      coord.bulkRouting.enabled = m.enabled;
+    }
     const u = process.cpuUsage();
     send({ type: 'reply', id: m.id, cpuMs: (u.user + u.system) / 1000, ...(m.type === 'windows' ? { windows: windows() } : {}) });
   });
@@ -444,7 +449,7 @@ async function main(): Promise<void> {
     const timingWaiters = new Map<string, (t: ServerTiming) => void>();
     const replies = new Map<number, (r: { cpuMs: number; windows?: string }) => void>();
     let nextId = 0;
-    const request = (m: { type: 'stream-options'; chunkBytes: number; slots: number } | { type: 'cpu' } | { type: 'windows' }) =>
+    const request = (m: { type: 'stream-options'; chunkBytes: number; slots: number } | { type: 'bulk-routing'; enabled: boolean } | { type: 'cpu' } | { type: 'windows' }) =>
       new Promise<{ cpuMs: number; windows?: string }>((resolve) => {
         const id = nextId++;
         replies.set(id, (r) => {
@@ -457,6 +462,15 @@ async function main(): Promise<void> {
     /** Runs one timed transfer and records both processes' CPU time over it (IPC round trips stay outside the timing). */
     // No forced gc() between transfers: tried, and it made the next download slower (V8 lowers its
     // external-memory GC trigger after a full GC), so it would bias whichever path runs first.
+    /** `server`: who serves the bulk calls in the child, the coordinator's HTTP/2 path or grpc-js (switched outside the timing). */
+    const measuredOn = async (server: 'http2' | 'grpc-js', f: () => Promise<number>): Promise<Sample> => {
+      await ask({ type: 'bulk-routing', enabled: server === 'http2' });
+      try {
+        return await measured(f);
+      } finally {
+        await ask({ type: 'bulk-routing', enabled: true });
+      }
+    };
     const measured = async (f: () => Promise<number>): Promise<Sample> => {
       const s0 = await ask({ type: 'cpu' });
       const c0 = process.cpuUsage();
@@ -534,16 +548,19 @@ async function main(): Promise<void> {
     await downloadToMemory(openTuned, total);
     await downloadToMemory(openDefault, total);
     await downloadToMemory(openGrpcTuned, total);
+    await measuredOn('grpc-js', () => downloadToMemory(openTuned, total));
+    await measuredOn('grpc-js', () => downloadToMemory(openGrpcTuned, total));
 
-    const r = { tcp: [] as Sample[], tls: [] as Sample[], tlsDown: [] as Sample[], dlGrpc: [] as Sample[], dl: [] as Sample[], dlDefault: [] as Sample[], ensure: [] as Sample[] };
+    const r = { tcp: [] as Sample[], tls: [] as Sample[], tlsDown: [] as Sample[], dlGrpc: [] as Sample[], dlLeanGrpcServer: [] as Sample[], dl: [] as Sample[], dlDefault: [] as Sample[], ensure: [] as Sample[] };
     const ensureReps = Math.max(1, Math.min(3, REPS));
     for (let i = 0; i < REPS; i++) {
       r.tcp.push(await measured(() => rawTcp(ports.tcpPort, total, piece)));
       r.tls.push(await measured(() => rawTls(ports.tlsPort, caPem, total, piece)));
       r.tlsDown.push(await measured(() => rawTlsDown(ports.tlsDownPort, caPem, total)));
       r.dl.push(await measured(() => downloadToMemory(openTuned, total)));
-      r.dlGrpc.push(await measured(() => downloadToMemory(openGrpcTuned, total)));
-      r.dlDefault.push(await measured(() => downloadToMemory(openDefault, total)));
+      r.dlLeanGrpcServer.push(await measuredOn('grpc-js', () => downloadToMemory(openTuned, total)));
+      r.dlGrpc.push(await measuredOn('grpc-js', () => downloadToMemory(openGrpcTuned, total)));
+      r.dlDefault.push(await measuredOn('grpc-js', () => downloadToMemory(openDefault, total)));
       if (i < ensureReps) r.ensure.push(await measured(() => ensureOnce(i)));
     }
 
@@ -636,12 +653,13 @@ async function main(): Promise<void> {
 
     let n = 0;
     let serverWindows = '';
-    // Site uploads (lean HTTP/2 client) alternate with the same upload through a grpc-js client; one warm-up each.
+    // Site uploads (lean client, coordinator HTTP/2 path) alternate with the same upload through grpc-js on both
+    // sides (how it ran before 2026-11-26); one warm-up each.
     const slots = 2 * (UPLOADS + 1);
     for (let i = 0; i < slots; i++) {
       const viaLean = i % 2 === 0;
       let run: UploadRun | undefined;
-      const cpu = await measured(async () => {
+      const cpu = await measuredOn(viaLean ? 'http2' : 'grpc-js', async () => {
         run = await uploadVia(viaLean ? viaSite : viaGrpc, n++);
         return run.ackMs;
       });
@@ -674,15 +692,16 @@ async function main(): Promise<void> {
     row('a. raw TCP socket, client → server', 'up', msOf(r.tcp), r.tcp);
     row('b. raw TLS socket, client → server (upload dir.)', 'up', msOf(r.tls), r.tls);
     row('b. raw TLS socket, server → client (download dir.)', 'down', msOf(r.tlsDown), r.tlsDown);
-    row('c. DownloadModel → memory (site client: lean HTTP/2)', 'down', msOf(r.dl), r.dl);
-    row('c. … same call, grpc-js client (32 MiB window)', 'down', msOf(r.dlGrpc), r.dlGrpc);
-    row('c. … same call, grpc-js client (default window)', 'down', msOf(r.dlDefault), r.dlDefault);
+    row('c. DownloadModel → memory (site client, coordinator HTTP/2 path)', 'down', msOf(r.dl), r.dl);
+    row('c. … site client, grpc-js server', 'down', msOf(r.dlLeanGrpcServer), r.dlLeanGrpcServer);
+    row('c. … grpc-js client and server (32 MiB window)', 'down', msOf(r.dlGrpc), r.dlGrpc);
+    row('c. … grpc-js client and server (default window)', 'down', msOf(r.dlDefault), r.dlDefault);
     row('c. ModelCache.ensure (write+fsync+sha256)', 'down', msOf(r.ensure), r.ensure);
-    row('d. uploadOnce → ack (site client: lean HTTP/2)', 'up', uploads.map((u) => u.ackMs), uploads.map((u) => u.cpu!));
+    row('d. uploadOnce → ack (site client, coordinator HTTP/2 path)', 'up', uploads.map((u) => u.ackMs), uploads.map((u) => u.cpu!));
     row('d. … wire only: header → last byte received at server', 'up', uploads.map((u) => u.wireMs));
     row('d. … header → all on disk (written, fsynced, hashed)', 'up', uploads.map((u) => u.diskMs));
-    row('d. same upload, grpc-js client → ack', 'up', uploadsGrpc.map((u) => u.ackMs), uploadsGrpc.map((u) => u.cpu!));
-    row('d. … wire only (grpc-js client)', 'up', uploadsGrpc.map((u) => u.wireMs));
+    row('d. same upload, grpc-js client and server → ack', 'up', uploadsGrpc.map((u) => u.ackMs), uploadsGrpc.map((u) => u.cpu!));
+    row('d. … wire only (grpc-js client and server)', 'up', uploadsGrpc.map((u) => u.wireMs));
     console.log(table.toString());
     console.log('  CPU = that process\'s user+system time over the transfer ÷ its wall time (100% = one core busy); server = the child process.');
 
@@ -690,7 +709,7 @@ async function main(): Promise<void> {
       head: ['upload, median ms', 'to ack', 'client sha256 + open', 'header → last byte', 'header → on disk', 'finish()', 'finish() → ack', 'ack − fold end', 'fold', 'round close'],
       colAligns: ['left', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right'],
     });
-    for (const [label, list] of [['site client (lean HTTP/2)', uploads], ['grpc-js client', uploadsGrpc]] as const) {
+    for (const [label, list] of [['lean (site client + HTTP/2 path)', uploads], ['grpc-js both sides', uploadsGrpc]] as const) {
       const m = (f: (u: UploadRun) => number) => fmt(stat(list.map(f)).median);
       breakdown.push([`${list.length} uploads, ${label}`, m((u) => u.ackMs), m((u) => u.clientToHeaderMs), m((u) => u.wireMs), m((u) => u.diskMs), m((u) => u.finishMs), m((u) => u.finishToAckMs), m((u) => u.ackVsFoldEndMs), m((u) => u.foldMs), m((u) => u.closeMs)]);
     }
@@ -731,7 +750,7 @@ async function main(): Promise<void> {
     // repetition is less exposed to load that comes and goes on a shared machine than a ratio of medians.
     const paired = stat(r.dl.map((d, i) => r.tlsDown[i]!.ms / d.ms)).median;
     const pairedGrpc = stat(r.dlGrpc.map((d, i) => r.tlsDown[i]!.ms / d.ms)).median;
-    console.log(`  download, interleaved (row c): ${verdict(dlMed, 'down')}; median of the per-repetition ratios: ${fmt(paired, 2)}× (grpc-js client: ${fmt(pairedGrpc, 2)}×)${shipped ? `; download, back to back (sweep, shipped settings): ${verdict(stat(shipped.mbps).median, 'down')}` : ''}`);
+    console.log(`  download, interleaved (row c): ${verdict(dlMed, 'down')}; median of the per-repetition ratios: ${fmt(paired, 2)}× (grpc-js both sides: ${fmt(pairedGrpc, 2)}×)${shipped ? `; download, back to back (sweep, shipped settings): ${verdict(stat(shipped.mbps).median, 'down')}` : ''}`);
     console.log(`  upload, wire only (header → last byte): ${verdict(wireMed, 'up')}; header → on disk: ${verdict(diskMed, 'up')}; upload to ack: ${verdict(upMed, 'up')}`);
     console.log(`total bench time ${fmt((performance.now() - started) / 1000, 1)} s; load average at end: ${os.loadavg().map((x) => fmt(x, 2)).join(' ')}`);
   } finally {
