@@ -93,7 +93,8 @@ export class BulkCall extends EventEmitter {
       this.cancelled = true; // grpc-js also reports a finished call's stream closing as 'cancelled'
       this.emit('cancelled');
     });
-    if (deadlineMs !== undefined) {
+    // Beyond setTimeout's range (~24.8 days) Node would fire at once: treat such a deadline as none.
+    if (deadlineMs !== undefined && deadlineMs < 2 ** 31 - 1) {
       this.timer = setTimeout(() => {
         this.sendStatus(grpc.status.DEADLINE_EXCEEDED, 'Deadline exceeded');
         if (!stream.closed) stream.close(http2.constants.NGHTTP2_CANCEL);
@@ -247,7 +248,7 @@ function serve(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeade
       metadata.remove(AUTHENTICATED_SITE_KEY);
       metadata.set(AUTHENTICATED_SITE_KEY, site);
       o.log.debug({ site, method: path }, 'site call authenticated');
-      run(stream, headers, method, metadata, pool);
+      run(stream, headers, method, metadata, pool, o.log);
     },
     (err: unknown) => {
       const e = err instanceof AuthError ? err : new AuthError(grpc.status.UNAUTHENTICATED, `token verification failed: ${String(err)}`);
@@ -257,9 +258,17 @@ function serve(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeade
   );
 }
 
-function run(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders, method: BulkMethod, metadata: grpc.Metadata, pool: MessagePool): void {
+function run(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders, method: BulkMethod, metadata: grpc.Metadata, pool: MessagePool, log: Logger): void {
   const call = new BulkCall(stream, metadata, method.definition, pool, parseGrpcTimeout(headers['grpc-timeout']));
-  const handler = method.handler as (call: BulkCall, cb: grpc.sendUnaryData<unknown>) => void;
+  // A handler that throws ends its call, not the coordinator (grpc-js does the same).
+  const handler = (c: BulkCall, cb: grpc.sendUnaryData<unknown>) => {
+    try {
+      (method.handler as (call: BulkCall, cb: grpc.sendUnaryData<unknown>) => void)(c, cb);
+    } catch (e) {
+      log.error({ method: String(headers[':path']), err: (e as Error).message }, 'bulk call handler failed');
+      c.sendStatus(grpc.status.INTERNAL, `the coordinator failed to handle the call: ${(e as Error).message}`);
+    }
+  };
   if (method.definition.requestStream) {
     call.startReading((v) => call.enqueue(v), () => call.requestEnded());
     handler(call, call.answer as grpc.sendUnaryData<unknown>);

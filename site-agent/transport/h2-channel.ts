@@ -169,7 +169,8 @@ class ServerStream<T> extends Readable implements ServerStreamCall<T> {
       req.close(http2.constants.NGHTTP2_CANCEL);
       return;
     }
-    if (deadline !== undefined) {
+    // Beyond setTimeout's range (~24.8 days) Node would fire at once: such a deadline is left to the server.
+    if (deadline !== undefined && deadline - Date.now() < 2 ** 31 - 1) {
       this.timer = setTimeout(() => this.fail(grpc.status.DEADLINE_EXCEEDED, 'Deadline exceeded', true), Math.max(0, deadline - Date.now()));
     }
     req.on('response', (headers) => {
