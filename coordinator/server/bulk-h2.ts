@@ -305,6 +305,9 @@ export function routeBulkCalls(server: grpc.Server, o: BulkRouteOptions): BulkRo
   if (!h2s.every((h) => typeof h?.listeners === 'function' && h.listeners('stream').length === 1)) return undefined;
   const pool = new MessagePool(o.maxMessageBytes);
   const routing: BulkRouting = { enabled: true };
+  // grpc-js counts open streams per session for grpc.max_connection_idle_ms; ours must count too, or a session
+  // busy with a long download could be closed as idle (no effect while that option is unset, as now).
+  const countStream = (server as unknown as { onStreamOpened?: (s: http2.ServerHttp2Stream) => void }).onStreamOpened;
   for (const h2 of h2s) {
     const [grpcStream] = h2.listeners('stream') as ((...args: unknown[]) => void)[];
     h2.removeAllListeners('stream');
@@ -312,6 +315,7 @@ export function routeBulkCalls(server: grpc.Server, o: BulkRouteOptions): BulkRo
       const method = routing.enabled ? o.methods.get(String(headers[':path'])) : undefined;
       const grpcRequest = headers[':method'] === 'POST' && String(headers['content-type'] ?? '').startsWith('application/grpc');
       if (!method || !grpcRequest) return grpcStream!.call(h2, stream, headers, ...rest);
+      if (typeof countStream === 'function') countStream.call(server, stream);
       serve(stream, headers, method, pool, o);
     });
   }
