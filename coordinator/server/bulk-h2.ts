@@ -180,12 +180,13 @@ export class BulkCall extends EventEmitter {
 
   // ── server-streaming calls (grpc.ServerWritableStream) ──
 
-  /** Sends one message: the prefix, then the serialised bytes as they are (no copy); `cb` once HTTP/2 has them. */
+  /**
+   * Sends one message: the prefix, then the serialised bytes as they are (no copy); `cb` once HTTP/2 has them.
+   * On a call that is over nothing is sent and `cb` never runs (the message's memory simply stays with the
+   * caller's garbage): a callback would invite the caller to read and send the next chunk.
+   */
   write(message: unknown, cb?: (err?: Error | null) => void): boolean {
-    if (this.status || this.stream.closed || this.stream.destroyed) {
-      if (cb) queueMicrotask(() => cb(new Error('call already ended')));
-      return false;
-    }
+    if (this.status || this.stream.closed || this.stream.destroyed) return false;
     const bytes = this.definition.responseSerialize(message);
     this.respond();
     this.stream.cork();

@@ -19,6 +19,7 @@ import { SiteHome } from '../../site-agent/home.ts';
 import { FederationClient, type WireTask, type UploadAck } from '../../site-agent/transport/client.ts';
 import { uploadOnce } from '../../site-agent/transport/upload.ts';
 import { ModelCache } from '../../site-agent/transport/model-cache.ts';
+import { modelStreamOptions } from '../../coordinator/server/model-stream.ts';
 import { loadSiteKey, signSiteToken } from '../../shared/security/site-identity.ts';
 import { pinnedChannelCredentials } from '../../shared/security/pki.ts';
 import { CHANNEL_OPTIONS, METHODS, loadProto } from '../../shared/protocol/grpc.ts';
@@ -371,6 +372,40 @@ describe('model download', () => {
       s.on('error', reject);
     });
     await expect(missing).rejects.toMatchObject({ code: grpc.status.NOT_FOUND });
+  });
+});
+
+describe('model download cancelled by the site', () => {
+  it('stops the stream at the coordinator, which keeps serving later downloads', async () => {
+    // Small chunks (the coordinator runs in this process), so the test model takes several messages.
+    const saved = { ...modelStreamOptions };
+    modelStreamOptions.chunkBytes = 1024;
+    try {
+      expect(task.modelSize).toBeGreaterThan(4 * 1024);
+      let chunks = 0;
+      const cancelled = await new Promise<{ code: number }>((resolve) => {
+        const s = siteA.downloadModel(task.modelHash, 0);
+        s.on('data', () => {
+          if (++chunks === 2) s.cancel();
+        });
+        s.on('error', (e: { code: number }) => resolve(e));
+        s.on('end', () => resolve({ code: -1 }));
+      });
+      expect(cancelled.code).toBe(grpc.status.CANCELLED);
+      for (let i = 0; i < 3; i++) {
+        const parts: Buffer[] = [];
+        await new Promise((resolve, reject) => {
+          const s = siteA.downloadModel(task.modelHash, 0);
+          s.on('data', (c: { data: Buffer }) => parts.push(c.data));
+          s.on('end', resolve);
+          s.on('error', reject);
+        });
+        expect(parts.length).toBe(Math.ceil(task.modelSize / 1024));
+        expect(sha256Hex(Buffer.concat(parts))).toBe(task.modelHash);
+      }
+    } finally {
+      Object.assign(modelStreamOptions, saved);
+    }
   });
 });
 
