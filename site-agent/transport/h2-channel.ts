@@ -17,6 +17,8 @@
  */
 import http2 from 'node:http2';
 import { isIP } from 'node:net';
+import * as tls from 'node:tls';
+import { connectTunnel, proxyFor } from './proxy.ts';
 import { Readable } from 'node:stream';
 import * as grpc from '@grpc/grpc-js';
 import { MessagePool, MessageReader, decodeGrpcMessage, formatGrpcTimeout, grpcPrefix } from '../../shared/protocol/grpc-frames.ts';
@@ -103,6 +105,7 @@ function statusOf(headers: http2.IncomingHttpHeaders): Status | undefined {
  */
 class RequestWriter {
   private req: http2.ClientHttp2Stream | undefined;
+  private attached = false;
   private readonly opened: Promise<void>;
   private open!: () => void;
 
@@ -110,7 +113,10 @@ class RequestWriter {
     this.opened = new Promise((resolve) => (this.open = resolve));
   }
 
+  /** The stream to write to, or undefined when the call never got one; only the first call counts. */
   attach(req: http2.ClientHttp2Stream | undefined): void {
+    if (this.attached) return;
+    this.attached = true;
     this.req = req;
     this.open();
   }
@@ -266,6 +272,7 @@ class ServerStream<T> extends Readable implements ServerStreamCall<T> {
 
 export class H2Channel {
   private session: http2.ClientHttp2Session | undefined;
+  private connecting: Promise<http2.ClientHttp2Session> | undefined;
   private active = 0;
   private closed = false;
   private readonly pool: MessagePool;
@@ -302,34 +309,41 @@ export class H2Channel {
       writer.attach(undefined);
       return { call, writer };
     }
-    this.o.authHeaders().then(
-      (auth) => {
-        if (call.destroyed) return writer.attach(undefined);
-        try {
-          const session = this.connect();
-          session.ref();
-          const headers: http2.OutgoingHttpHeaders = {
-            ':method': 'POST',
-            ':path': path,
-            'content-type': 'application/grpc',
-            te: 'trailers',
-            'user-agent': 'medfl-site (node http2)',
-            ...auth,
-          };
-          if (deadline !== undefined) headers['grpc-timeout'] = formatGrpcTimeout(deadline - Date.now());
-          const req = session.request(headers);
-          call.attach(req, deadline);
-          writer.attach(req);
-        } catch (e) {
-          call.failStart(grpc.status.UNAVAILABLE, `could not open a stream to the coordinator: ${(e as Error).message}`);
-          writer.attach(undefined);
-        }
-      },
-      (e: Error) => {
-        call.failStart(grpc.status.UNAUTHENTICATED, `could not sign a site token: ${e.message}`);
-        writer.attach(undefined);
-      },
-    );
+    const open = async (): Promise<void> => {
+      let auth: Record<string, string>;
+      try {
+        auth = await this.o.authHeaders();
+      } catch (e) {
+        return call.failStart(grpc.status.UNAUTHENTICATED, `could not sign a site token: ${(e as Error).message}`);
+      }
+      if (call.destroyed) return;
+      let session: http2.ClientHttp2Session;
+      try {
+        session = await this.connect();
+      } catch (e) {
+        return call.failStart(grpc.status.UNAVAILABLE, `cannot connect to the coordinator: ${(e as Error).message}`);
+      }
+      if (call.destroyed) return;
+      try {
+        session.ref();
+        const headers: http2.OutgoingHttpHeaders = {
+          ':method': 'POST',
+          ':path': path,
+          'content-type': 'application/grpc',
+          te: 'trailers',
+          'user-agent': 'medfl-site (node http2)',
+          ...auth,
+        };
+        if (deadline !== undefined) headers['grpc-timeout'] = formatGrpcTimeout(deadline - Date.now());
+        const req = session.request(headers);
+        call.attach(req, deadline);
+        writer.attach(req);
+      } catch (e) {
+        call.failStart(grpc.status.UNAVAILABLE, `could not open a stream to the coordinator: ${(e as Error).message}`);
+      }
+    };
+    // Whatever happened, writes stop waiting: they go to the stream, or return at once on a failed call.
+    void open().finally(() => writer.attach(undefined));
     return { call, writer };
   }
 
@@ -346,17 +360,35 @@ export class H2Channel {
     if (this.active === 0 && this.session && !this.session.destroyed) this.session.unref();
   }
 
-  private connect(): http2.ClientHttp2Session {
+  /** The live session, or a new one (through the environment's proxy, if any); concurrent callers share it. */
+  private connect(): Promise<http2.ClientHttp2Session> {
     const live = this.session;
-    if (live && !live.closed && !live.destroyed) return live;
+    if (live && !live.closed && !live.destroyed) return Promise.resolve(live);
+    this.connecting ??= this.newSession().finally(() => (this.connecting = undefined));
+    return this.connecting;
+  }
+
+  private async newSession(): Promise<http2.ClientHttp2Session> {
     const { host, port, windowBytes } = this.o;
     const authority = `${host.includes(':') ? `[${host}]` : host}:${port}`;
-    const session = http2.connect(`https://${authority}`, {
+    const tlsOptions: tls.ConnectionOptions = {
       ca: this.o.caPem,
       cert: this.o.clientCertificate?.certPem,
       key: this.o.clientCertificate?.keyPem,
       // SNI carries names only; an address is still checked against the certificate's IP entries.
       ...(isIP(host) ? {} : { servername: host }),
+      ALPNProtocols: ['h2'],
+    };
+    // Same proxy rules as grpc-js applies to the site's other calls (proxy.ts); TLS runs inside the tunnel.
+    const proxy = proxyFor(host);
+    const tunnel = proxy ? await connectTunnel(proxy, authority) : undefined;
+    if (this.closed) {
+      tunnel?.destroy();
+      throw new Error('channel has been shut down (the site client was closed)');
+    }
+    const session = http2.connect(`https://${authority}`, {
+      ...tlsOptions,
+      ...(tunnel ? { createConnection: () => tls.connect({ ...tlsOptions, socket: tunnel, host }) } : {}),
       settings: { enablePush: false, initialWindowSize: Math.min(windowBytes, 2 ** 31 - 1) },
       // Node refuses new streams once a session holds this much unprocessed data; a wide window needs room.
       maxSessionMemory: Math.max(10, Math.ceil((2 * windowBytes) / 2 ** 20)),
@@ -382,4 +414,5 @@ export class H2Channel {
     this.session = session;
     return session;
   }
+
 }

@@ -5,6 +5,9 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { once } from 'node:events';
+import http from 'node:http';
+import net from 'node:net';
+import { proxyFor } from '../../site-agent/transport/proxy.ts';
 import * as grpc from '@grpc/grpc-js';
 import { createCertificateAuthority, issueServerCertificate, serverCredentials, type CertificateAuthority, type ServerCertificate } from '../../shared/security/pki.ts';
 import { sha256Hex } from '../../shared/util/hash.ts';
@@ -264,5 +267,78 @@ describe('H2Channel client streams', () => {
     const call = c.clientStream('/test.T/Collect', pass);
     await call.write([Buffer.from('x')]);
     await expect(call.response).rejects.toMatchObject({ code: grpc.status.UNAVAILABLE, details: expect.stringMatching(/shut down/) });
+  });
+});
+
+describe('H2Channel through an egress proxy (HTTP CONNECT, as grpc-js for the other calls)', () => {
+  /** A CONNECT proxy on loopback: counts tunnels, or refuses them all with 407. */
+  async function startProxy(refuse = false): Promise<{ port: number; tunnels: string[]; close: () => void }> {
+    const tunnels: string[] = [];
+    const server = http.createServer((_req, res) => res.writeHead(405).end());
+    server.on('connect', (req: http.IncomingMessage, client: net.Socket, head: Buffer) => {
+      if (refuse) return void client.end('HTTP/1.1 407 Proxy Authentication Required\r\n\r\n');
+      tunnels.push(String(req.url));
+      const [host, port] = String(req.url).split(':');
+      const upstream = net.connect(Number(port), host === 'localhost' ? '127.0.0.1' : host, () => {
+        client.write('HTTP/1.1 200 Connection Established\r\n\r\n');
+        if (head.length) upstream.write(head);
+        upstream.pipe(client);
+        client.pipe(upstream);
+      });
+      upstream.on('error', () => client.destroy());
+      client.on('error', () => upstream.destroy());
+    });
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    return { port: (server.address() as net.AddressInfo).port, tunnels, close: () => server.close() };
+  }
+
+  async function withEnv<T>(vars: Record<string, string | undefined>, f: () => Promise<T>): Promise<T> {
+    const saved = Object.fromEntries(Object.keys(vars).map((k) => [k, process.env[k]]));
+    for (const [k, v] of Object.entries(vars)) if (v === undefined) delete process.env[k]; else process.env[k] = v;
+    try {
+      return await f();
+    } finally {
+      for (const [k, v] of Object.entries(saved)) if (v === undefined) delete process.env[k]; else process.env[k] = v;
+    }
+  }
+
+  it('picks the proxy by grpc-js\'s rules', () => {
+    expect(proxyFor('coord.example', { https_proxy: 'http://p:3128', http_proxy: 'http://q:1' })).toMatchObject({ host: 'p', port: 3128, from: 'https_proxy' });
+    expect(proxyFor('coord.example', { grpc_proxy: 'http://u:s%40cret@g', https_proxy: 'http://p:3128' })).toMatchObject({ host: 'g', port: 80, credentials: 'u:s@cret', from: 'grpc_proxy' });
+    expect(proxyFor('coord.example', { http_proxy: 'http://q:1', no_proxy: 'other.org,example' })).toBeUndefined();
+    expect(proxyFor('10.1.2.3', { http_proxy: 'http://q:1', no_grpc_proxy: '10.0.0.0/8', no_proxy: 'x' })).toBeUndefined();
+    expect(proxyFor('11.1.2.3', { http_proxy: 'http://q:1', no_grpc_proxy: '10.0.0.0/8' })).toMatchObject({ host: 'q' });
+    expect(proxyFor('coord.example', {})).toBeUndefined();
+    expect(() => proxyFor('coord.example', { https_proxy: 'socks5://p:1' })).toThrow(/only http:\/\/ proxies/);
+  });
+
+  it('tunnels the calls through the proxy, with TLS to the server inside the tunnel', async () => {
+    const proxy = await startProxy();
+    try {
+      await withEnv({ grpc_proxy: `http://127.0.0.1:${proxy.port}`, no_grpc_proxy: undefined, no_proxy: undefined }, async () => {
+        const c = channel();
+        const got = await collect(stream(c, 'ok:3:100000'));
+        expect(got.length).toBe(3);
+        const up = c.clientStream('/test.T/Collect', pass);
+        await up.write([Buffer.from('via proxy')]);
+        await up.end();
+        expect((await up.response).toString()).toBe(`1:${sha256Hex(Buffer.from('via proxy'))}`);
+      });
+      expect(proxy.tunnels).toEqual([`localhost:${srv.port}`]); // one session for both calls
+    } finally {
+      proxy.close();
+    }
+  });
+
+  it('reports a proxy that refuses the tunnel as UNAVAILABLE, naming the proxy and its answer', async () => {
+    const proxy = await startProxy(true);
+    try {
+      await withEnv({ https_proxy: `http://127.0.0.1:${proxy.port}`, grpc_proxy: undefined, no_grpc_proxy: undefined, no_proxy: undefined }, async () => {
+        await expect(collect(stream(channel(), 'ok:1:10'))).rejects.toMatchObject({ code: grpc.status.UNAVAILABLE, details: expect.stringMatching(/proxy 127\.0\.0\.1:\d+ \(from https_proxy\) refused CONNECT localhost:\d+: HTTP 407/) });
+      });
+    } finally {
+      proxy.close();
+    }
   });
 });
