@@ -251,6 +251,10 @@ const frame = (message: Uint8Array, compressed = false): Buffer => {
 };
 
 describe("the coordinator's HTTP/2 bulk path refuses frames no client should send", () => {
+  it('is in place (a grpc-js upgrade that changes the internals it hooks into would turn it off: this fails then)', () => {
+    expect(coord.bulkRouting?.enabled).toBe(true);
+  });
+
   const downloadRequest = () => (loadProto().Federation.service as grpc.ServiceDefinition).DownloadModel!.requestSerialize({ modelHash: task.modelHash, offset: task.modelSize });
 
   it('a message over the size limit, a compressed message, a second request for a server stream, no request at all', async () => {
