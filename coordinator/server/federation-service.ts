@@ -68,7 +68,9 @@ const UPLOAD_BACKLOG_BYTES = 16 * 1024 * 1024;
  * that can run after one JS setImmediate but not after two (measured: with one, the ack still waited for
  * the fold and round close; with two it reaches the client before the fold starts — bench/transport.ts,
  * column "ack − fold end"). Any synchronous job started earlier would hold all of that until it ends.
- * The timer is a fallback should a grpc-js version stop emitting the event.
+ * The timer is a fallback should a grpc-js version stop emitting the event. On the HTTP/2 bulk path (bulk-h2.ts)
+ * 'cancelled' comes when the stream closes, i.e. once the trailers have gone out; the benchmark's "ack − fold end"
+ * column stays negative there too.
  */
 function statusSent(call: grpc.ServerReadableStream<unknown, unknown>, maxWaitMs = 200): Promise<void> {
   return new Promise((resolve) => {
