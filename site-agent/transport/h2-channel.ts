@@ -8,19 +8,20 @@
  * needs, on machines where it competes with training (bench/README.md). Here messages are reassembled into
  * reusable buffers and sent straight from the caller's memory. Every other call stays on grpc-js.
  *
- * It speaks standard gRPC over HTTP/2 to the unchanged grpc-js server: TLS with the CA pinned at enrolment (and
+ * It speaks standard gRPC over HTTP/2 — to the coordinator's HTTP/2 bulk path (coordinator/server/bulk-h2.ts) or
+ * to a grpc-js server (an older coordinator) alike: TLS with the CA pinned at enrolment (and
  * the site's client certificate, for coordinators running --mtls), a fresh site token on every call, POST with
  * `content-type: application/grpc`, `te: trailers`, `grpc-timeout`, length-prefixed messages, and the call's
  * status from `grpc-status` / `grpc-message` in the trailers (or in the headers of a trailers-only response).
  * Errors carry grpc-js's shape (`code`, `details`, message `"<code> <NAME>: <details>"`), so callers and tests
- * handle both clients alike.
+ * handle both clients alike. The connection goes through the environment's egress proxy as grpc-js's would (proxy.ts).
  */
 import http2 from 'node:http2';
 import { isIP } from 'node:net';
-import * as tls from 'node:tls';
-import { connectTunnel, proxyFor } from './proxy.ts';
 import { Readable } from 'node:stream';
+import * as tls from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
+import { connectTunnel, proxyFor } from './proxy.ts';
 import { MessagePool, MessageReader, decodeGrpcMessage, formatGrpcTimeout, grpcPrefix } from '../../shared/protocol/grpc-frames.ts';
 
 export interface H2ChannelOptions {
