@@ -30,6 +30,7 @@ import {
 } from '../../shared/security/pki.ts';
 import { CHANNEL_OPTIONS, loadProto } from '../../shared/protocol/grpc.ts';
 import { TEST_PLAN } from '../helpers/federation.ts';
+import { downloadBytes } from '../helpers/download.ts';
 
 type AnyClient = grpc.Client & Record<string, (...a: unknown[]) => unknown>;
 interface Outcome { code: number; details: string }
@@ -226,14 +227,7 @@ describe('calls under --mtls', () => {
         if (details) expect(r.details).toMatch(details);
       }
       // The site's own client (lean HTTP/2, presenting its certificate) fetches the whole model.
-      const parts: Buffer[] = [];
-      await new Promise((resolve, reject) => {
-        const s = site.downloadModel(t.modelHash, 0);
-        s.on('data', (ch: { data: Buffer }) => parts.push(ch.data));
-        s.on('end', resolve);
-        s.on('error', reject);
-      });
-      expect(createHash('sha256').update(Buffer.concat(parts)).digest('hex')).toBe(t.modelHash);
+      expect(createHash('sha256').update(await downloadBytes(site, t.modelHash)).digest('hex')).toBe(t.modelHash);
     } finally {
       site.close();
     }

@@ -32,6 +32,7 @@ import { makeBundle, type NamedTensor, type TensorBundle } from '../../shared/te
 import { sha256Hex } from '../../shared/util/hash.ts';
 import { waitFor } from '../../cli/processes.ts';
 import { TEST_PLAN } from '../helpers/federation.ts';
+import { downloadBytes, downloadChunks } from '../helpers/download.ts';
 
 let work: string;
 let coordDir: string;
@@ -198,13 +199,7 @@ describe('revocation', () => {
     expect(err.code).toBe(grpc.status.PERMISSION_DENIED);
     await expect(x.heartbeat({ state: 'idle', progress: 0, taskId: '', engine: '' })).rejects.toMatchObject({ code: grpc.status.PERMISSION_DENIED, details: expect.stringMatching(/revoked/) });
     // The bulk calls (the coordinator's HTTP/2 path, the site's lean client) refuse it the same way.
-    const download = new Promise((resolve, reject) => {
-      const s = x.downloadModel(task.modelHash, 0);
-      s.on('data', () => undefined);
-      s.on('end', resolve);
-      s.on('error', reject);
-    });
-    await expect(download).rejects.toMatchObject({ code: grpc.status.PERMISSION_DENIED, details: expect.stringMatching(/revoked/) });
+    await expect(downloadChunks(x, task.modelHash)).rejects.toMatchObject({ code: grpc.status.PERMISSION_DENIED, details: expect.stringMatching(/revoked/) });
     await expect(uploadOnce(x, { updateId: `test-${randomUUID()}`, taskId: task.taskId, round: task.round, baseModelHash: task.modelHash, numSamples: 4, payload: Buffer.alloc(100) })).rejects.toMatchObject({ code: grpc.status.PERMISSION_DENIED });
     x.close();
   });
@@ -355,27 +350,18 @@ describe('enrolment', () => {
 
 describe('model download', () => {
   it('streams the snapshot in chunks and resumes from an offset', async () => {
-    const read = (offset: number) =>
-      new Promise<Buffer>((resolve, reject) => {
-        const parts: Buffer[] = [];
-        const s = siteA.downloadModel(task.modelHash, offset);
-        s.on('data', (c: { data: Buffer; sha256: string }) => { expect(c.sha256).toBe(task.modelHash); parts.push(c.data); });
-        s.on('end', () => resolve(Buffer.concat(parts)));
-        s.on('error', reject);
-      });
+    const read = async (offset: number) => {
+      const chunks = await downloadChunks(siteA, task.modelHash, offset);
+      for (const c of chunks) expect(c.sha256).toBe(task.modelHash);
+      return Buffer.concat(chunks.map((c) => c.data));
+    };
     const whole = await read(0);
     expect(whole.length).toBe(task.modelSize);
     expect(sha256Hex(whole)).toBe(task.modelHash);
     const half = Math.floor(whole.length / 2);
     expect((await read(half)).equals(whole.subarray(half))).toBe(true);
     await expect(read(whole.length + 1)).rejects.toMatchObject({ code: grpc.status.OUT_OF_RANGE });
-    const missing = new Promise((resolve, reject) => {
-      const s = siteA.downloadModel('0'.repeat(64), 0);
-      s.on('data', () => undefined);
-      s.on('end', resolve);
-      s.on('error', reject);
-    });
-    await expect(missing).rejects.toMatchObject({ code: grpc.status.NOT_FOUND });
+    await expect(downloadChunks(siteA, '0'.repeat(64))).rejects.toMatchObject({ code: grpc.status.NOT_FOUND });
   });
 });
 
@@ -397,15 +383,9 @@ describe('model download cancelled by the site', () => {
       });
       expect(cancelled.code).toBe(grpc.status.CANCELLED);
       for (let i = 0; i < 3; i++) {
-        const parts: Buffer[] = [];
-        await new Promise((resolve, reject) => {
-          const s = siteA.downloadModel(task.modelHash, 0);
-          s.on('data', (c: { data: Buffer }) => parts.push(c.data));
-          s.on('end', resolve);
-          s.on('error', reject);
-        });
-        expect(parts.length).toBe(Math.ceil(task.modelSize / 1024));
-        expect(sha256Hex(Buffer.concat(parts))).toBe(task.modelHash);
+        const chunks = await downloadChunks(siteA, task.modelHash);
+        expect(chunks.length).toBe(Math.ceil(task.modelSize / 1024));
+        expect(sha256Hex(Buffer.concat(chunks.map((c) => c.data)))).toBe(task.modelHash);
       }
     } finally {
       Object.assign(modelStreamOptions, saved);
@@ -416,13 +396,7 @@ describe('model download cancelled by the site', () => {
 describe('site model cache', () => {
   it('resumes a cut-off download from its .part file and skips models it already has', async () => {
     const cache = new ModelCache(mkdtempSync(join(tmpdir(), 'medfl-cache-')));
-    const whole = await new Promise<Buffer>((resolve, reject) => {
-      const parts: Buffer[] = [];
-      const s = siteA.downloadModel(task.modelHash, 0);
-      s.on('data', (c: { data: Buffer }) => parts.push(c.data));
-      s.on('end', () => resolve(Buffer.concat(parts)));
-      s.on('error', reject);
-    });
+    const whole = await downloadBytes(siteA, task.modelHash);
     const cut = Math.floor(whole.length / 3);
     writeFileSync(join(cache.dir, `${task.modelHash}.part`), whole.subarray(0, cut));
     expect(await cache.ensure(siteA, task.modelHash, task.modelSize)).toBe(whole.length - cut);
