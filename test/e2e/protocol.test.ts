@@ -76,7 +76,6 @@ function callWith(siteDir: string, authorization: string | undefined, method: Ca
     }
   });
 }
-const heartbeatWith = (siteDir: string, authorization: string | undefined) => callWith(siteDir, authorization);
 
 function update(mutate?: (t: NamedTensor) => NamedTensor): TensorBundle {
   const arch = architectureFor(settings.model);
