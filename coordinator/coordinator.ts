@@ -93,6 +93,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     log,
     initialWeights: () => initialWeights(architecture, plan, existsSync(planPath) ? planPath : undefined, log),
     maskedDir: `${home.updatesDir}/secagg`,
+    updatesDir: home.updatesDir,
   });
 
   // Every accepted update goes into the signed, hash-chained contribution ledger (coordinator/ledger/).

@@ -16,7 +16,7 @@ import type { TensorBundle } from '../../shared/tensors/bundle.ts';
 import { sharedParams, pick } from '../../shared/model/sharing.ts';
 import { manifestBytes, type TaskManifest, type TaskSettings } from '../../shared/protocol/task.ts';
 import { decodeUpdate, encodeModel } from '../../shared/tensors/update-codec.ts';
-import { existsSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { sha256Hex } from '../../shared/util/hash.ts';
 import { writeFileAtomic } from '../../shared/util/fs-atomic.ts';
 import type { Logger } from '../../shared/util/log.ts';
@@ -55,6 +55,8 @@ export interface RoundEngineOptions {
   initialWeights?: () => Promise<TensorBundle>;
   /** Where secure-aggregation rounds keep the masked vectors they received (round-N/masked-SITE.u32), for audit. */
   maskedDir?: string;
+  /** Where accepted updates are stored (round-N/…), for plan.retention to prune after a round closes. */
+  updatesDir?: string;
 }
 
 /** Store meta keys of what aggregation carries across rounds (written in the round-close transaction). */
@@ -476,6 +478,7 @@ export class RoundEngine {
     const oldTensors = previousState ? (JSON.parse(previousState) as { tensors: string | null }).tensors : null;
     const newTensors = meta[AGGREGATION_STATE_KEY] ? (JSON.parse(meta[AGGREGATION_STATE_KEY]) as { tensors: string | null }).tensors : oldTensors;
     if (oldTensors && oldTensors !== newTensors && !store.getModel(oldTensors)) rmSync(models.pathFor(oldTensors), { force: true });
+    this.pruneClosedRounds(open.row.round);
     this.open = undefined;
     const dp = privacy ? { epsilon: privacy.epsilon, delta: privacy.delta } : undefined;
     this.emit('round.closed', { round: open.row.round, model: saved.hash, sites: [...open.reported].sort(), why, strategy: this.o.strategy.name, ...(dp ? { dp } : {}), ...(open.secagg ? { secureAggregation: { timeline: open.secagg.timeline } } : {}) });
@@ -485,6 +488,28 @@ export class RoundEngine {
       log.info({ round: open.row.round, generation: teacher.generation, model: teacher.modelHash.slice(0, 12) }, 'student promoted to teacher');
     }
     this.maybeOpenRound();
+  }
+
+  /**
+   * plan.retention.updateRounds: deletes the update files (and masked inputs) of closed rounds older than the
+   * most recent N, once `closed` is committed. Only the open round's updates are read again (re-fold after a
+   * restart), so nothing needed is lost; store rows stay, naming what was accepted and its SHA-256.
+   */
+  private pruneClosedRounds(closed: number): void {
+    const keep = this.o.plan.retention.updateRounds;
+    if (keep === 'all') return;
+    const oldestKept = closed - keep + 1;
+    const pruned: number[] = [];
+    for (const dir of [this.o.updatesDir, this.o.maskedDir]) {
+      if (!dir || !existsSync(dir)) continue;
+      for (const name of readdirSync(dir)) {
+        const m = /^round-(\d+)$/.exec(name);
+        if (!m || Number(m[1]) >= oldestKept) continue;
+        rmSync(join(dir, name), { recursive: true, force: true });
+        pruned.push(Number(m[1]));
+      }
+    }
+    if (pruned.length > 0) this.o.log.info({ rounds: [...new Set(pruned)].sort((a, b) => a - b), keep }, 'deleted the update files of older closed rounds (plan.retention)');
   }
 
   private finish(): void {

@@ -203,6 +203,18 @@ export const PlanSchema = z
       })
       .strict()
       .prefault({}),
+    /** What the coordinator keeps on disk after a round has closed (docs/plan.md). */
+    retention: z
+      .object({
+        /**
+         * How many of the most recent closed rounds keep their update files (and secure-aggregation masked inputs);
+         * older ones are deleted when a round closes. Only the open round's updates are ever read again (after a
+         * restart), so any number is safe; 'all' keeps every one (model size × sites × rounds of disk).
+         */
+        updateRounds: z.union([z.literal('all'), z.number().int().min(0)]).default('all'),
+      })
+      .strict()
+      .prefault({}),
   })
   .strict()
   .refine((p) => !(p.aggregation.secureAggregation.enabled && p.aggregation.secureAggregation.threshold > p.minSites), {
