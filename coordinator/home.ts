@@ -57,6 +57,8 @@ share:
   keepLocal: []             # e.g. [norm] for FedBN
 aggregation:
   strategy: fedavg
+retention:
+  updateRounds: all         # or N: keep only the last N closed rounds' update files (model size x sites each)
 `;
 
 export class CoordinatorHome {
