@@ -4,8 +4,8 @@
  * on every call, wrapped in promise/stream helpers. The optional wire audit records every message the
  * site sends, so a site admin can check what left the hospital.
  *
- * Model downloads go over a second HTTP/2 connection with a lean gRPC client (h2-channel.ts), the rest over
- * grpc-js: same coordinator, same pinned CA, client certificate and per-call token.
+ * Model downloads and update uploads go over a second HTTP/2 connection with a lean gRPC client (h2-channel.ts),
+ * the rest over grpc-js: same coordinator, same pinned CA, client certificate and per-call token.
  */
 import * as grpc from '@grpc/grpc-js';
 import { AUTH_METADATA_KEY, CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, METHODS, loadProto } from '../../shared/protocol/grpc.ts';
@@ -49,7 +49,6 @@ export interface UploadCall {
   /** One data chunk, sent from `data`'s memory without a copy (it must not change until `ack` settles). */
   sendData(offset: number, data: Uint8Array): Promise<void>;
   end(): Promise<void>;
-  cancel(): void;
   ack: Promise<UploadAck>;
 }
 
@@ -68,8 +67,9 @@ export class FederationClient {
     const { host, port } = parseAddress(config.coordinator);
     const tokenOptions = { siteName: config.siteName, federationId: config.federationId, privateKey: key.privateKey, ttlSeconds: opts.tokenTtlSeconds };
     const clientCertificate = home.clientCertificate();
+    const caPem = home.caPem();
     const creds = grpc.credentials.combineChannelCredentials(
-      pinnedChannelCredentials(home.caPem(), clientCertificate),
+      pinnedChannelCredentials(caPem, clientCertificate),
       siteCallCredentials(tokenOptions),
     );
     const { Federation } = loadProto();
@@ -79,7 +79,7 @@ export class FederationClient {
     this.bulk = new H2Channel({
       host,
       port,
-      caPem: home.caPem(),
+      caPem,
       clientCertificate,
       authHeaders: async () => ({ [AUTH_METADATA_KEY]: `Bearer ${await signSiteToken(tokenOptions)}` }),
       windowBytes: Number(CHANNEL_OPTIONS['grpc-node.flow_control_window']),
@@ -137,7 +137,6 @@ export class FederationClient {
         return call.write(updateDataChunkParts(offset, data));
       },
       end: () => call.end(),
-      cancel: () => call.cancel(),
       ack: call.response,
     };
   }

@@ -51,7 +51,6 @@ export interface ClientStreamCall<T> {
   /** Sends one message made of `parts` (concatenated on the wire); resolves once more may be written. */
   write(parts: Uint8Array[]): Promise<void>;
   end(): Promise<void>;
-  cancel(): void;
   /** The server's one response message, or the call's error. */
   response: Promise<T>;
 }
@@ -298,7 +297,7 @@ export class H2Channel {
       call.on('end', () => (answer ? resolve(answer.value) : reject(grpcCallError(grpc.status.INTERNAL, 'the coordinator ended the call without a response'))));
       call.on('error', reject);
     });
-    return { write: (parts) => writer.write(parts), end: () => writer.end(), cancel: () => call.cancel(), response };
+    return { write: (parts) => writer.write(parts), end: () => writer.end(), response };
   }
 
   private start<T>(path: string, decode: (b: Buffer) => T, deadline: number | undefined): { call: ServerStream<T>; writer: RequestWriter } {
