@@ -7,6 +7,7 @@
  * same port before it has one. The auth interceptor then requires a valid client certificate naming the calling
  * site on every method except Enroll.
  */
+import { COORDINATOR_FEATURES, FEATURES, type Feature } from '../shared/protocol/features.ts';
 import * as grpc from '@grpc/grpc-js';
 import type { Http2Server, ServerHttp2Session } from 'node:http2';
 import { existsSync } from 'node:fs';
@@ -53,6 +54,11 @@ export interface CoordinatorOptions {
    * call). Both speak the same protocol; the bench and tests compare them.
    */
   bulkCalls?: 'http2' | 'grpc-js';
+  /**
+   * Optional protocol features offered to sites (shared/protocol/features.ts); default: all this version has.
+   * A feature left out is refused like a coordinator without it would (tests use this to play an older one).
+   */
+  features?: readonly Feature[];
   log?: Logger;
 }
 
@@ -103,7 +109,10 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   // The largest valid update is the shared tensors as safetensors; allow slack for header formatting.
   const sharedSpecs = engine.shared.map((p) => ({ name: p.name, shape: [...p.shape], dtype: p.dtype }));
   const layout = safetensorsLayout(sharedSpecs);
-  const receiver = new UploadReceiver(home.updatesDir, sharedSpecs, 8 + layout.header.length + layout.dataBytes + 64 * 1024);
+  const features = o.features ?? COORDINATOR_FEATURES;
+  const receiver = new UploadReceiver(home.updatesDir, sharedSpecs, 8 + layout.header.length + layout.dataBytes + 64 * 1024, {
+    sha256Trailer: features.includes(FEATURES.uploadSha256Trailer),
+  });
   const cleaned = receiver.cleanPartials();
   if (cleaned > 0) log.info({ files: cleaned }, 'removed partial uploads left by an earlier run (never acknowledged)');
 
@@ -125,7 +134,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   const { Enrollment, Federation } = loadProto();
   const authOptions = { federationId: config.federationId, directory, log, clientCaPem: mtls ? caPem : undefined };
   const server = new grpc.Server({ ...SERVER_OPTIONS, interceptors: [createAuthInterceptor(authOptions)] });
-  const federation = federationHandlers({ store, models, engine, receiver, log });
+  const federation = federationHandlers({ store, models, engine, receiver, log, features });
   server.addService(
     Enrollment.service,
     enrollmentHandlers({ store, federationId: config.federationId, coordinatorPublicKey: rawPublicKey(signingKey), bus, log, ca, requireClientCert: mtls }),

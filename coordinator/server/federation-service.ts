@@ -13,6 +13,7 @@ import type { RoundEngine, TaskMessage, TaskSink } from '../rounds/round-engine.
 import { UploadRefused, type PartialUpload, type UploadReceiver, type UpdateHeader } from './upload-receiver.ts';
 import type { Logger } from '../../shared/util/log.ts';
 import { streamModelFile } from './model-stream.ts';
+import { COORDINATOR_FEATURES, type Feature } from '../../shared/protocol/features.ts';
 
 export interface FederationServiceDeps {
   store: CoordinatorStore;
@@ -22,6 +23,8 @@ export interface FederationServiceDeps {
   log: Logger;
   /** How often an open task stream re-checks that its site is still enrolled (revocation without restart). */
   revocationCheckMs?: number;
+  /** Named in every heartbeat answer (default: all of COORDINATOR_FEATURES). */
+  features?: readonly Feature[];
 }
 
 const HeartbeatSchema = z.object({
@@ -95,7 +98,7 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         const hb = HeartbeatSchema.safeParse(call.request);
         if (!hb.success) return cb({ code: grpc.status.INVALID_ARGUMENT, details: `bad heartbeat: ${hb.error.issues[0]?.message}` });
         store.touchSite(site, hb.data.state, hb.data.engine || null);
-        cb(null, { serverTimeMs: Date.now() });
+        cb(null, { serverTimeMs: Date.now(), features: d.features ?? COORDINATOR_FEATURES });
       } catch (e) {
         cb(e as grpc.ServiceError);
       }
@@ -217,6 +220,10 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
             if (recycle) partial.onChunkWritten = (m) => recycle.call(call, m);
             return;
           }
+          if (msg.part === 'trailer') {
+            partial!.setTrailer(msg.trailer);
+            return;
+          }
           if (msg.part !== 'data') throw new UploadRefused('only one header per upload');
           // The chunk's memory moves to the writer thread: msg.data must not be used after this.
           partial!.write(Number(msg.offset), msg.data as Buffer);
@@ -232,6 +239,7 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         if (!header || !partial) return refuse('upload ended before any data arrived');
         const p = partial;
         const h = header;
+        if (p.expectedSha256 === undefined) return refuse('upload ended without the UpdateTrailer (SHA-256) its header announced by leaving sha256 empty');
         partial = undefined;
         // Wait for the writer thread (last chunks, fsync, SHA-256) outside the serialised section: it needs no
         // scratch buffer, and another upload's checks or fold can run meanwhile.
@@ -254,7 +262,7 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
                 rmSync(received.path, { force: true }); // refused updates leave no trace
                 throw new UploadRefused(problem ?? verdict!.problem!);
               }
-              const row = { updateId: h.updateId, round: h.round, site, numSamples: h.numSamples, sha256: h.sha256, path: received.path, sizeBytes: h.totalSize, acceptedAt: Date.now() };
+              const row = { updateId: h.updateId, round: h.round, site, numSamples: h.numSamples, sha256: p.expectedSha256!, path: received.path, sizeBytes: h.totalSize, acceptedAt: Date.now() };
               // The store row is the commit point; the ack goes out only after it is written.
               store.insertUpdate(row);
               const ackSent = statusSent(call);

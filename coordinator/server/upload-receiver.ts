@@ -23,10 +23,13 @@ export const UpdateHeaderSchema = z.object({
   taskId: z.string().max(200),
   baseModelHash: z.string().regex(SHA256_HEX, 'base_model_hash must be 64 lowercase hex digits'),
   totalSize: z.number().int().positive(),
-  sha256: z.string().regex(SHA256_HEX, 'sha256 must be 64 lowercase hex digits'),
+  // Empty: the hash comes last, in an UpdateTrailer (feature upload-sha256-trailer).
+  sha256: z.union([z.literal(''), z.string().regex(SHA256_HEX, 'sha256 must be 64 lowercase hex digits, or empty when an UpdateTrailer carries it')]),
   numSamples: z.number().int().positive().max(10_000_000),
 });
 export type UpdateHeader = z.infer<typeof UpdateHeaderSchema>;
+/** Without the trailer feature the header must carry the hash (as before the feature existed). */
+const HeaderWithHashSchema = UpdateHeaderSchema.extend({ sha256: z.string().regex(SHA256_HEX, 'sha256 must be 64 lowercase hex digits') });
 
 export class UploadRefused extends Error {
   override name = 'UploadRefused';
@@ -49,6 +52,8 @@ export class UploadReceiver {
     private readonly updatesDir: string,
     private readonly specs: readonly TensorSpec[],
     private readonly maxBytes: number,
+    /** sha256Trailer: accept an empty header hash followed by an UpdateTrailer (default true). */
+    private readonly accepts: { sha256Trailer?: boolean } = {},
   ) {
     this.partialDir = join(updatesDir, '.partial');
     mkdirSync(this.partialDir, { recursive: true });
@@ -65,7 +70,8 @@ export class UploadReceiver {
   }
 
   parseHeader(raw: unknown): UpdateHeader {
-    const r = UpdateHeaderSchema.safeParse(raw);
+    const schema = this.accepts.sha256Trailer === false ? HeaderWithHashSchema : UpdateHeaderSchema;
+    const r = schema.safeParse(raw);
     if (!r.success) throw new UploadRefused(`bad update header: ${r.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
     if (r.data.totalSize > this.maxBytes) {
       throw new UploadRefused(`update of ${r.data.totalSize} bytes exceeds the ${this.maxBytes}-byte limit for this model`);
@@ -113,8 +119,13 @@ export class UploadReceiver {
     try {
       const h = p.header;
       if (p.received !== h.totalSize) throw new UploadRefused(`upload ended after ${p.received} of ${h.totalSize} bytes`);
+      const expected = p.expectedSha256;
+      if (expected === undefined) throw new UploadRefused('upload ended without the UpdateTrailer (SHA-256) its header announced by leaving sha256 empty');
       const digest = p.digest();
-      if (digest !== h.sha256) throw new UploadRefused(`hash mismatch: received bytes hash to ${digest.slice(0, 16)}…, header says ${h.sha256.slice(0, 16)}…`);
+      if (digest !== expected) {
+        const from = h.sha256 ? 'header' : 'trailer';
+        throw new UploadRefused(`hash mismatch: received bytes hash to ${digest.slice(0, 16)}…, ${from} says ${expected.slice(0, 16)}…`);
+      }
       const bytes = this.readIntoScratch(p.path, p.received);
       let bundle: TensorBundle;
       let isDelta: boolean;
@@ -149,9 +160,28 @@ export class PartialUpload {
   private readonly file: HashingFileWriter;
   private closing: Promise<void> | undefined;
   private sha256: string | undefined;
+  private trailer: string | undefined;
 
   constructor(readonly header: UpdateHeader, readonly path: string) {
     this.file = new HashingFileWriter(path, { mode: 0o600 });
+  }
+
+  /** The SHA-256 the site announced: from the header, or from the trailer when the header left it empty. */
+  get expectedSha256(): string | undefined {
+    return this.header.sha256 || this.trailer;
+  }
+
+  /** The UpdateTrailer: the last message, allowed only when the header left sha256 empty. */
+  setTrailer(raw: unknown): void {
+    if (this.closing) throw new UploadRefused('upload already finished');
+    if (this.header.sha256) throw new UploadRefused('an UpdateTrailer was sent although the header already carries sha256');
+    if (this.trailer !== undefined) throw new UploadRefused('only one UpdateTrailer per upload');
+    const sha = (raw as { sha256?: unknown } | null | undefined)?.sha256;
+    if (typeof sha !== 'string' || !SHA256_HEX.test(sha)) throw new UploadRefused('bad UpdateTrailer: sha256 must be 64 lowercase hex digits');
+    if (this.received !== this.header.totalSize) {
+      throw new UploadRefused(`UpdateTrailer after ${this.received} of ${this.header.totalSize} bytes: it must follow the last data chunk`);
+    }
+    this.trailer = sha;
   }
 
   /**
@@ -161,6 +191,7 @@ export class PartialUpload {
    */
   write(offset: number, data: Buffer): void {
     if (this.closing) throw new UploadRefused('upload already finished');
+    if (this.trailer !== undefined) throw new UploadRefused('data chunk after the UpdateTrailer: the trailer must come last');
     if (offset !== this.received) throw new UploadRefused(`out-of-order chunk: offset ${offset}, expected ${this.received}`);
     if (data.length === 0) throw new UploadRefused('empty chunk');
     if (data.length > CHUNK_BYTES) throw new UploadRefused(`chunk of ${data.length} bytes is larger than the ${CHUNK_BYTES}-byte maximum`);

@@ -16,6 +16,7 @@ import { updateDataChunkParts } from '../../shared/protocol/chunk-codec.ts';
 import { SiteHome } from '../home.ts';
 import { parseAddress } from '../enroll.ts';
 import type { WireAudit } from './wire-audit.ts';
+import type { Feature } from '../../shared/protocol/features.ts';
 
 export interface WireTask {
   taskId: string;
@@ -100,8 +101,25 @@ export class FederationClient {
     this.bulk.close();
   }
 
-  heartbeat(req: { state: string; progress: number; taskId: string; engine: string }, timeoutMs = 10_000): Promise<{ serverTimeMs: number }> {
-    return this.unary('Heartbeat', req, timeoutMs);
+  /** Optional protocol features the coordinator named in its last heartbeat answer (none until then). */
+  private features = new Set<string>();
+
+  heartbeat(req: { state: string; progress: number; taskId: string; engine: string }, timeoutMs = 10_000): Promise<{ serverTimeMs: number; features: string[] }> {
+    return this.unary<{ serverTimeMs: number; features?: string[] }>('Heartbeat', req, timeoutMs).then((r) => {
+      const features = r.features ?? [];
+      this.features = new Set(features);
+      return { serverTimeMs: r.serverTimeMs, features };
+    });
+  }
+
+  /** Whether the coordinator offered `feature` (shared/protocol/features.ts) in its last heartbeat answer. */
+  supports(feature: Feature): boolean {
+    return this.features.has(feature);
+  }
+
+  /** Stops using `feature` until a heartbeat offers it again (the coordinator refused it: e.g. it was downgraded). */
+  forget(feature: Feature): void {
+    this.features.delete(feature);
   }
 
   reportMetrics(req: { round: number; taskId: string; values: Record<string, number> }): Promise<{ accepted: boolean; reason: string }> {

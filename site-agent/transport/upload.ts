@@ -1,11 +1,14 @@
 /**
  * Sends one update as a client stream: a header (id, round, base model, size, SHA-256, samples), then
  * the payload in ordered chunks, straight from its buffer (FederationClient.openUpload, lean HTTP/2 client).
+ * Coordinators that offer it get the SHA-256 last, in a trailer, so hashing overlaps the transfer.
  * Retried under the same update id, so the coordinator counts it once.
  */
 import * as grpc from '@grpc/grpc-js';
 import { CHUNK_BYTES } from '../../shared/protocol/grpc.ts';
+import { createHash } from 'node:crypto';
 import { sha256Hex } from '../../shared/util/hash.ts';
+import { FEATURES } from '../../shared/protocol/features.ts';
 import type { FederationClient, UploadAck } from './client.ts';
 import type { TaskSettings } from '../../shared/protocol/task.ts';
 import { decodeSafetensors } from '../../shared/tensors/safetensors.ts';
@@ -32,14 +35,32 @@ export interface OutgoingUpdate {
 }
 
 export async function uploadOnce(client: FederationClient, u: OutgoingUpdate, onProgress?: (p: number) => void, timeoutMs = 600_000): Promise<UploadAck> {
+  if (!client.supports(FEATURES.uploadSha256Trailer)) return sendUpdate(client, u, 'header', onProgress, timeoutMs);
+  const ack = await sendUpdate(client, u, 'trailer', onProgress, timeoutMs);
+  // A coordinator that offered the trailer but then refused an empty header hash was replaced by an older one
+  // since the last heartbeat: send the update again the way every coordinator accepts.
+  if (!ack.accepted && /^bad update header: sha256/.test(ack.reason)) {
+    client.forget(FEATURES.uploadSha256Trailer);
+    return sendUpdate(client, u, 'header', onProgress, timeoutMs);
+  }
+  return ack;
+}
+
+/**
+ * `hashIn: 'header'` hashes the whole payload before the header goes out (every coordinator accepts this);
+ * `'trailer'` leaves the header's sha256 empty and hashes each chunk while the one before it travels, then
+ * sends the hash in an UpdateTrailer (coordinators that offer FEATURES.uploadSha256Trailer).
+ */
+async function sendUpdate(client: FederationClient, u: OutgoingUpdate, hashIn: 'header' | 'trailer', onProgress: ((p: number) => void) | undefined, timeoutMs: number): Promise<UploadAck> {
   const call = client.openUpload(timeoutMs);
+  const hash = hashIn === 'trailer' ? createHash('sha256') : undefined;
   const header = {
     updateId: u.updateId,
     round: u.round,
     taskId: u.taskId,
     baseModelHash: u.baseModelHash,
     totalSize: u.payload.length,
-    sha256: sha256Hex(u.payload),
+    sha256: hash ? '' : sha256Hex(u.payload),
     numSamples: u.numSamples,
   };
   // A refused or failed call settles `ack` early: stop sending then (sends after it return at once).
@@ -52,9 +73,13 @@ export async function uploadOnce(client: FederationClient, u: OutgoingUpdate, on
   for (let off = 0; off < u.payload.length && !over; off += CHUNK_BYTES) {
     const data = u.payload.subarray(off, Math.min(off + CHUNK_BYTES, u.payload.length));
     // Each send waits for HTTP/2 flow control, so at most a window of the update is ever queued.
-    await call.sendData(off, data);
+    const sent = call.sendData(off, data);
+    // Hashed while the chunk waits for the window and the socket: the hash costs no time of its own.
+    hash?.update(data);
+    await sent;
     onProgress?.(Math.min(1, (off + data.length) / u.payload.length));
   }
+  if (hash && !over) await call.send({ trailer: { sha256: hash.digest('hex') } });
   await call.end();
   return call.ack;
 }

@@ -109,6 +109,17 @@ describe('a local federation of separate processes', () => {
       for (const u of uploads) {
         const tensors = u.payload!.tensors as { name: string }[];
         expect(tensors.map((t) => t.name).sort()).toEqual(shared);
+        // Only a header, data chunks and the hash trailer: no other field rides along.
+        const kinds = (u.messages as Record<string, unknown>[]).map((m) => Object.keys(m).sort().join('+'));
+        expect(kinds[0]).toBe('header');
+        expect(kinds.at(-1)).toBe('trailer');
+        expect(new Set(kinds.slice(1, -1))).toEqual(new Set(['data+offset']));
+        // The agents heard the coordinator offer the trailer, so they hashed while sending: the header's hash is
+        // empty and the trailer's is the payload's.
+        const first = u.messages[0] as { header: Record<string, unknown> };
+        expect(Object.keys(first.header).sort()).toEqual(['baseModelHash', 'numSamples', 'round', 'sha256', 'taskId', 'totalSize', 'updateId']);
+        expect(first.header.sha256).toBe('');
+        expect((u.messages.at(-1) as { trailer: { sha256: string } }).trailer.sha256).toBe(u.payload!.sha256);
       }
       for (const c of calls.filter((x) => x.method.endsWith('/ReportMetrics'))) {
         const values = (c.messages[0] as { values: Record<string, number> }).values;

@@ -473,6 +473,30 @@ describe('update uploads', () => {
     nothingStored();
   });
 
+  it('refuses an UpdateTrailer that is wrong, early, doubled, unannounced or missing', async () => {
+    const payload = encodeSafetensors(update());
+    const half = Math.floor(payload.length / 2);
+    const header = { updateId: `test-${randomUUID()}`, round: task.round, taskId: task.taskId, baseModelHash: task.modelHash, totalSize: payload.length, sha256: '', numSamples: 4 };
+    const data = [{ data: payload.subarray(0, half), offset: 0 }, { data: payload.subarray(half), offset: half }];
+    const trailer = { trailer: { sha256: sha256Hex(payload) } };
+    const wrong = await sendRaw([{ header }, ...data, { trailer: { sha256: sha256Hex(Buffer.from('something else')) } }]);
+    expect(wrong.reason).toMatch(/hash mismatch: .*trailer says/);
+    const missing = await sendRaw([{ header }, ...data]);
+    expect(missing.reason).toMatch(/ended without the UpdateTrailer/);
+    const early = await sendRaw([{ header }, data[0], trailer, data[1]]);
+    expect(early.reason).toMatch(new RegExp(`UpdateTrailer after ${half} of ${payload.length} bytes`));
+    const doubled = await sendRaw([{ header }, ...data, trailer, trailer]);
+    expect(doubled.reason).toMatch(/only one UpdateTrailer/);
+    const dataAfter = await sendRaw([{ header }, ...data, trailer, { data: payload.subarray(0, 10), offset: payload.length }]);
+    expect(dataAfter.reason).toMatch(/data chunk after the UpdateTrailer/);
+    const unannounced = await sendRaw([{ header: { ...header, sha256: sha256Hex(payload) } }, ...data, trailer]);
+    expect(unannounced.reason).toMatch(/header already carries sha256/);
+    const malformed = await sendRaw([{ header }, ...data, { trailer: { sha256: 'XYZ' } }]);
+    expect(malformed.reason).toMatch(/bad UpdateTrailer: sha256 must be 64 lowercase hex/);
+    for (const a of [wrong, missing, early, doubled, dataAfter, unannounced, malformed]) expect(a.accepted).toBe(false);
+    nothingStored();
+  });
+
   it('refuses updates for another round or trained from another model', async () => {
     const payload = encodeSafetensors(update());
     expect((await send({ payload, round: task.round + 1 })).reason).toMatch(/not the open round/);
