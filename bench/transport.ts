@@ -45,6 +45,7 @@ import { FederationClient, type UploadAck, type WireChunk, type WireTask } from 
 import { ModelCache } from '../site-agent/transport/model-cache.ts';
 import { uploadOnce } from '../site-agent/transport/upload.ts';
 import { AUTH_METADATA_KEY, CHANNEL_OPTIONS, CHUNK_BYTES, MAX_MESSAGE_BYTES, METHODS, loadProto } from '../shared/protocol/grpc.ts';
+import { FEATURES } from '../shared/protocol/features.ts';
 import { H2Channel, type ServerStreamCall } from '../site-agent/transport/h2-channel.ts';
 import { pinnedChannelCredentials } from '../shared/security/pki.ts';
 import { loadSiteKey, signSiteToken, siteCallCredentials } from '../shared/security/site-identity.ts';
@@ -93,7 +94,7 @@ interface ServerTiming {
   bytes: number;
 }
 type ChildMsg =
-  | { type: 'ready'; grpcPort: number; tcpPort: number; tlsPort: number; tlsDownPort: number }
+  | { type: 'ready'; grpcPort: number; tcpPort: number; tlsPort: number; tlsDownPort: number; h2Port: number }
   | { type: 'reply'; id: number; cpuMs: number; windows?: string }
   | ServerTiming;
 /** Requests carry an id; the child answers each with a 'reply' holding its CPU time so far (user + system). */
@@ -150,6 +151,38 @@ function countingSink(sock: net.Socket): void {
       need = -1;
       sock.write(Buffer.from([1]));
     }
+  });
+}
+
+const BARE_H2_WINDOW = 32 * 2 ** 20;
+
+/**
+ * Bare HTTP/2 over TLS, no gRPC: GET /down with header `x-bytes: N` answers N bytes from one reused buffer
+ * (honouring backpressure); POST /up counts the body and answers once it has all of it.
+ */
+function bareH2Stream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders): void {
+  stream.on('error', () => undefined);
+  if (headers[':path'] === '/down') {
+    const total = Number(headers['x-bytes']);
+    const piece = Buffer.alloc(RAW_PIECE, 0x5a);
+    stream.respond({ ':status': 200 });
+    let sent = 0;
+    const pump = () => {
+      while (sent < total) {
+        const n = Math.min(piece.length, total - sent);
+        sent += n;
+        if (!stream.write(n === piece.length ? piece : piece.subarray(0, n))) return void stream.once('drain', pump);
+      }
+      stream.end();
+    };
+    pump();
+    return;
+  }
+  let got = 0;
+  stream.on('data', (c: Buffer) => (got += c.length));
+  stream.on('end', () => {
+    stream.respond({ ':status': 200, 'x-bytes': String(got) });
+    stream.end();
   });
 }
 
@@ -231,10 +264,15 @@ async function serve(dir: string): Promise<void> {
   const tcpServer = net.createServer(countingSink);
   const tlsServer = tls.createServer({ key: cert.keyPem, cert: cert.chainPem }, countingSink);
   const tlsSource = tls.createServer({ key: cert.keyPem, cert: cert.chainPem }, sendingSource);
+  // Node's HTTP/2 alone (no gRPC): the ceiling for any gRPC implementation on node:http2 (16 KiB DATA frames).
+  const h2Server = origCreate({ key: cert.keyPem, cert: cert.chainPem, settings: { initialWindowSize: BARE_H2_WINDOW } });
+  h2Server.on('session', (session: http2.ServerHttp2Session) => session.once('connect', () => session.setLocalWindowSize(BARE_H2_WINDOW)));
+  h2Server.on('stream', bareH2Stream);
   tcpServer.listen(0, HOST);
   tlsServer.listen(0, HOST);
   tlsSource.listen(0, HOST);
-  await Promise.all([once(tcpServer, 'listening'), once(tlsServer, 'listening'), once(tlsSource, 'listening')]);
+  h2Server.listen(0, HOST);
+  await Promise.all([once(tcpServer, 'listening'), once(tlsServer, 'listening'), once(tlsSource, 'listening'), once(h2Server, 'listening')]);
 
   let stopping = false;
   const stop = async () => {
@@ -244,6 +282,7 @@ async function serve(dir: string): Promise<void> {
     tcpServer.close();
     tlsServer.close();
     tlsSource.close();
+    h2Server.close();
     process.disconnect?.();
   };
   process.on('message', (m: ParentMsg) => {
@@ -266,6 +305,7 @@ async function serve(dir: string): Promise<void> {
     tcpPort: (tcpServer.address() as net.AddressInfo).port,
     tlsPort: (tlsServer.address() as net.AddressInfo).port,
     tlsDownPort: (tlsSource.address() as net.AddressInfo).port,
+    h2Port: (h2Server.address() as net.AddressInfo).port,
   });
 }
 
@@ -344,6 +384,46 @@ async function rawTlsDown(port: number, caPem: string, total: number): Promise<n
   } finally {
     sock.destroy();
   }
+}
+
+/** One HTTP/2 session (TLS, same CA and 32 MiB windows as the site's lean client) to the bare HTTP/2 server. */
+async function bareH2Session(port: number, caPem: string): Promise<http2.ClientHttp2Session> {
+  const session = http2.connect(`https://localhost:${port}`, { ca: caPem, settings: { initialWindowSize: BARE_H2_WINDOW } });
+  await once(session, 'connect');
+  session.setLocalWindowSize(BARE_H2_WINDOW);
+  return session;
+}
+
+/** Bare HTTP/2, download direction: counts `total` bytes of one response body. */
+function bareH2Down(session: http2.ClientHttp2Session, total: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    let got = 0;
+    const req = session.request({ ':path': '/down', 'x-bytes': String(total) });
+    req.on('data', (c: Buffer) => (got += c.length));
+    req.on('error', reject);
+    req.on('end', () => (got === total ? resolve(performance.now() - t0) : reject(new Error(`bare HTTP/2 gave ${got} of ${total} bytes`))));
+    req.end();
+  });
+}
+
+/** Bare HTTP/2, upload direction: sends `total` bytes from a reused buffer; ms until the server's answer. */
+async function bareH2Up(session: http2.ClientHttp2Session, total: number, piece: Buffer): Promise<number> {
+  const t0 = performance.now();
+  const req = session.request({ ':method': 'POST', ':path': '/up' });
+  const answered = new Promise<void>((resolve, reject) => {
+    req.on('response', (h) => (Number(h['x-bytes']) === total ? resolve() : reject(new Error(`bare HTTP/2 server got ${String(h['x-bytes'])} of ${total} bytes`))));
+    req.on('error', reject);
+  });
+  req.resume();
+  for (let sent = 0; sent < total; ) {
+    const n = Math.min(piece.length, total - sent);
+    sent += n;
+    if (!req.write(n === piece.length ? piece : piece.subarray(0, n))) await once(req, 'drain');
+  }
+  req.end();
+  await answered;
+  return performance.now() - t0;
 }
 
 /** Times one DownloadModel stream, counting bytes only (nothing kept). */
@@ -479,7 +559,7 @@ async function main(): Promise<void> {
       const s1 = await ask({ type: 'cpu' });
       return { ms, serverCpuMs: s1 - s0, clientCpuMs: (c1.user + c1.system) / 1000 };
     };
-    const ready = new Promise<{ grpcPort: number; tcpPort: number; tlsPort: number; tlsDownPort: number }>((resolve, reject) => {
+    const ready = new Promise<{ grpcPort: number; tcpPort: number; tlsPort: number; tlsDownPort: number; h2Port: number }>((resolve, reject) => {
       child!.on('message', (m: ChildMsg) => {
         if (m.type === 'ready') resolve(m);
         if (m.type === 'reply') replies.get(m.id)?.(m);
@@ -499,6 +579,8 @@ async function main(): Promise<void> {
     await enrollSite({ coordinator: target, token: inv.token, caFingerprint: inv.caFingerprint, dir: siteDir });
     const site = new FederationClient(new SiteHome(siteDir));
     closers.push(() => site.close());
+    // As the agent does on start: the heartbeat answer names the coordinator's optional features.
+    const { features } = await site.heartbeat({ state: 'idle', progress: 0, taskId: '', engine: '' });
 
     // Task stream: each accepted upload closes a round and the next TRAIN task arrives here.
     let latest: WireTask | undefined;
@@ -545,18 +627,24 @@ async function main(): Promise<void> {
     await rawTcp(ports.tcpPort, total, piece);
     await rawTls(ports.tlsPort, caPem, total, piece);
     await rawTlsDown(ports.tlsDownPort, caPem, total);
+    const bare = await bareH2Session(ports.h2Port, caPem);
+    closers.push(() => bare.close());
+    await bareH2Down(bare, total);
+    await bareH2Up(bare, total, piece);
     await downloadToMemory(openTuned, total);
     await downloadToMemory(openDefault, total);
     await downloadToMemory(openGrpcTuned, total);
     await measuredOn('grpc-js', () => downloadToMemory(openTuned, total));
     await measuredOn('grpc-js', () => downloadToMemory(openGrpcTuned, total));
 
-    const r = { tcp: [] as Sample[], tls: [] as Sample[], tlsDown: [] as Sample[], dlGrpc: [] as Sample[], dlLeanGrpcServer: [] as Sample[], dl: [] as Sample[], dlDefault: [] as Sample[], ensure: [] as Sample[] };
+    const r = { h2Down: [] as Sample[], h2Up: [] as Sample[], tcp: [] as Sample[], tls: [] as Sample[], tlsDown: [] as Sample[], dlGrpc: [] as Sample[], dlLeanGrpcServer: [] as Sample[], dl: [] as Sample[], dlDefault: [] as Sample[], ensure: [] as Sample[] };
     const ensureReps = Math.max(1, Math.min(3, REPS));
     for (let i = 0; i < REPS; i++) {
       r.tcp.push(await measured(() => rawTcp(ports.tcpPort, total, piece)));
       r.tls.push(await measured(() => rawTls(ports.tlsPort, caPem, total, piece)));
       r.tlsDown.push(await measured(() => rawTlsDown(ports.tlsDownPort, caPem, total)));
+      r.h2Down.push(await measured(() => bareH2Down(bare, total)));
+      r.h2Up.push(await measured(() => bareH2Up(bare, total, piece)));
       r.dl.push(await measured(() => downloadToMemory(openTuned, total)));
       r.dlLeanGrpcServer.push(await measuredOn('grpc-js', () => downloadToMemory(openTuned, total)));
       r.dlGrpc.push(await measuredOn('grpc-js', () => downloadToMemory(openGrpcTuned, total)));
@@ -692,6 +780,8 @@ async function main(): Promise<void> {
     row('a. raw TCP socket, client → server', 'up', msOf(r.tcp), r.tcp);
     row('b. raw TLS socket, client → server (upload dir.)', 'up', msOf(r.tls), r.tls);
     row('b. raw TLS socket, server → client (download dir.)', 'down', msOf(r.tlsDown), r.tlsDown);
+    row('b. Node HTTP/2 alone over TLS (no gRPC), upload dir.', 'up', msOf(r.h2Up), r.h2Up);
+    row('b. Node HTTP/2 alone over TLS (no gRPC), download dir.', 'down', msOf(r.h2Down), r.h2Down);
     row('c. DownloadModel → memory (site client, coordinator HTTP/2 path)', 'down', msOf(r.dl), r.dl);
     row('c. … site client, grpc-js server', 'down', msOf(r.dlLeanGrpcServer), r.dlLeanGrpcServer);
     row('c. … grpc-js client and server (32 MiB window)', 'down', msOf(r.dlGrpc), r.dlGrpc);
@@ -706,7 +796,7 @@ async function main(): Promise<void> {
     console.log('  CPU = that process\'s user+system time over the transfer ÷ its wall time (100% = one core busy); server = the child process.');
 
     const breakdown = new Table({
-      head: ['upload, median ms', 'to ack', 'client sha256 + open', 'header → last byte', 'header → on disk', 'finish()', 'finish() → ack', 'ack − fold end', 'fold', 'round close'],
+      head: ['upload, median ms', 'to ack', 'client → header', 'header → last byte', 'header → on disk', 'finish()', 'finish() → ack', 'ack − fold end', 'fold', 'round close'],
       colAligns: ['left', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right'],
     });
     for (const [label, list] of [['lean (site client + HTTP/2 path)', uploads], ['grpc-js both sides', uploadsGrpc]] as const) {
@@ -714,7 +804,9 @@ async function main(): Promise<void> {
       breakdown.push([`${list.length} uploads, ${label}`, m((u) => u.ackMs), m((u) => u.clientToHeaderMs), m((u) => u.wireMs), m((u) => u.diskMs), m((u) => u.finishMs), m((u) => u.finishToAckMs), m((u) => u.ackVsFoldEndMs), m((u) => u.foldMs), m((u) => u.closeMs)]);
     }
     console.log(breakdown.toString());
-    console.log(`  client sha256 of the payload alone: ${fmt(shaMs)} ms (uploadOnce hashes before sending the header).`);
+    const trailer = features.includes(FEATURES.uploadSha256Trailer);
+    console.log(`  client → header: from uploadOnce() to the header's arrival. SHA-256 of the payload alone: ${fmt(shaMs)} ms; the site client`);
+    console.log(`  ${trailer ? 'hashes while it sends (the coordinator offers upload-sha256-trailer)' : 'hashes before the header (the coordinator offers no trailer)'}; the grpc-js rows hash before the header.`);
     console.log('  header → last byte: until the last chunk was received and checked (then queued to the file-writer thread);');
     console.log('  header → on disk: until every chunk was written, fsynced and hashed (PartialUpload.close()).');
     console.log('  finish() = re-read into the scratch buffer + safetensors decode + shape/NaN checks + rename + dir fsync.');
@@ -752,6 +844,11 @@ async function main(): Promise<void> {
     const pairedGrpc = stat(r.dlGrpc.map((d, i) => r.tlsDown[i]!.ms / d.ms)).median;
     console.log(`  download, interleaved (row c): ${verdict(dlMed, 'down')}; median of the per-repetition ratios: ${fmt(paired, 2)}× (grpc-js both sides: ${fmt(pairedGrpc, 2)}×)${shipped ? `; download, back to back (sweep, shipped settings): ${verdict(stat(shipped.mbps).median, 'down')}` : ''}`);
     console.log(`  upload, wire only (header → last byte): ${verdict(wireMed, 'up')}; header → on disk: ${verdict(diskMed, 'up')}; upload to ack: ${verdict(upMed, 'up')}`);
+    // What node:http2 itself allows: any gRPC implementation on it (grpc-js, ours) moves at most this much.
+    const h2DownMed = stat(msOf(r.h2Down).map((ms) => mbps(total, ms))).median;
+    const h2UpMed = stat(msOf(r.h2Up).map((ms) => mbps(total, ms))).median;
+    console.log(`  Node HTTP/2 alone, no gRPC (the ceiling for gRPC on node:http2): download ${fmt(h2DownMed / tlsDownMed, 2)}×, upload ${fmt(h2UpMed / tlsMed, 2)}× raw TLS;`);
+    console.log(`  of that ceiling, the shipped download reaches ${fmt(dlMed / h2DownMed, 2)}× and the upload's wire phase ${fmt(wireMed / h2UpMed, 2)}×`);
     console.log(`total bench time ${fmt((performance.now() - started) / 1000, 1)} s; load average at end: ${os.loadavg().map((x) => fmt(x, 2)).join(' ')}`);
   } finally {
     for (const c of closers.reverse()) {
