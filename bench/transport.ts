@@ -91,6 +91,8 @@ interface ServerTiming {
   foldEnd: number;
   /** End of RoundEngine.accepted(): here, since each bench round has one site, the round close. */
   acceptedEnd: number;
+  /** Time the server stopped reading because more than UPLOAD_BACKLOG_BYTES waited for the file-writer thread. */
+  pausedMs: number;
   bytes: number;
 }
 type ChildMsg =
@@ -215,7 +217,7 @@ async function serve(dir: string): Promise<void> {
   const origBegin = UploadReceiver.prototype.begin;
   UploadReceiver.prototype.begin = function (this: UploadReceiver, header: UpdateHeader): PartialUpload {
     const p = origBegin.call(this, header);
-    byUpload.set(p, { updateId: header.updateId, headerAt: now(), lastChunkAt: 0, onDiskAt: 0, finishStart: 0, finishEnd: 0, bytes: 0 });
+    byUpload.set(p, { updateId: header.updateId, headerAt: now(), lastChunkAt: 0, onDiskAt: 0, finishStart: 0, finishEnd: 0, bytes: 0, pausedMs: 0 });
     return p;
   };
   const origWrite = PartialUpload.prototype.write;
@@ -223,6 +225,15 @@ async function serve(dir: string): Promise<void> {
     origWrite.call(this, offset, data);
     const t = byUpload.get(this);
     if (t) t.lastChunkAt = now();
+  };
+  // The upload handler waits on drained() only while it has paused the stream (writer backlog too long).
+  const origDrained = PartialUpload.prototype.drained;
+  PartialUpload.prototype.drained = function (this: PartialUpload, bytes: number): Promise<void> {
+    const t = byUpload.get(this);
+    const from = now();
+    return origDrained.call(this, bytes).then(() => {
+      if (t) t.pausedMs += now() - from;
+    });
   };
   const origClose = PartialUpload.prototype.close;
   PartialUpload.prototype.close = function (this: PartialUpload): Promise<void> {
@@ -702,6 +713,7 @@ async function main(): Promise<void> {
       ackVsFoldEndMs: number;
       foldMs: number;
       closeMs: number;
+      pausedMs: number;
       bytes: number;
       cpu?: Sample;
     }
@@ -734,6 +746,7 @@ async function main(): Promise<void> {
         finishToAckMs: ackAt - t.finishEnd,
         ackVsFoldEndMs: ackAt - t.foldEnd,
         foldMs: t.foldEnd - t.foldStart,
+        pausedMs: t.pausedMs,
         closeMs: t.acceptedEnd - t.foldEnd,
         bytes: t.bytes,
       };
@@ -796,18 +809,19 @@ async function main(): Promise<void> {
     console.log('  CPU = that process\'s user+system time over the transfer ÷ its wall time (100% = one core busy); server = the child process.');
 
     const breakdown = new Table({
-      head: ['upload, median ms', 'to ack', 'client → header', 'header → last byte', 'header → on disk', 'finish()', 'finish() → ack', 'ack − fold end', 'fold', 'round close'],
-      colAligns: ['left', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right'],
+      head: ['upload, median ms', 'to ack', 'client → header', 'header → last byte', '… reading paused', 'header → on disk', 'finish()', 'finish() → ack', 'ack − fold end', 'fold', 'round close'],
+      colAligns: ['left', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right'],
     });
     for (const [label, list] of [['lean (site client + HTTP/2 path)', uploads], ['grpc-js both sides', uploadsGrpc]] as const) {
       const m = (f: (u: UploadRun) => number) => fmt(stat(list.map(f)).median);
-      breakdown.push([`${list.length} uploads, ${label}`, m((u) => u.ackMs), m((u) => u.clientToHeaderMs), m((u) => u.wireMs), m((u) => u.diskMs), m((u) => u.finishMs), m((u) => u.finishToAckMs), m((u) => u.ackVsFoldEndMs), m((u) => u.foldMs), m((u) => u.closeMs)]);
+      breakdown.push([`${list.length} uploads, ${label}`, m((u) => u.ackMs), m((u) => u.clientToHeaderMs), m((u) => u.wireMs), m((u) => u.pausedMs), m((u) => u.diskMs), m((u) => u.finishMs), m((u) => u.finishToAckMs), m((u) => u.ackVsFoldEndMs), m((u) => u.foldMs), m((u) => u.closeMs)]);
     }
     console.log(breakdown.toString());
     const trailer = features.includes(FEATURES.uploadSha256Trailer);
     console.log(`  client → header: from uploadOnce() to the header's arrival. SHA-256 of the payload alone: ${fmt(shaMs)} ms; the site client`);
     console.log(`  ${trailer ? 'hashes while it sends (the coordinator offers upload-sha256-trailer)' : 'hashes before the header (the coordinator offers no trailer)'}; the grpc-js rows hash before the header.`);
     console.log('  header → last byte: until the last chunk was received and checked (then queued to the file-writer thread);');
+    console.log('  … reading paused: of that, the server held the stream because the file-writer thread had > 16 MiB to write.');
     console.log('  header → on disk: until every chunk was written, fsynced and hashed (PartialUpload.close()).');
     console.log('  finish() = re-read into the scratch buffer + safetensors decode + shape/NaN checks + rename + dir fsync.');
     console.log('  finish() → ack: store row, ack, its way to the client. ack − fold end < 0: the ack reached the client before');

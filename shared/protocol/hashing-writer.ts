@@ -6,7 +6,8 @@
  * Why a thread: on a loaded machine, writing ~130 MB into fresh page-cache pages costs 0.1–0.4 s of system
  * CPU and SHA-256 another ~0.1 s; done on the event loop, both stall the HTTP/2 session that is receiving
  * the next chunks (bench/README.md). Here the event loop only posts each chunk, transferring its memory
- * when the chunk owns a whole ArrayBuffer (a gRPC message's buffer), copying it otherwise.
+ * when the chunk owns a whole ArrayBuffer (a gRPC message's buffer), copying it otherwise. The thread hashes
+ * each chunk while libuv's thread pool writes it, so a chunk costs the longer of the two, not their sum.
  *
  * Callers bound the memory in flight themselves: `queuedBytes` says how much is posted but not yet written,
  * and `whenBelow()` resolves once it has dropped under a limit (pause the source in between).
@@ -28,11 +29,27 @@ const fail = (id, f, e) => {
   f.error = e && e.message ? e.message : String(e);
   parentPort.postMessage({ op: 'error', id, message: f.error });
 };
+// Writes all of b at pos on the libuv thread pool (pwrite may write less than asked).
+const writeAll = (fd, b, pos, done) => {
+  const step = (off) =>
+    fs.write(fd, b, off, b.length - off, pos + off, (e, n) => {
+      if (e) return done(e);
+      if (off + n < b.length) return step(off + n);
+      done(null);
+    });
+  step(0);
+};
+// Runs once no write of this file is in flight (finish and discard must not fsync or close under one).
+const whenIdle = (f, then) => {
+  if (f.pending === 0) then();
+  else f.idle = then;
+};
+const returnMemory = (id, b) => parentPort.postMessage({ op: 'written', id, bytes: b.length, data: b }, [b.buffer]);
 parentPort.on('message', (m) => {
   const f = files.get(m.id);
   switch (m.op) {
     case 'open': {
-      const file = { fd: m.fd, hash: createHash('sha256'), error: undefined };
+      const file = { fd: m.fd, hash: createHash('sha256'), error: undefined, pending: 0, idle: undefined, closing: false };
       files.set(m.id, file);
       try {
         // Resuming: hash the bytes already in the file, so the digest covers all of it.
@@ -49,35 +66,52 @@ parentPort.on('message', (m) => {
       return;
     }
     case 'write': {
-      if (f && !f.error) {
-        try {
-          const b = m.data;
-          for (let off = 0; off < b.length; ) off += fs.writeSync(f.fd, b, off, b.length - off, m.position + off);
-          f.hash.update(b);
-        } catch (e) {
-          fail(m.id, f, e);
+      const b = m.data;
+      if (!f || f.error || f.closing) return returnMemory(m.id, b);
+      // The thread pool writes the chunk while this thread hashes it: both only read b, and its memory goes
+      // back (the sender reuses it for later chunks) once the write is done, after the hash.
+      f.pending++;
+      writeAll(f.fd, b, m.position, (e) => {
+        if (e) fail(m.id, f, e);
+        f.pending--;
+        returnMemory(m.id, b);
+        if (f.pending === 0 && f.idle) {
+          const then = f.idle;
+          f.idle = undefined;
+          then();
         }
+      });
+      try {
+        f.hash.update(b);
+      } catch (e) {
+        fail(m.id, f, e);
       }
-      // The chunk's memory goes back (the sender may reuse it for later chunks).
-      parentPort.postMessage({ op: 'written', id: m.id, bytes: m.data.length, data: m.data }, [m.data.buffer]);
       return;
     }
     case 'finish': {
       // The descriptor belongs to the main thread, which closes it on 'finished' / 'dropped'.
       if (!f) return;
-      files.delete(m.id);
-      let error = f.error;
-      try {
-        if (!error && m.fsync) fs.fsyncSync(f.fd);
-      } catch (e) {
-        error = e && e.message ? e.message : String(e);
-      }
-      parentPort.postMessage(error ? { op: 'finished', id: m.id, error } : { op: 'finished', id: m.id, digest: f.hash.digest('hex') });
+      f.closing = true;
+      whenIdle(f, () => {
+        files.delete(m.id);
+        let error = f.error;
+        try {
+          if (!error && m.fsync) fs.fsyncSync(f.fd);
+        } catch (e) {
+          error = e && e.message ? e.message : String(e);
+        }
+        parentPort.postMessage(error ? { op: 'finished', id: m.id, error } : { op: 'finished', id: m.id, digest: f.hash.digest('hex') });
+      });
       return;
     }
     case 'discard': {
-      files.delete(m.id);
-      parentPort.postMessage({ op: 'dropped', id: m.id });
+      const dropped = () => {
+        files.delete(m.id);
+        parentPort.postMessage({ op: 'dropped', id: m.id });
+      };
+      if (!f) return dropped();
+      f.closing = true;
+      whenIdle(f, dropped);
       return;
     }
   }
