@@ -4,7 +4,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import protobuf from 'protobufjs';
@@ -93,6 +93,46 @@ describe('threaded hashing file writer', () => {
     w.write(Buffer.from(tail), head.length);
     const digest = await w.finish();
     expect(digest).toBe(createHash('sha256').update(Buffer.concat([head, tail])).digest('hex'));
+  });
+
+  it('keeps many chunks in flight and still writes, hashes and hands back every one of them', async () => {
+    const path = join(dir, 'many.part');
+    const w = new HashingFileWriter(path);
+    let back = 0;
+    w.onWritten = () => back++;
+    const parts = Array.from({ length: 40 }, () => randomBytes(1 << 20));
+    parts.forEach((p, i) => w.write(Buffer.from(p), i << 20, true));
+    expect(w.queuedBytes).toBeGreaterThan(0);
+    const digest = await w.finish({ fsync: true });
+    const all = Buffer.concat(parts);
+    expect(readFileSync(path).equals(all)).toBe(true);
+    expect(digest).toBe(createHash('sha256').update(all).digest('hex'));
+    expect(back).toBe(40);
+    expect(w.queuedBytes).toBe(0);
+  });
+
+  it('closes a discarded file only after its writes in flight are done (a reused descriptor would take them)', async () => {
+    // Closing under a write in flight would let the next open() reuse the descriptor number and take the write.
+    // /proc/self/fd shows when the descriptor closes; by then every chunk must have come back written.
+    const path = join(dir, 'd1.part');
+    const a = new HashingFileWriter(path);
+    let back = 0;
+    a.onWritten = () => back++;
+    for (let i = 0; i < 32; i++) a.write(randomBytes(1 << 20), i << 20, true);
+    a.discard();
+    const open = () => readdirSync('/proc/self/fd').some((fd) => {
+      try {
+        return readlinkSync(`/proc/self/fd/${fd}`).startsWith(path);
+      } catch {
+        return false;
+      }
+    });
+    expect(open()).toBe(true);
+    const deadline = Date.now() + 10_000;
+    while (open() && Date.now() < deadline) await new Promise((r) => setImmediate(r));
+    expect(open()).toBe(false);
+    expect(back).toBe(32);
+    expect(existsSync(path)).toBe(false);
   });
 
   it('discard deletes the file, even mid-write', async () => {
