@@ -19,7 +19,7 @@
  */
 import { fork, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import http2 from 'node:http2';
 import * as net from 'node:net';
 import * as os from 'node:os';
@@ -46,6 +46,7 @@ import { ModelCache } from '../site-agent/transport/model-cache.ts';
 import { uploadOnce } from '../site-agent/transport/upload.ts';
 import { AUTH_METADATA_KEY, CHANNEL_OPTIONS, CHUNK_BYTES, MAX_MESSAGE_BYTES, METHODS, loadProto } from '../shared/protocol/grpc.ts';
 import { FEATURES } from '../shared/protocol/features.ts';
+import { HashingFileWriter } from '../shared/protocol/hashing-writer.ts';
 import { H2Channel, type ServerStreamCall } from '../site-agent/transport/h2-channel.ts';
 import { pinnedChannelCredentials } from '../shared/security/pki.ts';
 import { loadSiteKey, signSiteToken, siteCallCredentials } from '../shared/security/site-identity.ts';
@@ -96,7 +97,7 @@ interface ServerTiming {
   bytes: number;
 }
 type ChildMsg =
-  | { type: 'ready'; grpcPort: number; tcpPort: number; tlsPort: number; tlsDownPort: number; h2Port: number }
+  | { type: 'ready'; grpcPort: number; tcpPort: number; tlsPort: number; tlsDownPort: number; h2Port: number; tlsDurablePort: number }
   | { type: 'reply'; id: number; cpuMs: number; windows?: string }
   | ServerTiming;
 /** Requests carry an id; the child answers each with a 'reply' holding its CPU time so far (user + system). */
@@ -157,6 +158,67 @@ function countingSink(sock: net.Socket): void {
 }
 
 const BARE_H2_WINDOW = 32 * 2 ** 20;
+
+/**
+ * Like countingSink, but stores what it receives as durably as an upload is stored before its ack: 2 MiB pieces
+ * handed to the same file-writer thread (write + SHA-256), then fsync; answers once that is done. Files stay,
+ * as accepted updates do (so each transfer writes into new page-cache pages, as an upload does).
+ */
+function durableSink(dir: string): (sock: net.Socket) => void {
+  let files = 0;
+  return (sock) => {
+    let need = -1;
+    let got = 0;
+    let head = Buffer.alloc(0);
+    let file: HashingFileWriter | undefined;
+    let piece: Buffer | undefined;
+    let fill = 0;
+    const spare: Uint8Array[] = [];
+    const flush = () => {
+      if (!piece || fill === 0) return;
+      file!.write(piece.subarray(0, fill), got - fill, true);
+      piece = undefined;
+      fill = 0;
+    };
+    const take = (c: Buffer) => {
+      for (let off = 0; off < c.length; ) {
+        if (!piece) {
+          const m = spare.pop();
+          piece = m ? Buffer.from(m.buffer, m.byteOffset, RAW_PIECE) : Buffer.allocUnsafeSlow(RAW_PIECE);
+        }
+        const n = Math.min(c.length - off, RAW_PIECE - fill);
+        c.copy(piece, fill, off, off + n);
+        fill += n;
+        off += n;
+        got += n;
+        if (fill === RAW_PIECE) flush();
+      }
+    };
+    sock.on('error', () => undefined);
+    sock.on('data', (c: Buffer) => {
+      if (need < 0) {
+        head = Buffer.concat([head, c]);
+        if (head.length < 8) return;
+        need = Number(head.readBigUInt64LE(0));
+        got = 0;
+        file = new HashingFileWriter(join(dir, `raw-${files++}.part`), { mode: 0o600 });
+        file.onWritten = (m) => {
+          if (m.byteLength === RAW_PIECE) spare.push(m);
+        };
+        c = head.subarray(8);
+        head = Buffer.alloc(0);
+      }
+      take(c);
+      if (got >= need) {
+        flush();
+        need = -1;
+        const done = file!;
+        file = undefined;
+        void done.finish({ fsync: true }).then(() => sock.write(Buffer.from([1])));
+      }
+    });
+  };
+}
 
 /**
  * Bare HTTP/2 over TLS, no gRPC: GET /down with header `x-bytes: N` answers N bytes from one reused buffer
@@ -274,6 +336,9 @@ async function serve(dir: string): Promise<void> {
   const cert = home.serverCertificate();
   const tcpServer = net.createServer(countingSink);
   const tlsServer = tls.createServer({ key: cert.keyPem, cert: cert.chainPem }, countingSink);
+  const rawFiles = join(dir, '..', 'raw-sink');
+  mkdirSync(rawFiles, { recursive: true });
+  const tlsDurable = tls.createServer({ key: cert.keyPem, cert: cert.chainPem }, durableSink(rawFiles));
   const tlsSource = tls.createServer({ key: cert.keyPem, cert: cert.chainPem }, sendingSource);
   // Node's HTTP/2 alone (no gRPC): the ceiling for any gRPC implementation on node:http2 (16 KiB DATA frames).
   const h2Server = origCreate({ key: cert.keyPem, cert: cert.chainPem, settings: { initialWindowSize: BARE_H2_WINDOW } });
@@ -283,7 +348,8 @@ async function serve(dir: string): Promise<void> {
   tlsServer.listen(0, HOST);
   tlsSource.listen(0, HOST);
   h2Server.listen(0, HOST);
-  await Promise.all([once(tcpServer, 'listening'), once(tlsServer, 'listening'), once(tlsSource, 'listening'), once(h2Server, 'listening')]);
+  tlsDurable.listen(0, HOST);
+  await Promise.all([once(tlsDurable, 'listening'), once(tcpServer, 'listening'), once(tlsServer, 'listening'), once(tlsSource, 'listening'), once(h2Server, 'listening')]);
 
   let stopping = false;
   const stop = async () => {
@@ -294,6 +360,7 @@ async function serve(dir: string): Promise<void> {
     tlsServer.close();
     tlsSource.close();
     h2Server.close();
+    tlsDurable.close();
     process.disconnect?.();
   };
   process.on('message', (m: ParentMsg) => {
@@ -317,6 +384,7 @@ async function serve(dir: string): Promise<void> {
     tlsPort: (tlsServer.address() as net.AddressInfo).port,
     tlsDownPort: (tlsSource.address() as net.AddressInfo).port,
     h2Port: (h2Server.address() as net.AddressInfo).port,
+    tlsDurablePort: (tlsDurable.address() as net.AddressInfo).port,
   });
 }
 
@@ -570,7 +638,7 @@ async function main(): Promise<void> {
       const s1 = await ask({ type: 'cpu' });
       return { ms, serverCpuMs: s1 - s0, clientCpuMs: (c1.user + c1.system) / 1000 };
     };
-    const ready = new Promise<{ grpcPort: number; tcpPort: number; tlsPort: number; tlsDownPort: number; h2Port: number }>((resolve, reject) => {
+    const ready = new Promise<{ grpcPort: number; tcpPort: number; tlsPort: number; tlsDownPort: number; h2Port: number; tlsDurablePort: number }>((resolve, reject) => {
       child!.on('message', (m: ChildMsg) => {
         if (m.type === 'ready') resolve(m);
         if (m.type === 'reply') replies.get(m.id)?.(m);
@@ -757,8 +825,14 @@ async function main(): Promise<void> {
     // Site uploads (lean client, coordinator HTTP/2 path) alternate with the same upload through grpc-js on both
     // sides (how it ran before 2026-11-26); one warm-up each.
     const slots = 2 * (UPLOADS + 1);
+    const durable: Sample[] = [];
     for (let i = 0; i < slots; i++) {
       const viaLean = i % 2 === 0;
+      // Before each shipped-path upload: the same bytes over raw TLS into a file stored as durably (warm-up first).
+      if (viaLean) {
+        const d = await measured(() => rawTls(ports.tlsDurablePort, caPem, total, piece));
+        if (i >= 2) durable.push(d);
+      }
       let run: UploadRun | undefined;
       const cpu = await measuredOn(viaLean ? 'http2' : 'grpc-js', async () => {
         run = await uploadVia(viaLean ? viaSite : viaGrpc, n++);
@@ -800,6 +874,7 @@ async function main(): Promise<void> {
     row('c. … grpc-js client and server (32 MiB window)', 'down', msOf(r.dlGrpc), r.dlGrpc);
     row('c. … grpc-js client and server (default window)', 'down', msOf(r.dlDefault), r.dlDefault);
     row('c. ModelCache.ensure (write+fsync+sha256)', 'down', msOf(r.ensure), r.ensure);
+    row('d. raw TLS socket → file (writer thread: write + SHA-256; fsync)', 'up', msOf(durable), durable);
     row('d. uploadOnce → ack (site client, coordinator HTTP/2 path)', 'up', uploads.map((u) => u.ackMs), uploads.map((u) => u.cpu!));
     row('d. … wire only: header → last byte received at server', 'up', uploads.map((u) => u.wireMs));
     row('d. … header → all on disk (written, fsynced, hashed)', 'up', uploads.map((u) => u.diskMs));
@@ -858,6 +933,8 @@ async function main(): Promise<void> {
     const pairedGrpc = stat(r.dlGrpc.map((d, i) => r.tlsDown[i]!.ms / d.ms)).median;
     console.log(`  download, interleaved (row c): ${verdict(dlMed, 'down')}; median of the per-repetition ratios: ${fmt(paired, 2)}× (grpc-js both sides: ${fmt(pairedGrpc, 2)}×)${shipped ? `; download, back to back (sweep, shipped settings): ${verdict(stat(shipped.mbps).median, 'down')}` : ''}`);
     console.log(`  upload, wire only (header → last byte): ${verdict(wireMed, 'up')}; header → on disk: ${verdict(diskMed, 'up')}; upload to ack: ${verdict(upMed, 'up')}`);
+    const durableMed = stat(msOf(durable).map((ms) => mbps(total, ms))).median;
+    console.log(`  raw TLS into a file stored as an upload is (write, SHA-256, fsync): ${fmt(durableMed / tlsMed, 2)}× raw TLS; upload to ack ÷ that: ${fmt(upMed / durableMed, 2)}× (what gRPC, checks and the store row cost on top of a durable transfer)`);
     // What node:http2 itself allows: any gRPC implementation on it (grpc-js, ours) moves at most this much.
     const h2DownMed = stat(msOf(r.h2Down).map((ms) => mbps(total, ms))).median;
     const h2UpMed = stat(msOf(r.h2Up).map((ms) => mbps(total, ms))).median;
