@@ -15,6 +15,9 @@
  * status from `grpc-status` / `grpc-message` in the trailers (or in the headers of a trailers-only response).
  * Errors carry grpc-js's shape (`code`, `details`, message `"<code> <NAME>: <details>"`), so callers and tests
  * handle both clients alike. The connection goes through the environment's egress proxy as grpc-js's would (proxy.ts).
+ * While a call is open, a connection that has gone silent is pinged and, without an answer, dropped (SessionWatch),
+ * as grpc-js's keepalive does for the other calls: a download or upload fails UNAVAILABLE (and is retried) instead
+ * of hanging when a network path dies without a reset.
  */
 import http2 from 'node:http2';
 import { isIP } from 'node:net';
@@ -37,6 +40,16 @@ export interface H2ChannelOptions {
   windowBytes: number;
   /** Largest response message accepted (grpc.max_receive_message_length). */
   maxMessageBytes: number;
+  /**
+   * While a call is open and nothing has arrived or left for this long, ping the coordinator (default 20 s, as
+   * grpc-js's keepalive_time for the site's other calls)...
+   */
+  keepaliveMs?: number;
+  /**
+   * ...and if neither the ping's answer nor anything else arrives within this long (default 10 s), drop the
+   * connection: its calls fail UNAVAILABLE instead of hanging on a network that went silent.
+   */
+  keepaliveTimeoutMs?: number;
 }
 
 export type GrpcCallError = Error & { code: grpc.status; details: string; metadata: grpc.Metadata };
@@ -106,6 +119,7 @@ function statusOf(headers: http2.IncomingHttpHeaders): Status | undefined {
 class RequestWriter {
   private req: http2.ClientHttp2Stream | undefined;
   private attached = false;
+  private touch: () => void = () => undefined;
   private readonly opened: Promise<void>;
   private open!: () => void;
 
@@ -114,10 +128,11 @@ class RequestWriter {
   }
 
   /** The stream to write to, or undefined when the call never got one; only the first call counts. */
-  attach(req: http2.ClientHttp2Stream | undefined): void {
+  attach(req: http2.ClientHttp2Stream | undefined, touch?: () => void): void {
     if (this.attached) return;
     this.attached = true;
     this.req = req;
+    if (touch) this.touch = touch;
     this.open();
   }
 
@@ -139,6 +154,8 @@ class RequestWriter {
       const done = () => {
         req.off('drain', done);
         req.off('close', done);
+        // Drained: the coordinator opened its window again, so the connection is alive.
+        this.touch();
         resolve();
       };
       req.on('drain', done);
@@ -168,8 +185,8 @@ class ServerStream<T> extends Readable implements ServerStreamCall<T> {
     this.reader = new MessageReader(pool);
   }
 
-  /** Wires the HTTP/2 stream in; `deadline` is absolute (ms since epoch). */
-  attach(req: http2.ClientHttp2Stream, deadline: number | undefined): void {
+  /** Wires the HTTP/2 stream in; `deadline` is absolute (ms since epoch); `touch` reports that bytes arrived. */
+  attach(req: http2.ClientHttp2Stream, deadline: number | undefined, touch: () => void = () => undefined): void {
     this.req = req;
     if (this.settled) {
       req.close(http2.constants.NGHTTP2_CANCEL);
@@ -180,6 +197,7 @@ class ServerStream<T> extends Readable implements ServerStreamCall<T> {
       this.timer = setTimeout(() => this.fail(grpc.status.DEADLINE_EXCEEDED, 'Deadline exceeded', true), Math.max(0, deadline - Date.now()));
     }
     req.on('response', (headers) => {
+      touch();
       const httpStatus = Number(headers[':status']);
       const trailersOnly = statusOf(headers);
       if (trailersOnly) {
@@ -190,7 +208,10 @@ class ServerStream<T> extends Readable implements ServerStreamCall<T> {
       const type = String(headers['content-type'] ?? '');
       if (!type.startsWith('application/grpc')) this.fail(grpc.status.UNKNOWN, `server answered content-type "${type}", not application/grpc`, true);
     });
-    req.on('data', (chunk: Buffer) => this.onData(chunk));
+    req.on('data', (chunk: Buffer) => {
+      touch();
+      this.onData(chunk);
+    });
     req.on('trailers', (trailers) => {
       this.status = statusOf(trailers) ?? { code: grpc.status.UNKNOWN, details: 'server sent trailers without grpc-status' };
     });
@@ -270,8 +291,64 @@ class ServerStream<T> extends Readable implements ServerStreamCall<T> {
   }
 }
 
+/**
+ * Keepalive for one session: calls report activity (bytes in, a drained write); while a call is open and the
+ * session has been silent for keepaliveMs, a PING goes out, and a session whose silence then lasts another
+ * keepaliveTimeoutMs is destroyed. Data arriving counts as an answer, so a slow link that keeps moving bytes is
+ * never taken for a dead one, even when the ping's answer waits behind megabytes queued on the other side.
+ */
+class SessionWatch {
+  private last = Date.now();
+  private pingSentAt: number | undefined;
+  private readonly timer: NodeJS.Timeout;
+
+  constructor(
+    private readonly session: http2.ClientHttp2Session,
+    private readonly busy: () => boolean,
+    private readonly everyMs: number,
+    private readonly timeoutMs: number,
+  ) {
+    this.timer = setInterval(() => this.check(), Math.max(10, Math.min(everyMs, timeoutMs) / 2));
+    this.timer.unref();
+    session.once('close', () => clearInterval(this.timer));
+  }
+
+  readonly touch = (): void => {
+    this.last = Date.now();
+  };
+
+  private check(): void {
+    const s = this.session;
+    if (s.destroyed || s.closed) return clearInterval(this.timer);
+    const now = Date.now();
+    if (this.pingSentAt !== undefined) {
+      if (this.last >= this.pingSentAt) this.pingSentAt = undefined; // something arrived since: alive
+      else if (now - this.pingSentAt >= this.timeoutMs) {
+        clearInterval(this.timer);
+        const silent = Math.round((now - this.last) / 1000);
+        s.destroy(new Error(`the coordinator stopped answering (nothing for ${silent} s, keepalive ping unanswered): the network or the coordinator's host may be down`));
+        return;
+      } else return;
+    }
+    if (!this.busy()) {
+      this.last = now; // idle sessions are not watched (they close after 5 idle minutes)
+      return;
+    }
+    if (now - this.last < this.everyMs) return;
+    try {
+      this.pingSentAt = now;
+      s.ping((err) => {
+        if (!err) this.touch();
+      });
+    } catch {
+      /* closing meanwhile: its calls fail on their own */
+    }
+  }
+}
+
 export class H2Channel {
   private session: http2.ClientHttp2Session | undefined;
+  private readonly watches = new WeakMap<http2.ClientHttp2Session, SessionWatch>();
   private connecting: Promise<http2.ClientHttp2Session> | undefined;
   private active = 0;
   private closed = false;
@@ -336,8 +413,9 @@ export class H2Channel {
         };
         if (deadline !== undefined) headers['grpc-timeout'] = formatGrpcTimeout(deadline - Date.now());
         const req = session.request(headers);
-        call.attach(req, deadline);
-        writer.attach(req);
+        const touch = this.watches.get(session)?.touch;
+        call.attach(req, deadline, touch);
+        writer.attach(req, touch);
       } catch (e) {
         call.failStart(grpc.status.UNAVAILABLE, `could not open a stream to the coordinator: ${(e as Error).message}`);
       }
@@ -411,6 +489,7 @@ export class H2Channel {
     session.setTimeout(5 * 60_000, () => {
       if (this.active === 0) session.close();
     });
+    this.watches.set(session, new SessionWatch(session, () => this.active > 0, this.o.keepaliveMs ?? 20_000, this.o.keepaliveTimeoutMs ?? 10_000));
     this.session = session;
     return session;
   }

@@ -91,7 +91,7 @@ let cert: ServerCertificate;
 let srv: { server: grpc.Server; port: number; log: ServerLog };
 const channels: H2Channel[] = [];
 
-function channel(opts: { port?: number; caPem?: string; windowBytes?: number; maxMessageBytes?: number } = {}): H2Channel {
+function channel(opts: { port?: number; caPem?: string; windowBytes?: number; maxMessageBytes?: number; keepaliveMs?: number; keepaliveTimeoutMs?: number } = {}): H2Channel {
   let n = 0;
   const c = new H2Channel({
     host: 'localhost',
@@ -100,6 +100,8 @@ function channel(opts: { port?: number; caPem?: string; windowBytes?: number; ma
     authHeaders: async () => ({ authorization: `Bearer token-${++n}` }),
     windowBytes: opts.windowBytes ?? 4 << 20,
     maxMessageBytes: opts.maxMessageBytes ?? 4 << 20,
+    keepaliveMs: opts.keepaliveMs,
+    keepaliveTimeoutMs: opts.keepaliveTimeoutMs,
   });
   channels.push(c);
   return c;
@@ -267,6 +269,71 @@ describe('H2Channel client streams', () => {
     const call = c.clientStream('/test.T/Collect', pass);
     await call.write([Buffer.from('x')]);
     await expect(call.response).rejects.toMatchObject({ code: grpc.status.UNAVAILABLE, details: expect.stringMatching(/shut down/) });
+  });
+});
+
+describe('H2Channel keepalive', () => {
+  /**
+   * A TCP relay to the server whose open connections can go silent: they then drop everything, both ways, and
+   * close nothing (no RST, no FIN), like a network path that died. Later connections relay normally.
+   */
+  async function silentRelay(): Promise<{ port: number; silence: () => void; close: () => void }> {
+    const sockets: net.Socket[] = [];
+    const silenced = new Set<net.Socket>();
+    const server = net.createServer((a) => {
+      const b = net.connect(srv.port, '127.0.0.1');
+      sockets.push(a, b);
+      a.on('data', (d) => void (silenced.has(a) || b.write(d)));
+      b.on('data', (d) => void (silenced.has(a) || a.write(d)));
+      for (const [x, y] of [[a, b], [b, a]]) {
+        x.on('error', () => undefined);
+        x.on('close', () => y.destroy());
+      }
+    });
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    return {
+      port: (server.address() as net.AddressInfo).port,
+      silence: () => sockets.forEach((x) => silenced.add(x)),
+      close: () => {
+        server.close();
+        for (const x of sockets) x.destroy();
+      },
+    };
+  }
+
+  it('fails a call UNAVAILABLE, with the reason, once the network goes silent mid-call, and reconnects for the next', async () => {
+    const relay = await silentRelay();
+    try {
+      const c = channel({ port: relay.port, keepaliveMs: 200, keepaliveTimeoutMs: 300 });
+      const call = stream(c, 'hang'); // one message, then the server waits: the call stays open
+      let t0 = 0;
+      const outcome = collect(call, () => {
+        relay.silence();
+        t0 = Date.now();
+      });
+      await expect(outcome).rejects.toMatchObject({ code: grpc.status.UNAVAILABLE, details: expect.stringMatching(/stopped answering .*keepalive ping unanswered/) });
+      // Silence is noticed after keepaliveMs without bytes, plus keepaliveTimeoutMs without an answer.
+      expect(Date.now() - t0).toBeGreaterThanOrEqual(400);
+      expect(Date.now() - t0).toBeLessThan(5_000);
+      // The dead connection is gone: the next call opens a new one.
+      expect(await collect(stream(c, 'ok:3:100'))).toHaveLength(3);
+    } finally {
+      relay.close();
+    }
+  });
+
+  it('keeps a call open while the coordinator sends nothing but answers the pings', async () => {
+    const c = channel({ keepaliveMs: 100, keepaliveTimeoutMs: 150 });
+    const call = stream(c, 'hang');
+    const first = new Promise<void>((resolve) => call.once('data', () => resolve()));
+    const outcome = collect(call);
+    outcome.catch(() => undefined);
+    await first;
+    // Ten keepalive periods of silence from the server's side, each answered by a ping.
+    await new Promise((r) => setTimeout(r, 1_000));
+    call.cancel();
+    await expect(outcome).rejects.toMatchObject({ code: grpc.status.CANCELLED });
   });
 });
 
