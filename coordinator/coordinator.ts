@@ -207,7 +207,7 @@ export const SERVER_FLOW_CONTROL_WINDOW = 32 * 1024 * 1024;
  * We widen each new session's connection and stream windows through the server's HTTP/2 listeners,
  * guarded so that a grpc-js without them only loses the speed-up.
  */
-function widenServerWindows(server: grpc.Server, bytes: number, log: Logger): void {
+export function widenServerWindows(server: grpc.Server, bytes: number, log: Logger): void {
   const listeners = (server as unknown as { http2Servers?: unknown }).http2Servers;
   if (!(listeners instanceof Map)) {
     log.debug('grpc-js internals changed: server HTTP/2 windows stay at their default');

@@ -15,9 +15,9 @@
  * status from `grpc-status` / `grpc-message` in the trailers (or in the headers of a trailers-only response).
  * Errors carry grpc-js's shape (`code`, `details`, message `"<code> <NAME>: <details>"`), so callers and tests
  * handle both clients alike. The connection goes through the environment's egress proxy as grpc-js's would (proxy.ts).
- * While a call is open, a connection that has gone silent is pinged and, without an answer, dropped (SessionWatch),
- * as grpc-js's keepalive does for the other calls: a download or upload fails UNAVAILABLE (and is retried) instead
- * of hanging when a network path dies without a reset.
+ * While a download is open, a connection that has gone silent is pinged and, without an answer, dropped
+ * (SessionWatch), as grpc-js's keepalive does for the other calls: the download fails UNAVAILABLE (and resumes)
+ * instead of hanging when a network path dies without a reset. Uploads are bounded by their deadline.
  */
 import http2 from 'node:http2';
 import { isIP } from 'node:net';
@@ -41,8 +41,8 @@ export interface H2ChannelOptions {
   /** Largest response message accepted (grpc.max_receive_message_length). */
   maxMessageBytes: number;
   /**
-   * While a call is open and nothing has arrived or left for this long, ping the coordinator (default 20 s, as
-   * grpc-js's keepalive_time for the site's other calls)...
+   * While a server-streaming call (a download) is open and nothing has arrived for this long, ping the
+   * coordinator (default 20 s, as grpc-js's keepalive_time for the site's other calls)...
    */
   keepaliveMs?: number;
   /**
@@ -292,10 +292,14 @@ class ServerStream<T> extends Readable implements ServerStreamCall<T> {
 }
 
 /**
- * Keepalive for one session: calls report activity (bytes in, a drained write); while a call is open and the
+ * Keepalive for one session: calls report activity (bytes in, a drained write); while a download is open and the
  * session has been silent for keepaliveMs, a PING goes out, and a session whose silence then lasts another
  * keepaliveTimeoutMs is destroyed. Data arriving counts as an answer, so a slow link that keeps moving bytes is
- * never taken for a dead one, even when the ping's answer waits behind megabytes queued on the other side.
+ * never taken for a dead one, even when the ping's answer waits behind megabytes queued on the coordinator's side.
+ *
+ * Not while an upload is in flight: its bytes sit in the site's own send queue (up to the coordinator's 32 MiB
+ * window, invisible to JS once handed to the socket), a ping would wait behind them, and on a slow uplink it
+ * would take a healthy upload for a dead one (tested). An upload is bounded by its deadline instead.
  */
 class SessionWatch {
   private last = Date.now();
@@ -349,6 +353,8 @@ class SessionWatch {
 export class H2Channel {
   private session: http2.ClientHttp2Session | undefined;
   private readonly watches = new WeakMap<http2.ClientHttp2Session, SessionWatch>();
+  /** Client-streaming calls (uploads) not yet settled: the keepalive pauses while there are any. */
+  private sending = 0;
   private connecting: Promise<http2.ClientHttp2Session> | undefined;
   private active = 0;
   private closed = false;
@@ -367,7 +373,8 @@ export class H2Channel {
 
   /** Starts a client-streaming call whose one response is decoded with `decode`. */
   clientStream<T>(path: string, decode: (b: Buffer) => T, opts: { deadline?: number } = {}): ClientStreamCall<T> {
-    const { call, writer } = this.start(path, decode, opts.deadline);
+    this.sending++;
+    const { call, writer } = this.start(path, decode, opts.deadline, () => this.sending--);
     const response = new Promise<T>((resolve, reject) => {
       let answer: { value: T } | undefined;
       call.on('data', (v: T) => (answer ??= { value: v }));
@@ -377,9 +384,12 @@ export class H2Channel {
     return { write: (parts) => writer.write(parts), end: () => writer.end(), response };
   }
 
-  private start<T>(path: string, decode: (b: Buffer) => T, deadline: number | undefined): { call: ServerStream<T>; writer: RequestWriter } {
+  private start<T>(path: string, decode: (b: Buffer) => T, deadline: number | undefined, settled?: () => void): { call: ServerStream<T>; writer: RequestWriter } {
     this.active++;
-    const call = new ServerStream<T>(decode, this.pool, () => this.callDone());
+    const call = new ServerStream<T>(decode, this.pool, () => {
+      settled?.();
+      this.callDone();
+    });
     const writer = new RequestWriter(() => call.over);
     if (this.closed) {
       call.failStart(grpc.status.UNAVAILABLE, 'channel has been shut down (the site client was closed)');
@@ -489,7 +499,7 @@ export class H2Channel {
     session.setTimeout(5 * 60_000, () => {
       if (this.active === 0) session.close();
     });
-    this.watches.set(session, new SessionWatch(session, () => this.active > 0, this.o.keepaliveMs ?? 20_000, this.o.keepaliveTimeoutMs ?? 10_000));
+    this.watches.set(session, new SessionWatch(session, () => this.active > 0 && this.sending === 0, this.o.keepaliveMs ?? 20_000, this.o.keepaliveTimeoutMs ?? 10_000));
     this.session = session;
     return session;
   }

@@ -12,6 +12,8 @@ import * as grpc from '@grpc/grpc-js';
 import { createCertificateAuthority, issueServerCertificate, serverCredentials, type CertificateAuthority, type ServerCertificate } from '../../shared/security/pki.ts';
 import { sha256Hex } from '../../shared/util/hash.ts';
 import { H2Channel, type GrpcCallError, type ServerStreamCall } from '../../site-agent/transport/h2-channel.ts';
+import { SERVER_FLOW_CONTROL_WINDOW, widenServerWindows } from '../../coordinator/coordinator.ts';
+import { pino } from 'pino';
 
 const pass = (b: Buffer) => b;
 const SERVICE: grpc.ServiceDefinition = {
@@ -320,6 +322,75 @@ describe('H2Channel keepalive', () => {
       expect(await collect(stream(c, 'ok:3:100'))).toHaveLength(3);
     } finally {
       relay.close();
+    }
+  });
+
+  /**
+   * A slow uplink: the relay passes the site's bytes on at `bytesPerSecond` and stops reading from the site while
+   * more than 64 KiB wait, so the backlog builds up on the site's side, as behind a slow line.
+   */
+  async function slowUplink(bytesPerSecond: number, targetPort: number): Promise<{ port: number; close: () => void }> {
+    const sockets: net.Socket[] = [];
+    const timers: NodeJS.Timeout[] = [];
+    const server = net.createServer((a) => {
+      const b = net.connect(targetPort, '127.0.0.1');
+      sockets.push(a, b);
+      const queue: Buffer[] = [];
+      let queued = 0;
+      a.on('data', (d) => {
+        queue.push(d);
+        queued += d.length;
+        if (queued > 64 * 1024) a.pause();
+      });
+      b.on('data', (d) => a.write(d));
+      const tick = 20;
+      timers.push(
+        setInterval(() => {
+          let budget = (bytesPerSecond * tick) / 1000;
+          while (budget > 0 && queue.length > 0) {
+            const head = queue[0]!;
+            const n = Math.min(budget, head.length);
+            b.write(head.subarray(0, n));
+            if (n === head.length) queue.shift();
+            else queue[0] = head.subarray(n);
+            queued -= n;
+            budget -= n;
+          }
+          if (queued <= 64 * 1024 && a.isPaused()) a.resume();
+        }, tick),
+      );
+      for (const [x, y] of [[a, b], [b, a]]) {
+        x.on('error', () => undefined);
+        x.on('close', () => y.destroy());
+      }
+    });
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    return {
+      port: (server.address() as net.AddressInfo).port,
+      close: () => {
+        server.close();
+        timers.forEach(clearInterval);
+        for (const x of sockets) x.destroy();
+      },
+    };
+  }
+
+  it('never drops a slow upload that keeps moving, though its pings wait behind the queued data', async () => {
+    // A server granting the coordinator's 32 MiB windows: the whole upload can queue up on the site's side.
+    const wide = await startServer(cert);
+    widenServerWindows(wide.server, SERVER_FLOW_CONTROL_WINDOW, pino({ level: 'silent' }));
+    const link = await slowUplink(1 << 20, wide.port);
+    try {
+      const c = channel({ port: link.port, keepaliveMs: 150, keepaliveTimeoutMs: 200 });
+      const call = c.clientStream('/test.T/Collect', pass);
+      const parts = Array.from({ length: 12 }, (_, i) => pattern(i, 256 * 1024)); // 3 MiB: ~3 s on this link
+      for (const p of parts) await call.write([p]);
+      await call.end();
+      expect((await call.response).toString()).toBe(`12:${sha256Hex(Buffer.concat(parts))}`);
+    } finally {
+      link.close();
+      wide.server.forceShutdown();
     }
   });
 
