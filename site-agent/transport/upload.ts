@@ -34,7 +34,17 @@ export interface OutgoingUpdate {
   payload: Buffer;
 }
 
-export async function uploadOnce(client: FederationClient, u: OutgoingUpdate, onProgress?: (p: number) => void, timeoutMs = 600_000): Promise<UploadAck> {
+/**
+ * How long one upload attempt may take: 10 minutes, or longer for an update that a 1 Mbit/s uplink needs longer
+ * for (with half again as margin). A fixed 10 minutes failed every attempt of a 130 MB update below ~1.8 Mbit/s.
+ * A path that dies mid-upload is noticed sooner: TCP gives up on unacknowledged data (~15 minutes at most).
+ */
+export function uploadDeadlineMs(bytes: number): number {
+  const atOneMbit = (bytes * 8) / 1e6; // seconds
+  return Math.max(600_000, Math.ceil(atOneMbit * 1.5 * 1000));
+}
+
+export async function uploadOnce(client: FederationClient, u: OutgoingUpdate, onProgress?: (p: number) => void, timeoutMs = uploadDeadlineMs(u.payload.length)): Promise<UploadAck> {
   if (!client.supports(FEATURES.uploadSha256Trailer)) return sendUpdate(client, u, 'header', onProgress, timeoutMs);
   const ack = await sendUpdate(client, u, 'trailer', onProgress, timeoutMs);
   // A coordinator that offered the trailer but then refused an empty header hash was replaced by an older one
