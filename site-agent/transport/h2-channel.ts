@@ -119,7 +119,6 @@ function statusOf(headers: http2.IncomingHttpHeaders): Status | undefined {
 class RequestWriter {
   private req: http2.ClientHttp2Stream | undefined;
   private attached = false;
-  private touch: () => void = () => undefined;
   private readonly opened: Promise<void>;
   private open!: () => void;
 
@@ -128,11 +127,10 @@ class RequestWriter {
   }
 
   /** The stream to write to, or undefined when the call never got one; only the first call counts. */
-  attach(req: http2.ClientHttp2Stream | undefined, touch?: () => void): void {
+  attach(req: http2.ClientHttp2Stream | undefined): void {
     if (this.attached) return;
     this.attached = true;
     this.req = req;
-    if (touch) this.touch = touch;
     this.open();
   }
 
@@ -154,8 +152,6 @@ class RequestWriter {
       const done = () => {
         req.off('drain', done);
         req.off('close', done);
-        // Drained: the coordinator opened its window again, so the connection is alive.
-        this.touch();
         resolve();
       };
       req.on('drain', done);
@@ -292,7 +288,7 @@ class ServerStream<T> extends Readable implements ServerStreamCall<T> {
 }
 
 /**
- * Keepalive for one session: calls report activity (bytes in, a drained write); while a download is open and the
+ * Keepalive for one session: calls report activity (response headers, bytes in); while a download is open and the
  * session has been silent for keepaliveMs, a PING goes out, and a session whose silence then lasts another
  * keepaliveTimeoutMs is destroyed. Data arriving counts as an answer, so a slow link that keeps moving bytes is
  * never taken for a dead one, even when the ping's answer waits behind megabytes queued on the coordinator's side.
@@ -425,7 +421,7 @@ export class H2Channel {
         const req = session.request(headers);
         const touch = this.watches.get(session)?.touch;
         call.attach(req, deadline, touch);
-        writer.attach(req, touch);
+        writer.attach(req);
       } catch (e) {
         call.failStart(grpc.status.UNAVAILABLE, `could not open a stream to the coordinator: ${(e as Error).message}`);
       }

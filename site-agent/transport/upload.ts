@@ -84,7 +84,7 @@ async function sendUpdate(client: FederationClient, u: OutgoingUpdate, hashIn: '
     const data = u.payload.subarray(off, Math.min(off + CHUNK_BYTES, u.payload.length));
     // Each send waits for HTTP/2 flow control, so at most a window of the update is ever queued.
     const sent = call.sendData(off, data);
-    // Hashed while the chunk waits for the window and the socket: the hash costs no time of its own.
+    // Hashed while the chunk waits for the window and the socket, so hashing overlaps the transfer.
     hash?.update(data);
     await sent;
     onProgress?.(Math.min(1, (off + data.length) / u.payload.length));
