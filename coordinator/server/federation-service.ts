@@ -64,6 +64,15 @@ function toWireTask(t: TaskMessage): Record<string, unknown> {
 /** Upload bytes allowed to wait for the file-writer thread before the call stops reading. */
 const UPLOAD_BACKLOG_BYTES = 16 * 1024 * 1024;
 
+/** Tunables (tests shorten them). */
+export const uploadOptions = {
+  /**
+   * An open upload from which nothing has arrived for this long, while the coordinator was reading, is dropped:
+   * the site's path went silent (its deadline may be half an hour away). A site that is alive sends it again.
+   */
+  stallMs: 120_000,
+};
+
 /**
  * Resolves once the unary answer of a client-streaming call has left the process. grpc-js writes the message,
  * and only when that write completes, the status in HTTP/2 trailers; once the trailers are handed to the
@@ -173,11 +182,31 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
       let header: UpdateHeader | undefined;
       let partial: PartialUpload | undefined;
       let answered = false;
+      let stallTimer: NodeJS.Timeout | undefined;
       const answer = (ack: { updateId: string; accepted: boolean; duplicate?: boolean; reason?: string }) => {
         if (answered) return;
         answered = true;
+        clearTimeout(stallTimer);
         cb(null, { duplicate: false, reason: '', ...ack });
       };
+      // Dropped as dead when nothing arrives for uploadOptions.stallMs while we read (not while we hold the site back).
+      const stalled = () => {
+        if (answered) return;
+        answered = true;
+        partial?.discard();
+        partial = undefined;
+        const seconds = Math.round(uploadOptions.stallMs / 100) / 10;
+        log.warn({ site, round: header?.round, seconds }, 'upload stalled: nothing arrived; partial data deleted (the site sends it again)');
+        cb({ code: grpc.status.UNAVAILABLE, details: `nothing arrived for ${seconds} s, so the coordinator dropped this upload; send it again` });
+      };
+      const watchStall = (reading: boolean) => {
+        clearTimeout(stallTimer);
+        stallTimer = undefined;
+        if (answered || !reading) return;
+        stallTimer = setTimeout(stalled, uploadOptions.stallMs);
+        stallTimer.unref();
+      };
+      watchStall(true);
       const refuse = (reason: string) => {
         partial?.discard();
         partial = undefined;
@@ -191,15 +220,18 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
       const throttle = (p: PartialUpload) => {
         if (paused || p.backlog <= UPLOAD_BACKLOG_BYTES) return;
         paused = true;
+        watchStall(false);
         call.pause();
         void p.drained(UPLOAD_BACKLOG_BYTES / 2).then(() => {
           paused = false;
+          watchStall(true);
           call.resume();
         });
       };
 
       call.on('data', (msg: Record<string, unknown>) => {
         if (answered) return;
+        watchStall(!paused);
         try {
           if (!header) {
             if (msg.part !== 'header') throw new UploadRefused('the first chunk must carry the update header');
@@ -235,6 +267,7 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
       });
 
       call.on('end', () => {
+        watchStall(false);
         if (answered) return;
         if (!header || !partial) return refuse('upload ended before any data arrived');
         const p = partial;
@@ -287,6 +320,7 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
       });
 
       const abort = () => {
+        watchStall(false);
         if (partial) {
           partial.discard();
           partial = undefined;

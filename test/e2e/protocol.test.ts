@@ -20,6 +20,7 @@ import { FederationClient, type WireTask, type UploadAck } from '../../site-agen
 import { uploadOnce } from '../../site-agent/transport/upload.ts';
 import { ModelCache } from '../../site-agent/transport/model-cache.ts';
 import { modelStreamOptions } from '../../coordinator/server/model-stream.ts';
+import { uploadOptions } from '../../coordinator/server/federation-service.ts';
 import { loadSiteKey, signSiteToken } from '../../shared/security/site-identity.ts';
 import { pinnedChannelCredentials } from '../../shared/security/pki.ts';
 import { CHANNEL_OPTIONS, METHODS, loadProto } from '../../shared/protocol/grpc.ts';
@@ -495,6 +496,43 @@ describe('update uploads', () => {
     expect(malformed.reason).toMatch(/bad UpdateTrailer: sha256 must be 64 lowercase hex/);
     for (const a of [wrong, missing, early, doubled, dataAfter, unannounced, malformed]) expect(a.accepted).toBe(false);
     nothingStored();
+  });
+
+  it('drops an upload from which nothing arrives any more (a silent site), and keeps nothing of it', async () => {
+    const saved = uploadOptions.stallMs;
+    uploadOptions.stallMs = 300;
+    try {
+      const payload = encodeSafetensors(update());
+      const call = siteA.openUpload(30_000);
+      await call.send({ header: { updateId: `test-${randomUUID()}`, round: task.round, taskId: task.taskId, baseModelHash: task.modelHash, totalSize: payload.length, sha256: sha256Hex(payload), numSamples: 4 } });
+      await call.sendData(0, payload.subarray(0, 1000));
+      // ...and then nothing: no more data, no end.
+      await expect(call.ack).rejects.toMatchObject({ code: grpc.status.UNAVAILABLE, details: expect.stringMatching(/nothing arrived for 0.3 s, so the coordinator dropped this upload; send it again/) });
+      nothingStored();
+    } finally {
+      uploadOptions.stallMs = saved;
+    }
+  });
+
+  it('does not drop a slow upload that keeps sending', async () => {
+    const saved = uploadOptions.stallMs;
+    uploadOptions.stallMs = 400;
+    try {
+      const payload = encodeSafetensors(update());
+      const call = siteA.openUpload(30_000);
+      // A wrong hash, so the upload ends in a refusal with its own reason and round 1 stays open for later tests.
+      await call.send({ header: { updateId: `test-${randomUUID()}`, round: task.round, taskId: task.taskId, baseModelHash: task.modelHash, totalSize: payload.length, sha256: sha256Hex(Buffer.from('x')), numSamples: 4 } });
+      const step = Math.ceil(payload.length / 5);
+      for (let off = 0; off < payload.length; off += step) {
+        await new Promise((r) => setTimeout(r, 250));
+        await call.sendData(off, payload.subarray(off, Math.min(off + step, payload.length)));
+      }
+      await call.end();
+      expect((await call.ack).reason).toMatch(/hash mismatch/);
+      nothingStored();
+    } finally {
+      uploadOptions.stallMs = saved;
+    }
   });
 
   it('refuses updates for another round or trained from another model', async () => {
