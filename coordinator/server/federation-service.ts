@@ -69,8 +69,9 @@ export const uploadOptions = {
   /**
    * An open upload from which nothing has arrived for this long, while the coordinator was reading, is dropped:
    * the site's path went silent (its deadline may be half an hour away). A site that is alive sends it again.
+   * "Nothing" means no whole 2 MiB chunk: 5 minutes lets links down to ~60 kbit/s through.
    */
-  stallMs: 120_000,
+  stallMs: 300_000,
 };
 
 /**
