@@ -516,19 +516,22 @@ describe('update uploads', () => {
 
   it('does not drop a slow upload that keeps sending', async () => {
     const saved = uploadOptions.stallMs;
-    uploadOptions.stallMs = 400;
+    uploadOptions.stallMs = 1_000;
     try {
       const payload = encodeSafetensors(update());
       const call = siteA.openUpload(30_000);
       // A wrong hash, so the upload ends in a refusal with its own reason and round 1 stays open for later tests.
       await call.send({ header: { updateId: `test-${randomUUID()}`, round: task.round, taskId: task.taskId, baseModelHash: task.modelHash, totalSize: payload.length, sha256: sha256Hex(Buffer.from('x')), numSamples: 4 } });
-      const step = Math.ceil(payload.length / 5);
+      // Six gaps of 300 ms: the upload lasts longer than the stall limit, but no gap comes near it.
+      const step = Math.ceil(payload.length / 6);
+      const t0 = Date.now();
       for (let off = 0; off < payload.length; off += step) {
-        await new Promise((r) => setTimeout(r, 250));
+        await new Promise((r) => setTimeout(r, 300));
         await call.sendData(off, payload.subarray(off, Math.min(off + step, payload.length)));
       }
       await call.end();
       expect((await call.ack).reason).toMatch(/hash mismatch/);
+      expect(Date.now() - t0).toBeGreaterThan(uploadOptions.stallMs);
       nothingStored();
     } finally {
       uploadOptions.stallMs = saved;
