@@ -120,22 +120,30 @@ function sendingSource(sock: net.Socket): void {
     head = Buffer.concat([head, c]);
     if (head.length < 8) return;
     sock.off('data', onData);
-    const total = Number(head.readBigUInt64LE(0));
-    let sent = 0;
-    const pump = () => {
-      while (sent < total) {
-        const n = Math.min(piece.length, total - sent);
-        sent += n;
-        if (!sock.write(n === piece.length ? piece : piece.subarray(0, n))) return void sock.once('drain', pump);
-      }
-    };
-    pump();
+    pumpPiece(sock, Number(head.readBigUInt64LE(0)), piece);
   };
   sock.on('data', onData);
 }
 
-/** Receives `8-byte length + payload`, then answers one byte: the sender times until that byte. */
-function countingSink(sock: net.Socket): void {
+/** Writes `total` bytes to `out` from one reused `piece`, honouring backpressure ('drain'); then calls `done`. */
+function pumpPiece(out: { write(b: Buffer): boolean; once(event: 'drain', f: () => void): unknown }, total: number, piece: Buffer, done?: () => void): void {
+  let sent = 0;
+  const pump = (): void => {
+    while (sent < total) {
+      const n = Math.min(piece.length, total - sent);
+      sent += n;
+      if (!out.write(n === piece.length ? piece : piece.subarray(0, n))) return void out.once('drain', pump);
+    }
+    done?.();
+  };
+  pump();
+}
+
+/**
+ * Feeds the `8-byte length + payload` transfers arriving on `sock` to `t`, one after another: start(total), the
+ * payload's bytes as they come, end() once all have. (The sender waits for the answer before its next transfer.)
+ */
+function receiveTransfers(sock: net.Socket, t: { start(total: number): void; bytes(c: Buffer): void; end(): void }): void {
   let need = -1;
   let got = 0;
   let head = Buffer.alloc(0);
@@ -145,16 +153,23 @@ function countingSink(sock: net.Socket): void {
       head = Buffer.concat([head, c]);
       if (head.length < 8) return;
       need = Number(head.readBigUInt64LE(0));
-      got = head.length - 8;
+      got = 0;
+      c = head.subarray(8);
       head = Buffer.alloc(0);
-    } else {
-      got += c.length;
+      t.start(need);
     }
+    if (c.length > 0) t.bytes(c);
+    got += c.length;
     if (got >= need) {
       need = -1;
-      sock.write(Buffer.from([1]));
+      t.end();
     }
   });
+}
+
+/** Receives `8-byte length + payload`, then answers one byte: the sender times until that byte. */
+function countingSink(sock: net.Socket): void {
+  receiveTransfers(sock, { start: () => undefined, bytes: () => undefined, end: () => sock.write(Buffer.from([1])) });
 }
 
 const BARE_H2_WINDOW = 32 * 2 ** 20;
@@ -167,12 +182,10 @@ const BARE_H2_WINDOW = 32 * 2 ** 20;
 function durableSink(dir: string): (sock: net.Socket) => void {
   let files = 0;
   return (sock) => {
-    let need = -1;
-    let got = 0;
-    let head = Buffer.alloc(0);
     let file: HashingFileWriter | undefined;
     let piece: Buffer | undefined;
     let fill = 0;
+    let got = 0;
     const spare: Uint8Array[] = [];
     const flush = () => {
       if (!piece || fill === 0) return;
@@ -180,42 +193,34 @@ function durableSink(dir: string): (sock: net.Socket) => void {
       piece = undefined;
       fill = 0;
     };
-    const take = (c: Buffer) => {
-      for (let off = 0; off < c.length; ) {
-        if (!piece) {
-          const m = spare.pop();
-          piece = m ? Buffer.from(m.buffer, m.byteOffset, RAW_PIECE) : Buffer.allocUnsafeSlow(RAW_PIECE);
-        }
-        const n = Math.min(c.length - off, RAW_PIECE - fill);
-        c.copy(piece, fill, off, off + n);
-        fill += n;
-        off += n;
-        got += n;
-        if (fill === RAW_PIECE) flush();
-      }
-    };
-    sock.on('error', () => undefined);
-    sock.on('data', (c: Buffer) => {
-      if (need < 0) {
-        head = Buffer.concat([head, c]);
-        if (head.length < 8) return;
-        need = Number(head.readBigUInt64LE(0));
+    receiveTransfers(sock, {
+      start: () => {
         got = 0;
         file = new HashingFileWriter(join(dir, `raw-${files++}.part`), { mode: 0o600 });
         file.onWritten = (m) => {
           if (m.byteLength === RAW_PIECE) spare.push(m);
         };
-        c = head.subarray(8);
-        head = Buffer.alloc(0);
-      }
-      take(c);
-      if (got >= need) {
+      },
+      bytes: (c) => {
+        for (let off = 0; off < c.length; ) {
+          if (!piece) {
+            const m = spare.pop();
+            piece = m ? Buffer.from(m.buffer, m.byteOffset, RAW_PIECE) : Buffer.allocUnsafeSlow(RAW_PIECE);
+          }
+          const n = Math.min(c.length - off, RAW_PIECE - fill);
+          c.copy(piece, fill, off, off + n);
+          fill += n;
+          off += n;
+          got += n;
+          if (fill === RAW_PIECE) flush();
+        }
+      },
+      end: () => {
         flush();
-        need = -1;
         const done = file!;
         file = undefined;
         void done.finish({ fsync: true }).then(() => sock.write(Buffer.from([1])));
-      }
+      },
     });
   };
 }
@@ -228,18 +233,8 @@ function bareH2Stream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHt
   stream.on('error', () => undefined);
   if (headers[':path'] === '/down') {
     const total = Number(headers['x-bytes']);
-    const piece = Buffer.alloc(RAW_PIECE, 0x5a);
     stream.respond({ ':status': 200 });
-    let sent = 0;
-    const pump = () => {
-      while (sent < total) {
-        const n = Math.min(piece.length, total - sent);
-        sent += n;
-        if (!stream.write(n === piece.length ? piece : piece.subarray(0, n))) return void stream.once('drain', pump);
-      }
-      stream.end();
-    };
-    pump();
+    pumpPiece(stream, total, Buffer.alloc(RAW_PIECE, 0x5a), () => stream.end());
     return;
   }
   let got = 0;
