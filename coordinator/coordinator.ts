@@ -7,7 +7,6 @@
  * same port before it has one. The auth interceptor then requires a valid client certificate naming the calling
  * site on every method except Enroll.
  */
-import { COORDINATOR_FEATURES, FEATURES, type Feature } from '../shared/protocol/features.ts';
 import * as grpc from '@grpc/grpc-js';
 import type { Http2Server, ServerHttp2Session } from 'node:http2';
 import { existsSync } from 'node:fs';
@@ -33,6 +32,7 @@ import { loadPlanFile, defaultPlan } from '../shared/plan/load.ts';
 import type { Plan } from '../shared/plan/schema.ts';
 import { architectureFor } from '../shared/model/registry.ts';
 import { loadProto, MAX_MESSAGE_BYTES, METHODS, SERVER_OPTIONS } from '../shared/protocol/grpc.ts';
+import { COORDINATOR_FEATURES, FEATURES, type Feature } from '../shared/protocol/features.ts';
 import { serverCredentials } from '../shared/security/pki.ts';
 import { rawPublicKey, signManifest } from '../shared/security/site-identity.ts';
 import { createLogger, type Logger } from '../shared/util/log.ts';
