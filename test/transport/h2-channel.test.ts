@@ -276,17 +276,17 @@ describe('H2Channel client streams', () => {
 
 describe('H2Channel keepalive', () => {
   /**
-   * A TCP relay to the server whose open connections can go silent: they then drop everything, both ways, and
-   * close nothing (no RST, no FIN), like a network path that died. Later connections relay normally.
+   * A TCP relay on loopback to `targetPort`: `wire` connects each accepted socket (site side, `a`) to its
+   * server-side socket (`b`) and may return a cleanup; errors are ignored and a close on one side closes the other.
    */
-  async function silentRelay(): Promise<{ port: number; silence: () => void; close: () => void }> {
+  async function relay(targetPort: number, wire: (a: net.Socket, b: net.Socket) => (() => void) | void): Promise<{ port: number; sockets: net.Socket[]; close: () => void }> {
     const sockets: net.Socket[] = [];
-    const silenced = new Set<net.Socket>();
+    const cleanups: (() => void)[] = [];
     const server = net.createServer((a) => {
-      const b = net.connect(srv.port, '127.0.0.1');
+      const b = net.connect(targetPort, '127.0.0.1');
       sockets.push(a, b);
-      a.on('data', (d) => void (silenced.has(a) || b.write(d)));
-      b.on('data', (d) => void (silenced.has(a) || a.write(d)));
+      const cleanup = wire(a, b);
+      if (cleanup) cleanups.push(cleanup);
       for (const [x, y] of [[a, b], [b, a]]) {
         x.on('error', () => undefined);
         x.on('close', () => y.destroy());
@@ -296,12 +296,26 @@ describe('H2Channel keepalive', () => {
     await once(server, 'listening');
     return {
       port: (server.address() as net.AddressInfo).port,
-      silence: () => sockets.forEach((x) => silenced.add(x)),
+      sockets,
       close: () => {
         server.close();
+        cleanups.forEach((f) => f());
         for (const x of sockets) x.destroy();
       },
     };
+  }
+
+  /**
+   * A relay to the server whose open connections can go silent: they then drop everything, both ways, and
+   * close nothing (no RST, no FIN), like a network path that died. Later connections relay normally.
+   */
+  async function silentRelay(): Promise<{ port: number; silence: () => void; close: () => void }> {
+    const silenced = new Set<net.Socket>();
+    const r = await relay(srv.port, (a, b) => {
+      a.on('data', (d) => void (silenced.has(a) || b.write(d)));
+      b.on('data', (d) => void (silenced.has(a) || a.write(d)));
+    });
+    return { port: r.port, silence: () => r.sockets.forEach((x) => silenced.add(x)), close: r.close };
   }
 
   it('fails a call UNAVAILABLE, with the reason, once the network goes silent mid-call, and reconnects for the next', async () => {
@@ -330,11 +344,7 @@ describe('H2Channel keepalive', () => {
    * more than 64 KiB wait, so the backlog builds up on the site's side, as behind a slow line.
    */
   async function slowUplink(bytesPerSecond: number, targetPort: number): Promise<{ port: number; close: () => void }> {
-    const sockets: net.Socket[] = [];
-    const timers: NodeJS.Timeout[] = [];
-    const server = net.createServer((a) => {
-      const b = net.connect(targetPort, '127.0.0.1');
-      sockets.push(a, b);
+    const r = await relay(targetPort, (a, b) => {
       const queue: Buffer[] = [];
       let queued = 0;
       a.on('data', (d) => {
@@ -344,36 +354,22 @@ describe('H2Channel keepalive', () => {
       });
       b.on('data', (d) => a.write(d));
       const tick = 20;
-      timers.push(
-        setInterval(() => {
-          let budget = (bytesPerSecond * tick) / 1000;
-          while (budget > 0 && queue.length > 0) {
-            const head = queue[0]!;
-            const n = Math.min(budget, head.length);
-            b.write(head.subarray(0, n));
-            if (n === head.length) queue.shift();
-            else queue[0] = head.subarray(n);
-            queued -= n;
-            budget -= n;
-          }
-          if (queued <= 64 * 1024 && a.isPaused()) a.resume();
-        }, tick),
-      );
-      for (const [x, y] of [[a, b], [b, a]]) {
-        x.on('error', () => undefined);
-        x.on('close', () => y.destroy());
-      }
+      const timer = setInterval(() => {
+        let budget = (bytesPerSecond * tick) / 1000;
+        while (budget > 0 && queue.length > 0) {
+          const head = queue[0]!;
+          const n = Math.min(budget, head.length);
+          b.write(head.subarray(0, n));
+          if (n === head.length) queue.shift();
+          else queue[0] = head.subarray(n);
+          queued -= n;
+          budget -= n;
+        }
+        if (queued <= 64 * 1024 && a.isPaused()) a.resume();
+      }, tick);
+      return () => clearInterval(timer);
     });
-    server.listen(0, '127.0.0.1');
-    await once(server, 'listening');
-    return {
-      port: (server.address() as net.AddressInfo).port,
-      close: () => {
-        server.close();
-        timers.forEach(clearInterval);
-        for (const x of sockets) x.destroy();
-      },
-    };
+    return { port: r.port, close: r.close };
   }
 
   it('never drops a slow upload that keeps moving, though its pings wait behind the queued data', async () => {
