@@ -15,9 +15,9 @@
  * status from `grpc-status` / `grpc-message` in the trailers (or in the headers of a trailers-only response).
  * Errors carry grpc-js's shape (`code`, `details`, message `"<code> <NAME>: <details>"`), so callers and tests
  * handle both clients alike. The connection goes through the environment's egress proxy as grpc-js's would (proxy.ts).
- * While a download is open, a connection that has gone silent is pinged and, without an answer, dropped
- * (SessionWatch), as grpc-js's keepalive does for the other calls: the download fails UNAVAILABLE (and resumes)
- * instead of hanging when a network path dies without a reset. Uploads are bounded by their deadline.
+ * While a call is open, a connection that shows no sign of life is pinged and, without an answer, dropped
+ * (SessionWatch), as grpc-js's keepalive does for the other calls: a download or upload fails UNAVAILABLE (and
+ * resumes, or is sent again) instead of hanging when a network path dies without a reset.
  */
 import http2 from 'node:http2';
 import { isIP } from 'node:net';
@@ -41,15 +41,17 @@ export interface H2ChannelOptions {
   /** Largest response message accepted (grpc.max_receive_message_length). */
   maxMessageBytes: number;
   /**
-   * While a server-streaming call (a download) is open and nothing has arrived for this long, ping the
+   * While a call is open and the connection has shown no sign of life (bytes in, send window moving) for this long, ping the
    * coordinator (default 20 s, as grpc-js's keepalive_time for the site's other calls)...
    */
   keepaliveMs?: number;
   /**
-   * ...and if neither the ping's answer nor anything else arrives within this long (default 10 s), drop the
+   * ...and if neither the ping's answer nor any other sign of life comes within this long (default 10 s), drop the
    * connection: its calls fail UNAVAILABLE instead of hanging on a network that went silent.
    */
   keepaliveTimeoutMs?: number;
+  /** The same while an upload is in flight (default 2 minutes): its ping waits behind the upload's queued bytes. */
+  uploadKeepaliveTimeoutMs?: number;
 }
 
 export type GrpcCallError = Error & { code: grpc.status; details: string; metadata: grpc.Metadata };
@@ -287,28 +289,42 @@ class ServerStream<T> extends Readable implements ServerStreamCall<T> {
   }
 }
 
+/** The connection's HTTP/2 send window, or undefined once the session cannot say. */
+function sendWindow(s: http2.ClientHttp2Session): number | undefined {
+  try {
+    return s.state.remoteWindowSize;
+  } catch {
+    return undefined;
+  }
+}
+
 /**
- * Keepalive for one session: calls report activity (response headers, bytes in); while a download is open and the
- * session has been silent for keepaliveMs, a PING goes out, and a session whose silence then lasts another
- * keepaliveTimeoutMs is destroyed. Data arriving counts as an answer, so a slow link that keeps moving bytes is
- * never taken for a dead one, even when the ping's answer waits behind megabytes queued on the coordinator's side.
+ * Keepalive for one session, while any call is open on it. Signs of life: bytes arriving (calls report response
+ * headers and data), and the connection's HTTP/2 send window moving (the site's DATA frames leaving, the
+ * coordinator's WINDOW_UPDATEs arriving). After keepaliveMs without either, a PING goes out; a session that then
+ * shows no sign of life for the ping timeout is destroyed, and its calls fail UNAVAILABLE.
  *
- * Not while an upload is in flight: its bytes sit in the site's own send queue (up to the coordinator's 32 MiB
- * window, invisible to JS once handed to the socket), a ping would wait behind them, and on a slow uplink it
- * would take a healthy upload for a dead one (tested). An upload is bounded by its deadline instead.
+ * The ping timeout is longer while an upload is in flight: the ping then waits behind the site's own data already
+ * handed to the socket, which the window no longer shows (the kernel's send buffer: megabytes on a fast path).
+ * On a slow uplink that takes its time to drain — at 1 MiB/s through a loopback relay a ping waited 3 s behind
+ * 3 MiB; over a 1 Mbit/s line, 2 MiB in the socket's buffer would take 17 s, past a 10 s timeout.
+ * So uploads get uploadKeepaliveTimeoutMs (default 2 minutes): still minutes rather than TCP's ~15 to notice a dead path.
  */
 class SessionWatch {
   private last = Date.now();
   private pingSentAt: number | undefined;
+  private window: number | undefined;
   private readonly timer: NodeJS.Timeout;
 
   constructor(
     private readonly session: http2.ClientHttp2Session,
     private readonly busy: () => boolean,
     private readonly everyMs: number,
-    private readonly timeoutMs: number,
+    /** How long a ping may go unanswered, now (longer while an upload is in flight). */
+    private readonly timeoutMs: () => number,
+    checkEveryMs: number,
   ) {
-    this.timer = setInterval(() => this.check(), Math.max(10, Math.min(everyMs, timeoutMs) / 2));
+    this.timer = setInterval(() => this.check(), checkEveryMs);
     this.timer.unref();
     session.once('close', () => clearInterval(this.timer));
   }
@@ -321,9 +337,14 @@ class SessionWatch {
     const s = this.session;
     if (s.destroyed || s.closed) return clearInterval(this.timer);
     const now = Date.now();
+    const window = sendWindow(s);
+    if (window !== this.window) {
+      this.window = window;
+      this.last = now;
+    }
     if (this.pingSentAt !== undefined) {
       if (this.last >= this.pingSentAt) this.pingSentAt = undefined; // something arrived since: alive
-      else if (now - this.pingSentAt >= this.timeoutMs) {
+      else if (now - this.pingSentAt >= this.timeoutMs()) {
         clearInterval(this.timer);
         const silent = Math.round((now - this.last) / 1000);
         s.destroy(new Error(`the coordinator stopped answering (nothing for ${silent} s, keepalive ping unanswered): the network or the coordinator's host may be down`));
@@ -349,11 +370,11 @@ class SessionWatch {
 export class H2Channel {
   private session: http2.ClientHttp2Session | undefined;
   private readonly watches = new WeakMap<http2.ClientHttp2Session, SessionWatch>();
-  /** Client-streaming calls (uploads) not yet settled: the keepalive pauses while there are any. */
-  private sending = 0;
   private connecting: Promise<http2.ClientHttp2Session> | undefined;
   private active = 0;
   private closed = false;
+  /** Client-streaming calls (uploads) not yet settled: the keepalive's ping timeout is longer while there are any. */
+  private sending = 0;
   private readonly pool: MessagePool;
 
   constructor(private readonly o: H2ChannelOptions) {
@@ -495,7 +516,11 @@ export class H2Channel {
     session.setTimeout(5 * 60_000, () => {
       if (this.active === 0) session.close();
     });
-    this.watches.set(session, new SessionWatch(session, () => this.active > 0 && this.sending === 0, this.o.keepaliveMs ?? 20_000, this.o.keepaliveTimeoutMs ?? 10_000));
+    const every = this.o.keepaliveMs ?? 20_000;
+    const timeout = this.o.keepaliveTimeoutMs ?? 10_000;
+    const uploadTimeout = Math.max(timeout, this.o.uploadKeepaliveTimeoutMs ?? 120_000);
+    const watch = new SessionWatch(session, () => this.active > 0, every, () => (this.sending > 0 ? uploadTimeout : timeout), Math.max(10, Math.min(every, timeout) / 2));
+    this.watches.set(session, watch);
     this.session = session;
     return session;
   }

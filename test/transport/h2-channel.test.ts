@@ -93,7 +93,7 @@ let cert: ServerCertificate;
 let srv: { server: grpc.Server; port: number; log: ServerLog };
 const channels: H2Channel[] = [];
 
-function channel(opts: { port?: number; caPem?: string; windowBytes?: number; maxMessageBytes?: number; keepaliveMs?: number; keepaliveTimeoutMs?: number } = {}): H2Channel {
+function channel(opts: { port?: number; caPem?: string; windowBytes?: number; maxMessageBytes?: number; keepaliveMs?: number; keepaliveTimeoutMs?: number; uploadKeepaliveTimeoutMs?: number } = {}): H2Channel {
   let n = 0;
   const c = new H2Channel({
     host: 'localhost',
@@ -104,6 +104,7 @@ function channel(opts: { port?: number; caPem?: string; windowBytes?: number; ma
     maxMessageBytes: opts.maxMessageBytes ?? 4 << 20,
     keepaliveMs: opts.keepaliveMs,
     keepaliveTimeoutMs: opts.keepaliveTimeoutMs,
+    uploadKeepaliveTimeoutMs: opts.uploadKeepaliveTimeoutMs,
   });
   channels.push(c);
   return c;
@@ -378,7 +379,9 @@ describe('H2Channel keepalive', () => {
     widenServerWindows(wide.server, SERVER_FLOW_CONTROL_WINDOW, pino({ level: 'silent' }));
     const link = await slowUplink(1 << 20, wide.port);
     try {
-      const c = channel({ port: link.port, keepaliveMs: 150, keepaliveTimeoutMs: 200 });
+      // The pings wait ~3 s behind the data in the sockets' buffers; with uploadKeepaliveTimeoutMs at 200 ms the
+      // session was dropped (the bug this guards against), with 10 s it must not be.
+      const c = channel({ port: link.port, keepaliveMs: 150, keepaliveTimeoutMs: 200, uploadKeepaliveTimeoutMs: 10_000 });
       const call = c.clientStream('/test.T/Collect', pass);
       const parts = Array.from({ length: 12 }, (_, i) => pattern(i, 256 * 1024)); // 3 MiB: ~3 s on this link
       for (const p of parts) await call.write([p]);
@@ -387,6 +390,29 @@ describe('H2Channel keepalive', () => {
     } finally {
       link.close();
       wide.server.forceShutdown();
+    }
+  });
+
+  it('fails an upload UNAVAILABLE once the network goes silent under it, and reconnects for the next', async () => {
+    const relay = await silentRelay();
+    try {
+      const c = channel({ port: relay.port, keepaliveMs: 200, keepaliveTimeoutMs: 300, uploadKeepaliveTimeoutMs: 600 });
+      const call = c.clientStream('/test.T/Collect', pass);
+      call.response.catch(() => undefined);
+      await call.write([pattern(0, 64 * 1024)]);
+      relay.silence();
+      const t0 = Date.now();
+      // Far more than the server's flow-control windows: the writes stall once the window is spent.
+      void (async () => {
+        for (let i = 1; i < 64; i++) await call.write([pattern(i, 256 * 1024)]);
+        await call.end();
+      })();
+      await expect(call.response).rejects.toMatchObject({ code: grpc.status.UNAVAILABLE, details: expect.stringMatching(/stopped answering .*keepalive ping unanswered/) });
+      expect(Date.now() - t0).toBeGreaterThanOrEqual(700);
+      expect(Date.now() - t0).toBeLessThan(8_000);
+      expect(await collect(stream(c, 'ok:3:100'))).toHaveLength(3);
+    } finally {
+      relay.close();
     }
   });
 
