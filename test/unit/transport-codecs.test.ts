@@ -109,6 +109,25 @@ describe('threaded hashing file writer', () => {
     expect(digest).toBe(createHash('sha256').update(all).digest('hex'));
     expect(back).toBe(40);
     expect(w.queuedBytes).toBe(0);
+    expect(w.progressiveSyncs).toBe(0); // not asked for
+  });
+
+  it('syncs as it writes when asked (every syncEveryBytes), and the file is still exactly what was given', async () => {
+    const path = join(dir, 'synced.part');
+    const w = new HashingFileWriter(path, { syncEveryBytes: 4 << 20 });
+    const parts = Array.from({ length: 20 }, () => randomBytes(1 << 20));
+    // Paced, so writes complete between posts and the 4 MiB marks are crossed while writing, not all at the end.
+    for (const [i, p] of parts.entries()) {
+      w.write(Buffer.from(p), i << 20, true);
+      await w.whenBelow(0);
+    }
+    const digest = await w.finish({ fsync: true });
+    const all = Buffer.concat(parts);
+    expect(readFileSync(path).equals(all)).toBe(true);
+    expect(digest).toBe(createHash('sha256').update(all).digest('hex'));
+    // 20 MiB at one sync per 4 MiB: up to 5, fewer when a sync is still running as the next mark passes.
+    expect(w.progressiveSyncs).toBeGreaterThanOrEqual(1);
+    expect(w.progressiveSyncs).toBeLessThanOrEqual(5);
   });
 
   it('closes a discarded file only after its writes in flight are done (a reused descriptor would take them)', async () => {
