@@ -16,6 +16,7 @@
  *   npm run bench:transport
  *   BENCH_REPS=3 BENCH_UPLOADS=2 npm run bench:transport     # quicker
  *   BENCH_SWEEP=0 npm run bench:transport                    # without the download chunk-size / window sweep
+ *   BENCH_SYNC_EVERY=0 npm run bench:transport               # files fsynced only at the end (no progressive sync)
  */
 import { fork, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
@@ -46,7 +47,7 @@ import { ModelCache } from '../site-agent/transport/model-cache.ts';
 import { uploadOnce } from '../site-agent/transport/upload.ts';
 import { AUTH_METADATA_KEY, CHANNEL_OPTIONS, CHUNK_BYTES, MAX_MESSAGE_BYTES, METHODS, loadProto } from '../shared/protocol/grpc.ts';
 import { FEATURES } from '../shared/protocol/features.ts';
-import { HashingFileWriter, PROGRESSIVE_SYNC_BYTES } from '../shared/protocol/hashing-writer.ts';
+import { HashingFileWriter, fileSyncOptions } from '../shared/protocol/hashing-writer.ts';
 import { H2Channel, type ServerStreamCall } from '../site-agent/transport/h2-channel.ts';
 import { pinnedChannelCredentials } from '../shared/security/pki.ts';
 import { loadSiteKey, signSiteToken, siteCallCredentials } from '../shared/security/site-identity.ts';
@@ -71,6 +72,9 @@ const RAW_PIECE = 2 * 1024 * 1024;
  * faster than the interleaved row c (download right after a raw transfer): both are printed.
  */
 const SWEEP = process.env.BENCH_SWEEP !== '0';
+// BENCH_SYNC_EVERY=N: files written by uploads, downloads and the durable reference fdatasync every N bytes while
+// writing (0: only the closing fsync), in this process and the server child alike, to compare with the shipped value.
+if (process.env.BENCH_SYNC_EVERY !== undefined) fileSyncOptions.progressiveSyncBytes = Number(process.env.BENCH_SYNC_EVERY);
 const HOST = '127.0.0.1';
 
 const now = (): number => performance.timeOrigin + performance.now(); // comparable across processes
@@ -176,7 +180,7 @@ const BARE_H2_WINDOW = 32 * 2 ** 20;
 
 /**
  * Like countingSink, but stores what it receives as durably as an upload is stored before its ack: 2 MiB pieces
- * handed to the same file-writer thread (write + SHA-256, synced every 8 MiB), then fsync; answers once that is done. Files stay,
+ * handed to the same file-writer thread (write + SHA-256, progressive sync as uploads), then fsync; answers once that is done. Files stay,
  * as accepted updates do (so each transfer writes into new page-cache pages, as an upload does).
  */
 function durableSink(dir: string): (sock: net.Socket) => void {
@@ -196,7 +200,7 @@ function durableSink(dir: string): (sock: net.Socket) => void {
     receiveTransfers(sock, {
       start: () => {
         got = 0;
-        file = new HashingFileWriter(join(dir, `raw-${files++}.part`), { mode: 0o600, syncEveryBytes: PROGRESSIVE_SYNC_BYTES });
+        file = new HashingFileWriter(join(dir, `raw-${files++}.part`), { mode: 0o600, syncEveryBytes: fileSyncOptions.progressiveSyncBytes });
         file.onWritten = (m) => {
           if (m.byteLength === RAW_PIECE) spare.push(m);
         };
@@ -869,7 +873,7 @@ async function main(): Promise<void> {
     row('c. … grpc-js client and server (32 MiB window)', 'down', msOf(r.dlGrpc), r.dlGrpc);
     row('c. … grpc-js client and server (default window)', 'down', msOf(r.dlDefault), r.dlDefault);
     row('c. ModelCache.ensure (write+fsync+sha256)', 'down', msOf(r.ensure), r.ensure);
-    row('d. raw TLS socket → file (writer thread: write + SHA-256, synced every 8 MiB; fsync)', 'up', msOf(durable), durable);
+    row('d. raw TLS socket → file (writer thread: write + SHA-256, progressive sync; fsync)', 'up', msOf(durable), durable);
     row('d. uploadOnce → ack (site client, coordinator HTTP/2 path)', 'up', uploads.map((u) => u.ackMs), uploads.map((u) => u.cpu!));
     row('d. … wire only: header → last byte received at server', 'up', uploads.map((u) => u.wireMs));
     row('d. … header → all on disk (written, fsynced, hashed)', 'up', uploads.map((u) => u.diskMs));
@@ -913,6 +917,7 @@ async function main(): Promise<void> {
     console.log(`  client 'grpc-node.flow_control_window' ${fmt(Number(CHANNEL_OPTIONS['grpc-node.flow_control_window'] ?? 65535))} B (compared with grpc-js default: HTTP/2 65,535 B)`);
     console.log(`  server receive windows (coordinator.ts widenServerWindows; grpc-js 1.14 has no option), as the server's HTTP/2 sessions report them: ${serverWindows || '?'}`);
     console.log(`  DownloadModel: ${modelStreamOptions.slots} reused buffers per download, chunk ${fmt(modelStreamOptions.chunkBytes)} B`);
+    console.log(`  files (uploads, ModelCache, durable reference): fdatasync every ${fmt(fileSyncOptions.progressiveSyncBytes)} B while writing, then fsync${process.env.BENCH_SYNC_EVERY !== undefined ? ' (BENCH_SYNC_EVERY)' : ''}`);
     console.log(`  raw sockets: ${fmt(RAW_PIECE)} B pieces from one reused buffer; TLS ${tlsInfo}, same CA/server certificate as the coordinator`);
     console.log(`  reps: ${REPS} (ModelCache.ensure ${ensureReps}, uploads ${UPLOADS} + 1 warm-up per client, alternating), after one warm-up each`);
     const dlMed = stat(msOf(r.dl).map((ms) => mbps(total, ms))).median;

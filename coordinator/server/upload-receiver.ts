@@ -15,7 +15,7 @@ import { checkAgainstSpecs, type TensorBundle, type TensorSpec } from '../../sha
 import { CHUNK_BYTES } from '../../shared/protocol/grpc.ts';
 import { fsyncDir } from '../../shared/util/fs-atomic.ts';
 import { SHA256_HEX } from '../../shared/util/hash.ts';
-import { HashingFileWriter, PROGRESSIVE_SYNC_BYTES } from '../../shared/protocol/hashing-writer.ts';
+import { HashingFileWriter, fileSyncOptions } from '../../shared/protocol/hashing-writer.ts';
 
 export const UpdateHeaderSchema = z.object({
   updateId: z.string().regex(/^[A-Za-z0-9._-]{8,128}$/, 'update_id must be 8–128 characters of [A-Za-z0-9._-]'),
@@ -163,7 +163,7 @@ export class PartialUpload {
   private trailer: string | undefined;
 
   constructor(readonly header: UpdateHeader, readonly path: string) {
-    this.file = new HashingFileWriter(path, { mode: 0o600, syncEveryBytes: PROGRESSIVE_SYNC_BYTES });
+    this.file = new HashingFileWriter(path, { mode: 0o600, syncEveryBytes: fileSyncOptions.progressiveSyncBytes });
   }
 
   /** The SHA-256 the site announced: from the header, or from the trailer when the header left it empty. */

@@ -191,12 +191,13 @@ let thread: WriterThread | undefined;
 const writerThread = (): WriterThread => (thread ??= new WriterThread());
 
 /**
- * The progressive sync interval for files that end with an fsync (uploads at the coordinator, model downloads at
- * the site). On a disk writing 300 MB/s (blkio-throttled here) it cut the closing fsync of a 132 MB file from 430 ms
- * to ~2 ms and an upload to the ack from 940–960 to 585–615 ms; on this VM's unthrottled disk, 578–606 to 536–567
- * (bench/README.md). 2 MiB did as well, 32 MiB left 60 ms.
+ * progressiveSyncBytes: the sync interval for files that end with an fsync (uploads at the coordinator, model
+ * downloads at the site). On a disk writing 300 MB/s (blkio-throttled here) it cut the closing fsync of a 132 MB
+ * file from 430 ms to ~2 ms and an upload to the ack from 940–960 to 585–615 ms; on this VM's unthrottled disk,
+ * 578–606 to 536–567 (bench/README.md). 2 MiB did as well, 32 MiB left 60 ms. A tunable: the transport bench
+ * changes it (BENCH_SYNC_EVERY) to compare.
  */
-export const PROGRESSIVE_SYNC_BYTES = 8 << 20;
+export const fileSyncOptions = { progressiveSyncBytes: 8 << 20 };
 
 /** Below this, a chunk is copied rather than transferred (small buffers may share Node's pool). */
 const MIN_TRANSFER_BYTES = 64 * 1024;

@@ -7,7 +7,7 @@ import { existsSync, mkdirSync, renameSync, statSync, readdirSync, rmSync, readF
 import { join } from 'node:path';
 import { SHA256_HEX, sha256Hex } from '../../shared/util/hash.ts';
 import { fsyncDir } from '../../shared/util/fs-atomic.ts';
-import { HashingFileWriter, PROGRESSIVE_SYNC_BYTES } from '../../shared/protocol/hashing-writer.ts';
+import { HashingFileWriter, fileSyncOptions } from '../../shared/protocol/hashing-writer.ts';
 import type { FederationClient } from './client.ts';
 
 /** Downloaded bytes allowed to wait for the file-writer thread before the stream is paused. */
@@ -59,8 +59,8 @@ export class ModelCache {
       offset = 0;
     }
     // A resumed download hashes the bytes already in the .part file first. Synced as it arrives, so the closing
-    // fsync has little left (PROGRESSIVE_SYNC_BYTES).
-    const file = new HashingFileWriter(part, { hashExisting: offset, syncEveryBytes: PROGRESSIVE_SYNC_BYTES });
+    // fsync has little left (fileSyncOptions).
+    const file = new HashingFileWriter(part, { hashExisting: offset, syncEveryBytes: fileSyncOptions.progressiveSyncBytes });
     let received = 0;
     let digest: string;
     try {
