@@ -4,7 +4,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import protobuf from 'protobufjs';
@@ -128,6 +128,19 @@ describe('threaded hashing file writer', () => {
     // 20 MiB at one sync per 4 MiB: up to 5, fewer when a sync is still running as the next mark passes.
     expect(w.progressiveSyncs).toBeGreaterThanOrEqual(1);
     expect(w.progressiveSyncs).toBeLessThanOrEqual(5);
+  });
+
+  it('fails the file when a progressive sync fails (after an error the kernel may call a later fsync clean)', async () => {
+    // /dev/zero takes positioned writes but cannot be synced (fdatasync: EINVAL), like a disk that reports a
+    // write-back error. Reached through a symlink, so nothing can ever unlink the device itself.
+    const link = join(dir, 'unsyncable');
+    symlinkSync('/dev/zero', link);
+    const w = new HashingFileWriter(link, { syncEveryBytes: 1024 });
+    const failed = new Promise<Error>((resolve) => (w.onError = resolve));
+    w.write(randomBytes(4096), 0); // the write itself succeeds; the sync after it fails
+    expect((await failed).message).toMatch(/EINVAL/);
+    expect(() => w.write(randomBytes(10), 4096)).toThrow(/EINVAL/);
+    await expect(w.finish({ fsync: true })).rejects.toThrow(/EINVAL/);
   });
 
   it('closes a discarded file only after its writes in flight are done (a reused descriptor would take them)', async () => {
