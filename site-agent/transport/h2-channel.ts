@@ -306,8 +306,9 @@ function sendWindow(s: http2.ClientHttp2Session): number | undefined {
  *
  * The ping timeout is longer while an upload is in flight: the ping then waits behind the site's own data already
  * handed to the socket, which the window no longer shows (the kernel's send buffer: megabytes on a fast path).
- * On a slow uplink that takes its time to drain — at 1 MiB/s through a loopback relay a ping waited 3 s behind
- * 3 MiB; over a 1 Mbit/s line, 2 MiB in the socket's buffer would take 17 s, past a 10 s timeout.
+ * On a slow uplink that takes its time to drain: through a 1 MiB/s loopback relay all 3 MiB of an upload sat in
+ * socket buffers, the window stood still for the 3 s they took, and a 200 ms ping timeout dropped the upload;
+ * over a 1 Mbit/s line, 2 MiB in the socket's buffer would take 17 s, past a 10 s timeout.
  * So uploads get uploadKeepaliveTimeoutMs (default 2 minutes): still minutes rather than TCP's ~15 to notice a dead path.
  */
 class SessionWatch {
