@@ -37,7 +37,7 @@ export interface OutgoingUpdate {
 /**
  * How long one upload attempt may take: 10 minutes, or longer for an update that a 1 Mbit/s uplink needs longer
  * for (with half again as margin). A fixed 10 minutes failed every attempt of a 130 MB update below ~1.8 Mbit/s.
- * A path that dies mid-upload is noticed sooner, by the channel's keepalive (h2-channel.ts: about 2.5 minutes).
+ * A path that dies mid-upload is noticed sooner, by the channel's keepalive (h2-channel.ts: 20 s without a sign of life + 2 minutes for the ping).
  */
 export function uploadDeadlineMs(bytes: number): number {
   const atOneMbit = (bytes * 8) / 1e6; // seconds

@@ -379,8 +379,9 @@ describe('H2Channel keepalive', () => {
     widenServerWindows(wide.server, SERVER_FLOW_CONTROL_WINDOW, pino({ level: 'silent' }));
     const link = await slowUplink(1 << 20, wide.port);
     try {
-      // The pings wait ~3 s behind the data in the sockets' buffers; with uploadKeepaliveTimeoutMs at 200 ms the
-      // session was dropped (the bug this guards against), with 10 s it must not be.
+      // The 3 MiB sit in the sockets' buffers and the send window stands still for the ~3 s they take to drain, so
+      // a ping goes out and waits behind them: with uploadKeepaliveTimeoutMs at 200 ms the session was dropped (the
+      // bug this guards against); with 10 s it must not be.
       const c = channel({ port: link.port, keepaliveMs: 150, keepaliveTimeoutMs: 200, uploadKeepaliveTimeoutMs: 10_000 });
       const call = c.clientStream('/test.T/Collect', pass);
       const parts = Array.from({ length: 12 }, (_, i) => pattern(i, 256 * 1024)); // 3 MiB: ~3 s on this link
