@@ -113,16 +113,27 @@ async function classLabels(dir: string, meta: DatasetJson, problems: DataProblem
   return out;
 }
 
-/** Scan a dataset folder. Throws DatasetError only when dataset.json is missing or invalid. */
-export async function scanDataset(dir: string): Promise<DatasetLayout> {
-  let text: string;
+export interface ScanOptions {
+  /**
+   * Used when the folder has no dataset.json: a held-out test folder may hold only imagesTs/ + labelsTs/, and
+   * takes its labels and channels from the training sites' dataset.json. A folder that has one keeps its own.
+   */
+  readonly fallbackMeta?: DatasetJson;
+}
+
+/** Scan a dataset folder. Throws DatasetError only when dataset.json is missing (with no fallback) or invalid. */
+export async function scanDataset(dir: string, opts: ScanOptions = {}): Promise<DatasetLayout> {
+  let meta: DatasetJson;
+  let testOnly = false;
   try {
-    text = await readFile(join(dir, 'dataset.json'), 'utf8');
+    meta = parseDatasetJson(await readFile(join(dir, 'dataset.json'), 'utf8'));
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    throw new DatasetError(`dataset.json: cannot read (${code ?? (e as Error).message})`, { cause: e });
+    if (e instanceof DatasetError) throw e;
+    if (code !== 'ENOENT' || !opts.fallbackMeta) throw new DatasetError(`dataset.json: cannot read (${code ?? (e as Error).message})`, { cause: e });
+    meta = opts.fallbackMeta;
+    testOnly = true;
   }
-  const meta = parseDatasetJson(text);
   const labels = classNames(meta.labels);
   const problems: DataProblem[] = [];
   const declared = meta.channel_names ?? meta.modality ?? {};
@@ -137,7 +148,8 @@ export async function scanDataset(dir: string): Promise<DatasetLayout> {
     const lblDir = `labels${split}`;
     const images = await ls(join(dir, imgDir));
     const lbls = (await ls(join(dir, lblDir))) ?? [];
-    if (images === undefined && split === 'Tr') problems.push({ severity: 'error', file: imgDir, fault: 'folder missing' });
+    if (images === undefined && split === 'Tr' && !testOnly) problems.push({ severity: 'error', file: imgDir, fault: 'folder missing' });
+    if (images === undefined && split === 'Ts' && testOnly) problems.push({ severity: 'error', file: imgDir, fault: 'folder missing (a folder without dataset.json must hold imagesTs/ and labelsTs/)' });
     const byCase = new Map<string, Map<number, string>>();
     for (const f of images ?? []) {
       const base = f.replace(NII, '');
@@ -177,7 +189,7 @@ export async function scanDataset(dir: string): Promise<DatasetLayout> {
     if (!known.has(k)) problems.push({ severity: 'warning', case: k, fault: 'has a classification label but no image' });
   }
   const numTr = cases.filter((c) => c.split === 'Tr').length;
-  if (numTr !== meta.numTraining) {
+  if (!testOnly && numTr !== meta.numTraining) {
     problems.push({ severity: 'warning', file: 'dataset.json', fault: `numTraining is ${meta.numTraining} but imagesTr holds ${numTr} case(s)` });
   }
   return { meta, name: meta.name ?? 'unnamed', labels, channelNames, cases, problems };

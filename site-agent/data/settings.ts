@@ -17,6 +17,8 @@ export function siteDataOptions(settings: DataSettings, patch: Shape3, log?: Dat
     ctWindow: settings.ctWindow,
     foregroundFraction: settings.foregroundFraction,
     cacheBytes: Math.round(settings.cacheMiB * 2 ** 20),
+    // Training sites always get a validation split: model selection and the teacher gate need one.
+    carveValidation: true,
     ...(log ? { log } : {}),
   };
 }

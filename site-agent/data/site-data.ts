@@ -8,7 +8,9 @@
  * augmented training patches, `load(ref)` for a whole prepared case, `patchToVolumeCase` to feed today's
  * single-channel Trainer interface.
  */
+import { createHash } from 'node:crypto';
 import type { VolumeCase } from '../../shared/model/types.ts';
+import type { DatasetJson } from './dataset-json.ts';
 import { augmentPatch, type AugmentOptions } from './augment.ts';
 import { readCase } from './case-reader.ts';
 import { scanDataset, type CaseEntry, type DataProblem, type DatasetLayout } from './layout.ts';
@@ -40,6 +42,13 @@ export interface SiteDataOptions {
   /** Cache budget for prepared cases, bytes (default 1 GiB). */
   readonly cacheBytes?: number;
   readonly log?: DataLogger;
+  /**
+   * With no labelled validation case (imagesTs + labelsTs), hold back a fixed share of the labelled training
+   * cases as validation (validationCarve), so model selection and the teacher gate never run blind.
+   */
+  readonly carveValidation?: boolean;
+  /** For a folder without dataset.json (a test folder of imagesTs/ + labelsTs/): labels and channels to assume. */
+  readonly fallbackMeta?: DatasetJson;
 }
 
 export interface CaseRef {
@@ -63,6 +72,8 @@ export class SiteData {
   readonly train: readonly CaseRef[];
   readonly val: readonly CaseRef[];
   readonly unlabelled: readonly CaseRef[];
+  /** How many validation cases were carved from the labelled training cases (0: none, or the folder had its own). */
+  readonly carved: number;
   readonly modalities: readonly Modality[];
   private readonly entries = new Map<string, CaseEntry>();
   private readonly bad = new Map<string, string>();
@@ -85,9 +96,12 @@ export class SiteData {
     const train: CaseRef[] = [];
     const val: CaseRef[] = [];
     const pool: CaseRef[] = [];
+    const labelledTs = layout.cases.filter((e) => e.split === 'Ts' && (e.label !== undefined || e.classLabel !== undefined)).length;
+    const carve = opts.carveValidation && labelledTs === 0 ? validationCarve(layout.cases.filter((e) => e.split === 'Tr' && (e.label !== undefined || e.classLabel !== undefined)).map((e) => e.name)) : new Set<string>();
+    this.carved = carve.size;
     for (const e of layout.cases) {
       const labelled = e.label !== undefined || e.classLabel !== undefined;
-      const [list, prefix, split] = !labelled ? [pool, 'pool', 'pool'] as const : e.split === 'Tr' ? [train, 'train', 'train'] as const : [val, 'val', 'val'] as const;
+      const [list, prefix, split] = !labelled ? [pool, 'pool', 'pool'] as const : e.split === 'Tr' && !carve.has(e.name) ? [train, 'train', 'train'] as const : [val, 'val', 'val'] as const;
       const ref: CaseRef = { id: `${prefix}-${list.length}`, split, segmentation: e.label !== undefined, ...(e.classLabel !== undefined ? { classLabel: e.classLabel } : {}) };
       list.push(ref);
       this.entries.set(ref.id, e);
@@ -101,12 +115,15 @@ export class SiteData {
 
   /** Scan the folder (dataset.json and file names only). Throws DatasetError for a missing/invalid dataset.json. */
   static async open(dir: string, opts: SiteDataOptions): Promise<SiteData> {
-    const layout = await scanDataset(dir);
+    const layout = await scanDataset(dir, opts.fallbackMeta ? { fallbackMeta: opts.fallbackMeta } : {});
     const d = new SiteData(dir, layout, opts);
     opts.log?.info?.(
       { train: d.train.length, val: d.val.length, unlabelled: d.unlabelled.length, channels: layout.channelNames.length, skipped: d.bad.size },
       'site data opened',
     );
+    if (d.carved > 0) {
+      opts.log?.info?.({ carved: d.carved, train: d.train.length }, 'no labelled validation cases (imagesTs + labelsTs): a fixed share of the labelled training cases is held back as validation');
+    }
     return d;
   }
 
@@ -189,6 +206,23 @@ export class SiteData {
     this.opts.log?.warn({ case: id, fault }, 'skipping unusable case');
     this.opts.log?.debug({ case: id, reason }, 'skipped case detail');
   }
+}
+
+/**
+ * The labelled training cases held back as validation when a folder has none of its own: about one in six
+ * (nnU-Net's 5-fold holds back one in five; a dozen cases cannot spare more), at least one when there are five
+ * or more, none below that. Chosen by a hash of each case's name, so the same folder always gives the same
+ * split — in a real federation, across restarts, and in `medfl experiment`, whose pooled arm leaves these out.
+ */
+export function validationCarve(names: readonly string[]): Set<string> {
+  if (names.length < 5) return new Set();
+  const k = Math.max(1, Math.round(names.length / 6));
+  const ranked = [...names].sort((a, b) => {
+    const ha = createHash('sha256').update(a).digest('hex');
+    const hb = createHash('sha256').update(b).digest('hex');
+    return ha < hb ? -1 : ha > hb ? 1 : a < b ? -1 : 1;
+  });
+  return new Set(ranked.slice(0, k));
 }
 
 class CaseUnusable extends Error {
