@@ -157,6 +157,8 @@ export async function runEmbed(opts: EmbedOptions): Promise<EmbedResult> {
       widthMultiplier: o.widthMultiplier,
       head: o.head ?? { kind: 'segmentation', numClasses: 2 },
       patch: [D, H, W],
+      norm: o.norm,
+      normGroups: o.normGroups,
     });
   } catch (e) {
     throw new EmbedError((e as Error).message);

@@ -5,10 +5,10 @@
  * `task.json`) next to `policy.yaml`, never in the plan, and describes the whole head:
  *
  *   # task.yaml
- *   head: classification     # segmentation | classification
- *   numClasses: 3            # segmentation: background included, 2..255; classification: 2..65535
+ *   head: classification     # segmentation | unet | classification
+ *   numClasses: 3            # segmentation/unet: background included, 2..255; classification: 2..65535
  *   dropout: 0.2             # classification only (default 0)
- *   # headChannels: 8        # segmentation only (default 32 × widthMultiplier)
+ *   # headChannels: 8        # segmentation/unet only (default 32 × widthMultiplier; unet at least 8)
  *
  * Fields left out take the architecture's defaults, not the plan's. The site builds the plan's encoder
  * with this head; the tensors it sends are the plan's shared tensors (the encoder) and nothing else, so
@@ -30,23 +30,24 @@ export const SiteTaskSchema = z
   .object({
     /** Free text for the people at the site (e.g. "lesion present, 0 = no / 1 = yes"). */
     description: z.string().optional(),
-    head: z.enum(['segmentation', 'classification']),
+    /** segmentation: MedicalNet's ¼-resolution head; unet: full-resolution decoder over the encoder's skips. */
+    head: z.enum(['segmentation', 'unet', 'classification']),
     numClasses: z.number().int().min(2).max(65535),
-    /** Segmentation head channels (default 32 × widthMultiplier, as MedicalNet). */
+    /** Segmentation/unet head channels (default 32 × widthMultiplier, as MedicalNet; unet at least 8). */
     headChannels: z.number().int().positive().optional(),
     /** Classification head dropout before the dense layer while training (default 0). */
     dropout: z.number().min(0).lt(1).optional(),
   })
   .strict()
   .superRefine((t, ctx) => {
-    if (t.head === 'segmentation' && t.numClasses > 255) {
-      ctx.addIssue({ code: 'custom', path: ['numClasses'], message: `a segmentation head has at most 255 classes (labels are bytes), got ${t.numClasses}` });
+    if (t.head !== 'classification' && t.numClasses > 255) {
+      ctx.addIssue({ code: 'custom', path: ['numClasses'], message: `a ${t.head} head has at most 255 classes (labels are bytes), got ${t.numClasses}` });
     }
-    if (t.head === 'segmentation' && t.dropout !== undefined) {
+    if (t.head !== 'classification' && t.dropout !== undefined) {
       ctx.addIssue({ code: 'custom', path: ['dropout'], message: 'dropout is for a classification head; remove it or set head: classification' });
     }
     if (t.head === 'classification' && t.headChannels !== undefined) {
-      ctx.addIssue({ code: 'custom', path: ['headChannels'], message: 'headChannels is for a segmentation head; remove it or set head: segmentation' });
+      ctx.addIssue({ code: 'custom', path: ['headChannels'], message: 'headChannels is for a segmentation head (segmentation or unet); remove it or set head: segmentation or unet' });
     }
   });
 
@@ -97,12 +98,18 @@ export function applySiteTask(settings: TaskSettings, task: SiteTask | undefined
         'per-site heads need model.architecture: med3d. Remove the task file to train the plan\'s model, or ask the coordinator admin for a med3d plan.',
     );
   }
+  if (t.head !== 'classification' && plan.patch.some((d) => d % 8 !== 0)) {
+    throw new Error(
+      `this site's task file (${task.source}) asks for a ${t.head} head, which needs patch sides that are multiples of 8, but the plan's patch is [${plan.patch.join(', ')}]; ` +
+        'use head: classification, or ask the coordinator admin for a patch that divides by 8.',
+    );
+  }
   const { headChannels: _planChannels, ...encoder } = plan;
   const model: TaskSettings['model'] = {
     ...encoder,
     head: t.head,
     numClasses: t.numClasses,
-    ...(t.head === 'segmentation' && t.headChannels !== undefined ? { headChannels: t.headChannels } : {}),
+    ...(t.head !== 'classification' && t.headChannels !== undefined ? { headChannels: t.headChannels } : {}),
     dropout: t.head === 'classification' ? (t.dropout ?? 0) : 0,
   };
   const sameHead = model.head === plan.head && model.numClasses === plan.numClasses && model.headChannels === plan.headChannels && model.dropout === plan.dropout;

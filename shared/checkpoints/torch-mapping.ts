@@ -238,6 +238,16 @@ function hintsFor(problems: readonly MappingProblem[], torch: ReadonlyMap<string
   if (problems.some((p) => p.kind === 'mis-shaped') && missing.length === 0 && unexpected.length === 0) {
     hints.push('all names match but some shapes do not: a different depth/width (architecture or width multiplier) or number of classes?');
   }
+  const isStat = (n: string) => /\.running_(mean|var)$/.test(n);
+  if (unexpected.length > 0 && unexpected.every((p) => isStat(p.name)) && missing.length === 0) {
+    hints.push(
+      'the extra keys are all BatchNorm running statistics: the checkpoint is a BatchNorm model and the architecture uses group/instance norm; ' +
+        'import it with norm batch and start from it with init pretrained (γ and β transfer by name, the statistics are dropped; docs/transfer-init.md)',
+    );
+  }
+  if (missing.length > 0 && missing.every((p) => isStat(p.name)) && unexpected.length === 0) {
+    hints.push('only BatchNorm running statistics are missing: the checkpoint comes from a group/instance-norm model; build the model with norm group or instance');
+  }
   return hints;
 }
 
@@ -245,19 +255,20 @@ function hintsFor(problems: readonly MappingProblem[], torch: ReadonlyMap<string
 // MedicalNet naming
 
 /**
- * MedicalNet key → MedFL name: `head.` + key for the segmentation head (`conv_seg.*`) and a
- * classifier (`fc.*`), `encoder.` + key for everything else; `num_batches_tracked` is dropped.
+ * MedicalNet key → MedFL name: `head.` + key for the segmentation head (`conv_seg.*`), a classifier
+ * (`fc.*`) and MedFL's U-Net head (`dec.*`, not in MedicalNet: exported by MedFL, so it reads back),
+ * `encoder.` + key for everything else; `num_batches_tracked` is dropped.
  * Expects the DataParallel `module.` prefix to be stripped already (pth.ts does when all keys have it).
  */
 export function medicalNetRename(key: string): string | undefined {
   if (key === 'num_batches_tracked' || key.endsWith('.num_batches_tracked')) return undefined;
-  if (key.startsWith('conv_seg.') || key.startsWith('fc.')) return `head.${key}`;
+  if (key.startsWith('conv_seg.') || key.startsWith('fc.') || key.startsWith('dec.')) return `head.${key}`;
   return `encoder.${key}`;
 }
 
-/** MedicalNet's only transposed convolution is the first layer of the head, conv_seg.0 (§1.2). */
+/** MedicalNet's only transposed convolution is the first layer of the head, conv_seg.0 (§1.2); the U-Net head's are dec.up1..3. */
 export function medicalNetIsConvTranspose(name: string): boolean {
-  return name === 'head.conv_seg.0.weight';
+  return name === 'head.conv_seg.0.weight' || /^head\.dec\.up\d\.weight$/.test(name);
 }
 
 /** mapStateDict with MedicalNet naming. */

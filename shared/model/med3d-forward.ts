@@ -4,10 +4,14 @@
  *     (0,1) for stride-2 3³ convs on even sizes, where PyTorch pads (3,3) and (1,1));
  *   - max-pool pads with -Infinity (PyTorch ignores padding in max pooling);
  *   - layer3/layer4 use dilated tf.conv3d (padding = dilation);
- *   - BatchNorm uses the running statistics with PyTorch's eps 1e-5;
+ *   - BatchNorm uses the running statistics with PyTorch's eps 1e-5; GroupNorm/InstanceNorm (no running
+ *     statistics) normalise each sample per group with tf.moments, eps 1e-5, as nn.GroupNorm;
  *   - conv_seg's ConvTranspose3d (k 2, s 2, no padding) is tf.conv3dTranspose with output 2× the input and
  *     the filter [2,2,2,out,in] (PyTorch [in,out,2,2,2] permuted (2,3,4,1,0); no kernel flip);
  *   - shortcut A = 1³ average pool with the stride (a strided subsample) + zero channels appended.
+ *
+ * The U-Net head concatenates upsampled features with the encoder's skips (stem, layer1) and a full-resolution
+ * conv of the input, so it takes them from med3dEncoderFeatures (med3dForward wires both).
  *
  * The layer graph (med3dEncoderForward / med3dHeadForward) is written against the small Med3dOps interface,
  * so a training forward can reuse it with ops that have gradients (tfjs 4.22 has none for dilated conv3d or
@@ -16,7 +20,7 @@
  */
 import type * as TfModule from '@tensorflow/tfjs';
 import { checkAgainstSpecs, type TensorBundle } from '../tensors/bundle.ts';
-import { describeMed3d, MED3D_BN_EPS, type Med3dArchitecture, type Med3dBlock } from './med3d.ts';
+import { describeMed3d, MED3D_BN_EPS, med3dNormGroups, type Med3dArchitecture, type Med3dBlock } from './med3d.ts';
 
 type Tf = typeof TfModule;
 type Tensor = TfModule.Tensor;
@@ -36,6 +40,12 @@ export interface BatchNormParams<P> {
   readonly variance: P;
 }
 
+/** γ and β of a group/instance norm layer (BatchNorm's names, no running statistics). */
+export interface AffineNormParams<P> {
+  readonly gamma: P;
+  readonly beta: P;
+}
+
 /**
  * The building blocks of the Med3D graph, generic in the activation type T and the parameter handle P, so
  * one graph definition serves tfjs eval (T = Tensor5D, P = Tensor) and the training engine of
@@ -53,6 +63,10 @@ export interface Med3dGraphOps<T, P> {
   relu(x: T): T;
   /** Optional fusion of relu(batchNorm(x)) (one pass, no intermediate); the graph uses it when present. */
   batchNormRelu?(x: T, p: BatchNormParams<P>, name: string): T;
+  /** GroupNorm (nn.GroupNorm, affine) with `groups` groups over the channel axis; InstanceNorm is groups = C. */
+  groupNorm(x: T, p: AffineNormParams<P>, groups: number, relu: boolean): T;
+  /** Concatenation along the channel axis (a's channels first); spatial sizes must agree. */
+  concat(a: T, b: T): T;
   /** MaxPool3d kernel 3, stride 2, padding 1 (padding never wins). */
   maxPool(x: T): T;
   /** Shortcut A: x[:, ::s, ::s, ::s, :] with zero channels appended up to `outChannels`. */
@@ -93,6 +107,19 @@ export function createMed3dEvalOps(tf: Tf): Med3dOps {
       const shift = tf.sub(p.beta, tf.mul(p.mean, scale));
       return tf.add(tf.mul(x, scale), shift) as Tensor5D;
     },
+    groupNorm(x, p, groups, relu) {
+      const [n, d, h, w, c] = x.shape;
+      if (c % groups !== 0) throw new Error(`med3d: ${c} channels cannot be split into ${groups} groups`);
+      const grouped = tf.reshape(x, [n, d * h * w, groups, c / groups]);
+      const { mean, variance } = tf.moments(grouped, [1, 3], true);
+      const normed = tf.reshape(tf.mul(tf.sub(grouped, mean), tf.rsqrt(tf.add(variance, MED3D_BN_EPS))), x.shape);
+      const y = tf.add(tf.mul(normed, p.gamma), p.beta) as Tensor5D;
+      return relu ? tf.relu(y) : y;
+    },
+    concat(a, b) {
+      if (a.shape.slice(0, 4).some((v, i) => v !== b.shape[i])) throw new Error(`med3d: cannot concatenate [${a.shape.join(',')}] and [${b.shape.join(',')}] along channels`);
+      return tf.concat([a, b], 4);
+    },
     relu: (x) => tf.relu(x),
     maxPool(x) {
       const xp = tf.pad(x, [[0, 0], [1, 1], [1, 1], [1, 1], [0, 0]], -Infinity);
@@ -127,14 +154,19 @@ function bnParams<P>(get: (n: string) => P, prefix: string): BatchNormParams<P> 
   return { gamma: get(`${prefix}.weight`), beta: get(`${prefix}.bias`), mean: get(`${prefix}.running_mean`), variance: get(`${prefix}.running_var`) };
 }
 
-/** relu(batchNorm(x)), fused when the ops offer it. */
-function bnRelu<T, P>(ops: Med3dGraphOps<T, P>, x: T, p: BatchNormParams<P>, name: string): T {
-  return ops.batchNormRelu ? ops.batchNormRelu(x, p, name) : ops.relu(ops.batchNorm(x, p, name));
+/** The architecture's norm layer `prefix` on x (BatchNorm, or group/instance norm), followed by a ReLU when `relu`. */
+function norm<T, P>(arch: Med3dArchitecture, ops: Med3dGraphOps<T, P>, get: (n: string) => P, x: T, prefix: string, relu: boolean): T {
+  const shape = ops.shape(x);
+  const groups = med3dNormGroups(arch.config, shape[shape.length - 1]);
+  if (groups !== undefined) return ops.groupNorm(x, { gamma: get(`${prefix}.weight`), beta: get(`${prefix}.bias`) }, groups, relu);
+  const p = bnParams(get, prefix);
+  if (!relu) return ops.batchNorm(x, p, prefix);
+  return ops.batchNormRelu ? ops.batchNormRelu(x, p, prefix) : ops.relu(ops.batchNorm(x, p, prefix));
 }
 
 function block<T, P>(arch: Med3dArchitecture, b: Med3dBlock, x: T, get: (n: string) => P, ops: Med3dGraphOps<T, P>): T {
-  const bn = (t: T, name: string) => ops.batchNorm(t, bnParams(get, `${b.prefix}.${name}`), `${b.prefix}.${name}`);
-  const bnR = (t: T, name: string) => bnRelu(ops, t, bnParams(get, `${b.prefix}.${name}`), `${b.prefix}.${name}`);
+  const bn = (t: T, name: string) => norm(arch, ops, get, t, `${b.prefix}.${name}`, false);
+  const bnR = (t: T, name: string) => norm(arch, ops, get, t, `${b.prefix}.${name}`, true);
   const d = b.dilation;
   let out: T;
   if (arch.config.block === 'basic') {
@@ -149,39 +181,103 @@ function block<T, P>(arch: Med3dArchitecture, b: Med3dBlock, x: T, get: (n: stri
   if (b.downsample === 'A') residual = ops.shortcutA(x, b.outChannels, b.stride);
   else if (b.downsample === 'B') {
     const proj = ops.conv3d(x, get(`${b.prefix}.downsample.0.weight`), { stride: b.stride });
-    residual = ops.batchNorm(proj, bnParams(get, `${b.prefix}.downsample.1`), `${b.prefix}.downsample.1`);
+    residual = norm(arch, ops, get, proj, `${b.prefix}.downsample.1`, false);
   }
   return ops.addRelu ? ops.addRelu(out, residual) : ops.relu(ops.add(out, residual));
 }
 
-/** Encoder graph: NDHWC image (C = 1) → layer4 features NDHWC. No tidy: call inside tf.tidy or a gradient scope. */
-export function med3dEncoderForward<T, P>(arch: Med3dArchitecture, params: Params<P>, x: T, ops: Med3dGraphOps<T, P>): T {
+/** What the U-Net head reads besides the layer4 features: the input and the encoder's higher-resolution outputs. */
+export interface Med3dSkips<T> {
+  /** The image, NDHWC with one channel (full resolution). */
+  readonly input: T;
+  /** conv1 + bn1 + ReLU, before the max-pool (½ resolution, P channels). */
+  readonly stem: T;
+  /** layer1's output (¼ resolution, P·e channels). */
+  readonly layer1: T;
+}
+
+export interface Med3dEncoderOutput<T> {
+  /** layer4 features NDHWC [N, D′, H′, W′, 8P·e]. */
+  readonly features: T;
+  readonly skips: Med3dSkips<T>;
+}
+
+/** Encoder graph with its skips: NDHWC image (C = 1) → layer4 features and the U-Net head's skips. */
+export function med3dEncoderFeatures<T, P>(arch: Med3dArchitecture, params: Params<P>, x: T, ops: Med3dGraphOps<T, P>): Med3dEncoderOutput<T> {
   const shape = ops.shape(x);
   if (shape.length !== 5 || shape[4] !== 1) throw new Error(`med3d: input must be NDHWC with one channel, got [${shape.join(',')}]`);
   const get = getter(params);
-  let y = ops.conv3d(x, get('encoder.conv1.weight'), { stride: 2, pad: 3 });
-  y = ops.maxPool(bnRelu(ops, y, bnParams(get, 'encoder.bn1'), 'encoder.bn1'));
-  for (const b of arch.config.blocks) y = block(arch, b, y, get, ops);
-  return y;
+  const stem = norm(arch, ops, get, ops.conv3d(x, get('encoder.conv1.weight'), { stride: 2, pad: 3 }), 'encoder.bn1', true);
+  let y = ops.maxPool(stem);
+  let layer1 = y;
+  for (const b of arch.config.blocks) {
+    y = block(arch, b, y, get, ops);
+    if (b.stage === 'layer1') layer1 = y;
+  }
+  return { features: y, skips: { input: x, stem, layer1 } };
 }
 
-export interface HeadForwardOptions {
+/** Encoder graph: NDHWC image (C = 1) → layer4 features NDHWC. No tidy: call inside tf.tidy or a gradient scope. */
+export function med3dEncoderForward<T, P>(arch: Med3dArchitecture, params: Params<P>, x: T, ops: Med3dGraphOps<T, P>): T {
+  return med3dEncoderFeatures(arch, params, x, ops).features;
+}
+
+export interface HeadForwardOptions<T = unknown> {
   /** Apply the classification head's dropout (training only). */
   readonly dropout?: boolean;
+  /** The encoder's skips (med3dEncoderFeatures); required by the U-Net head. */
+  readonly skips?: Med3dSkips<T>;
 }
 
-/** Head graph: layer4 features → segmentation logits NDHWC (2× the feature size) or class logits [N, classes]. */
-export function med3dHeadForward<T, P>(arch: Med3dArchitecture, params: Params<P>, feats: T, ops: Med3dGraphOps<T, P>, opts: HeadForwardOptions = {}): T {
+/**
+ * Head graph: layer4 features → segmentation logits NDHWC (2× the feature size; the U-Net head: the input size)
+ * or class logits [N, classes].
+ */
+export function med3dHeadForward<T, P>(arch: Med3dArchitecture, params: Params<P>, feats: T, ops: Med3dGraphOps<T, P>, opts: HeadForwardOptions<T> = {}): T {
   const get = getter(params);
   const h = arch.config.head;
   if (h.kind === 'segmentation') {
     let y = ops.convTranspose2x(feats, get('head.conv_seg.0.weight'), get('head.conv_seg.0.bias'));
-    y = bnRelu(ops, y, bnParams(get, 'head.conv_seg.1'), 'head.conv_seg.1');
+    y = norm(arch, ops, get, y, 'head.conv_seg.1', true);
     y = ops.conv3d(y, get('head.conv_seg.3.weight'), { pad: 1 });
-    y = bnRelu(ops, y, bnParams(get, 'head.conv_seg.4'), 'head.conv_seg.4');
+    y = norm(arch, ops, get, y, 'head.conv_seg.4', true);
     return ops.conv3d(y, get('head.conv_seg.6.weight'), {});
   }
+  if (h.kind === 'unet') {
+    if (!opts.skips) throw new Error('med3d: the U-Net head needs the encoder skips (use med3dEncoderFeatures or med3dForward)');
+    return unetHeadForward(arch, get, feats, opts.skips, ops);
+  }
   return ops.classifier(feats, get('head.fc.weight'), get('head.fc.bias'), opts.dropout ? h.dropout : 0);
+}
+
+/** up(x) concatenated with the skip; the skip must be exactly twice x's size (input sides multiples of 8). */
+function upAndConcat<T, P>(ops: Med3dGraphOps<T, P>, get: (n: string) => P, x: T, skip: T, name: string, skipName: string): T {
+  const up = ops.convTranspose2x(x, get(`${name}.weight`), get(`${name}.bias`));
+  const [su, ss] = [ops.shape(up), ops.shape(skip)];
+  if (su[1] !== ss[1] || su[2] !== ss[2] || su[3] !== ss[3]) {
+    throw new Error(
+      `med3d U-Net head: ${name} gives ${su.slice(1, 4).join('×')} but the ${skipName} skip is ${ss.slice(1, 4).join('×')}; the input sides must be multiples of 8 (pad the volume)`,
+    );
+  }
+  return ops.concat(up, skip);
+}
+
+function unetHeadForward<T, P>(arch: Med3dArchitecture, get: (n: string) => P, feats: T, skips: Med3dSkips<T>, ops: Med3dGraphOps<T, P>): T {
+  const d = 'head.dec';
+  let y = upAndConcat(ops, get, feats, skips.layer1, `${d}.up3`, 'layer1');
+  y = norm(arch, ops, get, ops.conv3d(y, get(`${d}.conv3.weight`), { pad: 1 }), `${d}.norm3`, true);
+  y = upAndConcat(ops, get, y, skips.stem, `${d}.up2`, 'stem');
+  y = norm(arch, ops, get, ops.conv3d(y, get(`${d}.conv2.weight`), { pad: 1 }), `${d}.norm2`, true);
+  const full = norm(arch, ops, get, ops.conv3d(skips.input, get(`${d}.in_conv.weight`), { pad: 1 }), `${d}.in_norm`, true);
+  y = upAndConcat(ops, get, y, full, `${d}.up1`, 'input');
+  y = norm(arch, ops, get, ops.conv3d(y, get(`${d}.conv1.weight`), {}), `${d}.norm1`, true);
+  return ops.conv3d(y, get(`${d}.cls.weight`), {});
+}
+
+/** Encoder and head in one: logits of a voxel head or class logits. */
+export function med3dForward<T, P>(arch: Med3dArchitecture, params: Params<P>, x: T, ops: Med3dGraphOps<T, P>, opts: HeadForwardOptions<T> = {}): T {
+  const enc = med3dEncoderFeatures(arch, params, x, ops);
+  return med3dHeadForward(arch, params, enc.features, ops, { ...opts, skips: enc.skips });
 }
 
 function checkWeights(arch: Med3dArchitecture, weights: TensorBundle, withHead: boolean): void {
@@ -217,12 +313,12 @@ export function med3dEmbed(tf: Tf, arch: Med3dArchitecture, weights: TensorBundl
   }
 }
 
-/** Eval-mode encoder + head: segmentation logits NDHWC [N, 2D′, 2H′, 2W′, classes] or class logits [N, classes]. */
+/** Eval-mode encoder + head: segmentation logits NDHWC [N, 2D′, 2H′, 2W′, classes] (U-Net: [N, D, H, W, classes]) or class logits [N, classes]. */
 export function med3dPredict(tf: Tf, arch: Med3dArchitecture, weights: TensorBundle, input: Tensor5D, ops: Med3dOps = createMed3dEvalOps(tf)): Tensor {
   checkWeights(arch, weights, true);
   const params = toTensors(tf, arch, weights, true);
   try {
-    return tf.tidy(() => med3dHeadForward(arch, params, med3dEncoderForward(arch, params, input, ops), ops));
+    return tf.tidy(() => med3dForward(arch, params, input, ops));
   } finally {
     for (const t of params.values()) t.dispose();
   }

@@ -7,6 +7,7 @@
  * Segmentation: MedicalNet's head predicts at ¼ of the input resolution. Training compares it with the label
  * patch average-pooled to that grid (soft targets: a small lesion still weighs in, where MedicalNet's
  * nearest-neighbour label resize can drop it); evaluation upsamples the logits trilinearly to the full grid.
+ * The U-Net head predicts on the full grid: it trains on the labels themselves and needs no upsampling.
  */
 import type { ConvKernels } from '../engine/conv-kernels.ts';
 import { diceScores, meanDicePerClass } from '../metrics/dice.ts';
@@ -15,13 +16,13 @@ import { mulberry32 } from '../util/random.ts';
 import { checkTrainRequest, nextBatch } from './batch.ts';
 import { Tape, type Act, accumulate, act } from './graph/tape.ts';
 import { createMed3dTrainOps, type ParamStore } from './graph/med3d-ops.ts';
-import type { Med3dArchitecture } from './med3d.ts';
-import { med3dEncoderForward, med3dHeadForward } from './med3d-forward.ts';
+import { med3dOutputFactor, type Med3dArchitecture } from './med3d.ts';
+import { med3dEncoderFeatures, med3dEncoderForward, med3dForward, med3dHeadForward } from './med3d-forward.ts';
 import { DEFAULT_OPTIMIZER, Optimizer, optimizerKernelsOf } from './optim.ts';
 import { segmentationLossJs } from './tfjs-trainer.ts';
 import type { EvalResult, TrainRequest, TrainResult, Trainer, VolumeCase } from './types.ts';
 
-/** Output grid of the segmentation head relative to the input. */
+/** Output grid of MedicalNet's segmentation head relative to the input (the U-Net head's is 1: med3dOutputFactor). */
 export const MED3D_SEG_FACTOR = 4;
 
 class ArrayStore implements ParamStore {
@@ -170,6 +171,7 @@ const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resol
 export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels): Trainer {
   const specs = arch.params();
   const head = arch.config.head;
+  const voxelHead = head.kind !== 'classification';
   const numClasses = arch.numClasses;
   const checkWeights = (weights: TensorBundle) => {
     const problem = checkAgainstSpecs(weights, specs);
@@ -183,17 +185,17 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
     async train(req: TrainRequest): Promise<TrainResult> {
       checkWeights(req.weights);
       checkTrainRequest(req);
-      if (head.kind === 'segmentation' && req.batchSize < 2) {
+      if (voxelHead && arch.config.norm === 'batch' && req.batchSize < 2) {
         // Batch statistics of one 4³ head map are too noisy to train BatchNorm; PyTorch would train but badly.
-        throw new Error('train: Med3D segmentation needs batchSize ≥ 2 (BatchNorm uses batch statistics)');
+        throw new Error('train: Med3D segmentation with BatchNorm needs batchSize ≥ 2 (BatchNorm uses batch statistics; model.norm group or instance does not)');
       }
-      const labelled = req.cases.filter((c) => (head.kind === 'segmentation' ? c.label !== undefined || c.target !== undefined : c.classLabel !== undefined));
+      const labelled = req.cases.filter((c) => (voxelHead ? c.label !== undefined || c.target !== undefined : c.classLabel !== undefined));
       const dropout = req.dropout ?? 0;
       if (!(dropout >= 0 && dropout < 1)) throw new Error(`train: dropout must be in [0, 1), got ${req.dropout}`);
-      if (!req.source && labelled.length === 0) throw new Error(`train: no ${head.kind === 'segmentation' ? 'voxel-labelled' : 'class-labelled'} cases`);
+      if (!req.source && labelled.length === 0) throw new Error(`train: no ${voxelHead ? 'voxel-labelled' : 'class-labelled'} cases`);
       const rng = mulberry32(req.seed);
       const store = new ArrayStore(arch, req.weights);
-      const optimizer = new Optimizer(req.optimizer ?? DEFAULT_OPTIMIZER, req.learningRate, specs, store.values, optimizerKernelsOf(kernels));
+      const optimizer = new Optimizer(req.optimizer ?? DEFAULT_OPTIMIZER, req.learningRate, specs, store.values, optimizerKernelsOf(kernels), req.optimizerState);
       for (const name of optimizer.trained) store.grads.set(name, new Float32Array(store.values.get(name)!.length));
       const mu = req.proximalMu ?? 0;
       const start = mu > 0 ? new Map(optimizer.trained.map((n) => [n, new Float32Array(store.values.get(n)!)])) : undefined;
@@ -208,17 +210,22 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
         let loss: number;
         let out: Act;
         let grad: Float32Array;
-        if (head.kind === 'segmentation') {
+        if (voxelHead) {
           const batch = await nextBatch(req.source, labelled, req.batchSize, arch.patchShape, numClasses, rng);
           const x = act(batch.image, [req.batchSize, pd, ph, pw, 1], false);
-          const feats = med3dEncoderForward(arch, params, x, ops);
-          out = med3dHeadForward(arch, params, dropout > 0 ? dropoutAct(feats, dropout, rng, tape) : feats, ops);
+          const enc = med3dEncoderFeatures(arch, params, x, ops);
+          const feats = enc.features;
+          out = med3dHeadForward(arch, params, dropout > 0 ? dropoutAct(feats, dropout, rng, tape) : feats, ops, { skips: enc.skips });
           const shape4: [number, number, number, number] = [req.batchSize, pd, ph, pw];
-          if (batch.weight) {
-            const pooled = poolWeightedTargets(batch.oneHot, batch.weight, shape4, numClasses, MED3D_SEG_FACTOR);
+          const factor = med3dOutputFactor(head);
+          if (factor === 1) {
+            // Full-resolution head: the labels themselves are the targets.
+            ({ loss, grad } = segmentationLossJs(out.data, batch.oneHot, numClasses, batch.weight));
+          } else if (batch.weight) {
+            const pooled = poolWeightedTargets(batch.oneHot, batch.weight, shape4, numClasses, factor);
             ({ loss, grad } = segmentationLossJs(out.data, pooled.target, numClasses, pooled.weight));
           } else {
-            const target = poolTargets(batch.oneHot, shape4, numClasses, MED3D_SEG_FACTOR);
+            const target = poolTargets(batch.oneHot, shape4, numClasses, factor);
             ({ loss, grad } = segmentationLossJs(out.data, target, numClasses));
           }
         } else {
@@ -237,7 +244,7 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
             for (let i = 0; i < g.length; i++) g[i] += mu * (w[i] - w0[i]);
           }
         }
-        optimizer.step(store.grads);
+        optimizer.step(store.grads, req.learningRateFactor?.(step) ?? 1);
         losses.push(loss);
         req.onStep?.(step, loss);
         await yieldToEventLoop();
@@ -245,7 +252,13 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
       const outTensors: NamedTensor[] = specs.map((s) => ({ name: s.name, dtype: 'F32', shape: [...s.shape], data: store.values.get(s.name)! }));
       const quarter = Math.max(1, Math.floor(losses.length / 4));
       const tail = losses.slice(-quarter);
-      return { weights: makeBundle(outTensors), loss: tail.reduce((a, v) => a + v, 0) / tail.length, firstLoss: losses[0], samples: req.source ? req.source.cases : labelled.length };
+      return {
+        weights: makeBundle(outTensors),
+        loss: tail.reduce((a, v) => a + v, 0) / tail.length,
+        firstLoss: losses[0],
+        samples: req.source ? req.source.cases : labelled.length,
+        optimizerState: optimizer.state(),
+      };
     },
 
     async evaluate(weights: TensorBundle, cases: readonly VolumeCase[]): Promise<EvalResult> {
@@ -279,7 +292,7 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
     },
 
     async predictProbs(weights: TensorBundle, vc: VolumeCase): Promise<Float32Array> {
-      if (head.kind !== 'segmentation') throw new Error('predictProbs: the Med3D classification head has no per-voxel output');
+      if (!voxelHead) throw new Error('predictProbs: the Med3D classification head has no per-voxel output');
       checkWeights(weights);
       const store = new ArrayStore(arch, weights);
       return med3dVolumeProbs(arch, createMed3dTrainOps({ kernels, store, training: false }), vc);
@@ -289,7 +302,8 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
 
 /**
  * Logits of a whole volume on its own grid: zero-padded to a multiple of 8 (so the head's ¼ grid tiles it
- * exactly), upsampled ×4 linearly; returned on the padded grid [Dp, Hp, Wp, C] with its sizes.
+ * exactly, and the U-Net head's skips line up), upsampled ×4 linearly for the ¼ head; returned on the padded
+ * grid [Dp, Hp, Wp, C] with its sizes.
  */
 function med3dVolumeLogits(arch: Med3dArchitecture, ops: ReturnType<typeof createMed3dTrainOps>, vc: VolumeCase): { full: Float32Array; Hp: number; Wp: number } {
   const [D, H, W] = vc.shape;
@@ -300,8 +314,9 @@ function med3dVolumeLogits(arch: Med3dArchitecture, ops: ReturnType<typeof creat
     for (let z = 0; z < D; z++) for (let y = 0; y < H; y++) input.set(vc.image.subarray((z * H + y) * W, (z * H + y + 1) * W), (z * Hp + y) * Wp);
   }
   const params = names(arch);
-  const logits = med3dHeadForward(arch, params, med3dEncoderForward(arch, params, act(input, [1, Dp, Hp, Wp, 1], false), ops), ops);
-  return { full: upsampleLinear(logits.data, logits.shape, MED3D_SEG_FACTOR), Hp, Wp };
+  const logits = med3dForward(arch, params, act(input, [1, Dp, Hp, Wp, 1], false), ops);
+  const factor = med3dOutputFactor(arch.config.head);
+  return { full: factor === 1 ? logits.data : upsampleLinear(logits.data, logits.shape, factor), Hp, Wp };
 }
 
 /** Softmax probabilities [D·H·W, C] of a whole volume. */

@@ -18,11 +18,21 @@
  *   1 BN, 2 ReLU, 3 Conv3d(Ch → Ch, 3³, pad 1, no bias), 4 BN, 5 ReLU, 6 Conv3d(Ch → classes, 1³, no bias)
  *   → logits at ¼ of the input size (2× the layer4 size).
  *   Classification head (not in MedicalNet): global average pool → dropout → dense (with bias).
+ *   U-Net head (not in MedicalNet; a light decoder for small lesions, Ch channels throughout, "head.dec."):
+ *   up3 ConvTranspose3d(8P·e → Ch, k 2, s 2, bias) on layer4 (⅛ → ¼), concat layer1 → conv3 3³ + norm3 + ReLU;
+ *   up2 (Ch → Ch) (→ ½), concat the stem (conv1+bn1+ReLU) → conv2 3³ + norm2 + ReLU; up1 (Ch → Ch) (→ full),
+ *   concat in_conv 3³ (1 → Ch) + in_norm + ReLU of the input → conv1 1³ (2Ch → Ch) + norm1 + ReLU → cls 1³
+ *   (Ch → classes) → logits at the FULL input size (input sides must be multiples of 8). The full-resolution
+ *   fusion is 1³: a 3³ conv over 2Ch channels there would cost more than a ¼-width encoder.
+ *
+ * Norm layers: BatchNorm3d (MedicalNet's), or GroupNorm with `normGroups` groups, or InstanceNorm (GroupNorm
+ * with one channel per group, affine). Group/instance norm keep the BN layer names for γ (".weight") and β
+ * (".bias") — a BatchNorm checkpoint transfers by name — and have no running statistics.
  *
  * Width: base planes P = max(1, round(64·widthMultiplier)) and stage planes P, 2P, 4P, 8P (for multipliers
  * where 64·m is an integer — 1, 0.5, 0.25, 0.125, 0.0625, … — this is round(planes·m) per stage, and the
  * width can always be read back from conv1). Head channels Ch default to max(1, round(32·widthMultiplier))
- * (32 at full width, as MedicalNet) and can be set with head.channels.
+ * (32 at full width, as MedicalNet; U-Net head max(8, round(32·widthMultiplier))) and can be set with head.channels.
  *
  * Names: "encoder." + PyTorch state_dict key for the encoder (encoder.conv1.weight, encoder.bn1.running_mean,
  * encoder.layer2.0.downsample.0.weight, …), "head." + key for the head (head.conv_seg.0.weight, head.fc.weight).
@@ -50,7 +60,14 @@ export const MED3D_DEPTHS: readonly Med3dDepth[] = [10, 18, 34, 50, 101];
 
 export type Med3dHeadOptions =
   | { readonly kind: 'segmentation'; readonly numClasses: number; /** default max(1, round(32·widthMultiplier)) */ readonly channels?: number }
+  | { readonly kind: 'unet'; readonly numClasses: number; /** default max(8, round(32·widthMultiplier)) */ readonly channels?: number }
   | { readonly kind: 'classification'; readonly numClasses: number; /** dropout before the dense layer in training (default 0) */ readonly dropout?: number };
+
+/** Normalisation layers: BatchNorm (MedicalNet's), GroupNorm, or InstanceNorm (GroupNorm with G = C). */
+export type Med3dNorm = 'batch' | 'group' | 'instance';
+export const MED3D_NORMS: readonly Med3dNorm[] = ['batch', 'group', 'instance'];
+/** Default GroupNorm group count (Wu & He's 32 is too many for ¼-width layers of 16 channels). */
+export const MED3D_DEFAULT_NORM_GROUPS = 8;
 
 export interface Med3dOptions {
   readonly depth: Med3dDepth;
@@ -61,10 +78,15 @@ export interface Med3dOptions {
   readonly head: Med3dHeadOptions;
   /** Training patch [D, H, W]. The forward pass accepts any input size; see med3dFeatureShape. */
   readonly patch: readonly [number, number, number];
+  /** Norm layers of the encoder and the head (default 'batch'). */
+  readonly norm?: Med3dNorm;
+  /** Groups of 'group' norm (default 8); must divide every normalised channel count. */
+  readonly normGroups?: number;
 }
 
 export type Med3dHead =
   | { readonly kind: 'segmentation'; readonly numClasses: number; readonly channels: number }
+  | { readonly kind: 'unet'; readonly numClasses: number; readonly channels: number }
   | { readonly kind: 'classification'; readonly numClasses: number; readonly dropout: number };
 
 export interface Med3dBlock {
@@ -95,6 +117,9 @@ export interface Med3dConfig {
   readonly featureChannels: number;
   readonly head: Med3dHead;
   readonly patch: readonly [number, number, number];
+  readonly norm: Med3dNorm;
+  /** Groups of 'group' norm (kept for the metadata even when another norm is used). */
+  readonly normGroups: number;
 }
 
 export interface Med3dArchitecture extends ModelArchitecture {
@@ -113,6 +138,17 @@ const STAGE_DILATIONS = [1, 1, 2, 4] as const;
 /** PyTorch BatchNorm eps (MedicalNet keeps the default). */
 export const MED3D_BN_EPS = 1e-5;
 
+/** A group count that does not divide a norm layer's channels (plan validation reports it at the edge). */
+export class Med3dNormError extends Error {
+  override name = 'Med3dNormError';
+}
+
+/** Groups of a norm layer with `channels` channels; undefined for BatchNorm. */
+export function med3dNormGroups(config: Pick<Med3dConfig, 'norm' | 'normGroups'>, channels: number): number | undefined {
+  if (config.norm === 'batch') return undefined;
+  return config.norm === 'instance' ? channels : config.normGroups;
+}
+
 export function resolveMed3dConfig(opts: Med3dOptions): Med3dConfig {
   const depth = opts.depth;
   if (!MED3D_DEPTHS.includes(depth)) throw new Error(`med3d: depth must be one of ${MED3D_DEPTHS.join(', ')}, got ${String(depth)}`);
@@ -124,7 +160,11 @@ export function resolveMed3dConfig(opts: Med3dOptions): Med3dConfig {
     throw new Error(`med3d: patch must be three positive integers, got [${opts.patch.join(', ')}]`);
   }
   const h = opts.head;
-  if (!h || (h.kind !== 'segmentation' && h.kind !== 'classification')) throw new Error('med3d: head.kind must be "segmentation" or "classification"');
+  if (!h || (h.kind !== 'segmentation' && h.kind !== 'unet' && h.kind !== 'classification')) throw new Error('med3d: head.kind must be "segmentation", "unet" or "classification"');
+  const norm = opts.norm ?? 'batch';
+  if (!MED3D_NORMS.includes(norm)) throw new Error(`med3d: norm must be one of ${MED3D_NORMS.join(', ')}, got ${String(norm)}`);
+  const normGroups = opts.normGroups ?? MED3D_DEFAULT_NORM_GROUPS;
+  if (!Number.isInteger(normGroups) || normGroups < 1) throw new Error(`med3d: normGroups must be a positive integer, got ${String(normGroups)}`);
   if (!Number.isInteger(h.numClasses) || h.numClasses < 1 || h.numClasses > 65535) {
     throw new Error(`med3d: head.numClasses must be a positive integer, got ${String(h.numClasses)}`);
   }
@@ -134,6 +174,11 @@ export function resolveMed3dConfig(opts: Med3dOptions): Med3dConfig {
     const channels = h.channels ?? Math.max(1, Math.round(32 * wm));
     if (!Number.isInteger(channels) || channels < 1) throw new Error(`med3d: head.channels must be a positive integer, got ${String(channels)}`);
     head = { kind: 'segmentation', numClasses: h.numClasses, channels };
+  } else if (h.kind === 'unet') {
+    if (h.numClasses < 2 || h.numClasses > 255) throw new Error(`med3d: unet numClasses must be in 2..255, got ${h.numClasses}`);
+    const channels = h.channels ?? Math.max(8, Math.round(32 * wm));
+    if (!Number.isInteger(channels) || channels < 1) throw new Error(`med3d: head.channels must be a positive integer, got ${String(channels)}`);
+    head = { kind: 'unet', numClasses: h.numClasses, channels };
   } else {
     const dropout = h.dropout ?? 0;
     if (!(dropout >= 0 && dropout < 1)) throw new Error(`med3d: head.dropout must be in [0, 1), got ${String(dropout)}`);
@@ -166,7 +211,7 @@ export function resolveMed3dConfig(opts: Med3dOptions): Med3dConfig {
       inplanes = out;
     }
   }
-  return {
+  const config: Med3dConfig = {
     depth,
     shortcut: opts.shortcut,
     widthMultiplier: wm,
@@ -178,7 +223,37 @@ export function resolveMed3dConfig(opts: Med3dOptions): Med3dConfig {
     featureChannels: inplanes,
     head,
     patch,
+    norm,
+    normGroups,
   };
+  if (norm === 'group') {
+    const bad = normLayers(config).filter((l) => l.channels % normGroups !== 0);
+    if (bad.length > 0) {
+      const list = bad.slice(0, 3).map((l) => `${l.name} (${l.channels})`).join(', ');
+      throw new Med3dNormError(
+        `med3d: normGroups ${normGroups} does not divide the channels of ${bad.length} norm layer${bad.length > 1 ? 's' : ''}: ${list}${bad.length > 3 ? ', …' : ''}; ` +
+          'choose a group count that divides every width (e.g. a power of two not above the smallest width), or norm: instance',
+      );
+    }
+  }
+  return config;
+}
+
+/** Every norm layer of the architecture with its channel count, in parameter order. */
+export function normLayers(cfg: Med3dConfig): { name: string; channels: number }[] {
+  return buildParams(cfg)
+    .filter((p) => p.layerType === 'norm' && p.name.endsWith('.weight'))
+    .map((p) => ({ name: p.name.slice(0, -'.weight'.length), channels: p.shape[0] }));
+}
+
+/** The message of a group count that does not divide some norm layer of these options, if any (other problems are left to createMed3d). */
+export function med3dNormProblem(opts: Med3dOptions): string | undefined {
+  try {
+    resolveMed3dConfig(opts);
+    return undefined;
+  } catch (e) {
+    return e instanceof Med3dNormError ? e.message : undefined;
+  }
 }
 
 /** Spatial size after a conv/pool with kernel k, stride s, symmetric padding p, dilation d (PyTorch formula). */
@@ -192,10 +267,20 @@ export function med3dFeatureShape(config: Med3dConfig, input: readonly [number, 
   return [...sp, config.featureChannels];
 }
 
-/** Head output: [2D', 2H', 2W', classes] for segmentation (¼ of the input when it divides by 8), [classes] for classification. */
+/**
+ * Head output: [2D', 2H', 2W', classes] for segmentation (¼ of the input when it divides by 8), [D, H, W, classes]
+ * for the U-Net head (the input size itself), [classes] for classification.
+ */
 export function med3dOutputShape(config: Med3dConfig, input: readonly [number, number, number]): number[] {
   const [d, h, w] = med3dFeatureShape(config, input);
+  if (config.head.kind === 'unet') return [...input, config.head.numClasses];
   return config.head.kind === 'segmentation' ? [2 * d, 2 * h, 2 * w, config.head.numClasses] : [config.head.numClasses];
+}
+
+/** Output grid of a voxel head relative to the input: 4 for MedicalNet's ¼ head, 1 for the U-Net head. */
+export function med3dOutputFactor(head: Med3dHead): number {
+  if (head.kind === 'classification') throw new Error('med3d: the classification head has no voxel output');
+  return head.kind === 'unet' ? 1 : 4;
 }
 
 type InitKind =
@@ -216,8 +301,15 @@ function buildParams(cfg: Med3dConfig): ParamDef[] {
   const bn = (name: string, c: number, part: ModelPart, stage: string) => {
     add(`${name}.weight`, [c], part, 'norm', stage, true, { kind: 'const', value: 1 });
     add(`${name}.bias`, [c], part, 'norm', stage, true, { kind: 'const', value: 0 });
+    // Group/instance norm normalise each sample by itself: no running statistics.
+    if (cfg.norm !== 'batch') return;
     add(`${name}.running_mean`, [c], part, 'norm', stage, false, { kind: 'const', value: 0 });
     add(`${name}.running_var`, [c], part, 'norm', stage, false, { kind: 'const', value: 1 });
+  };
+  const convTranspose = (name: string, cin: number, cout: number) => {
+    const bound = 1 / Math.sqrt(cout * 8); // PyTorch's fan_in for a ConvTranspose3d weight [in, out, 2, 2, 2] is out·k³
+    add(`${name}.weight`, [2, 2, 2, cout, cin], 'head', 'conv', 'head', true, { kind: 'uniform', bound });
+    add(`${name}.bias`, [cout], 'head', 'conv', 'head', true, { kind: 'uniform', bound });
   };
 
   conv('encoder.conv1', 7, 1, cfg.basePlanes, 'encoder', 'stem');
@@ -246,14 +338,26 @@ function buildParams(cfg: Med3dConfig): ParamDef[] {
   const h = cfg.head;
   if (h.kind === 'segmentation') {
     const ch = h.channels;
-    const fanIn = ch * 8; // PyTorch's fan_in for a ConvTranspose3d weight [in, out, 2, 2, 2] is out·k³
-    const bound = 1 / Math.sqrt(fanIn);
-    add('head.conv_seg.0.weight', [2, 2, 2, ch, cfg.featureChannels], 'head', 'conv', 'head', true, { kind: 'uniform', bound });
-    add('head.conv_seg.0.bias', [ch], 'head', 'conv', 'head', true, { kind: 'uniform', bound });
+    convTranspose('head.conv_seg.0', cfg.featureChannels, ch);
     bn('head.conv_seg.1', ch, 'head', 'head');
     conv('head.conv_seg.3', 3, ch, ch, 'head', 'head');
     bn('head.conv_seg.4', ch, 'head', 'head');
     conv('head.conv_seg.6', 1, ch, h.numClasses, 'head', 'head');
+  } else if (h.kind === 'unet') {
+    const ch = h.channels;
+    const d = 'head.dec';
+    convTranspose(`${d}.up3`, cfg.featureChannels, ch);
+    conv(`${d}.conv3`, 3, ch + cfg.basePlanes * cfg.expansion, ch, 'head', 'head');
+    bn(`${d}.norm3`, ch, 'head', 'head');
+    convTranspose(`${d}.up2`, ch, ch);
+    conv(`${d}.conv2`, 3, ch + cfg.basePlanes, ch, 'head', 'head');
+    bn(`${d}.norm2`, ch, 'head', 'head');
+    convTranspose(`${d}.up1`, ch, ch);
+    conv(`${d}.in_conv`, 3, 1, ch, 'head', 'head');
+    bn(`${d}.in_norm`, ch, 'head', 'head');
+    conv(`${d}.conv1`, 1, 2 * ch, ch, 'head', 'head');
+    bn(`${d}.norm1`, ch, 'head', 'head');
+    conv(`${d}.cls`, 1, ch, h.numClasses, 'head', 'head');
   } else {
     const bound = 1 / Math.sqrt(cfg.featureChannels);
     add('head.fc.weight', [cfg.featureChannels, h.numClasses], 'head', 'dense', 'head', true, { kind: 'uniform', bound });
@@ -380,8 +484,10 @@ export function med3dToTorch(bundle: TensorBundle): TorchTensor[] {
 export function describeMed3d(arch: ModelArchitecture): string {
   const c = (arch as Partial<Med3dArchitecture>).config;
   if (!c) return arch.id;
-  const head = c.head.kind === 'segmentation' ? `seg head ${c.head.numClasses} classes/${c.head.channels} ch` : `classification head ${c.head.numClasses} classes`;
-  return `Med3D ResNet-${c.depth}-${c.shortcut} ×${c.widthMultiplier} (${c.basePlanes} base planes, ${head})`;
+  const head =
+    c.head.kind === 'classification' ? `classification head ${c.head.numClasses} classes` : `${c.head.kind === 'unet' ? 'U-Net' : 'seg'} head ${c.head.numClasses} classes/${c.head.channels} ch`;
+  const norm = c.norm === 'batch' ? '' : c.norm === 'group' ? `, GroupNorm ${c.normGroups}` : ', InstanceNorm';
+  return `Med3D ResNet-${c.depth}-${c.shortcut} ×${c.widthMultiplier} (${c.basePlanes} base planes${norm}, ${head})`;
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -389,7 +495,7 @@ export function describeMed3d(arch: ModelArchitecture): string {
 
 /**
  * safetensors __metadata__ for a Med3D model file: `architecture: "med3d"` and `med3d:` JSON of
- * {depth, shortcut, widthMultiplier, head, patch}; `format: "medfl"` (MedFL names and layouts) unless
+ * {depth, shortcut, widthMultiplier, head, patch, norm, normGroups}; `format: "medfl"` (MedFL names and layouts) unless
  * the file holds a PyTorch state_dict (`format: "pytorch-state-dict"`, as scripts/make_med3d_fixtures.py writes).
  */
 export function med3dMetadata(arch: Med3dArchitecture, format: 'medfl' | 'pytorch-state-dict' = 'medfl'): Record<string, string> {
@@ -397,7 +503,7 @@ export function med3dMetadata(arch: Med3dArchitecture, format: 'medfl' | 'pytorc
   return {
     format,
     architecture: MED3D_ID,
-    med3d: JSON.stringify({ depth: c.depth, shortcut: c.shortcut, widthMultiplier: c.widthMultiplier, head: c.head, patch: c.patch }),
+    med3d: JSON.stringify({ depth: c.depth, shortcut: c.shortcut, widthMultiplier: c.widthMultiplier, head: c.head, patch: c.patch, norm: c.norm, normGroups: c.normGroups }),
   };
 }
 
@@ -419,6 +525,8 @@ export function med3dOptionsFromMetadata(meta: Readonly<Record<string, string>>)
   if (raw.widthMultiplier !== undefined) out.widthMultiplier = Number(raw.widthMultiplier);
   if (raw.head && typeof raw.head === 'object') out.head = raw.head as Med3dHeadOptions;
   if (Array.isArray(raw.patch) && raw.patch.length === 3) out.patch = raw.patch.map(Number) as [number, number, number];
+  if (raw.norm !== undefined) out.norm = String(raw.norm) as Med3dNorm;
+  if (raw.normGroups !== undefined) out.normGroups = Number(raw.normGroups);
   return out;
 }
 
@@ -442,9 +550,13 @@ export function inferMed3dOptions(specs: Iterable<{ readonly name: string; reado
     if ((d >= 50) === bottleneck && STAGE_BLOCKS[d].every((n, i) => n === counts[i])) out.depth = d;
   }
   if (counts[1] > 0) out.shortcut = shapes.has('encoder.layer2.0.downsample.0.weight') ? 'B' : 'A';
+  // No norm here: tensors without running statistics may be group or instance norm (and any group count);
+  // only the metadata says which, and a wrong guess would normalise silently differently.
   const seg = shapes.get('head.conv_seg.6.weight');
+  const unet = shapes.get('head.dec.cls.weight');
   const fc = shapes.get('head.fc.weight');
   if (seg && seg.length === 5) out.head = { kind: 'segmentation', numClasses: seg[4], channels: seg[3] };
+  else if (unet && unet.length === 5) out.head = { kind: 'unet', numClasses: unet[4], channels: unet[3] };
   else if (fc && fc.length === 2) out.head = { kind: 'classification', numClasses: fc[1] };
   return out;
 }

@@ -16,9 +16,11 @@ export function architectureFor(model: Plan['model']): ModelArchitecture {
         widthMultiplier: model.widthMultiplier,
         patch,
         head:
-          model.head === 'segmentation'
-            ? { kind: 'segmentation', numClasses: model.numClasses, channels: model.headChannels }
-            : { kind: 'classification', numClasses: model.numClasses, dropout: model.dropout },
+          model.head === 'classification'
+            ? { kind: 'classification', numClasses: model.numClasses, dropout: model.dropout }
+            : { kind: model.head, numClasses: model.numClasses, channels: model.headChannels },
+        norm: model.norm,
+        normGroups: model.normGroups,
       });
   }
 }

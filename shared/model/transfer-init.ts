@@ -265,9 +265,28 @@ function requireSeed(ctx: InitContext): void {
 // -------------------------------------------------------------------------------------------------
 // pretrained / partial:k / mean-var: the pretrained bundle is checked against the whole encoder
 
+const RUNNING_STAT = /^(.*)\.(running_mean|running_var)$/;
+
+/**
+ * A BatchNorm running statistic whose layer is, in `arch`, a norm without statistics (group/instance norm):
+ * a BatchNorm checkpoint transfers γ and β by name, and the statistics are dropped.
+ */
+function isDroppedRunningStat(name: string, byName: ReadonlyMap<string, ParamInfo>): boolean {
+  const m = RUNNING_STAT.exec(name);
+  return m !== null && byName.get(`${m[1]}.weight`)?.layerType === 'norm' && !byName.has(name);
+}
+
+/** The notes line for running statistics checkPretrainedEncoder dropped, if any. */
+function droppedStatsNote(b: Builder): void {
+  const dropped = b.ignored.filter((n) => !n.startsWith('head.') && RUNNING_STAT.test(n));
+  if (dropped.length === 0) return;
+  b.notes.push(`BatchNorm → group/instance norm: running statistics of ${dropped.length / 2} norm layers dropped (the model's norm layers keep none); γ and β transfer by name`);
+}
+
 /**
  * Checks `pretrained` against the encoder of `arch` (MedFL names and shapes): every problem is thrown at once
- * as a CheckpointMappingError. Returns the names of ignored head tensors.
+ * as a CheckpointMappingError. Returns the names of ignored tensors: head tensors, and the BatchNorm running
+ * statistics of layers that are group/instance norm in `arch`.
  */
 export function checkPretrainedEncoder(arch: ModelArchitecture, pretrained: TensorBundle | undefined, strategy: string): string[] {
   if (!pretrained) throw new Error(`init "${strategy}" needs pretrained weights (ctx.pretrained), none were given`);
@@ -277,7 +296,7 @@ export function checkPretrainedEncoder(arch: ModelArchitecture, pretrained: Tens
   const ignored: string[] = [];
   for (const [name, t] of pretrained) {
     if (byName.has(name)) continue;
-    if (name.startsWith('head.')) {
+    if (name.startsWith('head.') || isDroppedRunningStat(name, byName)) {
       ignored.push(name);
       continue;
     }
@@ -323,6 +342,9 @@ export function checkPretrainedEncoder(arch: ModelArchitecture, pretrained: Tens
     if (problems.some((q) => q.kind === 'mis-shaped') && missing.length === 0 && unexpected.length === 0) {
       hints.push('all names match but some shapes do not: a different depth or width multiplier?');
     }
+    if (missing.length > 0 && missing.every((q) => RUNNING_STAT.test(q.name))) {
+      hints.push('only BatchNorm running statistics are missing: the pretrained weights come from a group/instance-norm model; build the model with model.norm group or instance');
+    }
     throw new CheckpointMappingError(problems, hints);
   }
   return ignored;
@@ -351,6 +373,7 @@ function initPartial(arch: ModelArchitecture, ctx: InitContext, k: number | unde
     const rest = encoderStages(arch).filter((s) => !stages.includes(s));
     if (rest.length > 0) b.notes.push(`encoder stages ${rest.join(', ')} re-initialised as scratch (seed ${ctx.seed})`);
   }
+  droppedStatsNote(b);
   b.notes.push(`head re-initialised as scratch (seed ${ctx.seed})`);
   return finish(arch, b, strategy);
 }
@@ -422,6 +445,7 @@ function initMeanVar(arch: ModelArchitecture, ctx: InitContext, strategy: string
     }
   }
   if (unknownNorm.length > 0) throw new Error(`init "${strategy}": cannot tell the BatchNorm identity value of ${unknownNorm.map((n) => `"${n}"`).join(', ')} (expected …weight/bias/running_mean/running_var)`);
+  droppedStatsNote(b);
   b.notes.push(`BatchNorm reset to identity (γ=1, β=0, running mean 0, var 1); conv/dense tensors drawn from N(μ, σ²) of the pretrained tensor (seed ${ctx.seed}); head re-initialised as scratch`);
   return finish(arch, b, strategy);
 }

@@ -30,8 +30,8 @@ function crossSectionProblems(plan: Plan): { path: string[]; message: string }[]
   if (plan.model.architecture === 'tiny3d' && plan.local.optimizer) {
     out.push({ path: ['local', 'optimizer'], message: 'applies to model.architecture med3d; the tiny3d demo net always trains with Adam at local.learningRate (remove local.optimizer or use med3d)' });
   }
-  if (plan.model.architecture === 'med3d' && plan.model.head === 'segmentation' && plan.model.patch.some((d) => d % 8 !== 0)) {
-    out.push({ path: ['model', 'patch'], message: `med3d segmentation predicts on a ¼ grid and needs patch sides that are multiples of 8, got [${plan.model.patch.join(', ')}]` });
+  if (plan.model.architecture === 'med3d' && plan.model.head !== 'classification' && plan.model.patch.some((d) => d % 8 !== 0)) {
+    out.push({ path: ['model', 'patch'], message: `med3d ${plan.model.head} heads need patch sides that are multiples of 8 (the encoder's ⅛ grid), got [${plan.model.patch.join(', ')}]` });
   }
   return out;
 }

@@ -2,7 +2,8 @@
  * Med3D graph ops on Float32Arrays with gradients: the training engine behind the Med3D trainer.
  * Convolutions go through a ConvKernels implementation (oneDNN when built, else JS loops); BatchNorm,
  * ReLU, max-pool and add through ElementwiseKernels (the addon's C++ loops with the oneDNN kernels, else
- * JS), fused with the ReLU that follows them where the graph has one; shortcuts and heads are written here. Semantics follow PyTorch exactly:
+ * JS), fused with the ReLU that follows them where the graph has one; GroupNorm/InstanceNorm in JS (group-norm.ts);
+ * shortcuts, channel concatenation and heads are written here. Semantics follow PyTorch exactly:
  * symmetric padding, BatchNorm with batch statistics in training (biased variance to normalise, unbiased
  * for the running estimate, momentum 0.1 in PyTorch's sense), running statistics in eval.
  */
@@ -10,7 +11,8 @@ import { torchConvGeom, type ConvKernels } from '../../engine/conv-kernels.ts';
 import { elementwiseOf, type ElementwiseKernels } from '../../engine/elementwise-kernels.ts';
 import type { Rng } from '../../util/random.ts';
 import { MED3D_BN_EPS } from '../med3d.ts';
-import type { BatchNormParams, Med3dConvOptions, Med3dGraphOps } from '../med3d-forward.ts';
+import type { AffineNormParams, BatchNormParams, Med3dConvOptions, Med3dGraphOps } from '../med3d-forward.ts';
+import { groupNormBackward, groupNormForward } from './group-norm.ts';
 import { act, addInto, type Act, type Tape } from './tape.ts';
 
 /** Where ops read parameters and put their gradients; parameters are referred to by name. */
@@ -129,6 +131,60 @@ export function createMed3dTrainOps(o: Med3dOpsOptions): Med3dTrainOps {
         if (gb) gb[c] += g.dbeta[c];
       }
       if (g.dx) accumulate(x, g.dx, true);
+    });
+    return out;
+  };
+
+  // Group/instance norm: the same computation in training and inference (no running statistics).
+  const groupNorm = (x: Act, p: AffineNormParams<string>, groups: number, relu: boolean): Act => {
+    const n = x.shape[0];
+    const C = x.shape[x.shape.length - 1];
+    const gamma = store.value(p.gamma);
+    const fwd = groupNormForward(x.data, n, C, groups, gamma, store.value(p.beta), MED3D_BN_EPS, relu);
+    const out = act(fwd.y, x.shape, true);
+    record(() => {
+      const dy = out.grad;
+      if (!dy) return;
+      const g = groupNormBackward(x.data, dy, n, C, groups, fwd, gamma, relu ? fwd.y : undefined, x.needsGrad);
+      const gg = store.grad(p.gamma);
+      const gb = store.grad(p.beta);
+      for (let c = 0; c < C; c++) {
+        if (gg) gg[c] += g.dgamma[c];
+        if (gb) gb[c] += g.dbeta[c];
+      }
+      if (g.dx) accumulate(x, g.dx, true);
+    });
+    return out;
+  };
+
+  const concat = (a: Act, b: Act): Act => {
+    const [Ca, Cb] = [a.shape[4], b.shape[4]];
+    if (a.shape.length !== 5 || b.shape.length !== 5 || a.shape.slice(0, 4).some((v, i) => v !== b.shape[i])) {
+      throw new Error(`concat: cannot concatenate [${a.shape.join(',')}] and [${b.shape.join(',')}] along channels`);
+    }
+    const C = Ca + Cb;
+    const voxels = a.data.length / Ca;
+    const y = new Float32Array(voxels * C);
+    // Plain index loops: a subarray per voxel would allocate millions of views at full resolution.
+    const [av, bv] = [a.data, b.data];
+    for (let v = 0, o = 0, ia = 0, ib = 0; v < voxels; v++) {
+      for (let c = 0; c < Ca; c++) y[o++] = av[ia++];
+      for (let c = 0; c < Cb; c++) y[o++] = bv[ib++];
+    }
+    const out = act(y, [...a.shape.slice(0, 4), C], a.needsGrad || b.needsGrad);
+    record(() => {
+      const dy = out.grad;
+      if (!dy) return;
+      if (a.needsGrad) {
+        const da = new Float32Array(a.data.length);
+        for (let v = 0, o = 0, i = 0; v < voxels; v++, o += Cb) for (let c = 0; c < Ca; c++) da[i++] = dy[o++];
+        accumulate(a, da, true);
+      }
+      if (b.needsGrad) {
+        const db = new Float32Array(b.data.length);
+        for (let v = 0, o = Ca, i = 0; v < voxels; v++, o += Ca) for (let c = 0; c < Cb; c++) db[i++] = dy[o++];
+        accumulate(b, db, true);
+      }
     });
     return out;
   };
@@ -275,6 +331,8 @@ export function createMed3dTrainOps(o: Med3dOpsOptions): Med3dTrainOps {
     convTranspose2x,
     batchNorm: (x, p) => batchNorm(x, p, false),
     batchNormRelu: (x, p) => batchNorm(x, p, true),
+    groupNorm,
+    concat,
     relu,
     maxPool,
     shortcutA,
