@@ -94,6 +94,40 @@ export function optimizerKernelsOf(k: object): OptimizerKernels | undefined {
   return addon && typeof addon.adamStep === 'function' && typeof addon.sgdStep === 'function' ? (addon as OptimizerKernels) : undefined;
 }
 
+/**
+ * What the optimiser remembers about one parameter (PyTorch's `state[p]`): its update count, which Adam's bias
+ * correction needs and which tells SGD whether its momentum buffer has started, and its moment buffers.
+ */
+export interface ParamOptimizerState {
+  /** Updates this parameter has had. */
+  readonly step: number;
+  /** Adam's first moment (`exp_avg`) or SGD's momentum buffer. */
+  readonly m: Float32Array;
+  /** Adam's second moment (`exp_avg_sq`); absent for SGD. */
+  readonly v?: Float32Array;
+}
+
+/** Optimiser state by parameter name; a parameter without an entry starts fresh. */
+export type OptimizerState = ReadonlyMap<string, ParamOptimizerState>;
+
+/**
+ * Why `state` cannot seed an optimiser of `kind` over `params` (unknown name, wrong size, Adam state for SGD or
+ * the reverse, a bad step count), or undefined when it fits.
+ */
+export function optimizerStateProblem(state: OptimizerState, kind: OptimizerSpec['kind'], params: readonly ParamInfo[]): string | undefined {
+  const byName = new Map(params.map((p) => [p.name, p]));
+  for (const [name, s] of state) {
+    const p = byName.get(name);
+    if (!p) return `state for unknown parameter ${name}`;
+    const n = p.shape.reduce((a, b) => a * b, 1);
+    if (!Number.isInteger(s.step) || s.step < 0) return `${name}: step count ${s.step} is not a non-negative integer`;
+    if (s.m.length !== n) return `${name}: moment holds ${s.m.length} values, the parameter ${n}`;
+    if (kind === 'adam' && s.v?.length !== n) return `${name}: ${s.v ? `second moment holds ${s.v.length} values, the parameter ${n}` : 'no second moment (SGD state) for Adam'}`;
+    if (kind === 'sgd' && s.v) return `${name}: Adam state (a second moment) for SGD`;
+  }
+  return undefined;
+}
+
 interface Slot {
   readonly name: string;
   readonly value: Float32Array;
@@ -101,15 +135,16 @@ interface Slot {
   readonly decay: boolean;
   readonly m: Float32Array;
   readonly v?: Float32Array;
+  /** Updates so far, per parameter: a parameter restored from an earlier round continues its own count. */
+  t: number;
 }
 
 export class Optimizer {
   private readonly slots: Slot[] = [];
-  private t = 0;
 
   /**
    * `values` are updated in place. Parameters that are frozen or not trainable get no slot (and need
-   * no gradient).
+   * no gradient). `initial` seeds the named parameters' state (copied); the others start fresh.
    */
   constructor(
     private readonly spec: OptimizerSpec,
@@ -117,8 +152,11 @@ export class Optimizer {
     params: readonly ParamInfo[],
     values: ReadonlyMap<string, Float32Array>,
     private readonly kernels?: OptimizerKernels,
+    initial?: OptimizerState,
   ) {
     if (!(learningRate > 0)) throw new Error(`optimizer: learning rate must be > 0, got ${learningRate}`);
+    const problem = initial && optimizerStateProblem(initial, spec.kind, params);
+    if (problem) throw new Error(`optimizer: initial state does not fit: ${problem}`);
     const groups = resolveGroups(params, spec.groups);
     for (const p of params) {
       const g = groups.get(p.name);
@@ -126,13 +164,15 @@ export class Optimizer {
       const value = values.get(p.name);
       if (!value) throw new Error(`optimizer: no value for parameter ${p.name}`);
       const decay = p.layerType === 'conv' || p.layerType === 'dense' ? !p.name.endsWith('.bias') : false;
+      const from = initial?.get(p.name);
       this.slots.push({
         name: p.name,
         value,
         lrScale: g.lrScale,
         decay,
-        m: new Float32Array(value.length),
-        v: spec.kind === 'adam' ? new Float32Array(value.length) : undefined,
+        m: from ? new Float32Array(from.m) : new Float32Array(value.length),
+        v: spec.kind === 'adam' ? (from ? new Float32Array(from.v!) : new Float32Array(value.length)) : undefined,
+        t: from?.step ?? 0,
       });
     }
   }
@@ -142,28 +182,35 @@ export class Optimizer {
     return this.slots.map((s) => s.name);
   }
 
-  step(grads: ReadonlyMap<string, Float32Array>): void {
-    this.t++;
+  /** The state of every updated parameter: the optimiser's own buffers (copy them before stepping again). */
+  state(): OptimizerState {
+    return new Map(this.slots.map((s) => [s.name, { step: s.t, m: s.m, ...(s.v ? { v: s.v } : {}) }]));
+  }
+
+  /** One update; `lrFactor` scales every group's learning rate for this step (a learning-rate schedule). */
+  step(grads: ReadonlyMap<string, Float32Array>, lrFactor = 1): void {
+    if (!(lrFactor >= 0 && Number.isFinite(lrFactor))) throw new Error(`optimizer: learning-rate factor must be finite and ≥ 0, got ${lrFactor}`);
     const { kind, momentum, beta1, beta2, eps, weightDecay } = this.spec;
     for (const s of this.slots) {
       const g = grads.get(s.name);
       if (!g) throw new Error(`optimizer: missing gradient for ${s.name}`);
+      const t = ++s.t;
       const w = s.value;
-      const lr = this.learningRate * s.lrScale;
+      const lr = this.learningRate * s.lrScale * lrFactor;
       const wd = s.decay ? weightDecay : 0;
       const m = s.m;
       const k = this.kernels;
       if (k && kind === 'sgd') {
-        k.sgdStep(w, g, m, lr, momentum, wd, this.t === 1 ? 1 : 0);
+        k.sgdStep(w, g, m, lr, momentum, wd, t === 1 ? 1 : 0);
         continue;
       }
       if (k) {
-        const c1 = 1 - Math.pow(beta1, this.t);
-        k.adamStep(w, g, m, s.v!, lr / c1, beta1, beta2, eps, Math.sqrt(1 - Math.pow(beta2, this.t)), wd);
+        const c1 = 1 - Math.pow(beta1, t);
+        k.adamStep(w, g, m, s.v!, lr / c1, beta1, beta2, eps, Math.sqrt(1 - Math.pow(beta2, t)), wd);
         continue;
       }
       if (kind === 'sgd') {
-        const first = this.t === 1;
+        const first = t === 1;
         for (let i = 0; i < w.length; i++) {
           const gi = g[i] + wd * w[i];
           const b = first ? gi : momentum * m[i] + gi;
@@ -172,8 +219,8 @@ export class Optimizer {
         }
       } else {
         const v = s.v!;
-        const c1 = 1 - Math.pow(beta1, this.t);
-        const c2 = 1 - Math.pow(beta2, this.t);
+        const c1 = 1 - Math.pow(beta1, t);
+        const c2 = 1 - Math.pow(beta2, t);
         const stepSize = lr / c1;
         const sqrtC2 = Math.sqrt(c2);
         for (let i = 0; i < w.length; i++) {

@@ -1,6 +1,8 @@
 /**
  * Trainer on tfjs: forward passes written as functions of named tensors (no tf.layers, so the
- * parameter names are exactly the bundle's), Adam, soft Dice + cross-entropy, FedProx.
+ * parameter names are exactly the bundle's), soft Dice + cross-entropy, FedProx. Updates go through the
+ * shared Optimizer (optim.ts) on Float32Array copies, as in the Med3D trainer, so plan optimiser settings,
+ * a site's kept optimiser state and the learning-rate schedule mean the same on every engine.
  *
  * On the pure-JS `cpu` engine convolutions run through our own kernels (conv3d-cpu.ts) wrapped in
  * tf.customGrad: tfjs's cpu Conv3D is correct but ~5-10× slower. Native engines use tf.conv3d.
@@ -20,6 +22,7 @@ import {
   upsample2xBackward,
   upsample2xForward,
 } from './conv3d-cpu.ts';
+import { DEFAULT_OPTIMIZER, Optimizer } from './optim.ts';
 import { TINY3D_ID } from './tiny3d.ts';
 import type { EvalResult, ModelArchitecture, TrainRequest, TrainResult, Trainer, VolumeCase } from './types.ts';
 
@@ -337,8 +340,13 @@ export function createTfjsTrainer(arch: ModelArchitecture, engine: EngineInfo, f
       const start = toTensors(req.weights);
       const vars = new Map<string, TfModule.Variable>();
       for (const s of specs) vars.set(s.name, tf.variable(start.get(s.name)!, s.trainable));
-      const trainable = specs.filter((s) => s.trainable).map((s) => vars.get(s.name)!);
-      const optimizer = tf.train.adam(req.learningRate);
+      // The optimiser's master copies of the weights; each step writes the trained ones back to the variables.
+      const values = new Map(specs.map((s) => [s.name, new Float32Array(req.weights.get(s.name)!.data)]));
+      const startValues = mu > 0 ? new Map(specs.map((s) => [s.name, new Float32Array(req.weights.get(s.name)!.data)])) : undefined;
+      const optimizer = new Optimizer(req.optimizer ?? DEFAULT_OPTIMIZER, req.learningRate, specs, values, undefined, req.optimizerState);
+      const trained = optimizer.trained;
+      const trainedVars = trained.map((n) => vars.get(n)!);
+      const varName = new Map(trained.map((n) => [vars.get(n)!.name, n]));
       const losses: number[] = [];
       // Inverted dropout with a mask from the request's rng (so a seed fixes the run on every engine).
       const trainOps: TfjsOps = dropout > 0
@@ -360,40 +368,40 @@ export function createTfjsTrainer(arch: ModelArchitecture, engine: EngineInfo, f
           const x = tf.tensor(batch.image, [req.batchSize, pd, ph, pw, 1]) as Tensor5D;
           const y = tf.tensor(batch.oneHot, [req.batchSize * pd * ph * pw, numClasses]);
           const wt = batch.weight ? tf.tensor(batch.weight, [req.batchSize * pd * ph * pw]) : undefined;
-          let task: Tensor | undefined;
+          const lossOf = () => trainOps.segmentationLoss(fwd(vars, x, trainOps), y, wt);
+          const { value, grads } = trainedVars.length > 0 ? tf.variableGrads(lossOf, trainedVars) : { value: tf.tidy(lossOf), grads: {} };
           try {
-            const total = optimizer.minimize(
-              () => {
-                const t = trainOps.segmentationLoss(fwd(vars, x, trainOps), y, wt);
-                task = tf.keep(t);
-                if (mu <= 0) return t;
-                // FedProx: (μ/2)·Σ‖w − w_start‖² over trainable parameters.
-                const terms = specs.filter((s) => s.trainable).map((s) => tf.sum(tf.square(tf.sub(vars.get(s.name)!, start.get(s.name)!))));
-                return tf.add(t, tf.mul(tf.addN(terms), mu / 2)) as TfModule.Scalar;
-              },
-              true,
-              trainable,
-            );
-            // Read before disposing: without FedProx `total` and `task` are the same tensor.
-            const loss = (task as Tensor | undefined)?.dataSync()[0] ?? Number.NaN;
-            total?.dispose();
+            const loss = value.dataSync()[0];
             if (!Number.isFinite(loss)) throw new Error(`train: loss became ${loss} at step ${step + 1} of ${req.steps} (learning rate ${req.learningRate} too high?)`);
+            const g = new Map<string, Float32Array>();
+            for (const [vn, t] of Object.entries(grads)) g.set(varName.get(vn)!, new Float32Array(t.dataSync() as Float32Array));
+            if (startValues) {
+              // FedProx: ∇(μ/2)‖w − w_start‖² = μ(w − w_start).
+              for (const [name, gn] of g) {
+                const w = values.get(name)!;
+                const w0 = startValues.get(name)!;
+                for (let i = 0; i < gn.length; i++) gn[i] += mu * (w[i] - w0[i]);
+              }
+            }
+            optimizer.step(g, req.learningRateFactor?.(step) ?? 1);
+            for (const name of trained) {
+              // A copy: the optimiser's array must never become backend storage.
+              const t = tf.tensor(new Float32Array(values.get(name)!), vars.get(name)!.shape);
+              vars.get(name)!.assign(t);
+              t.dispose();
+            }
             losses.push(loss);
             req.onStep?.(step, loss);
           } finally {
-            (task as Tensor | undefined)?.dispose();
+            value.dispose();
+            for (const t of Object.values(grads)) t.dispose();
             x.dispose();
             y.dispose();
             wt?.dispose();
           }
           await yieldToEventLoop();
         }
-        const out: NamedTensor[] = specs.map((s) => ({
-          name: s.name,
-          dtype: 'F32',
-          shape: [...s.shape],
-          data: new Float32Array(vars.get(s.name)!.dataSync() as Float32Array),
-        }));
+        const out: NamedTensor[] = specs.map((s) => ({ name: s.name, dtype: 'F32', shape: [...s.shape], data: values.get(s.name)! }));
         const quarter = Math.max(1, Math.floor(losses.length / 4));
         const tail = losses.slice(-quarter);
         return {
@@ -401,9 +409,9 @@ export function createTfjsTrainer(arch: ModelArchitecture, engine: EngineInfo, f
           loss: tail.reduce((a, v) => a + v, 0) / tail.length,
           firstLoss: losses[0],
           samples: req.source ? req.source.cases : labelled.length,
+          optimizerState: optimizer.state(),
         };
       } finally {
-        optimizer.dispose();
         for (const v of vars.values()) v.dispose();
         for (const t of start.values()) t.dispose();
       }

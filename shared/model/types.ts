@@ -4,7 +4,7 @@
  * Med3D encoder both plug in here, so the coordinator and site agent never see layer code.
  */
 import type { TensorBundle, TensorSpec } from '../tensors/bundle.ts';
-import type { OptimizerSpec } from './optim.ts';
+import type { OptimizerSpec, OptimizerState } from './optim.ts';
 import type { Rng } from '../util/random.ts';
 
 /** Which side owns a parameter by default: the shared encoder, or the site's own head. */
@@ -79,6 +79,13 @@ export interface TrainRequest {
   readonly proximalMu?: number;
   /** Optimiser, per-group learning-rate scales and frozen groups (default: Adam, everything trained). */
   readonly optimizer?: OptimizerSpec;
+  /**
+   * Optimiser state to start from, by parameter name (a site's own parameters, as its last round left them);
+   * parameters without an entry start fresh. Must fit `optimizer` (kind, sizes).
+   */
+  readonly optimizerState?: OptimizerState;
+  /** Multiplies the learning rate at each step (0-based step of this call): a learning-rate schedule. Absent = 1. */
+  readonly learningRateFactor?: (step: number) => number;
   /** Called after each step; lets the agent heartbeat progress and draw bars. */
   readonly onStep?: (step: number, loss: number) => void;
   /**
@@ -95,6 +102,8 @@ export interface TrainResult {
   readonly loss: number;
   readonly firstLoss: number;
   readonly samples: number;
+  /** Final optimiser state of every parameter trained; the site keeps its own parameters' part and never sends it. */
+  readonly optimizerState?: OptimizerState;
 }
 
 export interface EvalResult {

@@ -26,6 +26,19 @@ export const AugmentSettingsSchema = z
     shiftRange: range.default([-0.1, 0.1]),
     noiseProbability: prob.default(0.1),
     noiseVariance: range.default([0, 0.1]),
+    /** Gamma on the patch rescaled to [0, 1] (range restored), per channel; γ drawn below 1 as often as above. */
+    gammaProbability: prob.default(0.3),
+    gammaRange: range.refine(([a]) => a > 0, { message: 'gamma must be positive' }).default([0.7, 1.5]),
+    /** Rotation about each axis by an angle from rotationDegrees, resampled from the whole case (nnU-Net: 0.2). */
+    rotationProbability: prob.default(0.2),
+    rotationDegrees: range.default([-15, 15]),
+    /** Isotropic spatial scaling (> 1 magnifies); not the intensity `scale` above. */
+    zoomProbability: prob.default(0.2),
+    zoomRange: range.refine(([a]) => a > 0, { message: 'zoom must be positive' }).default([0.85, 1.25]),
+    /** Elastic deformation: control points every elasticGridSpacing voxels, displaced with sd from elasticDisplacement (voxels). */
+    elasticProbability: prob.default(0),
+    elasticDisplacement: range.refine(([a]) => a >= 0, { message: 'displacement must be ≥ 0' }).default([1, 3]),
+    elasticGridSpacing: z.number().min(1).default(8),
   })
   .strict();
 

@@ -4,9 +4,14 @@
 import { z } from 'zod';
 import { INIT_SPEC_FORMS, isInitSpec } from '../model/transfer-init.ts';
 import { OptimizerSpecSchema } from '../model/optim.ts';
+import { MED3D_DEFAULT_NORM_GROUPS, med3dNormProblem } from '../model/med3d.ts';
+import { LrScheduleSchema } from '../model/lr-schedule.ts';
 import { DataSettingsSchema } from './data-settings.ts';
 
 const positiveInt = z.number().int().positive();
+
+/** Default aggregation.validation.maxNormFactor: an honest site's step is rarely 3× the median, never 10×. */
+export const DEFAULT_MAX_NORM_FACTOR = 10;
 
 export const ModelPartSchema = z.enum(['encoder', 'head']);
 export const LayerTypeSchema = z.enum(['conv', 'norm', 'dense', 'other']);
@@ -67,10 +72,17 @@ export const PlanSchema = z
         shortcut: z.enum(['A', 'B']).default('B'),
         /** med3d only: scales every width; 1 is MedicalNet itself, 0.25 trains on a CPU. */
         widthMultiplier: z.number().positive().max(16).default(0.25),
-        /** med3d only: the site head (segmentation: MedicalNet's conv_seg; classification: pool, dropout, dense). */
-        head: z.enum(['segmentation', 'classification']).default('segmentation'),
-        /** med3d segmentation head channels (default 32 × widthMultiplier). */
+        /**
+         * med3d only: the site head (segmentation: MedicalNet's conv_seg, ¼ resolution; unet: a light decoder over the
+         * encoder's skips, full resolution; classification: pool, dropout, dense).
+         */
+        head: z.enum(['segmentation', 'unet', 'classification']).default('segmentation'),
+        /** med3d segmentation/unet head channels (default 32 × widthMultiplier; unet at least 8). */
         headChannels: positiveInt.optional(),
+        /** med3d only: norm layers of encoder and head: batch (MedicalNet's), group, or instance (no running statistics). */
+        norm: z.enum(['batch', 'group', 'instance']).default('batch'),
+        /** med3d norm: group: groups per norm layer; must divide every normalised channel count. */
+        normGroups: positiveInt.default(MED3D_DEFAULT_NORM_GROUPS),
         /** med3d classification head: dropout before the dense layer while training. */
         dropout: z.number().min(0).lt(1).default(0),
         seed: z.number().int().default(1),
@@ -82,6 +94,12 @@ export const PlanSchema = z
         source2d: z.string().optional(),
       })
       .strict()
+      .superRefine((m, ctx) => {
+        if (m.architecture !== 'med3d' || m.norm !== 'group') return;
+        const head = m.head === 'classification' ? { kind: m.head, numClasses: m.numClasses } : { kind: m.head, numClasses: m.numClasses, channels: m.headChannels };
+        const problem = med3dNormProblem({ depth: m.depth, shortcut: m.shortcut, widthMultiplier: m.widthMultiplier, head, patch: m.patch, norm: m.norm, normGroups: m.normGroups });
+        if (problem) ctx.addIssue({ code: 'custom', path: ['normGroups'], message: problem });
+      })
       .prefault({}),
     rounds: positiveInt.default(3),
     /** Quorum: a round closes at its deadline only if at least this many sites reported. */
@@ -103,6 +121,8 @@ export const PlanSchema = z
         proximalMu: z.number().min(0).default(0),
         /** Optimiser, learning-rate scale per parameter group, frozen groups (default Adam, all trained). */
         optimizer: OptimizerSpecSchema.optional(),
+        /** Learning-rate schedule over the whole federation (all rounds' local steps); absent = constant. */
+        schedule: LrScheduleSchema.optional(),
       })
       .strict()
       .prefault({})
@@ -143,8 +163,15 @@ export const PlanSchema = z
           .object({
             /** Refuse an update whose delta (against the round's base model) has an L2 norm above this. */
             maxNorm: z.number().positive().optional(),
-            /** Refuse an update whose delta norm exceeds k × the median norm of recently accepted updates. */
-            maxNormFactor: z.number().gt(1).optional(),
+            /**
+             * Refuse an update whose delta norm exceeds k × the median norm of recently accepted updates. On by default
+             * (DEFAULT_MAX_NORM_FACTOR, except with secure aggregation, which cannot see single updates); 0 turns it off.
+             */
+            maxNormFactor: z.union([z.number().gt(1), z.literal(0)]).optional(),
+            /** Refuse an update proposing any weight beyond ±maxValue (absolute: holds from the very first update). */
+            maxValue: z.number().positive().default(1e6),
+            /** Flag (warn + update.flagged event) a site whose declared sample count is over k × its own recent median. */
+            samplesJumpFactor: z.number().gt(1).default(4),
             /** Accepted norms needed (this round and the last) before maxNormFactor applies. */
             normReference: z.number().int().min(1).default(3),
             minSamples: positiveInt.default(1),
@@ -152,6 +179,11 @@ export const PlanSchema = z
           })
           .strict()
           .prefault({}),
+        /**
+         * Cap on one site's share of a round's FedAvg weight (Σ samples): weights above it are lowered at close so no
+         * single declared sample count decides the model. 1 = off. With 2 reporting sites 0.5 means equal weights.
+         */
+        maxWeightShare: z.number().gt(0).max(1).default(0.5),
         /** Clip each update's delta to this L2 norm before combining (robustness, without noise). */
         clipNorm: z.number().positive().optional(),
         /** Client-level DP (DP-FedAvg): clip to clipNorm, add N(0, (noiseMultiplier·clipNorm)²) to the sum, divide by the sites asked. */
@@ -183,11 +215,17 @@ export const PlanSchema = z
       .refine((a) => !(a.secureAggregation.enabled && a.strategy !== 'fedavg'), {
         message: 'aggregation.secureAggregation needs strategy fedavg: the coordinator only sees the sum, so a median or trimmed mean cannot be computed (drop secureAggregation or use fedavg)',
       })
-      .refine((a) => !(a.secureAggregation.enabled && (a.validation.maxNorm !== undefined || a.validation.maxNormFactor !== undefined || a.clipNorm !== undefined)), {
+      .refine((a) => !(a.secureAggregation.enabled && (a.validation.maxNorm !== undefined || !!a.validation.maxNormFactor || a.clipNorm !== undefined)), {
         message: 'aggregation.secureAggregation cannot check or clip single updates at the coordinator: remove validation.maxNorm / maxNormFactor and clipNorm (with dp, sites clip their own delta to dp.clipNorm)',
       })
       .refine((a) => !(a.secureAggregation.enabled && a.secureAggregation.neighbours !== undefined && a.secureAggregation.threshold > a.secureAggregation.neighbours), {
         message: 'aggregation.secureAggregation.threshold cannot exceed neighbours (shares are held only by a site\'s neighbours)',
+      })
+      // The relative norm bound is on unless the plan turns it off (0) or secure aggregation hides single updates.
+      .transform((a) => {
+        const { maxNormFactor, ...validation } = a.validation;
+        const factor = maxNormFactor === 0 ? undefined : (maxNormFactor ?? (a.secureAggregation.enabled ? undefined : DEFAULT_MAX_NORM_FACTOR));
+        return { ...a, validation: { ...validation, maxNormFactor: factor as number | undefined } };
       }),
     /** Federated noisy-student training (docs/teacher-student.md); off by default. */
     teacherStudent: TeacherStudentSchema.prefault({}),

@@ -5,6 +5,7 @@
 import { z } from 'zod';
 import { PlanSchema, TeacherStudentSchema } from '../plan/schema.ts';
 import { OptimizerSpecSchema } from '../model/optim.ts';
+import { LrScheduleSchema } from '../model/lr-schedule.ts';
 import { DataSettingsSchema } from '../plan/data-settings.ts';
 
 export const TaskSettingsSchema = z
@@ -18,7 +19,13 @@ export const TaskSettingsSchema = z
       learningRate: z.number().positive(),
       proximalMu: z.number().min(0),
       optimizer: OptimizerSpecSchema.optional(),
+      schedule: LrScheduleSchema.optional(),
     }),
+    /**
+     * The plan's number of rounds: with the task's round it places a site's local steps on the federation-wide
+     * learning-rate schedule (local.schedule). Absent from older coordinators; the schedule then spans one round.
+     */
+    totalRounds: z.number().int().positive().optional(),
     share: PlanSchema.shape.share.unwrap(),
     /** Names of the tensors the site must send back, exactly. */
     sharedTensors: z.array(z.string()),

@@ -7,13 +7,18 @@
  *   brightness    multiply each channel by U(0.75, 1.25), probability 0.15 per channel.
  *   shift         add U(−0.1, 0.1) to each channel, probability 0 by default (off).
  *   noise         add N(0, σ²) with σ² ~ U(0, 0.1), probability 0.1 per patch.
- * Random cropping around foreground is the patch sampler's job (sampler.ts samplePatch), before this.
- * Not done (yet): rotation, scaling, blur, contrast, gamma, low-resolution simulation.
+ *   gamma         per channel, probability 0.3: rescale the patch to [0, 1], raise to γ, restore its range
+ *                 (min and max stay put). As nnU-Net draws it: half the time γ ~ U(0.7, 1), else U(1, 1.5).
+ * Rotation, zoom and elastic deformation need the whole case (a cropped patch would pull its zero borders in), so
+ * the patch sampler does them while cutting (sampler.ts samplePatch with `spatial`, spatial-augment.ts); the
+ * options live here so one object configures both. Random cropping around foreground is the sampler's job too.
+ * Not done (yet): blur, contrast, low-resolution simulation.
  */
 import { gaussian, uniform, type Rng } from './prng.ts';
+import { DEFAULT_SPATIAL, type SpatialAugmentOptions } from './spatial-augment.ts';
 import type { Patch } from './types.ts';
 
-export interface AugmentOptions {
+export interface AugmentOptions extends SpatialAugmentOptions {
   /** Probability of flipping each axis [D, H, W]; a number applies to all three. */
   readonly flipProbability?: number | readonly [number, number, number];
   /** Label pairs swapped when the W (left–right) axis is flipped. */
@@ -25,9 +30,14 @@ export interface AugmentOptions {
   readonly noiseProbability?: number;
   /** Range of the noise variance σ² (in normalised intensity units). */
   readonly noiseVariance?: readonly [number, number];
+  /** Probability of a gamma transform per channel. */
+  readonly gammaProbability?: number;
+  /** Range of γ; values below 1 brighten mid-tones, above 1 darken them. */
+  readonly gammaRange?: readonly [number, number];
 }
 
 export const DEFAULT_AUGMENT: Required<AugmentOptions> = {
+  ...DEFAULT_SPATIAL,
   flipProbability: 0.5,
   leftRightPairs: [],
   scaleProbability: 0.15,
@@ -36,6 +46,8 @@ export const DEFAULT_AUGMENT: Required<AugmentOptions> = {
   shiftRange: [-0.1, 0.1],
   noiseProbability: 0.1,
   noiseVariance: [0, 0.1],
+  gammaProbability: 0.3,
+  gammaRange: [0.7, 1.5],
 };
 
 /** What one call decided to do (drawn before any voxel is touched). */
@@ -47,6 +59,8 @@ export interface AugmentParams {
   readonly shift: readonly number[];
   /** Noise standard deviation (0 = no noise). */
   readonly noiseSd: number;
+  /** Per channel gamma (1 = unchanged); absent = none (parameters drawn before gamma existed). */
+  readonly gamma?: readonly number[];
 }
 
 function check01(p: number, what: string): number {
@@ -66,7 +80,40 @@ export function drawAugmentation(rng: Rng, channels: number, options: AugmentOpt
     shift.push(rng() < check01(o.shiftProbability, 'shiftProbability') ? uniform(rng, o.shiftRange[0], o.shiftRange[1]) : 0);
   }
   const noiseSd = rng() < check01(o.noiseProbability, 'noiseProbability') ? Math.sqrt(Math.max(0, uniform(rng, o.noiseVariance[0], o.noiseVariance[1]))) : 0;
-  return { flip, scale, shift, noiseSd };
+  const gamma: number[] = [];
+  for (let c = 0; c < channels; c++) gamma.push(rng() < check01(o.gammaProbability, 'gammaProbability') ? drawGamma(rng, o.gammaRange) : 1);
+  return { flip, scale, shift, noiseSd, gamma };
+}
+
+/** nnU-Net's draw: as often below 1 as above it (a plain uniform on [0.7, 1.5] would darken ⅝ of the time). */
+function drawGamma(rng: Rng, [lo, hi]: readonly [number, number]): number {
+  if (!(lo > 0 && lo <= hi)) throw new RangeError(`gammaRange must be positive [low, high], got [${lo}, ${hi}]`);
+  if (lo < 1 && hi > 1) return rng() < 0.5 ? uniform(rng, lo, 1) : uniform(rng, 1, hi);
+  return uniform(rng, lo, hi);
+}
+
+/** Entries of the x^γ table gammaChannel interpolates (error < 1e-3 of the range; Math.pow per voxel is ~5× slower). */
+const GAMMA_TABLE = 2048;
+
+/** x ↦ min + (max − min)·((x − min)/(max − min))^γ on channel `c` of interleaved `img`, in place. */
+export function gammaChannel(img: Float32Array, channels: number, c: number, gamma: number): void {
+  let min = Infinity;
+  let max = -Infinity;
+  for (let i = c; i < img.length; i += channels) {
+    if (img[i] < min) min = img[i];
+    if (img[i] > max) max = img[i];
+  }
+  const range = max - min;
+  if (!(range > 0)) return;
+  const table = new Float64Array(GAMMA_TABLE + 2);
+  for (let k = 0; k <= GAMMA_TABLE; k++) table[k] = min + range * Math.pow(k / GAMMA_TABLE, gamma);
+  table[GAMMA_TABLE + 1] = max;
+  const scale = GAMMA_TABLE / range;
+  for (let i = c; i < img.length; i += channels) {
+    const u = (img[i] - min) * scale;
+    const k = Math.floor(u);
+    img[i] = table[k] + (u - k) * (table[k + 1] - table[k]);
+  }
 }
 
 /** Mirror a patch (image and label together) along the axes marked true. */
@@ -109,6 +156,7 @@ export function applyAugmentation(patch: Patch, p: AugmentParams, rng: Rng, left
     }
   }
   if (p.noiseSd > 0) for (let i = 0; i < img.length; i++) img[i] += p.noiseSd * gaussian(rng);
+  p.gamma?.forEach((g, c) => { if (g !== 1) gammaChannel(img, C, c, g); });
   return flipped;
 }
 

@@ -5,6 +5,7 @@
  * and 0 (label). Everything random comes from the `rng` passed in, so a seed fixes every patch.
  */
 import { randomInt, type Rng } from './prng.ts';
+import { drawSpatial, isIdentity, spatialPatch, transformCentre, type SpatialAugmentOptions } from './spatial-augment.ts';
 import { checkShape, voxels, type Patch, type PreparedCase, type Shape3 } from './types.ts';
 
 export interface SampleOptions {
@@ -12,6 +13,11 @@ export interface SampleOptions {
   readonly patch: Shape3;
   /** Share of patches forced to contain foreground; nnU-Net uses 0.33. */
   readonly foregroundFraction?: number;
+  /**
+   * Rotation / zoom / elastic deformation, resampled from the whole case about the patch centre (spatial-augment.ts);
+   * absent = plain crops.
+   */
+  readonly spatial?: SpatialAugmentOptions;
 }
 
 /** At most this many foreground voxel indices are kept per case (evenly strided). */
@@ -40,6 +46,11 @@ function startAround(c: number, n: number, p: number): number {
 
 /** Where to cut a patch: its start corner [z, y, x] (negative = padding before the volume). */
 export function choosePatchStart(c: PreparedCase, opts: SampleOptions, rng: Rng): [number, number, number] {
+  return placePatch(c, opts, rng).start;
+}
+
+/** The start corner, and the foreground voxel [z, y, x] the patch was placed around (when it was). */
+function placePatch(c: PreparedCase, opts: SampleOptions, rng: Rng): { start: [number, number, number]; foreground?: [number, number, number] } {
   const p = opts.patch;
   const fgShare = opts.foregroundFraction ?? 0.33;
   const fg = c.foreground;
@@ -49,12 +60,13 @@ export function choosePatchStart(c: PreparedCase, opts: SampleOptions, rng: Rng)
     const x = idx % W;
     const y = Math.floor(idx / W) % H;
     const z = Math.floor(idx / (W * H));
-    return [startAround(z, c.shape[0], p[0]), startAround(y, c.shape[1], p[1]), startAround(x, c.shape[2], p[2])];
+    return { start: [startAround(z, c.shape[0], p[0]), startAround(y, c.shape[1], p[1]), startAround(x, c.shape[2], p[2])], foreground: [z, y, x] };
   }
-  return [0, 1, 2].map((a) => {
+  const start = [0, 1, 2].map((a) => {
     const n = c.shape[a];
     return n <= p[a] ? Math.floor((n - p[a]) / 2) : randomInt(rng, n - p[a] + 1);
   }) as [number, number, number];
+  return { start };
 }
 
 /** Cut the patch starting at `start` (channels interleaved last), padding outside the volume with 0. */
@@ -86,9 +98,16 @@ export function extractPatch(c: PreparedCase, start: readonly [number, number, n
   return { shape: [d, h, w], channels: C, image, ...(label ? { label } : {}) };
 }
 
-/** One random patch of a case (see the module comment). */
+/**
+ * One random patch of a case (see the module comment); with `spatial`, transformed about its centre, a
+ * foreground patch keeping the voxel it was placed around.
+ */
 export function samplePatch(c: PreparedCase, opts: SampleOptions, rng: Rng): Patch {
-  return extractPatch(c, choosePatchStart(c, opts, rng), opts.patch);
+  const { start, foreground } = placePatch(c, opts, rng);
+  if (!opts.spatial) return extractPatch(c, start, opts.patch);
+  const t = drawSpatial(rng, opts.spatial);
+  if (isIdentity(t)) return extractPatch(c, start, opts.patch);
+  return spatialPatch(c, transformCentre(start, opts.patch, t, c.spacing, foreground), opts.patch, t);
 }
 
 /** The centred patch (deterministic; for validation). */

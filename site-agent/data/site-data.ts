@@ -184,7 +184,9 @@ export class SiteData {
       if (live.length === 0) throw new Error(`no usable case to sample from (${from.length} case(s), all unusable; run \`medfl site check-data\`)`);
       const c = await this.load(live[randomInt(rng, live.length)]);
       if (!c) continue;
-      const p = samplePatch(c, { patch: this.opts.patch, foregroundFraction: o.foregroundFraction ?? this.opts.foregroundFraction ?? 0.33 }, rng);
+      // Rotation, zoom and elastic deformation are resampled from the whole case while cutting; the rest below.
+      const spatial = o.augment === false ? {} : { spatial: o.augment ?? {} };
+      const p = samplePatch(c, { patch: this.opts.patch, foregroundFraction: o.foregroundFraction ?? this.opts.foregroundFraction ?? 0.33, ...spatial }, rng);
       out.push(withClass(o.augment === false ? p : augmentPatch(p, rng, o.augment ?? {}), c));
     }
     return out;

@@ -4,7 +4,7 @@
  * cases, keep the local tensors here, and return only the shared tensors as the update.
  */
 import { copyFileSync, existsSync, readFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { architectureFor } from '../../shared/model/registry.ts';
 import { localParams, merge, pick } from '../../shared/model/sharing.ts';
 import type { ModelArchitecture, Trainer, VolumeCase } from '../../shared/model/types.ts';
@@ -13,6 +13,9 @@ import { decodeSafetensors, encodeSafetensors } from '../../shared/tensors/safet
 import { checkAgainstSpecs, findNonFinite, type TensorBundle } from '../../shared/tensors/bundle.ts';
 import type { TaskSettings } from '../../shared/protocol/task.ts';
 import { writeFileAtomic } from '../../shared/util/fs-atomic.ts';
+import { DEFAULT_OPTIMIZER, optimizerStateProblem, type OptimizerState } from '../../shared/model/optim.ts';
+import { federationSchedule } from '../../shared/model/lr-schedule.ts';
+import { decodeOptimizerState, encodeOptimizerState } from './optimizer-state-file.ts';
 import { sha256Hex } from '../../shared/util/hash.ts';
 import { patchToVolumeCase, SiteData } from '../data/site-data.ts';
 import { augmentOptions, DataSettingsSchema, siteDataOptions } from '../data/settings.ts';
@@ -107,7 +110,10 @@ export class LocalTraining {
 
     const local = this.loadLocal(arch, settings);
     const start = merge(merge(arch.init(this.siteSeed(settings.model.seed)), local), global);
+    // Moments only for the site's own tensors, and only beside the tensors they were made with.
+    const optimizerState = local.size > 0 ? this.loadOptimizerState(arch, settings) : undefined;
     const steps = settings.local.steps ?? Math.max(1, Math.ceil(((settings.local.epochs ?? 1) * usable.length) / settings.local.batchSize));
+    const learningRateFactor = this.learningRateSchedule(settings, ctx.round, steps);
     const t0 = performance.now();
     log.info({ round: ctx.round, steps, engine: trainer.engine, trainCases: usable.length }, 'local training started');
     const result = await trainer.train({
@@ -120,6 +126,8 @@ export class LocalTraining {
       seed: this.siteSeed(settings.model.seed) + ctx.round,
       proximalMu: settings.local.proximalMu,
       optimizer: settings.local.optimizer,
+      ...(optimizerState ? { optimizerState } : {}),
+      ...(learningRateFactor ? { learningRateFactor } : {}),
       ...(student && student.dropout > 0 ? { dropout: student.dropout } : {}),
       onStep: (s) => ctx.onProgress?.((s + 1) / steps),
     });
@@ -129,6 +137,7 @@ export class LocalTraining {
     const accuracy = val.length > 0 && classification ? await classificationMetrics(trainer, result.weights, val, settings.model.numClasses) : undefined;
 
     this.saveLocal(arch, settings, result.weights);
+    if (result.optimizerState) this.saveOptimizerState(arch, settings, result.optimizerState);
     const update = pick(result.weights, settings.sharedTensors.map((name) => ({ name })));
     const metrics: Record<string, number> = {
       train_loss: result.loss,
@@ -137,7 +146,11 @@ export class LocalTraining {
       num_val: val.length,
       train_seconds: trainSeconds,
     };
-    if (setup && 'skipped' in setup) metrics.teacher_val_dice = setup.skipped;
+    if (setup && 'skipped' in setup) {
+      // The gate's decision is a metric of its own, so a coordinator sees teachers refused (and why: NaN = unmeasured).
+      metrics.teacher_gated = 1;
+      if (Number.isFinite(setup.skipped)) metrics.teacher_val_dice = setup.skipped;
+    }
     if (student) {
       // Aggregate counts only: never a per-case value.
       if (Number.isFinite(student.teacherDice)) metrics.teacher_val_dice = student.teacherDice;
@@ -169,6 +182,17 @@ export class LocalTraining {
     const shared = decodeSafetensors(sharedBytes).bundle;
     const weights = merge(merge(arch.init(this.siteSeed(settings.model.seed)), this.loadLocal(arch, settings)), shared);
     return trainer.evaluate(weights, cases);
+  }
+
+  /**
+   * Validation Dice of this site's model (the given shared tensors with its own local tensors) on its held-back
+   * validation cases — for model selection by validation, never by test. NaN when the site has none.
+   */
+  async validateModel(planSettings: TaskSettings, sharedBytes: Buffer): Promise<number> {
+    const settings = applySiteTask(planSettings, this.siteTask);
+    const val = await this.validationCases(await this.siteDataFor(settings), settings);
+    if (val.length === 0 || isClassification(settings)) return Number.NaN;
+    return (await this.evaluateModel(planSettings, sharedBytes, val)).meanDice;
   }
 
   /**
@@ -221,8 +245,9 @@ export class LocalTraining {
       teacherDice = val.length > 0 ? (await trainer.evaluate(weights, val)).meanDice : Number.NaN;
       this.teacherDice.set(teacher.modelHash, teacherDice);
     }
-    if (teacherDice < ts.minTeacherDice) {
-      log.info({ round: ctx.round, generation: teacher.generation, teacherValDice: round4(teacherDice), needed: ts.minTeacherDice }, 'teacher too weak on this site\'s validation cases: training on labelled cases only this generation');
+    // Fails closed: with no validation case the teacher's Dice is NaN, and an unmeasured teacher is not used.
+    if (!(teacherDice >= ts.minTeacherDice)) {
+      log.info({ round: ctx.round, generation: teacher.generation, teacherValDice: Number.isFinite(teacherDice) ? round4(teacherDice) : null, needed: ts.minTeacherDice }, Number.isFinite(teacherDice) ? 'teacher too weak on this site\'s validation cases: training on labelled cases only this generation' : 'no validation case to check the teacher on: training on labelled cases only this generation');
       return { skipped: teacherDice };
     }
     const parent = join(this.o.localDir, 'pseudo');
@@ -310,6 +335,12 @@ export class LocalTraining {
     return out;
   }
 
+  /** Whether this site has trained under these settings (its own tensors are on disk). */
+  hasLocalTensors(planSettings: TaskSettings): boolean {
+    const settings = applySiteTask(planSettings, this.siteTask);
+    return existsSync(this.localPath(architectureFor(settings.model), settings));
+  }
+
   /** The site's own tensors live in a file keyed by the architecture, so a plan change never mixes layouts. */
   private localPath(arch: ModelArchitecture, settings: TaskSettings): string {
     const key = sha256Hex(JSON.stringify({ model: settings.model, share: settings.share })).slice(0, 16);
@@ -329,6 +360,59 @@ export class LocalTraining {
   private saveLocal(arch: ModelArchitecture, settings: TaskSettings, weights: TensorBundle): void {
     const local = pick(weights, localParams(arch, settings.share));
     writeFileAtomic(this.localPath(arch, settings), encodeSafetensors(local), 0o600);
+  }
+
+  /**
+   * Same name as the local tensors' file (same key: a plan change that changes the layout never reuses the
+   * moments), in a subfolder so that the local folder's top level keeps holding model tensors only.
+   */
+  private optimizerStatePath(arch: ModelArchitecture, settings: TaskSettings): string {
+    return join(this.o.localDir, 'optimizer-state', basename(this.localPath(arch, settings)));
+  }
+
+  /**
+   * The state the last round left for the site's own parameters, or undefined (none yet, or it does not fit the
+   * plan's optimiser any more: then the moments start afresh, which costs a little convergence, nothing else).
+   */
+  private loadOptimizerState(arch: ModelArchitecture, settings: TaskSettings): OptimizerState | undefined {
+    const path = this.optimizerStatePath(arch, settings);
+    if (!existsSync(path)) return undefined;
+    const kind = (settings.local.optimizer ?? DEFAULT_OPTIMIZER).kind;
+    const shared = new Set(settings.sharedTensors);
+    let problem: string | undefined;
+    try {
+      const saved = decodeOptimizerState(readFileSync(path));
+      const sharedName = [...saved.state.keys()].find((n) => shared.has(n));
+      problem = saved.kind !== kind ? `it is ${saved.kind} state, the plan trains with ${kind}` : sharedName ? `it holds shared parameter ${sharedName}` : optimizerStateProblem(saved.state, kind, arch.params());
+      if (!problem) return saved.state;
+    } catch (e) {
+      problem = (e as Error).message;
+    }
+    this.o.log.warn({ problem }, "the site's saved optimiser state does not fit this round's model or optimiser: its moments start afresh");
+    return undefined;
+  }
+
+  /**
+   * Keeps only the site's own parameters' state. Shared parameters' moments are dropped on purpose: the global
+   * model replaces those weights every round, so their old moments describe a point the site no longer starts from.
+   */
+  private saveOptimizerState(arch: ModelArchitecture, settings: TaskSettings, state: OptimizerState): void {
+    const shared = new Set(settings.sharedTensors);
+    const own = new Map([...state].filter(([name]) => !shared.has(name)));
+    if (own.size === 0) return;
+    const kind = (settings.local.optimizer ?? DEFAULT_OPTIMIZER).kind;
+    writeFileAtomic(this.optimizerStatePath(arch, settings), encodeOptimizerState(own, kind), 0o600);
+  }
+
+  /** The plan's learning-rate schedule placed on the federation's steps (this round's share of it); none = constant. */
+  private learningRateSchedule(settings: TaskSettings, round: number, steps: number): ((step: number) => number) | undefined {
+    const schedule = settings.local.schedule;
+    if (!schedule || (schedule.type === 'constant' && schedule.warmupSteps === 0)) return undefined;
+    if (settings.totalRounds === undefined) {
+      this.o.log.warn({ round }, 'the coordinator sent no totalRounds: the learning-rate schedule runs over this round alone');
+      return federationSchedule(schedule, { round: 1, rounds: 1, steps });
+    }
+    return federationSchedule(schedule, { round, rounds: settings.totalRounds, steps });
   }
 
   /** Each site starts its own head from its own seed; the shared part comes from the global model. */

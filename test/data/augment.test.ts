@@ -16,7 +16,7 @@ function makePatch(shape: [number, number, number] = [6, 7, 8], C = 2): Patch {
   return { shape, channels: C, image, label };
 }
 
-const NO_INTENSITY = { scaleProbability: 0, shiftProbability: 0, noiseProbability: 0 };
+const NO_INTENSITY = { scaleProbability: 0, shiftProbability: 0, noiseProbability: 0, gammaProbability: 0 };
 
 describe('augmentation', () => {
   it('flipping twice along any axes is the identity', () => {
@@ -72,7 +72,7 @@ describe('augmentation', () => {
       return { mean, sd: Math.sqrt(a.reduce((s, v) => s + (v - mean) ** 2, 0) / a.length) };
     };
     const s0 = stats(base.image);
-    const off = { flipProbability: 0, noiseProbability: 0 };
+    const off = { flipProbability: 0, noiseProbability: 0, gammaProbability: 0 };
     const scaled = augmentPatch(base, mulberry32(1), { ...off, scaleProbability: 1, scaleRange: [2, 2] });
     expect(stats(scaled.image).sd).toBeCloseTo(2 * s0.sd, 4);
     const shifted = augmentPatch(base, mulberry32(1), { ...off, scaleProbability: 0, shiftProbability: 1, shiftRange: [0.5, 0.5] });
@@ -115,8 +115,45 @@ describe('augmentation', () => {
 
   it('works on unlabelled patches (pseudo-labelling pool) without inventing a label', () => {
     const { label: _drop, ...rest } = makePatch([3, 4, 5], 1);
-    const a = augmentPatch(rest, mulberry32(2), { flipProbability: 1, noiseProbability: 0, scaleProbability: 0 });
+    const a = augmentPatch(rest, mulberry32(2), { flipProbability: 1, noiseProbability: 0, scaleProbability: 0, gammaProbability: 0 });
     expect(a.label).toBeUndefined();
     expect(flipPatch(a, [true, true, true]).image).toEqual(rest.image);
+  });
+  it('gamma keeps each channel\'s range (min and max stay), changes the mid-tones, and draws γ either side of 1', () => {
+    const n = 8 * 8 * 8;
+    const base: Patch = { shape: [8, 8, 8], channels: 2, image: Float32Array.from({ length: 2 * n }, (_, i) => (i % 2 === 0 ? Math.sin(i) * 3 - 1 : 5 + (i % 7))) };
+    const range = (a: Float32Array, c: number) => {
+      let lo = Infinity;
+      let hi = -Infinity;
+      for (let i = c; i < a.length; i += 2) { lo = Math.min(lo, a[i]); hi = Math.max(hi, a[i]); }
+      return [lo, hi];
+    };
+    const noGamma = { flipProbability: 0, scaleProbability: 0, shiftProbability: 0, noiseProbability: 0, gammaProbability: 0 };
+    for (const g of [[0.7, 0.7], [1.5, 1.5]] as const) {
+      const a = augmentPatch(base, mulberry32(4), { ...noGamma, gammaProbability: 1, gammaRange: g });
+      for (const c of [0, 1]) {
+        const [lo, hi] = range(a.image, c);
+        const [lo0, hi0] = range(base.image, c);
+        expect(lo).toBeCloseTo(lo0, 5);
+        expect(hi).toBeCloseTo(hi0, 5);
+      }
+      // x^0.7 lifts the mid-tones, x^1.5 lowers them.
+      const mean = (x: Float32Array) => x.reduce((s, v, i) => s + (i % 2 === 0 ? v : 0), 0) / n;
+      if (g[0] < 1) expect(mean(a.image)).toBeGreaterThan(mean(base.image) + 0.05);
+      else expect(mean(a.image)).toBeLessThan(mean(base.image) - 0.05);
+    }
+    const rng = mulberry32(5);
+    let below = 0;
+    let applied = 0;
+    for (let i = 0; i < 2000; i++) {
+      const d = drawAugmentation(rng, 1, {});
+      if (d.gamma![0] === 1) continue;
+      applied++;
+      expect(d.gamma![0]).toBeGreaterThanOrEqual(0.7);
+      expect(d.gamma![0]).toBeLessThanOrEqual(1.5);
+      if (d.gamma![0] < 1) below++;
+    }
+    expect(applied / 2000).toBeCloseTo(0.3, 1);
+    expect(below / applied).toBeCloseTo(0.5, 1);
   });
 });
