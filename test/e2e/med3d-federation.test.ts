@@ -70,6 +70,26 @@ describe('a Med3D federation (FedBN, heads at the sites)', () => {
     }
   });
 
+  it('a site scores the final global model with its own head on a labelled folder (`medfl site evaluate`), and refuses a plan it did not train under', async () => {
+    const { execFileSync, spawnSync } = await import('node:child_process');
+    const { writeFileSync } = await import('node:fs');
+    const { MEDFL_BIN } = await import('../../cli/processes.ts');
+    const store = fed.store();
+    const model = join(fed.coordDir, 'models', `${store.getMeta('current_model')!}.safetensors`);
+    store.close();
+    const planFile = join(fed.work, 'plan-copy.yaml');
+    writeFileSync(planFile, PLAN);
+    const site = fed.sites[0];
+    // The site's own data folder holds labelled imagesTs/labelsTs: score on those.
+    const out = execFileSync(process.execPath, [MEDFL_BIN, 'site', 'evaluate', '--dir', fed.siteDir(site), '--data', fed.dataDir(site), '--test', fed.dataDir(site), '--model', model, '--plan', planFile], { encoding: 'utf8', env: { ...process.env, MEDFL_LOG_LEVEL: 'warn' } });
+    expect(out).toMatch(/^test Dice [01]\.\d{4} \(per class: [01]\.\d{4}\) on \d+ case\(s\)$/m);
+    const other = join(fed.work, 'plan-other.yaml');
+    writeFileSync(other, PLAN.replace('widthMultiplier: 0.0625', 'widthMultiplier: 0.125'));
+    const bad = spawnSync(process.execPath, [MEDFL_BIN, 'site', 'evaluate', '--dir', fed.siteDir(site), '--data', fed.dataDir(site), '--test', fed.dataDir(site), '--model', model, '--plan', other], { encoding: 'utf8' });
+    expect(bad.status).toBe(1);
+    expect(bad.stderr).toMatch(/no local tensors for the plan's model/);
+  }, 60_000);
+
   it('sent nothing but the encoder convolutions (no head, no BatchNorm) from any site', () => {
     const shared = sharedParams(arch, plan.share).map((p) => p.name).sort();
     for (const site of fed.sites) {

@@ -1,94 +1,108 @@
 /**
- * `medfl experiment` on a tiny generated federation: every arm × init is run with the same seeds, the arms that
- * share a path agree exactly, the teacher arm pseudo-labels, and the table, results.json and SVG are written.
+ * `medfl experiment` on a tiny generated federation: every arm runs once per seed with the same plan, the arms
+ * that share a path agree exactly, the teacher arm pseudo-labels, results are reduced to mean ± sd over seeds,
+ * and the tables, results.json (with its `summary`) and the SVG are written.
  */
 import { describe, expect, it } from 'vitest';
-import { existsSync, mkdtempSync, readdirSync, readFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { diceSvg, runExperiment, type ArmResult } from '../../cli/experiment.ts';
+import { diceSvg, recommendedPlan, runExperiment, summarise, withOverrides, type ArmRun } from '../../cli/experiment.ts';
+import { PlanSchema } from '../../shared/plan/schema.ts';
+
+const phantom = { sites: 2, cases: 2, valCases: 1, poolCases: 2, testCases: 2 };
 
 describe('medfl experiment', () => {
-  it('runs local-only, federated, teacher-student and pooled from scratch and pretrained, and writes table, JSON and plot', async () => {
+  it('runs local-only, federated, teacher-student and pooled over two seeds and reports mean ± sd', async () => {
     const out = mkdtempSync(join(tmpdir(), 'medfl-exp-'));
     const lines: string[] = [];
-    const r = await runExperiment({
-      out,
+    const plan = PlanSchema.parse({
+      model: { architecture: 'tiny3d', patch: [16, 16, 16], width: 4 },
       rounds: 2,
-      steps: 2,
-      batchSize: 2,
-      learningRate: 0.005,
-      arch: 'tiny3d',
-      patch: [16, 16, 16],
-      width: 4,
-      pretrainSteps: 2,
-      arms: ['local-only', 'federated', 'teacher-student', 'pooled'],
-      inits: ['scratch', 'pretrained'],
-      seed: 1,
-      promoteEvery: 1,
-      ratio: 1,
-      confidence: 0.6,
-      labels: 'soft',
-      flipTTA: false,
-      dropout: 0.5,
-      strongAugment: true,
-      classBalance: true,
-      minTeacherDice: 0,
-      phantom: { sites: 2, cases: 2, valCases: 1, poolCases: 2, testCases: 2 },
-      engine: 'cpu',
-      say: (l) => lines.push(l),
+      local: { steps: 2, batchSize: 2, learningRate: 0.005 },
+      teacherStudent: { promoteEvery: 1, confidence: 0.6, minTeacherDice: 0 },
     });
-    expect(r.results.map((x) => `${x.init}/${x.arm}`)).toEqual([
-      'scratch/local-only', 'scratch/federated', 'scratch/teacher-student', 'scratch/pooled',
-      'pretrained/local-only', 'pretrained/federated', 'pretrained/teacher-student', 'pretrained/pooled',
+    const r = await runExperiment({
+      out, plan, arms: ['local-only', 'federated', 'teacher-student', 'pooled'], inits: ['scratch'], seeds: [1, 2], phantom, engine: 'cpu', say: (l) => lines.push(l),
+    });
+    expect(r.runs.map((x) => `${x.seed}/${x.arm}`)).toEqual([
+      '1/local-only', '1/federated', '1/teacher-student', '1/pooled',
+      '2/local-only', '2/federated', '2/teacher-student', '2/pooled',
     ]);
-    for (const x of r.results) {
+    for (const x of r.runs) {
       expect(x.mean).toHaveLength(2);
       for (const d of x.mean) expect(d).toBeGreaterThanOrEqual(0);
+      // Every site has validation cases here, so every round has a validation Dice beside the test Dice.
+      for (const v of x.valMean) expect(Number.isFinite(v)).toBe(true);
     }
-    const by = (init: string, arm: string) => r.results.find((x) => x.init === init && x.arm === arm)!;
-    // Same seeds: before the first teacher exists, teacher-student is exactly FedAvg.
-    expect(by('scratch', 'teacher-student').dice['site-a'][0]).toBe(by('scratch', 'federated').dice['site-a'][0]);
-    expect(Object.keys(by('scratch', 'pooled').dice)).toEqual(['pooled']);
-    expect(lines.some((l) => l.includes('pretrained here'))).toBe(true);
+    const by = (seed: number, arm: string) => r.runs.find((x) => x.seed === seed && x.arm === arm)!;
+    // Same seed: before the first teacher exists, teacher-student is exactly the federation without it.
+    expect(by(1, 'teacher-student').dice['site-a'][0]).toBe(by(1, 'federated').dice['site-a'][0]);
+    // Another seed is another run.
+    expect(by(2, 'federated').dice['site-a']).not.toEqual(by(1, 'federated').dice['site-a']);
+    expect(Object.keys(by(1, 'pooled').dice)).toEqual(['pooled']);
     expect(lines.some((l) => l.includes('promoted to teacher generation 1'))).toBe(true);
-    expect(readdirSync(join(out, 'work', 'scratch', 'teacher-student', 'site-a', 'pseudo'))).toHaveLength(1);
-    // The pooled folder holds every site's labelled training cases and nothing else.
+    expect(readdirSync(join(out, 'work', 'seed-1', 'scratch', 'teacher-student', 'site-a', 'pseudo'))).toHaveLength(1);
+    // The pooled folder: every site's labelled training cases for training, their validation cases for validation.
     expect(readdirSync(join(out, 'data', 'pooled', 'labelsTr'))).toHaveLength(4);
-    expect(r.table).toContain('teacher-student');
-    expect(r.summary).toContain('pretrained: Dice r2');
-    expect((readFileSync(r.svgPath, 'utf8').match(/<polyline/g) ?? []).length).toBe(8);
-    const json = JSON.parse(readFileSync(r.jsonPath, 'utf8'));
-    expect(json.simulated).toMatch(/in-process/);
-    expect(existsSync(join(out, 'pretrained-encoder.safetensors'))).toBe(true);
-  }, 180_000);
+    expect(readdirSync(join(out, 'data', 'pooled', 'labelsTs'))).toHaveLength(2);
 
-  it('runs Med3D with BatchNorm kept at the sites (FedBN), from scratch and from an encoder pretrained here', async () => {
+    const json = JSON.parse(readFileSync(r.jsonPath, 'utf8'));
+    expect(json.summary).toHaveLength(4);
+    const fed = json.summary.find((s: { arm: string }) => s.arm === 'federated');
+    expect(fed.seeds).toEqual([1, 2]);
+    const finals = [by(1, 'federated').mean[1], by(2, 'federated').mean[1]];
+    expect(fed.meanDice).toBeCloseTo((finals[0] + finals[1]) / 2, 10);
+    expect(fed.sdDice).toBeCloseTo(Math.abs(finals[0] - finals[1]) / Math.SQRT2, 10);
+    expect(json.simulated).toMatch(/in-process/);
+    expect(r.summaryTable).toContain('±');
+    expect(r.roundsTable).toContain('r2');
+    expect(r.sitesTable).toContain('site-b');
+    const svg = readFileSync(r.svgPath, 'utf8');
+    expect((svg.match(/<polyline/g) ?? []).length).toBe(4);
+    expect((svg.match(/<polygon/g) ?? []).length).toBe(4); // a ±sd band per arm (two seeds)
+  }, 240_000);
+
+  it('runs Med3D with BatchNorm kept at the sites (FedBN), from scratch and from a given pretrained encoder', async () => {
     const out = mkdtempSync(join(tmpdir(), 'medfl-exp-fedbn-'));
-    const r = await runExperiment({
-      out, rounds: 1, steps: 1, batchSize: 2, learningRate: 0.005, arch: 'med3d', patch: [16, 16, 16], width: 4, pretrainSteps: 1,
-      arms: ['federated'], inits: ['scratch', 'pretrained'], seed: 1, keepLocal: ['norm'],
-      promoteEvery: 1, ratio: 1, confidence: 0.6, labels: 'soft', flipTTA: false, dropout: 0.5, strongAugment: true, classBalance: true, minTeacherDice: 0,
-      phantom: { sites: 2, cases: 2, valCases: 1, poolCases: 1, testCases: 1 },
-      engine: 'cpu',
-      say: () => undefined,
-    });
-    expect(r.results.map((x) => `${x.init}/${x.arm}`)).toEqual(['scratch/federated', 'pretrained/federated']);
-    // The pretrained encoder is whole (BatchNorm included) even though the arms keep BatchNorm local.
-    const { decodeSafetensors } = await import('../../shared/tensors/safetensors.ts');
-    const pre = decodeSafetensors(readFileSync(join(out, 'pretrained-encoder.safetensors'))).bundle;
-    expect(pre.has('encoder.bn1.running_var')).toBe(true);
+    const plan = withOverrides(recommendedPlan('med3d', 2), { rounds: 1, steps: 1, patch: [16, 16, 16] });
+    expect(plan.share.keepLocal).toEqual(['norm']);
+    // A "pretrained" encoder: another seed's weights, written as a MedFL safetensors file.
+    const { architectureFor } = await import('../../shared/model/registry.ts');
+    const { encodeSafetensors, decodeSafetensors } = await import('../../shared/tensors/safetensors.ts');
+    const pretrained = join(out, 'encoder.safetensors');
+    writeFileSync(pretrained, encodeSafetensors(architectureFor(plan.model).init(99)));
+    const r = await runExperiment({ out, plan, arms: ['federated'], inits: ['scratch', 'pretrained'], seeds: [1], pretrained, phantom: { ...phantom, poolCases: 1, testCases: 1 }, engine: 'cpu' });
+    expect(r.runs.map((x) => `${x.init}/${x.arm}`)).toEqual(['scratch/federated', 'pretrained/federated']);
+    expect(r.pretrainedNote).toContain(pretrained);
     // Each site keeps its BatchNorm tensors in its own local file.
-    const local = readdirSync(join(out, 'work', 'pretrained', 'federated', 'site-a')).filter((f) => f.startsWith('med3d-'));
+    const dir = join(out, 'work', 'seed-1', 'pretrained', 'federated', 'site-a');
+    const local = readdirSync(dir).filter((f) => /^med3d-[0-9a-f]+\.safetensors$/.test(f));
     expect(local).toHaveLength(1);
-    const kept = decodeSafetensors(readFileSync(join(out, 'work', 'pretrained', 'federated', 'site-a', local[0]))).bundle;
+    const kept = decodeSafetensors(readFileSync(join(dir, local[0]))).bundle;
     expect(kept.has('encoder.layer1.0.bn1.weight')).toBe(true);
     expect(kept.has('encoder.conv1.weight')).toBe(false);
-  }, 180_000);
+  }, 240_000);
+
+  it('refuses a pretrained init without an encoder file, and invalid overrides with the field', async () => {
+    const plan = withOverrides(recommendedPlan('tiny3d', 2), { rounds: 1, steps: 1 });
+    await expect(runExperiment({ out: mkdtempSync(join(tmpdir(), 'medfl-exp-nopre-')), plan, arms: ['federated'], inits: ['pretrained'], seeds: [1], phantom, engine: 'cpu' })).rejects.toThrow(/--pretrained/);
+    expect(() => withOverrides(plan, { batchSize: 0 })).toThrow(/local\.batchSize/);
+  }, 120_000);
+
+  it('summarises over seeds: the final round, the best round, and the round validation picks', () => {
+    const run = (seed: number, mean: number[], valMean: number[]): ArmRun => ({ arm: 'federated', init: 'scratch', seed, dice: { a: mean }, val: { a: valMean }, mean, valMean, seconds: 2 });
+    const [s] = summarise([run(1, [0.2, 0.5, 0.4], [0.1, 0.3, 0.6]), run(2, [0.3, 0.6, 0.6], [0.2, 0.5, 0.4])]);
+    expect(s.meanDice).toBeCloseTo(0.5, 12);
+    expect(s.sdDice).toBeCloseTo(Math.sqrt(0.02), 12);
+    expect(s.bestDice).toEqual([0.5, 0.6]);
+    expect(s.selectedDice).toEqual([0.4, 0.6]); // validation picks round 3 for seed 1, round 2 for seed 2
+    expect(s.maxFinalDrop).toBeCloseTo(0.1, 12);
+  });
 
   it('plots dashed lines for scratch and clamps Dice to the axis', () => {
-    const res: ArmResult[] = [{ arm: 'federated', init: 'scratch', dice: { a: [0.2, 1.5] }, mean: [0.2, 1.5], seconds: 1 }];
-    const svg = diceSvg(res, 2);
+    const res: ArmRun[] = [{ arm: 'federated', init: 'scratch', seed: 1, dice: { a: [0.2, 1.5] }, val: { a: [0, 0] }, mean: [0.2, 1.5], valMean: [0, 0], seconds: 1 }];
+    const svg = diceSvg(res);
     expect(svg).toContain('stroke-dasharray');
     expect(svg).toContain('federated (scratch)');
     expect(svg).not.toMatch(/points="[^"]*,-/); // 1.5 is drawn at the top, not above it
