@@ -10,6 +10,8 @@ import { parsePlan } from '../shared/plan/load.ts';
 import { readFileSync } from 'node:fs';
 import { registerAuditCommands } from './audit.ts';
 import { registerExperimentCommand } from './experiment.ts';
+import { registerBenchmarkCommand } from './benchmark.ts';
+import { registerRollbackCommand } from './rollback.ts';
 
 const program = new Command();
 program.name('medfl').description('MedFL: federated transfer learning for 3D medical imaging').showHelpAfterError();
@@ -107,6 +109,8 @@ coordinator
     process.stdout.write(JSON.stringify(plan, null, 2) + '\n');
   });
 
+registerRollbackCommand(coordinator); // medfl coordinator rollback --dir DIR --to VERSION
+
 const siteCmd = program.command('site').description('run a site agent inside a hospital');
 
 siteCmd
@@ -142,6 +146,21 @@ siteCmd
     process.once('SIGTERM', () => agent.stop());
     await agent.run();
     process.exit(0);
+  });
+
+siteCmd
+  .command('evaluate')
+  .description("score a global model version with this site's own head on a labelled folder (full resolution, Dice); nothing is sent")
+  .requiredOption('--dir <dir>', 'site directory')
+  .requiredOption('--data <dir>', "the site's data folder (its dataset.json gives labels and channels)")
+  .requiredOption('--test <dir>', 'labelled folder to score: imagesTs/ + labelsTs/, or an MSD folder with labels')
+  .requiredOption('--model <file>', 'global model version (.safetensors, e.g. from the coordinator\'s models/ folder)')
+  .requiredOption('--plan <file>', "the federation's plan (decides the architecture and the site's local tensors)")
+  .action(async (o: { dir: string; data: string; test: string; model: string; plan: string }) => {
+    const { runSiteEvaluate } = await import('./site-evaluate.ts');
+    const { loadPlanFile } = await import('../shared/plan/load.ts');
+    const r = await runSiteEvaluate({ ...o, plan: loadPlanFile(o.plan) });
+    process.stdout.write(`test Dice ${r.meanDice.toFixed(4)} (per class: ${r.dicePerClass.map((d) => d.toFixed(4)).join(', ')}) on ${r.cases} case(s)\n`);
   });
 
 siteCmd
@@ -211,6 +230,7 @@ program
 
 registerAuditCommands(program); // medfl audit verify, medfl site ledger
 registerExperimentCommand(program); // medfl experiment (in-process comparison of training arms)
+registerBenchmarkCommand(program); // medfl benchmark generate|baseline (synthetic brain-lesion benchmark)
 
 program.parseAsync(process.argv).catch((e: unknown) => {
   const err = e as Error;

@@ -13,6 +13,7 @@ import { SiteHome } from './home.ts';
 import { FederationClient, type WireTask } from './transport/client.ts';
 import { ModelCache } from './transport/model-cache.ts';
 import { WireAudit } from './transport/wire-audit.ts';
+import { OutboxEntrySchema, outboxPath, parseWireTask, type OutboxEntry } from './transport/task-wire.ts';
 import { encodeForUpload, uploadUpdate } from './transport/upload.ts';
 import { float32Safetensors } from '../shared/tensors/update-codec.ts';
 import { LocalTraining } from './training/local-training.ts';
@@ -36,15 +37,6 @@ export interface AgentOptions {
   maxBackoffMs?: number;
   /** Force a compute engine (e.g. "cpu"); otherwise the best available one is chosen. */
   engine?: string;
-}
-
-interface OutboxEntry {
-  updateId: string;
-  taskId: string;
-  round: number;
-  baseModelHash: string;
-  numSamples: number;
-  metrics: Record<string, number>;
 }
 
 export class SiteAgent {
@@ -162,8 +154,16 @@ export class SiteAgent {
     });
   }
 
-  private onTask(t: WireTask): void {
+  private onTask(raw: WireTask): void {
     const { log } = this.o;
+    // The wire edge: identifiers that name files (task id, round, hashes) are checked before anything uses them.
+    let t: WireTask;
+    try {
+      t = parseWireTask(raw);
+    } catch (e) {
+      log.error({ reason: (e as Error).message }, 'malformed task from the coordinator: ignored (nothing was written)');
+      return;
+    }
     if (!verifyManifest(this.coordinatorKey, manifestBytes(t), t.signature)) {
       log.error({ task: t.taskId }, 'task signature does not verify against the coordinator key from enrolment: ignored');
       return;
@@ -203,11 +203,11 @@ export class SiteAgent {
       return;
     }
     const settings: TaskSettings = TaskSettingsSchema.parse(JSON.parse(t.settingsJson));
-    const outboxPath = join(this.home.outboxDir, `${t.taskId}.json`);
+    const entryPath = outboxPath(this.home.outboxDir, t.taskId, 'json');
     let entry: OutboxEntry;
-    if (existsSync(outboxPath)) {
+    if (existsSync(entryPath)) {
       // Trained before a crash or a lost connection: send the same update again, under the same id.
-      entry = JSON.parse(readFileSync(outboxPath, 'utf8')) as OutboxEntry;
+      entry = OutboxEntrySchema.parse(JSON.parse(readFileSync(entryPath, 'utf8')));
       log.info({ round: t.round }, 'resending an update from the outbox');
     } else {
       const verdict = this.policy.admit(t, settings);
@@ -263,8 +263,8 @@ export class SiteAgent {
       }
       entry = { updateId: `${t.taskId}-${randomUUID()}`, taskId: t.taskId, round: t.round, baseModelHash: t.modelHash, numSamples: result.numSamples, metrics: result.metrics };
       // Encoded now (plan.compression), so a resend after a crash sends the very same bytes.
-      writeFileAtomic(join(this.home.outboxDir, `${t.taskId}.safetensors`), encodeForUpload(result.update, settings, () => baseModel));
-      writeFileAtomic(outboxPath, JSON.stringify(entry));
+      writeFileAtomic(outboxPath(this.home.outboxDir, t.taskId, 'safetensors'), encodeForUpload(result.update, settings, () => baseModel));
+      writeFileAtomic(entryPath, JSON.stringify(entry));
     }
     await this.deliver(entry);
   }
@@ -276,7 +276,7 @@ export class SiteAgent {
   private async deliver(entry: OutboxEntry): Promise<void> {
     const { log } = this.o;
     this.state = 'uploading';
-    const payload = readFileSync(join(this.home.outboxDir, `${entry.taskId}.safetensors`));
+    const payload = readFileSync(outboxPath(this.home.outboxDir, entry.taskId, 'safetensors'));
     const ack = await uploadUpdate(() => this.client!, { ...entry, payload }, (p) => { this.progress = p; });
     if (!ack.accepted) {
       log.warn({ round: entry.round, reason: ack.reason }, 'the coordinator refused the update');
@@ -285,6 +285,7 @@ export class SiteAgent {
       const m = await this.client!.reportMetrics({ round: entry.round, taskId: entry.taskId, values: entry.metrics });
       if (!m.accepted) log.warn({ reason: m.reason }, 'metrics refused');
     }
+    // entry.taskId matched TASK_ID_PATTERN (no separators), and each f is a plain name inside the outbox.
     for (const f of readdirSync(this.home.outboxDir)) if (f.startsWith(`${entry.taskId}.`)) rmSync(join(this.home.outboxDir, f), { force: true });
   }
 
@@ -295,8 +296,14 @@ export class SiteAgent {
    */
   private async flushOutbox(): Promise<void> {
     for (const f of readdirSync(this.home.outboxDir).filter((x) => x.endsWith('.json')).sort()) {
-      const entry = JSON.parse(readFileSync(join(this.home.outboxDir, f), 'utf8')) as OutboxEntry;
-      if (this.queue.some((q) => q.taskId === entry.taskId) || !existsSync(join(this.home.outboxDir, `${entry.taskId}.safetensors`))) continue;
+      const parsed = OutboxEntrySchema.safeParse(safeJson(readFileSync(join(this.home.outboxDir, f), 'utf8')));
+      // Written by this agent, but checked like input: its ids name files and go back on the wire.
+      if (!parsed.success || `${parsed.data.taskId}.json` !== f) {
+        this.o.log.warn({ file: f }, 'outbox entry is malformed or misnamed: skipped (left in place for the site admin)');
+        continue;
+      }
+      const entry = parsed.data;
+      if (this.queue.some((q) => q.taskId === entry.taskId) || !existsSync(outboxPath(this.home.outboxDir, entry.taskId, 'safetensors'))) continue;
       this.o.log.info({ round: entry.round }, 'delivering an update left in the outbox by an earlier run');
       // As the current task: the same task re-sent meanwhile is not run twice.
       await this.work(entry.taskId, () => this.deliver(entry), 'outbox delivery failed; will retry on the next connection');
@@ -316,6 +323,14 @@ export class SiteAgent {
       this.progress = 0;
       this.currentTask = '';
     }
+  }
+}
+
+function safeJson(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
   }
 }
 

@@ -9,7 +9,8 @@
  */
 import * as grpc from '@grpc/grpc-js';
 import { X509Certificate, createPrivateKey } from 'node:crypto';
-import { chmodSync } from 'node:fs';
+import { chmodSync, existsSync } from 'node:fs';
+import { join } from 'node:path';
 import {
   fetchAndPinCa,
   pinnedChannelCredentials,
@@ -21,7 +22,11 @@ import { ensureSiteKey } from '../shared/security/site-identity.ts';
 import { CHANNEL_OPTIONS, loadProto } from '../shared/protocol/grpc.ts';
 import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
 import { SiteHome, type SiteConfig } from './home.ts';
-import { siteOfToken } from '../shared/protocol/site-names.ts';
+import { SITE_NAME_PATTERN, siteOfToken } from '../shared/protocol/site-names.ts';
+import { DEFAULT_POLICY_YAML, POLICY_FILES } from './policy.ts';
+
+/** Federation ids as coordinators make them; checked because the id is kept in site.json and used in names. */
+const FEDERATION_ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 
 export interface EnrollOptions {
   coordinator: string;
@@ -57,6 +62,13 @@ export async function enrollSite(o: EnrollOptions): Promise<SiteConfig> {
         (err: grpc.ServiceError | null, r: never) => (err ? reject(new Error(`enrolment refused: ${err.details || err.message}`)) : resolve(r)),
       ),
     );
+    // The coordinator's answer is input like any other: it must name the site we asked for, in the pattern we know.
+    if (res.siteName !== siteName || !SITE_NAME_PATTERN.test(res.siteName)) {
+      throw new Error(`the coordinator answered for site '${String(res.siteName).slice(0, 80)}', not '${siteName}'; nothing was written — check the coordinator address`);
+    }
+    if (typeof res.federationId !== 'string' || !FEDERATION_ID_PATTERN.test(res.federationId)) {
+      throw new Error('the coordinator sent a malformed federation id; nothing was written — check the coordinator address');
+    }
     writeFileAtomic(home.caPath, caPem);
     // An older coordinator, or one without its CA key, returns no certificate: the site then works without mTLS.
     if (res.clientCertPem) {
@@ -74,6 +86,8 @@ export async function enrollSite(o: EnrollOptions): Promise<SiteConfig> {
       enrolledAt: new Date().toISOString(),
     };
     home.saveConfig(config);
+    // Default-deny made visible: the site's own policy, commented, for the site admin to read and change.
+    if (!POLICY_FILES.some((f) => existsSync(join(o.dir, f)))) writeFileAtomic(join(o.dir, 'policy.yaml'), DEFAULT_POLICY_YAML);
     return config;
   } finally {
     client.close();

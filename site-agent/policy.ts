@@ -17,6 +17,10 @@
  *     keepLocal: [norm]     # layer types that must stay here (the plan must keep them local, e.g. FedBN)
  *   maxRounds: 50           # rounds this site will train in, in this federation
  *
+ * Default-deny: with no policy file, or one without `share.parts`, only encoder tensors may leave (DEFAULT_SHARED_PARTS).
+ * A coordinator (compromised, or with a careless plan) cannot make the site send its head; sharing it needs this
+ * hospital's own `share: { parts: [encoder, head] }`. `medfl site enroll` writes a commented default (DEFAULT_POLICY_YAML).
+ *
  * Spent privacy: each accepted DP round composes one sampled-Gaussian release (noise multiplier z from
  * the task, sampling rate from the policy) into an RDP accountant kept in `privacy-spent.json` beside the
  * policy, per federation, written before training starts (a round counts as spent once accepted, even if
@@ -45,6 +49,25 @@ import type { Logger } from '../shared/util/log.ts';
 
 export const POLICY_FILES = ['policy.yaml', 'policy.yml', 'policy.json'] as const;
 export const PRIVACY_SPENT_FILE = 'privacy-spent.json';
+/** What may leave a site whose policy says nothing about sharing: the encoder only (heads stay at the hospital). */
+export const DEFAULT_SHARED_PARTS: readonly ('encoder' | 'head')[] = ['encoder'];
+
+/** The policy `medfl site enroll` writes: the defaults spelled out, every other knob shown commented. */
+export const DEFAULT_POLICY_YAML = `# This site's own policy: checked before every task, whatever the coordinator's plan says.
+# A task that breaks it is declined (the reason goes to the coordinator). See docs/security.md.
+share:
+  # Model parts that may leave this site. Only the encoder by default: the head stays here.
+  # Add head only if this hospital agrees to share it:  parts: [encoder, head]
+  parts: [encoder]
+  # Layer types that must stay here even inside shared parts (e.g. FedBN):
+  # keepLocal: [norm]
+# dp:
+#   required: true        # refuse any round without client-level DP
+#   maxEpsilon: 8         # refuse a round that would take this site's spent epsilon above 8
+#   delta: 1.0e-5
+#   minNoiseMultiplier: 0.8
+# maxRounds: 50           # rounds this site will train in, in this federation
+`;
 
 export const SitePolicySchema = z
   .object({
@@ -75,7 +98,7 @@ export type SitePolicyConfig = z.infer<typeof SitePolicySchema>;
 export class PolicyError extends Error {
   override name = 'PolicyError';
   constructor(readonly source: string, readonly problems: string[]) {
-    super(`site policy ${source} is invalid:\n  ${problems.join('\n  ')}\nFix the policy file (or remove it to accept every plan) and start the agent again.`);
+    super(`site policy ${source} is invalid:\n  ${problems.join('\n  ')}\nFix the policy file (without one, only encoder tensors may leave) and start the agent again.`);
   }
 }
 
@@ -116,7 +139,7 @@ export class SitePolicy {
     this.spent = SitePolicy.readSpent(spentPath, federation);
   }
 
-  /** The policy in `dir` (none there: every task is accepted, but DP spend is still tracked). */
+  /** The policy in `dir` (none there: the defaults, i.e. only encoder tensors leave; DP spend is still tracked). */
   static load(dir: string, federation: string): SitePolicy {
     const file = POLICY_FILES.map((f) => join(dir, f)).find((p) => existsSync(p));
     const config = file ? parsePolicy(readFileSync(file, 'utf8'), file) : undefined;
@@ -180,20 +203,20 @@ export class SitePolicy {
         }
       }
     }
-    if (c?.share?.parts) {
-      const extra = settings.share.parts.filter((p) => !c.share!.parts!.includes(p));
-      if (extra.length > 0) reasons.push(`the plan shares part(s) ${extra.join(', ')}, but site policy lets only ${c.share.parts.join(', ')} leave`);
+    const allowedParts = c?.share?.parts ?? DEFAULT_SHARED_PARTS;
+    const extra = settings.share.parts.filter((p) => !allowedParts.includes(p));
+    if (extra.length > 0) {
+      const why = c?.share?.parts ? '' : ' (the default without share.parts in policy.yaml)';
+      reasons.push(`the plan shares part(s) ${extra.join(', ')}, but site policy lets only ${allowedParts.join(', ')} leave${why}`);
     }
     if (c?.share?.keepLocal) {
       const leaking = c.share.keepLocal.filter((t) => !settings.share.keepLocal.includes(t));
       if (leaking.length > 0) reasons.push(`site policy keeps layer type(s) ${leaking.join(', ')} local, but the plan would send them (add them to share.keepLocal)`);
     }
-    if (c?.share?.parts || c?.share?.keepLocal) {
-      // What actually leaves is the task's list of tensor names: check each one's part and layer type too,
-      // so a task whose list disagrees with its share spec cannot slip a head or a norm layer out.
-      const problem = this.checkTensorList(settings);
-      if (problem) reasons.push(problem);
-    }
+    // What actually leaves is the task's list of tensor names: check each one's part and layer type too, always,
+    // so a task whose list disagrees with its share spec cannot slip a head or a norm layer out.
+    const problem = this.checkTensorList(settings, allowedParts);
+    if (problem) reasons.push(problem);
     if (c?.maxRounds !== undefined && !this.spent.rounds.includes(task.round) && this.spent.rounds.length >= c.maxRounds) {
       reasons.push(`site policy caps participation at ${c.maxRounds} round(s) and this site has trained in ${this.spent.rounds.length}`);
     }
@@ -201,8 +224,8 @@ export class SitePolicy {
     return { ok: true };
   }
 
-  private checkTensorList(settings: TaskSettings): string | undefined {
-    const c = this.config!.share!;
+  private checkTensorList(settings: TaskSettings, allowedParts: readonly string[]): string | undefined {
+    const keepLocal = this.config?.share?.keepLocal;
     let params: readonly ParamInfo[];
     try {
       params = architectureFor(settings.model).params();
@@ -214,8 +237,8 @@ export class SitePolicy {
     for (const name of settings.sharedTensors) {
       const p = byName.get(name);
       if (!p) bad.push(`${name} (not a parameter of ${settings.model.architecture})`);
-      else if (c.parts && !c.parts.includes(p.part)) bad.push(`${name} (part ${p.part})`);
-      else if (c.keepLocal?.includes(p.layerType)) bad.push(`${name} (layer type ${p.layerType})`);
+      else if (!allowedParts.includes(p.part)) bad.push(`${name} (part ${p.part})`);
+      else if (keepLocal?.includes(p.layerType)) bad.push(`${name} (layer type ${p.layerType})`);
     }
     if (bad.length === 0) return undefined;
     return `the task asks for ${bad.length} tensor(s) site policy keeps here: ${bad.slice(0, 5).join(', ')}${bad.length > 5 ? ', …' : ''}`;

@@ -3,27 +3,30 @@
  *
  *   validation filter → clip filter → combine rule → noise filter → server optimiser
  *
- * - validation: names/dtypes/shapes, sample count, finite values and the delta's L2 norm (absolute bound
- *   or k × the median of recently accepted norms), checked by check() before anything counts;
+ * - validation: names/dtypes/shapes, sample count, finite values, every proposed weight within ±maxValue and
+ *   the delta's L2 norm (absolute bound or k × the median of recently accepted norms), checked by check()
+ *   before anything counts;
  * - clip: each delta Δ_i = x_i − x_base scaled by min(1, S/‖Δ_i‖) (plan clipNorm, or dp.clipNorm);
- * - combine: `fedavg` = sample-weighted mean folded as updates arrive (WebAssembly SIMD, O(model)),
+ * - combine: `fedavg` = sample-weighted mean folded as updates arrive into float64 sums (WebAssembly SIMD,
+ *   O(model); reweight() lowers a weight afterwards, for plan maxWeightShare),
  *   `median` / `trimmed-mean` coordinate-wise over spilled updates (robust.ts);
  * - noise (DP-FedAvg): uniform weights, N(0, (z·S)²) added to the clipped sum, divided by the sites asked;
  * - server optimiser: none | FedAdam | FedYogi | FedAdagrad on the combined delta (server-optimizer.ts).
  *
  * What is shared (FedBN etc.) is decided before this, by plan.share: the specs handed to begin().
  * Everything works in delta space, so any combination composes; with no clip, no noise, no optimiser
- * and the mean, the result is bit-for-bit the plain FedAvg (sums × 1/Σn), and no base model is kept.
+ * and the mean, the result is bit-for-bit the plain FedAvg (sums × 1/Σn); with no norm bound either
+ * (validation.maxNormFactor: 0), no base model is kept.
  */
 import { randomFillSync } from 'node:crypto';
 import { elementCount, makeBundle, type NamedTensor, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
 import type { Plan } from '../../shared/plan/schema.ts';
-import { createSimdArena, type SimdArena } from './simd-axpy.ts';
+import type { SimdArena64 } from './simd-axpy.ts';
 import { WeightedMeanAggregator } from './fedavg.ts';
 import { RobustCombiner, type RobustRule } from './robust.ts';
 import { ServerOptimizer } from './server-optimizer.ts';
 import type { AggregationStrategy, RoundAggregator, RoundContext, StrategyState, UpdateInfo, Verdict } from './strategy.ts';
-import { deltaNorm, median, normProblem, shapeAndSamplesProblem, type ValidationRules } from './validate.ts';
+import { deltaNorm, median, normProblem, shapeAndSamplesProblem, valueBoundProblem, type ValidationRules } from './validate.ts';
 
 export type AggregationConfig = Plan['aggregation'];
 
@@ -41,12 +44,12 @@ type Offsets = Map<string, { off: number; n: number }>;
 
 export class ComposedStrategy implements AggregationStrategy {
   readonly name: string;
-  private readonly optimizer: ServerOptimizer;
+  private optimizer: ServerOptimizer;
   private readonly rules: ValidationRules;
   private readonly clipNorm: number | undefined;
   /** Norms accepted in the last closed round: the reference for maxNormFactor early in a round. */
   private recentNorms: number[] = [];
-  private arena: SimdArena | undefined;
+  private arena: SimdArena64 | undefined;
   private robustOut: Float32Array | undefined;
   private baseBuf: Float32Array | undefined;
   private specs: readonly TensorSpec[] = [];
@@ -111,7 +114,7 @@ export class ComposedStrategy implements AggregationStrategy {
       if (!this.robustOut || this.robustOut.length !== total) this.robustOut = new Float32Array(total);
       combiner = new RobustCombinerAdapter(new RobustCombiner(rule, offsets, total, this.opts), this.robustOut);
     }
-    return new ComposedRound(this, specs, offsets, base, combiner, this.rules, this.clipNorm, [...this.recentNorms]);
+    return new ComposedRound(this, specs, offsets, base, combiner, this.rules, this.clipNorm, [...this.recentNorms], base ? maxAbs(base) : 0);
   }
 
   /** Called by a round at finish: the optimiser step and the norm reference for the next round. */
@@ -127,6 +130,12 @@ export class ComposedStrategy implements AggregationStrategy {
   exportState(): StrategyState | undefined {
     const tensors = this.optimizer.exportTensors(this.specs, this.offsets);
     return { json: JSON.stringify({ strategy: this.name, optimizerStep: this.optimizer.step, recentNorms: this.recentNorms }), tensors };
+  }
+
+  reset(): void {
+    this.optimizer = new ServerOptimizer(this.cfg.serverOptimizer);
+    this.recentNorms = [];
+    this.pendingTensors = undefined;
   }
 
   restoreState(s: StrategyState): void {
@@ -147,6 +156,8 @@ interface Combiner {
   add(update: TensorBundle, weight: number, scale: number, isDelta: boolean, site: string): void;
   /** Secure aggregation: Σ wᵢΔᵢ of several sites at once (already weighted), with Σ wᵢ. Mean only. */
   addSum?(sum: TensorBundle, totalWeight: number, sites: number): void;
+  /** Lowers the weight of an update already added (plan maxWeightShare). Mean only. */
+  reweight?(update: TensorBundle, from: number, to: number, scale: number, isDelta: boolean, site: string): void;
   /** The combined proposal y = base + Δ̄ (flat, spec order). `base` may be undefined only for the plain mean. */
   finish(base: Float32Array | undefined): Float32Array;
   discard(): void;
@@ -182,9 +193,21 @@ class MeanCombiner implements Combiner {
     this.weight += totalWeight;
   }
 
+  /** Changes a folded update's weight from `from` to `to` (maxWeightShare); `scale` is its clip factor as folded. */
+  reweight(update: TensorBundle, from: number, to: number, scale: number, isDelta: boolean, site: string): void {
+    if (this.dp) return; // DP-FedAvg weighs every site 1: there is no share to cap
+    const a = (to - from) * scale;
+    this.mean.addWeighted(update, a, site);
+    this.mean.count--; // the same update again, not another one
+    this.weight += to - from;
+    if (!isDelta) this.baseCoef += a;
+  }
+
   finish(base: Float32Array | undefined): Float32Array {
     if (this.mean.count === 0) throw new Error('no updates to aggregate');
+    // Float64 sums in, float32 result out over the same memory (each sum is read before its slot is written).
     const s = this.mean.rawSums;
+    const y = this.mean.outputInPlace;
     const n = s.length;
     if (this.dp) {
       // y = b + (Σ a_i x_i − A·b + N(0, σ²)) / E, E = the sites asked (fixed before the round: not data-dependent).
@@ -195,20 +218,20 @@ class MeanCombiner implements Combiner {
         this.dp.gaussian(noise);
         for (let i = 0; i < len; i++) {
           const j = at + i;
-          s[j] = base![j] + (s[j] - this.baseCoef * base![j] + this.dp.sigma * noise[i]) * inv;
+          y[j] = base![j] + (s[j] - this.baseCoef * base![j] + this.dp.sigma * noise[i]) * inv;
         }
       }
-      return s;
+      return y;
     }
     const inv = 1 / this.weight;
     if (this.baseCoef === this.weight) {
       // Plain FedAvg (weights, unclipped): the mean itself, exactly as the streaming FedAvg computes it.
-      for (let i = 0; i < n; i++) s[i] *= inv;
-      return s;
+      for (let i = 0; i < n; i++) y[i] = s[i] * inv;
+      return y;
     }
     const k = 1 - this.baseCoef * inv;
-    for (let i = 0; i < n; i++) s[i] = s[i] * inv + k * base![i];
-    return s;
+    for (let i = 0; i < n; i++) y[i] = s[i] * inv + k * base![i];
+    return y;
   }
 
   discard(): void {}
@@ -254,6 +277,8 @@ class ComposedRound implements RoundAggregator {
     private readonly clipNorm: number | undefined,
     /** Norms of the last closed round; this round's accepted norms are added as they come. */
     private readonly previousNorms: readonly number[],
+    /** max |base value|: with ‖Δ‖ it bounds every proposed weight, so honest updates skip the value pass. */
+    private readonly baseMaxAbs: number,
   ) {}
 
   get count(): number {
@@ -275,6 +300,12 @@ class ComposedRound implements RoundAggregator {
       }
       return { problem: `update delta norm overflows float64 (${norm}); values are far too large` };
     }
+    const maxValue = this.rules.maxValue;
+    // |x_i| ≤ |b_i| + |Δ_i| ≤ max|b| + ‖Δ‖ (without a base, norm is ‖x‖): only an update that could break the bound is scanned.
+    if (maxValue !== undefined && norm + this.baseMaxAbs > maxValue) {
+      const problem = valueBoundProblem(update, maxValue, info.isDelta && this.base ? { base: this.base, offsets: this.offsets } : undefined);
+      if (problem) return { problem };
+    }
     // Without a base the pass measured ‖x‖, not a delta: only its finiteness means anything.
     if (!this.base) return {};
     const reference = this.norms.length + this.previousNorms.length >= this.rules.normReference ? [...this.previousNorms, ...this.norms] : this.norms;
@@ -290,6 +321,20 @@ class ComposedRound implements RoundAggregator {
     const scale = this.clipNorm !== undefined && norm !== undefined && norm > this.clipNorm ? this.clipNorm / norm : 1;
     this.combiner.add(update, info.numSamples, scale, !!info.isDelta, info.site);
     if (norm !== undefined) this.norms.push(norm);
+  }
+
+  /**
+   * Lowers the weight of an update already added, from info.numSamples to `to` (plan maxWeightShare, applied by the
+   * round engine at close, when every weight is known). Folds (to − from) × the update again; the float64 sums make
+   * that exact. Robust rules and DP weigh nothing by samples, so there it changes nothing.
+   */
+  reweight(update: TensorBundle, info: UpdateInfo, to: number): void {
+    if (this.finished) throw new Error('reweight() after finish()');
+    if (!this.combiner.reweight || to === info.numSamples) return;
+    if (!(to > 0) || to > info.numSamples) throw new Error(`weight of ${info.site} can only be lowered, to a positive value (asked ${to} of ${info.numSamples})`);
+    const norm = this.base ? deltaNorm(update, !!info.isDelta, this.base, this.offsets) : undefined;
+    const scale = this.clipNorm !== undefined && norm !== undefined && norm > this.clipNorm ? this.clipNorm / norm : 1;
+    this.combiner.reweight(update, info.numSamples, to, scale, !!info.isDelta, info.site);
   }
 
   finish(): TensorBundle {
@@ -326,6 +371,15 @@ class ComposedRound implements RoundAggregator {
   get acceptedNorms(): readonly number[] {
     return this.norms;
   }
+}
+
+function maxAbs(x: Float32Array): number {
+  let m = 0;
+  for (let i = 0; i < x.length; i++) {
+    const a = Math.abs(x[i]);
+    if (a > m) m = a;
+  }
+  return m;
 }
 
 /** N(0, 1) from a CSPRNG (Box–Muller over crypto.randomFillSync). */

@@ -39,6 +39,11 @@ export interface RoundAggregator {
    * strategy (no model-sized copy), so consume them before the strategy's next begin().
    */
   finish(): TensorBundle;
+  /**
+   * Lowers the weight of an update already added from info.numSamples to `to` (plan maxWeightShare). Optional:
+   * a strategy that weighs nothing by samples (median, DP) may leave it out or ignore it.
+   */
+  reweight?(update: TensorBundle, info: UpdateInfo, to: number): void;
   /** Drops a round that will not finish (no quorum): deletes what it spilled. */
   discard?(): void;
 }
@@ -58,4 +63,6 @@ export interface AggregationStrategy {
   exportState?(): StrategyState | undefined;
   /** Continues from state exported by an earlier process. */
   restoreState?(s: StrategyState): void;
+  /** Forgets all carried state (a round's result was not published, or the operator rolled back). */
+  reset?(): void;
 }

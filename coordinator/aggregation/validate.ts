@@ -12,9 +12,14 @@ export interface ValidationRules {
   readonly maxNormFactor?: number;
   /** Accepted norms needed before maxNormFactor applies. */
   readonly normReference: number;
+  /** Largest magnitude any weight an update proposes may have (absolute: applies from the first update on). */
+  readonly maxValue?: number;
 }
 
-export const DEFAULT_RULES: ValidationRules = { minSamples: 1, maxSamples: 1_000_000, normReference: 3 };
+/** No trained network weight comes near this; 3e38 (what broke a federation) is far beyond it. */
+export const DEFAULT_MAX_VALUE = 1e6;
+
+export const DEFAULT_RULES: ValidationRules = { minSamples: 1, maxSamples: 1_000_000, normReference: 3, maxValue: DEFAULT_MAX_VALUE };
 
 /** Layout and sample-count problems (cheap), or undefined. */
 export function shapeAndSamplesProblem(update: TensorBundle, info: UpdateInfo, specs: readonly TensorSpec[], rules: ValidationRules): string | undefined {
@@ -60,6 +65,46 @@ export function deltaNorm(update: TensorBundle, isDelta: boolean, base: Float32A
     s += s0 + s1 + s2 + s3;
   }
   return Math.sqrt(s);
+}
+
+/**
+ * The first weight beyond ±maxValue that `update` proposes (base + Δ for a delta upload), or undefined.
+ * Callers skip this pass when a norm already bounds every value (see ComposedRound.check).
+ */
+export function valueBoundProblem(
+  update: TensorBundle,
+  maxValue: number,
+  delta?: { base: Float32Array; offsets: ReadonlyMap<string, { off: number; n: number }> },
+): string | undefined {
+  for (const t of update.values()) {
+    const x = t.data;
+    const off = delta ? delta.offsets.get(t.name)?.off : undefined;
+    for (let i = 0; i < x.length; i++) {
+      const v = off !== undefined ? delta!.base[off + i] + x[i] : x[i];
+      if (v > maxValue || v < -maxValue) {
+        return `update proposes weight ${v.toPrecision(4)} in tensor "${t.name}" at index ${i}, beyond the plan's bound ±${maxValue} (aggregation.validation.maxValue); no trained network holds such values`;
+      }
+    }
+  }
+  return undefined;
+}
+
+/**
+ * Why a finished aggregate must not become a model version (a non-finite value, or one beyond ±maxValue), or
+ * undefined. The last line of defence: whatever a strategy, optimiser or noise did, this is what sites would train from.
+ */
+export function aggregateProblem(result: TensorBundle, maxValue?: number): string | undefined {
+  for (const t of result.values()) {
+    const x = t.data;
+    for (let i = 0; i < x.length; i++) {
+      const v = x[i];
+      if (v - v !== 0) return `the aggregate holds ${Number.isNaN(v) ? 'NaN' : v > 0 ? '+Inf' : '-Inf'} in tensor "${t.name}" at index ${i}`;
+      if (maxValue !== undefined && (v > maxValue || v < -maxValue)) {
+        return `the aggregate holds ${v.toPrecision(4)} in tensor "${t.name}" at index ${i}, beyond ±${maxValue} (aggregation.validation.maxValue)`;
+      }
+    }
+  }
+  return undefined;
 }
 
 export function nonFiniteProblem(update: TensorBundle): string | undefined {

@@ -5,6 +5,8 @@
  *
  * Each entry is canonical JSON (keys sorted) of
  *   { v, seq, federation, at, round, site, updateHash, samples, strategy, metrics?, prev, hash, sig }
+ * (and, for an operator's rollback, `rollback`: { id, fromModel, toModel, failedRound }, with site "", samples 0,
+ * updateHash = the model returned to and round = the round that produced it)
  * where `prev` is the previous entry's `hash` (the first entry's is the federation's genesis hash),
  * `hash` = SHA-256 of the canonical JSON of every other field, and `sig` = the coordinator's Ed25519
  * signature (the key sites pin at enrolment and check tasks with) over "medfl.v1.ledger:" + hash.
@@ -33,6 +35,10 @@ export const LedgerEntrySchema = z
     samples: z.number().int().min(0),
     strategy: z.string(),
     metrics: z.record(z.string(), z.number()).optional(),
+    rollback: z
+      .object({ id: z.string(), fromModel: z.string().regex(/^[0-9a-f]{64}$/), toModel: z.string().regex(/^[0-9a-f]{64}$/), failedRound: z.number().int().positive().nullable() })
+      .strict()
+      .optional(),
     prev: z.string().regex(/^[0-9a-f]{64}$/),
     hash: z.string().regex(/^[0-9a-f]{64}$/),
     sig: z.string(),
@@ -49,6 +55,8 @@ export interface LedgerRecord {
   samples: number;
   strategy: string;
   metrics?: Record<string, number>;
+  /** An operator's rollback (`medfl coordinator rollback`) rather than a contribution. */
+  rollback?: { id: string; fromModel: string; toModel: string; failedRound: number | null };
 }
 
 /** JSON with object keys sorted at every level: one byte string per value, whoever serialises it. */

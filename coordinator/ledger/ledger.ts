@@ -190,6 +190,7 @@ export class ContributionLedger {
         samples: r.samples,
         strategy: r.strategy,
         ...(r.metrics && Object.keys(r.metrics).length > 0 ? { metrics: r.metrics } : {}),
+        ...(r.rollback ? { rollback: r.rollback } : {}),
         prev: this.head.hash,
       };
       const hash = entryHash(body);
@@ -231,6 +232,7 @@ export class ContributionLedger {
    */
   attach(bus: EventBus, strategy: string): () => void {
     return bus.subscribe((e: FederationEvent) => {
+      if (e.type === 'model.rolled_back') return this.recordRollback(e);
       if (e.type !== 'update.accepted') return;
       const { round, site, samples, updateHash } = e as FederationEvent & { samples?: unknown; updateHash?: unknown };
       if (typeof round !== 'number' || typeof site !== 'string' || typeof updateHash !== 'string' || typeof samples !== 'number') {
@@ -251,6 +253,23 @@ export class ContributionLedger {
     });
   }
 
+  /** An operator's rollback (`model.rolled_back`): an entry with site "" and the model returned to as its hash. */
+  private recordRollback(e: FederationEvent): void {
+    const { round, fromModel, toModel, failedRound, rollbackId } = e as FederationEvent & Record<string, unknown>;
+    if (typeof round !== 'number' || typeof fromModel !== 'string' || typeof toModel !== 'string' || typeof rollbackId !== 'string') {
+      this.log?.error({ event: e }, 'model.rolled_back event without round, fromModel, toModel and rollbackId: not recorded in the ledger');
+      return;
+    }
+    const rollback = { id: rollbackId, fromModel, toModel, failedRound: typeof failedRound === 'number' ? failedRound : null };
+    this.append({ round, site: '', samples: 0, updateHash: toModel, strategy: 'rollback', rollback }).then(
+      (entry) => entry && this.log?.info({ seq: entry.seq, round }, 'rollback recorded in the ledger'),
+      (err: Error) => {
+        this.failures++;
+        this.log?.error({ round, reason: err.message, ledger: this.describe() }, 'could not record the rollback in the contribution ledger');
+      },
+    );
+  }
+
   /** Waits (at most `waitMs`) for appends in flight, then closes the back end (also at most `waitMs`). */
   async close(waitMs = 5000): Promise<void> {
     const within = (p: Promise<unknown>) => Promise.race([p, new Promise((r) => setTimeout(r, waitMs).unref())]);
@@ -259,7 +278,8 @@ export class ContributionLedger {
   }
 }
 
-function key(r: { round: number; site: string; updateHash: string }): string {
+function key(r: { round: number; site: string; updateHash: string; rollback?: { id: string } }): string {
+  if (r.rollback) return `rollback\u0000${r.rollback.id}`;
   return `${r.round}\u0000${r.site}\u0000${r.updateHash}`;
 }
 

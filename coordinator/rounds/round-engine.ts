@@ -23,6 +23,9 @@ import type { Logger } from '../../shared/util/log.ts';
 import { parseTeacher, promotion, TEACHER_KEY } from './teacher.ts';
 import { SecAggRound } from '../secagg/session.ts';
 import { acceptsSums } from '../aggregation/composed.ts';
+import { aggregateProblem, median } from '../aggregation/validate.ts';
+import { cappedWeights } from '../aggregation/weight-share.ts';
+import { takePendingRollbacks } from './rollback.ts';
 import { decodeRoundSum } from '../../shared/privacy/secagg/wire.ts';
 import { makeBundle, type NamedTensor } from '../../shared/tensors/bundle.ts';
 import { mkdirSync } from 'node:fs';
@@ -57,6 +60,8 @@ export interface RoundEngineOptions {
   maskedDir?: string;
   /** Where accepted updates are stored (round-N/…), for plan.retention to prune after a round closes. */
   updatesDir?: string;
+  /** How often the engine looks for a rollback made by `medfl coordinator rollback` (default 2 s). */
+  rollbackPollMs?: number;
 }
 
 /** Store meta keys of what aggregation carries across rounds (written in the round-close transaction). */
@@ -95,6 +100,7 @@ export class RoundEngine {
   private gatherTimer: NodeJS.Timeout | undefined;
   private finished = false;
   private stopped = false;
+  private rollbackTimer: NodeJS.Timeout | undefined;
   /** Serialises the heavy part of accepting updates (decode + fold), so memory stays at about one model. */
   private foldChain: Promise<unknown> = Promise.resolve();
   readonly shared: ParamInfo[];
@@ -119,13 +125,18 @@ export class RoundEngine {
       this.o.log.info({ model: saved.hash, params: this.shared.length, bytes: saved.sizeBytes }, 'initial global model written');
     }
     this.restoreAggregationState();
+    // A rollback made while this coordinator was down: announce it before anything else happens.
+    this.announceRollbacks();
     const openRow = store.openRoundRow();
     if (openRow) this.resume(openRow);
     else this.maybeOpenRound();
+    this.rollbackTimer = setInterval(() => this.checkRollbacks(), this.o.rollbackPollMs ?? 2000);
+    this.rollbackTimer.unref();
   }
 
   stop(): void {
     this.stopped = true;
+    if (this.rollbackTimer) clearInterval(this.rollbackTimer);
     if (this.open?.timer) clearTimeout(this.open.timer);
     // Ends the session's phase timers and waiting calls; the round itself is failed by the next start (see resume()).
     this.open?.secagg?.abort('the coordinator is stopping');
@@ -221,6 +232,7 @@ export class RoundEngine {
   async accepted(row: UpdateRow): Promise<void> {
     const open = this.open;
     if (!open || open.row.round !== row.round) return;
+    this.flagSampleJump(row);
     this.emit('update.accepted', { round: row.round, site: row.site, samples: row.numSamples, updateHash: row.sha256 });
     this.o.log.info({ round: row.round, site: row.site, samples: row.numSamples, reported: open.reported.size, selected: open.row.selected.length }, 'update accepted');
     if (open.row.selected.every((s) => open.reported.has(s))) await this.closeRound(open, 'all selected sites reported');
@@ -238,6 +250,21 @@ export class RoundEngine {
     if (!open.closing && this.allAccountedFor(open) && open.reported.size >= this.o.plan.minSites) {
       await this.closeRound(open, 'every selected site reported or declined');
     }
+  }
+
+  /**
+   * A site whose declared sample count jumps far above its own recent history is flagged (warn + update.flagged):
+   * the count is what FedAvg weighs by and nobody can check it. maxWeightShare bounds the effect; this tells the admin.
+   */
+  private flagSampleJump(row: UpdateRow): void {
+    const history = this.o.store.recentSampleCounts(row.site, row.round);
+    if (history.length === 0) return;
+    const usual = median(history);
+    const factor = this.o.plan.aggregation.validation.samplesJumpFactor;
+    if (row.numSamples <= factor * usual) return;
+    const reason = `declared ${row.numSamples} training samples, more than ${factor} × its median ${usual} over its last ${history.length} accepted update(s) (aggregation.validation.samplesJumpFactor)`;
+    this.emit('update.flagged', { round: row.round, site: row.site, samples: row.numSamples, previousMedian: usual, reason });
+    this.o.log.warn({ round: row.round, site: row.site, samples: row.numSamples, previousMedian: usual }, `update flagged: site ${reason}`);
   }
 
   private allAccountedFor(open: OpenRound): boolean {
@@ -457,7 +484,15 @@ export class RoundEngine {
     if (open.timer) clearTimeout(open.timer);
     const { store, models, architecture, log } = this.o;
     await this.foldChain;
+    if (this.open !== open) return; // rolled back by the operator meanwhile (checkRollbacks dropped it)
+    this.applyWeightShare(open);
     const next = open.aggregator.finish();
+    // Never publish what sites could not train from: whatever got past validation, the result is checked as a whole.
+    const problem = aggregateProblem(next, this.o.plan.aggregation.validation.maxValue);
+    if (problem) {
+      this.failUnpublished(open, problem);
+      return;
+    }
     const saved = models.save(next, { architecture: architecture.id, round: String(open.row.round), parent: open.row.baseModelHash });
     // Server-optimiser moments and the DP accountant move on with the model, in the same transaction:
     // a coordinator killed before it commits redoes this round from the previous state.
@@ -473,7 +508,16 @@ export class RoundEngine {
     // Noisy student: the aggregate may become the teacher (persisted in the same transaction).
     const teacher = promotion(this.o.plan, open.row.round, saved.hash, parseTeacher(store.getMeta(TEACHER_KEY)));
     if (teacher) meta[TEACHER_KEY] = JSON.stringify(teacher);
-    store.closeRound(open.row.round, { hash: saved.hash, path: saved.path, round: open.row.round, sizeBytes: saved.sizeBytes, createdAt: Date.now() }, Date.now(), meta);
+    const committed = store.closeRound(open.row.round, { hash: saved.hash, path: saved.path, round: open.row.round, sizeBytes: saved.sizeBytes, createdAt: Date.now() }, Date.now(), meta);
+    if (!committed) {
+      // An operator's rollback failed this round between our check and the commit: its result is not published.
+      log.warn({ round: open.row.round }, 'round was failed by a rollback while closing; its aggregate is not published');
+      this.resetAggregationState();
+      if (this.open === open) this.open = undefined;
+      this.checkRollbacks();
+      this.maybeOpenRound();
+      return;
+    }
     // The previous round's optimiser state is superseded once this commit is durable (two models of disk each).
     const oldTensors = previousState ? (JSON.parse(previousState) as { tensors: string | null }).tensors : null;
     const newTensors = meta[AGGREGATION_STATE_KEY] ? (JSON.parse(meta[AGGREGATION_STATE_KEY]) as { tensors: string | null }).tensors : oldTensors;
@@ -488,6 +532,81 @@ export class RoundEngine {
       log.info({ round: open.row.round, generation: teacher.generation, model: teacher.modelHash.slice(0, 12) }, 'student promoted to teacher');
     }
     this.maybeOpenRound();
+  }
+
+  /**
+   * plan aggregation.maxWeightShare: once every weight of the round is known, lowers the weights above the cap
+   * (water-filling, weight-share.ts) by folding those updates again from the store with the difference. Only the
+   * sample-weighted mean has weights to cap (not median / trimmed mean, not DP's uniform weights, not secure
+   * aggregation, which never sees a single update).
+   */
+  private applyWeightShare(open: OpenRound): void {
+    const { plan, store, log } = this.o;
+    const share = plan.aggregation.maxWeightShare;
+    const aggregator = open.aggregator;
+    if (share >= 1 || !aggregator.reweight || open.secagg || plan.aggregation.dp || plan.aggregation.strategy !== 'fedavg') return;
+    const rows = store.updatesForRound(open.row.round).filter((u) => open.reported.has(u.site));
+    const capped = cappedWeights(rows.map((u) => u.numSamples), share);
+    const lowered: Record<string, { declared: number; used: number }> = {};
+    rows.forEach((u, i) => {
+      if (capped[i] >= u.numSamples) return;
+      const d = decodeUpdate(readFileSync(u.path), { views: true });
+      aggregator.reweight!(pick(d.bundle, this.shared), { site: u.site, numSamples: u.numSamples, isDelta: d.isDelta }, capped[i]);
+      lowered[u.site] = { declared: u.numSamples, used: Number(capped[i].toPrecision(6)) };
+    });
+    if (Object.keys(lowered).length > 0) {
+      log.warn({ round: open.row.round, share, lowered }, "lowered the weight of site(s) whose declared samples exceeded the plan's maxWeightShare");
+    }
+  }
+
+  /** The aggregate failed its final check: the round fails, naming the cause, and the federation stays on its model. */
+  private failUnpublished(open: OpenRound, problem: string): void {
+    const { store, log } = this.o;
+    const sites = [...open.reported].sort();
+    const note = `aggregate not published: ${problem}; the federation stays on model ${open.row.baseModelHash.slice(0, 12)}… (updates from ${sites.join(', ')})`;
+    store.failRound(open.row.round, note);
+    this.resetAggregationState();
+    this.emit('round.failed', { round: open.row.round, reason: note, cause: 'aggregate', sites });
+    log.error({ round: open.row.round, sites, problem }, 'round failed: its aggregate is not published');
+    this.open = undefined;
+    this.maybeOpenRound();
+  }
+
+  /** Back to the aggregation state last committed (finish() already moved the optimiser and norms on in memory). */
+  private resetAggregationState(): void {
+    this.o.strategy.reset?.();
+    this.restoreAggregationState();
+  }
+
+  /** Polled: a rollback made by `medfl coordinator rollback` drops the open round it failed and is announced. */
+  private checkRollbacks(): void {
+    if (this.stopped) return;
+    try {
+      if (this.announceRollbacks()) this.maybeOpenRound();
+    } catch (e) {
+      this.o.log.error({ err: (e as Error).message }, 'checking for an operator rollback failed');
+    }
+  }
+
+  /** Announces queued rollbacks (event + ledger, through the bus); true if there were any. */
+  private announceRollbacks(): boolean {
+    const { store, log } = this.o;
+    const taken = takePendingRollbacks(store);
+    if (taken.length === 0) return false;
+    const open = this.open;
+    if (open && store.getRound(open.row.round)?.state !== 'open') {
+      open.closing = true;
+      if (open.timer) clearTimeout(open.timer);
+      open.secagg?.abort('the operator rolled the federation back');
+      open.aggregator.discard?.();
+      this.open = undefined;
+    }
+    this.resetAggregationState();
+    for (const r of taken) {
+      this.emit('model.rolled_back', { round: r.toRound, fromModel: r.fromModel, toModel: r.toModel, failedRound: r.failedRound, rollbackId: r.id, reason: r.reason, requestedAt: r.requestedAt });
+      log.warn({ toRound: r.toRound, toModel: r.toModel.slice(0, 12), fromModel: r.fromModel.slice(0, 12), failedRound: r.failedRound, reason: r.reason || undefined }, 'federation rolled back by the operator');
+    }
+    return true;
   }
 
   /**
@@ -533,6 +652,7 @@ export class RoundEngine {
       share: plan.share,
       sharedTensors: this.sharedNames,
       data: plan.data,
+      totalRounds: plan.rounds,
       ...(plan.aggregation.dp ? { dp: { ...plan.aggregation.dp } } : {}),
       ...(plan.compression.update !== 'float32' || plan.compression.delta || plan.compression.model !== 'float32' ? { compression: { ...plan.compression } } : {}),
       ...(modelFile ? { modelFile } : {}),

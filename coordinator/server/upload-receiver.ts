@@ -15,6 +15,7 @@ import { checkAgainstSpecs, type TensorBundle, type TensorSpec } from '../../sha
 import { CHUNK_BYTES } from '../../shared/protocol/grpc.ts';
 import { fsyncDir } from '../../shared/util/fs-atomic.ts';
 import { SHA256_HEX } from '../../shared/util/hash.ts';
+import { SITE_NAME_PATTERN } from '../../shared/protocol/site-names.ts';
 import { HashingFileWriter, fileSyncOptions } from '../../shared/protocol/hashing-writer.ts';
 
 export const UpdateHeaderSchema = z.object({
@@ -142,6 +143,9 @@ export class UploadReceiver {
       const specProblem = checkAgainstSpecs(bundle, this.specs);
       if (specProblem) throw new UploadRefused(`update does not match the plan's shared tensors: ${specProblem}`);
       // Finite values, the norm bound and the sample count are the strategy's validation filter (engine.checkUpdate).
+      // The file name is built from checked values only: the round and update id by the header schema, the site
+      // name by enrolment (and again here, should an auth path ever hand over something else).
+      if (!SITE_NAME_PATTERN.test(site)) throw new UploadRefused('the authenticated site name is not a valid site name');
       const dir = join(this.updatesDir, `round-${h.round}`);
       mkdirSync(dir, { recursive: true });
       const finalPath = join(dir, `${site}-${h.updateId}.safetensors`);

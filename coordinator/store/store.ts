@@ -108,6 +108,15 @@ export class CoordinatorStore {
     this.db.prepare('INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value').run(key, value);
   }
 
+  deleteMeta(key: string): void {
+    this.db.prepare('DELETE FROM meta WHERE key = ?').run(key);
+  }
+
+  /** Runs `fn` in one SQLite transaction (all or nothing, and no other process writes in between). */
+  transaction<T>(fn: () => T): T {
+    return this.db.transaction(fn).immediate();
+  }
+
   // ---- sites ----
 
   /** Creates or renews an invitation. An enrolled, unrevoked site cannot be re-invited by accident. */
@@ -192,15 +201,25 @@ export class CoordinatorStore {
     this.db.prepare('UPDATE rounds SET deadline_at = ? WHERE round = ?').run(deadlineAt, round);
   }
 
-  /** Closes a round, registers its model and writes `meta` in one transaction, so a crash leaves all or nothing. */
-  closeRound(round: number, result: ModelRow, now = Date.now(), meta: Record<string, string> = {}): void {
-    this.db.transaction(() => {
+  /**
+   * Closes a round, registers its model and writes `meta` in one transaction, so a crash leaves all or nothing.
+   * Returns false, changing nothing, when the round is no longer open (an operator's rollback failed it meanwhile).
+   */
+  closeRound(round: number, result: ModelRow, now = Date.now(), meta: Record<string, string> = {}): boolean {
+    return this.db.transaction((): boolean => {
+      if (this.getRound(round)?.state !== 'open') return false;
       this.addModel(result);
       this.db.prepare("UPDATE rounds SET state = 'closed', closed_at = ?, result_model_hash = ? WHERE round = ?").run(now, result.hash, round);
       this.setMeta('current_model', result.hash);
       // State that moves on with the model (server-optimiser moments, DP accountant): both or neither.
       for (const [k, v] of Object.entries(meta)) this.setMeta(k, v);
-    })();
+      return true;
+    }).immediate();
+  }
+
+  /** Earlier accepted sample counts of `site`, newest first (rounds before `beforeRound`). */
+  recentSampleCounts(site: string, beforeRound: number, limit = 5): number[] {
+    return (this.db.prepare('SELECT num_samples AS n FROM updates WHERE site = ? AND round < ? ORDER BY round DESC LIMIT ?').all(site, beforeRound, limit) as { n: number }[]).map((r) => r.n);
   }
 
   failRound(round: number, note: string, now = Date.now()): void {

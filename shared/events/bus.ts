@@ -12,6 +12,8 @@ export type FederationEventType =
   | 'site.enrolled'
   | 'update.accepted'
   | 'update.rejected'
+  | 'update.flagged'
+  | 'model.rolled_back'
   | 'task.declined'
   | 'teacher.promoted'
   | 'federation.finished';

@@ -20,6 +20,8 @@ const plan = [
   'minSites: 2',
   'gatherSeconds: 0',
   'compression: { update: int8, delta: true }',
+  // Two sites with 2 and 3 samples: the default maxWeightShare (0.5) would make that an unweighted mean.
+  'aggregation: { maxWeightShare: 1 }',
   '',
 ].join('\n');
 

@@ -47,7 +47,8 @@ describe('the SIMD fold', () => {
     const r = rng(3);
     const ups = [0, 1, 2].map(() => Float32Array.from({ length: 600_001 }, () => r()));
     const out = (simd: boolean) => {
-      const agg = new ComposedStrategy(aggregationPlan({}), { simd }).begin(new Map(), specs);
+      // No norm bound (maxNormFactor: 0), so no base model is needed for this fold-only check.
+      const agg = new ComposedStrategy(aggregationPlan({ validation: { maxNormFactor: 0 } }), { simd }).begin(new Map(), specs);
       ups.forEach((d, i) => agg.add(new Map([['big', { name: 'big', dtype: 'F32' as const, shape: [600_001], data: d }]]), { site: `s${i}`, numSamples: i + 1 }));
       return agg.finish().get('big')!.data.slice();
     };
@@ -62,12 +63,14 @@ describe('the SIMD fold', () => {
 });
 
 describe('composed strategies', () => {
-  it('default plan = the streaming FedAvg, bit for bit, keeping no base model', () => {
+  it('default plan = the streaming FedAvg, bit for bit; without the default norm bound it keeps no base model', () => {
     const ups = honestUpdates(base, 3);
     const samples = [5, 1, 9];
     const { s, out } = run({}, ups, samples);
     expect(s.name).toBe('fedavg');
-    expect(s.needsBase()).toBe(false);
+    // The default relative norm bound (maxNormFactor 10) measures deltas, so it keeps the base; turned off, none is kept.
+    expect(s.needsBase()).toBe(true);
+    expect(new ComposedStrategy(aggregationPlan({ validation: { maxNormFactor: 0 } })).needsBase()).toBe(false);
     const ref = new FedAvg().begin(flatBundle(base), SPECS);
     ups.forEach((u, i) => ref.add(flatBundle(u), { site: `s${i}`, numSamples: samples[i] }));
     expect(out).toEqual(flatOf(ref.finish()));

@@ -43,9 +43,12 @@ describe('site policy', () => {
     expect(() => SitePolicy.load(siteDir(text), FED)).toThrow(/policy\.yaml:2/);
   });
 
-  it('no policy file: every task is accepted', () => {
+  it('no policy file: encoder-only tasks are accepted, a task sharing the head is declined (default-deny)', () => {
     const p = SitePolicy.load(siteDir(), FED);
-    expect(p.admit({ taskId: 't1', round: 1 }, settings({ share: { parts: ['encoder', 'head'], keepLocal: [] } }))).toEqual({ ok: true });
+    const v = p.admit({ taskId: 't1', round: 1 }, settings({ share: { parts: ['encoder', 'head'], keepLocal: [] } }));
+    expect(v.ok).toBe(false);
+    expect(!v.ok && v.reason).toMatch(/shares part\(s\) head, but site policy lets only encoder leave \(the default/);
+    expect(p.admit({ taskId: 't2', round: 1 }, settings())).toEqual({ ok: true });
   });
 
   it('requires DP and says why a non-DP task is refused', () => {
