@@ -10,6 +10,7 @@
 import * as grpc from '@grpc/grpc-js';
 import type { Http2Server, ServerHttp2Session } from 'node:http2';
 import { existsSync } from 'node:fs';
+import { join } from 'node:path';
 import { CoordinatorHome } from './home.ts';
 import { CoordinatorStore } from './store/store.ts';
 import { ModelFiles } from './models/model-store.ts';
@@ -100,6 +101,8 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     initialWeights: () => initialWeights(architecture, plan, existsSync(planPath) ? planPath : undefined, log),
     maskedDir: `${home.updatesDir}/secagg`,
     updatesDir: home.updatesDir,
+    // The plan's pretraining stage leaves its encoder file here, with its provenance (docs/pretraining.md).
+    pretrainedDir: join(home.dir, 'pretrained'),
   });
 
   // Every accepted update goes into the signed, hash-chained contribution ledger (coordinator/ledger/).

@@ -29,7 +29,10 @@ import { takePendingRollbacks } from './rollback.ts';
 import { decodeRoundSum } from '../../shared/privacy/secagg/wire.ts';
 import { makeBundle, type NamedTensor } from '../../shared/tensors/bundle.ts';
 import { mkdirSync } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
+import { addPretrainingSites, plannedRounds, PRETRAINED_ENCODER_KEY, PRETRAINING_SITES_KEY, pretrainingRounds, stageAfter, stageSettings, type Stage } from './pretraining-stage.ts';
+import { assembleEncoder, writePretrainedEncoder } from '../../shared/model/pretrained-encoder-file.ts';
+import type { Med3dArchitecture } from '../../shared/model/med3d.ts';
 
 /** The wire shape of a Task, as handed to a site's stream. */
 export interface TaskMessage extends TaskManifest {
@@ -62,6 +65,8 @@ export interface RoundEngineOptions {
   updatesDir?: string;
   /** How often the engine looks for a rollback made by `medfl coordinator rollback` (default 2 s). */
   rollbackPollMs?: number;
+  /** Where the encoder file of the plan's pretraining stage is written (default: `pretrained/` beside the models folder). */
+  pretrainedDir?: string;
 }
 
 /** Store meta keys of what aggregation carries across rounds (written in the round-close transaction). */
@@ -90,6 +95,8 @@ interface OpenRound {
   closing: boolean;
   /** Plan aggregation.secureAggregation: the round's session (masked inputs replace uploads). */
   secagg?: SecAggRound;
+  /** Pretraining or fine-tuning (plan.pretraining), fixed when the round opened. */
+  stage: Stage;
 }
 
 export class RoundEngine {
@@ -125,6 +132,8 @@ export class RoundEngine {
       this.o.log.info({ model: saved.hash, params: this.shared.length, bytes: saved.sizeBytes }, 'initial global model written');
     }
     this.restoreAggregationState();
+    // Pretraining ended but the coordinator stopped before writing its encoder file: write it now.
+    this.ensurePretrainedEncoder();
     // A rollback made while this coordinator was down: announce it before anything else happens.
     this.announceRollbacks();
     const openRow = store.openRoundRow();
@@ -308,7 +317,7 @@ export class RoundEngine {
     const grace = this.o.resumeGraceMs ?? Math.min(60_000, this.o.plan.roundDeadlineSeconds * 500);
     const deadlineAt = Math.max(row.deadlineAt, Date.now() + grace);
     if (deadlineAt !== row.deadlineAt) store.extendDeadline(row.round, deadlineAt);
-    this.open = { row: { ...row, deadlineAt }, aggregator, reported, closing: false };
+    this.open = { row: { ...row, deadlineAt }, aggregator, reported, closing: false, stage: stageAfter(this.o.plan, store.closedRoundCount()) };
     log.info({ round: row.round, reported: reported.size, selected: row.selected.length }, 'resumed open round after restart');
     if (row.selected.every((s) => reported.has(s))) {
       void this.closeRound(this.open, 'all selected sites had reported before the restart');
@@ -320,7 +329,7 @@ export class RoundEngine {
   private maybeOpenRound(): void {
     if (this.stopped || this.open || this.finished) return;
     const { store, plan, log } = this.o;
-    if (store.closedRoundCount() >= plan.rounds) {
+    if (store.closedRoundCount() >= plannedRounds(plan)) {
       this.finish();
       return;
     }
@@ -372,11 +381,13 @@ export class RoundEngine {
       resultModelHash: null,
       note: null,
     };
+    const stage = stageAfter(plan, store.closedRoundCount());
+    if (stage.kind === 'fine-tuning' && stage.index === 1 && pretrainingRounds(plan) > 0) this.forgetPretrainingAggregationState();
     store.openRound(row);
-    this.open = { row, aggregator: this.o.strategy.begin(this.o.models.load(row.baseModelHash), this.shared, this.roundContext(row)), reported: new Set(), closing: false };
+    this.open = { row, aggregator: this.o.strategy.begin(this.o.models.load(row.baseModelHash), this.shared, this.roundContext(row)), reported: new Set(), closing: false, stage };
     if (plan.aggregation.secureAggregation.enabled) this.open.secagg = this.secAggSession(this.open);
-    this.emit('round.started', { round: row.round, selected, model: row.baseModelHash });
-    log.info({ round: row.round, selected, model: row.baseModelHash.slice(0, 12) }, 'round started');
+    this.emit('round.started', { round: row.round, selected, model: row.baseModelHash, ...(pretrainingRounds(plan) > 0 ? { stage: stage.kind, stageRound: stage.index } : {}) });
+    log.info({ round: row.round, selected, model: row.baseModelHash.slice(0, 12), ...(pretrainingRounds(plan) > 0 ? { stage: stage.kind, stageRound: stage.index } : {}) }, 'round started');
     for (const s of selected) this.connected.get(s)?.send(this.trainTask(row, s));
     this.armDeadline(this.open);
   }
@@ -505,9 +516,10 @@ export class RoundEngine {
     }
     const privacy = this.stepAccountant(open.row);
     if (privacy) meta[PRIVACY_KEY] = JSON.stringify(privacy);
-    // Noisy student: the aggregate may become the teacher (persisted in the same transaction).
-    const teacher = promotion(this.o.plan, open.row.round, saved.hash, parseTeacher(store.getMeta(TEACHER_KEY)));
+    // Noisy student: a fine-tuning aggregate may become the teacher (persisted in the same transaction).
+    const teacher = open.stage.kind === 'fine-tuning' ? promotion(this.o.plan, open.stage.index, saved.hash, parseTeacher(store.getMeta(TEACHER_KEY))) : undefined;
     if (teacher) meta[TEACHER_KEY] = JSON.stringify(teacher);
+    if (open.stage.kind === 'pretraining') meta[PRETRAINING_SITES_KEY] = addPretrainingSites(store.getMeta(PRETRAINING_SITES_KEY), open.reported);
     const committed = store.closeRound(open.row.round, { hash: saved.hash, path: saved.path, round: open.row.round, sizeBytes: saved.sizeBytes, createdAt: Date.now() }, Date.now(), meta);
     if (!committed) {
       // An operator's rollback failed this round between our check and the commit: its result is not published.
@@ -530,6 +542,14 @@ export class RoundEngine {
     if (teacher) {
       this.emit('teacher.promoted', { round: open.row.round, model: teacher.modelHash, generation: teacher.generation });
       log.info({ round: open.row.round, generation: teacher.generation, model: teacher.modelHash.slice(0, 12) }, 'student promoted to teacher');
+    }
+    if (open.stage.kind === 'pretraining') {
+      try {
+        this.ensurePretrainedEncoder();
+      } catch (e) {
+        // The rounds go on from the aggregate; the next start of the coordinator tries the file again.
+        log.error({ err: (e as Error).message }, 'writing the pretrained encoder file failed');
+      }
     }
     this.maybeOpenRound();
   }
@@ -639,9 +659,55 @@ export class RoundEngine {
     for (const sink of this.connected.values()) sink.send(this.finishedTask());
   }
 
+  // ---- pretraining ----
+
+  /**
+   * Once the plan's pretraining rounds have all closed: writes the encoder file (every encoder tensor: the last
+   * pretraining aggregate's shared tensors, scratch for what the plan keeps at the sites) with its provenance, once.
+   * Fine-tuning then simply continues from that aggregate, the current model.
+   */
+  private ensurePretrainedEncoder(): void {
+    const { store, plan, models, architecture, log } = this.o;
+    const p = pretrainingRounds(plan);
+    if (p === 0 || store.getMeta(PRETRAINED_ENCODER_KEY)) return;
+    const closed = store.listRounds().filter((r) => r.state === 'closed').sort((a, b) => a.round - b.round);
+    if (closed.length < p || !closed[p - 1].resultModelHash) return;
+    const last = closed[p - 1];
+    const source = last.resultModelHash!;
+    const arch = architecture as Med3dArchitecture;
+    const { bundle, notPretrained } = assembleEncoder(arch, models.load(source), arch.init(plan.model.seed));
+    const sites = JSON.parse(store.getMeta(PRETRAINING_SITES_KEY) ?? '[]') as string[];
+    const dir = this.o.pretrainedDir ?? join(dirname(models.dir), 'pretrained');
+    const { path, provenance } = writePretrainedEncoder(dir, arch, bundle, {
+      objective: plan.pretraining.objective,
+      sites,
+      rounds: p,
+      stepsPerRound: plan.pretraining.steps,
+      learningRate: plan.pretraining.learningRate,
+      transforms: plan.pretraining.transforms,
+      federation: this.o.federationId,
+      sourceModelHash: source,
+      createdAt: new Date().toISOString(),
+      notPretrained,
+    });
+    store.setMeta(PRETRAINED_ENCODER_KEY, JSON.stringify({ path, provenance }));
+    log.info({ path, round: last.round, sites, rounds: p, tensors: provenance.tensorsSha256.slice(0, 12), notPretrained: notPretrained.length }, 'pretraining finished: encoder file written; fine-tuning continues from it');
+  }
+
+  /**
+   * The server optimiser's moments (FedAdam, …) belong to the restoration objective's updates: the fine-tuning
+   * stage starts them afresh instead of steering its first steps with another objective's history.
+   */
+  private forgetPretrainingAggregationState(): void {
+    if (!this.o.store.getMeta(AGGREGATION_STATE_KEY)) return;
+    this.o.strategy.reset?.();
+    this.o.store.deleteMeta(AGGREGATION_STATE_KEY);
+    this.o.log.info({ strategy: this.o.strategy.name }, 'fine-tuning starts with fresh aggregation state (the pretraining stage\'s is dropped)');
+  }
+
   // ---- tasks ----
 
-  settings(baseModelHash?: string): TaskSettings {
+  settings(baseModelHash?: string, stage?: Stage): TaskSettings {
     const { plan } = this.o;
     const modelFile = baseModelHash ? this.modelFileFor(baseModelHash) : undefined;
     return {
@@ -653,10 +719,11 @@ export class RoundEngine {
       sharedTensors: this.sharedNames,
       data: plan.data,
       totalRounds: plan.rounds,
+      ...(stage ? stageSettings(plan, stage) : {}),
       ...(plan.aggregation.dp ? { dp: { ...plan.aggregation.dp } } : {}),
       ...(plan.compression.update !== 'float32' || plan.compression.delta || plan.compression.model !== 'float32' ? { compression: { ...plan.compression } } : {}),
       ...(modelFile ? { modelFile } : {}),
-      ...this.teacherSettings(),
+      ...(stage?.kind === 'pretraining' ? {} : this.teacherSettings()),
     };
   }
 
@@ -700,9 +767,14 @@ export class RoundEngine {
       modelHash: row.baseModelHash,
       modelSize: this.o.models.size(row.baseModelHash),
       deadlineUnixMs: row.deadlineAt,
-      settingsJson: JSON.stringify({ ...this.settings(row.baseModelHash), ...this.secAggSettings(row, site) }),
+      settingsJson: JSON.stringify({ ...this.settings(row.baseModelHash, this.stageOf(row)), ...this.secAggSettings(row, site) }),
     };
     return { ...manifest, signature: this.o.sign(manifestBytes(manifest)) };
+  }
+
+  /** The open round's stage; for another row, the stage a round opening now would have. */
+  private stageOf(row: RoundRow): Stage {
+    return this.open?.row.round === row.round ? this.open.stage : stageAfter(this.o.plan, this.o.store.closedRoundCount());
   }
 
   /** What a site needs to take part in the round's secure aggregation: its id, t, k, the quantiser and the vector length. */

@@ -20,6 +20,8 @@ import { med3dOutputFactor, type Med3dArchitecture } from './med3d.ts';
 import { med3dEncoderFeatures, med3dEncoderForward, med3dForward, med3dHeadForward } from './med3d-forward.ts';
 import { DEFAULT_OPTIMIZER, Optimizer, optimizerKernelsOf } from './optim.ts';
 import { segmentationLossJs } from './tfjs-trainer.ts';
+import { corruptBatch, DEFAULT_RESTORATION_TRANSFORMS } from './genesis-corruption.ts';
+import { isRestorationArchitecture, restorationLoss } from './restoration.ts';
 import type { EvalResult, TrainRequest, TrainResult, Trainer, VolumeCase } from './types.ts';
 
 /** Output grid of MedicalNet's segmentation head relative to the input (the U-Net head's is 1: med3dOutputFactor). */
@@ -189,10 +191,15 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
         // Batch statistics of one 4³ head map are too noisy to train BatchNorm; PyTorch would train but badly.
         throw new Error('train: Med3D segmentation with BatchNorm needs batchSize ≥ 2 (BatchNorm uses batch statistics; model.norm group or instance does not)');
       }
-      const labelled = req.cases.filter((c) => (voxelHead ? c.label !== undefined || c.target !== undefined : c.classLabel !== undefined));
+      const restore = req.objective === 'restore';
+      if (restore && !isRestorationArchitecture(arch)) throw new Error('train: the restore objective needs the restoration model (a U-Net decoder with one output channel: restorationArchitecture)');
+      if (!restore && isRestorationArchitecture(arch)) throw new Error('train: a one-channel U-Net decoder is the restoration model; train it with objective restore');
+      // Restoration reads images only: every case counts, labelled or not.
+      const labelled = restore ? req.cases : req.cases.filter((c) => (voxelHead ? c.label !== undefined || c.target !== undefined : c.classLabel !== undefined));
+      const transforms = req.restoration ?? DEFAULT_RESTORATION_TRANSFORMS;
       const dropout = req.dropout ?? 0;
       if (!(dropout >= 0 && dropout < 1)) throw new Error(`train: dropout must be in [0, 1), got ${req.dropout}`);
-      if (!req.source && labelled.length === 0) throw new Error(`train: no ${voxelHead ? 'voxel-labelled' : 'class-labelled'} cases`);
+      if (!req.source && labelled.length === 0) throw new Error(`train: no ${restore ? '' : voxelHead ? 'voxel-labelled ' : 'class-labelled '}cases`);
       const rng = mulberry32(req.seed);
       const store = new ArrayStore(arch, req.weights);
       const optimizer = new Optimizer(req.optimizer ?? DEFAULT_OPTIMIZER, req.learningRate, specs, store.values, optimizerKernelsOf(kernels), req.optimizerState);
@@ -210,7 +217,14 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
         let loss: number;
         let out: Act;
         let grad: Float32Array;
-        if (voxelHead) {
+        if (restore) {
+          const batch = await nextBatch(req.source, labelled, req.batchSize, arch.patchShape, 1, rng, { withLabels: false });
+          const corrupted = corruptBatch(batch.image, req.batchSize, arch.patchShape, transforms, rng);
+          const x = act(corrupted, [req.batchSize, pd, ph, pw, 1], false);
+          const enc = med3dEncoderFeatures(arch, params, x, ops);
+          out = med3dHeadForward(arch, params, enc.features, ops, { skips: enc.skips });
+          ({ loss, grad } = restorationLoss(out.data, batch.image));
+        } else if (voxelHead) {
           const batch = await nextBatch(req.source, labelled, req.batchSize, arch.patchShape, numClasses, rng);
           const x = act(batch.image, [req.batchSize, pd, ph, pw, 1], false);
           const enc = med3dEncoderFeatures(arch, params, x, ops);

@@ -175,7 +175,8 @@ export function resolveMed3dConfig(opts: Med3dOptions): Med3dConfig {
     if (!Number.isInteger(channels) || channels < 1) throw new Error(`med3d: head.channels must be a positive integer, got ${String(channels)}`);
     head = { kind: 'segmentation', numClasses: h.numClasses, channels };
   } else if (h.kind === 'unet') {
-    if (h.numClasses < 2 || h.numClasses > 255) throw new Error(`med3d: unet numClasses must be in 2..255, got ${h.numClasses}`);
+    // One output channel is the restoration decoder of self-supervised pretraining (linear output, no softmax).
+    if (h.numClasses > 255) throw new Error(`med3d: unet numClasses must be in 1..255, got ${h.numClasses}`);
     const channels = h.channels ?? Math.max(8, Math.round(32 * wm));
     if (!Number.isInteger(channels) || channels < 1) throw new Error(`med3d: head.channels must be a positive integer, got ${String(channels)}`);
     head = { kind: 'unet', numClasses: h.numClasses, channels };

@@ -6,6 +6,8 @@
 import type { TensorBundle, TensorSpec } from '../tensors/bundle.ts';
 import type { OptimizerSpec, OptimizerState } from './optim.ts';
 import type { Rng } from '../util/random.ts';
+import type { RestorationTransforms } from './genesis-corruption.ts';
+import type { TrainObjective } from './restoration.ts';
 
 /** Which side owns a parameter by default: the shared encoder, or the site's own head. */
 export type ModelPart = 'encoder' | 'head';
@@ -93,6 +95,14 @@ export interface TrainRequest {
    * (tiny3d: the fused decoder features; Med3D: the encoder output) and on the classification head. 0/absent = none.
    */
   readonly dropout?: number;
+  /**
+   * segment (default): learn the labels (segmentation or classification head). restore: self-supervised
+   * restoration pretraining — labels are never read; every case's patch is corrupted (`restoration`) and the
+   * one-channel decoder (restoration.ts) learns to give the original back under a mean squared error.
+   */
+  readonly objective?: TrainObjective;
+  /** The corruptions of the restore objective, with their probabilities (default: Models Genesis-like). */
+  readonly restoration?: RestorationTransforms;
 }
 
 export interface TrainResult {

@@ -7,6 +7,7 @@ import { OptimizerSpecSchema } from '../model/optim.ts';
 import { MED3D_DEFAULT_NORM_GROUPS, med3dNormProblem } from '../model/med3d.ts';
 import { LrScheduleSchema } from '../model/lr-schedule.ts';
 import { DataSettingsSchema } from './data-settings.ts';
+import { RestorationTransformsSchema } from '../model/genesis-corruption.ts';
 
 const positiveInt = z.number().int().positive();
 
@@ -53,6 +54,31 @@ export const TeacherStudentSchema = z
   .strict();
 
 export type TeacherStudentSettings = z.infer<typeof TeacherStudentSchema>;
+
+/**
+ * Federated self-supervised pretraining of the shared encoder (docs/pretraining.md): `rounds` rounds before the
+ * fine-tuning rounds, in which every site trains encoder + its own restoration decoder on all its scans (labels
+ * unused) and sends back only the plan's shared tensors. Med3D only; off by default.
+ */
+export const PretrainingSchema = z
+  .object({
+    enabled: z.boolean().default(false),
+    /** Pretraining rounds, run before the plan's `rounds` fine-tuning rounds. */
+    rounds: positiveInt.default(4),
+    /** Local steps per pretraining round at every site. */
+    steps: positiveInt.default(50),
+    /** Adam learning rate of the restoration objective (constant; the plan's schedule is for fine-tuning). */
+    learningRate: z.number().positive().default(0.001),
+    /** Patches per step; absent = local.batchSize. */
+    batchSize: positiveInt.optional(),
+    /** The pretext task: Models Genesis-style restoration of corrupted patches. */
+    objective: z.literal('restoration').default('restoration'),
+    /** Probabilities of the corruptions (shared/model/genesis-corruption.ts). */
+    transforms: RestorationTransformsSchema.prefault({}),
+  })
+  .strict();
+
+export type PretrainingSettings = z.infer<typeof PretrainingSchema>;
 
 export const PlanSchema = z
   .object({
@@ -229,6 +255,8 @@ export const PlanSchema = z
       }),
     /** Federated noisy-student training (docs/teacher-student.md); off by default. */
     teacherStudent: TeacherStudentSchema.prefault({}),
+    /** Federated self-supervised pretraining of the encoder before the fine-tuning rounds (docs/pretraining.md); off by default. */
+    pretraining: PretrainingSchema.prefault({}),
     /** Encodings of what crosses the wire (docs/plan.md). */
     compression: z
       .object({
@@ -260,6 +288,12 @@ export const PlanSchema = z
   })
   .refine((p) => !(p.aggregation.secureAggregation.enabled && p.sitesPerRound > 0 && p.sitesPerRound < p.aggregation.secureAggregation.threshold), {
     message: 'sitesPerRound must be 0 (all) or at least aggregation.secureAggregation.threshold: a round of fewer than t sites can never unmask',
+  })
+  .refine((p) => !(p.pretraining.enabled && p.model.architecture !== 'med3d'), {
+    message: 'pretraining needs model.architecture med3d (a separate encoder to pretrain under a site-local restoration decoder)',
+  })
+  .refine((p) => !(p.pretraining.enabled && p.model.patch.some((s) => s % 8 !== 0)), {
+    message: 'pretraining: the restoration decoder works on the full patch grid, so every side of model.patch must be a multiple of 8',
   })
   .refine((p) => !(p.aggregation.secureAggregation.enabled && (p.compression.update !== 'float32' || p.compression.delta)), {
     message: 'compression.update / compression.delta apply to plain uploads; with aggregation.secureAggregation sites send masked 32-bit ring words (leave compression.update float32 and delta false)',

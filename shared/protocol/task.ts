@@ -3,7 +3,7 @@
  * from one injected on the way (TLS protects the channel; the signature pins the author).
  */
 import { z } from 'zod';
-import { PlanSchema, TeacherStudentSchema } from '../plan/schema.ts';
+import { PlanSchema, PretrainingSchema, TeacherStudentSchema } from '../plan/schema.ts';
 import { OptimizerSpecSchema } from '../model/optim.ts';
 import { LrScheduleSchema } from '../model/lr-schedule.ts';
 import { DataSettingsSchema } from '../plan/data-settings.ts';
@@ -26,6 +26,20 @@ export const TaskSettingsSchema = z
      * learning-rate schedule (local.schedule). Absent from older coordinators; the schedule then spans one round.
      */
     totalRounds: z.number().int().positive().optional(),
+    /**
+     * Present only in the rounds of the plan's pretraining stage: train the encoder with this self-supervised
+     * objective on every scan under the site's own restoration decoder (kept in its own local file), and send back
+     * the shared tensors as usual. `round` counts the stage's rounds (1..rounds). Absent from older coordinators.
+     */
+    pretraining: PretrainingSchema.omit({ enabled: true })
+      .extend({ round: z.number().int().positive() })
+      .strict()
+      .optional(),
+    /**
+     * Rounds of earlier stages (pretraining) before the fine-tuning rounds: a fine-tuning task's round minus this is
+     * its place among the plan's `totalRounds` (the learning-rate schedule). Absent = 0.
+     */
+    roundOffset: z.number().int().min(0).optional(),
     share: PlanSchema.shape.share.unwrap(),
     /** Names of the tensors the site must send back, exactly. */
     sharedTensors: z.array(z.string()),

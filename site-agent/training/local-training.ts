@@ -25,6 +25,8 @@ import type { AugmentOptions } from '../data/augment.ts';
 import { labelPool, prunePseudoDirs, PseudoPatches, type PseudoPool } from './pseudo-label.ts';
 import { applySiteTask, describeSiteTask, loadSiteTask, type SiteTask } from '../task-config.ts';
 import type { CaseRef } from '../data/site-data.ts';
+import { isRestorationArchitecture, restorationArchitecture } from '../../shared/model/restoration.ts';
+import { pretrainingRound, type PretrainingTask } from './pretraining-round.ts';
 
 export interface LocalTrainingOptions {
   siteName: string;
@@ -67,6 +69,7 @@ export class LocalTraining {
    * plan has teacherStudent on and a teacher was promoted.
    */
   async run(planSettings: TaskSettings, modelBytes: Buffer, ctx: { round: number; onProgress?: (p: number) => void; teacherBytes?: Buffer }): Promise<LocalRoundResult> {
+    if (planSettings.pretraining) return this.pretrain(planSettings, planSettings.pretraining, modelBytes, ctx);
     const { log } = this.o;
     // The site's own head (task.yaml) on the plan's encoder; the shared tensor names stay the plan's.
     const settings = applySiteTask(planSettings, this.siteTask);
@@ -113,7 +116,8 @@ export class LocalTraining {
     // Moments only for the site's own tensors, and only beside the tensors they were made with.
     const optimizerState = local.size > 0 ? this.loadOptimizerState(arch, settings) : undefined;
     const steps = settings.local.steps ?? Math.max(1, Math.ceil(((settings.local.epochs ?? 1) * usable.length) / settings.local.batchSize));
-    const learningRateFactor = this.learningRateSchedule(settings, ctx.round, steps);
+    // After a pretraining stage the fine-tuning rounds are numbered on from it; the schedule counts fine-tuning rounds.
+    const learningRateFactor = this.learningRateSchedule(settings, ctx.round - (settings.roundOffset ?? 0), steps);
     const t0 = performance.now();
     log.info({ round: ctx.round, steps, engine: trainer.engine, trainCases: usable.length }, 'local training started');
     const result = await trainer.train({
@@ -169,6 +173,31 @@ export class LocalTraining {
     }
     log.info({ round: ctx.round, loss: round4(result.loss), firstLoss: round4(result.firstLoss), valDice: evaluation ? round4(evaluation.meanDice) : null, ...(accuracy ? { valAccuracy: round4(accuracy.accuracy) } : {}), seconds: round4(trainSeconds) }, 'local training done');
     return { update: encodeSafetensors(update, { round: String(ctx.round) }), numSamples: result.samples, metrics };
+  }
+
+  /**
+   * A round of the plan's pretraining stage: the encoder under this site's own restoration decoder, trained on every
+   * scan the site holds (labels unused), the decoder kept in its own local file; only the shared tensors go back.
+   * The plan's encoder is the site's encoder here: a site task file (task.yaml) changes heads only.
+   */
+  private async pretrain(settings: TaskSettings, pretraining: PretrainingTask, modelBytes: Buffer, ctx: { round: number; onProgress?: (p: number) => void }): Promise<LocalRoundResult> {
+    const arch = restorationArchitecture(settings.model);
+    const data = await this.siteDataFor(settings);
+    return pretrainingRound({
+      arch,
+      trainer: await this.trainerFor(arch, settings),
+      settings,
+      pretraining,
+      data,
+      globalBytes: modelBytes,
+      round: ctx.round,
+      seed: this.siteSeed(settings.model.seed) + ctx.round,
+      initSeed: this.siteSeed(settings.model.seed),
+      localDir: this.o.localDir,
+      fileKey: this.localKey(settings),
+      log: this.o.log,
+      ...(ctx.onProgress ? { onProgress: ctx.onProgress } : {}),
+    });
   }
 
   /**
@@ -268,7 +297,7 @@ export class LocalTraining {
   }
 
   private async trainerFor(arch: ModelArchitecture, settings: TaskSettings): Promise<Trainer> {
-    const key = JSON.stringify(settings.model);
+    const key = JSON.stringify({ model: settings.model, restoration: isRestorationArchitecture(arch) });
     if (this.trainer?.key !== key) {
       const { trainer, tried } = await createTrainer(arch, { engine: this.o.engine });
       this.engineName = trainer.engine;

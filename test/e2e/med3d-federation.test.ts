@@ -61,7 +61,7 @@ describe('a Med3D federation (FedBN, heads at the sites)', () => {
     for (const site of fed.sites) {
       const log = readFileSync(fed.logPath(site), 'utf8');
       expect(log).toMatch(/"engine":"(onednn|js)","architecture":"med3d"/);
-      const localDir = readdirSync(fed.siteDir(site), { recursive: true }).map(String).filter((f) => f.endsWith('.safetensors') && f.includes('med3d-'));
+      const localDir = readdirSync(fed.siteDir(site), { recursive: true }).map(String).filter((f) => f.endsWith('.safetensors') && f.includes('med3d-') && !f.includes('optimizer-state'));
       expect(localDir.length).toBe(1);
       const local = decodeSafetensors(readFileSync(join(fed.siteDir(site), localDir[0]))).bundle;
       expect(local.has('head.conv_seg.6.weight')).toBe(true);
