@@ -142,6 +142,15 @@ export function registerExperimentCommand(program: Command): void {
         const numClasses = sites ? Math.max(2, Object.keys((await import('./experiment/data.ts')).siteMeta(sites[0]).labels).length) : 2;
         plan = recommendedPlan(a.arch, numClasses);
       }
+      if (sites && !plan.data.spacing) {
+        // Sites on different grids would train one model on different anatomy sizes: propose the median grid.
+        const { medianSpacing } = await import('./experiment/data.ts');
+        const m = await medianSpacing(sites);
+        if (m.differ) {
+          plan = PlanSchema.parse({ ...plan, data: { ...plan.data, spacing: m.spacing } });
+          process.stdout.write(`the sites' voxel spacings differ and the plan sets no data.spacing: every case is resampled to the median spacing [${m.spacing.join(', ')}] mm (set data.spacing in a plan to choose)\n`);
+        }
+      }
       plan = withOverrides(plan, {
         rounds: a.rounds !== undefined ? num('rounds') : undefined,
         steps: a.steps !== undefined ? num('steps') : undefined,

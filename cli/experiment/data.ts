@@ -8,6 +8,8 @@ import { join } from 'node:path';
 import type { VolumeCase } from '../../shared/model/types.ts';
 import { parseDatasetJson, type DatasetJson } from '../../site-agent/data/dataset-json.ts';
 import { SiteData, validationCarve } from '../../site-agent/data/site-data.ts';
+import { scanDataset } from '../../site-agent/data/layout.ts';
+import { readCase } from '../../site-agent/data/case-reader.ts';
 
 /** Scanner differences of the generated phantom federation (as in `medfl demo`): easy data, for smoke runs. */
 const PROFILES = [
@@ -118,4 +120,30 @@ export async function loadTestCases(testDir: string, meta: DatasetJson, patch: r
   }
   if (cases.length === 0) throw new Error(`no usable labelled case in the test folder ${testDir} (it needs imagesTs/ + labelsTs/, or imagesTr/ + labelsTr/ with a dataset.json)`);
   return { cases, numClasses: Math.max(2, probe.labels.length) };
+}
+
+/**
+ * The per-axis median voxel spacing (mm, canonical [D, H, W]) of a few labelled training cases of every site, and
+ * whether the sites differ — nnU-Net's rule for a common target spacing. A consortium agrees on `data.spacing` in its
+ * plan; this is what `medfl experiment` proposes when the plan leaves it out and the sites' grids differ.
+ */
+export async function medianSpacing(siteDirs: readonly string[], perSite = 3): Promise<{ spacing: [number, number, number]; differ: boolean }> {
+  const all: (readonly number[])[] = [];
+  const perSiteSpacing: string[] = [];
+  for (const d of siteDirs) {
+    const layout = await scanDataset(d);
+    for (const e of layout.cases.filter((c) => c.split === 'Tr').slice(0, perSite)) {
+      const r = await readCase(d, e, layout.labels.length);
+      if (!r.raw) continue;
+      all.push(r.raw.spacing);
+      perSiteSpacing.push(r.raw.spacing.map((v) => v.toFixed(3)).join(','));
+    }
+  }
+  if (all.length === 0) throw new Error('no readable training case to take a spacing from');
+  const median = (xs: number[]) => {
+    const v = [...xs].sort((a, b) => a - b);
+    return v.length % 2 ? v[(v.length - 1) / 2] : (v[v.length / 2 - 1] + v[v.length / 2]) / 2;
+  };
+  const spacing = [0, 1, 2].map((k) => median(all.map((s) => s[k]))) as [number, number, number];
+  return { spacing, differ: new Set(perSiteSpacing).size > 1 };
 }

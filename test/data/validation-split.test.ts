@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { writePhantomSite } from '../../site-agent/data/phantom.ts';
 import { SiteData, validationCarve } from '../../site-agent/data/site-data.ts';
 import { poolFolders } from '../../cli/experiment.ts';
-import { loadTestCases, siteMeta } from '../../cli/experiment/data.ts';
+import { loadTestCases, medianSpacing, siteMeta } from '../../cli/experiment/data.ts';
 
 describe('validation split and test folders', () => {
   it('carves about one in six labelled cases as validation when a site has none, the same ones every time', async () => {
@@ -54,5 +54,12 @@ describe('validation split and test folders', () => {
     const empty = mkdtempSync(join(tmpdir(), 'medfl-testempty-'));
     mkdirSync(join(empty, 'labelsTs'));
     await expect(loadTestCases(empty, siteMeta(site), [16, 16, 16])).rejects.toThrow(/imagesTs/);
+  }, 60_000);
+
+  it('proposes the median voxel spacing of the sites, and says whether their grids differ', async () => {
+    const dirs = [1.5, 1.5, 2.5].map((mm, i) => join(mkdtempSync(join(tmpdir(), 'medfl-spacing-')), `s${i}`));
+    for (const [i, mm] of [1.5, 1.5, 2.5].entries()) await writePhantomSite(dirs[i], { siteName: `sp${i}`, cases: 2, valCases: 0, size: [16, 16, 16], seed: 6 + i, intensityShift: 0, intensityScale: 1, spacing: [mm, mm, mm] });
+    expect(await medianSpacing(dirs)).toEqual({ spacing: [1.5, 1.5, 1.5], differ: true });
+    expect(await medianSpacing(dirs.slice(0, 2))).toEqual({ spacing: [1.5, 1.5, 1.5], differ: false });
   }, 60_000);
 });
