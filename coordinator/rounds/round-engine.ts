@@ -517,7 +517,8 @@ export class RoundEngine {
     const privacy = this.stepAccountant(open.row);
     if (privacy) meta[PRIVACY_KEY] = JSON.stringify(privacy);
     // Noisy student: a fine-tuning aggregate may become the teacher (persisted in the same transaction).
-    const teacher = open.stage.kind === 'fine-tuning' ? promotion(this.o.plan, open.stage.index, saved.hash, parseTeacher(store.getMeta(TEACHER_KEY))) : undefined;
+    const current = parseTeacher(store.getMeta(TEACHER_KEY));
+    const teacher = open.stage.kind === 'pretraining' ? undefined : pretrainingRounds(this.o.plan) > 0 ? promotion(this.o.plan, open.row.round, saved.hash, current, open.stage.index) : promotion(this.o.plan, open.row.round, saved.hash, current);
     if (teacher) meta[TEACHER_KEY] = JSON.stringify(teacher);
     if (open.stage.kind === 'pretraining') meta[PRETRAINING_SITES_KEY] = addPretrainingSites(store.getMeta(PRETRAINING_SITES_KEY), open.reported);
     const committed = store.closeRound(open.row.round, { hash: saved.hash, path: saved.path, round: open.row.round, sizeBytes: saved.sizeBytes, createdAt: Date.now() }, Date.now(), meta);

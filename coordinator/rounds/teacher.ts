@@ -25,10 +25,13 @@ export function parseTeacher(raw: string | undefined): TeacherState | undefined 
   return t as TeacherState;
 }
 
-/** The next teacher after `round` closed with model `modelHash`, or undefined when nothing is promoted. */
-export function promotion(plan: Plan, round: number, modelHash: string, current: TeacherState | undefined): TeacherState | undefined {
+/**
+ * The next teacher after `round` closed with model `modelHash`, or undefined when nothing is promoted. After a
+ * pretraining stage, `fineTuningRound` (the round's number among the fine-tuning rounds) decides the cadence.
+ */
+export function promotion(plan: Plan, round: number, modelHash: string, current: TeacherState | undefined, fineTuningRound = round): TeacherState | undefined {
   const ts = plan.teacherStudent;
-  if (!ts.enabled || round % ts.promoteEvery !== 0) return undefined;
+  if (!ts.enabled || fineTuningRound % ts.promoteEvery !== 0) return undefined;
   if (current && current.round >= round) return undefined;
   return { modelHash, generation: (current?.generation ?? 0) + 1, round };
 }

@@ -8,6 +8,9 @@
  * patch average-pooled to that grid (soft targets: a small lesion still weighs in, where MedicalNet's
  * nearest-neighbour label resize can drop it); evaluation upsamples the logits trilinearly to the full grid.
  * The U-Net head predicts on the full grid: it trains on the labels themselves and needs no upsampling.
+ *
+ * Restoration (objective 'restore', self-supervised pretraining): the one-channel U-Net decoder restores each
+ * patch from a Models Genesis-corrupted copy (genesis-corruption.ts) under a mean squared error; no label is read.
  */
 import type { ConvKernels } from '../engine/conv-kernels.ts';
 import { diceScores, meanDicePerClass } from '../metrics/dice.ts';
