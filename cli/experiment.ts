@@ -14,7 +14,7 @@ import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { LayerTypeSchema, PlanSchema, type Plan } from '../shared/plan/schema.ts';
 import type { LayerType } from '../shared/model/types.ts';
-import { ARMS, diceSvg, roundsTable, sitesTable, summarise, summaryTable, type Arm, type ArmRun, type InitKind, type SummaryRow } from './experiment/report.ts';
+import { ARMS, diceSvg, INITS, roundsTable, sitesTable, summarise, summaryTable, type Arm, type ArmRun, type InitKind, type SummaryRow } from './experiment/report.ts';
 import type { ExperimentOptions } from './experiment/run.ts';
 import type { PhantomFederation } from './experiment/data.ts';
 
@@ -37,9 +37,12 @@ export interface ExperimentResult {
 }
 
 /**
- * The settings MedFL recommends for a federation of small sites, per architecture: what `medfl experiment`
- * runs without --plan. Med3D: MedicalNet ResNet-10 at ¼ width, BatchNorm kept at each site (FedBN: scanners
- * differ), 8 rounds × 96 local steps of batch 2 on 32³ patches.
+ * The settings MedFL recommends for a federation of small sites with one common task, per architecture: what
+ * `medfl experiment` runs without --plan (measured in docs/experiment.md). Med3D: MedicalNet ResNet-10 at ¼ width
+ * with GroupNorm (no batch statistics to disagree between scanners or to estimate from batches of two) and the
+ * full-resolution U-Net head, both shared — one model for the consortium, which each site must allow in its own
+ * policy.yaml (`share.parts: [encoder, head]`), since heads stay home by default — 8 rounds × 96 local steps of
+ * batch 2 on 32³ patches, Adam with a cosine schedule over the whole federation.
  */
 export function recommendedPlan(arch: 'tiny3d' | 'med3d', numClasses: number): Plan {
   if (arch === 'tiny3d') {
@@ -50,10 +53,10 @@ export function recommendedPlan(arch: 'tiny3d' | 'med3d', numClasses: number): P
     });
   }
   return PlanSchema.parse({
-    model: { architecture: 'med3d', depth: 10, widthMultiplier: 0.25, patch: [32, 32, 32], numClasses, head: 'segmentation' },
+    model: { architecture: 'med3d', depth: 10, widthMultiplier: 0.25, patch: [32, 32, 32], numClasses, head: 'unet', norm: 'group' },
     rounds: 8,
-    local: { steps: 96, batchSize: 2, learningRate: 0.003 },
-    share: { parts: ['encoder'], keepLocal: ['norm'] },
+    local: { steps: 96, batchSize: 2, learningRate: 0.003, schedule: { type: 'cosine', warmupSteps: 50, minFactor: 0.05 } },
+    share: { parts: ['encoder', 'head'], keepLocal: [] },
   });
 }
 
@@ -80,6 +83,7 @@ export async function runExperiment(o: ExperimentOptions): Promise<ExperimentRes
         sites: o.sites ?? 'generated phantoms',
         test: o.test ?? 'generated phantoms',
         testCases: e.testCases,
+        pretraining: e.pretraining,
         pretrainedNote: e.pretrainedNote,
         seconds: e.seconds,
         runs: e.runs,
@@ -107,7 +111,7 @@ export function registerExperimentCommand(program: Command): void {
     .option('--plan <file>', 'plan (YAML/JSON, docs/plan.md) for every arm: model, local training, data, aggregation, teacher–student; default: recommended settings for --arch')
     .option('--arch <arch>', 'without --plan: tiny3d (fast smoke run) or med3d (MedicalNet ResNet-10, ¼ width, FedBN)', 'tiny3d')
     .option('--arms <list>', `arms to run (${ARMS.join(',')})`, 'local-only,federated,teacher-student,pooled')
-    .option('--inits <list>', 'scratch and/or pretrained (pretrained needs --pretrained or model.pretrained)', 'scratch')
+    .option('--inits <list>', 'scratch, pretrained (needs --pretrained or model.pretrained), federated-ssl (runs the plan\'s pretraining stage on the sites\' scans first)', 'scratch')
     .option('--pretrained <file>', 'MedFL .safetensors whose encoder starts the pretrained arms')
     .option('--seeds <list>', 'comma-separated seeds; every arm runs once per seed', '1')
     .option('--rounds <n>', 'override the plan: rounds')
@@ -129,7 +133,7 @@ export function registerExperimentCommand(program: Command): void {
       const arms = list(String(a.arms)) as Arm[];
       for (const arm of arms) if (!ARMS.includes(arm)) throw new Error(`unknown arm '${arm}'; choose from ${ARMS.join(', ')}`);
       const inits = list(String(a.inits)) as InitKind[];
-      for (const i of inits) if (i !== 'scratch' && i !== 'pretrained') throw new Error(`unknown init '${i}'; choose scratch and/or pretrained`);
+      for (const i of inits) if (!INITS.includes(i)) throw new Error(`unknown init '${i}'; choose from ${INITS.join(', ')}`);
       const seeds = list(String(a.seeds)).map(Number);
       if (seeds.length === 0 || !seeds.every(Number.isInteger)) throw new Error(`--seeds must be comma-separated integers, e.g. 1,2,3; got ${String(a.seeds)}`);
       if ((a.sites === undefined) !== (a.test === undefined)) throw new Error('give both --sites and --test, or neither (to generate a phantom federation)');

@@ -6,7 +6,9 @@ import Table from 'cli-table3';
 
 export const ARMS = ['local-only', 'federated', 'teacher-student', 'pooled', 'threshold'] as const;
 export type Arm = (typeof ARMS)[number];
-export type InitKind = 'scratch' | 'pretrained';
+export const INITS = ['scratch', 'pretrained', 'federated-ssl'] as const;
+/** scratch; pretrained (an encoder file); federated-ssl (the plan's self-supervised pretraining stage, run first on the sites' scans). */
+export type InitKind = (typeof INITS)[number];
 
 /** One arm × init × seed. */
 export interface ArmRun {

@@ -43,8 +43,17 @@ export interface ExperimentOptions {
   say?: (line: string) => void;
 }
 
+/** The cost and the curve of one seed's federated self-supervised pretraining (the federated-ssl init). */
+export interface PretrainingRun {
+  seed: number;
+  seconds: number;
+  lossPerRound: number[];
+  encoderPath: string;
+}
+
 export interface Experiment {
   runs: ArmRun[];
+  pretraining: PretrainingRun[];
   siteNames: string[];
   testCases: number;
   pretrainedNote: string;
@@ -90,6 +99,7 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
   const pooledDir = o.arms.includes('pooled') ? poolFolders(join(out, 'data', 'pooled'), siteDirs) : '';
 
   const runs: ArmRun[] = [];
+  const pretraining: PretrainingRun[] = [];
   let pretrainedNote = '';
 
   // 2. The classical floor: no training, no seeds.
@@ -140,6 +150,16 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
       const spec = /^(pretrained|partial:|mean-var)/.test(plan.model.init) ? plan.model.init : 'pretrained';
       inits.set('pretrained', pick(initStrategyFromSpec(spec).init(arch, { seed, pretrained: source }).weights, shared));
       pretrainedNote = `pretrained encoder: ${resolve(file)} (${spec})`;
+    }
+    if (o.inits.includes('federated-ssl')) {
+      // The plan's pretraining stage, simulated like the fine-tuning rounds, on every scan of the sites (never the
+      // test folder); its cost is reported apart from the arms'.
+      const [{ simulateFederatedPretraining }, { readPretrainedEncoder }] = await Promise.all([import('../federated-pretraining.ts'), import('../../shared/model/pretrained-encoder-file.ts')]);
+      const pre = await simulateFederatedPretraining({ siteDirs, plan: seedPlan, seed, outDir: join(out, 'work', `seed-${seed}`, 'federated-ssl', 'pretraining'), log, engine: o.engine, say });
+      const source = readPretrainedEncoder(readFileSync(pre.encoderPath)).bundle;
+      inits.set('federated-ssl', pick(initStrategyFromSpec('pretrained').init(arch, { seed, pretrained: source }).weights, shared));
+      pretraining.push({ seed, seconds: pre.seconds, lossPerRound: pre.lossPerRound, encoderPath: pre.encoderPath });
+      say(`  seed ${seed}: federated self-supervised pretraining, ${seedPlan.pretraining.rounds} rounds × ${seedPlan.pretraining.steps} steps on every site scan: restoration loss ${pre.lossPerRound.map((l) => l.toFixed(3)).join(' → ')} (${pre.seconds.toFixed(0)} s, not counted in the arms' time)`);
     }
 
     for (const initKind of o.inits) {
@@ -220,7 +240,7 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
       }
     }
   }
-  return { runs, siteNames, testCases: testCases.length, pretrainedNote, seconds: (performance.now() - started) / 1000 };
+  return { runs, pretraining, siteNames, testCases: testCases.length, pretrainedNote, seconds: (performance.now() - started) / 1000 };
 }
 
 function mkd(p: string): string {

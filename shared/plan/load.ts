@@ -22,7 +22,20 @@ export function parsePlan(text: string, source = 'plan'): Plan {
   // Rules across sections, checked here so the schema stays a plain object others can pick parts from.
   const cross = crossSectionProblems(result.data).map((c) => `${source}:${doc.line(c.path) ?? '?'}: ${c.path.join('.')}: ${c.message}`);
   if (cross.length > 0) throw new PlanError(source, cross);
-  return result.data;
+  return withDependentDefaults(doc.raw, result.data);
+}
+
+/**
+ * Defaults that depend on other fields, applied only where the plan leaves the field out: a Med3D encoder with
+ * BatchNorm keeps its norm layers at each site (FedBN). Sites' scanners differ, and an average of their batch
+ * statistics describes no site; a plan that says `share.keepLocal` (even `[]`) keeps what it says.
+ */
+export function withDependentDefaults(raw: unknown, plan: Plan): Plan {
+  const share = (raw as { share?: { keepLocal?: unknown } } | null | undefined)?.share;
+  if (share?.keepLocal === undefined && plan.model.architecture === 'med3d' && plan.model.norm === 'batch' && plan.share.keepLocal.length === 0) {
+    return { ...plan, share: { ...plan.share, keepLocal: ['norm'] } };
+  }
+  return plan;
 }
 
 function crossSectionProblems(plan: Plan): { path: string[]; message: string }[] {
@@ -41,5 +54,5 @@ export function loadPlanFile(path: string): Plan {
 }
 
 export function defaultPlan(overrides: Record<string, unknown> = {}): Plan {
-  return PlanSchema.parse(overrides);
+  return withDependentDefaults(overrides, PlanSchema.parse(overrides));
 }

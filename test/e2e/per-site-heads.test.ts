@@ -27,7 +27,7 @@ const PLAN = [
   'waitForSitesSeconds: 60',
   'gatherSeconds: 10',
   'local: { steps: 3, batchSize: 2, learningRate: 0.005 }',
-  'share: { parts: [encoder] }',
+  'share: { parts: [encoder], keepLocal: [] }',
   '',
 ].join('\n');
 

@@ -65,8 +65,7 @@ describe('medfl experiment', () => {
 
   it('runs Med3D with BatchNorm kept at the sites (FedBN), from scratch and from a given pretrained encoder', async () => {
     const out = mkdtempSync(join(tmpdir(), 'medfl-exp-fedbn-'));
-    const plan = withOverrides(recommendedPlan('med3d', 2), { rounds: 1, steps: 1, patch: [16, 16, 16] });
-    expect(plan.share.keepLocal).toEqual(['norm']);
+    const plan = PlanSchema.parse({ model: { architecture: 'med3d', widthMultiplier: 0.25, patch: [16, 16, 16] }, rounds: 1, local: { steps: 1 }, share: { keepLocal: ['norm'] } });
     // A "pretrained" encoder: another seed's weights, written as a MedFL safetensors file.
     const { architectureFor } = await import('../../shared/model/registry.ts');
     const { encodeSafetensors, decodeSafetensors } = await import('../../shared/tensors/safetensors.ts');
@@ -82,6 +81,28 @@ describe('medfl experiment', () => {
     const kept = decodeSafetensors(readFileSync(join(dir, local[0]))).bundle;
     expect(kept.has('encoder.layer1.0.bn1.weight')).toBe(true);
     expect(kept.has('encoder.conv1.weight')).toBe(false);
+  }, 240_000);
+
+  it('runs the recommended Med3D plan from scratch and from a federated self-supervised encoder pretrained first on the sites\' scans', async () => {
+    const out = mkdtempSync(join(tmpdir(), 'medfl-exp-ssl-'));
+    const base = recommendedPlan('med3d', 2);
+    expect(base.model).toMatchObject({ head: 'unet', norm: 'group' });
+    expect(base.share).toEqual({ parts: ['encoder', 'head'], keepLocal: [] });
+    const plan = PlanSchema.parse({ ...withOverrides(base, { rounds: 1, steps: 1, patch: [16, 16, 16] }), pretraining: { rounds: 1, steps: 2 } });
+    const lines: string[] = [];
+    const r = await runExperiment({ out, plan, arms: ['federated'], inits: ['scratch', 'federated-ssl'], seeds: [1], phantom: { ...phantom, poolCases: 1, testCases: 1 }, engine: 'cpu', say: (l) => lines.push(l) });
+    expect(r.runs.map((x) => `${x.init}/${x.arm}`)).toEqual(['scratch/federated', 'federated-ssl/federated']);
+    expect(lines.some((l) => /federated self-supervised pretraining, 1 rounds × 2 steps/.test(l))).toBe(true);
+    const json = JSON.parse(readFileSync(r.jsonPath, 'utf8'));
+    expect(json.pretraining).toHaveLength(1);
+    expect(json.pretraining[0].lossPerRound).toHaveLength(1);
+    expect(Number.isFinite(json.pretraining[0].lossPerRound[0])).toBe(true);
+    // The federated-ssl arm starts from the pretrained encoder, not from the scratch weights of the same seed.
+    const { architectureFor } = await import('../../shared/model/registry.ts');
+    const { readPretrainedEncoder } = await import('../../shared/model/pretrained-encoder-file.ts');
+    const pre = readPretrainedEncoder(readFileSync(json.pretraining[0].encoderPath));
+    expect(pre.provenance?.objective).toBe('restoration');
+    expect(pre.bundle.get('encoder.conv1.weight')!.data).not.toEqual(architectureFor({ ...plan.model, seed: 1 }).init(1).get('encoder.conv1.weight')!.data);
   }, 240_000);
 
   it('refuses a pretrained init without an encoder file, and invalid overrides with the field', async () => {

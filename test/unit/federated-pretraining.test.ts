@@ -161,7 +161,7 @@ describe('the encoder file of a simulated federated pretraining', () => {
       siteDirs.push(d);
     }
     // Default sharing (norms shared): the file's norm layers are pretrained too.
-    const plan = parsePlan(PLAN.replace('share: { parts: [encoder], keepLocal: [norm] }', 'share: { parts: [encoder] }').replace('enabled: true', 'enabled: false'));
+    const plan = parsePlan(PLAN.replace('share: { parts: [encoder], keepLocal: [norm] }', 'share: { parts: [encoder], keepLocal: [] }').replace('enabled: true', 'enabled: false'));
     const lines: string[] = [];
     const res = await simulateFederatedPretraining({ siteDirs, plan, seed: 7, outDir: join(work, 'ssl'), log, engine: 'cpu', say: (l) => lines.push(l) });
     expect(res.lossPerRound.length).toBe(2);

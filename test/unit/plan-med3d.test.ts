@@ -29,4 +29,13 @@ describe('plan: med3d model and optimiser', () => {
     expect(bad('model: { architecture: med3d, depth: 12 }')).toMatch(/model\.depth/);
     expect(bad('local: { optimizer: { kind: rmsprop } }')).toMatch(/local\.optimizer\.kind/);
   });
+
+  it('keeps BatchNorm at the sites by default (FedBN) for a Med3D BatchNorm encoder, and only where the plan says nothing', () => {
+    expect(parsePlan('model: { architecture: med3d }').share.keepLocal).toEqual(['norm']);
+    expect(parsePlan('model: { architecture: med3d }\nshare: { parts: [encoder] }').share.keepLocal).toEqual(['norm']);
+    expect(parsePlan('model: { architecture: med3d }\nshare: { keepLocal: [] }').share.keepLocal).toEqual([]);
+    expect(parsePlan('model: { architecture: med3d, norm: group }').share.keepLocal).toEqual([]);
+    expect(parsePlan('model: { architecture: tiny3d }').share.keepLocal).toEqual([]);
+  });
 });
+
