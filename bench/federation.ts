@@ -55,6 +55,11 @@ const children = [coordinator];
 try {
   await waitFor(() => existsSync(join(logs, 'coordinator.log')) && readFileSync(join(logs, 'coordinator.log'), 'utf8').includes('listening on port'), 60_000, 'the coordinator to listen');
   await Promise.all(invitations.map((inv, i) => runToEnd(['site', 'enroll', '--coordinator', `localhost:${port}`, '--token', inv.token, '--ca-fingerprint', inv.caFingerprint, '--dir', join(work, 'sites', names[i])], join(logs, `${names[i]}.log`))));
+  if (plan.share.parts.includes('head')) {
+    // The plan shares the head: each hospital must say so in its own policy, as a real site admin would.
+    for (const n of names) writeFileSync(join(work, 'sites', n, 'policy.yaml'), `share:\n  parts: [${plan.share.parts.join(', ')}]\n`);
+    say(`  every site's policy.yaml allows sharing ${plan.share.parts.join(' + ')} (the plan shares the head)`);
+  }
   const agents = names.map((n, i) => spawnMedfl(['site', 'run', '--dir', join(work, 'sites', n), '--data', siteDirs[i], '--exit-when-finished', '--audit-wire', join(logs, `${n}.wire.jsonl`)], join(logs, `${n}.log`)));
   children.push(...agents);
   const store = new CoordinatorStore(home.dbPath);

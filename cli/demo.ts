@@ -12,7 +12,7 @@ import cliProgress from 'cli-progress';
 import { CoordinatorHome } from '../coordinator/home.ts';
 import { addSite } from '../coordinator/admin.ts';
 import { CoordinatorStore } from '../coordinator/store/store.ts';
-import { writePhantomSite } from '../site-agent/data/phantom.ts';
+import { SITE_PROFILES, writePhantomSite } from '../site-agent/data/phantom.ts';
 import { metricsTable, roundsTable } from './status.ts';
 import { freePort, runToEnd, spawnMedfl, waitFor } from './processes.ts';
 
@@ -27,14 +27,6 @@ export interface DemoOptions {
   out?: NodeJS.WritableStream;
 }
 
-/** Site-specific scanner differences: intensity offset and gain. */
-const SITE_PROFILES = [
-  { shift: 0, scale: 1 },
-  { shift: 40, scale: 1.25 },
-  { shift: -25, scale: 0.8 },
-  { shift: 15, scale: 1.1 },
-  { shift: -10, scale: 0.9 },
-];
 
 export async function runDemo(o: DemoOptions): Promise<boolean> {
   const out = o.out ?? process.stdout;

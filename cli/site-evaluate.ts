@@ -6,7 +6,6 @@
 import { readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import type { Plan } from '../shared/plan/schema.ts';
-import type { TaskSettings } from '../shared/protocol/task.ts';
 import type { Logger } from '../shared/util/log.ts';
 
 export interface SiteEvaluateOptions {
@@ -32,7 +31,7 @@ export interface SiteEvaluation {
 }
 
 export async function runSiteEvaluate(o: SiteEvaluateOptions): Promise<SiteEvaluation> {
-  const [{ LocalTraining }, { SiteHome }, { architectureFor }, { sharedParams }, { TaskSettingsSchema }, { loadTestCases, siteMeta }, { createLogger }] = await Promise.all([
+  const [{ LocalTraining }, { SiteHome }, { architectureFor }, { sharedParams }, { taskSettingsForPlan }, { loadTestCases, siteMeta }, { createLogger }] = await Promise.all([
     import('../site-agent/training/local-training.ts'),
     import('../site-agent/home.ts'),
     import('../shared/model/registry.ts'),
@@ -46,15 +45,7 @@ export async function runSiteEvaluate(o: SiteEvaluateOptions): Promise<SiteEvalu
   const log = o.log ?? createLogger('site-evaluate', { site: siteName });
   const plan = o.plan;
   const arch = architectureFor(plan.model);
-  const settings: TaskSettings = TaskSettingsSchema.parse({
-    federation: 'medfl-evaluate',
-    model: { ...plan.model, pretrained: undefined, source2d: undefined },
-    local: plan.local,
-    share: plan.share,
-    sharedTensors: sharedParams(arch, plan.share).map((p) => p.name),
-    data: plan.data,
-    totalRounds: plan.rounds,
-  });
+  const settings = taskSettingsForPlan(plan, 'medfl-evaluate', sharedParams(arch, plan.share).map((p) => p.name));
   const lt = new LocalTraining({ siteName, dataDir: resolve(o.data), localDir: home.localDir, log, engine: o.engine });
   if (!lt.hasLocalTensors(settings)) {
     throw new Error(`this site has no local tensors for the plan's model (${home.localDir}): it has not trained in this federation, or the plan differs from the one it trained with`);

@@ -10,15 +10,8 @@ import { parseDatasetJson, type DatasetJson } from '../../site-agent/data/datase
 import { SiteData, validationCarve } from '../../site-agent/data/site-data.ts';
 import { scanDataset } from '../../site-agent/data/layout.ts';
 import { readCase } from '../../site-agent/data/case-reader.ts';
+import { SITE_PROFILES } from '../../site-agent/data/phantom.ts';
 
-/** Scanner differences of the generated phantom federation (as in `medfl demo`): easy data, for smoke runs. */
-const PROFILES = [
-  { shift: 0, scale: 1 },
-  { shift: 40, scale: 1.25 },
-  { shift: -25, scale: 0.8 },
-  { shift: 15, scale: 1.1 },
-  { shift: -10, scale: 0.9 },
-];
 
 export interface PhantomFederation {
   sites: number;
@@ -35,7 +28,7 @@ export async function generatePhantomFederation(dir: string, p: PhantomFederatio
   const sites: string[] = [];
   for (let i = 0; i < p.sites; i++) {
     const name = `site-${String.fromCharCode(97 + i)}`;
-    const prof = PROFILES[i % PROFILES.length];
+    const prof = SITE_PROFILES[i % SITE_PROFILES.length];
     const d = join(dir, name);
     sites.push(d);
     if (existsSync(join(d, 'dataset.json'))) continue;
@@ -46,7 +39,7 @@ export async function generatePhantomFederation(dir: string, p: PhantomFederatio
   if (!existsSync(join(test, 'dataset.json'))) {
     const parts: string[] = [];
     for (let i = 0; i < p.sites; i++) {
-      const prof = PROFILES[i % PROFILES.length];
+      const prof = SITE_PROFILES[i % SITE_PROFILES.length];
       const part = join(dir, '.test-parts', `t${i}`);
       const per = Math.max(1, Math.round(p.testCases / p.sites));
       await writePhantomSite(part, { siteName: `test${i}`, cases: per, valCases: 0, size, seed: 90_000 + 1000 * i + seed, intensityShift: prof.shift, intensityScale: prof.scale });

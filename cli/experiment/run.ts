@@ -62,7 +62,7 @@ export interface Experiment {
 
 export async function runExperimentArms(o: ExperimentOptions, log: Logger): Promise<Experiment> {
   const say = o.say ?? (() => undefined);
-  const [{ LocalTraining }, { architectureFor }, { sharedParams, pick }, { strategyFromPlan }, { decodeUpdate }, safet, { TaskSettingsSchema }, { initStrategyFromSpec }, { promotion }, { sha256Hex }] =
+  const [{ LocalTraining }, { architectureFor }, { sharedParams, pick }, { strategyFromPlan }, { decodeUpdate }, safet, { taskSettingsForPlan }, { initStrategyFromSpec }, { promotion }, { sha256Hex }] =
     await Promise.all([
       import('../../site-agent/training/local-training.ts'),
       import('../../shared/model/registry.ts'),
@@ -126,14 +126,7 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
     const shared = sharedParams(arch, seedPlan.share);
     const sharedNames = shared.map((p) => p.name);
     const settingsOf = (p: Plan, teacher?: { hash: string; bytes: Buffer; generation: number }): TaskSettings =>
-      TaskSettingsSchema.parse({
-        federation: 'medfl-experiment',
-        model: { ...p.model, pretrained: undefined, source2d: undefined },
-        local: p.local,
-        share: p.share,
-        sharedTensors: sharedNames,
-        data: p.data,
-        totalRounds: p.rounds,
+      taskSettingsForPlan(p, 'medfl-experiment', sharedNames, {
         ...(p.teacherStudent.enabled ? { teacherStudent: p.teacherStudent } : {}),
         ...(p.teacherStudent.enabled && teacher ? { teacher: { modelHash: teacher.hash, modelSize: teacher.bytes.length, generation: teacher.generation } } : {}),
       });

@@ -3,7 +3,7 @@
  * from one injected on the way (TLS protects the channel; the signature pins the author).
  */
 import { z } from 'zod';
-import { PlanSchema, PretrainingSchema, TeacherStudentSchema } from '../plan/schema.ts';
+import { PlanSchema, PretrainingSchema, TeacherStudentSchema, type Plan } from '../plan/schema.ts';
 import { OptimizerSpecSchema } from '../model/optim.ts';
 import { LrScheduleSchema } from '../model/lr-schedule.ts';
 import { DataSettingsSchema } from '../plan/data-settings.ts';
@@ -72,6 +72,23 @@ export const TaskSettingsSchema = z
   .strict();
 
 export type TaskSettings = z.infer<typeof TaskSettingsSchema>;
+
+/**
+ * The settings a site trains under for a plan, outside a running coordinator (the experiment simulator, a site
+ * scoring a model): the plan's model (without the coordinator's file paths), local training, sharing and data.
+ */
+export function taskSettingsForPlan(plan: Plan, federation: string, sharedTensors: readonly string[], extra: Partial<TaskSettings> = {}): TaskSettings {
+  return TaskSettingsSchema.parse({
+    federation,
+    model: { ...plan.model, pretrained: undefined, source2d: undefined },
+    local: plan.local,
+    share: plan.share,
+    sharedTensors: [...sharedTensors],
+    data: plan.data,
+    totalRounds: plan.rounds,
+    ...extra,
+  });
+}
 
 export interface TaskManifest {
   taskId: string;

@@ -189,3 +189,12 @@ export async function writePhantomSite(dir: string, opts: PhantomSiteOptions): P
   writeFileAtomic(datasetJson, JSON.stringify(json, null, 2) + '\n');
   return { datasetJson, trainCases: train, valCases: val };
 }
+
+/** Site-specific scanner differences of the generated phantoms (demo, experiment smoke runs): intensity offset and gain. */
+export const SITE_PROFILES = [
+  { shift: 0, scale: 1 },
+  { shift: 40, scale: 1.25 },
+  { shift: -25, scale: 0.8 },
+  { shift: 15, scale: 1.1 },
+  { shift: -10, scale: 0.9 },
+];
