@@ -5,16 +5,20 @@
 import { Command, Option } from 'commander';
 import { CoordinatorHome, DEFAULT_PORT } from '../coordinator/home.ts';
 import { addSite, listSites, revokeSite, withStore } from '../coordinator/admin.ts';
-import { sitesTable, statusReport } from './status.ts';
+import { sitesTable, statusJson, statusReport } from './status.ts';
 import { parsePlan } from '../shared/plan/load.ts';
 import { readFileSync } from 'node:fs';
 import { registerAuditCommands } from './audit.ts';
 import { registerExperimentCommand } from './experiment.ts';
 import { registerBenchmarkCommand } from './benchmark.ts';
 import { registerRollbackCommand } from './rollback.ts';
+import { MAX_PORT, integerOption, positiveNumberOption } from './options.ts';
+
+/** The version operators quote in reports: package.json's, read at run time so it cannot drift. */
+const { version } = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string };
 
 const program = new Command();
-program.name('medfl').description('MedFL: federated transfer learning for 3D medical imaging').showHelpAfterError();
+program.name('medfl').description('MedFL: federated transfer learning for 3D medical imaging').version(version).showHelpAfterError();
 
 const coordinator = program.command('coordinator').description('run and administer a coordinator');
 
@@ -23,9 +27,9 @@ coordinator
   .description("create a coordinator directory: signing key, CA, server certificate, default plan")
   .requiredOption('--dir <dir>', 'coordinator directory')
   .option('--host <host...>', 'DNS names / IPs sites will dial (go into the server certificate)', ['localhost', '127.0.0.1', '::1'])
-  .option('--port <port>', 'default listening port', String(DEFAULT_PORT))
-  .action(async (o: { dir: string; host: string[]; port: string }) => {
-    const home = await CoordinatorHome.init(o.dir, { hosts: o.host, port: Number(o.port) });
+  .option('--port <port>', 'default listening port', integerOption('--port', 1, MAX_PORT), DEFAULT_PORT)
+  .action(async (o: { dir: string; host: string[]; port: number }) => {
+    const home = await CoordinatorHome.init(o.dir, { hosts: o.host, port: o.port });
     const c = home.config();
     process.stdout.write(
       [
@@ -45,12 +49,12 @@ coordinator
   .requiredOption('--dir <dir>', 'coordinator directory')
   .option('--plan <file>', 'plan file (YAML or JSON); default: DIR/plan.yaml')
   .option('--nats <url>', 'publish events to this NATS server (JetStream stream when available)')
-  .option('--port <port>', 'listening port (default from coordinator.json)')
+  .option('--port <port>', 'listening port, 0 = any free port (default from coordinator.json)', integerOption('--port', 0, MAX_PORT))
   .option('--bind <host>', 'address to listen on', '0.0.0.0')
   .option('--mtls', 'also require client certificates from the federation CA', false)
-  .action(async (o: { dir: string; plan?: string; nats?: string; port?: string; bind: string; mtls: boolean }) => {
+  .action(async (o: { dir: string; plan?: string; nats?: string; port?: number; bind: string; mtls: boolean }) => {
     const { startCoordinator } = await import('../coordinator/coordinator.ts');
-    const running = await startCoordinator({ dir: o.dir, planPath: o.plan, natsUrl: o.nats, port: o.port !== undefined ? Number(o.port) : undefined, host: o.bind, requireClientCert: o.mtls });
+    const running = await startCoordinator({ dir: o.dir, planPath: o.plan, natsUrl: o.nats, port: o.port, host: o.bind, requireClientCert: o.mtls });
     process.stdout.write(`coordinator ${running.federationId} listening on port ${running.port} (events: ${running.bus.describe()})\n`);
     const shutdown = async (sig: string) => {
       process.stdout.write(`\n${sig}: stopping coordinator\n`);
@@ -67,9 +71,10 @@ site
   .command('add <name>')
   .description('invite a site: prints a one-time enrolment token and the CA fingerprint')
   .requiredOption('--dir <dir>', 'coordinator directory')
-  .option('--ttl <hours>', 'hours the token stays valid', '24')
-  .action((name: string, o: { dir: string; ttl: string }) => {
-    const inv = addSite(o.dir, name, { ttlSeconds: Math.round(Number(o.ttl) * 3600) });
+  // A year at most: an invitation is a bearer secret, not a standing credential.
+  .option('--ttl <hours>', 'hours the token stays valid (fractions allowed)', positiveNumberOption('--ttl', 8760, 'hours'), 24)
+  .action((name: string, o: { dir: string; ttl: number }) => {
+    const inv = addSite(o.dir, name, { ttlSeconds: Math.max(1, Math.round(o.ttl * 3600)) });
     process.stdout.write(
       [
         `site '${inv.site}' invited to federation ${inv.federationId}`,
@@ -178,14 +183,14 @@ model
   .description('read a MedicalNet checkpoint (.pth as published, or .safetensors) into a MedFL model file; fails with a list of every mismatched key')
   .requiredOption('--arch <arch>', 'resnet10 | resnet18 | resnet34 | resnet50 | resnet101')
   .option('--shortcut <type>', "A or B (default: MedicalNet's release choice for the depth)")
-  .option('--width <multiplier>', 'width multiplier of the checkpoint', '1')
-  .option('--classes <n>', 'segmentation classes of the head, when the head is imported', '2')
+  .option('--width <multiplier>', 'width multiplier of the checkpoint', positiveNumberOption('--width', 64), 1)
+  .option('--classes <n>', 'segmentation classes of the head, when the head is imported', integerOption('--classes', 2, 1000), 2)
   .addOption(new Option('--parts <parts>', 'what to import').choices(['auto', 'encoder', 'all']).default('auto'))
   .option('--container <key>', 'dotted key of the weights inside the checkpoint (default: state_dict, model, net or the top level)')
   .requiredOption('--out <file>', 'output .safetensors')
-  .action(async (checkpoint: string, o: { arch: string; shortcut?: string; width: string; classes: string; parts: 'auto' | 'encoder' | 'all'; container?: string; out: string }) => {
+  .action(async (checkpoint: string, o: { arch: string; shortcut?: string; width: number; classes: number; parts: 'auto' | 'encoder' | 'all'; container?: string; out: string }) => {
     const { runImport, formatImportResult } = await import('./model-import.ts');
-    const r = await runImport({ checkpoint, arch: o.arch, shortcut: o.shortcut, widthMultiplier: Number(o.width), numClasses: Number(o.classes), parts: o.parts, container: o.container, out: o.out });
+    const r = await runImport({ checkpoint, arch: o.arch, shortcut: o.shortcut, widthMultiplier: o.width, numClasses: o.classes, parts: o.parts, container: o.container, out: o.out });
     process.stdout.write(formatImportResult(r) + '\n');
   });
 
@@ -197,34 +202,37 @@ model
   .requiredOption('--out <file>', 'output .npy')
   .option('--arch <arch>', 'override the architecture recorded in the file (resnet10 …)')
   .option('--shortcut <type>', 'override the shortcut type (A or B)')
-  .option('--width <multiplier>', 'override the width multiplier')
+  .option('--width <multiplier>', 'override the width multiplier', positiveNumberOption('--width', 64))
   .addOption(new Option('--engine <name>', 'force a compute engine').choices(['auto', 'tfjs-node-gpu', 'tfjs-node', 'wasm', 'cpu']))
-  .action(async (o: { model: string; input: string; out: string; arch?: string; shortcut?: string; width?: string; engine?: string }) => {
+  .action(async (o: { model: string; input: string; out: string; arch?: string; shortcut?: string; width?: number; engine?: string }) => {
     const { runEmbed } = await import('./model-embed.ts');
     await runEmbed({ ...o, log: (line) => process.stdout.write(line + '\n') });
   });
 
 program
   .command('status')
-  .description('rounds, sites and the current model of a coordinator, as tables')
+  .description('rounds, sites and the current model of a coordinator, as tables (or JSON)')
   .requiredOption('--dir <dir>', 'coordinator directory')
-  .action((o: { dir: string }) => {
+  .option('--json', 'print one JSON object instead of tables (for scripts and monitoring)', false)
+  .action((o: { dir: string; json: boolean }) => {
     const home = new CoordinatorHome(o.dir);
     const c = home.config();
-    process.stdout.write(withStore(home, (s) => statusReport(s, c.federationId)) + '\n');
+    const text = withStore(home, (s) => (o.json ? JSON.stringify(statusJson(s, c.federationId), null, 2) : statusReport(s, c.federationId)));
+    process.stdout.write(text + '\n');
   });
 
 program
   .command('demo')
   .description('a local federation: one coordinator and three sites as separate processes, TLS and tokens on, generated phantoms')
   .option('--dir <dir>', 'work directory (default: a new temporary directory)')
-  .option('--rounds <n>', 'rounds to run', '5')
-  .option('--sites <n>', 'number of sites', '3')
-  .option('--steps <n>', 'local steps per round', '16')
+  .option('--rounds <n>', 'rounds to run', integerOption('--rounds', 1, 1000), 5)
+  // Sites are named site-a … site-z.
+  .option('--sites <n>', 'number of sites', integerOption('--sites', 1, 26), 3)
+  .option('--steps <n>', 'local steps per round', integerOption('--steps', 1, 100_000), 16)
   .option('--nats <url>', 'also publish events to this NATS server')
-  .action(async (o: { dir?: string; rounds: string; sites: string; steps: string; nats?: string }) => {
+  .action(async (o: { dir?: string; rounds: number; sites: number; steps: number; nats?: string }) => {
     const { runDemo } = await import('./demo.ts');
-    const ok = await runDemo({ dir: o.dir, rounds: Number(o.rounds), sites: Number(o.sites), steps: Number(o.steps), natsUrl: o.nats });
+    const ok = await runDemo({ dir: o.dir, rounds: o.rounds, sites: o.sites, steps: o.steps, natsUrl: o.nats });
     process.exit(ok ? 0 : 1);
   });
 

@@ -81,6 +81,57 @@ function teacherLines(raw: string | undefined): string[] {
   return t ? [`teacher: generation ${t.generation}, model ${short(t.modelHash)} (the aggregate of round ${t.round})`] : [];
 }
 
+const iso = (t: number | null) => (t === null ? null : new Date(t).toISOString());
+
+/**
+ * `medfl status --json`: the same facts as statusReport for scripts and monitoring. Times are ISO 8601 (UTC),
+ * hashes in full; `schema` changes only when a field changes meaning or goes away.
+ */
+export function statusJson(store: CoordinatorStore, federationId: string, now = Date.now()): Record<string, unknown> {
+  const privacy = store.getMeta(PRIVACY_KEY);
+  const teacher = parseTeacher(store.getMeta(TEACHER_KEY));
+  // One object per round × site; the keys are the metric names the sites report (num_train, val_dice_mean, …).
+  const metrics = new Map<string, { round: number; site: string; values: Record<string, number> }>();
+  for (const m of store.listMetrics()) {
+    const k = `${m.round}\u0000${m.site}`;
+    const entry = metrics.get(k) ?? { round: m.round, site: m.site, values: {} };
+    entry.values[m.key] = m.value;
+    metrics.set(k, entry);
+  }
+  return {
+    schema: 1,
+    federationId,
+    currentModel: store.getMeta('current_model') ?? null,
+    roundsClosed: store.closedRoundCount(),
+    privacy: privacy ? (JSON.parse(privacy) as PrivacySpent) : null,
+    teacher: teacher ?? null,
+    sites: store.listSites().map((s) => ({
+      name: s.name,
+      state: s.state,
+      link: s.lastSeenAt === null ? null : now - s.lastSeenAt < OFFLINE_AFTER_MS ? 'online' : 'offline',
+      lastSeenAt: iso(s.lastSeenAt),
+      activity: s.activity,
+      engine: s.engine,
+      invitedAt: iso(s.invitedAt),
+      enrolledAt: iso(s.enrolledAt),
+      revokedAt: iso(s.revokedAt),
+    })),
+    rounds: store.listRounds().map((r) => ({
+      round: r.round,
+      state: r.state,
+      selected: r.selected,
+      baseModel: r.baseModelHash,
+      resultModel: r.resultModelHash,
+      openedAt: iso(r.openedAt),
+      deadlineAt: iso(r.deadlineAt),
+      closedAt: iso(r.closedAt),
+      seconds: r.closedAt === null ? null : (r.closedAt - r.openedAt) / 1000,
+      note: r.note,
+    })),
+    metrics: [...metrics.values()].sort((a, b) => a.round - b.round || a.site.localeCompare(b.site)),
+  };
+}
+
 export function statusReport(store: CoordinatorStore, federationId: string): string {
   const rounds = store.listRounds();
   const lines = [

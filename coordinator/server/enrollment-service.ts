@@ -15,6 +15,7 @@ import type { EventBus } from '../../shared/events/bus.ts';
 import { sha256Hex } from '../../shared/util/hash.ts';
 import type { Logger } from '../../shared/util/log.ts';
 import { SITE_NAME_PATTERN } from '../../shared/protocol/site-names.ts';
+import { weakEd25519PublicKeyReason } from '../../shared/security/site-identity.ts';
 import {
   CLIENT_CERT_VALID_DAYS,
   InvalidCsrError,
@@ -26,7 +27,14 @@ import {
 const EnrollSchema = z.object({
   siteName: z.string().regex(SITE_NAME_PATTERN, 'site names are 1–64 characters of [a-z0-9-], starting with a letter'),
   token: z.string().min(16).max(200),
-  publicKey: z.instanceof(Buffer).refine((b) => b.length === 32, 'public_key must be a raw 32-byte Ed25519 key'),
+  publicKey: z
+    .instanceof(Buffer)
+    .refine((b) => b.length === 32, 'public_key must be a raw 32-byte Ed25519 key')
+    // A small-order or non-canonical key would let anyone forge this site's tokens; checked before the token is touched.
+    .superRefine((b, ctx) => {
+      const weak = b.length === 32 ? weakEd25519PublicKeyReason(b) : null;
+      if (weak !== null) ctx.addIssue({ code: 'custom', message: `weak Ed25519 key refused: ${weak} (the token was not used)` });
+    }),
   clientCsrPem: z.string().max(MAX_CSR_PEM_CHARS, `client_csr_pem must be at most ${MAX_CSR_PEM_CHARS} characters`).default(''),
 });
 

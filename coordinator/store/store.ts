@@ -138,10 +138,13 @@ export class CoordinatorStore {
   enrolSite(name: string, tokenHash: string, publicKey: Buffer, now = Date.now()): EnrolOutcome {
     return this.db.transaction((): EnrolOutcome => {
       const row = this.db.prepare('SELECT * FROM sites WHERE name = ?').get(name) as Record<string, unknown> | undefined;
-      if (!row) return { ok: false, code: 'unknown-site', message: `no site named '${name}' was invited; ask the coordinator admin to run \`medfl coordinator site add ${name}\`` };
+      // The caller is not authenticated until the token matches: an unknown site and a wrong token read the same,
+      // so enrolment cannot be used to learn which site names exist (or their state).
+      const refused = `the enrolment token is not valid for site '${name}' (or no such site was invited); check you copied the token whole, or ask the coordinator admin for a new one`;
+      if (!row) return { ok: false, code: 'unknown-site', message: refused };
+      if (row.token_hash !== tokenHash) return { ok: false, code: 'bad-token', message: refused };
       if (row.state === 'revoked') return { ok: false, code: 'revoked', message: `site '${name}' is revoked; ask the coordinator admin for a new invitation` };
       if (row.token_used_at !== null) return { ok: false, code: 'used', message: `the enrolment token for '${name}' was already used; tokens are one-time — ask for a new one (\`medfl coordinator site revoke ${name}\` then \`site add ${name}\`)` };
-      if (row.token_hash !== tokenHash) return { ok: false, code: 'bad-token', message: `the enrolment token is not valid for site '${name}'; check you copied it whole and used the right site name` };
       if ((row.invite_expires_at as number) < now) {
         return { ok: false, code: 'expired', message: `the enrolment token for '${name}' expired at ${new Date(row.invite_expires_at as number).toISOString()}; ask for a new one with \`medfl coordinator site add ${name}\`` };
       }

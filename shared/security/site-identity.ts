@@ -73,11 +73,50 @@ export function rawPublicKey(key: KeyObject): Buffer {
   return Buffer.from(jwk.x, 'base64url');
 }
 
+/** p = 2^255 − 19, the field prime of Ed25519. */
+const ED25519_P = (1n << 255n) - 19n;
+
+/**
+ * y coordinates (little-endian hex, sign bit clear) of the 8 points of order dividing 8: the identity (y = 1),
+ * the point of order 2 (y = p − 1), the two of order 4 (y = 0) and the four of order 8 (y = ±y₈). With such a
+ * key, signatures that ignore the message verify (R = identity, S = 0 forges for the identity key), so the key
+ * proves nothing. Compared with the sign bit cleared, so non-canonical "negative zero" x encodings of these
+ * points are refused too.
+ */
+const SMALL_ORDER_Y_HEX = new Set([
+  '0100000000000000000000000000000000000000000000000000000000000000',
+  'ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f',
+  '0000000000000000000000000000000000000000000000000000000000000000',
+  '26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05',
+  'c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a',
+]);
+
+/**
+ * Why a raw Ed25519 public key must not be registered, or null when it is acceptable: wrong length, a
+ * non-canonical encoding (y ≥ p, an alias of a smaller y that some verifiers treat differently), or a
+ * small-order point (see SMALL_ORDER_Y_HEX). A key from generateKeyPairSync never hits these.
+ */
+export function weakEd25519PublicKeyReason(raw: Uint8Array): string | null {
+  if (raw.length !== ED25519_PUBLIC_KEY_BYTES) return `an Ed25519 public key is ${ED25519_PUBLIC_KEY_BYTES} bytes, got ${raw.length}`;
+  const y = Buffer.from(raw);
+  y[31] = raw[31]! & 0x7f; // the sign bit belongs to x
+  if (SMALL_ORDER_Y_HEX.has(y.toString('hex'))) {
+    return 'it is a small-order point (signatures with it prove nothing); generate a fresh key pair';
+  }
+  if (BigInt(`0x${Buffer.from(y).reverse().toString('hex')}`) >= ED25519_P) {
+    return 'it is not canonically encoded (y coordinate ≥ 2^255 − 19); generate a fresh key pair';
+  }
+  return null;
+}
+
 /** Ed25519 public KeyObject from the raw 32 bytes the coordinator stores for each site. */
 export function publicKeyFromRaw(raw: Uint8Array): KeyObject {
   if (raw.length !== ED25519_PUBLIC_KEY_BYTES) {
     throw new Error(`Ed25519 public key must be ${ED25519_PUBLIC_KEY_BYTES} bytes, got ${raw.length}`);
   }
+  // Also guards keys registered before enrolment refused weak ones: such a key must not authenticate anything.
+  const weak = weakEd25519PublicKeyReason(raw);
+  if (weak !== null) throw new Error(`refusing this Ed25519 public key: ${weak}`);
   return createPublicKey({ key: { kty: 'OKP', crv: 'Ed25519', x: Buffer.from(raw).toString('base64url') }, format: 'jwk' });
 }
 

@@ -3,7 +3,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { MEDFL_BIN } from '../../cli/processes.ts';
@@ -59,10 +59,64 @@ describe('medfl CLI', () => {
     expect(r.err).toMatch(/127\.0\.0\.1:1/);
   });
 
-  it('runs the demo end to end (README\'s first command, shortened)', () => {
+  it('--version prints the package version', () => {
+    const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+    const r = medfl('--version');
+    expect(r.code).toBe(0);
+    expect(r.out.trim()).toBe(pkg.version);
+  });
+
+  it('numeric options are checked where they are parsed: the message names the option and the value', () => {
+    const vdir = join(work, 'validate');
+    expect(medfl('coordinator', 'init', '--dir', vdir).code).toBe(0);
+    const cases: Array<[string[], string, string]> = [
+      [['coordinator', 'site', 'add', 'site-t', '--dir', vdir, '--ttl', 'abc'], '--ttl', 'abc'],
+      [['coordinator', 'site', 'add', 'site-t', '--dir', vdir, '--ttl', '0'], '--ttl', '0'],
+      [['coordinator', 'site', 'add', 'site-t', '--dir', vdir, '--ttl', '1e9'], '--ttl', '1e9'],
+      [['coordinator', 'init', '--dir', join(work, 'validate-2'), '--port', '0'], '--port', '0'],
+      [['coordinator', 'start', '--dir', vdir, '--port', 'abc'], '--port', 'abc'],
+      [['coordinator', 'start', '--dir', vdir, '--port', '70000'], '--port', '70000'],
+      [['demo', '--dir', join(work, 'demo-bad'), '--rounds', 'abc'], '--rounds', 'abc'],
+      [['demo', '--dir', join(work, 'demo-bad'), '--sites', '0'], '--sites', '0'],
+      [['demo', '--dir', join(work, 'demo-bad'), '--steps', '2.5'], '--steps', '2.5'],
+      [['model', 'import', 'x.pth', '--arch', 'resnet10', '--out', join(work, 'x.safetensors'), '--classes', 'two'], '--classes', 'two'],
+      [['model', 'embed', '--model', 'm', '--input', 'i', '--out', 'o', '--width', '-'], '--width', '-'],
+    ];
+    for (const [args, flag, value] of cases) {
+      const r = medfl(...args);
+      expect(r.code, `${args.join(' ')}: ${r.err}`).toBe(1);
+      expect(r.err, args.join(' ')).toContain(`${flag} must be`);
+      expect(r.err, args.join(' ')).toContain(`got "${value}"`);
+    }
+    // Refused before anything was written: no half-made invitation.
+    expect(medfl('coordinator', 'site', 'list', '--dir', vdir).out).not.toMatch(/site-t/);
+    // Fractions of an hour are fine.
+    expect(medfl('coordinator', 'site', 'add', 'site-t', '--dir', vdir, '--ttl', '0.5').code).toBe(0);
+  });
+
+  it('runs the demo end to end (README\'s first command, shortened); status --json reads back the same federation', () => {
     const r = medfl('demo', '--dir', join(work, 'demo'), '--rounds', '1', '--steps', '2');
     expect(r.code, r.out + r.err).toBe(0);
     expect(r.out).toMatch(/global model after 1 rounds: [0-9a-f]{64}/);
     expect(r.out).toMatch(/site-a\s*│\s*6\s*│/);
+
+    const model = /global model after 1 rounds: ([0-9a-f]{64})/.exec(r.out)![1];
+    const st = medfl('status', '--dir', join(work, 'demo', 'coordinator'), '--json');
+    expect(st.code, st.err).toBe(0);
+    const j = JSON.parse(st.out) as {
+      federationId: string;
+      currentModel: string;
+      roundsClosed: number;
+      sites: Array<{ name: string; state: string }>;
+      rounds: Array<{ round: number; state: string; resultModel: string; selected: string[] }>;
+      metrics: Array<{ round: number; site: string; values: Record<string, number> }>;
+    };
+    expect(j.federationId).toMatch(/^fed-[0-9a-f]{16}$/);
+    expect(j.currentModel).toBe(model);
+    expect(j.roundsClosed).toBe(1);
+    expect(j.sites.map((s) => [s.name, s.state])).toEqual([['site-a', 'enrolled'], ['site-b', 'enrolled'], ['site-c', 'enrolled']]);
+    expect(j.rounds).toHaveLength(1);
+    expect(j.rounds[0]).toMatchObject({ round: 1, state: 'closed', resultModel: model });
+    expect(j.metrics.find((m) => m.round === 1 && m.site === 'site-a')?.values.num_train).toBe(6);
   });
 });
