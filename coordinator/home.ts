@@ -36,7 +36,8 @@ model:
   numClasses: 2
   width: 8                  # tiny3d base channels
   # med3d only: depth: 10 | 18 | 34 | 50 | 101, shortcut: A | B, widthMultiplier: 0.25 (1 = MedicalNet),
-  #             head: segmentation | classification, headChannels: N, dropout: 0.0
+  #             head: segmentation | unet | classification, headChannels: N, dropout: 0.0,
+  #             norm: batch | group | instance, normGroups: 8   (see docs/experiment.md for a recommended Med3D plan)
   seed: 1
   init: scratch             # or pretrained | partial:2 | mean-var (need pretrained: FILE) | inflate-2d:i3d (needs source2d: FILE)
 rounds: 3
@@ -50,11 +51,12 @@ local:
   batchSize: 2
   learningRate: 0.003
   proximalMu: 0             # FedProx μ; 0 = plain FedAvg
+  # schedule: { type: cosine, warmupSteps: 50, minFactor: 0.05 }   # over all rounds × steps; default constant
   # optimizer: { kind: sgd, momentum: 0.9, weightDecay: 0.001,
   #              groups: [{ select: { part: head }, lrScale: 100 }, { select: { stage: [stem, layer1] }, freeze: true }] }
 share:
   parts: [encoder]          # heads stay at the sites
-  keepLocal: []             # e.g. [norm] for FedBN
+  # keepLocal: [norm]       # layer types kept at each site; default [norm] (FedBN) for a med3d BatchNorm encoder, else []
 aggregation:
   strategy: fedavg
 retention:
