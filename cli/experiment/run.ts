@@ -14,7 +14,7 @@
  * recorded every round but never used to choose anything — the validation Dice of the same model is recorded
  * beside it, and "picked by validation" reports the test Dice at the round validation would pick.
  */
-import { mkdirSync, readFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import type { Plan } from '../../shared/plan/schema.ts';
 import type { TaskSettings } from '../../shared/protocol/task.ts';
@@ -160,6 +160,8 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
       for (const arm of trained) {
         const t0 = performance.now();
         const work = join(out, 'work', `seed-${seed}`, initKind, arm);
+        // A rerun into the same --out must not start from the heads and optimiser state an earlier run left.
+        rmSync(work, { recursive: true, force: true });
         const dice: Record<string, number[]> = {};
         const val: Record<string, number[]> = {};
         const armPlan: Plan = { ...seedPlan, teacherStudent: { ...seedPlan.teacherStudent, enabled: arm === 'teacher-student' } };

@@ -73,6 +73,10 @@ describe('medfl experiment', () => {
     writeFileSync(pretrained, encodeSafetensors(architectureFor(plan.model).init(99)));
     const r = await runExperiment({ out, plan, arms: ['federated'], inits: ['scratch', 'pretrained'], seeds: [1], pretrained, phantom: { ...phantom, poolCases: 1, testCases: 1 }, engine: 'cpu' });
     expect(r.runs.map((x) => `${x.init}/${x.arm}`)).toEqual(['scratch/federated', 'pretrained/federated']);
+    // A rerun into the same folder starts afresh (no head or optimiser state left by the first run): same numbers.
+    const again = await runExperiment({ out, plan, arms: ['federated'], inits: ['scratch'], seeds: [1], pretrained, phantom: { ...phantom, poolCases: 1, testCases: 1 }, engine: 'cpu' });
+    expect(again.runs[0].dice).toEqual(r.runs[0].dice);
+    expect(again.runs[0].val).toEqual(r.runs[0].val);
     expect(r.pretrainedNote).toContain(pretrained);
     // Each site keeps its BatchNorm tensors in its own local file.
     const dir = join(out, 'work', 'seed-1', 'pretrained', 'federated', 'site-a');
