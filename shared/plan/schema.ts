@@ -46,6 +46,11 @@ export const TeacherStudentSchema = z
      * the foreground would otherwise teach the student to miss it too). 0 = always use the teacher.
      */
     minTeacherDice: z.number().min(0).max(1).default(0.5),
+    /**
+     * Pseudo-label sanity: an unlabelled case whose predicted foreground share is more than this factor above or
+     * below the share in the site's labelled training cases is not used (0 = no check).
+     */
+    maxForegroundFactor: z.number().min(0).default(4),
     /** Student noise: dropout before the output layer (methods.md §4: 0.5 on the last layer). */
     dropout: z.number().min(0).lt(1).default(0.5),
     /** Student noise: stronger augmentation (brightness, noise, shift at higher probabilities) on every patch. */

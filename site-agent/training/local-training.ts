@@ -161,6 +161,7 @@ export class LocalTraining {
       metrics.teacher_generation = student.generation;
       metrics.pseudo_cases = student.pool.stats.cases;
       metrics.pseudo_confident_fraction = student.pool.stats.confidentFraction;
+      metrics.pseudo_skipped_by_prior = student.pool.stats.skippedByPrior ?? 0;
     }
     if (evaluation) {
       metrics.val_dice_mean = evaluation.meanDice;
@@ -282,9 +283,23 @@ export class LocalTraining {
     const parent = join(this.o.localDir, 'pseudo');
     const dir = join(parent, `${this.localKey(settings)}-g${teacher.generation}`);
     prunePseudoDirs(parent, dir);
-    const pool = await labelPool(trainer, weights, data, usablePool, dir, { generation: teacher.generation, teacherHash: teacher.modelHash }, ts, log);
+    const prior = ts.maxForegroundFactor > 0 ? await this.foregroundPrior(data, settings) : undefined;
+    const pool = await labelPool(trainer, weights, data, usablePool, dir, { generation: teacher.generation, teacherHash: teacher.modelHash }, ts, log, prior ? { foregroundFraction: prior, maxFactor: ts.maxForegroundFactor } : undefined);
     if (pool.cases.length === 0) return undefined;
     return { pool, dir, generation: teacher.generation, ratio: ts.ratio, dropout: ts.dropout, strongAugment: ts.strongAugment, teacherDice };
+  }
+
+  /** Share of foreground voxels over this site's labelled training cases (the pseudo-label sanity prior); undefined without any. */
+  private async foregroundPrior(data: SiteData, settings: TaskSettings): Promise<number | undefined> {
+    let fg = 0;
+    let all = 0;
+    for (const ref of this.trainingRefs(data, settings)) {
+      const c = await data.load(ref);
+      if (!c?.label) continue;
+      for (let v = 0; v < c.label.length; v++) if (c.label[v] > 0) fg++;
+      all += c.label.length;
+    }
+    return all > 0 ? fg / all : undefined;
   }
 
   /** Keyed by generation and teacher hash, so a restarted federation never pairs a new teacher with an old head. */

@@ -31,7 +31,23 @@ export interface PseudoPool {
   /** Class-balanced sampling: pseudo-labelled patches are centred on a class drawn uniformly (not by frequency). */
   readonly classBalance: boolean;
   /** Aggregate numbers only (they may become metrics). */
-  readonly stats: { readonly cases: number; readonly voxels: number; readonly confidentFraction: number; readonly foregroundFraction: number };
+  readonly stats: { readonly cases: number; readonly voxels: number; readonly confidentFraction: number; readonly foregroundFraction: number; readonly skippedByPrior?: number };
+}
+
+/** The site's labelled prior: the share of foreground voxels over its labelled training cases. */
+export interface ForegroundPrior {
+  readonly foregroundFraction: number;
+  /** A pseudo-labelled case whose predicted foreground share is off from the prior by more than this factor is skipped; 0 = no check. */
+  readonly maxFactor: number;
+}
+
+/**
+ * Whether a pseudo-label's foreground share is plausible against the labelled prior: a teacher that paints 3–13 %
+ * of a volume as lesion where the labelled cases hold ~0.5 % teaches the student to over-segment.
+ */
+export function plausibleForeground(fraction: number, prior: ForegroundPrior | undefined): boolean {
+  if (!prior || prior.maxFactor <= 0 || !(prior.foregroundFraction > 0)) return true;
+  return fraction <= prior.foregroundFraction * prior.maxFactor && fraction >= prior.foregroundFraction / prior.maxFactor;
 }
 
 /** Probabilities [D·H·W, C] from the teacher, optionally averaged over the 8 axis flips (test-time augmentation). */
@@ -118,6 +134,7 @@ export async function labelPool(
   teacherId: { generation: number; teacherHash: string },
   ts: TeacherStudentSettings,
   log: Logger,
+  prior?: ForegroundPrior,
 ): Promise<PseudoPool> {
   const metaPath = join(dir, META);
   if (existsSync(metaPath)) {
@@ -131,6 +148,7 @@ export async function labelPool(
   let voxels = 0;
   let confident = 0;
   const cases: { id: string; shape: [number, number, number] }[] = [];
+  let skippedByPrior = 0;
   for (const ref of pool) {
     const c = await data.load(ref);
     if (!c) continue;
@@ -138,6 +156,12 @@ export async function labelPool(
     const shape: [number, number, number] = [c.shape[0], c.shape[1], c.shape[2]];
     const probs = await teacherProbs(trainer, teacher, { id: ref.id, shape, image: c.channels[0] }, ts.flipTTA);
     const { target, mask, argmax } = pseudoTarget(probs, C, ts);
+    let predictedForeground = 0;
+    for (let v = 0; v < argmax.length; v++) if (argmax[v] > 0) predictedForeground++;
+    if (!plausibleForeground(predictedForeground / argmax.length, prior)) {
+      skippedByPrior++;
+      continue;
+    }
     for (let v = 0; v < mask.length; v++) if (mask[v] > 0) { counts[argmax[v]]++; confident++; }
     voxels += mask.length;
     const nv = mask.length;
@@ -160,10 +184,11 @@ export async function labelPool(
     cases,
     classFrequencies: counts.map((n) => (confident ? n / confident : 0)),
     classBalance: ts.classBalance,
-    stats: { cases: cases.length, voxels, confidentFraction: voxels ? confident / voxels : 0, foregroundFraction: confident ? fg / confident : 0 },
+    stats: { cases: cases.length, voxels, confidentFraction: voxels ? confident / voxels : 0, foregroundFraction: confident ? fg / confident : 0, skippedByPrior },
   };
   // Written last: a site stopped half-way labels the pool again next time.
   writeFileAtomic(metaPath, JSON.stringify(meta), 0o600);
+  if (skippedByPrior > 0) log.info({ generation, skippedByPrior, priorForegroundFraction: prior ? round3(prior.foregroundFraction) : null, maxFactor: prior?.maxFactor }, 'pseudo-labels whose foreground share is implausible against the labelled cases were skipped');
   log.info({ generation, cases: cases.length, confidentFraction: round3(meta.stats.confidentFraction), foregroundFraction: round3(meta.stats.foregroundFraction) }, 'teacher labelled the unlabelled pool');
   return meta;
 }

@@ -17,7 +17,7 @@ import type { AuditedCall } from '../../site-agent/transport/wire-audit.ts';
 
 describe('a teacher–student federation', () => {
   let fed: TestFederation;
-  const plan = TEST_PLAN({ rounds: 2, minSites: 3 }) + 'teacherStudent: { enabled: true, promoteEvery: 1, ratio: 1, confidence: 0.6, flipTTA: true, minTeacherDice: 0 }\n';
+  const plan = TEST_PLAN({ rounds: 2, minSites: 3 }) + 'teacherStudent: { enabled: true, promoteEvery: 1, ratio: 1, confidence: 0.6, flipTTA: true, minTeacherDice: 0, maxForegroundFactor: 0 }\n';
   const parsed = parsePlan(plan);
   const arch = architectureFor(parsed.model);
 
@@ -64,7 +64,7 @@ describe('a teacher–student federation', () => {
     const heads = localParams(arch, parsed.share).map((p) => p.name);
     expect(heads.length).toBeGreaterThan(0);
     const allowedMethods = new Set(['Heartbeat', 'SubscribeTasks', 'DownloadModel', 'UploadUpdate', 'ReportMetrics'].map((m) => `/medfl.v1.Federation/${m}`));
-    const allowedMetrics = /^(num_train|num_val|train_loss|train_loss_first|train_seconds|val_dice_mean|val_dice_class_\d+|teacher_generation|teacher_val_dice|pseudo_cases|pseudo_confident_fraction)$/;
+    const allowedMetrics = /^(num_train|num_val|train_loss|train_loss_first|train_seconds|val_dice_mean|val_dice_class_\d+|teacher_generation|teacher_val_dice|pseudo_cases|pseudo_confident_fraction|pseudo_skipped_by_prior|teacher_gated)$/;
     const store = fed.store();
     const knownModels = new Set(store.listModels().map((m) => m.hash));
     store.close();
