@@ -82,6 +82,9 @@ describe('a compromised coordinator with the real keys', () => {
     };
     const site = fed.startSite('site-b', ['--audit-wire', audit('site-b')]);
     await waitFor(() => events.some((e) => e.type === 'task.declined' && e.site === 'site-b'), 120_000, 'the decline to reach the coordinator');
+    // The site writes its audit line once the call has returned, which on a loaded machine can be after the
+    // coordinator's event: wait for it before stopping the site.
+    await waitFor(() => existsSync(audit('site-b')) && calls('site-b').some((c) => c.method.endsWith('/DeclineTask')), 60_000, 'the site to record its decline');
     site.kill('SIGTERM');
     const declined = events.find((e) => e.type === 'task.declined' && e.site === 'site-b')!;
     expect(String(declined.reason)).toMatch(new RegExp(`the task asks for ${heads.length} tensor\\(s\\) site policy keeps here: ${heads[0].replace(/\./g, '\\.')} \\(part head\\)`));
