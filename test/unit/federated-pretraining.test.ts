@@ -15,7 +15,7 @@ import { writePhantomSite } from '../../site-agent/data/phantom.ts';
 import { writePhantomPool } from '../../site-agent/training/phantom-pool.ts';
 import { parsePlan } from '../../shared/plan/load.ts';
 import type { Plan } from '../../shared/plan/schema.ts';
-import { TaskSettingsSchema, type TaskSettings } from '../../shared/protocol/task.ts';
+import { taskSettingsForPlan, type TaskSettings } from '../../shared/protocol/task.ts';
 import { architectureFor } from '../../shared/model/registry.ts';
 import { pick, sharedParams } from '../../shared/model/sharing.ts';
 import { restorationArchitecture } from '../../shared/model/restoration.ts';
@@ -41,14 +41,7 @@ const log = pino({ level: 'silent' });
 
 function settingsOf(plan: Plan, stage: ReturnType<typeof stageAfter>): TaskSettings {
   const arch = architectureFor(plan.model);
-  return TaskSettingsSchema.parse({
-    federation: 'f',
-    model: { ...plan.model, pretrained: undefined, source2d: undefined },
-    local: plan.local,
-    share: plan.share,
-    sharedTensors: sharedParams(arch, plan.share).map((p) => p.name),
-    data: plan.data,
-    totalRounds: plan.rounds,
+  return taskSettingsForPlan(plan, 'f', sharedParams(arch, plan.share).map((p) => p.name), {
     ...stageSettings(plan, stage),
   });
 }

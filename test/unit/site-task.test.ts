@@ -14,7 +14,7 @@ import { patchToVolumeCase, SiteData } from '../../site-agent/data/site-data.ts'
 import { LocalTraining } from '../../site-agent/training/local-training.ts';
 import { defaultPlan } from '../../shared/plan/load.ts';
 import type { Plan } from '../../shared/plan/schema.ts';
-import { TaskSettingsSchema, type TaskSettings } from '../../shared/protocol/task.ts';
+import { taskSettingsForPlan, type TaskSettings } from '../../shared/protocol/task.ts';
 import { architectureFor } from '../../shared/model/registry.ts';
 import { pick, sharedParams } from '../../shared/model/sharing.ts';
 import { decodeSafetensors, encodeSafetensors } from '../../shared/tensors/safetensors.ts';
@@ -24,14 +24,7 @@ const MED3D = { architecture: 'med3d', depth: 10, shortcut: 'B', widthMultiplier
 
 function settingsFor(plan: Plan): TaskSettings {
   const arch = architectureFor(plan.model);
-  return TaskSettingsSchema.parse({
-    federation: 'f',
-    model: { ...plan.model, pretrained: undefined, source2d: undefined },
-    local: plan.local,
-    share: plan.share,
-    sharedTensors: sharedParams(arch, plan.share).map((p) => p.name),
-    data: plan.data,
-  });
+  return taskSettingsForPlan(plan, 'f', sharedParams(arch, plan.share).map((p) => p.name));
 }
 
 const task = (yaml: string): SiteTask => ({ config: parseSiteTask(yaml, 'task.yaml'), source: '/site/task.yaml' });
