@@ -110,3 +110,10 @@ export function checkTrainRequest(req: Pick<TrainRequest, 'steps' | 'batchSize' 
   if (!Number.isInteger(req.batchSize) || req.batchSize < 1) throw new Error(`train: batchSize must be a positive integer, got ${req.batchSize}`);
   if (!(req.learningRate > 0)) throw new Error(`train: learningRate must be > 0, got ${req.learningRate}`);
 }
+
+/** A run's reported loss: the mean of its last quarter of steps (one step's loss is too noisy), and its first. */
+export function lossSummary(losses: readonly number[]): { loss: number; firstLoss: number } {
+  const quarter = Math.max(1, Math.floor(losses.length / 4));
+  const tail = losses.slice(-quarter);
+  return { loss: tail.reduce((a, v) => a + v, 0) / tail.length, firstLoss: losses[0] };
+}

@@ -16,7 +16,7 @@ import type { ConvKernels } from '../engine/conv-kernels.ts';
 import { diceScores, meanDicePerClass } from '../metrics/dice.ts';
 import { checkAgainstSpecs, makeBundle, type NamedTensor, type TensorBundle } from '../tensors/bundle.ts';
 import { mulberry32 } from '../util/random.ts';
-import { checkTrainRequest, nextBatch } from './batch.ts';
+import { checkTrainRequest, lossSummary, nextBatch } from './batch.ts';
 import { Tape, type Act, accumulate, act } from './graph/tape.ts';
 import { createMed3dTrainOps, type ParamStore } from './graph/med3d-ops.ts';
 import { med3dOutputFactor, type Med3dArchitecture } from './med3d.ts';
@@ -267,12 +267,9 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
         await yieldToEventLoop();
       }
       const outTensors: NamedTensor[] = specs.map((s) => ({ name: s.name, dtype: 'F32', shape: [...s.shape], data: store.values.get(s.name)! }));
-      const quarter = Math.max(1, Math.floor(losses.length / 4));
-      const tail = losses.slice(-quarter);
       return {
         weights: makeBundle(outTensors),
-        loss: tail.reduce((a, v) => a + v, 0) / tail.length,
-        firstLoss: losses[0],
+        ...lossSummary(losses),
         samples: req.source ? req.source.cases : labelled.length,
         optimizerState: optimizer.state(),
       };

@@ -12,7 +12,7 @@ import type { EngineInfo } from '../engine/select.ts';
 import { diceScores, meanDicePerClass } from '../metrics/dice.ts';
 import { checkAgainstSpecs, makeBundle, type NamedTensor, type TensorBundle } from '../tensors/bundle.ts';
 import { mulberry32 } from '../util/random.ts';
-import { checkTrainRequest, nextBatch } from './batch.ts';
+import { checkTrainRequest, lossSummary, nextBatch } from './batch.ts';
 import {
   addReluInPlace,
   conv3dBackward,
@@ -402,12 +402,9 @@ export function createTfjsTrainer(arch: ModelArchitecture, engine: EngineInfo, f
           await yieldToEventLoop();
         }
         const out: NamedTensor[] = specs.map((s) => ({ name: s.name, dtype: 'F32', shape: [...s.shape], data: values.get(s.name)! }));
-        const quarter = Math.max(1, Math.floor(losses.length / 4));
-        const tail = losses.slice(-quarter);
         return {
           weights: makeBundle(out),
-          loss: tail.reduce((a, v) => a + v, 0) / tail.length,
-          firstLoss: losses[0],
+          ...lossSummary(losses),
           samples: req.source ? req.source.cases : labelled.length,
           optimizerState: optimizer.state(),
         };
