@@ -4,12 +4,14 @@
  *   m = β₁m + (1−β₁)Δ
  *   FedAdagrad v = v + Δ²;  FedAdam v = β₂v + (1−β₂)Δ²;  FedYogi v = v − (1−β₂)Δ²·sign(v − Δ²)
  *   x = x_base + η·m / (√v + τ)
- * m starts at 0 and v at τ² (the paper's v₋₁ ≥ τ²); no bias correction, as in the paper. The state (m, v:
- * two models, kept across rounds) is exported after each round and stored with the round's model.
+ * m starts at 0 and v at τ² (the paper's v₋₁ ≥ τ²); no bias correction, as in the paper.
+ * FedAvgM (Hsu et al. 2019, server momentum): m = β₁m + Δ; x = x_base + η·m (v unused) — it carries the
+ * direction of earlier rounds on, which helps when each round's mean delta is small or sites pull apart.
+ * The state (m, v: two models, kept across rounds) is exported after each round and stored with the round's model.
  */
 import { makeBundle, type NamedTensor, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
 
-export type ServerOptimizerType = 'none' | 'fedadam' | 'fedyogi' | 'fedadagrad';
+export type ServerOptimizerType = 'none' | 'fedavgm' | 'fedadam' | 'fedyogi' | 'fedadagrad';
 
 export interface ServerOptimizerConfig {
   readonly type: ServerOptimizerType;
@@ -40,7 +42,13 @@ export class ServerOptimizer {
     const b1 = 1 - beta1;
     const b2 = 1 - beta2;
     // One loop per optimiser: no branch on the type per element.
-    if (type === 'fedadagrad') {
+    if (type === 'fedavgm') {
+      for (let i = 0; i < n; i++) {
+        const mi = beta1 * m[i] + (y[i] - base[i]);
+        m[i] = mi;
+        y[i] = base[i] + lr * mi;
+      }
+    } else if (type === 'fedadagrad') {
       for (let i = 0; i < n; i++) {
         const d = y[i] - base[i];
         const mi = beta1 * m[i] + b1 * d;

@@ -51,7 +51,7 @@ export const TeacherStudentSchema = z
      * below the share in the site's labelled training cases is not used (0 = no check).
      */
     maxForegroundFactor: z.number().min(0).default(4),
-    /** Student noise: dropout before the output layer (methods.md §4: 0.5 on the last layer). */
+    /** Student noise: dropout before the output layer (Noisy Student: 0.5 on the last layer). */
     dropout: z.number().min(0).lt(1).default(0.5),
     /** Student noise: stronger augmentation (brightness, noise, shift at higher probabilities) on every patch. */
     strongAugment: z.boolean().default(true),
@@ -154,6 +154,12 @@ export const PlanSchema = z
         optimizer: OptimizerSpecSchema.optional(),
         /** Learning-rate schedule over the whole federation (all rounds' local steps); absent = constant. */
         schedule: LrScheduleSchema.optional(),
+        /**
+         * Which optimiser moments a site keeps between rounds: `own` = only for the tensors that stay at the site
+         * (heads, local norms), `all` = for the shared tensors too (they never leave the site; the next round's
+         * Adam then continues instead of restarting from zero moments on the new global model).
+         */
+        keepMoments: z.enum(['own', 'all']).default('own'),
       })
       .strict()
       .prefault({})
@@ -179,8 +185,9 @@ export const PlanSchema = z
         /** Applied to the combined delta (Reddi et al.): none = take it as is (plain FedAvg). */
         serverOptimizer: z
           .object({
-            type: z.enum(['none', 'fedadam', 'fedyogi', 'fedadagrad']).default('none'),
-            /** η, the server learning rate. */
+            /** fedavgm = server momentum (β₁; η = 1 is FedAvg plus momentum); the others adapt per coordinate. */
+            type: z.enum(['none', 'fedavgm', 'fedadam', 'fedyogi', 'fedadagrad']).default('none'),
+            /** η, the server learning rate (0.1 suits the adaptive ones; fedavgm wants about 1). */
             lr: z.number().positive().default(0.1),
             beta1: z.number().min(0).lt(1).default(0.9),
             beta2: z.number().min(0).lt(1).default(0.99),

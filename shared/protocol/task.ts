@@ -20,6 +20,8 @@ export const TaskSettingsSchema = z
       proximalMu: z.number().min(0),
       optimizer: OptimizerSpecSchema.optional(),
       schedule: LrScheduleSchema.optional(),
+      /** Absent from older coordinators: `own`. */
+      keepMoments: z.enum(['own', 'all']).optional(),
     }),
     /**
      * The plan's number of rounds: with the task's round it places a site's local steps on the federation-wide

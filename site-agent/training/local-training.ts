@@ -22,7 +22,8 @@ import { augmentOptions, DataSettingsSchema, siteDataOptions } from '../data/set
 import type { PreparedCase } from '../data/types.ts';
 import type { Logger } from '../../shared/util/log.ts';
 import type { AugmentOptions } from '../data/augment.ts';
-import { labelPool, prunePseudoDirs, PseudoPatches, type PseudoPool } from './pseudo-label.ts';
+import { existingPool, labelPool, prunePseudoDirs, PseudoPatches, type PseudoPool } from './pseudo-label.ts';
+import { chooseTeacher, readTeacherChoice, writeTeacherChoice } from './teacher-choice.ts';
 import { applySiteTask, describeSiteTask, loadSiteTask, type SiteTask } from '../task-config.ts';
 import type { CaseRef } from '../data/site-data.ts';
 import { isRestorationArchitecture, restorationArchitecture } from '../../shared/model/restoration.ts';
@@ -113,8 +114,9 @@ export class LocalTraining {
 
     const local = this.loadLocal(arch, settings);
     const start = merge(merge(arch.init(this.siteSeed(settings.model.seed)), local), global);
-    // Moments only for the site's own tensors, and only beside the tensors they were made with.
-    const optimizerState = local.size > 0 ? this.loadOptimizerState(arch, settings) : undefined;
+    // Moments for the site's own tensors (beside the tensors they were made with), and for the shared ones when the
+    // plan keeps them too.
+    const optimizerState = local.size > 0 || settings.local.keepMoments === 'all' ? this.loadOptimizerState(arch, settings) : undefined;
     const steps = settings.local.steps ?? Math.max(1, Math.ceil(((settings.local.epochs ?? 1) * usable.length) / settings.local.batchSize));
     // After a pretraining stage the fine-tuning rounds are numbered on from it; the schedule counts fine-tuning rounds.
     const learningRateFactor = this.learningRateSchedule(settings, ctx.round - (settings.roundOffset ?? 0), steps);
@@ -159,6 +161,11 @@ export class LocalTraining {
       // Aggregate counts only: never a per-case value.
       if (Number.isFinite(student.teacherDice)) metrics.teacher_val_dice = student.teacherDice;
       metrics.teacher_generation = student.generation;
+      if (student.candidateDice !== undefined) {
+        // A newer teacher was promoted but not adopted here (not better, or below the floor).
+        metrics.teacher_kept = 1;
+        if (Number.isFinite(student.candidateDice)) metrics.teacher_candidate_dice = student.candidateDice;
+      }
       metrics.pseudo_cases = student.pool.stats.cases;
       metrics.pseudo_confident_fraction = student.pool.stats.confidentFraction;
       metrics.pseudo_skipped_by_prior = student.pool.stats.skippedByPrior ?? 0;
@@ -236,7 +243,7 @@ export class LocalTraining {
     settings: TaskSettings,
     data: SiteData,
     ctx: { round: number; teacherBytes?: Buffer },
-  ): Promise<{ pool: PseudoPool; dir: string; generation: number; ratio: number; dropout: number; strongAugment: boolean; teacherDice: number } | { skipped: number } | undefined> {
+  ): Promise<{ pool: PseudoPool; dir: string; generation: number; ratio: number; dropout: number; strongAugment: boolean; teacherDice: number; candidateDice?: number } | { skipped: number } | undefined> {
     const ts = settings.teacherStudent;
     const teacher = settings.teacher;
     if (!ts?.enabled || !teacher) return undefined;
@@ -275,16 +282,33 @@ export class LocalTraining {
       teacherDice = val.length > 0 ? (await trainer.evaluate(weights, val)).meanDice : Number.NaN;
       this.teacherDice.set(teacher.modelHash, teacherDice);
     }
-    // Fails closed: with no validation case the teacher's Dice is NaN, and an unmeasured teacher is not used.
-    if (!(teacherDice >= ts.minTeacherDice)) {
-      log.info({ round: ctx.round, generation: teacher.generation, teacherValDice: Number.isFinite(teacherDice) ? round4(teacherDice) : null, needed: ts.minTeacherDice }, Number.isFinite(teacherDice) ? 'teacher too weak on this site\'s validation cases: training on labelled cases only this generation' : 'no validation case to check the teacher on: training on labelled cases only this generation');
+    // Adopt the new generation only if it passes the floor and beats the teacher this site uses (teacher-choice.ts).
+    // Fails closed: with no validation case the teacher's Dice is NaN, and an unmeasured teacher is not adopted.
+    const parent = join(this.o.localDir, 'pseudo');
+    const choicePath = join(this.o.localDir, `${arch.id}-${this.localKey(settings)}-teacher-choice.json`);
+    const saved = readTeacherChoice(choicePath);
+    const previousPool = saved ? existingPool(saved.dir, { generation: saved.generation, teacherHash: saved.modelHash }) : undefined;
+    const previous = previousPool ? saved : undefined;
+    const decision = chooseTeacher({ generation: teacher.generation, dice: teacherDice }, previous, ts.minTeacherDice);
+    const measured = Number.isFinite(teacherDice) ? round4(teacherDice) : null;
+    if (decision.use === 'previous' && previous && previousPool) {
+      log.info(
+        { round: ctx.round, generation: teacher.generation, teacherValDice: measured, kept: previous.generation, keptValDice: round4(previous.dice), needed: ts.minTeacherDice },
+        decision.why === 'not better' ? "the new teacher does not beat the one in use on this site's validation cases: keeping the earlier generation's pseudo-labels" : "the new teacher is below the floor on this site's validation cases: keeping the earlier generation's pseudo-labels",
+      );
+      if (previousPool.cases.length === 0) return undefined;
+      return { pool: previousPool, dir: previous.dir, generation: previous.generation, ratio: ts.ratio, dropout: ts.dropout, strongAugment: ts.strongAugment, teacherDice: previous.dice, candidateDice: teacherDice };
+    }
+    if (decision.use === 'none') {
+      log.info({ round: ctx.round, generation: teacher.generation, teacherValDice: measured, needed: ts.minTeacherDice }, Number.isFinite(teacherDice) ? 'teacher too weak on this site\'s validation cases: training on labelled cases only this generation' : 'no validation case to check the teacher on: training on labelled cases only this generation');
       return { skipped: teacherDice };
     }
-    const parent = join(this.o.localDir, 'pseudo');
     const dir = join(parent, `${this.localKey(settings)}-g${teacher.generation}`);
-    prunePseudoDirs(parent, dir);
     const prior = ts.maxForegroundFactor > 0 ? await this.foregroundPrior(data, settings) : undefined;
     const pool = await labelPool(trainer, weights, data, usablePool, dir, { generation: teacher.generation, teacherHash: teacher.modelHash }, ts, log, prior ? { foregroundFraction: prior, maxFactor: ts.maxForegroundFactor } : undefined);
+    // Only now that the new labels are complete do the earlier generation's go (they were the fallback).
+    prunePseudoDirs(parent, dir);
+    writeTeacherChoice(choicePath, { generation: teacher.generation, modelHash: teacher.modelHash, dice: teacherDice, dir });
     if (pool.cases.length === 0) return undefined;
     return { pool, dir, generation: teacher.generation, ratio: ts.ratio, dropout: ts.dropout, strongAugment: ts.strongAugment, teacherDice };
   }
@@ -426,7 +450,7 @@ export class LocalTraining {
     let problem: string | undefined;
     try {
       const saved = decodeOptimizerState(readFileSync(path));
-      const sharedName = [...saved.state.keys()].find((n) => shared.has(n));
+      const sharedName = settings.local.keepMoments === 'all' ? undefined : [...saved.state.keys()].find((n) => shared.has(n));
       problem = saved.kind !== kind ? `it is ${saved.kind} state, the plan trains with ${kind}` : sharedName ? `it holds shared parameter ${sharedName}` : optimizerStateProblem(saved.state, kind, arch.params());
       if (!problem) return saved.state;
     } catch (e) {
@@ -437,12 +461,13 @@ export class LocalTraining {
   }
 
   /**
-   * Keeps only the site's own parameters' state. Shared parameters' moments are dropped on purpose: the global
-   * model replaces those weights every round, so their old moments describe a point the site no longer starts from.
+   * Keeps the site's own parameters' state, and the shared parameters' only when the plan asks (keepMoments: all).
+   * By default those are dropped: the global model replaces the weights every round, so their old moments describe
+   * a point the site no longer starts from — a cost the plan may judge smaller than restarting Adam every round.
    */
   private saveOptimizerState(arch: ModelArchitecture, settings: TaskSettings, state: OptimizerState): void {
     const shared = new Set(settings.sharedTensors);
-    const own = new Map([...state].filter(([name]) => !shared.has(name)));
+    const own = settings.local.keepMoments === 'all' ? state : new Map([...state].filter(([name]) => !shared.has(name)));
     if (own.size === 0) return;
     const kind = (settings.local.optimizer ?? DEFAULT_OPTIMIZER).kind;
     writeFileAtomic(this.optimizerStatePath(arch, settings), encodeOptimizerState(own, kind), 0o600);

@@ -101,6 +101,26 @@ describe('composed strategies', () => {
     expect(readdirSync(dir)).toHaveLength(0);
   });
 
+  it('FedAvgM carries the last rounds\' direction on (m = β₁m + Δ, x = base + η·m) over three rounds', () => {
+    const cfg = aggregationPlan({ serverOptimizer: { type: 'fedavgm', lr: 1, beta1: 0.5 } });
+    const s = new ComposedStrategy(cfg, { spillDir: spill() });
+    let x = base.slice();
+    const m = new Array(SIZE).fill(0);
+    for (let round = 0; round < 3; round++) {
+      const target = x.map((b, i) => b + 0.2 * Math.sin(i + round));
+      const agg = s.begin(flatBundle(x), SPECS);
+      agg.add(flatBundle(target), { site: 'a', numSamples: 1 });
+      const got = flatOf(agg.finish());
+      const want = x.map((b, i) => {
+        m[i] = 0.5 * m[i] + (Math.fround(target[i]) - Math.fround(b));
+        return b + m[i];
+      });
+      for (let i = 0; i < SIZE; i++) expect(got[i]).toBeCloseTo(want[i], 4);
+      x = got;
+    }
+    expect(s.optimizerStep).toBe(3);
+  });
+
   it('server optimisers follow Reddi et al. (FedAdam, FedYogi, FedAdagrad) over two rounds', () => {
     for (const type of ['fedadam', 'fedyogi', 'fedadagrad'] as const) {
       const cfg = aggregationPlan({ serverOptimizer: { type, lr: 0.5, beta1: 0.9, beta2: 0.99, tau: 0.01 } });
