@@ -25,6 +25,41 @@ export interface ArmRun {
   /** Mean validation Dice over sites per round (NaN when no site has validation cases). */
   valMean: number[];
   seconds: number;
+  /** Teacher–student: each promoted generation against the students it taught (Noisy Student's claim, per generation). */
+  generations?: GenerationReport[];
+}
+
+/**
+ * A teacher generation (the aggregate after `promotedAfterRound`) and the last student it taught (the aggregate of
+ * the round before the next promotion, or the final round). Sites may have kept an earlier generation instead
+ * (teacher-choice.ts); `usedBySites` counts the site-rounds that trained with this one.
+ */
+export interface GenerationReport {
+  generation: number;
+  promotedAfterRound: number;
+  teacherTest: number;
+  teacherVal: number;
+  studentRound: number;
+  studentTest: number;
+  studentVal: number;
+  usedBySites: number;
+}
+
+/** The generation rows of one teacher–student run (test and validation Dice are means over sites). */
+export function generationReports(promotions: readonly { generation: number; round: number }[], mean: readonly number[], valMean: readonly number[], used: ReadonlyMap<number, number>): GenerationReport[] {
+  return promotions.map((p, i) => {
+    const studentRound = i + 1 < promotions.length ? promotions[i + 1].round : mean.length;
+    return {
+      generation: p.generation,
+      promotedAfterRound: p.round,
+      teacherTest: mean[p.round - 1],
+      teacherVal: valMean[p.round - 1],
+      studentRound,
+      studentTest: mean[studentRound - 1],
+      studentVal: valMean[studentRound - 1],
+      usedBySites: used.get(p.generation) ?? 0,
+    };
+  });
 }
 
 /** One row of results.json's `summary`: final-round test Dice (mean over sites), mean ± sd over seeds. */

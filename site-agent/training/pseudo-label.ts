@@ -121,6 +121,18 @@ export function pickBalancedClass(perClass: readonly Uint32Array[], rng: Rng): n
 
 const META = 'meta.json';
 
+/** A complete labelling of `teacherId` already in `dir` (meta.json is written last), or undefined. */
+export function existingPool(dir: string, teacherId: { generation: number; teacherHash: string }): PseudoPool | undefined {
+  const metaPath = join(dir, META);
+  if (!existsSync(metaPath)) return undefined;
+  try {
+    const meta = JSON.parse(readFileSync(metaPath, 'utf8')) as PseudoPool;
+    return meta.generation === teacherId.generation && meta.teacherHash === teacherId.teacherHash ? meta : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 /**
  * Labels every usable case of `pool` with the teacher, one case at a time, into `dir` (made afresh unless a
  * complete labelling of the same generation is there already). Returns the pool description.
@@ -136,11 +148,8 @@ export async function labelPool(
   log: Logger,
   prior?: ForegroundPrior,
 ): Promise<PseudoPool> {
-  const metaPath = join(dir, META);
-  if (existsSync(metaPath)) {
-    const meta = JSON.parse(readFileSync(metaPath, 'utf8')) as PseudoPool;
-    if (meta.generation === teacherId.generation && meta.teacherHash === teacherId.teacherHash) return meta;
-  }
+  const done = existingPool(dir, teacherId);
+  if (done) return done;
   rmSync(dir, { recursive: true, force: true });
   mkdirSync(dir, { recursive: true, mode: 0o700 });
   const C = trainer.architecture.numClasses;
@@ -187,7 +196,7 @@ export async function labelPool(
     stats: { cases: cases.length, voxels, confidentFraction: voxels ? confident / voxels : 0, foregroundFraction: confident ? fg / confident : 0, skippedByPrior },
   };
   // Written last: a site stopped half-way labels the pool again next time.
-  writeFileAtomic(metaPath, JSON.stringify(meta), 0o600);
+  writeFileAtomic(join(dir, META), JSON.stringify(meta), 0o600);
   if (skippedByPrior > 0) log.info({ generation, skippedByPrior, priorForegroundFraction: prior ? round3(prior.foregroundFraction) : null, maxFactor: prior?.maxFactor }, 'pseudo-labels whose foreground share is implausible against the labelled cases were skipped');
   log.info({ generation, cases: cases.length, confidentFraction: round3(meta.stats.confidentFraction), foregroundFraction: round3(meta.stats.foregroundFraction) }, 'teacher labelled the unlabelled pool');
   return meta;

@@ -42,6 +42,15 @@ describe('medfl experiment', () => {
     expect(by(2, 'federated').dice['site-a']).not.toEqual(by(1, 'federated').dice['site-a']);
     expect(Object.keys(by(1, 'pooled').dice)).toEqual(['pooled']);
     expect(lines.some((l) => l.includes('promoted to teacher generation 1'))).toBe(true);
+    // Per generation: the teacher (aggregate of its round) against the last student it taught, from the same curves.
+    const ts = by(1, 'teacher-student');
+    expect(ts.generations).toEqual([
+      { generation: 1, promotedAfterRound: 1, teacherTest: ts.mean[0], teacherVal: ts.valMean[0], studentRound: 2, studentTest: ts.mean[1], studentVal: ts.valMean[1], usedBySites: expect.any(Number) },
+      { generation: 2, promotedAfterRound: 2, teacherTest: ts.mean[1], teacherVal: ts.valMean[1], studentRound: 2, studentTest: ts.mean[1], studentVal: ts.valMean[1], usedBySites: 0 },
+    ]);
+    expect(ts.generations![0].usedBySites).toBeGreaterThan(0);
+    expect(by(1, 'federated').generations).toBeUndefined();
+    expect(lines.some((l) => /generation 1 \(round 1\): teacher test Dice [\d.]+ .* its last student, round 2/.test(l))).toBe(true);
     expect(readdirSync(join(out, 'work', 'seed-1', 'scratch', 'teacher-student', 'site-a', 'pseudo'))).toHaveLength(1);
     // The pooled folder: every site's labelled training cases for training, their validation cases for validation.
     expect(readdirSync(join(out, 'data', 'pooled', 'labelsTr'))).toHaveLength(4);

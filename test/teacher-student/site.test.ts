@@ -19,6 +19,8 @@ import { architectureFor } from '../../shared/model/registry.ts';
 import { pick, sharedParams } from '../../shared/model/sharing.ts';
 import { decodeSafetensors, encodeSafetensors } from '../../shared/tensors/safetensors.ts';
 import { sha256Hex } from '../../shared/util/hash.ts';
+import { makeBundle } from '../../shared/tensors/bundle.ts';
+import { chooseTeacher } from '../../site-agent/training/teacher-choice.ts';
 import type { Trainer, VolumeCase } from '../../shared/model/types.ts';
 
 describe('pseudo-label targets', () => {
@@ -147,6 +149,37 @@ describe('a teacher–student round at a site', () => {
     expect(r.metrics.teacher_val_dice).toBeLessThanOrEqual(1);
     expect(existsSync(join(work, 'local-gated', 'pseudo'))).toBe(false);
   }, 120_000);
+
+  it('keeps the generation it uses when a newer teacher does not beat it on the site\'s validation cases', async () => {
+    const dir = join(work, 'local-choice');
+    const site = new LocalTraining({ siteName: 'site-a', dataDir, localDir: dir, log, engine: 'cpu' });
+    await site.run(settings(), round1Update, { round: 1 });
+    const g1 = { hash: sha256Hex(round1Update), size: round1Update.length, generation: 1 };
+    const r2 = await site.run(settings(g1), round1Update, { round: 2, teacherBytes: round1Update });
+    expect(r2.metrics.teacher_generation).toBe(1);
+    const [g1Dir] = readdirSync(join(dir, 'pseudo'));
+    // Generation 2: a teacher that predicts background everywhere (all weights 0) — it cannot beat generation 1.
+    const zero = encodeSafetensors(makeBundle([...decodeSafetensors(round1Update).bundle.values()].map((t) => ({ ...t, data: new Float32Array(t.data.length) }))));
+    const g2 = { hash: sha256Hex(zero), size: zero.length, generation: 2 };
+    const r3 = await site.run(settings(g2), r2.update, { round: 3, teacherBytes: zero });
+    expect(r3.metrics).toMatchObject({ teacher_generation: 1, teacher_kept: 1, teacher_candidate_dice: 0 });
+    expect(r3.metrics.teacher_val_dice).toBe(r2.metrics.teacher_val_dice);
+    // The first generation's pseudo-labels were neither deleted nor recomputed.
+    expect(readdirSync(join(dir, 'pseudo'))).toEqual([g1Dir]);
+  }, 120_000);
+
+  it('adopts a new generation only when it passes the floor and beats the one in use; unmeasured never', () => {
+    const prev = { generation: 1, modelHash: 'a'.repeat(64), dice: 0.6, dir: '/x' };
+    expect(chooseTeacher({ generation: 1, dice: 0.4 }, undefined, 0.3)).toEqual({ use: 'new' });
+    expect(chooseTeacher({ generation: 1, dice: 0.2 }, undefined, 0.3)).toEqual({ use: 'none' });
+    expect(chooseTeacher({ generation: 1, dice: Number.NaN }, undefined, 0)).toEqual({ use: 'none' });
+    expect(chooseTeacher({ generation: 2, dice: 0.7 }, prev, 0.3)).toEqual({ use: 'new' });
+    expect(chooseTeacher({ generation: 2, dice: 0.6 }, prev, 0.3)).toEqual({ use: 'previous', why: 'not better' });
+    expect(chooseTeacher({ generation: 2, dice: 0.2 }, prev, 0.3)).toEqual({ use: 'previous', why: 'below floor' });
+    expect(chooseTeacher({ generation: 2, dice: Number.NaN }, prev, 0)).toEqual({ use: 'previous', why: 'below floor' });
+    // A federation started afresh (generation numbers went back): the earlier choice does not count.
+    expect(chooseTeacher({ generation: 1, dice: 0.4 }, { ...prev, generation: 3 }, 0.3)).toEqual({ use: 'new' });
+  });
 
   it('says what is wrong when the teacher bytes are missing', async () => {
     const teacher = { hash: sha256Hex(round1Update), size: round1Update.length, generation: 1 };
