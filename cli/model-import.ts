@@ -29,7 +29,7 @@ import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
 export type ImportArch = 'resnet10' | 'resnet18' | 'resnet34' | 'resnet50' | 'resnet101';
 export type ImportParts = 'auto' | 'encoder' | 'all';
 
-/** Shortcut types of MedicalNet's 23-dataset release (README; methods.md §1.4). */
+/** Shortcut types of MedicalNet's 23-dataset release (MedicalNet's README). */
 export const MEDICALNET_RELEASE_SHORTCUT: Readonly<Record<Med3dDepth, Med3dShortcut>> = { 10: 'B', 18: 'A', 34: 'A', 50: 'B', 101: 'B' };
 
 export interface ImportOptions {

@@ -5,7 +5,7 @@ Run from the repository root with Debian's PyTorch (no other packages than torch
 
     /usr/bin/python3 scripts/make_med3d_fixtures.py [--out test/fixtures/med3d]
 
-The network below is written from the layout in /work/shared/reference/methods.md §1 (MedicalNet's
+The network below is written from MedicalNet's published layout (the module structure of its
 models/resnet.py as described there), not copied from any repository. It reproduces MedicalNet's
 module names, so state_dict keys are exactly those of the published checkpoints (minus the
 DataParallel "module." prefix).
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 
 # ---------------------------------------------------------------------------------------------------
-# MedicalNet layout (methods.md §1.1-1.2)
+# MedicalNet layout
 
 
 def conv3x3x3(cin, cout, stride=1, dilation=1):
@@ -221,7 +221,7 @@ def main():
         print(f'{name}: {len(sd)} entries, {n_params} float params, layer4 {tuple(feats.shape)}'
               + (f', seg {tuple(seg.shape)}' if ncls is not None else ''), file=sys.stderr)
 
-    # Full-width encoder sizes, to check methods.md §1.4: its "params" are model.parameters() (conv weights,
+    # Full-width encoder sizes, to check MedicalNet's published sizes: their "params" are model.parameters() (conv weights,
     # BN gamma/beta; no running statistics), its "entries" are state_dict keys (num_batches_tracked included).
     sizes = {}
     for depth, sc in [(10, 'B'), (18, 'A'), (34, 'A'), (50, 'B'), (101, 'B')]:

@@ -9,7 +9,7 @@
  * | Linear weight [out, in]                   | [in, out]                                     | (1,0)       |
  * | biases, BatchNorm vectors [C], 0-d        | unchanged                                     | —           |
  *
- * (methods.md §1.4: both conv kinds use the same permutation, because tfjs names the transposed
+ * (both conv kinds use the same permutation, because tfjs names the transposed
  * filter [.., outC, inC] while PyTorch stores it [inC, outC, ..].)
  *
  * Unlike MedicalNet's own loader, which keeps only keys that already exist in the model (so a

@@ -5,7 +5,7 @@
  * Conv3DBackpropFilterV2 through runKernel); those take no dilation, so a dilated filter is expanded with
  * zeros between its taps (k → d(k−1)+1): correct everywhere, at d³ times the multiply-adds of those layers.
  * Padding is explicit (PyTorch's symmetric padding, or TF "same" offsets) and the convolution itself 'valid'.
- * Never use this on the wasm backend: its Conv3D backprop kernels are wrong (shared/reference/baselines.md).
+ * Never use this on the wasm backend: its Conv3D backprop kernels compute wrong gradients (tfjs-backend-wasm 4.22, measured against the cpu backend).
  */
 import type * as TfModule from '@tensorflow/tfjs';
 import { padAfter, type Conv3dGeom, type ConvKernels, type Triple } from './conv-kernels.ts';

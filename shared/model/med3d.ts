@@ -3,7 +3,7 @@
  * MedicalNet's segmentation head `conv_seg`, or a classification head. Parameter table, deterministic
  * init and PyTorch <-> MedFL conversion only (no tfjs import); the forward pass is in med3d-forward.ts.
  *
- * Layout (exactly MedicalNet's, see /work/shared/reference/methods.md §1):
+ * Layout (exactly MedicalNet's models/resnet.py, as docs/transfer-init.md describes):
  *   conv1   Conv3d 1→P, 7³, stride 2, padding 3, no bias; BN; ReLU        (P = base planes, 64 at full width)
  *   maxpool 3³, stride 2, padding 1
  *   layer1  P planes,  stride 1, dilation 1
@@ -405,7 +405,7 @@ export function med3dEncoderParams(arch: ModelArchitecture): ParamInfo[] {
   return arch.params().filter((p) => p.part === 'encoder');
 }
 
-/** Counts comparable with methods.md §1.4 (its "params" are PyTorch model.parameters(), its "entries" state_dict keys). */
+/** Counts comparable with MedicalNet's published sizes (their "params" are PyTorch model.parameters(), its "entries" state_dict keys). */
 export function med3dCounts(arch: ModelArchitecture, part?: ModelPart): { trainable: number; all: number; entries: number; torchEntries: number } {
   const ps = arch.params().filter((p) => part === undefined || p.part === part);
   let trainable = 0;

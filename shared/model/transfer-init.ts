@@ -2,9 +2,9 @@
  * Transfer initialisation: how a federation plan's start weights are made, as pure functions on weight
  * bundles (no tfjs). A plan names one strategy with a spec string (see docs/transfer-init.md):
  *
- *   scratch          arch.init(seed): Conv Kaiming-normal fan_out, BN identity (MedicalNet's init, methods.md §1.1)
+ *   scratch          arch.init(seed): Conv Kaiming-normal fan_out, BN identity (MedicalNet's init, docs/transfer-init.md)
  *   pretrained       every encoder tensor copied from a pretrained 3D bundle; the head from arch.init(seed)
- *   partial:k        Transfusion's hybrid ("weight transfusion", methods.md §2): the stem and the lowest k
+ *   partial:k        Transfusion's hybrid ("weight transfusion", Raghu et al. 2019): the stem and the lowest k
  *                    encoder stages copied (Med3D: stem = conv1+bn1, then layer1..layerk), the rest scratch
  *   mean-var         Transfusion's Mean-Var init (§2): each conv/dense tensor of the encoder drawn i.i.d. from
  *                    N(μ, σ²) with μ, σ of the pretrained tensor; BatchNorm reset to identity; head scratch

@@ -14,7 +14,7 @@ export const PROTO_FILE = join(PROTO_ROOT, 'medfl', 'v1', 'federation.proto');
 export const CHUNK_BYTES = 2 * 1024 * 1024;
 export const MAX_MESSAGE_BYTES = CHUNK_BYTES + 64 * 1024;
 
-/** Larger HTTP/2 windows: grpc-js defaults cap throughput at ~0.3 GB/s on loopback (baselines.md). */
+/** Larger HTTP/2 windows: grpc-js defaults cap throughput at ~0.3 GB/s on loopback (bench/README.md). */
 export const CHANNEL_OPTIONS: grpc.ChannelOptions = {
   'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
   'grpc.max_send_message_length': MAX_MESSAGE_BYTES,

@@ -1,6 +1,6 @@
 /**
  * Patch augmentation for training (pure: the input patch is never modified; all randomness from the `rng`
- * passed in, so a seed fixes the result). Defaults follow nnU-Net (methods.md §6) for the transforms done here:
+ * passed in, so a seed fixes the result). Defaults follow nnU-Net (Isensee et al. 2021; docs/data.md) for the transforms done here:
  *   mirroring     each axis flipped with probability 0.5; the label is flipped with the image, voxel for voxel.
  *                 With `leftRightPairs` a flip of the left–right axis (W in canonical RAS+) also swaps those
  *                 label values (laterality: left kidney ↔ right kidney).

@@ -9,7 +9,7 @@
 
 export type Modality = 'ct' | 'mri' | 'none';
 
-/** Default CT window [lo, hi] in HU: the abdominal window of methods.md §1.5 (LiTS, [−200, 250]). */
+/** Default CT window [lo, hi] in HU: the abdominal window used for liver CT (LiTS, [−200, 250]). */
 export { DEFAULT_CT_WINDOW } from '../../shared/plan/data-settings.ts';
 import { DEFAULT_CT_WINDOW } from '../../shared/plan/data-settings.ts';
 
