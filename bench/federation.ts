@@ -23,6 +23,7 @@ import { siteMeta } from '../cli/experiment/data.ts';
 import { runSiteEvaluate } from '../cli/site-evaluate.ts';
 import { loadPlanFile } from '../shared/plan/load.ts';
 import { PlanSchema } from '../shared/plan/schema.ts';
+import { generatedSiteName } from '../shared/protocol/site-names.ts';
 
 const { values: a } = parseArgs({
   options: { sites: { type: 'string' }, test: { type: 'string' }, plan: { type: 'string' }, seed: { type: 'string', default: '1' }, out: { type: 'string' } },
@@ -45,7 +46,7 @@ if (existsSync(join(coordDir, 'coordinator.json'))) throw new Error(`${coordDir}
 const port = await freePort();
 const home = await CoordinatorHome.init(coordDir, { hosts: ['localhost', '127.0.0.1'], port });
 writeFileSync(home.planPath, stringify(JSON.parse(JSON.stringify(plan))));
-const names = siteDirs.map((_, i) => `site-${String.fromCharCode(97 + i)}`);
+const names = siteDirs.map((_, i) => generatedSiteName(i));
 const invitations = names.map((n) => addSite(coordDir, n, { ttlSeconds: 3600 }));
 say(`real federation: 1 coordinator + ${names.length} site processes, TLS + tokens, ${plan.rounds} rounds × ${plan.local.steps ?? '?'} steps, seed ${seed}; work dir ${work}`);
 

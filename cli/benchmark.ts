@@ -6,6 +6,7 @@
 import type { Command } from 'commander';
 import Table from 'cli-table3';
 import { resolve } from 'node:path';
+import { siteLetters } from '../shared/protocol/site-names.ts';
 
 const style = () => (process.stdout.isTTY ? {} : { style: { head: [], border: [] } });
 const say = (s: string) => process.stdout.write(s + '\n');
@@ -39,7 +40,7 @@ async function runBaseline(siteDirs: readonly string[], testDir: string, spacing
   for (const [i, dir] of siteDirs.entries()) {
     const r = await thresholdBaseline(dir, test, spacing ? { spacing } : {});
     // Benchmark test cases are named test<letter>_NNN after the site whose profile scanned them.
-    const letter = String.fromCharCode(97 + i);
+    const letter = siteLetters(i);
     const ownIdx = test.flatMap((c, k) => (c.name.startsWith(`test${letter}_`) ? [k] : []));
     const own = ownIdx.length ? ownIdx.reduce((s, k) => s + r.testDicePerCase[k], 0) / ownIdx.length : Number.NaN;
     t.push([dir.split('/').pop() ?? dir, profiles?.[i] ?? '—', r.threshold.toFixed(2), String(r.minComponentVoxels), r.trainDice.toFixed(3), r.testDice.toFixed(3), Number.isNaN(own) ? '—' : own.toFixed(3)]);
@@ -127,7 +128,7 @@ export function registerBenchmarkCommand(program: Command): void {
         ]);
       };
       for (const s of r.sites) row(s.name, s.profile, s.cases);
-      r.sites.forEach((s, i) => row(`test (${s.name} profile)`, s.profile, r.test.filter((c) => c.name.startsWith(`test${String.fromCharCode(97 + i)}_`))));
+      r.sites.forEach((s, i) => row(`test (${s.name} profile)`, s.profile, r.test.filter((c) => c.name.startsWith(`test${siteLetters(i)}_`))));
       say(t.toString());
       say(`wrote ${total} cases in ${seconds.toFixed(1)} s to ${r.root} (manifest: benchmark.json)`);
       say(`  sites: ${r.siteDirs.join(',')}`);

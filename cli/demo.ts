@@ -15,6 +15,7 @@ import { CoordinatorStore } from '../coordinator/store/store.ts';
 import { SITE_PROFILES, writePhantomSite } from '../site-agent/data/phantom.ts';
 import { metricsTable, roundsTable } from './status.ts';
 import { freePort, runToEnd, spawnMedfl, waitFor } from './processes.ts';
+import { generatedSiteName } from '../shared/protocol/site-names.ts';
 
 export interface DemoOptions {
   dir?: string;
@@ -37,7 +38,7 @@ export async function runDemo(o: DemoOptions): Promise<boolean> {
   const logs = join(work, 'logs');
   mkdirSync(logs, { recursive: true });
   const coordDir = join(work, 'coordinator');
-  const siteNames = Array.from({ length: o.sites }, (_, i) => `site-${String.fromCharCode(97 + i)}`);
+  const siteNames = Array.from({ length: o.sites }, (_, i) => generatedSiteName(i));
   say(`MedFL demo: 1 coordinator + ${o.sites} sites as separate processes, TLS + tokens, ${o.rounds} rounds, work dir ${work}`);
 
   // 1. Each site's own data: phantoms with a site-specific intensity profile, as NIfTI in the MSD layout.

@@ -15,6 +15,7 @@ import type { Plan } from '../shared/plan/schema.ts';
 import type { Logger } from '../shared/util/log.ts';
 import type { EncoderProvenance } from '../shared/model/pretrained-encoder-file.ts';
 import type { Med3dArchitecture } from '../shared/model/med3d.ts';
+import { generatedSiteName } from '../shared/protocol/site-names.ts';
 
 export interface FederatedPretrainingOptions {
   /** Site data folders (MSD layout); every scan in them is pretraining data. Never the test folder. */
@@ -64,7 +65,7 @@ export async function simulateFederatedPretraining(o: FederatedPretrainingOption
   const plan: Plan = { ...o.plan, model: { ...o.plan.model, seed: o.seed }, pretraining: { ...o.plan.pretraining, enabled: true } };
   const arch = architectureFor(plan.model) as Med3dArchitecture;
   const shared = sharedParams(arch, plan.share);
-  const siteNames = o.siteDirs.map((_, i) => `site-${String.fromCharCode(97 + i)}`);
+  const siteNames = o.siteDirs.map((_, i) => generatedSiteName(i));
   // A fresh stage: decoders left by an earlier run in the same folder would start this one half-trained.
   rmSync(join(out, 'sites'), { recursive: true, force: true });
   const sites = o.siteDirs.map((d, i) => {

@@ -2,6 +2,7 @@
  * `medfl status`: what a coordinator knows, as tables for people — rounds, sites, metrics.
  */
 import Table from 'cli-table3';
+import { statfsSync } from 'node:fs';
 import type { CoordinatorStore, MetricRow, RoundRow, SiteRow } from '../coordinator/store/store.ts';
 import { PRIVACY_KEY, type PrivacySpent } from '../coordinator/rounds/round-engine.ts';
 import { parseTeacher, TEACHER_KEY } from '../coordinator/rounds/teacher.ts';
@@ -81,13 +82,47 @@ function teacherLines(raw: string | undefined): string[] {
   return t ? [`teacher: generation ${t.generation}, model ${short(t.modelHash)} (the aggregate of round ${t.round})`] : [];
 }
 
+/** Free space below which `medfl status` calls the coordinator's storage low: about ten 100 MB updates, or 5%. */
+export const LOW_STORAGE_BYTES = 1024 ** 3;
+
+export interface StorageCondition {
+  freeBytes: number;
+  totalBytes: number;
+  low: boolean;
+}
+
+/**
+ * Free space on the filesystem holding the coordinator folder (one statfs call), or undefined where it cannot be
+ * read. On a full disk uploads are refused as retryable and round closes wait until space is freed.
+ */
+export function storageCondition(dir: string): StorageCondition | undefined {
+  try {
+    const s = statfsSync(dir);
+    const freeBytes = s.bavail * s.bsize;
+    const totalBytes = s.blocks * s.bsize;
+    return { freeBytes, totalBytes, low: freeBytes < LOW_STORAGE_BYTES || freeBytes < 0.05 * totalBytes };
+  } catch {
+    return undefined;
+  }
+}
+
+const gib = (b: number) => `${(b / 1024 ** 3).toFixed(b < 10 * 1024 ** 3 ? 2 : 1)} GiB`;
+
+export function storageLines(c: StorageCondition | undefined): string[] {
+  if (!c) return [];
+  const pct = c.totalBytes > 0 ? ` (${((100 * c.freeBytes) / c.totalBytes).toFixed(0)}%)` : '';
+  const line = `storage: ${gib(c.freeBytes)} free of ${gib(c.totalBytes)}${pct} on the coordinator folder's disk`;
+  if (!c.low) return [line];
+  return [`${line} — LOW: when it runs out, uploads are refused as retryable and rounds wait to close; the coordinator carries on once space is freed`];
+}
+
 const iso = (t: number | null) => (t === null ? null : new Date(t).toISOString());
 
 /**
  * `medfl status --json`: the same facts as statusReport for scripts and monitoring. Times are ISO 8601 (UTC),
  * hashes in full; `schema` changes only when a field changes meaning or goes away.
  */
-export function statusJson(store: CoordinatorStore, federationId: string, now = Date.now()): Record<string, unknown> {
+export function statusJson(store: CoordinatorStore, federationId: string, now = Date.now(), storage?: StorageCondition): Record<string, unknown> {
   const privacy = store.getMeta(PRIVACY_KEY);
   const teacher = parseTeacher(store.getMeta(TEACHER_KEY));
   // One object per round × site; the keys are the metric names the sites report (num_train, val_dice_mean, …).
@@ -105,6 +140,7 @@ export function statusJson(store: CoordinatorStore, federationId: string, now = 
     roundsClosed: store.closedRoundCount(),
     privacy: privacy ? (JSON.parse(privacy) as PrivacySpent) : null,
     teacher: teacher ?? null,
+    storage: storage ?? null,
     sites: store.listSites().map((s) => ({
       name: s.name,
       state: s.state,
@@ -132,7 +168,7 @@ export function statusJson(store: CoordinatorStore, federationId: string, now = 
   };
 }
 
-export function statusReport(store: CoordinatorStore, federationId: string): string {
+export function statusReport(store: CoordinatorStore, federationId: string, storage?: StorageCondition): string {
   const rounds = store.listRounds();
   const lines = [
     `federation ${federationId}`,
@@ -140,6 +176,7 @@ export function statusReport(store: CoordinatorStore, federationId: string): str
     `rounds closed: ${store.closedRoundCount()}`,
     ...privacyLines(store.getMeta(PRIVACY_KEY)),
     ...teacherLines(store.getMeta(TEACHER_KEY)),
+    ...storageLines(storage),
     '',
     'Sites',
     sitesTable(store.listSites()),

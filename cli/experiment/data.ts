@@ -11,6 +11,7 @@ import { SiteData, validationCarve } from '../../site-agent/data/site-data.ts';
 import { scanDataset } from '../../site-agent/data/layout.ts';
 import { readCase } from '../../site-agent/data/case-reader.ts';
 import { SITE_PROFILES } from '../../site-agent/data/phantom.ts';
+import { generatedSiteName } from '../../shared/protocol/site-names.ts';
 
 
 export interface PhantomFederation {
@@ -27,7 +28,7 @@ export async function generatePhantomFederation(dir: string, p: PhantomFederatio
   const { writePhantomPool } = await import('../../site-agent/training/phantom-pool.ts');
   const sites: string[] = [];
   for (let i = 0; i < p.sites; i++) {
-    const name = `site-${String.fromCharCode(97 + i)}`;
+    const name = generatedSiteName(i);
     const prof = SITE_PROFILES[i % SITE_PROFILES.length];
     const d = join(dir, name);
     sites.push(d);

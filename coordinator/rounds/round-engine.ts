@@ -33,6 +33,8 @@ import { dirname, join } from 'node:path';
 import { addPretrainingSites, plannedRounds, PRETRAINED_ENCODER_KEY, PRETRAINING_SITES_KEY, pretrainingRounds, stageAfter, stageSettings, type Stage } from './pretraining-stage.ts';
 import { assembleEncoder, writePretrainedEncoder } from '../../shared/model/pretrained-encoder-file.ts';
 import type { Med3dArchitecture } from '../../shared/model/med3d.ts';
+import { describeStorageFault, isStorageFault } from '../../shared/util/storage-fault.ts';
+import { SITE_MAX_RECONNECT_BACKOFF_MS } from '../../shared/protocol/reconnect.ts';
 
 /** The wire shape of a Task, as handed to a site's stream. */
 export interface TaskMessage extends TaskManifest {
@@ -67,6 +69,19 @@ export interface RoundEngineOptions {
   rollbackPollMs?: number;
   /** Where the encoder file of the plan's pretraining stage is written (default: `pretrained/` beside the models folder). */
   pretrainedDir?: string;
+  /** How long to wait before trying again when opening, closing or failing a round hit a storage failure such as a full disk (default 10 s). */
+  storageRetryMs?: number;
+}
+
+/** Time a resumed round gives sites beyond their longest reconnect backoff: to connect, and to resend or retrain. */
+export const RESUME_GRACE_MARGIN_MS = 30_000;
+
+/**
+ * Extra time for an open round found at start-up: half the round deadline, at most 60 s, but never less than a site
+ * needs to notice the restart and come back (its longest reconnect backoff plus a margin).
+ */
+export function resumeGraceMs(roundDeadlineSeconds: number): number {
+  return Math.max(Math.min(60_000, roundDeadlineSeconds * 500), SITE_MAX_RECONNECT_BACKOFF_MS + RESUME_GRACE_MARGIN_MS);
 }
 
 /** Store meta keys of what aggregation carries across rounds (written in the round-close transaction). */
@@ -114,6 +129,9 @@ export class RoundEngine {
   readonly sharedNames: string[];
   /** Client-level DP accountant (plan.aggregation.dp), continued from the store across restarts. */
   private accountant: RdpAccountant | undefined;
+  /** Work put off by a storage failure, by what it is (one pending retry each). */
+  private readonly retries = new Map<string, NodeJS.Timeout>();
+  private lastStorageFault: { at: number; what: string; error: string } | undefined;
 
   constructor(private readonly o: RoundEngineOptions) {
     this.shared = sharedParams(o.architecture, o.plan.share);
@@ -151,6 +169,37 @@ export class RoundEngine {
     this.open?.secagg?.abort('the coordinator is stopping');
     if (this.waitTimer) clearTimeout(this.waitTimer);
     if (this.gatherTimer) clearTimeout(this.gatherTimer);
+    for (const t of this.retries.values()) clearTimeout(t);
+    this.retries.clear();
+  }
+
+  /** The failure that work is waiting on (it is retried), or undefined once the retried work went through. */
+  get storageFault(): { at: number; what: string; error: string } | undefined {
+    return this.lastStorageFault;
+  }
+
+  /**
+   * A failure in a timer or event path (a full disk, a locked database): logs it and runs `fn` again later, so the
+   * coordinator carries on by itself once space returns. Never throws: in a timer that would end the process.
+   * `fn` may itself fail again; it is then retried again.
+   */
+  private retryLater(key: string, what: string, e: unknown, fn: () => void | Promise<void>): void {
+    const ms = this.o.storageRetryMs ?? 10_000;
+    const error = describeStorageFault(e);
+    this.lastStorageFault = { at: Date.now(), what, error };
+    this.o.log.error({ err: error, storage: isStorageFault(e), retryInMs: ms }, `${what} failed; trying again later`);
+    if (this.stopped || this.retries.has(key)) return;
+    const run = async () => {
+      this.retries.delete(key);
+      if (this.stopped) return;
+      try {
+        await fn();
+        if (this.retries.size === 0) this.lastStorageFault = undefined;
+      } catch (e2) {
+        this.retryLater(key, what, e2, fn);
+      }
+    };
+    this.retries.set(key, setTimeout(() => void run(), ms));
   }
 
   get currentModelHash(): string {
@@ -180,7 +229,11 @@ export class RoundEngine {
     const open = this.open;
     if (open && open.row.selected.includes(site) && !open.reported.has(site)) {
       // A site that reconnects mid-round gets its task again; its update id makes a retry count once.
-      sink.send(this.trainTask(open.row, site));
+      try {
+        sink.send(this.trainTask(open.row, site));
+      } catch (e) {
+        this.retryLater('tasks', `sending round ${open.row.round}'s task to ${site}`, e, () => this.sendTasks(open));
+      }
     } else if (!open) {
       this.maybeOpenRound();
     }
@@ -295,7 +348,7 @@ export class RoundEngine {
   // ---- rounds ----
 
   private resume(row: RoundRow): void {
-    const { store, models, strategy, log } = this.o;
+    const { store, log } = this.o;
     if (this.o.plan.aggregation.secureAggregation.enabled) {
       // The session's state (keys, shares forwarded, the masked sum) lives in memory only: start over.
       const note = 'the coordinator restarted during a secure-aggregation round; its session is not kept across restarts, so the round failed and a new one starts';
@@ -305,18 +358,15 @@ export class RoundEngine {
       this.maybeOpenRound();
       return;
     }
-    // The base model is handed to the strategy and not kept here: a strategy that needs it keeps it.
-    const aggregator = strategy.begin(models.load(row.baseModelHash), this.shared, this.roundContext(row));
-    const reported = new Set<string>();
-    for (const u of store.updatesForRound(row.round)) {
-      // Accepted updates were stored before their ack, so re-folding them reproduces the running sum exactly.
-      const d = decodeUpdate(readFileSync(u.path), { views: true });
-      aggregator.add(pick(d.bundle, this.shared), { site: u.site, numSamples: u.numSamples, isDelta: d.isDelta });
-      reported.add(u.site);
-    }
-    const grace = this.o.resumeGraceMs ?? Math.min(60_000, this.o.plan.roundDeadlineSeconds * 500);
+    const { aggregator, reported } = this.refold(row);
+    const grace = this.o.resumeGraceMs ?? resumeGraceMs(this.o.plan.roundDeadlineSeconds);
     const deadlineAt = Math.max(row.deadlineAt, Date.now() + grace);
-    if (deadlineAt !== row.deadlineAt) store.extendDeadline(row.round, deadlineAt);
+    try {
+      if (deadlineAt !== row.deadlineAt) store.extendDeadline(row.round, deadlineAt);
+    } catch (e) {
+      // The later deadline holds in memory; only a second restart would fall back to the stored one.
+      log.warn({ round: row.round, err: describeStorageFault(e) }, "could not store the resumed round's extended deadline");
+    }
     this.open = { row: { ...row, deadlineAt }, aggregator, reported, closing: false, stage: stageAfter(this.o.plan, store.closedRoundCount()) };
     log.info({ round: row.round, reported: reported.size, selected: row.selected.length }, 'resumed open round after restart');
     if (row.selected.every((s) => reported.has(s))) {
@@ -326,7 +376,41 @@ export class RoundEngine {
     this.armDeadline(this.open);
   }
 
+  /**
+   * The round's aggregator rebuilt from its accepted updates in the store (after a restart, or after closing failed).
+   * Accepted updates were stored before their ack, so re-folding them reproduces the running sum exactly.
+   */
+  private refold(row: RoundRow): { aggregator: RoundAggregator; reported: Set<string> } {
+    const { store, models, strategy } = this.o;
+    // The base model is handed to the strategy and not kept here: a strategy that needs it keeps it.
+    const aggregator = strategy.begin(models.load(row.baseModelHash), this.shared, this.roundContext(row));
+    const reported = new Set<string>();
+    try {
+      for (const u of store.updatesForRound(row.round)) {
+        const d = decodeUpdate(readFileSync(u.path), { views: true });
+        aggregator.add(pick(d.bundle, this.shared), { site: u.site, numSamples: u.numSamples, isDelta: d.isDelta });
+        reported.add(u.site);
+      }
+    } catch (e) {
+      aggregator.discard?.();
+      throw e;
+    }
+    return { aggregator, reported };
+  }
+
+  /** Opens the next round when it is time. Runs from timers and calls, so it never throws: a failure is retried later. */
   private maybeOpenRound(): void {
+    try {
+      this.openNextRound();
+    } catch (e) {
+      this.retryLater('open', 'opening the next round', e, () => {
+        if (this.open) this.sendTasks(this.open);
+        else this.openNextRound();
+      });
+    }
+  }
+
+  private openNextRound(): void {
     if (this.stopped || this.open || this.finished) return;
     const { store, plan, log } = this.o;
     if (store.closedRoundCount() >= plannedRounds(plan)) {
@@ -383,23 +467,62 @@ export class RoundEngine {
     };
     const stage = stageAfter(plan, store.closedRoundCount());
     if (stage.kind === 'fine-tuning' && stage.index === 1 && pretrainingRounds(plan) > 0) this.forgetPretrainingAggregationState();
-    store.openRound(row);
-    this.open = { row, aggregator: this.o.strategy.begin(this.o.models.load(row.baseModelHash), this.shared, this.roundContext(row)), reported: new Set(), closing: false, stage };
+    // The aggregator first: the store says a round is open only once it can run here too.
+    const aggregator = this.o.strategy.begin(this.o.models.load(row.baseModelHash), this.shared, this.roundContext(row));
+    try {
+      store.openRound(row);
+    } catch (e) {
+      aggregator.discard?.();
+      throw e;
+    }
+    this.open = { row, aggregator, reported: new Set(), closing: false, stage };
     if (plan.aggregation.secureAggregation.enabled) this.open.secagg = this.secAggSession(this.open);
     this.emit('round.started', { round: row.round, selected, model: row.baseModelHash, ...(pretrainingRounds(plan) > 0 ? { stage: stage.kind, stageRound: stage.index } : {}) });
     log.info({ round: row.round, selected, model: row.baseModelHash.slice(0, 12), ...(pretrainingRounds(plan) > 0 ? { stage: stage.kind, stageRound: stage.index } : {}) }, 'round started');
-    for (const s of selected) this.connected.get(s)?.send(this.trainTask(row, s));
+    // The deadline first: a task that cannot be sent now is sent again later, and the round still ends on time.
     this.armDeadline(this.open);
+    this.sendTasks(this.open);
+  }
+
+  /** The round's task to each selected, connected site that has not reported; a failure (e.g. the encoded model file cannot be written) is retried later. */
+  private sendTasks(open: OpenRound): void {
+    if (this.open !== open || open.closing) return;
+    try {
+      for (const s of open.row.selected) if (!open.reported.has(s)) this.connected.get(s)?.send(this.trainTask(open.row, s));
+    } catch (e) {
+      this.retryLater('tasks', `sending round ${open.row.round}'s tasks`, e, () => this.sendTasks(open));
+    }
   }
 
   private armDeadline(open: OpenRound): void {
     const delay = Math.max(0, open.row.deadlineAt - Date.now());
-    open.timer = setTimeout(() => void this.onDeadline(open), delay);
+    // Caught: a rejection here would end the process.
+    const reached = (): Promise<void> => this.onDeadline(open).catch((e: unknown) => this.retryLater(`deadline-${open.row.round}`, `round ${open.row.round}'s deadline`, e, reached));
+    open.timer = setTimeout(() => void reached(), delay);
+  }
+
+  /**
+   * Marks `open` failed in the store, then runs `after` (announce, open the next round). On a storage failure the
+   * round stays in memory, closing (so uploads are refused), and the store write is tried again later.
+   */
+  private failDurably(open: OpenRound, note: string, after: () => void): void {
+    open.closing = true;
+    if (open.timer) clearTimeout(open.timer);
+    const attempt = (): void => {
+      if (this.open !== open) return; // an operator's rollback settled it meanwhile
+      this.o.store.failRound(open.row.round, note);
+      after();
+    };
+    try {
+      attempt();
+    } catch (e) {
+      this.retryLater(`fail-${open.row.round}`, `failing round ${open.row.round}`, e, attempt);
+    }
   }
 
   private async onDeadline(open: OpenRound): Promise<void> {
     if (this.open !== open || open.closing) return;
-    const { plan, store, log } = this.o;
+    const { plan, log } = this.o;
     if (open.secagg) {
       // Closes only through the session; still running at the deadline means it cannot finish in time.
       open.secagg.abort(`round deadline reached in phase '${open.secagg.phase}'`);
@@ -411,12 +534,13 @@ export class RoundEngine {
       return;
     }
     const note = `deadline reached without quorum: ${open.reported.size} of ${open.row.selected.length} selected sites reported, ${plan.minSites} needed`;
-    open.aggregator.discard?.();
-    store.failRound(open.row.round, note);
-    this.emit('round.failed', { round: open.row.round, reason: note });
-    log.warn({ round: open.row.round }, note);
-    this.open = undefined;
-    this.maybeOpenRound();
+    this.failDurably(open, note, () => {
+      open.aggregator.discard?.();
+      this.emit('round.failed', { round: open.row.round, reason: note });
+      log.warn({ round: open.row.round }, note);
+      this.open = undefined;
+      this.maybeOpenRound();
+    });
   }
 
   /** The round's secure-aggregation session: on success the unmasked sum is folded and the round closes; on failure the round fails. */
@@ -471,16 +595,15 @@ export class RoundEngine {
 
   private failSecAgg(open: OpenRound, reason: string): void {
     if (this.stopped || this.open !== open || open.closing) return;
-    const { store, log } = this.o;
-    open.closing = true;
-    if (open.timer) clearTimeout(open.timer);
+    const { log } = this.o;
     const note = `secure aggregation failed: ${reason}`;
-    open.aggregator.discard?.();
-    store.failRound(open.row.round, note);
-    this.emit('round.failed', { round: open.row.round, reason: note });
-    log.warn({ round: open.row.round }, note);
-    this.open = undefined;
-    this.maybeOpenRound();
+    this.failDurably(open, note, () => {
+      open.aggregator.discard?.();
+      this.emit('round.failed', { round: open.row.round, reason: note });
+      log.warn({ round: open.row.round }, note);
+      this.open = undefined;
+      this.maybeOpenRound();
+    });
   }
 
   /** The secure-aggregation session of the open round `round`, if it has one (for the SecureAggregation service). */
@@ -489,8 +612,57 @@ export class RoundEngine {
     return open && open.row.round === round && !open.closing ? open.secagg : undefined;
   }
 
+  /** Closes the round; never throws: when storing its result fails (a full disk), the close is tried again later. */
   private async closeRound(open: OpenRound, why: string): Promise<void> {
     if (open.closing) return;
+    try {
+      await this.closeRoundOnce(open, why);
+    } catch (e) {
+      this.closeFailed(open, why, e);
+    }
+  }
+
+  /**
+   * Closing failed: the aggregator is spent and the server state moved on in memory, but nothing was committed
+   * (the store transaction is all or nothing). Later, the aggregator is rebuilt from the stored updates and the
+   * close tried again; the round refuses uploads meanwhile. A secure-aggregation sum cannot be rebuilt: that
+   * round fails (durably) instead.
+   */
+  private closeFailed(open: OpenRound, why: string, e: unknown): void {
+    const round = open.row.round;
+    try {
+      open.aggregator.discard?.();
+      this.resetAggregationState();
+    } catch (e2) {
+      this.o.log.error({ round, err: describeStorageFault(e2) }, 'could not reset the aggregation state after a failed close');
+    }
+    if (open.secagg) {
+      this.o.log.error({ round, err: describeStorageFault(e) }, 'storing the secure-aggregation result failed; the round fails');
+      const note = `secure aggregation finished but storing its result failed (${describeStorageFault(e)}); its sum cannot be rebuilt`;
+      this.failDurably(open, note, () => {
+        this.emit('round.failed', { round, reason: note });
+        this.open = undefined;
+        this.maybeOpenRound();
+      });
+      return;
+    }
+    this.retryLater(`close-${round}`, `closing round ${round}`, e, () => {
+      if (this.open !== open) return;
+      if (this.o.store.getRound(round)?.state !== 'open') {
+        // Settled after all (the failure came after the commit): only what follows a close is left to do.
+        this.open = undefined;
+        this.maybeOpenRound();
+        return;
+      }
+      const { aggregator, reported } = this.refold(open.row);
+      open.aggregator = aggregator;
+      for (const s of reported) open.reported.add(s);
+      open.closing = false;
+      return this.closeRound(open, why);
+    });
+  }
+
+  private async closeRoundOnce(open: OpenRound, why: string): Promise<void> {
     open.closing = true;
     if (open.timer) clearTimeout(open.timer);
     const { store, models, architecture, log } = this.o;
@@ -534,9 +706,14 @@ export class RoundEngine {
     // The previous round's optimiser state is superseded once this commit is durable (two models of disk each).
     const oldTensors = previousState ? (JSON.parse(previousState) as { tensors: string | null }).tensors : null;
     const newTensors = meta[AGGREGATION_STATE_KEY] ? (JSON.parse(meta[AGGREGATION_STATE_KEY]) as { tensors: string | null }).tensors : oldTensors;
-    if (oldTensors && oldTensors !== newTensors && !store.getModel(oldTensors)) rmSync(models.pathFor(oldTensors), { force: true });
-    this.pruneClosedRounds(open.row.round);
     this.open = undefined;
+    try {
+      if (oldTensors && oldTensors !== newTensors && !store.getModel(oldTensors)) rmSync(models.pathFor(oldTensors), { force: true });
+      this.pruneClosedRounds(open.row.round);
+    } catch (e) {
+      // Committed: only disk space is at stake, and the next close prunes again.
+      log.warn({ round: open.row.round, err: (e as Error).message }, 'deleting superseded files after the round closed failed');
+    }
     const dp = privacy ? { epsilon: privacy.epsilon, delta: privacy.delta } : undefined;
     this.emit('round.closed', { round: open.row.round, model: saved.hash, sites: [...open.reported].sort(), why, strategy: this.o.strategy.name, ...(dp ? { dp } : {}), ...(open.secagg ? { secureAggregation: { timeline: open.secagg.timeline } } : {}) });
     log.info({ round: open.row.round, model: saved.hash.slice(0, 12), sites: open.reported.size, why, ...(dp ? { epsilon: dp.epsilon } : {}) }, 'round closed');
@@ -582,15 +759,16 @@ export class RoundEngine {
 
   /** The aggregate failed its final check: the round fails, naming the cause, and the federation stays on its model. */
   private failUnpublished(open: OpenRound, problem: string): void {
-    const { store, log } = this.o;
+    const { log } = this.o;
     const sites = [...open.reported].sort();
     const note = `aggregate not published: ${problem}; the federation stays on model ${open.row.baseModelHash.slice(0, 12)}… (updates from ${sites.join(', ')})`;
-    store.failRound(open.row.round, note);
     this.resetAggregationState();
-    this.emit('round.failed', { round: open.row.round, reason: note, cause: 'aggregate', sites });
-    log.error({ round: open.row.round, sites, problem }, 'round failed: its aggregate is not published');
-    this.open = undefined;
-    this.maybeOpenRound();
+    this.failDurably(open, note, () => {
+      this.emit('round.failed', { round: open.row.round, reason: note, cause: 'aggregate', sites });
+      log.error({ round: open.row.round, sites, problem }, 'round failed: its aggregate is not published');
+      this.open = undefined;
+      this.maybeOpenRound();
+    });
   }
 
   /** Back to the aggregation state last committed (finish() already moved the optimiser and norms on in memory). */

@@ -13,6 +13,8 @@ import type { FederationClient, UploadAck } from './client.ts';
 import type { TaskSettings } from '../../shared/protocol/task.ts';
 import { decodeSafetensors } from '../../shared/tensors/safetensors.ts';
 import { encodeUpdate } from '../../shared/tensors/update-codec.ts';
+import { SITE_MAX_RECONNECT_BACKOFF_MS } from '../../shared/protocol/reconnect.ts';
+import type { Logger } from '../../shared/util/log.ts';
 
 /**
  * The trained update (float32 safetensors) in the encoding the task asks for (plan.compression):
@@ -94,19 +96,53 @@ async function sendUpdate(client: FederationClient, u: OutgoingUpdate, hashIn: '
   return call.ack;
 }
 
-/** Retries transport failures (not refusals) with backoff; a refusal carries a reason and is final. */
-export async function uploadUpdate(client: () => FederationClient, u: OutgoingUpdate, onProgress?: (p: number) => void, attempts = 5): Promise<UploadAck> {
-  let last: unknown;
-  for (let i = 0; i < attempts; i++) {
+/**
+ * Refusals that mean "not now" — the coordinator's storage is full or failing, or it is short of some resource —
+ * rather than "no": the update is kept and sent again until the round's deadline.
+ */
+export const TRANSIENT_UPLOAD_CODES: ReadonlySet<grpc.status> = new Set([grpc.status.UNAVAILABLE, grpc.status.RESOURCE_EXHAUSTED]);
+
+/** Codes that are final: the same upload would be refused again. */
+const FINAL_UPLOAD_CODES: ReadonlySet<grpc.status> = new Set([grpc.status.PERMISSION_DENIED, grpc.status.INVALID_ARGUMENT]);
+
+export interface UploadRetryOptions {
+  /** Tries in all for failures other than the transient ones (default 5). */
+  attempts?: number;
+  /** Transient refusals are retried until this time, Unix ms (the round's deadline); default 10 minutes from the first try. */
+  until?: number;
+  /** Longest wait between two tries (default: the sites' reconnect backoff cap). */
+  maxBackoffMs?: number;
+  /** Checked before each wait and retry: true stops retrying (the agent is stopping). */
+  cancelled?: () => boolean;
+  log?: Logger;
+}
+
+/**
+ * Sends the update, retrying failures with backoff: transient refusals (TRANSIENT_UPLOAD_CODES) until `until`,
+ * other transport failures `attempts` times. An answer with a reason (accepted or not) is final, and so are
+ * PERMISSION_DENIED and INVALID_ARGUMENT. Throws the last error when it gives up.
+ */
+export async function uploadUpdate(client: () => FederationClient, u: OutgoingUpdate, onProgress?: (p: number) => void, opts: UploadRetryOptions = {}): Promise<UploadAck> {
+  const attempts = opts.attempts ?? 5;
+  const until = opts.until ?? Date.now() + 600_000;
+  const maxBackoffMs = opts.maxBackoffMs ?? SITE_MAX_RECONNECT_BACKOFF_MS;
+  let failures = 0;
+  for (let tryNo = 1; ; tryNo++) {
     try {
       // Ask for the client each time: the agent may have reconnected with a new channel meanwhile.
       return await uploadOnce(client(), u, onProgress);
     } catch (e) {
-      last = e;
-      const code = (e as grpc.ServiceError).code;
-      if (code === grpc.status.PERMISSION_DENIED || code === grpc.status.INVALID_ARGUMENT) throw e;
-      await new Promise((r) => setTimeout(r, 500 * 2 ** i));
+      const err = e as grpc.ServiceError;
+      if (FINAL_UPLOAD_CODES.has(err.code)) throw e;
+      const transient = TRANSIENT_UPLOAD_CODES.has(err.code);
+      if (!transient) failures++;
+      const delay = Math.min(maxBackoffMs, 500 * 2 ** Math.min(tryNo - 1, 16));
+      if (opts.cancelled?.() || (transient ? Date.now() + delay > until : failures >= attempts)) throw e;
+      opts.log?.warn(
+        { round: u.round, attempt: tryNo, delayMs: delay, code: err.code !== undefined ? grpc.status[err.code] : undefined, reason: err.details ?? err.message },
+        transient ? 'the coordinator cannot take the update now; keeping it and trying again' : 'sending the update failed; trying again',
+      );
+      await new Promise((r) => setTimeout(r, delay));
     }
   }
-  throw last;
 }

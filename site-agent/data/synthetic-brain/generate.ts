@@ -14,6 +14,7 @@ import { placeLesions } from './lesions.ts';
 import { BenchmarkOptionsSchema, type BenchmarkOptions, type BenchmarkOptionsInput } from './options.ts';
 import { profileFor, type ScannerProfile } from './profiles.ts';
 import { toStored, writeStored } from './write.ts';
+import { siteLetters } from '../../../shared/protocol/site-names.ts';
 
 export interface GeneratedCase {
   readonly name: string;
@@ -77,7 +78,7 @@ export function synthesizeCase(subjectSeed: number, profile: ScannerProfile, o: 
   );
 }
 
-const siteLetter = (i: number): string => String.fromCharCode(97 + i);
+const siteLetter = siteLetters;
 
 /** Seed of case `k` of site `site` (split 'site': its labelled then unlabelled cases) or of its profile's test subjects. */
 export function caseSeed(seed: number, site: number, k: number, split: 'site' | 'test'): number {
