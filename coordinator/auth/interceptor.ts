@@ -26,6 +26,8 @@ import type { Logger } from 'pino';
 import { AUTH_METADATA_KEY, AUTHENTICATED_SITE_KEY, METHODS } from '../../shared/protocol/grpc.ts';
 import { publicKeyFromRaw } from '../../shared/security/site-identity.ts';
 import { verifyClientCertificate } from '../../shared/security/pki.ts';
+import type { FailureLimiter } from './failure-limiter.ts';
+import { describeStorageFault, isStorageFault } from '../../shared/util/storage-fault.ts';
 
 /** Longest token lifetime (exp - iat) accepted, seconds. */
 export const MAX_TOKEN_LIFETIME_S = 300;
@@ -61,17 +63,35 @@ export interface AuthInterceptorOptions {
    * (serverCredentials with requestClientCert or requireClientCert and this CA).
    */
   clientCaPem?: string;
+  /**
+   * Per-peer limit on failed calls (failure-limiter.ts): a peer over it is refused with RESOURCE_EXHAUSTED before
+   * its token is parsed, and its failures are logged collapsed. Absent: no limit, one warn line per failure.
+   */
+  limiter?: FailureLimiter;
+  /** Told of every failed check (an AuthError, or the coordinator's own error), e.g. for metrics; must not throw. */
+  onFailure?: (error: unknown) => void;
 }
 
 /** Verification failure: the gRPC status to end the call with and a message naming cause and fix. */
 export class AuthError extends Error {
   constructor(
-    readonly code: grpc.status.UNAUTHENTICATED | grpc.status.PERMISSION_DENIED,
+    readonly code: grpc.status.UNAUTHENTICATED | grpc.status.PERMISSION_DENIED | grpc.status.UNAVAILABLE,
     message: string,
   ) {
     super(message);
     this.name = 'AuthError';
   }
+}
+
+/**
+ * What a failed check ends the call with: an AuthError as it is; anything else is the coordinator's own fault
+ * (its site directory could not be read or written: disk full, database locked), so UNAVAILABLE, which sites
+ * retry, and never an authentication failure.
+ */
+export function authFailure(err: unknown): AuthError {
+  if (err instanceof AuthError) return err;
+  const why = isStorageFault(err) ? `its storage failed (${describeStorageFault(err)})` : `an internal error (${err instanceof Error ? err.message : String(err)})`;
+  return new AuthError(grpc.status.UNAVAILABLE, `the coordinator could not check this call's token: ${why}; try again later`);
 }
 
 const unauth = (msg: string): AuthError => new AuthError(grpc.status.UNAUTHENTICATED, msg);
@@ -212,8 +232,14 @@ export function siteCallAuthenticator(opts: AuthInterceptorOptions): (metadata: 
   const { federationId, directory } = opts;
   const clientCa = opts.clientCaPem ? new X509Certificate(opts.clientCaPem) : undefined;
   return async (metadata, authContext) => {
-    const certificateSite = clientCa ? clientCertificateSite({ getAuthContext: authContext }, clientCa) : undefined;
-    return verifySiteToken(metadata, { federationId, directory, certificateSite });
+    try {
+      const certificateSite = clientCa ? clientCertificateSite({ getAuthContext: authContext }, clientCa) : undefined;
+      return await verifySiteToken(metadata, { federationId, directory, certificateSite });
+    } catch (e) {
+      // Here, not in the interceptor, so refusals on both transports (grpc-js, HTTP/2 bulk path) are seen once each.
+      opts.onFailure?.(e);
+      throw e;
+    }
   };
 }
 
@@ -237,6 +263,12 @@ export function createAuthInterceptor(opts: AuthInterceptorOptions): grpc.Server
       start: (next) => {
         const listener = new grpc.ServerListenerBuilder()
           .withOnReceiveMetadata((metadata, nextMd) => {
+            const refusal = opts.limiter?.refusal(call.getPeer(), method.path);
+            if (refusal !== undefined) {
+              done = true;
+              intercepting.sendStatus({ code: grpc.status.RESOURCE_EXHAUSTED, details: refusal, metadata: new grpc.Metadata() });
+              return;
+            }
             authenticate(metadata, () => call.getAuthContext())
               .then(
                 (site) => {
@@ -249,8 +281,11 @@ export function createAuthInterceptor(opts: AuthInterceptorOptions): grpc.Server
                 (err: unknown) => {
                   if (done) return;
                   done = true;
-                  const e = err instanceof AuthError ? err : new AuthError(grpc.status.UNAUTHENTICATED, `token verification failed: ${String(err)}`);
-                  log?.warn({ method: method.path, peer: call.getPeer(), code: grpc.status[e.code], reason: e.message }, 'site call rejected');
+                  const e = authFailure(err);
+                  const info = { method: method.path, code: grpc.status[e.code], reason: e.message };
+                  // The coordinator's own fault (UNAVAILABLE) is not the peer's: it does not count against it.
+                  if (opts.limiter && e.code !== grpc.status.UNAVAILABLE) opts.limiter.failure(call.getPeer(), info);
+                  else log?.warn({ ...info, peer: call.getPeer() }, 'site call rejected');
                   intercepting.sendStatus({ code: e.code, details: e.message, metadata: new grpc.Metadata() });
                 },
               );

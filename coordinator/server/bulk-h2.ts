@@ -26,7 +26,8 @@ import * as grpc from '@grpc/grpc-js';
 import { AUTHENTICATED_SITE_KEY } from '../../shared/protocol/grpc.ts';
 import { MessagePool, MessageReader, encodeGrpcMessage, grpcPrefix, parseGrpcTimeout } from '../../shared/protocol/grpc-frames.ts';
 import type { Logger } from '../../shared/util/log.ts';
-import { AuthError, type siteCallAuthenticator } from '../auth/interceptor.ts';
+import { authFailure, type siteCallAuthenticator } from '../auth/interceptor.ts';
+import type { FailureLimiter } from '../auth/failure-limiter.ts';
 
 type Handler = (call: never, cb: grpc.sendUnaryData<unknown>) => void;
 
@@ -43,6 +44,8 @@ export interface BulkRouteOptions {
   authenticate: ReturnType<typeof siteCallAuthenticator>;
   maxMessageBytes: number;
   log: Logger;
+  /** The interceptor's per-peer limit on failed calls (failure-limiter.ts), shared with it. */
+  limiter?: FailureLimiter;
 }
 
 interface Status { code: grpc.status; details: string }
@@ -242,6 +245,9 @@ function serve(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeade
   if (encoding !== undefined && encoding !== 'identity') return refuse(stream, grpc.status.UNIMPLEMENTED, `grpc-encoding "${String(encoding)}" is not supported; send messages uncompressed`);
   // Nothing is read before the call is authenticated (flow control holds the client meanwhile).
   stream.pause();
+  const peer = `${stream.session?.socket?.remoteAddress}:${stream.session?.socket?.remotePort}`;
+  const refusal = o.limiter?.refusal(peer, path);
+  if (refusal !== undefined) return refuse(stream, grpc.status.RESOURCE_EXHAUSTED, refusal);
   const metadata = grpc.Metadata.fromHttp2Headers(headers);
   o.authenticate(metadata, () => authContextOf(stream)).then(
     (site) => {
@@ -252,8 +258,10 @@ function serve(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeade
       run(stream, headers, method, metadata, pool, o.log);
     },
     (err: unknown) => {
-      const e = err instanceof AuthError ? err : new AuthError(grpc.status.UNAUTHENTICATED, `token verification failed: ${String(err)}`);
-      o.log.warn({ method: path, peer: `${stream.session?.socket?.remoteAddress}:${stream.session?.socket?.remotePort}`, code: grpc.status[e.code], reason: e.message }, 'site call rejected');
+      const e = authFailure(err);
+      const info = { method: path, code: grpc.status[e.code], reason: e.message };
+      if (o.limiter && e.code !== grpc.status.UNAVAILABLE) o.limiter.failure(peer, info);
+      else o.log.warn({ ...info, peer }, 'site call rejected');
       refuse(stream, e.code, e.message);
     },
   );

@@ -14,7 +14,9 @@ import type { CoordinatorStore } from '../store/store.ts';
 import type { EventBus } from '../../shared/events/bus.ts';
 import { sha256Hex } from '../../shared/util/hash.ts';
 import type { Logger } from '../../shared/util/log.ts';
+import { METHODS } from '../../shared/protocol/grpc.ts';
 import { SITE_NAME_PATTERN } from '../../shared/protocol/site-names.ts';
+import type { FailureLimiter } from '../auth/failure-limiter.ts';
 import { weakEd25519PublicKeyReason } from '../../shared/security/site-identity.ts';
 import {
   CLIENT_CERT_VALID_DAYS,
@@ -49,6 +51,8 @@ export function enrollmentHandlers(d: {
   /** The coordinator runs with --mtls: a site must leave enrolment with a client certificate. */
   requireClientCert?: boolean;
   clientCertValidDays?: number;
+  /** Per-peer limit on failed calls, shared with the auth interceptor: refused enrolments count as failures. */
+  limiter?: FailureLimiter;
 }): grpc.UntypedServiceImplementation {
   async function enroll(request: unknown): Promise<{ ok: true; response: Record<string, unknown> } | { ok: false; error: Partial<grpc.StatusObject> }> {
     const r = EnrollSchema.safeParse(request);
@@ -90,7 +94,8 @@ export function enrollmentHandlers(d: {
 
     const outcome = d.store.enrolSite(siteName, sha256Hex(token), publicKey);
     if (!outcome.ok) {
-      d.log.warn({ site: siteName, code: outcome.code }, 'enrolment refused');
+      // Counted (and its warn line collapsed) below, with the peer, when a limiter is set.
+      if (!d.limiter) d.log.warn({ site: siteName, code: outcome.code }, 'enrolment refused');
       const code = outcome.code === 'revoked' ? grpc.status.PERMISSION_DENIED : grpc.status.UNAUTHENTICATED;
       return { ok: false, error: { code, details: outcome.message } };
     }
@@ -101,8 +106,19 @@ export function enrollmentHandlers(d: {
 
   return {
     Enroll(call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
+      const refusal = d.limiter?.refusal(call.getPeer(), METHODS.enroll);
+      if (refusal !== undefined) return cb({ code: grpc.status.RESOURCE_EXHAUSTED, details: refusal });
       enroll(call.request).then(
-        (res) => (res.ok ? cb(null, res.response) : cb(res.error)),
+        (res) => {
+          if (res.ok) return cb(null, res.response);
+          const code = res.error.code ?? grpc.status.UNKNOWN;
+          // Every refusal an unauthenticated caller can provoke counts; the coordinator's own faults do not.
+          if (d.limiter && code !== grpc.status.INTERNAL && code !== grpc.status.UNAVAILABLE) {
+            const site = (call.request as { siteName?: unknown } | null)?.siteName;
+            d.limiter.failure(call.getPeer(), { method: METHODS.enroll, code: grpc.status[code], reason: res.error.details ?? '', site: typeof site === 'string' ? site.slice(0, 64) : undefined }, 'enrolment refused');
+          }
+          cb(res.error);
+        },
         (e: unknown) => {
           d.log.error({ err: e }, 'enrolment failed');
           cb({ code: grpc.status.INTERNAL, details: `enrolment failed: ${String(e)}` });

@@ -14,6 +14,7 @@ import { UploadRefused, type PartialUpload, type UploadReceiver, type UpdateHead
 import type { Logger } from '../../shared/util/log.ts';
 import { streamModelFile } from './model-stream.ts';
 import { COORDINATOR_FEATURES, type Feature } from '../../shared/protocol/features.ts';
+import { describeStorageFault, isStorageFault } from '../../shared/util/storage-fault.ts';
 
 export interface FederationServiceDeps {
   store: CoordinatorStore;
@@ -25,7 +26,18 @@ export interface FederationServiceDeps {
   revocationCheckMs?: number;
   /** Named in every heartbeat answer (default: all of COORDINATOR_FEATURES). */
   features?: readonly Feature[];
+  /** Uploads one site may have open at once (default DEFAULT_MAX_OPEN_UPLOADS_PER_SITE); more are refused. */
+  maxOpenUploadsPerSite?: number;
+  /** Told of each finished model download and each accepted upload (admin-http metrics); must not throw. */
+  onTransfer?: (t: { direction: 'download' | 'upload'; bytes: number; seconds: number }) => void;
 }
+
+/**
+ * Each open upload holds a partial file and its descriptor until it ends or stalls out (uploadOptions.stallMs), so
+ * one site (hostile or buggy) could otherwise hold any number. Two lets a retry in beside an upload whose path
+ * died silently and is not yet dropped.
+ */
+export const DEFAULT_MAX_OPEN_UPLOADS_PER_SITE = 2;
 
 const HeartbeatSchema = z.object({
   state: z.enum(['idle', 'downloading', 'training', 'uploading', '']).transform((s) => s || 'idle'),
@@ -41,6 +53,15 @@ const MetricsSchema = z.object({
     .record(z.string().regex(/^[a-z][a-z0-9_.]{0,63}$/, 'metric names are lowercase [a-z0-9_.], at most 64 characters'), z.number().finite())
     .refine((v) => Object.keys(v).length <= 64, 'at most 64 metrics per report'),
 });
+
+/**
+ * A handler's failure as the status a site sees: a storage fault (disk full, database locked) is the coordinator's
+ * passing condition, so UNAVAILABLE with the reason (sites retry it); anything else goes as it is.
+ */
+export function asServiceError(e: unknown): Partial<grpc.StatusObject> {
+  if (isStorageFault(e)) return { code: grpc.status.UNAVAILABLE, details: `the coordinator cannot store this now: ${describeStorageFault(e)}; try again later` };
+  return e as grpc.ServiceError;
+}
 
 function siteOf(call: { metadata: grpc.Metadata }): string {
   const v = call.metadata.get(AUTHENTICATED_SITE_KEY)[0];
@@ -100,6 +121,10 @@ function statusSent(call: grpc.ServerReadableStream<unknown, unknown>, maxWaitMs
 
 export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServiceImplementation {
   const { store, models, engine, receiver, log } = d;
+  const maxOpenUploads = d.maxOpenUploadsPerSite ?? DEFAULT_MAX_OPEN_UPLOADS_PER_SITE;
+  if (!(Number.isInteger(maxOpenUploads) && maxOpenUploads >= 1)) throw new RangeError(`maxOpenUploadsPerSite must be an integer ≥ 1, got ${maxOpenUploads}`);
+  /** Open UploadUpdate calls per site (both transports run these handlers). */
+  const openUploads = new Map<string, number>();
 
   return {
     Heartbeat(call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
@@ -110,7 +135,7 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         store.touchSite(site, hb.data.state, hb.data.engine || null);
         cb(null, { serverTimeMs: Date.now(), features: d.features ?? COORDINATOR_FEATURES });
       } catch (e) {
-        cb(e as grpc.ServiceError);
+        cb(asServiceError(e));
       }
     },
 
@@ -122,7 +147,12 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         call.destroy(e as Error);
         return;
       }
-      store.touchSite(site, 'idle', null);
+      try {
+        store.touchSite(site, 'idle', null);
+      } catch (e) {
+        // Only bookkeeping (last seen): the task stream works without it.
+        log.warn({ site, err: describeStorageFault(e) }, 'could not record the site as seen');
+      }
       let open = true;
       const sink: TaskSink = {
         send(task) {
@@ -136,7 +166,15 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         },
       };
       const revocationCheck = setInterval(() => {
-        if (store.getSite(site)?.state !== 'enrolled') {
+        let state: string | undefined;
+        try {
+          state = store.getSite(site)?.state;
+        } catch (e) {
+          // A timer must not throw (that would end the process): check again on the next tick.
+          log.warn({ site, err: describeStorageFault(e) }, 'could not check whether the site is still enrolled');
+          return;
+        }
+        if (state !== 'enrolled') {
           log.warn({ site }, 'site revoked: closing its task stream');
           done();
           call.emit('error', { code: grpc.status.PERMISSION_DENIED, details: `site '${site}' was revoked by the coordinator admin` });
@@ -169,19 +207,44 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         call.emit('error', { code: grpc.status.OUT_OF_RANGE, details: `offset ${offset} is outside the ${m.sizeBytes}-byte model` });
         return;
       }
-      streamModelFile(call, models.pathFor(modelHash), offset, m.sizeBytes, modelHash);
+      const started = performance.now();
+      const sent = d.onTransfer && (() => d.onTransfer!({ direction: 'download', bytes: m.sizeBytes - offset, seconds: (performance.now() - started) / 1000 }));
+      streamModelFile(call, models.pathFor(modelHash), offset, m.sizeBytes, modelHash, sent);
     },
 
-    UploadUpdate(call: grpc.ServerReadableStream<Record<string, unknown>, unknown>, cb: grpc.sendUnaryData<unknown>) {
+    UploadUpdate(call: grpc.ServerReadableStream<Record<string, unknown>, unknown>, reply: grpc.sendUnaryData<unknown>) {
       let site: string;
       try {
         site = siteOf(call);
       } catch (e) {
-        cb(e as grpc.ServiceError);
+        reply(e as grpc.ServiceError);
         return;
       }
+      const open = openUploads.get(site) ?? 0;
+      if (open >= maxOpenUploads) {
+        log.warn({ site, open, limit: maxOpenUploads }, 'upload refused: the site already has the most open uploads allowed');
+        const stallS = Math.round(uploadOptions.stallMs / 1000);
+        reply({ code: grpc.status.RESOURCE_EXHAUSTED, details: `site '${site}' already has ${open} uploads open, the most allowed at once; wait for one to end (a stalled one is dropped after ${stallS} s without data) and send again` });
+        return;
+      }
+      openUploads.set(site, open + 1);
+      let slotHeld = true;
+      let finishing = false;
+      // The slot is given back when the call is answered (every outcome, partial file already discarded) or cut off.
+      const releaseSlot = () => {
+        if (!slotHeld) return;
+        slotHeld = false;
+        const n = (openUploads.get(site) ?? 1) - 1;
+        if (n <= 0) openUploads.delete(site);
+        else openUploads.set(site, n);
+      };
+      const cb: grpc.sendUnaryData<unknown> = (err, value) => {
+        releaseSlot();
+        reply(err, value);
+      };
       let header: UpdateHeader | undefined;
       let partial: PartialUpload | undefined;
+      let uploadStarted = 0;
       let answered = false;
       let stallTimer: NodeJS.Timeout | undefined;
       const answer = (ack: { updateId: string; accepted: boolean; duplicate?: boolean; reason?: string }) => {
@@ -215,6 +278,18 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         engine.rejected(site, header?.round ?? 0, reason);
         answer({ updateId: header?.updateId ?? '', accepted: false, reason });
       };
+      // A storage fault is not the update's: UNAVAILABLE, so the site keeps its update and sends it again later.
+      const failed = (e: unknown, what: string) => {
+        if (!isStorageFault(e)) return refuse(e instanceof UploadRefused ? e.message : `${what}: ${(e as Error).message}`);
+        partial?.discard();
+        partial = undefined;
+        if (answered) return;
+        answered = true;
+        clearTimeout(stallTimer);
+        const reason = `the coordinator cannot store the update now (${describeStorageFault(e)}); send it again later`;
+        log.error({ site, round: header?.round, err: describeStorageFault(e) }, 'upload not stored: storage failure; the site is told to retry');
+        cb({ code: grpc.status.UNAVAILABLE, details: reason });
+      };
       // Chunks are written on the file-writer thread; stop reading (HTTP/2 flow control then holds the
       // client) while more than UPLOAD_BACKLOG_BYTES wait for the disk, so a slow disk never buffers a whole update.
       let paused = false;
@@ -247,7 +322,8 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
             const problem = engine.admissionProblem(site, header.round, header.baseModelHash);
             if (problem) throw new UploadRefused(problem);
             partial = receiver.begin(header);
-            partial.onWriteError = (e) => refuse(`upload failed: storing it failed: ${e.message}`);
+            uploadStarted = performance.now();
+            partial.onWriteError = (e) => failed(e, 'upload failed: storing it failed');
             // On the HTTP/2 bulk path (bulk-h2.ts) a written chunk's memory carries later chunks.
             const recycle = (call as unknown as { recycle?: (m: Uint8Array) => void }).recycle;
             if (recycle) partial.onChunkWritten = (m) => recycle.call(call, m);
@@ -262,8 +338,7 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
           partial!.write(Number(msg.offset), msg.data as Buffer);
           throttle(partial!);
         } catch (e) {
-          if (e instanceof UploadRefused) refuse(e.message);
-          else refuse(`upload failed: ${(e as Error).message}`);
+          failed(e, 'upload failed');
         }
       });
 
@@ -273,8 +348,10 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         if (!header || !partial) return refuse('upload ended before any data arrived');
         const p = partial;
         const h = header;
+        const uploadSeconds = (performance.now() - uploadStarted) / 1000;
         if (p.expectedSha256 === undefined) return refuse('upload ended without the UpdateTrailer (SHA-256) its header announced by leaving sha256 empty');
         partial = undefined;
+        finishing = true;
         // Wait for the writer thread (last chunks, fsync, SHA-256) outside the serialised section: it needs no
         // scratch buffer, and another upload's checks or fold can run meanwhile.
         p.close()
@@ -282,7 +359,7 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
             () => undefined,
             (e: Error) => {
               p.discard();
-              throw new UploadRefused(`upload failed: storing it failed: ${e.message}`);
+              throw isStorageFault(e) ? e : new UploadRefused(`upload failed: storing it failed: ${e.message}`);
             },
           )
           .then(() =>
@@ -298,9 +375,15 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
               }
               const row = { updateId: h.updateId, round: h.round, site, numSamples: h.numSamples, sha256: p.expectedSha256!, path: received.path, sizeBytes: h.totalSize, acceptedAt: Date.now() };
               // The store row is the commit point; the ack goes out only after it is written.
-              store.insertUpdate(row);
+              try {
+                store.insertUpdate(row);
+              } catch (e) {
+                rmSync(received.path, { force: true }); // not committed: the site sends it again
+                throw e;
+              }
               const ackSent = statusSent(call);
               answer({ updateId: h.updateId, accepted: true });
+              d.onTransfer?.({ direction: 'upload', bytes: h.totalSize, seconds: uploadSeconds });
               // Let the ack leave the process before the model-sized, synchronous fold. The fold stays in this
               // serialised job: the bundle views the receiver's scratch buffer, which the next finish() reuses.
               await ackSent;
@@ -315,13 +398,15 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
           )
           .then(
             (row) => engine.accepted(row),
-            (e: Error) => refuse(e instanceof UploadRefused ? e.message : `upload failed: ${e.message}`),
+            (e: Error) => failed(e, 'upload failed'),
           )
           .catch((e: Error) => log.error({ err: e.message }, 'aggregation step failed'));
       });
 
       const abort = () => {
         watchStall(false);
+        // Once every byte is in, the answer (which always comes) gives the slot back: the file is still being closed.
+        if (!finishing) releaseSlot();
         if (partial) {
           partial.discard();
           partial = undefined;
@@ -341,7 +426,7 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         store.recordMetrics(r.data.round, site, r.data.values);
         cb(null, { accepted: true, reason: '' });
       } catch (e) {
-        cb(e as grpc.ServiceError);
+        cb(asServiceError(e));
       }
     },
   };

@@ -39,7 +39,8 @@ function giveBack(buf: Buffer): void {
   if (free.length < POOL_KEEP) free.push(buf);
 }
 
-export function streamModelFile(call: grpc.ServerWritableStream<unknown, unknown>, path: string, start: number, totalSize: number, sha256: string): void {
+/** `onSent` runs once the last chunk has been handed to the call (not for a download that failed or was cut off). */
+export function streamModelFile(call: grpc.ServerWritableStream<unknown, unknown>, path: string, start: number, totalSize: number, sha256: string, onSent?: () => void): void {
   const chunkBytes = modelStreamOptions.chunkBytes;
   const tail = modelChunkTail(totalSize, sha256);
   const size = MODEL_CHUNK_HEAD_ROOM + chunkBytes + Math.max(TAIL_ROOM, tail.length);
@@ -73,6 +74,7 @@ export function streamModelFile(call: grpc.ServerWritableStream<unknown, unknown
       // Every chunk is with the call; it sends the status after the last one.
       stop();
       call.end();
+      onSent?.();
       return;
     }
     let buf = free.pop();

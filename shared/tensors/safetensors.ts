@@ -114,7 +114,7 @@ export function decodeSafetensors(buf: Uint8Array, opts: DecodeOptions = {}): De
     if (typeof e?.dtype !== 'string' || !Array.isArray(e.shape) || !Array.isArray(e.data_offsets) || e.data_offsets.length !== 2) {
       throw new SafetensorsError(`tensor "${name}": header entry needs dtype, shape and data_offsets`);
     }
-    if (!(e.dtype in DTYPE_BYTES)) throw new SafetensorsError(`tensor "${name}": dtype ${e.dtype} is not supported (only F32)`);
+    if (!Object.hasOwn(DTYPE_BYTES, e.dtype)) throw new SafetensorsError(`tensor "${name}": dtype ${e.dtype} is not supported (only F32)`);
     const shape = e.shape as unknown[];
     if (!shape.every((d) => Number.isInteger(d) && (d as number) >= 0)) throw new SafetensorsError(`tensor "${name}": bad shape ${JSON.stringify(shape)}`);
     const [begin, end] = e.data_offsets as unknown[];

@@ -93,7 +93,8 @@ export function decodeUpdate(buf: Uint8Array, opts: { views?: boolean; into?: (f
     } catch (e) {
       throw new SafetensorsError(`${ENCODING_KEY} metadata is not JSON: ${(e as Error).message}`);
     }
-    if (meta.v !== 1 || !(meta.dtype in ST_DTYPE) || typeof meta.delta !== 'boolean') throw new SafetensorsError(`unknown ${ENCODING_KEY} ${metaText.slice(0, 200)}; the site runs a newer MedFL than the coordinator`);
+    // Own keys only: "toString" is `in` every object. The metadata is the sender's: it may be any JSON value.
+    if (meta === null || typeof meta !== 'object' || meta.v !== 1 || !Object.hasOwn(ST_DTYPE, meta.dtype) || typeof meta.delta !== 'boolean') throw new SafetensorsError(`unknown ${ENCODING_KEY} ${metaText.slice(0, 200)}; the site runs a newer MedFL than the coordinator`);
   }
   const encoding: UpdateEncoding = { update: meta.dtype, delta: meta.delta };
   const want = ST_DTYPE[meta.dtype];
@@ -217,7 +218,7 @@ function parseHeader(buf: Uint8Array): { entries: RawEntry[]; metadata: Record<s
       continue;
     }
     const e = raw as { dtype?: unknown; shape?: unknown; data_offsets?: unknown };
-    if (typeof e?.dtype !== 'string' || !(e.dtype in BYTES)) throw new SafetensorsError(`tensor "${name}": dtype ${String(e?.dtype)} is not one of F32, F16, I8`);
+    if (typeof e?.dtype !== 'string' || !Object.hasOwn(BYTES, e.dtype)) throw new SafetensorsError(`tensor "${name}": dtype ${String(e?.dtype)} is not one of F32, F16, I8`);
     if (!Array.isArray(e.shape) || !e.shape.every((d) => Number.isInteger(d) && d >= 0)) throw new SafetensorsError(`tensor "${name}": bad shape`);
     const off = e.data_offsets;
     if (!Array.isArray(off) || off.length !== 2 || !Number.isInteger(off[0]) || !Number.isInteger(off[1]) || off[0] < 0 || off[1] > dataLen) {

@@ -10,10 +10,11 @@
  * Errors are NiftiError: the message is "<file name>: <fault>", and `fault` alone is available so that
  * callers can log the fault without the file name (paths are patient-identifying at some sites).
  */
-import { readFile } from 'node:fs/promises';
+import { kMaxLength } from 'node:buffer';
+import { readFile, stat } from 'node:fs/promises';
 import { basename } from 'node:path';
 import { promisify } from 'node:util';
-import { constants as zc, gunzip, gunzipSync, gzip } from 'node:zlib';
+import { constants as zc, createGunzip, gunzip, gunzipSync, gzip } from 'node:zlib';
 import { readHeader, NIFTI1, NIFTI2 } from 'nifti-reader-js';
 import { writeFileAtomic } from '../../shared/util/fs-atomic.ts';
 
@@ -44,6 +45,28 @@ export interface NiftiVolume {
 export interface ReadNiftiOptions {
   /** Which 3D volume of a 4D+ file to read. Without it a file with more than one volume is an error. */
   readonly frame?: number;
+  /**
+   * Most bytes one file may take: on disk, inflated (header + data), and as the float32 volume it decodes to.
+   * Default: MEDFL_MAX_NIFTI_MB (MiB) when set, else DEFAULT_MAX_NIFTI_BYTES.
+   */
+  readonly maxBytes?: number;
+}
+
+/** 1 GiB: a 512×512×1000 int16 CT fits, inflated and as float32. */
+export const DEFAULT_MAX_NIFTI_BYTES = 1024 ** 3;
+/** Bytes past the declared data still inflated, for writers that pad the end of the file. */
+const TRAILING_SLACK_BYTES = 64 * 1024;
+/** Inflated before anything else: enough for a NIfTI-2 header and its extension flag. */
+const HEAD_BYTES = 544;
+
+/** The cap on one file: the option, else MEDFL_MAX_NIFTI_MB, else the default. */
+export function maxNiftiBytes(options: ReadNiftiOptions = {}): number {
+  const env = process.env.MEDFL_MAX_NIFTI_MB;
+  const v = options.maxBytes ?? (env !== undefined && env.trim() !== '' ? Number(env) * 1024 * 1024 : DEFAULT_MAX_NIFTI_BYTES);
+  if (!(Number.isSafeInteger(v) && v > 0)) {
+    throw new RangeError(options.maxBytes !== undefined ? `maxBytes must be a positive integer, got ${v}` : `MEDFL_MAX_NIFTI_MB must be a positive number of MiB, got ${JSON.stringify(env)}`);
+  }
+  return v;
 }
 
 export class NiftiError extends Error {
@@ -95,17 +118,84 @@ const UNSUPPORTED_DTYPES: Readonly<Record<number, string>> = {
 /** Read a .nii or .nii.gz file (gzip detected by content, not by name). */
 export async function readNifti(path: string, options: ReadNiftiOptions = {}): Promise<NiftiVolume> {
   const name = basename(path);
+  const maxBytes = maxNiftiBytes(options);
   let raw: Buffer;
   try {
+    const size = (await stat(path)).size;
+    if (size > maxBytes) throw new NiftiError(name, `file is ${size} bytes, more than the ${maxBytes}-byte limit on one scan (${LIMIT_HINT})`);
     raw = await readFile(path);
   } catch (e) {
+    if (e instanceof NiftiError) throw e;
     const code = (e as NodeJS.ErrnoException).code;
     throw new NiftiError(name, `cannot read file (${code ?? (e as Error).message})`, { cause: e });
   }
   let bytes: Uint8Array = raw;
   let gzipFault: string | undefined;
-  if (isGzip(raw)) ({ bytes, gzipFault } = await gunzipLenient(raw, name));
-  return decodeNifti(bytes, name, options, gzipFault);
+  if (isGzip(raw)) ({ bytes, gzipFault } = await gunzipBounded(raw, name, options, maxBytes));
+  return decodeNifti(bytes, name, { ...options, maxBytes }, gzipFault);
+}
+
+const LIMIT_HINT = 'raise MEDFL_MAX_NIFTI_MB if the scan is genuine';
+
+/**
+ * Inflates a .nii.gz no further than its header allows: the first bytes are inflated on their own, the header's
+ * size (vox_offset + voxels × bytes per voxel × volumes) is checked against `maxBytes`, and the rest is inflated
+ * with zlib's maxOutputLength set to that size (+ a little slack), so a stream that inflates beyond what its
+ * header declares (a "zip bomb": 255 KB of gzip made 256 MiB) stops at that size with an error.
+ */
+async function gunzipBounded(raw: Buffer, name: string, options: ReadNiftiOptions, maxBytes: number): Promise<{ bytes: Uint8Array; gzipFault?: string }> {
+  const head = await inflateHead(raw, HEAD_BYTES);
+  // The stream broke within its first bytes: nothing large can come of it; the lenient path names the fault.
+  if (head.fault !== undefined) return gunzipLenient(raw, name, 4 * HEAD_BYTES);
+  // The whole file was smaller than that, and its gzip trailer checked out.
+  if (head.complete) return { bytes: head.bytes };
+  let layout: NiftiLayout;
+  try {
+    layout = niftiLayout(head.bytes, name, options);
+  } catch {
+    // Not a header we can read: decoding these first bytes fails exactly as decoding the whole file would.
+    return { bytes: head.bytes };
+  }
+  const declared = layout.voxOffset + layout.frameBytes * layout.frames;
+  checkDeclaredSize(layout, name, maxBytes);
+  const what = `${layout.nvox * layout.frames} voxels of ${layout.dt.name} after a ${layout.voxOffset}-byte header`;
+  return gunzipLenient(raw, name, declared + TRAILING_SLACK_BYTES, `decompresses to more than the ${declared} bytes its header declares (${what}); inflating stopped there — the file is corrupt or was made to exhaust memory`);
+}
+
+/** Refuses a header whose data (inflated) or decoded float32 volume would exceed `maxBytes`. */
+function checkDeclaredSize(l: NiftiLayout, name: string, maxBytes: number): void {
+  const declared = l.voxOffset + l.frameBytes * l.frames;
+  const decoded = l.nvox * 4;
+  if (declared <= maxBytes && decoded <= maxBytes) return;
+  const shape = `dim [${l.all.join(', ')}] of ${l.dt.name}`;
+  throw new NiftiError(name, `header declares ${declared} bytes (${shape}, ${decoded} bytes as float32), more than the ${maxBytes}-byte limit on one scan (${LIMIT_HINT})`);
+}
+
+/**
+ * The first `n` inflated bytes of a gzip stream, without inflating the rest. `complete`: the stream ended (with a
+ * valid trailer) within them; `fault`: it failed before `n` bytes came out.
+ */
+function inflateHead(raw: Buffer, n: number): Promise<{ bytes: Buffer; complete: boolean; fault?: string }> {
+  return new Promise((resolve) => {
+    const z = createGunzip();
+    const parts: Buffer[] = [];
+    let got = 0;
+    let settled = false;
+    const settle = (complete: boolean, fault?: string) => {
+      if (settled) return;
+      settled = true;
+      z.destroy();
+      resolve({ bytes: Buffer.concat(parts, got), complete, ...(fault !== undefined ? { fault } : {}) });
+    };
+    z.on('data', (c: Buffer) => {
+      parts.push(c);
+      got += c.length;
+      if (got >= n) settle(false);
+    });
+    z.on('end', () => settle(true));
+    z.on('error', (e: Error) => settle(false, e.message));
+    z.end(raw);
+  });
 }
 
 function isGzip(b: Uint8Array): boolean {
@@ -116,33 +206,46 @@ function isGzip(b: Uint8Array): boolean {
  * Decompress; if the stream is cut short, recover what there is so the error can say how much data the
  * header promised versus how much arrived (more useful than zlib's bare "unexpected end of file").
  */
-async function gunzipLenient(raw: Buffer, name: string): Promise<{ bytes: Uint8Array; gzipFault?: string }> {
+async function gunzipLenient(raw: Buffer, name: string, maxOutputLength: number, tooLarge = `decompresses to more than ${maxOutputLength} bytes`): Promise<{ bytes: Uint8Array; gzipFault?: string }> {
+  const over = (e: unknown): boolean => (e as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE';
+  maxOutputLength = Math.min(maxOutputLength, kMaxLength); // zlib refuses a larger option outright
   try {
-    return { bytes: await gunzipAsync(raw) };
+    return { bytes: await gunzipAsync(raw, { maxOutputLength }) };
   } catch (e) {
+    if (over(e)) throw new NiftiError(name, tooLarge, { cause: e });
     const msg = (e as Error).message;
     let partial: Buffer;
     try {
-      partial = gunzipSync(raw, { finishFlush: zc.Z_SYNC_FLUSH });
-    } catch {
+      partial = gunzipSync(raw, { finishFlush: zc.Z_SYNC_FLUSH, maxOutputLength });
+    } catch (e2) {
+      if (over(e2)) throw new NiftiError(name, tooLarge, { cause: e2 });
       throw new NiftiError(name, `corrupt gzip stream (${msg})`, { cause: e });
     }
     return { bytes: partial, gzipFault: msg };
   }
 }
 
-/**
- * Decode an uncompressed NIfTI byte buffer. `gzipFault` is set when the bytes are what could be recovered
- * from a damaged gzip stream: decoding then always fails, with the most specific fault found.
- */
-export function decodeNifti(
-  bytes: Uint8Array,
-  name: string,
-  options: ReadNiftiOptions = {},
-  gzipFault?: string,
-): NiftiVolume {
-  const fail = (fault: string, cause?: unknown): never => {
-    throw new NiftiError(name, fault, cause === undefined ? undefined : { cause });
+/** What the header says about the data: where it starts, its type and size. Checks only the header. */
+interface NiftiLayout {
+  readonly version: 1 | 2;
+  readonly le: boolean;
+  readonly hdrSize: number;
+  /** Every dim[1..dim[0]]. */
+  readonly all: readonly number[];
+  readonly dims: [number, number, number];
+  readonly frames: number;
+  readonly frame: number;
+  readonly dt: DtypeInfo;
+  readonly voxOffset: number;
+  /** Voxels in one 3D volume, and its bytes on disk. */
+  readonly nvox: number;
+  readonly frameBytes: number;
+}
+
+/** Reads and checks the header fields that place the data; throws NiftiError naming the first bad one. */
+function niftiLayout(bytes: Uint8Array, name: string, options: ReadNiftiOptions, gzipFault?: string): NiftiLayout {
+  const fail = (fault: string): never => {
+    throw new NiftiError(name, fault);
   };
   if (bytes.length < 4) fail(`not a NIfTI file: only ${bytes.length} bytes`);
   const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
@@ -198,6 +301,26 @@ export function decodeNifti(
 
   const nvox = dims[0] * dims[1] * dims[2];
   const frameBytes = nvox * dt.bytes;
+  return { version, le, hdrSize, all, dims, frames, frame, dt, voxOffset, nvox, frameBytes };
+}
+
+/**
+ * Decode an uncompressed NIfTI byte buffer. `gzipFault` is set when the bytes are what could be recovered
+ * from a damaged gzip stream: decoding then always fails, with the most specific fault found.
+ */
+export function decodeNifti(
+  bytes: Uint8Array,
+  name: string,
+  options: ReadNiftiOptions = {},
+  gzipFault?: string,
+): NiftiVolume {
+  const fail = (fault: string, cause?: unknown): never => {
+    throw new NiftiError(name, fault, cause === undefined ? undefined : { cause });
+  };
+  const layout = niftiLayout(bytes, name, options, gzipFault);
+  const { version, le, hdrSize, dims, frames, frame, dt, voxOffset, nvox, frameBytes } = layout;
+  const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+
   const available = Math.max(0, bytes.length - voxOffset);
   if (available < frameBytes * frames) {
     const gz = gzipFault ? `gzip stream ends early (${gzipFault}); ` : '';
@@ -206,6 +329,8 @@ export function decodeNifti(
   }
   // All the data is there but the gzip trailer/CRC is not: do not trust the voxels.
   if (gzipFault) fail(`corrupt gzip stream (${gzipFault})`);
+  // Present on disk, but its float32 volume may still be too large to hold (1 byte per voxel becomes 4).
+  checkDeclaredSize(layout, name, maxNiftiBytes(options));
 
   // Library header parse for the remaining fields (scaling, transforms). Only the header + extensions are copied.
   let header: NIFTI1 | NIFTI2;

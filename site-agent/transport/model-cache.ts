@@ -9,9 +9,24 @@ import { SHA256_HEX, sha256Hex } from '../../shared/util/hash.ts';
 import { fsyncDir } from '../../shared/util/fs-atomic.ts';
 import { HashingFileWriter, fileSyncOptions } from '../../shared/protocol/hashing-writer.ts';
 import type { FederationClient } from './client.ts';
+import { architectureFor } from '../../shared/model/registry.ts';
+import { safetensorsLayout } from '../../shared/tensors/safetensors.ts';
+import type { TaskSettings } from '../../shared/protocol/task.ts';
 
 /** Downloaded bytes allowed to wait for the file-writer thread before the stream is paused. */
 const DOWNLOAD_BACKLOG_BYTES = 16 * 1024 * 1024;
+
+/** Room for the header's metadata (architecture, round, parent, an encoding's per-tensor scales) beyond the layout. */
+const MODEL_HEADER_SLACK_BYTES = 1024 * 1024;
+
+/**
+ * The largest model file the task's architecture can account for: every parameter as float32 in safetensors, plus
+ * header slack. A coordinator (compromised or buggy) that announces more is refused before a byte is downloaded.
+ */
+export function modelSizeLimit(model: TaskSettings['model']): number {
+  const { header, dataBytes } = safetensorsLayout(architectureFor(model).params());
+  return 8 + header.length + dataBytes + MODEL_HEADER_SLACK_BYTES;
+}
 
 export class ModelCache {
   constructor(readonly dir: string) {

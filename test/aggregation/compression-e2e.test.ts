@@ -28,8 +28,8 @@ const plan = [
 let f: InprocFederation | undefined;
 let g: InprocFederation | undefined;
 afterAll(async () => {
-  await f?.stop();
-  await g?.stop();
+  await f?.close();
+  await g?.close();
 });
 
 describe('compressed updates end to end', () => {

@@ -2,14 +2,14 @@
  * An in-process coordinator (real gRPC, TLS, tokens) and scripted sites that upload hand-made updates
  * instead of training, so aggregation can be tested end to end in seconds, across coordinator restarts.
  */
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { pino } from 'pino';
 import { CoordinatorHome } from '../../coordinator/home.ts';
 import { addSite } from '../../coordinator/admin.ts';
-import { startCoordinator, type RunningCoordinator } from '../../coordinator/coordinator.ts';
+import { startCoordinator, type CoordinatorOptions, type RunningCoordinator } from '../../coordinator/coordinator.ts';
 import { enrollSite } from '../../site-agent/enroll.ts';
 import { SiteHome } from '../../site-agent/home.ts';
 import { FederationClient, type UploadAck, type WireTask } from '../../site-agent/transport/client.ts';
@@ -33,11 +33,16 @@ export class InprocFederation {
   readonly events: FederationEvent[] = [];
   readonly sites: ScriptedSite[] = [];
 
-  private constructor(readonly work: string, readonly coordDir: string) {}
+  private constructor(
+    readonly work: string,
+    readonly coordDir: string,
+    /** Further coordinator options for every start (e.g. its admin endpoint). */
+    private readonly options: Partial<CoordinatorOptions> = {},
+  ) {}
 
-  static async create(plan: string, siteNames: string[]): Promise<InprocFederation> {
+  static async create(plan: string, siteNames: string[], options: Partial<CoordinatorOptions> = {}): Promise<InprocFederation> {
     const work = mkdtempSync(join(tmpdir(), 'medfl-agg-'));
-    const f = new InprocFederation(work, join(work, 'coordinator'));
+    const f = new InprocFederation(work, join(work, 'coordinator'), options);
     const home = await CoordinatorHome.init(f.coordDir, { hosts: ['localhost', '127.0.0.1'] });
     writeFileSync(home.planPath, plan);
     await f.start();
@@ -49,7 +54,7 @@ export class InprocFederation {
   }
 
   async start(): Promise<RunningCoordinator> {
-    this.coord = await startCoordinator({ dir: this.coordDir, port: this.port, host: '127.0.0.1', log: pino({ level: 'silent' }) });
+    this.coord = await startCoordinator({ ...this.options, dir: this.coordDir, port: this.port, host: '127.0.0.1', log: pino({ level: 'silent' }) });
     this.port = this.coord.port;
     this.coord.bus.subscribe((e) => this.events.push(e));
     return this.coord;
@@ -59,6 +64,12 @@ export class InprocFederation {
     for (const s of this.sites.splice(0)) s.close();
     await this.coord?.stop();
     this.coord = undefined;
+  }
+
+  /** Stops everything and deletes the work folder (stop() keeps it, for a restart); call once a test is done. */
+  async close(): Promise<void> {
+    await this.stop();
+    rmSync(this.work, { recursive: true, force: true });
   }
 
   /** Connects every enrolled site's task stream (again, after a restart). */

@@ -42,7 +42,7 @@ const shift = (b: TensorBundle, f: (v: number, j: number, name: string) => numbe
 
 let f: InprocFederation | undefined;
 afterAll(async () => {
-  await f?.stop();
+  await f?.close();
 });
 
 describe('a hostile site against a running coordinator with the default plan', () => {

@@ -33,7 +33,7 @@ function step(base: TensorBundle, site: number, round: number): TensorBundle {
 
 const feds: InprocFederation[] = [];
 afterAll(async () => {
-  for (const f of feds) await f.stop();
+  for (const f of feds) await f.close();
 });
 
 async function runRound(f: InprocFederation, round: number): Promise<void> {

@@ -24,7 +24,7 @@ const plan = (retention: string) =>
 
 const feds: InprocFederation[] = [];
 afterAll(async () => {
-  for (const f of feds) await f.stop();
+  for (const f of feds) await f.close();
 });
 
 /** The round-N directories holding update files, as round numbers. */

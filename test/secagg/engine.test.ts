@@ -34,7 +34,7 @@ describe('round engine with secure aggregation (in process)', () => {
     f = await InprocFederation.create(plan, sites);
     f.connect(sites);
   }, 60_000);
-  afterAll(async () => f?.stop());
+  afterAll(async () => f?.close());
 
   it('round 1: plain uploads are refused; the masked round closes on the weighted FedAvg of the deltas', async () => {
     const tasks = await Promise.all(f.sites.map((s) => f.task(s, 1)));

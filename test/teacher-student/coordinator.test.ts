@@ -25,7 +25,7 @@ const plan = (ts: string) =>
 
 const feds: InprocFederation[] = [];
 afterAll(async () => {
-  for (const f of feds) await f.stop();
+  for (const f of feds) await f.close();
 });
 
 describe('teacher promotion rule', () => {
