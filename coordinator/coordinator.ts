@@ -26,6 +26,7 @@ import { UploadReceiver } from './server/upload-receiver.ts';
 import { secAggHandlers } from './secagg/service.ts';
 import { loadSecAggService } from '../shared/privacy/secagg/wire.ts';
 import { createAuthInterceptor, siteCallAuthenticator, type SiteDirectory } from './auth/interceptor.ts';
+import { FailureLimiter, type FailureLimitOptions } from './auth/failure-limiter.ts';
 import { routeBulkCalls, type BulkRouting } from './server/bulk-h2.ts';
 import { NatsBus } from './events/nats-bus.ts';
 import { InProcessBus, type EventBus } from '../shared/events/bus.ts';
@@ -38,6 +39,11 @@ import { serverCredentials } from '../shared/security/pki.ts';
 import { rawPublicKey, signManifest } from '../shared/security/site-identity.ts';
 import { createLogger, type Logger } from '../shared/util/log.ts';
 import { safetensorsLayout } from '../shared/tensors/safetensors.ts';
+import { parseAdminHttpOptions, type AdminHttpSettings } from './admin-http/options.ts';
+import { CoordinatorMetrics } from './admin-http/metrics.ts';
+import { feedMetricsFromEvents } from './admin-http/event-metrics.ts';
+import { readinessChecks } from './admin-http/readiness.ts';
+import { startAdminHttp, type AdminHttpServer } from './admin-http/server.ts';
 
 export interface CoordinatorOptions {
   dir: string;
@@ -60,6 +66,15 @@ export interface CoordinatorOptions {
    * A feature left out is refused like a coordinator without it would (tests use this to play an older one).
    */
   features?: readonly Feature[];
+  /** Resource limits (docs/security.md); each defaults as documented there. */
+  limits?: {
+    /** Uploads one site may have open at once (default 2). */
+    maxOpenUploadsPerSite?: number;
+    /** Per-peer limit on failed authentication and enrolment calls. */
+    authFailures?: Partial<FailureLimitOptions>;
+  };
+  /** The admin HTTP endpoint (/metrics, /healthz, /readyz; admin-http/): off unless given. */
+  admin?: AdminHttpSettings;
   log?: Logger;
 }
 
@@ -72,12 +87,16 @@ export interface RunningCoordinator {
   plan: Plan;
   /** The HTTP/2 bulk path's switch (undefined when grpc-js serves the bulk calls); benchmarks flip it. */
   bulkRouting: BulkRouting | undefined;
+  /** The admin endpoint, when started with `admin`. */
+  admin: AdminHttpServer | undefined;
   stop(): Promise<void>;
 }
 
 export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCoordinator> {
   const home = new CoordinatorHome(o.dir);
   const config = home.config();
+  // Checked before anything starts: a refused admin setting must not leave a half-started coordinator.
+  const adminOptions = o.admin ? parseAdminHttpOptions(o.admin) : undefined;
   const log = o.log ?? createLogger('coordinator', { federation: config.federationId });
   const planPath = o.planPath ?? home.planPath;
   const plan = existsSync(planPath) ? loadPlanFile(planPath) : defaultPlan();
@@ -104,6 +123,12 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     // The plan's pretraining stage leaves its encoder file here, with its provenance (docs/pretraining.md).
     pretrainedDir: join(home.dir, 'pretrained'),
   });
+
+  // Metrics follow the event stream from before the first round opens (admin-http/event-metrics.ts).
+  const metrics = adminOptions
+    ? new CoordinatorMetrics({ federationId: config.federationId, store, engine, tracksPrivacy: plan.aggregation.dp !== undefined, dbPath: home.dbPath, partialDir: join(home.updatesDir, '.partial') })
+    : undefined;
+  if (metrics) feedMetricsFromEvents(bus, metrics, store);
 
   // Every accepted update goes into the signed, hash-chained contribution ledger (coordinator/ledger/).
   const ledger = await openLedger({ dir: o.dir, natsUrl: o.natsUrl, federation: config.federationId, signingKey, log });
@@ -135,12 +160,14 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   if (!ca) log.warn({ path: home.caKeyPath }, 'no CA key: sites will enrol without a TLS client certificate' + (mtls ? ', so none can enrol under --mtls' : ''));
 
   const { Enrollment, Federation } = loadProto();
-  const authOptions = { federationId: config.federationId, directory, log, clientCaPem: mtls ? caPem : undefined };
+  // One limiter for every way in (interceptor, enrolment, HTTP/2 bulk path): a peer's failures count together.
+  const limiter = new FailureLimiter(log, o.limits?.authFailures);
+  const authOptions = { federationId: config.federationId, directory, log, clientCaPem: mtls ? caPem : undefined, limiter, onFailure: metrics?.authFailed };
   const server = new grpc.Server({ ...SERVER_OPTIONS, interceptors: [createAuthInterceptor(authOptions)] });
-  const federation = federationHandlers({ store, models, engine, receiver, log, features });
+  const federation = federationHandlers({ store, models, engine, receiver, log, features, maxOpenUploadsPerSite: o.limits?.maxOpenUploadsPerSite, onTransfer: metrics?.transferred });
   server.addService(
     Enrollment.service,
-    enrollmentHandlers({ store, federationId: config.federationId, coordinatorPublicKey: rawPublicKey(signingKey), bus, log, ca, requireClientCert: mtls }),
+    enrollmentHandlers({ store, federationId: config.federationId, coordinatorPublicKey: rawPublicKey(signingKey), bus, log, ca, requireClientCert: mtls, limiter }),
   );
   server.addService(Federation.service, federation);
   server.addService(loadGovernanceService().service, governanceHandlers({ ledger, bus, federationId: config.federationId, log, onDecline: (site, round) => void engine.siteDeclined(site, round).catch((e: Error) => log.error({ err: e.message, site, round }, 'closing the round after a decline failed')) }));
@@ -165,6 +192,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
       authenticate: siteCallAuthenticator(authOptions),
       maxMessageBytes: MAX_MESSAGE_BYTES,
       log,
+      limiter,
     });
     if (!bulkRouting) log.warn('grpc-js internals changed: model downloads and update uploads stay on grpc-js (slower)');
   }
@@ -172,9 +200,15 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     { port, plan: planPath, rounds: plan.rounds, minSites: plan.minSites, bus: bus.describe(), shared: engine.sharedNames.length, mtls },
     mtls ? 'coordinator listening (TLS, token auth, client certificates required)' : 'coordinator listening (TLS, token auth)',
   );
+  let admin: AdminHttpServer | undefined;
   try {
+    if (adminOptions && metrics) {
+      const readiness = () => readinessChecks({ store, bus, dir: home.dir, minFreeBytes: adminOptions.minFreeBytes });
+      admin = await startAdminHttp(adminOptions, { metrics, readiness, log });
+    }
     await engine.start();
   } catch (e) {
+    await admin?.close();
     server.forceShutdown();
     await ledger.close();
     await bus.close();
@@ -190,10 +224,13 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     store,
     plan,
     bulkRouting,
+    admin,
     async stop() {
+      await admin?.close();
       engine.stop();
       // Task streams never end on their own, so a graceful shutdown would wait forever; sites reconnect.
       server.forceShutdown();
+      limiter.close();
       await ledger.close();
       await bus.close();
       store.close();
@@ -206,7 +243,7 @@ export const SERVER_FLOW_CONTROL_WINDOW = 32 * 1024 * 1024;
 
 /**
  * grpc-js 1.14 has no server-side flow-control option, so uploads crawl through the default 64 KiB
- * HTTP/2 window (baselines.md; bench/README.md measured +40–75% in-flight upload throughput with this).
+ * HTTP/2 window (bench/README.md measured +40–75% in-flight upload throughput with this).
  * We widen each new session's connection and stream windows through the server's HTTP/2 listeners,
  * guarded so that a grpc-js without them only loses the speed-up.
  */

@@ -11,8 +11,9 @@ import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync } from 'node:f
 import { join } from 'node:path';
 import { SiteHome } from './home.ts';
 import { FederationClient, type WireTask } from './transport/client.ts';
-import { ModelCache } from './transport/model-cache.ts';
+import { ModelCache, modelSizeLimit } from './transport/model-cache.ts';
 import { WireAudit } from './transport/wire-audit.ts';
+import { tlsClockHint } from './transport/tls-hint.ts';
 import { OutboxEntrySchema, outboxPath, parseWireTask, type OutboxEntry } from './transport/task-wire.ts';
 import { encodeForUpload, uploadUpdate } from './transport/upload.ts';
 import { float32Safetensors } from '../shared/tensors/update-codec.ts';
@@ -24,6 +25,8 @@ import { manifestBytes, TaskSettingsSchema, type TaskSettings } from '../shared/
 import { verifyManifest } from '../shared/security/site-identity.ts';
 import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
 import type { Logger } from '../shared/util/log.ts';
+import { SITE_MAX_RECONNECT_BACKOFF_MS } from '../shared/protocol/reconnect.ts';
+import type { AgentActivity, AgentObserver, AgentPhase } from './metrics.ts';
 
 export interface AgentOptions {
   dir: string;
@@ -37,6 +40,8 @@ export interface AgentOptions {
   maxBackoffMs?: number;
   /** Force a compute engine (e.g. "cpu"); otherwise the best available one is chosen. */
   engine?: string;
+  /** Told of phases, task outcomes and bytes transferred (the agent's metrics, site-agent/metrics.ts). */
+  observer?: AgentObserver;
 }
 
 export class SiteAgent {
@@ -75,6 +80,16 @@ export class SiteAgent {
     return this.home.config().siteName;
   }
 
+  /** What the agent is doing now (for its metrics). */
+  get activity(): AgentActivity {
+    return { state: this.state, progress: this.progress, engine: this.training.engineName };
+  }
+
+  private enter(state: AgentPhase, round?: number): void {
+    this.state = state;
+    this.o.observer?.phase(state, round);
+  }
+
   stop(): void {
     this.stopped = true;
     this.client?.close();
@@ -101,7 +116,10 @@ export class SiteAgent {
           throw new Error(`coordinator refused this site: ${err.details}`);
         }
         if (this.stopped) break;
-        log.warn({ code: err.code !== undefined ? grpc.status[err.code] : undefined, reason: err.details ?? err.message }, 'lost the coordinator');
+        const reason = err.details ?? err.message;
+        // A certificate "not yet valid" is nearly always this machine's clock: say so, with the local time.
+        const hint = tlsClockHint(reason, { caPem: () => this.home.caPem() });
+        log.warn({ code: err.code !== undefined ? grpc.status[err.code] : undefined, reason, ...(hint ? { hint } : {}) }, 'lost the coordinator');
       } finally {
         clearInterval(heartbeat);
         // Finished: let the task in flight send its last upload and metrics before the channel closes.
@@ -110,7 +128,7 @@ export class SiteAgent {
         this.client.close();
       }
       attempt++;
-      const delay = backoffDelay(attempt, this.o.maxBackoffMs ?? 30_000);
+      const delay = backoffDelay(attempt, this.o.maxBackoffMs ?? SITE_MAX_RECONNECT_BACKOFF_MS);
       log.info({ attempt, delayMs: delay }, 'reconnecting to the coordinator after backoff');
       await new Promise<void>((r) => {
         this.wake = r;
@@ -214,6 +232,7 @@ export class SiteAgent {
       if (!verdict.ok) {
         log.warn({ round: t.round, task: t.taskId, reason: verdict.reason }, "task declined: it breaks this site's policy");
         await declineTask(this.home, { round: t.round, taskId: t.taskId, reason: verdict.reason }, log, this.audit);
+        this.o.observer?.task('declined');
         return;
       }
       if (verdict.epsilon !== undefined) log.info({ round: t.round, epsilonSpent: verdict.epsilon }, 'privacy spent by this site so far (if the coordinator applies the announced DP)');
@@ -227,21 +246,31 @@ export class SiteAgent {
       if (headProblem) {
         log.warn({ round: t.round, task: t.taskId, reason: headProblem }, "task declined: it conflicts with this site's task file");
         await declineTask(this.home, { round: t.round, taskId: t.taskId, reason: headProblem }, log, this.audit);
+        this.o.observer?.task('declined');
         return;
       }
-      this.state = 'downloading';
-      const client = this.client!;
       // The plan may send the model float16/int8-encoded (settings.modelFile); the task's hash stays the round's base.
       const file = settings.modelFile ?? { hash: t.modelHash, size: t.modelSize };
+      const teacherSize = settings.teacherStudent?.enabled ? settings.teacher?.modelSize : undefined;
+      const sizeLimit = modelSizeLimit(settings.model);
+      for (const [what, size] of [['model', file.size], ['teacher model', teacherSize]] as const) {
+        if (size === undefined || size <= sizeLimit) continue;
+        log.error({ round: t.round, task: t.taskId, announcedBytes: size, limitBytes: sizeLimit }, `task refused: the announced ${what} is larger than the plan's architecture allows; nothing was downloaded`);
+        throw new Error(`the coordinator announced a ${what} of ${size} bytes, more than the ${sizeLimit} bytes the plan's ${settings.model.architecture} architecture can account for (every parameter as float32, with header); not downloaded`);
+      }
+      this.enter('downloading', t.round);
+      const client = this.client!;
       const bytes = await this.cache.ensure(client, file.hash, file.size, (d, n) => { this.progress = d / n; });
+      this.o.observer?.transferred('download', bytes);
       log.info({ round: t.round, model: t.modelHash.slice(0, 12), downloadedBytes: bytes, cached: bytes === 0, encoding: settings.modelFile?.encoding ?? 'float32' }, 'global model ready');
       // Noisy student: the teacher is a model version like any other, fetched by hash through the same cache.
       const teacher = settings.teacherStudent?.enabled ? settings.teacher : undefined;
       if (teacher) {
         const tb = await this.cache.ensure(client, teacher.modelHash, teacher.modelSize, (d, n) => { this.progress = d / n; });
+        this.o.observer?.transferred('download', tb);
         log.info({ round: t.round, generation: teacher.generation, model: teacher.modelHash.slice(0, 12), downloadedBytes: tb, cached: tb === 0 }, 'teacher model ready');
       }
-      this.state = 'training';
+      this.enter('training', t.round);
       this.progress = 0;
       // Decoded once: training, the secure-aggregation delta and the upload encoding all start from it.
       const baseModel = float32Safetensors(this.cache.read(file.hash));
@@ -252,11 +281,12 @@ export class SiteAgent {
       });
       if (settings.secureAggregation) {
         // The masked input replaces the upload; a session cannot be resumed, so nothing goes to the outbox.
-        this.state = 'uploading';
+        this.enter('uploading', t.round);
         await runSecAggRound({
           home: this.home, audit: this.audit, log, round: t.round, taskId: t.taskId, deadlineUnixMs: t.deadlineUnixMs, settings,
           update: result.update, base: baseModel, numSamples: result.numSamples,
         });
+        this.o.observer?.task('completed');
         const m = await this.client!.reportMetrics({ round: t.round, taskId: t.taskId, values: result.metrics });
         if (!m.accepted) log.warn({ reason: m.reason }, 'metrics refused');
         return;
@@ -266,18 +296,24 @@ export class SiteAgent {
       writeFileAtomic(outboxPath(this.home.outboxDir, t.taskId, 'safetensors'), encodeForUpload(result.update, settings, () => baseModel));
       writeFileAtomic(entryPath, JSON.stringify(entry));
     }
-    await this.deliver(entry);
+    await this.deliver(entry, t.deadlineUnixMs || undefined);
   }
 
   /**
    * Uploads an outbox entry (same update id on every try), reports its metrics once acknowledged, and
    * clears the entry once the coordinator has answered for good (acknowledged or refused).
    */
-  private async deliver(entry: OutboxEntry): Promise<void> {
+  private async deliver(entry: OutboxEntry, deadlineUnixMs?: number): Promise<void> {
     const { log } = this.o;
-    this.state = 'uploading';
+    this.enter('uploading', entry.round);
     const payload = readFileSync(outboxPath(this.home.outboxDir, entry.taskId, 'safetensors'));
-    const ack = await uploadUpdate(() => this.client!, { ...entry, payload }, (p) => { this.progress = p; });
+    // "Not now" answers (the coordinator's disk is full, …) are retried until the round's deadline, at least a couple
+    // of minutes (a restarted coordinator extends it); the entry stays in the outbox whatever happens.
+    const until = Math.max(deadlineUnixMs ?? 0, Date.now() + 120_000);
+    const retry = { until, maxBackoffMs: this.o.maxBackoffMs, cancelled: () => this.stopped, log };
+    const ack = await uploadUpdate(() => this.client!, { ...entry, payload }, (p) => { this.progress = p; }, retry);
+    this.o.observer?.transferred('upload', payload.length);
+    this.o.observer?.task(ack.accepted ? 'completed' : 'refused');
     if (!ack.accepted) {
       log.warn({ round: entry.round, reason: ack.reason }, 'the coordinator refused the update');
     } else {
@@ -318,8 +354,9 @@ export class SiteAgent {
       this.done.add(taskId);
     } catch (e) {
       this.o.log.warn({ task: taskId, reason: (e as Error).message }, failure);
+      this.o.observer?.task('failed');
     } finally {
-      this.state = 'idle';
+      this.enter('idle');
       this.progress = 0;
       this.currentTask = '';
     }

@@ -16,6 +16,8 @@ export class NatsBus implements EventBus {
   private readonly local = new Set<(e: FederationEvent) => void>();
   dropped = 0;
   published = 0;
+  /** False from a disconnect until the client has reconnected (the coordinator's /readyz reports it). */
+  private connected = true;
 
   private constructor(
     private readonly nc: NatsConnection,
@@ -94,6 +96,12 @@ export class NatsBus implements EventBus {
     }
   }
 
+  /** Connection state for readiness checks. */
+  health(): { connected: boolean; closed: boolean } {
+    const closed = this.nc.isClosed();
+    return { connected: this.connected && !closed, closed };
+  }
+
   private drop(event: FederationEvent, e: Error): void {
     this.dropped++;
     this.log?.warn({ type: event.type, round: event.round, reason: e.message, dropped: this.dropped }, 'event not delivered to NATS; the round goes on');
@@ -101,6 +109,8 @@ export class NatsBus implements EventBus {
 
   private async watchStatus(): Promise<void> {
     for await (const s of this.nc.status()) {
+      if (s.type === 'disconnect') this.connected = false;
+      if (s.type === 'reconnect') this.connected = true;
       if (s.type === 'disconnect' || s.type === 'reconnect') this.log?.warn({ url: this.url, status: s.type }, `NATS ${s.type}`);
     }
   }
