@@ -5,7 +5,7 @@
 import { Command, Option } from 'commander';
 import { CoordinatorHome, DEFAULT_PORT } from '../coordinator/home.ts';
 import { addSite, listSites, revokeSite, withStore } from '../coordinator/admin.ts';
-import { sitesTable, statusJson, statusReport } from './status.ts';
+import { sitesTable, statusJson, statusReport, storageCondition } from './status.ts';
 import { parsePlan } from '../shared/plan/load.ts';
 import { readFileSync } from 'node:fs';
 import { registerAuditCommands } from './audit.ts';
@@ -13,6 +13,7 @@ import { registerExperimentCommand } from './experiment.ts';
 import { registerBenchmarkCommand } from './benchmark.ts';
 import { registerRollbackCommand } from './rollback.ts';
 import { MAX_PORT, integerOption, positiveNumberOption } from './options.ts';
+import { adminSettings, ADMIN_TOKEN_ENV, type AdminCliOptions } from './admin-options.ts';
 
 /** The version operators quote in reports: package.json's, read at run time so it cannot drift. */
 const { version } = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string };
@@ -52,10 +53,18 @@ coordinator
   .option('--port <port>', 'listening port, 0 = any free port (default from coordinator.json)', integerOption('--port', 0, MAX_PORT))
   .option('--bind <host>', 'address to listen on', '0.0.0.0')
   .option('--mtls', 'also require client certificates from the federation CA', false)
-  .action(async (o: { dir: string; plan?: string; nats?: string; port?: number; bind: string; mtls: boolean }) => {
+  .option('--max-uploads-per-site <n>', 'uploads one site may have open at once (default 2)', integerOption('--max-uploads-per-site', 1, 64))
+  .option('--auth-failure-burst <n>', 'failed authentication/enrolment calls one address may make before it is refused (default 50)', integerOption('--auth-failure-burst', 1, 1_000_000))
+  .option('--auth-failure-refill <n>', 'failed calls forgiven per minute once over that (default 30)', integerOption('--auth-failure-refill', 1, 1_000_000))
+  .option('--admin-port <port>', 'serve /metrics, /healthz and /readyz over HTTP on this port (off without it)', integerOption('--admin-port', 0, MAX_PORT))
+  .option('--admin-host <host>', `address of the admin endpoint; one other than loopback needs an admin token (${ADMIN_TOKEN_ENV} or --admin-token-file)`, '127.0.0.1')
+  .option('--admin-token-file <file>', 'file holding the bearer token every admin request must then present')
+  .option('--ready-min-free-mb <MiB>', '/readyz fails below this much free disk space on the coordinator directory', integerOption('--ready-min-free-mb', 0, 100_000_000), 1024)
+  .action(async (o: { dir: string; plan?: string; nats?: string; port?: number; bind: string; mtls: boolean; maxUploadsPerSite?: number; authFailureBurst?: number; authFailureRefill?: number } & AdminCliOptions) => {
     const { startCoordinator } = await import('../coordinator/coordinator.ts');
-    const running = await startCoordinator({ dir: o.dir, planPath: o.plan, natsUrl: o.nats, port: o.port, host: o.bind, requireClientCert: o.mtls });
+    const running = await startCoordinator({ dir: o.dir, planPath: o.plan, natsUrl: o.nats, port: o.port, host: o.bind, requireClientCert: o.mtls, limits: { maxOpenUploadsPerSite: o.maxUploadsPerSite, authFailures: { burst: o.authFailureBurst, refillPerMinute: o.authFailureRefill } }, admin: adminSettings(o) });
     process.stdout.write(`coordinator ${running.federationId} listening on port ${running.port} (events: ${running.bus.describe()})\n`);
+    if (running.admin) process.stdout.write(`admin endpoint ${running.admin.url} (/metrics, /healthz, /readyz)\n`);
     const shutdown = async (sig: string) => {
       process.stdout.write(`\n${sig}: stopping coordinator\n`);
       await running.stop();
@@ -140,16 +149,24 @@ siteCmd
   .option('--exit-when-finished', 'exit when the coordinator says the federation is finished', false)
   .addOption(new Option('--engine <name>', 'force the tfjs engine (tiny3d); env MEDFL_ENGINE').choices(['auto', 'tfjs-node-gpu', 'tfjs-node', 'wasm', 'cpu']))
   .addOption(new Option('--kernels <name>', 'force the convolution kernels of the Med3D engine; env MEDFL_KERNELS').choices(['auto', 'tfjs-node-gpu', 'onednn', 'tfjs-node', 'js']))
-  .action(async (o: { dir: string; data: string; auditWire?: string; exitWhenFinished: boolean; engine?: string; kernels?: string }) => {
+  .option('--metrics-port <port>', "serve this agent's Prometheus metrics on 127.0.0.1:PORT (/metrics, /healthz)", integerOption('--metrics-port', 0, MAX_PORT))
+  .action(async (o: { dir: string; data: string; auditWire?: string; exitWhenFinished: boolean; engine?: string; kernels?: string; metricsPort?: number }) => {
     if (o.kernels) process.env.MEDFL_KERNELS = o.kernels;
     const { SiteAgent } = await import('../site-agent/agent.ts');
     const { createLogger } = await import('../shared/util/log.ts');
     const { SiteHome } = await import('../site-agent/home.ts');
-    const log = createLogger('site-agent', { site: new SiteHome(o.dir).config().siteName });
-    const agent = new SiteAgent({ dir: o.dir, dataDir: o.data, log, auditPath: o.auditWire, exitWhenFinished: o.exitWhenFinished, engine: o.engine });
+    const siteConfig = new SiteHome(o.dir).config();
+    const log = createLogger('site-agent', { site: siteConfig.siteName });
+    const { SiteMetrics } = await import('../site-agent/metrics.ts');
+    const metrics = o.metricsPort === undefined ? undefined : new SiteMetrics({ site: siteConfig.siteName, federation: siteConfig.federationId });
+    const agent = new SiteAgent({ dir: o.dir, dataDir: o.data, log, auditPath: o.auditWire, exitWhenFinished: o.exitWhenFinished, engine: o.engine, observer: metrics });
+    metrics?.follow(() => agent.activity);
+    const { startSiteMetricsHttp } = await import('../site-agent/metrics-http.ts');
+    const endpoint = metrics ? await startSiteMetricsHttp(o.metricsPort!, metrics, log) : undefined;
     process.once('SIGINT', () => agent.stop());
     process.once('SIGTERM', () => agent.stop());
     await agent.run();
+    await endpoint?.close();
     process.exit(0);
   });
 
@@ -176,7 +193,7 @@ siteCmd
     process.exit(await runCheckData(dir));
   });
 
-const model = program.command('model').description('import pretrained checkpoints and run the Med3D encoder');
+const model = program.command('model').description('import pretrained checkpoints, export to PyTorch and run the Med3D encoder');
 
 model
   .command('import <checkpoint>')
@@ -192,6 +209,17 @@ model
     const { runImport, formatImportResult } = await import('./model-import.ts');
     const r = await runImport({ checkpoint, arch: o.arch, shortcut: o.shortcut, widthMultiplier: o.width, numClasses: o.classes, parts: o.parts, container: o.container, out: o.out });
     process.stdout.write(formatImportResult(r) + '\n');
+  });
+
+model
+  .command('export <model>')
+  .description("write a MedFL model as a PyTorch state_dict in MedicalNet's names and layouts (torch.load; load_state_dict(strict=True) into MedicalNet's module)")
+  .addOption(new Option('--format <format>', 'output format').choices(['torch']).makeOptionMandatory())
+  .option('--head <file>', "the site's local tensors (SITE_DIR/local/med3d-….safetensors): export its own head with the encoder")
+  .requiredOption('--out <file>', 'output .pth')
+  .action(async (modelFile: string, o: { format: string; head?: string; out: string }) => {
+    const { runExport, formatExportResult } = await import('./model-export.ts');
+    process.stdout.write(formatExportResult(await runExport({ model: modelFile, format: o.format, head: o.head, out: o.out })) + '\n');
   });
 
 model
@@ -217,7 +245,8 @@ program
   .action((o: { dir: string; json: boolean }) => {
     const home = new CoordinatorHome(o.dir);
     const c = home.config();
-    const text = withStore(home, (s) => (o.json ? JSON.stringify(statusJson(s, c.federationId), null, 2) : statusReport(s, c.federationId)));
+    const storage = storageCondition(home.dir);
+    const text = withStore(home, (s) => (o.json ? JSON.stringify(statusJson(s, c.federationId, Date.now(), storage), null, 2) : statusReport(s, c.federationId, storage)));
     process.stdout.write(text + '\n');
   });
 
