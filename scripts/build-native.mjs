@@ -49,4 +49,11 @@ if (r.status !== 0) {
   rmSync(join(nativeDir, 'build', 'Release', 'medfl_onednn.node'), { force: true });
   skip(`node-gyp build failed (${(firstError ?? `exit ${r.status}`).trim().slice(0, 200)})`);
 }
-console.log(`medfl: oneDNN conv engine built (native/build/Release/medfl_onednn.node)`);
+// Load it once in a child: a missing runtime library or a bad build shows here, at install, not at the first round.
+const addonPath = join(nativeDir, 'build', 'Release', 'medfl_onednn.node');
+const probe = spawnSync(process.execPath, ['-e', `require(${JSON.stringify(addonPath)}).info()`], { encoding: 'utf8' });
+if (probe.status !== 0) {
+  const why = (probe.stderr ?? '').split('\n').find((l) => /Error|error:/.test(l)) ?? (probe.signal ? `killed by ${probe.signal}` : `exit ${probe.status}`);
+  skip(`built, but it does not load here (${why.trim().slice(0, 200)})`);
+}
+console.log(`medfl: oneDNN conv engine built (native/build/Release/medfl_onednn.node; portable: x86-64-v2 baseline on x64)`);

@@ -8,7 +8,7 @@
  * Calls are synchronous; oneDNN runs them on its OpenMP threads (OMP_NUM_THREADS, default: all cores;
  * OMP_WAIT_POLICY defaults to PASSIVE here, see loadAddon).
  */
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import { inputLength, outputLength, padAfter, weightLength, type Conv3dGeom, type ConvKernels } from './conv-kernels.ts';
@@ -105,6 +105,11 @@ function loadAddon(): { addon: OneDnnAddon } | { reason: string } {
     };
     return addonCache;
   }
+  const unfit = hostProblem();
+  if (unfit) {
+    addonCache = { reason: unfit };
+    return addonCache;
+  }
   // OpenMP threads that wait for work spin by default. With another busy process on a 2-core machine (a
   // second site, the coordinator, this process's own JS between calls) the spinning thread takes the core
   // from the one it waits for, and every convolution stalls for scheduler slices (16–32 ms on sub-ms work,
@@ -115,10 +120,58 @@ function loadAddon(): { addon: OneDnnAddon } | { reason: string } {
     addonCache = { addon };
   } catch (err) {
     const msg = err instanceof Error ? err.message : String(err);
-    const fix = /libdnnl/.test(msg) ? 'apt-get install -y libdnnl2 (the oneDNN runtime)' : `rebuild it: ${FIX}`;
-    addonCache = { reason: `oneDNN addon failed to load (${msg.split('\n')[0]}); fix: ${fix}` };
+    addonCache = { reason: `oneDNN addon failed to load (${msg.split('\n')[0]}); fix: ${oneDnnLoadFix(msg)}` };
   }
   return addonCache;
+}
+
+/**
+ * CPU features of the x86-64-v2 level native/binding.gyp builds for (names as /proc/cpuinfo spells them). A host
+ * without them would die with SIGILL inside the addon, which no catch can turn into a message; checked first.
+ */
+export const X86_64_V2_FLAGS = ['cx16', 'lahf_lm', 'popcnt', 'sse4_1', 'sse4_2', 'ssse3'] as const;
+
+/** Why this process cannot run the addon at all (before dlopen), or undefined. */
+function hostProblem(): string | undefined {
+  // binding.gyp defines NAPI_VERSION=8 (Node ≥ 12.22); MedFL itself needs Node 20.
+  const napi = Number(process.versions.napi ?? 0);
+  if (napi < 8) return `oneDNN addon needs Node-API 8, this Node ${process.version} has ${napi}; fix: use Node 20 (deploy/README.md) and ${FIX}`;
+  if (process.platform !== 'linux' || process.arch !== 'x64') return undefined;
+  let cpuinfo: string;
+  try {
+    cpuinfo = readFileSync('/proc/cpuinfo', 'utf8');
+  } catch {
+    return undefined; // no /proc (containers without it): nothing to check against
+  }
+  const missing = missingCpuFlags(cpuinfo);
+  if (missing.length === 0) return undefined;
+  return (
+    `this CPU lacks ${missing.join(', ')} (x86-64-v2), which the oneDNN addon is built for; loading it would crash with SIGILL. ` +
+    'fix: none needed, training uses the JS kernels (slower); or build the addon with a lower -march in native/binding.gyp on this host'
+  );
+}
+
+/** X86_64_V2_FLAGS that the first CPU of a /proc/cpuinfo text lacks ([] when it lists no flags at all). */
+export function missingCpuFlags(cpuinfo: string): string[] {
+  const line = /^flags\s*:(.*)$/m.exec(cpuinfo);
+  if (!line) return [];
+  const flags = new Set(line[1].trim().split(/\s+/));
+  return X86_64_V2_FLAGS.filter((f) => !flags.has(f));
+}
+
+/** The fix for a dlopen failure of the addon, from Node's message. */
+export function oneDnnLoadFix(msg: string): string {
+  if (/libdnnl|libgomp/.test(msg) && /cannot open shared object/.test(msg)) {
+    return 'install the runtime libraries: Debian/Ubuntu apt-get install -y libdnnl2 libgomp1 (deploy/README.md covers RHEL-like hosts)';
+  }
+  if (/NODE_MODULE_VERSION|different Node\.js version|Module did not self-register/.test(msg)) {
+    return `it was built for another Node version; use Node 20 and rebuild: ${FIX}`;
+  }
+  if (/wrong ELF class|invalid ELF header|ELF file|exec format/i.test(msg)) {
+    return `it was built for another CPU architecture or OS (node_modules copied between hosts?); rebuild on this host: ${FIX}`;
+  }
+  if (/undefined symbol/.test(msg)) return `it was built against another oneDNN version than the one installed; rebuild: ${FIX}`;
+  return `rebuild it: ${FIX}`;
 }
 
 /** Geometry as the addon reads it: n, in[3], cin, cout, k[3], stride[3], dilation[3], padBefore[3], padAfter[3], out[3]. */
