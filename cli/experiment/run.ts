@@ -22,7 +22,8 @@ import type { TensorBundle } from '../../shared/tensors/bundle.ts';
 import type { VolumeCase } from '../../shared/model/types.ts';
 import type { Logger } from '../../shared/util/log.ts';
 import { generatePhantomFederation, loadTestCases, poolFolders, siteMeta, type PhantomFederation } from './data.ts';
-import type { Arm, ArmRun, InitKind } from './report.ts';
+import { generationReports, type Arm, type ArmRun, type InitKind } from './report.ts';
+import { generatedSiteName } from '../../shared/protocol/site-names.ts';
 
 export interface ExperimentOptions {
   /** Site data folders (MSD layout); absent = generate a phantom federation under `out`. */
@@ -91,7 +92,7 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
     const p = o.phantom;
     say(`generated a phantom federation in ${join(out, 'data')}: ${p.sites} sites × (${p.cases} labelled + ${p.valCases} validation + ${p.poolCases} unlabelled) cases, ${p.testCases} test cases, ${patch.join('×')} voxels (easy data for a smoke run: \`medfl benchmark generate\` makes a hard one)`);
   }
-  const siteNames = siteDirs.map((_, i) => `site-${String.fromCharCode(97 + i)}`);
+  const siteNames = siteDirs.map((_, i) => generatedSiteName(i));
   const meta = siteMeta(siteDirs[0]);
   const test = await loadTestCases(testDir, meta, patch, { ...(plan.data.spacing ? { spacing: plan.data.spacing } : {}), normalization: plan.data.normalization });
   if (test.numClasses > plan.model.numClasses) throw new Error(`the test folder has ${test.numClasses} label classes but the plan's model.numClasses is ${plan.model.numClasses}`);
@@ -164,6 +165,11 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
         rmSync(work, { recursive: true, force: true });
         const dice: Record<string, number[]> = {};
         const val: Record<string, number[]> = {};
+        // One line per round: an arm takes minutes, and a reader should see it move (and where it stands).
+        const progress = (r: number, test: number, v: number) =>
+          say(`    [seed ${seed} / ${initKind} / ${arm}] round ${r}/${plan.rounds}: test Dice ${test.toFixed(3)}, validation ${Number.isFinite(v) ? v.toFixed(3) : '—'} (${((performance.now() - t0) / 1000).toFixed(0)} s)`);
+        const promotions: { generation: number; round: number }[] = [];
+        const usedGenerations = new Map<number, number>(); // generation → site-rounds that trained with it
         const armPlan: Plan = { ...seedPlan, teacherStudent: { ...seedPlan.teacherStudent, enabled: arm === 'teacher-student' } };
         if (arm === 'pooled') {
           const pooledPlan: Plan = { ...armPlan, local: { ...armPlan.local, ...(armPlan.local.steps !== undefined ? { steps: armPlan.local.steps * siteDirs.length } : {}) } };
@@ -177,6 +183,7 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
             g = decodeUpdate(res.update).bundle;
             dice.pooled.push((await lt.evaluateModel(settings, encode(g), testCases)).meanDice);
             val.pooled.push(await lt.validateModel(settings, encode(g)));
+            progress(r, dice.pooled[r - 1], val.pooled[r - 1]);
           }
         } else {
           const sites = siteDirs.map((d, i) => new LocalTraining({ siteName: siteNames[i], dataDir: d, localDir: mkd(join(work, siteNames[i])), log, engine: o.engine }));
@@ -195,6 +202,8 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
               const base = arm === 'local-only' ? own[i] : global;
               const res = await lt.run(settings, encode(base), { round: r, ...(teacher ? { teacherBytes: teacher.bytes } : {}) });
               const d = decodeUpdate(res.update);
+              const g = res.metrics.teacher_generation;
+              if (g !== undefined) usedGenerations.set(g, (usedGenerations.get(g) ?? 0) + 1);
               updates.push({ bundle: d.bundle, isDelta: d.isDelta, samples: res.numSamples, site: siteNames[i] });
             }
             if (arm === 'local-only') {
@@ -212,14 +221,23 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
               const next = promotion(armPlan, r, hash, teacher ? { modelHash: teacher.hash, generation: teacher.generation, round: teacher.round } : undefined);
               if (next) {
                 teacher = { hash, bytes, generation: next.generation, round: r };
+                promotions.push({ generation: next.generation, round: r });
                 say(`  [seed ${seed} / ${initKind} / ${arm}] round ${r}: aggregate promoted to teacher generation ${next.generation}`);
               }
             }
+            // Where every site would score the very same weights (all tensors shared), the test set is scored once.
+            const scored = new Map<string, number>();
             for (const [i, lt] of sites.entries()) {
               const model = encode(arm === 'local-only' ? own[i] : global);
-              dice[siteNames[i]].push((await lt.evaluateModel(settings, model, testCases)).meanDice);
+              const key = lt.siteIndependentModelKey(settings, model);
+              const known = key === undefined ? undefined : scored.get(key);
+              const testDice = known ?? (await lt.evaluateModel(settings, model, testCases)).meanDice;
+              if (key !== undefined) scored.set(key, testDice);
+              dice[siteNames[i]].push(testDice);
               val[siteNames[i]].push(await lt.validateModel(settings, model));
             }
+            const mean = (m: Record<string, number[]>) => siteNames.reduce((a, n) => a + m[n][r - 1], 0) / siteNames.length;
+            progress(r, mean(dice), mean(val));
           }
         }
         const keys = Object.keys(dice);
@@ -230,7 +248,11 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
         const mean = Array.from({ length: plan.rounds }, (_, r) => meanOf(dice, r));
         const valMean = Array.from({ length: plan.rounds }, (_, r) => meanOf(val, r));
         const seconds = (performance.now() - t0) / 1000;
-        runs.push({ arm, init: initKind, seed, dice, val, mean, valMean, seconds });
+        const generations = arm === 'teacher-student' ? generationReports(promotions, mean, valMean, usedGenerations) : undefined;
+        runs.push({ arm, init: initKind, seed, dice, val, mean, valMean, seconds, ...(generations ? { generations } : {}) });
+        for (const g of generations ?? []) {
+          say(`    generation ${g.generation} (round ${g.promotedAfterRound}): teacher test Dice ${g.teacherTest.toFixed(3)} (val ${g.teacherVal.toFixed(3)}) → its last student, round ${g.studentRound}: ${g.studentTest.toFixed(3)} (val ${g.studentVal.toFixed(3)}); ${g.usedBySites} site-rounds trained with it`);
+        }
         say(`  seed ${seed}  ${initKind.padEnd(10)} ${arm.padEnd(15)} final test Dice ${mean[plan.rounds - 1].toFixed(3)} (best round ${Math.max(...mean).toFixed(3)}; ${seconds.toFixed(0)} s)`);
       }
     }

@@ -404,6 +404,17 @@ export class LocalTraining {
   }
 
   /** Whether this site has trained under these settings (its own tensors are on disk). */
+  /**
+   * A key for the weights evaluateModel would score, when they depend on the shared bytes alone (no site task file
+   * and nothing kept local): then every site scores the same model, and a caller may score it once. Undefined when
+   * the site adds tensors of its own.
+   */
+  siteIndependentModelKey(planSettings: TaskSettings, sharedBytes: Buffer): string | undefined {
+    if (this.siteTask) return undefined;
+    const arch = architectureFor(planSettings.model);
+    return localParams(arch, planSettings.share).length === 0 ? sha256Hex(sharedBytes) : undefined;
+  }
+
   hasLocalTensors(planSettings: TaskSettings): boolean {
     const settings = applySiteTask(planSettings, this.siteTask);
     return existsSync(this.localPath(architectureFor(settings.model), settings));

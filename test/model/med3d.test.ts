@@ -120,7 +120,7 @@ describe('Med3D layout', () => {
     expect(() => createMed3d({ depth: 10, shortcut: 'A', widthMultiplier: 0, head: seg2, patch: [8, 8, 8] })).toThrow(/widthMultiplier/);
   });
 
-  it('computes MedicalNet's feature shapes for its 56×448×448 input', () => {
+  it('computes MedicalNet\'s feature shapes for its 56×448×448 input', () => {
     for (const [depth, e] of [[18, 1], [50, 4]] as const) {
       const arch = createMed3d({ depth, shortcut: 'B', head: { kind: 'segmentation', numClasses: 2 }, patch: [56, 448, 448] });
       expect(med3dFeatureShape(arch.config, [56, 448, 448])).toEqual([7, 56, 56, 512 * e]);

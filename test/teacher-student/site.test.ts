@@ -181,6 +181,12 @@ describe('a teacher–student round at a site', () => {
     expect(chooseTeacher({ generation: 1, dice: 0.4 }, { ...prev, generation: 3 }, 0.3)).toEqual({ use: 'new' });
   });
 
+  it('names a site-independent model key only when every tensor is shared (so a caller may score it once)', () => {
+    expect(lt.siteIndependentModelKey(settings(), round1Update)).toBeUndefined(); // the head stays at the site
+    const all = TaskSettingsSchema.parse({ ...settings(), share: { parts: ['encoder', 'head'], keepLocal: [] }, sharedTensors: arch.params().map((p) => p.name) });
+    expect(lt.siteIndependentModelKey(all, round1Update)).toBe(sha256Hex(round1Update));
+  });
+
   it('says what is wrong when the teacher bytes are missing', async () => {
     const teacher = { hash: sha256Hex(round1Update), size: round1Update.length, generation: 1 };
     await expect(lt.run(settings(teacher), round1Update, { round: 4 })).rejects.toThrow(/task names teacher .* but its bytes were not given/);
