@@ -98,7 +98,7 @@ function benchOneDnn(k: OneDnnKernels, g: Conv3dGeom): Record<OpName, number> {
 
 // A persistent PyTorch process: one JSON request per line on stdin, one JSON answer per line on stdout,
 // so that each shape runs in PyTorch right after it ran here (the machine's load drifts).
-const PY = String.raw`
+const PY = `
 import json, sys, time, statistics
 import torch
 torch.set_num_threads(int(sys.argv[2]))

@@ -1,17 +1,18 @@
 // Prints the plain closing line CI reads ("N passed, N failed") from vitest's JSON report.
-// The typecheck counts as one more check, so a type error can never hide behind green tests.
+// The typecheck and the lint count as one more check each, so neither can hide behind green tests.
 import { readFileSync, existsSync } from 'node:fs';
 
-const [file, typecheckExit = '0'] = process.argv.slice(2);
+const [file, typecheckExit = '0', lintExit = '0'] = process.argv.slice(2);
 if (!existsSync(file)) {
-  console.log('0 passed, 1 failed');
+  console.log(`0 passed, ${1 + (Number(typecheckExit) !== 0 ? 1 : 0) + (Number(lintExit) !== 0 ? 1 : 0)} failed`);
   console.error(`no test report at ${file}: vitest did not run`);
   process.exit(1);
 }
 const r = JSON.parse(readFileSync(file, 'utf8'));
 const tcFailed = Number(typecheckExit) !== 0 ? 1 : 0;
-const passed = r.numPassedTests + (tcFailed ? 0 : 1);
-const failed = r.numFailedTests + tcFailed + (r.numFailedTestSuites ?? 0) - countSuitesWithFailedTests(r);
+const lintFailed = Number(lintExit) !== 0 ? 1 : 0;
+const passed = r.numPassedTests + (tcFailed ? 0 : 1) + (lintFailed ? 0 : 1);
+const failed = r.numFailedTests + tcFailed + lintFailed + (r.numFailedTestSuites ?? 0) - countSuitesWithFailedTests(r);
 const skipped = (r.numPendingTests ?? 0) + (r.numTodoTests ?? 0);
 console.log(`${passed} passed, ${failed} failed${skipped ? `, ${skipped} skipped` : ''}`);
 process.exit(failed > 0 || r.numTotalTests === 0 ? 1 : 0);

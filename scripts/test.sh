@@ -20,13 +20,18 @@ npm ci --no-audit --no-fund || { echo "npm ci failed"; exit 1; }
 typecheck=0
 npx tsc -p tsconfig.json --noEmit || typecheck=$?
 
+# Biome, lint rules only (biome.jsonc; it never reformats). Warnings count as failures.
+lint=0
+npx biome lint --error-on-warnings || lint=$?
+
 results=.vitest-results.json
 rm -f "$results"
 npx vitest run --reporter=default --reporter=json --outputFile="$results"
 tests=$?
 
-node scripts/test-summary.mjs "$results" "$typecheck"
+node scripts/test-summary.mjs "$results" "$typecheck" "$lint"
 summary=$?
 if [ "$typecheck" -ne 0 ]; then echo "typecheck failed (tsc exit $typecheck)"; exit 1; fi
+if [ "$lint" -ne 0 ]; then echo "lint failed (biome exit $lint; run npm run lint)"; exit 1; fi
 [ "$tests" -ne 0 ] && exit "$tests"
 exit "$summary"

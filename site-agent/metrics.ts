@@ -5,6 +5,7 @@
  * The agent reports to it through AgentObserver; state and progress are read from the agent at scrape time.
  */
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import type { SecAggStep } from './secagg/round.ts';
 
 export type AgentPhase = 'idle' | 'downloading' | 'training' | 'uploading';
 export type TaskOutcome = 'completed' | 'refused' | 'declined' | 'failed';
@@ -17,6 +18,8 @@ export interface AgentObserver {
   task(outcome: TaskOutcome): void;
   /** Bytes that crossed the wire: a model downloaded (0 when cached), an update uploaded. */
   transferred(direction: 'download' | 'upload', bytes: number): void;
+  /** A secure-aggregation round reached `step` (secagg/round.ts), synchronously, before the site sends its next message. */
+  secAggStep?(step: SecAggStep, round: number): void;
 }
 
 export interface AgentActivity {

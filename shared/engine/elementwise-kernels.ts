@@ -234,6 +234,7 @@ export const jsElementwiseKernels: ElementwiseKernels = {
           for (let xx = x0 + 1; xx < x1; xx++) {
             const j = inRow + xx * C + c;
             const v = x[j];
+            // biome-ignore lint/suspicious/noSelfCompare: x !== x is the call-free NaN test; max pooling propagates NaN as PyTorch does.
             if (v > m || (v !== v && m === m)) {
               m = v;
               best = j;
@@ -261,6 +262,7 @@ export const jsElementwiseKernels: ElementwiseKernels = {
             for (let e = 0; e < inner; e++) {
               const v = src[base + e];
               const cur = m[dst + e];
+              // biome-ignore lint/suspicious/noSelfCompare: the call-free NaN test, as in the pooling loop above.
               if (v > cur || (v !== v && cur === cur)) {
                 m[dst + e] = v;
                 a[dst + e] = srcArg[base + e];

@@ -27,9 +27,6 @@ import { corruptBatch, DEFAULT_RESTORATION_TRANSFORMS } from './genesis-corrupti
 import { isRestorationArchitecture, restorationLoss } from './restoration.ts';
 import type { EvalResult, TrainRequest, TrainResult, Trainer, VolumeCase } from './types.ts';
 
-/** Output grid of MedicalNet's segmentation head relative to the input (the U-Net head's is 1: med3dOutputFactor). */
-export const MED3D_SEG_FACTOR = 4;
-
 class ArrayStore implements ParamStore {
   readonly values = new Map<string, Float32Array>();
   readonly shapes = new Map<string, readonly number[]>();

@@ -75,11 +75,6 @@ export function tiny3dForward(p: ReadonlyMap<string, Tensor>, x: Tensor5D, ops: 
 
 const FORWARDS = new Map<string, TfjsForward>([[TINY3D_ID, tiny3dForward]]);
 
-/** Lets other architectures (e.g. the Med3D encoder) plug their forward pass into this trainer. */
-export function registerTfjsForward(architectureId: string, forward: TfjsForward): void {
-  FORWARDS.set(architectureId, forward);
-}
-
 /** Soft-Dice smoothing in voxels: negligible against real counts, keeps empty-foreground batches finite. */
 export const DICE_SMOOTH = 1;
 

@@ -537,7 +537,7 @@ function initInflate2d(arch: ModelArchitecture, ctx: InitContext, mode: '1xk' | 
   const used = new Set<string>();
   const notes: string[] = [];
   const greyLayers: string[] = [];
-  for (const [layer, ps] of layers) {
+  for (const ps of layers.values()) {
     const present = ps.filter((p) => source.has(keyOf(p)));
     if (present.length === 0) continue;
     if (present.length < ps.length) {

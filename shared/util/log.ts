@@ -7,6 +7,6 @@ import { pino, type Logger } from 'pino';
 export type { Logger } from 'pino';
 
 export function createLogger(component: string, extra: Record<string, unknown> = {}): Logger {
-  const level = process.env.MEDFL_LOG_LEVEL ?? (process.env.VITEST ? 'warn' : 'info');
+  const level = process.env.MEDFL_LOG_LEVEL ?? 'info';
   return pino({ level, base: { component, pid: process.pid, ...extra } }, pino.destination({ fd: 2, sync: true }));
 }

@@ -318,7 +318,7 @@ export function decodeNifti(
     throw new NiftiError(name, fault, cause === undefined ? undefined : { cause });
   };
   const layout = niftiLayout(bytes, name, options, gzipFault);
-  const { version, le, hdrSize, dims, frames, frame, dt, voxOffset, nvox, frameBytes } = layout;
+  const { version, le, dims, frames, frame, dt, voxOffset, nvox, frameBytes } = layout;
   const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 
   const available = Math.max(0, bytes.length - voxOffset);

@@ -52,7 +52,7 @@ export interface SiteDataOptions {
 }
 
 export interface CaseRef {
-  /** Opaque id: train-i (labelled imagesTr), val-i (labelled imagesTs), pool-i (no label). */
+  /** Opaque id: train-i (labelled imagesTr), val-i (labelled imagesTs, or imagesTr held back by validationCarve), pool-i (no label). */
   readonly id: string;
   readonly split: 'train' | 'val' | 'pool';
   readonly classLabel?: number;

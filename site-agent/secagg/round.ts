@@ -48,7 +48,13 @@ export interface SecAggRoundInput {
   update: Buffer;
   base: Buffer;
   numSamples: number;
+  /** Told as each phase's answer arrives (the agent turns it into task progress); called synchronously, before the next message goes out. */
+  onStep?(step: SecAggStep): void;
 }
+
+/** How far a site got: roster received, key shares forwarded to it, masked input taken (unmask request received), done. */
+export const SECAGG_STEPS = ['roster', 'keys-shared', 'masked-sent', 'done'] as const;
+export type SecAggStep = (typeof SECAGG_STEPS)[number];
 
 export interface SecAggRoundOutcome {
   /** Bytes of request payload this site sent (JSON + masked vector). */
@@ -107,12 +113,6 @@ function secAggClient(home: SiteHome, audit?: WireAudit): AnyClient {
   return new Svc(`${host.includes(':') ? `[${host}]` : host}:${port}`, creds, { ...CHANNEL_OPTIONS, interceptors: audit ? [audit.interceptor()] : [] }) as AnyClient;
 }
 
-/** Test fault injection: MEDFL_FAULT_SECAGG=exit-after-masked:R or exit-before-masked:R ends the process in round R. */
-function fault(round: number): 'after' | 'before' | undefined {
-  const m = /^exit-(after|before)-masked:(\d+)$/.exec(process.env.MEDFL_FAULT_SECAGG ?? '');
-  return m && Number(m[2]) === round ? (m[1] as 'after' | 'before') : undefined;
-}
-
 export async function runSecAggRound(o: SecAggRoundInput): Promise<SecAggRoundOutcome> {
   const sa = o.settings.secureAggregation as RoundSecAgg | undefined;
   if (!sa) throw new Error('the task has no secureAggregation settings');
@@ -140,12 +140,10 @@ export async function runSecAggRound(o: SecAggRoundInput): Promise<SecAggRoundOu
     const roster = asRoster(await call('Advertise', { json: toJson({ cPk: adv.cPk, sPk: adv.sPk }) }));
     if (roster.vectorLength !== sa.vectorLength || roster.threshold !== sa.threshold) throw new Error(`the roster's vector length ${roster.vectorLength} / threshold ${roster.threshold} differ from the signed task's ${sa.vectorLength} / ${sa.threshold}: abort`);
     o.log.info({ round: o.round, members: roster.members.length, neighbours: roster.graph?.k ?? roster.members.length - 1 }, 'secure aggregation: roster received');
+    o.onStep?.('roster');
     const shares = me.shareKeys(roster);
     const fwd = asForwarded(await call('ShareKeys', { json: toJson({ sealed: shares.sealed }) }));
-    if (fault(o.round) === 'before') {
-      o.log.warn({ round: o.round }, 'MEDFL_FAULT_SECAGG: exiting before sending the masked input');
-      process.exit(3);
-    }
+    o.onStep?.('keys-shared');
     const masked = me.maskedInput(fwd, vector);
     const y = masked.y;
     let reply = '';
@@ -157,14 +155,12 @@ export async function runSecAggRound(o: SecAggRoundInput): Promise<SecAggRoundOu
     }
     const req = asUnmaskRequest(reply);
     o.log.info({ round: o.round, survivors: req.survivors.length }, 'secure aggregation: masked input sent, unmask request received');
-    if (fault(o.round) === 'after') {
-      o.log.warn({ round: o.round }, 'MEDFL_FAULT_SECAGG: exiting after sending the masked input');
-      process.exit(3);
-    }
+    o.onStep?.('masked-sent');
     const un = me.unmask(req);
     parseWire(DoneWire, await call('Unmask', { json: toJson({ selfMaskShares: un.selfMaskShares, keyShares: un.keyShares }) }), 'secure aggregation done');
     const out = { bytesSent, survivors: req.survivors.length, seconds: (Date.now() - t0) / 1000 };
     o.log.info({ round: o.round, ...out, weight }, 'secure aggregation: done');
+    o.onStep?.('done');
     return out;
   } finally {
     client.close();

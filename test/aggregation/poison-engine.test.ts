@@ -49,7 +49,7 @@ describe('a hostile site against a running coordinator with the default plan', (
   it('3e38 is refused, 1,000,000 samples are capped to half the weight and flagged, and the operator can roll back', async () => {
     f = await InprocFederation.create(plan, ['site-a', 'site-b', 'site-evil']);
     const [a, b, evil] = f.connect(['site-a', 'site-b', 'site-evil']);
-    const honest = (s: ScriptedSite, base: TensorBundle, i: number) => shift(base, (v, j) => v + 0.01 * Math.sin(j + i));
+    const honest = (_s: ScriptedSite, base: TensorBundle, i: number) => shift(base, (v, j) => v + 0.01 * Math.sin(j + i));
 
     // Round 1: the overflow attack, first in line (no norm reference exists yet).
     const t1 = await f.task(evil, 1);

@@ -57,7 +57,7 @@ describe('validation split and test folders', () => {
   }, 60_000);
 
   it('proposes the median voxel spacing of the sites, and says whether their grids differ', async () => {
-    const dirs = [1.5, 1.5, 2.5].map((mm, i) => join(mkdtempSync(join(tmpdir(), 'medfl-spacing-')), `s${i}`));
+    const dirs = [1.5, 1.5, 2.5].map((_mm, i) => join(mkdtempSync(join(tmpdir(), 'medfl-spacing-')), `s${i}`));
     for (const [i, mm] of [1.5, 1.5, 2.5].entries()) await writePhantomSite(dirs[i], { siteName: `sp${i}`, cases: 2, valCases: 0, size: [16, 16, 16], seed: 6 + i, intensityShift: 0, intensityScale: 1, spacing: [mm, mm, mm] });
     expect(await medianSpacing(dirs)).toEqual({ spacing: [1.5, 1.5, 1.5], differ: true });
     expect(await medianSpacing(dirs.slice(0, 2))).toEqual({ spacing: [1.5, 1.5, 1.5], differ: false });

@@ -291,8 +291,9 @@ describe('bulk calls with a grpc-js client (sites of the previous version)', () 
       expect(sha256Hex(Buffer.concat(parts))).toBe(task.modelHash);
 
       const payload = encodeSafetensors(update());
-      const ack = await new Promise<UploadAck>(async (resolve, reject) => {
-        const up = c.UploadUpdate(await md(), (err: grpc.ServiceError | null, a: UploadAck) => (err ? reject(err) : resolve(a))) as grpc.ClientWritableStream<unknown>;
+      const meta = await md();
+      const ack = await new Promise<UploadAck>((resolve, reject) => {
+        const up = c.UploadUpdate(meta, (err: grpc.ServiceError | null, a: UploadAck) => (err ? reject(err) : resolve(a))) as grpc.ClientWritableStream<unknown>;
         up.write({ header: { updateId: `test-${randomUUID()}`, round: task.round, taskId: task.taskId, baseModelHash: task.modelHash, totalSize: payload.length, sha256: sha256Hex(Buffer.from('not it')), numSamples: 4 } });
         up.write({ data: payload, offset: 0 });
         up.end();

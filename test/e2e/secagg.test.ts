@@ -1,7 +1,8 @@
 /**
  * Secure aggregation in real federation rounds: a coordinator and three site-agent processes over TLS +
  * tokens, plan aggregation.secureAggregation with t = 2. Round 1 runs with all three sites; in round 2
- * site-c exits right after its masked input was taken (MEDFL_FAULT_SECAGG), so the coordinator must rebuild
+ * site-c exits right after its masked input was taken (its agent's observer exits at the 'masked-sent' step:
+ * helpers/site-exits-after-masking.ts), so the coordinator must rebuild
  * its self mask from the other two sites' shares. Checks that:
  *  - no plain update ever reached the coordinator (no UploadUpdate call, no update rows);
  *  - the masked vectors the coordinator stored are unrelated to the sites' actual contributions, which each
@@ -12,6 +13,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { makeFederation, TEST_PLAN, exited, type TestFederation } from '../helpers/federation.ts';
 import { decodeSafetensors } from '../../shared/tensors/safetensors.ts';
 import { encodeRoundVector, type RoundSecAgg } from '../../shared/privacy/secagg/wire.ts';
@@ -32,13 +34,9 @@ describe('secure aggregation in federation rounds (separate processes)', () => {
     await fed.startCoordinator();
     await fed.enrollAll();
     const agents = fed.sites.map((s) => {
-      // site-c leaves for good right after its round-2 masked input (set only for its process).
-      if (s === 'site-c') process.env.MEDFL_FAULT_SECAGG = 'exit-after-masked:2';
-      try {
-        return fed.startSite(s, ['--audit-wire', join(fed.work, 'logs', `${s}.wire.jsonl`)]);
-      } finally {
-        delete process.env.MEDFL_FAULT_SECAGG;
-      }
+      const audit = join(fed.work, 'logs', `${s}.wire.jsonl`);
+      // site-c leaves for good right after its round-2 masked input was taken.
+      return s === 'site-c' ? fed.startSiteScript(s, fileURLToPath(new URL('../helpers/site-exits-after-masking.ts', import.meta.url)), [audit, '2']) : fed.startSite(s, ['--audit-wire', audit]);
     });
     codes = await Promise.all(agents.map((a) => exited(a, 200_000)));
   }, 240_000);

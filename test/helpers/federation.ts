@@ -2,8 +2,8 @@
  * Builds a local federation for tests the way an admin would: a coordinator directory, invitations,
  * generated phantom data per site, and helpers to run the coordinator and site agents as processes.
  */
-import type { ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { createWriteStream, existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { CoordinatorHome } from '../../coordinator/home.ts';
@@ -29,8 +29,17 @@ export interface TestFederation {
   startCoordinator(extra?: string[]): Promise<ChildProcess>;
   enrollAll(): Promise<void>;
   startSite(name: string, extra?: string[]): ChildProcess;
+  /** Runs a test's own site-agent script (`node --import tsx SCRIPT SITE_DIR DATA_DIR ...args`) with the same environment and log. */
+  startSiteScript(name: string, script: string, args: string[]): ChildProcess;
   killAll(): void;
 }
+
+const SITE_ENV = {
+  MEDFL_LOG_LEVEL: 'info',
+  MEDFL_ENGINE: 'cpu',
+  // Several sites share this machine's cores: one OpenMP thread each keeps oneDNN from oversubscribing.
+  OMP_NUM_THREADS: '1',
+};
 
 export const TEST_PLAN = (o: { rounds: number; minSites: number; deadline?: number; steps?: number; gather?: number }) =>
   [
@@ -94,12 +103,15 @@ export async function makeFederation(o: {
       );
     },
     startSite(name, extra = []) {
-      const c = spawnMedfl(['site', 'run', '--dir', f.siteDir(name), '--data', f.dataDir(name), '--exit-when-finished', ...extra], f.logPath(name), {
-        MEDFL_LOG_LEVEL: 'info',
-        MEDFL_ENGINE: 'cpu',
-        // Several sites share this machine's cores: one OpenMP thread each keeps oneDNN from oversubscribing.
-        OMP_NUM_THREADS: '1',
-      });
+      const c = spawnMedfl(['site', 'run', '--dir', f.siteDir(name), '--data', f.dataDir(name), '--exit-when-finished', ...extra], f.logPath(name), SITE_ENV);
+      children.push(c);
+      return c;
+    },
+    startSiteScript(name, script, args) {
+      const log = createWriteStream(f.logPath(name), { flags: 'a' });
+      const c = spawn(process.execPath, ['--import', 'tsx', script, f.siteDir(name), f.dataDir(name), ...args], { env: { ...process.env, ...SITE_ENV }, stdio: ['ignore', 'pipe', 'pipe'] });
+      c.stdout!.pipe(log, { end: false });
+      c.stderr!.pipe(log, { end: false });
       children.push(c);
       return c;
     },

@@ -23,7 +23,7 @@ import {
   type Med3dShortcut,
 } from '../../shared/model/med3d.ts';
 import { createMed3dEvalOps, med3dEmbed, med3dPredict, type Med3dOps } from '../../shared/model/med3d-forward.ts';
-import { checkAgainstSpecs, makeBundle, type TensorBundle } from '../../shared/tensors/bundle.ts';
+import { checkAgainstSpecs, type TensorBundle } from '../../shared/tensors/bundle.ts';
 import { decodeSafetensors, encodeSafetensors } from '../../shared/tensors/safetensors.ts';
 import { dimsFromShape, writeNifti } from '../../site-agent/data/nifti.ts';
 

@@ -36,7 +36,8 @@ import {
   verifyManifest,
   type Ed25519KeyPair,
 } from '../../shared/security/site-identity.ts';
-import { MemorySiteDirectory, createAuthInterceptor } from '../../coordinator/auth/interceptor.ts';
+import { createAuthInterceptor } from '../../coordinator/auth/interceptor.ts';
+import { MemorySiteDirectory } from '../helpers/memory-site-directory.ts';
 
 const FED = 'fed-test-1';
 

@@ -40,18 +40,21 @@ type ErrorClass = abstract new (...args: never[]) => Error;
 /** Runs `decode`; an exception must be one of `allowed`; a result goes to `check`. */
 function decodesCleanly<T>(decode: () => T, allowed: readonly ErrorClass[], check?: (v: T) => void): void {
   const t0 = performance.now();
-  let value: T;
+  let outcome: { value: T } | { error: unknown };
   try {
-    value = decode();
+    outcome = { value: decode() };
   } catch (e) {
-    const ok = allowed.some((C) => e instanceof C);
-    if (!ok) throw new Error(`threw ${(e as Error)?.constructor?.name ?? typeof e} instead of ${allowed.map((C) => C.name).join('/')}: ${(e as Error)?.stack ?? String(e)}`);
-    return;
-  } finally {
-    const ms = performance.now() - t0;
-    if (ms > MAX_CALL_MS) throw new Error(`decoding took ${ms.toFixed(0)} ms`);
+    outcome = { error: e };
   }
-  check?.(value);
+  // A hang is reported first, whether the call ended in a result or an exception.
+  const ms = performance.now() - t0;
+  if (ms > MAX_CALL_MS) throw new Error(`decoding took ${ms.toFixed(0)} ms`);
+  if ('error' in outcome) {
+    const e = outcome.error;
+    if (!allowed.some((C) => e instanceof C)) throw new Error(`threw ${(e as Error)?.constructor?.name ?? typeof e} instead of ${allowed.map((C) => C.name).join('/')}: ${(e as Error)?.stack ?? String(e)}`);
+    return;
+  }
+  check?.(outcome.value);
 }
 
 /** Valid encodings with a few bytes overwritten, a piece cut out or garbage inserted, or cut short. */

@@ -54,14 +54,6 @@ export function deriveKey(ikm: Uint8Array, session: string, label: string): Buff
 
 const ZERO_IV = Buffer.alloc(16);
 
-/** `words` uint32 words of AES-256-CTR keystream under `key` (the mask for one seed). */
-export function prgWords(key: Uint8Array, words: number): Uint32Array {
-  const c = createCipheriv('aes-256-ctr', key, ZERO_IV);
-  const out = c.update(Buffer.alloc(words * 4));
-  c.final();
-  return new Uint32Array(out.buffer, out.byteOffset, words);
-}
-
 /** Adds (sign +1) or subtracts (−1) the PRG stream of `key` into `acc`, mod 2^32, streaming in 1 MiB blocks. */
 export function applyPrg(acc: Uint32Array, key: Uint8Array, sign: 1 | -1): void {
   const c = createCipheriv('aes-256-ctr', key, ZERO_IV);
