@@ -1,6 +1,7 @@
 /**
  * `medfl audit verify --dir D`: re-checks a coordinator's contribution ledger (hash chain, sequence,
- * coordinator signatures) and prints it as a table.
+ * coordinator signatures) and its completeness against the coordinator's store (ledger/completeness.ts), and
+ * prints it as a table.
  * `medfl site ledger --dir S`: fetches the ledger from the coordinator, verifies it against the
  * coordinator key the site pinned at enrolment, and lists this site's entries; it remembers the head it
  * verified (`ledger-head.json`) so that a later ledger with entries cut off or rewritten is caught.
@@ -15,6 +16,8 @@ import { join } from 'node:path';
 import { z } from 'zod';
 import { CoordinatorHome } from '../coordinator/home.ts';
 import { verifyChain, type ChainReport, type LedgerEntry } from '../coordinator/ledger/chain.ts';
+import { checkCompleteness, type CompletenessReport } from '../coordinator/ledger/completeness.ts';
+import { CoordinatorStore } from '../coordinator/store/store.ts';
 import { FileLedgerBackend, JetStreamLedgerBackend, LEDGER_FILE, type LedgerBackend } from '../coordinator/ledger/ledger.ts';
 import { rawPublicKey } from '../shared/security/site-identity.ts';
 import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
@@ -30,13 +33,14 @@ export function parseHead(s: string): { seq: number; hash: string } {
   return { seq: Number(m[1]), hash: m[2]! };
 }
 
-export function ledgerTable(entries: readonly LedgerEntry[], report: ChainReport): string {
+export function ledgerTable(entries: readonly LedgerEntry[], report: ChainReport, notes: ReadonlyMap<number, string> = new Map()): string {
   const bad = new Map<number, string[]>();
   for (const p of report.problems) if (p.seq !== undefined) bad.set(p.seq, [...(bad.get(p.seq) ?? []), p.problem]);
   const t = new Table({ head: ['seq', 'round', 'site', 'samples', 'strategy', 'update', 'recorded', 'check'] });
   for (const e of entries) {
     const problems = bad.get(e.seq);
-    t.push([e.seq, e.round, e.site, e.samples, e.strategy, e.updateHash.slice(0, 12), e.at.replace('T', ' ').slice(0, 19), problems ? `BAD: ${problems.join('; ')}` : 'ok']);
+    const note = notes.get(e.seq);
+    t.push([e.seq, e.round, e.site, e.samples, e.strategy, e.updateHash.slice(0, 12), e.at.replace('T', ' ').slice(0, 19), problems ? `BAD: ${problems.join('; ')}` : note ? `ok (${note})` : 'ok']);
   }
   return t.toString();
 }
@@ -55,10 +59,28 @@ export async function auditVerify(o: { dir: string; nats?: string; expectHead?: 
   try {
     const lines = await backend.load();
     const report = verifyChain(lines, { coordinatorPublicKey: key, federation: c.federationId, expectHead: o.expectHead ? parseHead(o.expectHead) : undefined });
-    return { ok: report.ok, text: `${backend.describe()}\n${ledgerTable(report.entries, report)}\n${summary(report)}` };
+    // The chain cannot show an entry that was never appended: the store says what must be there.
+    const complete = existsSync(home.dbPath) ? withStore(home.dbPath, (store) => checkCompleteness(report.entries, store)) : undefined;
+    const text = [backend.describe(), ledgerTable(report.entries, report, complete?.notes), summary(report), completenessSummary(complete)].join('\n');
+    return { ok: report.ok && (complete?.ok ?? false), text };
   } finally {
     await backend.close();
   }
+}
+
+function withStore<T>(path: string, fn: (store: CoordinatorStore) => T): T {
+  const store = new CoordinatorStore(path);
+  try {
+    return fn(store);
+  } finally {
+    store.close();
+  }
+}
+
+export function completenessSummary(r: CompletenessReport | undefined): string {
+  if (!r) return 'completeness NOT CHECKED: no state.db in the coordinator directory, so nothing says which entries must be there';
+  if (r.ok) return `completeness OK: each of the ${r.updates} accepted update(s) in the store has exactly one entry`;
+  return [`completeness BROKEN: ${r.problems.length} problem(s)${r.pending ? `, ${r.pending} entr${r.pending === 1 ? 'y' : 'ies'} still waiting in the outbox` : ''}`, ...r.problems.map((p) => `  ${p}`)].join('\n');
 }
 
 /** Fetches the ledger over the Governance service, as this site. */
@@ -118,7 +140,7 @@ export function registerAuditCommands(program: Command): void {
     .command('audit')
     .description('check the contribution ledger')
     .command('verify')
-    .description("re-check a coordinator's contribution ledger: hash chain, sequence and coordinator signatures")
+    .description("re-check a coordinator's contribution ledger: hash chain, sequence, coordinator signatures, and one entry per accepted update in its store")
     .requiredOption('--dir <dir>', 'coordinator directory')
     .option('--nats <url>', 'read the ledger from the JetStream stream on this NATS server instead of the local file')
     .option('--expect-head <seq:hash>', 'a head printed by an earlier verify: fails if the ledger no longer contains it (entries cut off or rewritten)')

@@ -30,7 +30,7 @@ export function readinessChecks(d: ReadinessDeps): ReadinessCheck[] {
   const checks: ReadinessCheck[] = [storeCheck(d), diskCheck(d)];
   if (d.bus instanceof NatsBus) {
     const h = d.bus.health();
-    checks.push({ name: 'nats', ok: h.connected, detail: h.connected ? `connected to ${d.bus.describe()}` : `not connected to ${d.bus.describe()} (${h.closed ? 'closed' : 'reconnecting'}); events are being dropped` });
+    checks.push({ name: 'nats', ok: h.connected, detail: h.connected ? `connected to ${d.bus.describe()}` : `not connected to ${d.bus.describe()} (${h.closed ? 'closed' : 'reconnecting'}); events and ledger entries wait in the outbox` });
   }
   return checks;
 }

@@ -1,8 +1,8 @@
 /**
  * Events on a real NATS server. When the server has JetStream, a stream (MEDFL_EVENTS, subjects medfl.>)
- * keeps them as a durable audit trail and each publish waits for the stream's ack in the background.
- * When NATS goes away the client reconnects by itself; meanwhile publishes fail softly (logged, counted),
- * and the coordinator's rounds carry on.
+ * keeps them as a durable audit trail. The coordinator sends through `send()` from its outbox (outbox.ts), which
+ * waits for the stream's ack and tries again until it comes; the event's id goes as Nats-Msg-Id, so the stream
+ * keeps one copy. When NATS goes away the client reconnects by itself and the rounds carry on meanwhile.
  */
 import { connect, JSONCodec, type NatsConnection, type JetStreamClient } from 'nats';
 import type { EventBus, FederationEvent } from '../../shared/events/bus.ts';
@@ -18,6 +18,7 @@ export class NatsBus implements EventBus {
   published = 0;
   /** False from a disconnect until the client has reconnected (the coordinator's /readyz reports it). */
   private connected = true;
+  private readonly reconnectListeners: (() => void)[] = [];
 
   private constructor(
     private readonly nc: NatsConnection,
@@ -82,6 +83,26 @@ export class NatsBus implements EventBus {
     }
   }
 
+  /**
+   * Sends one event and resolves once NATS has it: JetStream's ack (a copy of an id already stored is acked as a
+   * duplicate and kept once), or on core NATS the server's answer to a flush. Throws when it cannot; the caller retries.
+   */
+  async send(event: FederationEvent): Promise<void> {
+    const subject = eventSubject(event.federation, event.type);
+    const data = this.codec.encode(event);
+    if (this.js) {
+      await this.js.publish(subject, data, { ...(event.id ? { msgID: event.id } : {}), timeout: 2000 });
+    } else {
+      this.nc.publish(subject, data);
+      await this.nc.flush();
+    }
+    this.published++;
+  }
+
+  onReconnect(listener: () => void): void {
+    this.reconnectListeners.push(listener);
+  }
+
   subscribe(handler: (event: FederationEvent) => void): () => void {
     this.local.add(handler);
     return () => this.local.delete(handler);
@@ -110,7 +131,10 @@ export class NatsBus implements EventBus {
   private async watchStatus(): Promise<void> {
     for await (const s of this.nc.status()) {
       if (s.type === 'disconnect') this.connected = false;
-      if (s.type === 'reconnect') this.connected = true;
+      if (s.type === 'reconnect') {
+        this.connected = true;
+        for (const l of this.reconnectListeners) l();
+      }
       if (s.type === 'disconnect' || s.type === 'reconnect') this.log?.warn({ url: this.url, status: s.type }, `NATS ${s.type}`);
     }
   }

@@ -1,18 +1,19 @@
 /**
  * The contribution ledger: one signed, hash-chained entry per accepted update (see chain.ts for the
- * format), appended when the round engine publishes `update.accepted`. Two back ends:
+ * format), appended from the coordinator's outbox (coordinator/events/outbox.ts), where the entry was committed
+ * with the update itself; the outbox retries until the append succeeds. Two back ends:
  *   - a local append-only JSONL file (`ledger.jsonl` in the coordinator dir), fsync'd after every entry;
  *   - a JetStream stream per federation when NATS is configured (stream sequence = ledger sequence,
  *     each publish expects the previous sequence, so no entry can be slotted in between).
- * Appends are serialised; a failed append is logged at error and retried with the next event (the
- * ledger never blocks or fails a round). An update already in the ledger (same round, site and hash,
- * e.g. re-folded after a restart) is not recorded twice.
+ * Appends are serialised; a failed append is retried by the outbox (the ledger never blocks or fails a round).
+ * An update already in the ledger (same round, site and hash: an append retried after a lost ack or a crash)
+ * is not recorded twice; on JetStream the message id (Nats-Msg-Id) says the same to the server.
  */
 import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, writeSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { KeyObject } from 'node:crypto';
 import { connect, StringCodec, type JetStreamClient, type JetStreamManager, type NatsConnection } from 'nats';
-import type { EventBus, FederationEvent } from '../../shared/events/bus.ts';
+import type { FederationEvent } from '../../shared/events/bus.ts';
 import { signManifest } from '../../shared/security/site-identity.ts';
 import type { Logger } from '../../shared/util/log.ts';
 import { LedgerEntrySchema, canonicalJson, entryHash, genesisHash, signedBytes, type LedgerEntry, type LedgerRecord } from './chain.ts';
@@ -23,7 +24,8 @@ export interface LedgerBackend {
   describe(): string;
   /** Every stored line, in order (a removed JetStream message reads as an empty line). */
   load(): Promise<string[]>;
-  append(line: string, seq: number): Promise<void>;
+  /** `msgId` is stable per record, so a back end that deduplicates (JetStream) can refuse a second copy. */
+  append(line: string, seq: number, msgId: string): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -117,13 +119,10 @@ export class JetStreamLedgerBackend implements LedgerBackend {
     return lines;
   }
 
-  async append(line: string, seq: number): Promise<void> {
-    await this.js.publish(this.subject, StringCodec().encode(line), { expect: { lastSequence: seq - 1 }, timeout: 5000 });
-  }
-
-  /** For tests of tamper detection: remove one stored message. */
-  async removeForTest(seq: number): Promise<void> {
-    await this.jsm.streams.deleteMessage(this.stream, seq, true);
+  async append(line: string, seq: number, msgId: string): Promise<void> {
+    const ack = await this.js.publish(this.subject, StringCodec().encode(line), { msgID: msgId, expect: { lastSequence: seq - 1 }, timeout: 5000 });
+    // An earlier try landed although its ack was lost: the caller re-reads the stream instead of moving its head on.
+    if (ack.duplicate) throw new Error(`already stored at seq ${ack.seq} (duplicate message id ${msgId})`);
   }
 
   async close(): Promise<void> {
@@ -139,7 +138,6 @@ export class ContributionLedger {
   private head: { seq: number; hash: string };
   private readonly recorded = new Set<string>();
   private chain: Promise<unknown> = Promise.resolve();
-  failures = 0;
 
   private constructor(
     readonly backend: LedgerBackend,
@@ -196,7 +194,7 @@ export class ContributionLedger {
       const hash = entryHash(body);
       const entry: LedgerEntry = { ...body, hash, sig: signManifest(this.signingKey, signedBytes(hash)).toString('base64') };
       try {
-        await this.backend.append(canonicalJson(entry), entry.seq);
+        await this.backend.append(canonicalJson(entry), entry.seq, `${this.federation}:ledger:${key(r).replaceAll('\u0000', ':')}`);
       } catch (e) {
         // The write may have landed although it reported failure (e.g. a JetStream ack that timed out):
         // take the head from what is stored, so the next append links to it instead of failing forever.
@@ -226,56 +224,38 @@ export class ContributionLedger {
     return all.slice(Math.max(0, fromSeq - 1));
   }
 
-  /**
-   * Records every `update.accepted` event from the bus. Numeric fields of the event other than the
-   * round and sample count (e.g. an update norm from validation) go into `metrics`.
-   */
-  attach(bus: EventBus, strategy: string): () => void {
-    return bus.subscribe((e: FederationEvent) => {
-      if (e.type === 'model.rolled_back') return this.recordRollback(e);
-      if (e.type !== 'update.accepted') return;
-      const { round, site, samples, updateHash } = e as FederationEvent & { samples?: unknown; updateHash?: unknown };
-      if (typeof round !== 'number' || typeof site !== 'string' || typeof updateHash !== 'string' || typeof samples !== 'number') {
-        this.log?.error({ event: e }, 'update.accepted event without round, site, samples and updateHash: not recorded in the ledger');
-        return;
-      }
-      const metrics: Record<string, number> = {};
-      for (const [k, v] of Object.entries(e)) {
-        if (!['round', 'samples'].includes(k) && typeof v === 'number' && Number.isFinite(v)) metrics[k] = v;
-      }
-      this.append({ round, site, samples, updateHash, strategy, metrics }).then(
-        (entry) => entry && this.log?.debug({ seq: entry.seq, round, site }, 'ledger entry appended'),
-        (err: Error) => {
-          this.failures++;
-          this.log?.error({ round, site, reason: err.message, ledger: this.describe() }, 'could not append to the contribution ledger; the round goes on, this update is missing from the ledger');
-        },
-      );
-    });
-  }
-
-  /** An operator's rollback (`model.rolled_back`): an entry with site "" and the model returned to as its hash. */
-  private recordRollback(e: FederationEvent): void {
-    const { round, fromModel, toModel, failedRound, rollbackId } = e as FederationEvent & Record<string, unknown>;
-    if (typeof round !== 'number' || typeof fromModel !== 'string' || typeof toModel !== 'string' || typeof rollbackId !== 'string') {
-      this.log?.error({ event: e }, 'model.rolled_back event without round, fromModel, toModel and rollbackId: not recorded in the ledger');
-      return;
-    }
-    const rollback = { id: rollbackId, fromModel, toModel, failedRound: typeof failedRound === 'number' ? failedRound : null };
-    this.append({ round, site: '', samples: 0, updateHash: toModel, strategy: 'rollback', rollback }).then(
-      (entry) => entry && this.log?.info({ seq: entry.seq, round }, 'rollback recorded in the ledger'),
-      (err: Error) => {
-        this.failures++;
-        this.log?.error({ round, reason: err.message, ledger: this.describe() }, 'could not record the rollback in the contribution ledger');
-      },
-    );
-  }
-
   /** Waits (at most `waitMs`) for appends in flight, then closes the back end (also at most `waitMs`). */
   async close(waitMs = 5000): Promise<void> {
     const within = (p: Promise<unknown>) => Promise.race([p, new Promise((r) => setTimeout(r, waitMs).unref())]);
     await within(this.chain);
     await within(this.backend.close().catch(() => undefined));
   }
+}
+
+/**
+ * The ledger record of an `update.accepted` or `model.rolled_back` event, or undefined for any other event. Numeric
+ * fields of an update event other than the round and sample count (e.g. an update norm) go into `metrics`.
+ * Throws for such an event without the fields an entry needs (it can never be recorded).
+ */
+export function ledgerRecordFor(e: FederationEvent, strategy: string): LedgerRecord | undefined {
+  if (e.type === 'model.rolled_back') {
+    const { round, fromModel, toModel, failedRound, rollbackId } = e as FederationEvent & Record<string, unknown>;
+    if (typeof round !== 'number' || typeof fromModel !== 'string' || typeof toModel !== 'string' || typeof rollbackId !== 'string') {
+      throw new Error('model.rolled_back event without round, fromModel, toModel and rollbackId');
+    }
+    const rollback = { id: rollbackId, fromModel, toModel, failedRound: typeof failedRound === 'number' ? failedRound : null };
+    return { round, site: '', samples: 0, updateHash: toModel, strategy: 'rollback', rollback };
+  }
+  if (e.type !== 'update.accepted') return undefined;
+  const { round, site, samples, updateHash } = e as FederationEvent & { samples?: unknown; updateHash?: unknown };
+  if (typeof round !== 'number' || typeof site !== 'string' || typeof updateHash !== 'string' || typeof samples !== 'number') {
+    throw new Error('update.accepted event without round, site, samples and updateHash');
+  }
+  const metrics: Record<string, number> = {};
+  for (const [k, v] of Object.entries(e)) {
+    if (!['round', 'samples'].includes(k) && typeof v === 'number' && Number.isFinite(v)) metrics[k] = v;
+  }
+  return { round, site, samples, updateHash, strategy, metrics };
 }
 
 function key(r: { round: number; site: string; updateHash: string; rollback?: { id: string } }): string {

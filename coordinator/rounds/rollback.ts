@@ -14,7 +14,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { z } from 'zod';
-import type { CoordinatorStore, ModelRow } from '../store/store.ts';
+import type { CoordinatorStore, ModelRow, OutboxRow } from '../store/store.ts';
 import { SHA256_HEX } from '../../shared/util/hash.ts';
 import { parseTeacher, TEACHER_KEY } from './teacher.ts';
 
@@ -105,11 +105,15 @@ export function pendingRollbacks(store: CoordinatorStore): RollbackRecord[] {
   return r.success ? r.data : [];
 }
 
-/** Takes (reads and clears, atomically) the rollbacks waiting to be announced. */
-export function takePendingRollbacks(store: CoordinatorStore): RollbackRecord[] {
+/**
+ * Takes (reads and clears, atomically) the rollbacks waiting to be announced; `outbox` gives the rows (event, ledger
+ * entry) committed in the same transaction, so the announcement survives a crash right after.
+ */
+export function takePendingRollbacks(store: CoordinatorStore, outbox: (taken: RollbackRecord[]) => OutboxRow[] = () => []): RollbackRecord[] {
   return store.transaction(() => {
     const pending = pendingRollbacks(store);
     if (store.getMeta(ROLLBACK_PENDING_KEY) !== undefined) store.deleteMeta(ROLLBACK_PENDING_KEY);
+    if (pending.length > 0) store.addOutbox(outbox(pending));
     return pending;
   });
 }

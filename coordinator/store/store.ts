@@ -59,6 +59,23 @@ export interface MetricRow {
   value: number;
 }
 
+/**
+ * One message still to leave the store (coordinator/events/outbox.ts): an event for the bus or an entry for the
+ * contribution ledger, committed with the state change it records and delivered at least once under `id`.
+ */
+export interface OutboxRow {
+  id: string;
+  kind: 'event' | 'ledger';
+  /** The event, as JSON. */
+  body: string;
+}
+
+export interface StoredOutboxRow extends OutboxRow {
+  pos: number;
+  createdAt: number;
+  publishedAt: number | null;
+}
+
 export type EnrolOutcome =
   | { ok: true }
   | { ok: false; code: 'unknown-site' | 'bad-token' | 'expired' | 'used' | 'revoked'; message: string };
@@ -81,6 +98,10 @@ CREATE TABLE IF NOT EXISTS models (
 CREATE TABLE IF NOT EXISTS metrics (
   round INTEGER NOT NULL, site TEXT NOT NULL, key TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (round, site, key));
 CREATE TABLE IF NOT EXISTS seen_jti (jti TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+  pos INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, body TEXT NOT NULL,
+  created_at INTEGER NOT NULL, published_at INTEGER);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (kind, pos) WHERE published_at IS NULL;
 `;
 
 export class CoordinatorStore {
@@ -194,10 +215,13 @@ export class CoordinatorStore {
 
   // ---- rounds ----
 
-  openRound(r: Omit<RoundRow, 'state' | 'closedAt' | 'resultModelHash' | 'note'>): void {
-    this.db
-      .prepare("INSERT INTO rounds (round, state, base_model_hash, selected, opened_at, deadline_at) VALUES (?, 'open', ?, ?, ?, ?)")
-      .run(r.round, r.baseModelHash, JSON.stringify(r.selected), r.openedAt, r.deadlineAt);
+  openRound(r: Omit<RoundRow, 'state' | 'closedAt' | 'resultModelHash' | 'note'>, outbox: readonly OutboxRow[] = []): void {
+    this.db.transaction(() => {
+      this.db
+        .prepare("INSERT INTO rounds (round, state, base_model_hash, selected, opened_at, deadline_at) VALUES (?, 'open', ?, ?, ?, ?)")
+        .run(r.round, r.baseModelHash, JSON.stringify(r.selected), r.openedAt, r.deadlineAt);
+      this.addOutbox(outbox);
+    }).immediate();
   }
 
   extendDeadline(round: number, deadlineAt: number): void {
@@ -208,7 +232,7 @@ export class CoordinatorStore {
    * Closes a round, registers its model and writes `meta` in one transaction, so a crash leaves all or nothing.
    * Returns false, changing nothing, when the round is no longer open (an operator's rollback failed it meanwhile).
    */
-  closeRound(round: number, result: ModelRow, now = Date.now(), meta: Record<string, string> = {}): boolean {
+  closeRound(round: number, result: ModelRow, now = Date.now(), meta: Record<string, string> = {}, outbox: readonly OutboxRow[] = []): boolean {
     return this.db.transaction((): boolean => {
       if (this.getRound(round)?.state !== 'open') return false;
       this.addModel(result);
@@ -216,6 +240,7 @@ export class CoordinatorStore {
       this.setMeta('current_model', result.hash);
       // State that moves on with the model (server-optimiser moments, DP accountant): both or neither.
       for (const [k, v] of Object.entries(meta)) this.setMeta(k, v);
+      this.addOutbox(outbox);
       return true;
     }).immediate();
   }
@@ -225,8 +250,11 @@ export class CoordinatorStore {
     return (this.db.prepare('SELECT num_samples AS n FROM updates WHERE site = ? AND round < ? ORDER BY round DESC LIMIT ?').all(site, beforeRound, limit) as { n: number }[]).map((r) => r.n);
   }
 
-  failRound(round: number, note: string, now = Date.now()): void {
-    this.db.prepare("UPDATE rounds SET state = 'failed', closed_at = ?, note = ? WHERE round = ?").run(now, note, round);
+  failRound(round: number, note: string, now = Date.now(), outbox: readonly OutboxRow[] = []): void {
+    this.db.transaction(() => {
+      this.db.prepare("UPDATE rounds SET state = 'failed', closed_at = ?, note = ? WHERE round = ?").run(now, note, round);
+      this.addOutbox(outbox);
+    }).immediate();
   }
 
   getRound(round: number): RoundRow | undefined {
@@ -254,11 +282,47 @@ export class CoordinatorStore {
 
   // ---- updates ----
 
-  /** The row is the commit point of an update: once it is here, the update counts, even across a crash. */
-  insertUpdate(u: UpdateRow): void {
-    this.db
-      .prepare('INSERT INTO updates (update_id, round, site, num_samples, sha256, path, size_bytes, accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)')
-      .run(u.updateId, u.round, u.site, u.numSamples, u.sha256, u.path, u.sizeBytes, u.acceptedAt);
+  /**
+   * The row is the commit point of an update: once it is here, the update counts, even across a crash. Its
+   * ledger entry and event (`outbox`) are committed with it, so neither can be lost when the process dies next.
+   */
+  insertUpdate(u: UpdateRow, outbox: readonly OutboxRow[] = []): void {
+    this.db.transaction(() => {
+      this.db
+        .prepare('INSERT INTO updates (update_id, round, site, num_samples, sha256, path, size_bytes, accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)')
+        .run(u.updateId, u.round, u.site, u.numSamples, u.sha256, u.path, u.sizeBytes, u.acceptedAt);
+      this.addOutbox(outbox);
+    }).immediate();
+  }
+
+  /** Every accepted update with its round's state, for `medfl audit verify`'s completeness check. */
+  acceptedUpdates(): (UpdateRow & { roundState: RoundRow['state'] })[] {
+    const rows = this.db.prepare('SELECT u.*, r.state AS round_state FROM updates u JOIN rounds r ON r.round = u.round ORDER BY u.round, u.accepted_at').all() as Record<string, unknown>[];
+    return rows.map((r) => ({ ...toUpdate(r), roundState: r.round_state as RoundRow['state'] }));
+  }
+
+  // ---- outbox (coordinator/events/outbox.ts) ----
+
+  /** Adds rows (inside the caller's transaction when there is one); a row whose id is already there is kept as it was. */
+  addOutbox(rows: readonly OutboxRow[], now = Date.now()): void {
+    if (rows.length === 0) return;
+    const stmt = this.db.prepare('INSERT OR IGNORE INTO outbox (id, kind, body, created_at) VALUES (?, ?, ?, ?)');
+    this.db.transaction(() => {
+      for (const r of rows) stmt.run(r.id, r.kind, r.body, now);
+    })();
+  }
+
+  /** The oldest rows of `kind` not yet acknowledged by their destination, in commit order. */
+  pendingOutbox(kind: OutboxRow['kind'], limit = 100): StoredOutboxRow[] {
+    return (this.db.prepare('SELECT * FROM outbox WHERE kind = ? AND published_at IS NULL ORDER BY pos LIMIT ?').all(kind, limit) as Record<string, unknown>[]).map(toOutbox);
+  }
+
+  listOutbox(kind: OutboxRow['kind']): StoredOutboxRow[] {
+    return (this.db.prepare('SELECT * FROM outbox WHERE kind = ? ORDER BY pos').all(kind) as Record<string, unknown>[]).map(toOutbox);
+  }
+
+  markOutboxPublished(id: string, now = Date.now()): void {
+    this.db.prepare('UPDATE outbox SET published_at = ? WHERE id = ? AND published_at IS NULL').run(now, id);
   }
 
   getUpdate(updateId: string): UpdateRow | undefined {
@@ -328,6 +392,17 @@ function toUpdate(r: Record<string, unknown>): UpdateRow {
     path: r.path as string,
     sizeBytes: r.size_bytes as number,
     acceptedAt: r.accepted_at as number,
+  };
+}
+
+function toOutbox(r: Record<string, unknown>): StoredOutboxRow {
+  return {
+    pos: r.pos as number,
+    id: r.id as string,
+    kind: r.kind as OutboxRow['kind'],
+    body: r.body as string,
+    createdAt: r.created_at as number,
+    publishedAt: (r.published_at as number | null) ?? null,
   };
 }
 

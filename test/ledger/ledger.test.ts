@@ -3,11 +3,12 @@ import { generateKeyPairSync, createPublicKey, type KeyObject } from 'node:crypt
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { ContributionLedger, FileLedgerBackend, JetStreamLedgerBackend, readLedgerFile } from '../../coordinator/ledger/ledger.ts';
+import { connect } from 'nats';
+import { ContributionLedger, FileLedgerBackend, JetStreamLedgerBackend, ledgerRecordFor, ledgerStreamNames, readLedgerFile } from '../../coordinator/ledger/ledger.ts';
 import { canonicalJson, entryHash, signedBytes, verifyChain, type LedgerEntry } from '../../coordinator/ledger/chain.ts';
-import { InProcessBus } from '../../shared/events/bus.ts';
 import { rawPublicKey, signManifest } from '../../shared/security/site-identity.ts';
 import { CoordinatorHome } from '../../coordinator/home.ts';
+import { CoordinatorStore } from '../../coordinator/store/store.ts';
 import { auditVerify } from '../../cli/audit.ts';
 import { startNats, type NatsServer } from '../helpers/nats.ts';
 
@@ -24,6 +25,13 @@ async function fileLedger(n: number, key: KeyObject): Promise<{ path: string; le
   const ledger = await ContributionLedger.open(new FileLedgerBackend(path), { federation: FED, signingKey: key });
   for (let i = 1; i <= n; i++) await ledger.append({ round: Math.ceil(i / 2), site: `site-${i % 2 ? 'a' : 'b'}`, updateHash: hex(i), samples: 10 * i, strategy: 'fedavg' });
   return { path, ledger };
+}
+
+/** A round with one accepted update from `site`, closed: what the coordinator's store holds after it. */
+function acceptAndClose(store: CoordinatorStore, round: number, site: string, sha256: string): void {
+  store.openRound({ round, baseModelHash: hex(1000 + round), selected: [site], openedAt: round, deadlineAt: round + 1 });
+  store.insertUpdate({ updateId: `u-${round}-${site}`, round, site, numSamples: round, sha256, path: `/u/${round}`, sizeBytes: 1, acceptedAt: round });
+  store.closeRound(round, { hash: hex(2000 + round), path: `/m/${round}`, round, sizeBytes: 1, createdAt: round });
 }
 
 const check = (lines: string[], pub: Buffer, extra: { expectHead?: { seq: number; hash: string } } = {}) => verifyChain(lines, { coordinatorPublicKey: pub, federation: FED, ...extra });
@@ -130,32 +138,46 @@ describe('contribution ledger', () => {
     expect(r.entries.map((e) => e.seq)).toEqual([1, 2, 3]);
   });
 
-  it('records update.accepted events from the bus, numeric extras as metrics', async () => {
+  it('turns update.accepted and model.rolled_back events into records, numeric extras as metrics', async () => {
     const path = join(mkdtempSync(join(tmpdir(), 'medfl-ledger-')), 'ledger.jsonl');
     const ledger = await ContributionLedger.open(new FileLedgerBackend(path), { federation: FED, signingKey: k.priv });
-    const bus = new InProcessBus();
-    ledger.attach(bus, 'trimmed-mean+fedyogi');
-    bus.publish({ type: 'update.accepted', federation: FED, at: '', round: 1, site: 'site-a', samples: 12, updateHash: hex(5), norm: 0.5 });
-    bus.publish({ type: 'update.rejected', federation: FED, at: '', round: 1, site: 'site-b', reason: 'x' });
+    const accepted = ledgerRecordFor({ type: 'update.accepted', federation: FED, at: '', round: 1, site: 'site-a', samples: 12, updateHash: hex(5), norm: 0.5 }, 'trimmed-mean+fedyogi');
+    expect(ledgerRecordFor({ type: 'update.rejected', federation: FED, at: '', round: 1, site: 'site-b', reason: 'x' }, 'fedavg')).toBeUndefined();
+    expect(() => ledgerRecordFor({ type: 'update.accepted', federation: FED, at: '', round: 1, site: 'site-b' }, 'fedavg')).toThrow(/without round, site, samples and updateHash/);
+    const rollback = ledgerRecordFor({ type: 'model.rolled_back', federation: FED, at: '', round: 0, fromModel: hex(8), toModel: hex(9), failedRound: 2, rollbackId: 'r-1' }, 'fedavg');
+    await ledger.append(accepted!);
+    await ledger.append(rollback!);
     await ledger.close();
     const r = check(readLedgerFile(path), k.pub);
     expect(r.ok).toBe(true);
-    expect(r.entries).toEqual([expect.objectContaining({ site: 'site-a', samples: 12, strategy: 'trimmed-mean+fedyogi', metrics: { norm: 0.5 } })]);
+    expect(r.entries).toEqual([
+      expect.objectContaining({ site: 'site-a', samples: 12, strategy: 'trimmed-mean+fedyogi', metrics: { norm: 0.5 } }),
+      expect.objectContaining({ site: '', samples: 0, strategy: 'rollback', updateHash: hex(9), rollback: { id: 'r-1', fromModel: hex(8), toModel: hex(9), failedRound: 2 } }),
+    ]);
   });
 
   it('medfl audit verify reads a coordinator directory and fails on a tampered ledger', async () => {
     const dir = join(mkdtempSync(join(tmpdir(), 'medfl-audit-')), 'coord');
     const home = await CoordinatorHome.init(dir, { hosts: ['localhost'] });
+    // No store, nothing to say which entries must be there: not passed as complete.
+    expect((await auditVerify({ dir })).text).toMatch(/completeness NOT CHECKED/);
+    const store = new CoordinatorStore(home.dbPath);
+    for (let i = 1; i <= 3; i++) acceptAndClose(store, i, 'site-a', hex(i));
+    store.close();
     const ledger = await ContributionLedger.open(new FileLedgerBackend(join(dir, 'ledger.jsonl')), { federation: home.config().federationId, signingKey: home.signingKey() });
     for (let i = 1; i <= 3; i++) await ledger.append({ round: i, site: 'site-a', updateHash: hex(i), samples: i, strategy: 'fedavg' });
     const ok = await auditVerify({ dir });
     expect(ok.ok).toBe(true);
     expect(ok.text).toMatch(/ledger OK: 3 entries/);
+    expect(ok.text).toMatch(/completeness OK: each of the 3 accepted update\(s\)/);
     const head = /head (\d+:[0-9a-f]{64})/.exec(ok.text)![1]!;
-    // Cut the last entry off: the chain alone still verifies, the head printed earlier does not.
+    // Cut the last entry off: the chain alone still verifies; the store and the head printed earlier do not.
     const full = readFileSync(join(dir, 'ledger.jsonl'), 'utf8');
     writeFileSync(join(dir, 'ledger.jsonl'), full.split('\n').slice(0, 2).join('\n') + '\n');
-    expect((await auditVerify({ dir })).ok).toBe(true);
+    const short = await auditVerify({ dir });
+    expect(short.ok).toBe(false);
+    expect(short.text).toMatch(/ledger OK: 2 entries/);
+    expect(short.text).toMatch(/round 3, site site-a: accepted update 000000000000… has no ledger entry \(a gap/);
     const cut = await auditVerify({ dir, expectHead: head });
     expect(cut.ok).toBe(false);
     expect(cut.text).toMatch(/cut off the end/);
@@ -187,7 +209,10 @@ describe('contribution ledger on JetStream', () => {
     const lines = await again.lines();
     expect(check(lines, k.pub).ok).toBe(true);
     expect(lines).toHaveLength(4);
-    await (again.backend as JetStreamLedgerBackend).removeForTest(2);
+    // Tampering from outside, as anyone with access to the NATS server could: erase message 2 of the stream.
+    const nc = await connect({ servers: nats.url });
+    expect(await (await nc.jetstreamManager()).streams.deleteMessage(ledgerStreamNames(FED).stream, 2, true)).toBe(true);
+    await nc.close();
     const r = check(await again.backend.load(), k.pub);
     expect(r.ok).toBe(false);
     expect(r.problems.some((p) => p.line === 2 && /empty line/.test(p.problem))).toBe(true);
