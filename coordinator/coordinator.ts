@@ -29,7 +29,8 @@ import { createAuthInterceptor, siteCallAuthenticator, type SiteDirectory } from
 import { FailureLimiter, type FailureLimitOptions } from './auth/failure-limiter.ts';
 import { routeBulkCalls, type BulkRouting } from './server/bulk-h2.ts';
 import { NatsBus } from './events/nats-bus.ts';
-import { InProcessBus, type EventBus } from '../shared/events/bus.ts';
+import { Outbox } from './events/outbox.ts';
+import type { EventBus } from '../shared/events/bus.ts';
 import { loadPlanFile, defaultPlan } from '../shared/plan/load.ts';
 import type { Plan } from '../shared/plan/schema.ts';
 import { architectureFor } from '../shared/model/registry.ts';
@@ -103,8 +104,12 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   const architecture = architectureFor(plan.model);
   const store = new CoordinatorStore(home.dbPath);
   const models = new ModelFiles(home.modelsDir);
-  const bus: EventBus = o.natsUrl ? await NatsBus.connect(o.natsUrl, { log }) : new InProcessBus();
+  const remote = o.natsUrl ? await NatsBus.connect(o.natsUrl, { log }) : undefined;
   const signingKey = home.signingKey();
+  // The signed, hash-chained contribution ledger (coordinator/ledger/), fed from the store's outbox like the events:
+  // each entry and event is committed with the state change it records and published from there (events/outbox.ts).
+  const ledger = await openLedger({ dir: o.dir, natsUrl: o.natsUrl, federation: config.federationId, signingKey, log });
+  const bus = new Outbox({ store, remote, ledger, strategy: strategyName(plan), log });
 
   const engine = new RoundEngine({
     store,
@@ -129,10 +134,6 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     ? new CoordinatorMetrics({ federationId: config.federationId, store, engine, tracksPrivacy: plan.aggregation.dp !== undefined, dbPath: home.dbPath, partialDir: join(home.updatesDir, '.partial') })
     : undefined;
   if (metrics) feedMetricsFromEvents(bus, metrics, store);
-
-  // Every accepted update goes into the signed, hash-chained contribution ledger (coordinator/ledger/).
-  const ledger = await openLedger({ dir: o.dir, natsUrl: o.natsUrl, federation: config.federationId, signingKey, log });
-  ledger.attach(bus, strategyName(plan));
 
   // The largest valid update is the shared tensors as safetensors; allow slack for header formatting.
   const sharedSpecs = engine.shared.map((p) => ({ name: p.name, shape: [...p.shape], dtype: p.dtype }));
@@ -203,15 +204,17 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   let admin: AdminHttpServer | undefined;
   try {
     if (adminOptions && metrics) {
-      const readiness = () => readinessChecks({ store, bus, dir: home.dir, minFreeBytes: adminOptions.minFreeBytes });
+      const readiness = () => readinessChecks({ store, bus: remote ?? bus, dir: home.dir, minFreeBytes: adminOptions.minFreeBytes });
       admin = await startAdminHttp(adminOptions, { metrics, readiness, log });
     }
+    bus.start();
     await engine.start();
   } catch (e) {
     await admin?.close();
     server.forceShutdown();
-    await ledger.close();
     await bus.close();
+    await ledger.close();
+    await remote?.close();
     store.close();
     throw e;
   }
@@ -231,8 +234,10 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
       // Task streams never end on their own, so a graceful shutdown would wait forever; sites reconnect.
       server.forceShutdown();
       limiter.close();
-      await ledger.close();
+      // Sends in flight finish first; whatever is left unpublished stays in the outbox for the next start.
       await bus.close();
+      await ledger.close();
+      await remote?.close();
       store.close();
     },
   };

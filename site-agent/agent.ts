@@ -19,9 +19,10 @@ import { encodeForUpload, uploadUpdate } from './transport/upload.ts';
 import { float32Safetensors } from '../shared/tensors/update-codec.ts';
 import { LocalTraining } from './training/local-training.ts';
 import { SitePolicy, declineTask } from './policy.ts';
-import { runSecAggRound } from './secagg/round.ts';
+import { runSecAggRound, SECAGG_STEPS } from './secagg/round.ts';
 import { applySiteTask } from './task-config.ts';
-import { manifestBytes, TaskSettingsSchema, type TaskSettings } from '../shared/protocol/task.ts';
+import { manifestBytes, type TaskSettings } from '../shared/protocol/task.ts';
+import { decodeTaskSettings, UnsupportedTaskError } from '../shared/protocol/compatibility.ts';
 import { verifyManifest } from '../shared/security/site-identity.ts';
 import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
 import type { Logger } from '../shared/util/log.ts';
@@ -220,7 +221,19 @@ export class SiteAgent {
       log.warn({ task: t.taskId }, 'task deadline already passed: skipped');
       return;
     }
-    const settings: TaskSettings = TaskSettingsSchema.parse(JSON.parse(t.settingsJson));
+    // After the signature check (onTask): tolerance applies to verified bytes only (docs/compatibility.md).
+    let settings: TaskSettings;
+    try {
+      const decoded = decodeTaskSettings(t.settingsJson);
+      settings = decoded.settings;
+      if (decoded.ignored.length > 0) log.warn({ round: t.round, task: t.taskId, ignored: decoded.ignored }, 'task settings name tuning fields this site does not know: ignored (a newer coordinator)');
+    } catch (e) {
+      if (!(e instanceof UnsupportedTaskError)) throw e;
+      log.error({ round: t.round, task: t.taskId, reason: e.message }, 'task refused: this site cannot honour it');
+      await declineTask(this.home, { round: t.round, taskId: t.taskId, reason: e.message }, log, this.audit);
+      this.o.observer?.task('declined');
+      return;
+    }
     const entryPath = outboxPath(this.home.outboxDir, t.taskId, 'json');
     let entry: OutboxEntry;
     if (existsSync(entryPath)) {
@@ -282,9 +295,14 @@ export class SiteAgent {
       if (settings.secureAggregation) {
         // The masked input replaces the upload; a session cannot be resumed, so nothing goes to the outbox.
         this.enter('uploading', t.round);
+        this.progress = 0;
         await runSecAggRound({
           home: this.home, audit: this.audit, log, round: t.round, taskId: t.taskId, deadlineUnixMs: t.deadlineUnixMs, settings,
           update: result.update, base: baseModel, numSamples: result.numSamples,
+          onStep: (step) => {
+            this.progress = (SECAGG_STEPS.indexOf(step) + 1) / SECAGG_STEPS.length;
+            this.o.observer?.secAggStep?.(step, t.round);
+          },
         });
         this.o.observer?.task('completed');
         const m = await this.client!.reportMetrics({ round: t.round, taskId: t.taskId, values: result.metrics });

@@ -25,7 +25,7 @@ import { SecAggRound } from '../secagg/session.ts';
 import { acceptsSums } from '../aggregation/composed.ts';
 import { aggregateProblem, median } from '../aggregation/validate.ts';
 import { cappedWeights } from '../aggregation/weight-share.ts';
-import { takePendingRollbacks } from './rollback.ts';
+import { takePendingRollbacks, type RollbackRecord } from './rollback.ts';
 import { decodeRoundSum } from '../../shared/privacy/secagg/wire.ts';
 import { makeBundle, type NamedTensor } from '../../shared/tensors/bundle.ts';
 import { mkdirSync } from 'node:fs';
@@ -35,6 +35,9 @@ import { assembleEncoder, writePretrainedEncoder } from '../../shared/model/pret
 import type { Med3dArchitecture } from '../../shared/model/med3d.ts';
 import { describeStorageFault, isStorageFault } from '../../shared/util/storage-fault.ts';
 import { SITE_MAX_RECONNECT_BACKOFF_MS } from '../../shared/protocol/reconnect.ts';
+import { eventId, outboxRows } from '../events/outbox.ts';
+import { PROTOCOL_VERSION, SITE_FEATURES, type SiteCapabilities } from '../../shared/protocol/features.ts';
+import { settingsForSite } from '../../shared/protocol/compatibility.ts';
 
 /** The wire shape of a Task, as handed to a site's stream. */
 export interface TaskMessage extends TaskManifest {
@@ -43,6 +46,8 @@ export interface TaskMessage extends TaskManifest {
 
 export interface TaskSink {
   send(task: TaskMessage): void;
+  /** What the site announced when it subscribed; absent = a site of this very build (in-process callers). */
+  readonly capabilities?: SiteCapabilities;
   /** Another stream of the same site took over: end this one, saying why. */
   replaced?(): void;
 }
@@ -230,7 +235,8 @@ export class RoundEngine {
     if (open && open.row.selected.includes(site) && !open.reported.has(site)) {
       // A site that reconnects mid-round gets its task again; its update id makes a retry count once.
       try {
-        sink.send(this.trainTask(open.row, site));
+        const task = this.taskFor(open, site, sink);
+        if (task) sink.send(task);
       } catch (e) {
         this.retryLater('tasks', `sending round ${open.row.round}'s task to ${site}`, e, () => this.sendTasks(open));
       }
@@ -295,10 +301,15 @@ export class RoundEngine {
     const open = this.open;
     if (!open || open.row.round !== row.round) return;
     this.flagSampleJump(row);
-    this.emit('update.accepted', { round: row.round, site: row.site, samples: row.numSamples, updateHash: row.sha256 });
+    this.o.bus.publish(this.acceptedEvent(row));
     this.o.log.info({ round: row.round, site: row.site, samples: row.numSamples, reported: open.reported.size, selected: open.row.selected.length }, 'update accepted');
     if (open.row.selected.every((s) => open.reported.has(s))) await this.closeRound(open, 'all selected sites reported');
     else if (this.allAccountedFor(open) && open.reported.size >= this.o.plan.minSites) await this.closeRound(open, 'every selected site reported or declined');
+  }
+
+  /** The update's `update.accepted` event; the upload handler commits it (and its ledger entry) with the update's row. */
+  acceptedEvent(row: UpdateRow): FederationEvent {
+    return this.event('update.accepted', { round: row.round, site: row.site, samples: row.numSamples, updateHash: row.sha256 });
   }
 
   /**
@@ -352,8 +363,9 @@ export class RoundEngine {
     if (this.o.plan.aggregation.secureAggregation.enabled) {
       // The session's state (keys, shares forwarded, the masked sum) lives in memory only: start over.
       const note = 'the coordinator restarted during a secure-aggregation round; its session is not kept across restarts, so the round failed and a new one starts';
-      store.failRound(row.round, note);
-      this.emit('round.failed', { round: row.round, reason: note });
+      const failed = this.event('round.failed', { round: row.round, reason: note });
+      store.failRound(row.round, note, Date.now(), outboxRows(failed));
+      this.o.bus.publish(failed);
       log.warn({ round: row.round }, note);
       this.maybeOpenRound();
       return;
@@ -469,15 +481,16 @@ export class RoundEngine {
     if (stage.kind === 'fine-tuning' && stage.index === 1 && pretrainingRounds(plan) > 0) this.forgetPretrainingAggregationState();
     // The aggregator first: the store says a round is open only once it can run here too.
     const aggregator = this.o.strategy.begin(this.o.models.load(row.baseModelHash), this.shared, this.roundContext(row));
+    const started = this.event('round.started', { round: row.round, selected, model: row.baseModelHash, ...(pretrainingRounds(plan) > 0 ? { stage: stage.kind, stageRound: stage.index } : {}) });
     try {
-      store.openRound(row);
+      store.openRound(row, outboxRows(started));
     } catch (e) {
       aggregator.discard?.();
       throw e;
     }
     this.open = { row, aggregator, reported: new Set(), closing: false, stage };
     if (plan.aggregation.secureAggregation.enabled) this.open.secagg = this.secAggSession(this.open);
-    this.emit('round.started', { round: row.round, selected, model: row.baseModelHash, ...(pretrainingRounds(plan) > 0 ? { stage: stage.kind, stageRound: stage.index } : {}) });
+    this.o.bus.publish(started);
     log.info({ round: row.round, selected, model: row.baseModelHash.slice(0, 12), ...(pretrainingRounds(plan) > 0 ? { stage: stage.kind, stageRound: stage.index } : {}) }, 'round started');
     // The deadline first: a task that cannot be sent now is sent again later, and the round still ends on time.
     this.armDeadline(this.open);
@@ -488,7 +501,11 @@ export class RoundEngine {
   private sendTasks(open: OpenRound): void {
     if (this.open !== open || open.closing) return;
     try {
-      for (const s of open.row.selected) if (!open.reported.has(s)) this.connected.get(s)?.send(this.trainTask(open.row, s));
+      for (const s of open.row.selected) {
+        const sink = open.reported.has(s) ? undefined : this.connected.get(s);
+        const task = sink && this.taskFor(open, s, sink);
+        if (task) sink.send(task);
+      }
     } catch (e) {
       this.retryLater('tasks', `sending round ${open.row.round}'s tasks`, e, () => this.sendTasks(open));
     }
@@ -502,15 +519,18 @@ export class RoundEngine {
   }
 
   /**
-   * Marks `open` failed in the store, then runs `after` (announce, open the next round). On a storage failure the
-   * round stays in memory, closing (so uploads are refused), and the store write is tried again later.
+   * Marks `open` failed in the store with its `round.failed` event (reason `note`, plus `fields`), announces it, then
+   * runs `after` (open the next round). On a storage failure the round stays in memory, closing (so uploads are
+   * refused), and the store write is tried again later.
    */
-  private failDurably(open: OpenRound, note: string, after: () => void): void {
+  private failDurably(open: OpenRound, note: string, after: () => void, fields: Record<string, unknown> = {}): void {
     open.closing = true;
     if (open.timer) clearTimeout(open.timer);
     const attempt = (): void => {
       if (this.open !== open) return; // an operator's rollback settled it meanwhile
-      this.o.store.failRound(open.row.round, note);
+      const failed = this.event('round.failed', { round: open.row.round, reason: note, ...fields });
+      this.o.store.failRound(open.row.round, note, Date.now(), outboxRows(failed));
+      this.o.bus.publish(failed);
       after();
     };
     try {
@@ -536,7 +556,6 @@ export class RoundEngine {
     const note = `deadline reached without quorum: ${open.reported.size} of ${open.row.selected.length} selected sites reported, ${plan.minSites} needed`;
     this.failDurably(open, note, () => {
       open.aggregator.discard?.();
-      this.emit('round.failed', { round: open.row.round, reason: note });
       log.warn({ round: open.row.round }, note);
       this.open = undefined;
       this.maybeOpenRound();
@@ -599,7 +618,6 @@ export class RoundEngine {
     const note = `secure aggregation failed: ${reason}`;
     this.failDurably(open, note, () => {
       open.aggregator.discard?.();
-      this.emit('round.failed', { round: open.row.round, reason: note });
       log.warn({ round: open.row.round }, note);
       this.open = undefined;
       this.maybeOpenRound();
@@ -640,7 +658,6 @@ export class RoundEngine {
       this.o.log.error({ round, err: describeStorageFault(e) }, 'storing the secure-aggregation result failed; the round fails');
       const note = `secure aggregation finished but storing its result failed (${describeStorageFault(e)}); its sum cannot be rebuilt`;
       this.failDurably(open, note, () => {
-        this.emit('round.failed', { round, reason: note });
         this.open = undefined;
         this.maybeOpenRound();
       });
@@ -693,7 +710,11 @@ export class RoundEngine {
     const teacher = open.stage.kind === 'pretraining' ? undefined : pretrainingRounds(this.o.plan) > 0 ? promotion(this.o.plan, open.row.round, saved.hash, current, open.stage.index) : promotion(this.o.plan, open.row.round, saved.hash, current);
     if (teacher) meta[TEACHER_KEY] = JSON.stringify(teacher);
     if (open.stage.kind === 'pretraining') meta[PRETRAINING_SITES_KEY] = addPretrainingSites(store.getMeta(PRETRAINING_SITES_KEY), open.reported);
-    const committed = store.closeRound(open.row.round, { hash: saved.hash, path: saved.path, round: open.row.round, sizeBytes: saved.sizeBytes, createdAt: Date.now() }, Date.now(), meta);
+    const dp = privacy ? { epsilon: privacy.epsilon, delta: privacy.delta } : undefined;
+    // Committed with the close, so the events cannot be lost to a crash or a NATS outage (events/outbox.ts).
+    const closed = this.event('round.closed', { round: open.row.round, model: saved.hash, sites: [...open.reported].sort(), why, strategy: this.o.strategy.name, ...(dp ? { dp } : {}), ...(open.secagg ? { secureAggregation: { timeline: open.secagg.timeline } } : {}) });
+    const promoted = teacher ? this.event('teacher.promoted', { round: open.row.round, model: teacher.modelHash, generation: teacher.generation }) : undefined;
+    const committed = store.closeRound(open.row.round, { hash: saved.hash, path: saved.path, round: open.row.round, sizeBytes: saved.sizeBytes, createdAt: Date.now() }, Date.now(), meta, outboxRows(closed, promoted));
     if (!committed) {
       // An operator's rollback failed this round between our check and the commit: its result is not published.
       log.warn({ round: open.row.round }, 'round was failed by a rollback while closing; its aggregate is not published');
@@ -714,11 +735,10 @@ export class RoundEngine {
       // Committed: only disk space is at stake, and the next close prunes again.
       log.warn({ round: open.row.round, err: (e as Error).message }, 'deleting superseded files after the round closed failed');
     }
-    const dp = privacy ? { epsilon: privacy.epsilon, delta: privacy.delta } : undefined;
-    this.emit('round.closed', { round: open.row.round, model: saved.hash, sites: [...open.reported].sort(), why, strategy: this.o.strategy.name, ...(dp ? { dp } : {}), ...(open.secagg ? { secureAggregation: { timeline: open.secagg.timeline } } : {}) });
+    this.o.bus.publish(closed);
     log.info({ round: open.row.round, model: saved.hash.slice(0, 12), sites: open.reported.size, why, ...(dp ? { epsilon: dp.epsilon } : {}) }, 'round closed');
-    if (teacher) {
-      this.emit('teacher.promoted', { round: open.row.round, model: teacher.modelHash, generation: teacher.generation });
+    if (teacher && promoted) {
+      this.o.bus.publish(promoted);
       log.info({ round: open.row.round, generation: teacher.generation, model: teacher.modelHash.slice(0, 12) }, 'student promoted to teacher');
     }
     if (open.stage.kind === 'pretraining') {
@@ -763,12 +783,16 @@ export class RoundEngine {
     const sites = [...open.reported].sort();
     const note = `aggregate not published: ${problem}; the federation stays on model ${open.row.baseModelHash.slice(0, 12)}… (updates from ${sites.join(', ')})`;
     this.resetAggregationState();
-    this.failDurably(open, note, () => {
-      this.emit('round.failed', { round: open.row.round, reason: note, cause: 'aggregate', sites });
-      log.error({ round: open.row.round, sites, problem }, 'round failed: its aggregate is not published');
-      this.open = undefined;
-      this.maybeOpenRound();
-    });
+    this.failDurably(
+      open,
+      note,
+      () => {
+        log.error({ round: open.row.round, sites, problem }, 'round failed: its aggregate is not published');
+        this.open = undefined;
+        this.maybeOpenRound();
+      },
+      { cause: 'aggregate', sites },
+    );
   }
 
   /** Back to the aggregation state last committed (finish() already moved the optimiser and norms on in memory). */
@@ -790,7 +814,10 @@ export class RoundEngine {
   /** Announces queued rollbacks (event + ledger, through the bus); true if there were any. */
   private announceRollbacks(): boolean {
     const { store, log } = this.o;
-    const taken = takePendingRollbacks(store);
+    const rolledBack = (r: RollbackRecord) =>
+      this.event('model.rolled_back', { round: r.toRound, fromModel: r.fromModel, toModel: r.toModel, failedRound: r.failedRound, rollbackId: r.id, reason: r.reason, requestedAt: r.requestedAt });
+    // Taken and put in the outbox in one transaction: a crash right after cannot lose the announcement or its ledger entry.
+    const taken = takePendingRollbacks(store, (rs) => outboxRows(...rs.map(rolledBack)));
     if (taken.length === 0) return false;
     const open = this.open;
     if (open && store.getRound(open.row.round)?.state !== 'open') {
@@ -802,7 +829,7 @@ export class RoundEngine {
     }
     this.resetAggregationState();
     for (const r of taken) {
-      this.emit('model.rolled_back', { round: r.toRound, fromModel: r.fromModel, toModel: r.toModel, failedRound: r.failedRound, rollbackId: r.id, reason: r.reason, requestedAt: r.requestedAt });
+      this.o.bus.publish(rolledBack(r));
       log.warn({ toRound: r.toRound, toModel: r.toModel.slice(0, 12), fromModel: r.fromModel.slice(0, 12), failedRound: r.failedRound, reason: r.reason || undefined }, 'federation rolled back by the operator');
     }
     return true;
@@ -937,7 +964,26 @@ export class RoundEngine {
     return { teacherStudent: { ...ts }, ...(t ? { teacher: { modelHash: t.modelHash, modelSize: this.o.models.size(t.modelHash), generation: t.generation } } : {}) };
   }
 
-  private trainTask(row: RoundRow, site: string): TaskMessage {
+  /**
+   * The round's task for `site` shaped for what its sink announced, or undefined when the task needs a feature the
+   * site lacks: then it is not sent, the site is not waited for, and a task.withheld event names site and features.
+   */
+  private taskFor(open: OpenRound, site: string, sink: TaskSink): TaskMessage | undefined {
+    const caps = sink.capabilities ?? { protocolVersion: PROTOCOL_VERSION, features: new Set(SITE_FEATURES) };
+    const shaped = settingsForSite({ ...this.settings(open.row.baseModelHash, this.stageOf(open.row)), ...this.secAggSettings(open.row, site) }, caps);
+    if (shaped.ok) return this.trainTask(open.row, site, shaped.settings);
+    const { round } = open.row;
+    if (!open.declined?.has(site)) {
+      this.emit('task.withheld', { round, site, missing: shaped.missing, protocolVersion: caps.protocolVersion });
+      this.o.log.warn({ round, site, missing: shaped.missing, protocolVersion: caps.protocolVersion }, `task withheld: site ${site} (protocol version ${caps.protocolVersion}) lacks feature(s) ${shaped.missing.join(', ')} this round's settings need; upgrade it`);
+    }
+    // Not waited for, like a site that declined (the round may close now if everyone else has reported).
+    void this.siteDeclined(site, round).catch((e: unknown) => this.retryLater(`withheld-${round}-${site}`, `closing round ${round} without ${site}`, e, () => this.siteDeclined(site, round)));
+    return undefined;
+  }
+
+  /** `settings` as shaped for the site by taskFor(); absent: this build's own. */
+  private trainTask(row: RoundRow, site: string, settings?: TaskSettings): TaskMessage {
     const manifest: TaskManifest = {
       // Stable per round and site: a re-sent task is the same task.
       taskId: `r${row.round}-${site}`,
@@ -946,7 +992,7 @@ export class RoundEngine {
       modelHash: row.baseModelHash,
       modelSize: this.o.models.size(row.baseModelHash),
       deadlineUnixMs: row.deadlineAt,
-      settingsJson: JSON.stringify({ ...this.settings(row.baseModelHash, this.stageOf(row)), ...this.secAggSettings(row, site) }),
+      settingsJson: JSON.stringify(settings ?? { ...this.settings(row.baseModelHash, this.stageOf(row)), ...this.secAggSettings(row, site) }),
     };
     return { ...manifest, signature: this.o.sign(manifestBytes(manifest)) };
   }
@@ -1027,9 +1073,13 @@ export class RoundEngine {
     return { epsilon, delta: dp.delta, order, rounds, noiseMultiplier: dp.noiseMultiplier, clipNorm: dp.clipNorm, accountant: next.toJSON() };
   }
 
+  /** An event with its stable id (events/outbox.ts eventId): the same fact written twice is one outbox row. */
+  private event(type: FederationEventType, fields: Record<string, unknown>): FederationEvent {
+    return { id: eventId(this.o.federationId, type, fields), type, federation: this.o.federationId, at: new Date().toISOString(), ...fields };
+  }
+
   private emit(type: FederationEventType, fields: Record<string, unknown>): void {
-    const event: FederationEvent = { type, federation: this.o.federationId, at: new Date().toISOString(), ...fields };
-    this.o.bus.publish(event);
+    this.o.bus.publish(this.event(type, fields));
   }
 }
 

@@ -13,8 +13,9 @@ import type { RoundEngine, TaskMessage, TaskSink } from '../rounds/round-engine.
 import { UploadRefused, type PartialUpload, type UploadReceiver, type UpdateHeader } from './upload-receiver.ts';
 import type { Logger } from '../../shared/util/log.ts';
 import { streamModelFile } from './model-stream.ts';
-import { COORDINATOR_FEATURES, type Feature } from '../../shared/protocol/features.ts';
+import { COORDINATOR_FEATURES, LEGACY_SITE, type Feature, type SiteCapabilities } from '../../shared/protocol/features.ts';
 import { describeStorageFault, isStorageFault } from '../../shared/util/storage-fault.ts';
+import { outboxRows } from '../events/outbox.ts';
 
 export interface FederationServiceDeps {
   store: CoordinatorStore;
@@ -40,11 +41,25 @@ export interface FederationServiceDeps {
 export const DEFAULT_MAX_OPEN_UPLOADS_PER_SITE = 2;
 
 const HeartbeatSchema = z.object({
-  state: z.enum(['idle', 'downloading', 'training', 'uploading', '']).transform((s) => s || 'idle'),
+  // Any short word: a newer site may report a state this coordinator does not know yet (it is only shown).
+  state: z.string().regex(/^[a-z][a-z0-9_-]{0,31}$|^$/, 'state must be a lowercase word of at most 32 characters').transform((s) => s || 'idle'),
   progress: z.number().min(0).max(1),
   taskId: z.string().max(200),
   engine: z.string().max(64),
 });
+
+/** What a site says of itself when it subscribes; a site older than versioning sends neither field (version 1). */
+const SubscribeSchema = z.object({
+  protocolVersion: z.number().int().min(0).max(1_000_000).optional(),
+  features: z.array(z.string().max(64)).max(64).optional(),
+});
+
+/** The capabilities a SubscribeTasks request announces; a malformed one is taken as a legacy site's. */
+export function siteCapabilities(request: unknown): SiteCapabilities {
+  const r = SubscribeSchema.safeParse(request);
+  if (!r.success || !r.data.protocolVersion) return LEGACY_SITE;
+  return { protocolVersion: r.data.protocolVersion, features: new Set(r.data.features ?? []) };
+}
 
 const MetricsSchema = z.object({
   round: z.number().int().positive(),
@@ -153,8 +168,11 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         // Only bookkeeping (last seen): the task stream works without it.
         log.warn({ site, err: describeStorageFault(e) }, 'could not record the site as seen');
       }
+      const capabilities = siteCapabilities(call.request);
+      log.info({ site, protocolVersion: capabilities.protocolVersion, features: [...capabilities.features] }, 'site subscribed to tasks');
       let open = true;
       const sink: TaskSink = {
+        capabilities,
         send(task) {
           if (open) call.write(toWireTask(task));
         },
@@ -374,9 +392,10 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
                 throw new UploadRefused(problem ?? verdict!.problem!);
               }
               const row = { updateId: h.updateId, round: h.round, site, numSamples: h.numSamples, sha256: p.expectedSha256!, path: received.path, sizeBytes: h.totalSize, acceptedAt: Date.now() };
-              // The store row is the commit point; the ack goes out only after it is written.
+              // The store row is the commit point; the ack goes out only after it is written. Its event and ledger
+              // entry are committed with it (events/outbox.ts), so no acknowledged update can miss the ledger.
               try {
-                store.insertUpdate(row);
+                store.insertUpdate(row, outboxRows(engine.acceptedEvent(row)));
               } catch (e) {
                 rmSync(received.path, { force: true }); // not committed: the site sends it again
                 throw e;

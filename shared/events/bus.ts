@@ -1,7 +1,7 @@
 /**
  * The event seam: the coordinator announces what happens (round started/closed, site joined/left,
  * update accepted/rejected) to whoever listens. Publishing never throws into the caller and never
- * blocks a round: a bus that is down loses events, not training.
+ * blocks a round; the coordinator keeps each event in its store's outbox until NATS has it (coordinator/events/outbox.ts).
  */
 export type FederationEventType =
   | 'round.started'
@@ -15,10 +15,17 @@ export type FederationEventType =
   | 'update.flagged'
   | 'model.rolled_back'
   | 'task.declined'
+  /** The coordinator did not send a selected site its task: the site lacks a protocol feature the task needs. */
+  | 'task.withheld'
   | 'teacher.promoted'
   | 'federation.finished';
 
 export interface FederationEvent {
+  /**
+   * Stable per fact (the coordinator's outbox sends it as Nats-Msg-Id): the same update, round close or failure
+   * always has the same id, so a consumer or JetStream can drop a copy sent again.
+   */
+  readonly id?: string;
   readonly type: FederationEventType;
   readonly federation: string;
   readonly at: string;

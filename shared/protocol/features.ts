@@ -1,17 +1,47 @@
 /**
- * Optional protocol features, named in HeartbeatResponse.features by the coordinators that accept them.
- * A site uses one only after its coordinator named it, so new sites keep working with older coordinators
- * (which send no list) and older sites simply never use a feature.
+ * The protocol version and optional features of each side (docs/compatibility.md).
+ *
+ * Coordinator features are named in HeartbeatResponse.features: a site uses one only after its coordinator named
+ * it, so new sites keep working with older coordinators (which send no list) and older sites never use one.
+ * Site features are named in SubscribeRequest.features with the site's protocol version: the coordinator sends a
+ * site no task that needs a feature it did not name (coordinator/rounds/round-engine.ts), and lists the features a
+ * task needs in its signed settings (`requires`), so a site refuses one it cannot honour.
  */
+
+/**
+ * 1: releases before versioning (up to 3b6b42d), which announce nothing. 2: sites announce version and features when
+ * they subscribe; task settings may carry `requires`; site decoders ignore unknown tuning fields (docs/compatibility.md).
+ */
+export const PROTOCOL_VERSION = 2;
+
+/** What a site that announced no version is taken to be: protocol 1, none of the features below. */
+export const LEGACY_PROTOCOL_VERSION = 1;
+
 export const FEATURES = {
   /**
    * UploadUpdate: the header may leave `sha256` empty and an UpdateTrailer carries it as the last message,
    * so the site hashes the update while it sends it instead of before (about 0.1 s per 130 MB update).
    */
   uploadSha256Trailer: 'upload-sha256-trailer',
+  /**
+   * Site: honours `local.keepMoments: all` (keeps the optimiser moments of shared tensors between rounds). A site
+   * without it would silently restart them every round, i.e. train differently from the plan.
+   */
+  localKeepMoments: 'local-keep-moments',
 } as const;
 
 export type Feature = (typeof FEATURES)[keyof typeof FEATURES];
 
 /** What this coordinator accepts; sent with every heartbeat answer. */
 export const COORDINATOR_FEATURES: readonly Feature[] = [FEATURES.uploadSha256Trailer];
+
+/** What this site honours; sent with every SubscribeTasks request. */
+export const SITE_FEATURES: readonly Feature[] = [FEATURES.localKeepMoments];
+
+/** A site's protocol version and features, as it announced them when it subscribed (legacy: version 1, none). */
+export interface SiteCapabilities {
+  readonly protocolVersion: number;
+  readonly features: ReadonlySet<string>;
+}
+
+export const LEGACY_SITE: SiteCapabilities = { protocolVersion: LEGACY_PROTOCOL_VERSION, features: new Set() };

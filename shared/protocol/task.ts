@@ -70,6 +70,11 @@ export const TaskSettingsSchema = z
       })
       .strict()
       .optional(),
+    /**
+     * Site features (shared/protocol/features.ts) this task cannot be run without: a site lacking one refuses it.
+     * Only sent to sites of protocol version 2 on (shared/protocol/compatibility.ts); absent = none.
+     */
+    requires: z.array(z.string().max(64)).max(32).optional(),
   })
   .strict();
 

@@ -16,7 +16,7 @@ import { updateDataChunkParts } from '../../shared/protocol/chunk-codec.ts';
 import { SiteHome } from '../home.ts';
 import { parseAddress } from '../enroll.ts';
 import type { WireAudit } from './wire-audit.ts';
-import type { Feature } from '../../shared/protocol/features.ts';
+import { PROTOCOL_VERSION, SITE_FEATURES, type Feature } from '../../shared/protocol/features.ts';
 
 export interface WireTask {
   taskId: string;
@@ -127,7 +127,8 @@ export class FederationClient {
   }
 
   subscribeTasks(cachedModels: string[]): grpc.ClientReadableStream<WireTask> {
-    return this.client.SubscribeTasks({ cachedModels }) as grpc.ClientReadableStream<WireTask>;
+    // Version and features tell the coordinator which tasks this site can honour (docs/compatibility.md).
+    return this.client.SubscribeTasks({ cachedModels, protocolVersion: PROTOCOL_VERSION, features: [...SITE_FEATURES] }) as grpc.ClientReadableStream<WireTask>;
   }
 
   /** The model's chunks from `offset` on; errors are grpc-js-shaped (`code`, `details`). */

@@ -1,0 +1,100 @@
+/**
+ * Old and new versions side by side (docs/compatibility.md). The coordinator shapes each task's settings for the
+ * site it goes to (settingsForSite) and withholds a task that needs a feature the site lacks; a site decodes the
+ * settings of a task whose signature already verified (decodeTaskSettings): unknown fields are ignored only in
+ * sections that hold tuning, and a task it cannot honour is refused with the field or feature named.
+ */
+import type { z } from 'zod';
+import { FEATURES, PROTOCOL_VERSION, SITE_FEATURES, type Feature, type SiteCapabilities } from './features.ts';
+import { TaskSettingsSchema, type TaskSettings } from './task.ts';
+import { AugmentSettingsSchema } from '../plan/data-settings.ts';
+
+/** The site features a task's settings need: each one a setting whose effect a site without it would silently drop. */
+export function featuresNeeded(s: TaskSettings): Feature[] {
+  const out: Feature[] = [];
+  if (s.local.keepMoments === 'all') out.push(FEATURES.localKeepMoments);
+  return out;
+}
+
+export type SettingsForSite = { ok: true; settings: TaskSettings } | { ok: false; missing: Feature[] };
+
+/** The settings as `site` can read them, or the features it lacks for them (then it must not get the task). */
+export function settingsForSite(s: TaskSettings, site: SiteCapabilities): SettingsForSite {
+  const { requires: _ignored, ...rest } = s;
+  const needed = featuresNeeded(rest);
+  const missing = needed.filter((f) => !site.features.has(f));
+  if (missing.length > 0) return { ok: false, missing };
+  // Protocol 1 refuses any top-level key it does not know, so `requires` goes only to sites that read it.
+  if (site.protocolVersion < 2 || needed.length === 0) return { ok: true, settings: rest };
+  return { ok: true, settings: { ...rest, requires: needed } };
+}
+
+/** The site's protocol version and features refused a task: the message names the field or feature and the version. */
+export class UnsupportedTaskError extends Error {
+  override name = 'UnsupportedTaskError';
+}
+
+/**
+ * Sections where a field this site does not know is ignored: tuning whose absence gives the earlier behaviour
+ * (a field of theirs that must not be ignored is announced in `requires`). Everywhere else an unknown field is refused.
+ */
+const TOLERANT_SECTIONS: ReadonlyArray<{ path: readonly string[]; known: ReadonlySet<string> }> = [
+  { path: ['local'], known: new Set(Object.keys(TaskSettingsSchema.shape.local.shape)) },
+  { path: ['data', 'augment'], known: new Set(Object.keys(AugmentSettingsSchema.shape)) },
+];
+
+function isRecord(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+/** Paths of the unknown keys behind `issues`, unions included (a strict object inside a union reports there). */
+function unknownKeys(issues: readonly z.core.$ZodIssue[]): string[] {
+  return issues.flatMap((i) => {
+    if (i.code === 'unrecognized_keys') return i.keys.map((k) => [...i.path, k].join('.'));
+    if (i.code === 'invalid_union') {
+      // The branches that fail on unknown keys alone (the others do not fit the value at all).
+      const onlyUnknown = i.errors.filter((branch) => branch.length > 0 && branch.every((b) => b.code === 'unrecognized_keys'));
+      return [...new Set(onlyUnknown.flatMap((branch) => unknownKeys(branch.map((b) => ({ ...b, path: [...i.path, ...b.path] })))))];
+    }
+    return [];
+  });
+}
+
+/**
+ * A verified task's settings JSON as this site understands them: `ignored` lists the unknown tuning fields dropped.
+ * Throws UnsupportedTaskError for a feature in `requires` or an unknown field outside the tolerant sections, and a
+ * plain Error for malformed settings. `own` is what this site speaks (an argument so an older site can be modelled).
+ */
+export function decodeTaskSettings(
+  json: string,
+  own: { protocolVersion: number; features: readonly string[] } = { protocolVersion: PROTOCOL_VERSION, features: SITE_FEATURES },
+): { settings: TaskSettings; ignored: string[] } {
+  const raw: unknown = JSON.parse(json);
+  if (!isRecord(raw)) throw new Error('task settings must be a JSON object');
+  const speaks = `this site speaks protocol version ${own.protocolVersion} with features [${own.features.join(', ')}]`;
+  if (Array.isArray(raw.requires)) {
+    const lacking = raw.requires.filter((f) => typeof f !== 'string' || !own.features.includes(f)).map(String);
+    if (lacking.length > 0) throw new UnsupportedTaskError(`the task requires feature(s) ${lacking.join(', ')}, which ${speaks}: not run; upgrade the site agent`);
+  }
+  const ignored: string[] = [];
+  for (const { path, known } of TOLERANT_SECTIONS) {
+    const section = path.reduce<unknown>((o, k) => (isRecord(o) ? o[k] : undefined), raw);
+    if (!isRecord(section)) continue;
+    for (const k of Object.keys(section)) {
+      if (known.has(k)) continue;
+      delete section[k];
+      ignored.push([...path, k].join('.'));
+    }
+  }
+  const r = TaskSettingsSchema.safeParse(raw);
+  if (!r.success) {
+    const fields = unknownKeys(r.error.issues);
+    if (fields.length > 0) {
+      throw new UnsupportedTaskError(
+        `the task's settings carry field(s) ${fields.join(', ')} unknown to this site (${speaks}); they sit where ignoring them could change what leaves the site or how it trains, so the task is not run; upgrade the site agent`,
+      );
+    }
+    throw new Error(`malformed task settings: ${r.error.issues.map((i) => `${i.path.join('.') || '(top)'}: ${i.message}`).join('; ')}`);
+  }
+  return { settings: r.data, ignored };
+}
