@@ -38,6 +38,7 @@ model:
   # med3d only: depth: 10 | 18 | 34 | 50 | 101, shortcut: A | B, widthMultiplier: 0.25 (1 = MedicalNet),
   #             head: segmentation | unet | classification, headChannels: N, dropout: 0.0,
   #             norm: batch | group | instance, normGroups: 8   (see docs/experiment.md for a recommended Med3D plan)
+  #             inference: { mode: window, overlap: 0.5, blend: gaussian, flipTTA: false }   (default: whole volumes; docs/plan.md)
   seed: 1
   init: scratch             # or pretrained | partial:2 | mean-var (need pretrained: FILE) | inflate-2d:i3d (needs source2d: FILE)
 rounds: 3

@@ -26,6 +26,8 @@ import { segmentationLossJs } from './tfjs-trainer.ts';
 import { corruptBatch, DEFAULT_RESTORATION_TRANSFORMS } from './genesis-corruption.ts';
 import { isRestorationArchitecture, restorationLoss } from './restoration.ts';
 import type { EvalResult, TrainRequest, TrainResult, Trainer, VolumeCase } from './types.ts';
+import { chooseInference, flipAveraged, slidingWindowProbs, WHOLE_VOLUME_MAX_BYTES, type InferencePlan, type Shape3, type WindowForward } from './sliding-window.ts';
+import { createLogger, type Logger } from '../util/log.ts';
 
 class ArrayStore implements ParamStore {
   readonly values = new Map<string, Float32Array>();
@@ -132,14 +134,21 @@ export function upsampleLinear(x: Float32Array, shape: readonly number[], f: num
     const outer = cur.slice(0, axis).reduce((a, b) => a * b, 1);
     const inner = cur.slice(axis + 1).reduce((a, b) => a * b, 1);
     const out = new Float32Array(outer * outLen * inner);
+    const i0s = new Int32Array(outLen);
+    const i1s = new Int32Array(outLen);
+    const ts = new Float64Array(outLen);
     for (let o = 0; o < outLen; o++) {
       const src = Math.max(0, (o + 0.5) / f - 0.5);
-      const i0 = Math.min(inLen - 1, Math.floor(src));
-      const i1 = Math.min(inLen - 1, i0 + 1);
-      const t = src - i0;
-      for (let a = 0; a < outer; a++) {
-        const s0 = (a * inLen + i0) * inner;
-        const s1 = (a * inLen + i1) * inner;
+      i0s[o] = Math.min(inLen - 1, Math.floor(src));
+      i1s[o] = Math.min(inLen - 1, i0s[o] + 1);
+      ts[o] = src - i0s[o];
+    }
+    // Rows outermost: the writes run through memory in order (the inner axes are short for W).
+    for (let a = 0; a < outer; a++) {
+      for (let o = 0; o < outLen; o++) {
+        const t = ts[o];
+        const s0 = (a * inLen + i0s[o]) * inner;
+        const s1 = (a * inLen + i1s[o]) * inner;
         const dst = (a * outLen + o) * inner;
         for (let k = 0; k < inner; k++) out[dst + k] = data[s0 + k] * (1 - t) + data[s1 + k] * t;
       }
@@ -294,7 +303,9 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
       const perCase: number[][] = [];
       for (const vc of cases) {
         if (!vc.label) continue;
-        perCase.push(diceScores(predictMed3dVolume(arch, ops, vc), vc.label, numClasses));
+        const plan = med3dInferencePlan(arch, vc.shape);
+        const labels = plan.kind === 'whole' && !plan.flipTTA ? predictMed3dVolume(arch, ops, vc) : argmaxRows(await med3dPlannedProbs(arch, ops, vc, plan), numClasses);
+        perCase.push(diceScores(labels, vc.label, numClasses));
         await yieldToEventLoop();
       }
       const dicePerClass = meanDicePerClass(perCase, numClasses - 1);
@@ -306,7 +317,9 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
       if (!voxelHead) throw new Error('predictProbs: the Med3D classification head has no per-voxel output');
       checkWeights(weights);
       const store = new ArrayStore(arch, weights);
-      return med3dVolumeProbs(arch, createMed3dTrainOps({ kernels, store, training: false }), vc);
+      const ops = createMed3dTrainOps({ kernels, store, training: false });
+      const plan = med3dInferencePlan(arch, vc.shape);
+      return plan.kind === 'whole' && !plan.flipTTA ? med3dVolumeProbs(arch, ops, vc) : med3dPlannedProbs(arch, ops, vc, plan);
     },
   };
 }
@@ -369,4 +382,116 @@ export function predictMed3dVolume(arch: Med3dArchitecture, ops: ReturnType<type
     }
   }
   return out;
+}
+
+/** Softmax along the last axis of logits [..., C] (max-shifted; one exp per value). */
+function softmaxRows(logits: Float32Array, C: number): Float32Array {
+  const out = new Float32Array(logits.length);
+  if (C === 2) {
+    // The logistic of the difference: one exp per voxel (most plans have two classes).
+    for (let o = 0; o < logits.length; o += 2) {
+      const p1 = 1 / (1 + Math.exp(logits[o] - logits[o + 1]));
+      out[o] = 1 - p1;
+      out[o + 1] = p1;
+    }
+    return out;
+  }
+  for (let o = 0; o < logits.length; o += C) {
+    let max = logits[o];
+    for (let c = 1; c < C; c++) if (logits[o + c] > max) max = logits[o + c];
+    let se = 0;
+    for (let c = 0; c < C; c++) {
+      const e = Math.exp(logits[o + c] - max);
+      out[o + c] = e;
+      se += e;
+    }
+    for (let c = 0; c < C; c++) out[o + c] /= se;
+  }
+  return out;
+}
+
+function argmaxRows(probs: Float32Array, C: number): Uint8Array {
+  const out = new Uint8Array(probs.length / C);
+  for (let v = 0; v < out.length; v++) {
+    let best = 0;
+    for (let c = 1; c < C; c++) if (probs[v * C + c] > probs[v * C + best]) best = c;
+    out[v] = best;
+  }
+  return out;
+}
+
+/** Med3D as a window network: [n, d, h, w] inputs (multiples of 8) → softmax probabilities on the same grid. */
+export function med3dWindowForward(arch: Med3dArchitecture, ops: ReturnType<typeof createMed3dTrainOps>): WindowForward {
+  const params = names(arch);
+  const factor = med3dOutputFactor(arch.config.head);
+  return (input, n, [d, h, w]) => {
+    const logits = med3dForward(arch, params, act(input, [n, d, h, w, 1], false), ops);
+    if (factor === 1) return softmaxRows(logits.data, arch.numClasses);
+    if (arch.numClasses === 2) {
+      // Two classes: the softmax is the logistic of l1 − l0, and linear upsampling commutes with the difference,
+      // so one channel is upsampled instead of two.
+      const diff = new Float32Array(logits.data.length / 2);
+      for (let v = 0; v < diff.length; v++) diff[v] = logits.data[2 * v + 1] - logits.data[2 * v];
+      const up = upsampleLinear(diff, [...logits.shape.slice(0, 4), 1], factor);
+      const out = new Float32Array(up.length * 2);
+      for (let v = 0; v < up.length; v++) {
+        const p1 = 1 / (1 + Math.exp(-up[v]));
+        out[2 * v] = 1 - p1;
+        out[2 * v + 1] = p1;
+      }
+      return out;
+    }
+    return softmaxRows(upsampleLinear(logits.data, logits.shape, factor), arch.numClasses);
+  };
+}
+
+/**
+ * Estimated float32 bytes live at the peak of a whole-volume pass over `padded` voxels (eval mode: no tape keeps
+ * activations): the largest of the stem (input, conv1 output and its normalised copy at ½ resolution), the
+ * U-Net head's full-resolution fusion (input conv, upsampled features, their 2·Ch concatenation and the fused
+ * output, with the stem skip still held) and the output (logits upsampled to the full grid and their softmax).
+ * Deeper stages run at ⅛ of the voxels or less and never dominate.
+ */
+export function med3dWholeVolumeBytes(arch: Med3dArchitecture, padded: Shape3): number {
+  const V = padded[0] * padded[1] * padded[2];
+  const P = arch.config.basePlanes;
+  const head = arch.config.head;
+  const stem = V + (2 * P * V) / 8;
+  const fusion = head.kind === 'unet' ? V + (P * V) / 8 + 5 * head.channels * V : 0;
+  const output = V + 2 * arch.numClasses * V;
+  return 4 * Math.max(stem, fusion, output);
+}
+
+let inferenceLog: Logger | undefined;
+const autoWindowLogged = new Set<string>();
+
+/** How this architecture scores a volume of `shape` (its plan settings, or the memory bound's fallback). */
+function med3dInferencePlan(arch: Med3dArchitecture, shape: Shape3): InferencePlan {
+  const plan = chooseInference(arch.inference, arch.patchShape, shape, (p) => med3dWholeVolumeBytes(arch, p));
+  if (plan.kind === 'window' && plan.auto) {
+    const key = `${arch.id}:${shape.join('x')}`;
+    if (!autoWindowLogged.has(key)) {
+      autoWindowLogged.add(key);
+      inferenceLog ??= createLogger('med3d-inference');
+      const gib = (b: number) => Math.round((b / 1024 ** 3) * 100) / 100;
+      const padded = shape.map((s) => Math.ceil(s / 8) * 8) as [number, number, number];
+      inferenceLog.info(
+        { shape: [...shape], estimatedGiB: gib(med3dWholeVolumeBytes(arch, padded)), boundGiB: gib(WHOLE_VOLUME_MAX_BYTES), window: [...plan.options.window], overlap: plan.options.overlap },
+        'whole-volume inference would exceed the memory bound: scoring this volume size with sliding windows',
+      );
+    }
+  }
+  return plan;
+}
+
+/** Probabilities [D·H·W, C] by sliding windows, or by one window over the padded volume (whole mode with flips). */
+function med3dPlannedProbs(arch: Med3dArchitecture, ops: ReturnType<typeof createMed3dTrainOps>, vc: VolumeCase, plan: InferencePlan): Promise<Float32Array> {
+  const C = arch.numClasses;
+  const base = med3dWindowForward(arch, ops);
+  const forward = plan.flipTTA ? flipAveraged(base, C) : base;
+  const options =
+    plan.kind === 'window'
+      ? { ...plan.options, numClasses: C }
+      : { window: vc.shape.map((s) => Math.ceil(s / 8) * 8) as [number, number, number], overlap: 0, blend: 'uniform' as const, batch: 1, numClasses: C };
+  return slidingWindowProbs(vc.image, vc.shape, options, forward);
 }

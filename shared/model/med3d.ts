@@ -49,6 +49,7 @@
 import { elementCount, makeBundle, type NamedTensor, type TensorBundle } from '../tensors/bundle.ts';
 import { gaussian, mulberry32 } from '../util/random.ts';
 import type { LayerType, ModelArchitecture, ModelPart, ParamInfo } from './types.ts';
+import type { InferenceSettings } from './sliding-window.ts';
 import { mapStateDict, medicalNetIsConvTranspose, medicalNetRename, permute, torchToTfjsPermutation } from '../checkpoints/torch-mapping.ts';
 import { contiguousStrides, type TorchTensor as CheckpointTensor } from '../checkpoints/pth.ts';
 
@@ -82,6 +83,8 @@ export interface Med3dOptions {
   readonly norm?: Med3dNorm;
   /** Groups of 'group' norm (default 8); must divide every normalised channel count. */
   readonly normGroups?: number;
+  /** How evaluation and predictions score a whole volume (the plan's model.inference); absent = whole volume. */
+  readonly inference?: InferenceSettings;
 }
 
 export type Med3dHead =
@@ -124,6 +127,8 @@ export interface Med3dConfig {
 
 export interface Med3dArchitecture extends ModelArchitecture {
   readonly config: Med3dConfig;
+  /** Not part of the parameters: how the trainer scores whole volumes (sliding-window.ts). */
+  readonly inference?: InferenceSettings;
 }
 
 const STAGE_BLOCKS: Record<Med3dDepth, readonly [number, number, number, number]> = {
@@ -378,6 +383,7 @@ export function createMed3d(opts: Med3dOptions): Med3dArchitecture {
     numClasses: config.head.numClasses,
     patchShape: config.patch,
     config,
+    ...(opts.inference ? { inference: opts.inference } : {}),
     params: () => params,
     init(seed: number): TensorBundle {
       const rng = mulberry32(seed);

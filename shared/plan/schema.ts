@@ -8,6 +8,7 @@ import { MED3D_DEFAULT_NORM_GROUPS, med3dNormProblem } from '../model/med3d.ts';
 import { LrScheduleSchema } from '../model/lr-schedule.ts';
 import { DataSettingsSchema } from './data-settings.ts';
 import { RestorationTransformsSchema } from '../model/genesis-corruption.ts';
+import { InferenceSettingsSchema, isDefaultInference } from '../model/sliding-window.ts';
 
 const positiveInt = z.number().int().positive();
 
@@ -123,9 +124,17 @@ export const PlanSchema = z
         pretrained: z.string().optional(),
         /** A torchvision-layout 2D ResNet (safetensors) for inflate-2d:*. */
         source2d: z.string().optional(),
+        /**
+         * How sites score whole volumes (validation, test, pseudo-labels): whole (default) or sliding windows, with
+         * Gaussian or uniform blending and optional flip TTA (shared/model/sliding-window.ts). Absent = whole.
+         */
+        inference: InferenceSettingsSchema.optional(),
       })
       .strict()
       .superRefine((m, ctx) => {
+        if (!isDefaultInference(m.inference) && (m.architecture !== 'med3d' || m.head === 'classification')) {
+          ctx.addIssue({ code: 'custom', path: ['inference'], message: 'inference mode window and flipTTA need architecture med3d with a segmentation or unet head (per-voxel output)' });
+        }
         if (m.architecture !== 'med3d' || m.norm !== 'group') return;
         const head = m.head === 'classification' ? { kind: m.head, numClasses: m.numClasses } : { kind: m.head, numClasses: m.numClasses, channels: m.headChannels };
         const problem = med3dNormProblem({ depth: m.depth, shortcut: m.shortcut, widthMultiplier: m.widthMultiplier, head, patch: m.patch, norm: m.norm, normGroups: m.normGroups });

@@ -8,11 +8,13 @@ import type { z } from 'zod';
 import { FEATURES, PROTOCOL_VERSION, SITE_FEATURES, type Feature, type SiteCapabilities } from './features.ts';
 import { TaskSettingsSchema, type TaskSettings } from './task.ts';
 import { AugmentSettingsSchema } from '../plan/data-settings.ts';
+import { isDefaultInference } from '../model/sliding-window.ts';
 
 /** The site features a task's settings need: each one a setting whose effect a site without it would silently drop. */
 export function featuresNeeded(s: TaskSettings): Feature[] {
   const out: Feature[] = [];
   if (s.local.keepMoments === 'all') out.push(FEATURES.localKeepMoments);
+  if (!isDefaultInference(s.model.inference)) out.push(FEATURES.windowInference);
   return out;
 }
 
@@ -20,10 +22,16 @@ export type SettingsForSite = { ok: true; settings: TaskSettings } | { ok: false
 
 /** The settings as `site` can read them, or the features it lacks for them (then it must not get the task). */
 export function settingsForSite(s: TaskSettings, site: SiteCapabilities): SettingsForSite {
-  const { requires: _ignored, ...rest } = s;
-  const needed = featuresNeeded(rest);
+  const { requires: _ignored, ...shaped } = s;
+  const needed = featuresNeeded(shaped);
   const missing = needed.filter((f) => !site.features.has(f));
   if (missing.length > 0) return { ok: false, missing };
+  let rest = shaped;
+  if (shaped.model.inference !== undefined && !site.features.has(FEATURES.windowInference)) {
+    // Whole-volume settings score as their absence does; an older site would refuse the unknown model field.
+    const { inference: _whole, ...model } = shaped.model;
+    rest = { ...shaped, model };
+  }
   // Protocol 1 refuses any top-level key it does not know, so `requires` goes only to sites that read it.
   if (site.protocolVersion < 2 || needed.length === 0) return { ok: true, settings: rest };
   return { ok: true, settings: { ...rest, requires: needed } };

@@ -28,6 +28,11 @@ export const FEATURES = {
    * without it would silently restart them every round, i.e. train differently from the plan.
    */
   localKeepMoments: 'local-keep-moments',
+  /**
+   * Site: honours `model.inference` (sliding-window scoring and flip TTA of validation, test and pseudo-labels). A
+   * site without it would refuse the unknown field; one that dropped it would label and score differently from the plan.
+   */
+  windowInference: 'window-inference',
 } as const;
 
 export type Feature = (typeof FEATURES)[keyof typeof FEATURES];
@@ -36,7 +41,7 @@ export type Feature = (typeof FEATURES)[keyof typeof FEATURES];
 export const COORDINATOR_FEATURES: readonly Feature[] = [FEATURES.uploadSha256Trailer];
 
 /** What this site honours; sent with every SubscribeTasks request. */
-export const SITE_FEATURES: readonly Feature[] = [FEATURES.localKeepMoments];
+export const SITE_FEATURES: readonly Feature[] = [FEATURES.localKeepMoments, FEATURES.windowInference];
 
 /** A site's protocol version and features, as it announced them when it subscribed (legacy: version 1, none). */
 export interface SiteCapabilities {

@@ -18,6 +18,9 @@ import { randomInt, type Rng } from '../../shared/util/random.ts';
 import type { Logger } from '../../shared/util/log.ts';
 import { augmentPatch, type AugmentOptions } from '../data/augment.ts';
 import type { CaseRef, SiteData } from '../data/site-data.ts';
+import { flipVolume, type InferenceSettings } from '../../shared/model/sliding-window.ts';
+
+export { flipVolume };
 
 /** What labelling the pool produced (kept as meta.json next to the per-case files). */
 export interface PseudoPool {
@@ -52,7 +55,9 @@ export function plausibleForeground(fraction: number, prior: ForegroundPrior | u
 
 /** Probabilities [D·H·W, C] from the teacher, optionally averaged over the 8 axis flips (test-time augmentation). */
 export async function teacherProbs(trainer: Trainer, weights: TensorBundle, vc: VolumeCase, flipTTA: boolean): Promise<Float32Array> {
-  if (!flipTTA) return trainer.predictProbs(weights, vc);
+  // A model whose plan already flips (model.inference.flipTTA) gives the flip mean itself: averaging it again changes nothing, at 8× the cost.
+  const flipsItself = (trainer.architecture as { inference?: InferenceSettings }).inference?.flipTTA === true;
+  if (!flipTTA || flipsItself) return trainer.predictProbs(weights, vc);
   const C = trainer.architecture.numClasses;
   const [D, H, W] = vc.shape;
   const sum = new Float32Array(D * H * W * C);
@@ -64,26 +69,6 @@ export async function teacherProbs(trainer: Trainer, weights: TensorBundle, vc: 
     for (let i = 0; i < sum.length; i++) sum[i] += back[i] / 8;
   }
   return sum;
-}
-
-/** Mirrors a [D, H, W, C] volume along the marked axes (its own inverse). */
-export function flipVolume(x: Float32Array, shape: readonly [number, number, number], flip: readonly [boolean, boolean, boolean], C: number): Float32Array {
-  if (!flip.some(Boolean)) return x;
-  const [D, H, W] = shape;
-  const out = new Float32Array(x.length);
-  for (let z = 0; z < D; z++) {
-    const sz = flip[0] ? D - 1 - z : z;
-    for (let y = 0; y < H; y++) {
-      const sy = flip[1] ? H - 1 - y : y;
-      for (let xx = 0; xx < W; xx++) {
-        const sx = flip[2] ? W - 1 - xx : xx;
-        const d = ((z * H + y) * W + xx) * C;
-        const s = ((sz * H + sy) * W + sx) * C;
-        for (let c = 0; c < C; c++) out[d + c] = x[s + c];
-      }
-    }
-  }
-  return out;
 }
 
 /**
