@@ -49,7 +49,7 @@ describe('site agent metrics endpoint', () => {
   afterAll(async () => {
     agent?.stop();
     await endpoint?.close();
-    await f?.stop();
+    await f?.close();
   });
 
   it('listens on loopback only', () => {
