@@ -35,10 +35,10 @@ export class ServerOptimizer {
     const n = y.length;
     if (!this.m || this.m.length !== n) {
       this.m = new Float32Array(n);
-      this.v = new Float32Array(n).fill(tau * tau);
+      // FedAvgM keeps no second moment: one model less in memory and on disk.
+      this.v = type === 'fedavgm' ? undefined : new Float32Array(n).fill(tau * tau);
     }
     const m = this.m;
-    const v = this.v!;
     const b1 = 1 - beta1;
     const b2 = 1 - beta2;
     // One loop per optimiser: no branch on the type per element.
@@ -49,6 +49,7 @@ export class ServerOptimizer {
         y[i] = base[i] + lr * mi;
       }
     } else if (type === 'fedadagrad') {
+      const v = this.v!;
       for (let i = 0; i < n; i++) {
         const d = y[i] - base[i];
         const mi = beta1 * m[i] + b1 * d;
@@ -58,6 +59,7 @@ export class ServerOptimizer {
         y[i] = base[i] + (lr * mi) / (Math.sqrt(vi) + tau);
       }
     } else if (type === 'fedadam') {
+      const v = this.v!;
       for (let i = 0; i < n; i++) {
         const d = y[i] - base[i];
         const mi = beta1 * m[i] + b1 * d;
@@ -67,6 +69,7 @@ export class ServerOptimizer {
         y[i] = base[i] + (lr * mi) / (Math.sqrt(vi) + tau);
       }
     } else {
+      const v = this.v!;
       for (let i = 0; i < n; i++) {
         const d = y[i] - base[i];
         const mi = beta1 * m[i] + b1 * d;
@@ -81,30 +84,31 @@ export class ServerOptimizer {
     this.step++;
   }
 
-  /** m and v as tensors named `m/<name>`, `v/<name>` (views, no copy), or undefined before the first step. */
+  /** m and v as tensors named `m/<name>`, `v/<name>` (views, no copy; m only for FedAvgM), or undefined before the first step. */
   exportTensors(specs: readonly TensorSpec[], offsets: ReadonlyMap<string, { off: number; n: number }>): TensorBundle | undefined {
-    if (!this.m || !this.v) return undefined;
+    if (!this.m) return undefined;
     const out: NamedTensor[] = [];
     for (const s of specs) {
       const { off, n } = offsets.get(s.name)!;
       out.push({ name: `m/${s.name}`, dtype: 'F32', shape: [...s.shape], data: this.m.subarray(off, off + n) });
-      out.push({ name: `v/${s.name}`, dtype: 'F32', shape: [...s.shape], data: this.v.subarray(off, off + n) });
+      if (this.v) out.push({ name: `v/${s.name}`, dtype: 'F32', shape: [...s.shape], data: this.v.subarray(off, off + n) });
     }
     return makeBundle(out);
   }
 
   restoreTensors(t: TensorBundle, specs: readonly TensorSpec[], offsets: ReadonlyMap<string, { off: number; n: number }>, total: number): void {
+    const withV = this.cfg.type !== 'fedavgm';
     const m = new Float32Array(total);
-    const v = new Float32Array(total);
+    const v = withV ? new Float32Array(total) : undefined;
     for (const s of specs) {
       const { off, n } = offsets.get(s.name)!;
       const mt = t.get(`m/${s.name}`);
       const vt = t.get(`v/${s.name}`);
-      if (!mt || !vt || mt.data.length !== n || vt.data.length !== n) {
+      if (!mt || mt.data.length !== n || (v && (!vt || vt.data.length !== n))) {
         throw new Error(`stored server-optimiser state lacks m/v for tensor ${s.name} or has the wrong size: the plan's shared tensors changed since it was written; start a new federation directory`);
       }
       m.set(mt.data, off);
-      v.set(vt.data, off);
+      if (v && vt) v.set(vt.data, off);
     }
     this.m = m;
     this.v = v;

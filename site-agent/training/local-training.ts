@@ -286,8 +286,10 @@ export class LocalTraining {
     // Fails closed: with no validation case the teacher's Dice is NaN, and an unmeasured teacher is not adopted.
     const parent = join(this.o.localDir, 'pseudo');
     const choicePath = join(this.o.localDir, `${arch.id}-${this.localKey(settings)}-teacher-choice.json`);
+    // A generation's pseudo-labels live in one folder per generation; the choice file names only the generation.
+    const pseudoDir = (generation: number) => join(parent, `${this.localKey(settings)}-g${generation}`);
     const saved = readTeacherChoice(choicePath);
-    const previousPool = saved ? existingPool(saved.dir, { generation: saved.generation, teacherHash: saved.modelHash }) : undefined;
+    const previousPool = saved ? existingPool(pseudoDir(saved.generation), { generation: saved.generation, teacherHash: saved.modelHash }) : undefined;
     const previous = previousPool ? saved : undefined;
     const decision = chooseTeacher({ generation: teacher.generation, dice: teacherDice }, previous, ts.minTeacherDice);
     const measured = Number.isFinite(teacherDice) ? round4(teacherDice) : null;
@@ -297,18 +299,18 @@ export class LocalTraining {
         decision.why === 'not better' ? "the new teacher does not beat the one in use on this site's validation cases: keeping the earlier generation's pseudo-labels" : "the new teacher is below the floor on this site's validation cases: keeping the earlier generation's pseudo-labels",
       );
       if (previousPool.cases.length === 0) return undefined;
-      return { pool: previousPool, dir: previous.dir, generation: previous.generation, ratio: ts.ratio, dropout: ts.dropout, strongAugment: ts.strongAugment, teacherDice: previous.dice, candidateDice: teacherDice };
+      return { pool: previousPool, dir: pseudoDir(previous.generation), generation: previous.generation, ratio: ts.ratio, dropout: ts.dropout, strongAugment: ts.strongAugment, teacherDice: previous.dice, candidateDice: teacherDice };
     }
     if (decision.use === 'none') {
       log.info({ round: ctx.round, generation: teacher.generation, teacherValDice: measured, needed: ts.minTeacherDice }, Number.isFinite(teacherDice) ? 'teacher too weak on this site\'s validation cases: training on labelled cases only this generation' : 'no validation case to check the teacher on: training on labelled cases only this generation');
       return { skipped: teacherDice };
     }
-    const dir = join(parent, `${this.localKey(settings)}-g${teacher.generation}`);
+    const dir = pseudoDir(teacher.generation);
     const prior = ts.maxForegroundFactor > 0 ? await this.foregroundPrior(data, settings) : undefined;
     const pool = await labelPool(trainer, weights, data, usablePool, dir, { generation: teacher.generation, teacherHash: teacher.modelHash }, ts, log, prior ? { foregroundFraction: prior, maxFactor: ts.maxForegroundFactor } : undefined);
     // Only now that the new labels are complete do the earlier generation's go (they were the fallback).
     prunePseudoDirs(parent, dir);
-    writeTeacherChoice(choicePath, { generation: teacher.generation, modelHash: teacher.modelHash, dice: teacherDice, dir });
+    writeTeacherChoice(choicePath, { generation: teacher.generation, modelHash: teacher.modelHash, dice: teacherDice });
     if (pool.cases.length === 0) return undefined;
     return { pool, dir, generation: teacher.generation, ratio: ts.ratio, dropout: ts.dropout, strongAugment: ts.strongAugment, teacherDice };
   }
@@ -403,7 +405,6 @@ export class LocalTraining {
     return out;
   }
 
-  /** Whether this site has trained under these settings (its own tensors are on disk). */
   /**
    * A key for the weights evaluateModel would score, when they depend on the shared bytes alone (no site task file
    * and nothing kept local): then every site scores the same model, and a caller may score it once. Undefined when
@@ -415,6 +416,7 @@ export class LocalTraining {
     return localParams(arch, planSettings.share).length === 0 ? sha256Hex(sharedBytes) : undefined;
   }
 
+  /** Whether this site has trained under these settings (its own tensors are on disk). */
   hasLocalTensors(planSettings: TaskSettings): boolean {
     const settings = applySiteTask(planSettings, this.siteTask);
     return existsSync(this.localPath(architectureFor(settings.model), settings));

@@ -14,8 +14,6 @@ const ChoiceSchema = z.object({
   modelHash: z.string().regex(/^[0-9a-f]{64}$/),
   /** The teacher's mean validation Dice at this site when it was adopted. */
   dice: z.number(),
-  /** The pseudo-label folder of that generation. */
-  dir: z.string(),
 });
 export type TeacherChoice = z.infer<typeof ChoiceSchema>;
 

@@ -7,6 +7,7 @@ import { FedAvg } from '../../coordinator/aggregation/fedavg.ts';
 import { medianInPlace, trimmedMeanInPlace, trimCount } from '../../coordinator/aggregation/robust.ts';
 import { strategyFromPlan } from '../../coordinator/aggregation/index.ts';
 import { PlanSchema } from '../../shared/plan/schema.ts';
+import { makeBundle } from '../../shared/tensors/bundle.ts';
 import { SPECS, SIZE, aggregationPlan, dist, flatBundle, flatOf, honestUpdates, rng } from './helpers.ts';
 
 const spill = () => mkdtempSync(join(tmpdir(), 'medfl-spill-test-'));
@@ -119,6 +120,25 @@ describe('composed strategies', () => {
       x = got;
     }
     expect(s.optimizerStep).toBe(3);
+  });
+
+  it('FedAvgM stores only its momentum, and a strategy restored from it continues exactly', () => {
+    const cfg = aggregationPlan({ serverOptimizer: { type: 'fedavgm', lr: 1, beta1: 0.5 } });
+    const roundOf = (s: ComposedStrategy, x: number[], round: number) => {
+      const agg = s.begin(flatBundle(x), SPECS);
+      agg.add(flatBundle(x.map((b, i) => b + 0.2 * Math.sin(i + round))), { site: 'a', numSamples: 1 });
+      return flatOf(agg.finish());
+    };
+    const straight = new ComposedStrategy(cfg, { spillDir: spill() });
+    const r1 = roundOf(straight, base.slice(), 0);
+    const exported = straight.exportState()!;
+    expect([...exported.tensors!.keys()].every((n) => n.startsWith('m/'))).toBe(true);
+    // Exported tensors are views of the live moments (the coordinator writes them at once): copy, as the file does.
+    const state = { json: exported.json, tensors: makeBundle([...exported.tensors!.values()].map((t) => ({ ...t, data: t.data.slice() }))) };
+    const want = roundOf(straight, r1, 1);
+    const restored = new ComposedStrategy(cfg, { spillDir: spill() });
+    restored.restoreState(state);
+    expect(roundOf(restored, r1, 1)).toEqual(want);
   });
 
   it('server optimisers follow Reddi et al. (FedAdam, FedYogi, FedAdagrad) over two rounds', () => {
