@@ -12,7 +12,8 @@ import type { Http2Server, ServerHttp2Session } from 'node:http2';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { CoordinatorHome } from './home.ts';
-import { CoordinatorStore } from './store/store.ts';
+import type { CoordinatorStore } from './store/store.ts';
+import { openStoreWhenPossible, retryUntilStarted } from './store/startup.ts';
 import { ModelFiles } from './models/model-store.ts';
 import { initialWeights } from './models/initial-model.ts';
 import { RoundEngine } from './rounds/round-engine.ts';
@@ -45,6 +46,7 @@ import { CoordinatorMetrics } from './admin-http/metrics.ts';
 import { feedMetricsFromEvents } from './admin-http/event-metrics.ts';
 import { readinessChecks } from './admin-http/readiness.ts';
 import { startAdminHttp, type AdminHttpServer } from './admin-http/server.ts';
+import { createDashboardSource } from './admin-http/dashboard-data.ts';
 
 export interface CoordinatorOptions {
   dir: string;
@@ -74,8 +76,12 @@ export interface CoordinatorOptions {
     /** Per-peer limit on failed authentication and enrolment calls. */
     authFailures?: Partial<FailureLimitOptions>;
   };
-  /** The admin HTTP endpoint (/metrics, /healthz, /readyz; admin-http/): off unless given. */
+  /** The admin HTTP endpoint (/metrics, /healthz, /readyz, the dashboard; admin-http/): off unless given. */
   admin?: AdminHttpSettings;
+  /** Opens the state database (default: the SQLite store in `dir`); a seam for tests that fill its disk. */
+  openStore?: (path: string) => CoordinatorStore;
+  /** How often opening the store, starting and the round engine's own work are retried while storage fails (default 10 s). */
+  storageRetryMs?: number;
   log?: Logger;
 }
 
@@ -102,7 +108,8 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   const planPath = o.planPath ?? home.planPath;
   const plan = existsSync(planPath) ? loadPlanFile(planPath) : defaultPlan();
   const architecture = architectureFor(plan.model);
-  const store = new CoordinatorStore(home.dbPath);
+  // A full disk at start must not end the process: opening waits for space (store/startup.ts).
+  const store = await openStoreWhenPossible(home.dbPath, { log, open: o.openStore, retryMs: o.storageRetryMs });
   const models = new ModelFiles(home.modelsDir);
   const remote = o.natsUrl ? await NatsBus.connect(o.natsUrl, { log }) : undefined;
   const signingKey = home.signingKey();
@@ -127,6 +134,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     updatesDir: home.updatesDir,
     // The plan's pretraining stage leaves its encoder file here, with its provenance (docs/pretraining.md).
     pretrainedDir: join(home.dir, 'pretrained'),
+    storageRetryMs: o.storageRetryMs,
   });
 
   // Metrics follow the event stream from before the first round opens (admin-http/event-metrics.ts).
@@ -202,13 +210,15 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     mtls ? 'coordinator listening (TLS, token auth, client certificates required)' : 'coordinator listening (TLS, token auth)',
   );
   let admin: AdminHttpServer | undefined;
+  let stopStartRetries: (() => void) | undefined;
   try {
     if (adminOptions && metrics) {
       const readiness = () => readinessChecks({ store, bus: remote ?? bus, dir: home.dir, minFreeBytes: adminOptions.minFreeBytes });
-      admin = await startAdminHttp(adminOptions, { metrics, readiness, log });
+      const dashboard = createDashboardSource({ store, federationId: config.federationId, plan, engine, bus, ledger, coordinatorPublicKey: rawPublicKey(signingKey), dir: home.dir });
+      admin = await startAdminHttp(adminOptions, { metrics, readiness, log, dashboard });
     }
     bus.start();
-    await engine.start();
+    stopStartRetries = await retryUntilStarted(() => engine.start(), { log, what: 'starting the round engine', retryMs: o.storageRetryMs });
   } catch (e) {
     await admin?.close();
     server.forceShutdown();
@@ -230,6 +240,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     admin,
     async stop() {
       await admin?.close();
+      stopStartRetries?.();
       engine.stop();
       // Task streams never end on their own, so a graceful shutdown would wait forever; sites reconnect.
       server.forceShutdown();

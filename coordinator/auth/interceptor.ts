@@ -21,7 +21,7 @@
  */
 import * as grpc from '@grpc/grpc-js';
 import { decodeJwt, decodeProtectedHeader, errors as joseErrors, jwtVerify, type JWTPayload } from 'jose';
-import { X509Certificate, type KeyObject } from 'node:crypto';
+import { X509Certificate, generateKeyPairSync, type KeyObject } from 'node:crypto';
 import type { Logger } from 'pino';
 import { AUTH_METADATA_KEY, AUTHENTICATED_SITE_KEY, METHODS } from '../../shared/protocol/grpc.ts';
 import { publicKeyFromRaw } from '../../shared/security/site-identity.ts';
@@ -45,11 +45,12 @@ export interface SiteRecord {
 export interface SiteDirectory {
   getSite(name: string): SiteRecord | undefined;
   /**
-   * Records a token id; returns false if it was seen before (replay). Entries may be forgotten after
-   * `expiresAtSec` (+ clock tolerance): an expired token is rejected anyway.
+   * Records a token id; returns (or resolves to) false if it was seen before (replay). Entries may be forgotten
+   * after `expiresAtSec` (+ clock tolerance): an expired token is rejected anyway. A promise lets the directory
+   * answer once the id is durable (the store commits ids in groups: coordinator/store/token-window.ts).
    * The interceptor passes `<site>/<jti>`, so one site cannot burn another site's ids.
    */
-  consumeJti(jti: string, expiresAtSec: number): boolean;
+  consumeJti(jti: string, expiresAtSec: number): boolean | Promise<boolean>;
 }
 
 export interface AuthInterceptorOptions {
@@ -72,30 +73,66 @@ export interface AuthInterceptorOptions {
   onFailure?: (error: unknown) => void;
 }
 
-/** Verification failure: the gRPC status to end the call with and a message naming cause and fix. */
+/**
+ * Verification failure: the gRPC status to end the call with and a message naming cause and fix (`message`, for the
+ * coordinator's log and metrics). `callerMessage` is what the caller is told; it says less where the full reason
+ * would tell an unauthenticated caller something (whether a site name is enrolled).
+ */
 export class AuthError extends Error {
+  readonly callerMessage: string;
   constructor(
     readonly code: grpc.status.UNAUTHENTICATED | grpc.status.PERMISSION_DENIED | grpc.status.UNAVAILABLE,
     message: string,
+    callerMessage?: string,
   ) {
     super(message);
     this.name = 'AuthError';
+    this.callerMessage = callerMessage ?? message;
   }
 }
 
 /**
- * What a failed check ends the call with: an AuthError as it is; anything else is the coordinator's own fault
- * (its site directory could not be read or written: disk full, database locked), so UNAVAILABLE, which sites
- * retry, and never an authentication failure.
+ * What a failed check ends the call with, as the caller may see it (`message` = `callerMessage`): an AuthError's
+ * caller message; anything else is the coordinator's own fault (its site directory could not be read or written:
+ * disk full, database locked), so UNAVAILABLE, which sites retry, and never an authentication failure.
  */
 export function authFailure(err: unknown): AuthError {
-  if (err instanceof AuthError) return err;
+  if (err instanceof AuthError) return err.callerMessage === err.message ? err : new AuthError(err.code, err.callerMessage);
   const why = isStorageFault(err) ? `its storage failed (${describeStorageFault(err)})` : `an internal error (${err instanceof Error ? err.message : String(err)})`;
   return new AuthError(grpc.status.UNAVAILABLE, `the coordinator could not check this call's token: ${why}; try again later`);
 }
 
-const unauth = (msg: string): AuthError => new AuthError(grpc.status.UNAUTHENTICATED, msg);
+const unauth = (msg: string, callerMessage?: string): AuthError => new AuthError(grpc.status.UNAUTHENTICATED, msg, callerMessage);
 const isoSec = (sec: number): string => new Date(sec * 1000).toISOString();
+
+/**
+ * One answer for "no such site", "its registered key is unusable" and "the signature does not verify", so a caller
+ * without a site's key cannot tell an enrolled name from an invented one (the log keeps the real reason).
+ */
+export function notAcceptedFor(site: string): string {
+  return `token not accepted for site '${site}': no enrolled site of that name holds the key that signed it — check the site's enrolment, and re-enrol the site if its key was replaced`;
+}
+
+/** A key no site holds: a token naming an unknown site is verified against it, so both cases cost one verification. */
+let decoyKey: KeyObject | undefined;
+function decoy(): KeyObject {
+  decoyKey ??= generateKeyPairSync('ed25519').publicKey;
+  return decoyKey;
+}
+
+/** The site a call's token claims, unverified ('' when none can be read): keys the failure limiter, nothing else. */
+export function claimedSite(metadata: grpc.Metadata): string {
+  const values = metadata.get(AUTH_METADATA_KEY);
+  if (values.length !== 1) return '';
+  const m = /^Bearer\s+(\S+)$/i.exec(String(values[0]).trim());
+  if (!m || m[1]!.length > MAX_TOKEN_CHARS) return '';
+  try {
+    const iss = decodeJwt(m[1]!).iss;
+    return typeof iss === 'string' ? iss : '';
+  } catch {
+    return '';
+  }
+}
 
 /**
  * Verifies a bearer token from request metadata; returns the site name it authenticates.
@@ -136,17 +173,22 @@ export async function verifySiteToken(
   }
   const site = claimed.iss;
   if (typeof site !== 'string' || site === '') throw unauth(`token has no 'iss' (site name) claim`);
+  const nowSec = opts.nowSec ?? Math.floor(Date.now() / 1000);
   const record = opts.directory.getSite(site);
-  if (!record) throw unauth(`unknown site '${site}' — enrol it with \`medfl site enroll\` (token from \`medfl coordinator site add\`)`);
+  const hidden = notAcceptedFor(site);
+  if (!record) {
+    await jwtVerify(token, decoy(), { algorithms: ['EdDSA'] }).catch(() => undefined);
+    throw unauth(`unknown site '${site}' — enrol it with \`medfl site enroll\` (token from \`medfl coordinator site add\`)`, hidden);
+  }
 
   let key: KeyObject;
   try {
     key = publicKeyFromRaw(record.publicKeyRaw);
   } catch (e) {
-    throw unauth(`site '${site}' has an unusable registered key (${(e as Error).message}) — re-enrol the site`);
+    await jwtVerify(token, decoy(), { algorithms: ['EdDSA'] }).catch(() => undefined);
+    throw unauth(`site '${site}' has an unusable registered key (${(e as Error).message}) — re-enrol the site`, hidden);
   }
 
-  const nowSec = opts.nowSec ?? Math.floor(Date.now() / 1000);
   let payload: JWTPayload;
   try {
     ({ payload } = await jwtVerify(token, key, {
@@ -163,6 +205,7 @@ export async function verifySiteToken(
       throw unauth(
         `token signature does not verify with the key registered for site '${site}' — ` +
           `the site key changed or someone else is using this name; re-enrol the site if its key was replaced`,
+        hidden,
       );
     }
     if (e instanceof joseErrors.JWTClaimValidationFailed) {
@@ -197,7 +240,7 @@ export async function verifySiteToken(
   const jti = payload.jti;
   if (typeof jti !== 'string' || jti === '' || jti.length > MAX_JTI_CHARS) throw unauth(`token has no usable 'jti' claim (unique token id)`);
   // Last: only an otherwise valid token consumes its id.
-  if (!opts.directory.consumeJti(`${site}/${jti}`, payload.exp)) {
+  if (!(await opts.directory.consumeJti(`${site}/${jti}`, payload.exp))) {
     throw unauth(`token replayed (jti seen before) — every call needs a freshly signed token`);
   }
   return site;
@@ -263,7 +306,11 @@ export function createAuthInterceptor(opts: AuthInterceptorOptions): grpc.Server
       start: (next) => {
         const listener = new grpc.ServerListenerBuilder()
           .withOnReceiveMetadata((metadata, nextMd) => {
-            const refusal = opts.limiter?.refusal(call.getPeer(), method.path);
+            const peer = call.getPeer();
+            // Failures are counted per (address, claimed site) so that one failing caller cannot lock out the other
+            // sites behind its NAT address (failure-limiter.ts); the claim is unverified and keys nothing else.
+            const claimant = opts.limiter ? claimedSite(metadata) : '';
+            const refusal = opts.limiter?.refusal(peer, method.path, claimant);
             if (refusal !== undefined) {
               done = true;
               intercepting.sendStatus({ code: grpc.status.RESOURCE_EXHAUSTED, details: refusal, metadata: new grpc.Metadata() });
@@ -273,6 +320,7 @@ export function createAuthInterceptor(opts: AuthInterceptorOptions): grpc.Server
               .then(
                 (site) => {
                   if (done) return;
+                  opts.limiter?.success(peer, site);
                   metadata.remove(AUTHENTICATED_SITE_KEY);
                   metadata.set(AUTHENTICATED_SITE_KEY, site);
                   log?.debug({ site, method: method.path }, 'site call authenticated');
@@ -282,11 +330,15 @@ export function createAuthInterceptor(opts: AuthInterceptorOptions): grpc.Server
                   if (done) return;
                   done = true;
                   const e = authFailure(err);
-                  const info = { method: method.path, code: grpc.status[e.code], reason: e.message };
+                  // The log keeps the whole reason; the caller gets only what it may know (e.callerMessage).
+                  const reason = err instanceof AuthError ? err.message : e.message;
+                  const info = { method: method.path, code: grpc.status[e.code], reason, claimant };
                   // The coordinator's own fault (UNAVAILABLE) is not the peer's: it does not count against it.
-                  if (opts.limiter && e.code !== grpc.status.UNAVAILABLE) opts.limiter.failure(call.getPeer(), info);
-                  else log?.warn({ ...info, peer: call.getPeer() }, 'site call rejected');
-                  intercepting.sendStatus({ code: e.code, details: e.message, metadata: new grpc.Metadata() });
+                  let over: string | undefined;
+                  if (opts.limiter && e.code !== grpc.status.UNAVAILABLE) over = opts.limiter.failure(peer, info);
+                  else log?.warn({ ...info, peer }, 'site call rejected');
+                  if (over !== undefined) intercepting.sendStatus({ code: grpc.status.RESOURCE_EXHAUSTED, details: over, metadata: new grpc.Metadata() });
+                  else intercepting.sendStatus({ code: e.code, details: e.callerMessage, metadata: new grpc.Metadata() });
                 },
               );
           })

@@ -1,10 +1,12 @@
 /**
  * Durable coordinator state in SQLite (WAL, synchronous=FULL): sites, enrolment invitations, rounds,
- * accepted updates, model versions, metrics, seen token ids. Several processes share it — the running
+ * accepted updates, model versions, metrics, seen token ids (those and last-seen times group-committed:
+ * call-bookkeeping.ts). Several processes share it — the running
  * coordinator and admin commands such as `medfl coordinator site add` — which is how sites are added
  * or revoked without a restart.
  */
 import Database from 'better-sqlite3';
+import { CallBookkeeping, type BookkeepingOptions } from './call-bookkeeping.ts';
 
 export type SiteState = 'invited' | 'enrolled' | 'revoked';
 
@@ -106,18 +108,39 @@ CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (kind, pos) WHERE published_
 
 export class CoordinatorStore {
   private readonly db: Database.Database;
+  /** Token ids and last-seen times of site calls, group-committed (call-bookkeeping.ts). */
+  private readonly calls: CallBookkeeping;
 
-  constructor(path: string) {
+  constructor(path: string, options: { bookkeeping?: Partial<BookkeepingOptions> } = {}) {
     this.db = new Database(path);
     this.db.pragma('journal_mode = WAL');
     // FULL: an acknowledged update must survive power loss, not only a process crash.
     this.db.pragma('synchronous = FULL');
     this.db.pragma('busy_timeout = 5000');
     this.db.exec(SCHEMA);
+    this.calls = new CallBookkeeping(this.db, options.bookkeeping);
   }
 
+  private readonly closers: (() => void)[] = [];
+
+  /** Writes what site calls left pending, then closes. A failing final write does not keep the database open. */
   close(): void {
-    this.db.close();
+    try {
+      this.calls.flush();
+    } finally {
+      this.db.close();
+      for (const f of this.closers.splice(0)) f();
+    }
+  }
+
+  /** Runs `f` when the store is closed (e.g. to stop a timer that maintains files beside it). */
+  onClose(f: () => void): void {
+    this.closers.push(f);
+  }
+
+  /** Transactions that recorded site calls (token ids, last seen), for the load harness and metrics. */
+  get callCommits(): number {
+    return this.calls.commits;
   }
 
   getMeta(key: string): string | undefined {
@@ -180,22 +203,32 @@ export class CoordinatorStore {
 
   getSite(name: string): SiteRow | undefined {
     const row = this.db.prepare('SELECT * FROM sites WHERE name = ?').get(name) as Record<string, unknown> | undefined;
-    return row ? toSite(row) : undefined;
+    return row ? this.withPending(toSite(row)) : undefined;
   }
 
   listSites(): SiteRow[] {
-    return (this.db.prepare('SELECT * FROM sites ORDER BY name').all() as Record<string, unknown>[]).map(toSite);
+    return (this.db.prepare('SELECT * FROM sites ORDER BY name').all() as Record<string, unknown>[]).map((r) => this.withPending(toSite(r)));
   }
 
+  /**
+   * Notes that a site was seen (and what it was doing). Held in memory and written with the next group commit,
+   * within 2 s: a heartbeat costs no transaction of its own. This process reads the new values at once.
+   */
   touchSite(name: string, activity: string | null, engine: string | null, now = Date.now()): void {
-    this.db.prepare('UPDATE sites SET last_seen_at = ?, activity = COALESCE(?, activity), engine = COALESCE(?, engine) WHERE name = ?').run(now, activity, engine, name);
+    this.calls.touch(name, activity, engine, now);
   }
 
-  /** Records a token id; false when it was seen before (a replay). Expired ids are pruned as we go. */
-  consumeJti(jti: string, expiresAtSec: number, nowSec = Math.floor(Date.now() / 1000)): boolean {
-    const ins = this.db.prepare('INSERT OR IGNORE INTO seen_jti (jti, expires_at) VALUES (?, ?)').run(jti, expiresAtSec);
-    if (Math.random() < 0.01) this.db.prepare('DELETE FROM seen_jti WHERE expires_at < ?').run(nowSec - 60);
-    return ins.changes === 1;
+  /**
+   * Records a token id: resolves true once it is durably stored (its call may then proceed), false at once when it
+   * was seen before (a replay), including before a restart. Ids share their commits (call-bookkeeping.ts).
+   */
+  consumeJti(jti: string, expiresAtSec: number, nowSec = Math.floor(Date.now() / 1000)): Promise<boolean> {
+    return this.calls.consumeJti(jti, expiresAtSec, nowSec);
+  }
+
+  private withPending(s: SiteRow): SiteRow {
+    const p = this.calls.pending(s.name);
+    return p ? { ...s, lastSeenAt: p.at, activity: p.activity ?? s.activity, engine: p.engine ?? s.engine } : s;
   }
 
   // ---- models ----

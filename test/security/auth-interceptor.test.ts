@@ -281,7 +281,7 @@ describe('auth interceptor: rejected calls', () => {
 
   it("token signed by another enrolled site's key but claiming this site", async () => {
     const t = await customToken({ signer: 'beta', iss: 'alpha' });
-    await expectRejected(bearer(t), U, /signature does not verify with the key registered for site 'alpha'/);
+    await expectRejected(bearer(t), U, /token not accepted for site 'alpha': no enrolled site of that name holds the key that signed it/);
   });
 
   it('sub different from iss', async () => {
@@ -290,7 +290,17 @@ describe('auth interceptor: rejected calls', () => {
   });
 
   it('unknown site', async () => {
-    await expectRejected(bearer(await token('zeta')), U, /unknown site 'zeta'.*medfl site enroll/);
+    await expectRejected(bearer(await token('zeta')), U, /token not accepted for site 'zeta': no enrolled site of that name holds the key/);
+  });
+
+  it('an unknown site and a known site with a wrong key get the same answer, so a caller cannot learn which names are enrolled', async () => {
+    // zeta is not enrolled; alpha is, and zeta's key is not alpha's.
+    const unknown = (await heartbeat(bearer(await token('zeta')))).err;
+    const wrongKey = (await heartbeat(bearer(await customToken({ signer: 'zeta', iss: 'alpha' })))).err;
+    expect(unknown?.code).toBe(grpc.status.UNAUTHENTICATED);
+    expect(wrongKey?.code).toBe(grpc.status.UNAUTHENTICATED);
+    expect(unknown!.details.replaceAll("'zeta'", 'NAME')).toBe(wrongKey!.details.replaceAll("'alpha'", 'NAME'));
+    expect(`${unknown!.details} ${wrongKey!.details}`).not.toMatch(/unknown|does not verify|enrol it with/);
   });
 
   it('replayed token (same jti twice)', async () => {

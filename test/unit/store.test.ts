@@ -24,7 +24,7 @@ describe('coordinator store', () => {
     s.close();
   });
 
-  it('keeps one update per site and round, and detects replayed token ids', () => {
+  it('keeps one update per site and round, and detects replayed token ids', async () => {
     const s = fresh();
     s.openRound({ round: 1, baseModelHash: 'h', selected: ['a'], openedAt: 1, deadlineAt: 2 });
     const row = { updateId: 'u1', round: 1, site: 'a', numSamples: 3, sha256: 'x', path: '/p', sizeBytes: 9, acceptedAt: 5 };
@@ -34,8 +34,8 @@ describe('coordinator store', () => {
     // A live token (expiring in 5 minutes): the store's occasional purge of expired ids must not forget it.
     // (With an expiry in the past this test failed about once in a hundred runs: the purge removed the id.)
     const exp = Math.floor(Date.now() / 1000) + 300;
-    expect(s.consumeJti('site/j1', exp)).toBe(true);
-    for (let i = 0; i < 300; i++) expect(s.consumeJti('site/j1', exp)).toBe(false);
+    expect(await s.consumeJti('site/j1', exp)).toBe(true);
+    for (let i = 0; i < 300; i++) expect(await s.consumeJti('site/j1', exp)).toBe(false);
     s.close();
   });
 

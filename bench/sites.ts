@@ -1,0 +1,348 @@
+/**
+ * `npm run bench:sites`: N lightweight protocol-level sites against one real coordinator process (issue 15, scale).
+ *
+ * Each site is a real enrolled site talking the real protocol through the site's own transport
+ * (site-agent/transport: FederationClient, uploadUpdate) — TLS with the pinned CA, a fresh signed token on every
+ * call, heartbeats every 5 s, the task stream, the model download and the update upload — but trains nothing: it
+ * waits `--train-s` seconds and sends the global model back as its update. Many sites share a worker process
+ * (`--workers`), so 1,000 sites fit on a small machine; the coordinator is `medfl coordinator start`, as deployed.
+ *
+ * For each N it prints: round overhead (round open to close, minus the simulated training time), the coordinator's
+ * peak RSS and CPU seconds, heartbeat / download / upload latency percentiles, and failures.
+ *
+ *   npm run bench:sites -- [--sites 10,100,1000] [--model-mb 1] [--train-s 2] [--rounds 2] [--workers 4] [--out DIR]
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { parseArgs } from 'node:util';
+import { stringify } from 'yaml';
+import { CoordinatorHome } from '../coordinator/home.ts';
+import { addSite, type Invitation } from '../coordinator/admin.ts';
+import { CoordinatorStore } from '../coordinator/store/store.ts';
+import { freePort, spawnMedfl, waitFor } from '../cli/processes.ts';
+import { PlanSchema } from '../shared/plan/schema.ts';
+import { generatedSiteName } from '../shared/protocol/site-names.ts';
+import { sha256Hex } from '../shared/util/hash.ts';
+import { enrollSite } from '../site-agent/enroll.ts';
+import { SiteHome } from '../site-agent/home.ts';
+import { FederationClient, type WireChunk, type WireTask } from '../site-agent/transport/client.ts';
+import { uploadUpdate } from '../site-agent/transport/upload.ts';
+
+const HEARTBEAT_MS = 5000;
+const say = (s: string) => process.stdout.write(`${s}\n`);
+
+/** What one worker reports (JSON on its stdout's last line). */
+interface WorkerReport {
+  heartbeatMs: number[];
+  downloadMs: number[];
+  uploadMs: number[];
+  failures: Record<string, number>;
+  finishedSites: number;
+}
+
+const role = process.argv[2];
+if (role === '--enrol-worker') await enrolWorker(process.argv[3]!);
+else if (role === '--run-worker') await runWorker(process.argv[3]!);
+else await main();
+
+// ---- parent ----
+
+async function main(): Promise<void> {
+  const { values: a } = parseArgs({
+    options: {
+      sites: { type: 'string', default: '10,100,1000' },
+      'model-mb': { type: 'string', default: '1' },
+      'train-s': { type: 'string', default: '2' },
+      rounds: { type: 'string', default: '2' },
+      workers: { type: 'string', default: '4' },
+      out: { type: 'string' },
+    },
+  });
+  const counts = a.sites.split(',').map((s) => Number(s.trim()));
+  const modelMb = Number(a['model-mb']);
+  const trainS = Number(a['train-s']);
+  const rounds = Number(a.rounds);
+  const workers = Number(a.workers);
+  if (!counts.every((n) => Number.isInteger(n) && n >= 1) || !(modelMb > 0) || !(trainS >= 0) || !(rounds >= 1) || !(workers >= 1)) throw new Error('bad arguments');
+  const maxN = Math.max(...counts);
+  // tiny3d's encoder holds ~162·w² float32 values: pick the width that gives the model size asked for.
+  const width = Math.max(1, Math.round(Math.sqrt((modelMb * 1024 * 1024) / 4 / 162)));
+  const work = a.out ? resolve(a.out) : mkdtempSync(join(tmpdir(), 'medfl-bench-sites-'));
+  mkdirSync(work, { recursive: true });
+  const logs = join(work, 'logs');
+  mkdirSync(logs, { recursive: true });
+  const port = await freePort();
+  const template = join(work, 'coordinator-template');
+  const planFor = (minSites: number, totalRounds: number) =>
+    PlanSchema.parse({
+      name: 'bench-sites',
+      model: { architecture: 'tiny3d', patch: [16, 16, 16], numClasses: 2, width, seed: 1 },
+      rounds: totalRounds,
+      minSites,
+      gatherSeconds: 1,
+      waitForSitesSeconds: 3600,
+      roundDeadlineSeconds: 1800,
+      local: { steps: 1, batchSize: 1, learningRate: 0.001 },
+      share: { parts: ['encoder'] },
+    });
+
+  say(`bench:sites — sites ${counts.join(', ')}; model ~${modelMb} MB (tiny3d width ${width}); simulated training ${trainS} s; ${rounds} rounds each; ${workers} site worker processes; work dir ${work}`);
+  const home = await CoordinatorHome.init(template, { hosts: ['localhost', '127.0.0.1'], port });
+  // No round opens while the sites enrol: more sites are needed than will ever connect.
+  writeFileSync(home.planPath, stringify(JSON.parse(JSON.stringify(planFor(maxN + 1, 1)))));
+  const names = Array.from({ length: maxN }, (_, i) => generatedSiteName(i));
+  const t0 = Date.now();
+  const invitations = names.map((n) => addSite(template, n, { ttlSeconds: 7200 }));
+  let coordinator = await startCoordinator(template, port, join(logs, 'coordinator-enrol.log'));
+  try {
+    await runWorkers(workers, invitations, (slice, i) => {
+      const file = join(work, `enrol-${i}.json`);
+      writeFileSync(file, JSON.stringify({ port, sitesDir: join(work, 'sites'), invitations: slice }));
+      return ['--enrol-worker', file];
+    });
+  } finally {
+    await stop(coordinator);
+  }
+  say(`enrolled ${maxN} sites in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+
+  const results: string[][] = [];
+  for (const n of counts) {
+    const dir = join(work, `coordinator-${n}`);
+    rmSync(dir, { recursive: true, force: true });
+    cpSync(template, dir, { recursive: true });
+    writeFileSync(join(dir, 'plan.yaml'), stringify(JSON.parse(JSON.stringify(planFor(n, rounds)))));
+    const coordLog = join(logs, `coordinator-${n}.log`);
+    coordinator = await startCoordinator(dir, port, coordLog);
+    const pid = coordinator.pid!;
+    let peakRss = 0;
+    const sampler = setInterval(() => (peakRss = Math.max(peakRss, rssBytes(pid))), 200);
+    const cpuBefore = cpuSeconds(pid);
+    const started = Date.now();
+    let reports: WorkerReport[];
+    try {
+      reports = await runWorkers(workers, names.slice(0, n), (slice, i) => {
+        const file = join(work, `run-${n}-${i}.json`);
+        writeFileSync(file, JSON.stringify({ sitesDir: join(work, 'sites'), sites: slice, trainS, timeoutMs: 30 * 60_000 }));
+        return ['--run-worker', file];
+      });
+    } finally {
+      clearInterval(sampler);
+    }
+    peakRss = Math.max(peakRss, peakRssBytes(pid));
+    const cpu = cpuSeconds(pid) - cpuBefore;
+    const wall = (Date.now() - started) / 1000;
+    await stop(coordinator);
+    const store = new CoordinatorStore(join(dir, 'state.db'));
+    const rows = store.listRounds();
+    store.close();
+    const closed = rows.filter((r) => r.state === 'closed');
+    const overhead = closed.map((r) => (r.closedAt! - r.openedAt) / 1000 - trainS);
+    const all = (k: keyof Pick<WorkerReport, 'heartbeatMs' | 'downloadMs' | 'uploadMs'>) => reports.flatMap((r) => r[k]);
+    const failures: Record<string, number> = {};
+    for (const r of reports) for (const [k, v] of Object.entries(r.failures)) failures[k] = (failures[k] ?? 0) + v;
+    const failedRounds = rows.filter((r) => r.state === 'failed').length;
+    if (failedRounds) failures.roundsFailed = failedRounds;
+    const unfinished = n - reports.reduce((s, r) => s + r.finishedSites, 0);
+    if (unfinished) failures.sitesNotFinished = unfinished;
+    results.push([
+      String(n),
+      `${closed.length}/${rounds}`,
+      overhead.map((o) => o.toFixed(1)).join(' / ') || '—',
+      `${(peakRss / 1024 / 1024).toFixed(0)} MiB`,
+      `${cpu.toFixed(1)} s in ${wall.toFixed(0)} s`,
+      pct(all('heartbeatMs')),
+      pct(all('downloadMs')),
+      pct(all('uploadMs')),
+      Object.keys(failures).length ? Object.entries(failures).map(([k, v]) => `${k} ${v}`).join(', ') : '0',
+    ]);
+    say(`N=${n}: ${results.at(-1)!.join(' | ')}`);
+  }
+  say('');
+  say('| sites | rounds closed | round overhead s (each round) | coordinator peak RSS | coordinator CPU | heartbeat ms p50/p95/p99 | download ms p50/p95/p99 | upload ms p50/p95/p99 | failures |');
+  say('|---|---|---|---|---|---|---|---|---|');
+  for (const r of results) say(`| ${r.join(' | ')} |`);
+  say(`\nwork dir (logs, per-N coordinator folders): ${work}`);
+}
+
+async function startCoordinator(dir: string, port: number, log: string): Promise<ChildProcess> {
+  const c = spawnMedfl(['coordinator', 'start', '--dir', dir, '--port', String(port), '--bind', '127.0.0.1'], log, { MEDFL_LOG_LEVEL: 'info' });
+  await waitFor(() => {
+    if (c.exitCode !== null) throw new Error(`the coordinator exited with ${c.exitCode}; see ${log}`);
+    return existsSync(log) && readFileSync(log, 'utf8').includes('listening on port');
+  }, 120_000, 'the coordinator to listen');
+  return c;
+}
+
+async function stop(c: ChildProcess): Promise<void> {
+  if (c.exitCode !== null || c.signalCode !== null) return;
+  const gone = new Promise((r) => c.once('exit', r));
+  c.kill('SIGTERM');
+  await gone;
+}
+
+/** Splits `items` over `count` worker processes (this file, in a worker role) and collects their reports. */
+async function runWorkers<T>(count: number, items: T[], args: (slice: T[], i: number) => string[]): Promise<WorkerReport[]> {
+  const per = Math.ceil(items.length / count);
+  const jobs: Promise<WorkerReport>[] = [];
+  for (let i = 0; i * per < items.length; i++) {
+    const child = spawn(process.execPath, ['--import', 'tsx', import.meta.filename, ...args(items.slice(i * per, (i + 1) * per), i)], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let out = '';
+    child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+    jobs.push(
+      new Promise((res, rej) =>
+        child.once('exit', (code) => {
+          const last = out.trim().split('\n').at(-1) ?? '';
+          if (code !== 0) return rej(new Error(`site worker ${i} exited with ${code}: ${out.slice(-2000)}`));
+          res(JSON.parse(last) as WorkerReport);
+        }),
+      ),
+    );
+  }
+  return Promise.all(jobs);
+}
+
+function pct(xs: number[]): string {
+  if (xs.length === 0) return '—';
+  const s = [...xs].sort((x, y) => x - y);
+  const q = (p: number) => s[Math.min(s.length - 1, Math.floor(p * s.length))]!;
+  return `${q(0.5).toFixed(0)}/${q(0.95).toFixed(0)}/${q(0.99).toFixed(0)}`;
+}
+
+function rssBytes(pid: number): number {
+  return statusKb(pid, 'VmRSS') * 1024;
+}
+function peakRssBytes(pid: number): number {
+  return statusKb(pid, 'VmHWM') * 1024;
+}
+function statusKb(pid: number, field: string): number {
+  try {
+    const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) : 0;
+  } catch {
+    return 0;
+  }
+}
+/** User + system CPU seconds of a process (Linux /proc; the clock tick is 100 Hz on every Linux we run). */
+function cpuSeconds(pid: number): number {
+  try {
+    const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+    return (Number(fields[11]) + Number(fields[12])) / 100;
+  } catch {
+    return 0;
+  }
+}
+
+// ---- workers ----
+
+async function enrolWorker(file: string): Promise<void> {
+  const job = JSON.parse(readFileSync(file, 'utf8')) as { port: number; sitesDir: string; invitations: Invitation[] };
+  let next = 0;
+  const one = async (): Promise<void> => {
+    while (next < job.invitations.length) {
+      const inv = job.invitations[next++]!;
+      await enrollSite({ coordinator: `localhost:${job.port}`, token: inv.token, caFingerprint: inv.caFingerprint, dir: join(job.sitesDir, inv.site) });
+    }
+  };
+  await Promise.all(Array.from({ length: 8 }, one));
+  const report: WorkerReport = { heartbeatMs: [], downloadMs: [], uploadMs: [], failures: {}, finishedSites: job.invitations.length };
+  say(JSON.stringify(report));
+}
+
+async function runWorker(file: string): Promise<void> {
+  const job = JSON.parse(readFileSync(file, 'utf8')) as { sitesDir: string; sites: string[]; trainS: number; timeoutMs: number };
+  const report: WorkerReport = { heartbeatMs: [], downloadMs: [], uploadMs: [], failures: {}, finishedSites: 0 };
+  const fail = (what: string) => (report.failures[what] = (report.failures[what] ?? 0) + 1);
+  const done = await Promise.race([
+    Promise.all(job.sites.map((name, i) => runSite(join(job.sitesDir, name), job.trainS, i, report, fail))),
+    new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), job.timeoutMs).unref()),
+  ]);
+  if (done === 'timeout') fail('workerTimeout');
+  say(JSON.stringify(report));
+  process.exit(0);
+}
+
+/** One site until the coordinator says the federation is finished. */
+async function runSite(dir: string, trainS: number, index: number, report: WorkerReport, fail: (what: string) => void): Promise<void> {
+  const client = new FederationClient(new SiteHome(dir));
+  const idle = { state: 'idle', progress: 0, taskId: '', engine: 'bench' };
+  const beat = async () => {
+    const t = performance.now();
+    try {
+      await client.heartbeat(idle);
+      report.heartbeatMs.push(performance.now() - t);
+    } catch {
+      fail('heartbeat');
+    }
+  };
+  // Spread the sites' heartbeats over the interval, as independent agents would be.
+  await new Promise((r) => setTimeout(r, (index * 37) % HEARTBEAT_MS));
+  await beat();
+  const timer = setInterval(() => void beat(), HEARTBEAT_MS);
+  const handled = new Set<string>();
+  try {
+    await new Promise<void>((resolveSite) => {
+      const subscribe = () => {
+        const stream = client.subscribeTasks([]);
+        stream.on('data', (task: WireTask) => {
+          if (task.kind === 'FINISHED') {
+            report.finishedSites++;
+            stream.cancel();
+            resolveSite();
+            return;
+          }
+          if (task.kind !== 'TRAIN' || handled.has(task.taskId)) return;
+          handled.add(task.taskId);
+          void train(client, task, trainS, report, fail).catch(() => fail('task'));
+        });
+        stream.on('error', (e: { code?: number }) => {
+          if (e.code === 1) return; // cancelled by us
+          fail('taskStreamDropped');
+          setTimeout(subscribe, 1000);
+        });
+      };
+      subscribe();
+    });
+  } finally {
+    clearInterval(timer);
+    client.close();
+  }
+}
+
+async function train(client: FederationClient, task: WireTask, trainS: number, report: WorkerReport, fail: (what: string) => void): Promise<void> {
+  const t = performance.now();
+  const model = await download(client, task.modelHash, fail);
+  report.downloadMs.push(performance.now() - t);
+  await new Promise((r) => setTimeout(r, trainS * 1000));
+  const u = performance.now();
+  const ack = await uploadUpdate(() => client, { updateId: `bench-${task.taskId}`, taskId: task.taskId, round: task.round, baseModelHash: task.modelHash, numSamples: 4, payload: model }, undefined, { until: task.deadlineUnixMs });
+  report.uploadMs.push(performance.now() - u);
+  if (!ack.accepted) fail(`uploadRefused: ${ack.reason.slice(0, 80)}`);
+}
+
+/** The model's bytes, resuming from the last offset on a failure (at most 5 tries), checked against its hash. */
+async function download(client: FederationClient, hash: string, fail: (what: string) => void): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  let have = 0;
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await new Promise<void>((res, rej) => {
+        const s = client.downloadModel(hash, have);
+        s.on('data', (c: WireChunk) => {
+          parts.push(Buffer.from(c.data));
+          have += c.data.length;
+        });
+        s.on('error', rej);
+        s.on('end', () => res());
+      });
+      const model = Buffer.concat(parts);
+      if (sha256Hex(model) !== hash) throw new Error('downloaded model does not match its hash');
+      return model;
+    } catch (e) {
+      fail('downloadAttempt');
+      if (attempt >= 5) throw e;
+      await new Promise((r) => setTimeout(r, 500 * attempt));
+    }
+  }
+}
