@@ -2,8 +2,8 @@
  * `medfl status`: what a coordinator knows, as tables for people — rounds, sites, metrics.
  */
 import Table from 'cli-table3';
-import { statfsSync } from 'node:fs';
 import type { CoordinatorStore, MetricRow, RoundRow, SiteRow } from '../coordinator/store/store.ts';
+import { eventFacts, siteStatus, validationCases, type FederationFinish, type StorageCondition } from '../coordinator/admin-http/status-json.ts';
 import { PRIVACY_KEY, type PrivacySpent } from '../coordinator/rounds/round-engine.ts';
 import { parseTeacher, TEACHER_KEY } from '../coordinator/rounds/teacher.ts';
 
@@ -13,15 +13,25 @@ const ago = (t: number | null, now: number) => (t === null ? 'never' : `${Math.m
 const style = () => (process.stdout.isTTY ? {} : { style: { head: [], border: [] } });
 const fmt = (v: number | undefined, digits = 3) => (v === undefined || Number.isNaN(v) ? '—' : v.toFixed(digits));
 
-/** Agents heartbeat every 5 s; three missed beats and we call the site offline. */
-export const OFFLINE_AFTER_MS = 15_000;
+export { OFFLINE_AFTER_MS, LOW_STORAGE_BYTES, storageCondition, statusJson, type StorageCondition } from '../coordinator/admin-http/status-json.ts';
 
-export function sitesTable(sites: SiteRow[], now = Date.now()): string {
-  const t = new Table({ head: ['site', 'state', 'link', 'last seen', 'activity', 'engine'], ...style() });
+/** What the event history and the metrics add to a site's row (status-json.ts); without them a row shows the raw link. */
+export interface SiteContext {
+  finish?: FederationFinish;
+  /** Validation cases of each site's latest reported round (0: none, so no validation Dice). */
+  validation?: ReadonlyMap<string, number>;
+}
+
+export function sitesTable(sites: SiteRow[], now = Date.now(), ctx: SiteContext = {}): string {
+  const t = new Table({ head: ['site', 'state', 'link', 'last seen', 'activity', 'engine', 'validation'], ...style() });
   for (const s of sites) {
-    const online = s.lastSeenAt !== null && now - s.lastSeenAt < OFFLINE_AFTER_MS;
-    const link = s.lastSeenAt === null ? '—' : online ? 'online' : 'offline';
-    t.push([s.name, s.state, link, ago(s.lastSeenAt, now), online ? (s.activity ?? '—') : `(was ${s.activity ?? '—'})`, s.engine ?? '—']);
+    const status = siteStatus(s, now, ctx.finish);
+    const link = s.lastSeenAt === null ? '—' : status === 'online' || status === 'finished' ? status : 'offline';
+    // A finished site's last activity is whatever it did before it exited: not worth an alarm.
+    const activity = status === 'online' ? (s.activity ?? '—') : status === 'finished' ? '—' : `(was ${s.activity ?? '—'})`;
+    const val = ctx.validation?.get(s.name);
+    const validation = val === undefined ? '—' : val === 0 ? 'NONE (no validation Dice)' : `${val} case${val === 1 ? '' : 's'}`;
+    t.push([s.name, s.state, link, ago(s.lastSeenAt, now), activity, s.engine ?? '—', validation]);
   }
   return t.toString();
 }
@@ -63,7 +73,7 @@ export function metricsTable(metrics: MetricRow[]): string {
     const [round, site] = k.split('\u0000');
     const v = byKey.get(k)!;
     const gen = v.teacher_generation === undefined ? '—' : `g${v.teacher_generation} (${fmt(v.pseudo_cases, 0)} pseudo)`;
-    t.push([round, site, fmt(v.num_train, 0), `${fmt(v.train_loss_first)} → ${fmt(v.train_loss)}`, fmt(v.val_dice_mean), ...(accuracy ? [fmt(v.val_accuracy)] : []), ...perClass.map((c) => fmt(v[`val_dice_class_${c}`])), ...(teacher ? [gen] : []), fmt(v.train_seconds, 1)]);
+    t.push([round, site, fmt(v.num_train, 0), `${fmt(v.train_loss_first)} → ${fmt(v.train_loss)}`, (v.num_val === 0 ? 'no val data' : fmt(v.val_dice_mean)), ...(accuracy ? [fmt(v.val_accuracy)] : []), ...perClass.map((c) => fmt(v[`val_dice_class_${c}`])), ...(teacher ? [gen] : []), fmt(v.train_seconds, 1)]);
   }
   return t.toString();
 }
@@ -82,30 +92,6 @@ function teacherLines(raw: string | undefined): string[] {
   return t ? [`teacher: generation ${t.generation}, model ${short(t.modelHash)} (the aggregate of round ${t.round})`] : [];
 }
 
-/** Free space below which `medfl status` calls the coordinator's storage low: about ten 100 MB updates, or 5%. */
-export const LOW_STORAGE_BYTES = 1024 ** 3;
-
-export interface StorageCondition {
-  freeBytes: number;
-  totalBytes: number;
-  low: boolean;
-}
-
-/**
- * Free space on the filesystem holding the coordinator folder (one statfs call), or undefined where it cannot be
- * read. On a full disk uploads are refused as retryable and round closes wait until space is freed.
- */
-export function storageCondition(dir: string): StorageCondition | undefined {
-  try {
-    const s = statfsSync(dir);
-    const freeBytes = s.bavail * s.bsize;
-    const totalBytes = s.blocks * s.bsize;
-    return { freeBytes, totalBytes, low: freeBytes < LOW_STORAGE_BYTES || freeBytes < 0.05 * totalBytes };
-  } catch {
-    return undefined;
-  }
-}
-
 const gib = (b: number) => `${(b / 1024 ** 3).toFixed(b < 10 * 1024 ** 3 ? 2 : 1)} GiB`;
 
 export function storageLines(c: StorageCondition | undefined): string[] {
@@ -116,70 +102,22 @@ export function storageLines(c: StorageCondition | undefined): string[] {
   return [`${line} — LOW: when it runs out, uploads are refused as retryable and rounds wait to close; the coordinator carries on once space is freed`];
 }
 
-const iso = (t: number | null) => (t === null ? null : new Date(t).toISOString());
-
-/**
- * `medfl status --json`: the same facts as statusReport for scripts and monitoring. Times are ISO 8601 (UTC),
- * hashes in full; `schema` changes only when a field changes meaning or goes away.
- */
-export function statusJson(store: CoordinatorStore, federationId: string, now = Date.now(), storage?: StorageCondition): Record<string, unknown> {
-  const privacy = store.getMeta(PRIVACY_KEY);
-  const teacher = parseTeacher(store.getMeta(TEACHER_KEY));
-  // One object per round × site; the keys are the metric names the sites report (num_train, val_dice_mean, …).
-  const metrics = new Map<string, { round: number; site: string; values: Record<string, number> }>();
-  for (const m of store.listMetrics()) {
-    const k = `${m.round}\u0000${m.site}`;
-    const entry = metrics.get(k) ?? { round: m.round, site: m.site, values: {} };
-    entry.values[m.key] = m.value;
-    metrics.set(k, entry);
-  }
-  return {
-    schema: 1,
-    federationId,
-    currentModel: store.getMeta('current_model') ?? null,
-    roundsClosed: store.closedRoundCount(),
-    privacy: privacy ? (JSON.parse(privacy) as PrivacySpent) : null,
-    teacher: teacher ?? null,
-    storage: storage ?? null,
-    sites: store.listSites().map((s) => ({
-      name: s.name,
-      state: s.state,
-      link: s.lastSeenAt === null ? null : now - s.lastSeenAt < OFFLINE_AFTER_MS ? 'online' : 'offline',
-      lastSeenAt: iso(s.lastSeenAt),
-      activity: s.activity,
-      engine: s.engine,
-      invitedAt: iso(s.invitedAt),
-      enrolledAt: iso(s.enrolledAt),
-      revokedAt: iso(s.revokedAt),
-    })),
-    rounds: store.listRounds().map((r) => ({
-      round: r.round,
-      state: r.state,
-      selected: r.selected,
-      baseModel: r.baseModelHash,
-      resultModel: r.resultModelHash,
-      openedAt: iso(r.openedAt),
-      deadlineAt: iso(r.deadlineAt),
-      closedAt: iso(r.closedAt),
-      seconds: r.closedAt === null ? null : (r.closedAt - r.openedAt) / 1000,
-      note: r.note,
-    })),
-    metrics: [...metrics.values()].sort((a, b) => a.round - b.round || a.site.localeCompare(b.site)),
-  };
-}
-
 export function statusReport(store: CoordinatorStore, federationId: string, storage?: StorageCondition): string {
   const rounds = store.listRounds();
+  const facts = eventFacts(store);
+  const validation = validationCases(store);
+  const without = [...validation].filter(([, n]) => n === 0).map(([site]) => site);
   const lines = [
     `federation ${federationId}`,
     `current global model: ${store.getMeta('current_model') ?? '— (coordinator never started)'}`,
-    `rounds closed: ${store.closedRoundCount()}`,
+    `rounds closed: ${store.closedRoundCount()}${facts.finish ? ` — federation finished ${new Date(facts.finish.at).toISOString()}` : ''}`,
     ...privacyLines(store.getMeta(PRIVACY_KEY)),
     ...teacherLines(store.getMeta(TEACHER_KEY)),
     ...storageLines(storage),
     '',
     'Sites',
-    sitesTable(store.listSites()),
+    sitesTable(store.listSites(), Date.now(), { finish: facts.finish, validation }),
+    ...(without.length > 0 ? [`no validation data at ${without.join(', ')}: no validation Dice from ${without.length === 1 ? 'this site' : 'these sites'} (add imagesTs/ + labelsTs/, or 5+ labelled training cases to carve some from)`] : []),
   ];
   if (rounds.length > 0) lines.push('', 'Rounds', roundsTable(rounds));
   const metrics = store.listMetrics();

@@ -38,6 +38,9 @@ function observe(e: FederationEvent, m: CoordinatorMetrics, store: Pick<Coordina
     case 'task.declined':
       m.tasksDeclined.inc({ site });
       break;
+    case 'task.withheld':
+      m.tasksWithheld.inc({ site });
+      break;
     case 'model.rolled_back':
       m.rollbacks.inc();
       break;

@@ -43,6 +43,7 @@ export class CoordinatorMetrics {
   readonly updatesRejected: Counter<'site' | 'reason'>;
   readonly updatesFlagged: Counter<'site'>;
   readonly tasksDeclined: Counter<'site'>;
+  readonly tasksWithheld: Counter<'site'>;
   readonly rollbacks: Counter;
   readonly authFailures: Counter<'reason'>;
   readonly adminAuthFailures: Counter;
@@ -85,6 +86,13 @@ export class CoordinatorMetrics {
     });
     this.updatesFlagged = new Counter({ name: 'medfl_updates_flagged_total', help: 'Accepted updates flagged for a sample-count jump, by site', labelNames: ['site'], registers, collect: perSite() });
     this.tasksDeclined = new Counter({ name: 'medfl_tasks_declined_total', help: 'Tasks a site declined under its own policy, by site', labelNames: ['site'], registers, collect: perSite() });
+    this.tasksWithheld = new Counter({
+      name: 'medfl_tasks_withheld_total',
+      help: 'Tasks the coordinator did not send a selected site because the site lacks a protocol feature they need (upgrade it), by site',
+      labelNames: ['site'],
+      registers,
+      collect: perSite(),
+    });
     this.rollbacks = new Counter({ name: 'medfl_rollbacks_total', help: 'Operator rollbacks of the global model announced', registers });
     this.authFailures = new Counter({ name: 'medfl_auth_failures_total', help: 'Site calls refused by authentication, by reason', labelNames: ['reason'], registers });
     this.adminAuthFailures = new Counter({ name: 'medfl_admin_auth_failures_total', help: 'Admin endpoint requests refused for a missing or wrong token', registers });

@@ -255,6 +255,11 @@ export class RoundEngine {
     return [...this.connected.keys()].sort();
   }
 
+  /** What each connected site announced when it subscribed (protocol version and features), for the admin dashboard. */
+  connectedCapabilities(): Map<string, SiteCapabilities> {
+    return new Map([...this.connected].map(([site, sink]) => [site, sink.capabilities ?? { protocolVersion: PROTOCOL_VERSION, features: new Set(SITE_FEATURES) }]));
+  }
+
   // ---- updates ----
 
   /**

@@ -1,0 +1,170 @@
+/**
+ * What a coordinator's store says about its federation, as one JSON object: `medfl status --json` prints it and the
+ * admin endpoint's dashboard serves it (/api/status, with the running coordinator's live state added), so the two
+ * can never disagree. Everything here is read from the store alone, so it works with the coordinator stopped too.
+ */
+import { statfsSync } from 'node:fs';
+import type { CoordinatorStore, SiteRow } from '../store/store.ts';
+import { PRIVACY_KEY, type PrivacySpent } from '../rounds/round-engine.ts';
+import { parseTeacher, TEACHER_KEY } from '../rounds/teacher.ts';
+import { medflVersion } from '../../shared/util/version.ts';
+
+/** Agents heartbeat every 5 s; three missed beats and we call the site offline. */
+export const OFFLINE_AFTER_MS = 15_000;
+
+/** Free space below which the coordinator's storage counts as low: about ten 100 MB updates, or 5%. */
+export const LOW_STORAGE_BYTES = 1024 ** 3;
+
+export interface StorageCondition {
+  freeBytes: number;
+  totalBytes: number;
+  low: boolean;
+}
+
+/**
+ * Free space on the filesystem holding the coordinator folder (one statfs call), or undefined where it cannot be
+ * read. On a full disk uploads are refused as retryable and round closes wait until space is freed.
+ */
+export function storageCondition(dir: string): StorageCondition | undefined {
+  try {
+    const s = statfsSync(dir);
+    const freeBytes = s.bavail * s.bsize;
+    const totalBytes = s.blocks * s.bsize;
+    return { freeBytes, totalBytes, low: freeBytes < LOW_STORAGE_BYTES || freeBytes < 0.05 * totalBytes };
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * How a site stands, for people: `finished` is a site that went quiet once the federation was done (its agent
+ * exits after the last round), which is not the same as one that dropped out mid-federation (`offline`).
+ */
+export type SiteStatus = 'invited' | 'revoked' | 'never connected' | 'online' | 'offline' | 'finished';
+
+export interface FederationFinish {
+  /** When the coordinator announced it (Unix ms). */
+  at: number;
+  /** Rounds closed by then. */
+  rounds: number;
+}
+
+/** What the event history (the store's outbox, kept in full) adds to the tables: the finish, and declines per site. */
+export interface EventFacts {
+  finish: FederationFinish | undefined;
+  /** Tasks a site declined under its own policy or task file (task.declined). */
+  declined: Map<string, number>;
+  /** Tasks the coordinator withheld because the site lacks a protocol feature they need (task.withheld). */
+  withheld: Map<string, number>;
+}
+
+type OutboxReader = Pick<CoordinatorStore, 'listOutbox' | 'closedRoundCount' | 'openRoundRow'>;
+
+export function eventFacts(store: OutboxReader): EventFacts {
+  const declined = new Map<string, number>();
+  const withheld = new Map<string, number>();
+  let finish: FederationFinish | undefined;
+  for (const row of store.listOutbox('event')) {
+    let e: { type?: unknown; site?: unknown; rounds?: unknown; at?: unknown };
+    try {
+      e = JSON.parse(row.body) as typeof e;
+    } catch {
+      continue;
+    }
+    const site = typeof e.site === 'string' ? e.site : undefined;
+    if (e.type === 'task.declined' && site) declined.set(site, (declined.get(site) ?? 0) + 1);
+    else if (e.type === 'task.withheld' && site) withheld.set(site, (withheld.get(site) ?? 0) + 1);
+    else if (e.type === 'federation.finished' && typeof e.rounds === 'number') {
+      const at = typeof e.at === 'string' ? Date.parse(e.at) : Number.NaN;
+      finish = { at: Number.isFinite(at) ? at : row.createdAt, rounds: e.rounds };
+    }
+  }
+  // A finish that rounds came after (a plan with more rounds, restarted) no longer holds.
+  if (finish && (finish.rounds !== store.closedRoundCount() || store.openRoundRow() !== undefined)) finish = undefined;
+  return { finish, declined, withheld };
+}
+
+export function siteStatus(s: SiteRow, now: number, finish: FederationFinish | undefined): SiteStatus {
+  if (s.state === 'invited') return 'invited';
+  if (s.state === 'revoked') return 'revoked';
+  if (s.lastSeenAt === null) return 'never connected';
+  if (now - s.lastSeenAt < OFFLINE_AFTER_MS) return 'online';
+  // Its last heartbeat may come up to one beat interval before the finish it then received.
+  if (finish && s.lastSeenAt >= finish.at - OFFLINE_AFTER_MS) return 'finished';
+  return 'offline';
+}
+
+/** The number of validation cases each site used in the latest round it reported (metric num_val). */
+export function validationCases(store: Pick<CoordinatorStore, 'listMetrics'>): Map<string, number> {
+  const latest = new Map<string, { round: number; value: number }>();
+  for (const m of store.listMetrics()) {
+    if (m.key !== 'num_val') continue;
+    const prev = latest.get(m.site);
+    if (!prev || m.round >= prev.round) latest.set(m.site, { round: m.round, value: m.value });
+  }
+  return new Map([...latest].map(([site, v]) => [site, v.value]));
+}
+
+const iso = (t: number | null | undefined) => (t === null || t === undefined ? null : new Date(t).toISOString());
+
+/**
+ * `medfl status --json` and the dashboard's /api/status: the same facts as the tables, for scripts and monitoring.
+ * Times are ISO 8601 (UTC), hashes in full; `schema` changes only when a field changes meaning or goes away (fields
+ * are added without changing it).
+ */
+export function statusJson(store: CoordinatorStore, federationId: string, now = Date.now(), storage?: StorageCondition): Record<string, unknown> {
+  const privacy = store.getMeta(PRIVACY_KEY);
+  const teacher = parseTeacher(store.getMeta(TEACHER_KEY));
+  const facts = eventFacts(store);
+  const validation = validationCases(store);
+  // One object per round × site; the keys are the metric names the sites report (num_train, val_dice_mean, …).
+  const metrics = new Map<string, { round: number; site: string; values: Record<string, number> }>();
+  for (const m of store.listMetrics()) {
+    const k = `${m.round}\u0000${m.site}`;
+    const entry = metrics.get(k) ?? { round: m.round, site: m.site, values: {} };
+    entry.values[m.key] = m.value;
+    metrics.set(k, entry);
+  }
+  return {
+    schema: 1,
+    version: medflVersion(),
+    federationId,
+    currentModel: store.getMeta('current_model') ?? null,
+    roundsClosed: store.closedRoundCount(),
+    finished: facts.finish ? { at: iso(facts.finish.at), rounds: facts.finish.rounds } : null,
+    privacy: privacy ? (JSON.parse(privacy) as PrivacySpent) : null,
+    teacher: teacher ?? null,
+    storage: storage ?? null,
+    sites: store.listSites().map((s) => ({
+      name: s.name,
+      state: s.state,
+      status: siteStatus(s, now, facts.finish),
+      link: s.lastSeenAt === null ? null : now - s.lastSeenAt < OFFLINE_AFTER_MS ? 'online' : 'offline',
+      lastSeenAt: iso(s.lastSeenAt),
+      activity: s.activity,
+      engine: s.engine,
+      // null: the site has not reported a round yet; 0: it has no validation cases, so no validation Dice.
+      validationCases: validation.get(s.name) ?? null,
+      tasksDeclined: facts.declined.get(s.name) ?? 0,
+      tasksWithheld: facts.withheld.get(s.name) ?? 0,
+      invitedAt: iso(s.invitedAt),
+      enrolledAt: iso(s.enrolledAt),
+      revokedAt: iso(s.revokedAt),
+    })),
+    rounds: store.listRounds().map((r) => ({
+      round: r.round,
+      state: r.state,
+      selected: r.selected,
+      baseModel: r.baseModelHash,
+      resultModel: r.resultModelHash,
+      openedAt: iso(r.openedAt),
+      deadlineAt: iso(r.deadlineAt),
+      closedAt: iso(r.closedAt),
+      seconds: r.closedAt === null ? null : (r.closedAt - r.openedAt) / 1000,
+      note: r.note,
+    })),
+    // The global model versions: the initial one (round 0), each closed round's aggregate, rollbacks' targets.
+    models: store.listModels().map((m) => ({ hash: m.hash, round: m.round, sizeBytes: m.sizeBytes, createdAt: iso(m.createdAt) })),
+    metrics: [...metrics.values()].sort((a, b) => a.round - b.round || a.site.localeCompare(b.site)),
+  };
+}
