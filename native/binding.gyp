@@ -4,7 +4,11 @@
       "target_name": "medfl_onednn",
       "sources": ["src/addon.cc", "src/conv.cc", "src/elementwise.cc"],
       "cflags_cc!": ["-fno-exceptions", "-fno-rtti"],
-      "cflags_cc": ["-std=c++17", "-O3", "-fopenmp", "-fexceptions"],
+      # -fno-trapping-math: no code here reads floating-point exception flags, and without it GCC keeps every
+      # masked loop (ReLU backward, the norms' fused ReLU masks, pooling) scalar, since if-converting a select
+      # around a multiply or add could raise a flag the source would not. Values are unchanged (IEEE arithmetic,
+      # no reassociation: that would be -ffast-math).
+      "cflags_cc": ["-std=c++17", "-O3", "-fopenmp", "-fexceptions", "-fno-trapping-math"],
       "ldflags": ["-fopenmp"],
       "defines": ["NAPI_VERSION=8"],
       "libraries": ["-ldnnl", "-lgomp"],

@@ -54,7 +54,9 @@ bool typed(napi_env env, napi_value v, napi_typedarray_type want, void** data, s
   napi_value ab;
   size_t offset;
   if (!is || napi_get_typedarray_info(env, v, &type, length, data, &ab, &offset) != napi_ok || type != want) {
-    throw_error(env, std::string(what) + (want == napi_float32_array ? " must be a Float32Array" : " must be an Int32Array"));
+    throw_error(env, std::string(what) + (want == napi_float32_array   ? " must be a Float32Array"
+                                          : want == napi_float64_array ? " must be a Float64Array"
+                                                                       : " must be an Int32Array"));
     return false;
   }
   return true;
@@ -255,6 +257,9 @@ class Args {
   bool ok() const { return ok_; }
   float* f32(size_t i, const char* what, size_t want, bool nullable = false) {
     return static_cast<float*>(array(i, what, want, napi_float32_array, nullable, sizeof(float)));
+  }
+  double* f64(size_t i, const char* what, size_t want, bool nullable = false) {
+    return static_cast<double*>(array(i, what, want, napi_float64_array, nullable, sizeof(double)));
   }
   int32_t* i32(size_t i, const char* what, size_t want) {
     return static_cast<int32_t*>(array(i, what, want, napi_int32_array, false, sizeof(int32_t)));
@@ -475,6 +480,101 @@ napi_value MaxPoolBackward(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// groupNormForward(x, n, C, G, gamma, beta, eps, relu, y, mean: Float64Array, invstd: Float64Array)
+napi_value GroupNormForward(napi_env env, napi_callback_info info) {
+  Args a(env, info, 11, "groupNormForward");
+  const size_t len = a.length(0, "x");
+  const int64_t n = a.integer(1, "n", 1), C = a.integer(2, "C", 1), G = a.integer(3, "G", 1);
+  if (a.ok() && C % G) a.fail("C must be a multiple of G");
+  if (a.ok() && (len == 0 || len % (n * C))) a.fail("x must hold n samples of a positive whole number of C-channel voxels");
+  const float* x = a.f32(0, "x", len);
+  const float* gamma = a.f32(4, "gamma", C);
+  const float* beta = a.f32(5, "beta", C);
+  const double eps = a.number(6, "eps");
+  const bool relu = a.flag(7);
+  float* y = a.f32(8, "y", len);
+  double* mean = a.f64(9, "mean", n * G);
+  double* invstd = a.f64(10, "invstd", n * G);
+  if (!a.ok()) return nullptr;
+  medfl::group_norm_forward(x, n, len / (n * C), C, G, gamma, beta, eps, relu, y, mean, invstd);
+  return nullptr;
+}
+
+// groupNormBackward(x, dy, n, C, G, mean, invstd, gamma, y|null, dgamma: Float64Array, dbeta: Float64Array, dx|null)
+napi_value GroupNormBackward(napi_env env, napi_callback_info info) {
+  Args a(env, info, 12, "groupNormBackward");
+  const size_t len = a.length(0, "x");
+  const int64_t n = a.integer(2, "n", 1), C = a.integer(3, "C", 1), G = a.integer(4, "G", 1);
+  if (a.ok() && C % G) a.fail("C must be a multiple of G");
+  if (a.ok() && (len == 0 || len % (n * C))) a.fail("x must hold n samples of a positive whole number of C-channel voxels");
+  const float* x = a.f32(0, "x", len);
+  const float* dy = a.f32(1, "dy", len);
+  const double* mean = a.f64(5, "mean", n * G);
+  const double* invstd = a.f64(6, "invstd", n * G);
+  const float* gamma = a.f32(7, "gamma", C);
+  const float* y = a.f32(8, "y", len, true);
+  double* dgamma = a.f64(9, "dgamma", C);
+  double* dbeta = a.f64(10, "dbeta", C);
+  float* dx = a.f32(11, "dx", len, true);
+  if (!a.ok()) return nullptr;
+  medfl::group_norm_backward(x, dy, n, len / (n * C), C, G, mean, invstd, gamma, y, dgamma, dbeta, dx);
+  return nullptr;
+}
+
+// concat(a, Ca, b, Cb, y) · split(y, Ca, Cb, a|null, b|null): channel concatenation of NDHWC tensors.
+napi_value Concat(napi_env env, napi_callback_info info) {
+  Args a(env, info, 5, "concat");
+  const int64_t Ca = a.integer(1, "Ca", 1), Cb = a.integer(3, "Cb", 1);
+  const size_t la = a.length(0, "a");
+  if (a.ok() && la % Ca) a.fail("a must hold a whole number of Ca-channel voxels");
+  const int64_t nv = a.ok() ? static_cast<int64_t>(la) / Ca : 0;
+  const float* x = a.f32(0, "a", nv * Ca);
+  const float* z = a.f32(2, "b", nv * Cb);
+  float* y = a.f32(4, "y", nv * (Ca + Cb));
+  if (!a.ok()) return nullptr;
+  medfl::concat_channels(x, Ca, z, Cb, nv, y);
+  return nullptr;
+}
+
+napi_value Split(napi_env env, napi_callback_info info) {
+  Args a(env, info, 5, "split");
+  const int64_t Ca = a.integer(1, "Ca", 1), Cb = a.integer(2, "Cb", 1);
+  const size_t len = a.length(0, "y");
+  if (a.ok() && len % (Ca + Cb)) a.fail("y must hold a whole number of (Ca + Cb)-channel voxels");
+  const int64_t nv = a.ok() ? static_cast<int64_t>(len) / (Ca + Cb) : 0;
+  const float* y = a.f32(0, "y", len);
+  float* da = a.f32(3, "a", nv * Ca, true);
+  float* db = a.f32(4, "b", nv * Cb, true);
+  if (!a.ok()) return nullptr;
+  medfl::split_channels(y, Ca, Cb, nv, da, db);
+  return nullptr;
+}
+
+// biasAdd(y, C, bias): y += bias per channel, in place · channelSum(x, C, sum: Float64Array): sum += Σ_voxels x.
+napi_value BiasAdd(napi_env env, napi_callback_info info) {
+  Args a(env, info, 3, "biasAdd");
+  const size_t len = a.length(0, "y");
+  const int64_t C = a.integer(1, "C", 1);
+  if (a.ok() && len % C) a.fail("y must hold a whole number of C-channel voxels");
+  float* y = a.f32(0, "y", len);
+  const float* bias = a.f32(2, "bias", C);
+  if (!a.ok()) return nullptr;
+  medfl::bias_add(y, len / C, C, bias);
+  return nullptr;
+}
+
+napi_value ChannelSum(napi_env env, napi_callback_info info) {
+  Args a(env, info, 3, "channelSum");
+  const size_t len = a.length(0, "x");
+  const int64_t C = a.integer(1, "C", 1);
+  if (a.ok() && len % C) a.fail("x must hold a whole number of C-channel voxels");
+  const float* x = a.f32(0, "x", len);
+  double* sum = a.f64(2, "sum", C);
+  if (!a.ok()) return nullptr;
+  medfl::channel_sum(x, len / C, C, sum);
+  return nullptr;
+}
+
 void delete_instance(napi_env env, void* data, void* hint) { delete static_cast<Instance*>(data); }
 
 }  // namespace
@@ -510,6 +610,12 @@ NAPI_MODULE_INIT() {
       {"maxPoolBackward", nullptr, MaxPoolBackward, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"adamStep", nullptr, AdamStep, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"sgdStep", nullptr, SgdStep, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"groupNormForward", nullptr, GroupNormForward, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"groupNormBackward", nullptr, GroupNormBackward, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"concat", nullptr, Concat, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"split", nullptr, Split, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"biasAdd", nullptr, BiasAdd, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"channelSum", nullptr, ChannelSum, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   return exports;

@@ -28,6 +28,22 @@ void max_pool(const float* x, int64_t n, int64_t D, int64_t H, int64_t W, int64_
 void max_pool_backward(const float* dy, const int32_t* argmax, int64_t n, int64_t D, int64_t H, int64_t W, int64_t C,
                        float* dx);
 
+// GroupNorm over x [n, V, C] with G groups of C/G consecutive channels (nn.GroupNorm): per (sample, group)
+// mean and 1/sqrt(biased var + eps) into mean, invstd [n*G] (double), y = normalised * gamma + beta, then
+// max(y, 0) when relu.
+void group_norm_forward(const float* x, int64_t n, int64_t V, int64_t C, int64_t G, const float* gamma, const float* beta,
+                        double eps, bool relu, float* y, double* mean, double* invstd);
+// Its gradients: dgamma, dbeta [C] (double) are ADDED to; dx (nullable) written completely. y (nullable): the
+// forward output when it fused a ReLU, which masks dy where y <= 0.
+void group_norm_backward(const float* x, const float* dy, int64_t n, int64_t V, int64_t C, int64_t G, const double* mean,
+                         const double* invstd, const float* gamma, const float* y, double* dgamma, double* dbeta, float* dx);
+// y [nv, Ca + Cb] = a [nv, Ca] and b [nv, Cb] side by side; split_channels is its inverse (a, b nullable).
+void concat_channels(const float* a, int64_t Ca, const float* b, int64_t Cb, int64_t nv, float* y);
+void split_channels(const float* y, int64_t Ca, int64_t Cb, int64_t nv, float* a, float* b);
+// y [nv, C] += bias per channel; sum[c] += sum over voxels of x[., c] (double accumulation).
+void bias_add(float* y, int64_t nv, int64_t C, const float* bias);
+void channel_sum(const float* x, int64_t nv, int64_t C, double* sum);
+
 // One optimiser step over a tensor, PyTorch's rules (shared/model/optim.ts holds the JS twin and the semantics):
 // Adam: g' = g + wd*w; m = b1*m + (1-b1)*g'; v = b2*v + (1-b2)*g'^2; w -= step_size*m / (sqrt(v)/sqrt_c2 + eps).
 void adam_step(float* w, const float* g, float* m, float* v, int64_t n, double step_size, double beta1, double beta2,

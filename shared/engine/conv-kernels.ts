@@ -28,15 +28,20 @@ export interface Conv3dGeom {
   readonly out: Triple;
 }
 
+/**
+ * Each method may be given `out`, an array of the result's length with any contents: an implementation that
+ * supports it writes every value of the result there and returns `out` (the training step's buffer pool hands
+ * these out); one that does not returns a new array, so callers use the returned array, never `out` itself.
+ */
 export interface ConvKernels {
   /** "js" or "onednn"; shown in logs, `medfl status` and benchmark output. */
   readonly name: string;
   /** y[n, out…, cout] = Σ x[n, in…, cin] · w[k…, cin, cout] (no bias). */
-  conv3d(x: Float32Array, w: Float32Array, g: Conv3dGeom): Float32Array;
+  conv3d(x: Float32Array, w: Float32Array, g: Conv3dGeom, out?: Float32Array): Float32Array;
   /** dx[n, in…, cin] for a given dy[n, out…, cout]. */
-  conv3dBackwardData(dy: Float32Array, w: Float32Array, g: Conv3dGeom): Float32Array;
+  conv3dBackwardData(dy: Float32Array, w: Float32Array, g: Conv3dGeom, out?: Float32Array): Float32Array;
   /** dw[k…, cin, cout] for a given x and dy. */
-  conv3dBackwardFilter(x: Float32Array, dy: Float32Array, g: Conv3dGeom): Float32Array;
+  conv3dBackwardFilter(x: Float32Array, dy: Float32Array, g: Conv3dGeom, out?: Float32Array): Float32Array;
 }
 
 const triple = (v: number | Triple): Triple => (typeof v === 'number' ? [v, v, v] : v);

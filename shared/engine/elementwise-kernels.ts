@@ -1,8 +1,10 @@
 /**
  * The memory-bound seam of the training engine, next to ConvKernels: BatchNorm (train forward with batch
- * statistics, eval, backward), ReLU, max-pool 3³ / stride 2 / padding 1 with argmax, add — each optionally
- * fused with the ReLU that follows it in the Med3D graph. Tensors are NDHWC Float32Arrays; per-channel
- * vectors have C entries. Implementations:
+ * statistics, eval, backward), GroupNorm (forward, backward), ReLU, max-pool 3³ / stride 2 / padding 1 with
+ * argmax, add — each optionally fused with the ReLU that follows it in the Med3D graph — and the U-Net head's
+ * channel concatenation and per-channel bias. Tensors are NDHWC Float32Arrays; per-channel vectors have C
+ * entries. Outputs come from an allocator (withAlloc: a step's buffer pool in training) whose memory holds
+ * anything, so every kernel writes all of each output it returns. Implementations:
  *   - "js" (here): plain loops in as few passes as the op allows (the reference for the native one),
  *   - "native": the same loops in C++ in the oneDNN addon (native/src/elementwise.cc), OpenMP-parallel;
  *     a ConvKernels object carries it as `elementwise` (onednn-kernels.ts), so selecting the "onednn"
@@ -13,7 +15,13 @@
  * batch); max pooling takes the first maximum in (z, y, x) order and never the padding; NaN propagates.
  */
 import { Buffer } from 'node:buffer';
+import { groupNormBackward, groupNormForward, type GroupNormForward, type GroupNormGrads } from '../model/graph/group-norm.ts';
 import type { ConvKernels } from './conv-kernels.ts';
+
+export type { GroupNormForward, GroupNormGrads };
+
+/** Allocates a Float32Array of n values whose contents are unspecified (the caller writes all of them). */
+export type F32Alloc = (n: number) => Float32Array;
 
 export interface BnTrainResult {
   readonly y: Float32Array;
@@ -71,6 +79,26 @@ export interface ElementwiseKernels {
   maxPool(x: Float32Array, shape: readonly number[]): MaxPoolResult;
   /** dx of the pool's input shape [n, D, H, W, C]: dy[i] added at argmax[i] (in output order). */
   maxPoolBackward(dy: Float32Array, argmax: Int32Array, inShape: readonly number[]): Float32Array;
+  /**
+   * GroupNorm (PyTorch nn.GroupNorm, affine) over x = n samples of V voxels × C channels with G groups of C/G
+   * consecutive channels, then max(y, 0) when `relu`; mean and 1/√(var + eps) per (sample, group) in float64.
+   */
+  groupNormForward(x: Float32Array, n: number, C: number, G: number, gamma: Float32Array, beta: Float32Array, eps: number, relu: boolean): GroupNormForward;
+  /** GroupNorm gradients; `reluOut` (the fused forward's output) masks dy where it is ≤ 0. dγ, dβ in float64. */
+  groupNormBackward(
+    x: Float32Array, dy: Float32Array, n: number, C: number, G: number, fwd: Pick<GroupNormForward, 'mean' | 'invStd'>,
+    gamma: Float32Array, reluOut: Float32Array | undefined, wantDx: boolean,
+  ): GroupNormGrads;
+  /** Channel concatenation of a [·, Ca] and b [·, Cb] (same voxels) → [·, Ca + Cb], a's channels first. */
+  concat(a: Float32Array, Ca: number, b: Float32Array, Cb: number): Float32Array;
+  /** The inverse of concat: a's and b's parts of y [·, Ca + Cb], each only when wanted. */
+  split(y: Float32Array, Ca: number, Cb: number, wantA: boolean, wantB: boolean): { a?: Float32Array; b?: Float32Array };
+  /** y [·, C] += bias per channel, in place. */
+  biasAdd(y: Float32Array, C: number, bias: Float32Array): void;
+  /** sum[c] += Σ over voxels of x[·, c], accumulated in float64. */
+  channelSum(x: Float32Array, C: number, sum: Float64Array): void;
+  /** The same kernels with every returned Float32Array output allocated by `alloc` instead of fresh memory. */
+  withAlloc(alloc: F32Alloc): ElementwiseKernels;
 }
 
 /** The elementwise kernels that come with a ConvKernels object: its own (native) ones, else JS. */
@@ -84,206 +112,270 @@ function checkC(x: Float32Array, C: number, what: string): void {
   if (!(C >= 1) || x.length % C !== 0) throw new Error(`${what}: ${x.length} values are not a whole number of ${C}-channel voxels`);
 }
 
-export const jsElementwiseKernels: ElementwiseKernels = {
-  name: 'js',
+function groupNormGeometry(x: Float32Array, n: number, C: number, G: number): void {
+  if (!Number.isInteger(G) || G < 1 || C % G !== 0) throw new Error(`group norm: ${C} channels cannot be split into ${G} groups`);
+  if (!(n >= 1) || x.length === 0 || x.length % (n * C) !== 0) throw new Error(`group norm: ${x.length} values do not form ${n} samples of ${C} channels`);
+}
 
-  batchNormTrain(x, C, gamma, beta, runMean, runVar, momentum, eps, relu) {
-    checkC(x, C, 'batchNorm');
-    const nv = x.length / C;
-    // One pass: sums of x − K and (x − K)² with K = the first voxel's value per channel (shifted data, so
-    // the variance does not cancel catastrophically when |mean| ≫ std), accumulated in float64.
-    const s1 = new Float64Array(C);
-    const s2 = new Float64Array(C);
-    const K = new Float64Array(C);
-    for (let c = 0; c < C; c++) K[c] = x[c];
-    for (let i = 0; i < x.length; i += C) {
-      for (let c = 0; c < C; c++) {
-        const d = x[i + c] - K[c];
-        s1[c] += d;
-        s2[c] += d * d;
-      }
-    }
-    const mean = new Float32Array(C);
-    const invStd = new Float32Array(C);
-    const scale = new Float32Array(C);
-    const shift = new Float32Array(C);
-    for (let c = 0; c < C; c++) {
-      const m1 = s1[c] / nv;
-      const sq = Math.max(s2[c] - s1[c] * m1, 0); // Σ(x − μ)²
-      const mu = K[c] + m1;
-      const biased = sq / nv;
-      const is = 1 / Math.sqrt(biased + eps);
-      mean[c] = mu;
-      invStd[c] = is;
-      runMean[c] = (1 - momentum) * runMean[c] + momentum * mu;
-      runVar[c] = (1 - momentum) * runVar[c] + momentum * (nv > 1 ? sq / (nv - 1) : biased);
-      scale[c] = gamma[c] * is;
-      shift[c] = beta[c] - mu * gamma[c] * is;
-    }
-    return { y: jsElementwiseKernels.scaleShift(x, C, scale, shift, relu), mean, invStd };
-  },
+function jsKernels(alloc: F32Alloc): ElementwiseKernels {
+  const kernels: ElementwiseKernels = {
+    name: 'js',
 
-  scaleShift(x, C, scale, shift, relu) {
-    checkC(x, C, 'batchNorm');
-    const y = uninitF32(x.length);
-    if (relu) {
+    batchNormTrain(x, C, gamma, beta, runMean, runVar, momentum, eps, relu) {
+      checkC(x, C, 'batchNorm');
+      const nv = x.length / C;
+      // One pass: sums of x − K and (x − K)² with K = the first voxel's value per channel (shifted data, so
+      // the variance does not cancel catastrophically when |mean| ≫ std), accumulated in float64.
+      const s1 = new Float64Array(C);
+      const s2 = new Float64Array(C);
+      const K = new Float64Array(C);
+      for (let c = 0; c < C; c++) K[c] = x[c];
       for (let i = 0; i < x.length; i += C) {
         for (let c = 0; c < C; c++) {
-          const v = x[i + c] * scale[c] + shift[c];
-          y[i + c] = v < 0 ? 0 : v; // NaN stays NaN, as in PyTorch
+          const d = x[i + c] - K[c];
+          s1[c] += d;
+          s2[c] += d * d;
         }
       }
-    } else {
-      for (let i = 0; i < x.length; i += C) for (let c = 0; c < C; c++) y[i + c] = x[i + c] * scale[c] + shift[c];
-    }
-    return y;
-  },
-
-  batchNormBackward(x, dy, C, mean, invStd, gamma, y, batchStats, wantDx) {
-    checkC(x, C, 'batchNorm backward');
-    const nv = x.length / C;
-    const sumDy = new Float64Array(C);
-    const sumDyXc = new Float64Array(C); // Σ dy·(x − μ)
-    for (let i = 0; i < x.length; i += C) {
+      const mean = new Float32Array(C);
+      const invStd = new Float32Array(C);
+      const scale = new Float32Array(C);
+      const shift = new Float32Array(C);
       for (let c = 0; c < C; c++) {
-        const g = y === undefined || y[i + c] > 0 ? dy[i + c] : 0;
-        sumDy[c] += g;
-        sumDyXc[c] += g * (x[i + c] - mean[c]);
+        const m1 = s1[c] / nv;
+        const sq = Math.max(s2[c] - s1[c] * m1, 0); // Σ(x − μ)²
+        const mu = K[c] + m1;
+        const biased = sq / nv;
+        const is = 1 / Math.sqrt(biased + eps);
+        mean[c] = mu;
+        invStd[c] = is;
+        runMean[c] = (1 - momentum) * runMean[c] + momentum * mu;
+        runVar[c] = (1 - momentum) * runVar[c] + momentum * (nv > 1 ? sq / (nv - 1) : biased);
+        scale[c] = gamma[c] * is;
+        shift[c] = beta[c] - mu * gamma[c] * is;
       }
-    }
-    const dgamma = new Float32Array(C);
-    const dbeta = new Float32Array(C);
-    for (let c = 0; c < C; c++) {
-      dgamma[c] = sumDyXc[c] * invStd[c];
-      dbeta[c] = sumDy[c];
-    }
-    if (!wantDx) return { dgamma, dbeta };
-    const dx = uninitF32(x.length);
-    // dx = γσ⁻¹·(dy − mean(dy) − x̂·mean(dy·x̂)) = a·dy + b·(x − μ) + k per channel (train); a·dy (eval).
-    const a = new Float32Array(C);
-    const b = new Float32Array(C);
-    const k = new Float32Array(C);
-    for (let c = 0; c < C; c++) {
-      const gi = gamma[c] * invStd[c];
-      a[c] = gi;
-      if (batchStats) {
-        const cm = (sumDyXc[c] / nv) * invStd[c] * invStd[c]; // mean(dy·x̂)·σ⁻¹
-        b[c] = -gi * cm;
-        k[c] = (-gi * sumDy[c]) / nv;
+      return { y: kernels.scaleShift(x, C, scale, shift, relu), mean, invStd };
+    },
+
+    scaleShift(x, C, scale, shift, relu) {
+      checkC(x, C, 'batchNorm');
+      const y = alloc(x.length);
+      if (relu) {
+        for (let i = 0; i < x.length; i += C) {
+          for (let c = 0; c < C; c++) {
+            const v = x[i + c] * scale[c] + shift[c];
+            y[i + c] = v < 0 ? 0 : v; // NaN stays NaN, as in PyTorch
+          }
+        }
+      } else {
+        for (let i = 0; i < x.length; i += C) for (let c = 0; c < C; c++) y[i + c] = x[i + c] * scale[c] + shift[c];
       }
-    }
-    if (y) {
+      return y;
+    },
+
+    batchNormBackward(x, dy, C, mean, invStd, gamma, y, batchStats, wantDx) {
+      checkC(x, C, 'batchNorm backward');
+      const nv = x.length / C;
+      const sumDy = new Float64Array(C);
+      const sumDyXc = new Float64Array(C); // Σ dy·(x − μ)
       for (let i = 0; i < x.length; i += C) {
-        for (let c = 0; c < C; c++) dx[i + c] = (y[i + c] > 0 ? a[c] * dy[i + c] : 0) + b[c] * (x[i + c] - mean[c]) + k[c];
+        for (let c = 0; c < C; c++) {
+          const g = y === undefined || y[i + c] > 0 ? dy[i + c] : 0;
+          sumDy[c] += g;
+          sumDyXc[c] += g * (x[i + c] - mean[c]);
+        }
       }
-    } else {
-      for (let i = 0; i < x.length; i += C) for (let c = 0; c < C; c++) dx[i + c] = a[c] * dy[i + c] + b[c] * (x[i + c] - mean[c]) + k[c];
-    }
-    return { dgamma, dbeta, dx };
-  },
+      const dgamma = new Float32Array(C);
+      const dbeta = new Float32Array(C);
+      for (let c = 0; c < C; c++) {
+        dgamma[c] = sumDyXc[c] * invStd[c];
+        dbeta[c] = sumDy[c];
+      }
+      if (!wantDx) return { dgamma, dbeta };
+      const dx = alloc(x.length);
+      // dx = γσ⁻¹·(dy − mean(dy) − x̂·mean(dy·x̂)) = a·dy + b·(x − μ) + k per channel (train); a·dy (eval).
+      const a = new Float32Array(C);
+      const b = new Float32Array(C);
+      const k = new Float32Array(C);
+      for (let c = 0; c < C; c++) {
+        const gi = gamma[c] * invStd[c];
+        a[c] = gi;
+        if (batchStats) {
+          const cm = (sumDyXc[c] / nv) * invStd[c] * invStd[c]; // mean(dy·x̂)·σ⁻¹
+          b[c] = -gi * cm;
+          k[c] = (-gi * sumDy[c]) / nv;
+        }
+      }
+      if (y) {
+        for (let i = 0; i < x.length; i += C) {
+          for (let c = 0; c < C; c++) dx[i + c] = (y[i + c] > 0 ? a[c] * dy[i + c] : 0) + b[c] * (x[i + c] - mean[c]) + k[c];
+        }
+      } else {
+        for (let i = 0; i < x.length; i += C) for (let c = 0; c < C; c++) dx[i + c] = a[c] * dy[i + c] + b[c] * (x[i + c] - mean[c]) + k[c];
+      }
+      return { dgamma, dbeta, dx };
+    },
 
-  relu(x) {
-    const y = uninitF32(x.length);
-    for (let i = 0; i < x.length; i++) {
-      const v = x[i];
-      y[i] = v < 0 ? 0 : v;
-    }
-    return y;
-  },
-
-  reluBackward(y, dy) {
-    const dx = new Float32Array(y.length);
-    for (let i = 0; i < y.length; i++) if (y[i] > 0) dx[i] = dy[i];
-    return dx;
-  },
-
-  add(a, b, relu) {
-    if (a.length !== b.length) throw new Error(`add: ${a.length} and ${b.length} values`);
-    const y = uninitF32(a.length);
-    if (relu) {
-      for (let i = 0; i < y.length; i++) {
-        const v = a[i] + b[i];
+    relu(x) {
+      const y = alloc(x.length);
+      for (let i = 0; i < x.length; i++) {
+        const v = x[i];
         y[i] = v < 0 ? 0 : v;
       }
-    } else for (let i = 0; i < y.length; i++) y[i] = a[i] + b[i];
-    return y;
-  },
+      return y;
+    },
 
-  addInto(dst, src) {
-    for (let i = 0; i < dst.length; i++) dst[i] += src[i];
-  },
+    reluBackward(y, dy) {
+      const dx = alloc(y.length);
+      for (let i = 0; i < y.length; i++) dx[i] = y[i] > 0 ? dy[i] : 0;
+      return dx;
+    },
 
-  maxPool(x, shape) {
-    const [n, D, H, W, C] = shape;
-    if (n * D * H * W * C !== x.length) throw new Error(`maxPool: shape [${shape.join(',')}] does not hold ${x.length} values`);
-    const [oD, oH, oW] = [poolOut(D), poolOut(H), poolOut(W)];
-    // Separable: max over x, then y, then z, each keeping the first maximum (strictly greater replaces),
-    // which picks the same voxel as one scan in (z, y, x) order: the lexicographically first maximum.
-    const rowsW = n * D * H;
-    const mW = new Float32Array(rowsW * oW * C);
-    const aW = new Int32Array(mW.length);
-    for (let r = 0; r < rowsW; r++) {
-      const inRow = r * W * C;
-      for (let ox = 0; ox < oW; ox++) {
-        const x0 = Math.max(0, 2 * ox - 1);
-        const x1 = Math.min(W, 2 * ox + 2);
-        const o = (r * oW + ox) * C;
-        for (let c = 0; c < C; c++) {
-          let best = x0 * C + inRow + c;
-          let m = x[best];
-          for (let xx = x0 + 1; xx < x1; xx++) {
-            const j = inRow + xx * C + c;
-            const v = x[j];
-            // biome-ignore lint/suspicious/noSelfCompare: x !== x is the call-free NaN test; max pooling propagates NaN as PyTorch does.
-            if (v > m || (v !== v && m === m)) {
-              m = v;
-              best = j;
+    add(a, b, relu) {
+      if (a.length !== b.length) throw new Error(`add: ${a.length} and ${b.length} values`);
+      const y = alloc(a.length);
+      if (relu) {
+        for (let i = 0; i < y.length; i++) {
+          const v = a[i] + b[i];
+          y[i] = v < 0 ? 0 : v;
+        }
+      } else for (let i = 0; i < y.length; i++) y[i] = a[i] + b[i];
+      return y;
+    },
+
+    addInto(dst, src) {
+      for (let i = 0; i < dst.length; i++) dst[i] += src[i];
+    },
+
+    maxPool(x, shape) {
+      const [n, D, H, W, C] = shape;
+      if (n * D * H * W * C !== x.length) throw new Error(`maxPool: shape [${shape.join(',')}] does not hold ${x.length} values`);
+      const [oD, oH, oW] = [poolOut(D), poolOut(H), poolOut(W)];
+      // Separable: max over x, then y, then z, each keeping the first maximum (strictly greater replaces),
+      // which picks the same voxel as one scan in (z, y, x) order: the lexicographically first maximum.
+      const rowsW = n * D * H;
+      const mW = new Float32Array(rowsW * oW * C);
+      const aW = new Int32Array(mW.length);
+      for (let r = 0; r < rowsW; r++) {
+        const inRow = r * W * C;
+        for (let ox = 0; ox < oW; ox++) {
+          const x0 = Math.max(0, 2 * ox - 1);
+          const x1 = Math.min(W, 2 * ox + 2);
+          const o = (r * oW + ox) * C;
+          for (let c = 0; c < C; c++) {
+            let best = x0 * C + inRow + c;
+            let m = x[best];
+            for (let xx = x0 + 1; xx < x1; xx++) {
+              const j = inRow + xx * C + c;
+              const v = x[j];
+              // biome-ignore lint/suspicious/noSelfCompare: x !== x is the call-free NaN test; max pooling propagates NaN as PyTorch does.
+              if (v > m || (v !== v && m === m)) {
+                m = v;
+                best = j;
+              }
             }
+            mW[o + c] = m;
+            aW[o + c] = best;
           }
-          mW[o + c] = m;
-          aW[o + c] = best;
         }
       }
-    }
-    const reduce = (src: Float32Array, srcArg: Int32Array, outer: number, len: number, outLen: number, inner: number) => {
-      // src [outer, len, inner] → [outer, outLen, inner], window 3 / stride 2 / padding 1 along len.
-      const m = new Float32Array(outer * outLen * inner);
-      const a = new Int32Array(m.length);
-      for (let q = 0; q < outer; q++) {
-        for (let o = 0; o < outLen; o++) {
-          const s0 = Math.max(0, 2 * o - 1);
-          const s1 = Math.min(len, 2 * o + 2);
-          const dst = (q * outLen + o) * inner;
-          const first = (q * len + s0) * inner;
-          m.set(src.subarray(first, first + inner), dst);
-          a.set(srcArg.subarray(first, first + inner), dst);
-          for (let s = s0 + 1; s < s1; s++) {
-            const base = (q * len + s) * inner;
-            for (let e = 0; e < inner; e++) {
-              const v = src[base + e];
-              const cur = m[dst + e];
-              // biome-ignore lint/suspicious/noSelfCompare: the call-free NaN test, as in the pooling loop above.
-              if (v > cur || (v !== v && cur === cur)) {
-                m[dst + e] = v;
-                a[dst + e] = srcArg[base + e];
+      const reduce = (src: Float32Array, srcArg: Int32Array, outer: number, len: number, outLen: number, inner: number) => {
+        // src [outer, len, inner] → [outer, outLen, inner], window 3 / stride 2 / padding 1 along len.
+        const m = new Float32Array(outer * outLen * inner);
+        const a = new Int32Array(m.length);
+        for (let q = 0; q < outer; q++) {
+          for (let o = 0; o < outLen; o++) {
+            const s0 = Math.max(0, 2 * o - 1);
+            const s1 = Math.min(len, 2 * o + 2);
+            const dst = (q * outLen + o) * inner;
+            const first = (q * len + s0) * inner;
+            m.set(src.subarray(first, first + inner), dst);
+            a.set(srcArg.subarray(first, first + inner), dst);
+            for (let s = s0 + 1; s < s1; s++) {
+              const base = (q * len + s) * inner;
+              for (let e = 0; e < inner; e++) {
+                const v = src[base + e];
+                const cur = m[dst + e];
+                // biome-ignore lint/suspicious/noSelfCompare: the call-free NaN test, as in the pooling loop above.
+                if (v > cur || (v !== v && cur === cur)) {
+                  m[dst + e] = v;
+                  a[dst + e] = srcArg[base + e];
+                }
               }
             }
           }
         }
-      }
-      return { m, a };
-    };
-    const hPass = reduce(mW, aW, n * D, H, oH, oW * C);
-    const dPass = reduce(hPass.m, hPass.a, n, D, oD, oH * oW * C);
-    return { y: dPass.m, argmax: dPass.a, shape: [n, oD, oH, oW, C] };
-  },
+        return { m, a };
+      };
+      const hPass = reduce(mW, aW, n * D, H, oH, oW * C);
+      const dPass = reduce(hPass.m, hPass.a, n, D, oD, oH * oW * C);
+      return { y: dPass.m, argmax: dPass.a, shape: [n, oD, oH, oW, C] };
+    },
 
-  maxPoolBackward(dy, argmax, inShape) {
-    const dx = new Float32Array(inShape.reduce((a, b) => a * b, 1));
-    for (let i = 0; i < dy.length; i++) dx[argmax[i]] += dy[i];
-    return dx;
-  },
-};
+    maxPoolBackward(dy, argmax, inShape) {
+      const dx = alloc(inShape.reduce((a, b) => a * b, 1)).fill(0);
+      for (let i = 0; i < dy.length; i++) dx[argmax[i]] += dy[i];
+      return dx;
+    },
+
+    groupNormForward(x, n, C, G, gamma, beta, eps, relu) {
+      groupNormGeometry(x, n, C, G);
+      return groupNormForward(x, n, C, G, gamma, beta, eps, relu, alloc(x.length));
+    },
+
+    groupNormBackward(x, dy, n, C, G, fwd, gamma, reluOut, wantDx) {
+      groupNormGeometry(x, n, C, G);
+      return groupNormBackward(x, dy, n, C, G, fwd, gamma, reluOut, wantDx, wantDx ? alloc(x.length) : undefined);
+    },
+
+    concat(a, Ca, b, Cb) {
+      const voxels = a.length / Ca;
+      if (!Number.isInteger(voxels) || b.length !== voxels * Cb) throw new Error(`concat: ${a.length} values of ${Ca} channels and ${b.length} of ${Cb} are not the same voxels`);
+      const y = alloc(voxels * (Ca + Cb));
+      // Plain index loops: a subarray per voxel would allocate millions of views at full resolution.
+      for (let v = 0, o = 0, ia = 0, ib = 0; v < voxels; v++) {
+        for (let c = 0; c < Ca; c++) y[o++] = a[ia++];
+        for (let c = 0; c < Cb; c++) y[o++] = b[ib++];
+      }
+      return y;
+    },
+
+    split(y, Ca, Cb, wantA, wantB) {
+      const voxels = y.length / (Ca + Cb);
+      if (!Number.isInteger(voxels)) throw new Error(`split: ${y.length} values are not a whole number of ${Ca + Cb}-channel voxels`);
+      const out: { a?: Float32Array; b?: Float32Array } = {};
+      if (wantA) {
+        const a = (out.a = alloc(voxels * Ca));
+        for (let v = 0, o = 0, i = 0; v < voxels; v++, o += Cb) for (let c = 0; c < Ca; c++) a[i++] = y[o++];
+      }
+      if (wantB) {
+        const b = (out.b = alloc(voxels * Cb));
+        for (let v = 0, o = Ca, i = 0; v < voxels; v++, o += Ca) for (let c = 0; c < Cb; c++) b[i++] = y[o++];
+      }
+      return out;
+    },
+
+    biasAdd(y, C, bias) {
+      checkC(y, C, 'bias');
+      for (let i = 0; i < y.length; i += C) for (let c = 0; c < C; c++) y[i + c] += bias[c];
+    },
+
+    channelSum(x, C, sum) {
+      checkC(x, C, 'channel sum');
+      // Channel by channel with a scalar accumulator: V8 keeps it in a register (an accumulator array would not).
+      for (let c = 0; c < C; c++) {
+        let s = 0;
+        for (let i = c; i < x.length; i += C) s += x[i];
+        sum[c] += s;
+      }
+    },
+
+    withAlloc: (a) => jsKernels(a),
+  };
+  return kernels;
+}
+
+export const jsElementwiseKernels: ElementwiseKernels = jsKernels(uninitF32);
 
 /** The addon's elementwise functions (native/src/addon.cc, elementwise.cc); outputs are preallocated here. */
 export interface ElementwiseAddon {
@@ -301,6 +393,29 @@ export interface ElementwiseAddon {
   maxPoolBackward(dy: Float32Array, argmax: Int32Array, n: number, D: number, H: number, W: number, C: number, dx: Float32Array): void;
 }
 
+/** The addon's GroupNorm, concat and bias functions (an addon built before them lacks them: the JS ones run then). */
+export interface ElementwiseAddonV2 {
+  groupNormForward(
+    x: Float32Array, n: number, C: number, G: number, gamma: Float32Array, beta: Float32Array, eps: number, relu: boolean,
+    y: Float32Array, mean: Float64Array, invStd: Float64Array,
+  ): void;
+  groupNormBackward(
+    x: Float32Array, dy: Float32Array, n: number, C: number, G: number, mean: Float64Array, invStd: Float64Array, gamma: Float32Array,
+    y: Float32Array | null, dgamma: Float64Array, dbeta: Float64Array, dx: Float32Array | null,
+  ): void;
+  concat(a: Float32Array, Ca: number, b: Float32Array, Cb: number, y: Float32Array): void;
+  split(y: Float32Array, Ca: number, Cb: number, a: Float32Array | null, b: Float32Array | null): void;
+  biasAdd(y: Float32Array, C: number, bias: Float32Array): void;
+  channelSum(x: Float32Array, C: number, sum: Float64Array): void;
+}
+
+/** True when the addon has the GroupNorm / concat / bias functions. */
+export function hasElementwiseV2(addon: object): addon is ElementwiseAddonV2 {
+  const a = addon as Partial<ElementwiseAddonV2>;
+  return typeof a.groupNormForward === 'function' && typeof a.groupNormBackward === 'function' && typeof a.concat === 'function' &&
+    typeof a.split === 'function' && typeof a.biasAdd === 'function' && typeof a.channelSum === 'function';
+}
+
 /**
  * A Float32Array whose memory is NOT zeroed, for outputs a kernel writes completely: zeroing a fresh
  * 16 MiB array costs about as much as the kernel that then overwrites it (1–2 ms here).
@@ -315,8 +430,13 @@ export function hasElementwise(addon: object): addon is ElementwiseAddon {
   return typeof (addon as Partial<ElementwiseAddon>).bnStats === 'function' && typeof (addon as Partial<ElementwiseAddon>).maxPoolBackward === 'function';
 }
 
-/** "native" ElementwiseKernels over the addon: same results as the JS ones up to float rounding order. */
-export function nativeElementwiseKernels(addon: ElementwiseAddon): ElementwiseKernels {
+/**
+ * "native" ElementwiseKernels over the addon: same results as the JS ones up to float rounding order. With an
+ * addon built before the GroupNorm / concat / bias functions, those run in JS.
+ */
+export function nativeElementwiseKernels(addon: ElementwiseAddon, alloc: F32Alloc = uninitF32): ElementwiseKernels {
+  const js = jsKernels(alloc);
+  const v2 = hasElementwiseV2(addon) ? addon : undefined;
   return {
     name: 'native',
     batchNormTrain(x, C, gamma, beta, runMean, runVar, momentum, eps, relu) {
@@ -330,13 +450,13 @@ export function nativeElementwiseKernels(addon: ElementwiseAddon): ElementwiseKe
         scale[c] = gamma[c] * invStd[c];
         shift[c] = beta[c] - mean[c] * gamma[c] * invStd[c];
       }
-      const y = uninitF32(x.length);
+      const y = alloc(x.length);
       addon.scaleShift(x, C, scale, shift, relu, y);
       return { y, mean, invStd };
     },
     scaleShift(x, C, scale, shift, relu) {
       checkC(x, C, 'batchNorm');
-      const y = uninitF32(x.length);
+      const y = alloc(x.length);
       addon.scaleShift(x, C, scale, shift, relu, y);
       return y;
     },
@@ -344,23 +464,23 @@ export function nativeElementwiseKernels(addon: ElementwiseAddon): ElementwiseKe
       checkC(x, C, 'batchNorm backward');
       const dgamma = new Float32Array(C);
       const dbeta = new Float32Array(C);
-      const dx = wantDx ? uninitF32(x.length) : undefined;
+      const dx = wantDx ? alloc(x.length) : undefined;
       addon.bnBackward(x, dy, C, mean, invStd, gamma, y ?? null, batchStats, dgamma, dbeta, dx ?? null);
       return { dgamma, dbeta, dx };
     },
     relu(x) {
-      const y = uninitF32(x.length);
+      const y = alloc(x.length);
       addon.relu(x, y);
       return y;
     },
     reluBackward(y, dy) {
-      const dx = uninitF32(y.length);
+      const dx = alloc(y.length);
       addon.reluBackward(y, dy, dx);
       return dx;
     },
     add(a, b, relu) {
       if (a.length !== b.length) throw new Error(`add: ${a.length} and ${b.length} values`);
-      const y = uninitF32(a.length);
+      const y = alloc(a.length);
       addon.add(a, b, relu, y);
       return y;
     },
@@ -372,16 +492,62 @@ export function nativeElementwiseKernels(addon: ElementwiseAddon): ElementwiseKe
       if (n * D * H * W * C !== x.length) throw new Error(`maxPool: shape [${shape.join(',')}] does not hold ${x.length} values`);
       const out: [number, number, number, number, number] = [n, poolOut(D), poolOut(H), poolOut(W), C];
       const len = out.reduce((a, b) => a * b, 1);
-      const y = uninitF32(len);
+      const y = alloc(len);
       const argmax = new Int32Array(len);
       addon.maxPool(x, n, D, H, W, C, y, argmax);
       return { y, argmax, shape: out };
     },
     maxPoolBackward(dy, argmax, inShape) {
       const [n, D, H, W, C] = inShape;
-      const dx = uninitF32(n * D * H * W * C);
+      const dx = alloc(n * D * H * W * C);
       addon.maxPoolBackward(dy, argmax, n, D, H, W, C, dx);
       return dx;
     },
+    groupNormForward(x, n, C, G, gamma, beta, eps, relu) {
+      if (!v2) return js.groupNormForward(x, n, C, G, gamma, beta, eps, relu);
+      groupNormGeometry(x, n, C, G);
+      const y = alloc(x.length);
+      const mean = new Float64Array(n * G);
+      const invStd = new Float64Array(n * G);
+      v2.groupNormForward(x, n, C, G, gamma, beta, eps, relu, y, mean, invStd);
+      return { y, mean, invStd };
+    },
+    groupNormBackward(x, dy, n, C, G, fwd, gamma, reluOut, wantDx) {
+      if (!v2) return js.groupNormBackward(x, dy, n, C, G, fwd, gamma, reluOut, wantDx);
+      groupNormGeometry(x, n, C, G);
+      const dgamma = new Float64Array(C);
+      const dbeta = new Float64Array(C);
+      const dx = wantDx ? alloc(x.length) : undefined;
+      v2.groupNormBackward(x, dy, n, C, G, fwd.mean, fwd.invStd, gamma, reluOut ?? null, dgamma, dbeta, dx ?? null);
+      return { dx, dgamma, dbeta };
+    },
+    concat(a, Ca, b, Cb) {
+      if (!v2) return js.concat(a, Ca, b, Cb);
+      const voxels = a.length / Ca;
+      if (!Number.isInteger(voxels) || b.length !== voxels * Cb) throw new Error(`concat: ${a.length} values of ${Ca} channels and ${b.length} of ${Cb} are not the same voxels`);
+      const y = alloc(voxels * (Ca + Cb));
+      v2.concat(a, Ca, b, Cb, y);
+      return y;
+    },
+    split(y, Ca, Cb, wantA, wantB) {
+      if (!v2) return js.split(y, Ca, Cb, wantA, wantB);
+      const voxels = y.length / (Ca + Cb);
+      if (!Number.isInteger(voxels)) throw new Error(`split: ${y.length} values are not a whole number of ${Ca + Cb}-channel voxels`);
+      const a = wantA ? alloc(voxels * Ca) : undefined;
+      const b = wantB ? alloc(voxels * Cb) : undefined;
+      if (a || b) v2.split(y, Ca, Cb, a ?? null, b ?? null);
+      return { a, b };
+    },
+    biasAdd(y, C, bias) {
+      if (!v2) return js.biasAdd(y, C, bias);
+      checkC(y, C, 'bias');
+      v2.biasAdd(y, C, bias);
+    },
+    channelSum(x, C, sum) {
+      if (!v2) return js.channelSum(x, C, sum);
+      checkC(x, C, 'channel sum');
+      v2.channelSum(x, C, sum);
+    },
+    withAlloc: (a) => nativeElementwiseKernels(addon, a),
   };
 }

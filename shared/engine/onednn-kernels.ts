@@ -191,11 +191,14 @@ function croppedGeom(g: Conv3dGeom): Conv3dGeom | undefined {
   return { ...g, in: inp };
 }
 
-/** Copies the [0, to.in) corner of an NDHWC tensor of geometry `from` (crop) or back into zeros (uncrop). */
-function cornerCopy(src: Float32Array, from: Conv3dGeom, to: Conv3dGeom, crop: boolean): Float32Array {
+/**
+ * Copies the [0, to.in) corner of an NDHWC tensor of geometry `from` (crop) or back into zeros (uncrop), into
+ * `into` (zeroed here first) when given.
+ */
+function cornerCopy(src: Float32Array, from: Conv3dGeom, to: Conv3dGeom, crop: boolean, into?: Float32Array): Float32Array {
   const big = crop ? from : to;
   const small = crop ? to : from;
-  const dst = new Float32Array(inputLength(to));
+  const dst = into ? into.fill(0) : new Float32Array(inputLength(to));
   const c = big.cin;
   const row = small.in[2] * c;
   for (let n = 0; n < big.n; n++)
@@ -236,10 +239,13 @@ function wrap(addon: OneDnnAddon, opts: OneDnnOptions): OneDnnKernels {
     return p;
   };
 
-  const exec = (op: number, g: Conv3dGeom, a: Float32Array, b: Float32Array, outLen: number): Float32Array => {
+  const exec = (op: number, g: Conv3dGeom, a: Float32Array, b: Float32Array, outLen: number, out?: Float32Array): Float32Array => {
     const geom = geomOf(g);
-    // The forward output is written completely, so it needs no zeroing; the gradients keep zeroed memory.
-    const alloc = (): Float32Array | undefined => (external ? undefined : op === OP.forward ? uninitF32(outLen) : new Float32Array(outLen));
+    if (out) checkLength('out', out, outLen);
+    // oneDNN writes every value of each result (test/engine/native-unet-kernels.test.ts hands it NaN-filled
+    // outputs), so a caller's `out` needs no zeroing; without one, the forward output is left unzeroed and the
+    // gradients keep zeroed memory as before.
+    const alloc = (): Float32Array | undefined => out ?? (external ? undefined : op === OP.forward ? uninitF32(outLen) : new Float32Array(outLen));
     if (layoutOpt === 'default') return addon.run(op, defaultLayout(op, g), geom, a, b, alloc());
     if (layoutOpt !== 'auto') return addon.run(op, LAYOUTS[layoutOpt], geom, a, b, alloc());
     const key = `${op}:${geom.join(',')}`;
@@ -293,22 +299,23 @@ function wrap(addon: OneDnnAddon, opts: OneDnnOptions): OneDnnKernels {
             : LAYOUTS[layoutOpt];
       return addon.impl(OP[op], layout, geom);
     },
-    conv3d(x, w, g) {
+    conv3d(x, w, g, out) {
       checkLength('x', x, inputLength(g));
       checkLength('w', w, weightLength(g));
-      return withCrop(g, x, (gc, xc) => exec(OP.forward, gc, xc, w, outputLength(gc)));
+      return withCrop(g, x, (gc, xc) => exec(OP.forward, gc, xc, w, outputLength(gc), out));
     },
-    conv3dBackwardData(dy, w, g) {
+    conv3dBackwardData(dy, w, g, out) {
       checkLength('dy', dy, outputLength(g));
       checkLength('w', w, weightLength(g));
       const c = croppedGeom(g);
-      if (!c) return exec(OP.backwardData, g, dy, w, inputLength(g));
-      return cornerCopy(exec(OP.backwardData, c, dy, w, inputLength(c)), c, g, false);
+      if (!c) return exec(OP.backwardData, g, dy, w, inputLength(g), out);
+      if (out) checkLength('out', out, inputLength(g));
+      return cornerCopy(exec(OP.backwardData, c, dy, w, inputLength(c)), c, g, false, out);
     },
-    conv3dBackwardFilter(x, dy, g) {
+    conv3dBackwardFilter(x, dy, g, out) {
       checkLength('x', x, inputLength(g));
       checkLength('dy', dy, outputLength(g));
-      return withCrop(g, x, (gc, xc) => exec(OP.backwardFilter, gc, xc, dy, weightLength(gc)));
+      return withCrop(g, x, (gc, xc) => exec(OP.backwardFilter, gc, xc, dy, weightLength(gc), out));
     },
   };
 }

@@ -19,6 +19,7 @@ import { mulberry32 } from '../util/random.ts';
 import { checkTrainRequest, lossSummary, nextBatch } from './batch.ts';
 import { Tape, type Act, accumulate, act } from './graph/tape.ts';
 import { createMed3dTrainOps, type ParamStore } from './graph/med3d-ops.ts';
+import { BufferPool } from './graph/pool.ts';
 import { med3dOutputFactor, type Med3dArchitecture } from './med3d.ts';
 import { med3dEncoderFeatures, med3dEncoderForward, med3dForward, med3dHeadForward } from './med3d-forward.ts';
 import { DEFAULT_OPTIMIZER, Optimizer, optimizerKernelsOf } from './optim.ts';
@@ -177,6 +178,15 @@ export function classificationLossJs(z: Float32Array, labels: readonly number[],
   return { loss: loss / n, grad };
 }
 
+/** A volume must carry the channels conv1 takes; said plainly here rather than as a shape error deep in the graph. */
+function checkChannels(arch: Med3dArchitecture, vc: VolumeCase): void {
+  const C = arch.config.inChannels;
+  const [D, H, W] = vc.shape;
+  if ((vc.channels ?? 1) !== C || vc.image.length !== D * H * W * C) {
+    throw new Error(`case ${vc.id}: ${vc.channels ?? 1} input channel(s) (${vc.image.length} values for ${D}×${H}×${W}); the model takes ${C}`);
+  }
+}
+
 const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resolve));
 
 export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels): Trainer {
@@ -217,12 +227,16 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
       const start = mu > 0 ? new Map(optimizer.trained.map((n) => [n, new Float32Array(store.values.get(n)!)])) : undefined;
       const params = names(arch);
       const [pd, ph, pw] = arch.patchShape;
+      const C = arch.config.inChannels;
       const losses: number[] = [];
+      // Activations and gradients of a step, reused by the next one (nothing of a step is read after it).
+      const pool = new BufferPool();
 
       for (let step = 0; step < req.steps; step++) {
         for (const g of store.grads.values()) g.fill(0);
+        pool.recycle();
         const tape = new Tape();
-        const ops = createMed3dTrainOps({ kernels, store, tape, training: true, rng });
+        const ops = createMed3dTrainOps({ kernels, store, tape, training: true, rng, pool });
         let loss: number;
         let out: Act;
         let grad: Float32Array;
@@ -234,8 +248,8 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
           out = med3dHeadForward(arch, params, enc.features, ops, { skips: enc.skips });
           ({ loss, grad } = restorationLoss(out.data, batch.image));
         } else if (voxelHead) {
-          const batch = await nextBatch(req.source, labelled, req.batchSize, arch.patchShape, numClasses, rng);
-          const x = act(batch.image, [req.batchSize, pd, ph, pw, 1], false);
+          const batch = await nextBatch(req.source, labelled, req.batchSize, arch.patchShape, numClasses, rng, { channels: C });
+          const x = act(batch.image, [req.batchSize, pd, ph, pw, C], false);
           const enc = med3dEncoderFeatures(arch, params, x, ops);
           const feats = enc.features;
           out = med3dHeadForward(arch, params, dropout > 0 ? dropoutAct(feats, dropout, rng, tape) : feats, ops, { skips: enc.skips });
@@ -252,8 +266,8 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
             ({ loss, grad } = segmentationLossJs(out.data, target, numClasses));
           }
         } else {
-          const batch = await nextBatch(req.source, labelled, req.batchSize, arch.patchShape, 2, rng, { withLabels: false });
-          const x = act(batch.image, [req.batchSize, pd, ph, pw, 1], false);
+          const batch = await nextBatch(req.source, labelled, req.batchSize, arch.patchShape, 2, rng, { withLabels: false, channels: C });
+          const x = act(batch.image, [req.batchSize, pd, ph, pw, C], false);
           out = med3dHeadForward(arch, params, med3dEncoderForward(arch, params, x, ops), ops, { dropout: true });
           ({ loss, grad } = classificationLossJs(out.data, batch.cases.map((c) => c.classLabel!), numClasses));
         }
@@ -291,7 +305,8 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
         let correct = 0;
         for (const vc of labelled) {
           const [D, H, W] = vc.shape;
-          const logits = med3dHeadForward(arch, params, med3dEncoderForward(arch, params, act(vc.image, [1, D, H, W, 1], false), ops), ops).data;
+          checkChannels(arch, vc);
+          const logits = med3dHeadForward(arch, params, med3dEncoderForward(arch, params, act(vc.image, [1, D, H, W, arch.config.inChannels], false), ops), ops).data;
           let best = 0;
           for (let k = 1; k < numClasses; k++) if (logits[k] > logits[best]) best = k;
           if (best === vc.classLabel) correct++;
@@ -303,6 +318,7 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
       const perCase: number[][] = [];
       for (const vc of cases) {
         if (!vc.label) continue;
+        checkChannels(arch, vc);
         const plan = med3dInferencePlan(arch, vc.shape);
         const labels = plan.kind === 'whole' && !plan.flipTTA ? predictMed3dVolume(arch, ops, vc) : argmaxRows(await med3dPlannedProbs(arch, ops, vc, plan), numClasses);
         perCase.push(diceScores(labels, vc.label, numClasses));
@@ -316,6 +332,7 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
     async predictProbs(weights: TensorBundle, vc: VolumeCase): Promise<Float32Array> {
       if (!voxelHead) throw new Error('predictProbs: the Med3D classification head has no per-voxel output');
       checkWeights(weights);
+      checkChannels(arch, vc);
       const store = new ArrayStore(arch, weights);
       const ops = createMed3dTrainOps({ kernels, store, training: false });
       const plan = med3dInferencePlan(arch, vc.shape);
@@ -332,13 +349,14 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
 function med3dVolumeLogits(arch: Med3dArchitecture, ops: ReturnType<typeof createMed3dTrainOps>, vc: VolumeCase): { full: Float32Array; Hp: number; Wp: number } {
   const [D, H, W] = vc.shape;
   const [Dp, Hp, Wp] = [D, H, W].map((s) => Math.ceil(s / 8) * 8) as [number, number, number];
+  const C = arch.config.inChannels;
   let input = vc.image;
   if (Dp !== D || Hp !== H || Wp !== W) {
-    input = new Float32Array(Dp * Hp * Wp);
-    for (let z = 0; z < D; z++) for (let y = 0; y < H; y++) input.set(vc.image.subarray((z * H + y) * W, (z * H + y + 1) * W), (z * Hp + y) * Wp);
+    input = new Float32Array(Dp * Hp * Wp * C);
+    for (let z = 0; z < D; z++) for (let y = 0; y < H; y++) input.set(vc.image.subarray((z * H + y) * W * C, (z * H + y + 1) * W * C), (z * Hp + y) * Wp * C);
   }
   const params = names(arch);
-  const logits = med3dForward(arch, params, act(input, [1, Dp, Hp, Wp, 1], false), ops);
+  const logits = med3dForward(arch, params, act(input, [1, Dp, Hp, Wp, C], false), ops);
   const factor = med3dOutputFactor(arch.config.head);
   return { full: factor === 1 ? logits.data : upsampleLinear(logits.data, logits.shape, factor), Hp, Wp };
 }
@@ -420,12 +438,12 @@ function argmaxRows(probs: Float32Array, C: number): Uint8Array {
   return out;
 }
 
-/** Med3D as a window network: [n, d, h, w] inputs (multiples of 8) → softmax probabilities on the same grid. */
+/** Med3D as a window network: [n, d, h, w, C] inputs (sides multiples of 8) → softmax probabilities on the same grid. */
 export function med3dWindowForward(arch: Med3dArchitecture, ops: ReturnType<typeof createMed3dTrainOps>): WindowForward {
   const params = names(arch);
   const factor = med3dOutputFactor(arch.config.head);
   return (input, n, [d, h, w]) => {
-    const logits = med3dForward(arch, params, act(input, [n, d, h, w, 1], false), ops);
+    const logits = med3dForward(arch, params, act(input, [n, d, h, w, arch.config.inChannels], false), ops);
     if (factor === 1) return softmaxRows(logits.data, arch.numClasses);
     if (arch.numClasses === 2) {
       // Two classes: the softmax is the logistic of l1 − l0, and linear upsampling commutes with the difference,
@@ -456,7 +474,7 @@ export function med3dWholeVolumeBytes(arch: Med3dArchitecture, padded: Shape3): 
   const V = padded[0] * padded[1] * padded[2];
   const P = arch.config.basePlanes;
   const head = arch.config.head;
-  const stem = V + (2 * P * V) / 8;
+  const stem = arch.config.inChannels * V + (2 * P * V) / 8;
   const fusion = head.kind === 'unet' ? V + (P * V) / 8 + 5 * head.channels * V : 0;
   const output = V + 2 * arch.numClasses * V;
   return 4 * Math.max(stem, fusion, output);
@@ -488,10 +506,11 @@ function med3dInferencePlan(arch: Med3dArchitecture, shape: Shape3): InferencePl
 function med3dPlannedProbs(arch: Med3dArchitecture, ops: ReturnType<typeof createMed3dTrainOps>, vc: VolumeCase, plan: InferencePlan): Promise<Float32Array> {
   const C = arch.numClasses;
   const base = med3dWindowForward(arch, ops);
-  const forward = plan.flipTTA ? flipAveraged(base, C) : base;
+  const channels = arch.config.inChannels;
+  const forward = plan.flipTTA ? flipAveraged(base, C, channels) : base;
   const options =
     plan.kind === 'window'
-      ? { ...plan.options, numClasses: C }
-      : { window: vc.shape.map((s) => Math.ceil(s / 8) * 8) as [number, number, number], overlap: 0, blend: 'uniform' as const, batch: 1, numClasses: C };
+      ? { ...plan.options, numClasses: C, channels }
+      : { window: vc.shape.map((s) => Math.ceil(s / 8) * 8) as [number, number, number], overlap: 0, blend: 'uniform' as const, batch: 1, numClasses: C, channels };
   return slidingWindowProbs(vc.image, vc.shape, options, forward);
 }

@@ -39,6 +39,7 @@ function groupIndex(C: number, cg: number): Int32Array {
 
 /**
  * y = γ·(x − μ)/√(σ² + eps) + β per group (then ReLU when `relu`); x holds `n` samples of V voxels × C channels.
+ * `out` (every value is written) receives y when given.
  */
 export function groupNormForward(
   x: Float32Array,
@@ -49,10 +50,11 @@ export function groupNormForward(
   beta: Float32Array,
   eps: number,
   relu: boolean,
+  out?: Float32Array,
 ): GroupNormForward {
   const [V, cg] = geometry(x.length, n, C, G);
   const M = V * cg;
-  const y = new Float32Array(x.length);
+  const y = out ?? new Float32Array(x.length);
   const mean = new Float64Array(n * G);
   const invStd = new Float64Array(n * G);
   const groupOf = groupIndex(C, cg);
@@ -104,7 +106,7 @@ export function groupNormForward(
 /**
  * Gradients of groupNormForward. With `reluOut` (the forward's output when it fused a ReLU) dy counts only
  * where the output was positive. dx = s·γ·dy − s/M·(Σ γ·dy + x̂·Σ γ·dy·x̂) per group, written per
- * (sample, channel) as dx = dy·p + x·q + r.
+ * (sample, channel) as dx = dy·p + x·q + r; into `dxOut` (every value is written) when given.
  */
 export function groupNormBackward(
   x: Float32Array,
@@ -116,13 +118,14 @@ export function groupNormBackward(
   gamma: Float32Array,
   reluOut: Float32Array | undefined,
   needDx: boolean,
+  dxOut?: Float32Array,
 ): GroupNormGrads {
   const [V, cg] = geometry(x.length, n, C, G);
   const M = V * cg;
   const groupOf = groupIndex(C, cg);
   const dgamma = new Float64Array(C);
   const dbeta = new Float64Array(C);
-  const dx = needDx ? new Float32Array(x.length) : undefined;
+  const dx = needDx ? (dxOut ?? new Float32Array(x.length)) : undefined;
   const sumDy = new Float64Array(C);
   const sumDyX = new Float64Array(C);
   const s1 = new Float64Array(G);

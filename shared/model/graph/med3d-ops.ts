@@ -1,19 +1,21 @@
 /**
  * Med3D graph ops on Float32Arrays with gradients: the training engine behind the Med3D trainer.
  * Convolutions go through a ConvKernels implementation (oneDNN when built, else JS loops); BatchNorm,
- * ReLU, max-pool and add through ElementwiseKernels (the addon's C++ loops with the oneDNN kernels, else
- * JS), fused with the ReLU that follows them where the graph has one; GroupNorm/InstanceNorm in JS (group-norm.ts);
- * shortcuts, channel concatenation and heads are written here. Semantics follow PyTorch exactly:
+ * GroupNorm/InstanceNorm, ReLU, max-pool, add, channel concatenation and the transposed convolutions' bias
+ * through ElementwiseKernels (the addon's C++ loops with the oneDNN kernels, else JS), norms fused with the
+ * ReLU that follows them where the graph has one; shortcut A and the classifier are written here. With a
+ * BufferPool every activation and gradient comes from the pool (a training step's buffers reused by the next
+ * step). Semantics follow PyTorch exactly:
  * symmetric padding, BatchNorm with batch statistics in training (biased variance to normalise, unbiased
  * for the running estimate, momentum 0.1 in PyTorch's sense), running statistics in eval.
  */
-import { torchConvGeom, type ConvKernels } from '../../engine/conv-kernels.ts';
-import { elementwiseOf, type ElementwiseKernels } from '../../engine/elementwise-kernels.ts';
+import { inputLength, outputLength, torchConvGeom, weightLength, type ConvKernels } from '../../engine/conv-kernels.ts';
+import { elementwiseOf, uninitF32, type ElementwiseKernels } from '../../engine/elementwise-kernels.ts';
 import type { Rng } from '../../util/random.ts';
 import { MED3D_BN_EPS } from '../med3d.ts';
 import type { AffineNormParams, BatchNormParams, Med3dConvOptions, Med3dGraphOps } from '../med3d-forward.ts';
-import { groupNormBackward, groupNormForward } from './group-norm.ts';
-import { act, addInto, type Act, type Tape } from './tape.ts';
+import type { BufferPool } from './pool.ts';
+import { act, type Act, type Tape } from './tape.ts';
 
 /** Where ops read parameters and put their gradients; parameters are referred to by name. */
 export interface ParamStore {
@@ -36,6 +38,11 @@ export interface Med3dOpsOptions {
   readonly elementwise?: ElementwiseKernels;
   /** For dropout masks; required when training with dropout. */
   readonly rng?: Rng;
+  /**
+   * Where activations and gradients are allocated: the owner recycles it between steps, once nothing of the
+   * previous step is read any more. Without one every array is fresh (and GC-managed).
+   */
+  readonly pool?: BufferPool;
 }
 
 export type Med3dTrainOps = Med3dGraphOps<Act, string>;
@@ -43,12 +50,25 @@ export type Med3dTrainOps = Med3dGraphOps<Act, string>;
 export function createMed3dTrainOps(o: Med3dOpsOptions): Med3dTrainOps {
   const { kernels, store, tape, training } = o;
   const momentum = o.bnMomentum ?? 0.1;
-  const ew = o.elementwise ?? elementwiseOf(kernels);
+  const pool = o.pool;
+  const alloc = pool ? (n: number) => pool.take(n) : uninitF32;
+  const baseEw = o.elementwise ?? elementwiseOf(kernels);
+  const ew = pool ? baseEw.withAlloc(alloc) : baseEw;
   // tape.accumulate with the sum in the elementwise kernels (native: vectorised and threaded).
   const accumulate = (a: Act, g: Float32Array, owned: boolean): void => {
     if (!a.needsGrad) return;
-    if (!a.grad) a.grad = owned ? g : g.slice();
-    else ew.addInto(a.grad, g);
+    if (!a.grad) {
+      if (owned) a.grad = g;
+      else (a.grad = alloc(g.length)).set(g);
+    } else ew.addInto(a.grad, g);
+  };
+  /** Runs a convolution kernel with a pooled output when there is a pool (the kernel may ignore it). */
+  const pooled = (len: number, run: (out: Float32Array | undefined) => Float32Array): Float32Array => {
+    if (!pool) return run(undefined);
+    const out = pool.take(len);
+    const r = run(out);
+    if (r !== out) pool.untake(out);
+    return r;
   };
   const record = (fn: () => void) => tape?.record(fn);
 
@@ -57,13 +77,13 @@ export function createMed3dTrainOps(o: Med3dOpsOptions): Med3dTrainOps {
     const ws = store.shape(wName);
     if (ws.length !== 5 || ws[3] !== x.shape[4]) throw new Error(`conv3d ${wName}: weight [${ws.join(',')}] does not fit input [${x.shape.join(',')}]`);
     const g = torchConvGeom(x.shape, ws[4], { k: [ws[0], ws[1], ws[2]], stride: opts.stride ?? 1, dilation: opts.dilation ?? 1, pad: opts.pad ?? 0 });
-    const out = act(kernels.conv3d(x.data, w, g), [g.n, ...g.out, g.cout], true);
+    const out = act(pooled(outputLength(g), (b) => kernels.conv3d(x.data, w, g, b)), [g.n, ...g.out, g.cout], true);
     record(() => {
       const dy = out.grad;
       if (!dy) return;
       const gw = store.grad(wName);
-      if (gw) addInto(gw, kernels.conv3dBackwardFilter(x.data, dy, g));
-      if (x.needsGrad) accumulate(x, kernels.conv3dBackwardData(dy, w, g), true);
+      if (gw) ew.addInto(gw, pooled(weightLength(g), (b) => kernels.conv3dBackwardFilter(x.data, dy, g, b)));
+      if (x.needsGrad) accumulate(x, pooled(inputLength(g), (b) => kernels.conv3dBackwardData(dy, w, g, b)), true);
     });
     return out;
   };
@@ -79,17 +99,21 @@ export function createMed3dTrainOps(o: Med3dOpsOptions): Med3dTrainOps {
     const cout = ws[3];
     // The transposed conv is the input gradient of the conv that maps its output back to its input.
     const g = torchConvGeom([n, 2 * d, 2 * h, 2 * wd, cout], cin, { k: 2, stride: 2 });
-    const y = kernels.conv3dBackwardData(x.data, w, g);
-    for (let i = 0; i < y.length; i += cout) for (let c = 0; c < cout; c++) y[i + c] += b[c];
+    const y = pooled(inputLength(g), (o) => kernels.conv3dBackwardData(x.data, w, g, o));
+    ew.biasAdd(y, cout, b);
     const out = act(y, [n, 2 * d, 2 * h, 2 * wd, cout], true);
     record(() => {
       const dy = out.grad;
       if (!dy) return;
       const gw = store.grad(wName);
-      if (gw) addInto(gw, kernels.conv3dBackwardFilter(dy, x.data, g));
+      if (gw) ew.addInto(gw, pooled(weightLength(g), (o) => kernels.conv3dBackwardFilter(dy, x.data, g, o)));
       const gb = store.grad(bName);
-      if (gb) for (let i = 0; i < dy.length; i += cout) for (let c = 0; c < cout; c++) gb[c] += dy[i + c];
-      if (x.needsGrad) accumulate(x, kernels.conv3d(dy, w, g), true);
+      if (gb) {
+        const sum = new Float64Array(cout);
+        ew.channelSum(dy, cout, sum);
+        for (let c = 0; c < cout; c++) gb[c] += sum[c];
+      }
+      if (x.needsGrad) accumulate(x, pooled(outputLength(g), (o) => kernels.conv3d(dy, w, g, o)), true);
     });
     return out;
   };
@@ -140,12 +164,12 @@ export function createMed3dTrainOps(o: Med3dOpsOptions): Med3dTrainOps {
     const n = x.shape[0];
     const C = x.shape[x.shape.length - 1];
     const gamma = store.value(p.gamma);
-    const fwd = groupNormForward(x.data, n, C, groups, gamma, store.value(p.beta), MED3D_BN_EPS, relu);
+    const fwd = ew.groupNormForward(x.data, n, C, groups, gamma, store.value(p.beta), MED3D_BN_EPS, relu);
     const out = act(fwd.y, x.shape, true);
     record(() => {
       const dy = out.grad;
       if (!dy) return;
-      const g = groupNormBackward(x.data, dy, n, C, groups, fwd, gamma, relu ? fwd.y : undefined, x.needsGrad);
+      const g = ew.groupNormBackward(x.data, dy, n, C, groups, fwd, gamma, relu ? fwd.y : undefined, x.needsGrad);
       const gg = store.grad(p.gamma);
       const gb = store.grad(p.beta);
       for (let c = 0; c < C; c++) {
@@ -162,29 +186,14 @@ export function createMed3dTrainOps(o: Med3dOpsOptions): Med3dTrainOps {
     if (a.shape.length !== 5 || b.shape.length !== 5 || a.shape.slice(0, 4).some((v, i) => v !== b.shape[i])) {
       throw new Error(`concat: cannot concatenate [${a.shape.join(',')}] and [${b.shape.join(',')}] along channels`);
     }
-    const C = Ca + Cb;
-    const voxels = a.data.length / Ca;
-    const y = new Float32Array(voxels * C);
-    // Plain index loops: a subarray per voxel would allocate millions of views at full resolution.
-    const [av, bv] = [a.data, b.data];
-    for (let v = 0, o = 0, ia = 0, ib = 0; v < voxels; v++) {
-      for (let c = 0; c < Ca; c++) y[o++] = av[ia++];
-      for (let c = 0; c < Cb; c++) y[o++] = bv[ib++];
-    }
-    const out = act(y, [...a.shape.slice(0, 4), C], a.needsGrad || b.needsGrad);
+    const y = ew.concat(a.data, Ca, b.data, Cb);
+    const out = act(y, [...a.shape.slice(0, 4), Ca + Cb], a.needsGrad || b.needsGrad);
     record(() => {
       const dy = out.grad;
       if (!dy) return;
-      if (a.needsGrad) {
-        const da = new Float32Array(a.data.length);
-        for (let v = 0, o = 0, i = 0; v < voxels; v++, o += Cb) for (let c = 0; c < Ca; c++) da[i++] = dy[o++];
-        accumulate(a, da, true);
-      }
-      if (b.needsGrad) {
-        const db = new Float32Array(b.data.length);
-        for (let v = 0, o = Ca, i = 0; v < voxels; v++, o += Ca) for (let c = 0; c < Cb; c++) db[i++] = dy[o++];
-        accumulate(b, db, true);
-      }
+      const parts = ew.split(dy, Ca, Cb, a.needsGrad, b.needsGrad);
+      if (parts.a) accumulate(a, parts.a, true);
+      if (parts.b) accumulate(b, parts.b, true);
     });
     return out;
   };
