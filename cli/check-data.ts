@@ -5,7 +5,7 @@
  * and is how an operator finds the bad file; nothing is logged or sent.
  */
 import Table from 'cli-table3';
-import { checkDataFolder, type CheckReport } from '../site-agent/data/check.ts';
+import { checkDataFolder, type CheckOptions, type CheckReport } from '../site-agent/data/check.ts';
 import { DatasetError } from '../site-agent/data/dataset-json.ts';
 
 const style = () => (process.stdout.isTTY ? {} : { style: { head: [], border: [] } });
@@ -13,7 +13,9 @@ const fmt = (v: readonly number[] | undefined, digits = 3): string => (v ? v.map
 
 export function formatCheckReport(r: CheckReport): string {
   const lines: string[] = [];
-  lines.push(`dataset '${r.name}': classes ${r.labels.map((l, i) => `${i}=${l}`).join(', ')}; channels ${r.channelNames.map((c, i) => `${i}=${c}`).join(', ')}`);
+  lines.push(
+    `dataset '${r.name}': classes ${r.labels.map((l, i) => `${i}=${l}`).join(', ')}; ${r.channelNames.length} channel(s) ${r.channelNames.map((c, i) => `${i}=${c}`).join(', ')}`,
+  );
   const t = new Table({ head: ['case', 'split', 'channels', 'shape (x×y×z)', 'spacing mm', 'orient.', 'dtype', 'label values', 'ok'], ...style() });
   for (const row of r.rows) {
     t.push([
@@ -43,10 +45,10 @@ export function formatCheckReport(r: CheckReport): string {
 }
 
 /** Run the check, print to `out`, return the exit code. */
-export async function runCheckData(dir: string, out: (s: string) => void = (s) => void process.stdout.write(s)): Promise<number> {
+export async function runCheckData(dir: string, out: (s: string) => void = (s) => void process.stdout.write(s), opts: CheckOptions = {}): Promise<number> {
   let report: CheckReport;
   try {
-    report = await checkDataFolder(dir);
+    report = await checkDataFolder(dir, undefined, opts);
   } catch (e) {
     if (e instanceof DatasetError) {
       out(`error: ${e.message}\n`);

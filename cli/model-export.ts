@@ -1,5 +1,9 @@
 /**
- * `medfl model export MODEL.safetensors --format torch [--head SITE_LOCAL.safetensors] --out FILE.pth`
+ * `medfl model export MODEL.safetensors --format torch|onnx [--head SITE_LOCAL.safetensors] --out FILE`
+ *
+ * --format onnx writes an ONNX graph (opset 17) of the encoder, or of encoder + head with --head (or when the model
+ * holds a head), with input "input" [N, C, D, H, W] and output "features" or "logits" (shared/checkpoints/onnx-write.ts):
+ * for onnxruntime, TensorRT, OpenVINO and the like. Every head kind and norm is exported.
  *
  * Writes a MedFL Med3D model (MedFL names, [kD,kH,kW,in,out] layouts) as a PyTorch state_dict in MedicalNet's
  * names and layouts, loadable with `torch.load(FILE)` and, for the encoder alone or the encoder with MedicalNet's
@@ -19,6 +23,7 @@
  */
 import { readFile } from 'node:fs/promises';
 import { basename } from 'node:path';
+import { encodeMed3dOnnx } from '../shared/checkpoints/onnx-write.ts';
 import { encodeTorchStateDict, type TorchWriteTensor } from '../shared/checkpoints/pth-write.ts';
 import {
   createMed3d,
@@ -34,8 +39,8 @@ import { checkAgainstSpecs, findNonFinite, makeBundle, type NamedTensor, type Te
 import { decodeSafetensors } from '../shared/tensors/safetensors.ts';
 import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
 
-export type ExportFormat = 'torch';
-export const EXPORT_FORMATS: readonly ExportFormat[] = ['torch'];
+export type ExportFormat = 'torch' | 'onnx';
+export const EXPORT_FORMATS: readonly ExportFormat[] = ['torch', 'onnx'];
 
 export interface ExportOptions {
   /** MedFL model file (safetensors, MedFL names). */
@@ -48,12 +53,13 @@ export interface ExportOptions {
 
 export interface ExportResult {
   readonly out: string;
+  readonly format: ExportFormat;
   readonly architecture: string;
   readonly head: 'none' | 'segmentation' | 'unet' | 'classification';
-  /** state_dict entries written (num_batches_tracked included). */
+  /** state_dict entries written (num_batches_tracked included); ONNX: initializers (weights and graph constants). */
   readonly entries: number;
   readonly parameters: number;
-  /** Whether `load_state_dict(strict=True)` into MedicalNet's module works, and why not when it does not. */
+  /** Whether `load_state_dict(strict=True)` into MedicalNet's module works, and why not when it does not (torch only). */
   readonly medicalNetLoadable: true | string;
   readonly bytes: number;
 }
@@ -114,6 +120,8 @@ function architectureOf(tensors: TensorBundle, metadata: Record<string, string>,
       patch: meta.patch ?? [56, 448, 448],
       norm,
       normGroups: norm === 'group' ? meta.normGroups : undefined,
+      // conv1's input channels: the tensors show them (a multi-modal model has C > 1).
+      inChannels: inferred.inChannels ?? meta.inChannels,
     });
   } catch (e) {
     throw new ExportError(`${source}: ${(e as Error).message}`);
@@ -163,18 +171,34 @@ export async function runExport(opts: ExportOptions): Promise<ExportResult> {
     throw new ExportError(`${source} → ${describeMed3d(arch)}: ${problem}${hint}`);
   }
 
+  const format = opts.format as ExportFormat;
+  const headKind = withHead ? arch.config.head.kind : 'none';
+  if (format === 'onnx') {
+    const bytes = encodeMed3dOnnx(arch, selected, { withHead, docString: `${describeMed3d(arch)}; exported by medfl model export from ${source}` });
+    writeFileAtomic(opts.out, bytes, opts.head !== undefined ? 0o600 : 0o644);
+    return {
+      out: opts.out,
+      format,
+      architecture: describeMed3d(arch),
+      head: headKind,
+      entries: selected.size,
+      parameters: [...selected.values()].reduce((a, t) => a + t.data.length, 0),
+      medicalNetLoadable: 'an ONNX graph, not a state_dict',
+      bytes: bytes.length,
+    };
+  }
   const stateDict = med3dTorchStateDict(arch, selected);
   const bytes = encodeTorchStateDict(stateDict);
   // A site's head never leaves the site through the federation; keep its export private to the owner too.
   writeFileAtomic(opts.out, bytes, opts.head !== undefined ? 0o600 : 0o644);
 
-  const headKind = withHead ? arch.config.head.kind : 'none';
   let loadable: true | string = true;
   if (arch.config.norm !== 'batch') loadable = `${arch.config.norm} norm has no running statistics; MedicalNet's module uses BatchNorm3d`;
   else if (headKind === 'unet') loadable = "the U-Net head (dec.*) is MedFL's own; MedicalNet's module has no such layers";
   else if (headKind === 'classification') loadable = "the classification head (fc.*) is MedFL's own; MedicalNet's module has no such layer";
   return {
     out: opts.out,
+    format,
     architecture: describeMed3d(arch),
     head: headKind,
     entries: stateDict.length,
@@ -186,6 +210,15 @@ export async function runExport(opts: ExportOptions): Promise<ExportResult> {
 
 /** Lines for people, after a successful export. */
 export function formatExportResult(r: ExportResult): string {
+  if (r.format === 'onnx') {
+    return [
+      `exported ${r.architecture}`,
+      `  parts         encoder${r.head === 'none' ? ' only' : ` + ${r.head} head`}`,
+      `  ONNX          opset 17; input "input" [N, C, D, H, W] float32 → output "${r.head === 'none' ? 'features' : 'logits'}"; ${r.parameters.toLocaleString('en-US')} float32 weights`,
+      `  written       ${r.out} (${r.bytes.toLocaleString('en-US')} bytes)`,
+      '',
+    ].join('\n');
+  }
   return [
     `exported ${r.architecture}`,
     `  parts         encoder${r.head === 'none' ? ' only' : ` + ${r.head} head`}`,

@@ -6,6 +6,7 @@ import { randomInt, type Rng } from '../util/random.ts';
 import type { PatchSource, TrainRequest, VolumeCase } from './types.ts';
 
 export interface Batch {
+  /** [batch·D·H·W·C], channels last. */
   readonly image: Float32Array;
   /** [batch·D·H·W, numClasses]; empty when sampled without labels. Soft rows where a case has `target`. */
   readonly oneHot: Float32Array;
@@ -28,19 +29,22 @@ export function sampleBatch(
   patch: readonly [number, number, number],
   numClasses: number,
   rng: Rng,
-  opts: { withLabels?: boolean; inOrder?: boolean; flip?: boolean } = {},
+  opts: { withLabels?: boolean; inOrder?: boolean; flip?: boolean; channels?: number } = {},
 ): Batch {
   const withLabels = opts.withLabels ?? true;
+  // Every case must have the channels the network takes (default one): a mismatch is a data/plan error, never padded.
+  const C = opts.channels ?? 1;
   const flip = opts.flip ?? true;
   const [pd, ph, pw] = patch;
   const pv = pd * ph * pw;
-  const image = new Float32Array(batchSize * pv);
+  const image = new Float32Array(batchSize * pv * C);
   const oneHot = new Float32Array(withLabels ? batchSize * pv * numClasses : 0);
   const picked: VolumeCase[] = [];
   let weight: Float32Array | undefined;
   for (let b = 0; b < batchSize; b++) {
     const vc = opts.inOrder ? cases[b % cases.length] : cases[randomInt(rng, cases.length)];
     picked.push(vc);
+    if ((vc.channels ?? 1) !== C) throw new Error(`case ${vc.id} has ${vc.channels ?? 1} input channel(s); the model takes ${C}`);
     const [D, H, W] = vc.shape;
     const label = vc.label;
     const target = vc.target;
@@ -63,7 +67,8 @@ export function sampleBatch(
           const dst = base + (z * ph + y) * pw + x;
           if (sz < D && sy < H && sx < W) {
             const src = (sz * H + sy) * W + sx;
-            image[dst] = vc.image[src];
+            if (C === 1) image[dst] = vc.image[src];
+            else for (let c = 0; c < C; c++) image[dst * C + c] = vc.image[src * C + c];
             if (withLabels && target) {
               for (let c = 0; c < numClasses; c++) oneHot[dst * numClasses + c] = target[src * numClasses + c];
               if (vc.weight) weight![dst] = vc.weight[src];
@@ -96,7 +101,7 @@ export async function nextBatch(
   patch: readonly [number, number, number],
   numClasses: number,
   rng: Rng,
-  opts: { withLabels?: boolean } = {},
+  opts: { withLabels?: boolean; channels?: number } = {},
 ): Promise<Batch> {
   if (!source) return sampleBatch(cases, batchSize, patch, numClasses, rng, opts);
   const patches = await source.sample(batchSize, rng);

@@ -188,7 +188,7 @@ function block<T, P>(arch: Med3dArchitecture, b: Med3dBlock, x: T, get: (n: stri
 
 /** What the U-Net head reads besides the layer4 features: the input and the encoder's higher-resolution outputs. */
 export interface Med3dSkips<T> {
-  /** The image, NDHWC with one channel (full resolution). */
+  /** The image, NDHWC with the input channels (full resolution). */
   readonly input: T;
   /** conv1 + bn1 + ReLU, before the max-pool (½ resolution, P channels). */
   readonly stem: T;
@@ -202,10 +202,11 @@ export interface Med3dEncoderOutput<T> {
   readonly skips: Med3dSkips<T>;
 }
 
-/** Encoder graph with its skips: NDHWC image (C = 1) → layer4 features and the U-Net head's skips. */
+/** Encoder graph with its skips: NDHWC image (C = the architecture's input channels) → layer4 features and the U-Net head's skips. */
 export function med3dEncoderFeatures<T, P>(arch: Med3dArchitecture, params: Params<P>, x: T, ops: Med3dGraphOps<T, P>): Med3dEncoderOutput<T> {
   const shape = ops.shape(x);
-  if (shape.length !== 5 || shape[4] !== 1) throw new Error(`med3d: input must be NDHWC with one channel, got [${shape.join(',')}]`);
+  const C = arch.config.inChannels;
+  if (shape.length !== 5 || shape[4] !== C) throw new Error(`med3d: input must be NDHWC with ${C === 1 ? 'one channel' : `${C} channels`}, got [${shape.join(',')}]`);
   const get = getter(params);
   const stem = norm(arch, ops, get, ops.conv3d(x, get('encoder.conv1.weight'), { stride: 2, pad: 3 }), 'encoder.bn1', true);
   let y = ops.maxPool(stem);
@@ -217,7 +218,7 @@ export function med3dEncoderFeatures<T, P>(arch: Med3dArchitecture, params: Para
   return { features: y, skips: { input: x, stem, layer1 } };
 }
 
-/** Encoder graph: NDHWC image (C = 1) → layer4 features NDHWC. No tidy: call inside tf.tidy or a gradient scope. */
+/** Encoder graph: NDHWC image (C input channels) → layer4 features NDHWC. No tidy: call inside tf.tidy or a gradient scope. */
 export function med3dEncoderForward<T, P>(arch: Med3dArchitecture, params: Params<P>, x: T, ops: Med3dGraphOps<T, P>): T {
   return med3dEncoderFeatures(arch, params, x, ops).features;
 }
@@ -300,7 +301,7 @@ function toTensors(tf: Tf, arch: Med3dArchitecture, weights: TensorBundle, withH
 }
 
 /**
- * Eval-mode encoder: NDHWC input (C = 1) → layer4 features NDHWC [N, D′, H′, W′, 8P·e]. Only the encoder
+ * Eval-mode encoder: NDHWC input (C input channels) → layer4 features NDHWC [N, D′, H′, W′, 8P·e]. Only the encoder
  * tensors of `weights` are used. The caller owns (and disposes) the result.
  */
 export function med3dEmbed(tf: Tf, arch: Med3dArchitecture, weights: TensorBundle, input: Tensor5D, ops: Med3dOps = createMed3dEvalOps(tf)): Tensor5D {

@@ -4,7 +4,8 @@
  * init and PyTorch <-> MedFL conversion only (no tfjs import); the forward pass is in med3d-forward.ts.
  *
  * Layout (exactly MedicalNet's models/resnet.py, as docs/transfer-init.md describes):
- *   conv1   Conv3d 1→P, 7³, stride 2, padding 3, no bias; BN; ReLU        (P = base planes, 64 at full width)
+ *   conv1   Conv3d C→P, 7³, stride 2, padding 3, no bias; BN; ReLU        (P = base planes, 64 at full width;
+ *           C = input channels, 1 as MedicalNet, more for multi-modal scans: one per MSD _000k file)
  *   maxpool 3³, stride 2, padding 1
  *   layer1  P planes,  stride 1, dilation 1
  *   layer2  2P planes, stride 2, dilation 1
@@ -21,7 +22,7 @@
  *   U-Net head (not in MedicalNet; a light decoder for small lesions, Ch channels throughout, "head.dec."):
  *   up3 ConvTranspose3d(8P·e → Ch, k 2, s 2, bias) on layer4 (⅛ → ¼), concat layer1 → conv3 3³ + norm3 + ReLU;
  *   up2 (Ch → Ch) (→ ½), concat the stem (conv1+bn1+ReLU) → conv2 3³ + norm2 + ReLU; up1 (Ch → Ch) (→ full),
- *   concat in_conv 3³ (1 → Ch) + in_norm + ReLU of the input → conv1 1³ (2Ch → Ch) + norm1 + ReLU → cls 1³
+ *   concat in_conv 3³ (C → Ch) + in_norm + ReLU of the input → conv1 1³ (2Ch → Ch) + norm1 + ReLU → cls 1³
  *   (Ch → classes) → logits at the FULL input size (input sides must be multiples of 8). The full-resolution
  *   fusion is 1³: a 3³ conv over 2Ch channels there would cost more than a ¼-width encoder.
  *
@@ -85,6 +86,8 @@ export interface Med3dOptions {
   readonly normGroups?: number;
   /** How evaluation and predictions score a whole volume (the plan's model.inference); absent = whole volume. */
   readonly inference?: InferenceSettings;
+  /** Input channels C (imaging modalities, the MSD _0000…_000N files; default 1 as MedicalNet). */
+  readonly inChannels?: number;
 }
 
 export type Med3dHead =
@@ -123,6 +126,8 @@ export interface Med3dConfig {
   readonly norm: Med3dNorm;
   /** Groups of 'group' norm (kept for the metadata even when another norm is used). */
   readonly normGroups: number;
+  /** Input channels: conv1 (and the U-Net head's in_conv) take C channels. */
+  readonly inChannels: number;
 }
 
 export interface Med3dArchitecture extends ModelArchitecture {
@@ -140,6 +145,8 @@ const STAGE_BLOCKS: Record<Med3dDepth, readonly [number, number, number, number]
 };
 const STAGE_STRIDES = [1, 2, 1, 1] as const;
 const STAGE_DILATIONS = [1, 1, 2, 4] as const;
+/** Most input channels a plan may ask for (MSD tasks have at most 4; a bound keeps a typo from allocating a huge conv1). */
+export const MED3D_MAX_IN_CHANNELS = 64;
 /** PyTorch BatchNorm eps (MedicalNet keeps the default). */
 export const MED3D_BN_EPS = 1e-5;
 
@@ -169,6 +176,10 @@ export function resolveMed3dConfig(opts: Med3dOptions): Med3dConfig {
   const norm = opts.norm ?? 'batch';
   if (!MED3D_NORMS.includes(norm)) throw new Error(`med3d: norm must be one of ${MED3D_NORMS.join(', ')}, got ${String(norm)}`);
   const normGroups = opts.normGroups ?? MED3D_DEFAULT_NORM_GROUPS;
+  const inChannels = opts.inChannels ?? 1;
+  if (!Number.isInteger(inChannels) || inChannels < 1 || inChannels > MED3D_MAX_IN_CHANNELS) {
+    throw new Error(`med3d: inChannels must be an integer in 1..${MED3D_MAX_IN_CHANNELS}, got ${String(inChannels)}`);
+  }
   if (!Number.isInteger(normGroups) || normGroups < 1) throw new Error(`med3d: normGroups must be a positive integer, got ${String(normGroups)}`);
   if (!Number.isInteger(h.numClasses) || h.numClasses < 1 || h.numClasses > 65535) {
     throw new Error(`med3d: head.numClasses must be a positive integer, got ${String(h.numClasses)}`);
@@ -231,6 +242,7 @@ export function resolveMed3dConfig(opts: Med3dOptions): Med3dConfig {
     patch,
     norm,
     normGroups,
+    inChannels,
   };
   if (norm === 'group') {
     const bad = normLayers(config).filter((l) => l.channels % normGroups !== 0);
@@ -318,7 +330,7 @@ function buildParams(cfg: Med3dConfig): ParamDef[] {
     add(`${name}.bias`, [cout], 'head', 'conv', 'head', true, { kind: 'uniform', bound });
   };
 
-  conv('encoder.conv1', 7, 1, cfg.basePlanes, 'encoder', 'stem');
+  conv('encoder.conv1', 7, cfg.inChannels, cfg.basePlanes, 'encoder', 'stem');
   bn('encoder.bn1', cfg.basePlanes, 'encoder', 'stem');
   for (const b of cfg.blocks) {
     const e = 'encoder';
@@ -359,7 +371,7 @@ function buildParams(cfg: Med3dConfig): ParamDef[] {
     conv(`${d}.conv2`, 3, ch + cfg.basePlanes, ch, 'head', 'head');
     bn(`${d}.norm2`, ch, 'head', 'head');
     convTranspose(`${d}.up1`, ch, ch);
-    conv(`${d}.in_conv`, 3, 1, ch, 'head', 'head');
+    conv(`${d}.in_conv`, 3, cfg.inChannels, ch, 'head', 'head');
     bn(`${d}.in_norm`, ch, 'head', 'head');
     conv(`${d}.conv1`, 1, 2 * ch, ch, 'head', 'head');
     bn(`${d}.norm1`, ch, 'head', 'head');
@@ -494,7 +506,8 @@ export function describeMed3d(arch: ModelArchitecture): string {
   const head =
     c.head.kind === 'classification' ? `classification head ${c.head.numClasses} classes` : `${c.head.kind === 'unet' ? 'U-Net' : 'seg'} head ${c.head.numClasses} classes/${c.head.channels} ch`;
   const norm = c.norm === 'batch' ? '' : c.norm === 'group' ? `, GroupNorm ${c.normGroups}` : ', InstanceNorm';
-  return `Med3D ResNet-${c.depth}-${c.shortcut} ×${c.widthMultiplier} (${c.basePlanes} base planes${norm}, ${head})`;
+  const input = c.inChannels === 1 ? '' : `, ${c.inChannels} input channels`;
+  return `Med3D ResNet-${c.depth}-${c.shortcut} ×${c.widthMultiplier} (${c.basePlanes} base planes${norm}${input}, ${head})`;
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -502,7 +515,7 @@ export function describeMed3d(arch: ModelArchitecture): string {
 
 /**
  * safetensors __metadata__ for a Med3D model file: `architecture: "med3d"` and `med3d:` JSON of
- * {depth, shortcut, widthMultiplier, head, patch, norm, normGroups}; `format: "medfl"` (MedFL names and layouts) unless
+ * {depth, shortcut, widthMultiplier, head, patch, norm, normGroups[, inChannels]}; `format: "medfl"` (MedFL names and layouts) unless
  * the file holds a PyTorch state_dict (`format: "pytorch-state-dict"`, as scripts/make_med3d_fixtures.py writes).
  */
 export function med3dMetadata(arch: Med3dArchitecture, format: 'medfl' | 'pytorch-state-dict' = 'medfl'): Record<string, string> {
@@ -510,7 +523,17 @@ export function med3dMetadata(arch: Med3dArchitecture, format: 'medfl' | 'pytorc
   return {
     format,
     architecture: MED3D_ID,
-    med3d: JSON.stringify({ depth: c.depth, shortcut: c.shortcut, widthMultiplier: c.widthMultiplier, head: c.head, patch: c.patch, norm: c.norm, normGroups: c.normGroups }),
+    // inChannels only when it is not 1: one-channel model files stay byte for byte what they were.
+    med3d: JSON.stringify({
+      depth: c.depth,
+      shortcut: c.shortcut,
+      widthMultiplier: c.widthMultiplier,
+      head: c.head,
+      patch: c.patch,
+      norm: c.norm,
+      normGroups: c.normGroups,
+      ...(c.inChannels !== 1 ? { inChannels: c.inChannels } : {}),
+    }),
   };
 }
 
@@ -534,6 +557,7 @@ export function med3dOptionsFromMetadata(meta: Readonly<Record<string, string>>)
   if (Array.isArray(raw.patch) && raw.patch.length === 3) out.patch = raw.patch.map(Number) as [number, number, number];
   if (raw.norm !== undefined) out.norm = String(raw.norm) as Med3dNorm;
   if (raw.normGroups !== undefined) out.normGroups = Number(raw.normGroups);
+  if (raw.inChannels !== undefined) out.inChannels = Number(raw.inChannels);
   return out;
 }
 
@@ -546,7 +570,10 @@ export function inferMed3dOptions(specs: Iterable<{ readonly name: string; reado
   for (const s of specs) shapes.set(s.name, s.shape);
   const out: { -readonly [K in keyof Med3dOptions]?: Med3dOptions[K] } = {};
   const c1 = shapes.get('encoder.conv1.weight');
-  if (c1 && c1.length === 5) out.widthMultiplier = c1[4] / 64;
+  if (c1 && c1.length === 5) {
+    out.widthMultiplier = c1[4] / 64;
+    if (c1[3] !== 1) out.inChannels = c1[3];
+  }
   const counts = [1, 2, 3, 4].map((s) => {
     let n = 0;
     while (shapes.has(`encoder.layer${s}.${n}.conv1.weight`)) n++;

@@ -21,6 +21,7 @@ export function architectureFor(model: Plan['model']): ModelArchitecture {
             : { kind: model.head, numClasses: model.numClasses, channels: model.headChannels },
         norm: model.norm,
         normGroups: model.normGroups,
+        ...(model.inputChannels !== undefined ? { inChannels: model.inputChannels } : {}),
         ...(model.inference ? { inference: model.inference } : {}),
       });
   }

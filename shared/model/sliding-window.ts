@@ -105,18 +105,19 @@ export function flipVolume(x: Float32Array, shape: Shape3, flip: readonly [boole
   return out;
 }
 
-/** Softmax probabilities [n, d, h, w, C] of `n` single-channel inputs [n, d, h, w] (sides multiples of 8). */
+/** Softmax probabilities [n, d, h, w, classes] of `n` inputs [n, d, h, w, channels] (sides multiples of 8). */
 export type WindowForward = (input: Float32Array, n: number, window: Shape3) => Float32Array;
 
 /** `forward` averaged over the 8 axis flips of each input (flipped in, flipped back out). */
-export function flipAveraged(forward: WindowForward, numClasses: number): WindowForward {
+export function flipAveraged(forward: WindowForward, numClasses: number, channels = 1): WindowForward {
   return (input, n, window) => {
     const nv = window[0] * window[1] * window[2];
+    const ni = nv * channels;
     const sum = new Float32Array(n * nv * numClasses);
     for (let f = 0; f < 8; f++) {
       const flip: [boolean, boolean, boolean] = [(f & 4) !== 0, (f & 2) !== 0, (f & 1) !== 0];
       const flipped = new Float32Array(input.length);
-      for (let b = 0; b < n; b++) flipped.set(flipVolume(input.subarray(b * nv, (b + 1) * nv), window, flip, 1), b * nv);
+      for (let b = 0; b < n; b++) flipped.set(flipVolume(input.subarray(b * ni, (b + 1) * ni), window, flip, channels), b * ni);
       const p = forward(flipped, n, window);
       for (let b = 0; b < n; b++) {
         const back = flipVolume(p.subarray(b * nv * numClasses, (b + 1) * nv * numClasses), window, flip, numClasses);
@@ -135,6 +136,8 @@ export interface WindowOptions {
   readonly blend: 'gaussian' | 'uniform';
   readonly batch: number;
   readonly numClasses: number;
+  /** Input channels of the image (channels last); absent = 1. */
+  readonly channels?: number;
 }
 
 /**
@@ -146,8 +149,9 @@ export async function slidingWindowProbs(image: Float32Array, shape: Shape3, o: 
   const [D, H, W] = shape;
   const [wd, wh, ww] = o.window;
   const C = o.numClasses;
+  const ch = o.channels ?? 1;
   if (o.window.some((s) => s % 8 !== 0 || s < 8)) throw new Error(`sliding window: sides must be positive multiples of 8, got [${o.window.join(', ')}]`);
-  if (image.length !== D * H * W) throw new Error(`sliding window: image has ${image.length} voxels, shape [${shape.join(', ')}] needs ${D * H * W}`);
+  if (image.length !== D * H * W * ch) throw new Error(`sliding window: image has ${image.length} values, shape [${shape.join(', ')}] × ${ch} channel(s) needs ${D * H * W * ch}`);
   const [Ed, Eh, Ew] = [Math.max(D, wd), Math.max(H, wh), Math.max(W, ww)];
   const starts: [number, number, number][] = [];
   for (const z of windowStarts(Ed, wd, o.overlap)) for (const y of windowStarts(Eh, wh, o.overlap)) for (const x of windowStarts(Ew, ww, o.overlap)) starts.push([z, y, x]);
@@ -160,13 +164,13 @@ export async function slidingWindowProbs(image: Float32Array, shape: Shape3, o: 
   const wsum = new Float32Array(D * H * W);
   for (let first = 0; first < starts.length; first += o.batch) {
     const group = starts.slice(first, first + o.batch);
-    const input = new Float32Array(group.length * nv);
+    const input = new Float32Array(group.length * nv * ch);
     group.forEach(([z0, y0, x0], b) => {
       for (let z = 0; z < wd && z0 + z < D; z++) {
         for (let y = 0; y < wh && y0 + y < H; y++) {
           const src = ((z0 + z) * H + y0 + y) * W + x0;
           const len = Math.min(ww, W - x0);
-          input.set(image.subarray(src, src + len), b * nv + (z * wh + y) * ww);
+          input.set(image.subarray(src * ch, (src + len) * ch), (b * nv + (z * wh + y) * ww) * ch);
         }
       }
     });

@@ -13,6 +13,11 @@
  *   inflate-2d:i3d   2D → 3D (I3D, §3): the 2D kernel repeated over the kD depth taps and divided by kD:
  *                    a volume of identical slices gets the 2D response
  *
+ * One channel → C channels (pretrained, partial:k, mean-var; adaptInputChannels): a pretrained stem conv with one
+ * input channel, where the model takes C (multi-modal scans), is replicated over the C input channels and divided
+ * by C — the I3D rule applied to channels instead of depth: C identical channels give exactly the pretrained
+ * response, and the kernel's scale per input stays that of a one-channel net fed the channels' mean.
+ *
  * Every strategy returns weights for ALL parameters of the architecture plus an InitReport saying which
  * tensors came from the source (copied) and which were made fresh (reinitialised), with details, so the
  * coordinator and sites can log exactly what happened. Tensors "re-initialised as scratch" are always the
@@ -58,6 +63,8 @@ export interface InitReport {
   readonly resampled: readonly string[];
   /** Subset of reinitialised set to the BatchNorm identity γ=1, β=0, mean 0, var 1 (mean-var). */
   readonly reset: readonly string[];
+  /** Subset of copied/resampled whose one-channel source kernel was replicated over C input channels and divided by C. */
+  readonly adaptedInputs: readonly string[];
   /** Source tensors that were not used (head.* of a pretrained bundle, fc.* of a 2D net, …). */
   readonly ignored: readonly string[];
   /** Encoder stages copied, in order (partial:k; pretrained: all). */
@@ -189,6 +196,7 @@ interface Builder {
   inflated: string[];
   resampled: string[];
   reset: string[];
+  adaptedInputs: string[];
   ignored: string[];
   copiedStages: string[];
   sourceStats: Record<string, { mean: number; std: number }>;
@@ -196,7 +204,7 @@ interface Builder {
 }
 
 function builder(): Builder {
-  return { tensors: new Map(), copied: [], reinitialised: [], inflated: [], resampled: [], reset: [], ignored: [], copiedStages: [], sourceStats: {}, notes: [] };
+  return { tensors: new Map(), copied: [], reinitialised: [], inflated: [], resampled: [], reset: [], adaptedInputs: [], ignored: [], copiedStages: [], sourceStats: {}, notes: [] };
 }
 
 function finish(arch: ModelArchitecture, b: Builder, strategy: string): InitResult {
@@ -212,6 +220,7 @@ function finish(arch: ModelArchitecture, b: Builder, strategy: string): InitResu
       inflated: b.inflated,
       resampled: b.resampled,
       reset: b.reset,
+      adaptedInputs: b.adaptedInputs,
       ignored: b.ignored.sort(),
       copiedStages: b.copiedStages,
       sourceStats: b.sourceStats,
@@ -354,15 +363,18 @@ export function checkPretrainedEncoder(arch: ModelArchitecture, pretrained: Tens
 function initPartial(arch: ModelArchitecture, ctx: InitContext, k: number | undefined, strategy: string): InitResult {
   requireSeed(ctx);
   const stages = k === undefined ? encoderStages(arch) : partialStages(arch, k);
-  const ignored = checkPretrainedEncoder(arch, ctx.pretrained, strategy);
-  const pretrained = ctx.pretrained!;
+  const { bundle: pretrained, adapted } = adaptInputChannels(arch, ctx.pretrained);
+  const ignored = checkPretrainedEncoder(arch, pretrained, strategy);
   const scratch = arch.init(ctx.seed);
   const b = builder();
+  // Only what is actually copied counts as adapted (partial:0 still copies the stem, where the input conv is).
+  const copiedAdapted = adapted.filter((n) => stages.includes(arch.params().find((p) => p.name === n)!.stage));
+  adaptedNote(b, copiedAdapted, arch);
   b.ignored.push(...ignored);
   b.copiedStages.push(...stages);
   for (const p of arch.params()) {
     if (p.part === 'encoder' && stages.includes(p.stage)) {
-      put(b, p, Float32Array.from(pretrained.get(p.name)!.data)); // never alias the caller's arrays
+      put(b, p, Float32Array.from(pretrained!.get(p.name)!.data)); // never alias the caller's arrays
       b.copied.push(p.name);
     } else {
       put(b, p, scratchTensor(scratch, p));
@@ -376,6 +388,42 @@ function initPartial(arch: ModelArchitecture, ctx: InitContext, k: number | unde
   droppedStatsNote(b);
   b.notes.push(`head re-initialised as scratch (seed ${ctx.seed})`);
   return finish(arch, b, strategy);
+}
+
+/**
+ * The input conv of the encoder (stem stage, 5-D, the model's input channels C > 1 on axis 3) for which `pretrained`
+ * holds a one-channel kernel of otherwise the same shape: that kernel replicated over the C input channels and
+ * divided by C (W[.., c, o] = W₁[.., 0, o] / C), so that C identical channels x give Σ_c W₁·x / C = W₁·x, the
+ * pretrained response. Every other tensor is passed on untouched; a bundle with nothing to adapt is returned as it is.
+ */
+export function adaptInputChannels(arch: ModelArchitecture, pretrained: TensorBundle | undefined): { bundle: TensorBundle | undefined; adapted: string[] } {
+  if (!pretrained) return { bundle: pretrained, adapted: [] };
+  const adapted: string[] = [];
+  const out = new Map<string, NamedTensor>(pretrained);
+  for (const p of arch.params()) {
+    if (p.part !== 'encoder' || p.stage !== 'stem' || p.layerType !== 'conv' || p.shape.length !== 5) continue;
+    const t = pretrained.get(p.name);
+    const C = p.shape[3];
+    if (!t || C === 1 || t.shape.length !== 5 || t.shape[3] !== 1) continue;
+    if (![0, 1, 2, 4].every((a) => t.shape[a] === p.shape[a]) || t.data.length !== elementCount(t.shape)) continue; // left to the shape check
+    // [kD, kH, kW, 1, O] → [kD, kH, kW, C, O]: each tap's O outputs repeated C times, scaled by 1/C.
+    const O = p.shape[4];
+    const taps = t.data.length / O;
+    const data = new Float32Array(taps * C * O);
+    for (let k = 0; k < taps; k++) {
+      for (let c = 0; c < C; c++) for (let o = 0; o < O; o++) data[(k * C + c) * O + o] = t.data[k * O + o] / C;
+    }
+    out.set(p.name, { name: p.name, dtype: 'F32', shape: [...p.shape], data });
+    adapted.push(p.name);
+  }
+  return adapted.length === 0 ? { bundle: pretrained, adapted } : { bundle: makeBundle(out.values()), adapted };
+}
+
+function adaptedNote(b: Builder, adapted: readonly string[], arch: ModelArchitecture): void {
+  if (adapted.length === 0) return;
+  b.adaptedInputs.push(...adapted);
+  const C = arch.params().find((p) => p.name === adapted[0])!.shape[3];
+  b.notes.push(`${adapted.join(', ')}: one-channel pretrained kernel replicated over ${C} input channels and divided by ${C} (${C} identical channels give the pretrained response)`);
 }
 
 /** 32-bit seed of a tensor's Mean-Var stream: FNV-1a of its name mixed with the plan seed. */
@@ -407,10 +455,12 @@ function meanStd(d: Float32Array): { mean: number; std: number } {
 
 function initMeanVar(arch: ModelArchitecture, ctx: InitContext, strategy: string): InitResult {
   requireSeed(ctx);
-  const ignored = checkPretrainedEncoder(arch, ctx.pretrained, strategy);
-  const pretrained = ctx.pretrained!;
+  // μ and σ are those of the adapted kernel (÷C): the drawn stem then answers C channels at the pretrained scale.
+  const { bundle: pretrained, adapted } = adaptInputChannels(arch, ctx.pretrained);
+  const ignored = checkPretrainedEncoder(arch, pretrained, strategy);
   const scratch = arch.init(ctx.seed);
   const b = builder();
+  adaptedNote(b, adapted, arch);
   b.ignored.push(...ignored);
   const unknownNorm: string[] = [];
   for (const p of arch.params()) {
@@ -429,7 +479,7 @@ function initMeanVar(arch: ModelArchitecture, ctx: InitContext, strategy: string
       b.reinitialised.push(p.name);
       b.reset.push(p.name);
     } else if (p.layerType === 'conv' || p.layerType === 'dense') {
-      const src = pretrained.get(p.name)!.data;
+      const src = pretrained!.get(p.name)!.data;
       const { mean, std } = meanStd(src);
       const rng = mulberry32(tensorSeed(ctx.seed, p.name));
       const out = new Float32Array(src.length);

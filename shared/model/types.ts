@@ -40,8 +40,13 @@ export interface VolumeCase {
   /** Opaque per-site index such as "case-3"; never a path. */
   readonly id: string;
   readonly shape: readonly [number, number, number];
-  /** Normalised intensities, D*H*W, z fastest-varying last (index = (z*H + y)*W + x). */
+  /**
+   * Normalised intensities, D*H*W*C channels last (index = ((z*H + y)*W + x)*C + c; with one channel simply
+   * (z*H + y)*W + x), the NDHWC layout the encoders read.
+   */
   readonly image: Float32Array;
+  /** Input channels C (modalities); absent = 1. */
+  readonly channels?: number;
   /** Class index per voxel, same layout as image; undefined for unlabelled cases. */
   readonly label?: Uint8Array;
   /** Case-level class for classification heads. */

@@ -10,6 +10,7 @@ export interface CaseRow extends CaseInfo {
   readonly case: string;
   /** train / val (labelled imagesTr / imagesTs), pool (unlabelled). */
   readonly split: 'train' | 'val' | 'pool';
+  /** Channel files found for the case (those beyond dataset.json's channels included). */
   readonly channels: number;
   readonly classLabel?: number;
   readonly usable: boolean;
@@ -24,9 +25,21 @@ export interface CheckReport {
   readonly counts: { readonly train: number; readonly val: number; readonly unlabelled: number; readonly unusable: number };
 }
 
-export async function checkDataFolder(dir: string, onCase?: (done: number, total: number) => void): Promise<CheckReport> {
+export interface CheckOptions {
+  /** The input channels a plan's model takes (model.inputChannels): a dataset with another count is an error. */
+  readonly expectChannels?: number;
+}
+
+export async function checkDataFolder(dir: string, onCase?: (done: number, total: number) => void, opts: CheckOptions = {}): Promise<CheckReport> {
   const layout = await scanDataset(dir);
   const problems: DataProblem[] = [...layout.problems];
+  if (opts.expectChannels !== undefined && opts.expectChannels !== layout.channelNames.length) {
+    problems.push({
+      severity: 'error',
+      file: 'dataset.json',
+      fault: `names ${layout.channelNames.length} channel(s) (${layout.channelNames.join(', ')}) but the model takes ${opts.expectChannels} (plan model.inputChannels)`,
+    });
+  }
   const rows: CaseRow[] = [];
   const nc = layout.labels.length;
   for (let i = 0; i < layout.cases.length; i++) {
@@ -39,7 +52,7 @@ export async function checkDataFolder(dir: string, onCase?: (done: number, total
       ...r.info,
       case: e.name,
       split: !labelled ? 'pool' : e.split === 'Tr' ? 'train' : 'val',
-      channels: e.images.filter((f) => f !== undefined).length,
+      channels: e.images.filter((f) => f !== undefined).length + (e.extraChannels?.length ?? 0),
       ...(e.classLabel !== undefined ? { classLabel: e.classLabel } : {}),
       usable: r.raw !== undefined && !layoutError,
     });
@@ -60,3 +73,4 @@ export async function checkDataFolder(dir: string, onCase?: (done: number, total
     },
   };
 }
+

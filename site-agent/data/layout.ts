@@ -33,6 +33,8 @@ export interface CaseEntry {
   readonly images: readonly (string | undefined)[];
   readonly label?: string;
   readonly classLabel?: number;
+  /** Channel indices of files beyond dataset.json's channels (an error on the case); absent when none. */
+  readonly extraChannels?: readonly number[];
 }
 
 export interface DatasetLayout {
@@ -167,7 +169,9 @@ export async function scanDataset(dir: string, opts: ScanOptions = {}): Promise<
     }
     perSplit.push({ split, byCase, labelFiles });
   }
-  const channels = Math.max(1, declaredCount, foundChannels);
+  // dataset.json's channel list is the truth when it has one: a file beyond it is that case's fault (a misnamed file,
+  // a modality the other cases lack), reported on the case, rather than a channel every other case then misses.
+  const channels = declaredCount > 0 ? declaredCount : Math.max(1, foundChannels);
   if (declaredCount > 0 && foundChannels > declaredCount) {
     problems.push({ severity: 'warning', file: 'dataset.json', fault: `declares ${declaredCount} channel(s) but files for ${foundChannels} were found` });
   }
@@ -181,7 +185,16 @@ export async function scanDataset(dir: string, opts: ScanOptions = {}): Promise<
       if (missing.length > 0) {
         problems.push({ severity: 'error', case: name, file: `images${split}/${name}`, fault: `missing channel file(s) ${missing.join(', ')} (dataset has ${channels} channels)` });
       }
-      cases.push({ name, split, images, label: labelFiles.get(name), classLabel: cls.get(name) });
+      const extra = [...chans.keys()].filter((i) => i >= channels).sort((a, b) => a - b);
+      if (extra.length > 0) {
+        problems.push({
+          severity: 'error',
+          case: name,
+          file: `images${split}/${name}`,
+          fault: `channel file(s) ${extra.map((i) => `_${String(i).padStart(4, '0')}`).join(', ')} beyond the ${channels} channel(s) dataset.json names (modality / channel_names)`,
+        });
+      }
+      cases.push({ name, split, images, label: labelFiles.get(name), classLabel: cls.get(name), ...(extra.length > 0 ? { extraChannels: extra } : {}) });
     }
   }
   const known = new Set(cases.map((c) => c.name));

@@ -5,8 +5,8 @@
  * (case id and fault at warn, file path only at debug) and never retried; training goes on without them.
  *
  * Trainer entry points: `SiteData.open(dir, opts)`, then `sampleBatch(data.train, batchSize, rng)` for
- * augmented training patches, `load(ref)` for a whole prepared case, `patchToVolumeCase` to feed today's
- * single-channel Trainer interface.
+ * augmented training patches, `load(ref)` for a whole prepared case, `patchToVolumeCase` and
+ * `preparedToVolumeCase` to feed the Trainer interface (channels last, one or more channels).
  */
 import { createHash } from 'node:crypto';
 import type { VolumeCase } from '../../shared/model/types.ts';
@@ -238,14 +238,35 @@ function withClass(p: Patch, c: PreparedCase): Patch {
   return c.classLabel === undefined ? p : { ...p, classLabel: c.classLabel };
 }
 
-/** A single-channel patch as a VolumeCase (today's Trainer input). Multi-channel patches are refused. */
+/**
+ * A patch as a VolumeCase (the Trainer input). Both keep channels last, so the image is passed on as it is; a
+ * one-channel case carries no `channels` field, exactly as before multi-channel inputs existed.
+ */
 export function patchToVolumeCase(patch: Patch, id: string): VolumeCase {
-  if (patch.channels !== 1) throw new RangeError(`VolumeCase holds one channel; this patch has ${patch.channels}`);
   return {
     id,
     shape: [patch.shape[0], patch.shape[1], patch.shape[2]],
     image: patch.image,
+    ...(patch.channels !== 1 ? { channels: patch.channels } : {}),
     ...(patch.label ? { label: patch.label } : {}),
     ...(patch.classLabel !== undefined ? { classLabel: patch.classLabel } : {}),
   };
+}
+
+/**
+ * A whole prepared case (image and segmentation label) as a VolumeCase: its per-channel volumes interleaved channels last
+ * (the layout patches and the encoders use). A one-channel case hands over its volume without a copy.
+ */
+export function preparedToVolumeCase(c: PreparedCase, id: string = c.id): VolumeCase {
+  const C = c.channels.length;
+  const shape: [number, number, number] = [c.shape[0], c.shape[1], c.shape[2]];
+  const extra = c.label ? { label: c.label } : {};
+  if (C === 1) return { id, shape, image: c.channels[0], ...extra };
+  const n = c.channels[0].length;
+  const image = new Float32Array(n * C);
+  for (let ch = 0; ch < C; ch++) {
+    const src = c.channels[ch];
+    for (let v = 0; v < n; v++) image[v * C + ch] = src[v];
+  }
+  return { id, shape, image, channels: C, ...extra };
 }
