@@ -4,8 +4,9 @@
  */
 import { Command, Option } from 'commander';
 import { CoordinatorHome, DEFAULT_PORT } from '../coordinator/home.ts';
-import { addSite, listSites, revokeSite, withStore } from '../coordinator/admin.ts';
+import { addSite, revokeSite, withStore } from '../coordinator/admin.ts';
 import { sitesTable, statusJson, statusReport, storageCondition } from './status.ts';
+import { eventFacts, validationCases } from '../coordinator/admin-http/status-json.ts';
 import { parsePlan } from '../shared/plan/load.ts';
 import { readFileSync } from 'node:fs';
 import { registerAuditCommands } from './audit.ts';
@@ -14,9 +15,13 @@ import { registerBenchmarkCommand } from './benchmark.ts';
 import { registerRollbackCommand } from './rollback.ts';
 import { MAX_PORT, integerOption, positiveNumberOption } from './options.ts';
 import { adminSettings, ADMIN_TOKEN_ENV, type AdminCliOptions } from './admin-options.ts';
+import { EXPORT_FORMATS, exportMetrics, type ExportFormat } from './export-metrics.ts';
 
 /** The version operators quote in reports: package.json's, read at run time so it cannot drift. */
 const { version } = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string };
+
+/** The MedicalNet depths `model import` and `model embed` know. */
+const MED3D_ARCHS = ['resnet10', 'resnet18', 'resnet34', 'resnet50', 'resnet101'] as const;
 
 const program = new Command();
 program.name('medfl').description('MedFL: federated transfer learning for 3D medical imaging').version(version).showHelpAfterError();
@@ -64,14 +69,20 @@ coordinator
     const { startCoordinator } = await import('../coordinator/coordinator.ts');
     const running = await startCoordinator({ dir: o.dir, planPath: o.plan, natsUrl: o.nats, port: o.port, host: o.bind, requireClientCert: o.mtls, limits: { maxOpenUploadsPerSite: o.maxUploadsPerSite, authFailures: { burst: o.authFailureBurst, refillPerMinute: o.authFailureRefill } }, admin: adminSettings(o) });
     process.stdout.write(`coordinator ${running.federationId} listening on port ${running.port} (events: ${running.bus.describe()})\n`);
-    if (running.admin) process.stdout.write(`admin endpoint ${running.admin.url} (/metrics, /healthz, /readyz)\n`);
-    const shutdown = async (sig: string) => {
-      process.stdout.write(`\n${sig}: stopping coordinator\n`);
+    if (running.admin) process.stdout.write(`admin endpoint ${running.admin.url} (/metrics, /healthz, /readyz)\ndashboard ${running.admin.url}/\n`);
+    let stopping = false;
+    const shutdown = async (why: string) => {
+      if (stopping) return;
+      stopping = true;
+      process.stdout.write(`\n${why}: stopping coordinator\n`);
       await running.stop();
       process.exit(0);
     };
     process.once('SIGINT', () => void shutdown('SIGINT'));
     process.once('SIGTERM', () => void shutdown('SIGTERM'));
+    // Plan afterLastRound: exit (default) ends the process with status 0 once every planned round has closed.
+    const { followLastRound } = await import('./after-last-round.ts');
+    followLastRound(running, { say: (line) => process.stdout.write(`${line}\n`), shutdown });
   });
 
 const site = coordinator.command('site').description('add, revoke and list sites (no restart needed)');
@@ -112,7 +123,9 @@ site
   .description('list sites')
   .requiredOption('--dir <dir>', 'coordinator directory')
   .action((o: { dir: string }) => {
-    process.stdout.write(sitesTable(listSites(o.dir)) + '\n');
+    // As in `medfl status`: sites that ended with the federation read finished, a site without validation data says so.
+    const text = withStore(new CoordinatorHome(o.dir), (s) => sitesTable(s.listSites(), Date.now(), { finish: eventFacts(s).finish, validation: validationCases(s) }));
+    process.stdout.write(text + '\n');
   });
 
 coordinator
@@ -124,6 +137,19 @@ coordinator
   });
 
 registerRollbackCommand(coordinator); // medfl coordinator rollback --dir DIR --to VERSION
+
+coordinator
+  .command('export-metrics')
+  .description('every metric the sites reported, one row per round × site × metric (CSV or JSON), from the store')
+  .requiredOption('--dir <dir>', 'coordinator directory')
+  .addOption(new Option('--format <format>', 'output format').choices([...EXPORT_FORMATS]).default('csv'))
+  .option('--out <file>', 'write to FILE instead of stdout')
+  .action((o: { dir: string; format: ExportFormat; out?: string }) => {
+    const home = new CoordinatorHome(o.dir);
+    const c = home.config();
+    const rows = withStore(home, (s) => s.listMetrics());
+    process.stdout.write(exportMetrics(rows, { format: o.format, federationId: c.federationId, out: o.out }));
+  });
 
 const siteCmd = program.command('site').description('run a site agent inside a hospital');
 
@@ -157,6 +183,12 @@ siteCmd
     const { SiteHome } = await import('../site-agent/home.ts');
     const siteConfig = new SiteHome(o.dir).config();
     const log = createLogger('site-agent', { site: siteConfig.siteName });
+    // Said once at start: without validation cases the site reports no validation Dice all federation long.
+    const { validationNotice } = await import('../site-agent/validation-notice.ts');
+    await validationNotice(o.data).then(
+      (n) => (n.warning ? log.warn({ validationCases: 0, trainingCases: n.trainingCases }, n.warning) : log.info({ validationCases: n.validationCases, trainingCases: n.trainingCases }, 'validation cases found')),
+      (e: Error) => log.warn({ reason: e.message }, 'could not check the data folder for validation cases; training will report what is wrong with it'),
+    );
     const { SiteMetrics } = await import('../site-agent/metrics.ts');
     const metrics = o.metricsPort === undefined ? undefined : new SiteMetrics({ site: siteConfig.siteName, federation: siteConfig.federationId });
     const agent = new SiteAgent({ dir: o.dir, dataDir: o.data, log, auditPath: o.auditWire, exitWhenFinished: o.exitWhenFinished, engine: o.engine, observer: metrics });
@@ -188,9 +220,31 @@ siteCmd
 siteCmd
   .command('check-data <dir>')
   .description('validate a data folder (MSD / nnU-Net layout): table of cases and every problem; exit 1 if a case is unusable')
-  .action(async (dir: string) => {
+  .option('--channels <n>', "input channels the plan's model takes (model.inputChannels); another count in dataset.json is an error")
+  .action(async (dir: string, o: { channels?: string }) => {
     const { runCheckData } = await import('./check-data.ts');
-    process.exit(await runCheckData(dir));
+    const expectChannels = o.channels === undefined ? undefined : Number(o.channels);
+    if (expectChannels !== undefined && !(Number.isInteger(expectChannels) && expectChannels >= 1)) {
+      process.stderr.write(`error: --channels "${o.channels}": expected a positive integer\n`);
+      process.exit(2);
+    }
+    process.exit(await runCheckData(dir, undefined, expectChannels === undefined ? {} : { expectChannels }));
+  });
+
+siteCmd
+  .command('import-dicom')
+  .description('convert DICOM series into a data folder (MSD layout, NIfTI): one case per series, no identifiers in names; reports what it skipped and why')
+  .requiredOption('--in <dir>', 'folder of DICOM files (any structure)')
+  .requiredOption('--out <dir>', 'new data folder to write (imagesTr/, dataset.json)')
+  .option('--labels <dir>', 'segmentations as NIfTI named SERIES_INSTANCE_UID.nii(.gz), on their series grid')
+  .option('--map <file>', 'also write case → SeriesInstanceUID/StudyInstanceUID as CSV (mode 0600; outside the data folder)')
+  .option('--modality <code>', 'import only this DICOM modality (CT, MR, …); default the most common one')
+  .action(async (o: { in: string; out: string; labels?: string; map?: string; modality?: string }) => {
+    const { runImportDicom, formatImportReport } = await import('./import-dicom.ts');
+    const { createLogger } = await import('../shared/util/log.ts');
+    const r = await runImportDicom({ input: o.in, out: o.out, labels: o.labels, map: o.map, modality: o.modality }, createLogger('import-dicom'));
+    process.stdout.write(formatImportReport(r));
+    process.exit(r.cases.length > 0 ? 0 : 1);
   });
 
 const model = program.command('model').description('import pretrained checkpoints, export to PyTorch and run the Med3D encoder');
@@ -198,8 +252,8 @@ const model = program.command('model').description('import pretrained checkpoint
 model
   .command('import <checkpoint>')
   .description('read a MedicalNet checkpoint (.pth as published, or .safetensors) into a MedFL model file; fails with a list of every mismatched key')
-  .requiredOption('--arch <arch>', 'resnet10 | resnet18 | resnet34 | resnet50 | resnet101')
-  .option('--shortcut <type>', "A or B (default: MedicalNet's release choice for the depth)")
+  .addOption(new Option('--arch <arch>', 'MedicalNet ResNet depth').choices([...MED3D_ARCHS]).makeOptionMandatory())
+  .addOption(new Option('--shortcut <type>', "shortcut type (default: MedicalNet's release choice for the depth)").choices(['A', 'B']))
   .option('--width <multiplier>', 'width multiplier of the checkpoint', positiveNumberOption('--width', 64), 1)
   .option('--classes <n>', 'segmentation classes of the head, when the head is imported', integerOption('--classes', 2, 1000), 2)
   .addOption(new Option('--parts <parts>', 'what to import').choices(['auto', 'encoder', 'all']).default('auto'))
@@ -213,10 +267,12 @@ model
 
 model
   .command('export <model>')
-  .description("write a MedFL model as a PyTorch state_dict in MedicalNet's names and layouts (torch.load; load_state_dict(strict=True) into MedicalNet's module)")
-  .addOption(new Option('--format <format>', 'output format').choices(['torch']).makeOptionMandatory())
+  .description(
+    "write a MedFL model as a PyTorch state_dict in MedicalNet's names and layouts (torch: torch.load; load_state_dict(strict=True) into MedicalNet's module) or as an ONNX graph (onnx: onnxruntime and other inference servers)",
+  )
+  .addOption(new Option('--format <format>', 'output format').choices(['torch', 'onnx']).makeOptionMandatory())
   .option('--head <file>', "the site's local tensors (SITE_DIR/local/med3d-….safetensors): export its own head with the encoder")
-  .requiredOption('--out <file>', 'output .pth')
+  .requiredOption('--out <file>', 'output .pth or .onnx')
   .action(async (modelFile: string, o: { format: string; head?: string; out: string }) => {
     const { runExport, formatExportResult } = await import('./model-export.ts');
     process.stdout.write(formatExportResult(await runExport({ model: modelFile, format: o.format, head: o.head, out: o.out })) + '\n');
@@ -228,8 +284,8 @@ model
   .requiredOption('--model <file>', 'model .safetensors (MedFL or PyTorch layout)')
   .requiredOption('--input <volume>', '.nii, .nii.gz or .npy (float32, D×H×W or N×D×H×W×1)')
   .requiredOption('--out <file>', 'output .npy')
-  .option('--arch <arch>', 'override the architecture recorded in the file (resnet10 …)')
-  .option('--shortcut <type>', 'override the shortcut type (A or B)')
+  .addOption(new Option('--arch <arch>', 'override the architecture recorded in the file').choices([...MED3D_ARCHS]))
+  .addOption(new Option('--shortcut <type>', 'override the shortcut type').choices(['A', 'B']))
   .option('--width <multiplier>', 'override the width multiplier', positiveNumberOption('--width', 64))
   .addOption(new Option('--engine <name>', 'force a compute engine').choices(['auto', 'tfjs-node-gpu', 'tfjs-node', 'wasm', 'cpu']))
   .action(async (o: { model: string; input: string; out: string; arch?: string; shortcut?: string; width?: number; engine?: string }) => {

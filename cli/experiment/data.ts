@@ -98,7 +98,7 @@ export function siteMeta(siteDir: string): DatasetJson {
  * Every labelled case of the test folder, prepared like training data and held in memory (a test folder is meant
  * to be small). The folder may be a full MSD folder or only imagesTs/ + labelsTs/.
  */
-export async function loadTestCases(testDir: string, meta: DatasetJson, patch: readonly [number, number, number], data: { spacing?: readonly [number, number, number]; normalization?: 'auto' | 'ct' | 'mri' | 'none' } = {}): Promise<{ cases: VolumeCase[]; numClasses: number }> {
+export async function loadTestCases(testDir: string, meta: DatasetJson, patch: readonly [number, number, number], data: { spacing?: readonly [number, number, number]; normalization?: 'auto' | 'ct' | 'mri' | 'quantile' | 'none' } = {}): Promise<{ cases: VolumeCase[]; numClasses: number }> {
   const probe = await SiteData.open(testDir, {
     patch: [...patch] as [number, number, number],
     fallbackMeta: meta,

@@ -111,7 +111,7 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
     const val: Record<string, number[]> = {};
     const asBaseline = testCases.map((c) => ({ shape: c.shape, channels: [c.image], ...(c.label ? { label: c.label } : {}) }));
     for (const [i, d] of siteDirs.entries()) {
-      const r = await thresholdBaseline(d, asBaseline, { patch, ...(plan.data.spacing ? { spacing: plan.data.spacing } : {}) });
+      const r = await thresholdBaseline(d, asBaseline, { patch, normalization: plan.data.normalization, ...(plan.data.spacing ? { spacing: plan.data.spacing } : {}) });
       dice[siteNames[i]] = [r.testDice];
       val[siteNames[i]] = [Number.NaN];
     }

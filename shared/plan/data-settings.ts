@@ -46,8 +46,12 @@ export const DataSettingsSchema = z
   .object({
     /** Target voxel size [D, H, W] in mm in canonical RAS+ (D = S, H = A, W = R); absent = each case's own. */
     spacing: z.tuple([positive, positive, positive]).optional(),
-    /** auto: CT window for channels dataset.json names "CT", MRI z-score over nonzero voxels for the rest. */
-    normalization: z.enum(['auto', 'ct', 'mri', 'none']).default('auto'),
+    /**
+     * auto: CT window for channels dataset.json names "CT", MRI z-score over nonzero voxels for the rest. quantile:
+     * every channel rank-based inverse-normal over its foreground, which removes monotone contrast differences
+     * between scanners (docs/data.md).
+     */
+    normalization: z.enum(['auto', 'ct', 'mri', 'quantile', 'none']).default('auto'),
     /** CT window [lo, hi] in HU, scaled to [0, 1]. */
     ctWindow: range.default([DEFAULT_CT_WINDOW[0], DEFAULT_CT_WINDOW[1]]),
     /** Share of training patches forced to contain foreground (nnU-Net: 0.33). */

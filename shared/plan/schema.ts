@@ -4,7 +4,7 @@
 import { z } from 'zod';
 import { INIT_SPEC_FORMS, isInitSpec } from '../model/transfer-init.ts';
 import { OptimizerSpecSchema } from '../model/optim.ts';
-import { MED3D_DEFAULT_NORM_GROUPS, med3dNormProblem } from '../model/med3d.ts';
+import { MED3D_DEFAULT_NORM_GROUPS, MED3D_MAX_IN_CHANNELS, med3dNormProblem } from '../model/med3d.ts';
 import { LrScheduleSchema } from '../model/lr-schedule.ts';
 import { DataSettingsSchema } from './data-settings.ts';
 import { RestorationTransformsSchema } from '../model/genesis-corruption.ts';
@@ -35,6 +35,13 @@ export const TeacherStudentSchema = z
      * 0.3 is for 1000 image classes; with 2–3 voxel classes every max-probability is ≥ 1/C, so the default is 0.9.
      */
     confidence: z.number().min(0).max(1).default(0.9),
+    /**
+     * Calibrate the confidence threshold per generation on the site's validation cases instead: the lowest threshold
+     * at which the teacher's confident foreground voxels are right in at least this share (per class). 0 = use
+     * `confidence` as given (as does leaving it out). A site without validation cases gets no teacher anyway (the gate
+     * fails closed).
+     */
+    confidenceTarget: z.number().min(0).max(1).optional(),
     /** soft = teacher softmax as targets; hard = one-hot argmax. */
     labels: z.enum(['soft', 'hard']).default('soft'),
     /** Teacher test-time augmentation: mean of the probabilities over the 8 axis-flip combinations. */
@@ -117,6 +124,12 @@ export const PlanSchema = z
         normGroups: positiveInt.default(MED3D_DEFAULT_NORM_GROUPS),
         /** med3d classification head: dropout before the dense layer while training. */
         dropout: z.number().min(0).lt(1).default(0),
+        /**
+         * med3d only: input channels, one per MSD image file _0000…_000N (e.g. 4 for BrainTumour's FLAIR, T1w, T1gd,
+         * T2w); every site's dataset.json must name that many. Absent = 1, and the field is then left out of the
+         * settings sent to sites, so one-channel plans stay exactly what older sites accept.
+         */
+        inputChannels: z.number().int().min(1).max(MED3D_MAX_IN_CHANNELS).optional(),
         seed: z.number().int().default(1),
         /** How the initial global model is made: scratch | pretrained | partial:k | mean-var | inflate-2d:1xk | inflate-2d:i3d. */
         init: z.string().refine(isInitSpec, { message: `init must be one of ${INIT_SPEC_FORMS.join(', ')}` }).default('scratch'),
@@ -135,6 +148,9 @@ export const PlanSchema = z
         if (!isDefaultInference(m.inference) && (m.architecture !== 'med3d' || m.head === 'classification')) {
           ctx.addIssue({ code: 'custom', path: ['inference'], message: 'inference mode window and flipTTA need architecture med3d with a segmentation or unet head (per-voxel output)' });
         }
+        if ((m.inputChannels ?? 1) !== 1 && m.architecture !== 'med3d') {
+          ctx.addIssue({ code: 'custom', path: ['inputChannels'], message: 'inputChannels above 1 needs architecture med3d (tiny3d takes one channel)' });
+        }
         if (m.architecture !== 'med3d' || m.norm !== 'group') return;
         const head = m.head === 'classification' ? { kind: m.head, numClasses: m.numClasses } : { kind: m.head, numClasses: m.numClasses, channels: m.headChannels };
         const problem = med3dNormProblem({ depth: m.depth, shortcut: m.shortcut, widthMultiplier: m.widthMultiplier, head, patch: m.patch, norm: m.norm, normGroups: m.normGroups });
@@ -152,6 +168,13 @@ export const PlanSchema = z
     gatherSeconds: z.number().min(0).default(5),
     /** Seconds to wait at round start for `minSites` sites to be connected. */
     waitForSitesSeconds: z.number().positive().default(600),
+    /**
+     * What the coordinator process does once every planned round has closed (sites are told either way): `exit` with
+     * status 0 after `finishGraceSeconds`, or `idle` (keeps serving status, the dashboard and /metrics until stopped).
+     */
+    afterLastRound: z.enum(['exit', 'idle']).default('exit'),
+    /** With afterLastRound exit: seconds to stay up first, so sites that are reconnecting hear the finish and a last scrape sees the final state. */
+    finishGraceSeconds: z.number().min(0).max(86_400).default(60),
     local: z
       .object({
         steps: positiveInt.optional(),
@@ -312,6 +335,12 @@ export const PlanSchema = z
   })
   .refine((p) => !(p.pretraining.enabled && p.model.architecture !== 'med3d'), {
     message: 'pretraining needs model.architecture med3d (a separate encoder to pretrain under a site-local restoration decoder)',
+  })
+  .refine((p) => !(p.pretraining.enabled && (p.model.inputChannels ?? 1) !== 1), {
+    message: 'pretraining restores one-channel patches: it needs model.inputChannels 1',
+  })
+  .refine((p) => !(p.teacherStudent.enabled && (p.model.inputChannels ?? 1) !== 1), {
+    message: 'teacherStudent pseudo-labels one-channel volumes: it needs model.inputChannels 1',
   })
   .refine((p) => !(p.pretraining.enabled && p.model.patch.some((s) => s % 8 !== 0)), {
     message: 'pretraining: the restoration decoder works on the full patch grid, so every side of model.patch must be a multiple of 8',

@@ -15,6 +15,8 @@ export function featuresNeeded(s: TaskSettings): Feature[] {
   const out: Feature[] = [];
   if (s.local.keepMoments === 'all') out.push(FEATURES.localKeepMoments);
   if (!isDefaultInference(s.model.inference)) out.push(FEATURES.windowInference);
+  if ((s.teacherStudent?.confidenceTarget ?? 0) > 0) out.push(FEATURES.calibratedConfidence);
+  if (s.data?.normalization === 'quantile') out.push(FEATURES.quantileNormalization);
   return out;
 }
 
@@ -31,6 +33,11 @@ export function settingsForSite(s: TaskSettings, site: SiteCapabilities): Settin
     // Whole-volume settings score as their absence does; an older site would refuse the unknown model field.
     const { inference: _whole, ...model } = shaped.model;
     rest = { ...shaped, model };
+  }
+  if (rest.teacherStudent?.confidenceTarget !== undefined && !site.features.has(FEATURES.calibratedConfidence)) {
+    // Off (0) means the fixed threshold, which is what an older site does without the field; it would refuse it.
+    const { confidenceTarget: _off, ...teacherStudent } = rest.teacherStudent;
+    rest = { ...rest, teacherStudent };
   }
   // Protocol 1 refuses any top-level key it does not know, so `requires` goes only to sites that read it.
   if (site.protocolVersion < 2 || needed.length === 0) return { ok: true, settings: rest };

@@ -33,6 +33,13 @@ export const FEATURES = {
    * site without it would refuse the unknown field; one that dropped it would label and score differently from the plan.
    */
   windowInference: 'window-inference',
+  /**
+   * Site: honours `teacherStudent.confidenceTarget` (the pseudo-label confidence threshold calibrated on its
+   * validation cases). A site without it would refuse the unknown field.
+   */
+  calibratedConfidence: 'calibrated-confidence',
+  /** Site: knows `data.normalization: quantile`. A site without it would refuse the settings as malformed. */
+  quantileNormalization: 'quantile-normalization',
 } as const;
 
 export type Feature = (typeof FEATURES)[keyof typeof FEATURES];
@@ -41,7 +48,7 @@ export type Feature = (typeof FEATURES)[keyof typeof FEATURES];
 export const COORDINATOR_FEATURES: readonly Feature[] = [FEATURES.uploadSha256Trailer];
 
 /** What this site honours; sent with every SubscribeTasks request. */
-export const SITE_FEATURES: readonly Feature[] = [FEATURES.localKeepMoments, FEATURES.windowInference];
+export const SITE_FEATURES: readonly Feature[] = [FEATURES.localKeepMoments, FEATURES.windowInference, FEATURES.calibratedConfidence, FEATURES.quantileNormalization];
 
 /** A site's protocol version and features, as it announced them when it subscribed (legacy: version 1, none). */
 export interface SiteCapabilities {

@@ -3,11 +3,14 @@
  *   CT      clip to a HU window [lo, hi], then scale linearly to [0, 1] (air below the window is 0).
  *   MRI     z-score with mean and std over the foreground: the nonzero voxels of a masked scan (outside
  *           set to 0, nnU-Net's "use mask for norm"), or a threshold body mask when nothing is zero.
+ *   quantile  rank-based inverse-normal over the foreground: each foreground voxel becomes the standard-normal
+ *           quantile of its rank (ties share their mid-rank). Any monotone difference in scanners' contrast curves
+ *           disappears, because a monotone curve keeps every voxel's rank; background as for MRI.
  *   none    values kept as read (after scl_slope/scl_inter).
  * Padding added later is 0 in every case, i.e. "outside the body" for both CT and MRI.
  */
 
-export type Modality = 'ct' | 'mri' | 'none';
+export type Modality = 'ct' | 'mri' | 'quantile' | 'none';
 
 /** Default CT window [lo, hi] in HU: the abdominal window used for liver CT (LiTS, [−200, 250]). */
 export { DEFAULT_CT_WINDOW } from '../../shared/plan/data-settings.ts';
@@ -71,7 +74,78 @@ export function normalizeMri(data: Float32Array): { data: Float32Array; stats: Z
 export function normalize(data: Float32Array, modality: Modality, ctWindow?: readonly [number, number]): Float32Array {
   if (modality === 'ct') return normalizeCt(data, ctWindow);
   if (modality === 'mri') return normalizeMri(data).data;
+  if (modality === 'quantile') return normalizeQuantile(data);
   return data;
+}
+
+/**
+ * Rank-based inverse-normal normalisation over the foreground, chosen like normalizeMri's: the nonzero voxels of a
+ * masked scan (background kept at 0, the foreground's median), else a threshold body mask, whose empirical
+ * distribution then maps every voxel (air below the body's lowest value takes the lowest quantile).
+ */
+export function normalizeQuantile(data: Float32Array): Float32Array {
+  let nonzero = 0;
+  for (let i = 0; i < data.length; i++) if (data[i] !== 0) nonzero++;
+  const masked = nonzero <= 0.99 * data.length && nonzero > 1;
+  const mask = masked ? undefined : foregroundMask(data, 'auto');
+  let n = 0;
+  for (let i = 0; i < data.length; i++) if (masked ? data[i] !== 0 : mask![i]) n++;
+  const out = new Float32Array(data.length);
+  if (n < 2) return out; // nothing to rank: a constant image carries no contrast
+  const sorted = new Float32Array(n);
+  for (let i = 0, j = 0; i < data.length; i++) if (masked ? data[i] !== 0 : mask![i]) sorted[j++] = data[i];
+  sorted.sort();
+  for (let i = 0; i < data.length; i++) {
+    const v = data[i];
+    if (masked && v === 0) continue;
+    // Mid-rank of v among the foreground: [first index ≥ v, first index > v).
+    const lo = lowerBound(sorted, v);
+    const hi = upperBound(sorted, v);
+    const rank = hi > lo ? (lo + hi - 1) / 2 : lo === 0 ? 0 : lo >= n ? n - 1 : lo - 0.5;
+    out[i] = normalQuantile((rank + 0.5) / n);
+  }
+  return out;
+}
+
+function lowerBound(a: Float32Array, v: number): number {
+  let lo = 0;
+  let hi = a.length;
+  while (lo < hi) {
+    const m = (lo + hi) >>> 1;
+    if (a[m] < v) lo = m + 1;
+    else hi = m;
+  }
+  return lo;
+}
+
+function upperBound(a: Float32Array, v: number): number {
+  let lo = 0;
+  let hi = a.length;
+  while (lo < hi) {
+    const m = (lo + hi) >>> 1;
+    if (a[m] <= v) lo = m + 1;
+    else hi = m;
+  }
+  return lo;
+}
+
+/**
+ * Φ⁻¹(p), the standard-normal quantile, for 0 < p < 1: Acklam's rational approximations (relative error below
+ * 1.2e-9, far below float32's), one for the central region and one for both tails.
+ */
+export function normalQuantile(p: number): number {
+  if (!(p > 0 && p < 1)) throw new RangeError(`normalQuantile needs 0 < p < 1, got ${p}`);
+  const tail = 0.02425;
+  if (p < tail || p > 1 - tail) {
+    const q = Math.sqrt(-2 * Math.log(p < tail ? p : 1 - p));
+    const x = (((((-7.784894002430293e-3 * q - 3.223964580411365e-1) * q - 2.400758277161838) * q - 2.549732539343734) * q + 4.374664141464968) * q + 2.938163982698783) /
+      ((((7.784695709041462e-3 * q + 3.224671290700398e-1) * q + 2.445134137142996) * q + 3.754408661907416) * q + 1);
+    return p < tail ? x : -x;
+  }
+  const q = p - 0.5;
+  const r = q * q;
+  return ((((((-3.969683028665376e1 * r + 2.209460984245205e2) * r - 2.759285104469687e2) * r + 1.38357751867269e2) * r - 3.066479806614716e1) * r + 2.506628277459239) * q) /
+    (((((-5.447609879822406e1 * r + 1.615858368580409e2) * r - 1.556989798598866e2) * r + 6.680131188771972e1) * r - 1.328068155288572e1) * r + 1);
 }
 
 export interface NormaliseResult {

@@ -6,7 +6,7 @@
  * Dice (shared/metrics/dice.ts). Brain mask = nonzero voxels, as the MRI normalisation defines it.
  */
 import { diceScores } from '../../shared/metrics/dice.ts';
-import { SiteData } from './site-data.ts';
+import { SiteData, type SiteDataOptions } from './site-data.ts';
 import type { Shape3 } from './types.ts';
 
 export interface BaselineCase {
@@ -25,6 +25,8 @@ export interface ThresholdBaselineOptions {
   readonly spacing?: Shape3;
   /** Patch shape for SiteData.open (unused here beyond validation); default 16³. */
   readonly patch?: Shape3;
+  /** The plan's intensity normalisation, which the test cases were loaded with too; default auto. */
+  readonly normalization?: SiteDataOptions['normalization'];
 }
 
 export interface ThresholdBaselineResult {
@@ -109,7 +111,7 @@ export async function thresholdBaseline(siteDir: string, testCases: readonly Bas
   const thresholds = [...(opts.thresholds ?? DEFAULT_THRESHOLDS)].sort((a, b) => a - b);
   const minSizes = opts.minComponentVoxels ?? DEFAULT_MIN_SIZES;
   if (thresholds.length === 0 || minSizes.length === 0) throw new RangeError('thresholdBaseline: need at least one threshold and one minimum component size');
-  const data = await SiteData.open(siteDir, { patch: opts.patch ?? [16, 16, 16], ...(opts.spacing ? { spacing: opts.spacing } : {}) });
+  const data = await SiteData.open(siteDir, { patch: opts.patch ?? [16, 16, 16], ...(opts.spacing ? { spacing: opts.spacing } : {}), ...(opts.normalization ? { normalization: opts.normalization } : {}) });
 
   // diceSum[t][m]: summed training Dice of (threshold t, min size m).
   const diceSum = thresholds.map(() => new Float64Array(minSizes.length));

@@ -12,22 +12,25 @@ import { createTrainer } from '../../shared/model/trainer-factory.ts';
 import { decodeSafetensors, encodeSafetensors } from '../../shared/tensors/safetensors.ts';
 import { checkAgainstSpecs, findNonFinite, type TensorBundle } from '../../shared/tensors/bundle.ts';
 import type { TaskSettings } from '../../shared/protocol/task.ts';
+import type { TeacherStudentSettings } from '../../shared/plan/schema.ts';
 import { writeFileAtomic } from '../../shared/util/fs-atomic.ts';
 import { DEFAULT_OPTIMIZER, optimizerStateProblem, type OptimizerState } from '../../shared/model/optim.ts';
 import { federationSchedule } from '../../shared/model/lr-schedule.ts';
 import { decodeOptimizerState, encodeOptimizerState } from './optimizer-state-file.ts';
 import { sha256Hex } from '../../shared/util/hash.ts';
-import { patchToVolumeCase, SiteData } from '../data/site-data.ts';
+import { patchToVolumeCase, preparedToVolumeCase, SiteData } from '../data/site-data.ts';
 import { augmentOptions, DataSettingsSchema, siteDataOptions } from '../data/settings.ts';
 import type { PreparedCase } from '../data/types.ts';
 import type { Logger } from '../../shared/util/log.ts';
 import type { AugmentOptions } from '../data/augment.ts';
-import { existingPool, labelPool, prunePseudoDirs, PseudoPatches, type PseudoPool } from './pseudo-label.ts';
+import { existingPool, labelPool, prunePseudoDirs, PseudoPatches, teacherProbs, type PseudoPool } from './pseudo-label.ts';
+import { calibrateConfidence, type CalibrationCase } from './confidence-calibration.ts';
 import { chooseTeacher, readTeacherChoice, writeTeacherChoice } from './teacher-choice.ts';
 import { applySiteTask, describeSiteTask, loadSiteTask, type SiteTask } from '../task-config.ts';
 import type { CaseRef } from '../data/site-data.ts';
 import { isRestorationArchitecture, restorationArchitecture } from '../../shared/model/restoration.ts';
 import { pretrainingRound, type PretrainingTask } from './pretraining-round.ts';
+import { attemptsForLog } from './engine-log.ts';
 
 export interface LocalTrainingOptions {
   siteName: string;
@@ -161,6 +164,7 @@ export class LocalTraining {
       // Aggregate counts only: never a per-case value.
       if (Number.isFinite(student.teacherDice)) metrics.teacher_val_dice = student.teacherDice;
       metrics.teacher_generation = student.generation;
+      if (student.pool.confidence !== undefined) metrics.teacher_confidence = student.pool.confidence;
       if (student.candidateDice !== undefined) {
         // A newer teacher was promoted but not adopted here (not better, or below the floor).
         metrics.teacher_kept = 1;
@@ -307,12 +311,29 @@ export class LocalTraining {
     }
     const dir = pseudoDir(teacher.generation);
     const prior = ts.maxForegroundFactor > 0 ? await this.foregroundPrior(data, settings) : undefined;
-    const pool = await labelPool(trainer, weights, data, usablePool, dir, { generation: teacher.generation, teacherHash: teacher.modelHash }, ts, log, prior ? { foregroundFraction: prior, maxFactor: ts.maxForegroundFactor } : undefined);
+    const teacherId = { generation: teacher.generation, teacherHash: teacher.modelHash };
+    const labelling = (ts.confidenceTarget ?? 0) > 0 && !existingPool(dir, teacherId) ? await this.calibratedSettings(trainer, weights, data, settings, ts, ctx.round, teacher.generation) : ts;
+    const pool = await labelPool(trainer, weights, data, usablePool, dir, teacherId, labelling, log, prior ? { foregroundFraction: prior, maxFactor: ts.maxForegroundFactor } : undefined);
     // Only now that the new labels are complete do the earlier generation's go (they were the fallback).
     prunePseudoDirs(parent, dir);
     writeTeacherChoice(choicePath, { generation: teacher.generation, modelHash: teacher.modelHash, dice: teacherDice });
     if (pool.cases.length === 0) return undefined;
     return { pool, dir, generation: teacher.generation, ratio: ts.ratio, dropout: ts.dropout, strongAugment: ts.strongAugment, teacherDice };
+  }
+
+  /**
+   * The teacher–student settings with the confidence threshold calibrated on this site's validation cases (the gate
+   * already passed, so there are some): the teacher's probabilities there, against the true labels.
+   */
+  private async calibratedSettings(trainer: Trainer, weights: TensorBundle, data: SiteData, settings: TaskSettings, ts: TeacherStudentSettings, round: number, generation: number): Promise<TeacherStudentSettings> {
+    const cases: CalibrationCase[] = [];
+    for (const vc of await this.validationCases(data, settings)) if (vc.label) cases.push({ probs: await teacherProbs(trainer, weights, vc, ts.flipTTA), label: vc.label });
+    const cal = calibrateConfidence(cases, trainer.architecture.numClasses, ts.confidenceTarget ?? 0);
+    this.o.log.info(
+      { round, generation, confidence: cal.confidence, targetPrecision: ts.confidenceTarget, reached: cal.reached, precision: cal.precision.map((p) => (Number.isNaN(p) ? null : round4(p))), keptFraction: round4(cal.keptFraction) },
+      cal.reached ? "pseudo-label confidence calibrated on this site's validation cases" : "no confidence threshold reaches the target precision on this site's validation cases: using the highest",
+    );
+    return { ...ts, confidence: cal.confidence };
   }
 
   /** Share of foreground voxels over this site's labelled training cases (the pseudo-label sanity prior); undefined without any. */
@@ -342,7 +363,7 @@ export class LocalTraining {
     if (this.trainer?.key !== key) {
       const { trainer, tried } = await createTrainer(arch, { engine: this.o.engine });
       this.engineName = trainer.engine;
-      this.o.log.info({ engine: trainer.engine, architecture: arch.id, tried }, 'compute engine selected');
+      this.o.log.info({ engine: trainer.engine, architecture: arch.id, tried: attemptsForLog(tried, [this.o.engine, process.env.MEDFL_ENGINE, process.env.MEDFL_KERNELS]) }, 'compute engine selected');
       this.trainer = { key, trainer };
     }
     return this.trainer.trainer;
@@ -354,6 +375,12 @@ export class LocalTraining {
     if (this.dataset?.key !== key) {
       const patch = [...settings.model.patch] as [number, number, number];
       const data = await SiteData.open(this.o.dataDir, siteDataOptions(dataSettings, patch, this.o.log));
+      const want = settings.model.inputChannels ?? 1;
+      const have = data.layout.channelNames.length;
+      if (have !== want) {
+        // Said before any training: otherwise the first batch fails with a tensor shape deep in the network.
+        throw new Error(`this site's dataset has ${have} image channel(s) (${data.layout.channelNames.join(', ')}) but the plan's model takes ${want} (model.inputChannels)`);
+      }
       if (data.skipped().length > 0) this.o.log.warn({ skipped: data.skipped().length }, 'some cases are unusable and are skipped (see debug log or `medfl site check-data`)');
       this.dataset = { key, data };
     }
@@ -384,23 +411,19 @@ export class LocalTraining {
   }
 
   /**
-   * Held-back validation cases (imagesTs + labelsTs), single channel: whole volumes for a segmentation head; for a
+   * Held-back validation cases (imagesTs + labelsTs), channels last: whole volumes for a segmentation head; for a
    * classification head the centred patch of each case with a class label (the input size the head trained on).
    */
   private async validationCases(data: SiteData, settings: TaskSettings): Promise<VolumeCase[]> {
     const out: VolumeCase[] = [];
     if (isClassification(settings)) {
-      for (const { id, patch } of await data.centrePatches(data.val.filter((r) => r.classLabel !== undefined))) {
-        if (patch.channels !== 1) throw new Error(`validation case ${id} has ${patch.channels} channels; the trainers take one`);
-        out.push(patchToVolumeCase(patch, id));
-      }
+      for (const { id, patch } of await data.centrePatches(data.val.filter((r) => r.classLabel !== undefined))) out.push(patchToVolumeCase(patch, id));
       return out;
     }
     for (const ref of data.val) {
       const c: PreparedCase | undefined = await data.load(ref);
       if (!c || !c.label) continue;
-      if (c.channels.length !== 1) throw new Error(`validation case ${ref.id} has ${c.channels.length} channels; the trainers take one`);
-      out.push({ id: ref.id, shape: [c.shape[0], c.shape[1], c.shape[2]], image: c.channels[0], label: c.label });
+      out.push(preparedToVolumeCase(c, ref.id));
     }
     return out;
   }

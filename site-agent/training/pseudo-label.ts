@@ -33,6 +33,8 @@ export interface PseudoPool {
   readonly classFrequencies: readonly number[];
   /** Class-balanced sampling: pseudo-labelled patches are centred on a class drawn uniformly (not by frequency). */
   readonly classBalance: boolean;
+  /** The confidence threshold these labels were masked with (fixed, or calibrated on validation); absent in older pools. */
+  readonly confidence?: number;
   /** Aggregate numbers only (they may become metrics). */
   readonly stats: { readonly cases: number; readonly voxels: number; readonly confidentFraction: number; readonly foregroundFraction: number; readonly skippedByPrior?: number };
 }
@@ -178,6 +180,7 @@ export async function labelPool(
     cases,
     classFrequencies: counts.map((n) => (confident ? n / confident : 0)),
     classBalance: ts.classBalance,
+    confidence: ts.confidence,
     stats: { cases: cases.length, voxels, confidentFraction: voxels ? confident / voxels : 0, foregroundFraction: confident ? fg / confident : 0, skippedByPrior },
   };
   // Written last: a site stopped half-way labels the pool again next time.

@@ -103,7 +103,7 @@ describe('a site of the previous release against this coordinator', () => {
     store.close();
     const subscribed = logLines(f.logPath('coordinator')).filter((l) => l.msg === 'site subscribed to tasks');
     expect(subscribed.find((l) => l.site === 'site-a')).toMatchObject({ protocolVersion: 1, features: [] });
-    expect(subscribed.find((l) => l.site === 'site-b')).toMatchObject({ protocolVersion: 2, features: ['local-keep-moments', 'window-inference'] });
+    expect(subscribed.find((l) => l.site === 'site-b')).toMatchObject({ protocolVersion: 2, features: ['local-keep-moments', 'window-inference', 'calibrated-confidence', 'quantile-normalization'] });
     expect(logLines(f.logPath('site-a')).some((l) => l.msg === 'update acknowledged')).toBe(true);
   }, 240_000);
 

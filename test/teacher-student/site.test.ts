@@ -21,6 +21,7 @@ import { decodeSafetensors, encodeSafetensors } from '../../shared/tensors/safet
 import { sha256Hex } from '../../shared/util/hash.ts';
 import { makeBundle } from '../../shared/tensors/bundle.ts';
 import { chooseTeacher } from '../../site-agent/training/teacher-choice.ts';
+import { CONFIDENCE_GRID } from '../../site-agent/training/confidence-calibration.ts';
 import type { Trainer, VolumeCase } from '../../shared/model/types.ts';
 
 describe('pseudo-label targets', () => {
@@ -166,6 +167,26 @@ describe('a teacher–student round at a site', () => {
     expect(r3.metrics.teacher_val_dice).toBe(r2.metrics.teacher_val_dice);
     // The first generation's pseudo-labels were neither deleted nor recomputed.
     expect(readdirSync(join(dir, 'pseudo'))).toEqual([g1Dir]);
+  }, 120_000);
+
+  it('calibrates the pseudo-label confidence on its validation cases when the plan asks, and masks the pool with it', async () => {
+    const dir = join(work, 'local-calibrated');
+    const site = new LocalTraining({ siteName: 'site-a', dataDir, localDir: dir, log, engine: 'cpu' });
+    await site.run(settings(), round1Update, { round: 1 });
+    const g1 = { hash: sha256Hex(round1Update), size: round1Update.length, generation: 1 };
+    const base = settings(g1);
+    // 0.55 is on no calibration grid point: a threshold from the grid shows the calibration ran.
+    const calibrated = TaskSettingsSchema.parse({ ...base, teacherStudent: { ...base.teacherStudent, confidence: 0.55, confidenceTarget: 0.9 } });
+    const r = await site.run(calibrated, round1Update, { round: 2, teacherBytes: round1Update });
+    expect(CONFIDENCE_GRID).toContain(r.metrics.teacher_confidence);
+    const [poolDir] = readdirSync(join(dir, 'pseudo'));
+    const meta = JSON.parse(readFileSync(join(dir, 'pseudo', poolDir, 'meta.json'), 'utf8'));
+    expect(meta.confidence).toBe(r.metrics.teacher_confidence);
+    // Soft labels are the teacher's probabilities: the stored mask is exactly "max probability ≥ the calibrated threshold".
+    const b = decodeSafetensors(readFileSync(join(dir, 'pseudo', poolDir, 'pool-0.safetensors'))).bundle;
+    const target = b.get('target')!.data as Float32Array;
+    const mask = b.get('mask')!.data as Float32Array;
+    for (let v = 0; v < mask.length; v++) expect(mask[v]).toBe(Math.max(target[2 * v], target[2 * v + 1]) >= meta.confidence ? 1 : 0);
   }, 120_000);
 
   it('adopts a new generation only when it passes the floor and beats the one in use; unmeasured never', () => {
