@@ -7,7 +7,7 @@
  */
 import type { ConvKernels } from './conv-kernels.ts';
 import { jsConvKernels } from '../model/conv3d-cpu.ts';
-import { selectEngine, type EngineAttempt } from './select.ts';
+import { probeNativeEngine, type EngineAttempt } from './select.ts';
 import { createTfjsConvKernels } from './tfjs-conv-kernels.ts';
 
 export interface KernelSelection {
@@ -24,12 +24,10 @@ const WASM_NOTE: EngineAttempt = { name: 'wasm', ok: false, reason: 'not used fo
 
 /** Convolutions on native TensorFlow through tfjs (GPU or CPU), when its optional package loads. */
 async function tryTfjsNative(name: 'tfjs-node-gpu' | 'tfjs-node'): Promise<{ kernels?: ConvKernels; reason?: string }> {
-  try {
-    const engine = await selectEngine({ force: name });
-    return { kernels: createTfjsConvKernels(engine.tf, name) };
-  } catch (e) {
-    return { reason: (e as Error).message.split('. Install it with')[0] };
-  }
+  // Probed, not forced: a package that is not there is a reason to try the next kernels, and the log must not
+  // say that anybody asked for it (only MEDFL_KERNELS=<name> asks, and resolve() says so when it fails).
+  const r = await probeNativeEngine(name);
+  return 'tf' in r ? { kernels: createTfjsConvKernels(r.tf, name) } : { reason: r.reason };
 }
 
 async function tryOneDnn(): Promise<{ kernels?: ConvKernels; reason?: string }> {

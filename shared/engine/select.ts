@@ -100,6 +100,14 @@ async function resolveEngine(requested: string): Promise<EngineInfo> {
   throw new Error('no compute engine could be selected');
 }
 
+/**
+ * Loads one native tfjs engine without selecting it: the tf module, or why it did not load. For callers that probe
+ * an engine among others (the Med3D kernel choice), where a failure is a reason to move on, not a request refused.
+ */
+export function probeNativeEngine(name: Exclude<EngineName, 'cpu' | 'wasm'>): Promise<{ tf: typeof TfModule } | { reason: string }> {
+  return loadNative(name);
+}
+
 async function loadNative(name: Exclude<EngineName, 'cpu' | 'wasm'>): Promise<{ tf: typeof TfModule } | { reason: string }> {
   const { pkg, backend } = NATIVE_PACKAGES[name];
   let mod: unknown;

@@ -30,7 +30,6 @@ import { applySiteTask, describeSiteTask, loadSiteTask, type SiteTask } from '..
 import type { CaseRef } from '../data/site-data.ts';
 import { isRestorationArchitecture, restorationArchitecture } from '../../shared/model/restoration.ts';
 import { pretrainingRound, type PretrainingTask } from './pretraining-round.ts';
-import { attemptsForLog } from './engine-log.ts';
 
 export interface LocalTrainingOptions {
   siteName: string;
@@ -363,7 +362,7 @@ export class LocalTraining {
     if (this.trainer?.key !== key) {
       const { trainer, tried } = await createTrainer(arch, { engine: this.o.engine });
       this.engineName = trainer.engine;
-      this.o.log.info({ engine: trainer.engine, architecture: arch.id, tried: attemptsForLog(tried, [this.o.engine, process.env.MEDFL_ENGINE, process.env.MEDFL_KERNELS]) }, 'compute engine selected');
+      this.o.log.info({ engine: trainer.engine, architecture: arch.id, tried }, 'compute engine selected');
       this.trainer = { key, trainer };
     }
     return this.trainer.trainer;
