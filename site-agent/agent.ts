@@ -230,7 +230,7 @@ export class SiteAgent {
     } catch (e) {
       if (!(e instanceof UnsupportedTaskError)) throw e;
       log.error({ round: t.round, task: t.taskId, reason: e.message }, 'task refused: this site cannot honour it');
-      await declineTask(this.home, { round: t.round, taskId: t.taskId, reason: e.message }, log, this.audit);
+      await declineTask(this.client!.connection, { round: t.round, taskId: t.taskId, reason: e.message }, log);
       this.o.observer?.task('declined');
       return;
     }
@@ -244,7 +244,7 @@ export class SiteAgent {
       const verdict = this.policy.admit(t, settings);
       if (!verdict.ok) {
         log.warn({ round: t.round, task: t.taskId, reason: verdict.reason }, "task declined: it breaks this site's policy");
-        await declineTask(this.home, { round: t.round, taskId: t.taskId, reason: verdict.reason }, log, this.audit);
+        await declineTask(this.client!.connection, { round: t.round, taskId: t.taskId, reason: verdict.reason }, log);
         this.o.observer?.task('declined');
         return;
       }
@@ -258,7 +258,7 @@ export class SiteAgent {
       }
       if (headProblem) {
         log.warn({ round: t.round, task: t.taskId, reason: headProblem }, "task declined: it conflicts with this site's task file");
-        await declineTask(this.home, { round: t.round, taskId: t.taskId, reason: headProblem }, log, this.audit);
+        await declineTask(this.client!.connection, { round: t.round, taskId: t.taskId, reason: headProblem }, log);
         this.o.observer?.task('declined');
         return;
       }
@@ -297,7 +297,7 @@ export class SiteAgent {
         this.enter('uploading', t.round);
         this.progress = 0;
         await runSecAggRound({
-          home: this.home, audit: this.audit, log, round: t.round, taskId: t.taskId, deadlineUnixMs: t.deadlineUnixMs, settings,
+          home: this.home, connection: this.client!.connection, log, round: t.round, taskId: t.taskId, deadlineUnixMs: t.deadlineUnixMs, settings,
           update: result.update, base: baseModel, numSamples: result.numSamples,
           onStep: (step) => {
             this.progress = (SECAGG_STEPS.indexOf(step) + 1) / SECAGG_STEPS.length;

@@ -88,8 +88,6 @@ export class ModelCache {
           reject(e);
         };
         file.onError = (e) => fail(new Error(`writing ${part} failed: ${e.message}`));
-        // Written chunks' memory comes back from the writer thread and carries later chunks.
-        file.onWritten = (memory) => stream.recycle(memory);
         stream.on('data', (c: { offset: number; data: Buffer; totalSize: number; sha256: string }) => {
           try {
             if (c.sha256 !== hash) throw new Error(`server sent chunks of model ${c.sha256.slice(0, 12)}…, not ${hash.slice(0, 12)}…`);
@@ -134,3 +132,4 @@ export class ModelCache {
     return received;
   }
 }
+
