@@ -68,6 +68,8 @@ export interface CoordinatorOptions {
     /** Per-peer limit on failed authentication and enrolment calls. */
     authFailures?: Partial<FailureLimitOptions>;
   };
+  /** Least time between two offers of a round's task to a selected site that heartbeats idle without it (default 30 s). */
+  reofferMs?: number;
   /** The admin HTTP endpoint (/metrics, /healthz, /readyz; admin-http/): off unless given. */
   admin?: AdminHttpSettings;
   log?: Logger;
@@ -119,6 +121,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     updatesDir: home.updatesDir,
     // The plan's pretraining stage leaves its encoder file here, with its provenance (docs/pretraining.md).
     pretrainedDir: join(home.dir, 'pretrained'),
+    reofferMs: o.reofferMs,
   });
 
   // Metrics follow the event stream from before the first round opens (admin-http/event-metrics.ts).

@@ -146,6 +146,8 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         const hb = HeartbeatSchema.safeParse(call.request);
         if (!hb.success) return cb({ code: grpc.status.INVALID_ARGUMENT, details: `bad heartbeat: ${hb.error.issues[0]?.message}` });
         store.touchSite(site, hb.data.state, hb.data.engine || null);
+        // A selected site idle without its task gets it again (it may have given it up after a failed download).
+        if (hb.data.state === 'idle' && hb.data.taskId === '') engine.siteIdle(site);
         cb(null, { serverTimeMs: Date.now(), features: d.features ?? COORDINATOR_FEATURES });
       } catch (e) {
         cb(asServiceError(e));
