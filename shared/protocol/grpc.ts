@@ -33,10 +33,13 @@ export const CHANNEL_OPTIONS: grpc.ChannelOptions = {
   'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
   'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
   'grpc-node.flow_control_window': FLOW_CONTROL_WINDOW,
-  // One connection carries every call, model transfers included: a PING every 20 s, and a path that stays silent
-  // 10 s after it is dropped (the calls then fail UNAVAILABLE; downloads resume from their offset, uploads are sent again).
+  // One connection carries every call, model transfers included: a PING every 20 s, and a connection whose PING is
+  // not answered within 60 s is dropped (its calls fail UNAVAILABLE; downloads resume from their offset, uploads are
+  // sent again). 60 s, not grpc's 20 s: during an upload the PING waits behind the bytes already in the socket's
+  // buffers (megabytes: seconds at a few Mbit/s), and on a site whose CPU is taken by training the answer is read
+  // late; a shorter timeout dropped transfers that were moving. A dead path is still noticed within 80 s.
   'grpc.keepalive_time_ms': 20_000,
-  'grpc.keepalive_timeout_ms': 10_000,
+  'grpc.keepalive_timeout_ms': 60_000,
   'grpc.keepalive_permit_without_calls': 1,
 };
 

@@ -28,8 +28,8 @@ export interface SiteConnectionOptions {
   /** Lifetime of each call's token (default: site-identity's). */
   tokenTtlSeconds?: number;
   /**
-   * Keepalive: a PING every `timeMs` (default 20 s) and the connection dropped when its answer takes longer than
-   * `timeoutMs` (default 10 s), so calls over a network path that died fail UNAVAILABLE instead of hanging.
+   * Keepalive: a PING every `timeMs` and the connection dropped when its answer takes longer than `timeoutMs`
+   * (defaults in CHANNEL_OPTIONS), so calls over a network path that died fail UNAVAILABLE instead of hanging.
    */
   keepalive?: { timeMs?: number; timeoutMs?: number };
 }
