@@ -115,8 +115,8 @@ export const uploadOptions = {
  * and only when that write completes, the status in HTTP/2 trailers; once the trailers are handed to the
  * session it emits 'cancelled' on the call. The session writes them to the socket from a native immediate
  * that can run after one JS setImmediate but not after two (measured: with one, the ack still waited for
- * the fold and round close; with two it reaches the client before the fold starts — bench/transport.ts,
- * column "ack − fold end"). Any synchronous job started earlier would hold all of that until it ends.
+ * the fold and round close; with two it reaches the client before the fold starts, measured by the since-removed
+ * loopback transport bench, in git history). Any synchronous job started earlier would hold all of that until it ends.
  * The timer is a fallback should a grpc-js version stop emitting the event.
  */
 function statusSent(call: grpc.ServerReadableStream<unknown, unknown>, maxWaitMs = 200): Promise<void> {

@@ -42,6 +42,8 @@ export interface ShapedRelay {
   readonly connections: number;
   /** Bytes delivered each way so far. */
   readonly bytes: { up: number; down: number };
+  /** When (ms since the epoch, sub-ms) the bytes delivered in `direction` first reached `total`; undefined if not yet. */
+  reachedAt(direction: 'up' | 'down', total: number): number | undefined;
   /** Drops every open connection at once (as a reset would). */
   cut(): void;
   /** From now on nothing gets through either way, but no connection closes: a path that died silently. */
@@ -141,6 +143,12 @@ export async function startShapedRelay(upstream: { host: string; port: number },
   let connections = 0;
   let silent = false;
   const bytes = { up: 0, down: 0 };
+  // Cumulative bytes and time of every delivery, per direction (for reachedAt).
+  const log = { up: [] as [number, number][], down: [] as [number, number][] };
+  const note = (dir: 'up' | 'down', n: number) => {
+    bytes[dir] += n;
+    log[dir].push([bytes[dir], performance.timeOrigin + performance.now()]);
+  };
   const server = net.createServer((client) => {
     connections++;
     const state = { dead: silent };
@@ -157,8 +165,8 @@ export async function startShapedRelay(upstream: { host: string; port: number },
         (s === client ? server : client).destroy();
       });
     }
-    const up = new Pipe(client, server, shape.up, dropping, (n) => (bytes.up += n));
-    const down = new Pipe(server, client, shape.down, dropping, (n) => (bytes.down += n));
+    const up = new Pipe(client, server, shape.up, dropping, (n) => note('up', n));
+    const down = new Pipe(server, client, shape.down, dropping, (n) => note('down', n));
     pipes.add(up);
     pipes.add(down);
     client.on('close', () => {
@@ -176,6 +184,9 @@ export async function startShapedRelay(upstream: { host: string; port: number },
       return connections;
     },
     bytes,
+    reachedAt(direction, total) {
+      return log[direction].find(([n]) => n >= total)?.[1];
+    },
     cut() {
       for (const s of sockets) s.destroy();
     },
