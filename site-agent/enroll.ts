@@ -34,7 +34,6 @@ export interface EnrollOptions {
   dir: string;
 }
 
-export { parseAddress };
 
 export async function enrollSite(o: EnrollOptions): Promise<SiteConfig> {
   const home = new SiteHome(o.dir);

@@ -9,7 +9,10 @@ import * as grpc from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createHash, randomUUID } from 'node:crypto';
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import http from 'node:http';
 import http2 from 'node:http2';
+import * as net from 'node:net';
+import { once } from 'node:events';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
@@ -157,6 +160,51 @@ describe("the site's connection", () => {
       session.close();
     }
   });
+});
+
+/** A CONNECT proxy on loopback that records the tunnels it opened. */
+async function startProxy(): Promise<{ port: number; tunnels: string[]; close: () => void }> {
+  const tunnels: string[] = [];
+  const server = http.createServer((_req, res) => res.writeHead(405).end());
+  server.on('connect', (req: http.IncomingMessage, client: net.Socket, head: Buffer) => {
+    tunnels.push(String(req.url));
+    const [host, port] = String(req.url).split(':');
+    const upstream = net.connect(Number(port), host === 'localhost' ? '127.0.0.1' : host, () => {
+      client.write('HTTP/1.1 200 Connection Established\r\n\r\n');
+      if (head.length) upstream.write(head);
+      upstream.pipe(client);
+      client.pipe(upstream);
+    });
+    upstream.on('error', () => client.destroy());
+    client.on('error', () => upstream.destroy());
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  return { port: (server.address() as net.AddressInfo).port, tunnels, close: () => server.close() };
+}
+
+describe("through the hospital's egress proxy", () => {
+  it('tunnels every call, model transfers included, through one HTTP CONNECT, with TLS to the coordinator inside', async () => {
+    const proxy = await startProxy();
+    const saved = { grpc_proxy: process.env.grpc_proxy, no_grpc_proxy: process.env.no_grpc_proxy, no_proxy: process.env.no_proxy };
+    process.env.grpc_proxy = `http://127.0.0.1:${proxy.port}`;
+    delete process.env.no_grpc_proxy;
+    delete process.env.no_proxy;
+    try {
+      // grpc-js reads the proxy settings when the channel is made.
+      const c = client(siteVia(`localhost:${coord.port}`));
+      await c.heartbeat({ state: 'idle', progress: 0, taskId: '', engine: '' });
+      const cache = new ModelCache(join(work, 'cache-proxy'));
+      expect(await cache.ensure(c, task.modelHash, task.modelSize)).toBe(task.modelSize);
+      expect(proxy.tunnels).toEqual([`localhost:${coord.port}`]);
+    } finally {
+      for (const [k, v] of Object.entries(saved)) {
+        if (v === undefined) delete process.env[k];
+        else process.env[k] = v;
+      }
+      proxy.close();
+    }
+  }, 60_000);
 });
 
 describe('a model download under network faults', () => {
