@@ -23,7 +23,8 @@ import { encodeSafetensors } from '../../shared/tensors/safetensors.ts';
 import { waitFor } from '../../cli/processes.ts';
 import { TEST_PLAN } from '../helpers/federation.ts';
 
-const REOFFER_MS = 1500;
+// Long enough that an idle heartbeat sent right after the task is inside the spacing even on a loaded machine.
+const REOFFER_MS = 3000;
 let work: string;
 let coord: RunningCoordinator;
 const clients: FederationClient[] = [];
