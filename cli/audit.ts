@@ -22,7 +22,8 @@ import { FileLedgerBackend, JetStreamLedgerBackend, LEDGER_FILE, type LedgerBack
 import { rawPublicKey } from '../shared/security/site-identity.ts';
 import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
 import { SiteHome } from '../site-agent/home.ts';
-import { governanceClient, PRIVACY_SPENT_FILE, SitePolicy } from '../site-agent/policy.ts';
+import { PRIVACY_SPENT_FILE, SitePolicy } from '../site-agent/policy.ts';
+import { SiteConnection } from '../site-agent/transport/connection.ts';
 
 export const LEDGER_HEAD_FILE = 'ledger-head.json';
 const HeadSchema = z.object({ seq: z.number().int().min(0), hash: z.string() });
@@ -85,7 +86,8 @@ export function completenessSummary(r: CompletenessReport | undefined): string {
 
 /** Fetches the ledger over the Governance service, as this site. */
 export async function fetchLedgerLines(home: SiteHome): Promise<string[]> {
-  const client = governanceClient(home);
+  const connection = new SiteConnection(home);
+  const client = connection.governance();
   try {
     return await new Promise<string[]>((resolve, reject) => {
       const lines: string[] = [];
@@ -95,7 +97,7 @@ export async function fetchLedgerLines(home: SiteHome): Promise<string[]> {
       stream.on('end', () => resolve(lines));
     });
   } finally {
-    client.close();
+    connection.close();
   }
 }
 

@@ -26,16 +26,15 @@ import { loadGovernanceService } from '../shared/privacy/governance-proto.ts';
 import { UploadReceiver } from './server/upload-receiver.ts';
 import { secAggHandlers } from './secagg/service.ts';
 import { loadSecAggService } from '../shared/privacy/secagg/wire.ts';
-import { createAuthInterceptor, siteCallAuthenticator, type SiteDirectory } from './auth/interceptor.ts';
+import { createAuthInterceptor, type SiteDirectory } from './auth/interceptor.ts';
 import { FailureLimiter, type FailureLimitOptions } from './auth/failure-limiter.ts';
-import { routeBulkCalls, type BulkRouting } from './server/bulk-h2.ts';
 import { NatsBus } from './events/nats-bus.ts';
 import { Outbox } from './events/outbox.ts';
 import type { EventBus } from '../shared/events/bus.ts';
 import { loadPlanFile, defaultPlan } from '../shared/plan/load.ts';
 import type { Plan } from '../shared/plan/schema.ts';
 import { architectureFor } from '../shared/model/registry.ts';
-import { loadProto, MAX_MESSAGE_BYTES, METHODS, SERVER_OPTIONS } from '../shared/protocol/grpc.ts';
+import { loadProto, SERVER_FLOW_CONTROL_WINDOW, SERVER_OPTIONS } from '../shared/protocol/grpc.ts';
 import { COORDINATOR_FEATURES, FEATURES, type Feature } from '../shared/protocol/features.ts';
 import { serverCredentials } from '../shared/security/pki.ts';
 import { rawPublicKey, signManifest } from '../shared/security/site-identity.ts';
@@ -60,11 +59,6 @@ export interface CoordinatorOptions {
    */
   requireClientCert?: boolean;
   /**
-   * Who serves DownloadModel and UploadUpdate: 'http2' (default; server/bulk-h2.ts) or 'grpc-js' (like every other
-   * call). Both speak the same protocol; the bench and tests compare them.
-   */
-  bulkCalls?: 'http2' | 'grpc-js';
-  /**
    * Optional protocol features offered to sites (shared/protocol/features.ts); default: all this version has.
    * A feature left out is refused like a coordinator without it would (tests use this to play an older one).
    */
@@ -76,6 +70,8 @@ export interface CoordinatorOptions {
     /** Per-peer limit on failed authentication and enrolment calls. */
     authFailures?: Partial<FailureLimitOptions>;
   };
+  /** Least time between two offers of a round's task to a selected site that heartbeats idle without it (default 30 s). */
+  reofferMs?: number;
   /** The admin HTTP endpoint (/metrics, /healthz, /readyz, the dashboard; admin-http/): off unless given. */
   admin?: AdminHttpSettings;
   /** Opens the state database (default: the SQLite store in `dir`); a seam for tests that fill its disk. */
@@ -92,8 +88,6 @@ export interface RunningCoordinator {
   bus: EventBus;
   store: CoordinatorStore;
   plan: Plan;
-  /** The HTTP/2 bulk path's switch (undefined when grpc-js serves the bulk calls); benchmarks flip it. */
-  bulkRouting: BulkRouting | undefined;
   /** The admin endpoint, when started with `admin`. */
   admin: AdminHttpServer | undefined;
   stop(): Promise<void>;
@@ -135,6 +129,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     // The plan's pretraining stage leaves its encoder file here, with its provenance (docs/pretraining.md).
     pretrainedDir: join(home.dir, 'pretrained'),
     storageRetryMs: o.storageRetryMs,
+    reofferMs: o.reofferMs,
   });
 
   // Metrics follow the event stream from before the first round opens (admin-http/event-metrics.ts).
@@ -169,7 +164,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   if (!ca) log.warn({ path: home.caKeyPath }, 'no CA key: sites will enrol without a TLS client certificate' + (mtls ? ', so none can enrol under --mtls' : ''));
 
   const { Enrollment, Federation } = loadProto();
-  // One limiter for every way in (interceptor, enrolment, HTTP/2 bulk path): a peer's failures count together.
+  // One limiter for every way in (interceptor, enrolment): a peer's failures count together.
   const limiter = new FailureLimiter(log, o.limits?.authFailures);
   const authOptions = { federationId: config.federationId, directory, log, clientCaPem: mtls ? caPem : undefined, limiter, onFailure: metrics?.authFailed };
   const server = new grpc.Server({ ...SERVER_OPTIONS, interceptors: [createAuthInterceptor(authOptions)] });
@@ -188,23 +183,6 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     server.bindAsync(`${host}:${o.port ?? config.port}`, creds, (err, p) => (err ? reject(new Error(`cannot listen on ${host}:${o.port ?? config.port}: ${err.message}`)) : resolve(p))),
   );
   widenServerWindows(server, SERVER_FLOW_CONTROL_WINDOW, log);
-  // The two bulk calls on HTTP/2 directly (same handlers, same authentication): grpc-js's per-message copies
-  // held model transfers back (server/bulk-h2.ts). grpc-js keeps serving them should its internals change.
-  let bulkRouting: BulkRouting | undefined;
-  if (o.bulkCalls !== 'grpc-js') {
-    const svc = Federation.service as grpc.ServiceDefinition;
-    bulkRouting = routeBulkCalls(server, {
-      methods: new Map([
-        [METHODS.downloadModel, { definition: svc.DownloadModel!, handler: federation.DownloadModel as never }],
-        [METHODS.uploadUpdate, { definition: svc.UploadUpdate!, handler: federation.UploadUpdate as never }],
-      ]),
-      authenticate: siteCallAuthenticator(authOptions),
-      maxMessageBytes: MAX_MESSAGE_BYTES,
-      log,
-      limiter,
-    });
-    if (!bulkRouting) log.warn('grpc-js internals changed: model downloads and update uploads stay on grpc-js (slower)');
-  }
   log.info(
     { port, plan: planPath, rounds: plan.rounds, minSites: plan.minSites, bus: bus.describe(), shared: engine.sharedNames.length, mtls },
     mtls ? 'coordinator listening (TLS, token auth, client certificates required)' : 'coordinator listening (TLS, token auth)',
@@ -236,7 +214,6 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     bus,
     store,
     plan,
-    bulkRouting,
     admin,
     async stop() {
       await admin?.close();
@@ -254,22 +231,25 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   };
 }
 
-/** HTTP/2 receive window the coordinator grants each connection and stream (uploads are ~100 MB). */
-export const SERVER_FLOW_CONTROL_WINDOW = 32 * 1024 * 1024;
-
 /**
- * grpc-js 1.14 has no server-side flow-control option, so uploads crawl through the default 64 KiB
- * HTTP/2 window (bench/README.md measured +40–75% in-flight upload throughput with this).
- * We widen each new session's connection and stream windows through the server's HTTP/2 listeners,
- * guarded so that a grpc-js without them only loses the speed-up.
+ * Widens the HTTP/2 receive window of every connection the server accepts (connection and streams), so an upload
+ * over a link with a large bandwidth-delay product is not held to grpc-js's 64 KiB: with 64 KiB, 40 ms of round
+ * trip allow 1.6 MB/s whatever the link (bench/wan.ts measures both directions).
+ *
+ * grpc-js 1.14 reads 'grpc-node.flow_control_window' on its clients only, and has no public hook on the sessions
+ * its server accepts; this is the one place MedFL reaches into grpc-js (its `http2Servers` map). It is guarded:
+ * where grpc-js's internals differ, nothing changes but the window (logged at warn, and
+ * test/transport/flow-control.test.ts fails, so an upgrade that loses it is noticed). SERVER_OPTIONS passes the same
+ * option to the server, so a grpc-js that honours it there widens the window by itself.
  */
 export function widenServerWindows(server: grpc.Server, bytes: number, log: Logger): void {
   const listeners = (server as unknown as { http2Servers?: unknown }).http2Servers;
   if (!(listeners instanceof Map)) {
-    log.debug('grpc-js internals changed: server HTTP/2 windows stay at their default');
+    log.warn('grpc-js internals changed: the server HTTP/2 receive window stays at its default (slow uploads over long links)');
     return;
   }
   for (const h2 of listeners.keys() as Iterable<Http2Server>) {
+    if (typeof h2?.on !== 'function') continue;
     h2.on('session', (session: ServerHttp2Session) => {
       try {
         session.setLocalWindowSize(bytes);

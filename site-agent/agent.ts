@@ -11,7 +11,7 @@ import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync } from 'node:f
 import { join } from 'node:path';
 import { SiteHome } from './home.ts';
 import { FederationClient, type WireTask } from './transport/client.ts';
-import { ModelCache, modelSizeLimit } from './transport/model-cache.ts';
+import { ModelCache, ensureWithRetry, modelSizeLimit } from './transport/model-cache.ts';
 import { WireAudit } from './transport/wire-audit.ts';
 import { tlsClockHint } from './transport/tls-hint.ts';
 import { OutboxEntrySchema, outboxPath, parseWireTask, type OutboxEntry } from './transport/task-wire.ts';
@@ -208,7 +208,7 @@ export class SiteAgent {
       }
       while (this.queue.length > 0 && !this.stopped) {
         const t = this.queue.shift()!;
-        await this.work(t.taskId, () => this.runTask(t), 'task failed; it will be retried if the coordinator sends it again');
+        await this.work(t.taskId, () => this.runTask(t), 'task failed; the coordinator offers it again while the round waits for this site');
       }
     } finally {
       this.working = false;
@@ -230,7 +230,7 @@ export class SiteAgent {
     } catch (e) {
       if (!(e instanceof UnsupportedTaskError)) throw e;
       log.error({ round: t.round, task: t.taskId, reason: e.message }, 'task refused: this site cannot honour it');
-      await declineTask(this.home, { round: t.round, taskId: t.taskId, reason: e.message }, log, this.audit);
+      await declineTask(this.client!.connection, { round: t.round, taskId: t.taskId, reason: e.message }, log);
       this.o.observer?.task('declined');
       return;
     }
@@ -244,7 +244,7 @@ export class SiteAgent {
       const verdict = this.policy.admit(t, settings);
       if (!verdict.ok) {
         log.warn({ round: t.round, task: t.taskId, reason: verdict.reason }, "task declined: it breaks this site's policy");
-        await declineTask(this.home, { round: t.round, taskId: t.taskId, reason: verdict.reason }, log, this.audit);
+        await declineTask(this.client!.connection, { round: t.round, taskId: t.taskId, reason: verdict.reason }, log);
         this.o.observer?.task('declined');
         return;
       }
@@ -258,7 +258,7 @@ export class SiteAgent {
       }
       if (headProblem) {
         log.warn({ round: t.round, task: t.taskId, reason: headProblem }, "task declined: it conflicts with this site's task file");
-        await declineTask(this.home, { round: t.round, taskId: t.taskId, reason: headProblem }, log, this.audit);
+        await declineTask(this.client!.connection, { round: t.round, taskId: t.taskId, reason: headProblem }, log);
         this.o.observer?.task('declined');
         return;
       }
@@ -272,14 +272,13 @@ export class SiteAgent {
         throw new Error(`the coordinator announced a ${what} of ${size} bytes, more than the ${sizeLimit} bytes the plan's ${settings.model.architecture} architecture can account for (every parameter as float32, with header); not downloaded`);
       }
       this.enter('downloading', t.round);
-      const client = this.client!;
-      const bytes = await this.cache.ensure(client, file.hash, file.size, (d, n) => { this.progress = d / n; });
+      const bytes = await this.fetchModel(t, file.hash, file.size);
       this.o.observer?.transferred('download', bytes);
       log.info({ round: t.round, model: t.modelHash.slice(0, 12), downloadedBytes: bytes, cached: bytes === 0, encoding: settings.modelFile?.encoding ?? 'float32' }, 'global model ready');
       // Noisy student: the teacher is a model version like any other, fetched by hash through the same cache.
       const teacher = settings.teacherStudent?.enabled ? settings.teacher : undefined;
       if (teacher) {
-        const tb = await this.cache.ensure(client, teacher.modelHash, teacher.modelSize, (d, n) => { this.progress = d / n; });
+        const tb = await this.fetchModel(t, teacher.modelHash, teacher.modelSize);
         this.o.observer?.transferred('download', tb);
         log.info({ round: t.round, generation: teacher.generation, model: teacher.modelHash.slice(0, 12), downloadedBytes: tb, cached: tb === 0 }, 'teacher model ready');
       }
@@ -297,7 +296,7 @@ export class SiteAgent {
         this.enter('uploading', t.round);
         this.progress = 0;
         await runSecAggRound({
-          home: this.home, audit: this.audit, log, round: t.round, taskId: t.taskId, deadlineUnixMs: t.deadlineUnixMs, settings,
+          home: this.home, connection: this.client!.connection, log, round: t.round, taskId: t.taskId, deadlineUnixMs: t.deadlineUnixMs, settings,
           update: result.update, base: baseModel, numSamples: result.numSamples,
           onStep: (step) => {
             this.progress = (SECAGG_STEPS.indexOf(step) + 1) / SECAGG_STEPS.length;
@@ -315,6 +314,22 @@ export class SiteAgent {
       writeFileAtomic(entryPath, JSON.stringify(entry));
     }
     await this.deliver(entry, t.deadlineUnixMs || undefined);
+  }
+
+  /**
+   * A model for task `t`, from the cache or downloaded; a failed download is resumed with backoff until the task's
+   * deadline (10 minutes for a task without one) instead of costing the site the round.
+   */
+  private fetchModel(t: WireTask, hash: string, size: number): Promise<number> {
+    return ensureWithRetry(this.cache, () => this.client!, hash, size, {
+      until: t.deadlineUnixMs > 0 ? t.deadlineUnixMs : Date.now() + 600_000,
+      maxBackoffMs: this.o.maxBackoffMs,
+      cancelled: () => this.stopped,
+      onProgress: (d, n) => {
+        this.progress = d / n;
+      },
+      log: this.o.log,
+    });
   }
 
   /**

@@ -13,13 +13,12 @@ import { chmodSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import {
   fetchAndPinCa,
-  pinnedChannelCredentials,
   certificateFingerprint,
   createClientCertificateRequest,
   verifyClientCertificate,
 } from '../shared/security/pki.ts';
 import { ensureSiteKey } from '../shared/security/site-identity.ts';
-import { CHANNEL_OPTIONS, loadProto } from '../shared/protocol/grpc.ts';
+import { enrolmentClient, parseAddress } from './transport/connection.ts';
 import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
 import { SiteHome, type SiteConfig } from './home.ts';
 import { SITE_NAME_PATTERN, siteOfToken } from '../shared/protocol/site-names.ts';
@@ -35,11 +34,6 @@ export interface EnrollOptions {
   dir: string;
 }
 
-export function parseAddress(address: string): { host: string; port: number } {
-  const m = /^(\[[^\]]+\]|[^:]+):(\d{1,5})$/.exec(address.trim());
-  if (!m) throw new Error(`coordinator address '${address}' must be HOST:PORT, e.g. coordinator.example.org:7443`);
-  return { host: m[1].replace(/^\[|\]$/g, ''), port: Number(m[2]) };
-}
 
 export async function enrollSite(o: EnrollOptions): Promise<SiteConfig> {
   const home = new SiteHome(o.dir);
@@ -52,8 +46,7 @@ export async function enrollSite(o: EnrollOptions): Promise<SiteConfig> {
   const key = ensureSiteKey(o.dir);
   const siteName = siteOfToken(o.token);
   const tlsClient = await createClientCertificateRequest(siteName);
-  const { Enrollment } = loadProto();
-  const client = new Enrollment(`${host.includes(':') ? `[${host}]` : host}:${port}`, pinnedChannelCredentials(caPem), CHANNEL_OPTIONS);
+  const client = enrolmentClient(host, port, caPem);
   try {
     const res = await new Promise<{ siteName: string; federationId: string; coordinatorPublicKey: Buffer; clientCertPem: string }>((resolve, reject) =>
       client.Enroll(

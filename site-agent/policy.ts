@@ -38,13 +38,7 @@ import type { ParamInfo } from '../shared/model/types.ts';
 import { RdpAccountant, RdpAccountantStateSchema } from '../shared/privacy/rdp-accountant.ts';
 import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
 import { parseYamlConfig } from '../shared/util/yaml-config.ts';
-import { CHANNEL_OPTIONS } from '../shared/protocol/grpc.ts';
-import { loadGovernanceService } from '../shared/privacy/governance-proto.ts';
-import { pinnedChannelCredentials } from '../shared/security/pki.ts';
-import { loadSiteKey, siteCallCredentials } from '../shared/security/site-identity.ts';
-import { parseAddress } from './enroll.ts';
-import { SiteHome } from './home.ts';
-import type { WireAudit } from './transport/wire-audit.ts';
+import type { SiteConnection } from './transport/connection.ts';
 import type { Logger } from '../shared/util/log.ts';
 
 export const POLICY_FILES = ['policy.yaml', 'policy.yml', 'policy.json'] as const;
@@ -264,25 +258,9 @@ export class SitePolicy {
   }
 }
 
-type AnyClient = grpc.Client & Record<string, (...args: unknown[]) => unknown>;
-
-/** A client for the coordinator's Governance service, with the site's channel and token credentials. */
-export function governanceClient(home: SiteHome, opts: { audit?: WireAudit } = {}): AnyClient {
-  const config = home.config();
-  const key = loadSiteKey(home.dir);
-  const { host, port } = parseAddress(config.coordinator);
-  const creds = grpc.credentials.combineChannelCredentials(
-    pinnedChannelCredentials(home.caPem(), home.clientCertificate()),
-    siteCallCredentials({ siteName: config.siteName, federationId: config.federationId, privateKey: key.privateKey }),
-  );
-  const Governance = loadGovernanceService();
-  // With --audit-wire, what goes out here is recorded like every other call.
-  return new Governance(`${host.includes(':') ? `[${host}]` : host}:${port}`, creds, { ...CHANNEL_OPTIONS, interceptors: opts.audit ? [opts.audit.interceptor()] : [] }) as AnyClient;
-}
-
 /** Tells the coordinator why this site declines a task. Never throws: a coordinator without the RPC only loses the reason. */
-export async function declineTask(home: SiteHome, req: { round: number; taskId: string; reason: string }, log: Logger, audit?: WireAudit): Promise<boolean> {
-  const client = governanceClient(home, { audit });
+export async function declineTask(connection: SiteConnection, req: { round: number; taskId: string; reason: string }, log: Logger): Promise<boolean> {
+  const client = connection.governance();
   try {
     const ack = await new Promise<{ recorded: boolean }>((resolve, reject) =>
       client.DeclineTask(req, { deadline: Date.now() + 10_000 }, (err: grpc.ServiceError | null, res: { recorded: boolean }) => (err ? reject(err) : resolve(res))),
@@ -291,7 +269,5 @@ export async function declineTask(home: SiteHome, req: { round: number; taskId: 
   } catch (e) {
     log.warn({ task: req.taskId, reason: (e as grpc.ServiceError).details ?? (e as Error).message }, 'could not tell the coordinator why the task was declined');
     return false;
-  } finally {
-    client.close();
   }
 }

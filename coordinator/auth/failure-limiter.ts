@@ -15,8 +15,8 @@
  *   checked as usual, so others' failures — even an impostor using its very name from the same NAT — cannot keep
  *   a real site out. Failures under such a name still count, and once over the limit they are answered
  *   RESOURCE_EXHAUSTED after the check instead of with their reason.
- * - a transport that cannot name the claimed site before it verifies (`claimant` undefined, e.g. the HTTP/2 bulk
- *   path) is never refused before verification; its failures count against the address.
+ * - a caller that cannot be named before verification (`claimant` undefined) is never refused before it; its
+ *   failures count against the address.
  * - enrolment is one bucket per address at the per-caller rate: nobody is authenticated yet, an honest site enrols
  *   once, and guessing one-time tokens under ever new names must not multiply the tries.
  * Successful calls take no token, so an honest site is never slowed.

@@ -268,8 +268,7 @@ export function clientCertificateSite(call: Pick<grpc.ServerInterceptingCallInte
 
 /**
  * The whole check of one site call — client certificate first under mTLS (cheap, and no token id is consumed by
- * a call that fails it), then the token — returning the site it authenticates or throwing an AuthError. Shared
- * by the grpc-js interceptor below and by the coordinator's HTTP/2 path for the bulk calls (server/bulk-h2.ts).
+ * a call that fails it), then the token — returning the site it authenticates or throwing an AuthError.
  */
 export function siteCallAuthenticator(opts: AuthInterceptorOptions): (metadata: grpc.Metadata, authContext: grpc.ServerInterceptingCallInterface["getAuthContext"]) => Promise<string> {
   const { federationId, directory } = opts;
@@ -279,7 +278,6 @@ export function siteCallAuthenticator(opts: AuthInterceptorOptions): (metadata: 
       const certificateSite = clientCa ? clientCertificateSite({ getAuthContext: authContext }, clientCa) : undefined;
       return await verifySiteToken(metadata, { federationId, directory, certificateSite });
     } catch (e) {
-      // Here, not in the interceptor, so refusals on both transports (grpc-js, HTTP/2 bulk path) are seen once each.
       opts.onFailure?.(e);
       throw e;
     }

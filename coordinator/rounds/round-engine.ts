@@ -76,7 +76,16 @@ export interface RoundEngineOptions {
   pretrainedDir?: string;
   /** How long to wait before trying again when opening, closing or failing a round hit a storage failure such as a full disk (default 10 s). */
   storageRetryMs?: number;
+  /** Least time between two offers of a round's task to one site that reports idle without it (default REOFFER_MS). */
+  reofferMs?: number;
 }
+
+/**
+ * A selected site that heartbeats "idle, no task" while the round waits for it is sent its task again, at most this
+ * often: it gave the task up (e.g. its model download kept failing until it stopped trying) and would otherwise sit
+ * idle until the deadline, since tasks are otherwise sent only when a round opens and when a site reconnects.
+ */
+export const REOFFER_MS = 30_000;
 
 /** Time a resumed round gives sites beyond their longest reconnect backoff: to connect, and to resend or retrain. */
 export const RESUME_GRACE_MARGIN_MS = 30_000;
@@ -121,6 +130,8 @@ interface OpenRound {
 
 export class RoundEngine {
   private readonly connected = new Map<string, TaskSink>();
+  /** When each site was last sent the open round's task (round and time): re-offers to idle sites are spaced by it. */
+  private readonly offered = new Map<string, { round: number; at: number }>();
   private open: OpenRound | undefined;
   private waitTimer: NodeJS.Timeout | undefined;
   private gatherUntil: number | undefined;
@@ -235,14 +246,42 @@ export class RoundEngine {
     if (open && open.row.selected.includes(site) && !open.reported.has(site)) {
       // A site that reconnects mid-round gets its task again; its update id makes a retry count once.
       try {
-        const task = this.taskFor(open, site, sink);
-        if (task) sink.send(task);
+        this.offer(open, site, sink);
       } catch (e) {
         this.retryLater('tasks', `sending round ${open.row.round}'s task to ${site}`, e, () => this.sendTasks(open));
       }
     } else if (!open) {
       this.maybeOpenRound();
     }
+  }
+
+  /**
+   * The site's heartbeat says it is idle and working on no task. A site selected for the open round that has neither
+   * reported nor declined is sent its task again (REOFFER_MS apart): it may have given the task up after a failed
+   * download. Secure-aggregation rounds are left alone: a session cannot take a site back once it has moved on.
+   */
+  siteIdle(site: string): void {
+    const open = this.open;
+    if (!open || open.closing || open.secagg || this.finished || this.stopped) return;
+    if (!open.row.selected.includes(site) || open.reported.has(site) || open.declined?.has(site)) return;
+    const sink = this.connected.get(site);
+    const last = this.offered.get(site);
+    if (!sink || (last?.round === open.row.round && Date.now() - last.at < (this.o.reofferMs ?? REOFFER_MS))) return;
+    try {
+      if (this.offer(open, site, sink)) this.o.log.info({ round: open.row.round, site }, 'site reports idle without its task: offered it again');
+    } catch (e) {
+      // Only a reminder: the next idle heartbeat tries again.
+      this.o.log.warn({ round: open.row.round, site, err: (e as Error).message }, 'could not offer the task again to an idle site');
+    }
+  }
+
+  /** Sends `site` the round's task (shaped for it), noting when; false when the task was withheld. */
+  private offer(open: OpenRound, site: string, sink: TaskSink): boolean {
+    const task = this.taskFor(open, site, sink);
+    if (!task) return false;
+    sink.send(task);
+    this.offered.set(site, { round: open.row.round, at: Date.now() });
+    return true;
   }
 
   siteDisconnected(site: string, sink: TaskSink): void {
@@ -508,8 +547,7 @@ export class RoundEngine {
     try {
       for (const s of open.row.selected) {
         const sink = open.reported.has(s) ? undefined : this.connected.get(s);
-        const task = sink && this.taskFor(open, s, sink);
-        if (task) sink.send(task);
+        if (sink) this.offer(open, s, sink);
       }
     } catch (e) {
       this.retryLater('tasks', `sending round ${open.row.round}'s tasks`, e, () => this.sendTasks(open));

@@ -115,11 +115,9 @@ export const uploadOptions = {
  * and only when that write completes, the status in HTTP/2 trailers; once the trailers are handed to the
  * session it emits 'cancelled' on the call. The session writes them to the socket from a native immediate
  * that can run after one JS setImmediate but not after two (measured: with one, the ack still waited for
- * the fold and round close; with two it reaches the client before the fold starts — bench/transport.ts,
- * column "ack − fold end"). Any synchronous job started earlier would hold all of that until it ends.
- * The timer is a fallback should a grpc-js version stop emitting the event. On the HTTP/2 bulk path (bulk-h2.ts)
- * 'cancelled' comes when the stream closes, i.e. once the trailers have gone out; the benchmark's "ack − fold end"
- * column stays negative there too.
+ * the fold and round close; with two it reaches the client before the fold starts, measured by the since-removed
+ * loopback transport bench, in git history). Any synchronous job started earlier would hold all of that until it ends.
+ * The timer is a fallback should a grpc-js version stop emitting the event.
  */
 function statusSent(call: grpc.ServerReadableStream<unknown, unknown>, maxWaitMs = 200): Promise<void> {
   return new Promise((resolve) => {
@@ -138,7 +136,7 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
   const { store, models, engine, receiver, log } = d;
   const maxOpenUploads = d.maxOpenUploadsPerSite ?? DEFAULT_MAX_OPEN_UPLOADS_PER_SITE;
   if (!(Number.isInteger(maxOpenUploads) && maxOpenUploads >= 1)) throw new RangeError(`maxOpenUploadsPerSite must be an integer ≥ 1, got ${maxOpenUploads}`);
-  /** Open UploadUpdate calls per site (both transports run these handlers). */
+  /** Open UploadUpdate calls per site. */
   const openUploads = new Map<string, number>();
 
   return {
@@ -148,6 +146,8 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         const hb = HeartbeatSchema.safeParse(call.request);
         if (!hb.success) return cb({ code: grpc.status.INVALID_ARGUMENT, details: `bad heartbeat: ${hb.error.issues[0]?.message}` });
         store.touchSite(site, hb.data.state, hb.data.engine || null);
+        // A selected site idle without its task gets it again (it may have given it up after a failed download).
+        if (hb.data.state === 'idle' && hb.data.taskId === '') engine.siteIdle(site);
         cb(null, { serverTimeMs: Date.now(), features: d.features ?? COORDINATOR_FEATURES });
       } catch (e) {
         cb(asServiceError(e));
@@ -342,9 +342,6 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
             partial = receiver.begin(header);
             uploadStarted = performance.now();
             partial.onWriteError = (e) => failed(e, 'upload failed: storing it failed');
-            // On the HTTP/2 bulk path (bulk-h2.ts) a written chunk's memory carries later chunks.
-            const recycle = (call as unknown as { recycle?: (m: Uint8Array) => void }).recycle;
-            if (recycle) partial.onChunkWritten = (m) => recycle.call(call, m);
             return;
           }
           if (msg.part === 'trailer') {

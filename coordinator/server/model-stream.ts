@@ -4,10 +4,9 @@
  * Each chunk is read from disk (libuv thread pool) straight into a buffer laid out as the encoded message
  * (shared/protocol/chunk-codec.ts): room for the head, the data, the per-model tail. The buffer is written to
  * the call as it is (the service's serializer passes pre-encoded Buffers through) and reused only once the call
- * reports that write done. On the coordinator's HTTP/2 bulk path (bulk-h2.ts) that means HTTP/2 has sent it
- * (no copy anywhere); under grpc-js, which copies it into a framed message of its own, that the copy is made.
- * fs.createReadStream allocated a fresh buffer per chunk and protobuf encoding another, which with grpc-js's made
- * the coordinator run a full GC every 20–40 ms while serving a model (bench/README.md).
+ * reports that write done (grpc-js has then copied it into a framed message of its own).
+ * fs.createReadStream allocated a fresh buffer per chunk and protobuf encoding another, which with grpc-js's copy
+ * made the coordinator run a full GC every 20–40 ms while serving a model.
  */
 import * as grpc from '@grpc/grpc-js';
 import { close, open, read } from 'node:fs';
@@ -98,8 +97,8 @@ export function streamModelFile(call: grpc.ServerWritableStream<unknown, unknown
       const dataEnd = MODEL_CHUNK_HEAD_ROOM + want;
       tail.copy(slot, dataEnd);
       const msgStart = writeModelChunkHead(slot, MODEL_CHUNK_HEAD_ROOM, pos, want);
-      // The callback runs once this buffer is no longer needed (sent by HTTP/2 on the bulk path; copied into a
-      // framed message under grpc-js), so only then may it be refilled.
+      // The callback runs once this buffer is no longer needed (grpc-js copied it into a framed message), so only
+      // then may it be refilled.
       call.write(slot.subarray(msgStart, dataEnd + tail.length), () => {
         if (stopped) return giveBack(slot);
         free.push(slot);

@@ -72,22 +72,3 @@ export function modelChunkTail(totalSize: number, sha256: string): Buffer {
   hash.copy(out, at);
   return out;
 }
-
-const TAG_UPDATE_DATA = (2 << 3) | 2;
-const TAG_UPDATE_OFFSET = (3 << 3) | 0;
-
-/**
- * A medfl.v1.UpdateChunk carrying `data` at `offset`, as [head, data, tail] to be sent back to back, so the
- * site's payload goes on the wire without being copied into a message: head = field 2's tag and length,
- * tail = field 3 (offset). Byte for byte what protobufjs writes for `{ data, offset }`.
- */
-export function updateDataChunkParts(offset: number, data: Uint8Array): [Uint8Array, Uint8Array, Uint8Array] {
-  checkUint('offset', offset);
-  const head = Buffer.allocUnsafe(1 + varintLength(data.byteLength));
-  head[0] = TAG_UPDATE_DATA;
-  writeVarint(head, 1, data.byteLength);
-  const tail = Buffer.allocUnsafe(1 + varintLength(offset));
-  tail[0] = TAG_UPDATE_OFFSET;
-  writeVarint(tail, 1, offset);
-  return [head, data, tail];
-}

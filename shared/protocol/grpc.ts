@@ -14,13 +14,32 @@ export const PROTO_FILE = join(PROTO_ROOT, 'medfl', 'v1', 'federation.proto');
 export const CHUNK_BYTES = 2 * 1024 * 1024;
 export const MAX_MESSAGE_BYTES = CHUNK_BYTES + 64 * 1024;
 
-/** Larger HTTP/2 windows: grpc-js defaults cap throughput at ~0.3 GB/s on loopback (bench/README.md). */
+/**
+ * HTTP/2 receive window, per connection and per stream, on both sides. A transfer moves at most one window per round
+ * trip, so the window must exceed the link's bandwidth-delay product: 1 Gbit/s at 20 ms is 2.5 MB, 100 Mbit/s at
+ * 40 ms 0.5 MB, where grpc-js's default 64 KiB allows 13–26 Mbit/s (bench/wan.ts). 32 MiB covers 1 Gbit/s up to
+ * ~250 ms. It is a limit, not an allocation: a receiver that keeps up holds little.
+ */
+export const FLOW_CONTROL_WINDOW = 32 * 1024 * 1024;
+/** The coordinator's side of it (coordinator.ts: widenServerWindows). */
+export const SERVER_FLOW_CONTROL_WINDOW = FLOW_CONTROL_WINDOW;
+
+/**
+ * The site's channel options (site-agent/transport/connection.ts adds its own). Every option here is one grpc-js
+ * 1.14 knows (channel-options.ts there); 'grpc.http2.write_buffer_size' and BDP probing are gRPC C-core's and do not
+ * exist in grpc-js. grpc-js leaves 'grpc-node.max_session_memory' unlimited by default, which the wide window needs.
+ */
 export const CHANNEL_OPTIONS: grpc.ChannelOptions = {
   'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
   'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
-  'grpc-node.flow_control_window': 32 * 1024 * 1024,
+  'grpc-node.flow_control_window': FLOW_CONTROL_WINDOW,
+  // One connection carries every call, model transfers included: a PING every 20 s, and a connection whose PING is
+  // not answered within 60 s is dropped (its calls fail UNAVAILABLE; downloads resume from their offset, uploads are
+  // sent again). 60 s, not grpc's 20 s: during an upload the PING waits behind the bytes already in the socket's
+  // buffers (megabytes: seconds at a few Mbit/s), and on a site whose CPU is taken by training the answer is read
+  // late; a shorter timeout dropped transfers that were moving. A dead path is still noticed within 80 s.
   'grpc.keepalive_time_ms': 20_000,
-  'grpc.keepalive_timeout_ms': 10_000,
+  'grpc.keepalive_timeout_ms': 60_000,
   'grpc.keepalive_permit_without_calls': 1,
 };
 
@@ -29,6 +48,8 @@ export const SERVER_OPTIONS: grpc.ServerOptions = {
   'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
   'grpc.keepalive_permit_without_calls': 1,
   'grpc.http2.min_ping_interval_without_data_ms': 5_000,
+  // Read by grpc-js servers once they honour it (1.14 reads it on clients only); until then widenServerWindows does it.
+  'grpc-node.flow_control_window': SERVER_FLOW_CONTROL_WINDOW,
 };
 
 export const AUTH_METADATA_KEY = 'authorization';
@@ -51,8 +72,8 @@ export function loadProto(): { Enrollment: ServiceCtor; Federation: ServiceCtor 
     includeDirs: [PROTO_ROOT],
   });
   // DownloadModel's handler writes ModelChunk messages it has already encoded (shared/protocol/chunk-codec.ts)
-  // as Buffers, to skip a model-sized copy; objects are still encoded by protobufjs. The wire format is the
-  // proto's either way.
+  // as Buffers, read from disk straight into place, to skip protobuf's copy; objects are still encoded by protobufjs.
+  // The wire format is the proto's either way.
   const download = (def['medfl.v1.Federation'] as grpc.ServiceDefinition).DownloadModel;
   const encode = download.responseSerialize;
   download.responseSerialize = (value: unknown) => (Buffer.isBuffer(value) ? value : encode(value));

@@ -391,23 +391,20 @@ export function fetchAndPinCa(
 }
 
 /**
- * TLS that asks every client for a certificate but completes the handshake without one, or with one it cannot
- * verify (Node `requestCert: true, rejectUnauthorized: false`). grpc-js's createSsl cannot express this: with
- * checkClientCertificate=false it does not ask at all, with true it rejects a missing certificate. The server must
- * then enforce client certificates per method itself: grpc-js's `getAuthContext().sslPeerCertificate` is set only
- * when TLS verified the certificate against `clientCaPem` (see coordinator/auth/interceptor.ts).
+ * A certificate provider that never changes: grpc-js's public way (grpc.experimental) to give a server its key pair
+ * and the CA its client certificates must chain to.
  */
-class RequestClientCertServerCredentials extends grpc.ServerCredentials {
-  constructor(server: ServerCertificate, clientCaPem: string) {
-    super(
-      { requestCert: true, rejectUnauthorized: false, ciphers: process.env.GRPC_SSL_CIPHER_SUITES },
-      { ca: Buffer.from(clientCaPem), cert: [Buffer.from(server.chainPem)], key: [Buffer.from(server.keyPem)] },
-    );
-  }
-
-  _equals(other: grpc.ServerCredentials): boolean {
-    return other === this;
-  }
+function staticCertificates(server: ServerCertificate, clientCaPem: string): grpc.experimental.CertificateProvider {
+  const ca = { caCertificate: Buffer.from(clientCaPem) };
+  const identity = { certificate: Buffer.from(server.chainPem), privateKey: Buffer.from(server.keyPem) };
+  // Told after the call that registers them returns, as a provider that reads files would: grpc-js registers its
+  // own watcher only after asking for the certificates, and an answer given at once would reach no one.
+  return {
+    addCaCertificateListener: (listener) => queueMicrotask(() => listener(ca)),
+    removeCaCertificateListener: () => undefined,
+    addIdentityCertificateListener: (listener) => queueMicrotask(() => listener(identity)),
+    removeIdentityCertificateListener: () => undefined,
+  };
 }
 
 /**
@@ -422,7 +419,16 @@ export function serverCredentials(
 ): grpc.ServerCredentials {
   if ((opts.requireClientCert || opts.requestClientCert) && !opts.clientCaPem) throw new Error('requireClientCert/requestClientCert need clientCaPem');
   if (opts.requireClientCert && opts.requestClientCert) throw new Error('pass requireClientCert or requestClientCert, not both');
-  if (opts.requestClientCert) return new RequestClientCertServerCredentials(server, opts.clientCaPem!);
+  if (opts.requestClientCert) {
+    // TLS asks every client for a certificate but completes the handshake without one, or with one it cannot
+    // verify: createSsl cannot say this (with checkClientCertificate=false it does not ask, with true it rejects a
+    // missing certificate), a certificate-provider credential with requireClientCertificate=false does. The server
+    // then checks certificates per method itself: grpc-js's `getAuthContext().sslPeerCertificate` is set only when
+    // TLS verified the certificate against `clientCaPem` (coordinator/auth/interceptor.ts). One provider serves as
+    // both the CA and the identity source, whichever argument grpc-js reads as which.
+    const provider = staticCertificates(server, opts.clientCaPem!);
+    return grpc.experimental.createCertificateProviderServerCredentials(provider, provider, false);
+  }
   return grpc.ServerCredentials.createSsl(
     opts.clientCaPem ? Buffer.from(opts.clientCaPem) : null,
     [{ private_key: Buffer.from(server.keyPem), cert_chain: Buffer.from(server.chainPem) }],
@@ -430,11 +436,15 @@ export function serverCredentials(
   );
 }
 
-/** gRPC channel credentials trusting only the pinned CA; add a client certificate for mTLS. */
-export function pinnedChannelCredentials(caPem: string, client?: IssuedCertificate): grpc.ChannelCredentials {
+/**
+ * gRPC channel credentials trusting only the pinned CA; add a client certificate for mTLS, and `verify` to check the
+ * server's certificate another way than against the TLS name (site-agent/transport/connection.ts: by address).
+ */
+export function pinnedChannelCredentials(caPem: string, client?: IssuedCertificate, verify?: grpc.VerifyOptions): grpc.ChannelCredentials {
   return grpc.credentials.createSsl(
     Buffer.from(caPem),
     client ? Buffer.from(client.keyPem) : null,
     client ? Buffer.from(client.certPem) : null,
+    verify,
   );
 }

@@ -18,27 +18,23 @@ import {
   asUnmaskRequest,
   DoneWire,
   encodeRoundVector,
-  loadSecAggService,
   parseWire,
   SECAGG_PIECE_WORDS,
   toJson,
   type RoundSecAgg,
 } from '../../shared/privacy/secagg/wire.ts';
-import { CHANNEL_OPTIONS } from '../../shared/protocol/grpc.ts';
 import type { TaskSettings } from '../../shared/protocol/task.ts';
-import { pinnedChannelCredentials } from '../../shared/security/pki.ts';
-import { loadSiteKey, siteCallCredentials } from '../../shared/security/site-identity.ts';
 import { decodeSafetensors } from '../../shared/tensors/safetensors.ts';
 import type { Logger } from '../../shared/util/log.ts';
-import { parseAddress } from '../enroll.ts';
 import type { SiteHome } from '../home.ts';
-import type { WireAudit } from '../transport/wire-audit.ts';
+import type { SiteConnection } from '../transport/connection.ts';
 
 type AnyClient = grpc.Client & Record<string, (req: unknown, md: grpc.Metadata, opts: grpc.CallOptions, cb: (e: grpc.ServiceError | null, r?: { json: string }) => void) => unknown>;
 
 export interface SecAggRoundInput {
   home: SiteHome;
-  audit?: WireAudit;
+  /** The site's connection (its calls go over it, recorded by its wire audit if any). */
+  connection: SiteConnection;
   log: Logger;
   round: number;
   taskId: string;
@@ -101,18 +97,6 @@ export function contribution(delta: Float32Array, numSamples: number, settings: 
   return { delta, weight: Math.max(1, Math.min(sa.maxWeight, Math.round(numSamples))) };
 }
 
-function secAggClient(home: SiteHome, audit?: WireAudit): AnyClient {
-  const config = home.config();
-  const key = loadSiteKey(home.dir);
-  const { host, port } = parseAddress(config.coordinator);
-  const creds = grpc.credentials.combineChannelCredentials(
-    pinnedChannelCredentials(home.caPem(), home.clientCertificate()),
-    siteCallCredentials({ siteName: config.siteName, federationId: config.federationId, privateKey: key.privateKey }),
-  );
-  const Svc = loadSecAggService();
-  return new Svc(`${host.includes(':') ? `[${host}]` : host}:${port}`, creds, { ...CHANNEL_OPTIONS, interceptors: audit ? [audit.interceptor()] : [] }) as AnyClient;
-}
-
 export async function runSecAggRound(o: SecAggRoundInput): Promise<SecAggRoundOutcome> {
   const sa = o.settings.secureAggregation as RoundSecAgg | undefined;
   if (!sa) throw new Error('the task has no secureAggregation settings');
@@ -125,7 +109,7 @@ export async function runSecAggRound(o: SecAggRoundInput): Promise<SecAggRoundOu
   writeFileSync(join(dir, `round-${o.round}.f32`), Buffer.from(delta.buffer, delta.byteOffset, delta.byteLength));
   writeFileSync(join(dir, `round-${o.round}.json`), JSON.stringify({ round: o.round, id: sa.id, weight, values: delta.length }));
 
-  const client = secAggClient(o.home, o.audit);
+  const client = o.connection.secureAggregation() as AnyClient;
   let bytesSent = 0;
   const call = (method: string, req: { json?: string; vector?: Buffer; vectorOffset?: number }): Promise<string> =>
     new Promise((resolve, reject) => {
@@ -134,7 +118,6 @@ export async function runSecAggRound(o: SecAggRoundInput): Promise<SecAggRoundOu
       const deadline = o.deadlineUnixMs > 0 ? new Date(o.deadlineUnixMs + 5_000) : new Date(Date.now() + 3_600_000);
       client[method]!(full, new grpc.Metadata(), { deadline }, (e, r) => (e ? reject(new Error(`secure aggregation ${method}: ${e.details ?? e.message}`)) : resolve(r!.json)));
     });
-  try {
     const me = new SecAggClient(sa.id);
     const adv = me.advertise();
     const roster = asRoster(await call('Advertise', { json: toJson({ cPk: adv.cPk, sPk: adv.sPk }) }));
@@ -162,7 +145,4 @@ export async function runSecAggRound(o: SecAggRoundInput): Promise<SecAggRoundOu
     o.log.info({ round: o.round, ...out, weight }, 'secure aggregation: done');
     o.onStep?.('done');
     return out;
-  } finally {
-    client.close();
-  }
 }

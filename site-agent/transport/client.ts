@@ -1,21 +1,11 @@
 /**
- * The site's side of the wire: one TLS channel (CA pinned at enrolment, presenting the site's TLS client
- * certificate from enrolment whenever it has one, for coordinators running --mtls) with a fresh site-signed token
- * on every call, wrapped in promise/stream helpers. The optional wire audit records every message the
- * site sends, so a site admin can check what left the hospital.
- *
- * Model downloads and update uploads go over a second HTTP/2 connection with a lean gRPC client (h2-channel.ts),
- * the rest over grpc-js: same coordinator, same pinned CA, client certificate and per-call token.
+ * The Federation service as the site uses it: promise and stream helpers over the site's one connection
+ * (connection.ts: pinned CA, client certificate, a fresh site token on every call, one HTTP/2 connection for all
+ * services). Model downloads and update uploads are ordinary grpc-js streaming calls on that connection.
  */
 import * as grpc from '@grpc/grpc-js';
-import { AUTH_METADATA_KEY, CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, METHODS, loadProto } from '../../shared/protocol/grpc.ts';
-import { pinnedChannelCredentials } from '../../shared/security/pki.ts';
-import { siteCallCredentials, loadSiteKey, signSiteToken } from '../../shared/security/site-identity.ts';
-import { H2Channel, type ServerStreamCall } from './h2-channel.ts';
-import { updateDataChunkParts } from '../../shared/protocol/chunk-codec.ts';
 import { SiteHome } from '../home.ts';
-import { parseAddress } from '../enroll.ts';
-import type { WireAudit } from './wire-audit.ts';
+import { SiteConnection, type ServiceClient, type SiteConnectionOptions } from './connection.ts';
 import { PROTOCOL_VERSION, SITE_FEATURES, type Feature } from '../../shared/protocol/features.ts';
 
 export interface WireTask {
@@ -45,60 +35,29 @@ export interface UploadAck {
 
 /** An open UploadUpdate call. Sends resolve once more may be written; the outcome is `ack`. */
 export interface UploadCall {
-  /** One UpdateChunk given as an object (the header; tests also send hand-made chunks this way). */
+  /** One UpdateChunk given as an object (the header, the trailer; tests also send hand-made chunks this way). */
   send(chunk: Record<string, unknown>): Promise<void>;
-  /** One data chunk, sent from `data`'s memory without a copy (it must not change until `ack` settles). */
+  /** One data chunk (`data` must not change until the promise resolves). */
   sendData(offset: number, data: Uint8Array): Promise<void>;
   end(): Promise<void>;
   ack: Promise<UploadAck>;
 }
 
-type AnyClient = grpc.Client & Record<string, (...args: unknown[]) => unknown>;
+/** A DownloadModel call: the model's chunks as an object-mode stream; errors carry grpc-js's `code` and `details`. */
+export type DownloadCall = grpc.ClientReadableStream<WireChunk>;
 
 export class FederationClient {
-  private readonly client: AnyClient;
-  private readonly bulk: H2Channel;
-  private readonly audit: WireAudit | undefined;
-  private readonly download: grpc.MethodDefinition<unknown, unknown>;
-  private readonly upload: grpc.MethodDefinition<unknown, unknown>;
+  /** The site's connection; other services (Governance, SecureAggregation) run on it too. */
+  readonly connection: SiteConnection;
+  private readonly client: ServiceClient;
 
-  constructor(home: SiteHome, opts: { audit?: WireAudit; tokenTtlSeconds?: number } = {}) {
-    const config = home.config();
-    const key = loadSiteKey(home.dir);
-    const { host, port } = parseAddress(config.coordinator);
-    const tokenOptions = { siteName: config.siteName, federationId: config.federationId, privateKey: key.privateKey, ttlSeconds: opts.tokenTtlSeconds };
-    const clientCertificate = home.clientCertificate();
-    const caPem = home.caPem();
-    const creds = grpc.credentials.combineChannelCredentials(
-      pinnedChannelCredentials(caPem, clientCertificate),
-      siteCallCredentials(tokenOptions),
-    );
-    const { Federation } = loadProto();
-    this.download = (Federation.service as grpc.ServiceDefinition).DownloadModel;
-    this.upload = (Federation.service as grpc.ServiceDefinition).UploadUpdate;
-    this.audit = opts.audit;
-    this.bulk = new H2Channel({
-      host,
-      port,
-      caPem,
-      clientCertificate,
-      authHeaders: async () => ({ [AUTH_METADATA_KEY]: `Bearer ${await signSiteToken(tokenOptions)}` }),
-      windowBytes: Number(CHANNEL_OPTIONS['grpc-node.flow_control_window']),
-      maxMessageBytes: MAX_MESSAGE_BYTES,
-    });
-    const target = `${host.includes(':') ? `[${host}]` : host}:${port}`;
-    this.client = new Federation(target, creds, {
-      ...CHANNEL_OPTIONS,
-      // Reconnects are ours to pace (backoff with jitter in the agent); keep grpc's own short.
-      'grpc.initial_reconnect_backoff_ms': 500,
-      'grpc.max_reconnect_backoff_ms': 5000,
-      interceptors: opts.audit ? [opts.audit.interceptor()] : [],
-    }) as AnyClient;
+  constructor(home: SiteHome, opts: SiteConnectionOptions = {}) {
+    this.connection = new SiteConnection(home, opts);
+    this.client = this.connection.federation();
   }
 
   close(): void {
-    this.client.close();
-    this.bulk.close();
+    this.connection.close();
   }
 
   /** Optional protocol features the coordinator named in its last heartbeat answer (none until then). */
@@ -131,38 +90,65 @@ export class FederationClient {
     return this.client.SubscribeTasks({ cachedModels, protocolVersion: PROTOCOL_VERSION, features: [...SITE_FEATURES] }) as grpc.ClientReadableStream<WireTask>;
   }
 
-  /** The model's chunks from `offset` on; errors are grpc-js-shaped (`code`, `details`). */
-  downloadModel(modelHash: string, offset: number): ServerStreamCall<WireChunk> {
-    const request = { modelHash, offset };
-    const audit = this.audit?.begin(METHODS.downloadModel);
-    audit?.sent(request);
-    audit?.end();
-    return this.bulk.serverStream(METHODS.downloadModel, this.download.requestSerialize(request), (b) => this.download.responseDeserialize(b) as WireChunk);
+  /**
+   * The model's chunks from `offset` on. No deadline: a model takes as long as the link needs, and a path that
+   * dies is noticed by the connection's keepalive (the call then fails UNAVAILABLE and resumes from its offset).
+   */
+  downloadModel(modelHash: string, offset: number): DownloadCall {
+    return this.client.DownloadModel({ modelHash, offset }) as DownloadCall;
   }
 
-  /** Opens an upload (over the lean HTTP/2 client): send the header, the data chunks, end; `ack` is the coordinator's answer. */
+  /** Opens an upload: send the header, the data chunks, end; `ack` is the coordinator's answer. */
   openUpload(timeoutMs: number): UploadCall {
-    const call = this.bulk.clientStream(METHODS.uploadUpdate, (b) => this.upload.responseDeserialize(b) as UploadAck, { deadline: Date.now() + timeoutMs });
-    const audit = this.audit?.begin(METHODS.uploadUpdate);
-    // The audit line is written once the call has its outcome; the caller sees that outcome through `ack`.
-    call.response.finally(() => audit?.end()).catch(() => undefined);
+    let settle!: (err: Error | null, res?: UploadAck) => void;
+    const ack = new Promise<UploadAck>((resolve, reject) => {
+      settle = (err, res) => (err ? reject(err) : resolve(res!));
+    });
+    let call: grpc.ClientWritableStream<Record<string, unknown>>;
+    try {
+      call = this.client.UploadUpdate({ deadline: Date.now() + timeoutMs }, (err: grpc.ServiceError | null, res: UploadAck) => settle(err, res)) as grpc.ClientWritableStream<Record<string, unknown>>;
+    } catch (e) {
+      // A closed connection refuses to start the call: the upload fails like any other (through `ack`).
+      settle(Object.assign(e as Error, { code: grpc.status.UNAVAILABLE, details: (e as Error).message }));
+      const nothing = async () => undefined;
+      return { send: nothing, sendData: nothing, end: nothing, ack };
+    }
+    // Settled early by a refusal or a failure: later writes then return at once (the outcome is `ack`).
+    let over = false;
+    ack.then(
+      () => (over = true),
+      () => (over = true),
+    );
+    call.on('error', () => undefined); // the error is delivered through `ack`
+    // grpc-js takes each message into its HTTP/2 stream; write() asks to wait once that stream holds more than its
+    // high-water mark, so at most a window and a few chunks of an update are ever queued.
+    const write = (message: Record<string, unknown>): Promise<void> =>
+      new Promise<void>((resolve) => {
+        if (over || call.writableEnded || call.destroyed) return resolve();
+        if (call.write(message)) return resolve();
+        const done = () => {
+          call.off('drain', done);
+          call.off('close', done);
+          resolve();
+        };
+        call.on('drain', done);
+        call.on('close', done);
+        // 'drain' never comes on a call that ended meanwhile: its outcome ends the wait too.
+        ack.then(done, done);
+      });
     return {
-      send: (chunk) => {
-        audit?.sent(chunk);
-        return call.write([this.upload.requestSerialize(chunk)]);
+      send: (chunk) => write(chunk),
+      sendData: (offset, data) => write({ data, offset }),
+      end: async () => {
+        if (!over && !call.writableEnded) call.end();
       },
-      sendData: (offset, data) => {
-        audit?.sent({ data, offset });
-        return call.write(updateDataChunkParts(offset, data));
-      },
-      end: () => call.end(),
-      ack: call.response,
+      ack,
     };
   }
 
   private unary<T>(method: string, req: unknown, timeoutMs: number): Promise<T> {
     return new Promise<T>((resolve, reject) =>
-      this.client[method](req, { deadline: Date.now() + timeoutMs }, (err: grpc.ServiceError | null, res: T) => (err ? reject(err) : resolve(res))),
+      this.client[method]!(req, { deadline: Date.now() + timeoutMs }, (err: grpc.ServiceError | null, res: T) => (err ? reject(err) : resolve(res))),
     );
   }
 }

@@ -8,10 +8,13 @@ import { join } from 'node:path';
 import { SHA256_HEX, sha256Hex } from '../../shared/util/hash.ts';
 import { fsyncDir } from '../../shared/util/fs-atomic.ts';
 import { HashingFileWriter, fileSyncOptions } from '../../shared/protocol/hashing-writer.ts';
+import * as grpc from '@grpc/grpc-js';
 import type { FederationClient } from './client.ts';
 import { architectureFor } from '../../shared/model/registry.ts';
 import { safetensorsLayout } from '../../shared/tensors/safetensors.ts';
 import type { TaskSettings } from '../../shared/protocol/task.ts';
+import { SITE_MAX_RECONNECT_BACKOFF_MS } from '../../shared/protocol/reconnect.ts';
+import type { Logger } from '../../shared/util/log.ts';
 
 /** Downloaded bytes allowed to wait for the file-writer thread before the stream is paused. */
 const DOWNLOAD_BACKLOG_BYTES = 16 * 1024 * 1024;
@@ -88,8 +91,6 @@ export class ModelCache {
           reject(e);
         };
         file.onError = (e) => fail(new Error(`writing ${part} failed: ${e.message}`));
-        // Written chunks' memory comes back from the writer thread and carries later chunks.
-        file.onWritten = (memory) => stream.recycle(memory);
         stream.on('data', (c: { offset: number; data: Buffer; totalSize: number; sha256: string }) => {
           try {
             if (c.sha256 !== hash) throw new Error(`server sent chunks of model ${c.sha256.slice(0, 12)}…, not ${hash.slice(0, 12)}…`);
@@ -132,5 +133,52 @@ export class ModelCache {
     renameSync(part, this.pathFor(hash));
     fsyncDir(this.dir);
     return received;
+  }
+}
+
+/** Answers that will not change on another try: the model is not there, the request is wrong, or the site is refused. */
+const FINAL_DOWNLOAD_CODES: ReadonlySet<grpc.status> = new Set([grpc.status.NOT_FOUND, grpc.status.INVALID_ARGUMENT, grpc.status.PERMISSION_DENIED]);
+
+export interface DownloadRetryOptions {
+  /** Tries stop once the next would start after this time, Unix ms (the task's deadline). */
+  until: number;
+  /** Longest wait between two tries (default: the sites' reconnect backoff cap). */
+  maxBackoffMs?: number;
+  /** Checked before each wait and retry: true stops retrying (the agent is stopping). */
+  cancelled?: () => boolean;
+  onProgress?: (done: number, total: number) => void;
+  log?: Logger;
+}
+
+/**
+ * ModelCache.ensure, tried again after a failure with exponential backoff until `until`: each try resumes from the
+ * bytes already in the .part file, on the client the agent holds at that moment (it may have reconnected meanwhile),
+ * so a download cut by a timeout, a restart of the coordinator or a dropped connection costs the site a pause, not
+ * its round. NOT_FOUND, INVALID_ARGUMENT and PERMISSION_DENIED are final. Returns the bytes moved over all tries;
+ * throws the last error when it gives up.
+ */
+export async function ensureWithRetry(cache: ModelCache, client: () => FederationClient, hash: string, size: number, o: DownloadRetryOptions): Promise<number> {
+  const maxBackoffMs = o.maxBackoffMs ?? SITE_MAX_RECONNECT_BACKOFF_MS;
+  let moved = 0;
+  for (let tryNo = 1; ; tryNo++) {
+    const part = join(cache.dir, `${hash}.part`);
+    const before = existsSync(part) ? statSync(part).size : 0;
+    try {
+      return moved + (await cache.ensure(client(), hash, size, o.onProgress));
+    } catch (e) {
+      const err = e as Partial<grpc.ServiceError>;
+      const after = existsSync(part) ? statSync(part).size : 0;
+      moved += Math.max(0, after - before);
+      if (err.code !== undefined && FINAL_DOWNLOAD_CODES.has(err.code)) throw e;
+      // Half fixed, half random: sites whose downloads failed together do not come back in lockstep.
+      const cap = Math.min(maxBackoffMs, 500 * 2 ** Math.min(tryNo - 1, 16));
+      const delay = Math.round(cap / 2 + (Math.random() * cap) / 2);
+      if (o.cancelled?.() || Date.now() + delay > o.until) throw e;
+      o.log?.warn(
+        { model: hash.slice(0, 12), attempt: tryNo, resumeAt: after, delayMs: delay, code: err.code !== undefined ? grpc.status[err.code] : undefined, reason: err.details ?? (e as Error).message },
+        'model download failed; resuming it after a pause',
+      );
+      await new Promise((r) => setTimeout(r, delay));
+    }
   }
 }

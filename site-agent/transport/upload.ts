@@ -1,6 +1,6 @@
 /**
  * Sends one update as a client stream: a header (id, round, base model, size, SHA-256, samples), then
- * the payload in ordered chunks, straight from its buffer (FederationClient.openUpload, lean HTTP/2 client).
+ * the payload in ordered chunks (FederationClient.openUpload, on the site's one connection).
  * Coordinators that offer it get the SHA-256 last, in a trailer, so hashing overlaps the transfer.
  * Retried under the same update id, so the coordinator counts it once.
  */
@@ -39,7 +39,7 @@ export interface OutgoingUpdate {
 /**
  * How long one upload attempt may take: 10 minutes, or longer for an update that a 1 Mbit/s uplink needs longer
  * for (with half again as margin). A fixed 10 minutes failed every attempt of a 130 MB update below ~1.8 Mbit/s.
- * A path that dies mid-upload is noticed sooner, by the channel's keepalive (h2-channel.ts: 20 s without a sign of life + 2 minutes for the ping).
+ * A path that dies mid-upload is noticed sooner, by the connection's keepalive (connection.ts).
  */
 export function uploadDeadlineMs(bytes: number): number {
   const atOneMbit = (bytes * 8) / 1e6; // seconds
@@ -84,7 +84,7 @@ async function sendUpdate(client: FederationClient, u: OutgoingUpdate, hashIn: '
   await call.send({ header });
   for (let off = 0; off < u.payload.length && !over; off += CHUNK_BYTES) {
     const data = u.payload.subarray(off, Math.min(off + CHUNK_BYTES, u.payload.length));
-    // Each send waits for HTTP/2 flow control, so at most a window of the update is ever queued.
+    // Each send waits while grpc-js's stream is full (HTTP/2 flow control behind it), so little of the update is queued.
     const sent = call.sendData(off, data);
     // Hashed while the chunk waits for the window and the socket, so hashing overlaps the transfer.
     hash?.update(data);

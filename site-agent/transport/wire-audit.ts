@@ -1,6 +1,6 @@
 /**
  * Wire audit: appends one JSON line per call to a file the site keeps (from a grpc-js client interceptor,
- * and from the lean HTTP/2 client through `begin`), listing every message the site sent — scalar fields as they are, bytes as length + SHA-256, and for
+ * through `begin`), listing every message the site sent — scalar fields as they are, bytes as length + SHA-256, and for
  * uploads the tensor names and shapes inside the payload. Site admins (and our privacy tests) read it
  * to check that only the plan's shared tensors and aggregate metrics left the site.
  */
@@ -27,8 +27,7 @@ export class WireAudit {
   constructor(readonly path: string) {}
 
   /**
-   * Records one call: every message sent, then one line at the end. Used by the grpc-js interceptor and
-   * directly by the lean HTTP/2 client (h2-channel.ts), so both write the same lines.
+   * Records one call: every message sent, then one line at the end (the grpc-js interceptor below uses it).
    */
   begin(method: string): AuditRecorder {
     const record: AuditedCall = { method, at: new Date().toISOString(), messages: [] };

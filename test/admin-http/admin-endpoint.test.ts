@@ -93,7 +93,7 @@ describe('admin endpoint of a coordinator that ran a federation', () => {
       }
     }
     await f.closedRounds(2);
-    // One refusal on each transport: grpc-js (Heartbeat, no token) and the HTTP/2 bulk path (DownloadModel, garbage token).
+    // Two refusals, a unary call without a token and a model download with a garbage token: both are counted.
     expect(await anonymousCall(f, undefined, 'Heartbeat', '')).toBe(grpc.status.UNAUTHENTICATED);
     expect(await anonymousCall(f, 'Bearer not-a-jwt', 'DownloadModel', f.coord!.engine.currentModelHash)).toBe(grpc.status.UNAUTHENTICATED);
     await waitFor(() => f.coord!.engine.isFinished, 10_000, 'the federation to finish');

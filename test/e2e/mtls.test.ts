@@ -202,7 +202,7 @@ describe('calls under --mtls', () => {
     expect(r.code).toBe(grpc.status.UNAUTHENTICATED);
   });
 
-  it('the bulk calls (coordinator HTTP/2 path) make the same certificate checks, and the site downloads over it', async () => {
+  it('model downloads make the same certificate checks, and the site downloads presenting its certificate', async () => {
     // A download from the model's end: OK once authenticated, with no chunks.
     const download = (c: AnyClient, hash: string, offset: number): Promise<Outcome> =>
       new Promise((resolve) => {
@@ -226,7 +226,7 @@ describe('calls under --mtls', () => {
         expect(r.code).toBe(code);
         if (details) expect(r.details).toMatch(details);
       }
-      // The site's own client (lean HTTP/2, presenting its certificate) fetches the whole model.
+      // The site's own client (its one connection, presenting its certificate) fetches the whole model.
       expect(createHash('sha256').update(await downloadBytes(site, t.modelHash)).digest('hex')).toBe(t.modelHash);
     } finally {
       site.close();

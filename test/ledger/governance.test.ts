@@ -14,6 +14,7 @@ import { startCoordinator, type RunningCoordinator } from '../../coordinator/coo
 import { enrollSite } from '../../site-agent/enroll.ts';
 import { SiteHome } from '../../site-agent/home.ts';
 import { declineTask } from '../../site-agent/policy.ts';
+import { SiteConnection } from '../../site-agent/transport/connection.ts';
 import { loadGovernanceService } from '../../shared/privacy/governance-proto.ts';
 import { pinnedChannelCredentials } from '../../shared/security/pki.ts';
 import { fetchLedgerLines, siteLedger } from '../../cli/audit.ts';
@@ -56,7 +57,9 @@ describe('Governance service', () => {
     expect(code).toBe(grpc.status.UNAUTHENTICATED);
 
     // A decline is recorded and published under the caller's verified site name.
-    const ok = await declineTask(new SiteHome(siteDir), { round: 1, taskId: 'r1-site-a', reason: 'site policy requires differential privacy' }, pino({ level: 'silent' }));
+    const connection = new SiteConnection(new SiteHome(siteDir));
+    const ok = await declineTask(connection, { round: 1, taskId: 'r1-site-a', reason: 'site policy requires differential privacy' }, pino({ level: 'silent' }));
+    connection.close();
     expect(ok).toBe(true);
     expect(events.find((e) => (e.type as string) === 'task.declined')).toMatchObject({ site: 'site-a', round: 1, reason: 'site policy requires differential privacy' });
   }, 60_000);

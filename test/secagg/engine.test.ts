@@ -53,7 +53,7 @@ describe('round engine with secure aggregation (in process)', () => {
         const t = tasks[i]!;
         const upd = makeBundle([...base.values()].map((x) => ({ name: x.name, dtype: 'F32' as const, shape: [...x.shape], data: x.data.map((v) => v + steps[i]!) })));
         return runSecAggRound({
-          home: new SiteHome(join(f.work, s.name)), log, round: 1, taskId: t.taskId, deadlineUnixMs: t.deadlineUnixMs,
+          home: new SiteHome(join(f.work, s.name)), connection: s.client.connection, log, round: 1, taskId: t.taskId, deadlineUnixMs: t.deadlineUnixMs,
           settings: TaskSettingsSchema.parse(JSON.parse(t.settingsJson)), update: encodeSafetensors(upd), base: baseBytes, numSamples: samples[i]!,
         });
       }),
@@ -74,7 +74,7 @@ describe('round engine with secure aggregation (in process)', () => {
     const t = await f.task(f.sites[0]!, 2);
     const base = readFileSync(join(f.coordDir, 'models', `${t.modelHash}.safetensors`));
     const lone = runSecAggRound({
-      home: new SiteHome(join(f.work, 'site-a')), log, round: 2, taskId: t.taskId, deadlineUnixMs: t.deadlineUnixMs,
+      home: new SiteHome(join(f.work, 'site-a')), connection: f.sites[0]!.client.connection, log, round: 2, taskId: t.taskId, deadlineUnixMs: t.deadlineUnixMs,
       settings: TaskSettingsSchema.parse(JSON.parse(t.settingsJson)), update: base, base, numSamples: 1,
     }).catch((e: Error) => e.message);
     await waitFor(() => f.events.some((e) => e.type === 'round.failed' && e.round === 2), 20_000, 'round 2 to fail');

@@ -1,6 +1,6 @@
 /**
  * Property-based fuzzing (fast-check) of every decoder that reads bytes from the network or from disk (issue 14,
- * item 6): gRPC message framing and the protobuf messages of the bulk calls, safetensors headers, the update
+ * item 6): the protobuf messages of model transfers and the task stream, safetensors headers, the update
  * codec, task settings and wire tasks, NIfTI headers, dataset.json, .npy and PyTorch checkpoints.
  *
  * Each property feeds arbitrary bytes and valid encodings with bytes flipped, cut or inserted, and requires
@@ -16,9 +16,8 @@ import { gzipSync } from 'node:zlib';
 import { describe, expect, it } from 'vitest';
 import * as grpc from '@grpc/grpc-js';
 import { ZodError } from 'zod';
-import { MessagePool, MessageReader, grpcPrefix } from '../../shared/protocol/grpc-frames.ts';
 import { loadProto } from '../../shared/protocol/grpc.ts';
-import { modelChunkTail, updateDataChunkParts, writeModelChunkHead, MODEL_CHUNK_HEAD_ROOM } from '../../shared/protocol/chunk-codec.ts';
+import { modelChunkTail, writeModelChunkHead, MODEL_CHUNK_HEAD_ROOM } from '../../shared/protocol/chunk-codec.ts';
 import { decodeSafetensors, encodeSafetensors, SafetensorsError } from '../../shared/tensors/safetensors.ts';
 import { decodeUpdate, encodeUpdate } from '../../shared/tensors/update-codec.ts';
 import { makeBundle, elementCount, type TensorBundle } from '../../shared/tensors/bundle.ts';
@@ -129,38 +128,7 @@ const bundle = (seed: number): TensorBundle =>
   ]);
 
 describe('decoders under arbitrary and mutated input', () => {
-  it('gRPC message framing: any bytes, split anywhere, reassemble the same messages and never exceed the pool', () => {
-    const capacity = 4096;
-    const framed = (parts: Uint8Array[]) => Buffer.concat(parts.flatMap((p) => [grpcPrefix(p.length), Buffer.from(p)]));
-    const seeds = [framed([new Uint8Array(10), new Uint8Array(0), new Uint8Array(300).fill(7)]), framed([new Uint8Array(4096)]), framed([new Uint8Array(4097)])];
-    fc.assert(
-      fc.property(bytesFrom(seeds), fc.array(fc.nat(), { maxLength: 12 }), (bytes, splits) => {
-        const read = (pieces: Buffer[]) => {
-          const reader = new MessageReader(new MessagePool(capacity));
-          const got: Buffer[] = [];
-          let problem: unknown;
-          for (const p of pieces) {
-            problem = reader.push(p, (m) => void got.push(Buffer.from(m)));
-            if (problem) break;
-          }
-          return { got, problem, boundary: reader.atBoundary };
-        };
-        const all = Buffer.from(bytes);
-        const cuts = [...new Set(splits.map((s) => s % (all.length + 1)))].sort((a, b) => a - b);
-        const pieces = [0, ...cuts, all.length].slice(1).map((end, i, ends) => all.subarray(i === 0 ? 0 : ends[i - 1], end));
-        let whole: ReturnType<typeof read> | undefined;
-        decodesCleanly(() => (whole = read([all])), []);
-        decodesCleanly(() => read(pieces), [], (split) => {
-          expect(split.got).toEqual(whole!.got);
-          expect(split.problem).toEqual(whole!.problem);
-        });
-        for (const m of whole!.got) expect(m.length).toBeLessThanOrEqual(capacity);
-      }),
-      { numRuns: RUNS },
-    );
-  });
-
-  it('protobuf messages of the bulk calls and the task stream decode or fail with an Error', () => {
+  it('protobuf messages of model transfers and the task stream decode or fail with an Error', () => {
     const svc = loadProto().Federation.service as grpc.ServiceDefinition;
     const upload = svc.UploadUpdate!;
     const download = svc.DownloadModel!;
@@ -170,7 +138,7 @@ describe('decoders under arbitrary and mutated input', () => {
     const chunk = Buffer.concat([data.subarray(start), modelChunkTail(4096, 'a'.repeat(64))]);
     const seeds = [
       chunk,
-      Buffer.concat(updateDataChunkParts(2048, new Uint8Array(40).fill(9))),
+      upload.requestSerialize({ data: new Uint8Array(40).fill(9), offset: 2048 }),
       upload.requestSerialize({ header: { updateId: 'update-0001', round: 3, taskId: 'r3-site-a', baseModelHash: 'b'.repeat(64), totalSize: 100, sha256: '', numSamples: 4 } }),
       upload.requestSerialize({ trailer: { sha256: 'c'.repeat(64) } }),
       task.responseSerialize({ taskId: 'r1-site-a', kind: 'TRAIN', round: 1, modelHash: 'd'.repeat(64), modelSize: 10, deadlineUnixMs: 5, settingsJson: '{}', signature: Buffer.alloc(64) }),

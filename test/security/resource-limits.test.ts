@@ -1,6 +1,6 @@
 /**
  * Resource limits at the coordinator, against the real server over TLS (issue 14, item 5a/5b):
- * - open uploads per site are capped on both upload transports (node:http2 bulk path and grpc-js), the extra one
+ * - open uploads per site are capped, the extra one
  *   is refused with RESOURCE_EXHAUSTED, and refused, cut-off and stalled uploads give back their slot, their
  *   partial file and its descriptor;
  * - failed authentication and enrolment calls are limited per caller (address + claimed site name) under a looser
@@ -115,67 +115,63 @@ async function startUpload(f: Fixture, task: WireTask, id: string): Promise<{ ca
   return { call, settled };
 }
 
-for (const bulkCalls of ['http2', 'grpc-js'] as const) {
-  describe(`open uploads per site (${bulkCalls} upload transport)`, () => {
-    let f: Fixture;
-    let task: WireTask;
-    beforeAll(async () => {
-      f = await fixture({ bulkCalls, limits: { maxOpenUploadsPerSite: 2 } });
-      if (bulkCalls === 'http2') expect(f.coord.bulkRouting?.enabled).toBe(true);
-      else expect(f.coord.bulkRouting).toBeUndefined();
-      task = await firstTask(f.client);
-    });
-
-    it('refuses a third open upload with RESOURCE_EXHAUSTED; a cut-off upload gives back its slot, file and descriptor', async () => {
-      const a = await startUpload(f, task, `${bulkCalls}-a`);
-      const b = await startUpload(f, task, `${bulkCalls}-b`);
-      await waitFor(() => partialFiles(f) === 2, 10_000, 'two partial files');
-      expect(partialFds(f)).toBe(2);
-
-      const c = await startUpload(f, task, `${bulkCalls}-c`);
-      // Without the limit the third upload is admitted and stays open: fail in seconds, not at the test timeout.
-      const refused = (await Promise.race([c.settled, new Promise((r) => setTimeout(() => r(new Error('the third upload is still open')), 15_000))])) as grpc.ServiceError;
-      expect(refused.code).toBe(grpc.status.RESOURCE_EXHAUSTED);
-      expect(refused.details).toMatch(/site 'site-a' already has 2 uploads open, the most allowed at once/);
-      expect(partialFiles(f)).toBe(2);
-
-      // Ending an upload early: refused for its missing bytes, and everything it held is released.
-      await a.call.end();
-      expect(await a.settled).toMatchObject({ accepted: false, reason: expect.stringMatching(/upload ended after \d+ of \d+ bytes/) });
-      await waitFor(() => partialFiles(f) === 1 && partialFds(f) === 1, 10_000, 'the cut-off upload to release its partial file and descriptor');
-
-      // Its slot is free again.
-      const d = await startUpload(f, task, `${bulkCalls}-d`);
-      await waitFor(() => partialFiles(f) === 2, 10_000, 'the next upload to be admitted');
-      for (const u of [b, d]) await u.call.end();
-      await Promise.all([b.settled, d.settled]);
-      await waitFor(() => partialFiles(f) === 0 && partialFds(f) === 0, 10_000, 'every partial file and descriptor released');
-    });
-
-    it('drops stalled uploads, deleting their partial files and closing their descriptors, and frees their slots', async () => {
-      const before = uploadOptions.stallMs;
-      uploadOptions.stallMs = 600;
-      try {
-        const a = await startUpload(f, task, `${bulkCalls}-stall-a`);
-        const b = await startUpload(f, task, `${bulkCalls}-stall-b`);
-        for (const u of [a, b]) expect(((await u.settled) as grpc.ServiceError).code).toBe(grpc.status.UNAVAILABLE);
-        await waitFor(() => partialFiles(f) === 0 && partialFds(f) === 0, 10_000, 'stalled uploads to release their files');
-      } finally {
-        uploadOptions.stallMs = before;
-      }
-      const c = await startUpload(f, task, `${bulkCalls}-after-stall`);
-      await waitFor(() => partialFiles(f) === 1, 10_000, 'an upload admitted after the stalled ones were dropped');
-      await c.call.end();
-      await c.settled;
-      await waitFor(() => partialFiles(f) === 0 && partialFds(f) === 0, 10_000, 'the last upload to release its file');
-    });
+describe('open uploads per site', () => {
+  let f: Fixture;
+  let task: WireTask;
+  beforeAll(async () => {
+    f = await fixture({ limits: { maxOpenUploadsPerSite: 2 } });
+    task = await firstTask(f.client);
   });
-}
+
+  it('refuses a third open upload with RESOURCE_EXHAUSTED; a cut-off upload gives back its slot, file and descriptor', async () => {
+    const a = await startUpload(f, task, `up-a`);
+    const b = await startUpload(f, task, `up-b`);
+    await waitFor(() => partialFiles(f) === 2, 10_000, 'two partial files');
+    expect(partialFds(f)).toBe(2);
+
+    const c = await startUpload(f, task, `up-c`);
+    // Without the limit the third upload is admitted and stays open: fail in seconds, not at the test timeout.
+    const refused = (await Promise.race([c.settled, new Promise((r) => setTimeout(() => r(new Error('the third upload is still open')), 15_000))])) as grpc.ServiceError;
+    expect(refused.code).toBe(grpc.status.RESOURCE_EXHAUSTED);
+    expect(refused.details).toMatch(/site 'site-a' already has 2 uploads open, the most allowed at once/);
+    expect(partialFiles(f)).toBe(2);
+
+    // Ending an upload early: refused for its missing bytes, and everything it held is released.
+    await a.call.end();
+    expect(await a.settled).toMatchObject({ accepted: false, reason: expect.stringMatching(/upload ended after \d+ of \d+ bytes/) });
+    await waitFor(() => partialFiles(f) === 1 && partialFds(f) === 1, 10_000, 'the cut-off upload to release its partial file and descriptor');
+
+    // Its slot is free again.
+    const d = await startUpload(f, task, `up-d`);
+    await waitFor(() => partialFiles(f) === 2, 10_000, 'the next upload to be admitted');
+    for (const u of [b, d]) await u.call.end();
+    await Promise.all([b.settled, d.settled]);
+    await waitFor(() => partialFiles(f) === 0 && partialFds(f) === 0, 10_000, 'every partial file and descriptor released');
+  });
+
+  it('drops stalled uploads, deleting their partial files and closing their descriptors, and frees their slots', async () => {
+    const before = uploadOptions.stallMs;
+    uploadOptions.stallMs = 600;
+    try {
+      const a = await startUpload(f, task, `up-stall-a`);
+      const b = await startUpload(f, task, `up-stall-b`);
+      for (const u of [a, b]) expect(((await u.settled) as grpc.ServiceError).code).toBe(grpc.status.UNAVAILABLE);
+      await waitFor(() => partialFiles(f) === 0 && partialFds(f) === 0, 10_000, 'stalled uploads to release their files');
+    } finally {
+      uploadOptions.stallMs = before;
+    }
+    const c = await startUpload(f, task, `up-after-stall`);
+    await waitFor(() => partialFiles(f) === 1, 10_000, 'an upload admitted after the stalled ones were dropped');
+    await c.call.end();
+    await c.settled;
+    await waitFor(() => partialFiles(f) === 0 && partialFds(f) === 0, 10_000, 'the last upload to release its file');
+  });
+});
 
 describe('failed authentication and enrolment calls, per peer address', () => {
   const limits = { burst: 4, refillPerMinute: 1, summaryMs: 3000 };
 
-  it('refuses a peer with RESOURCE_EXHAUSTED after the burst, on grpc-js and the HTTP/2 bulk path alike, with collapsed warn lines', async () => {
+  it('refuses a peer with RESOURCE_EXHAUSTED after the burst, on every method (unary and model transfers) alike, with collapsed warn lines', async () => {
     const { log, lines } = captureLog();
     const f = await fixture({ log, limits: { authFailures: limits } });
     // A site directory whose key is not the one enrolled: every token it signs fails verification.
@@ -191,9 +187,7 @@ describe('failed authentication and enrolment calls, per peer address', () => {
     expect(codes.slice(0, limits.burst)).toEqual(Array(limits.burst).fill(grpc.status.UNAUTHENTICATED));
     expect(codes.slice(limits.burst)).toEqual(Array(30 - limits.burst).fill(grpc.status.RESOURCE_EXHAUSTED));
 
-    // The bulk path shares the limiter. Where it cannot read the claimed site before checking the token (the
-    // node:http2 path) it checks the call and counts the failure against the address; where the call runs through
-    // the interceptor, the caller's own bucket is already empty. Either way the call fails and is counted once.
+    // A model download shares the limit: it runs through the interceptor, where this caller's bucket is already empty.
     const download = await new Promise<grpc.ServiceError>((resolve) => {
       const s = impostor.downloadModel('0'.repeat(64), 0);
       s.on('error', resolve);
@@ -210,7 +204,6 @@ describe('failed authentication and enrolment calls, per peer address', () => {
     expect(lines.filter((l) => String(l.msg).startsWith('too many failed calls from this address'))).toHaveLength(1);
     const summaries = () => lines.filter((l) => String(l.msg).startsWith('more failed calls from this address'));
     await waitFor(() => summaries().reduce((n, l) => n + Number(l.failures) + Number(l.refusedUnread), 0) === 30 - 1 + 1, 15_000, 'the summary line');
-    // (The node:http2 bulk path logs what the caller was told; the interceptor logs the whole reason.)
     expect(summaries()[0]).toMatchObject({ peer: '127.0.0.1', lastReason: expect.stringMatching(/too many failed|signature|token not accepted/) });
     expect(summaries().reduce((n, l) => n + Number(l.failures), 0)).toBe(limits.burst - 1 + 1 - downloadRefused);
     expect(summaries().reduce((n, l) => n + Number(l.refusedUnread), 0)).toBe(30 - limits.burst + downloadRefused);

@@ -8,7 +8,7 @@ import { existsSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, symli
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import protobuf from 'protobufjs';
-import { MODEL_CHUNK_HEAD_ROOM, modelChunkTail, updateDataChunkParts, writeModelChunkHead } from '../../shared/protocol/chunk-codec.ts';
+import { MODEL_CHUNK_HEAD_ROOM, modelChunkTail, writeModelChunkHead } from '../../shared/protocol/chunk-codec.ts';
 import { HashingFileWriter } from '../../shared/protocol/hashing-writer.ts';
 import { PROTO_FILE } from '../../shared/protocol/grpc.ts';
 
@@ -32,23 +32,6 @@ describe('hand-encoded ModelChunk', () => {
   it('refuses values it cannot encode', () => {
     expect(() => writeModelChunkHead(Buffer.alloc(4), 2, 0, 10)).toThrow(/need \d+ bytes before the data/);
     expect(() => modelChunkTail(-1, 'x')).toThrow(/non-negative/);
-  });
-});
-
-describe('hand-encoded UpdateChunk (data)', () => {
-  it('matches protobufjs byte for byte and decodes back to the same chunk', async () => {
-    const root = await protobuf.load(PROTO_FILE);
-    const UpdateChunk = root.lookupType('medfl.v1.UpdateChunk');
-    for (const [offset, len] of [[0, 5], [127, 300], [2 ** 31 + 7, 70_000], [2 ** 40, 1]] as const) {
-      const data = randomBytes(len);
-      const ours = Buffer.concat(updateDataChunkParts(offset, data));
-      const theirs = Buffer.from(UpdateChunk.encode(UpdateChunk.fromObject({ data, offset })).finish());
-      expect(ours.equals(theirs)).toBe(true);
-      const back = UpdateChunk.toObject(UpdateChunk.decode(ours), { longs: Number, bytes: Buffer, oneofs: true }) as { data: Buffer; offset: number; part: string };
-      expect(back.part).toBe('data');
-      expect(back.offset).toBe(offset);
-      expect(back.data.equals(data)).toBe(true);
-    }
   });
 });
 

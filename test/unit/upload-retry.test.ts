@@ -7,8 +7,10 @@
 import * as grpc from '@grpc/grpc-js';
 import { describe, expect, it } from 'vitest';
 import { uploadUpdate } from '../../site-agent/transport/upload.ts';
-import { grpcCallError } from '../../site-agent/transport/h2-channel.ts';
 import type { FederationClient, UploadAck, UploadCall } from '../../site-agent/transport/client.ts';
+
+/** An error shaped like grpc-js's ServiceError. */
+const grpcCallError = (code: grpc.status, details: string) => Object.assign(new Error(`${code} ${grpc.status[code]}: ${details}`), { code, details, metadata: new grpc.Metadata() });
 
 /** A client whose uploads are answered, in turn, by `answers` (a status code fails the call; 'ack' accepts it). */
 function scripted(answers: Array<grpc.status | 'ack'>): { client: FederationClient; tries: () => number } {
