@@ -64,7 +64,7 @@ describe('a teacher–student federation', () => {
     const heads = localParams(arch, parsed.share).map((p) => p.name);
     expect(heads.length).toBeGreaterThan(0);
     const allowedMethods = new Set(['Heartbeat', 'SubscribeTasks', 'DownloadModel', 'UploadUpdate', 'ReportMetrics'].map((m) => `/medfl.v1.Federation/${m}`));
-    const allowedMetrics = /^(num_train|num_val|train_loss|train_loss_first|train_seconds|val_dice_mean|val_dice_class_\d+|teacher_generation|teacher_val_dice|pseudo_cases|pseudo_confident_fraction|pseudo_skipped_by_prior|teacher_gated)$/;
+    const allowedMetrics = /^(num_train|num_val|train_loss|train_loss_first|train_seconds|val_dice_mean|val_dice_class_\d+|teacher_generation|teacher_val_dice|pseudo_cases|pseudo_confident_fraction|pseudo_skipped_by_prior|teacher_gated|teacher_confidence)$/;
     const store = fed.store();
     const knownModels = new Set(store.listModels().map((m) => m.hash));
     store.close();
