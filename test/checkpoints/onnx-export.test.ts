@@ -19,6 +19,7 @@ import { createMed3d, med3dMetadata, type Med3dArchitecture, type Med3dOptions }
 import { med3dEncoderForward, med3dForward } from '../../shared/model/med3d-forward.ts';
 import { makeBundle, type TensorBundle } from '../../shared/tensors/bundle.ts';
 import { encodeSafetensors } from '../../shared/tensors/safetensors.ts';
+import { weightsWithDrawnNorms } from '../helpers/drawn-norm-weights.ts';
 import { gaussian, mulberry32 } from '../../shared/util/random.ts';
 
 let dir: string;
@@ -29,20 +30,6 @@ beforeAll(async () => {
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-/** arch.init with norms that are not the identity (γ, β, running statistics drawn), so a layout slip shows. */
-function weightsFor(arch: Med3dArchitecture, seed: number): TensorBundle {
-  const rng = mulberry32(seed + 1);
-  return makeBundle(
-    [...arch.init(seed).values()].map((t) => {
-      const d = new Float32Array(t.data);
-      if (t.name.endsWith('.running_var')) for (let i = 0; i < d.length; i++) d[i] = 0.5 + rng();
-      else if (t.name.endsWith('.running_mean')) for (let i = 0; i < d.length; i++) d[i] = 0.1 * gaussian(rng);
-      else if (t.shape.length === 1 && !t.name.endsWith('.bias')) for (let i = 0; i < d.length; i++) d[i] = 0.8 + 0.4 * rng();
-      else if (t.shape.length === 1) for (let i = 0; i < d.length; i++) d[i] = 0.1 * gaussian(rng);
-      return { ...t, data: d };
-    }),
-  );
-}
 
 /** MedFL's eval forward (NDHWC in, NDHWC or [N, K] out). */
 function medflForward(arch: Med3dArchitecture, w: TensorBundle, x: Float32Array, shape: number[], withHead: boolean): { data: Float32Array; shape: readonly number[] } {
@@ -76,7 +63,7 @@ function relError(got: Float32Array, want: Float32Array): number {
 
 async function roundTrip(name: string, o: Med3dOptions, size: number, withHead: boolean): Promise<{ err: number; outName: string; dims: readonly number[] }> {
   const arch = createMed3d(o);
-  const w = weightsFor(arch, 7);
+  const w = weightsWithDrawnNorms(arch, 7);
   const model = join(dir, `${name}.safetensors`);
   const bundle = withHead ? w : makeBundle([...w.values()].filter((t) => t.name.startsWith('encoder.')));
   writeFileSync(model, encodeSafetensors(bundle, med3dMetadata(arch)));
@@ -136,7 +123,7 @@ describe('medfl model export --format onnx (onnxruntime-node against MedFL forwa
 
   it('the file is a plain ONNX ModelProto: opset 17, named input and output, weights as initializers in PyTorch layout', async () => {
     const arch = createMed3d({ depth: 10, shortcut: 'B', widthMultiplier: 0.0625, head: { kind: 'segmentation', numClasses: 2 }, patch: [16, 16, 16] });
-    const w = weightsFor(arch, 1);
+    const w = weightsWithDrawnNorms(arch, 1);
     const model = join(dir, 'plain.safetensors');
     writeFileSync(model, encodeSafetensors(w, med3dMetadata(arch)));
     const out = join(dir, 'plain.onnx');

@@ -20,6 +20,7 @@ import { createMed3d, med3dMetadata, med3dToTorch, type Med3dArchitecture, type 
 import { med3dPredict } from '../../shared/model/med3d-forward.ts';
 import { makeBundle, type TensorBundle } from '../../shared/tensors/bundle.ts';
 import { encodeSafetensors } from '../../shared/tensors/safetensors.ts';
+import { weightsWithDrawnNorms } from '../helpers/drawn-norm-weights.ts';
 import { gaussian, mulberry32 } from '../../shared/util/random.ts';
 
 const REPO = join(import.meta.dirname, '..', '..');
@@ -33,20 +34,6 @@ beforeAll(async () => {
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-/** arch.init with BatchNorm that is not the identity (γ, β, running statistics drawn), so a layout slip shows. */
-function weightsFor(arch: Med3dArchitecture, seed: number): TensorBundle {
-  const rng = mulberry32(seed + 1);
-  return makeBundle(
-    [...arch.init(seed).values()].map((t) => {
-      const d = new Float32Array(t.data);
-      if (t.name.endsWith('.running_var')) for (let i = 0; i < d.length; i++) d[i] = 0.5 + rng();
-      else if (t.name.endsWith('.running_mean')) for (let i = 0; i < d.length; i++) d[i] = 0.1 * gaussian(rng);
-      else if (t.shape.length === 1 && !t.name.endsWith('.bias')) for (let i = 0; i < d.length; i++) d[i] = 0.8 + 0.4 * rng();
-      else if (t.shape.length === 1) for (let i = 0; i < d.length; i++) d[i] = 0.1 * gaussian(rng);
-      return { ...t, data: d };
-    }),
-  );
-}
 
 const part = (b: TensorBundle, prefix: string) => makeBundle([...b.values()].filter((t) => t.name.startsWith(prefix)));
 
@@ -101,7 +88,7 @@ describe('torch.save writer', () => {
 describe('medfl model export --format torch', () => {
   it('round-trips through medfl model import (names, layouts, values) and adds num_batches_tracked', async () => {
     const arch = createMed3d({ depth: 10, shortcut: 'B', widthMultiplier: 0.0625, head: { kind: 'segmentation', numClasses: 2 }, patch: [16, 16, 16] });
-    const w = weightsFor(arch, 5);
+    const w = weightsWithDrawnNorms(arch, 5);
     const files = writeModelFiles('r10-tiny', arch, w);
     const out = join(dir, 'r10-tiny.pth');
     const r = await runExport({ model: files.model, head: files.head, format: 'torch', out });
@@ -128,7 +115,7 @@ describe('medfl model export --format torch', () => {
 
   it('exports the encoder alone without --head, and names what is wrong with a bad head file', async () => {
     const arch = createMed3d({ depth: 10, shortcut: 'A', widthMultiplier: 0.0625, head: { kind: 'segmentation', numClasses: 2 }, patch: [16, 16, 16] });
-    const w = weightsFor(arch, 9);
+    const w = weightsWithDrawnNorms(arch, 9);
     const files = writeModelFiles('r10a-tiny', arch, w);
     const r = await runExport({ model: files.model, format: 'torch', out: join(dir, 'enc.pth') });
     expect(r.head).toBe('none');
@@ -157,7 +144,7 @@ describe('medfl model export --format torch', () => {
 
       const input: [number, number, number] = [16, 24, 20]; // D ≠ H ≠ W catches axis mix-ups
       const arch = createMed3d({ depth, shortcut, head: { kind: 'segmentation', numClasses: 2 }, patch: input });
-      const w = weightsFor(arch, depth);
+      const w = weightsWithDrawnNorms(arch, depth);
       const files = writeModelFiles(`r${depth}`, arch, w);
       const out = join(dir, `r${depth}.pth`);
       await runExport({ model: files.model, head: files.head, format: 'torch', out });
