@@ -125,7 +125,10 @@ export class SiteAgent {
         clearInterval(heartbeat);
         // Finished: let the task in flight send its last upload and metrics before the channel closes.
         // (On a lost connection we close at once; the task retries on the next channel.)
-        if (this.finished && this.o.exitWhenFinished) await this.idle();
+        if (this.finished && this.o.exitWhenFinished) {
+          await this.idle();
+          this.discardOutboxOfFinishedFederation();
+        }
         this.client.close();
       }
       attempt++;
@@ -356,6 +359,19 @@ export class SiteAgent {
     }
     // entry.taskId matched TASK_ID_PATTERN (no separators), and each f is a plain name inside the outbox.
     for (const f of readdirSync(this.home.outboxDir)) if (f.startsWith(`${entry.taskId}.`)) rmSync(join(this.home.outboxDir, f), { force: true });
+  }
+
+  /**
+   * The federation is over, so every round is closed: an update still in the outbox (its upload was cut off by the end,
+   * e.g. a restart that raced the last round) can never count. Said once and removed, rather than left for ever.
+   */
+  private discardOutboxOfFinishedFederation(): void {
+    const files = readdirSync(this.home.outboxDir);
+    const entries = files.filter((f) => f.endsWith('.json')).length;
+    if (entries === 0) return;
+    this.o.log.warn({ entries }, 'the federation finished with updates still in the outbox: their rounds are closed, so they are discarded');
+    // Plain names listed from the outbox folder itself (nothing from the wire).
+    for (const f of files) rmSync(join(this.home.outboxDir, f), { force: true });
   }
 
   /**

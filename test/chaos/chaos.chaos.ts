@@ -12,7 +12,7 @@
  * rounds == the ledger's entries; nothing left over (partial uploads, spill files, site outboxes, unpublished
  * outbox rows); `medfl audit verify --nats` passes.
  *
- * In the suite: 3 coordinator kills and 2 site kills over 7 rounds (~2 minutes here). `npm run chaos` runs 20 and 10 (the env
+ * In the suite: 3 coordinator kills and 2 site kills over 14 rounds (~2 minutes here). `npm run chaos` runs 20 and 10 (the env
  * MEDFL_CHAOS_COORDINATOR_KILLS / MEDFL_CHAOS_SITE_KILLS / MEDFL_CHAOS_SEED) and prints the same figures.
  */
 import { spawnSync, type ChildProcess } from 'node:child_process';
@@ -29,8 +29,9 @@ import { auditVerify } from '../../cli/audit.ts';
 const COORDINATOR_KILLS = Number(process.env.MEDFL_CHAOS_COORDINATOR_KILLS ?? 3);
 const SITE_KILLS = Number(process.env.MEDFL_CHAOS_SITE_KILLS ?? 2);
 const SEED = Number(process.env.MEDFL_CHAOS_SEED ?? Date.now() % 100_000);
-// Enough rounds that every scheduled fault lands before the federation finishes (each waits for progress).
-const ROUNDS = Math.max(5, COORDINATOR_KILLS + Math.ceil(SITE_KILLS / 2) + 3);
+// Enough rounds that every scheduled fault lands before the federation finishes (each waits for progress). One round
+// per fault was too few on an unloaded machine: rounds of two steps close faster than a kill can wait for its moment.
+const ROUNDS = Math.max(8, 2 * (COORDINATOR_KILLS + SITE_KILLS) + 4);
 /** Site-a's uplink through the relay: slow enough that a 43 KB update takes about a second. */
 const UPLINK_BYTES_PER_S = 40_000;
 
