@@ -39,6 +39,18 @@ export const AugmentSettingsSchema = z
     elasticProbability: prob.default(0),
     elasticDisplacement: range.refine(([a]) => a >= 0, { message: 'displacement must be ≥ 0' }).default([1, 3]),
     elasticGridSpacing: z.number().min(1).default(8),
+    /**
+     * Scanner differences (docs/data.md): a smooth bias field of the given largest |log multiplier|, blur of σ voxels
+     * along random axes, a coarser grid along random axes (zoom = fineness), contrast about the patch mean.
+     */
+    biasProbability: prob.default(0),
+    biasStrength: range.refine(([a]) => a >= 0, { message: 'bias strength must be ≥ 0' }).default([0.1, 0.4]),
+    blurProbability: prob.default(0),
+    blurSigma: range.refine(([a]) => a > 0, { message: 'blur σ must be positive' }).default([0.5, 1.5]),
+    lowResProbability: prob.default(0),
+    lowResZoom: range.refine(([a, b]) => a > 0 && b <= 1, { message: 'zoom must be in (0, 1]' }).default([0.5, 1]),
+    contrastProbability: prob.default(0),
+    contrastRange: range.refine(([a]) => a > 0, { message: 'contrast factor must be positive' }).default([0.75, 1.25]),
   })
   .strict();
 

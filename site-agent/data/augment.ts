@@ -12,13 +12,15 @@
  * Rotation, zoom and elastic deformation need the whole case (a cropped patch would pull its zero borders in), so
  * the patch sampler does them while cutting (sampler.ts samplePatch with `spatial`, spatial-augment.ts); the
  * options live here so one object configures both. Random cropping around foreground is the sampler's job too.
- * Not done (yet): blur, contrast, low-resolution simulation.
+ * Scanner differences (bias field, blur, coarser grid, contrast) are scanner-augment.ts's, drawn after these and
+ * applied right after mirroring; they are off unless their probabilities are set.
  */
 import { gaussian, uniform, type Rng } from './prng.ts';
+import { applyScannerAugmentation, DEFAULT_SCANNER_AUGMENT, drawScannerAugmentation, type ScannerAugmentOptions, type ScannerAugmentParams } from './scanner-augment.ts';
 import { DEFAULT_SPATIAL, type SpatialAugmentOptions } from './spatial-augment.ts';
 import type { Patch } from './types.ts';
 
-export interface AugmentOptions extends SpatialAugmentOptions {
+export interface AugmentOptions extends SpatialAugmentOptions, ScannerAugmentOptions {
   /** Probability of flipping each axis [D, H, W]; a number applies to all three. */
   readonly flipProbability?: number | readonly [number, number, number];
   /** Label pairs swapped when the W (left–right) axis is flipped. */
@@ -38,6 +40,7 @@ export interface AugmentOptions extends SpatialAugmentOptions {
 
 export const DEFAULT_AUGMENT: Required<AugmentOptions> = {
   ...DEFAULT_SPATIAL,
+  ...DEFAULT_SCANNER_AUGMENT,
   flipProbability: 0.5,
   leftRightPairs: [],
   scaleProbability: 0.15,
@@ -61,6 +64,8 @@ export interface AugmentParams {
   readonly noiseSd: number;
   /** Per channel gamma (1 = unchanged); absent = none (parameters drawn before gamma existed). */
   readonly gamma?: readonly number[];
+  /** Scanner-difference transforms; absent = none. */
+  readonly scanner?: ScannerAugmentParams;
 }
 
 function check01(p: number, what: string): number {
@@ -82,7 +87,8 @@ export function drawAugmentation(rng: Rng, channels: number, options: AugmentOpt
   const noiseSd = rng() < check01(o.noiseProbability, 'noiseProbability') ? Math.sqrt(Math.max(0, uniform(rng, o.noiseVariance[0], o.noiseVariance[1]))) : 0;
   const gamma: number[] = [];
   for (let c = 0; c < channels; c++) gamma.push(rng() < check01(o.gammaProbability, 'gammaProbability') ? drawGamma(rng, o.gammaRange) : 1);
-  return { flip, scale, shift, noiseSd, gamma };
+  const scanner = drawScannerAugmentation(rng, channels, o);
+  return { flip, scale, shift, noiseSd, gamma, ...(Object.keys(scanner).length > 0 ? { scanner } : {}) };
 }
 
 /** nnU-Net's draw: as often below 1 as above it (a plain uniform on [0.7, 1.5] would darken ⅝ of the time). */
@@ -149,6 +155,7 @@ export function applyAugmentation(patch: Patch, p: AugmentParams, rng: Rng, left
   const flipped = p.flip.some(Boolean) ? flipPatch(patch, p.flip, leftRightPairs) : { ...patch, image: patch.image.slice(), ...(patch.label ? { label: patch.label.slice() } : {}) };
   const img = flipped.image;
   const C = patch.channels;
+  if (p.scanner) applyScannerAugmentation(img, patch.shape, C, p.scanner);
   if (p.scale.some((s) => s !== 1) || p.shift.some((s) => s !== 0)) {
     for (let i = 0; i < img.length; i++) {
       const c = i % C;
