@@ -35,7 +35,7 @@ export function findCudnn() {
     { include: '/usr/include/x86_64-linux-gnu', lib: '/usr/lib/x86_64-linux-gnu' },
     { include: '/usr/local/cuda/include', lib: '/usr/local/cuda/lib64' },
   );
-  const py = sh(`python3 -c "import nvidia.cudnn as m; print(list(m.__path__)[0])" 2>/dev/null`).stdout?.trim();
+  const py = sh(`${process.env.PYTHON ?? 'python3'} -c "import nvidia.cudnn as m; print(list(m.__path__)[0])" 2>/dev/null`).stdout?.trim();
   if (py) candidates.push({ include: join(py, 'include'), lib: join(py, 'lib') });
   for (const c of candidates) {
     if (!existsSync(join(c.include, 'cudnn.h')) || !existsSync(c.lib)) continue;
