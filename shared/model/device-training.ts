@@ -47,6 +47,7 @@ export class DeviceTraining<B, S> {
   private readonly spec: OptimizerSpec;
   private readonly store: DeviceParamStore<B>;
   private closed = false;
+  private packed?: Float32Array;
 
   constructor(
     private readonly device: ComputeDevice<B, S>,
@@ -123,7 +124,11 @@ export class DeviceTraining<B, S> {
     dev.recycle();
     for (const g of this.grads.values()) dev.fill(g, 0);
     // The batch in one transfer: image, targets, weights packed back to back.
-    const packed = new Float32Array(imageLen + batch.target.length + (batch.weight?.length ?? 0));
+    // The host array is kept for the next step (same sizes): a fresh 32 MB array per step (4 × 128³) costs
+    // its zeroing and page faults on every step.
+    const packedLen = imageLen + batch.target.length + (batch.weight?.length ?? 0);
+    if (this.packed?.length !== packedLen) this.packed = new Float32Array(packedLen);
+    const packed = this.packed;
     packed.set(batch.image, 0);
     packed.set(batch.target, imageLen);
     if (batch.weight) packed.set(batch.weight, imageLen + batch.target.length);
