@@ -124,10 +124,13 @@ ConvPlan& plan_for(int op, const Geom& g) {
   auto take = [&](auto* perf) {
     for (int i = 0; i < found; i++) {
       if (perf[i].status != CUDNN_STATUS_SUCCESS) continue;
-      if (!st.tf32 && perf[i].mathType != CUDNN_FMA_MATH) continue;
+      // Without TF32 (as PyTorch with allow_tf32 off): skip results that need tensor-op math and run the rest with
+      // FMA math (cuDNN may report CUDNN_DEFAULT_MATH for them, which would allow TF32 on Ampere and later).
+      const bool tensorOps = perf[i].mathType == CUDNN_TENSOR_OP_MATH || perf[i].mathType == CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION;
+      if (!st.tf32 && tensorOps) continue;
       p.algo = static_cast<int>(perf[i].algo);
       p.workspace = perf[i].memory;
-      check(cudnnSetConvolutionMathType(p.conv, perf[i].mathType), "cudnnSetConvolutionMathType");
+      check(cudnnSetConvolutionMathType(p.conv, st.tf32 ? perf[i].mathType : CUDNN_FMA_MATH), "cudnnSetConvolutionMathType");
       ok = true;
       return;
     }
@@ -146,6 +149,18 @@ ConvPlan& plan_for(int op, const Geom& g) {
     take(perf);
   }
   if (!ok) throw std::runtime_error("cuDNN has no algorithm for this convolution" + std::string(st.tf32 ? "" : " without TF32"));
+  // The workspace of the algorithm under the math type actually set (it may differ from the measured one's).
+  size_t ws = 0;
+  if (op == 0) {
+    check(cudnnGetConvolutionForwardWorkspaceSize(st.dnn, p.x, p.w, p.conv, p.y, static_cast<cudnnConvolutionFwdAlgo_t>(p.algo), &ws), "forward workspace size");
+  } else if (op == 1) {
+    check(cudnnGetConvolutionBackwardDataWorkspaceSize(st.dnn, p.w, p.y, p.conv, p.x, static_cast<cudnnConvolutionBwdDataAlgo_t>(p.algo), &ws),
+          "backward-data workspace size");
+  } else {
+    check(cudnnGetConvolutionBackwardFilterWorkspaceSize(st.dnn, p.x, p.y, p.conv, p.w, static_cast<cudnnConvolutionBwdFilterAlgo_t>(p.algo), &ws),
+          "backward-filter workspace size");
+  }
+  if (ws > p.workspace) p.workspace = ws;
   return st.plans.emplace(key, p).first->second;
 }
 
