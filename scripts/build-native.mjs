@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Builds the oneDNN convolution addon (native/) with node-gyp. Run by `npm ci` / `npm install`
+// Builds the oneDNN convolution addon (native/) with node-gyp, and the CUDA one where nvcc and cuDNN are (build-cuda.mjs). Run by `npm ci` / `npm install`
 // (postinstall) and by `npm run build:native`. When a prerequisite is missing it prints ONE line saying
 // what and how to fix it, and exits 0, so installing never fails because of the optional native engine.
 // MEDFL_NATIVE_STRICT=1 makes a failed build exit 1 (for `npm run build:native` in CI-like checks).
@@ -7,15 +7,23 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, rmSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { buildCuda } from './build-cuda.mjs';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const nativeDir = join(root, 'native');
 const FIX = 'apt-get install -y libdnnl-dev g++ make';
 const strict = process.env.MEDFL_NATIVE_STRICT === '1';
 
+// The CUDA device addon is built last (node-gyp's rebuild clears native/build), with its own line, whatever
+// happened to oneDNN; its failure never fails the install.
+function finish(code) {
+  console.log(buildCuda().line);
+  process.exit(code);
+}
+
 function skip(why) {
   console.log(`medfl: oneDNN conv engine not built: ${why}; fix: ${FIX} && npm run build:native (training falls back to the JS kernels)`);
-  process.exit(strict ? 1 : 0);
+  finish(strict ? 1 : 0);
 }
 
 if (process.env.MEDFL_SKIP_NATIVE === '1') skip('MEDFL_SKIP_NATIVE=1');
@@ -57,3 +65,4 @@ if (probe.status !== 0) {
   skip(`built, but it does not load here (${why.trim().slice(0, 200)})`);
 }
 console.log(`medfl: oneDNN conv engine built (native/build/Release/medfl_onednn.node; portable: x86-64-v2 baseline on x64)`);
+finish(0);

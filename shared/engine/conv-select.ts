@@ -40,6 +40,22 @@ async function tryOneDnn(): Promise<{ kernels?: ConvKernels; reason?: string }> 
   }
 }
 
+/**
+ * The CUDA device, reported first: the host-tape trainer cannot use it (its tensors live on the device, see
+ * device.ts), so it is never the selected kernels here; the log says whether it was built and whether a GPU is
+ * there, with the build's own reason when it was not built.
+ */
+async function cudaAttempt(): Promise<EngineAttempt> {
+  try {
+    const mod = await import('./cuda-device.ts');
+    const r = mod.loadCudaDevice();
+    if ('reason' in r) return { name: 'cuda', ok: false, reason: r.reason };
+    return { name: 'cuda', ok: false, reason: `built, ${r.device.info.device} present: used by device training sessions, not by the host-tape kernels` };
+  } catch (e) {
+    return { name: 'cuda', ok: false, reason: `could not be probed: ${(e as Error).message}` };
+  }
+}
+
 let memo: Promise<KernelSelection> | undefined;
 let memoKey: string | undefined;
 
@@ -58,7 +74,7 @@ async function resolve(requested: string): Promise<KernelSelection> {
   if (requested !== 'auto' && !(KERNEL_NAMES as readonly string[]).includes(requested)) {
     throw new Error(`unknown convolution kernels "${requested}" (MEDFL_KERNELS): expected auto, ${KERNEL_NAMES.join(', ')}`);
   }
-  const tried: EngineAttempt[] = [];
+  const tried: EngineAttempt[] = requested === 'auto' ? [await cudaAttempt()] : [];
   const order: readonly KernelName[] = requested === 'auto' ? KERNEL_NAMES : [requested as KernelName];
   for (const name of order) {
     if (name === 'js') {

@@ -82,6 +82,11 @@ export function resolveGroups(params: readonly ParamInfo[], groups: readonly Gro
   return out;
 }
 
+/** Whether weight decay applies to a parameter: convolution and dense weights, never biases or norms. */
+export function decays(p: ParamInfo): boolean {
+  return p.layerType === 'conv' || p.layerType === 'dense' ? !p.name.endsWith('.bias') : false;
+}
+
 /** Fused per-tensor update kernels (the native addon's); the JS loops below are the reference and fallback. */
 export interface OptimizerKernels {
   adamStep(w: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, stepSize: number, beta1: number, beta2: number, eps: number, sqrtC2: number, weightDecay: number): void;
@@ -163,7 +168,7 @@ export class Optimizer {
       if (!g || g.frozen) continue;
       const value = values.get(p.name);
       if (!value) throw new Error(`optimizer: no value for parameter ${p.name}`);
-      const decay = p.layerType === 'conv' || p.layerType === 'dense' ? !p.name.endsWith('.bias') : false;
+      const decay = decays(p);
       const from = initial?.get(p.name);
       this.slots.push({
         name: p.name,

@@ -54,15 +54,17 @@ describe('engine selection', () => {
     }
   });
 
-  it('Med3D convolution kernels: native TensorFlow GPU, oneDNN, native TensorFlow CPU, JS — each refusal with its reason', async () => {
+  it('Med3D convolution kernels: the CUDA device (reported), native TensorFlow GPU, oneDNN, native TensorFlow CPU, JS — each refusal with its reason', async () => {
     const sel = await selectConvKernels();
     const names = sel.tried.map((t) => t.name);
     expect(sel.tried.at(-1)).toMatchObject({ name: sel.kernels.name, ok: true });
-    if (!isInstalled('@tensorflow/tfjs-node-gpu')) expect(sel.tried[0]).toMatchObject({ name: 'tfjs-node-gpu', ok: false, reason: expect.stringMatching(/not installed/) });
-    if (sel.kernels.name === 'onednn') expect(names).toEqual(['tfjs-node-gpu', 'onednn']);
+    // No GPU here: the CUDA device is refused with the reason (not built and the build's own line, or no usable GPU).
+    expect(sel.tried[0]).toMatchObject({ name: 'cuda', ok: false, reason: expect.stringMatching(/^(not built \(.+\)|built, but no usable GPU: .+)/) });
+    if (!isInstalled('@tensorflow/tfjs-node-gpu')) expect(sel.tried[1]).toMatchObject({ name: 'tfjs-node-gpu', ok: false, reason: expect.stringMatching(/not installed/) });
+    if (sel.kernels.name === 'onednn') expect(names).toEqual(['cuda', 'tfjs-node-gpu', 'onednn']);
     if (sel.kernels.name === 'js') {
-      expect(names).toEqual(['tfjs-node-gpu', 'onednn', 'tfjs-node', 'wasm', 'js']);
-      expect(sel.tried[3]).toMatchObject({ ok: false, reason: expect.stringMatching(/wrong conv3d gradients/) });
+      expect(names).toEqual(['cuda', 'tfjs-node-gpu', 'onednn', 'tfjs-node', 'wasm', 'js']);
+      expect(sel.tried[4]).toMatchObject({ ok: false, reason: expect.stringMatching(/wrong conv3d gradients/) });
     }
     await expect(selectConvKernels({ force: 'mkl' })).rejects.toThrow(/unknown convolution kernels "mkl"/);
     if (!isInstalled('@tensorflow/tfjs-node')) await expect(selectConvKernels({ force: 'tfjs-node' })).rejects.toThrow(/MEDFL_KERNELS=tfjs-node but .*not installed.*needs internet/);

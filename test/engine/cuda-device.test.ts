@@ -1,0 +1,20 @@
+/**
+ * The CUDA device without a GPU: it is refused with a reason and nothing throws — a missing addon says it was not
+ * built (and, when the install left its one line, why); a built addon on a machine without a usable GPU says so.
+ */
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { CUDA_ADDON_PATH, loadCudaDevice } from '../../shared/engine/cuda-device.ts';
+
+describe('CUDA device without a GPU', () => {
+  it('a missing addon is "not built", with how to build it', () => {
+    const r = loadCudaDevice({ addonPath: join(import.meta.dirname, 'no-such-addon.node') });
+    expect(r).toEqual({ reason: expect.stringMatching(/^not built \(.+\); build with npm run build:native where nvcc and cuDNN are installed$/) });
+  });
+
+  it.runIf(existsSync(CUDA_ADDON_PATH))('a built addon without a usable GPU is refused with the driver’s reason', () => {
+    const r = loadCudaDevice();
+    expect(r).toEqual({ reason: expect.stringMatching(/^built, but no usable GPU: .+/) });
+  });
+});
