@@ -17,7 +17,11 @@ const strict = process.env.MEDFL_NATIVE_STRICT === '1';
 // The CUDA device addon is built last (node-gyp's rebuild clears native/build), with its own line, whatever
 // happened to oneDNN; its failure never fails the install.
 function finish(code) {
-  console.log(buildCuda().line);
+  try {
+    console.log(buildCuda().line);
+  } catch (e) {
+    console.log(`medfl: cuda engine not built (${e instanceof Error ? e.message : String(e)}); Med3D trains on the CPU engines`);
+  }
   process.exit(code);
 }
 
