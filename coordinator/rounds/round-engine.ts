@@ -38,6 +38,8 @@ import { SITE_MAX_RECONNECT_BACKOFF_MS } from '../../shared/protocol/reconnect.t
 import { eventId, outboxRows } from '../events/outbox.ts';
 import { PROTOCOL_VERSION, SITE_FEATURES, type SiteCapabilities } from '../../shared/protocol/features.ts';
 import { settingsForSite } from '../../shared/protocol/compatibility.ts';
+import { RefusalWarnings } from '../server/refusal-warnings.ts';
+import { updateRejectionReason } from '../admin-http/reasons.ts';
 
 /** The wire shape of a Task, as handed to a site's stream. */
 export interface TaskMessage extends TaskManifest {
@@ -78,6 +80,8 @@ export interface RoundEngineOptions {
   storageRetryMs?: number;
   /** Least time between two offers of a round's task to one site that reports idle without it (default REOFFER_MS). */
   reofferMs?: number;
+  /** Collapses the warn lines of repeated refused uploads (default: one of the engine's own, closed by stop()). */
+  refusals?: RefusalWarnings;
 }
 
 /**
@@ -148,8 +152,13 @@ export class RoundEngine {
   /** Work put off by a storage failure, by what it is (one pending retry each). */
   private readonly retries = new Map<string, NodeJS.Timeout>();
   private lastStorageFault: { at: number; what: string; error: string } | undefined;
+  /** Warn lines of refused uploads, one per (site, reason) and window plus a count. */
+  private readonly refusals: RefusalWarnings;
+  private readonly ownsRefusals: boolean;
 
   constructor(private readonly o: RoundEngineOptions) {
+    this.refusals = o.refusals ?? new RefusalWarnings(o.log);
+    this.ownsRefusals = o.refusals === undefined;
     this.shared = sharedParams(o.architecture, o.plan.share);
     this.sharedNames = this.shared.map((p) => p.name);
   }
@@ -187,6 +196,7 @@ export class RoundEngine {
     if (this.gatherTimer) clearTimeout(this.gatherTimer);
     for (const t of this.retries.values()) clearTimeout(t);
     this.retries.clear();
+    if (this.ownsRefusals) this.refusals.close();
   }
 
   /** The failure that work is waiting on (it is retried), or undefined once the retried work went through. */
@@ -388,9 +398,10 @@ export class RoundEngine {
     return open.row.selected.every((s) => open.reported.has(s) || open.declined?.has(s));
   }
 
+  /** Every refusal is an event (the metrics count them all); its warn line is collapsed with the same site's like refusals. */
   rejected(site: string, round: number, reason: string): void {
     this.emit('update.rejected', { site, round, reason });
-    this.o.log.warn({ site, round, reason }, 'update rejected');
+    this.refusals.refused(site, updateRejectionReason(reason), reason, { site, round, reason }, 'update rejected');
   }
 
   /** Runs `fn` after every earlier serialised job, so no two model-sized folds run at once. */

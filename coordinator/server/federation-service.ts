@@ -16,6 +16,7 @@ import { streamModelFile } from './model-stream.ts';
 import { COORDINATOR_FEATURES, LEGACY_SITE, type Feature, type SiteCapabilities } from '../../shared/protocol/features.ts';
 import { describeStorageFault, isStorageFault } from '../../shared/util/storage-fault.ts';
 import { outboxRows } from '../events/outbox.ts';
+import { RefusalWarnings } from './refusal-warnings.ts';
 
 export interface FederationServiceDeps {
   store: CoordinatorStore;
@@ -29,6 +30,8 @@ export interface FederationServiceDeps {
   features?: readonly Feature[];
   /** Uploads one site may have open at once (default DEFAULT_MAX_OPEN_UPLOADS_PER_SITE); more are refused. */
   maxOpenUploadsPerSite?: number;
+  /** Collapses repeated refusal warn lines per (site, reason); default: a new one (never closed: its timer is unref'd). */
+  refusals?: RefusalWarnings;
   /** Told of each finished model download and each accepted upload (admin-http metrics); must not throw. */
   onTransfer?: (t: { direction: 'download' | 'upload'; bytes: number; seconds: number }) => void;
 }
@@ -135,6 +138,7 @@ function statusSent(call: grpc.ServerReadableStream<unknown, unknown>, maxWaitMs
 export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServiceImplementation {
   const { store, models, engine, receiver, log } = d;
   const maxOpenUploads = d.maxOpenUploadsPerSite ?? DEFAULT_MAX_OPEN_UPLOADS_PER_SITE;
+  const refusals = d.refusals ?? new RefusalWarnings(log);
   if (!(Number.isInteger(maxOpenUploads) && maxOpenUploads >= 1)) throw new RangeError(`maxOpenUploadsPerSite must be an integer ≥ 1, got ${maxOpenUploads}`);
   /** Open UploadUpdate calls per site. */
   const openUploads = new Map<string, number>();
@@ -240,7 +244,7 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
       }
       const open = openUploads.get(site) ?? 0;
       if (open >= maxOpenUploads) {
-        log.warn({ site, open, limit: maxOpenUploads }, 'upload refused: the site already has the most open uploads allowed');
+        refusals.refused(site, 'too_many_open_uploads', `${open} uploads open`, { site, open, limit: maxOpenUploads }, 'upload refused: the site already has the most open uploads allowed');
         const stallS = Math.round(uploadOptions.stallMs / 1000);
         reply({ code: grpc.status.RESOURCE_EXHAUSTED, details: `site '${site}' already has ${open} uploads open, the most allowed at once; wait for one to end (a stalled one is dropped after ${stallS} s without data) and send again` });
         return;
