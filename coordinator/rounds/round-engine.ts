@@ -16,17 +16,12 @@ import { sharedParams, pick } from '../../shared/model/sharing.ts';
 import { manifestBytes, type TaskManifest, type TaskSettings } from '../../shared/protocol/task.ts';
 import { decodeUpdate } from '../../shared/tensors/update-codec.ts';
 import { readFileSync, rmSync } from 'node:fs';
-import { writeFileAtomic } from '../../shared/util/fs-atomic.ts';
 import type { Logger } from '../../shared/util/log.ts';
-import { SecAggRound } from '../secagg/session.ts';
+import type { SecAggRound } from '../secagg/session.ts';
 import { acceptsSums } from '../aggregation/composed.ts';
 import { aggregateProblem } from '../aggregation/validate.ts';
 import { cappedWeights } from '../aggregation/weight-share.ts';
 import { takePendingRollbacks, type RollbackRecord } from './rollback.ts';
-import { decodeRoundSum } from '../../shared/privacy/secagg/wire.ts';
-import { makeBundle, type NamedTensor } from '../../shared/tensors/bundle.ts';
-import { mkdirSync } from 'node:fs';
-import { join } from 'node:path';
 import { plannedRounds, pretrainingRounds, stageAfter, stageSettings, type Stage } from './pretraining-stage.ts';
 import { describeStorageFault, isStorageFault } from '../../shared/util/storage-fault.ts';
 import { SITE_MAX_RECONNECT_BACKOFF_MS } from '../../shared/protocol/reconnect.ts';
@@ -37,6 +32,7 @@ import { RefusalWarnings } from '../server/refusal-warnings.ts';
 import { updateRejectionReason } from '../admin-http/reasons.ts';
 import type { CloseContribution, RoundFeature, RoundFeatureContext, RoundView } from './round-feature.ts';
 import { standardRoundFeatures } from './features/index.ts';
+import { SecureAggregation } from './features/secure-aggregation.ts';
 
 export { PRIVACY_KEY, type PrivacySpent } from './features/dp-accounting.ts';
 
@@ -137,6 +133,8 @@ export class RoundEngine {
   readonly sharedNames: string[];
   /** What plugs into the round lifecycle (teacher promotion, DP accounting, retention, …), in call order. */
   private readonly features: readonly RoundFeature[];
+  /** Plan aggregation.secureAggregation: sessions, per-site settings and the unmasked sum (features/secure-aggregation.ts). */
+  private readonly secureAggregation: SecureAggregation;
   /** Work put off by a storage failure, by what it is (one pending retry each). */
   private readonly retries = new Map<string, NodeJS.Timeout>();
   private lastStorageFault: { at: number; what: string; error: string } | undefined;
@@ -160,6 +158,7 @@ export class RoundEngine {
       log: o.log,
       event: (type, fields) => this.event(type, fields),
     };
+    this.secureAggregation = new SecureAggregation({ plan: o.plan, federationId: o.federationId, log: o.log, shared: this.shared, maskedDir: o.maskedDir });
     this.features = [...standardRoundFeatures(context, { updatesDir: o.updatesDir, maskedDir: o.maskedDir, pretrainedDir: o.pretrainedDir }), ...(o.features ?? [])];
   }
 
@@ -547,7 +546,7 @@ export class RoundEngine {
       throw e;
     }
     this.open = { row, aggregator, reported: new Set(), closing: false, stage };
-    if (plan.aggregation.secureAggregation.enabled) this.open.secagg = this.secAggSession(this.open);
+    if (this.secureAggregation.enabled) this.open.secagg = this.secAggSession(this.open);
     this.o.bus.publish(started);
     log.info({ round: row.round, selected, model: row.baseModelHash.slice(0, 12), ...(pretrainingRounds(plan) > 0 ? { stage: stage.kind, stageRound: stage.index } : {}) }, 'round started');
     const opened = this.open;
@@ -624,39 +623,14 @@ export class RoundEngine {
 
   /** The round's secure-aggregation session: on success the unmasked sum is folded and the round closes; on failure the round fails. */
   private secAggSession(open: OpenRound): SecAggRound {
-    const { plan, log } = this.o;
-    const sa = plan.aggregation.secureAggregation;
     const row = open.row;
-    const vectorLength = this.shared.reduce((n, p) => n + p.shape.reduce((a, b) => a * b, 1), 0) + 1;
-    const dir = this.o.maskedDir ? join(this.o.maskedDir, `round-${row.round}`) : undefined;
-    return new SecAggRound({
-      round: row.round,
-      sites: row.selected,
-      threshold: sa.threshold,
-      neighbours: sa.neighbours,
-      vectorLength,
-      phaseMs: sa.phaseSeconds * 1000,
-      session: `${this.o.federationId}/round-${row.round}/${randomUUID()}`,
-      log,
-      onMasked: dir
-        ? (site, y) => {
-            mkdirSync(dir, { recursive: true });
-            writeFileAtomic(join(dir, `masked-${site}.u32`), Buffer.from(y.buffer, y.byteOffset, y.byteLength));
-          }
-        : undefined,
+    return this.secureAggregation.session(row, {
       onResult: (r) => {
         void this.serialised(() => {
           if (this.open !== open || open.closing) return false;
-          const { weightedDelta, weight } = decodeRoundSum(r.sum, { clip: sa.clip, sites: row.selected.length, maxWeight: this.secAggMaxWeight() });
-          const tensors: NamedTensor[] = [];
-          let off = 0;
-          for (const p of this.shared) {
-            const n = p.shape.reduce((a, b) => a * b, 1);
-            tensors.push({ name: p.name, dtype: 'F32', shape: [...p.shape], data: weightedDelta.subarray(off, off + n) });
-            off += n;
-          }
+          const { sum, weight } = this.secureAggregation.decodeSum(row, r);
           if (!acceptsSums(open.aggregator)) throw new Error(`strategy ${this.o.strategy.name} cannot take a secure-aggregation sum`);
-          open.aggregator.addSum(makeBundle(tensors), weight, r.survivors.length);
+          open.aggregator.addSum(sum, weight, r.survivors.length);
           for (const s of r.survivors) open.reported.add(s);
           return true;
         }).then(
@@ -805,7 +779,7 @@ export class RoundEngine {
         f.onRoundClosed?.(view, version, contributions[i]);
       } catch (e) {
         // Committed: the rounds go on; a feature that keeps files tries again at the next close or start.
-        log.error({ feature: f.name, hook: 'onRoundClosed', round: open.row.round, err: (e as Error).message }, 'a round feature failed after the round closed; the rounds go on');
+        log.warn({ feature: f.name, hook: 'onRoundClosed', round: open.row.round, err: (e as Error).message }, 'a round feature failed after the round closed; the rounds go on');
       }
     });
     this.maybeOpenRound();
@@ -974,20 +948,9 @@ export class RoundEngine {
     return this.open?.row.round === row.round ? this.open.stage : stageAfter(this.o.plan, this.o.store.closedRoundCount());
   }
 
-  /** What a site needs to take part in the round's secure aggregation: its id, t, k, the quantiser and the vector length. */
+  /** What a site needs to take part in the open round's secure aggregation (nothing for another round). */
   private secAggSettings(row: RoundRow, site: string): Pick<TaskSettings, 'secureAggregation'> {
-    const s = this.open?.row.round === row.round ? this.open.secagg : undefined;
-    const id = s?.ids.get(site);
-    if (!s || id === undefined) return {};
-    const sa = this.o.plan.aggregation.secureAggregation;
-    const vectorLength = this.shared.reduce((n, p) => n + p.shape.reduce((a, b) => a * b, 1), 0) + 1;
-    const neighbours = sa.neighbours !== undefined && sa.neighbours < row.selected.length ? { neighbours: sa.neighbours } : {};
-    return { secureAggregation: { id, threshold: sa.threshold, ...neighbours, clip: sa.clip, maxWeight: this.secAggMaxWeight(), sites: row.selected.length, vectorLength } };
-  }
-
-  /** Under DP every site puts in weight 1 (uniform DP-FedAvg), so no resolution is spent on larger weights. */
-  private secAggMaxWeight(): number {
-    return this.o.plan.aggregation.dp ? 1 : this.o.plan.aggregation.secureAggregation.maxWeight;
+    return this.secureAggregation.siteSettings(row, this.open?.row.round === row.round ? this.open.secagg : undefined, site);
   }
 
   private finishedTask(): TaskMessage {
