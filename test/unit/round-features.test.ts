@@ -113,4 +113,45 @@ describe('round features', () => {
     expect(events.find((e) => e.type === 'round.closed')).toMatchObject({ round: 1, recorded: true });
     store.close();
   });
+
+  it('a feature that throws in a notification hook is logged and the rounds go on', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'medfl-features-'));
+    dirs.push(dir);
+    const store = new CoordinatorStore(join(dir, 'state.db'));
+    const models = new ModelFiles(join(dir, 'models'));
+    const events: FederationEvent[] = [];
+    const bus = new InProcessBus();
+    bus.subscribe((e) => events.push(e));
+    const boom = () => {
+      throw new Error('boom');
+    };
+    const logged: Array<Record<string, unknown>> = [];
+    const engine = new RoundEngine({
+      store,
+      models,
+      plan,
+      architecture: architectureFor(plan.model),
+      strategy: strategyFromPlan(plan),
+      bus,
+      federationId: 'fed-features',
+      sign: () => Buffer.alloc(64),
+      log: pino({ level: 'warn' }, { write: (l: string) => logged.push(JSON.parse(l) as Record<string, unknown>) }),
+      features: [{ name: 'broken', onRoundOpened: boom, onUpdateAccepted: boom, onRoundClosed: boom }],
+    });
+    store.inviteSite('site-a', 'h'.repeat(64), Date.now() + 60_000);
+    expect(store.enrolSite('site-a', 'h'.repeat(64), Buffer.alloc(32, 7)).ok).toBe(true);
+    await engine.start();
+    const tasks: TaskMessage[] = [];
+    engine.siteConnected('site-a', { send: (t) => tasks.push(t) });
+    await waitFor(() => tasks.length > 0, 5000, 'the task of round 1');
+    const row = { updateId: 'u-00000001', round: 1, site: 'site-a', numSamples: 4, sha256: 'a'.repeat(64), path: join(dir, 'none'), sizeBytes: 1, acceptedAt: Date.now() };
+    store.insertUpdate(row);
+    engine.fold(row, models.load(engine.currentModelHash));
+    await engine.accepted(row);
+    engine.stop();
+    expect(store.getRound(1)!.state).toBe('closed');
+    expect(events.filter((e) => e.type === 'round.started').map((e) => e.round)).toEqual([1, 2]);
+    expect(logged.filter((l) => l.feature === 'broken').map((l) => l.hook)).toEqual(['onRoundOpened', 'onUpdateAccepted', 'onRoundClosed', 'onRoundOpened']);
+    store.close();
+  });
 });
