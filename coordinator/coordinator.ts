@@ -44,6 +44,7 @@ import { parseAdminHttpOptions, type AdminHttpSettings } from './admin-http/opti
 import { CoordinatorMetrics } from './admin-http/metrics.ts';
 import { feedMetricsFromEvents } from './admin-http/event-metrics.ts';
 import { readinessChecks } from './admin-http/readiness.ts';
+import { RefusalWarnings } from './server/refusal-warnings.ts';
 import { startAdminHttp, type AdminHttpServer } from './admin-http/server.ts';
 import { createDashboardSource } from './admin-http/dashboard-data.ts';
 
@@ -69,6 +70,8 @@ export interface CoordinatorOptions {
     maxOpenUploadsPerSite?: number;
     /** Per-peer limit on failed authentication and enrolment calls. */
     authFailures?: Partial<FailureLimitOptions>;
+    /** Window in which repeated refused uploads of one site and reason make one warn line plus a count (default 60 s). */
+    refusalWindowMs?: number;
   };
   /** Least time between two offers of a round's task to a selected site that heartbeats idle without it (default 30 s). */
   reofferMs?: number;
@@ -112,7 +115,10 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   const ledger = await openLedger({ dir: o.dir, natsUrl: o.natsUrl, federation: config.federationId, signingKey, log });
   const bus = new Outbox({ store, remote, ledger, strategy: strategyName(plan), log });
 
+  // One collapser for every refused-upload warn line (the engine's refusals and the upload handler's own).
+  const refusals = new RefusalWarnings(log, { windowMs: o.limits?.refusalWindowMs });
   const engine = new RoundEngine({
+    refusals,
     store,
     models,
     plan,
@@ -168,7 +174,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   const limiter = new FailureLimiter(log, o.limits?.authFailures);
   const authOptions = { federationId: config.federationId, directory, log, clientCaPem: mtls ? caPem : undefined, limiter, onFailure: metrics?.authFailed };
   const server = new grpc.Server({ ...SERVER_OPTIONS, interceptors: [createAuthInterceptor(authOptions)] });
-  const federation = federationHandlers({ store, models, engine, receiver, log, features, maxOpenUploadsPerSite: o.limits?.maxOpenUploadsPerSite, onTransfer: metrics?.transferred });
+  const federation = federationHandlers({ store, models, engine, receiver, log, features, maxOpenUploadsPerSite: o.limits?.maxOpenUploadsPerSite, refusals, onTransfer: metrics?.transferred });
   server.addService(
     Enrollment.service,
     enrollmentHandlers({ store, federationId: config.federationId, coordinatorPublicKey: rawPublicKey(signingKey), bus, log, ca, requireClientCert: mtls, limiter }),
@@ -219,6 +225,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
       await admin?.close();
       stopStartRetries?.();
       engine.stop();
+      refusals.close();
       // Task streams never end on their own, so a graceful shutdown would wait forever; sites reconnect.
       server.forceShutdown();
       limiter.close();

@@ -8,36 +8,33 @@ import { randomUUID } from 'node:crypto';
 import type { CoordinatorStore, RoundRow, UpdateRow } from '../store/store.ts';
 import type { ModelFiles } from '../models/model-store.ts';
 import type { AggregationStrategy, RoundAggregator, Verdict } from '../aggregation/strategy.ts';
-import { RdpAccountant, type RdpAccountantState } from '../../shared/privacy/rdp-accountant.ts';
 import type { EventBus, FederationEvent, FederationEventType } from '../../shared/events/bus.ts';
 import type { Plan } from '../../shared/plan/schema.ts';
 import type { ModelArchitecture, ParamInfo } from '../../shared/model/types.ts';
 import type { TensorBundle } from '../../shared/tensors/bundle.ts';
 import { sharedParams, pick } from '../../shared/model/sharing.ts';
 import { manifestBytes, type TaskManifest, type TaskSettings } from '../../shared/protocol/task.ts';
-import { decodeUpdate, encodeModel } from '../../shared/tensors/update-codec.ts';
-import { existsSync, readFileSync, readdirSync, rmSync } from 'node:fs';
-import { sha256Hex } from '../../shared/util/hash.ts';
-import { writeFileAtomic } from '../../shared/util/fs-atomic.ts';
+import { decodeUpdate } from '../../shared/tensors/update-codec.ts';
+import { readFileSync, rmSync } from 'node:fs';
 import type { Logger } from '../../shared/util/log.ts';
-import { parseTeacher, promotion, TEACHER_KEY } from './teacher.ts';
-import { SecAggRound } from '../secagg/session.ts';
+import type { SecAggRound } from '../secagg/session.ts';
 import { acceptsSums } from '../aggregation/composed.ts';
-import { aggregateProblem, median } from '../aggregation/validate.ts';
+import { aggregateProblem } from '../aggregation/validate.ts';
 import { cappedWeights } from '../aggregation/weight-share.ts';
 import { takePendingRollbacks, type RollbackRecord } from './rollback.ts';
-import { decodeRoundSum } from '../../shared/privacy/secagg/wire.ts';
-import { makeBundle, type NamedTensor } from '../../shared/tensors/bundle.ts';
-import { mkdirSync } from 'node:fs';
-import { dirname, join } from 'node:path';
-import { addPretrainingSites, plannedRounds, PRETRAINED_ENCODER_KEY, PRETRAINING_SITES_KEY, pretrainingRounds, stageAfter, stageSettings, type Stage } from './pretraining-stage.ts';
-import { assembleEncoder, writePretrainedEncoder } from '../../shared/model/pretrained-encoder-file.ts';
-import type { Med3dArchitecture } from '../../shared/model/med3d.ts';
+import { plannedRounds, pretrainingRounds, stageAfter, stageSettings, type Stage } from './pretraining-stage.ts';
 import { describeStorageFault, isStorageFault } from '../../shared/util/storage-fault.ts';
 import { SITE_MAX_RECONNECT_BACKOFF_MS } from '../../shared/protocol/reconnect.ts';
 import { eventId, outboxRows } from '../events/outbox.ts';
 import { PROTOCOL_VERSION, SITE_FEATURES, type SiteCapabilities } from '../../shared/protocol/features.ts';
 import { settingsForSite } from '../../shared/protocol/compatibility.ts';
+import { RefusalWarnings } from '../server/refusal-warnings.ts';
+import { updateRejectionReason } from '../admin-http/reasons.ts';
+import type { CloseContribution, RoundFeature, RoundFeatureContext, RoundView } from './round-feature.ts';
+import { standardRoundFeatures } from './features/index.ts';
+import { SecureAggregation } from './features/secure-aggregation.ts';
+
+export { PRIVACY_KEY, type PrivacySpent } from './features/dp-accounting.ts';
 
 /** The wire shape of a Task, as handed to a site's stream. */
 export interface TaskMessage extends TaskManifest {
@@ -78,6 +75,10 @@ export interface RoundEngineOptions {
   storageRetryMs?: number;
   /** Least time between two offers of a round's task to one site that reports idle without it (default REOFFER_MS). */
   reofferMs?: number;
+  /** Features beyond the standard ones (features/index.ts), called after them (round-feature.ts). */
+  features?: RoundFeature[];
+  /** Collapses the warn lines of repeated refused uploads (default: one of the engine's own, closed by stop()). */
+  refusals?: RefusalWarnings;
 }
 
 /**
@@ -100,19 +101,6 @@ export function resumeGraceMs(roundDeadlineSeconds: number): number {
 
 /** Store meta keys of what aggregation carries across rounds (written in the round-close transaction). */
 export const AGGREGATION_STATE_KEY = 'aggregation_state';
-export const PRIVACY_KEY = 'privacy';
-
-/** What `medfl status` shows of the privacy spent (store meta PRIVACY_KEY). */
-export interface PrivacySpent {
-  /** ε after the last closed round at the plan's δ; null when the noise multiplier is 0 (no DP guarantee). */
-  epsilon: number | null;
-  delta: number;
-  order: number | null;
-  rounds: number;
-  noiseMultiplier: number;
-  clipNorm: number;
-  accountant: RdpAccountantState | null;
-}
 
 interface OpenRound {
   row: RoundRow;
@@ -143,15 +131,51 @@ export class RoundEngine {
   private foldChain: Promise<unknown> = Promise.resolve();
   readonly shared: ParamInfo[];
   readonly sharedNames: string[];
-  /** Client-level DP accountant (plan.aggregation.dp), continued from the store across restarts. */
-  private accountant: RdpAccountant | undefined;
+  /** What plugs into the round lifecycle (teacher promotion, DP accounting, retention, …), in call order. */
+  private readonly features: readonly RoundFeature[];
+  /** Plan aggregation.secureAggregation: sessions, per-site settings and the unmasked sum (features/secure-aggregation.ts). */
+  private readonly secureAggregation: SecureAggregation;
   /** Work put off by a storage failure, by what it is (one pending retry each). */
   private readonly retries = new Map<string, NodeJS.Timeout>();
   private lastStorageFault: { at: number; what: string; error: string } | undefined;
+  /** Warn lines of refused uploads, one per (site, reason) and window plus a count. */
+  private readonly refusals: RefusalWarnings;
+  private readonly ownsRefusals: boolean;
 
   constructor(private readonly o: RoundEngineOptions) {
+    this.refusals = o.refusals ?? new RefusalWarnings(o.log);
+    this.ownsRefusals = o.refusals === undefined;
     this.shared = sharedParams(o.architecture, o.plan.share);
     this.sharedNames = this.shared.map((p) => p.name);
+    const context: RoundFeatureContext = {
+      store: o.store,
+      models: o.models,
+      plan: o.plan,
+      architecture: o.architecture,
+      strategy: o.strategy,
+      bus: o.bus,
+      federationId: o.federationId,
+      log: o.log,
+      event: (type, fields) => this.event(type, fields),
+    };
+    this.secureAggregation = new SecureAggregation({ plan: o.plan, federationId: o.federationId, log: o.log, shared: this.shared, maskedDir: o.maskedDir });
+    this.features = [...standardRoundFeatures(context, { updatesDir: o.updatesDir, maskedDir: o.maskedDir, pretrainedDir: o.pretrainedDir }), ...(o.features ?? [])];
+  }
+
+  /** Calls a notification hook of every feature; one that throws is logged and the others still run. */
+  private notify(hook: string, call: (f: RoundFeature) => void): void {
+    for (const f of this.features) {
+      try {
+        call(f);
+      } catch (e) {
+        this.o.log.error({ feature: f.name, hook, err: (e as Error).message }, 'a round feature failed; the round goes on');
+      }
+    }
+  }
+
+  /** The round as features see it. */
+  private view(open: OpenRound): RoundView {
+    return { row: open.row, stage: open.stage, reported: open.reported, secureAggregation: open.secagg !== undefined };
   }
 
   /** Makes sure an initial model exists, then resumes an open round or waits to open the next one. */
@@ -166,8 +190,7 @@ export class RoundEngine {
       this.o.log.info({ model: saved.hash, params: this.shared.length, bytes: saved.sizeBytes }, 'initial global model written');
     }
     this.restoreAggregationState();
-    // Pretraining ended but the coordinator stopped before writing its encoder file: write it now.
-    this.ensurePretrainedEncoder();
+    for (const f of this.features) f.start?.();
     // A rollback made while this coordinator was down: announce it before anything else happens.
     this.announceRollbacks();
     const openRow = store.openRoundRow();
@@ -187,6 +210,7 @@ export class RoundEngine {
     if (this.gatherTimer) clearTimeout(this.gatherTimer);
     for (const t of this.retries.values()) clearTimeout(t);
     this.retries.clear();
+    if (this.ownsRefusals) this.refusals.close();
   }
 
   /** The failure that work is waiting on (it is retried), or undefined once the retried work went through. */
@@ -344,7 +368,7 @@ export class RoundEngine {
   async accepted(row: UpdateRow): Promise<void> {
     const open = this.open;
     if (!open || open.row.round !== row.round) return;
-    this.flagSampleJump(row);
+    this.notify('onUpdateAccepted', (f) => f.onUpdateAccepted?.(row, this.view(open)));
     this.o.bus.publish(this.acceptedEvent(row));
     this.o.log.info({ round: row.round, site: row.site, samples: row.numSamples, reported: open.reported.size, selected: open.row.selected.length }, 'update accepted');
     if (open.row.selected.every((s) => open.reported.has(s))) await this.closeRound(open, 'all selected sites reported');
@@ -369,28 +393,14 @@ export class RoundEngine {
     }
   }
 
-  /**
-   * A site whose declared sample count jumps far above its own recent history is flagged (warn + update.flagged):
-   * the count is what FedAvg weighs by and nobody can check it. maxWeightShare bounds the effect; this tells the admin.
-   */
-  private flagSampleJump(row: UpdateRow): void {
-    const history = this.o.store.recentSampleCounts(row.site, row.round);
-    if (history.length === 0) return;
-    const usual = median(history);
-    const factor = this.o.plan.aggregation.validation.samplesJumpFactor;
-    if (row.numSamples <= factor * usual) return;
-    const reason = `declared ${row.numSamples} training samples, more than ${factor} × its median ${usual} over its last ${history.length} accepted update(s) (aggregation.validation.samplesJumpFactor)`;
-    this.emit('update.flagged', { round: row.round, site: row.site, samples: row.numSamples, previousMedian: usual, reason });
-    this.o.log.warn({ round: row.round, site: row.site, samples: row.numSamples, previousMedian: usual }, `update flagged: site ${reason}`);
-  }
-
   private allAccountedFor(open: OpenRound): boolean {
     return open.row.selected.every((s) => open.reported.has(s) || open.declined?.has(s));
   }
 
+  /** Every refusal is an event (the metrics count them all); its warn line is collapsed with the same site's like refusals. */
   rejected(site: string, round: number, reason: string): void {
     this.emit('update.rejected', { site, round, reason });
-    this.o.log.warn({ site, round, reason }, 'update rejected');
+    this.refusals.refused(site, updateRejectionReason(reason), reason, { site, round, reason }, 'update rejected');
   }
 
   /** Runs `fn` after every earlier serialised job, so no two model-sized folds run at once. */
@@ -411,6 +421,8 @@ export class RoundEngine {
       store.failRound(row.round, note, Date.now(), outboxRows(failed));
       this.o.bus.publish(failed);
       log.warn({ round: row.round }, note);
+      const view: RoundView = { row, stage: stageAfter(this.o.plan, store.closedRoundCount()), reported: new Set(), secureAggregation: true };
+      this.notify('onRoundFailed', (f) => f.onRoundFailed?.(view, note));
       this.maybeOpenRound();
       return;
     }
@@ -523,6 +535,7 @@ export class RoundEngine {
     };
     const stage = stageAfter(plan, store.closedRoundCount());
     if (stage.kind === 'fine-tuning' && stage.index === 1 && pretrainingRounds(plan) > 0) this.forgetPretrainingAggregationState();
+    for (const f of this.features) f.onRoundOpening?.(row.round, stage);
     // The aggregator first: the store says a round is open only once it can run here too.
     const aggregator = this.o.strategy.begin(this.o.models.load(row.baseModelHash), this.shared, this.roundContext(row));
     const started = this.event('round.started', { round: row.round, selected, model: row.baseModelHash, ...(pretrainingRounds(plan) > 0 ? { stage: stage.kind, stageRound: stage.index } : {}) });
@@ -533,9 +546,11 @@ export class RoundEngine {
       throw e;
     }
     this.open = { row, aggregator, reported: new Set(), closing: false, stage };
-    if (plan.aggregation.secureAggregation.enabled) this.open.secagg = this.secAggSession(this.open);
+    if (this.secureAggregation.enabled) this.open.secagg = this.secAggSession(this.open);
     this.o.bus.publish(started);
     log.info({ round: row.round, selected, model: row.baseModelHash.slice(0, 12), ...(pretrainingRounds(plan) > 0 ? { stage: stage.kind, stageRound: stage.index } : {}) }, 'round started');
+    const opened = this.open;
+    this.notify('onRoundOpened', (f) => f.onRoundOpened?.(this.view(opened)));
     // The deadline first: a task that cannot be sent now is sent again later, and the round still ends on time.
     this.armDeadline(this.open);
     this.sendTasks(this.open);
@@ -574,6 +589,7 @@ export class RoundEngine {
       const failed = this.event('round.failed', { round: open.row.round, reason: note, ...fields });
       this.o.store.failRound(open.row.round, note, Date.now(), outboxRows(failed));
       this.o.bus.publish(failed);
+      this.notify('onRoundFailed', (f) => f.onRoundFailed?.(this.view(open), note));
       after();
     };
     try {
@@ -607,39 +623,14 @@ export class RoundEngine {
 
   /** The round's secure-aggregation session: on success the unmasked sum is folded and the round closes; on failure the round fails. */
   private secAggSession(open: OpenRound): SecAggRound {
-    const { plan, log } = this.o;
-    const sa = plan.aggregation.secureAggregation;
     const row = open.row;
-    const vectorLength = this.shared.reduce((n, p) => n + p.shape.reduce((a, b) => a * b, 1), 0) + 1;
-    const dir = this.o.maskedDir ? join(this.o.maskedDir, `round-${row.round}`) : undefined;
-    return new SecAggRound({
-      round: row.round,
-      sites: row.selected,
-      threshold: sa.threshold,
-      neighbours: sa.neighbours,
-      vectorLength,
-      phaseMs: sa.phaseSeconds * 1000,
-      session: `${this.o.federationId}/round-${row.round}/${randomUUID()}`,
-      log,
-      onMasked: dir
-        ? (site, y) => {
-            mkdirSync(dir, { recursive: true });
-            writeFileAtomic(join(dir, `masked-${site}.u32`), Buffer.from(y.buffer, y.byteOffset, y.byteLength));
-          }
-        : undefined,
+    return this.secureAggregation.session(row, {
       onResult: (r) => {
         void this.serialised(() => {
           if (this.open !== open || open.closing) return false;
-          const { weightedDelta, weight } = decodeRoundSum(r.sum, { clip: sa.clip, sites: row.selected.length, maxWeight: this.secAggMaxWeight() });
-          const tensors: NamedTensor[] = [];
-          let off = 0;
-          for (const p of this.shared) {
-            const n = p.shape.reduce((a, b) => a * b, 1);
-            tensors.push({ name: p.name, dtype: 'F32', shape: [...p.shape], data: weightedDelta.subarray(off, off + n) });
-            off += n;
-          }
+          const { sum, weight } = this.secureAggregation.decodeSum(row, r);
           if (!acceptsSums(open.aggregator)) throw new Error(`strategy ${this.o.strategy.name} cannot take a secure-aggregation sum`);
-          open.aggregator.addSum(makeBundle(tensors), weight, r.survivors.length);
+          open.aggregator.addSum(sum, weight, r.survivors.length);
           for (const s of r.survivors) open.reported.add(s);
           return true;
         }).then(
@@ -746,18 +737,21 @@ export class RoundEngine {
       const tensors = state.tensors ? models.save(state.tensors, { kind: 'aggregation-state', round: String(open.row.round) }).hash : null;
       meta[AGGREGATION_STATE_KEY] = JSON.stringify({ json: state.json, tensors });
     }
-    const privacy = this.stepAccountant(open.row);
-    if (privacy) meta[PRIVACY_KEY] = JSON.stringify(privacy);
-    // Noisy student: a fine-tuning aggregate may become the teacher (persisted in the same transaction).
-    const current = parseTeacher(store.getMeta(TEACHER_KEY));
-    const teacher = open.stage.kind === 'pretraining' ? undefined : pretrainingRounds(this.o.plan) > 0 ? promotion(this.o.plan, open.row.round, saved.hash, current, open.stage.index) : promotion(this.o.plan, open.row.round, saved.hash, current);
-    if (teacher) meta[TEACHER_KEY] = JSON.stringify(teacher);
-    if (open.stage.kind === 'pretraining') meta[PRETRAINING_SITES_KEY] = addPretrainingSites(store.getMeta(PRETRAINING_SITES_KEY), open.reported);
-    const dp = privacy ? { epsilon: privacy.epsilon, delta: privacy.delta } : undefined;
+    // What the features add (DP accountant, teacher, …) moves on with the model, in the same transaction.
+    const view = this.view(open);
+    const version = { hash: saved.hash };
+    const contributions = this.features.map((f) => f.beforeCommit?.(view, version));
+    const added: Required<CloseContribution> = { meta: {}, closedFields: {}, logFields: {}, events: [] };
+    for (const c of contributions) {
+      Object.assign(added.meta, c?.meta);
+      Object.assign(added.closedFields, c?.closedFields);
+      Object.assign(added.logFields, c?.logFields);
+      added.events.push(...(c?.events ?? []));
+    }
+    Object.assign(meta, added.meta);
     // Committed with the close, so the events cannot be lost to a crash or a NATS outage (events/outbox.ts).
-    const closed = this.event('round.closed', { round: open.row.round, model: saved.hash, sites: [...open.reported].sort(), why, strategy: this.o.strategy.name, ...(dp ? { dp } : {}), ...(open.secagg ? { secureAggregation: { timeline: open.secagg.timeline } } : {}) });
-    const promoted = teacher ? this.event('teacher.promoted', { round: open.row.round, model: teacher.modelHash, generation: teacher.generation }) : undefined;
-    const committed = store.closeRound(open.row.round, { hash: saved.hash, path: saved.path, round: open.row.round, sizeBytes: saved.sizeBytes, createdAt: Date.now() }, Date.now(), meta, outboxRows(closed, promoted));
+    const closed = this.event('round.closed', { round: open.row.round, model: saved.hash, sites: [...open.reported].sort(), why, strategy: this.o.strategy.name, ...added.closedFields, ...(open.secagg ? { secureAggregation: { timeline: open.secagg.timeline } } : {}) });
+    const committed = store.closeRound(open.row.round, { hash: saved.hash, path: saved.path, round: open.row.round, sizeBytes: saved.sizeBytes, createdAt: Date.now() }, Date.now(), meta, outboxRows(closed, ...added.events));
     if (!committed) {
       // An operator's rollback failed this round between our check and the commit: its result is not published.
       log.warn({ round: open.row.round }, 'round was failed by a rollback while closing; its aggregate is not published');
@@ -773,25 +767,21 @@ export class RoundEngine {
     this.open = undefined;
     try {
       if (oldTensors && oldTensors !== newTensors && !store.getModel(oldTensors)) rmSync(models.pathFor(oldTensors), { force: true });
-      this.pruneClosedRounds(open.row.round);
     } catch (e) {
       // Committed: only disk space is at stake, and the next close prunes again.
       log.warn({ round: open.row.round, err: (e as Error).message }, 'deleting superseded files after the round closed failed');
     }
     this.o.bus.publish(closed);
-    log.info({ round: open.row.round, model: saved.hash.slice(0, 12), sites: open.reported.size, why, ...(dp ? { epsilon: dp.epsilon } : {}) }, 'round closed');
-    if (teacher && promoted) {
-      this.o.bus.publish(promoted);
-      log.info({ round: open.row.round, generation: teacher.generation, model: teacher.modelHash.slice(0, 12) }, 'student promoted to teacher');
-    }
-    if (open.stage.kind === 'pretraining') {
+    log.info({ round: open.row.round, model: saved.hash.slice(0, 12), sites: open.reported.size, why, ...added.logFields }, 'round closed');
+    for (const e of added.events) this.o.bus.publish(e);
+    this.features.forEach((f, i) => {
       try {
-        this.ensurePretrainedEncoder();
+        f.onRoundClosed?.(view, version, contributions[i]);
       } catch (e) {
-        // The rounds go on from the aggregate; the next start of the coordinator tries the file again.
-        log.error({ err: (e as Error).message }, 'writing the pretrained encoder file failed');
+        // Committed: the rounds go on; a feature that keeps files tries again at the next close or start.
+        log.warn({ feature: f.name, hook: 'onRoundClosed', round: open.row.round, err: (e as Error).message }, 'a round feature failed after the round closed; the rounds go on');
       }
-    }
+    });
     this.maybeOpenRound();
   }
 
@@ -842,6 +832,7 @@ export class RoundEngine {
   private resetAggregationState(): void {
     this.o.strategy.reset?.();
     this.restoreAggregationState();
+    for (const f of this.features) f.reload?.();
   }
 
   /** Polled: a rollback made by `medfl coordinator rollback` drops the open round it failed and is announced. */
@@ -878,28 +869,6 @@ export class RoundEngine {
     return true;
   }
 
-  /**
-   * plan.retention.updateRounds: deletes the update files (and masked inputs) of closed rounds older than the
-   * most recent N, once `closed` is committed. Only the open round's updates are read again (re-fold after a
-   * restart), so nothing needed is lost; store rows stay, naming what was accepted and its SHA-256.
-   */
-  private pruneClosedRounds(closed: number): void {
-    const keep = this.o.plan.retention.updateRounds;
-    if (keep === 'all') return;
-    const oldestKept = closed - keep + 1;
-    const pruned: number[] = [];
-    for (const dir of [this.o.updatesDir, this.o.maskedDir]) {
-      if (!dir || !existsSync(dir)) continue;
-      for (const name of readdirSync(dir)) {
-        const m = /^round-(\d+)$/.exec(name);
-        if (!m || Number(m[1]) >= oldestKept) continue;
-        rmSync(join(dir, name), { recursive: true, force: true });
-        pruned.push(Number(m[1]));
-      }
-    }
-    if (pruned.length > 0) this.o.log.info({ rounds: [...new Set(pruned)].sort((a, b) => a - b), keep }, 'deleted the update files of older closed rounds (plan.retention)');
-  }
-
   private finish(): void {
     if (this.finished) return;
     this.finished = true;
@@ -909,39 +878,6 @@ export class RoundEngine {
   }
 
   // ---- pretraining ----
-
-  /**
-   * Once the plan's pretraining rounds have all closed: writes the encoder file (every encoder tensor: the last
-   * pretraining aggregate's shared tensors, scratch for what the plan keeps at the sites) with its provenance, once.
-   * Fine-tuning then simply continues from that aggregate, the current model.
-   */
-  private ensurePretrainedEncoder(): void {
-    const { store, plan, models, architecture, log } = this.o;
-    const p = pretrainingRounds(plan);
-    if (p === 0 || store.getMeta(PRETRAINED_ENCODER_KEY)) return;
-    const closed = store.listRounds().filter((r) => r.state === 'closed').sort((a, b) => a.round - b.round);
-    if (closed.length < p || !closed[p - 1].resultModelHash) return;
-    const last = closed[p - 1];
-    const source = last.resultModelHash!;
-    const arch = architecture as Med3dArchitecture;
-    const { bundle, notPretrained } = assembleEncoder(arch, models.load(source), arch.init(plan.model.seed));
-    const sites = JSON.parse(store.getMeta(PRETRAINING_SITES_KEY) ?? '[]') as string[];
-    const dir = this.o.pretrainedDir ?? join(dirname(models.dir), 'pretrained');
-    const { path, provenance } = writePretrainedEncoder(dir, arch, bundle, {
-      objective: plan.pretraining.objective,
-      sites,
-      rounds: p,
-      stepsPerRound: plan.pretraining.steps,
-      learningRate: plan.pretraining.learningRate,
-      transforms: plan.pretraining.transforms,
-      federation: this.o.federationId,
-      sourceModelHash: source,
-      createdAt: new Date().toISOString(),
-      notPretrained,
-    });
-    store.setMeta(PRETRAINED_ENCODER_KEY, JSON.stringify({ path, provenance }));
-    log.info({ path, round: last.round, sites, rounds: p, tensors: provenance.tensorsSha256.slice(0, 12), notPretrained: notPretrained.length }, 'pretraining finished: encoder file written; fine-tuning continues from it');
-  }
 
   /**
    * The server optimiser's moments (FedAdam, …) belong to the restoration objective's updates: the fine-tuning
@@ -956,10 +892,10 @@ export class RoundEngine {
 
   // ---- tasks ----
 
-  settings(baseModelHash?: string, stage?: Stage): TaskSettings {
+  /** A round's task settings: the plan's, the stage's, then what each feature adds. */
+  settings(baseModelHash: string, stage: Stage): TaskSettings {
     const { plan } = this.o;
-    const modelFile = baseModelHash ? this.modelFileFor(baseModelHash) : undefined;
-    return {
+    const settings: TaskSettings = {
       federation: this.o.federationId,
       // The coordinator's file paths (pretrained, source2d) stay here: sites need the layout and seed only.
       model: { ...plan.model, pretrained: undefined, source2d: undefined },
@@ -968,43 +904,10 @@ export class RoundEngine {
       sharedTensors: this.sharedNames,
       data: plan.data,
       totalRounds: plan.rounds,
-      ...(stage ? stageSettings(plan, stage) : {}),
-      ...(plan.aggregation.dp ? { dp: { ...plan.aggregation.dp } } : {}),
-      ...(plan.compression.update !== 'float32' || plan.compression.delta || plan.compression.model !== 'float32' ? { compression: { ...plan.compression } } : {}),
-      ...(modelFile ? { modelFile } : {}),
-      ...(stage?.kind === 'pretraining' ? {} : this.teacherSettings()),
+      ...stageSettings(plan, stage),
     };
-  }
-
-  /**
-   * The model version encoded as the plan's compression.model asks (float16 / int8), written once next to the
-   * float32 file and registered as a downloadable version; undefined for float32. The float32 hash stays the
-   * round's identity (what updates name as their base); sites only download the smaller file.
-   */
-  private modelFileFor(hash: string): { hash: string; size: number; encoding: 'float16' | 'int8' } | undefined {
-    const encoding = this.o.plan.compression.model;
-    if (encoding === 'float32') return undefined;
-    const { store, models, log } = this.o;
-    const key = `model_file:${encoding}:${hash}`;
-    const known = store.getMeta(key);
-    if (known) return JSON.parse(known) as { hash: string; size: number; encoding: 'float16' | 'int8' };
-    const bytes = encodeModel(models.load(hash), encoding);
-    const encHash = sha256Hex(bytes);
-    const path = models.pathFor(encHash);
-    if (!existsSync(path)) writeFileAtomic(path, bytes);
-    store.addModel({ hash: encHash, path, round: store.getModel(hash)?.round ?? 0, sizeBytes: bytes.length, createdAt: Date.now() });
-    const file = { hash: encHash, size: bytes.length, encoding };
-    store.setMeta(key, JSON.stringify(file));
-    log.info({ model: hash.slice(0, 12), encoded: encHash.slice(0, 12), encoding, bytes: bytes.length, float32Bytes: models.size(hash) }, 'model encoded for download');
-    return file;
-  }
-
-  /** Noisy student: the plan's settings and, once promoted, the teacher's hash (sites download it like the model). */
-  private teacherSettings(): Pick<TaskSettings, 'teacherStudent' | 'teacher'> {
-    const ts = this.o.plan.teacherStudent;
-    if (!ts.enabled) return {};
-    const t = parseTeacher(this.o.store.getMeta(TEACHER_KEY));
-    return { teacherStudent: { ...ts }, ...(t ? { teacher: { modelHash: t.modelHash, modelSize: this.o.models.size(t.modelHash), generation: t.generation } } : {}) };
+    for (const f of this.features) Object.assign(settings, f.taskSettings?.(baseModelHash, stage));
+    return settings;
   }
 
   /**
@@ -1045,20 +948,9 @@ export class RoundEngine {
     return this.open?.row.round === row.round ? this.open.stage : stageAfter(this.o.plan, this.o.store.closedRoundCount());
   }
 
-  /** What a site needs to take part in the round's secure aggregation: its id, t, k, the quantiser and the vector length. */
+  /** What a site needs to take part in the open round's secure aggregation (nothing for another round). */
   private secAggSettings(row: RoundRow, site: string): Pick<TaskSettings, 'secureAggregation'> {
-    const s = this.open?.row.round === row.round ? this.open.secagg : undefined;
-    const id = s?.ids.get(site);
-    if (!s || id === undefined) return {};
-    const sa = this.o.plan.aggregation.secureAggregation;
-    const vectorLength = this.shared.reduce((n, p) => n + p.shape.reduce((a, b) => a * b, 1), 0) + 1;
-    const neighbours = sa.neighbours !== undefined && sa.neighbours < row.selected.length ? { neighbours: sa.neighbours } : {};
-    return { secureAggregation: { id, threshold: sa.threshold, ...neighbours, clip: sa.clip, maxWeight: this.secAggMaxWeight(), sites: row.selected.length, vectorLength } };
-  }
-
-  /** Under DP every site puts in weight 1 (uniform DP-FedAvg), so no resolution is spent on larger weights. */
-  private secAggMaxWeight(): number {
-    return this.o.plan.aggregation.dp ? 1 : this.o.plan.aggregation.secureAggregation.maxWeight;
+    return this.secureAggregation.siteSettings(row, this.open?.row.round === row.round ? this.open.secagg : undefined, site);
   }
 
   private finishedTask(): TaskMessage {
@@ -1080,40 +972,13 @@ export class RoundEngine {
 
   /** Strategy state and DP accountant from the store, so a restarted coordinator continues them. */
   private restoreAggregationState(): void {
-    const { store, models, plan, strategy, log } = this.o;
+    const { store, models, strategy, log } = this.o;
     const raw = store.getMeta(AGGREGATION_STATE_KEY);
     if (raw && strategy.restoreState) {
       const s = JSON.parse(raw) as { json: string; tensors: string | null };
       strategy.restoreState({ json: s.json, tensors: s.tensors ? models.load(s.tensors) : undefined });
       log.info({ strategy: strategy.name, tensors: s.tensors?.slice(0, 12) ?? null }, 'aggregation state restored');
     }
-    if (plan.aggregation.dp) {
-      const p = store.getMeta(PRIVACY_KEY);
-      const saved = p ? (JSON.parse(p) as PrivacySpent).accountant : null;
-      this.accountant = saved ? RdpAccountant.fromJSON(saved) : new RdpAccountant();
-    }
-  }
-
-  /**
-   * One DP release per closed round: the sampled Gaussian with q = sites asked / sites enrolled and the
-   * plan's noise multiplier. Returns what the round-close transaction stores, or undefined without DP.
-   */
-  private stepAccountant(row: RoundRow): PrivacySpent | undefined {
-    const dp = this.o.plan.aggregation.dp;
-    if (!dp || !this.accountant) return undefined;
-    const enrolled = this.o.store.listSites().filter((s) => s.state === 'enrolled').length;
-    const q = Math.min(1, row.selected.length / Math.max(1, enrolled, row.selected.length));
-    const prev = this.o.store.getMeta(PRIVACY_KEY);
-    const rounds = (prev ? (JSON.parse(prev) as PrivacySpent).rounds : 0) + 1;
-    if (dp.noiseMultiplier === 0) {
-      return { epsilon: null, delta: dp.delta, order: null, rounds, noiseMultiplier: 0, clipNorm: dp.clipNorm, accountant: null };
-    }
-    // Step a copy: the live accountant only moves once the round-close transaction is written.
-    const next = RdpAccountant.fromJSON(this.accountant.toJSON());
-    next.step(q, dp.noiseMultiplier);
-    const { epsilon, order } = next.epsilon(dp.delta);
-    this.accountant = next;
-    return { epsilon, delta: dp.delta, order, rounds, noiseMultiplier: dp.noiseMultiplier, clipNorm: dp.clipNorm, accountant: next.toJSON() };
   }
 
   /** An event with its stable id (events/outbox.ts eventId): the same fact written twice is one outbox row. */

@@ -3,19 +3,19 @@
  * put the verified site name in the metadata; handlers only ever act for that site.
  */
 import * as grpc from '@grpc/grpc-js';
-import { rmSync } from 'node:fs';
 import { z } from 'zod';
 import { AUTHENTICATED_SITE_KEY } from '../../shared/protocol/grpc.ts';
 import { SHA256_HEX } from '../../shared/util/hash.ts';
 import type { CoordinatorStore } from '../store/store.ts';
 import type { ModelFiles } from '../models/model-store.ts';
 import type { RoundEngine, TaskMessage, TaskSink } from '../rounds/round-engine.ts';
-import { UploadRefused, type PartialUpload, type UploadReceiver, type UpdateHeader } from './upload-receiver.ts';
+import type { UploadReceiver } from './upload-receiver.ts';
+import { UploadCall } from './upload-call.ts';
 import type { Logger } from '../../shared/util/log.ts';
 import { streamModelFile } from './model-stream.ts';
 import { COORDINATOR_FEATURES, LEGACY_SITE, type Feature, type SiteCapabilities } from '../../shared/protocol/features.ts';
 import { describeStorageFault, isStorageFault } from '../../shared/util/storage-fault.ts';
-import { outboxRows } from '../events/outbox.ts';
+import { RefusalWarnings } from './refusal-warnings.ts';
 
 export interface FederationServiceDeps {
   store: CoordinatorStore;
@@ -29,6 +29,8 @@ export interface FederationServiceDeps {
   features?: readonly Feature[];
   /** Uploads one site may have open at once (default DEFAULT_MAX_OPEN_UPLOADS_PER_SITE); more are refused. */
   maxOpenUploadsPerSite?: number;
+  /** Collapses repeated refusal warn lines per (site, reason); default: a new one (never closed: its timer is unref'd). */
+  refusals?: RefusalWarnings;
   /** Told of each finished model download and each accepted upload (admin-http metrics); must not throw. */
   onTransfer?: (t: { direction: 'download' | 'upload'; bytes: number; seconds: number }) => void;
 }
@@ -135,6 +137,7 @@ function statusSent(call: grpc.ServerReadableStream<unknown, unknown>, maxWaitMs
 export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServiceImplementation {
   const { store, models, engine, receiver, log } = d;
   const maxOpenUploads = d.maxOpenUploadsPerSite ?? DEFAULT_MAX_OPEN_UPLOADS_PER_SITE;
+  const refusals = d.refusals ?? new RefusalWarnings(log);
   if (!(Number.isInteger(maxOpenUploads) && maxOpenUploads >= 1)) throw new RangeError(`maxOpenUploadsPerSite must be an integer ≥ 1, got ${maxOpenUploads}`);
   /** Open UploadUpdate calls per site. */
   const openUploads = new Map<string, number>();
@@ -240,197 +243,38 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
       }
       const open = openUploads.get(site) ?? 0;
       if (open >= maxOpenUploads) {
-        log.warn({ site, open, limit: maxOpenUploads }, 'upload refused: the site already has the most open uploads allowed');
+        refusals.refused(site, 'too_many_open_uploads', `${open} uploads open`, { site, open, limit: maxOpenUploads }, 'upload refused: the site already has the most open uploads allowed');
         const stallS = Math.round(uploadOptions.stallMs / 1000);
         reply({ code: grpc.status.RESOURCE_EXHAUSTED, details: `site '${site}' already has ${open} uploads open, the most allowed at once; wait for one to end (a stalled one is dropped after ${stallS} s without data) and send again` });
         return;
       }
       openUploads.set(site, open + 1);
       let slotHeld = true;
-      let finishing = false;
-      // The slot is given back when the call is answered (every outcome, partial file already discarded) or cut off.
-      const releaseSlot = () => {
-        if (!slotHeld) return;
-        slotHeld = false;
-        const n = (openUploads.get(site) ?? 1) - 1;
-        if (n <= 0) openUploads.delete(site);
-        else openUploads.set(site, n);
-      };
-      const cb: grpc.sendUnaryData<unknown> = (err, value) => {
-        releaseSlot();
-        reply(err, value);
-      };
-      let header: UpdateHeader | undefined;
-      let partial: PartialUpload | undefined;
-      let uploadStarted = 0;
-      let answered = false;
-      let stallTimer: NodeJS.Timeout | undefined;
-      const answer = (ack: { updateId: string; accepted: boolean; duplicate?: boolean; reason?: string }) => {
-        if (answered) return;
-        answered = true;
-        clearTimeout(stallTimer);
-        cb(null, { duplicate: false, reason: '', ...ack });
-      };
-      // Dropped as dead when nothing arrives for uploadOptions.stallMs while we read (not while we hold the site back).
-      const stalled = () => {
-        if (answered) return;
-        answered = true;
-        partial?.discard();
-        partial = undefined;
-        const seconds = Math.round(uploadOptions.stallMs / 100) / 10;
-        log.warn({ site, round: header?.round, seconds }, 'upload stalled: nothing arrived; partial data deleted (the site sends it again)');
-        cb({ code: grpc.status.UNAVAILABLE, details: `nothing arrived for ${seconds} s, so the coordinator dropped this upload; send it again` });
-      };
-      const watchStall = (reading: boolean) => {
-        clearTimeout(stallTimer);
-        stallTimer = undefined;
-        if (answered || !reading) return;
-        stallTimer = setTimeout(stalled, uploadOptions.stallMs);
-        stallTimer.unref();
-      };
-      watchStall(true);
-      const refuse = (reason: string) => {
-        partial?.discard();
-        partial = undefined;
-        if (answered) return;
-        engine.rejected(site, header?.round ?? 0, reason);
-        answer({ updateId: header?.updateId ?? '', accepted: false, reason });
-      };
-      // A storage fault is not the update's: UNAVAILABLE, so the site keeps its update and sends it again later.
-      const failed = (e: unknown, what: string) => {
-        if (!isStorageFault(e)) return refuse(e instanceof UploadRefused ? e.message : `${what}: ${(e as Error).message}`);
-        partial?.discard();
-        partial = undefined;
-        if (answered) return;
-        answered = true;
-        clearTimeout(stallTimer);
-        const reason = `the coordinator cannot store the update now (${describeStorageFault(e)}); send it again later`;
-        log.error({ site, round: header?.round, err: describeStorageFault(e) }, 'upload not stored: storage failure; the site is told to retry');
-        cb({ code: grpc.status.UNAVAILABLE, details: reason });
-      };
-      // Chunks are written on the file-writer thread; stop reading (HTTP/2 flow control then holds the
-      // client) while more than UPLOAD_BACKLOG_BYTES wait for the disk, so a slow disk never buffers a whole update.
-      let paused = false;
-      const throttle = (p: PartialUpload) => {
-        if (paused || p.backlog <= UPLOAD_BACKLOG_BYTES) return;
-        paused = true;
-        watchStall(false);
-        call.pause();
-        void p.drained(UPLOAD_BACKLOG_BYTES / 2).then(() => {
-          paused = false;
-          watchStall(true);
-          call.resume();
-        });
-      };
-
-      call.on('data', (msg: Record<string, unknown>) => {
-        if (answered) return;
-        watchStall(!paused);
-        try {
-          if (!header) {
-            if (msg.part !== 'header') throw new UploadRefused('the first chunk must carry the update header');
-            header = receiver.parseHeader(msg.header);
-            const earlier = store.getUpdate(header.updateId);
-            if (earlier) {
-              if (earlier.site !== site) throw new UploadRefused('update id belongs to another site');
-              // Idempotent retry: the first upload was stored and counted; this one changes nothing.
-              answer({ updateId: header.updateId, accepted: true, duplicate: true });
-              return;
-            }
-            const problem = engine.admissionProblem(site, header.round, header.baseModelHash);
-            if (problem) throw new UploadRefused(problem);
-            partial = receiver.begin(header);
-            uploadStarted = performance.now();
-            partial.onWriteError = (e) => failed(e, 'upload failed: storing it failed');
-            return;
-          }
-          if (msg.part === 'trailer') {
-            partial!.setTrailer(msg.trailer);
-            return;
-          }
-          if (msg.part !== 'data') throw new UploadRefused('only one header per upload');
-          // The chunk's memory moves to the writer thread: msg.data must not be used after this.
-          partial!.write(Number(msg.offset), msg.data as Buffer);
-          throttle(partial!);
-        } catch (e) {
-          failed(e, 'upload failed');
-        }
+      const upload = new UploadCall({
+        site,
+        store,
+        engine,
+        receiver,
+        log,
+        stream: call,
+        reply,
+        answerSent: () => statusSent(call),
+        // The slot is given back when the call is answered (every outcome, partial file already discarded) or cut off.
+        releaseSlot: () => {
+          if (!slotHeld) return;
+          slotHeld = false;
+          const n = (openUploads.get(site) ?? 1) - 1;
+          if (n <= 0) openUploads.delete(site);
+          else openUploads.set(site, n);
+        },
+        stallMs: uploadOptions.stallMs,
+        backlogBytes: UPLOAD_BACKLOG_BYTES,
+        onTransfer: d.onTransfer,
       });
-
-      call.on('end', () => {
-        watchStall(false);
-        if (answered) return;
-        if (!header || !partial) return refuse('upload ended before any data arrived');
-        const p = partial;
-        const h = header;
-        const uploadSeconds = (performance.now() - uploadStarted) / 1000;
-        if (p.expectedSha256 === undefined) return refuse('upload ended without the UpdateTrailer (SHA-256) its header announced by leaving sha256 empty');
-        partial = undefined;
-        finishing = true;
-        // Wait for the writer thread (last chunks, fsync, SHA-256) outside the serialised section: it needs no
-        // scratch buffer, and another upload's checks or fold can run meanwhile.
-        p.close()
-          .then(
-            () => undefined,
-            (e: Error) => {
-              p.discard();
-              throw isStorageFault(e) ? e : new UploadRefused(`upload failed: storing it failed: ${e.message}`);
-            },
-          )
-          .then(() =>
-            engine.serialised(async () => {
-              const received = receiver.finish(p, site);
-              // Re-check: the round may have closed while the bytes were travelling.
-              const problem = engine.admissionProblem(site, h.round, h.baseModelHash);
-              // The strategy's validation filter: finite values, norm bound, sample count. Nothing is counted yet.
-              const verdict = problem ? undefined : engine.checkUpdate(site, h.round, received.bundle, h.numSamples, received.isDelta);
-              if (problem || verdict?.problem) {
-                rmSync(received.path, { force: true }); // refused updates leave no trace
-                throw new UploadRefused(problem ?? verdict!.problem!);
-              }
-              const row = { updateId: h.updateId, round: h.round, site, numSamples: h.numSamples, sha256: p.expectedSha256!, path: received.path, sizeBytes: h.totalSize, acceptedAt: Date.now() };
-              // The store row is the commit point; the ack goes out only after it is written. Its event and ledger
-              // entry are committed with it (events/outbox.ts), so no acknowledged update can miss the ledger.
-              try {
-                store.insertUpdate(row, outboxRows(engine.acceptedEvent(row)));
-              } catch (e) {
-                rmSync(received.path, { force: true }); // not committed: the site sends it again
-                throw e;
-              }
-              const ackSent = statusSent(call);
-              answer({ updateId: h.updateId, accepted: true });
-              d.onTransfer?.({ direction: 'upload', bytes: h.totalSize, seconds: uploadSeconds });
-              // Let the ack leave the process before the model-sized, synchronous fold. The fold stays in this
-              // serialised job: the bundle views the receiver's scratch buffer, which the next finish() reuses.
-              await ackSent;
-              try {
-                engine.fold(row, received.bundle, { isDelta: received.isDelta, verdict });
-              } catch (e) {
-                // Stored and acknowledged, so it counts: a restart re-folds it from disk.
-                log.error({ site, round: row.round, err: (e as Error).message }, 'folding an accepted update failed; restart the coordinator to re-fold it');
-              }
-              return row;
-            }),
-          )
-          .then(
-            (row) => engine.accepted(row),
-            (e: Error) => failed(e, 'upload failed'),
-          )
-          .catch((e: Error) => log.error({ err: e.message }, 'aggregation step failed'));
-      });
-
-      const abort = () => {
-        watchStall(false);
-        // Once every byte is in, the answer (which always comes) gives the slot back: the file is still being closed.
-        if (!finishing) releaseSlot();
-        if (partial) {
-          partial.discard();
-          partial = undefined;
-          log.warn({ site, round: header?.round }, 'upload cut off before it ended: partial data deleted');
-        }
-      };
-      call.on('cancelled', abort);
-      call.on('error', abort);
+      call.on('data', (msg: Record<string, unknown>) => upload.data(msg));
+      call.on('end', () => upload.end());
+      call.on('cancelled', () => upload.abort());
+      call.on('error', () => upload.abort());
     },
 
     ReportMetrics(call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
