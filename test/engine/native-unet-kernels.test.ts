@@ -147,6 +147,37 @@ describe('native GroupNorm against the JS reference and float64', () => {
   });
 });
 
+describe('norm layers and the addon', () => {
+  it('run the addon kernels they find by name; the JS kernels offer none', () => {
+    const nat = native();
+    const calls: string[] = [];
+    const spied: ElementwiseKernels = {
+      ...nat,
+      native<F extends (...args: never[]) => unknown>(name: string): F | undefined {
+        const f = nat.native<(...args: never[]) => unknown>(name);
+        return f && (((...args: never[]) => {
+          calls.push(name);
+          return f(...args);
+        }) as F);
+      },
+    };
+    const [n, C] = [2, 8];
+    const x = randn(n * 27 * C, 3);
+    const dy = randn(x.length, 4);
+    const gamma = randn(C, 5, 1, 0.3);
+    const beta = randn(C, 6, 0, 0.3);
+    const gn = groupNormKernels(spied);
+    const fwd = gn.groupNormForward(x, n, C, 4, gamma, beta, 1e-5, true);
+    gn.groupNormBackward(x, dy, n, C, 4, fwd, gamma, fwd.y, true);
+    const bn = batchNormKernels(spied);
+    const t = bn.batchNormTrain(x, C, gamma, beta, new Float32Array(C), new Float32Array(C).fill(1), 0.1, 1e-5, false);
+    bn.batchNormBackward(x, dy, C, t.mean, t.invStd, gamma, undefined, true, true);
+    expect(calls).toEqual(['groupNormForward', 'groupNormBackward', 'bnStats', 'scaleShift', 'bnBackward']);
+    for (const name of ['bnStats', 'groupNormForward', 'concat']) expect(jsElementwiseKernels.native(name)).toBeUndefined();
+    expect(nat.native('noSuchKernel')).toBeUndefined();
+  });
+});
+
 describe('native concat, split, bias add and channel sums against the JS reference', () => {
   for (const [voxels, Ca, Cb] of [[7, 8, 8], [70001, 8, 16], [33, 3, 5], [9000, 32, 64], [5, 1, 1]] as const) {
     it(`${voxels} voxels, ${Ca} + ${Cb} channels`, () => {
