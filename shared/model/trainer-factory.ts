@@ -8,6 +8,6 @@ import type { ModelArchitecture } from './types.ts';
 
 export type { TrainerChoice };
 
-export function createTrainer(arch: ModelArchitecture, opts: TrainerOptions = {}): Promise<TrainerChoice> {
+export async function createTrainer(arch: ModelArchitecture, opts: TrainerOptions = {}): Promise<TrainerChoice> {
   return modelDefinition(arch.id).createTrainer(arch, opts);
 }
