@@ -7,7 +7,7 @@
 import type * as TfModule from '@tensorflow/tfjs';
 import type { ElementwiseKernels } from '../../engine/elementwise-kernels.ts';
 import { act, type Act } from '../graph/tape.ts';
-import { NORM_EPS, type NormLayer } from './norm-layer.ts';
+import { NORM_EPS, type NormLayer, type NormParamSuffix } from './norm-layer.ts';
 
 export interface BnTrainResult {
   readonly y: Float32Array;
@@ -270,5 +270,10 @@ export const batchNorm: NormLayer<'batch'> = {
       if (g.dx) ctx.accumulate(x, g.dx, true);
     });
     return out;
+  },
+
+  onnx(g, x) {
+    const p = (s: NormParamSuffix) => g.param(s);
+    return g.node('BatchNormalization', [x, p('weight'), p('bias'), p('running_mean'), p('running_var')], g.prefix, { epsilon: NORM_EPS });
   },
 };

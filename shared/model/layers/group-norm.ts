@@ -129,6 +129,24 @@ export function groupNormalisation<Kind extends string>(kind: Kind, groupsOf: (c
       });
       return out;
     },
+
+    // Portable across opsets (ONNX's own GroupNormalization changed its scale's meaning between opset 18 and 21):
+    // Reshape to [N, G, −1], InstanceNormalization with γ 1, β 0 (the per-group statistics), Reshape back to the
+    // input's Shape, then Mul γ and Add β per channel.
+    onnx(g, x, groups) {
+      const { prefix, channels: C } = g;
+      const G = groupsFor(groups, C);
+      const shape = g.node('Shape', [x], `${prefix}/shape`);
+      const grouped = g.node('Reshape', [x, g.int64Constant([3], [0, G, -1])], `${prefix}/group`);
+      const ones = g.floatConstant([G], new Float32Array(G).fill(1));
+      const zeros = g.floatConstant([G], new Float32Array(G));
+      const normed = g.node('InstanceNormalization', [grouped, ones, zeros], `${prefix}/stats`, { epsilon: NORM_EPS });
+      const back = g.node('Reshape', [normed, shape], `${prefix}/ungroup`);
+      // γ and β per channel, broadcast over D, H, W: [C, 1, 1, 1].
+      const gamma = g.floatConstant([C, 1, 1, 1], g.value('weight'));
+      const beta = g.floatConstant([C, 1, 1, 1], g.value('bias'));
+      return g.node('Add', [g.node('Mul', [back, gamma], `${prefix}/gamma`), beta], `${prefix}/beta`);
+    },
   };
 }
 

@@ -35,4 +35,21 @@ export interface NormLayer<Kind extends string = string> {
   evalTfjs(tf: typeof TfModule, x: TfModule.Tensor5D, param: (s: NormParamSuffix) => TfModule.Tensor, groups: number | undefined, relu: boolean): TfModule.Tensor5D;
   /** The training op: `param` gives the store names of the layer's tensors; ReLU fused when `relu`. */
   train(ctx: OpContext, x: Act, param: (s: NormParamSuffix) => string, groups: number | undefined, relu: boolean): Act;
+  /** Its eval-mode ONNX nodes (opset 17, NCDHW) on input `x`, for `medfl model export --format onnx`; returns the output. */
+  onnx(g: OnnxNormGraph, x: string, groups: number | undefined): string;
+}
+
+/** The part of the ONNX graph builder a norm layer writes with (shared/checkpoints/onnx-write.ts). */
+export interface OnnxNormGraph {
+  /** The layer's name prefix (node names start with it) and its channel count. */
+  readonly prefix: string;
+  readonly channels: number;
+  /** The initializer of one of the layer's tensors (PyTorch layout), added once. */
+  param(s: NormParamSuffix): string;
+  /** The values of one of the layer's tensors. */
+  value(s: NormParamSuffix): Float32Array;
+  floatConstant(dims: number[], values: Float32Array): string;
+  int64Constant(dims: number[], values: readonly number[]): string;
+  /** A node named `name`; `floats` are its float attributes by name. */
+  node(op: string, inputs: string[], name: string, floats?: Readonly<Record<string, number>>): string;
 }
