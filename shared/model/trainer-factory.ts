@@ -6,8 +6,6 @@ import type { TrainerChoice, TrainerOptions } from './model-definition.ts';
 import { modelDefinition } from './registry.ts';
 import type { ModelArchitecture } from './types.ts';
 
-export type { TrainerChoice };
-
 export async function createTrainer(arch: ModelArchitecture, opts: TrainerOptions = {}): Promise<TrainerChoice> {
   return modelDefinition(arch.id).createTrainer(arch, opts);
 }

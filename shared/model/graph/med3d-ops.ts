@@ -4,9 +4,8 @@
  * channel concatenation and the transposed convolutions' bias through ElementwiseKernels (the addon's C++ loops
  * with the oneDNN kernels, else JS); norm layers are their own modules (shared/model/layers/), run here with an
  * OpContext, fused with the ReLU that follows them where the graph has one; shortcut A and the classifier are
- * written here. With a
- * BufferPool every activation and gradient comes from the pool (a training step's buffers reused by the next
- * step). Semantics follow PyTorch exactly:
+ * written here. With a BufferPool every activation and gradient comes from the pool (a training step's buffers
+ * reused by the next step). Semantics follow PyTorch exactly:
  * symmetric padding, BatchNorm with batch statistics in training (biased variance to normalise, unbiased
  * for the running estimate, momentum 0.1 in PyTorch's sense), running statistics in eval.
  */
