@@ -11,8 +11,6 @@ import { act } from '../graph/tape.ts';
 import { groupNormBackward, groupNormForward, type GroupNormForward, type GroupNormGrads } from './group-norm-kernel.ts';
 import { NORM_EPS, type NormLayer, type NormParamSpec } from './norm-layer.ts';
 
-export type { GroupNormForward, GroupNormGrads };
-
 export interface GroupNormKernels {
   /**
    * GroupNorm over x = n samples of V voxels × C channels with G groups of C/G consecutive channels, then
