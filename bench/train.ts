@@ -38,6 +38,7 @@ import { med3dForward, type Med3dConvOptions, type Med3dGraphOps } from '../shar
 import { createMed3dTrainer } from '../shared/model/med3d-trainer.ts';
 import type { VolumeCase } from '../shared/model/types.ts';
 import { gaussian, mulberry32 } from '../shared/util/random.ts';
+import type { NormLayer } from '../shared/model/layers/norm-layer.ts';
 
 interface Config {
   name: string;
@@ -116,9 +117,8 @@ function stepConvFlops(arch: Med3dArchitecture, batch: number): number {
       count(n * d * h * wd * cin * cout * 8, x.grad);
       return { shape: [n, 2 * d, 2 * h, 2 * wd, cout], grad: true };
     },
-    batchNorm: same,
+    norm: same,
     relu: same,
-    groupNorm: same,
     concat: (a, b) => ({ shape: [...a.shape.slice(0, 4), a.shape[4] + b.shape[4]], grad: true }),
     maxPool: (x) => ({ shape: [x.shape[0], ...x.shape.slice(1, 4).map((s) => Math.floor((s - 1) / 2) + 1), x.shape[4]], grad: true }),
     shortcutA: (x, outChannels, stride) => ({ shape: [x.shape[0], ...x.shape.slice(1, 4).map((s) => Math.floor((s - 1) / stride) + 1), outChannels], grad: true }),
@@ -196,6 +196,9 @@ function pytorch(list: Config[]): Map<string, TorchResult> | string {
  * ms per pass spent in each graph op, forward and backward (the backward closures the op recorded), over
  * `steps` forward + backward passes after one warm-up (no loss, no optimiser), with a buffer pool as in training.
  */
+/** The breakdown's column of a norm op: BatchNorm with and without its fused ReLU, group/instance norm together. */
+const normColumn = (layer: NormLayer, relu: boolean): string => (layer.runningStatistics ? (relu ? 'batchNormRelu' : 'batchNorm') : 'groupNorm');
+
 function breakdown(c: Config, kernels: ConvKernels, steps: number, byLayer = false): { fwd: Map<string, number>; bwd: Map<string, number>; total: number } {
   const arch = archOf(c);
   const w = arch.init(1);
@@ -232,7 +235,9 @@ function breakdown(c: Config, kernels: ConvKernels, steps: number, byLayer = fal
       ops[k] = (...a: unknown[]) => {
         const t = performance.now();
         // Set per call, right before the op records its backward step.
-        current = byLayer ? `${k} ${typeof a[1] === 'string' ? a[1].replace(/\.weight$/, '') : typeof a[1] === 'object' && a[1] && 'gamma' in a[1] ? String(a[1].gamma).replace(/\.weight$/, '') : ''}` : k;
+        const op = k === 'norm' ? normColumn(a[1] as NormLayer, a[4] === true) : k;
+        const layer = typeof a[1] === 'string' ? a[1].replace(/\.weight$/, '') : k === 'norm' ? String((a[2] as (s: string) => string)('weight')).replace(/\.weight$/, '') : '';
+        current = byLayer ? `${op} ${layer}` : op;
         const r = (f as (...a: unknown[]) => unknown)(...a);
         if (timed) add(fwd, current, performance.now() - t);
         return r;

@@ -29,6 +29,7 @@ import {
   createMed3d,
   describeMed3d,
   inferMed3dOptions,
+  MED3D_ID,
   med3dOptionsFromMetadata,
   med3dNameToTorch,
   med3dToTorch,
@@ -38,8 +39,10 @@ import {
 import { checkAgainstSpecs, findNonFinite, makeBundle, type NamedTensor, type TensorBundle } from '../shared/tensors/bundle.ts';
 import { decodeSafetensors } from '../shared/tensors/safetensors.ts';
 import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
+import type { ExportFormat } from '../shared/model/model-definition.ts';
+import { MODELS, modelDefinition } from '../shared/model/registry.ts';
 
-export type ExportFormat = 'torch' | 'onnx';
+export type { ExportFormat };
 export const EXPORT_FORMATS: readonly ExportFormat[] = ['torch', 'onnx'];
 
 export interface ExportOptions {
@@ -146,9 +149,27 @@ export function med3dTorchStateDict(arch: Med3dArchitecture, bundle: TensorBundl
   return out;
 }
 
+/**
+ * The formats a model file can be written in are its architecture's (registered definition); a file that names no
+ * architecture is Med3D's (imported, pretrained or a global model).
+ */
+function checkExportable(metadata: Record<string, string>, format: ExportFormat, source: string): void {
+  const id = metadata.architecture ?? MED3D_ID;
+  let formats: readonly ExportFormat[];
+  try {
+    formats = modelDefinition(id).exportFormats;
+  } catch (e) {
+    throw new ExportError(`${source}: ${(e as Error).message}`);
+  }
+  if (formats.includes(format)) return;
+  const able = MODELS.filter((m) => m.exportFormats.includes(format)).map((m) => m.id);
+  throw new ExportError(`${source}: ${id} models cannot be exported as ${format} (only ${able.join(', ')})`);
+}
+
 export async function runExport(opts: ExportOptions): Promise<ExportResult> {
   if (!EXPORT_FORMATS.includes(opts.format as ExportFormat)) throw new ExportError(`--format ${opts.format}: expected ${EXPORT_FORMATS.join(' or ')}`);
   const model = await readMedflFile(opts.model, 'model');
+  checkExportable(model.metadata, opts.format as ExportFormat, basename(opts.model));
   const tensors = new Map<string, NamedTensor>(model.bundle);
   if (opts.head !== undefined) {
     const local = await readMedflFile(opts.head, '--head');

@@ -1,7 +1,8 @@
 // Memory-bound training ops on NDHWC float32 tensors (channels innermost): BatchNorm (train statistics,
 // scale/shift, backward), ReLU, add, max-pool 3^3 / stride 2 / padding 1 with argmax. Plain loops the
 // compiler vectorises over the channel axis, split over OpenMP threads; reductions are per thread in
-// float64 and summed in thread order. Semantics: shared/engine/elementwise-kernels.ts.
+// float64 and summed in thread order. Semantics: shared/engine/elementwise-kernels.ts; the norm layers'
+// (BatchNorm, GroupNorm) in shared/model/layers/, which look these functions up by their exported name.
 #pragma once
 
 #include <cstddef>

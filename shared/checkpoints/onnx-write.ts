@@ -9,16 +9,17 @@
  *   eps 1e-5), MaxPool 3/2/1 (ONNX, like PyTorch, never picks padding), Add + Relu, ConvTranspose 2/2 with bias,
  *   Concat (U-Net skips), GlobalAveragePool + Flatten + Gemm (classification).
  *   Shortcut A: Slice with steps = stride (a 1³ average pool is a subsample) and Pad with zero channels.
- *   GroupNorm / InstanceNorm: Reshape to [N, G, −1], InstanceNormalization (γ 1, β 0, eps 1e-5: the per-group
- *   statistics), Reshape back to the input's Shape, then Mul γ and Add β per channel — portable across opsets
- *   (ONNX's own GroupNormalization changed its scale's meaning between opset 18 and 21).
+ *   Norm layers write their own nodes (NormLayer.onnx, shared/model/layers/): BatchNormalization for BatchNorm; for
+ *   GroupNorm / InstanceNorm Reshape to [N, G, −1], InstanceNormalization (the per-group statistics), Reshape back,
+ *   Mul γ and Add β per channel.
  *
  * Weights go in as initializers in PyTorch layouts (med3dToTorch), so ONNX and `model export --format torch` hold
  * the same numbers. Encoded with protobufjs from shared/checkpoints/onnx-subset.proto.
  */
 import { readFileSync } from 'node:fs';
 import protobuf from 'protobufjs';
-import { MED3D_BN_EPS, med3dNameToTorch, med3dNormGroups, med3dToTorch, type Med3dArchitecture } from '../model/med3d.ts';
+import { med3dNameToTorch, med3dNormGroups, med3dToTorch, type Med3dArchitecture } from '../model/med3d.ts';
+import { normLayer } from '../model/layers/norm-layers.ts';
 import type { TensorBundle } from '../tensors/bundle.ts';
 
 /** ONNX TensorProto.DataType values used here. */
@@ -134,24 +135,23 @@ export function encodeMed3dOnnx(arch: Med3dArchitecture, bundle: TensorBundle, o
     channelsOf.set(y, channelsOf.get(x)!);
     return y;
   };
+  const layer = normLayer(cfg.norm);
   const norm = (x: string, prefix: string, withRelu: boolean): string => {
     const C = channelsOf.get(x)!;
-    const groups = med3dNormGroups(cfg, C);
-    let y: string;
-    if (groups === undefined) {
-      y = g.node('BatchNormalization', [x, w(`${prefix}.weight`), w(`${prefix}.bias`), w(`${prefix}.running_mean`), w(`${prefix}.running_var`)], prefix, [float('epsilon', MED3D_BN_EPS)]);
-    } else {
-      const shape = g.node('Shape', [x], `${prefix}/shape`);
-      const grouped = g.node('Reshape', [x, g.constant(prefix, [3], [0, groups, -1], INT64)], `${prefix}/group`);
-      const ones = g.constant(prefix, [groups], new Float32Array(groups).fill(1), FLOAT);
-      const zeros = g.constant(prefix, [groups], new Float32Array(groups), FLOAT);
-      const normed = g.node('InstanceNormalization', [grouped, ones, zeros], `${prefix}/stats`, [float('epsilon', MED3D_BN_EPS)]);
-      const back = g.node('Reshape', [normed, shape], `${prefix}/ungroup`);
-      // γ and β per channel, broadcast over D, H, W: [C, 1, 1, 1].
-      const gamma = g.constant(prefix, [C, 1, 1, 1], bundle.get(`${prefix}.weight`)!.data, FLOAT);
-      const beta = g.constant(prefix, [C, 1, 1, 1], bundle.get(`${prefix}.bias`)!.data, FLOAT);
-      y = g.node('Add', [g.node('Mul', [back, gamma], `${prefix}/gamma`), beta], `${prefix}/beta`);
-    }
+    // The layer writes its own nodes (shared/model/layers/).
+    const y = layer.onnx(
+      {
+        prefix,
+        channels: C,
+        param: (s) => w(`${prefix}.${s}`),
+        value: (s) => bundle.get(`${prefix}.${s}`)!.data,
+        floatConstant: (dims, values) => g.constant(prefix, dims, values, FLOAT),
+        int64Constant: (dims, values) => g.constant(prefix, dims, values, INT64),
+        node: (op, inputs, name, floats = {}) => g.node(op, inputs, name, Object.entries(floats).map(([k, v]) => float(k, v))),
+      },
+      x,
+      med3dNormGroups(cfg, C),
+    );
     channelsOf.set(y, C);
     return withRelu ? relu(y, prefix) : y;
   };

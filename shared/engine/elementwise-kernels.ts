@@ -1,6 +1,5 @@
 /**
- * The memory-bound seam of the training engine, next to ConvKernels: BatchNorm (train forward with batch
- * statistics, eval, backward), GroupNorm (forward, backward), ReLU, max-pool 3³ / stride 2 / padding 1 with
+ * The memory-bound seam of the training engine, next to ConvKernels: ReLU, max-pool 3³ / stride 2 / padding 1 with
  * argmax, add — each optionally fused with the ReLU that follows it in the Med3D graph — and the U-Net head's
  * channel concatenation and per-channel bias. Tensors are NDHWC Float32Arrays; per-channel vectors have C
  * entries. Outputs come from an allocator (withAlloc: a step's buffer pool in training) whose memory holds
@@ -9,36 +8,16 @@
  *   - "native": the same loops in C++ in the oneDNN addon (native/src/elementwise.cc), OpenMP-parallel;
  *     a ConvKernels object carries it as `elementwise` (onednn-kernels.ts), so selecting the "onednn"
  *     convolutions brings both, and the JS convolutions bring the JS ops.
+ * Layers with kernels of their own (the norm layers, shared/model/layers/) take the allocator from here and look
+ * the addon's functions up by name with `native(name)`: the JS kernels have none, so those layers run their JS loops.
  *
- * Semantics are PyTorch's: train-mode BatchNorm normalises with the batch mean and the biased variance and
- * moves the running estimates towards the batch mean and the UNBIASED variance (momentum = weight of the
- * batch); max pooling takes the first maximum in (z, y, x) order and never the padding; NaN propagates.
+ * Semantics are PyTorch's: max pooling takes the first maximum in (z, y, x) order and never the padding; NaN propagates.
  */
 import { Buffer } from 'node:buffer';
-import { groupNormBackward, groupNormForward, type GroupNormForward, type GroupNormGrads } from '../model/graph/group-norm.ts';
 import type { ConvKernels } from './conv-kernels.ts';
-
-export type { GroupNormForward, GroupNormGrads };
 
 /** Allocates a Float32Array of n values whose contents are unspecified (the caller writes all of them). */
 export type F32Alloc = (n: number) => Float32Array;
-
-export interface BnTrainResult {
-  readonly y: Float32Array;
-  /** Batch mean per channel. */
-  readonly mean: Float32Array;
-  /** 1/√(biased batch variance + eps) per channel. */
-  readonly invStd: Float32Array;
-}
-
-export interface BnGrads {
-  /** Σ dy·x̂ per channel (the gradient of γ). */
-  readonly dgamma: Float32Array;
-  /** Σ dy per channel (the gradient of β). */
-  readonly dbeta: Float32Array;
-  /** Input gradient; absent when not asked for. */
-  readonly dx?: Float32Array;
-}
 
 export interface MaxPoolResult {
   readonly y: Float32Array;
@@ -50,24 +29,10 @@ export interface MaxPoolResult {
 
 export interface ElementwiseKernels {
   readonly name: string;
-  /**
-   * Train-mode BatchNorm over the last axis (C channels): y = (x − μ)·σ⁻¹·γ + β with batch μ, σ², then
-   * max(y, 0) when `relu`. Updates runMean / runVar in place (momentum, unbiased variance).
-   */
-  batchNormTrain(
-    x: Float32Array, C: number, gamma: Float32Array, beta: Float32Array,
-    runMean: Float32Array, runVar: Float32Array, momentum: number, eps: number, relu: boolean,
-  ): BnTrainResult;
-  /** y = x·scale + shift per channel (eval BatchNorm folded), then max(y, 0) when `relu`. */
-  scaleShift(x: Float32Array, C: number, scale: Float32Array, shift: Float32Array, relu: boolean): Float32Array;
-  /**
-   * BatchNorm backward. `y` (the fused op's output) masks dy where y ≤ 0 when given (the ReLU after it).
-   * With `batchStats` dx includes the terms through μ and σ² (train mode), else dx = dy·γ·σ⁻¹.
-   */
-  batchNormBackward(
-    x: Float32Array, dy: Float32Array, C: number, mean: Float32Array, invStd: Float32Array, gamma: Float32Array,
-    y: Float32Array | undefined, batchStats: boolean, wantDx: boolean,
-  ): BnGrads;
+  /** Where this object's outputs come from (a layer with its own kernels allocates its outputs here too). */
+  readonly alloc: F32Alloc;
+  /** The native addon's function `name`, when these kernels are native and the addon has it; else undefined. */
+  native<F extends (...args: never[]) => unknown>(name: string): F | undefined;
   relu(x: Float32Array): Float32Array;
   /** dy where y > 0, else 0 (y: the ReLU's output). */
   reluBackward(y: Float32Array, dy: Float32Array): Float32Array;
@@ -79,16 +44,6 @@ export interface ElementwiseKernels {
   maxPool(x: Float32Array, shape: readonly number[]): MaxPoolResult;
   /** dx of the pool's input shape [n, D, H, W, C]: dy[i] added at argmax[i] (in output order). */
   maxPoolBackward(dy: Float32Array, argmax: Int32Array, inShape: readonly number[]): Float32Array;
-  /**
-   * GroupNorm (PyTorch nn.GroupNorm, affine) over x = n samples of V voxels × C channels with G groups of C/G
-   * consecutive channels, then max(y, 0) when `relu`; mean and 1/√(var + eps) per (sample, group) in float64.
-   */
-  groupNormForward(x: Float32Array, n: number, C: number, G: number, gamma: Float32Array, beta: Float32Array, eps: number, relu: boolean): GroupNormForward;
-  /** GroupNorm gradients; `reluOut` (the fused forward's output) masks dy where it is ≤ 0. dγ, dβ in float64. */
-  groupNormBackward(
-    x: Float32Array, dy: Float32Array, n: number, C: number, G: number, fwd: Pick<GroupNormForward, 'mean' | 'invStd'>,
-    gamma: Float32Array, reluOut: Float32Array | undefined, wantDx: boolean,
-  ): GroupNormGrads;
   /** Channel concatenation of a [·, Ca] and b [·, Cb] (same voxels) → [·, Ca + Cb], a's channels first. */
   concat(a: Float32Array, Ca: number, b: Float32Array, Cb: number): Float32Array;
   /** The inverse of concat: a's and b's parts of y [·, Ca + Cb], each only when wanted. */
@@ -112,109 +67,11 @@ function checkC(x: Float32Array, C: number, what: string): void {
   if (!(C >= 1) || x.length % C !== 0) throw new Error(`${what}: ${x.length} values are not a whole number of ${C}-channel voxels`);
 }
 
-function groupNormGeometry(x: Float32Array, n: number, C: number, G: number): void {
-  if (!Number.isInteger(G) || G < 1 || C % G !== 0) throw new Error(`group norm: ${C} channels cannot be split into ${G} groups`);
-  if (!(n >= 1) || x.length === 0 || x.length % (n * C) !== 0) throw new Error(`group norm: ${x.length} values do not form ${n} samples of ${C} channels`);
-}
-
 function jsKernels(alloc: F32Alloc): ElementwiseKernels {
   const kernels: ElementwiseKernels = {
     name: 'js',
-
-    batchNormTrain(x, C, gamma, beta, runMean, runVar, momentum, eps, relu) {
-      checkC(x, C, 'batchNorm');
-      const nv = x.length / C;
-      // One pass: sums of x − K and (x − K)² with K = the first voxel's value per channel (shifted data, so
-      // the variance does not cancel catastrophically when |mean| ≫ std), accumulated in float64.
-      const s1 = new Float64Array(C);
-      const s2 = new Float64Array(C);
-      const K = new Float64Array(C);
-      for (let c = 0; c < C; c++) K[c] = x[c];
-      for (let i = 0; i < x.length; i += C) {
-        for (let c = 0; c < C; c++) {
-          const d = x[i + c] - K[c];
-          s1[c] += d;
-          s2[c] += d * d;
-        }
-      }
-      const mean = new Float32Array(C);
-      const invStd = new Float32Array(C);
-      const scale = new Float32Array(C);
-      const shift = new Float32Array(C);
-      for (let c = 0; c < C; c++) {
-        const m1 = s1[c] / nv;
-        const sq = Math.max(s2[c] - s1[c] * m1, 0); // Σ(x − μ)²
-        const mu = K[c] + m1;
-        const biased = sq / nv;
-        const is = 1 / Math.sqrt(biased + eps);
-        mean[c] = mu;
-        invStd[c] = is;
-        runMean[c] = (1 - momentum) * runMean[c] + momentum * mu;
-        runVar[c] = (1 - momentum) * runVar[c] + momentum * (nv > 1 ? sq / (nv - 1) : biased);
-        scale[c] = gamma[c] * is;
-        shift[c] = beta[c] - mu * gamma[c] * is;
-      }
-      return { y: kernels.scaleShift(x, C, scale, shift, relu), mean, invStd };
-    },
-
-    scaleShift(x, C, scale, shift, relu) {
-      checkC(x, C, 'batchNorm');
-      const y = alloc(x.length);
-      if (relu) {
-        for (let i = 0; i < x.length; i += C) {
-          for (let c = 0; c < C; c++) {
-            const v = x[i + c] * scale[c] + shift[c];
-            y[i + c] = v < 0 ? 0 : v; // NaN stays NaN, as in PyTorch
-          }
-        }
-      } else {
-        for (let i = 0; i < x.length; i += C) for (let c = 0; c < C; c++) y[i + c] = x[i + c] * scale[c] + shift[c];
-      }
-      return y;
-    },
-
-    batchNormBackward(x, dy, C, mean, invStd, gamma, y, batchStats, wantDx) {
-      checkC(x, C, 'batchNorm backward');
-      const nv = x.length / C;
-      const sumDy = new Float64Array(C);
-      const sumDyXc = new Float64Array(C); // Σ dy·(x − μ)
-      for (let i = 0; i < x.length; i += C) {
-        for (let c = 0; c < C; c++) {
-          const g = y === undefined || y[i + c] > 0 ? dy[i + c] : 0;
-          sumDy[c] += g;
-          sumDyXc[c] += g * (x[i + c] - mean[c]);
-        }
-      }
-      const dgamma = new Float32Array(C);
-      const dbeta = new Float32Array(C);
-      for (let c = 0; c < C; c++) {
-        dgamma[c] = sumDyXc[c] * invStd[c];
-        dbeta[c] = sumDy[c];
-      }
-      if (!wantDx) return { dgamma, dbeta };
-      const dx = alloc(x.length);
-      // dx = γσ⁻¹·(dy − mean(dy) − x̂·mean(dy·x̂)) = a·dy + b·(x − μ) + k per channel (train); a·dy (eval).
-      const a = new Float32Array(C);
-      const b = new Float32Array(C);
-      const k = new Float32Array(C);
-      for (let c = 0; c < C; c++) {
-        const gi = gamma[c] * invStd[c];
-        a[c] = gi;
-        if (batchStats) {
-          const cm = (sumDyXc[c] / nv) * invStd[c] * invStd[c]; // mean(dy·x̂)·σ⁻¹
-          b[c] = -gi * cm;
-          k[c] = (-gi * sumDy[c]) / nv;
-        }
-      }
-      if (y) {
-        for (let i = 0; i < x.length; i += C) {
-          for (let c = 0; c < C; c++) dx[i + c] = (y[i + c] > 0 ? a[c] * dy[i + c] : 0) + b[c] * (x[i + c] - mean[c]) + k[c];
-        }
-      } else {
-        for (let i = 0; i < x.length; i += C) for (let c = 0; c < C; c++) dx[i + c] = a[c] * dy[i + c] + b[c] * (x[i + c] - mean[c]) + k[c];
-      }
-      return { dgamma, dbeta, dx };
-    },
+    alloc,
+    native: () => undefined,
 
     relu(x) {
       const y = alloc(x.length);
@@ -318,16 +175,6 @@ function jsKernels(alloc: F32Alloc): ElementwiseKernels {
       return dx;
     },
 
-    groupNormForward(x, n, C, G, gamma, beta, eps, relu) {
-      groupNormGeometry(x, n, C, G);
-      return groupNormForward(x, n, C, G, gamma, beta, eps, relu, alloc(x.length));
-    },
-
-    groupNormBackward(x, dy, n, C, G, fwd, gamma, reluOut, wantDx) {
-      groupNormGeometry(x, n, C, G);
-      return groupNormBackward(x, dy, n, C, G, fwd, gamma, reluOut, wantDx, wantDx ? alloc(x.length) : undefined);
-    },
-
     concat(a, Ca, b, Cb) {
       const voxels = a.length / Ca;
       if (!Number.isInteger(voxels) || b.length !== voxels * Cb) throw new Error(`concat: ${a.length} values of ${Ca} channels and ${b.length} of ${Cb} are not the same voxels`);
@@ -379,12 +226,6 @@ export const jsElementwiseKernels: ElementwiseKernels = jsKernels(uninitF32);
 
 /** The addon's elementwise functions (native/src/addon.cc, elementwise.cc); outputs are preallocated here. */
 export interface ElementwiseAddon {
-  bnStats(x: Float32Array, C: number, momentum: number, eps: number, mean: Float32Array, invStd: Float32Array, runMean: Float32Array, runVar: Float32Array): void;
-  scaleShift(x: Float32Array, C: number, scale: Float32Array, shift: Float32Array, relu: boolean, y: Float32Array): void;
-  bnBackward(
-    x: Float32Array, dy: Float32Array, C: number, mean: Float32Array, invStd: Float32Array, gamma: Float32Array,
-    y: Float32Array | null, batchStats: boolean, dgamma: Float32Array, dbeta: Float32Array, dx: Float32Array | null,
-  ): void;
   relu(x: Float32Array, y: Float32Array): void;
   reluBackward(y: Float32Array, dy: Float32Array, dx: Float32Array): void;
   add(a: Float32Array, b: Float32Array, relu: boolean, y: Float32Array): void;
@@ -393,26 +234,18 @@ export interface ElementwiseAddon {
   maxPoolBackward(dy: Float32Array, argmax: Int32Array, n: number, D: number, H: number, W: number, C: number, dx: Float32Array): void;
 }
 
-/** The addon's GroupNorm, concat and bias functions (an addon built before them lacks them: the JS ones run then). */
+/** The addon's concat and bias functions (an addon built before them lacks them: the JS ones run then). */
 export interface ElementwiseAddonV2 {
-  groupNormForward(
-    x: Float32Array, n: number, C: number, G: number, gamma: Float32Array, beta: Float32Array, eps: number, relu: boolean,
-    y: Float32Array, mean: Float64Array, invStd: Float64Array,
-  ): void;
-  groupNormBackward(
-    x: Float32Array, dy: Float32Array, n: number, C: number, G: number, mean: Float64Array, invStd: Float64Array, gamma: Float32Array,
-    y: Float32Array | null, dgamma: Float64Array, dbeta: Float64Array, dx: Float32Array | null,
-  ): void;
   concat(a: Float32Array, Ca: number, b: Float32Array, Cb: number, y: Float32Array): void;
   split(y: Float32Array, Ca: number, Cb: number, a: Float32Array | null, b: Float32Array | null): void;
   biasAdd(y: Float32Array, C: number, bias: Float32Array): void;
   channelSum(x: Float32Array, C: number, sum: Float64Array): void;
 }
 
-/** True when the addon has the GroupNorm / concat / bias functions. */
+/** True when the addon has the concat / bias functions. */
 export function hasElementwiseV2(addon: object): addon is ElementwiseAddonV2 {
   const a = addon as Partial<ElementwiseAddonV2>;
-  return typeof a.groupNormForward === 'function' && typeof a.groupNormBackward === 'function' && typeof a.concat === 'function' &&
+  return typeof a.concat === 'function' &&
     typeof a.split === 'function' && typeof a.biasAdd === 'function' && typeof a.channelSum === 'function';
 }
 
@@ -427,46 +260,22 @@ export function uninitF32(n: number): Float32Array {
 
 /** True when a loaded addon has the elementwise functions (an addon built before them has not). */
 export function hasElementwise(addon: object): addon is ElementwiseAddon {
-  return typeof (addon as Partial<ElementwiseAddon>).bnStats === 'function' && typeof (addon as Partial<ElementwiseAddon>).maxPoolBackward === 'function';
+  return typeof (addon as Partial<ElementwiseAddon>).relu === 'function' && typeof (addon as Partial<ElementwiseAddon>).maxPoolBackward === 'function';
 }
 
 /**
  * "native" ElementwiseKernels over the addon: same results as the JS ones up to float rounding order. With an
- * addon built before the GroupNorm / concat / bias functions, those run in JS.
+ * addon built before the concat / bias functions, those run in JS.
  */
 export function nativeElementwiseKernels(addon: ElementwiseAddon, alloc: F32Alloc = uninitF32): ElementwiseKernels {
   const js = jsKernels(alloc);
   const v2 = hasElementwiseV2(addon) ? addon : undefined;
   return {
     name: 'native',
-    batchNormTrain(x, C, gamma, beta, runMean, runVar, momentum, eps, relu) {
-      checkC(x, C, 'batchNorm');
-      const mean = new Float32Array(C);
-      const invStd = new Float32Array(C);
-      addon.bnStats(x, C, momentum, eps, mean, invStd, runMean, runVar);
-      const scale = new Float32Array(C);
-      const shift = new Float32Array(C);
-      for (let c = 0; c < C; c++) {
-        scale[c] = gamma[c] * invStd[c];
-        shift[c] = beta[c] - mean[c] * gamma[c] * invStd[c];
-      }
-      const y = alloc(x.length);
-      addon.scaleShift(x, C, scale, shift, relu, y);
-      return { y, mean, invStd };
-    },
-    scaleShift(x, C, scale, shift, relu) {
-      checkC(x, C, 'batchNorm');
-      const y = alloc(x.length);
-      addon.scaleShift(x, C, scale, shift, relu, y);
-      return y;
-    },
-    batchNormBackward(x, dy, C, mean, invStd, gamma, y, batchStats, wantDx) {
-      checkC(x, C, 'batchNorm backward');
-      const dgamma = new Float32Array(C);
-      const dbeta = new Float32Array(C);
-      const dx = wantDx ? alloc(x.length) : undefined;
-      addon.bnBackward(x, dy, C, mean, invStd, gamma, y ?? null, batchStats, dgamma, dbeta, dx ?? null);
-      return { dgamma, dbeta, dx };
+    alloc,
+    native<F extends (...args: never[]) => unknown>(name: string): F | undefined {
+      const f = (addon as unknown as Record<string, unknown>)[name];
+      return typeof f === 'function' ? (f as F) : undefined;
     },
     relu(x) {
       const y = alloc(x.length);
@@ -502,24 +311,6 @@ export function nativeElementwiseKernels(addon: ElementwiseAddon, alloc: F32Allo
       const dx = alloc(n * D * H * W * C);
       addon.maxPoolBackward(dy, argmax, n, D, H, W, C, dx);
       return dx;
-    },
-    groupNormForward(x, n, C, G, gamma, beta, eps, relu) {
-      if (!v2) return js.groupNormForward(x, n, C, G, gamma, beta, eps, relu);
-      groupNormGeometry(x, n, C, G);
-      const y = alloc(x.length);
-      const mean = new Float64Array(n * G);
-      const invStd = new Float64Array(n * G);
-      v2.groupNormForward(x, n, C, G, gamma, beta, eps, relu, y, mean, invStd);
-      return { y, mean, invStd };
-    },
-    groupNormBackward(x, dy, n, C, G, fwd, gamma, reluOut, wantDx) {
-      if (!v2) return js.groupNormBackward(x, dy, n, C, G, fwd, gamma, reluOut, wantDx);
-      groupNormGeometry(x, n, C, G);
-      const dgamma = new Float64Array(C);
-      const dbeta = new Float64Array(C);
-      const dx = wantDx ? alloc(x.length) : undefined;
-      v2.groupNormBackward(x, dy, n, C, G, fwd.mean, fwd.invStd, gamma, reluOut ?? null, dgamma, dbeta, dx ?? null);
-      return { dx, dgamma, dbeta };
     },
     concat(a, Ca, b, Cb) {
       if (!v2) return js.concat(a, Ca, b, Cb);

@@ -4,8 +4,8 @@
  *     (0,1) for stride-2 3³ convs on even sizes, where PyTorch pads (3,3) and (1,1));
  *   - max-pool pads with -Infinity (PyTorch ignores padding in max pooling);
  *   - layer3/layer4 use dilated tf.conv3d (padding = dilation);
- *   - BatchNorm uses the running statistics with PyTorch's eps 1e-5; GroupNorm/InstanceNorm (no running
- *     statistics) normalise each sample per group with tf.moments, eps 1e-5, as nn.GroupNorm;
+ *   - norm layers are their own modules (shared/model/layers/): BatchNorm with the running statistics, GroupNorm/
+ *     InstanceNorm (no running statistics) per sample and group, PyTorch's eps 1e-5;
  *   - conv_seg's ConvTranspose3d (k 2, s 2, no padding) is tf.conv3dTranspose with output 2× the input and
  *     the filter [2,2,2,out,in] (PyTorch [in,out,2,2,2] permuted (2,3,4,1,0); no kernel flip);
  *   - shortcut A = 1³ average pool with the stride (a strided subsample) + zero channels appended.
@@ -20,7 +20,9 @@
  */
 import type * as TfModule from '@tensorflow/tfjs';
 import { checkAgainstSpecs, type TensorBundle } from '../tensors/bundle.ts';
-import { describeMed3d, MED3D_BN_EPS, med3dNormGroups, type Med3dArchitecture, type Med3dBlock } from './med3d.ts';
+import { describeMed3d, med3dNormGroups, type Med3dArchitecture, type Med3dBlock } from './med3d.ts';
+import type { NormLayer, NormParamSuffix } from './layers/norm-layer.ts';
+import { normLayer } from './layers/norm-layers.ts';
 
 type Tf = typeof TfModule;
 type Tensor = TfModule.Tensor;
@@ -31,19 +33,6 @@ export interface Med3dConvOptions {
   readonly dilation?: number;
   /** Symmetric zero padding on D, H and W (PyTorch `padding`). */
   readonly pad?: number;
-}
-
-export interface BatchNormParams<P> {
-  readonly gamma: P;
-  readonly beta: P;
-  readonly mean: P;
-  readonly variance: P;
-}
-
-/** γ and β of a group/instance norm layer (BatchNorm's names, no running statistics). */
-export interface AffineNormParams<P> {
-  readonly gamma: P;
-  readonly beta: P;
 }
 
 /**
@@ -58,13 +47,12 @@ export interface Med3dGraphOps<T, P> {
   conv3d(x: T, w: P, opts: Med3dConvOptions): T;
   /** PyTorch ConvTranspose3d with kernel 2, stride 2, padding 0, plus bias: w [2,2,2,out,in], b [out]. */
   convTranspose2x(x: T, w: P, b: P): T;
-  /** BatchNorm3d over the channel axis; `name` is the layer prefix (e.g. "encoder.bn1") for ops that keep state. */
-  batchNorm(x: T, p: BatchNormParams<P>, name: string): T;
+  /**
+   * A norm layer (shared/model/layers/) over the channel axis, followed by a ReLU when `relu` (fused where the ops can);
+   * `param` gives its tensors, `groups` is layer.groups() for x's channels.
+   */
+  norm(x: T, layer: NormLayer, param: (s: NormParamSuffix) => P, groups: number | undefined, relu: boolean): T;
   relu(x: T): T;
-  /** Optional fusion of relu(batchNorm(x)) (one pass, no intermediate); the graph uses it when present. */
-  batchNormRelu?(x: T, p: BatchNormParams<P>, name: string): T;
-  /** GroupNorm (nn.GroupNorm, affine) with `groups` groups over the channel axis; InstanceNorm is groups = C. */
-  groupNorm(x: T, p: AffineNormParams<P>, groups: number, relu: boolean): T;
   /** Concatenation along the channel axis (a's channels first); spatial sizes must agree. */
   concat(a: T, b: T): T;
   /** MaxPool3d kernel 3, stride 2, padding 1 (padding never wins). */
@@ -101,21 +89,7 @@ export function createMed3dEvalOps(tf: Tf): Med3dOps {
       const y = tf.conv3dTranspose(x, w as Tensor5D, [n, 2 * d, 2 * h, 2 * wd, outC], 2, 'valid');
       return tf.add(y, b) as Tensor5D;
     },
-    batchNorm(x, p) {
-      // PyTorch eval: (x − mean)/√(var + eps)·γ + β, folded into one scale and shift per channel.
-      const scale = tf.mul(p.gamma, tf.rsqrt(tf.add(p.variance, MED3D_BN_EPS)));
-      const shift = tf.sub(p.beta, tf.mul(p.mean, scale));
-      return tf.add(tf.mul(x, scale), shift) as Tensor5D;
-    },
-    groupNorm(x, p, groups, relu) {
-      const [n, d, h, w, c] = x.shape;
-      if (c % groups !== 0) throw new Error(`med3d: ${c} channels cannot be split into ${groups} groups`);
-      const grouped = tf.reshape(x, [n, d * h * w, groups, c / groups]);
-      const { mean, variance } = tf.moments(grouped, [1, 3], true);
-      const normed = tf.reshape(tf.mul(tf.sub(grouped, mean), tf.rsqrt(tf.add(variance, MED3D_BN_EPS))), x.shape);
-      const y = tf.add(tf.mul(normed, p.gamma), p.beta) as Tensor5D;
-      return relu ? tf.relu(y) : y;
-    },
+    norm: (x, layer, param, groups, relu) => layer.evalTfjs(tf, x, param, groups, relu),
     concat(a, b) {
       if (a.shape.slice(0, 4).some((v, i) => v !== b.shape[i])) throw new Error(`med3d: cannot concatenate [${a.shape.join(',')}] and [${b.shape.join(',')}] along channels`);
       return tf.concat([a, b], 4);
@@ -150,18 +124,11 @@ function getter<P>(p: Params<P>): (name: string) => P {
   };
 }
 
-function bnParams<P>(get: (n: string) => P, prefix: string): BatchNormParams<P> {
-  return { gamma: get(`${prefix}.weight`), beta: get(`${prefix}.bias`), mean: get(`${prefix}.running_mean`), variance: get(`${prefix}.running_var`) };
-}
-
 /** The architecture's norm layer `prefix` on x (BatchNorm, or group/instance norm), followed by a ReLU when `relu`. */
 function norm<T, P>(arch: Med3dArchitecture, ops: Med3dGraphOps<T, P>, get: (n: string) => P, x: T, prefix: string, relu: boolean): T {
   const shape = ops.shape(x);
   const groups = med3dNormGroups(arch.config, shape[shape.length - 1]);
-  if (groups !== undefined) return ops.groupNorm(x, { gamma: get(`${prefix}.weight`), beta: get(`${prefix}.bias`) }, groups, relu);
-  const p = bnParams(get, prefix);
-  if (!relu) return ops.batchNorm(x, p, prefix);
-  return ops.batchNormRelu ? ops.batchNormRelu(x, p, prefix) : ops.relu(ops.batchNorm(x, p, prefix));
+  return ops.norm(x, normLayer(arch.config.norm), (s) => get(`${prefix}.${s}`), groups, relu);
 }
 
 function block<T, P>(arch: Med3dArchitecture, b: Med3dBlock, x: T, get: (n: string) => P, ops: Med3dGraphOps<T, P>): T {

@@ -53,6 +53,8 @@ import type { LayerType, ModelArchitecture, ModelPart, ParamInfo } from './types
 import type { InferenceSettings } from './sliding-window.ts';
 import { mapStateDict, medicalNetIsConvTranspose, medicalNetRename, permute, torchToTfjsPermutation } from '../checkpoints/torch-mapping.ts';
 import { contiguousStrides, type TorchTensor as CheckpointTensor } from '../checkpoints/pth.ts';
+import { NORM_EPS } from './layers/norm-layer.ts';
+import { NORM_KINDS, normLayer, type NormKind } from './layers/norm-layers.ts';
 
 export const MED3D_ID = 'med3d';
 
@@ -65,9 +67,9 @@ export type Med3dHeadOptions =
   | { readonly kind: 'unet'; readonly numClasses: number; /** default max(8, round(32·widthMultiplier)) */ readonly channels?: number }
   | { readonly kind: 'classification'; readonly numClasses: number; /** dropout before the dense layer in training (default 0) */ readonly dropout?: number };
 
-/** Normalisation layers: BatchNorm (MedicalNet's), GroupNorm, or InstanceNorm (GroupNorm with G = C). */
-export type Med3dNorm = 'batch' | 'group' | 'instance';
-export const MED3D_NORMS: readonly Med3dNorm[] = ['batch', 'group', 'instance'];
+/** Normalisation layers (shared/model/layers/norm-layers.ts): BatchNorm (MedicalNet's), GroupNorm, or InstanceNorm. */
+export type Med3dNorm = NormKind;
+export const MED3D_NORMS: readonly Med3dNorm[] = NORM_KINDS;
 /** Default GroupNorm group count (Wu & He's 32 is too many for ¼-width layers of 16 channels). */
 export const MED3D_DEFAULT_NORM_GROUPS = 8;
 
@@ -148,7 +150,7 @@ const STAGE_DILATIONS = [1, 1, 2, 4] as const;
 /** Most input channels a plan may ask for (MSD tasks have at most 4; a bound keeps a typo from allocating a huge conv1). */
 export const MED3D_MAX_IN_CHANNELS = 64;
 /** PyTorch BatchNorm eps (MedicalNet keeps the default). */
-export const MED3D_BN_EPS = 1e-5;
+export const MED3D_BN_EPS = NORM_EPS;
 
 /** A group count that does not divide a norm layer's channels (plan validation reports it at the edge). */
 export class Med3dNormError extends Error {
@@ -157,8 +159,7 @@ export class Med3dNormError extends Error {
 
 /** Groups of a norm layer with `channels` channels; undefined for BatchNorm. */
 export function med3dNormGroups(config: Pick<Med3dConfig, 'norm' | 'normGroups'>, channels: number): number | undefined {
-  if (config.norm === 'batch') return undefined;
-  return config.norm === 'instance' ? channels : config.normGroups;
+  return normLayer(config.norm).groups(channels, config.normGroups);
 }
 
 export function resolveMed3dConfig(opts: Med3dOptions): Med3dConfig {
@@ -316,13 +317,10 @@ function buildParams(cfg: Med3dConfig): ParamDef[] {
     defs.push({ name, shape, dtype: 'F32', part, layerType, stage, trainable, init });
   const conv = (name: string, k: number, cin: number, cout: number, part: ModelPart, stage: string) =>
     add(`${name}.weight`, [k, k, k, cin, cout], part, 'conv', stage, true, { kind: 'kaiming', fanOut: cout * k * k * k });
+  // The norm layer's own tensors (BatchNorm: γ, β and running statistics; group/instance norm: γ, β).
+  const normSpecs = normLayer(cfg.norm).params;
   const bn = (name: string, c: number, part: ModelPart, stage: string) => {
-    add(`${name}.weight`, [c], part, 'norm', stage, true, { kind: 'const', value: 1 });
-    add(`${name}.bias`, [c], part, 'norm', stage, true, { kind: 'const', value: 0 });
-    // Group/instance norm normalise each sample by itself: no running statistics.
-    if (cfg.norm !== 'batch') return;
-    add(`${name}.running_mean`, [c], part, 'norm', stage, false, { kind: 'const', value: 0 });
-    add(`${name}.running_var`, [c], part, 'norm', stage, false, { kind: 'const', value: 1 });
+    for (const p of normSpecs) add(`${name}.${p.suffix}`, [c], part, 'norm', stage, p.trainable, { kind: 'const', value: p.init });
   };
   const convTranspose = (name: string, cin: number, cout: number) => {
     const bound = 1 / Math.sqrt(cout * 8); // PyTorch's fan_in for a ConvTranspose3d weight [in, out, 2, 2, 2] is out·k³

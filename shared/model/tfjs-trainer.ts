@@ -73,8 +73,6 @@ export function tiny3dForward(p: ReadonlyMap<string, Tensor>, x: Tensor5D, ops: 
   return conv(ops.dropout ? ops.dropout(fused) : fused, 'head.out', {});
 }
 
-const FORWARDS = new Map<string, TfjsForward>([[TINY3D_ID, tiny3dForward]]);
-
 /** Soft-Dice smoothing in voxels: negligible against real counts, keeps empty-foreground batches finite. */
 export const DICE_SMOOTH = 1;
 
@@ -298,8 +296,9 @@ export function createTfjsOps(engine: EngineInfo): TfjsOps {
 /** Yields to the event loop so heartbeats and progress I/O run between training steps. */
 const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resolve));
 
+/** A tfjs trainer for `arch` with its forward pass (an architecture's registered definition passes its own; tiny3d's is the default). */
 export function createTfjsTrainer(arch: ModelArchitecture, engine: EngineInfo, forward?: TfjsForward): Trainer {
-  const fwd = forward ?? FORWARDS.get(arch.id);
+  const fwd = forward ?? (arch.id === TINY3D_ID ? tiny3dForward : undefined);
   if (!fwd) throw new Error(`no tfjs forward pass registered for architecture "${arch.id}"`);
   const tf = engine.tf;
   const ops = createTfjsOps(engine);

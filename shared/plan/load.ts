@@ -4,6 +4,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { readYaml, zodProblems } from '../util/yaml-config.ts';
+import { modelDefinition } from '../model/registry.ts';
 import { PlanSchema, type Plan } from './schema.ts';
 
 export class PlanError extends Error {
@@ -26,27 +27,20 @@ export function parsePlan(text: string, source = 'plan'): Plan {
 }
 
 /**
- * Defaults that depend on other fields, applied only where the plan leaves the field out: a Med3D encoder with
- * BatchNorm keeps its norm layers at each site (FedBN). Sites' scanners differ, and an average of their batch
- * statistics describes no site; a plan that says `share.keepLocal` (even `[]`) keeps what it says.
+ * Defaults that depend on other fields, applied only where the plan leaves the field out: the layer types the
+ * architecture keeps at each site by default (a Med3D encoder with BatchNorm keeps its norm layers: FedBN; sites'
+ * scanners differ, and an average of their batch statistics describes no site); a plan that says `share.keepLocal`
+ * (even `[]`) keeps what it says.
  */
 export function withDependentDefaults(raw: unknown, plan: Plan): Plan {
   const share = (raw as { share?: { keepLocal?: unknown } } | null | undefined)?.share;
-  if (share?.keepLocal === undefined && plan.model.architecture === 'med3d' && plan.model.norm === 'batch' && plan.share.keepLocal.length === 0) {
-    return { ...plan, share: { ...plan.share, keepLocal: ['norm'] } };
-  }
-  return plan;
+  if (share?.keepLocal !== undefined || plan.share.keepLocal.length > 0) return plan;
+  const keepLocal = modelDefinition(plan.model.architecture).defaultKeepLocal(plan.model);
+  return keepLocal.length > 0 ? { ...plan, share: { ...plan.share, keepLocal: [...keepLocal] } } : plan;
 }
 
 function crossSectionProblems(plan: Plan): { path: string[]; message: string }[] {
-  const out: { path: string[]; message: string }[] = [];
-  if (plan.model.architecture === 'tiny3d' && plan.local.optimizer) {
-    out.push({ path: ['local', 'optimizer'], message: 'applies to model.architecture med3d; the tiny3d demo net always trains with Adam at local.learningRate (remove local.optimizer or use med3d)' });
-  }
-  if (plan.model.architecture === 'med3d' && plan.model.head !== 'classification' && plan.model.patch.some((d) => d % 8 !== 0)) {
-    out.push({ path: ['model', 'patch'], message: `med3d ${plan.model.head} heads need patch sides that are multiples of 8 (the encoder's ⅛ grid), got [${plan.model.patch.join(', ')}]` });
-  }
-  return out;
+  return modelDefinition(plan.model.architecture).planProblems(plan).map((p) => ({ path: p.path.map(String), message: p.message }));
 }
 
 export function loadPlanFile(path: string): Plan {

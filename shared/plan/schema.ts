@@ -4,11 +4,13 @@
 import { z } from 'zod';
 import { INIT_SPEC_FORMS, isInitSpec } from '../model/transfer-init.ts';
 import { OptimizerSpecSchema } from '../model/optim.ts';
-import { MED3D_DEFAULT_NORM_GROUPS, MED3D_MAX_IN_CHANNELS, med3dNormProblem } from '../model/med3d.ts';
+import { MED3D_DEFAULT_NORM_GROUPS, MED3D_MAX_IN_CHANNELS } from '../model/med3d.ts';
+import { MODEL_IDS, modelDefinition } from '../model/registry.ts';
+import { NORM_KINDS } from '../model/layers/norm-layers.ts';
 import { LrScheduleSchema } from '../model/lr-schedule.ts';
 import { DataSettingsSchema } from './data-settings.ts';
 import { RestorationTransformsSchema } from '../model/genesis-corruption.ts';
-import { InferenceSettingsSchema, isDefaultInference } from '../model/sliding-window.ts';
+import { InferenceSettingsSchema } from '../model/sliding-window.ts';
 
 const positiveInt = z.number().int().positive();
 
@@ -99,8 +101,8 @@ export const PlanSchema = z
     name: z.string().min(1).default('medfl-federation'),
     model: z
       .object({
-        /** tiny3d: the small demo net; med3d: MedicalNet's 3D ResNet encoder with a site head. */
-        architecture: z.enum(['tiny3d', 'med3d']).default('tiny3d'),
+        /** A registered architecture (shared/model/registry.ts): tiny3d, the small demo net; med3d, MedicalNet's 3D ResNet encoder with a site head. */
+        architecture: z.enum(MODEL_IDS).default('tiny3d'),
         patch: z.tuple([positiveInt, positiveInt, positiveInt]).default([24, 24, 24]),
         numClasses: z.number().int().min(2).default(2),
         /** tiny3d only: base channel count. */
@@ -119,7 +121,7 @@ export const PlanSchema = z
         /** med3d segmentation/unet head channels (default 32 × widthMultiplier; unet at least 8). */
         headChannels: positiveInt.optional(),
         /** med3d only: norm layers of encoder and head: batch (MedicalNet's), group, or instance (no running statistics). */
-        norm: z.enum(['batch', 'group', 'instance']).default('batch'),
+        norm: z.enum(NORM_KINDS).default('batch'),
         /** med3d norm: group: groups per norm layer; must divide every normalised channel count. */
         normGroups: positiveInt.default(MED3D_DEFAULT_NORM_GROUPS),
         /** med3d classification head: dropout before the dense layer while training. */
@@ -145,16 +147,8 @@ export const PlanSchema = z
       })
       .strict()
       .superRefine((m, ctx) => {
-        if (!isDefaultInference(m.inference) && (m.architecture !== 'med3d' || m.head === 'classification')) {
-          ctx.addIssue({ code: 'custom', path: ['inference'], message: 'inference mode window and flipTTA need architecture med3d with a segmentation or unet head (per-voxel output)' });
-        }
-        if ((m.inputChannels ?? 1) !== 1 && m.architecture !== 'med3d') {
-          ctx.addIssue({ code: 'custom', path: ['inputChannels'], message: 'inputChannels above 1 needs architecture med3d (tiny3d takes one channel)' });
-        }
-        if (m.architecture !== 'med3d' || m.norm !== 'group') return;
-        const head = m.head === 'classification' ? { kind: m.head, numClasses: m.numClasses } : { kind: m.head, numClasses: m.numClasses, channels: m.headChannels };
-        const problem = med3dNormProblem({ depth: m.depth, shortcut: m.shortcut, widthMultiplier: m.widthMultiplier, head, patch: m.patch, norm: m.norm, normGroups: m.normGroups });
-        if (problem) ctx.addIssue({ code: 'custom', path: ['normGroups'], message: problem });
+        // The architecture's own checks (its registered definition), so adding a model needs no edit here.
+        for (const p of modelDefinition(m.architecture).modelProblems(m)) ctx.addIssue({ code: 'custom', path: [...p.path], message: p.message });
       })
       .prefault({}),
     rounds: positiveInt.default(3),

@@ -18,6 +18,7 @@ import { selectEngine } from '../../shared/engine/select.ts';
 import { decodeNpy, encodeNpy } from '../../shared/io/npy.ts';
 import { createMed3d, med3dMetadata, med3dToTorch, type Med3dArchitecture, type Med3dDepth, type Med3dShortcut } from '../../shared/model/med3d.ts';
 import { med3dPredict } from '../../shared/model/med3d-forward.ts';
+import { createTiny3d } from '../../shared/model/tiny3d.ts';
 import { makeBundle, type TensorBundle } from '../../shared/tensors/bundle.ts';
 import { encodeSafetensors } from '../../shared/tensors/safetensors.ts';
 import { weightsWithDrawnNorms } from '../helpers/drawn-norm-weights.ts';
@@ -129,6 +130,13 @@ describe('medfl model export --format torch', () => {
     writeFileSync(cut, encodeSafetensors(makeBundle([...part(w, 'encoder.').values()].filter((t) => t.name !== 'encoder.layer3.0.bn2.running_var')), med3dMetadata(arch)));
     await expect(runExport({ model: cut, format: 'torch', out: join(dir, 'x.pth') })).rejects.toThrow(/missing tensor\(s\): encoder\.layer3\.0\.bn2\.running_var.*--head/);
     await expect(runExport({ model: files.model, format: 'tflite', out: join(dir, 'x.pth') })).rejects.toBeInstanceOf(ExportError);
+    // The formats are the architecture's (its registered definition): tiny3d has none; an unregistered one is named.
+    const tiny = join(dir, 'tiny.safetensors');
+    const tinyArch = createTiny3d({ patch: [8, 8, 8] });
+    writeFileSync(tiny, encodeSafetensors(tinyArch.init(1), { architecture: 'tiny3d' }));
+    await expect(runExport({ model: tiny, format: 'torch', out: join(dir, 'x.pth') })).rejects.toThrow('tiny.safetensors: tiny3d models cannot be exported as torch (only med3d)');
+    writeFileSync(tiny, encodeSafetensors(tinyArch.init(1), { architecture: 'vnet' }));
+    await expect(runExport({ model: tiny, format: 'onnx', out: join(dir, 'x.onnx') })).rejects.toThrow('tiny.safetensors: unknown model architecture "vnet" (registered: tiny3d, med3d)');
   });
 
   // Full width, small input: MedicalNet's module (scripts/make_med3d_fixtures.py) must load the file strict and

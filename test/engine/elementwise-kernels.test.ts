@@ -10,6 +10,7 @@ import { describe, expect, it } from 'vitest';
 import { jsElementwiseKernels, poolOut, type ElementwiseKernels } from '../../shared/engine/elementwise-kernels.ts';
 import { loadOneDnnKernels } from '../../shared/engine/onednn-kernels.ts';
 import { mulberry32 } from '../../shared/util/random.ts';
+import { batchNormKernels } from '../../shared/model/layers/batch-norm.ts';
 
 const EPS = 1e-5;
 
@@ -143,7 +144,7 @@ describe.each(impls)('%s elementwise kernels against float64', (_name, get) => {
           const runMean = randn(C, r);
           const runVar = Float32Array.from(randn(C, r), (v) => 1 + v * v);
           const [rm0, rv0] = [runMean.slice(), runVar.slice()];
-          const out = k.batchNormTrain(x, C, gamma, beta, runMean, runVar, 0.1, EPS, relu);
+          const out = batchNormKernels(k).batchNormTrain(x, C, gamma, beta, runMean, runVar, 0.1, EPS, relu);
           expect(relErr(out.y, bnForwardRef(x, C, gamma, beta, relu))).toBeLessThan(2e-6);
           expect(relErr(out.mean, ref.mean)).toBeLessThan(1e-6);
           expect(relErr(out.invStd, ref.invStd)).toBeLessThan(1e-6);
@@ -152,25 +153,25 @@ describe.each(impls)('%s elementwise kernels against float64', (_name, get) => {
           expect(relErr(runMean, wantRm)).toBeLessThan(1e-6);
           expect(relErr(runVar, wantRv)).toBeLessThan(1e-6);
 
-          const g = k.batchNormBackward(x, dy, C, out.mean, out.invStd, gamma, relu ? out.y : undefined, true, true);
+          const g = batchNormKernels(k).batchNormBackward(x, dy, C, out.mean, out.invStd, gamma, relu ? out.y : undefined, true, true);
           const want = bnBackwardRef(x, dy, C, gamma, beta, relu);
           expect(relErr(g.dx!, want.dx)).toBeLessThan(1e-4);
           expect(relErr(g.dgamma, want.dgamma)).toBeLessThan(1e-5);
           expect(relErr(g.dbeta, want.dbeta)).toBeLessThan(1e-5);
-          expect(k.batchNormBackward(x, dy, C, out.mean, out.invStd, gamma, undefined, true, false).dx).toBeUndefined();
+          expect(batchNormKernels(k).batchNormBackward(x, dy, C, out.mean, out.invStd, gamma, undefined, true, false).dx).toBeUndefined();
 
           // Eval mode: running statistics, dx = dy·γσ⁻¹ (masked by the ReLU).
           const invStd = Float32Array.from(runVar, (v) => 1 / Math.sqrt(v + EPS));
           const scale = Float32Array.from(gamma, (v, c) => v * invStd[c]);
           const shift = Float32Array.from(beta, (v, c) => v - runMean[c] * scale[c]);
-          const ye = k.scaleShift(x, C, scale, shift, relu);
+          const ye = batchNormKernels(k).scaleShift(x, C, scale, shift, relu);
           const yeRef = Float64Array.from(x, (v, i) => {
             const c = i % C;
             const t = ((v - runMean[c]) * gamma[c]) / Math.sqrt(runVar[c] + EPS) + beta[c];
             return relu ? Math.max(t, 0) : t;
           });
           expect(relErr(ye, yeRef)).toBeLessThan(2e-6);
-          const ge = k.batchNormBackward(x, dy, C, runMean, invStd, gamma, relu ? ye : undefined, false, true);
+          const ge = batchNormKernels(k).batchNormBackward(x, dy, C, runMean, invStd, gamma, relu ? ye : undefined, false, true);
           const dxRef = Float64Array.from(dy, (v, i) => (relu && !(ye[i] > 0) ? 0 : v * gamma[i % C] * invStd[i % C]));
           expect(relErr(ge.dx!, dxRef)).toBeLessThan(1e-6);
         }
@@ -217,7 +218,7 @@ describe.each(impls)('%s elementwise kernels against float64', (_name, get) => {
     const x = randn(len, r, 0.01, 10);
     const gamma = new Float32Array(C).fill(1);
     const beta = new Float32Array(C);
-    const out = k.batchNormTrain(x, C, gamma, beta, new Float32Array(C), new Float32Array(C).fill(1), 0.1, EPS, false);
+    const out = batchNormKernels(k).batchNormTrain(x, C, gamma, beta, new Float32Array(C), new Float32Array(C).fill(1), 0.1, EPS, false);
     const ref = bnStatsRef(x, C);
     expect(relErr(out.invStd, ref.invStd)).toBeLessThan(1e-4);
     expect(relErr(out.y, bnForwardRef(x, C, gamma, beta, false))).toBeLessThan(1e-3);
@@ -237,8 +238,8 @@ describe.each(impls)('%s elementwise kernels against float64', (_name, get) => {
       // The ReLU's sign pattern, to drop the rare difference quotient that straddles a kink.
       const signs = (xx: ArrayLike<number>, gg: ArrayLike<number>, bb: ArrayLike<number>) =>
         bnForwardRef(xx, C, gg, bb, false).reduce((s, v, i) => s + (v > 0 ? i + 1 : 0), 0);
-      const out = k.batchNormTrain(x, C, gamma, beta, new Float32Array(C), new Float32Array(C), 0.1, EPS, relu);
-      const g = k.batchNormBackward(x, w, C, out.mean, out.invStd, gamma, relu ? out.y : undefined, true, true);
+      const out = batchNormKernels(k).batchNormTrain(x, C, gamma, beta, new Float32Array(C), new Float32Array(C), 0.1, EPS, relu);
+      const g = batchNormKernels(k).batchNormBackward(x, w, C, out.mean, out.invStd, gamma, relu ? out.y : undefined, true, true);
       const h = 1e-5;
       let straddles = 0;
       const fd = (vec: ArrayLike<number>, i: number, f: (v: Float64Array) => number, sig: (v: Float64Array) => number, got: number) => {
@@ -276,13 +277,13 @@ describe('native against js elementwise kernels', () => {
     const beta = randn(C, r, 0.2);
     const dy = randn(len, r);
     const [rmJ, rvJ, rmN, rvN] = [new Float32Array(C), new Float32Array(C).fill(1), new Float32Array(C), new Float32Array(C).fill(1)];
-    const a = js.batchNormTrain(x, C, gamma, beta, rmJ, rvJ, 0.1, EPS, true);
-    const b = nat.batchNormTrain(x, C, gamma, beta, rmN, rvN, 0.1, EPS, true);
+    const a = batchNormKernels(js).batchNormTrain(x, C, gamma, beta, rmJ, rvJ, 0.1, EPS, true);
+    const b = batchNormKernels(nat).batchNormTrain(x, C, gamma, beta, rmN, rvN, 0.1, EPS, true);
     expect(relErr(b.y, a.y)).toBeLessThan(1e-6);
     expect(relErr(rmN, rmJ)).toBeLessThan(1e-6);
     expect(relErr(rvN, rvJ)).toBeLessThan(1e-6);
-    const ga = js.batchNormBackward(x, dy, C, a.mean, a.invStd, gamma, a.y, true, true);
-    const gb = nat.batchNormBackward(x, dy, C, b.mean, b.invStd, gamma, b.y, true, true);
+    const ga = batchNormKernels(js).batchNormBackward(x, dy, C, a.mean, a.invStd, gamma, a.y, true, true);
+    const gb = batchNormKernels(nat).batchNormBackward(x, dy, C, b.mean, b.invStd, gamma, b.y, true, true);
     expect(relErr(gb.dx!, ga.dx!)).toBeLessThan(1e-5);
     expect(relErr(gb.dgamma, ga.dgamma)).toBeLessThan(1e-5);
     const pa = js.maxPool(a.y, shape);
@@ -296,6 +297,6 @@ describe('native against js elementwise kernels', () => {
     expect(Array.from(nat.maxPoolBackward(Float32Array.from([1, 2]), Int32Array.from([99, -5]), [1, 3, 1, 1, 1]))).toEqual([0, 0, 0]);
     expect(() => nat.maxPoolBackward(new Float32Array(3), new Int32Array(3), [1, 3, 1, 1, 1])).toThrow(/expected 2/);
     expect(() => nat.add(new Float32Array(3), new Float32Array(4), false)).toThrow();
-    expect(() => nat.scaleShift(new Float32Array(6), 4, new Float32Array(4), new Float32Array(4), false)).toThrow();
+    expect(() => batchNormKernels(nat).scaleShift(new Float32Array(6), 4, new Float32Array(4), new Float32Array(4), false)).toThrow();
   });
 });

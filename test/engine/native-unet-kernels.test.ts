@@ -23,6 +23,8 @@ import { createMed3d, type Med3dArchitecture } from '../../shared/model/med3d.ts
 import { med3dForward } from '../../shared/model/med3d-forward.ts';
 import { segmentationLossJs } from '../../shared/model/tfjs-trainer.ts';
 import { gaussian, mulberry32 } from '../../shared/util/random.ts';
+import { batchNormKernels } from '../../shared/model/layers/batch-norm.ts';
+import { groupNormKernels } from '../../shared/model/layers/group-norm.ts';
 
 function onednn(): OneDnnKernels {
   const r = loadOneDnnKernels();
@@ -112,19 +114,19 @@ describe('native GroupNorm against the JS reference and float64', () => {
         const dy = randn(len, len + 1);
         const gamma = randn(C, C, 1, 0.3);
         const beta = randn(C, C + 1, 0, 0.3);
-        const js = jsElementwiseKernels.groupNormForward(x, n, C, G, gamma, beta, 1e-5, relu);
-        const got = nat.groupNormForward(x, n, C, G, gamma, beta, 1e-5, relu);
+        const js = groupNormKernels(jsElementwiseKernels).groupNormForward(x, n, C, G, gamma, beta, 1e-5, relu);
+        const got = groupNormKernels(nat).groupNormForward(x, n, C, G, gamma, beta, 1e-5, relu);
         expect(relErr(got.y, groupNormRef(x, n, C, G, gamma, beta, relu))).toBeLessThan(1e-6);
         expect(relErr(got.y, js.y)).toBeLessThan(1e-6);
         expect(relErr(got.mean, js.mean)).toBeLessThan(1e-7);
         expect(relErr(got.invStd, js.invStd)).toBeLessThan(1e-6);
 
-        const gj = jsElementwiseKernels.groupNormBackward(x, dy, n, C, G, js, gamma, relu ? js.y : undefined, true);
-        const gn = nat.groupNormBackward(x, dy, n, C, G, got, gamma, relu ? got.y : undefined, true);
+        const gj = groupNormKernels(jsElementwiseKernels).groupNormBackward(x, dy, n, C, G, js, gamma, relu ? js.y : undefined, true);
+        const gn = groupNormKernels(nat).groupNormBackward(x, dy, n, C, G, got, gamma, relu ? got.y : undefined, true);
         expect(relErr(gn.dx!, gj.dx!)).toBeLessThan(2e-6);
         expect(relErr(gn.dgamma, gj.dgamma)).toBeLessThan(2e-6);
         expect(relErr(gn.dbeta, gj.dbeta)).toBeLessThan(2e-6);
-        const noDx = nat.groupNormBackward(x, dy, n, C, G, got, gamma, relu ? got.y : undefined, false);
+        const noDx = groupNormKernels(nat).groupNormBackward(x, dy, n, C, G, got, gamma, relu ? got.y : undefined, false);
         expect(noDx.dx).toBeUndefined();
         expect(Array.from(noDx.dgamma)).toEqual(Array.from(gn.dgamma));
       });
@@ -137,11 +139,42 @@ describe('native GroupNorm against the JS reference and float64', () => {
     const x = randn(n * V * C, 5, 1000, 1);
     const gamma = new Float32Array(C).fill(1);
     const beta = new Float32Array(C);
-    const got = nat.groupNormForward(x, n, C, G, gamma, beta, 1e-5, false);
+    const got = groupNormKernels(nat).groupNormForward(x, n, C, G, gamma, beta, 1e-5, false);
     // float32 inputs of magnitude 1000 carry ±3e-5 each; the normalised values are O(1).
     expect(relErr(got.y, groupNormRef(x, n, C, G, gamma, beta, false))).toBeLessThan(1e-5);
-    expect(() => nat.groupNormForward(x, n, C, 3, new Float32Array(C), beta, 1e-5, false)).toThrow(/cannot be split into 3 groups/);
-    expect(() => nat.groupNormForward(x.subarray(1), n, C, G, gamma, beta, 1e-5, false)).toThrow(/do not form 2 samples/);
+    expect(() => groupNormKernels(nat).groupNormForward(x, n, C, 3, new Float32Array(C), beta, 1e-5, false)).toThrow(/cannot be split into 3 groups/);
+    expect(() => groupNormKernels(nat).groupNormForward(x.subarray(1), n, C, G, gamma, beta, 1e-5, false)).toThrow(/do not form 2 samples/);
+  });
+});
+
+describe('norm layers and the addon', () => {
+  it('run the addon kernels they find by name; the JS kernels offer none', () => {
+    const nat = native();
+    const calls: string[] = [];
+    const spied: ElementwiseKernels = {
+      ...nat,
+      native<F extends (...args: never[]) => unknown>(name: string): F | undefined {
+        const f = nat.native<(...args: never[]) => unknown>(name);
+        return f && (((...args: never[]) => {
+          calls.push(name);
+          return f(...args);
+        }) as F);
+      },
+    };
+    const [n, C] = [2, 8];
+    const x = randn(n * 27 * C, 3);
+    const dy = randn(x.length, 4);
+    const gamma = randn(C, 5, 1, 0.3);
+    const beta = randn(C, 6, 0, 0.3);
+    const gn = groupNormKernels(spied);
+    const fwd = gn.groupNormForward(x, n, C, 4, gamma, beta, 1e-5, true);
+    gn.groupNormBackward(x, dy, n, C, 4, fwd, gamma, fwd.y, true);
+    const bn = batchNormKernels(spied);
+    const t = bn.batchNormTrain(x, C, gamma, beta, new Float32Array(C), new Float32Array(C).fill(1), 0.1, 1e-5, false);
+    bn.batchNormBackward(x, dy, C, t.mean, t.invStd, gamma, undefined, true, true);
+    expect(calls).toEqual(['groupNormForward', 'groupNormBackward', 'bnStats', 'scaleShift', 'bnBackward']);
+    for (const name of ['bnStats', 'groupNormForward', 'concat']) expect(jsElementwiseKernels.native(name)).toBeUndefined();
+    expect(nat.native('noSuchKernel')).toBeUndefined();
   });
 });
 
@@ -200,20 +233,20 @@ describe('kernels write every value of outputs from a dirty allocator', () => {
     for (const relu of [false, true]) {
       const [m1, v1] = stats();
       const [m2, v2] = stats();
-      const bnC = clean.batchNormTrain(x, C, gamma, beta, m1, v1, 0.1, 1e-5, relu);
-      const bnD = k.batchNormTrain(x, C, gamma, beta, m2, v2, 0.1, 1e-5, relu);
+      const bnC = batchNormKernels(clean).batchNormTrain(x, C, gamma, beta, m1, v1, 0.1, 1e-5, relu);
+      const bnD = batchNormKernels(k).batchNormTrain(x, C, gamma, beta, m2, v2, 0.1, 1e-5, relu);
       same(bnD.y, bnC.y);
-      same(k.scaleShift(x, C, gamma, beta, relu), clean.scaleShift(x, C, gamma, beta, relu));
+      same(batchNormKernels(k).scaleShift(x, C, gamma, beta, relu), batchNormKernels(clean).scaleShift(x, C, gamma, beta, relu));
       same(
-        k.batchNormBackward(x, dy, C, bnC.mean, bnC.invStd, gamma, relu ? bnC.y : undefined, true, true).dx,
-        clean.batchNormBackward(x, dy, C, bnC.mean, bnC.invStd, gamma, relu ? bnC.y : undefined, true, true).dx,
+        batchNormKernels(k).batchNormBackward(x, dy, C, bnC.mean, bnC.invStd, gamma, relu ? bnC.y : undefined, true, true).dx,
+        batchNormKernels(clean).batchNormBackward(x, dy, C, bnC.mean, bnC.invStd, gamma, relu ? bnC.y : undefined, true, true).dx,
       );
       same(k.add(x, x2, relu), clean.add(x, x2, relu));
-      const gnC = clean.groupNormForward(x, n, C, 4, gamma, beta, 1e-5, relu);
-      same(k.groupNormForward(x, n, C, 4, gamma, beta, 1e-5, relu).y, gnC.y);
+      const gnC = groupNormKernels(clean).groupNormForward(x, n, C, 4, gamma, beta, 1e-5, relu);
+      same(groupNormKernels(k).groupNormForward(x, n, C, 4, gamma, beta, 1e-5, relu).y, gnC.y);
       same(
-        k.groupNormBackward(x, dy, n, C, 4, gnC, gamma, relu ? gnC.y : undefined, true).dx,
-        clean.groupNormBackward(x, dy, n, C, 4, gnC, gamma, relu ? gnC.y : undefined, true).dx,
+        groupNormKernels(k).groupNormBackward(x, dy, n, C, 4, gnC, gamma, relu ? gnC.y : undefined, true).dx,
+        groupNormKernels(clean).groupNormBackward(x, dy, n, C, 4, gnC, gamma, relu ? gnC.y : undefined, true).dx,
       );
     }
     const r = clean.relu(x);

@@ -11,7 +11,7 @@ import { selectConvKernels } from '../../shared/engine/conv-select.ts';
 import type { ConvKernels } from '../../shared/engine/conv-kernels.ts';
 import { selectEngine } from '../../shared/engine/select.ts';
 import { jsConvKernels } from '../../shared/model/conv3d-cpu.ts';
-import { groupNormBackward, groupNormForward } from '../../shared/model/graph/group-norm.ts';
+import { groupNormBackward, groupNormForward } from '../../shared/model/layers/group-norm-kernel.ts';
 import { createMed3dTrainOps, type ParamStore } from '../../shared/model/graph/med3d-ops.ts';
 import { act, Tape, type Act } from '../../shared/model/graph/tape.ts';
 import {

@@ -26,6 +26,7 @@ import {
 } from '../../shared/model/transfer-init.ts';
 import { makeBundle, type NamedTensor, type TensorBundle } from '../../shared/tensors/bundle.ts';
 import { decodeSafetensors } from '../../shared/tensors/safetensors.ts';
+import { batchNorm } from '../../shared/model/layers/batch-norm.ts';
 
 type Tf = typeof TfModule;
 type Tensor = TfModule.Tensor;
@@ -452,7 +453,7 @@ describe('inflate-2d: responses (tfjs cpu vs PyTorch 2D)', () => {
   }
 
   const bn = (get: (n: string) => Tensor, x: Tensor5D, p: string) =>
-    ops.batchNorm(x, { gamma: get(`${p}.weight`), beta: get(`${p}.bias`), mean: get(`${p}.running_mean`), variance: get(`${p}.running_var`) }, p);
+    ops.norm(x, batchNorm, (s) => get(`${p}.${s}`), undefined, false);
 
   /** Med3D conv1, stem (conv1+bn1+relu) and layer1 (maxpool + basic block, identity shortcut) in NDHWC. */
   function stemAndLayer1(weights: TensorBundle, vol: Tensor5D): { conv1: Tensor5D; stem: Tensor5D; layer1: Tensor5D } {

@@ -1,29 +1,23 @@
 /**
  * Med3D graph ops on Float32Arrays with gradients: the training engine behind the Med3D trainer.
- * Convolutions go through a ConvKernels implementation (oneDNN when built, else JS loops); BatchNorm,
- * GroupNorm/InstanceNorm, ReLU, max-pool, add, channel concatenation and the transposed convolutions' bias
- * through ElementwiseKernels (the addon's C++ loops with the oneDNN kernels, else JS), norms fused with the
- * ReLU that follows them where the graph has one; shortcut A and the classifier are written here. With a
- * BufferPool every activation and gradient comes from the pool (a training step's buffers reused by the next
- * step). Semantics follow PyTorch exactly:
+ * Convolutions go through a ConvKernels implementation (oneDNN when built, else JS loops); ReLU, max-pool, add,
+ * channel concatenation and the transposed convolutions' bias through ElementwiseKernels (the addon's C++ loops
+ * with the oneDNN kernels, else JS); norm layers are their own modules (shared/model/layers/), run here with an
+ * OpContext, fused with the ReLU that follows them where the graph has one; shortcut A and the classifier are
+ * written here. With a BufferPool every activation and gradient comes from the pool (a training step's buffers
+ * reused by the next step). Semantics follow PyTorch exactly:
  * symmetric padding, BatchNorm with batch statistics in training (biased variance to normalise, unbiased
  * for the running estimate, momentum 0.1 in PyTorch's sense), running statistics in eval.
  */
 import { inputLength, outputLength, torchConvGeom, weightLength, type ConvKernels } from '../../engine/conv-kernels.ts';
 import { elementwiseOf, uninitF32, type ElementwiseKernels } from '../../engine/elementwise-kernels.ts';
 import type { Rng } from '../../util/random.ts';
-import { MED3D_BN_EPS } from '../med3d.ts';
-import type { AffineNormParams, BatchNormParams, Med3dConvOptions, Med3dGraphOps } from '../med3d-forward.ts';
+import type { Med3dConvOptions, Med3dGraphOps } from '../med3d-forward.ts';
+import type { OpContext, ParamStore } from './op-context.ts';
 import type { BufferPool } from './pool.ts';
 import { act, type Act, type Tape } from './tape.ts';
 
-/** Where ops read parameters and put their gradients; parameters are referred to by name. */
-export interface ParamStore {
-  value(name: string): Float32Array;
-  shape(name: string): readonly number[];
-  /** The gradient accumulator of a trained parameter; undefined when it is frozen or not trained. */
-  grad(name: string): Float32Array | undefined;
-}
+export type { ParamStore };
 
 export interface Med3dOpsOptions {
   readonly kernels: ConvKernels;
@@ -71,6 +65,7 @@ export function createMed3dTrainOps(o: Med3dOpsOptions): Med3dTrainOps {
     return r;
   };
   const record = (fn: () => void) => tape?.record(fn);
+  const layerContext: OpContext = { store, training, bnMomentum: momentum, kernels: ew, record, accumulate };
 
   const conv3d = (x: Act, wName: string, opts: Med3dConvOptions): Act => {
     const w = store.value(wName);
@@ -114,69 +109,6 @@ export function createMed3dTrainOps(o: Med3dOpsOptions): Med3dTrainOps {
         for (let c = 0; c < cout; c++) gb[c] += sum[c];
       }
       if (x.needsGrad) accumulate(x, pooled(outputLength(g), (o) => kernels.conv3d(dy, w, g, o)), true);
-    });
-    return out;
-  };
-
-  const batchNorm = (x: Act, p: BatchNormParams<string>, relu: boolean): Act => {
-    const C = x.shape[x.shape.length - 1];
-    const xv = x.data;
-    const gamma = store.value(p.gamma);
-    const beta = store.value(p.beta);
-    let y: Float32Array;
-    let mean: Float32Array;
-    let invStd: Float32Array;
-    if (training) {
-      ({ y, mean, invStd } = ew.batchNormTrain(xv, C, gamma, beta, store.value(p.mean), store.value(p.variance), momentum, MED3D_BN_EPS, relu));
-    } else {
-      const runMean = store.value(p.mean);
-      const runVar = store.value(p.variance);
-      mean = new Float32Array(C);
-      invStd = new Float32Array(C);
-      const scale = new Float32Array(C);
-      const shift = new Float32Array(C);
-      for (let c = 0; c < C; c++) {
-        mean[c] = runMean[c];
-        invStd[c] = 1 / Math.sqrt(runVar[c] + MED3D_BN_EPS);
-        scale[c] = gamma[c] * invStd[c];
-        shift[c] = beta[c] - runMean[c] * scale[c];
-      }
-      y = ew.scaleShift(xv, C, scale, shift, relu);
-    }
-    const out = act(y, x.shape, true);
-    record(() => {
-      const dy = out.grad;
-      if (!dy) return;
-      const gg = store.grad(p.gamma);
-      const gb = store.grad(p.beta);
-      const g = ew.batchNormBackward(xv, dy, C, mean, invStd, gamma, relu ? y : undefined, training, x.needsGrad);
-      for (let c = 0; c < C; c++) {
-        if (gg) gg[c] += g.dgamma[c];
-        if (gb) gb[c] += g.dbeta[c];
-      }
-      if (g.dx) accumulate(x, g.dx, true);
-    });
-    return out;
-  };
-
-  // Group/instance norm: the same computation in training and inference (no running statistics).
-  const groupNorm = (x: Act, p: AffineNormParams<string>, groups: number, relu: boolean): Act => {
-    const n = x.shape[0];
-    const C = x.shape[x.shape.length - 1];
-    const gamma = store.value(p.gamma);
-    const fwd = ew.groupNormForward(x.data, n, C, groups, gamma, store.value(p.beta), MED3D_BN_EPS, relu);
-    const out = act(fwd.y, x.shape, true);
-    record(() => {
-      const dy = out.grad;
-      if (!dy) return;
-      const g = ew.groupNormBackward(x.data, dy, n, C, groups, fwd, gamma, relu ? fwd.y : undefined, x.needsGrad);
-      const gg = store.grad(p.gamma);
-      const gb = store.grad(p.beta);
-      for (let c = 0; c < C; c++) {
-        if (gg) gg[c] += g.dgamma[c];
-        if (gb) gb[c] += g.dbeta[c];
-      }
-      if (g.dx) accumulate(x, g.dx, true);
     });
     return out;
   };
@@ -338,9 +270,7 @@ export function createMed3dTrainOps(o: Med3dOpsOptions): Med3dTrainOps {
     shape: (x) => x.shape,
     conv3d,
     convTranspose2x,
-    batchNorm: (x, p) => batchNorm(x, p, false),
-    batchNormRelu: (x, p) => batchNorm(x, p, true),
-    groupNorm,
+    norm: (x, layer, param, groups, relu) => layer.train(layerContext, x, param, groups, relu),
     concat,
     relu,
     maxPool,
