@@ -9,7 +9,10 @@ import { segmentationLossJs } from '../model/tfjs-trainer.ts';
 import { optimizerKernelsOf } from '../model/optim.ts';
 import { inputLength, outputLength, weightLength, type ConvKernels } from './conv-kernels.ts';
 import type { ComputeDevice } from './device.ts';
-import { elementwiseOf, type ElementwiseKernels, type GroupNormForward } from './elementwise-kernels.ts';
+import { batchNormKernels } from '../model/layers/batch-norm.ts';
+import { groupNormKernels } from '../model/layers/group-norm.ts';
+import type { GroupNormForward } from '../model/layers/group-norm-kernel.ts';
+import { elementwiseOf, type ElementwiseKernels } from './elementwise-kernels.ts';
 
 /** What a host forward kernel saves for its backward. */
 export type HostSaved =
@@ -23,6 +26,8 @@ export function createHostDevice(kernels: ConvKernels, opts: { elementwise?: Ele
   const pool = new BufferPool();
   const take = (n: number) => pool.take(n);
   const ew = (opts.elementwise ?? elementwiseOf(kernels)).withAlloc(take);
+  const bn = batchNormKernels(ew);
+  const gn = groupNormKernels(ew);
   const optim = optimizerKernelsOf(kernels);
   /** Runs a convolution kernel into a pooled output (the kernel may ignore it and return its own). */
   const pooled = (len: number, run: (out: Float32Array) => Float32Array): Float32Array => {
@@ -74,7 +79,7 @@ export function createHostDevice(kernels: ConvKernels, opts: { elementwise?: Ele
     conv3dBackwardFilterAdd: (x, dy, g, gw) => ew.addInto(gw, pooled(weightLength(g), (o) => kernels.conv3dBackwardFilter(x, dy, g, o))),
 
     batchNormTrain(x, C, gamma, beta, runMean, runVar, momentum, eps, relu) {
-      const r = ew.batchNormTrain(x, C, gamma, beta, runMean, runVar, momentum, eps, relu);
+      const r = bn.batchNormTrain(x, C, gamma, beta, runMean, runVar, momentum, eps, relu);
       return { y: r.y, saved: { kind: 'bn', mean: r.mean, invStd: r.invStd } };
     },
     batchNormEval(x, C, gamma, beta, runMean, runVar, eps, relu) {
@@ -88,20 +93,20 @@ export function createHostDevice(kernels: ConvKernels, opts: { elementwise?: Ele
         scale[c] = gamma[c] * invStd[c];
         shift[c] = beta[c] - runMean[c] * scale[c];
       }
-      return { y: ew.scaleShift(x, C, scale, shift, relu), saved: { kind: 'bn', mean, invStd } };
+      return { y: bn.scaleShift(x, C, scale, shift, relu), saved: { kind: 'bn', mean, invStd } };
     },
     batchNormBackward(x, dy, C, s, gamma, y, batchStats, wantDx, gg, gb) {
       const { mean, invStd } = saved(s, 'bn');
-      const g = ew.batchNormBackward(x, dy, C, mean, invStd, gamma, y, batchStats, wantDx);
+      const g = bn.batchNormBackward(x, dy, C, mean, invStd, gamma, y, batchStats, wantDx);
       addParamGrads(gg, gb, g.dgamma, g.dbeta);
       return g.dx;
     },
     groupNormForward(x, n, C, G, gamma, beta, eps, relu) {
-      const fwd = ew.groupNormForward(x, n, C, G, gamma, beta, eps, relu);
+      const fwd = gn.groupNormForward(x, n, C, G, gamma, beta, eps, relu);
       return { y: fwd.y, saved: { kind: 'gn', fwd } };
     },
     groupNormBackward(x, dy, n, C, G, s, gamma, reluOut, wantDx, gg, gb) {
-      const g = ew.groupNormBackward(x, dy, n, C, G, saved(s, 'gn').fwd, gamma, reluOut, wantDx);
+      const g = gn.groupNormBackward(x, dy, n, C, G, saved(s, 'gn').fwd, gamma, reluOut, wantDx);
       addParamGrads(gg, gb, g.dgamma, g.dbeta);
       return g.dx;
     },

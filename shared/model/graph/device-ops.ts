@@ -10,7 +10,21 @@
 import { torchConvGeom } from '../../engine/conv-kernels.ts';
 import type { ComputeDevice } from '../../engine/device.ts';
 import { MED3D_BN_EPS } from '../med3d.ts';
-import type { AffineNormParams, BatchNormParams, Med3dConvOptions, Med3dGraphOps } from '../med3d-forward.ts';
+import type { Med3dConvOptions, Med3dGraphOps } from '../med3d-forward.ts';
+
+/** BatchNorm's tensors by store name (γ, β and the running statistics). */
+interface BatchNormParams<P> {
+  readonly gamma: P;
+  readonly beta: P;
+  readonly mean: P;
+  readonly variance: P;
+}
+
+/** γ and β of a group/instance norm layer. */
+interface AffineNormParams<P> {
+  readonly gamma: P;
+  readonly beta: P;
+}
 
 export interface DeviceAct<B> {
   readonly buf: B;
@@ -228,9 +242,11 @@ export function createMed3dDeviceOps<B, S>(o: DeviceOpsOptions<B, S>): Med3dGrap
     shape: (x) => x.shape,
     conv3d,
     convTranspose2x,
-    batchNorm: (x, p) => batchNorm(x, p, false),
-    batchNormRelu: (x, p) => batchNorm(x, p, true),
-    groupNorm,
+    // A layer with running statistics is BatchNorm; the others (group, instance) normalise per sample in groups.
+    norm: (x, layer, param, groups, relu) =>
+      layer.runningStatistics
+        ? batchNorm(x, { gamma: param('weight'), beta: param('bias'), mean: param('running_mean'), variance: param('running_var') }, relu)
+        : groupNorm(x, { gamma: param('weight'), beta: param('bias') }, groups ?? x.shape[x.shape.length - 1], relu),
     concat,
     relu,
     maxPool,
