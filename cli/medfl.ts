@@ -282,13 +282,13 @@ model
   .command('embed')
   .description('run the Med3D encoder (eval mode) on a volume and write layer4 features as .npy (N×D′×H′×W′×C)')
   .requiredOption('--model <file>', 'model .safetensors (MedFL or PyTorch layout)')
-  .requiredOption('--input <volume>', '.nii, .nii.gz or .npy (float32, D×H×W or N×D×H×W×1)')
+  .requiredOption('--input <volume...>', ".nii, .nii.gz or .npy (float32, D×H×W or N×D×H×W×C); a model with C input channels takes C NIfTI files, one per channel")
   .requiredOption('--out <file>', 'output .npy')
   .addOption(new Option('--arch <arch>', 'override the architecture recorded in the file').choices([...MED3D_ARCHS]))
   .addOption(new Option('--shortcut <type>', 'override the shortcut type').choices(['A', 'B']))
   .option('--width <multiplier>', 'override the width multiplier', positiveNumberOption('--width', 64))
   .addOption(new Option('--engine <name>', 'force a compute engine').choices(['auto', 'tfjs-node-gpu', 'tfjs-node', 'wasm', 'cpu']))
-  .action(async (o: { model: string; input: string; out: string; arch?: string; shortcut?: string; width?: number; engine?: string }) => {
+  .action(async (o: { model: string; input: string[]; out: string; arch?: string; shortcut?: string; width?: number; engine?: string }) => {
     const { runEmbed } = await import('./model-embed.ts');
     await runEmbed({ ...o, log: (line) => process.stdout.write(line + '\n') });
   });
