@@ -233,10 +233,10 @@ siteCmd
 
 siteCmd
   .command('import-dicom')
-  .description('convert DICOM series into a data folder (MSD layout, NIfTI): one case per series, no identifiers in names; reports what it skipped and why')
+  .description('convert DICOM series into a data folder (MSD layout, NIfTI): one case per series, DICOM-SEG objects as their series\' labels, no identifiers in names; reports what it skipped and why')
   .requiredOption('--in <dir>', 'folder of DICOM files (any structure)')
   .requiredOption('--out <dir>', 'new data folder to write (imagesTr/, dataset.json)')
-  .option('--labels <dir>', 'segmentations as NIfTI named SERIES_INSTANCE_UID.nii(.gz), on their series grid')
+  .option('--labels <dir>', 'segmentations as NIfTI named SERIES_INSTANCE_UID.nii(.gz), on their series grid (they win over a DICOM-SEG of the same series)')
   .option('--map <file>', 'also write case → SeriesInstanceUID/StudyInstanceUID as CSV (mode 0600; outside the data folder)')
   .option('--modality <code>', 'import only this DICOM modality (CT, MR, …); default the most common one')
   .action(async (o: { in: string; out: string; labels?: string; map?: string; modality?: string }) => {
