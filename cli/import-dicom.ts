@@ -8,7 +8,9 @@
  *
  * --labels DIR: segmentations as NIfTI, one per series, named SERIES_INSTANCE_UID.nii(.gz) (what annotation tools
  *   keyed on the series give); each must lie on its series' grid (dims and affine) and becomes labelsTr/case_NNN.
- *   Series without one are unlabelled (the unlabelled pool).
+ * DICOM-SEG objects found under DICOM_DIR become the label of the series they reference (segment number = label
+ *   value; rules in site-agent/data/dicom-seg.ts), unless a NIfTI label was given for it. Series without either are
+ *   unlabelled (the unlabelled pool).
  * --map FILE: a CSV (case, SeriesInstanceUID, StudyInstanceUID) written with mode 0600, for the site to trace a case
  *   back to its study; it holds identifiers, so it is only written on request and never inside DATA_DIR.
  * --modality: import only series of that DICOM modality (a folder of CT and MR series otherwise takes the most
@@ -23,6 +25,7 @@ import { readFile, readdir, stat } from 'node:fs/promises';
 import { join, relative, resolve } from 'node:path';
 import { z } from 'zod';
 import { assembleSeries, channelNameOf, DicomError, readDicomSeriesKey, readDicomSlice, type DicomSlice, type DicomVolume } from '../site-agent/data/dicom.ts';
+import { isSegModality, readDicomSeg, segToLabel, type DicomSeg } from '../site-agent/data/dicom-seg.ts';
 import { NiftiError, readNifti, writeNifti } from '../site-agent/data/nifti.ts';
 import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
 import type { Logger } from '../shared/util/log.ts';
@@ -108,6 +111,9 @@ export async function runImportDicom(opts: ImportDicomOptions, log?: Pick<Logger
     }
   }
   const labelProblems: string[] = [];
+  // DICOM-SEG objects by the series they were drawn on.
+  const segsBySeries = new Map<string, DicomSeg[]>();
+  const segmentNames = new Map<number, string>();
   const cases: ImportedCase[] = [];
   const mapRows: string[] = ['case,SeriesInstanceUID,StudyInstanceUID'];
 
@@ -116,6 +122,9 @@ export async function runImportDicom(opts: ImportDicomOptions, log?: Pick<Logger
     await writeNifti(join(out, 'imagesTr', `${name}_0000.nii.gz`), { data: v.data, dims: v.dims, spacing: v.spacing, affine: v.affine, description: 'medfl import-dicom' });
     let labelled = false;
     const lf = labelFiles.get(uid);
+    const segs = segsBySeries.get(uid) ?? [];
+    segsBySeries.delete(uid);
+    if (lf && segs.length > 0) labelProblems.push(`${name}: has a NIfTI label and a DICOM-SEG; the NIfTI label was used`);
     if (lf) {
       labelFiles.delete(uid);
       try {
@@ -132,11 +141,27 @@ export async function runImportDicom(opts: ImportDicomOptions, log?: Pick<Logger
         labelProblems.push(`${name}: its label cannot be read (${e.fault}); left unlabelled`);
       }
     }
+    else if (segs.length > 1) labelProblems.push(`${name}: ${segs.length} DICOM-SEG objects reference its series; left unlabelled (keep one)`);
+    else if (segs.length === 1) {
+      try {
+        const label = segToLabel(segs[0], v.grid);
+        await writeNifti(join(out, 'labelsTr', `${name}.nii.gz`), { data: label, dims: v.dims, spacing: v.spacing, affine: v.affine, description: 'medfl import-dicom' });
+        for (const [n, l] of segs[0].segments) if (!segmentNames.has(n)) segmentNames.set(n, l);
+        labelled = true;
+      } catch (e) {
+        if (!(e instanceof DicomError)) throw e;
+        labelProblems.push(`${name}: its DICOM-SEG cannot be used (${e.message}); left unlabelled`);
+      }
+    }
     cases.push({ case: name, series, modality: v.modality, dims: v.dims, spacing: v.spacing, labelled });
     mapRows.push(`${name},${uid},${studyUid ?? ''}`);
   };
 
-  // Pass 1: headers only, files grouped by series (the series' modality from its first file).
+  const addSeg = (seg: DicomSeg): void => {
+    segsBySeries.set(seg.referencedSeriesUid, [...(segsBySeries.get(seg.referencedSeriesUid) ?? []), seg]);
+  };
+
+  // Pass 1: headers only, files grouped by series; segmentation objects read whole (bit-packed, small) (the series' modality from its first file).
   const bySeries = new Map<string, { modality: string; files: string[] }>();
   for (const file of await listFiles(input)) {
     const size = (await stat(file)).size;
@@ -145,7 +170,17 @@ export async function runImportDicom(opts: ImportDicomOptions, log?: Pick<Logger
       continue;
     }
     try {
-      const k = readDicomSeriesKey(await readFile(file));
+      const bytes = await readFile(file);
+      const k = readDicomSeriesKey(bytes);
+      if (isSegModality(k.modality)) {
+        try {
+          addSeg(readDicomSeg(bytes));
+        } catch (e) {
+          if (!(e instanceof DicomError)) throw e;
+          skipFile(`DICOM-SEG not used: ${e.message}`);
+        }
+        continue;
+      }
       const entry = bySeries.get(k.seriesUid);
       if (entry) entry.files.push(file);
       else bySeries.set(k.seriesUid, { modality: k.modality, files: [file] });
@@ -194,7 +229,7 @@ export async function runImportDicom(opts: ImportDicomOptions, log?: Pick<Logger
       description: 'converted from DICOM by medfl site import-dicom; class names are placeholders: edit "labels" to name them',
       tensorImageSize: '3D',
       modality: { '0': channelNameOf(modality!) },
-      labels: { '0': 'background', '1': 'class 1' },
+      labels: segmentNames.size > 0 ? segmentLabels(segmentNames) : { '0': 'background', '1': 'class 1' },
       numTraining: cases.length,
       numTest: 0,
       ...(labelled ? {} : { note: 'no labels were supplied: every case is in the unlabelled pool until labelsTr/ holds its segmentation' }),
@@ -207,11 +242,18 @@ export async function runImportDicom(opts: ImportDicomOptions, log?: Pick<Logger
     cases,
     skippedSeries,
     skippedFiles: [...fileReasons].map(([reason, files]) => ({ reason, files })),
-    labels: { used: cases.filter((c) => c.labelled).length, unmatched: labelFiles.size, problems: labelProblems },
+    labels: { used: cases.filter((c) => c.labelled).length, unmatched: labelFiles.size + [...segsBySeries.values()].reduce((a, l) => a + l.length, 0), problems: labelProblems },
   };
   // Counts only: the log may leave the site's console; the printed report is for the people importing.
   log?.info({ cases: cases.length, skippedSeries: skippedSeries.length, skippedFiles: [...fileReasons.values()].reduce((a, v) => a + v, 0), labelled: report.labels.used }, 'DICOM import finished');
   return report;
+}
+
+/** dataset.json's labels from the segments seen: value N named by its SegmentLabel (or "segment N"). */
+function segmentLabels(names: ReadonlyMap<number, string>): Record<string, string> {
+  const labels: Record<string, string> = { '0': 'background' };
+  for (const n of [...names.keys()].sort((a, b) => a - b)) labels[String(n)] = names.get(n) || `segment ${n}`;
+  return labels;
 }
 
 /** Lines for the people at the site. */

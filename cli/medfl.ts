@@ -233,10 +233,10 @@ siteCmd
 
 siteCmd
   .command('import-dicom')
-  .description('convert DICOM series into a data folder (MSD layout, NIfTI): one case per series, no identifiers in names; reports what it skipped and why')
+  .description('convert DICOM series into a data folder (MSD layout, NIfTI): one case per series, DICOM-SEG objects as their series\' labels, no identifiers in names; reports what it skipped and why')
   .requiredOption('--in <dir>', 'folder of DICOM files (any structure)')
   .requiredOption('--out <dir>', 'new data folder to write (imagesTr/, dataset.json)')
-  .option('--labels <dir>', 'segmentations as NIfTI named SERIES_INSTANCE_UID.nii(.gz), on their series grid')
+  .option('--labels <dir>', 'segmentations as NIfTI named SERIES_INSTANCE_UID.nii(.gz), on their series grid (they win over a DICOM-SEG of the same series)')
   .option('--map <file>', 'also write case → SeriesInstanceUID/StudyInstanceUID as CSV (mode 0600; outside the data folder)')
   .option('--modality <code>', 'import only this DICOM modality (CT, MR, …); default the most common one')
   .action(async (o: { in: string; out: string; labels?: string; map?: string; modality?: string }) => {
@@ -282,13 +282,13 @@ model
   .command('embed')
   .description('run the Med3D encoder (eval mode) on a volume and write layer4 features as .npy (N×D′×H′×W′×C)')
   .requiredOption('--model <file>', 'model .safetensors (MedFL or PyTorch layout)')
-  .requiredOption('--input <volume>', '.nii, .nii.gz or .npy (float32, D×H×W or N×D×H×W×1)')
+  .requiredOption('--input <volume...>', ".nii, .nii.gz or .npy (float32, D×H×W or N×D×H×W×C); a model with C input channels takes C NIfTI files, one per channel")
   .requiredOption('--out <file>', 'output .npy')
   .addOption(new Option('--arch <arch>', 'override the architecture recorded in the file').choices([...MED3D_ARCHS]))
   .addOption(new Option('--shortcut <type>', 'override the shortcut type').choices(['A', 'B']))
   .option('--width <multiplier>', 'override the width multiplier', positiveNumberOption('--width', 64))
   .addOption(new Option('--engine <name>', 'force a compute engine').choices(['auto', 'tfjs-node-gpu', 'tfjs-node', 'wasm', 'cpu']))
-  .action(async (o: { model: string; input: string; out: string; arch?: string; shortcut?: string; width?: number; engine?: string }) => {
+  .action(async (o: { model: string; input: string[]; out: string; arch?: string; shortcut?: string; width?: number; engine?: string }) => {
     const { runEmbed } = await import('./model-embed.ts');
     await runEmbed({ ...o, log: (line) => process.stdout.write(line + '\n') });
   });

@@ -14,7 +14,9 @@
  * projection weights, conv1 width; see inferMed3dOptions). Any tensor that does not fit is an error.
  *
  * Input: .nii / .nii.gz (one 3-D volume, shape [Z,Y,X] = [D,H,W], intensities used as stored: normalise
- * beforehand as the model was trained), or .npy float32 D×H×W or N×D×H×W×1.
+ * beforehand as the model was trained), or .npy float32 D×H×W or N×D×H×W×C. A model with C input channels
+ * (plan model.inputChannels, e.g. FLAIR, T1w, T1gd, T2w) takes C NIfTI files, one per channel in the model's
+ * channel order (as the MSD files _0000…_000{C-1}), all on one grid, or one .npy with C channels last.
  */
 import { readFile } from 'node:fs/promises';
 import { basename } from 'node:path';
@@ -40,7 +42,8 @@ import { readNifti } from '../site-agent/data/nifti.ts';
 
 export interface EmbedOptions {
   readonly model: string;
-  readonly input: string;
+  /** One volume, or one NIfTI per input channel (channel order). */
+  readonly input: string | readonly string[];
   readonly out: string;
   /** "resnet10", "resnet50", "r18", "34", … (overrides the file). */
   readonly arch?: string;
@@ -103,13 +106,34 @@ function readModel(buf: Uint8Array, file: string): { layout: 'medfl' | 'pytorch'
   };
 }
 
-async function readVolume(path: string): Promise<{ shape: [number, number, number, number, number]; data: Float32Array }> {
+type Volume = { shape: [number, number, number, number, number]; data: Float32Array };
+
+/** The input as N×D×H×W×C: one file, or one NIfTI per channel interleaved channels last. */
+async function readInput(paths: readonly string[]): Promise<Volume> {
+  if (paths.length === 0) throw new EmbedError('--input: no volume given');
+  if (paths.length === 1) return readVolume(paths[0]);
+  const channels: Volume[] = [];
+  for (const p of paths) {
+    if (p.toLowerCase().endsWith('.npy')) throw new EmbedError(`${basename(p)}: several inputs are one NIfTI per channel; give a multi-channel .npy (N×D×H×W×C) on its own`);
+    channels.push(await readVolume(p));
+  }
+  const s0 = channels[0].shape;
+  const other = channels.findIndex((v) => v.shape.some((d, a) => d !== s0[a]));
+  if (other >= 0) throw new EmbedError(`${basename(paths[other])}: ${channels[other].shape.slice(1, 4).join('×')} voxels where ${basename(paths[0])} has ${s0.slice(1, 4).join('×')}: the channels of one scan must share one grid`);
+  const C = channels.length;
+  const n = channels[0].data.length;
+  const data = new Float32Array(n * C);
+  for (let c = 0; c < C; c++) for (let v = 0; v < n; v++) data[v * C + c] = channels[c].data[v];
+  return { shape: [s0[0], s0[1], s0[2], s0[3], C], data };
+}
+
+async function readVolume(path: string): Promise<Volume> {
   const lower = path.toLowerCase();
   if (lower.endsWith('.npy')) {
     const a = await readNpy(path);
     if (a.shape.length === 3) return { shape: [1, a.shape[0], a.shape[1], a.shape[2], 1], data: a.data };
-    if (a.shape.length === 5 && a.shape[4] === 1) return { shape: a.shape as [number, number, number, number, number], data: a.data };
-    throw new EmbedError(`${basename(path)}: .npy shape (${a.shape.join(', ')}) is not D×H×W or N×D×H×W×1 (channels-last, one channel)`);
+    if (a.shape.length === 5) return { shape: a.shape as [number, number, number, number, number], data: a.data };
+    throw new EmbedError(`${basename(path)}: .npy shape (${a.shape.join(', ')}) is not D×H×W or N×D×H×W×C (channels last)`);
   }
   if (lower.endsWith('.nii') || lower.endsWith('.nii.gz')) {
     const v = await readNifti(path);
@@ -146,8 +170,14 @@ export async function runEmbed(opts: EmbedOptions): Promise<EmbedResult> {
   if (o.depth === undefined) throw new EmbedError(`${basename(opts.model)}: cannot tell the ResNet depth from the file; pass --arch resnet10|18|34|50|101`);
   if (o.shortcut === undefined) throw new EmbedError(`${basename(opts.model)}: cannot tell the shortcut type from the file; pass --shortcut A|B`);
 
-  const vol = await readVolume(opts.input);
-  const [, D, H, W] = vol.shape;
+  const vol = await readInput(typeof opts.input === 'string' ? [opts.input] : opts.input);
+  const [, D, H, W, C] = vol.shape;
+  const modelChannels = o.inChannels ?? 1;
+  if (C !== modelChannels) {
+    throw new EmbedError(
+      `the input has ${C} channel(s) but the model takes ${modelChannels}: give ${modelChannels === 1 ? 'one volume' : `${modelChannels} NIfTI files (one per channel, in the model's order) or a .npy with ${modelChannels} channels last`}`,
+    );
+  }
   let arch;
   try {
     // The head is not used for embedding; keep the file's when it has one (so its tensors are recognised).
@@ -159,6 +189,7 @@ export async function runEmbed(opts: EmbedOptions): Promise<EmbedResult> {
       patch: [D, H, W],
       norm: o.norm,
       normGroups: o.normGroups,
+      inChannels: modelChannels,
     });
   } catch (e) {
     throw new EmbedError((e as Error).message);

@@ -7,7 +7,7 @@ import { cpSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync
 import { join } from 'node:path';
 import type { VolumeCase } from '../../shared/model/types.ts';
 import { parseDatasetJson, type DatasetJson } from '../../site-agent/data/dataset-json.ts';
-import { SiteData, validationCarve } from '../../site-agent/data/site-data.ts';
+import { preparedToVolumeCase, SiteData, validationCarve } from '../../site-agent/data/site-data.ts';
 import { scanDataset } from '../../site-agent/data/layout.ts';
 import { readCase } from '../../site-agent/data/case-reader.ts';
 import { SITE_PROFILES } from '../../site-agent/data/phantom.ts';
@@ -109,8 +109,8 @@ export async function loadTestCases(testDir: string, meta: DatasetJson, patch: r
   for (const ref of [...probe.train, ...probe.val]) {
     const c = await probe.load(ref);
     if (!c?.label) continue;
-    if (c.channels.length !== 1) throw new Error(`test case ${ref.id} has ${c.channels.length} channels; the trainers take one`);
-    cases.push({ id: ref.id, shape: [c.shape[0], c.shape[1], c.shape[2]], image: c.channels[0], label: c.label });
+    // Every input channel, interleaved channels last as the encoder reads them (one channel: the volume itself).
+    cases.push(preparedToVolumeCase(c, ref.id));
   }
   if (cases.length === 0) throw new Error(`no usable labelled case in the test folder ${testDir} (it needs imagesTs/ + labelsTs/, or imagesTr/ + labelsTr/ with a dataset.json)`);
   return { cases, numClasses: Math.max(2, probe.labels.length) };

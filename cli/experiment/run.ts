@@ -82,6 +82,14 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
   const plan = o.plan;
   const patch = [...plan.model.patch] as [number, number, number];
 
+  const inputChannels = plan.model.inputChannels ?? 1;
+  if (inputChannels > 1 && (!o.sites || !o.test)) {
+    throw new Error(`model.inputChannels is ${inputChannels} but the generated phantom federation has one channel: give --sites and --test folders with ${inputChannels} channels`);
+  }
+  if (inputChannels > 1 && o.inits.includes('federated-ssl')) {
+    throw new Error(`--inits federated-ssl: restoration pretraining takes one-channel patches, and model.inputChannels is ${inputChannels} (not supported yet)`);
+  }
+
   // 1. Data: the given folders, or a generated phantom federation with unlabelled pools.
   let siteDirs = o.sites?.map((d) => resolve(d));
   let testDir = o.test ? resolve(o.test) : undefined;
@@ -97,6 +105,8 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
   const test = await loadTestCases(testDir, meta, patch, { ...(plan.data.spacing ? { spacing: plan.data.spacing } : {}), normalization: plan.data.normalization });
   if (test.numClasses > plan.model.numClasses) throw new Error(`the test folder has ${test.numClasses} label classes but the plan's model.numClasses is ${plan.model.numClasses}`);
   const testCases: VolumeCase[] = test.cases;
+  const badChannels = testCases.find((c) => (c.channels ?? 1) !== inputChannels);
+  if (badChannels) throw new Error(`test case ${badChannels.id} has ${badChannels.channels ?? 1} channel(s) but the plan's model takes ${inputChannels} (model.inputChannels)`);
   const pooledDir = o.arms.includes('pooled') ? poolFolders(join(out, 'data', 'pooled'), siteDirs) : '';
 
   const runs: ArmRun[] = [];
@@ -109,7 +119,8 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
     const { thresholdBaseline } = await import('../../site-agent/data/threshold-baseline.ts');
     const dice: Record<string, number[]> = {};
     const val: Record<string, number[]> = {};
-    const asBaseline = testCases.map((c) => ({ shape: c.shape, channels: [c.image], ...(c.label ? { label: c.label } : {}) }));
+    // The rule thresholds the first channel, at the sites and on the test cases alike.
+    const asBaseline = testCases.map((c) => ({ shape: c.shape, channels: [firstChannel(c)], ...(c.label ? { label: c.label } : {}) }));
     for (const [i, d] of siteDirs.entries()) {
       const r = await thresholdBaseline(d, asBaseline, { patch, normalization: plan.data.normalization, ...(plan.data.spacing ? { spacing: plan.data.spacing } : {}) });
       dice[siteNames[i]] = [r.testDice];
@@ -263,4 +274,13 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
 function mkd(p: string): string {
   mkdirSync(p, { recursive: true });
   return p;
+}
+
+/** Channel 0 of a channels-last case (the image itself when it has one channel). */
+function firstChannel(c: VolumeCase): Float32Array {
+  const C = c.channels ?? 1;
+  if (C === 1) return c.image;
+  const out = new Float32Array(c.image.length / C);
+  for (let v = 0; v < out.length; v++) out[v] = c.image[v * C];
+  return out;
 }

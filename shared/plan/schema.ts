@@ -333,9 +333,6 @@ export const PlanSchema = z
   .refine((p) => !(p.pretraining.enabled && (p.model.inputChannels ?? 1) !== 1), {
     message: 'pretraining restores one-channel patches: it needs model.inputChannels 1',
   })
-  .refine((p) => !(p.teacherStudent.enabled && (p.model.inputChannels ?? 1) !== 1), {
-    message: 'teacherStudent pseudo-labels one-channel volumes: it needs model.inputChannels 1',
-  })
   .refine((p) => !(p.pretraining.enabled && p.model.patch.some((s) => s % 8 !== 0)), {
     message: 'pretraining: the restoration decoder works on the full patch grid, so every side of model.patch must be a multiple of 8',
   })

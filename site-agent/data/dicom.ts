@@ -50,6 +50,7 @@ const COMPRESSED_NAMES: Readonly<Record<string, string>> = {
 const TAG = {
   transferSyntax: 'x00020010',
   sopClass: 'x00080016',
+  sopInstanceUid: 'x00080018',
   modality: 'x00080060',
   seriesUid: 'x0020000e',
   studyUid: 'x0020000d',
@@ -77,6 +78,8 @@ export class DicomError extends Error {
 /** One image (slice) of a series, pixel values already rescaled. */
 export interface DicomSlice {
   readonly seriesUid: string;
+  /** SOPInstanceUID, how a segmentation's frames name the image they were drawn on ('' when absent). */
+  readonly sopInstanceUid: string;
   readonly studyUid?: string;
   /** "CT", "MR", … as stored. */
   readonly modality: string;
@@ -96,7 +99,7 @@ export interface DicomSlice {
   readonly format: string;
 }
 
-function numbers(ds: DataSet, tag: string, n: number, what: string): number[] {
+export function numbers(ds: DataSet, tag: string, n: number, what: string): number[] {
   const count = ds.numStringValues(tag);
   if (count === undefined || count < n) throw new DicomError(`${what} (${tag.slice(1, 5)},${tag.slice(5)}) missing or with fewer than ${n} values`);
   const out: number[] = [];
@@ -118,7 +121,8 @@ export function isPart10(bytes: Uint8Array): boolean {
   return bytes.length >= 132 && bytes[128] === 0x44 && bytes[129] === 0x49 && bytes[130] === 0x43 && bytes[131] === 0x4d;
 }
 
-function parse(bytes: Uint8Array, headerOnly: boolean): DataSet {
+/** Parses a Part 10 file (up to its pixel data when `headerOnly`); refuses compressed transfer syntaxes. */
+export function parseDicom(bytes: Uint8Array, headerOnly: boolean): DataSet {
   if (!isPart10(bytes)) throw new DicomError('not a DICOM Part 10 file (no "DICM" after the 128-byte preamble)');
   let ds: DataSet;
   try {
@@ -147,7 +151,7 @@ function checkSyntax(ds: DataSet): void {
  * refuse for the file's encoding (not Part 10, compressed).
  */
 export function readDicomSeriesKey(bytes: Uint8Array): { readonly seriesUid: string; readonly modality: string } {
-  const ds = parse(bytes, true);
+  const ds = parseDicom(bytes, true);
   const seriesUid = ds.string(TAG.seriesUid);
   if (!seriesUid) throw new DicomError('SeriesInstanceUID (0020,000E) missing');
   return { seriesUid, modality: (ds.string(TAG.modality) ?? 'OT').trim() };
@@ -158,7 +162,7 @@ export function readDicomSeriesKey(bytes: Uint8Array): { readonly seriesUid: str
  * use: compressed pixel data, colour, several frames, no geometry.
  */
 export function readDicomSlice(bytes: Uint8Array): DicomSlice {
-  const ds = parse(bytes, false);
+  const ds = parseDicom(bytes, false);
   const syntax = ds.string(TAG.transferSyntax) ?? '';
   const native = NATIVE_SYNTAXES[syntax];
   if (ds.elements[TAG.pixelData] === undefined) throw new DicomError('no pixel data (not an image: a report, a segmentation or a presentation state?)');
@@ -217,6 +221,7 @@ export function readDicomSlice(bytes: Uint8Array): DicomSlice {
   }
   return {
     seriesUid,
+    sopInstanceUid: (ds.string(TAG.sopInstanceUid) ?? '').trim(),
     ...(ds.string(TAG.studyUid) ? { studyUid: ds.string(TAG.studyUid) } : {}),
     modality: (ds.string(TAG.modality) ?? 'OT').trim(),
     rows,
@@ -239,6 +244,21 @@ export interface DicomVolume {
   readonly affine: number[][];
   readonly data: Float32Array | Int16Array;
   readonly slices: number;
+  /** Where the slices lie, in DICOM's LPS terms, for placing a segmentation's frames on them. */
+  readonly grid: DicomGrid;
+}
+
+/** A series' voxel grid as DICOM states it (LPS), slice k at origin + k·sliceStep·normal. */
+export interface DicomGrid {
+  readonly rows: number;
+  readonly columns: number;
+  readonly orientation: readonly [number, number, number, number, number, number];
+  readonly pixelSpacing: readonly [number, number];
+  readonly normal: readonly [number, number, number];
+  readonly origin: readonly [number, number, number];
+  readonly sliceStep: number;
+  /** SOPInstanceUID of slice k ('' when the image had none). */
+  readonly sopInstanceUids: readonly string[];
 }
 
 /** Relative tolerance on slice steps (1 %), with a floor of 0.01 mm, as converters allow rounding in positions. */
@@ -299,7 +319,17 @@ export function assembleSeries(slices: readonly DicomSlice[]): DicomVolume {
   const integral = sorted.every((s) => s.integral);
   const data = integral ? new Int16Array(plane * sorted.length) : new Float32Array(plane * sorted.length);
   sorted.forEach((s, k) => data.set(s.values, k * plane));
-  return { modality: s0.modality, dims: [s0.columns, s0.rows, sorted.length], spacing: [colSpacing, rowSpacing, dz], affine, data, slices: sorted.length };
+  const grid: DicomGrid = {
+    rows: s0.rows,
+    columns: s0.columns,
+    orientation: s0.orientation,
+    pixelSpacing: s0.pixelSpacing,
+    normal: n as [number, number, number],
+    origin: p0,
+    sliceStep: dz,
+    sopInstanceUids: sorted.map((s) => s.sopInstanceUid),
+  };
+  return { modality: s0.modality, dims: [s0.columns, s0.rows, sorted.length], spacing: [colSpacing, rowSpacing, dz], affine, data, slices: sorted.length, grid };
 }
 
 /** dataset.json channel name for a DICOM Modality: "CT" stays CT (MedFL then uses the HU window), MR → "MRI". */

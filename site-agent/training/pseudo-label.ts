@@ -17,7 +17,7 @@ import { writeFileAtomic } from '../../shared/util/fs-atomic.ts';
 import { randomInt, type Rng } from '../../shared/util/random.ts';
 import type { Logger } from '../../shared/util/log.ts';
 import { augmentPatch, type AugmentOptions } from '../data/augment.ts';
-import type { CaseRef, SiteData } from '../data/site-data.ts';
+import { preparedToVolumeCase, type CaseRef, type SiteData } from '../data/site-data.ts';
 import { flipVolume, type InferenceSettings } from '../../shared/model/sliding-window.ts';
 
 export { flipVolume };
@@ -65,8 +65,8 @@ export async function teacherProbs(trainer: Trainer, weights: TensorBundle, vc: 
   const sum = new Float32Array(D * H * W * C);
   for (let f = 0; f < 8; f++) {
     const flip: [boolean, boolean, boolean] = [(f & 4) !== 0, (f & 2) !== 0, (f & 1) !== 0];
-    const image = flipVolume(vc.image, vc.shape, flip, 1);
-    const p = await trainer.predictProbs(weights, { id: vc.id, shape: vc.shape, image });
+    const image = flipVolume(vc.image, vc.shape, flip, vc.channels ?? 1);
+    const p = await trainer.predictProbs(weights, { ...vc, image });
     const back = flipVolume(p, vc.shape, flip, C);
     for (let i = 0; i < sum.length; i++) sum[i] += back[i] / 8;
   }
@@ -148,9 +148,9 @@ export async function labelPool(
   for (const ref of pool) {
     const c = await data.load(ref);
     if (!c) continue;
-    if (c.channels.length !== 1) throw new Error(`unlabelled case ${ref.id} has ${c.channels.length} channels; the trainers take one`);
     const shape: [number, number, number] = [c.shape[0], c.shape[1], c.shape[2]];
-    const probs = await teacherProbs(trainer, teacher, { id: ref.id, shape, image: c.channels[0] }, ts.flipTTA);
+    // Every input channel, interleaved as the encoder reads them (a one-channel case is passed without a copy).
+    const probs = await teacherProbs(trainer, teacher, preparedToVolumeCase(c, ref.id), ts.flipTTA);
     const { target, mask, argmax } = pseudoTarget(probs, C, ts);
     let predictedForeground = 0;
     for (let v = 0; v < argmax.length; v++) if (argmax[v] > 0) predictedForeground++;
@@ -258,10 +258,10 @@ export class PseudoPatches {
       const fp = this.o.augment === false ? 0 : typeof this.o.augment.flipProbability === 'number' ? this.o.augment.flipProbability : 0.5;
       const flip = [0, 1, 2].map(() => fp > 0 && rng() < fp);
       const pv = pd * ph * pw;
-      const image = new Float32Array(pv);
+      const Cin = c.channels.length;
+      const image = new Float32Array(pv * Cin);
       const target = new Float32Array(pv * C);
       const weight = new Float32Array(pv);
-      const img = c.channels[0];
       for (let z = 0; z < pd; z++) {
         const sz = oz + (flip[0] ? pd - 1 - z : z);
         for (let y = 0; y < ph; y++) {
@@ -271,7 +271,7 @@ export class PseudoPatches {
             const d = (z * ph + y) * pw + x;
             if (sz < D && sy < H && sx < W) {
               const s = (sz * H + sy) * W + sx;
-              image[d] = img[s];
+              for (let ch = 0; ch < Cin; ch++) image[d * Cin + ch] = c.channels[ch][s];
               for (let k = 0; k < C; k++) target[d * C + k] = p.target[s * C + k];
               weight[d] = p.weight[s];
             } else {
@@ -281,8 +281,8 @@ export class PseudoPatches {
         }
       }
       // Intensity noise only (mirroring was done above, on target and weight too).
-      const aug = this.o.augment === false ? image : augmentPatch({ shape: [pd, ph, pw], channels: 1, image }, rng, { ...this.o.augment, flipProbability: 0 }).image;
-      out.push({ id: `pseudo-${out.length}`, shape: [pd, ph, pw], image: aug, target, weight });
+      const aug = this.o.augment === false ? image : augmentPatch({ shape: [pd, ph, pw], channels: Cin, image }, rng, { ...this.o.augment, flipProbability: 0 }).image;
+      out.push({ id: `pseudo-${out.length}`, shape: [pd, ph, pw], image: aug, ...(Cin !== 1 ? { channels: Cin } : {}), target, weight });
     }
     return out;
   }

@@ -11,7 +11,7 @@ import { runCheckData } from '../../cli/check-data.ts';
 import { formatImportReport, runImportDicom } from '../../cli/import-dicom.ts';
 import { readNifti, writeNifti } from '../../site-agent/data/nifti.ts';
 import { toCanonical } from '../../site-agent/data/orientation.ts';
-import { JPEG_BASELINE, writeDicomSlice, type SliceSpec } from '../helpers/dicom-writer.ts';
+import { JPEG_BASELINE, writeDicomSeg, writeDicomSlice, type SegFrameSpec, type SliceSpec } from '../helpers/dicom-writer.ts';
 
 const tmp = mkdtempSync(join(tmpdir(), 'medfl-dicom-'));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
@@ -188,4 +188,98 @@ describe('DICOM import', () => {
     await expect(runImportDicom({ input: src, out: join(tmp, 'out1') })).rejects.toThrow(/exists and is not empty/);
     await expect(runImportDicom({ input: src, out: join(src, 'nested') })).rejects.toThrow(/must not be inside --in/);
   });
+
+  describe('DICOM-SEG labels', () => {
+    /** The expected label of voxel (column i, row j, slice k): segment 2 a box, segment 1 a lattice around it. */
+    const mask = (i: number, j: number, k: number): number => (i >= 2 && i <= 4 && j >= 3 && j <= 5 && k >= 1 && k <= 3 ? 2 : (i + 2 * j + k) % 5 === 0 ? 1 : 0);
+    const segments = [
+      { number: 1, label: 'liver' },
+      { number: 2, label: 'tumour' },
+    ];
+    /** One frame per (segment, slice) that holds any of it, in a shuffled order; `value` gives a pixel's stored value. */
+    function framesOf(s: Series, how: 'sop' | 'position', value: (inside: boolean, q: number) => number): SegFrameSpec[] {
+      const frames: SegFrameSpec[] = [];
+      for (const k of [5, 0, 3, 6, 1, 4, 2]) {
+        for (const segment of [2, 1]) {
+          const pixels = new Uint8Array(ROWS * COLS);
+          for (let j = 0; j < ROWS; j++) for (let i = 0; i < COLS; i++) pixels[j * COLS + i] = value(mask(i, j, k) === segment, j * COLS + i);
+          if (!pixels.some((v) => v > 0)) continue;
+          const position = [0, 1, 2].map((a) => s.p0[a] + k * DZ * s.n[a]);
+          frames.push({ segment, pixels, ...(how === 'sop' ? { sopInstanceUid: `${s.uid}.${k + 1}` } : { position }) });
+        }
+      }
+      return frames;
+    }
+    const segOf = (s: Series, segUid: string, frames: SegFrameSpec[], extra: Partial<Parameters<typeof writeDicomSeg>[1]> = {}) => ({
+      seriesUid: segUid,
+      referencedSeriesUid: s.uid,
+      rows: ROWS,
+      columns: COLS,
+      segments,
+      orientation: [...s.r, ...s.c],
+      pixelSpacing: PS,
+      frames,
+      ...extra,
+    });
+
+    it('BINARY by source image and FRACTIONAL by position become label maps voxel for voxel, on the image grid', async () => {
+      const src = join(tmp, 'seg1');
+      const a = { ...oblique, uid: '1.2.826.0.1.3680043.10.999.11.1' };
+      const b = { ...axial, uid: '1.2.826.0.1.3680043.10.999.11.2' };
+      writeSeries(join(src, 'a'), a);
+      writeSeries(join(src, 'b'), b);
+      writeDicomSeg(join(src, 'a-seg', 'SEG1'), segOf(a, '1.2.826.0.1.3680043.10.999.11.3', framesOf(a, 'sop', (inside) => (inside ? 1 : 0))));
+      // Fractional: 128 of 255 counts as inside, 127 not; frames found by their position only.
+      const frac = framesOf(b, 'position', (inside, q) => (inside ? (q % 2 ? 128 : 255) : q % 3 === 0 ? 127 : 0));
+      writeDicomSeg(join(src, 'b-seg', 'SEG2'), segOf(b, '1.2.826.0.1.3680043.10.999.11.4', frac, { type: 'FRACTIONAL', maxFractional: 255 }));
+      const out = join(tmp, 'seg1-out');
+      const map = join(tmp, 'seg1-map.csv');
+      const r = await runImportDicom({ input: src, out, map });
+      expect(r.skippedFiles).toEqual([]);
+      expect(r.skippedSeries).toEqual([]);
+      expect(r.labels).toEqual({ used: 2, unmatched: 0, problems: [] });
+      const caseOf = (uid: string) => readFileSync(map, 'utf8').split('\n').find((l) => l.includes(uid))!.split(',')[0];
+      for (const s of [a, b]) {
+        const image = await readNifti(join(out, 'imagesTr', `${caseOf(s.uid)}_0000.nii.gz`));
+        const label = await readNifti(join(out, 'labelsTr', `${caseOf(s.uid)}.nii.gz`));
+        expect(label.dims).toEqual(image.dims);
+        expect(label.affine).toEqual(image.affine);
+        for (let k = 0; k < SLICES; k++) for (let j = 0; j < ROWS; j++) for (let i = 0; i < COLS; i++) expect(label.data[i + COLS * (j + ROWS * k)]).toBe(mask(i, j, k));
+      }
+      // In MedFL's canonical RAS+ the axial label turns with its image: x and y reversed, slices kept.
+      const canon = toCanonical(await readNifti(join(out, 'labelsTr', `${caseOf(b.uid)}.nii.gz`)));
+      for (const [i, j, k] of [[0, 0, 0], [5, 3, 2], [7, 5, 3], [9, 8, 6]]) expect(canon.data[i + COLS * (j + ROWS * k)]).toBe(mask(COLS - 1 - i, ROWS - 1 - j, k));
+      const json = JSON.parse(readFileSync(join(out, 'dataset.json'), 'utf8'));
+      expect(json.labels).toEqual({ '0': 'background', '1': 'liver', '2': 'tumour' });
+      let text = '';
+      expect(await runCheckData(out, (t) => void (text += t))).toBe(0);
+      expect(text).toMatch(/usable: 2 training/);
+    });
+
+    it('refuses overlapping segments, another grid, frames between slices and label maps, each with its reason', async () => {
+      const src = join(tmp, 'seg2');
+      const uid = (n: number) => `1.2.826.0.1.3680043.10.999.12.${n}`;
+      const ss = [1, 2, 3, 4].map((n) => ({ ...axial, uid: uid(n) }));
+      for (const [n, s] of ss.entries()) writeSeries(join(src, `s${n}`), s);
+      const ones = (k: number) => ({ segment: 1, sopInstanceUid: `${uid(1)}.${k + 1}`, pixels: new Uint8Array(ROWS * COLS).fill(1) });
+      writeDicomSeg(join(src, 'x', 'overlap'), segOf(ss[0], uid(11), [ones(2), { ...ones(2), segment: 2 }]));
+      writeDicomSeg(join(src, 'x', 'grid'), segOf(ss[1], uid(12), [{ segment: 1, position: ss[1].p0, pixels: new Uint8Array((ROWS - 1) * COLS) }], { rows: ROWS - 1 }));
+      writeDicomSeg(join(src, 'x', 'between'), segOf(ss[2], uid(13), [{ segment: 1, position: [ss[2].p0[0], ss[2].p0[1], ss[2].p0[2] + 1.2], pixels: new Uint8Array(ROWS * COLS) }]));
+      writeDicomSeg(join(src, 'x', 'labelmap'), segOf(ss[3], uid(14), [{ segment: 1, position: ss[3].p0, pixels: new Uint8Array(ROWS * COLS) }], { type: 'LABELMAP' }));
+      writeDicomSeg(join(src, 'x', 'orphan'), segOf({ ...axial, uid: uid(99) }, uid(15), [{ segment: 1, position: axial.p0, pixels: new Uint8Array(ROWS * COLS) }]));
+      const r = await runImportDicom({ input: src, out: join(tmp, 'seg2-out') });
+      expect(r.cases).toHaveLength(4);
+      expect(r.labels.used).toBe(0);
+      expect(r.labels.unmatched).toBe(1);
+      const problems = r.labels.problems.map((p) => p.replace(/^case_\d+: /, '')).sort();
+      expect(problems).toEqual([
+        expect.stringMatching(/^its DICOM-SEG cannot be used \(frame 1 lies on no slice of its series/),
+        expect.stringMatching(/^its DICOM-SEG cannot be used \(frames of 10×8 pixels on a series of 10×9 \(a resampled segmentation is not supported\)\)/),
+        expect.stringMatching(/^its DICOM-SEG cannot be used \(segments 1 and 2 overlap on slice 3/),
+      ]);
+      expect(r.skippedFiles).toEqual([{ reason: 'DICOM-SEG not used: SegmentationType LABELMAP: only BINARY and FRACTIONAL segmentations are imported', files: 1 }]);
+      expect(formatImportReport(r)).not.toMatch(/1\.2\.826|DOE/);
+    });
+  });
 });
+

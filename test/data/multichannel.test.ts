@@ -140,6 +140,8 @@ describe('a 4-channel Med3D', () => {
     expect(inferMed3dOptions(arch.params()).inChannels).toBe(4);
     expect(() => parsePlan('model: { architecture: tiny3d, inputChannels: 2 }\n')).toThrow(/inputChannels above 1 needs architecture med3d/);
     expect(() => parsePlan('model: { architecture: med3d, inputChannels: 2, patch: [16, 16, 16] }\npretraining: { enabled: true }\n')).toThrow(/pretraining restores one-channel patches/);
+    // Teacher–student pseudo-labels multi-channel scans (test/teacher-student/multichannel-*.test.ts).
+    expect(parsePlan('model: { architecture: med3d, inputChannels: 2, patch: [16, 16, 16] }\nteacherStudent: { enabled: true }\n').teacherStudent.enabled).toBe(true);
     expect(() => createMed3d({ depth: 10, shortcut: 'B', head: head2, patch: [16, 16, 16], inChannels: 0 })).toThrow(/inChannels must be an integer/);
   });
 

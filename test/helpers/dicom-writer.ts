@@ -135,3 +135,126 @@ export function writeDicomSlice(path: string, s: SliceSpec): void {
   mkdirSync(dirname(path), { recursive: true });
   writeFileSync(path, encodeDicomSlice(s));
 }
+
+const SEGMENTATION_STORAGE = '1.2.840.10008.5.1.4.1.1.66.4';
+
+/** A dataset (elements in tag order) as bytes, for sequence items. */
+function dataset(elems: [number, number, Value][]): Uint8Array {
+  return Buffer.concat([...elems].sort((a, b) => a[0] - b[0] || a[1] - b[1]).map(([g, e, v]) => element(g, e, v)));
+}
+
+/** A sequence of items with defined lengths. */
+function sq(itemsBytes: Uint8Array[]): { vr: string; bytes: Uint8Array } {
+  const parts: Uint8Array[] = [];
+  for (const it of itemsBytes) {
+    const h = new Uint8Array(8);
+    const dv = new DataView(h.buffer);
+    dv.setUint16(0, 0xfffe, true);
+    dv.setUint16(2, 0xe000, true);
+    dv.setUint32(4, it.length, true);
+    parts.push(h, it);
+  }
+  return { vr: 'SQ', bytes: Buffer.concat(parts) };
+}
+
+export interface SegFrameSpec {
+  readonly segment: number;
+  /** The source image's SOPInstanceUID (DerivationImageSequence), when given. */
+  readonly sopInstanceUid?: string;
+  /** PlanePositionSequence's ImagePositionPatient, when given. */
+  readonly position?: readonly number[];
+  /** rows·columns values, row by row: 0/1 for BINARY, 0..maxFractional for FRACTIONAL. */
+  readonly pixels: Uint8Array;
+}
+
+export interface SegSpec {
+  readonly seriesUid: string;
+  readonly referencedSeriesUid: string;
+  readonly rows: number;
+  readonly columns: number;
+  readonly type?: 'BINARY' | 'FRACTIONAL' | 'LABELMAP';
+  readonly maxFractional?: number;
+  readonly segments: readonly { readonly number: number; readonly label: string }[];
+  readonly orientation: readonly number[];
+  readonly pixelSpacing: readonly [number, number];
+  readonly frames: readonly SegFrameSpec[];
+}
+
+/** Encode a DICOM Segmentation object (PS3.3 A.51): explicit VR little endian, bit-packed when BINARY. */
+export function encodeDicomSeg(s: SegSpec): Uint8Array {
+  const type = s.type ?? 'BINARY';
+  const bits = type === 'FRACTIONAL' ? 8 : type === 'BINARY' ? 1 : 8;
+  const plane = s.rows * s.columns;
+  let pixels: Uint8Array;
+  if (bits === 1) {
+    pixels = new Uint8Array(Math.ceil((plane * s.frames.length) / 8));
+    s.frames.forEach((f, i) => f.pixels.forEach((v, p) => {
+      const bit = i * plane + p;
+      if (v) pixels[bit >> 3] |= 1 << (bit & 7);
+    }));
+  } else {
+    pixels = Buffer.concat(s.frames.map((f) => f.pixels));
+  }
+  if (pixels.length % 2 === 1) pixels = Buffer.concat([pixels, new Uint8Array(1)]);
+  const sop = `${s.seriesUid}.1`;
+  const metaElems: [number, Value][] = [
+    [0x0001, { vr: 'OB', bytes: new Uint8Array([0, 1]) }],
+    [0x0002, text('UI', SEGMENTATION_STORAGE)],
+    [0x0003, text('UI', sop)],
+    [0x0010, text('UI', EXPLICIT_LE)],
+    [0x0012, text('UI', '1.2.826.0.1.3680043.10.999.1')],
+  ];
+  const meta = Buffer.concat(metaElems.map(([e, v]) => element(0x0002, e, v)));
+  const shared = dataset([
+    [0x0020, 0x9116, sq([dataset([[0x0020, 0x0037, text('DS', s.orientation.map(ds).join('\\'))]])])],
+    [0x0028, 0x9110, sq([dataset([[0x0028, 0x0030, text('DS', s.pixelSpacing.map(ds).join('\\'))]])])],
+  ]);
+  const perFrame = s.frames.map((f) => {
+    const elems: [number, number, Value][] = [[0x0062, 0x000a, sq([dataset([[0x0062, 0x000b, us(f.segment)]])])]];
+    if (f.sopInstanceUid) {
+      const source = dataset([
+        [0x0008, 0x1150, text('UI', CT_IMAGE_STORAGE)],
+        [0x0008, 0x1155, text('UI', f.sopInstanceUid)],
+      ]);
+      elems.push([0x0008, 0x9124, sq([dataset([[0x0008, 0x2112, sq([source])]])])]);
+    }
+    if (f.position) elems.push([0x0020, 0x9113, sq([dataset([[0x0020, 0x0032, text('DS', f.position.map(ds).join('\\'))]])])]);
+    return dataset(elems);
+  });
+  const segments = s.segments.map((g) =>
+    dataset([
+      [0x0062, 0x0004, us(g.number)],
+      [0x0062, 0x0005, text('LO', g.label)],
+      [0x0062, 0x0008, text('CS', 'MANUAL')],
+    ]),
+  );
+  const body = dataset([
+    [0x0008, 0x0016, text('UI', SEGMENTATION_STORAGE)],
+    [0x0008, 0x0018, text('UI', sop)],
+    [0x0008, 0x0060, text('CS', 'SEG')],
+    [0x0008, 0x1115, sq([dataset([[0x0020, 0x000e, text('UI', s.referencedSeriesUid)]])])],
+    [0x0010, 0x0010, text('PN', 'DOE^JANE')],
+    [0x0020, 0x000e, text('UI', s.seriesUid)],
+    [0x0028, 0x0002, us(1)],
+    [0x0028, 0x0004, text('CS', 'MONOCHROME2')],
+    [0x0028, 0x0008, text('IS', String(s.frames.length))],
+    [0x0028, 0x0010, us(s.rows)],
+    [0x0028, 0x0011, us(s.columns)],
+    [0x0028, 0x0100, us(bits)],
+    [0x0028, 0x0101, us(bits)],
+    [0x0028, 0x0102, us(bits - 1)],
+    [0x0028, 0x0103, us(0)],
+    [0x0062, 0x0001, text('CS', type)],
+    [0x0062, 0x0002, sq(segments)],
+    ...(type === 'FRACTIONAL' ? ([[0x0062, 0x000e, us(s.maxFractional ?? 255)]] as [number, number, Value][]) : []),
+    [0x5200, 0x9229, sq([shared])],
+    [0x5200, 0x9230, sq(perFrame)],
+    [0x7fe0, 0x0010, { vr: 'OB', bytes: pixels }],
+  ]);
+  return Buffer.concat([new Uint8Array(128), Buffer.from('DICM', 'latin1'), element(0x0002, 0x0000, ul(meta.length)), meta, body]);
+}
+
+export function writeDicomSeg(path: string, s: SegSpec): void {
+  mkdirSync(dirname(path), { recursive: true });
+  writeFileSync(path, encodeDicomSeg(s));
+}
