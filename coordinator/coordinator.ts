@@ -46,6 +46,8 @@ import { feedMetricsFromEvents } from './admin-http/event-metrics.ts';
 import { readinessChecks } from './admin-http/readiness.ts';
 import { startAdminHttp, type AdminHttpServer } from './admin-http/server.ts';
 import { createDashboardSource } from './admin-http/dashboard-data.ts';
+import { recordPrivacyBudget } from './rounds/privacy-budget.ts';
+import { describeStorageFault } from '../shared/util/storage-fault.ts';
 
 export interface CoordinatorOptions {
   dir: string;
@@ -105,6 +107,12 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   // A full disk at start must not end the process: opening waits for space (store/startup.ts).
   const store = await openStoreWhenPossible(home.dbPath, { log, open: o.openStore, retryMs: o.storageRetryMs });
   const models = new ModelFiles(home.modelsDir);
+  try {
+    // For `medfl status`, which reads no plan: the budget the rounds are held to.
+    recordPrivacyBudget(store, plan);
+  } catch (e) {
+    log.warn({ err: describeStorageFault(e) }, 'could not record the plan\'s privacy budget for medfl status (the rounds are still held to it)');
+  }
   const remote = o.natsUrl ? await NatsBus.connect(o.natsUrl, { log }) : undefined;
   const signingKey = home.signingKey();
   // The signed, hash-chained contribution ledger (coordinator/ledger/), fed from the store's outbox like the events:

@@ -38,6 +38,7 @@ import { SITE_MAX_RECONNECT_BACKOFF_MS } from '../../shared/protocol/reconnect.t
 import { eventId, outboxRows } from '../events/outbox.ts';
 import { PROTOCOL_VERSION, SITE_FEATURES, type SiteCapabilities } from '../../shared/protocol/features.ts';
 import { settingsForSite } from '../../shared/protocol/compatibility.ts';
+import { BUDGET_EXHAUSTED_EVENT, describeRefusal, privacyBudgetRefusal, samplingRate } from './privacy-budget.ts';
 
 /** The wire shape of a Task, as handed to a site's stream. */
 export interface TaskMessage extends TaskManifest {
@@ -473,6 +474,7 @@ export class RoundEngine {
       this.finish();
       return;
     }
+    if (this.overPrivacyBudget()) return;
     const eligible = this.connectedSites().filter((s) => store.getSite(s)?.state === 'enrolled');
     if (eligible.length < plan.minSites) {
       if (!this.waitTimer) {
@@ -509,6 +511,7 @@ export class RoundEngine {
       this.gatherTimer = undefined;
     }
     const selected = plan.sitesPerRound > 0 ? shuffle(eligible).slice(0, plan.sitesPerRound).sort() : eligible;
+    if (this.overPrivacyBudget(selected.length)) return;
     const now = Date.now();
     const row: RoundRow = {
       round: store.lastRoundNumber() + 1,
@@ -900,12 +903,25 @@ export class RoundEngine {
     if (pruned.length > 0) this.o.log.info({ rounds: [...new Set(pruned)].sort((a, b) => a - b), keep }, 'deleted the update files of older closed rounds (plan.retention)');
   }
 
-  private finish(): void {
+  private finish(why = 'all planned rounds closed'): void {
     if (this.finished) return;
     this.finished = true;
-    this.emit('federation.finished', { model: this.currentModelHash, rounds: this.o.store.closedRoundCount() });
-    this.o.log.info({ model: this.currentModelHash }, 'federation finished: all planned rounds closed');
+    this.emit('federation.finished', { model: this.currentModelHash, rounds: this.o.store.closedRoundCount(), why });
+    this.o.log.info({ model: this.currentModelHash }, `federation finished: ${why}`);
     for (const sink of this.connected.values()) sink.send(this.finishedTask());
+  }
+
+  /**
+   * Plan privacy.epsilonBudget: true when a round asking `selected` sites (without: the smallest the plan allows)
+   * would take ε past it; the federation then ends, saying why.
+   */
+  private overPrivacyBudget(selected?: number): boolean {
+    const refusal = privacyBudgetRefusal(this.o.plan, this.o.store, selected);
+    if (!refusal) return false;
+    this.emit(BUDGET_EXHAUSTED_EVENT, { ...refusal });
+    this.o.log.warn(refusal, describeRefusal(refusal));
+    this.finish('privacy budget exhausted');
+    return true;
   }
 
   // ---- pretraining ----
@@ -1102,7 +1118,7 @@ export class RoundEngine {
     const dp = this.o.plan.aggregation.dp;
     if (!dp || !this.accountant) return undefined;
     const enrolled = this.o.store.listSites().filter((s) => s.state === 'enrolled').length;
-    const q = Math.min(1, row.selected.length / Math.max(1, enrolled, row.selected.length));
+    const q = samplingRate(row.selected.length, enrolled);
     const prev = this.o.store.getMeta(PRIVACY_KEY);
     const rounds = (prev ? (JSON.parse(prev) as PrivacySpent).rounds : 0) + 1;
     if (dp.noiseMultiplier === 0) {
