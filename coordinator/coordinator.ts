@@ -155,6 +155,10 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   });
   const cleaned = receiver.cleanPartials();
   if (cleaned > 0) log.info({ files: cleaned }, 'removed partial uploads left by an earlier run (never acknowledged)');
+  // A coordinator killed while writing a model version (e.g. a round's aggregate before its close committed) left
+  // the file half-written under a temporary name: never a version, and the close is redone from the stored updates.
+  const halfWritten = models.cleanIncoming();
+  if (halfWritten > 0) log.info({ files: halfWritten }, 'removed model files an earlier run left half-written');
 
   const directory: SiteDirectory = {
     getSite(name) {
