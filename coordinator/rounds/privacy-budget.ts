@@ -49,18 +49,16 @@ function spentOf(store: Pick<CoordinatorStore, 'getMeta'>): PrivacySpent | undef
 }
 
 /**
- * Refusal of a round that asks `selected` sites, or undefined when it fits the budget (or the plan has none).
- * Without `selected`: the smallest round the plan can open (minSites, or sitesPerRound if fewer), so a refusal then
- * holds whoever connects.
+ * Refusal of a round that asks `selected` sites, or undefined when it fits the budget (or the plan has none). Asked
+ * with the sites actually selected, since the sampling rate, and so the round's ε, depends on how many are asked.
  */
-export function privacyBudgetRefusal(plan: Plan, store: Pick<CoordinatorStore, 'getMeta' | 'listSites' | 'closedRoundCount'>, selected?: number): BudgetRefusal | undefined {
+export function privacyBudgetRefusal(plan: Plan, store: Pick<CoordinatorStore, 'getMeta' | 'listSites' | 'closedRoundCount'>, selected: number): BudgetRefusal | undefined {
   const budget = plan.privacy.epsilonBudget;
   const dp = plan.aggregation.dp;
   // The plan schema refuses a budget without noise; guard anyway so a budget never turns into "no limit".
   if (budget === undefined || !dp) return undefined;
   const enrolled = store.listSites().filter((s) => s.state === 'enrolled').length;
-  const smallest = plan.sitesPerRound > 0 ? Math.min(plan.sitesPerRound, plan.minSites) : plan.minSites;
-  const q = samplingRate(selected ?? smallest, enrolled);
+  const q = samplingRate(selected, enrolled);
   const spent = spentOf(store);
   const accountant = spent?.accountant ? RdpAccountant.fromJSON(spent.accountant) : new RdpAccountant();
   let projected = Number.POSITIVE_INFINITY;

@@ -474,7 +474,6 @@ export class RoundEngine {
       this.finish();
       return;
     }
-    if (this.overPrivacyBudget()) return;
     const eligible = this.connectedSites().filter((s) => store.getSite(s)?.state === 'enrolled');
     if (eligible.length < plan.minSites) {
       if (!this.waitTimer) {
@@ -911,11 +910,8 @@ export class RoundEngine {
     for (const sink of this.connected.values()) sink.send(this.finishedTask());
   }
 
-  /**
-   * Plan privacy.epsilonBudget: true when a round asking `selected` sites (without: the smallest the plan allows)
-   * would take ε past it; the federation then ends, saying why.
-   */
-  private overPrivacyBudget(selected?: number): boolean {
+  /** Plan privacy.epsilonBudget: true when a round asking `selected` sites would take ε past it; the federation then ends, saying why. */
+  private overPrivacyBudget(selected: number): boolean {
     const refusal = privacyBudgetRefusal(this.o.plan, this.o.store, selected);
     if (!refusal) return false;
     this.emit(BUDGET_EXHAUSTED_EVENT, { ...refusal });
