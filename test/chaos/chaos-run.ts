@@ -18,7 +18,7 @@
  * outbox rows); `medfl audit verify --nats` passes.
  *
  * Each fault waits for progress since the one before (an accepted update or a closed round), then for its moment,
- * which every round offers; the federation has enough rounds for every fault to find one.
+ * which every round offers, so one round per fault (and a few to spare) is enough.
  */
 import { spawnSync, type ChildProcess } from 'node:child_process';
 import { closeSync, cpSync, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, watch, writeFileSync, writeSync } from 'node:fs';
@@ -37,7 +37,7 @@ export interface ChaosOptions {
   /** The kills, in any order: shuffled with the seed, then NATS and (where a tmpfs can be mounted) the full disk. */
   kills: Fault[];
   seed: number;
-  /** Planned rounds; at least enough for every fault to find its moment (two rounds per fault is ample). */
+  /** Planned rounds; at least enough for every fault to find its moment (one per fault and a few to spare: each moment recurs every round). */
   rounds: number;
   /** Skip the full disk even where a tmpfs could be mounted. */
   noDisk?: boolean;
