@@ -15,7 +15,7 @@ afterAll(() => rmSync(dir, { recursive: true, force: true }));
 describe('model files', () => {
   it('removes half-written versions and nothing else', () => {
     const models = new ModelFiles(dir);
-    const saved = models.save(makeBundle([{ name: 'w', dtype: 'float32', shape: [2], data: new Float32Array([1, 2]) }]), { round: '1' });
+    const saved = models.save(makeBundle([{ name: 'w', dtype: 'F32', shape: [2], data: new Float32Array([1, 2]) }]), { round: '1' });
     writeFileSync(join(dir, '.incoming-0a1b2c3d4e5f.tmp'), Buffer.alloc(100));
     expect(models.cleanIncoming()).toBe(1);
     expect(readdirSync(dir)).toEqual([`${saved.hash}.safetensors`]);
