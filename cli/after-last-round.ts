@@ -18,19 +18,21 @@ export function followLastRound(running: Pick<RunningCoordinator, 'engine' | 'bu
   const { plan } = running;
   let timer: NodeJS.Timeout | undefined;
   let handled = false;
-  const onFinished = () => {
+  const onFinished = (why?: unknown) => {
     if (handled) return;
     handled = true;
     const rounds = running.store.closedRoundCount();
+    // A federation can also end early: its privacy budget would not allow another round.
+    const early = typeof why === 'string' && why !== 'all planned rounds closed' ? ` (${why})` : '';
     if (plan.afterLastRound === 'idle') {
-      hooks.say(`federation finished: ${rounds} rounds closed; the coordinator stays up, idle (plan afterLastRound: idle) — status, the dashboard and /metrics still answer; stop it with Ctrl-C or SIGTERM`);
+      hooks.say(`federation finished: ${rounds} rounds closed${early}; the coordinator stays up, idle (plan afterLastRound: idle) — status, the dashboard and /metrics still answer; stop it with Ctrl-C or SIGTERM`);
       return;
     }
-    hooks.say(`federation finished: ${rounds} rounds closed; exiting in ${plan.finishGraceSeconds} s (plan afterLastRound: exit, finishGraceSeconds: ${plan.finishGraceSeconds})`);
+    hooks.say(`federation finished: ${rounds} rounds closed${early}; exiting in ${plan.finishGraceSeconds} s (plan afterLastRound: exit, finishGraceSeconds: ${plan.finishGraceSeconds})`);
     timer = setTimeout(() => void hooks.shutdown('federation finished'), plan.finishGraceSeconds * 1000);
   };
   const unsubscribe = running.bus.subscribe((e) => {
-    if (e.type === 'federation.finished') onFinished();
+    if (e.type === 'federation.finished') onFinished(e.why);
   });
   // Finished before we listened: the engine decides that while it starts.
   if (running.engine.isFinished) onFinished();

@@ -3,9 +3,10 @@
  */
 import Table from 'cli-table3';
 import type { CoordinatorStore, MetricRow, RoundRow, SiteRow } from '../coordinator/store/store.ts';
-import { eventFacts, siteStatus, validationCases, type FederationFinish, type StorageCondition } from '../coordinator/admin-http/status-json.ts';
+import { eventFacts, siteStatus, siteVersion, validationCases, type FederationFinish, type StorageCondition } from '../coordinator/admin-http/status-json.ts';
 import { PRIVACY_KEY, type PrivacySpent } from '../coordinator/rounds/round-engine.ts';
 import { parseTeacher, TEACHER_KEY } from '../coordinator/rounds/teacher.ts';
+import { budgetStatus, describeRefusal, type BudgetStatus } from '../coordinator/rounds/privacy-budget.ts';
 
 const short = (h: string | null | undefined) => (h ? `${h.slice(0, 12)}…` : '—');
 const ago = (t: number | null, now: number) => (t === null ? 'never' : `${Math.max(0, Math.round((now - t) / 1000))} s ago`);
@@ -23,7 +24,7 @@ export interface SiteContext {
 }
 
 export function sitesTable(sites: SiteRow[], now = Date.now(), ctx: SiteContext = {}): string {
-  const t = new Table({ head: ['site', 'state', 'link', 'last seen', 'activity', 'engine', 'validation'], ...style() });
+  const t = new Table({ head: ['site', 'state', 'link', 'last seen', 'activity', 'engine', 'version', 'validation'], ...style() });
   for (const s of sites) {
     const status = siteStatus(s, now, ctx.finish);
     const link = s.lastSeenAt === null ? '—' : status === 'online' || status === 'finished' ? status : 'offline';
@@ -31,7 +32,7 @@ export function sitesTable(sites: SiteRow[], now = Date.now(), ctx: SiteContext 
     const activity = status === 'online' ? (s.activity ?? '—') : status === 'finished' ? '—' : `(was ${s.activity ?? '—'})`;
     const val = ctx.validation?.get(s.name);
     const validation = val === undefined ? '—' : val === 0 ? 'NONE (no validation Dice)' : `${val} case${val === 1 ? '' : 's'}`;
-    t.push([s.name, s.state, link, ago(s.lastSeenAt, now), activity, s.engine ?? '—', validation]);
+    t.push([s.name, s.state, link, ago(s.lastSeenAt, now), activity, s.engine ?? '—', siteVersion(s) ?? '—', validation]);
   }
   return t.toString();
 }
@@ -78,12 +79,18 @@ export function metricsTable(metrics: MetricRow[]): string {
   return t.toString();
 }
 
-/** The client-level DP spent so far (plan aggregation.dp), from the round-close records. */
-function privacyLines(raw: string | undefined): string[] {
-  if (!raw) return [];
-  const p = JSON.parse(raw) as PrivacySpent;
-  if (p.epsilon === null) return [`privacy: noise multiplier 0 — updates are clipped to ${p.clipNorm} but no ε can be claimed`];
-  return [`privacy spent (client-level DP): ε = ${p.epsilon.toFixed(2)} at δ = ${p.delta} after ${p.rounds} round${p.rounds === 1 ? '' : 's'} (z = ${p.noiseMultiplier}, S = ${p.clipNorm}, RDP order ${p.order})`];
+/** The client-level DP spent so far (plan aggregation.dp), from the round-close records, against the plan's budget. */
+export function privacyLines(raw: string | undefined, budget: BudgetStatus | null = null): string[] {
+  const lines: string[] = [];
+  if (raw) {
+    const p = JSON.parse(raw) as PrivacySpent;
+    if (p.epsilon === null) lines.push(`privacy: noise multiplier 0 — updates are clipped to ${p.clipNorm} but no ε can be claimed`);
+    else lines.push(`privacy spent (client-level DP): ε = ${p.epsilon.toFixed(2)}${budget ? ` of budget ${budget.budget}` : ''} at δ = ${p.delta} after ${p.rounds} round${p.rounds === 1 ? '' : 's'} (z = ${p.noiseMultiplier}, S = ${p.clipNorm}, RDP order ${p.order})`);
+  } else if (budget) {
+    lines.push(`privacy budget: ε ${budget.budget} at δ = ${budget.delta}, none spent yet`);
+  }
+  if (budget?.exhausted) lines.push(`${describeRefusal({ spent: budget.spent, projected: budget.refusedAt ?? Number.NaN, budget: budget.budget, delta: budget.delta })}; the federation finished ${budget.exhaustedAt ?? ''}`.trimEnd());
+  return lines;
 }
 
 /** Noisy student: the current teacher (plan teacherStudent). */
@@ -111,7 +118,7 @@ export function statusReport(store: CoordinatorStore, federationId: string, stor
     `federation ${federationId}`,
     `current global model: ${store.getMeta('current_model') ?? '— (coordinator never started)'}`,
     `rounds closed: ${store.closedRoundCount()}${facts.finish ? ` — federation finished ${new Date(facts.finish.at).toISOString()}` : ''}`,
-    ...privacyLines(store.getMeta(PRIVACY_KEY)),
+    ...privacyLines(store.getMeta(PRIVACY_KEY), budgetStatus(store, facts.budgetRefusal)),
     ...teacherLines(store.getMeta(TEACHER_KEY)),
     ...storageLines(storage),
     '',

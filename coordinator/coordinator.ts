@@ -47,6 +47,8 @@ import { readinessChecks } from './admin-http/readiness.ts';
 import { RefusalWarnings } from './server/refusal-warnings.ts';
 import { startAdminHttp, type AdminHttpServer } from './admin-http/server.ts';
 import { createDashboardSource } from './admin-http/dashboard-data.ts';
+import { recordPrivacyBudget } from './rounds/privacy-budget.ts';
+import { describeStorageFault } from '../shared/util/storage-fault.ts';
 
 export interface CoordinatorOptions {
   dir: string;
@@ -108,6 +110,12 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   // A full disk at start must not end the process: opening waits for space (store/startup.ts).
   const store = await openStoreWhenPossible(home.dbPath, { log, open: o.openStore, retryMs: o.storageRetryMs });
   const models = new ModelFiles(home.modelsDir);
+  try {
+    // For `medfl status`, which reads no plan: the budget the rounds are held to.
+    recordPrivacyBudget(store, plan);
+  } catch (e) {
+    log.warn({ err: describeStorageFault(e) }, 'could not record the plan\'s privacy budget for medfl status (the rounds are still held to it)');
+  }
   const remote = o.natsUrl ? await NatsBus.connect(o.natsUrl, { log }) : undefined;
   const signingKey = home.signingKey();
   // The signed, hash-chained contribution ledger (coordinator/ledger/), fed from the store's outbox like the events:
@@ -153,6 +161,10 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   });
   const cleaned = receiver.cleanPartials();
   if (cleaned > 0) log.info({ files: cleaned }, 'removed partial uploads left by an earlier run (never acknowledged)');
+  // A coordinator killed while writing a model version (e.g. a round's aggregate before its close committed) left
+  // the file half-written under a temporary name: never a version, and the close is redone from the stored updates.
+  const halfWritten = models.cleanIncoming();
+  if (halfWritten > 0) log.info({ files: halfWritten }, 'removed model files an earlier run left half-written');
 
   const directory: SiteDirectory = {
     getSite(name) {

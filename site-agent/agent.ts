@@ -28,6 +28,7 @@ import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
 import type { Logger } from '../shared/util/log.ts';
 import { SITE_MAX_RECONNECT_BACKOFF_MS } from '../shared/protocol/reconnect.ts';
 import type { AgentActivity, AgentObserver, AgentPhase } from './metrics.ts';
+import { medflVersion } from '../shared/util/version.ts';
 
 export interface AgentOptions {
   dir: string;
@@ -150,7 +151,7 @@ export class SiteAgent {
   private startHeartbeat(onOk: () => void): NodeJS.Timeout {
     const beat = () => {
       this.client
-        ?.heartbeat({ state: this.state, progress: this.progress, taskId: this.currentTask, engine: this.training.engineName ?? '' })
+        ?.heartbeat({ state: this.state, progress: this.progress, taskId: this.currentTask, engine: this.training.engineName ?? '', softwareVersion: medflVersion() })
         .then(onOk, (e: grpc.ServiceError) => this.o.log.debug({ reason: e.details ?? e.message }, 'heartbeat failed'));
     };
     beat();

@@ -42,7 +42,10 @@ export interface DashboardDeps {
 
 const iso = (t: number) => new Date(t).toISOString();
 
-/** ε the plan will have spent after its last round, at its δ: the rounds released so far plus the rest at the plan's sampling rate. */
+/**
+ * ε the plan will have spent after its last round, at its δ: the rounds released so far plus the rest at the plan's
+ * sampling rate. With plan privacy.epsilonBudget, also how many of the remaining rounds fit in it at that rate.
+ */
 export function plannedPrivacy(plan: Plan, store: Pick<CoordinatorStore, 'getMeta' | 'listSites'>): Record<string, unknown> | null {
   const dp = plan.aggregation.dp;
   if (!dp) return null;
@@ -53,12 +56,18 @@ export function plannedPrivacy(plan: Plan, store: Pick<CoordinatorStore, 'getMet
   const enrolled = store.listSites().filter((s) => s.state === 'enrolled').length;
   // As the round engine samples: the sites asked over the sites enrolled (every enrolled site when sitesPerRound is 0).
   const q = plan.sitesPerRound > 0 && enrolled > 0 ? Math.min(1, plan.sitesPerRound / enrolled) : 1;
-  const base = { delta: dp.delta, noiseMultiplier: dp.noiseMultiplier, clipNorm: dp.clipNorm, plannedRounds: planned, roundsReleased: released, samplingRate: q };
-  if (dp.noiseMultiplier === 0) return { ...base, plannedEpsilon: null };
+  const budget = plan.privacy.epsilonBudget ?? null;
+  const base = { delta: dp.delta, noiseMultiplier: dp.noiseMultiplier, clipNorm: dp.clipNorm, plannedRounds: planned, roundsReleased: released, samplingRate: q, epsilonBudget: budget };
+  if (dp.noiseMultiplier === 0) return { ...base, plannedEpsilon: null, roundsWithinBudget: null };
   const acc = spent?.accountant ? RdpAccountant.fromJSON(spent.accountant) : new RdpAccountant();
   const remaining = Math.max(0, planned - released);
-  if (remaining > 0) acc.step(q, dp.noiseMultiplier, remaining);
-  return { ...base, plannedEpsilon: acc.epsilon(dp.delta).epsilon };
+  // Round by round, to find the last one the budget allows (one step per remaining round: cheap).
+  let withinBudget = budget === null ? null : 0;
+  for (let i = 0; i < remaining; i++) {
+    acc.step(q, dp.noiseMultiplier);
+    if (withinBudget !== null && withinBudget === i && acc.epsilon(dp.delta).epsilon <= budget!) withinBudget++;
+  }
+  return { ...base, plannedEpsilon: acc.epsilon(dp.delta).epsilon, roundsWithinBudget: withinBudget };
 }
 
 export function createDashboardSource(d: DashboardDeps): DashboardSource {

@@ -8,6 +8,8 @@
 import { existsSync, readdirSync, statSync } from 'node:fs';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { CoordinatorStore } from '../store/store.ts';
+import { eventFacts, siteVersion } from './status-json.ts';
+import { readPrivacyBudget } from '../rounds/privacy-budget.ts';
 import type { RoundEngine, PrivacySpent } from '../rounds/round-engine.ts';
 import { PRIVACY_KEY } from '../rounds/round-engine.ts';
 import { AuthError } from '../auth/interceptor.ts';
@@ -149,6 +151,19 @@ export class CoordinatorMetrics {
         for (const s of store.listSites()) if (s.state === 'enrolled' && s.lastSeenAt !== null) this.set({ site: s.name }, s.lastSeenAt / 1000);
       },
     });
+    new Gauge({
+      name: 'medfl_site_info',
+      help: 'Always 1, per enrolled site that has called: the MedFL release (version; unknown for a site too old to name it) and engine it last reported',
+      labelNames: ['site', 'version', 'engine'],
+      registers,
+      collect() {
+        this.reset(); // an upgraded site's old release drops out
+        for (const s of store.listSites()) {
+          const version = siteVersion(s);
+          if (s.state === 'enrolled' && version !== null) this.set({ site: s.name, version, engine: s.engine ?? 'unknown' }, 1);
+        }
+      },
+    });
     new Gauge({ name: 'medfl_round_open', help: 'Number of the open round (0 when none is open)', registers, collect() { this.set(engine.openRoundNumber ?? 0); } });
     new Gauge({
       name: 'medfl_round_deadline_timestamp_seconds',
@@ -181,6 +196,25 @@ export class CoordinatorMetrics {
         collect() {
           const p = spent();
           this.set(p ? (p.epsilon ?? Number.POSITIVE_INFINITY) : 0);
+        },
+      });
+      new Gauge({
+        name: 'medfl_privacy_epsilon_budget',
+        help: 'The plan privacy.epsilonBudget (client-level DP epsilon at the plan delta); absent without one',
+        registers,
+        collect() {
+          this.reset();
+          const b = readPrivacyBudget(store);
+          if (b) this.set(b.epsilon);
+        },
+      });
+      new Gauge({
+        name: 'medfl_privacy_budget_exhausted',
+        help: '1 once the coordinator refused to open a round that would take epsilon past the plan budget (the federation then finished)',
+        registers,
+        collect() {
+          // Only a finished federation can have been stopped by its budget: skip reading the event history otherwise.
+          this.set(engine.isFinished && eventFacts(store).budgetRefusal !== undefined ? 1 : 0);
         },
       });
       new Gauge({ name: 'medfl_privacy_dp_rounds', help: 'Rounds released under client-level DP so far', registers, collect() { this.set(spent()?.rounds ?? 0); } });

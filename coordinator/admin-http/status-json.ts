@@ -8,6 +8,7 @@ import type { CoordinatorStore, SiteRow } from '../store/store.ts';
 import { PRIVACY_KEY, type PrivacySpent } from '../rounds/round-engine.ts';
 import { parseTeacher, TEACHER_KEY } from '../rounds/teacher.ts';
 import { medflVersion } from '../../shared/util/version.ts';
+import { budgetStatus, standingRefusal } from '../rounds/privacy-budget.ts';
 
 /** Agents heartbeat every 5 s; three missed beats and we call the site offline. */
 export const OFFLINE_AFTER_MS = 15_000;
@@ -56,6 +57,8 @@ export interface EventFacts {
   declined: Map<string, number>;
   /** Tasks the coordinator withheld because the site lacks a protocol feature they need (task.withheld). */
   withheld: Map<string, number>;
+  /** The round the coordinator refused for the plan's privacy budget, while that still stands (privacy-budget.ts). */
+  budgetRefusal: { at: string; projected: number } | undefined;
 }
 
 type OutboxReader = Pick<CoordinatorStore, 'listOutbox' | 'closedRoundCount' | 'openRoundRow'>;
@@ -64,13 +67,15 @@ export function eventFacts(store: OutboxReader): EventFacts {
   const declined = new Map<string, number>();
   const withheld = new Map<string, number>();
   let finish: FederationFinish | undefined;
+  const budgetEvents: { type?: unknown; rounds?: unknown; at?: unknown; projected?: unknown }[] = [];
   for (const row of store.listOutbox('event')) {
-    let e: { type?: unknown; site?: unknown; rounds?: unknown; at?: unknown };
+    let e: { type?: unknown; site?: unknown; rounds?: unknown; at?: unknown; projected?: unknown };
     try {
       e = JSON.parse(row.body) as typeof e;
     } catch {
       continue;
     }
+    if (e.type === 'privacy.budget_exhausted') budgetEvents.push(e);
     const site = typeof e.site === 'string' ? e.site : undefined;
     if (e.type === 'task.declined' && site) declined.set(site, (declined.get(site) ?? 0) + 1);
     else if (e.type === 'task.withheld' && site) withheld.set(site, (withheld.get(site) ?? 0) + 1);
@@ -81,7 +86,15 @@ export function eventFacts(store: OutboxReader): EventFacts {
   }
   // A finish that rounds came after (a plan with more rounds, restarted) no longer holds.
   if (finish && (finish.rounds !== store.closedRoundCount() || store.openRoundRow() !== undefined)) finish = undefined;
-  return { finish, declined, withheld };
+  return { finish, declined, withheld, budgetRefusal: standingRefusal(budgetEvents, store) };
+}
+
+/**
+ * The MedFL release a site runs, as its heartbeats name it: null before it ever called, `unknown` for a site that
+ * calls without naming one (a release older than the heartbeat's software_version field).
+ */
+export function siteVersion(s: Pick<SiteRow, 'softwareVersion' | 'lastSeenAt'>): string | null {
+  return s.softwareVersion ?? (s.lastSeenAt === null ? null : 'unknown');
 }
 
 export function siteStatus(s: SiteRow, now: number, finish: FederationFinish | undefined): SiteStatus {
@@ -133,6 +146,8 @@ export function statusJson(store: CoordinatorStore, federationId: string, now = 
     roundsClosed: store.closedRoundCount(),
     finished: facts.finish ? { at: iso(facts.finish.at), rounds: facts.finish.rounds } : null,
     privacy: privacy ? (JSON.parse(privacy) as PrivacySpent) : null,
+    // Plan privacy.epsilonBudget: spent against it, and whether a round was refused for it (null without a budget).
+    privacyBudget: budgetStatus(store, facts.budgetRefusal),
     teacher: teacher ?? null,
     storage: storage ?? null,
     sites: store.listSites().map((s) => ({
@@ -143,6 +158,7 @@ export function statusJson(store: CoordinatorStore, federationId: string, now = 
       lastSeenAt: iso(s.lastSeenAt),
       activity: s.activity,
       engine: s.engine,
+      version: siteVersion(s),
       // null: the site has not reported a round yet; 0: it has no validation cases, so no validation Dice.
       validationCases: validation.get(s.name) ?? null,
       tasksDeclined: facts.declined.get(s.name) ?? 0,

@@ -40,6 +40,7 @@ export function eventId(federation: string, type: FederationEventType, fields: R
       if (known(rollbackId)) return `${federation}:${type}:${rollbackId}`;
       break;
     case 'federation.finished':
+    case 'privacy.budget_exhausted':
       if (known(rounds)) return `${federation}:${type}:${rounds}`;
       break;
   }

@@ -2,7 +2,7 @@
  * Global model versions as immutable files named by their SHA-256: a site that asks for a hash always
  * gets exactly that snapshot, never a mix of two rounds.
  */
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, statSync } from 'node:fs';
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { createHash, randomBytes } from 'node:crypto';
 import { decodeSafetensors, writeSafetensors } from '../../shared/tensors/safetensors.ts';
@@ -10,9 +10,26 @@ import type { TensorBundle } from '../../shared/tensors/bundle.ts';
 import { sha256Hex, SHA256_HEX } from '../../shared/util/hash.ts';
 import { fsyncDir } from '../../shared/util/fs-atomic.ts';
 
+/** A model file being written, renamed to its hash once complete. */
+const INCOMING_PREFIX = '.incoming-';
+
 export class ModelFiles {
   constructor(readonly dir: string) {
     mkdirSync(dir, { recursive: true });
+  }
+
+  /**
+   * Deletes model files a killed process left half-written (`.incoming-*`: never renamed to their hash, so never a
+   * model version); returns how many. Only for the coordinator's start: another process may be writing one now.
+   */
+  cleanIncoming(): number {
+    let n = 0;
+    for (const f of readdirSync(this.dir)) {
+      if (!f.startsWith(INCOMING_PREFIX)) continue;
+      rmSync(join(this.dir, f), { force: true });
+      n++;
+    }
+    return n;
   }
 
   pathFor(hash: string): string {
@@ -26,7 +43,7 @@ export class ModelFiles {
    * renames it to its hash: readers never see a half-written version.
    */
   save(bundle: TensorBundle, metadata: Record<string, string>): { hash: string; path: string; sizeBytes: number } {
-    const tmp = join(this.dir, `.incoming-${randomBytes(6).toString('hex')}.tmp`);
+    const tmp = join(this.dir, `${INCOMING_PREFIX}${randomBytes(6).toString('hex')}.tmp`);
     const h = createHash('sha256');
     const fd = openSync(tmp, 'w', 0o644);
     let sizeBytes: number;

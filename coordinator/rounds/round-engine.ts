@@ -35,6 +35,7 @@ import { standardRoundFeatures } from './features/index.ts';
 import { SecureAggregation } from './features/secure-aggregation.ts';
 
 export { PRIVACY_KEY, type PrivacySpent } from './features/dp-accounting.ts';
+import { BUDGET_EXHAUSTED_EVENT, describeRefusal, privacyBudgetRefusal } from './privacy-budget.ts';
 
 /** The wire shape of a Task, as handed to a site's stream. */
 export interface TaskMessage extends TaskManifest {
@@ -521,6 +522,7 @@ export class RoundEngine {
       this.gatherTimer = undefined;
     }
     const selected = plan.sitesPerRound > 0 ? shuffle(eligible).slice(0, plan.sitesPerRound).sort() : eligible;
+    if (this.overPrivacyBudget(selected.length)) return;
     const now = Date.now();
     const row: RoundRow = {
       round: store.lastRoundNumber() + 1,
@@ -869,12 +871,22 @@ export class RoundEngine {
     return true;
   }
 
-  private finish(): void {
+  private finish(why = 'all planned rounds closed'): void {
     if (this.finished) return;
     this.finished = true;
-    this.emit('federation.finished', { model: this.currentModelHash, rounds: this.o.store.closedRoundCount() });
-    this.o.log.info({ model: this.currentModelHash }, 'federation finished: all planned rounds closed');
+    this.emit('federation.finished', { model: this.currentModelHash, rounds: this.o.store.closedRoundCount(), why });
+    this.o.log.info({ model: this.currentModelHash }, `federation finished: ${why}`);
     for (const sink of this.connected.values()) sink.send(this.finishedTask());
+  }
+
+  /** Plan privacy.epsilonBudget: true when a round asking `selected` sites would take ε past it; the federation then ends, saying why. */
+  private overPrivacyBudget(selected: number): boolean {
+    const refusal = privacyBudgetRefusal(this.o.plan, this.o.store, selected);
+    if (!refusal) return false;
+    this.emit(BUDGET_EXHAUSTED_EVENT, { ...refusal });
+    this.o.log.warn(refusal, describeRefusal(refusal));
+    this.finish('privacy budget exhausted');
+    return true;
   }
 
   // ---- pretraining ----

@@ -48,6 +48,11 @@ const HeartbeatSchema = z.object({
   progress: z.number().min(0).max(1),
   taskId: z.string().max(200),
   engine: z.string().max(64),
+  // A site older than the field sends none (the decoder then gives ''): shown as unknown.
+  softwareVersion: z
+    .string()
+    .regex(/^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$|^$/, 'softwareVersion must be a release name of at most 64 characters (letters, digits, . + _ -)')
+    .optional(),
 });
 
 /** What a site says of itself when it subscribes; a site older than versioning sends neither field (version 1). */
@@ -148,7 +153,7 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         const site = siteOf(call);
         const hb = HeartbeatSchema.safeParse(call.request);
         if (!hb.success) return cb({ code: grpc.status.INVALID_ARGUMENT, details: `bad heartbeat: ${hb.error.issues[0]?.message}` });
-        store.touchSite(site, hb.data.state, hb.data.engine || null);
+        store.touchSite(site, hb.data.state, hb.data.engine || null, Date.now(), hb.data.softwareVersion || null);
         // A selected site idle without its task gets it again (it may have given it up after a failed download).
         if (hb.data.state === 'idle' && hb.data.taskId === '') engine.siteIdle(site);
         cb(null, { serverTimeMs: Date.now(), features: d.features ?? COORDINATOR_FEATURES });

@@ -36,7 +36,11 @@ export interface PendingSeen {
   /** null: unchanged (as the SQL's COALESCE). */
   activity: string | null;
   engine: string | null;
+  softwareVersion: string | null;
 }
+
+/** What a call says of its site; null fields leave the stored value as it is. */
+export type SiteSeen = Omit<PendingSeen, 'at'>;
 
 interface Waiter {
   resolve: () => void;
@@ -73,9 +77,14 @@ export class CallBookkeeping {
     return durable.then(() => true);
   }
 
-  touch(name: string, activity: string | null, engine: string | null, now: number): void {
+  touch(name: string, seen: SiteSeen, now: number): void {
     const before = this.lastSeen.get(name);
-    this.lastSeen.set(name, { at: now, activity: activity ?? before?.activity ?? null, engine: engine ?? before?.engine ?? null });
+    this.lastSeen.set(name, {
+      at: now,
+      activity: seen.activity ?? before?.activity ?? null,
+      engine: seen.engine ?? before?.engine ?? null,
+      softwareVersion: seen.softwareVersion ?? before?.softwareVersion ?? null,
+    });
     if (!this.seenTimer) {
       this.seenTimer = setTimeout(() => this.commit(), this.o.lastSeenFlushMs);
       this.seenTimer.unref();
@@ -123,8 +132,8 @@ export class CallBookkeeping {
       this.db.transaction(() => {
         const insert = this.db.prepare('INSERT OR IGNORE INTO seen_jti (jti, expires_at) VALUES (?, ?)');
         for (const { jti, exp } of ids) insert.run(jti, exp);
-        const update = this.db.prepare('UPDATE sites SET last_seen_at = ?, activity = COALESCE(?, activity), engine = COALESCE(?, engine) WHERE name = ?');
-        for (const [name, s] of touched) update.run(s.at, s.activity, s.engine, name);
+        const update = this.db.prepare('UPDATE sites SET last_seen_at = ?, activity = COALESCE(?, activity), engine = COALESCE(?, engine), software_version = COALESCE(?, software_version) WHERE name = ?');
+        for (const [name, s] of touched) update.run(s.at, s.activity, s.engine, s.softwareVersion, name);
         if (prune) this.db.prepare('DELETE FROM seen_jti WHERE expires_at < ?').run(nowSec - KEEP_PAST_EXPIRY_S);
       }).immediate();
     } catch (e) {

@@ -21,6 +21,8 @@ export interface SiteRow {
   lastSeenAt: number | null;
   activity: string | null;
   engine: string | null;
+  /** The MedFL release the site last named in a heartbeat; null: never named (not connected yet, or a site older than the field). */
+  softwareVersion: string | null;
 }
 
 export interface RoundRow {
@@ -87,7 +89,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sites (
   name TEXT PRIMARY KEY, state TEXT NOT NULL, public_key BLOB,
   token_hash TEXT, invited_at INTEGER NOT NULL, invite_expires_at INTEGER NOT NULL, token_used_at INTEGER,
-  enrolled_at INTEGER, revoked_at INTEGER, last_seen_at INTEGER, activity TEXT, engine TEXT);
+  enrolled_at INTEGER, revoked_at INTEGER, last_seen_at INTEGER, activity TEXT, engine TEXT, software_version TEXT);
 CREATE TABLE IF NOT EXISTS rounds (
   round INTEGER PRIMARY KEY, state TEXT NOT NULL, base_model_hash TEXT NOT NULL, selected TEXT NOT NULL,
   opened_at INTEGER NOT NULL, deadline_at INTEGER NOT NULL, closed_at INTEGER, result_model_hash TEXT, note TEXT);
@@ -118,6 +120,7 @@ export class CoordinatorStore {
     this.db.pragma('synchronous = FULL');
     this.db.pragma('busy_timeout = 5000');
     this.db.exec(SCHEMA);
+    addMissingColumns(this.db);
     this.calls = new CallBookkeeping(this.db, options.bookkeeping);
   }
 
@@ -214,8 +217,8 @@ export class CoordinatorStore {
    * Notes that a site was seen (and what it was doing). Held in memory and written with the next group commit,
    * within 2 s: a heartbeat costs no transaction of its own. This process reads the new values at once.
    */
-  touchSite(name: string, activity: string | null, engine: string | null, now = Date.now()): void {
-    this.calls.touch(name, activity, engine, now);
+  touchSite(name: string, activity: string | null, engine: string | null, now = Date.now(), softwareVersion: string | null = null): void {
+    this.calls.touch(name, { activity, engine, softwareVersion }, now);
   }
 
   /**
@@ -228,7 +231,7 @@ export class CoordinatorStore {
 
   private withPending(s: SiteRow): SiteRow {
     const p = this.calls.pending(s.name);
-    return p ? { ...s, lastSeenAt: p.at, activity: p.activity ?? s.activity, engine: p.engine ?? s.engine } : s;
+    return p ? { ...s, lastSeenAt: p.at, activity: p.activity ?? s.activity, engine: p.engine ?? s.engine, softwareVersion: p.softwareVersion ?? s.softwareVersion } : s;
   }
 
   // ---- models ----
@@ -398,7 +401,23 @@ function toSite(r: Record<string, unknown>): SiteRow {
     lastSeenAt: (r.last_seen_at as number | null) ?? null,
     activity: (r.activity as string | null) ?? null,
     engine: (r.engine as string | null) ?? null,
+    softwareVersion: (r.software_version as string | null) ?? null,
   };
+}
+
+/**
+ * Columns added after a release whose databases are still in use (CREATE TABLE IF NOT EXISTS leaves an existing
+ * table as it is). One immediate transaction, so two processes opening the same older file add each column once.
+ * Older releases read the file on with `SELECT *` and never name the new columns.
+ */
+const ADDED_COLUMNS: readonly { table: string; column: string; type: string }[] = [{ table: 'sites', column: 'software_version', type: 'TEXT' }];
+
+function addMissingColumns(db: Database.Database): void {
+  const missing = () => ADDED_COLUMNS.filter((c) => !(db.prepare(`PRAGMA table_info(${c.table})`).all() as { name: string }[]).some((r) => r.name === c.column));
+  if (missing().length === 0) return;
+  db.transaction(() => {
+    for (const c of missing()) db.exec(`ALTER TABLE ${c.table} ADD COLUMN ${c.column} ${c.type}`);
+  }).immediate();
 }
 
 function toRound(r: Record<string, unknown>): RoundRow {

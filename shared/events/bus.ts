@@ -18,6 +18,8 @@ export type FederationEventType =
   /** The coordinator did not send a selected site its task: the site lacks a protocol feature the task needs. */
   | 'task.withheld'
   | 'teacher.promoted'
+  /** No round opens: the next one would take ε past the plan's privacy.epsilonBudget (the federation then finishes). */
+  | 'privacy.budget_exhausted'
   | 'federation.finished';
 
 export interface FederationEvent {

@@ -307,6 +307,20 @@ export const PlanSchema = z
       })
       .strict()
       .prefault({}),
+    /**
+     * The coordinator's own privacy limits (docs/plan.md#privacy-budget). Never sent to sites: their tasks carry
+     * aggregation.dp, and each site may cap its own ε in its policy (maxEpsilon).
+     */
+    privacy: z
+      .object({
+        /**
+         * Client-level ε (at aggregation.dp.delta) the federation may spend: no round opens whose release would take
+         * the accountant past it. Needs aggregation.dp with a noise multiplier above 0.
+         */
+        epsilonBudget: z.number().positive().finite().optional(),
+      })
+      .strict()
+      .prefault({}),
     /** What the coordinator keeps on disk after a round has closed (docs/plan.md). */
     retention: z
       .object({
@@ -321,6 +335,10 @@ export const PlanSchema = z
       .prefault({}),
   })
   .strict()
+  .refine((p) => p.privacy.epsilonBudget === undefined || (p.aggregation.dp !== undefined && p.aggregation.dp.noiseMultiplier > 0), {
+    message: 'privacy.epsilonBudget needs aggregation.dp with noiseMultiplier above 0 (without noise no ε can be accounted, so no round would fit any budget)',
+    path: ['privacy', 'epsilonBudget'],
+  })
   .refine((p) => !(p.aggregation.secureAggregation.enabled && p.aggregation.secureAggregation.threshold > p.minSites), {
     message: 'aggregation.secureAggregation.threshold must not exceed minSites (a round may open with minSites sites, and fewer than t can never unmask)',
   })

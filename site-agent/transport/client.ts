@@ -63,7 +63,7 @@ export class FederationClient {
   /** Optional protocol features the coordinator named in its last heartbeat answer (none until then). */
   private features = new Set<string>();
 
-  heartbeat(req: { state: string; progress: number; taskId: string; engine: string }, timeoutMs = 10_000): Promise<{ serverTimeMs: number; features: string[] }> {
+  heartbeat(req: { state: string; progress: number; taskId: string; engine: string; softwareVersion?: string }, timeoutMs = 10_000): Promise<{ serverTimeMs: number; features: string[] }> {
     return this.unary<{ serverTimeMs: number; features?: string[] }>('Heartbeat', req, timeoutMs).then((r) => {
       const features = r.features ?? [];
       this.features = new Set(features);

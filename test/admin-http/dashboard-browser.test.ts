@@ -18,6 +18,7 @@ import { freePort } from '../../cli/processes.ts';
 import { writePhantomSite } from '../../site-agent/data/phantom.ts';
 import type { MetricRow } from '../../coordinator/store/store.ts';
 import { PRIVACY_KEY } from '../../coordinator/rounds/round-engine.ts';
+import { medflVersion } from '../../shared/util/version.ts';
 
 const ARTIFACTS = resolve(import.meta.dirname, '..', '..', 'test-artifacts', 'dashboard');
 const TOKEN = 'browser-test-admin-token-5d1e7c2a9b';
@@ -152,6 +153,9 @@ describe('the dashboard in Chromium, against a coordinator and three training si
   it('shows the site without validation cases as such, and its agent warned at start', async () => {
     const cell = await page.$eval('#sites tr[data-site="site-c"] td[data-field="validation"]', (td) => td.textContent);
     expect(cell).toBe('no validation data');
+    // Each site's MedFL release, as its heartbeats named it.
+    const versions = await page.$$eval('#sites tbody tr', (trs) => trs.map((tr) => tr.querySelector('td[data-field="version"]')!.textContent));
+    expect(versions).toEqual([medflVersion(), medflVersion(), medflVersion()]);
     expect(await page.$$('svg.chart[data-site="site-c"][data-kind="dice"]')).toHaveLength(0);
     expect(await page.$eval('.site-curves[data-site="site-c"] [data-field="no-dice"]', (p) => p.textContent)).toMatch(/^no validation data/);
     expect(metrics.filter((m) => m.site === 'site-c' && m.key === 'num_val').map((m) => m.value)).toEqual([0, 0]);

@@ -8,7 +8,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { makeFederation, TEST_PLAN, exited, type TestFederation } from '../helpers/federation.ts';
+import { spawnSync } from 'node:child_process';
 import { freePort, spawnMedfl } from '../../cli/processes.ts';
+import { medflVersion } from '../../shared/util/version.ts';
 import { getAdmin, sampleSum, sampleValue, scrape, type Sample } from '../helpers/prometheus.ts';
 
 describe('admin endpoint of a coordinator process after a real federation round', () => {
@@ -59,6 +61,17 @@ describe('admin endpoint of a coordinator process after a real federation round'
     } finally {
       store.close();
     }
+  });
+
+  it('shows the MedFL release each site named in its heartbeats: status --json, the dashboard data and /metrics', async () => {
+    const st = spawnSync(process.execPath, ['bin/medfl.js', 'status', '--dir', fed.coordDir, '--json'], { encoding: 'utf8', env: { ...process.env, MEDFL_LOG_LEVEL: 'warn' }, timeout: 60_000 });
+    expect(st.status, st.stderr).toBe(0);
+    const fromCli = (JSON.parse(st.stdout) as { sites: { name: string; version: string | null }[] }).sites.map((s) => [s.name, s.version]);
+    expect(fromCli).toEqual(fed.sites.map((s) => [s, medflVersion()]));
+    const api = await getAdmin(`${base}/api/status`, token);
+    expect(api.status).toBe(200);
+    expect((JSON.parse(api.body) as { sites: { name: string; version: string | null }[] }).sites.map((s) => [s.name, s.version])).toEqual(fromCli);
+    for (const site of fed.sites) expect(sampleValue(metrics, 'medfl_site_info', { site, version: medflVersion() }), site).toBe(1);
   });
 
   it('is ready, and wants the token on every request', async () => {

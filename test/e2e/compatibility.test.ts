@@ -21,6 +21,8 @@ import type { RoundRow } from '../../coordinator/store/store.ts';
 import { manifestBytes, type TaskSettings } from '../../shared/protocol/task.ts';
 import { signManifest } from '../../shared/security/site-identity.ts';
 import type { FederationEvent } from '../../shared/events/bus.ts';
+import { statusJson } from '../../coordinator/admin-http/status-json.ts';
+import { medflVersion } from '../../shared/util/version.ts';
 
 const FIXTURE = resolve(import.meta.dirname, '..', 'fixtures', 'previous-release', 'medfl-3b6b42d.tar.xz');
 const REPO = resolve(import.meta.dirname, '..', '..');
@@ -100,6 +102,9 @@ describe('a site of the previous release against this coordinator', () => {
     const store = f.store();
     expect(store.getRound(1)?.state).toBe('closed');
     expect(store.updatesForRound(1).map((u) => u.site).sort()).toEqual(['site-a', 'site-b']);
+    // The old site's heartbeats, without a software version, were accepted (it stayed seen) and show it as unknown.
+    const versions = (statusJson(store, 'compat').sites as { name: string; version: string | null }[]).map((s) => [s.name, s.version]);
+    expect(versions).toEqual([['site-a', 'unknown'], ['site-b', medflVersion()]]);
     store.close();
     const subscribed = logLines(f.logPath('coordinator')).filter((l) => l.msg === 'site subscribed to tasks');
     expect(subscribed.find((l) => l.site === 'site-a')).toMatchObject({ protocolVersion: 1, features: [] });

@@ -94,7 +94,8 @@ export async function makeFederation(o: {
       await waitFor(() => {
         if (c.exitCode !== null) throw new Error(`coordinator exited with ${c.exitCode}:\n${readFileSync(log, 'utf8').slice(-3000)}`);
         return existsSync(log) && readFileSync(log, 'utf8').slice(before).includes('listening on port');
-      }, 30_000, 'the coordinator to listen');
+        // Generous: on a 2-core machine busy with training runs a process start alone has taken over 30 s.
+      }, 90_000, 'the coordinator to listen');
       return c;
     },
     async enrollAll() {

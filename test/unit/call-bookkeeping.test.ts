@@ -113,7 +113,7 @@ describe('token ids and last-seen times of site calls', () => {
     }
     const calls = new CallBookkeeping(db, { commitDelayMs: 5, lastSeenFlushMs: 50 });
     const exp = nowSec() + 300;
-    calls.touch('a', 'idle', null, 1234);
+    calls.touch('a', { activity: 'idle', engine: null, softwareVersion: null }, 1234);
     const refused = await Promise.all(Array.from({ length: 50 }, (_, i) => calls.consumeJti(`a/${'x'.repeat(100)}${i}`, exp, nowSec()).catch((e: Error) => e)));
     expect(refused.every((r) => r instanceof Error && /database or disk is full/.test(r.message))).toBe(true);
     expect(calls.pending('a')).toMatchObject({ at: 1234 });

@@ -2,6 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import Database from 'better-sqlite3';
 import { CoordinatorStore } from '../../coordinator/store/store.ts';
 
 const fresh = () => new CoordinatorStore(join(mkdtempSync(join(tmpdir(), 'medfl-store-')), 'state.db'));
@@ -49,5 +50,41 @@ describe('coordinator store', () => {
     expect(s.getModel('h1')!.round).toBe(1);
     expect(s.closedRoundCount()).toBe(1);
     s.close();
+  });
+});
+
+describe('site software version (heartbeat field 5)', () => {
+  it('keeps the release a site named until it names another; a heartbeat without one leaves it as it is', () => {
+    const path = join(mkdtempSync(join(tmpdir(), 'medfl-store-')), 'state.db');
+    const s = new CoordinatorStore(path);
+    s.inviteSite('a', 'hash-a', Date.now() + 60_000);
+    s.enrolSite('a', 'hash-a', key);
+    expect(s.getSite('a')!.softwareVersion).toBeNull();
+    s.touchSite('a', 'idle', 'cpu', 1000, '0.1.0');
+    s.touchSite('a', 'training', null, 2000, null);
+    expect(s.getSite('a')).toMatchObject({ lastSeenAt: 2000, activity: 'training', engine: 'cpu', softwareVersion: '0.1.0' });
+    s.close();
+    const reopened = new CoordinatorStore(path);
+    expect(reopened.getSite('a')!.softwareVersion).toBe('0.1.0');
+    reopened.close();
+  });
+
+  it('opens a database of a release before the column and adds it, keeping the sites', () => {
+    const path = join(mkdtempSync(join(tmpdir(), 'medfl-store-')), 'state.db');
+    const old = new Database(path);
+    // The sites table as releases before the software version wrote it.
+    old.exec(`CREATE TABLE sites (
+      name TEXT PRIMARY KEY, state TEXT NOT NULL, public_key BLOB,
+      token_hash TEXT, invited_at INTEGER NOT NULL, invite_expires_at INTEGER NOT NULL, token_used_at INTEGER,
+      enrolled_at INTEGER, revoked_at INTEGER, last_seen_at INTEGER, activity TEXT, engine TEXT)`);
+    old.prepare("INSERT INTO sites (name, state, invited_at, invite_expires_at, last_seen_at, engine) VALUES ('a', 'enrolled', 1, 2, 3, 'cpu')").run();
+    old.close();
+    const s = new CoordinatorStore(path);
+    const again = new CoordinatorStore(path);
+    expect(s.getSite('a')).toMatchObject({ state: 'enrolled', lastSeenAt: 3, engine: 'cpu', softwareVersion: null });
+    s.touchSite('a', 'idle', null, 4, '0.2.0');
+    s.close();
+    expect(again.getSite('a')).toMatchObject({ lastSeenAt: 4, engine: 'cpu', softwareVersion: '0.2.0' });
+    again.close();
   });
 });

@@ -119,6 +119,7 @@ function renderSites(s) {
         // The last heartbeat's activity, while the site is still connected (a site that just left was doing nothing more).
         el('td', {}, site.status === 'online' && s.live.connectedSites.includes(site.name) ? (site.activity ?? '—') : '—'),
         el('td', {}, site.engine ?? '—'),
+        el('td', { 'data-field': 'version' }, site.version === 'unknown' ? el('span', { class: 'badge warn' }, 'unknown') : (site.version ?? '—')),
         el('td', {}, proto ? `v${proto.protocolVersion}${proto.features.length ? ` (${proto.features.join(', ')})` : ''}` : '—'),
         el('td', { 'data-field': 'validation' }, site.validationCases === 0 ? el('span', { class: 'badge warn' }, validation) : validation),
         el('td', { 'data-field': 'declined' }, site.tasksDeclined ? el('span', { class: 'badge warn' }, site.tasksDeclined) : 0),
@@ -239,10 +240,24 @@ function renderPrivacy(s) {
   }
   const eps = spent?.epsilon ?? 0;
   const budget = plan.plannedEpsilon;
-  const share = budget > 0 ? Math.min(1, eps / budget) : 0;
+  // The bar's full width: the plan's budget when it has one, else what its last round will have spent.
+  const limit = plan.epsilonBudget ?? budget;
+  const share = limit > 0 ? Math.min(1, eps / limit) : 0;
   box.append(
-    el('p', { id: 'epsilon', 'data-spent': eps, 'data-planned': budget }, `ε spent ${num(eps, 2)} of ${num(budget, 2)} by the plan's last round (δ = ${plan.delta}; ${plan.roundsReleased} of ${plan.plannedRounds} rounds released; z = ${plan.noiseMultiplier}, S = ${plan.clipNorm})`),
-    el('div', { class: 'bar' }, svg('svg', { viewBox: '0 0 100 10', preserveAspectRatio: 'none' }, svg('rect', { width: (100 * share).toFixed(2), height: 10, fill: '#0072b2' }))),
+    el('p', { id: 'epsilon', 'data-spent': eps, 'data-planned': budget, 'data-budget': plan.epsilonBudget ?? '' }, `ε spent ${num(eps, 2)} of ${num(budget, 2)} by the plan's last round (δ = ${plan.delta}; ${plan.roundsReleased} of ${plan.plannedRounds} rounds released; z = ${plan.noiseMultiplier}, S = ${plan.clipNorm})`),
+  );
+  const b = s.privacyBudget;
+  if (plan.epsilonBudget !== null) {
+    const fits = plan.roundsWithinBudget;
+    const remaining = plan.plannedRounds - plan.roundsReleased;
+    const cls = b?.exhausted ? 'bad' : fits < remaining ? 'warn' : 'ok';
+    const text = b?.exhausted
+      ? `privacy budget exhausted: the next round would have brought ε to ${num(b.refusedAt, 2)}, above the budget ${plan.epsilonBudget}; no further round opens`
+      : `budget ε ${plan.epsilonBudget}: ${num(Math.max(0, plan.epsilonBudget - eps), 2)} left; ${fits} of the ${remaining} remaining rounds fit${fits < remaining ? ' — the federation will stop early' : ''}`;
+    box.append(el('p', { id: 'epsilon-budget', 'data-exhausted': b?.exhausted ? 'true' : 'false' }, el('span', { class: `badge ${cls}` }, text)));
+  }
+  box.append(
+    el('div', { class: 'bar' }, svg('svg', { viewBox: '0 0 100 10', preserveAspectRatio: 'none' }, svg('rect', { width: (100 * share).toFixed(2), height: 10, fill: b?.exhausted ? '#d55e00' : '#0072b2' }))),
     el('p', { class: 'muted' }, "Sites refuse rounds beyond their own policy's maxEpsilon; the plan's figure assumes its sampling rate for the rounds still to come."),
   );
 }

@@ -2,6 +2,7 @@
  * Client-level differential privacy (plan aggregation.dp): the sites' DP settings in every task, and one release of
  * the RDP accountant per closed round, stored with the close so a restarted coordinator continues it.
  */
+import { samplingRate } from '../privacy-budget.ts';
 import { RdpAccountant, type RdpAccountantState } from '../../../shared/privacy/rdp-accountant.ts';
 import type { TaskSettings } from '../../../shared/protocol/task.ts';
 import type { CloseContribution, RoundFeature, RoundFeatureContext, RoundView } from '../round-feature.ts';
@@ -57,7 +58,7 @@ export class DpAccounting implements RoundFeature {
     const { store } = this.c;
     const enrolled = store.listSites().filter((s) => s.state === 'enrolled').length;
     const selected = round.row.selected.length;
-    const q = Math.min(1, selected / Math.max(1, enrolled, selected));
+    const q = samplingRate(selected, enrolled);
     const prev = store.getMeta(PRIVACY_KEY);
     const rounds = (prev ? (JSON.parse(prev) as PrivacySpent).rounds : 0) + 1;
     let spent: PrivacySpent;
