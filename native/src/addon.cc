@@ -10,6 +10,7 @@
 
 #include "conv.h"
 #include "elementwise.h"
+#include "loss.h"
 
 namespace {
 
@@ -575,6 +576,24 @@ napi_value ChannelSum(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// segmentationLoss(z, target, weight|null, C, smooth, grad) -> loss: z, target, grad [nv, C]; weight [nv].
+napi_value SegmentationLoss(napi_env env, napi_callback_info info) {
+  Args a(env, info, 6, "segmentationLoss");
+  const size_t len = a.length(0, "z");
+  const int64_t C = a.integer(3, "C", 2);
+  if (a.ok() && (len == 0 || len % C)) a.fail("z must hold a positive whole number of C-class voxels");
+  const int64_t nv = a.ok() ? static_cast<int64_t>(len) / C : 0;
+  const float* z = a.f32(0, "z", len);
+  const float* target = a.f32(1, "target", len);
+  const float* weight = a.f32(2, "weight", nv, true);
+  const double smooth = a.number(4, "smooth");
+  float* grad = a.f32(5, "grad", len);
+  if (!a.ok()) return nullptr;
+  napi_value out;
+  CALL(env, napi_create_double(env, medfl::segmentation_loss(z, target, weight, nv, C, smooth, grad), &out));
+  return out;
+}
+
 void delete_instance(napi_env env, void* data, void* hint) { delete static_cast<Instance*>(data); }
 
 }  // namespace
@@ -616,6 +635,7 @@ NAPI_MODULE_INIT() {
       {"split", nullptr, Split, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"biasAdd", nullptr, BiasAdd, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"channelSum", nullptr, ChannelSum, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"segmentationLoss", nullptr, SegmentationLoss, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   return exports;

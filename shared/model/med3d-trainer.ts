@@ -13,6 +13,7 @@
  * patch from a Models Genesis-corrupted copy (genesis-corruption.ts) under a mean squared error; no label is read.
  */
 import type { ConvKernels } from '../engine/conv-kernels.ts';
+import { elementwiseOf } from '../engine/elementwise-kernels.ts';
 import { diceScores, meanDicePerClass } from '../metrics/dice.ts';
 import { checkAgainstSpecs, makeBundle, type NamedTensor, type TensorBundle } from '../tensors/bundle.ts';
 import { mulberry32 } from '../util/random.ts';
@@ -23,7 +24,6 @@ import { BufferPool } from './graph/pool.ts';
 import { med3dOutputFactor, type Med3dArchitecture } from './med3d.ts';
 import { med3dEncoderFeatures, med3dEncoderForward, med3dForward, med3dHeadForward } from './med3d-forward.ts';
 import { DEFAULT_OPTIMIZER, Optimizer, optimizerKernelsOf } from './optim.ts';
-import { segmentationLossJs } from './tfjs-trainer.ts';
 import { corruptBatch, DEFAULT_RESTORATION_TRANSFORMS } from './genesis-corruption.ts';
 import { isRestorationArchitecture, restorationLoss } from './restoration.ts';
 import type { EvalResult, TrainRequest, TrainResult, Trainer, VolumeCase } from './types.ts';
@@ -231,6 +231,8 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
       const losses: number[] = [];
       // Activations and gradients of a step, reused by the next one (nothing of a step is read after it).
       const pool = new BufferPool();
+      // The loss's gradient comes from the step's pool too: it is the output's gradient, read only in this step.
+      const lossKernels = elementwiseOf(kernels).withAlloc((n) => pool.take(n));
 
       for (let step = 0; step < req.steps; step++) {
         for (const g of store.grads.values()) g.fill(0);
@@ -257,13 +259,13 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
           const factor = med3dOutputFactor(head);
           if (factor === 1) {
             // Full-resolution head: the labels themselves are the targets.
-            ({ loss, grad } = segmentationLossJs(out.data, batch.oneHot, numClasses, batch.weight));
+            ({ loss, grad } = lossKernels.segmentationLoss(out.data, batch.oneHot, numClasses, batch.weight));
           } else if (batch.weight) {
             const pooled = poolWeightedTargets(batch.oneHot, batch.weight, shape4, numClasses, factor);
-            ({ loss, grad } = segmentationLossJs(out.data, pooled.target, numClasses, pooled.weight));
+            ({ loss, grad } = lossKernels.segmentationLoss(out.data, pooled.target, numClasses, pooled.weight));
           } else {
             const target = poolTargets(batch.oneHot, shape4, numClasses, factor);
-            ({ loss, grad } = segmentationLossJs(out.data, target, numClasses));
+            ({ loss, grad } = lossKernels.segmentationLoss(out.data, target, numClasses));
           }
         } else {
           const batch = await nextBatch(req.source, labelled, req.batchSize, arch.patchShape, 2, rng, { withLabels: false, channels: C });
