@@ -13,7 +13,8 @@ import { mulberry32 } from '../../shared/util/random.ts';
 
 function nativeKernels(): ElementwiseKernels {
   const r = loadOneDnnKernels();
-  if (!r.kernels?.elementwise) throw new Error(`native elementwise kernels unavailable: ${r.reason ?? 'addon without them'}`);
+  if (!r.kernels) throw new Error(`native elementwise kernels unavailable: ${r.reason}`);
+  if (!r.kernels.elementwise) throw new Error('the oneDNN addon has no elementwise functions: rebuild it (npm run build:native)');
   return r.kernels.elementwise;
 }
 
