@@ -23,7 +23,7 @@ import { elementCount, makeBundle, type NamedTensor, type TensorBundle, type Ten
 import type { Plan } from '../../shared/plan/schema.ts';
 import type { SimdArena64 } from './simd-axpy.ts';
 import { WeightedMeanAggregator } from './fedavg.ts';
-import { RobustCombiner, type RobustRule } from './robust.ts';
+import { RobustCombiner, type RobustColumns, type RobustRule } from './robust.ts';
 import { ServerOptimizer } from './server-optimizer.ts';
 import type { AggregationStrategy, RoundAggregator, RoundContext, StrategyState, UpdateInfo, Verdict } from './strategy.ts';
 import { deltaNorm, median, normProblem, shapeAndSamplesProblem, valueBoundProblem, type ValidationRules } from './validate.ts';
@@ -38,6 +38,8 @@ export interface ComposedOptions {
   /** Fills `out` with N(0, 1) samples; default a CSPRNG (DP noise must not be predictable). */
   gaussian?: (out: Float32Array) => void;
   simd?: boolean;
+  /** How median / trimmed mean reduce a block's columns; default the native addon's when built, else JS. */
+  columns?: RobustColumns;
 }
 
 type Offsets = Map<string, { off: number; n: number }>;

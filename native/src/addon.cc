@@ -11,6 +11,7 @@
 #include "conv.h"
 #include "elementwise.h"
 #include "loss.h"
+#include "robust.h"
 
 namespace {
 
@@ -594,6 +595,28 @@ napi_value SegmentationLoss(napi_env env, napi_callback_info info) {
   return out;
 }
 
+// robustColumns(rows, n, ld, len, base, scale: Float64Array, coef: Float64Array, trim, out): rows [n, ld], the first
+// len columns reduced; trim < 0 for the median.
+napi_value RobustColumns(napi_env env, napi_callback_info info) {
+  Args a(env, info, 9, "robustColumns");
+  const int64_t n = a.integer(1, "n", 1), ld = a.integer(2, "ld", 1), len = a.integer(3, "len", 0);
+  if (a.ok() && len > ld) a.fail("len must be at most ld");
+  int64_t trim = 0;
+  if (a.ok()) {
+    const double t = a.number(7, "trim");
+    trim = t < 0 ? -1 : static_cast<int64_t>(t);
+    if (trim >= 0 && (static_cast<double>(trim) != t || 2 * trim >= n)) a.fail("trim must be -1 (median) or a whole number below n / 2");
+  }
+  const float* rows = a.f32(0, "rows", static_cast<size_t>(n * ld));
+  const float* base = a.f32(4, "base", static_cast<size_t>(len));
+  const double* scale = a.f64(5, "scale", static_cast<size_t>(n));
+  const double* coef = a.f64(6, "coef", static_cast<size_t>(n));
+  float* out = a.f32(8, "out", static_cast<size_t>(len));
+  if (!a.ok()) return nullptr;
+  medfl::robust_columns(rows, n, ld, len, base, scale, coef, trim, out);
+  return nullptr;
+}
+
 void delete_instance(napi_env env, void* data, void* hint) { delete static_cast<Instance*>(data); }
 
 }  // namespace
@@ -636,6 +659,7 @@ NAPI_MODULE_INIT() {
       {"biasAdd", nullptr, BiasAdd, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"channelSum", nullptr, ChannelSum, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"segmentationLoss", nullptr, SegmentationLoss, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"robustColumns", nullptr, RobustColumns, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   return exports;
