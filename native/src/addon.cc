@@ -11,6 +11,7 @@
 #include "conv.h"
 #include "elementwise.h"
 #include "loss.h"
+#include "norm.h"
 #include "robust.h"
 
 namespace {
@@ -617,6 +618,18 @@ napi_value RobustColumns(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// deltaSqLanes(x, b|null, lanes: Float64Array(4)): lanes += the four interleaved sums of (x − b)² (see norm.h).
+napi_value DeltaSqLanes(napi_env env, napi_callback_info info) {
+  Args a(env, info, 3, "deltaSqLanes");
+  const size_t n = a.length(0, "x");
+  const float* x = a.f32(0, "x", n);
+  const float* b = a.f32(1, "b", n, true);
+  double* lanes = a.f64(2, "lanes", 4);
+  if (!a.ok()) return nullptr;
+  medfl::delta_sq_lanes(x, b, static_cast<int64_t>(n), lanes);
+  return nullptr;
+}
+
 void delete_instance(napi_env env, void* data, void* hint) { delete static_cast<Instance*>(data); }
 
 }  // namespace
@@ -660,6 +673,7 @@ NAPI_MODULE_INIT() {
       {"channelSum", nullptr, ChannelSum, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"segmentationLoss", nullptr, SegmentationLoss, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"robustColumns", nullptr, RobustColumns, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"deltaSqLanes", nullptr, DeltaSqLanes, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   return exports;

@@ -14,6 +14,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace medfl {
 namespace {
 
@@ -38,6 +42,25 @@ std::vector<std::pair<int, int>> odd_even_merge_network(int n) {
   return out;
 }
 
+// Per column j: x[j], y[j] = min, max of the two. The pair keeps both values (for equal ones each row keeps one
+// of them), so every column stays a permutation of its values. SSE2 is in every x86-64 baseline; GCC does not
+// if-convert the scalar select into vector code by itself.
+inline void compare_exchange(double* __restrict x, double* __restrict y, int64_t w) {
+  int64_t j = 0;
+#if defined(__SSE2__)
+  for (; j + 2 <= w; j += 2) {
+    const __m128d u = _mm_loadu_pd(x + j), v = _mm_loadu_pd(y + j);
+    _mm_storeu_pd(x + j, _mm_min_pd(v, u));  // v < u ? v : u
+    _mm_storeu_pd(y + j, _mm_max_pd(u, v));  // u > v ? u : v
+  }
+#endif
+  for (; j < w; ++j) {
+    const double u = x[j], v = y[j];
+    x[j] = v < u ? v : u;
+    y[j] = u > v ? u : v;
+  }
+}
+
 inline double reduce_sorted(const double* s, int64_t n, int64_t trim) {
   if (trim < 0) {
     const int64_t m = n / 2;
@@ -60,6 +83,7 @@ void robust_columns(const float* rows, int64_t n, int64_t ld, int64_t len, const
   {
     std::vector<double> t(static_cast<size_t>(n * kTile));
     std::vector<double> col(static_cast<size_t>(n));
+    std::vector<double> sum(static_cast<size_t>(kTile));
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t j0 = tile * kTile;
@@ -76,20 +100,26 @@ void robust_columns(const float* rows, int64_t n, int64_t ld, int64_t len, const
         }
       }
       if (network) {
-        for (const auto& [a, c] : net) {
-          double* x = t.data() + a * kTile;
-          double* y = t.data() + c * kTile;
-#pragma omp simd
-          for (int64_t j = 0; j < w; ++j) {
-            const double u = x[j], v = y[j];
-            x[j] = v < u ? v : u;
-            y[j] = v < u ? u : v;
+        for (const auto& [a, c] : net) compare_exchange(t.data() + a * kTile, t.data() + c * kTile, w);
+        // Every column sorted: the statistic row by row over the tile, rows in increasing order.
+        double* acc = sum.data();
+        if (trim < 0) {
+          const double* hi = t.data() + (n / 2) * kTile;
+          const double* lo = t.data() + (n / 2 - 1) * kTile;
+          if (n % 2)
+            for (int64_t j = 0; j < w; ++j) acc[j] = hi[j];
+          else
+            for (int64_t j = 0; j < w; ++j) acc[j] = (lo[j] + hi[j]) / 2;
+        } else {
+          std::fill(acc, acc + w, 0.0);
+          for (int64_t i = trim; i < n - trim; ++i) {
+            const double* ti = t.data() + i * kTile;
+            for (int64_t j = 0; j < w; ++j) acc[j] += ti[j];
           }
+          const double kept = static_cast<double>(n - 2 * trim);
+          for (int64_t j = 0; j < w; ++j) acc[j] /= kept;
         }
-        for (int64_t j = 0; j < w; ++j) {
-          for (int64_t i = 0; i < n; ++i) col[i] = t[i * kTile + j];
-          out[j0 + j] = static_cast<float>(static_cast<double>(b[j]) + reduce_sorted(col.data(), n, trim));
-        }
+        for (int64_t j = 0; j < w; ++j) out[j0 + j] = static_cast<float>(static_cast<double>(b[j]) + acc[j]);
       } else {
         for (int64_t j = 0; j < w; ++j) {
           for (int64_t i = 0; i < n; ++i) col[i] = t[i * kTile + j];
