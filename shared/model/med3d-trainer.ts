@@ -13,7 +13,7 @@
  * patch from a Models Genesis-corrupted copy (genesis-corruption.ts) under a mean squared error; no label is read.
  */
 import type { ConvKernels } from '../engine/conv-kernels.ts';
-import { elementwiseOf } from '../engine/elementwise-kernels.ts';
+import { elementwiseOf, uninitF32 } from '../engine/elementwise-kernels.ts';
 import { diceScores, meanDicePerClass } from '../metrics/dice.ts';
 import { checkAgainstSpecs, makeBundle, type NamedTensor, type TensorBundle } from '../tensors/bundle.ts';
 import { mulberry32 } from '../util/random.ts';
@@ -27,7 +27,7 @@ import { DEFAULT_OPTIMIZER, Optimizer, optimizerKernelsOf } from './optim.ts';
 import { corruptBatch, DEFAULT_RESTORATION_TRANSFORMS } from './genesis-corruption.ts';
 import { isRestorationArchitecture, restorationLoss } from './restoration.ts';
 import type { EvalResult, TrainRequest, TrainResult, Trainer, VolumeCase } from './types.ts';
-import { chooseInference, flipAveraged, slidingWindowProbs, WHOLE_VOLUME_MAX_BYTES, type InferencePlan, type Shape3, type WindowForward } from './sliding-window.ts';
+import { chooseInference, flipAveraged, slidingWindowProbs, WHOLE_VOLUME_MAX_BYTES, windowStarts, type InferencePlan, type Shape3, type WindowForward } from './sliding-window.ts';
 import { createLogger, type Logger } from '../util/log.ts';
 
 class ArrayStore implements ParamStore {
@@ -300,7 +300,9 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
     async evaluate(weights: TensorBundle, cases: readonly VolumeCase[]): Promise<EvalResult> {
       checkWeights(weights);
       const store = new ArrayStore(arch, weights);
-      const inf = inferenceOps(kernels, store);
+      // Several cases (or windows) reuse the pool's buffers; one case of one pass is better off without it.
+      const onePass = cases.length === 1 && (head.kind === 'classification' || passesOf(med3dInferencePlan(arch, cases[0].shape), cases[0].shape) === 1);
+      const inf = onePass ? singlePassOps(kernels, store) : inferenceOps(kernels, store);
       const params = names(arch);
       if (head.kind === 'classification') {
         const labelled = cases.filter((c) => c.classLabel !== undefined);
@@ -337,8 +339,8 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
       checkWeights(weights);
       checkChannels(arch, vc);
       const store = new ArrayStore(arch, weights);
-      const inf = inferenceOps(kernels, store);
       const plan = med3dInferencePlan(arch, vc.shape);
+      const inf = passesOf(plan, vc.shape) > 1 ? inferenceOps(kernels, store) : singlePassOps(kernels, store);
       return plan.kind === 'whole' && !plan.flipTTA ? med3dVolumeProbs(arch, inf, vc) : med3dPlannedProbs(arch, inf, vc, plan);
     },
   };
@@ -371,6 +373,24 @@ export function inferenceOps(kernels: ConvKernels, store: ParamStore): Inference
     },
     take: (n) => pool.take(n),
   };
+}
+
+/**
+ * Eval-mode ops on fresh, garbage-collected arrays, for a single pass: a pool only pays from its second pass on, and
+ * for one pass it would keep every activation of the pass alive to its end, where the collector frees them as the
+ * pass goes.
+ */
+export function singlePassOps(kernels: ConvKernels, store: ParamStore): InferenceOps {
+  return { beginPass: () => createMed3dTrainOps({ kernels, store, training: false }), take: uninitF32 };
+}
+
+/** Forward passes a plan takes for a volume of `shape`: one per batch of windows (or one whole), × 8 with flips. */
+function passesOf(plan: InferencePlan, shape: Shape3): number {
+  const flips = plan.flipTTA ? 8 : 1;
+  if (plan.kind === 'whole') return flips;
+  const { window, overlap, batch } = plan.options;
+  const windows = [0, 1, 2].reduce((a, i) => a * windowStarts(Math.max(shape[i], window[i]), window[i], overlap).length, 1);
+  return Math.ceil(windows / batch) * flips;
 }
 
 /**
