@@ -10,6 +10,9 @@
  *
  *   npm run bench:aggregate                 # = node --expose-gc --import tsx bench/aggregate.ts
  *   BENCH_REPS=3 npm run bench:aggregate    # quicker
+ *   BENCH_PARTS=strategies npm run bench:aggregate   # only the memory copy and the composed strategies (no RSS runs)
+ *   BENCH_BEFORE=1 npm run bench:aggregate  # also median / trimmed mean with the JS column reduction and the checked
+ *                                           # rounds with the JS delta norm (the code before the native ones), same run
  */
 import { fork } from 'node:child_process';
 import { once } from 'node:events';
@@ -20,7 +23,9 @@ import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import Table from 'cli-table3';
 import { FedAvg, axpy } from '../coordinator/aggregation/fedavg.ts';
-import { ComposedStrategy } from '../coordinator/aggregation/composed.ts';
+import { ComposedStrategy, type ComposedOptions } from '../coordinator/aggregation/composed.ts';
+import { robustColumnsJs } from '../coordinator/aggregation/robust.ts';
+import { deltaNormJs } from '../coordinator/aggregation/validate.ts';
 import { PlanSchema } from '../shared/plan/schema.ts';
 import { createSimdArena } from '../coordinator/aggregation/simd-axpy.ts';
 import { createTiny3d } from '../shared/model/tiny3d.ts';
@@ -91,8 +96,13 @@ const STRATEGIES: Record<string, { cfg: Record<string, unknown>; streaming: bool
 const RSS_STRATEGIES = ['fedavg', 'fedavg + DP (clip + noise)', 'fedavg + FedAdam', 'median'];
 const RSS_SITES = Number(process.env.BENCH_SITES ?? 50);
 
-function composed(name: string): ComposedStrategy {
-  return new ComposedStrategy(PlanSchema.parse({ aggregation: STRATEGIES[name].cfg }).aggregation, { spillDir: join(os.tmpdir(), 'medfl-bench-spill') });
+const BEFORE = process.env.BENCH_BEFORE === '1';
+const ONLY_STRATEGIES = process.env.BENCH_PARTS === 'strategies';
+/** The JS implementations the native kernels replaced, for same-run before/after rows. */
+const BEFORE_OPTS: ComposedOptions = { columns: robustColumnsJs, deltaNorm: deltaNormJs };
+
+function composed(name: string, extra: ComposedOptions = {}): ComposedStrategy {
+  return new ComposedStrategy(PlanSchema.parse({ aggregation: STRATEGIES[name].cfg }).aggregation, { spillDir: join(os.tmpdir(), 'medfl-bench-spill'), ...extra });
 }
 
 /** One round as the coordinator runs it: begin, then check + add per update, then finish. */
@@ -344,18 +354,24 @@ async function main(): Promise<void> {
     colAligns: ['left', 'right', 'right', 'right'],
   });
   for (const name of Object.keys(STRATEGIES)) {
-    const strat = composed(name);
-    const reps = STRATEGIES[name].streaming ? 3 : 1;
-    const ms: number[] = [];
-    for (let r = 0; r < reps; r++) {
-      gc();
-      ms.push(composedRound(strat, base, (k) => updates[k], UPDATES));
+    const variants: [string, ComposedOptions][] = [[name, {}]];
+    if (BEFORE) variants.push([`${name} — before (JS ${STRATEGIES[name].streaming ? 'delta norm' : 'column reduction'})`, BEFORE_OPTS]);
+    for (const [label, extra] of variants) {
+      const strat = composed(name, extra);
+      const reps = STRATEGIES[name].streaming ? 3 : 1;
+      const ms: number[] = [];
+      for (let r = 0; r < reps; r++) {
+        gc();
+        ms.push(composedRound(strat, base, (k) => updates[k], UPDATES));
+      }
+      const m = stat(ms).median;
+      st.push([label, fmt(gbps(m), 2), fmt(gbps(m) / copyMed, 2), fmt(m / 1000, 2)]);
     }
-    const m = stat(ms).median;
-    st.push([name, fmt(gbps(m), 2), fmt(gbps(m) / copyMed, 2), fmt(m / 1000, 2)]);
   }
   console.log(st.toString());
   console.log('  streaming rows include check() (one pass computing the delta norm when the strategy keeps the base); median/trimmed rows include spilling every update to disk and reading it back.');
+  console.log(`load average after the strategies: ${os.loadavg().map((x) => fmt(x, 2)).join(' ')}`);
+  if (ONLY_STRATEGIES) return;
 
   const maxRss = Math.max(peakRss(), process.resourceUsage().maxRSS * 1024);
   console.log(`\nRSS, all ${UPDATES} updates held in memory (this process): start ${fmt(MB(rssStart))} MB, peak sampled ${fmt(MB(peakSampled))} MB, peak (VmHWM/maxRSS) ${fmt(MB(maxRss))} MB = ${fmt(maxRss / MODEL_BYTES, 1)}× one model`);

@@ -8,6 +8,7 @@
  *
  *   npm run bench:infer
  *   BENCH_WIDTHS=0.25 BENCH_REPS=2 npm run bench:infer
+ *   BENCH_POOL=both npm run bench:infer     # also the same windows on fresh arrays (inference before its buffer pool)
  *   BENCH_WIDTHS=0.0625 BENCH_PATCH=16x16x16 BENCH_VOLUMES=32x32x32,56x48x40 BENCH_REPS=1 npm run bench:infer   # a smoke check
  */
 import { spawnSync } from 'node:child_process';
@@ -20,8 +21,9 @@ import { med3dTorchStateDict } from '../cli/model-export.ts';
 import { encodeTorchStateDict } from '../shared/checkpoints/pth-write.ts';
 import { selectConvKernels } from '../shared/engine/conv-select.ts';
 import { createMed3d } from '../shared/model/med3d.ts';
-import { createMed3dTrainer } from '../shared/model/med3d-trainer.ts';
-import { InferenceSettingsSchema, windowSize, windowStarts, type Shape3 } from '../shared/model/sliding-window.ts';
+import { createMed3dTrainOps } from '../shared/model/graph/med3d-ops.ts';
+import { createMed3dTrainer, med3dWindowForward } from '../shared/model/med3d-trainer.ts';
+import { InferenceSettingsSchema, slidingWindowProbs, windowSize, windowStarts, type Shape3 } from '../shared/model/sliding-window.ts';
 import { makeBundle, type TensorBundle } from '../shared/tensors/bundle.ts';
 import { gaussian, mulberry32 } from '../shared/util/random.ts';
 
@@ -30,6 +32,7 @@ const PATCH: Shape3 = shapeOf(process.env.BENCH_PATCH ?? '40x48x40');
 const VOLUMES: Shape3[] = (process.env.BENCH_VOLUMES ?? '80x96x80,192x192x160').split(',').map(shapeOf);
 const WIDTHS = (process.env.BENCH_WIDTHS ?? '0.25,1').split(',').map(Number);
 const REPS = Number(process.env.BENCH_REPS ?? 3);
+const poolAB = process.env.BENCH_POOL === 'both';
 const settings = InferenceSettingsSchema.parse({ mode: 'window', overlap: 0.5, blend: 'gaussian', batch: 2 });
 
 const median = (a: number[]) => [...a].sort((x, y) => x - y)[Math.floor(a.length / 2)];
@@ -71,7 +74,7 @@ function pytorch(config: Record<string, unknown>): { median_ms: number; min_ms: 
 const sel = await selectConvKernels();
 process.stdout.write(`kernels: ${sel.kernels.name}; load average ${loadavg().map((l) => l.toFixed(2)).join(' ')}\n`);
 const work = mkdtempSync(join(tmpdir(), 'medfl-bench-infer-'));
-const table = new Table({ head: ['config', 'windows', 'MedFL ms', 'PyTorch ms', 'MedFL / PyTorch', 'max |Δp|'] });
+const table = new Table({ head: ['config', 'windows', 'MedFL ms', ...(poolAB ? ['fresh arrays ms', 'pool / fresh'] : []), 'PyTorch ms', 'MedFL / PyTorch', 'max |Δp|'] });
 try {
   for (const width of WIDTHS) {
     const arch = createMed3d({ depth: 10, shortcut: 'B', widthMultiplier: width, head: { kind: 'segmentation', numClasses: 2 }, patch: PATCH, inference: settings });
@@ -92,6 +95,20 @@ try {
         const t0 = performance.now();
         ours = await trainer.predictProbs(w, { id: 'bench', shape, image });
         if (i > 0) times.push(performance.now() - t0); // the first run warms up
+      }
+      // The same windows through eval-mode ops on fresh arrays (no pool), alternating with nothing else in between.
+      const fresh: number[] = [];
+      if (poolAB) {
+        const values = new Map(arch.params().map((p) => [p.name, w.get(p.name)!.data]));
+        const shapes = new Map(arch.params().map((p) => [p.name, p.shape]));
+        const store = { value: (n: string) => values.get(n)!, shape: (n: string) => shapes.get(n)!, grad: () => undefined };
+        const forward = med3dWindowForward(arch, { beginPass: () => createMed3dTrainOps({ kernels: sel.kernels, store, training: false }), take: (n) => new Float32Array(n) });
+        const options = { window: win, overlap: settings.overlap, blend: settings.blend, batch: settings.batch, numClasses: 2 };
+        for (let i = 0; i <= reps; i++) {
+          const t0 = performance.now();
+          await slidingWindowProbs(image, shape, options, forward);
+          if (i > 0) fresh.push(performance.now() - t0);
+        }
       }
       const imagePath = join(work, 'image.f32');
       const outPath = join(work, 'probs.f32');
@@ -122,8 +139,9 @@ try {
         for (let i = 0; i < theirs.length; i++) max = Math.max(max, Math.abs(theirs[i] - ours[i]));
         diff = max.toExponential(1);
       }
-      table.push([name, String(starts.length), m.toFixed(0), typeof pt === 'string' ? '—' : pt.median_ms.toFixed(0), typeof pt === 'string' ? pt : `${(m / pt.median_ms).toFixed(2)}×`, diff]);
-      process.stdout.write(`${name}: ${starts.length} window(s), ${m.toFixed(0)} ms (min ${Math.min(...times).toFixed(0)})${typeof pt === 'string' ? '' : `, PyTorch ${pt.median_ms.toFixed(0)} ms`}\n`);
+      const f = poolAB ? median(fresh) : 0;
+      table.push([name, String(starts.length), m.toFixed(0), ...(poolAB ? [f.toFixed(0), `${(m / f).toFixed(2)}×`] : []), typeof pt === 'string' ? '—' : pt.median_ms.toFixed(0), typeof pt === 'string' ? pt : `${(m / pt.median_ms).toFixed(2)}×`, diff]);
+      process.stdout.write(`${name}: ${starts.length} window(s), ${m.toFixed(0)} ms (min ${Math.min(...times).toFixed(0)})${poolAB ? `, fresh arrays ${f.toFixed(0)} ms` : ''}${typeof pt === 'string' ? '' : `, PyTorch ${pt.median_ms.toFixed(0)} ms`}\n`);
     }
   }
 } finally {

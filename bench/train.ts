@@ -13,6 +13,7 @@
  *   BENCH_CONFIGS=seg|unet|quarter|full|all BENCH_STEPS=5 npm run bench:train
  *   MEDFL_KERNELS=js npm run bench:train     # the pure-JS kernels (slow at full width: BENCH_CONFIGS=quarter)
  *   BENCH_ELEMENTWISE=js npm run bench:train  # oneDNN convolutions with the JS norms/ReLU/pool/add/concat
+ *   BENCH_LOSS=both npm run bench:train       # also each config with the JS Dice + CE loss (A/B in the same run)
  *   BENCH_PYTORCH=0 npm run bench:train       # skip PyTorch
  *   BENCH_FMA_UNITS=1 npm run bench:train     # FMA units per core for the peak (default 2, see cpuPeak)
  *   npm run bench:train -- --breakdown        # instead: ms per op (forward / backward) per pass, no PyTorch
@@ -29,7 +30,7 @@ import Table from 'cli-table3';
 import { loadavg } from 'node:os';
 import { convMacs, torchConvGeom, type ConvKernels } from '../shared/engine/conv-kernels.ts';
 import { selectConvKernels } from '../shared/engine/conv-select.ts';
-import { elementwiseOf, jsElementwiseKernels } from '../shared/engine/elementwise-kernels.ts';
+import { elementwiseOf, jsElementwiseKernels, type ElementwiseKernels } from '../shared/engine/elementwise-kernels.ts';
 import { createMed3dTrainOps, type Med3dTrainOps, type ParamStore } from '../shared/model/graph/med3d-ops.ts';
 import { BufferPool } from '../shared/model/graph/pool.ts';
 import { act, Tape } from '../shared/model/graph/tape.ts';
@@ -260,6 +261,17 @@ try {
 } catch {
   // no /proc: no peak figure
 }
+/** The same element-wise kernels with the JS segmentation loss (the loss before it moved into the addon). */
+function withJsLoss(ew: ElementwiseKernels): ElementwiseKernels {
+  return { ...ew, segmentationLoss: (z, t, C, w) => jsElementwiseKernels.segmentationLoss(z, t, C, w), withAlloc: (a) => withJsLossAlloc(ew, a) };
+}
+function withJsLossAlloc(ew: ElementwiseKernels, a: (n: number) => Float32Array): ElementwiseKernels {
+  const js = jsElementwiseKernels.withAlloc(a);
+  return { ...ew.withAlloc(a), segmentationLoss: (z, t, C, w) => js.segmentationLoss(z, t, C, w), withAlloc: (b) => withJsLossAlloc(ew, b) };
+}
+const jsLossKernels = { ...kernels, elementwise: withJsLoss(elementwiseOf(kernels)) } as ConvKernels;
+const lossAB = process.env.BENCH_LOSS === 'both';
+
 const peak = cpuPeak(cpuinfo, Number(process.env.BENCH_FMA_UNITS ?? 2));
 const model = /^model name\s*:\s*(.*)$/m.exec(cpuinfo)?.[1] ?? 'unknown CPU';
 process.stdout.write(
@@ -316,6 +328,11 @@ for (const c of configs) {
     p ? p.median_ms.toFixed(1) : '—', p ? gf(c, p.median_ms) : '—', p ? `${(o.median / p.median_ms).toFixed(2)}×` : typeof pt === 'string' ? pt : '—',
     p ? `${o.cpu.toFixed(0)} / ${p.cpu_ms.toFixed(0)} = ${(o.cpu / p.cpu_ms).toFixed(2)}×` : o.cpu.toFixed(0),
   ]);
+  if (lossAB) {
+    const j = await ours(c, jsLossKernels);
+    table.push([`${c.name}, JS loss`, j.median.toFixed(1), ((c.batch * 1000) / j.median).toFixed(2), gf(c, j.median), '', '', `${(o.median / j.median).toFixed(2)}× (addon / JS loss)`, `${o.cpu.toFixed(0)} / ${j.cpu.toFixed(0)} = ${(o.cpu / j.cpu).toFixed(2)}×`]);
+    process.stdout.write(`${c.name} with the JS loss: ${j.median.toFixed(1)} ms (CPU ${j.cpu.toFixed(0)} ms); load ${loadavg()[0].toFixed(2)}\n`);
+  }
   process.stdout.write(`${c.name}: ${o.median.toFixed(1)} ms (min ${o.min.toFixed(1)}, CPU ${o.cpu.toFixed(0)} ms)${p ? `, PyTorch ${p.median_ms.toFixed(1)} ms (CPU ${p.cpu_ms.toFixed(0)} ms)` : ''}; load ${loadavg()[0].toFixed(2)}\n`);
 }
 process.stdout.write(

@@ -23,10 +23,10 @@ import { elementCount, makeBundle, type NamedTensor, type TensorBundle, type Ten
 import type { Plan } from '../../shared/plan/schema.ts';
 import type { SimdArena64 } from './simd-axpy.ts';
 import { WeightedMeanAggregator } from './fedavg.ts';
-import { RobustCombiner, type RobustRule } from './robust.ts';
+import { RobustCombiner, type RobustColumns, type RobustRule } from './robust.ts';
 import { ServerOptimizer } from './server-optimizer.ts';
 import type { AggregationStrategy, RoundAggregator, RoundContext, StrategyState, UpdateInfo, Verdict } from './strategy.ts';
-import { deltaNorm, median, normProblem, shapeAndSamplesProblem, valueBoundProblem, type ValidationRules } from './validate.ts';
+import { deltaNorm, median, normProblem, shapeAndSamplesProblem, valueBoundProblem, type DeltaNorm, type ValidationRules } from './validate.ts';
 
 export type AggregationConfig = Plan['aggregation'];
 
@@ -38,6 +38,10 @@ export interface ComposedOptions {
   /** Fills `out` with N(0, 1) samples; default a CSPRNG (DP noise must not be predictable). */
   gaussian?: (out: Float32Array) => void;
   simd?: boolean;
+  /** How median / trimmed mean reduce a block's columns; default the native addon's when built, else JS. */
+  columns?: RobustColumns;
+  /** How check() measures an update's delta norm; default the native loop when built, else JS (same result). */
+  deltaNorm?: DeltaNorm;
 }
 
 type Offsets = Map<string, { off: number; n: number }>;
@@ -114,7 +118,7 @@ export class ComposedStrategy implements AggregationStrategy {
       if (!this.robustOut || this.robustOut.length !== total) this.robustOut = new Float32Array(total);
       combiner = new RobustCombinerAdapter(new RobustCombiner(rule, offsets, total, this.opts), this.robustOut);
     }
-    return new ComposedRound(this, specs, offsets, base, combiner, this.rules, this.clipNorm, [...this.recentNorms], base ? maxAbs(base) : 0);
+    return new ComposedRound(this, specs, offsets, base, combiner, this.rules, this.clipNorm, [...this.recentNorms], base ? maxAbs(base) : 0, this.opts.deltaNorm ?? deltaNorm);
   }
 
   /** Called by a round at finish: the optimiser step and the norm reference for the next round. */
@@ -279,6 +283,7 @@ class ComposedRound implements RoundAggregator {
     private readonly previousNorms: readonly number[],
     /** max |base value|: with ‖Δ‖ it bounds every proposed weight, so honest updates skip the value pass. */
     private readonly baseMaxAbs: number,
+    private readonly deltaNorm: DeltaNorm,
   ) {}
 
   get count(): number {
@@ -290,7 +295,7 @@ class ComposedRound implements RoundAggregator {
     if (layout) return { problem: layout };
     if (info.isDelta && !this.base) return { problem: 'delta-encoded update, but this round keeps no base model (plan.compression.delta is off)' };
     // One pass gives both: a NaN/Inf anywhere makes the norm non-finite.
-    const norm = deltaNorm(update, !!info.isDelta, this.base, this.offsets);
+    const norm = this.deltaNorm(update, !!info.isDelta, this.base, this.offsets);
     if (!Number.isFinite(norm)) {
       for (const t of update.values()) {
         for (let i = 0; i < t.data.length; i++) {
@@ -317,7 +322,7 @@ class ComposedRound implements RoundAggregator {
   add(update: TensorBundle, info: UpdateInfo, verdict?: Verdict): void {
     if (this.finished) throw new Error('add() after finish()');
     if (info.isDelta && !this.base) throw new Error(`update from ${info.site} is delta-encoded, but this round keeps no base model`);
-    const norm = this.base ? (verdict?.norm ?? deltaNorm(update, !!info.isDelta, this.base, this.offsets)) : undefined;
+    const norm = this.base ? (verdict?.norm ?? this.deltaNorm(update, !!info.isDelta, this.base, this.offsets)) : undefined;
     const scale = this.clipNorm !== undefined && norm !== undefined && norm > this.clipNorm ? this.clipNorm / norm : 1;
     this.combiner.add(update, info.numSamples, scale, !!info.isDelta, info.site);
     if (norm !== undefined) this.norms.push(norm);
@@ -332,7 +337,7 @@ class ComposedRound implements RoundAggregator {
     if (this.finished) throw new Error('reweight() after finish()');
     if (!this.combiner.reweight || to === info.numSamples) return;
     if (!(to > 0) || to > info.numSamples) throw new Error(`weight of ${info.site} can only be lowered, to a positive value (asked ${to} of ${info.numSamples})`);
-    const norm = this.base ? deltaNorm(update, !!info.isDelta, this.base, this.offsets) : undefined;
+    const norm = this.base ? this.deltaNorm(update, !!info.isDelta, this.base, this.offsets) : undefined;
     const scale = this.clipNorm !== undefined && norm !== undefined && norm > this.clipNorm ? this.clipNorm / norm : 1;
     this.combiner.reweight(update, info.numSamples, to, scale, !!info.isDelta, info.site);
   }

@@ -5,15 +5,52 @@
  * matrix (bounded by `blockBytes`, default 64 MiB) and reduces each column.
  *
  * Cost: memory = base + output + the block matrix (≈ 2 models + 64 MiB, whatever the site count); disk =
- * one model per update (written once, read once, deleted at finish); time = O(n) per coordinate
- * (quickselect), about 10–20× a streaming mean (bench:aggregate).
+ * one model per update (written once, read once, deleted at finish). A block's columns are reduced by the
+ * native addon when it is built (robustColumnsNative: a sorting network over all columns of a tile at once, in
+ * vector code) and else by robustColumnsJs (quickselect per column); both give exactly the statistics of
+ * sorting each column, the trimmed mean summed in increasing order.
  */
 import { closeSync, mkdirSync, mkdtempSync, openSync, readSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { loadOneDnnKernels } from '../../shared/engine/onednn-kernels.ts';
 import type { TensorBundle } from '../../shared/tensors/bundle.ts';
 
 export type RobustRule = { kind: 'median' } | { kind: 'trimmed-mean'; beta: number };
+
+/**
+ * Reduces the first `len` columns of `rows` (n rows of `ld` float32 values): per column j the values
+ * v_i = scale_i·(rows[i][j] − coef_i·base[j]) in float64, then out[j] = base[j] + median (trim < 0; the mean of the
+ * two middle values for even n) or the mean of the values left after dropping the `trim` smallest and largest,
+ * summed in increasing order.
+ */
+export type RobustColumns = (
+  rows: Float32Array, n: number, ld: number, len: number, base: Float32Array, scale: Float64Array, coef: Float64Array, trim: number, out: Float32Array,
+) => void;
+
+export const robustColumnsJs: RobustColumns = (rows, n, ld, len, base, scale, coef, trim, out) => {
+  const col = new Float64Array(n);
+  for (let j = 0; j < len; j++) {
+    const b = base[j];
+    for (let i = 0, at = j; i < n; i++, at += ld) col[i] = scale[i] * (rows[at] - coef[i] * b);
+    out[j] = b + (trim < 0 ? medianInPlace(col, n) : trimmedMeanInPlace(col, n, trim));
+  }
+};
+
+interface RobustAddon {
+  robustColumns: RobustColumns;
+}
+
+let nativeColumns: RobustColumns | null | undefined;
+
+/** The addon's robustColumns when the oneDNN addon is built and has it (an older build has not), else undefined. */
+export function robustColumnsNative(): RobustColumns | undefined {
+  if (nativeColumns === undefined) {
+    const addon = loadOneDnnKernels().kernels?.addon as Partial<RobustAddon> | undefined;
+    nativeColumns = typeof addon?.robustColumns === 'function' ? addon.robustColumns.bind(addon) : null;
+  }
+  return nativeColumns ?? undefined;
+}
 
 interface Spilled {
   path: string;
@@ -30,8 +67,9 @@ export class RobustCombiner {
     private readonly rule: RobustRule,
     private readonly offsets: ReadonlyMap<string, { off: number; n: number }>,
     private readonly total: number,
-    opts: { spillDir?: string; blockBytes?: number } = {},
+    opts: { spillDir?: string; blockBytes?: number; columns?: RobustColumns } = {},
   ) {
+    this.columns = opts.columns ?? robustColumnsNative() ?? robustColumnsJs;
     const parent = opts.spillDir ?? tmpdir();
     mkdirSync(parent, { recursive: true });
     this.dir = mkdtempSync(join(parent, 'round-'));
@@ -39,6 +77,7 @@ export class RobustCombiner {
   }
 
   private readonly blockBytes: number;
+  private readonly columns: RobustColumns;
 
   get count(): number {
     return this.spilled.length;
@@ -67,10 +106,8 @@ export class RobustCombiner {
     const block = Math.max(1024, Math.floor(this.blockBytes / 4 / n));
     const rows = new Float32Array(n * block);
     const rowBytes = new Uint8Array(rows.buffer);
-    const col = new Float64Array(n);
     const fds = this.spilled.map((s) => openSync(s.path, 'r'));
-    const trim = this.rule.kind === 'trimmed-mean' ? trimCount(n, this.rule.beta) : 0;
-    const isMedian = this.rule.kind === 'median';
+    const trim = this.rule.kind === 'trimmed-mean' ? trimCount(n, this.rule.beta) : -1;
     const scale = Float64Array.from(this.spilled, (s) => s.scale);
     // What to subtract from each stored value, per unit of base: 1 for weights, 0 for deltas.
     const baseCoef = Float64Array.from(this.spilled, (s) => (s.isDelta ? 0 : 1));
@@ -78,11 +115,7 @@ export class RobustCombiner {
       for (let a = 0; a < this.total; a += block) {
         const len = Math.min(block, this.total - a);
         for (let i = 0; i < n; i++) readFully(fds[i], rowBytes, i * block * 4, len * 4, a * 4);
-        for (let j = 0; j < len; j++) {
-          const b = base[a + j];
-          for (let i = 0, at = j; i < n; i++, at += block) col[i] = scale[i] * (rows[at] - baseCoef[i] * b);
-          out[a + j] = b + (isMedian ? medianInPlace(col, n) : trimmedMeanInPlace(col, n, trim));
-        }
+        this.columns(rows, n, block, len, base.subarray(a, a + len), scale, baseCoef, trim, out.subarray(a, a + len));
       }
     } finally {
       for (const fd of fds) closeSync(fd);
@@ -166,6 +199,8 @@ export function trimmedMeanInPlace(a: Float64Array, n: number, k: number): numbe
     select(a, 0, n - 1, k);
     select(a, k, n - 1, n - 1 - k);
   }
+  // The kept values in increasing order, so the sum rounds as the native reduction's does.
+  a.subarray(k, n - k).sort();
   let s = 0;
   for (let i = k; i < n - k; i++) s += a[i];
   return s / (n - 2 * k);

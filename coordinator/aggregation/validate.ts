@@ -2,6 +2,7 @@
  * The validation filter: every update is checked before it counts. Names, dtypes, shapes and sample
  * counts here; finiteness and the delta norm in one pass over the update (norm.ts-style loop below).
  */
+import { loadOneDnnKernels } from '../../shared/engine/onednn-kernels.ts';
 import { checkAgainstSpecs, findNonFinite, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
 import type { UpdateInfo } from './strategy.ts';
 
@@ -38,7 +39,10 @@ export function shapeAndSamplesProblem(update: TensorBundle, info: UpdateInfo, s
  * L2 norm of the update's delta against the flat base (`base` in spec order, `offsets` per tensor), or of the
  * update itself when it is a delta. Non-finite values make the sum non-finite; the caller then names the tensor.
  */
-export function deltaNorm(update: TensorBundle, isDelta: boolean, base: Float32Array | undefined, offsets: ReadonlyMap<string, { off: number; n: number }>): number {
+export type DeltaNorm = (update: TensorBundle, isDelta: boolean, base: Float32Array | undefined, offsets: ReadonlyMap<string, { off: number; n: number }>) => number;
+
+/** The JS loop (the reference; what runs without the native addon). */
+export const deltaNormJs: DeltaNorm = (update, isDelta, base, offsets) => {
   let s = 0;
   for (const [name, { off, n }] of offsets) {
     const x = update.get(name)!.data;
@@ -65,7 +69,37 @@ export function deltaNorm(update: TensorBundle, isDelta: boolean, base: Float32A
     s += s0 + s1 + s2 + s3;
   }
   return Math.sqrt(s);
+};
+
+interface NormAddon {
+  deltaSqLanes(x: Float32Array, b: Float32Array | null, lanes: Float64Array): void;
 }
+
+/** The same sums in the addon (one thread, the same four lanes in the same order): equal to deltaNormJs bit for bit. */
+function nativeDeltaNorm(addon: NormAddon): DeltaNorm {
+  const lanes = new Float64Array(4);
+  return (update, isDelta, base, offsets) => {
+    let s = 0;
+    for (const [name, { off, n }] of offsets) {
+      const x = update.get(name)!.data;
+      lanes.fill(0);
+      addon.deltaSqLanes(x.length === n ? x : x.subarray(0, n), isDelta || !base ? null : base.subarray(off, off + n), lanes);
+      s += lanes[0] + lanes[1] + lanes[2] + lanes[3];
+    }
+    return Math.sqrt(s);
+  };
+}
+
+let chosenNorm: DeltaNorm | undefined;
+
+/** deltaNormJs's result, computed by the native addon when it is built and has the loop (reads the arrays in place). */
+export const deltaNorm: DeltaNorm = (update, isDelta, base, offsets) => {
+  if (!chosenNorm) {
+    const addon = loadOneDnnKernels().kernels?.addon as Partial<NormAddon> | undefined;
+    chosenNorm = typeof addon?.deltaSqLanes === 'function' ? nativeDeltaNorm(addon as NormAddon) : deltaNormJs;
+  }
+  return chosenNorm(update, isDelta, base, offsets);
+};
 
 /**
  * The first weight beyond ±maxValue that `update` proposes (base + Δ for a delta upload), or undefined.

@@ -10,6 +10,9 @@
 
 #include "conv.h"
 #include "elementwise.h"
+#include "loss.h"
+#include "norm.h"
+#include "robust.h"
 
 namespace {
 
@@ -575,6 +578,58 @@ napi_value ChannelSum(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// segmentationLoss(z, target, weight|null, C, smooth, grad) -> loss: z, target, grad [nv, C]; weight [nv].
+napi_value SegmentationLoss(napi_env env, napi_callback_info info) {
+  Args a(env, info, 6, "segmentationLoss");
+  const size_t len = a.length(0, "z");
+  const int64_t C = a.integer(3, "C", 2);
+  if (a.ok() && (len == 0 || len % C)) a.fail("z must hold a positive whole number of C-class voxels");
+  const int64_t nv = a.ok() ? static_cast<int64_t>(len) / C : 0;
+  const float* z = a.f32(0, "z", len);
+  const float* target = a.f32(1, "target", len);
+  const float* weight = a.f32(2, "weight", nv, true);
+  const double smooth = a.number(4, "smooth");
+  float* grad = a.f32(5, "grad", len);
+  if (!a.ok()) return nullptr;
+  napi_value out;
+  CALL(env, napi_create_double(env, medfl::segmentation_loss(z, target, weight, nv, C, smooth, grad), &out));
+  return out;
+}
+
+// robustColumns(rows, n, ld, len, base, scale: Float64Array, coef: Float64Array, trim, out): rows [n, ld], the first
+// len columns reduced; trim < 0 for the median.
+napi_value RobustColumns(napi_env env, napi_callback_info info) {
+  Args a(env, info, 9, "robustColumns");
+  const int64_t n = a.integer(1, "n", 1), ld = a.integer(2, "ld", 1), len = a.integer(3, "len", 0);
+  if (a.ok() && len > ld) a.fail("len must be at most ld");
+  int64_t trim = 0;
+  if (a.ok()) {
+    const double t = a.number(7, "trim");
+    trim = t < 0 ? -1 : static_cast<int64_t>(t);
+    if (trim >= 0 && (static_cast<double>(trim) != t || 2 * trim >= n)) a.fail("trim must be -1 (median) or a whole number below n / 2");
+  }
+  const float* rows = a.f32(0, "rows", static_cast<size_t>(n * ld));
+  const float* base = a.f32(4, "base", static_cast<size_t>(len));
+  const double* scale = a.f64(5, "scale", static_cast<size_t>(n));
+  const double* coef = a.f64(6, "coef", static_cast<size_t>(n));
+  float* out = a.f32(8, "out", static_cast<size_t>(len));
+  if (!a.ok()) return nullptr;
+  medfl::robust_columns(rows, n, ld, len, base, scale, coef, trim, out);
+  return nullptr;
+}
+
+// deltaSqLanes(x, b|null, lanes: Float64Array(4)): lanes += the four interleaved sums of (x − b)² (see norm.h).
+napi_value DeltaSqLanes(napi_env env, napi_callback_info info) {
+  Args a(env, info, 3, "deltaSqLanes");
+  const size_t n = a.length(0, "x");
+  const float* x = a.f32(0, "x", n);
+  const float* b = a.f32(1, "b", n, true);
+  double* lanes = a.f64(2, "lanes", 4);
+  if (!a.ok()) return nullptr;
+  medfl::delta_sq_lanes(x, b, static_cast<int64_t>(n), lanes);
+  return nullptr;
+}
+
 void delete_instance(napi_env env, void* data, void* hint) { delete static_cast<Instance*>(data); }
 
 }  // namespace
@@ -616,6 +671,9 @@ NAPI_MODULE_INIT() {
       {"split", nullptr, Split, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"biasAdd", nullptr, BiasAdd, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"channelSum", nullptr, ChannelSum, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"segmentationLoss", nullptr, SegmentationLoss, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"robustColumns", nullptr, RobustColumns, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"deltaSqLanes", nullptr, DeltaSqLanes, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   return exports;

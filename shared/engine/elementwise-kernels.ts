@@ -14,6 +14,7 @@
  * Semantics are PyTorch's: max pooling takes the first maximum in (z, y, x) order and never the padding; NaN propagates.
  */
 import { Buffer } from 'node:buffer';
+import { DICE_SMOOTH, segmentationLossJs } from '../model/graph/segmentation-loss.ts';
 import type { ConvKernels } from './conv-kernels.ts';
 
 /** Allocates a Float32Array of n values whose contents are unspecified (the caller writes all of them). */
@@ -53,6 +54,11 @@ export interface ElementwiseKernels {
   /** sum[c] += Σ over voxels of x[·, c], accumulated in float64. */
   channelSum(x: Float32Array, C: number, sum: Float64Array): void;
   /** The same kernels with every returned Float32Array output allocated by `alloc` instead of fresh memory. */
+  /**
+   * The segmentation training loss of logits z [voxels, C] against soft targets (rows summing to 1), optional
+   * per-voxel weights, and its gradient with respect to z (segmentation-loss.ts: the semantics and the JS twin).
+   */
+  segmentationLoss(z: Float32Array, target: Float32Array, C: number, weight?: Float32Array): { loss: number; grad: Float32Array };
   withAlloc(alloc: F32Alloc): ElementwiseKernels;
 }
 
@@ -217,12 +223,24 @@ function jsKernels(alloc: F32Alloc): ElementwiseKernels {
       }
     },
 
+    segmentationLoss(z, target, C, weight) {
+      checkLossInputs(z, target, C, weight);
+      return segmentationLossJs(z, target, C, weight, alloc);
+    },
+
     withAlloc: (a) => jsKernels(a),
   };
   return kernels;
 }
 
 export const jsElementwiseKernels: ElementwiseKernels = jsKernels(uninitF32);
+
+function checkLossInputs(z: Float32Array, target: Float32Array, C: number, weight: Float32Array | undefined): void {
+  if (!Number.isInteger(C) || C < 2) throw new Error(`segmentation loss: needs at least 2 classes, got ${C}`);
+  if (z.length === 0 || z.length % C !== 0) throw new Error(`segmentation loss: ${z.length} logits are not a whole number of ${C}-class voxels`);
+  if (target.length !== z.length) throw new Error(`segmentation loss: ${target.length} target values for ${z.length} logits`);
+  if (weight && weight.length !== z.length / C) throw new Error(`segmentation loss: ${weight.length} voxel weights for ${z.length / C} voxels`);
+}
 
 /** The addon's elementwise functions (native/src/addon.cc, elementwise.cc); outputs are preallocated here. */
 export interface ElementwiseAddon {
@@ -249,6 +267,15 @@ export function hasElementwiseV2(addon: object): addon is ElementwiseAddonV2 {
     typeof a.split === 'function' && typeof a.biasAdd === 'function' && typeof a.channelSum === 'function';
 }
 
+/** The addon's segmentation loss (an addon built before it lacks it: the JS loss runs then). */
+export interface LossAddon {
+  segmentationLoss(z: Float32Array, target: Float32Array, weight: Float32Array | null, C: number, smooth: number, grad: Float32Array): number;
+}
+
+export function hasLossKernel(addon: object): addon is LossAddon {
+  return typeof (addon as Partial<LossAddon>).segmentationLoss === 'function';
+}
+
 /**
  * A Float32Array whose memory is NOT zeroed, for outputs a kernel writes completely: zeroing a fresh
  * 16 MiB array costs about as much as the kernel that then overwrites it (1–2 ms here).
@@ -270,6 +297,7 @@ export function hasElementwise(addon: object): addon is ElementwiseAddon {
 export function nativeElementwiseKernels(addon: ElementwiseAddon, alloc: F32Alloc = uninitF32): ElementwiseKernels {
   const js = jsKernels(alloc);
   const v2 = hasElementwiseV2(addon) ? addon : undefined;
+  const lossAddon = hasLossKernel(addon) ? addon : undefined;
   return {
     name: 'native',
     alloc,
@@ -338,6 +366,13 @@ export function nativeElementwiseKernels(addon: ElementwiseAddon, alloc: F32Allo
       if (!v2) return js.channelSum(x, C, sum);
       checkC(x, C, 'channel sum');
       v2.channelSum(x, C, sum);
+    },
+    segmentationLoss(z, target, C, weight) {
+      if (!lossAddon) return js.segmentationLoss(z, target, C, weight);
+      checkLossInputs(z, target, C, weight);
+      const grad = alloc(z.length);
+      const loss = lossAddon.segmentationLoss(z, target, weight ?? null, C, DICE_SMOOTH, grad);
+      return { loss, grad };
     },
     withAlloc: (a) => nativeElementwiseKernels(addon, a),
   };

@@ -13,21 +13,21 @@
  * patch from a Models Genesis-corrupted copy (genesis-corruption.ts) under a mean squared error; no label is read.
  */
 import type { ConvKernels } from '../engine/conv-kernels.ts';
+import { elementwiseOf, uninitF32 } from '../engine/elementwise-kernels.ts';
 import { diceScores, meanDicePerClass } from '../metrics/dice.ts';
 import { checkAgainstSpecs, makeBundle, type NamedTensor, type TensorBundle } from '../tensors/bundle.ts';
 import { mulberry32 } from '../util/random.ts';
 import { checkTrainRequest, lossSummary, nextBatch } from './batch.ts';
 import { Tape, type Act, accumulate, act } from './graph/tape.ts';
-import { createMed3dTrainOps, type ParamStore } from './graph/med3d-ops.ts';
+import { createMed3dTrainOps, type Med3dTrainOps, type ParamStore } from './graph/med3d-ops.ts';
 import { BufferPool } from './graph/pool.ts';
 import { med3dOutputFactor, type Med3dArchitecture } from './med3d.ts';
 import { med3dEncoderFeatures, med3dEncoderForward, med3dForward, med3dHeadForward } from './med3d-forward.ts';
 import { DEFAULT_OPTIMIZER, Optimizer, optimizerKernelsOf } from './optim.ts';
-import { segmentationLossJs } from './tfjs-trainer.ts';
 import { corruptBatch, DEFAULT_RESTORATION_TRANSFORMS } from './genesis-corruption.ts';
 import { isRestorationArchitecture, restorationLoss } from './restoration.ts';
 import type { EvalResult, TrainRequest, TrainResult, Trainer, VolumeCase } from './types.ts';
-import { chooseInference, flipAveraged, slidingWindowProbs, WHOLE_VOLUME_MAX_BYTES, type InferencePlan, type Shape3, type WindowForward } from './sliding-window.ts';
+import { chooseInference, flipAveraged, slidingWindowProbs, WHOLE_VOLUME_MAX_BYTES, windowStarts, type InferencePlan, type Shape3, type WindowForward } from './sliding-window.ts';
 import { createLogger, type Logger } from '../util/log.ts';
 
 class ArrayStore implements ParamStore {
@@ -126,7 +126,7 @@ function dropoutAct(x: Act, p: number, rng: () => number, tape: Tape): Act {
 }
 
 /** Linear interpolation by an integer factor along D, H and W (PyTorch `align_corners=False`), NDHWC. */
-export function upsampleLinear(x: Float32Array, shape: readonly number[], f: number): Float32Array {
+export function upsampleLinear(x: Float32Array, shape: readonly number[], f: number, alloc: (n: number) => Float32Array = (n) => new Float32Array(n)): Float32Array {
   let data = x;
   let cur = [...shape];
   for (let axis = 1; axis <= 3; axis++) {
@@ -134,7 +134,7 @@ export function upsampleLinear(x: Float32Array, shape: readonly number[], f: num
     const outLen = inLen * f;
     const outer = cur.slice(0, axis).reduce((a, b) => a * b, 1);
     const inner = cur.slice(axis + 1).reduce((a, b) => a * b, 1);
-    const out = new Float32Array(outer * outLen * inner);
+    const out = alloc(outer * outLen * inner);
     const i0s = new Int32Array(outLen);
     const i1s = new Int32Array(outLen);
     const ts = new Float64Array(outLen);
@@ -231,6 +231,8 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
       const losses: number[] = [];
       // Activations and gradients of a step, reused by the next one (nothing of a step is read after it).
       const pool = new BufferPool();
+      // The loss's gradient comes from the step's pool too: it is the output's gradient, read only in this step.
+      const lossKernels = elementwiseOf(kernels).withAlloc((n) => pool.take(n));
 
       for (let step = 0; step < req.steps; step++) {
         for (const g of store.grads.values()) g.fill(0);
@@ -257,13 +259,13 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
           const factor = med3dOutputFactor(head);
           if (factor === 1) {
             // Full-resolution head: the labels themselves are the targets.
-            ({ loss, grad } = segmentationLossJs(out.data, batch.oneHot, numClasses, batch.weight));
+            ({ loss, grad } = lossKernels.segmentationLoss(out.data, batch.oneHot, numClasses, batch.weight));
           } else if (batch.weight) {
             const pooled = poolWeightedTargets(batch.oneHot, batch.weight, shape4, numClasses, factor);
-            ({ loss, grad } = segmentationLossJs(out.data, pooled.target, numClasses, pooled.weight));
+            ({ loss, grad } = lossKernels.segmentationLoss(out.data, pooled.target, numClasses, pooled.weight));
           } else {
             const target = poolTargets(batch.oneHot, shape4, numClasses, factor);
-            ({ loss, grad } = segmentationLossJs(out.data, target, numClasses));
+            ({ loss, grad } = lossKernels.segmentationLoss(out.data, target, numClasses));
           }
         } else {
           const batch = await nextBatch(req.source, labelled, req.batchSize, arch.patchShape, 2, rng, { withLabels: false, channels: C });
@@ -298,7 +300,9 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
     async evaluate(weights: TensorBundle, cases: readonly VolumeCase[]): Promise<EvalResult> {
       checkWeights(weights);
       const store = new ArrayStore(arch, weights);
-      const ops = createMed3dTrainOps({ kernels, store, training: false });
+      // Several cases (or windows) reuse the pool's buffers; one case of one pass is better off without it.
+      const onePass = cases.length === 1 && (head.kind === 'classification' || passesOf(med3dInferencePlan(arch, cases[0].shape), cases[0].shape) === 1);
+      const inf = onePass ? singlePassOps(kernels, store) : inferenceOps(kernels, store);
       const params = names(arch);
       if (head.kind === 'classification') {
         const labelled = cases.filter((c) => c.classLabel !== undefined);
@@ -306,6 +310,7 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
         for (const vc of labelled) {
           const [D, H, W] = vc.shape;
           checkChannels(arch, vc);
+          const ops = inf.beginPass();
           const logits = med3dHeadForward(arch, params, med3dEncoderForward(arch, params, act(vc.image, [1, D, H, W, arch.config.inChannels], false), ops), ops).data;
           let best = 0;
           for (let k = 1; k < numClasses; k++) if (logits[k] > logits[best]) best = k;
@@ -320,7 +325,7 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
         if (!vc.label) continue;
         checkChannels(arch, vc);
         const plan = med3dInferencePlan(arch, vc.shape);
-        const labels = plan.kind === 'whole' && !plan.flipTTA ? predictMed3dVolume(arch, ops, vc) : argmaxRows(await med3dPlannedProbs(arch, ops, vc, plan), numClasses);
+        const labels = plan.kind === 'whole' && !plan.flipTTA ? predictMed3dVolume(arch, inf, vc) : argmaxRows(await med3dPlannedProbs(arch, inf, vc, plan), numClasses);
         perCase.push(diceScores(labels, vc.label, numClasses));
         await yieldToEventLoop();
       }
@@ -334,11 +339,58 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
       checkWeights(weights);
       checkChannels(arch, vc);
       const store = new ArrayStore(arch, weights);
-      const ops = createMed3dTrainOps({ kernels, store, training: false });
       const plan = med3dInferencePlan(arch, vc.shape);
-      return plan.kind === 'whole' && !plan.flipTTA ? med3dVolumeProbs(arch, ops, vc) : med3dPlannedProbs(arch, ops, vc, plan);
+      const inf = passesOf(plan, vc.shape) > 1 ? inferenceOps(kernels, store) : singlePassOps(kernels, store);
+      return plan.kind === 'whole' && !plan.flipTTA ? med3dVolumeProbs(arch, inf, vc) : med3dPlannedProbs(arch, inf, vc, plan);
     },
   };
+}
+
+/**
+ * Most bytes an inference buffer pool keeps. A window pass of the default plan needs far less; a whole-volume pass
+ * over a large scan may not fit, and its arrays past the bound are then ordinary ones, as without a pool.
+ */
+export const INFERENCE_POOL_MAX_BYTES = 1024 ** 3;
+
+/**
+ * Eval-mode ops (no tape) whose activations come from a buffer pool that each forward pass recycles: the
+ * passes of one evaluation (windows, flips, cases of one size) reuse warm memory instead of faulting in fresh
+ * pages. beginPass() hands out the ops for one pass; what a pass returns must be read before the next begins.
+ */
+export interface InferenceOps {
+  beginPass(): Med3dTrainOps;
+  /** An array of n values (contents unspecified) that lives until the next pass begins. */
+  take(n: number): Float32Array;
+}
+
+export function inferenceOps(kernels: ConvKernels, store: ParamStore): InferenceOps {
+  const pool = new BufferPool({ maxBytes: INFERENCE_POOL_MAX_BYTES });
+  const ops = createMed3dTrainOps({ kernels, store, training: false, pool });
+  return {
+    beginPass() {
+      pool.recycle();
+      return ops;
+    },
+    take: (n) => pool.take(n),
+  };
+}
+
+/**
+ * Eval-mode ops on fresh, garbage-collected arrays, for a single pass: a pool only pays from its second pass on, and
+ * for one pass it would keep every activation of the pass alive to its end, where the collector frees them as the
+ * pass goes.
+ */
+export function singlePassOps(kernels: ConvKernels, store: ParamStore): InferenceOps {
+  return { beginPass: () => createMed3dTrainOps({ kernels, store, training: false }), take: uninitF32 };
+}
+
+/** Forward passes a plan takes for a volume of `shape`: one per batch of windows (or one whole), × 8 with flips. */
+function passesOf(plan: InferencePlan, shape: Shape3): number {
+  const flips = plan.flipTTA ? 8 : 1;
+  if (plan.kind === 'whole') return flips;
+  const { window, overlap, batch } = plan.options;
+  const windows = [0, 1, 2].reduce((a, i) => a * windowStarts(Math.max(shape[i], window[i]), window[i], overlap).length, 1);
+  return Math.ceil(windows / batch) * flips;
 }
 
 /**
@@ -346,7 +398,7 @@ export function createMed3dTrainer(arch: Med3dArchitecture, kernels: ConvKernels
  * exactly, and the U-Net head's skips line up), upsampled ×4 linearly for the ¼ head; returned on the padded
  * grid [Dp, Hp, Wp, C] with its sizes.
  */
-function med3dVolumeLogits(arch: Med3dArchitecture, ops: ReturnType<typeof createMed3dTrainOps>, vc: VolumeCase): { full: Float32Array; Hp: number; Wp: number } {
+function med3dVolumeLogits(arch: Med3dArchitecture, inf: InferenceOps, vc: VolumeCase): { full: Float32Array; Hp: number; Wp: number } {
   const [D, H, W] = vc.shape;
   const [Dp, Hp, Wp] = [D, H, W].map((s) => Math.ceil(s / 8) * 8) as [number, number, number];
   const C = arch.config.inChannels;
@@ -356,16 +408,16 @@ function med3dVolumeLogits(arch: Med3dArchitecture, ops: ReturnType<typeof creat
     for (let z = 0; z < D; z++) for (let y = 0; y < H; y++) input.set(vc.image.subarray((z * H + y) * W * C, (z * H + y + 1) * W * C), (z * Hp + y) * Wp * C);
   }
   const params = names(arch);
-  const logits = med3dForward(arch, params, act(input, [1, Dp, Hp, Wp, C], false), ops);
+  const logits = med3dForward(arch, params, act(input, [1, Dp, Hp, Wp, C], false), inf.beginPass());
   const factor = med3dOutputFactor(arch.config.head);
-  return { full: factor === 1 ? logits.data : upsampleLinear(logits.data, logits.shape, factor), Hp, Wp };
+  return { full: factor === 1 ? logits.data : upsampleLinear(logits.data, logits.shape, factor, inf.take), Hp, Wp };
 }
 
 /** Softmax probabilities [D·H·W, C] of a whole volume. */
-export function med3dVolumeProbs(arch: Med3dArchitecture, ops: ReturnType<typeof createMed3dTrainOps>, vc: VolumeCase): Float32Array {
+export function med3dVolumeProbs(arch: Med3dArchitecture, inf: InferenceOps, vc: VolumeCase): Float32Array {
   const [D, H, W] = vc.shape;
   const C = arch.numClasses;
-  const { full, Hp, Wp } = med3dVolumeLogits(arch, ops, vc);
+  const { full, Hp, Wp } = med3dVolumeLogits(arch, inf, vc);
   const out = new Float32Array(D * H * W * C);
   for (let z = 0; z < D; z++) {
     for (let y = 0; y < H; y++) {
@@ -384,10 +436,10 @@ export function med3dVolumeProbs(arch: Med3dArchitecture, ops: ReturnType<typeof
 }
 
 /** Argmax labels of a whole volume (logits as med3dVolumeLogits makes them, cropped back). */
-export function predictMed3dVolume(arch: Med3dArchitecture, ops: ReturnType<typeof createMed3dTrainOps>, vc: VolumeCase): Uint8Array {
+export function predictMed3dVolume(arch: Med3dArchitecture, inf: InferenceOps, vc: VolumeCase): Uint8Array {
   const [D, H, W] = vc.shape;
   const C = arch.numClasses;
-  const { full, Hp, Wp } = med3dVolumeLogits(arch, ops, vc);
+  const { full, Hp, Wp } = med3dVolumeLogits(arch, inf, vc);
   const out = new Uint8Array(D * H * W);
   for (let z = 0; z < D; z++) {
     for (let y = 0; y < H; y++) {
@@ -403,8 +455,8 @@ export function predictMed3dVolume(arch: Med3dArchitecture, ops: ReturnType<type
 }
 
 /** Softmax along the last axis of logits [..., C] (max-shifted; one exp per value). */
-function softmaxRows(logits: Float32Array, C: number): Float32Array {
-  const out = new Float32Array(logits.length);
+function softmaxRows(logits: Float32Array, C: number, alloc: (n: number) => Float32Array = (n) => new Float32Array(n)): Float32Array {
+  const out = alloc(logits.length);
   if (C === 2) {
     // The logistic of the difference: one exp per voxel (most plans have two classes).
     for (let o = 0; o < logits.length; o += 2) {
@@ -439,19 +491,21 @@ function argmaxRows(probs: Float32Array, C: number): Uint8Array {
 }
 
 /** Med3D as a window network: [n, d, h, w, C] inputs (sides multiples of 8) → softmax probabilities on the same grid. */
-export function med3dWindowForward(arch: Med3dArchitecture, ops: ReturnType<typeof createMed3dTrainOps>): WindowForward {
+export function med3dWindowForward(arch: Med3dArchitecture, inf: InferenceOps): WindowForward {
   const params = names(arch);
   const factor = med3dOutputFactor(arch.config.head);
   return (input, n, [d, h, w]) => {
-    const logits = med3dForward(arch, params, act(input, [n, d, h, w, arch.config.inChannels], false), ops);
-    if (factor === 1) return softmaxRows(logits.data, arch.numClasses);
+    const logits = med3dForward(arch, params, act(input, [n, d, h, w, arch.config.inChannels], false), inf.beginPass());
+    // Everything up to the probabilities comes from the pass's pool: the caller reads them before the next pass.
+    const take = inf.take;
+    if (factor === 1) return softmaxRows(logits.data, arch.numClasses, take);
     if (arch.numClasses === 2) {
       // Two classes: the softmax is the logistic of l1 − l0, and linear upsampling commutes with the difference,
       // so one channel is upsampled instead of two.
-      const diff = new Float32Array(logits.data.length / 2);
+      const diff = take(logits.data.length / 2);
       for (let v = 0; v < diff.length; v++) diff[v] = logits.data[2 * v + 1] - logits.data[2 * v];
-      const up = upsampleLinear(diff, [...logits.shape.slice(0, 4), 1], factor);
-      const out = new Float32Array(up.length * 2);
+      const up = upsampleLinear(diff, [...logits.shape.slice(0, 4), 1], factor, take);
+      const out = take(up.length * 2);
       for (let v = 0; v < up.length; v++) {
         const p1 = 1 / (1 + Math.exp(-up[v]));
         out[2 * v] = 1 - p1;
@@ -459,7 +513,7 @@ export function med3dWindowForward(arch: Med3dArchitecture, ops: ReturnType<type
       }
       return out;
     }
-    return softmaxRows(upsampleLinear(logits.data, logits.shape, factor), arch.numClasses);
+    return softmaxRows(upsampleLinear(logits.data, logits.shape, factor, take), arch.numClasses, take);
   };
 }
 
@@ -503,9 +557,9 @@ function med3dInferencePlan(arch: Med3dArchitecture, shape: Shape3): InferencePl
 }
 
 /** Probabilities [D·H·W, C] by sliding windows, or by one window over the padded volume (whole mode with flips). */
-function med3dPlannedProbs(arch: Med3dArchitecture, ops: ReturnType<typeof createMed3dTrainOps>, vc: VolumeCase, plan: InferencePlan): Promise<Float32Array> {
+function med3dPlannedProbs(arch: Med3dArchitecture, inf: InferenceOps, vc: VolumeCase, plan: InferencePlan): Promise<Float32Array> {
   const C = arch.numClasses;
-  const base = med3dWindowForward(arch, ops);
+  const base = med3dWindowForward(arch, inf);
   const channels = arch.config.inChannels;
   const forward = plan.flipTTA ? flipAveraged(base, C, channels) : base;
   const options =

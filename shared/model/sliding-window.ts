@@ -162,9 +162,13 @@ export async function slidingWindowProbs(image: Float32Array, shape: Shape3, o: 
   const two = C === 2;
   const acc = new Float32Array(D * H * W * (two ? 1 : C));
   const wsum = new Float32Array(D * H * W);
+  // One input buffer for every batch of windows. Its padding stays zero: every window is cut off at the same
+  // voxels (a side shorter than the window has the one start 0, a longer side never crosses the volume's edge),
+  // so each batch writes exactly where the previous one did.
+  const inputs = new Float32Array(Math.min(o.batch, starts.length) * nv * ch);
   for (let first = 0; first < starts.length; first += o.batch) {
     const group = starts.slice(first, first + o.batch);
-    const input = new Float32Array(group.length * nv * ch);
+    const input = inputs.subarray(0, group.length * nv * ch);
     group.forEach(([z0, y0, x0], b) => {
       for (let z = 0; z < wd && z0 + z < D; z++) {
         for (let y = 0; y < wh && y0 + y < H; y++) {
