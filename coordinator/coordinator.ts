@@ -44,7 +44,7 @@ import { parseAdminHttpOptions, type AdminHttpSettings } from './admin-http/opti
 import { CoordinatorMetrics } from './admin-http/metrics.ts';
 import { feedMetricsFromEvents } from './admin-http/event-metrics.ts';
 import { readinessChecks } from './admin-http/readiness.ts';
-import { RefusalWarnings } from './server/refusal-warnings.ts';
+import { RefusalWarnings } from './events/refusal-warnings.ts';
 import { startAdminHttp, type AdminHttpServer } from './admin-http/server.ts';
 import { createDashboardSource } from './admin-http/dashboard-data.ts';
 import { recordPrivacyBudget } from './rounds/privacy-budget.ts';

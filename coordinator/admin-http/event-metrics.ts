@@ -5,7 +5,7 @@
 import type { EventBus, FederationEvent } from '../../shared/events/bus.ts';
 import type { CoordinatorStore } from '../store/store.ts';
 import type { CoordinatorMetrics } from './metrics.ts';
-import { roundFailureCause, updateRejectionReason } from './reasons.ts';
+import { roundFailureCause, updateRejectionReason } from '../events/reasons.ts';
 
 /** Subscribes `metrics` to `bus`; returns the unsubscribe function. */
 export function feedMetricsFromEvents(bus: EventBus, metrics: CoordinatorMetrics, store: Pick<CoordinatorStore, 'getRound'>): () => void {

@@ -13,7 +13,7 @@ import { readPrivacyBudget } from '../rounds/privacy-budget.ts';
 import type { RoundEngine, PrivacySpent } from '../rounds/round-engine.ts';
 import { PRIVACY_KEY } from '../rounds/round-engine.ts';
 import { AuthError } from '../auth/interceptor.ts';
-import { AUTH_FAILURE_REASONS, ROUND_FAILURE_CAUSES, UPDATE_REJECTION_REASONS, authFailureReason } from './reasons.ts';
+import { AUTH_FAILURE_REASONS, ROUND_FAILURE_CAUSES, UPDATE_REJECTION_REASONS, authFailureReason } from '../events/reasons.ts';
 
 export interface CoordinatorMetricsDeps {
   federationId: string;

@@ -28,8 +28,8 @@ import { SITE_MAX_RECONNECT_BACKOFF_MS } from '../../shared/protocol/reconnect.t
 import { eventId, outboxRows } from '../events/outbox.ts';
 import { PROTOCOL_VERSION, SITE_FEATURES, type SiteCapabilities } from '../../shared/protocol/features.ts';
 import { settingsForSite } from '../../shared/protocol/compatibility.ts';
-import { RefusalWarnings } from '../server/refusal-warnings.ts';
-import { updateRejectionReason } from '../admin-http/reasons.ts';
+import { RefusalWarnings } from '../events/refusal-warnings.ts';
+import { updateRejectionReason } from '../events/reasons.ts';
 import type { CloseContribution, RoundFeature, RoundFeatureContext, RoundView } from './round-feature.ts';
 import { standardRoundFeatures } from './features/index.ts';
 import { SecureAggregation } from './features/secure-aggregation.ts';

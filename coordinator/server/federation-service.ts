@@ -15,7 +15,7 @@ import type { Logger } from '../../shared/util/log.ts';
 import { streamModelFile } from './model-stream.ts';
 import { COORDINATOR_FEATURES, LEGACY_SITE, type Feature, type SiteCapabilities } from '../../shared/protocol/features.ts';
 import { describeStorageFault, isStorageFault } from '../../shared/util/storage-fault.ts';
-import { RefusalWarnings } from './refusal-warnings.ts';
+import { RefusalWarnings } from '../events/refusal-warnings.ts';
 
 export interface FederationServiceDeps {
   store: CoordinatorStore;

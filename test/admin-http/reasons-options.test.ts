@@ -10,7 +10,7 @@ import { verifySiteToken } from '../../coordinator/auth/interceptor.ts';
 import { MemorySiteDirectory } from '../helpers/memory-site-directory.ts';
 import { generateSiteKeyPair, signSiteToken, toPrivateKey } from '../../shared/security/site-identity.ts';
 import { AUTH_METADATA_KEY } from '../../shared/protocol/grpc.ts';
-import { authFailureReason, roundFailureCause, updateRejectionReason, AUTH_FAILURE_REASONS, UPDATE_REJECTION_REASONS } from '../../coordinator/admin-http/reasons.ts';
+import { authFailureReason, roundFailureCause, updateRejectionReason, AUTH_FAILURE_REASONS, UPDATE_REJECTION_REASONS } from '../../coordinator/events/reasons.ts';
 import { isLoopbackHost, parseAdminHttpOptions, DEFAULT_MIN_FREE_BYTES } from '../../coordinator/admin-http/options.ts';
 import { DEFAULT_RULES, nonFiniteProblem, normProblem, shapeAndSamplesProblem, valueBoundProblem } from '../../coordinator/aggregation/validate.ts';
 import { UploadReceiver } from '../../coordinator/server/upload-receiver.ts';

@@ -11,7 +11,7 @@ import { pino } from 'pino';
 import { CoordinatorHome } from '../../coordinator/home.ts';
 import { addSite } from '../../coordinator/admin.ts';
 import { startCoordinator, type RunningCoordinator } from '../../coordinator/coordinator.ts';
-import { RefusalWarnings } from '../../coordinator/server/refusal-warnings.ts';
+import { RefusalWarnings } from '../../coordinator/events/refusal-warnings.ts';
 import { enrollSite } from '../../site-agent/enroll.ts';
 import { SiteHome } from '../../site-agent/home.ts';
 import { FederationClient, type WireTask } from '../../site-agent/transport/client.ts';
