@@ -17,8 +17,14 @@ export function featuresNeeded(s: TaskSettings): Feature[] {
   if (!isDefaultInference(s.model.inference)) out.push(FEATURES.windowInference);
   if ((s.teacherStudent?.confidenceTarget ?? 0) > 0) out.push(FEATURES.calibratedConfidence);
   if (s.data?.normalization === 'quantile') out.push(FEATURES.quantileNormalization);
+  const augment = s.data?.augment;
+  if (augment && SCANNER_PROBABILITIES.some((k) => (augment[k] ?? 0) > 0)) out.push(FEATURES.scannerAugmentation);
   return out;
 }
+
+/** The scanner-difference augmentation's fields of `data.augment` (site-agent/data/scanner-augment.ts). */
+const SCANNER_PROBABILITIES = ['biasProbability', 'blurProbability', 'lowResProbability', 'contrastProbability'] as const;
+const SCANNER_FIELDS = [...SCANNER_PROBABILITIES, 'biasStrength', 'blurSigma', 'lowResZoom', 'contrastRange'] as const;
 
 export type SettingsForSite = { ok: true; settings: TaskSettings } | { ok: false; missing: Feature[] };
 
@@ -38,6 +44,12 @@ export function settingsForSite(s: TaskSettings, site: SiteCapabilities): Settin
     // Off (0) means the fixed threshold, which is what an older site does without the field; it would refuse it.
     const { confidenceTarget: _off, ...teacherStudent } = rest.teacherStudent;
     rest = { ...rest, teacherStudent };
+  }
+  if (rest.data?.augment && !site.features.has(FEATURES.scannerAugmentation)) {
+    // All four probabilities are 0 here (featuresNeeded): the fields do nothing, and an older site would refuse them.
+    const augment = { ...rest.data.augment };
+    for (const k of SCANNER_FIELDS) delete (augment as Record<string, unknown>)[k];
+    rest = { ...rest, data: { ...rest.data, augment: augment as typeof rest.data.augment } };
   }
   // Protocol 1 refuses any top-level key it does not know, so `requires` goes only to sites that read it.
   if (site.protocolVersion < 2 || needed.length === 0) return { ok: true, settings: rest };

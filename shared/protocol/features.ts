@@ -40,6 +40,11 @@ export const FEATURES = {
   calibratedConfidence: 'calibrated-confidence',
   /** Site: knows `data.normalization: quantile`. A site without it would refuse the settings as malformed. */
   quantileNormalization: 'quantile-normalization',
+  /**
+   * Site: honours the scanner-difference augmentation fields of `data.augment` (bias field, blur, coarser grid,
+   * contrast). A site of the previous release refuses them as unknown; a later one without them would drop them.
+   */
+  scannerAugmentation: 'scanner-augmentation',
 } as const;
 
 export type Feature = (typeof FEATURES)[keyof typeof FEATURES];
@@ -48,7 +53,13 @@ export type Feature = (typeof FEATURES)[keyof typeof FEATURES];
 export const COORDINATOR_FEATURES: readonly Feature[] = [FEATURES.uploadSha256Trailer];
 
 /** What this site honours; sent with every SubscribeTasks request. */
-export const SITE_FEATURES: readonly Feature[] = [FEATURES.localKeepMoments, FEATURES.windowInference, FEATURES.calibratedConfidence, FEATURES.quantileNormalization];
+export const SITE_FEATURES: readonly Feature[] = [
+  FEATURES.localKeepMoments,
+  FEATURES.windowInference,
+  FEATURES.calibratedConfidence,
+  FEATURES.quantileNormalization,
+  FEATURES.scannerAugmentation,
+];
 
 /** A site's protocol version and features, as it announced them when it subscribed (legacy: version 1, none). */
 export interface SiteCapabilities {

@@ -27,6 +27,6 @@ describe('chaos', () => {
   it(title, async () => {
     // Each fault's moment comes every round, so a fault waits for the next round at most: one round per fault (NATS
     // and the disk included) and three to spare.
-    await runChaos({ kills, seed: SEED, rounds: kills.length + 2 + 3 }, cleanups);
+    await runChaos({ kills, seed: SEED, rounds: 2 * (kills.length + 2) + 4 }, cleanups);
   }, Number(process.env.MEDFL_CHAOS_TIMEOUT_MS ?? 900_000));
 });

@@ -23,6 +23,7 @@ import { signManifest } from '../../shared/security/site-identity.ts';
 import type { FederationEvent } from '../../shared/events/bus.ts';
 import { statusJson } from '../../coordinator/admin-http/status-json.ts';
 import { medflVersion } from '../../shared/util/version.ts';
+import { SITE_FEATURES } from '../../shared/protocol/features.ts';
 
 const FIXTURE = resolve(import.meta.dirname, '..', 'fixtures', 'previous-release', 'medfl-3b6b42d.tar.xz');
 const REPO = resolve(import.meta.dirname, '..', '..');
@@ -108,7 +109,7 @@ describe('a site of the previous release against this coordinator', () => {
     store.close();
     const subscribed = logLines(f.logPath('coordinator')).filter((l) => l.msg === 'site subscribed to tasks');
     expect(subscribed.find((l) => l.site === 'site-a')).toMatchObject({ protocolVersion: 1, features: [] });
-    expect(subscribed.find((l) => l.site === 'site-b')).toMatchObject({ protocolVersion: 2, features: ['local-keep-moments', 'window-inference', 'calibrated-confidence', 'quantile-normalization'] });
+    expect(subscribed.find((l) => l.site === 'site-b')).toMatchObject({ protocolVersion: 2, features: [...SITE_FEATURES] });
     expect(logLines(f.logPath('site-a')).some((l) => l.msg === 'update acknowledged')).toBe(true);
   }, 240_000);
 

@@ -37,6 +37,20 @@ describe('coordinator: settings shaped per site', () => {
     expect(plain.ok && 'requires' in plain.settings).toBe(false);
   });
 
+  it('scanner augmentation: needed above probability 0, else its fields are dropped for a site without the feature', () => {
+    const base = settings('own');
+    expect(Object.keys(base.data?.augment || {})).toContain('biasProbability');
+    const legacy = settingsForSite(base, LEGACY_SITE);
+    const augment = legacy.ok && legacy.settings.data?.augment;
+    expect(augment && Object.keys(augment).filter((k) => /^(bias|blur|lowRes|contrast)/.test(k))).toEqual([]);
+    expect(augment && augment.gammaProbability).toBe(base.data?.augment && base.data.augment.gammaProbability);
+    const kept = settingsForSite(base, current);
+    expect(kept.ok && kept.settings.data?.augment && kept.settings.data.augment.biasProbability).toBe(0);
+    const on: TaskSettings = { ...base, data: { ...base.data!, augment: { ...(base.data!.augment as object), blurProbability: 0.3 } as never } };
+    expect(featuresNeeded(on)).toEqual([FEATURES.scannerAugmentation]);
+    expect(settingsForSite(on, LEGACY_SITE)).toEqual({ ok: false, missing: [FEATURES.scannerAugmentation] });
+  });
+
   it('reads a site of the previous release (no version in its SubscribeRequest) as protocol 1 without features', () => {
     expect(siteCapabilities({ cachedModels: [], protocolVersion: 0, features: [] })).toEqual(LEGACY_SITE);
     expect(siteCapabilities({ cachedModels: [] })).toEqual(LEGACY_SITE);
