@@ -20,6 +20,7 @@
  * Each fault waits for progress since the one before (an accepted update or a closed round), then for its moment,
  * which every round offers, so one round per fault (and a few to spare) is enough.
  */
+import { mulberry32 } from '../../shared/util/random.ts';
 import { spawnSync, type ChildProcess } from 'node:child_process';
 import { closeSync, cpSync, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, watch, writeFileSync, writeSync } from 'node:fs';
 import { createServer, connect, type Server, type Socket } from 'node:net';
@@ -60,17 +61,6 @@ const UPLINK_BYTES_PER_S = 40_000;
 /** Longest wait for one fault's moment or for progress: generous, since a fault only waits for the next round. */
 const MOMENT_TIMEOUT_MS = 240_000;
 
-/** mulberry32: a small seeded generator, so a failing schedule can be replayed with its seed. */
-function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /**
  * A loopback relay to `port` that passes the coordinator's bytes at once and the site's at `bytesPerS`: each read is
@@ -214,7 +204,7 @@ export async function undo(cleanups: (() => void | Promise<void>)[]): Promise<vo
 }
 
 async function run(o: ChaosOptions, cleanups: (() => void | Promise<void>)[]): Promise<{ figures: ChaosFigures; line: string }> {
-  const rand = rng(o.seed);
+  const rand = mulberry32(o.seed);
   const started = Date.now();
   const ROUNDS = o.rounds;
   const fed: TestFederation = await makeFederation({ sites: 3, plan: TEST_PLAN({ rounds: ROUNDS, minSites: 2, steps: 2, gather: 1, deadline: 90 }) });
