@@ -6,7 +6,7 @@
  */
 import { BufferPool } from '../model/graph/pool.ts';
 import { segmentationLossJs } from '../model/tfjs-trainer.ts';
-import { optimizerKernelsOf } from '../model/optim.ts';
+import { JS_OPTIMIZER_KERNELS, optimizerKernelsOf } from '../model/optim.ts';
 import { inputLength, outputLength, weightLength, type ConvKernels } from './conv-kernels.ts';
 import type { ComputeDevice } from './device.ts';
 import { batchNormKernels } from '../model/layers/batch-norm.ts';
@@ -28,7 +28,7 @@ export function createHostDevice(kernels: ConvKernels, opts: { elementwise?: Ele
   const ew = (opts.elementwise ?? elementwiseOf(kernels)).withAlloc(take);
   const bn = batchNormKernels(ew);
   const gn = groupNormKernels(ew);
-  const optim = optimizerKernelsOf(kernels);
+  const optim = optimizerKernelsOf(kernels) ?? JS_OPTIMIZER_KERNELS;
   /** Runs a convolution kernel into a pooled output (the kernel may ignore it and return its own). */
   const pooled = (len: number, run: (out: Float32Array) => Float32Array): Float32Array => {
     const out = pool.take(len);
@@ -163,27 +163,8 @@ export function createHostDevice(kernels: ConvKernels, opts: { elementwise?: Ele
       const r = segmentationLossJs(z, target, C, weight);
       return { loss: Float32Array.of(r.loss), grad: r.grad };
     },
-    adamStep(w, g, m, v, stepSize, beta1, beta2, eps, sqrtC2, wd) {
-      if (optim) return optim.adamStep(w, g, m, v, stepSize, beta1, beta2, eps, sqrtC2, wd);
-      // The Optimizer's own JS loop, term for term.
-      for (let i = 0; i < w.length; i++) {
-        const gi = g[i] + wd * w[i];
-        const mi = beta1 * m[i] + (1 - beta1) * gi;
-        const vi = beta2 * v[i] + (1 - beta2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        w[i] -= (stepSize * mi) / (Math.sqrt(vi) / sqrtC2 + eps);
-      }
-    },
-    sgdStep(w, g, buf, lr, momentum, wd, first) {
-      if (optim) return optim.sgdStep(w, g, buf, lr, momentum, wd, first);
-      for (let i = 0; i < w.length; i++) {
-        const gi = g[i] + wd * w[i];
-        const b = first ? gi : momentum * buf[i] + gi;
-        buf[i] = b;
-        w[i] -= lr * (momentum > 0 ? b : gi);
-      }
-    },
+    adamStep: (w, g, m, v, stepSize, beta1, beta2, eps, sqrtC2, wd) => optim.adamStep(w, g, m, v, stepSize, beta1, beta2, eps, sqrtC2, wd),
+    sgdStep: (w, g, buf, lr, momentum, wd, first) => optim.sgdStep(w, g, buf, lr, momentum, wd, first),
   };
 }
 

@@ -93,6 +93,28 @@ export interface OptimizerKernels {
   sgdStep(w: Float32Array, g: Float32Array, buf: Float32Array, lr: number, momentum: number, weightDecay: number, first: number): void;
 }
 
+/** The JS loops of both optimisers (PyTorch's update, term for term): the reference the addon's kernels match. */
+export const JS_OPTIMIZER_KERNELS: OptimizerKernels = {
+  adamStep(w, g, m, v, stepSize, beta1, beta2, eps, sqrtC2, wd) {
+    for (let i = 0; i < w.length; i++) {
+      const gi = g[i] + wd * w[i];
+      const mi = beta1 * m[i] + (1 - beta1) * gi;
+      const vi = beta2 * v[i] + (1 - beta2) * gi * gi;
+      m[i] = mi;
+      v[i] = vi;
+      w[i] -= (stepSize * mi) / (Math.sqrt(vi) / sqrtC2 + eps);
+    }
+  },
+  sgdStep(w, g, buf, lr, momentum, wd, first) {
+    for (let i = 0; i < w.length; i++) {
+      const gi = g[i] + wd * w[i];
+      const b = first ? gi : momentum * buf[i] + gi;
+      buf[i] = b;
+      w[i] -= lr * (momentum > 0 ? b : gi);
+    }
+  },
+};
+
 /** The optimiser kernels a convolution-kernel object brings (the oneDNN addon's), if any. */
 export function optimizerKernelsOf(k: object): OptimizerKernels | undefined {
   const addon = (k as { addon?: Partial<OptimizerKernels> }).addon;
@@ -204,39 +226,12 @@ export class Optimizer {
       const lr = this.learningRate * s.lrScale * lrFactor;
       const wd = s.decay ? weightDecay : 0;
       const m = s.m;
-      const k = this.kernels;
-      if (k && kind === 'sgd') {
+      const k = this.kernels ?? JS_OPTIMIZER_KERNELS;
+      if (kind === 'sgd') {
         k.sgdStep(w, g, m, lr, momentum, wd, t === 1 ? 1 : 0);
         continue;
       }
-      if (k) {
-        const c1 = 1 - Math.pow(beta1, t);
-        k.adamStep(w, g, m, s.v!, lr / c1, beta1, beta2, eps, Math.sqrt(1 - Math.pow(beta2, t)), wd);
-        continue;
-      }
-      if (kind === 'sgd') {
-        const first = t === 1;
-        for (let i = 0; i < w.length; i++) {
-          const gi = g[i] + wd * w[i];
-          const b = first ? gi : momentum * m[i] + gi;
-          m[i] = b;
-          w[i] -= lr * (momentum > 0 ? b : gi);
-        }
-      } else {
-        const v = s.v!;
-        const c1 = 1 - Math.pow(beta1, t);
-        const c2 = 1 - Math.pow(beta2, t);
-        const stepSize = lr / c1;
-        const sqrtC2 = Math.sqrt(c2);
-        for (let i = 0; i < w.length; i++) {
-          const gi = g[i] + wd * w[i];
-          const mi = beta1 * m[i] + (1 - beta1) * gi;
-          const vi = beta2 * v[i] + (1 - beta2) * gi * gi;
-          m[i] = mi;
-          v[i] = vi;
-          w[i] -= (stepSize * mi) / (Math.sqrt(vi) / sqrtC2 + eps);
-        }
-      }
+      k.adamStep(w, g, m, s.v!, lr / (1 - Math.pow(beta1, t)), beta1, beta2, eps, Math.sqrt(1 - Math.pow(beta2, t)), wd);
     }
   }
 }
