@@ -51,7 +51,7 @@ export async function runSiteEvaluate(o: SiteEvaluateOptions): Promise<SiteEvalu
     throw new Error(`this site has no local tensors for the plan's model (${home.localDir}): it has not trained in this federation, or the plan differs from the one it trained with`);
   }
   const patch = [...plan.model.patch] as [number, number, number];
-  const test = await loadTestCases(resolve(o.test), siteMeta(resolve(o.data)), patch, { ...(plan.data.spacing ? { spacing: plan.data.spacing } : {}), normalization: plan.data.normalization });
+  const test = await loadTestCases(resolve(o.test), siteMeta(resolve(o.data)), patch, { ...(plan.data.spacing ? { spacing: plan.data.spacing } : {}), normalization: plan.data.normalization, biasCorrection: plan.data.biasCorrection });
   const r = await lt.evaluateModel(settings, readFileSync(resolve(o.model)), test.cases);
   return { meanDice: r.meanDice, dicePerClass: r.dicePerClass, cases: test.cases.length };
 }

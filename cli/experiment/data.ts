@@ -98,12 +98,13 @@ export function siteMeta(siteDir: string): DatasetJson {
  * Every labelled case of the test folder, prepared like training data and held in memory (a test folder is meant
  * to be small). The folder may be a full MSD folder or only imagesTs/ + labelsTs/.
  */
-export async function loadTestCases(testDir: string, meta: DatasetJson, patch: readonly [number, number, number], data: { spacing?: readonly [number, number, number]; normalization?: 'auto' | 'ct' | 'mri' | 'quantile' | 'none' } = {}): Promise<{ cases: VolumeCase[]; numClasses: number }> {
+export async function loadTestCases(testDir: string, meta: DatasetJson, patch: readonly [number, number, number], data: { spacing?: readonly [number, number, number]; normalization?: 'auto' | 'ct' | 'mri' | 'quantile' | 'none'; biasCorrection?: 'none' | 'polynomial' } = {}): Promise<{ cases: VolumeCase[]; numClasses: number }> {
   const probe = await SiteData.open(testDir, {
     patch: [...patch] as [number, number, number],
     fallbackMeta: meta,
     ...(data.spacing ? { spacing: [...data.spacing] as [number, number, number] } : {}),
     ...(data.normalization ? { normalization: data.normalization } : {}),
+    ...(data.biasCorrection ? { biasCorrection: data.biasCorrection } : {}),
   });
   const cases: VolumeCase[] = [];
   for (const ref of [...probe.train, ...probe.val]) {

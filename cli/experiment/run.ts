@@ -102,7 +102,7 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
   }
   const siteNames = siteDirs.map((_, i) => generatedSiteName(i));
   const meta = siteMeta(siteDirs[0]);
-  const test = await loadTestCases(testDir, meta, patch, { ...(plan.data.spacing ? { spacing: plan.data.spacing } : {}), normalization: plan.data.normalization });
+  const test = await loadTestCases(testDir, meta, patch, { ...(plan.data.spacing ? { spacing: plan.data.spacing } : {}), normalization: plan.data.normalization, biasCorrection: plan.data.biasCorrection });
   if (test.numClasses > plan.model.numClasses) throw new Error(`the test folder has ${test.numClasses} label classes but the plan's model.numClasses is ${plan.model.numClasses}`);
   const testCases: VolumeCase[] = test.cases;
   const badChannels = testCases.find((c) => (c.channels ?? 1) !== inputChannels);
@@ -122,7 +122,7 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
     // The rule thresholds the first channel, at the sites and on the test cases alike.
     const asBaseline = testCases.map((c) => ({ shape: c.shape, channels: [firstChannel(c)], ...(c.label ? { label: c.label } : {}) }));
     for (const [i, d] of siteDirs.entries()) {
-      const r = await thresholdBaseline(d, asBaseline, { patch, normalization: plan.data.normalization, ...(plan.data.spacing ? { spacing: plan.data.spacing } : {}) });
+      const r = await thresholdBaseline(d, asBaseline, { patch, normalization: plan.data.normalization, biasCorrection: plan.data.biasCorrection, ...(plan.data.spacing ? { spacing: plan.data.spacing } : {}) });
       dice[siteNames[i]] = [r.testDice];
       val[siteNames[i]] = [Number.NaN];
     }

@@ -64,6 +64,12 @@ export const DataSettingsSchema = z
      * between scanners (docs/data.md).
      */
     normalization: z.enum(['auto', 'ct', 'mri', 'quantile', 'none']).default('auto'),
+    /**
+     * MRI bias-field correction before normalisation: 'polynomial' fits a smooth multiplicative field (degree-3
+     * polynomial of log intensity against tissue classes) per scan and divides it out (docs/data.md). CT channels
+     * are never corrected.
+     */
+    biasCorrection: z.enum(['none', 'polynomial']).default('none'),
     /** CT window [lo, hi] in HU, scaled to [0, 1]. */
     ctWindow: range.default([DEFAULT_CT_WINDOW[0], DEFAULT_CT_WINDOW[1]]),
     /** Share of training patches forced to contain foreground (nnU-Net: 0.33). */

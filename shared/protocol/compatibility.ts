@@ -17,6 +17,7 @@ export function featuresNeeded(s: TaskSettings): Feature[] {
   if (!isDefaultInference(s.model.inference)) out.push(FEATURES.windowInference);
   if ((s.teacherStudent?.confidenceTarget ?? 0) > 0) out.push(FEATURES.calibratedConfidence);
   if (s.data?.normalization === 'quantile') out.push(FEATURES.quantileNormalization);
+  if ((s.data?.biasCorrection ?? 'none') !== 'none') out.push(FEATURES.biasFieldCorrection);
   const augment = s.data?.augment;
   if (augment && SCANNER_PROBABILITIES.some((k) => (augment[k] ?? 0) > 0)) out.push(FEATURES.scannerAugmentation);
   return out;
@@ -50,6 +51,11 @@ export function settingsForSite(s: TaskSettings, site: SiteCapabilities): Settin
     const augment = { ...rest.data.augment };
     for (const k of SCANNER_FIELDS) delete (augment as Record<string, unknown>)[k];
     rest = { ...rest, data: { ...rest.data, augment: augment as typeof rest.data.augment } };
+  }
+  if (rest.data?.biasCorrection !== undefined && !site.features.has(FEATURES.biasFieldCorrection)) {
+    // It is 'none' here (featuresNeeded), which is what an older site does without the field; it would refuse it.
+    const { biasCorrection: _none, ...data } = rest.data;
+    rest = { ...rest, data: data as typeof rest.data };
   }
   // Protocol 1 refuses any top-level key it does not know, so `requires` goes only to sites that read it.
   if (site.protocolVersion < 2 || needed.length === 0) return { ok: true, settings: rest };

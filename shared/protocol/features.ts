@@ -45,6 +45,11 @@ export const FEATURES = {
    * contrast). A site of the previous release refuses them as unknown; a later one without them would drop them.
    */
   scannerAugmentation: 'scanner-augmentation',
+  /**
+   * Site: honours `data.biasCorrection` (MRI bias-field correction before normalisation). A site of the previous
+   * release refuses the unknown field; one that dropped it would feed the model differently prepared scans.
+   */
+  biasFieldCorrection: 'bias-field-correction',
 } as const;
 
 export type Feature = (typeof FEATURES)[keyof typeof FEATURES];
@@ -59,6 +64,7 @@ export const SITE_FEATURES: readonly Feature[] = [
   FEATURES.calibratedConfidence,
   FEATURES.quantileNormalization,
   FEATURES.scannerAugmentation,
+  FEATURES.biasFieldCorrection,
 ];
 
 /** A site's protocol version and features, as it announced them when it subscribed (legacy: version 1, none). */

@@ -1,10 +1,11 @@
 /**
- * From a read, checked, canonical case (case-reader.ts) to a PreparedCase: per-channel intensity
- * normalisation (normalize.ts), then resampling to the plan's spacing (resample.ts: trilinear for images,
+ * From a read, checked, canonical case (case-reader.ts) to a PreparedCase: optional MRI bias-field correction
+ * (bias-field.ts), per-channel intensity normalisation (normalize.ts), then resampling to the plan's spacing (resample.ts: trilinear for images,
  * nearest for the label), then the foreground index list the patch sampler draws from (sampler.ts).
  * Normalising before resampling is nnU-Net's order; it keeps the MRI foreground mask (nonzero voxels) exact.
  */
 import type { RawCase } from './case-reader.ts';
+import { correctBiasField } from './bias-field.ts';
 import { normalize, type Modality } from './normalize.ts';
 import { resampledShape, resizeLinear, resizeNearest } from './resample.ts';
 import { foregroundIndices } from './sampler.ts';
@@ -17,6 +18,8 @@ export interface PreprocessOptions {
   readonly modalities?: readonly Modality[];
   /** CT window [lo, hi] in HU (normalize.ts DEFAULT_CT_WINDOW when absent). */
   readonly ctWindow?: readonly [number, number];
+  /** Divide out a fitted bias field (bias-field.ts) from every MRI-type channel before normalising it. */
+  readonly biasCorrection?: boolean;
 }
 
 export function preprocessCase(id: string, raw: RawCase, opts: PreprocessOptions = {}, classLabel?: number): PreparedCase {
@@ -25,7 +28,9 @@ export function preprocessCase(id: string, raw: RawCase, opts: PreprocessOptions
   const shape: Shape3 = opts.spacing ? resampledShape(raw.shape, raw.spacing, opts.spacing) : raw.shape;
   const same = shape.every((n, a) => n === raw.shape[a]);
   const channels = raw.channels.map((ch, i) => {
-    const n = normalize(ch, modality(i), opts.ctWindow);
+    const m = modality(i);
+    const corrected = opts.biasCorrection && (m === 'mri' || m === 'quantile') ? correctBiasField(ch, raw.shape, raw.spacing).image : ch;
+    const n = normalize(corrected, m, opts.ctWindow);
     return same ? n : resizeLinear(n, raw.shape, shape);
   });
   const label = raw.label ? (same ? raw.label : resizeNearest(raw.label, raw.shape, shape)) : undefined;

@@ -14,6 +14,7 @@ export function siteDataOptions(settings: DataSettings, patch: Shape3, log?: Dat
     patch,
     ...(settings.spacing ? { spacing: settings.spacing } : {}),
     normalization: settings.normalization,
+    biasCorrection: settings.biasCorrection,
     ctWindow: settings.ctWindow,
     foregroundFraction: settings.foregroundFraction,
     cacheBytes: Math.round(settings.cacheMiB * 2 ** 20),

@@ -36,6 +36,8 @@ export interface SiteDataOptions {
   readonly spacing?: Shape3;
   /** 'auto' (default): CT for channels named "CT" in dataset.json, MRI z-score otherwise. */
   readonly normalization?: 'auto' | Modality;
+  /** MRI bias-field correction before normalisation (bias-field.ts); default none. */
+  readonly biasCorrection?: 'none' | 'polynomial';
   readonly ctWindow?: readonly [number, number];
   /** Share of training patches forced to contain foreground (default 0.33). */
   readonly foregroundFraction?: number;
@@ -88,7 +90,7 @@ export class SiteData {
     checkShape(opts.patch, 'patch');
     const norm = opts.normalization ?? 'auto';
     this.modalities = layout.channelNames.map((n) => (norm === 'auto' ? modalityOf(n) : norm));
-    this.pre = { spacing: opts.spacing, modalities: this.modalities, ctWindow: opts.ctWindow };
+    this.pre = { spacing: opts.spacing, modalities: this.modalities, ctWindow: opts.ctWindow, biasCorrection: opts.biasCorrection === 'polynomial' };
     this.cache = new ByteLruCache(opts.cacheBytes ?? DEFAULT_CACHE_BYTES, preparedBytes);
 
     const errorsByCase = new Map<string, DataProblem>();

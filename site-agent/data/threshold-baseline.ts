@@ -27,6 +27,8 @@ export interface ThresholdBaselineOptions {
   readonly patch?: Shape3;
   /** The plan's intensity normalisation, which the test cases were loaded with too; default auto. */
   readonly normalization?: SiteDataOptions['normalization'];
+  /** The plan's bias-field correction, which the test cases were loaded with too; default none. */
+  readonly biasCorrection?: SiteDataOptions['biasCorrection'];
 }
 
 export interface ThresholdBaselineResult {
@@ -111,7 +113,7 @@ export async function thresholdBaseline(siteDir: string, testCases: readonly Bas
   const thresholds = [...(opts.thresholds ?? DEFAULT_THRESHOLDS)].sort((a, b) => a - b);
   const minSizes = opts.minComponentVoxels ?? DEFAULT_MIN_SIZES;
   if (thresholds.length === 0 || minSizes.length === 0) throw new RangeError('thresholdBaseline: need at least one threshold and one minimum component size');
-  const data = await SiteData.open(siteDir, { patch: opts.patch ?? [16, 16, 16], ...(opts.spacing ? { spacing: opts.spacing } : {}), ...(opts.normalization ? { normalization: opts.normalization } : {}) });
+  const data = await SiteData.open(siteDir, { patch: opts.patch ?? [16, 16, 16], ...(opts.spacing ? { spacing: opts.spacing } : {}), ...(opts.normalization ? { normalization: opts.normalization } : {}), ...(opts.biasCorrection ? { biasCorrection: opts.biasCorrection } : {}) });
 
   // diceSum[t][m]: summed training Dice of (threshold t, min size m).
   const diceSum = thresholds.map(() => new Float64Array(minSizes.length));

@@ -51,6 +51,20 @@ describe('coordinator: settings shaped per site', () => {
     expect(settingsForSite(on, LEGACY_SITE)).toEqual({ ok: false, missing: [FEATURES.scannerAugmentation] });
   });
 
+  it('bias-field correction: needed when on, else the field is dropped for a site without the feature', () => {
+    const base = settings('own');
+    expect(base.data?.biasCorrection).toBe('none');
+    const legacy = settingsForSite(base, LEGACY_SITE);
+    expect(legacy.ok && legacy.settings.data && 'biasCorrection' in legacy.settings.data).toBe(false);
+    const kept = settingsForSite(base, current);
+    expect(kept.ok && kept.settings.data?.biasCorrection).toBe('none');
+    const on: TaskSettings = { ...base, data: { ...base.data!, biasCorrection: 'polynomial' } };
+    expect(featuresNeeded(on)).toEqual([FEATURES.biasFieldCorrection]);
+    expect(settingsForSite(on, LEGACY_SITE)).toEqual({ ok: false, missing: [FEATURES.biasFieldCorrection] });
+    const sent = settingsForSite(on, current);
+    expect(sent.ok && sent.settings.requires).toEqual([FEATURES.biasFieldCorrection]);
+  });
+
   it('reads a site of the previous release (no version in its SubscribeRequest) as protocol 1 without features', () => {
     expect(siteCapabilities({ cachedModels: [], protocolVersion: 0, features: [] })).toEqual(LEGACY_SITE);
     expect(siteCapabilities({ cachedModels: [] })).toEqual(LEGACY_SITE);
