@@ -8,6 +8,7 @@ import { DpAccounting } from './dp-accounting.ts';
 import { PretrainedEncoder } from './pretrained-encoder.ts';
 import { Retention } from './retention.ts';
 import { SampleJumpFlag } from './sample-jump-flag.ts';
+import { SecureAggregation } from './secure-aggregation.ts';
 import { TeacherPromotion } from './teacher-promotion.ts';
 
 export interface StandardFeatureOptions {
@@ -21,5 +22,14 @@ export interface StandardFeatureOptions {
 
 export function standardRoundFeatures(c: RoundFeatureContext, o: StandardFeatureOptions): RoundFeature[] {
   // Task settings keep this order (dp, compression, model file, teacher): it is the order of their JSON keys.
-  return [new SampleJumpFlag(c), new DpAccounting(c), new CompressedModelFiles(c), new TeacherPromotion(c), new PretrainedEncoder(c, o.pretrainedDir), new Retention(c, [o.updatesDir, o.maskedDir])];
+  // Secure aggregation last: its phase timeline closes the round.closed event's fields.
+  return [
+    new SampleJumpFlag(c),
+    new DpAccounting(c),
+    new CompressedModelFiles(c),
+    new TeacherPromotion(c),
+    new PretrainedEncoder(c, o.pretrainedDir),
+    new Retention(c, [o.updatesDir, o.maskedDir]),
+    new SecureAggregation(c, o.maskedDir),
+  ];
 }
