@@ -30,7 +30,7 @@ import { settingsForSite } from '../../shared/protocol/compatibility.ts';
 import { RefusalWarnings } from '../events/refusal-warnings.ts';
 import { updateRejectionReason } from '../events/reasons.ts';
 import type { CloseContribution, RoundFeature, RoundFeatureContext, RoundInput, RoundInputControl, RoundView } from './round-feature.ts';
-import { standardRoundFeatures } from './features/index.ts';
+import { standardRoundFeatures, type StandardFeatureOptions } from './features/index.ts';
 
 export { PRIVACY_KEY, type PrivacySpent } from './features/dp-accounting.ts';
 import { BUDGET_EXHAUSTED_EVENT, describeRefusal, privacyBudgetRefusal } from './privacy-budget.ts';
@@ -48,7 +48,8 @@ export interface TaskSink {
   replaced?(): void;
 }
 
-export interface RoundEngineOptions {
+/** The standard features' own options (where they keep files) pass through the engine untouched. */
+export interface RoundEngineOptions extends StandardFeatureOptions {
   store: CoordinatorStore;
   models: ModelFiles;
   plan: Plan;
@@ -62,14 +63,8 @@ export interface RoundEngineOptions {
   resumeGraceMs?: number;
   /** All weights of the first global model (plan.model.init); only called when there is no model yet. */
   initialWeights?: () => Promise<TensorBundle>;
-  /** Where secure-aggregation rounds keep the masked vectors they received (round-N/masked-SITE.u32), for audit. */
-  maskedDir?: string;
-  /** Where accepted updates are stored (round-N/…), for plan.retention to prune after a round closes. */
-  updatesDir?: string;
   /** How often the engine looks for a rollback made by `medfl coordinator rollback` (default 2 s). */
   rollbackPollMs?: number;
-  /** Where the encoder file of the plan's pretraining stage is written (default: `pretrained/` beside the models folder). */
-  pretrainedDir?: string;
   /** How long to wait before trying again when opening, closing or failing a round hit a storage failure such as a full disk (default 10 s). */
   storageRetryMs?: number;
   /** Least time between two offers of a round's task to one site that reports idle without it (default REOFFER_MS). */
@@ -155,7 +150,7 @@ export class RoundEngine {
       log: o.log,
       event: (type, fields) => this.event(type, fields),
     };
-    this.features = [...standardRoundFeatures(context, { updatesDir: o.updatesDir, maskedDir: o.maskedDir, pretrainedDir: o.pretrainedDir }), ...(o.features ?? [])];
+    this.features = [...standardRoundFeatures(context, o), ...(o.features ?? [])];
   }
 
   /** Calls a notification hook of every feature; one that throws is logged and the others still run. */
