@@ -17,6 +17,7 @@ import { openStoreWhenPossible, retryUntilStarted } from './store/startup.ts';
 import { ModelFiles } from './models/model-store.ts';
 import { initialWeights } from './models/initial-model.ts';
 import { RoundEngine } from './rounds/round-engine.ts';
+import { SecureAggregation } from './rounds/features/secure-aggregation.ts';
 import { strategyFromPlan } from './aggregation/index.ts';
 import { federationHandlers } from './server/federation-service.ts';
 import { enrollmentHandlers } from './server/enrollment-service.ts';
@@ -193,7 +194,9 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   );
   server.addService(Federation.service, federation);
   server.addService(loadGovernanceService().service, governanceHandlers({ ledger, bus, federationId: config.federationId, log, onDecline: (site, round) => void engine.siteDeclined(site, round).catch((e: Error) => log.error({ err: e.message, site, round }, 'closing the round after a decline failed')) }));
-  server.addService(loadSecAggService().service, secAggHandlers({ session: (round) => engine.secAggFor(round), log }));
+  // The open round's session lives in the secure-aggregation round feature.
+  const secureAggregation = engine.feature(SecureAggregation);
+  server.addService(loadSecAggService().service, secAggHandlers({ session: (round) => secureAggregation?.sessionFor(round), log }));
 
   const creds = serverCredentials(home.serverCertificate(), mtls ? { clientCaPem: caPem, requestClientCert: true } : {});
   const host = o.host ?? '0.0.0.0';

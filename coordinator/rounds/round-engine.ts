@@ -17,7 +17,6 @@ import { manifestBytes, type TaskManifest, type TaskSettings } from '../../share
 import { decodeUpdate } from '../../shared/tensors/update-codec.ts';
 import { readFileSync, rmSync } from 'node:fs';
 import type { Logger } from '../../shared/util/log.ts';
-import type { SecAggRound } from '../secagg/session.ts';
 import { acceptsSums } from '../aggregation/composed.ts';
 import { aggregateProblem } from '../aggregation/validate.ts';
 import { cappedWeights } from '../aggregation/weight-share.ts';
@@ -30,9 +29,8 @@ import { PROTOCOL_VERSION, SITE_FEATURES, type SiteCapabilities } from '../../sh
 import { settingsForSite } from '../../shared/protocol/compatibility.ts';
 import { RefusalWarnings } from '../events/refusal-warnings.ts';
 import { updateRejectionReason } from '../events/reasons.ts';
-import type { CloseContribution, RoundFeature, RoundFeatureContext, RoundView } from './round-feature.ts';
-import { standardRoundFeatures } from './features/index.ts';
-import { SecureAggregation } from './features/secure-aggregation.ts';
+import type { CloseContribution, RoundFeature, RoundFeatureContext, RoundInput, RoundInputControl, RoundView } from './round-feature.ts';
+import { standardRoundFeatures, type StandardFeatureOptions } from './features/index.ts';
 
 export { PRIVACY_KEY, type PrivacySpent } from './features/dp-accounting.ts';
 import { BUDGET_EXHAUSTED_EVENT, describeRefusal, privacyBudgetRefusal } from './privacy-budget.ts';
@@ -50,7 +48,8 @@ export interface TaskSink {
   replaced?(): void;
 }
 
-export interface RoundEngineOptions {
+/** The standard features' own options (where they keep files) pass through the engine untouched. */
+export interface RoundEngineOptions extends StandardFeatureOptions {
   store: CoordinatorStore;
   models: ModelFiles;
   plan: Plan;
@@ -64,14 +63,8 @@ export interface RoundEngineOptions {
   resumeGraceMs?: number;
   /** All weights of the first global model (plan.model.init); only called when there is no model yet. */
   initialWeights?: () => Promise<TensorBundle>;
-  /** Where secure-aggregation rounds keep the masked vectors they received (round-N/masked-SITE.u32), for audit. */
-  maskedDir?: string;
-  /** Where accepted updates are stored (round-N/…), for plan.retention to prune after a round closes. */
-  updatesDir?: string;
   /** How often the engine looks for a rollback made by `medfl coordinator rollback` (default 2 s). */
   rollbackPollMs?: number;
-  /** Where the encoder file of the plan's pretraining stage is written (default: `pretrained/` beside the models folder). */
-  pretrainedDir?: string;
   /** How long to wait before trying again when opening, closing or failing a round hit a storage failure such as a full disk (default 10 s). */
   storageRetryMs?: number;
   /** Least time between two offers of a round's task to one site that reports idle without it (default REOFFER_MS). */
@@ -111,8 +104,8 @@ interface OpenRound {
   declined?: Set<string>;
   timer?: NodeJS.Timeout;
   closing: boolean;
-  /** Plan aggregation.secureAggregation: the round's session (masked inputs replace uploads). */
-  secagg?: SecAggRound;
+  /** The feature that collects the round's input instead of uploads (round-feature.ts RoundInput), if one does. */
+  collector?: { feature: string; input: RoundInput };
   /** Pretraining or fine-tuning (plan.pretraining), fixed when the round opened. */
   stage: Stage;
 }
@@ -134,8 +127,6 @@ export class RoundEngine {
   readonly sharedNames: string[];
   /** What plugs into the round lifecycle (teacher promotion, DP accounting, retention, …), in call order. */
   private readonly features: readonly RoundFeature[];
-  /** Plan aggregation.secureAggregation: sessions, per-site settings and the unmasked sum (features/secure-aggregation.ts). */
-  private readonly secureAggregation: SecureAggregation;
   /** Work put off by a storage failure, by what it is (one pending retry each). */
   private readonly retries = new Map<string, NodeJS.Timeout>();
   private lastStorageFault: { at: number; what: string; error: string } | undefined;
@@ -159,8 +150,7 @@ export class RoundEngine {
       log: o.log,
       event: (type, fields) => this.event(type, fields),
     };
-    this.secureAggregation = new SecureAggregation({ plan: o.plan, federationId: o.federationId, log: o.log, shared: this.shared, maskedDir: o.maskedDir });
-    this.features = [...standardRoundFeatures(context, { updatesDir: o.updatesDir, maskedDir: o.maskedDir, pretrainedDir: o.pretrainedDir }), ...(o.features ?? [])];
+    this.features = [...standardRoundFeatures(context, o), ...(o.features ?? [])];
   }
 
   /** Calls a notification hook of every feature; one that throws is logged and the others still run. */
@@ -176,7 +166,12 @@ export class RoundEngine {
 
   /** The round as features see it. */
   private view(open: OpenRound): RoundView {
-    return { row: open.row, stage: open.stage, reported: open.reported, secureAggregation: open.secagg !== undefined };
+    return { row: open.row, stage: open.stage, reported: open.reported, inputCollectedBy: open.collector?.feature };
+  }
+
+  /** The feature of class `kind` this engine runs, if any (for a service that talks to it, e.g. secure aggregation's). */
+  feature<F extends RoundFeature>(kind: abstract new (...args: never[]) => F): F | undefined {
+    return this.features.find((f): f is F => f instanceof kind);
   }
 
   /** Makes sure an initial model exists, then resumes an open round or waits to open the next one. */
@@ -205,8 +200,8 @@ export class RoundEngine {
     this.stopped = true;
     if (this.rollbackTimer) clearInterval(this.rollbackTimer);
     if (this.open?.timer) clearTimeout(this.open.timer);
-    // Ends the session's phase timers and waiting calls; the round itself is failed by the next start (see resume()).
-    this.open?.secagg?.abort('the coordinator is stopping');
+    // Ends what a collected input holds (e.g. a session's timers and waiting calls); the next start decides the round (resume()).
+    this.open?.collector?.input.abort('the coordinator is stopping');
     if (this.waitTimer) clearTimeout(this.waitTimer);
     if (this.gatherTimer) clearTimeout(this.gatherTimer);
     for (const t of this.retries.values()) clearTimeout(t);
@@ -283,11 +278,12 @@ export class RoundEngine {
   /**
    * The site's heartbeat says it is idle and working on no task. A site selected for the open round that has neither
    * reported nor declined is sent its task again (REOFFER_MS apart): it may have given the task up after a failed
-   * download. Secure-aggregation rounds are left alone: a session cannot take a site back once it has moved on.
+   * download. Rounds whose input a feature collects are left alone: the feature decides who takes part (a
+   * secure-aggregation session cannot take a site back once it has moved on).
    */
   siteIdle(site: string): void {
     const open = this.open;
-    if (!open || open.closing || open.secagg || this.finished || this.stopped) return;
+    if (!open || open.closing || open.collector || this.finished || this.stopped) return;
     if (!open.row.selected.includes(site) || open.reported.has(site) || open.declined?.has(site)) return;
     const sink = this.connected.get(site);
     const last = this.offered.get(site);
@@ -335,7 +331,7 @@ export class RoundEngine {
     if (!open) return `no round is open (the federation is ${this.finished ? 'finished' : 'between rounds'}); wait for the next task`;
     if (round !== open.row.round) return `round ${round} is not the open round ${open.row.round}; drop this update and take the current task`;
     if (!open.row.selected.includes(site)) return `site '${site}' was not selected for round ${round}`;
-    if (open.secagg) return `round ${round} uses secure aggregation: send the masked input through SecureAggregation, not an update upload`;
+    if (open.collector) return open.collector.input.uploadRefusal(site);
     // The store too: an update is stored and acknowledged a moment before it is folded into `reported`.
     if (open.reported.has(site) || this.o.store.updateFor(round, site)) return `site '${site}' already reported an update for round ${round}`;
     if (baseModelHash !== open.row.baseModelHash) return `update was trained from model ${baseModelHash.slice(0, 12)}…, but round ${round} starts from ${open.row.baseModelHash.slice(0, 12)}…`;
@@ -387,7 +383,7 @@ export class RoundEngine {
    */
   async siteDeclined(site: string, round: number): Promise<void> {
     const open = this.open;
-    if (!open || open.row.round !== round || open.secagg || !open.row.selected.includes(site) || open.reported.has(site)) return;
+    if (!open || open.row.round !== round || open.collector || !open.row.selected.includes(site) || open.reported.has(site)) return;
     (open.declined ??= new Set()).add(site);
     if (!open.closing && this.allAccountedFor(open) && open.reported.size >= this.o.plan.minSites) {
       await this.closeRound(open, 'every selected site reported or declined');
@@ -415,15 +411,15 @@ export class RoundEngine {
 
   private resume(row: RoundRow): void {
     const { store, log } = this.o;
-    if (this.o.plan.aggregation.secureAggregation.enabled) {
-      // The session's state (keys, shares forwarded, the masked sum) lives in memory only: start over.
-      const note = 'the coordinator restarted during a secure-aggregation round; its session is not kept across restarts, so the round failed and a new one starts';
+    for (const f of this.features) {
+      const note = f.resumeRefusal?.(row);
+      if (note === undefined) continue;
       const failed = this.event('round.failed', { round: row.round, reason: note });
       store.failRound(row.round, note, Date.now(), outboxRows(failed));
       this.o.bus.publish(failed);
       log.warn({ round: row.round }, note);
-      const view: RoundView = { row, stage: stageAfter(this.o.plan, store.closedRoundCount()), reported: new Set(), secureAggregation: true };
-      this.notify('onRoundFailed', (f) => f.onRoundFailed?.(view, note));
+      const view: RoundView = { row, stage: stageAfter(this.o.plan, store.closedRoundCount()), reported: new Set(), inputCollectedBy: f.name };
+      this.notify('onRoundFailed', (g) => g.onRoundFailed?.(view, note));
       this.maybeOpenRound();
       return;
     }
@@ -548,7 +544,7 @@ export class RoundEngine {
       throw e;
     }
     this.open = { row, aggregator, reported: new Set(), closing: false, stage };
-    if (this.secureAggregation.enabled) this.open.secagg = this.secAggSession(this.open);
+    this.open.collector = this.inputCollector(this.open);
     this.o.bus.publish(started);
     log.info({ round: row.round, selected, model: row.baseModelHash.slice(0, 12), ...(pretrainingRounds(plan) > 0 ? { stage: stage.kind, stageRound: stage.index } : {}) }, 'round started');
     const opened = this.open;
@@ -603,10 +599,10 @@ export class RoundEngine {
 
   private async onDeadline(open: OpenRound): Promise<void> {
     if (this.open !== open || open.closing) return;
-    const { plan, log } = this.o;
-    if (open.secagg) {
-      // Closes only through the session; still running at the deadline means it cannot finish in time.
-      open.secagg.abort(`round deadline reached in phase '${open.secagg.phase}'`);
+    const { plan } = this.o;
+    if (open.collector) {
+      // The feature ends its collection, and fails the round through its control.
+      open.collector.input.deadlineReached();
       return;
     }
     await this.foldChain; // an update being folded right now still counts
@@ -614,56 +610,48 @@ export class RoundEngine {
       await this.closeRound(open, `deadline reached with quorum (${open.reported.size} of ${open.row.selected.length} sites)`);
       return;
     }
-    const note = `deadline reached without quorum: ${open.reported.size} of ${open.row.selected.length} selected sites reported, ${plan.minSites} needed`;
+    this.failAndMoveOn(open, `deadline reached without quorum: ${open.reported.size} of ${open.row.selected.length} selected sites reported, ${plan.minSites} needed`);
+  }
+
+  /** Fails `open` durably with `note` (a warning), drops its aggregate and opens the next round. */
+  private failAndMoveOn(open: OpenRound, note: string): void {
     this.failDurably(open, note, () => {
       open.aggregator.discard?.();
-      log.warn({ round: open.row.round }, note);
+      this.o.log.warn({ round: open.row.round }, note);
       this.open = undefined;
       this.maybeOpenRound();
     });
   }
 
-  /** The round's secure-aggregation session: on success the unmasked sum is folded and the round closes; on failure the round fails. */
-  private secAggSession(open: OpenRound): SecAggRound {
-    const row = open.row;
-    return this.secureAggregation.session(row, {
-      onResult: (r) => {
-        void this.serialised(() => {
+  /** The first feature that collects the round's input instead of uploads (round-feature.ts collectInput), if any. */
+  private inputCollector(open: OpenRound): OpenRound['collector'] {
+    const control = this.inputControl(open);
+    for (const f of this.features) {
+      const input = f.collectInput?.(this.view(open), control);
+      if (input) return { feature: f.name, input };
+    }
+    return undefined;
+  }
+
+  /** What a feature collecting `open`'s input may do with the round. */
+  private inputControl(open: OpenRound): RoundInputControl {
+    const takesInput = () => this.open === open && !open.closing;
+    return {
+      isAccepting: takesInput,
+      foldSum: (make) =>
+        this.serialised(() => {
           if (this.open !== open || open.closing) return false;
-          const { sum, weight } = this.secureAggregation.decodeSum(row, r);
-          if (!acceptsSums(open.aggregator)) throw new Error(`strategy ${this.o.strategy.name} cannot take a secure-aggregation sum`);
-          open.aggregator.addSum(sum, weight, r.survivors.length);
-          for (const s of r.survivors) open.reported.add(s);
+          const { sum, weight, sites } = make();
+          if (!acceptsSums(open.aggregator)) throw new Error(`strategy ${this.o.strategy.name} cannot take a sum of several sites' updates`);
+          open.aggregator.addSum(sum, weight, sites.length);
+          for (const s of sites) open.reported.add(s);
           return true;
-        }).then(
-          (ok) => {
-            if (!ok) return;
-            // No update.accepted (and so no ledger entry) per site: the coordinator never saw a single update.
-            return this.closeRound(open, `secure aggregation unmasked the sum of ${r.survivors.length} of ${row.selected.length} sites${r.dropped.length ? ` (${r.dropped.join(', ')} dropped before masking)` : ''}`);
-          },
-          (e: Error) => this.failSecAgg(open, `folding the unmasked sum failed: ${e.message}`),
-        );
+        }),
+      close: (why) => this.closeRound(open, why),
+      fail: (note) => {
+        if (!this.stopped && takesInput()) this.failAndMoveOn(open, note);
       },
-      onFailure: (reason) => this.failSecAgg(open, reason),
-    });
-  }
-
-  private failSecAgg(open: OpenRound, reason: string): void {
-    if (this.stopped || this.open !== open || open.closing) return;
-    const { log } = this.o;
-    const note = `secure aggregation failed: ${reason}`;
-    this.failDurably(open, note, () => {
-      open.aggregator.discard?.();
-      log.warn({ round: open.row.round }, note);
-      this.open = undefined;
-      this.maybeOpenRound();
-    });
-  }
-
-  /** The secure-aggregation session of the open round `round`, if it has one (for the SecureAggregation service). */
-  secAggFor(round: number): SecAggRound | undefined {
-    const open = this.open;
-    return open && open.row.round === round && !open.closing ? open.secagg : undefined;
+    };
   }
 
   /** Closes the round; never throws: when storing its result fails (a full disk), the close is tried again later. */
@@ -679,7 +667,7 @@ export class RoundEngine {
   /**
    * Closing failed: the aggregator is spent and the server state moved on in memory, but nothing was committed
    * (the store transaction is all or nothing). Later, the aggregator is rebuilt from the stored updates and the
-   * close tried again; the round refuses uploads meanwhile. A secure-aggregation sum cannot be rebuilt: that
+   * close tried again; the round refuses uploads meanwhile. An input a feature collected cannot be rebuilt: that
    * round fails (durably) instead.
    */
   private closeFailed(open: OpenRound, why: string, e: unknown): void {
@@ -690,9 +678,9 @@ export class RoundEngine {
     } catch (e2) {
       this.o.log.error({ round, err: describeStorageFault(e2) }, 'could not reset the aggregation state after a failed close');
     }
-    if (open.secagg) {
-      this.o.log.error({ round, err: describeStorageFault(e) }, 'storing the secure-aggregation result failed; the round fails');
-      const note = `secure aggregation finished but storing its result failed (${describeStorageFault(e)}); its sum cannot be rebuilt`;
+    if (open.collector) {
+      this.o.log.error({ round, feature: open.collector.feature, err: describeStorageFault(e) }, "storing the round's result failed and its collected input cannot be rebuilt; the round fails");
+      const note = open.collector.input.lostResultNote(describeStorageFault(e));
       this.failDurably(open, note, () => {
         this.open = undefined;
         this.maybeOpenRound();
@@ -752,7 +740,7 @@ export class RoundEngine {
     }
     Object.assign(meta, added.meta);
     // Committed with the close, so the events cannot be lost to a crash or a NATS outage (events/outbox.ts).
-    const closed = this.event('round.closed', { round: open.row.round, model: saved.hash, sites: [...open.reported].sort(), why, strategy: this.o.strategy.name, ...added.closedFields, ...(open.secagg ? { secureAggregation: { timeline: open.secagg.timeline } } : {}) });
+    const closed = this.event('round.closed', { round: open.row.round, model: saved.hash, sites: [...open.reported].sort(), why, strategy: this.o.strategy.name, ...added.closedFields });
     const committed = store.closeRound(open.row.round, { hash: saved.hash, path: saved.path, round: open.row.round, sizeBytes: saved.sizeBytes, createdAt: Date.now() }, Date.now(), meta, outboxRows(closed, ...added.events));
     if (!committed) {
       // An operator's rollback failed this round between our check and the commit: its result is not published.
@@ -790,14 +778,14 @@ export class RoundEngine {
   /**
    * plan aggregation.maxWeightShare: once every weight of the round is known, lowers the weights above the cap
    * (water-filling, weight-share.ts) by folding those updates again from the store with the difference. Only the
-   * sample-weighted mean has weights to cap (not median / trimmed mean, not DP's uniform weights, not secure
-   * aggregation, which never sees a single update).
+   * sample-weighted mean has weights to cap (not median / trimmed mean, not DP's uniform weights, not an input a
+   * feature collected, such as secure aggregation's, where the coordinator never sees a single update).
    */
   private applyWeightShare(open: OpenRound): void {
     const { plan, store, log } = this.o;
     const share = plan.aggregation.maxWeightShare;
     const aggregator = open.aggregator;
-    if (share >= 1 || !aggregator.reweight || open.secagg || plan.aggregation.dp || plan.aggregation.strategy !== 'fedavg') return;
+    if (share >= 1 || !aggregator.reweight || open.collector || plan.aggregation.dp || plan.aggregation.strategy !== 'fedavg') return;
     const rows = store.updatesForRound(open.row.round).filter((u) => open.reported.has(u.site));
     const capped = cappedWeights(rows.map((u) => u.numSamples), share);
     const lowered: Record<string, { declared: number; used: number }> = {};
@@ -859,7 +847,7 @@ export class RoundEngine {
     if (open && store.getRound(open.row.round)?.state !== 'open') {
       open.closing = true;
       if (open.timer) clearTimeout(open.timer);
-      open.secagg?.abort('the operator rolled the federation back');
+      open.collector?.input.abort('the operator rolled the federation back');
       open.aggregator.discard?.();
       this.open = undefined;
     }
@@ -928,7 +916,7 @@ export class RoundEngine {
    */
   private taskFor(open: OpenRound, site: string, sink: TaskSink): TaskMessage | undefined {
     const caps = sink.capabilities ?? { protocolVersion: PROTOCOL_VERSION, features: new Set(SITE_FEATURES) };
-    const shaped = settingsForSite({ ...this.settings(open.row.baseModelHash, this.stageOf(open.row)), ...this.secAggSettings(open.row, site) }, caps);
+    const shaped = settingsForSite({ ...this.settings(open.row.baseModelHash, this.stageOf(open.row)), ...open.collector?.input.siteSettings(site) }, caps);
     if (shaped.ok) return this.trainTask(open.row, site, shaped.settings);
     const { round } = open.row;
     if (!open.declined?.has(site)) {
@@ -940,8 +928,8 @@ export class RoundEngine {
     return undefined;
   }
 
-  /** `settings` as shaped for the site by taskFor(); absent: this build's own. */
-  private trainTask(row: RoundRow, site: string, settings?: TaskSettings): TaskMessage {
+  /** A TRAIN task with `settings` as shaped for the site by taskFor(). */
+  private trainTask(row: RoundRow, site: string, settings: TaskSettings): TaskMessage {
     const manifest: TaskManifest = {
       // Stable per round and site: a re-sent task is the same task.
       taskId: `r${row.round}-${site}`,
@@ -950,7 +938,7 @@ export class RoundEngine {
       modelHash: row.baseModelHash,
       modelSize: this.o.models.size(row.baseModelHash),
       deadlineUnixMs: row.deadlineAt,
-      settingsJson: JSON.stringify(settings ?? { ...this.settings(row.baseModelHash, this.stageOf(row)), ...this.secAggSettings(row, site) }),
+      settingsJson: JSON.stringify(settings),
     };
     return { ...manifest, signature: this.o.sign(manifestBytes(manifest)) };
   }
@@ -958,11 +946,6 @@ export class RoundEngine {
   /** The open round's stage; for another row, the stage a round opening now would have. */
   private stageOf(row: RoundRow): Stage {
     return this.open?.row.round === row.round ? this.open.stage : stageAfter(this.o.plan, this.o.store.closedRoundCount());
-  }
-
-  /** What a site needs to take part in the open round's secure aggregation (nothing for another round). */
-  private secAggSettings(row: RoundRow, site: string): Pick<TaskSettings, 'secureAggregation'> {
-    return this.secureAggregation.siteSettings(row, this.open?.row.round === row.round ? this.open.secagg : undefined, site);
   }
 
   private finishedTask(): TaskMessage {

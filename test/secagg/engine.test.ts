@@ -68,6 +68,13 @@ describe('round engine with secure aggregation (in process)', () => {
     }
     const closed = f.events.find((e) => e.type === 'round.closed' && e.round === 1)!;
     expect(closed.why).toMatch(/secure aggregation unmasked the sum of 3 of 3 sites/);
+    // The session's phases, as the round.closed event records them.
+    expect((closed.secureAggregation as { timeline: { phase: string; sites: number }[] }).timeline.map((p) => [p.phase, p.sites])).toEqual([
+      ['share', 3],
+      ['mask', 3],
+      ['unmask', 3],
+      ['done', 3],
+    ]);
   }, 60_000);
 
   it('round 2 with one site taking part: fails at the deadline with the reason, and round 3 starts from the same model', async () => {
