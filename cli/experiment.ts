@@ -44,7 +44,8 @@ export interface ExperimentResult {
  * policy.yaml (`share.parts: [encoder, head]`), since heads stay home by default — 12 rounds × 96 local steps of
  * batch 2 on 32³ patches, Adam with a cosine schedule over the whole federation. 12 rounds, not 8: every arm was
  * still improving at round 8, and since the native GroupNorm kernels 12 rounds fit the 45-minute budget
- * (docs/experiment.md).
+ * (docs/experiment.md). MRI bias-field correction on: the scanners' different coil drifts were what kept the
+ * federated model below pooled training (docs/benchmark.md); CT channels are never corrected.
  */
 export function recommendedPlan(arch: 'tiny3d' | 'med3d', numClasses: number): Plan {
   if (arch === 'tiny3d') {
@@ -59,6 +60,7 @@ export function recommendedPlan(arch: 'tiny3d' | 'med3d', numClasses: number): P
     rounds: 12,
     local: { steps: 96, batchSize: 2, learningRate: 0.003, schedule: { type: 'cosine', warmupSteps: 50, minFactor: 0.05 } },
     share: { parts: ['encoder', 'head'], keepLocal: [] },
+    data: { biasCorrection: 'polynomial' },
   });
 }
 
