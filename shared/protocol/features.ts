@@ -45,6 +45,12 @@ export const FEATURES = {
    * contrast). A site of the previous release refuses them as unknown; a later one without them would drop them.
    */
   scannerAugmentation: 'scanner-augmentation',
+  /**
+   * Site: compares its teacher with the model it received, on its validation cases, every round, and uses
+   * pseudo-labels only while the teacher is not behind by more than `teacherStudent.modelMargin`. A site without it
+   * would refuse the unknown field; it trains with its teacher as before, so the field is dropped for it.
+   */
+  teacherModelCheck: 'teacher-model-check',
 } as const;
 
 export type Feature = (typeof FEATURES)[keyof typeof FEATURES];
@@ -59,6 +65,7 @@ export const SITE_FEATURES: readonly Feature[] = [
   FEATURES.calibratedConfidence,
   FEATURES.quantileNormalization,
   FEATURES.scannerAugmentation,
+  FEATURES.teacherModelCheck,
 ];
 
 /** A site's protocol version and features, as it announced them when it subscribed (legacy: version 1, none). */
