@@ -42,17 +42,21 @@ export interface PseudoLabelRound {
   sitesUsed: number;
   teacherVal: number;
   modelVal: number;
+  /** Each site with a teacher: whether it used pseudo-labels, and the two scores it compared (NaN = not measured). */
+  bySite: Record<string, { used: boolean; teacherVal: number; modelVal: number }>;
 }
 
-/** The round's record from each site's metrics, or undefined when no task of the round named a teacher. */
-export function pseudoLabelRound(round: number, siteMetrics: readonly Readonly<Record<string, number>>[]): PseudoLabelRound | undefined {
-  const withTeacher = siteMetrics.filter((m) => m.pseudo_used !== undefined);
+/** The round's record from each site's metrics (by site name), or undefined when no task of the round named a teacher. */
+export function pseudoLabelRound(round: number, siteMetrics: Readonly<Record<string, Readonly<Record<string, number>>>>): PseudoLabelRound | undefined {
+  const sites = Object.entries(siteMetrics).filter(([, m]) => m.pseudo_used !== undefined);
+  const withTeacher = sites.map(([, m]) => m);
   if (withTeacher.length === 0) return undefined;
   const mean = (key: string) => {
     const v = withTeacher.map((m) => m[key]).filter((x): x is number => x !== undefined && Number.isFinite(x));
     return v.length ? v.reduce((a, x) => a + x, 0) / v.length : Number.NaN;
   };
-  return { round, sitesWithTeacher: withTeacher.length, sitesUsed: withTeacher.filter((m) => m.pseudo_used === 1).length, teacherVal: mean('teacher_val_dice'), modelVal: mean('model_val_dice') };
+  const bySite = Object.fromEntries(sites.map(([site, m]) => [site, { used: m.pseudo_used === 1, teacherVal: m.teacher_val_dice ?? Number.NaN, modelVal: m.model_val_dice ?? Number.NaN }]));
+  return { round, sitesWithTeacher: withTeacher.length, sitesUsed: withTeacher.filter((m) => m.pseudo_used === 1).length, teacherVal: mean('teacher_val_dice'), modelVal: mean('model_val_dice'), bySite };
 }
 
 /** "pseudo-labels at 1/3 sites (validation: teacher 0.412, received model 0.455)" */

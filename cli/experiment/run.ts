@@ -212,14 +212,14 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
           for (let r = 1; r <= plan.rounds; r++) {
             const settings = settingsOf(armPlan, teacher);
             const updates: { bundle: TensorBundle; isDelta: boolean; samples: number; site: string }[] = [];
-            const siteMetrics: Record<string, number>[] = [];
+            const siteMetrics: Record<string, Record<string, number>> = {};
             for (const [i, lt] of sites.entries()) {
               const base = arm === 'local-only' ? own[i] : global;
               const res = await lt.run(settings, encode(base), { round: r, ...(teacher ? { teacherBytes: teacher.bytes } : {}) });
               const d = decodeUpdate(res.update);
               const g = res.metrics.teacher_generation;
               if (g !== undefined) usedGenerations.set(g, (usedGenerations.get(g) ?? 0) + 1);
-              siteMetrics.push(res.metrics);
+              siteMetrics[siteNames[i]] = res.metrics;
               updates.push({ bundle: d.bundle, isDelta: d.isDelta, samples: res.numSamples, site: siteNames[i] });
             }
             const p = pseudoLabelRound(r, siteMetrics);

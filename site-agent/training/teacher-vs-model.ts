@@ -10,8 +10,9 @@
 export type PseudoLabelUse = { readonly use: true } | { readonly use: false; readonly why: 'model ahead' | 'unmeasured' };
 
 /**
- * `teacherDice` and `modelDice` are mean validation Dice at this site (NaN = unmeasured); `margin` ≥ 0 is how far the
- * teacher may trail the model and still be used (plan teacherStudent.modelMargin, absent = 0).
+ * `teacherDice` and `modelDice` are mean validation Dice at this site (NaN = unmeasured); `margin` is how far the
+ * teacher may trail the model and still be used (plan teacherStudent.modelMargin, absent = 0; below 0, how far it
+ * must lead).
  */
 export function pseudoLabelUse(teacherDice: number, modelDice: number, margin: number): PseudoLabelUse {
   if (!Number.isFinite(teacherDice) || !Number.isFinite(modelDice)) return { use: false, why: 'unmeasured' };

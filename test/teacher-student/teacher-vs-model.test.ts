@@ -29,6 +29,9 @@ describe('pseudoLabelUse', () => {
     expect(pseudoLabelUse(0.45, 0.5, 0)).toEqual({ use: false, why: 'model ahead' });
     expect(pseudoLabelUse(0.45, 0.5, 0.05)).toEqual({ use: true });
     expect(pseudoLabelUse(0.44, 0.5, 0.05)).toEqual({ use: false, why: 'model ahead' });
+    // A negative margin asks the teacher to lead: the model itself (equal scores) is then not a teacher.
+    expect(pseudoLabelUse(0.5, 0.5, -0.01)).toEqual({ use: false, why: 'model ahead' });
+    expect(pseudoLabelUse(0.52, 0.5, -0.01)).toEqual({ use: true });
   });
 
   it('fails closed when either score is unmeasured', () => {

@@ -21,8 +21,9 @@ const older = { protocolVersion: 2, features: new Set<string>(olderFeatures) };
 const olderDecode = { protocolVersion: 2, features: olderFeatures };
 
 describe('compatibility: teacherStudent.modelMargin', () => {
-  it('is refused outside [0, 1] and absent unless given (absent = margin 0 at a site that checks)', () => {
-    expect(() => settings(', modelMargin: -0.1')).toThrow(/modelMargin/);
+  it('is refused outside [-1, 1] and absent unless given (absent = margin 0 at a site that checks)', () => {
+    expect(() => settings(', modelMargin: -1.5')).toThrow(/modelMargin/);
+    expect(settings(', modelMargin: -0.01').teacherStudent?.modelMargin).toBe(-0.01);
     expect(() => settings(', modelMargin: 2')).toThrow(/modelMargin/);
     expect(settings('').teacherStudent?.modelMargin).toBeUndefined();
   });
