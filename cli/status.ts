@@ -58,7 +58,7 @@ export function metricsTable(metrics: MetricRow[]): string {
   // Per-class validation Dice (val_dice_class_N) as columns when any site reported more than one class.
   const classes = [...new Set(metrics.map((m) => /^val_dice_class_(\d+)$/.exec(m.key)?.[1]).filter((c): c is string => c !== undefined))].map(Number).sort((a, b) => a - b);
   const perClass = classes.length > 1 ? classes : [];
-  const teacher = metrics.some((m) => m.key === 'teacher_generation');
+  const teacher = metrics.some((m) => m.key === 'teacher_generation' || m.key === 'pseudo_used');
   // Classification sites (their own head, site-agent/task-config.ts) report accuracy instead of Dice.
   const accuracy = metrics.some((m) => m.key === 'val_accuracy');
   const t = new Table({
@@ -73,7 +73,7 @@ export function metricsTable(metrics: MetricRow[]): string {
   for (const k of keys) {
     const [round, site] = k.split('\u0000');
     const v = byKey.get(k)!;
-    const gen = v.teacher_generation === undefined ? '—' : `g${v.teacher_generation} (${fmt(v.pseudo_cases, 0)} pseudo)`;
+    const gen = teacherCell(v);
     t.push([round, site, fmt(v.num_train, 0), `${fmt(v.train_loss_first)} → ${fmt(v.train_loss)}`, (v.num_val === 0 ? 'no val data' : fmt(v.val_dice_mean)), ...(accuracy ? [fmt(v.val_accuracy)] : []), ...perClass.map((c) => fmt(v[`val_dice_class_${c}`])), ...(teacher ? [gen] : []), fmt(v.train_seconds, 1)]);
   }
   return t.toString();
@@ -91,6 +91,16 @@ export function privacyLines(raw: string | undefined, budget: BudgetStatus | nul
   }
   if (budget?.exhausted) lines.push(`${describeRefusal({ spent: budget.spent, projected: budget.refusedAt ?? Number.NaN, budget: budget.budget, delta: budget.delta })}; the federation finished ${budget.exhaustedAt ?? ''}`.trimEnd());
   return lines;
+}
+
+/** What the teacher did for one site-round: the generation it learnt from, or why it learnt from none. */
+function teacherCell(v: Record<string, number>): string {
+  if (v.teacher_generation !== undefined && v.pseudo_used !== 0) return `g${v.teacher_generation} (${fmt(v.pseudo_cases, 0)} pseudo)`;
+  if (v.teacher_behind_model === 1) {
+    return v.model_val_dice === undefined || v.teacher_val_dice === undefined ? 'off: unmeasured' : `off: model ${fmt(v.model_val_dice)} > teacher ${fmt(v.teacher_val_dice)}`;
+  }
+  if (v.teacher_gated === 1) return 'off: teacher gated';
+  return v.pseudo_used === 0 ? 'off' : '—';
 }
 
 /** Noisy student: the current teacher (plan teacherStudent). */

@@ -292,6 +292,7 @@ export class SiteAgent {
       const baseModel = float32Safetensors(this.cache.read(file.hash));
       const result = await this.training.run(settings, baseModel, {
         round: t.round,
+        modelHash: t.modelHash,
         onProgress: (p) => { this.progress = p; },
         ...(teacher ? { teacherBytes: this.cache.read(teacher.modelHash) } : {}),
       });

@@ -27,6 +27,42 @@ export interface ArmRun {
   seconds: number;
   /** Teacher–student: each promoted generation against the students it taught (Noisy Student's claim, per generation). */
   generations?: GenerationReport[];
+  /** Teacher–student: per round with a teacher, where pseudo-labels were used and the teacher against the received model. */
+  pseudoLabels?: PseudoLabelRound[];
+}
+
+/**
+ * One round of a teacher–student run as the sites reported it (metrics pseudo_used, teacher_val_dice,
+ * model_val_dice): how many sites learnt from pseudo-labels, and the teacher's and the received model's validation
+ * Dice, each a mean over the sites that measured it (NaN where none did).
+ */
+export interface PseudoLabelRound {
+  round: number;
+  sitesWithTeacher: number;
+  sitesUsed: number;
+  teacherVal: number;
+  modelVal: number;
+  /** Each site with a teacher: whether it used pseudo-labels, and the two scores it compared (NaN = not measured). */
+  bySite: Record<string, { used: boolean; teacherVal: number; modelVal: number }>;
+}
+
+/** The round's record from each site's metrics (by site name), or undefined when no task of the round named a teacher. */
+export function pseudoLabelRound(round: number, siteMetrics: Readonly<Record<string, Readonly<Record<string, number>>>>): PseudoLabelRound | undefined {
+  const sites = Object.entries(siteMetrics).filter(([, m]) => m.pseudo_used !== undefined);
+  const withTeacher = sites.map(([, m]) => m);
+  if (withTeacher.length === 0) return undefined;
+  const mean = (key: string) => {
+    const v = withTeacher.map((m) => m[key]).filter((x): x is number => x !== undefined && Number.isFinite(x));
+    return v.length ? v.reduce((a, x) => a + x, 0) / v.length : Number.NaN;
+  };
+  const bySite = Object.fromEntries(sites.map(([site, m]) => [site, { used: m.pseudo_used === 1, teacherVal: m.teacher_val_dice ?? Number.NaN, modelVal: m.model_val_dice ?? Number.NaN }]));
+  return { round, sitesWithTeacher: withTeacher.length, sitesUsed: withTeacher.filter((m) => m.pseudo_used === 1).length, teacherVal: mean('teacher_val_dice'), modelVal: mean('model_val_dice'), bySite };
+}
+
+/** "pseudo-labels at 1/3 sites (validation: teacher 0.412, received model 0.455)" */
+export function describePseudoLabelRound(p: PseudoLabelRound): string {
+  const f = (x: number) => (Number.isFinite(x) ? x.toFixed(3) : '—');
+  return `pseudo-labels at ${p.sitesUsed}/${p.sitesWithTeacher} sites (validation: teacher ${f(p.teacherVal)}, received model ${f(p.modelVal)})`;
 }
 
 /**

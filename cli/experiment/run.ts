@@ -22,7 +22,7 @@ import type { TensorBundle } from '../../shared/tensors/bundle.ts';
 import type { VolumeCase } from '../../shared/model/types.ts';
 import type { Logger } from '../../shared/util/log.ts';
 import { generatePhantomFederation, loadTestCases, poolFolders, siteMeta, type PhantomFederation } from './data.ts';
-import { generationReports, type Arm, type ArmRun, type InitKind } from './report.ts';
+import { describePseudoLabelRound, generationReports, pseudoLabelRound, type Arm, type ArmRun, type InitKind, type PseudoLabelRound } from './report.ts';
 import { generatedSiteName } from '../../shared/protocol/site-names.ts';
 
 export interface ExperimentOptions {
@@ -177,8 +177,11 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
         const dice: Record<string, number[]> = {};
         const val: Record<string, number[]> = {};
         // One line per round: an arm takes minutes, and a reader should see it move (and where it stands).
-        const progress = (r: number, test: number, v: number) =>
-          say(`    [seed ${seed} / ${initKind} / ${arm}] round ${r}/${plan.rounds}: test Dice ${test.toFixed(3)}, validation ${Number.isFinite(v) ? v.toFixed(3) : '—'} (${((performance.now() - t0) / 1000).toFixed(0)} s)`);
+        const pseudoLabels: PseudoLabelRound[] = [];
+        const progress = (r: number, test: number, v: number) => {
+          const p = pseudoLabels.find((x) => x.round === r);
+          say(`    [seed ${seed} / ${initKind} / ${arm}] round ${r}/${plan.rounds}: test Dice ${test.toFixed(3)}, validation ${Number.isFinite(v) ? v.toFixed(3) : '—'}${p ? `; ${describePseudoLabelRound(p)}` : ''} (${((performance.now() - t0) / 1000).toFixed(0)} s)`);
+        };
         const promotions: { generation: number; round: number }[] = [];
         const usedGenerations = new Map<number, number>(); // generation → site-rounds that trained with it
         const armPlan: Plan = { ...seedPlan, teacherStudent: { ...seedPlan.teacherStudent, enabled: arm === 'teacher-student' } };
@@ -209,14 +212,18 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
           for (let r = 1; r <= plan.rounds; r++) {
             const settings = settingsOf(armPlan, teacher);
             const updates: { bundle: TensorBundle; isDelta: boolean; samples: number; site: string }[] = [];
+            const siteMetrics: Record<string, Record<string, number>> = {};
             for (const [i, lt] of sites.entries()) {
               const base = arm === 'local-only' ? own[i] : global;
               const res = await lt.run(settings, encode(base), { round: r, ...(teacher ? { teacherBytes: teacher.bytes } : {}) });
               const d = decodeUpdate(res.update);
               const g = res.metrics.teacher_generation;
               if (g !== undefined) usedGenerations.set(g, (usedGenerations.get(g) ?? 0) + 1);
+              siteMetrics[siteNames[i]] = res.metrics;
               updates.push({ bundle: d.bundle, isDelta: d.isDelta, samples: res.numSamples, site: siteNames[i] });
             }
+            const p = pseudoLabelRound(r, siteMetrics);
+            if (p) pseudoLabels.push(p);
             if (arm === 'local-only') {
               for (const [i, u] of updates.entries()) own[i] = u.bundle;
             } else {
@@ -260,7 +267,12 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
         const valMean = Array.from({ length: plan.rounds }, (_, r) => meanOf(val, r));
         const seconds = (performance.now() - t0) / 1000;
         const generations = arm === 'teacher-student' ? generationReports(promotions, mean, valMean, usedGenerations) : undefined;
-        runs.push({ arm, init: initKind, seed, dice, val, mean, valMean, seconds, ...(generations ? { generations } : {}) });
+        runs.push({ arm, init: initKind, seed, dice, val, mean, valMean, seconds, ...(generations ? { generations } : {}), ...(pseudoLabels.length > 0 ? { pseudoLabels } : {}) });
+        if (pseudoLabels.length > 0) {
+          const used = pseudoLabels.reduce((a, p) => a + p.sitesUsed, 0);
+          const offered = pseudoLabels.reduce((a, p) => a + p.sitesWithTeacher, 0);
+          say(`    pseudo-labels used in ${used} of ${offered} site-rounds that had a teacher (the rest: the teacher trailed the received model on validation, was gated, or the site had nothing to label)`);
+        }
         for (const g of generations ?? []) {
           say(`    generation ${g.generation} (round ${g.promotedAfterRound}): teacher test Dice ${g.teacherTest.toFixed(3)} (val ${g.teacherVal.toFixed(3)}) → its last student, round ${g.studentRound}: ${g.studentTest.toFixed(3)} (val ${g.studentVal.toFixed(3)}); ${g.usedBySites} site-rounds trained with it`);
         }

@@ -57,6 +57,14 @@ export const TeacherStudentSchema = z
      */
     minTeacherDice: z.number().min(0).max(1).default(0.5),
     /**
+     * Each round a site uses pseudo-labels only while its teacher's validation Dice is at least the received model's
+     * (global shared tensors with the site's own head) minus this margin; else it trains on labelled cases alone that
+     * round. Absent = 0 (the teacher must not trail the model); 1 lets any measured teacher through; below 0 the
+     * teacher must lead the model by that much (then the round right after a promotion, whose teacher is the model
+     * itself, trains without pseudo-labels).
+     */
+    modelMargin: z.number().min(-1).max(1).optional(),
+    /**
      * Pseudo-label sanity: an unlabelled case whose predicted foreground share is more than this factor above or
      * below the share in the site's labelled training cases is not used (0 = no check).
      */

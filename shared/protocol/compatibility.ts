@@ -46,6 +46,12 @@ export function settingsForSite(s: TaskSettings, site: SiteCapabilities): Settin
     const { confidenceTarget: _off, ...teacherStudent } = rest.teacherStudent;
     rest = { ...rest, teacherStudent };
   }
+  if (rest.teacherStudent?.modelMargin !== undefined && !site.features.has(FEATURES.teacherModelCheck)) {
+    // An older site has no teacher-versus-model check to tune: it trains with its teacher as it always did, and
+    // would refuse the unknown field. Not withheld: the check guards the loop, the task means the same without it.
+    const { modelMargin: _unchecked, ...teacherStudent } = rest.teacherStudent;
+    rest = { ...rest, teacherStudent };
+  }
   if (rest.data?.augment && !site.features.has(FEATURES.scannerAugmentation)) {
     // All four probabilities are 0 here (featuresNeeded): the fields do nothing, and an older site would refuse them.
     const augment = { ...rest.data.augment };

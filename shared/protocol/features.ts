@@ -50,6 +50,12 @@ export const FEATURES = {
    * release refuses the unknown field; one that dropped it would feed the model differently prepared scans.
    */
   biasFieldCorrection: 'bias-field-correction',
+  /**
+   * Site: compares its teacher with the model it received, on its validation cases, every round, and uses
+   * pseudo-labels only while the teacher is not behind by more than `teacherStudent.modelMargin`. A site without it
+   * would refuse the unknown field; it trains with its teacher as before, so the field is dropped for it.
+   */
+  teacherModelCheck: 'teacher-model-check',
 } as const;
 
 export type Feature = (typeof FEATURES)[keyof typeof FEATURES];
@@ -65,6 +71,7 @@ export const SITE_FEATURES: readonly Feature[] = [
   FEATURES.quantileNormalization,
   FEATURES.scannerAugmentation,
   FEATURES.biasFieldCorrection,
+  FEATURES.teacherModelCheck,
 ];
 
 /** A site's protocol version and features, as it announced them when it subscribed (legacy: version 1, none). */

@@ -26,6 +26,7 @@ import type { AugmentOptions } from '../data/augment.ts';
 import { existingPool, labelPool, prunePseudoDirs, PseudoPatches, teacherProbs, type PseudoPool } from './pseudo-label.ts';
 import { calibrateConfidence, type CalibrationCase } from './confidence-calibration.ts';
 import { chooseTeacher, readTeacherChoice, writeTeacherChoice } from './teacher-choice.ts';
+import { pseudoLabelUse } from './teacher-vs-model.ts';
 import { applySiteTask, describeSiteTask, loadSiteTask, type SiteTask } from '../task-config.ts';
 import type { CaseRef } from '../data/site-data.ts';
 import { isRestorationArchitecture, restorationArchitecture } from '../../shared/model/restoration.ts';
@@ -56,8 +57,12 @@ export class LocalTraining {
   engineName: string | undefined;
   private trainer: { key: string; trainer: Trainer } | undefined;
   private dataset: { key: string; data: SiteData } | undefined;
-  /** Teacher validation Dice at this site, by teacher model hash (the gate is decided once per generation). */
-  private readonly teacherDice = new Map<string, number>();
+  /**
+   * Validation Dice at this site by what was scored (settings, shared tensors, the site's own tensors: scoreKey), so
+   * a teacher is scored once per generation, and a model the site already scored (e.g. the aggregate `medfl
+   * experiment` validates after a round) is not scored again when it arrives as the next round's model.
+   */
+  private readonly validationScores = new Map<string, number>();
 
   /** This site's own head (task.yaml), read once at start so a bad file stops the agent before it connects. */
   readonly siteTask: SiteTask | undefined;
@@ -69,9 +74,11 @@ export class LocalTraining {
 
   /**
    * One round. `teacherBytes` is the teacher model version named in `settings.teacher` (noisy student), when the
-   * plan has teacherStudent on and a teacher was promoted.
+   * plan has teacherStudent on and a teacher was promoted. `modelHash` names the model version `modelBytes` were
+   * decoded from when they are not its bytes (a float16/int8 download): the version, not the decoding, is what the
+   * teacher is compared with, so a teacher that is this very version is not found worse by its rounding.
    */
-  async run(planSettings: TaskSettings, modelBytes: Buffer, ctx: { round: number; onProgress?: (p: number) => void; teacherBytes?: Buffer }): Promise<LocalRoundResult> {
+  async run(planSettings: TaskSettings, modelBytes: Buffer, ctx: { round: number; onProgress?: (p: number) => void; teacherBytes?: Buffer; modelHash?: string }): Promise<LocalRoundResult> {
     if (planSettings.pretraining) return this.pretrain(planSettings, planSettings.pretraining, modelBytes, ctx);
     const { log } = this.o;
     // The site's own head (task.yaml) on the plan's encoder; the shared tensor names stay the plan's.
@@ -91,8 +98,12 @@ export class LocalTraining {
     const problem = checkAgainstSpecs(global, sharedSpecs) ?? findNonFinite(global);
     if (problem) throw new Error(`the global model does not fit this site's architecture: ${problem}`);
 
+    const local = this.loadLocal(arch, settings);
+    const start = merge(merge(arch.init(this.siteSeed(settings.model.seed)), local), global);
     // Noisy student: with a teacher, its pseudo-labelled pool joins the labelled patches, and the student is noised.
-    const setup = await this.studentSetup(arch, trainer, settings, data, ctx);
+    // The received model is scored only when a teacher has to be compared with it.
+    const modelDice = () => this.validationDice(trainer, data, settings, this.scoreKey(settings, ctx.modelHash ?? sha256Hex(modelBytes), this.localPath(arch, settings)), start);
+    const setup = await this.studentSetup(arch, trainer, settings, data, { ...ctx, modelDice });
     const student = setup && 'pool' in setup ? setup : undefined;
     const baseAugment = augmentOptions(dataSettings);
     const augment = student?.strongAugment ? strongAugment(baseAugment) : baseAugment;
@@ -114,8 +125,6 @@ export class LocalTraining {
       },
     };
 
-    const local = this.loadLocal(arch, settings);
-    const start = merge(merge(arch.init(this.siteSeed(settings.model.seed)), local), global);
     // Moments for the site's own tensors (beside the tensors they were made with), and for the shared ones when the
     // plan keeps them too.
     const optimizerState = local.size > 0 || settings.local.keepMoments === 'all' ? this.loadOptimizerState(arch, settings) : undefined;
@@ -154,14 +163,24 @@ export class LocalTraining {
       num_val: val.length,
       train_seconds: trainSeconds,
     };
+    // Whether the student learnt from pseudo-labels this round, whenever the task named a teacher, so the
+    // coordinator can tell the rounds the teacher shaped from those it did not.
+    if (settings.teacherStudent?.enabled && settings.teacher) metrics.pseudo_used = student ? 1 : 0;
     if (setup && 'skipped' in setup) {
       // The gate's decision is a metric of its own, so a coordinator sees teachers refused (and why: NaN = unmeasured).
       metrics.teacher_gated = 1;
       if (Number.isFinite(setup.skipped)) metrics.teacher_val_dice = setup.skipped;
     }
+    if (setup && 'behind' in setup) {
+      // The teacher trails the model this round (or either is unmeasured): both scores, aggregates over the validation cases.
+      metrics.teacher_behind_model = 1;
+      if (Number.isFinite(setup.behind.teacherDice)) metrics.teacher_val_dice = setup.behind.teacherDice;
+      if (Number.isFinite(setup.behind.modelDice)) metrics.model_val_dice = setup.behind.modelDice;
+    }
     if (student) {
       // Aggregate counts only: never a per-case value.
       if (Number.isFinite(student.teacherDice)) metrics.teacher_val_dice = student.teacherDice;
+      if (Number.isFinite(student.modelDice)) metrics.model_val_dice = student.modelDice;
       metrics.teacher_generation = student.generation;
       if (student.pool.confidence !== undefined) metrics.teacher_confidence = student.pool.confidence;
       if (student.candidateDice !== undefined) {
@@ -230,23 +249,49 @@ export class LocalTraining {
    */
   async validateModel(planSettings: TaskSettings, sharedBytes: Buffer): Promise<number> {
     const settings = applySiteTask(planSettings, this.siteTask);
-    const val = await this.validationCases(await this.siteDataFor(settings), settings);
-    if (val.length === 0 || isClassification(settings)) return Number.NaN;
-    return (await this.evaluateModel(planSettings, sharedBytes, val)).meanDice;
+    if (isClassification(settings)) return Number.NaN;
+    const arch = architectureFor(settings.model);
+    const trainer = await this.trainerFor(arch, settings);
+    const weights = merge(merge(arch.init(this.siteSeed(settings.model.seed)), this.loadLocal(arch, settings)), decodeSafetensors(sharedBytes).bundle);
+    const key = this.scoreKey(settings, sha256Hex(sharedBytes), this.localPath(arch, settings));
+    return this.validationDice(trainer, await this.siteDataFor(settings), settings, key, weights);
+  }
+
+  /** Mean validation Dice of `weights` at this site (NaN without validation cases), scored once per `key`. */
+  private async validationDice(trainer: Trainer, data: SiteData, settings: TaskSettings, key: string, weights: TensorBundle): Promise<number> {
+    const known = this.validationScores.get(key);
+    if (known !== undefined) return known;
+    const val = await this.validationCases(data, settings);
+    const dice = val.length > 0 ? (await trainer.evaluate(weights, val)).meanDice : Number.NaN;
+    // A handful of entries covers a generation's teacher and the last models; older ones are never asked for again.
+    if (this.validationScores.size >= 16) this.validationScores.delete(this.validationScores.keys().next().value!);
+    this.validationScores.set(key, dice);
+    return dice;
+  }
+
+  /**
+   * What a validation score depends on: the settings that shape the network, the validation cases and their scoring
+   * (model, share, data), the shared tensors by hash, and the site's own tensors (the file at `localFile`) by content.
+   */
+  private scoreKey(settings: TaskSettings, sharedHash: string, localFile: string): string {
+    const own = existsSync(localFile) ? sha256Hex(readFileSync(localFile)) : 'none';
+    return sha256Hex(JSON.stringify({ model: settings.model, share: settings.share, data: settings.data ?? null, sharedHash, own }));
   }
 
   /**
    * The teacher of this round, if any: the teacher's shared tensors (downloaded by hash) merged with this site's
    * head of that generation — the head the site had when the teacher's aggregate was made, snapshotted the first
-   * time the generation is seen. The teacher (eval mode) labels the pool once per generation, to disk.
+   * time the generation is seen. The teacher (eval mode) labels the pool once per generation, to disk. Each round the
+   * teacher in use must also hold its own against the received model on the validation cases (teacher-vs-model.ts),
+   * else the round trains on labelled cases alone (`behind`); a new generation is then neither labelled nor adopted.
    */
   private async studentSetup(
     arch: ModelArchitecture,
     trainer: Trainer,
     settings: TaskSettings,
     data: SiteData,
-    ctx: { round: number; teacherBytes?: Buffer },
-  ): Promise<{ pool: PseudoPool; dir: string; generation: number; ratio: number; dropout: number; strongAugment: boolean; teacherDice: number; candidateDice?: number } | { skipped: number } | undefined> {
+    ctx: { round: number; teacherBytes?: Buffer; modelDice: () => Promise<number> },
+  ): Promise<StudentSetup | { skipped: number } | { behind: TeacherBehind } | undefined> {
     const ts = settings.teacherStudent;
     const teacher = settings.teacher;
     if (!ts?.enabled || !teacher) return undefined;
@@ -278,13 +323,8 @@ export class LocalTraining {
     const headProblem = checkAgainstSpecs(head, localParams(arch, settings.share)) ?? findNonFinite(head);
     if (headProblem) throw new Error(`the site's teacher head (${headPath}) is unusable: ${headProblem}. Delete it to train on labelled cases only for this generation.`);
     const weights = merge(merge(arch.init(this.siteSeed(settings.model.seed)), head), teacherShared);
-    // Quality gate on the site's own held-back cases, once per generation.
-    let teacherDice = this.teacherDice.get(teacher.modelHash);
-    if (teacherDice === undefined) {
-      const val = await this.validationCases(data, settings);
-      teacherDice = val.length > 0 ? (await trainer.evaluate(weights, val)).meanDice : Number.NaN;
-      this.teacherDice.set(teacher.modelHash, teacherDice);
-    }
+    // Quality gate on the site's own held-back cases, once per generation (the teacher and its head do not change).
+    const teacherDice = await this.validationDice(trainer, data, settings, this.scoreKey(settings, teacher.modelHash, headPath), weights);
     // Adopt the new generation only if it passes the floor and beats the teacher this site uses (teacher-choice.ts).
     // Fails closed: with no validation case the teacher's Dice is NaN, and an unmeasured teacher is not adopted.
     const parent = join(this.o.localDir, 'pseudo');
@@ -296,18 +336,34 @@ export class LocalTraining {
     const previous = previousPool ? saved : undefined;
     const decision = chooseTeacher({ generation: teacher.generation, dice: teacherDice }, previous, ts.minTeacherDice);
     const measured = Number.isFinite(teacherDice) ? round4(teacherDice) : null;
+    // The teacher this round would learn from must not trail the model the site received (teacher-vs-model.ts).
+    const behindModel = async (generation: number, dice: number): Promise<{ modelDice: number } | { behind: TeacherBehind }> => {
+      const modelDice = await ctx.modelDice();
+      const check = pseudoLabelUse(dice, modelDice, ts.modelMargin ?? 0);
+      if (check.use) return { modelDice };
+      log.info(
+        { round: ctx.round, generation, teacherValDice: Number.isFinite(dice) ? round4(dice) : null, modelValDice: Number.isFinite(modelDice) ? round4(modelDice) : null, margin: ts.modelMargin ?? 0 },
+        check.why === 'model ahead' ? "the received model beats the teacher on this site's validation cases: no pseudo-labels this round" : 'the teacher or the received model is unmeasured here: no pseudo-labels this round',
+      );
+      return { behind: { generation, teacherDice: dice, modelDice } };
+    };
     if (decision.use === 'previous' && previous && previousPool) {
       log.info(
         { round: ctx.round, generation: teacher.generation, teacherValDice: measured, kept: previous.generation, keptValDice: round4(previous.dice), needed: ts.minTeacherDice },
         decision.why === 'not better' ? "the new teacher does not beat the one in use on this site's validation cases: keeping the earlier generation's pseudo-labels" : "the new teacher is below the floor on this site's validation cases: keeping the earlier generation's pseudo-labels",
       );
       if (previousPool.cases.length === 0) return undefined;
-      return { pool: previousPool, dir: pseudoDir(previous.generation), generation: previous.generation, ratio: ts.ratio, dropout: ts.dropout, strongAugment: ts.strongAugment, teacherDice: previous.dice, candidateDice: teacherDice };
+      const against = await behindModel(previous.generation, previous.dice);
+      if ('behind' in against) return against;
+      return { pool: previousPool, dir: pseudoDir(previous.generation), generation: previous.generation, ratio: ts.ratio, dropout: ts.dropout, strongAugment: ts.strongAugment, teacherDice: previous.dice, modelDice: against.modelDice, candidateDice: teacherDice };
     }
     if (decision.use === 'none') {
       log.info({ round: ctx.round, generation: teacher.generation, teacherValDice: measured, needed: ts.minTeacherDice }, Number.isFinite(teacherDice) ? 'teacher too weak on this site\'s validation cases: training on labelled cases only this generation' : 'no validation case to check the teacher on: training on labelled cases only this generation');
       return { skipped: teacherDice };
     }
+    // Checked before labelling: a teacher the model already beats costs this site no pseudo-labelling pass.
+    const against = await behindModel(teacher.generation, teacherDice);
+    if ('behind' in against) return against;
     const dir = pseudoDir(teacher.generation);
     const prior = ts.maxForegroundFactor > 0 ? await this.foregroundPrior(data, settings) : undefined;
     const teacherId = { generation: teacher.generation, teacherHash: teacher.modelHash };
@@ -317,7 +373,7 @@ export class LocalTraining {
     prunePseudoDirs(parent, dir);
     writeTeacherChoice(choicePath, { generation: teacher.generation, modelHash: teacher.modelHash, dice: teacherDice });
     if (pool.cases.length === 0) return undefined;
-    return { pool, dir, generation: teacher.generation, ratio: ts.ratio, dropout: ts.dropout, strongAugment: ts.strongAugment, teacherDice };
+    return { pool, dir, generation: teacher.generation, ratio: ts.ratio, dropout: ts.dropout, strongAugment: ts.strongAugment, teacherDice, modelDice: against.modelDice };
   }
 
   /**
@@ -526,6 +582,28 @@ export class LocalTraining {
 }
 
 const round4 = (x: number) => Math.round(x * 1e4) / 1e4;
+
+/** A round whose teacher trails the received model on validation (or either is unmeasured): no pseudo-labels. */
+interface TeacherBehind {
+  readonly generation: number;
+  readonly teacherDice: number;
+  readonly modelDice: number;
+}
+
+/** A round that trains the noised student on labelled + pseudo-labelled patches. */
+interface StudentSetup {
+  readonly pool: PseudoPool;
+  readonly dir: string;
+  readonly generation: number;
+  readonly ratio: number;
+  readonly dropout: number;
+  readonly strongAugment: boolean;
+  /** Validation Dice of the teacher in use, and of the received model it was compared with. */
+  readonly teacherDice: number;
+  readonly modelDice: number;
+  /** A newer generation's validation Dice, when it was not adopted. */
+  readonly candidateDice?: number;
+}
 
 const isClassification = (settings: TaskSettings) => settings.model.architecture === 'med3d' && settings.model.head === 'classification';
 

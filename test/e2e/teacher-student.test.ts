@@ -43,7 +43,10 @@ describe('a teacher–student federation', () => {
       const r1 = Object.fromEntries(metrics.filter((m) => m.round === 1 && m.site === site).map((m) => [m.key, m.value]));
       const r2 = Object.fromEntries(metrics.filter((m) => m.round === 2 && m.site === site).map((m) => [m.key, m.value]));
       expect(r1.teacher_generation).toBeUndefined();
-      expect(r2).toMatchObject({ teacher_generation: 1, pseudo_cases: 3 });
+      expect(r1.pseudo_used).toBeUndefined();
+      expect(r2).toMatchObject({ teacher_generation: 1, pseudo_cases: 3, pseudo_used: 1 });
+      // The teacher is the very model version the round started from: the site's check scores them alike.
+      expect(r2.model_val_dice).toBe(r2.teacher_val_dice);
       expect(r2.val_dice_class_1).toBeGreaterThanOrEqual(0);
       expect(readFileSync(fed.logPath(site), 'utf8')).toContain('teacher model ready');
     }
@@ -64,7 +67,7 @@ describe('a teacher–student federation', () => {
     const heads = localParams(arch, parsed.share).map((p) => p.name);
     expect(heads.length).toBeGreaterThan(0);
     const allowedMethods = new Set(['Heartbeat', 'SubscribeTasks', 'DownloadModel', 'UploadUpdate', 'ReportMetrics'].map((m) => `/medfl.v1.Federation/${m}`));
-    const allowedMetrics = /^(num_train|num_val|train_loss|train_loss_first|train_seconds|val_dice_mean|val_dice_class_\d+|teacher_generation|teacher_val_dice|pseudo_cases|pseudo_confident_fraction|pseudo_skipped_by_prior|teacher_gated|teacher_confidence)$/;
+    const allowedMetrics = /^(num_train|num_val|train_loss|train_loss_first|train_seconds|val_dice_mean|val_dice_class_\d+|teacher_generation|teacher_val_dice|pseudo_cases|pseudo_confident_fraction|pseudo_skipped_by_prior|teacher_gated|teacher_confidence|pseudo_used|model_val_dice|teacher_behind_model)$/;
     const store = fed.store();
     const knownModels = new Set(store.listModels().map((m) => m.hash));
     store.close();

@@ -50,6 +50,17 @@ describe('medfl experiment', () => {
     ]);
     expect(ts.generations![0].usedBySites).toBeGreaterThan(0);
     expect(by(1, 'federated').generations).toBeUndefined();
+    // Per round with a teacher: where the sites used pseudo-labels, from the same metrics a coordinator records. In
+    // round 2 the teacher is the very model each site received, so both score alike (a site may still have had
+    // nothing to learn from: every pseudo-label off its labelled prior), and the counts agree with the generation's.
+    const used = ts.generations![0].usedBySites;
+    expect(ts.pseudoLabels).toEqual([{ round: 2, sitesWithTeacher: 2, sitesUsed: used, teacherVal: expect.any(Number), modelVal: expect.any(Number), bySite: expect.any(Object) }]);
+    expect(ts.pseudoLabels![0].modelVal).toBe(ts.pseudoLabels![0].teacherVal);
+    expect(Object.keys(ts.pseudoLabels![0].bySite)).toEqual(['site-a', 'site-b']);
+    expect(Object.values(ts.pseudoLabels![0].bySite).filter((s) => s.used)).toHaveLength(used);
+    expect(by(1, 'federated').pseudoLabels).toBeUndefined();
+    expect(lines.some((l) => new RegExp(`\\[seed 1 / scratch / teacher-student\\] round 2/2: .*pseudo-labels at ${used}/2 sites \\(validation: teacher [\\d.]+, received model [\\d.]+\\)`).test(l))).toBe(true);
+    expect(lines.some((l) => l.includes(`pseudo-labels used in ${used} of 2 site-rounds that had a teacher`))).toBe(true);
     expect(lines.some((l) => /generation 1 \(round 1\): teacher test Dice [\d.]+ .* its last student, round 2/.test(l))).toBe(true);
     expect(readdirSync(join(out, 'work', 'seed-1', 'scratch', 'teacher-student', 'site-a', 'pseudo'))).toHaveLength(1);
     // The pooled folder: every site's labelled training cases for training, their validation cases for validation.
