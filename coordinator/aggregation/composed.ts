@@ -25,6 +25,7 @@ import type { SimdArena64 } from './simd-axpy.ts';
 import { checkedFold as defaultCheckedFold, unfold, type CheckedFold, type CheckedFoldResult, type FoldTarget } from './checked-fold.ts';
 import { WeightedMeanAggregator } from './fedavg.ts';
 import { RobustCombiner, type RobustColumns, type RobustRule } from './robust.ts';
+import { fileMoments, type MomentsFactory } from './moments.ts';
 import { ServerOptimizer } from './server-optimizer.ts';
 import type { AggregationStrategy, RoundAggregator, RoundContext, StrategyState, UpdateInfo, Verdict } from './strategy.ts';
 import { deltaNorm, median, normProblem, shapeAndSamplesProblem, valueBoundProblem, type DeltaNorm, type ValidationRules } from './validate.ts';
@@ -45,6 +46,8 @@ export interface ComposedOptions {
   deltaNorm?: DeltaNorm;
   /** How checkAndAdd() checks and folds in one pass; default the native loop when built, else JS (same result). */
   checkedFold?: CheckedFold;
+  /** Where a server optimiser keeps m and v between rounds; default a file in spillDir (no RSS; same results as memory). */
+  moments?: MomentsFactory;
 }
 
 type Offsets = Map<string, { off: number; n: number }>;
@@ -65,7 +68,7 @@ export class ComposedStrategy implements AggregationStrategy {
   private pendingTensors: TensorBundle | undefined;
 
   constructor(readonly cfg: AggregationConfig, private readonly opts: ComposedOptions = {}) {
-    this.optimizer = new ServerOptimizer(cfg.serverOptimizer);
+    this.optimizer = this.newOptimizer();
     this.rules = cfg.validation;
     const clips = [cfg.clipNorm, cfg.dp?.clipNorm].filter((x): x is number => x !== undefined);
     this.clipNorm = clips.length ? Math.min(...clips) : undefined;
@@ -74,6 +77,10 @@ export class ComposedStrategy implements AggregationStrategy {
     if (this.clipNorm !== undefined) parts.push(`clip(${this.clipNorm})`);
     if (cfg.dp) parts.push(`dp(z=${cfg.dp.noiseMultiplier})`);
     this.name = parts.join('+');
+  }
+
+  private newOptimizer(): ServerOptimizer {
+    return new ServerOptimizer(this.cfg.serverOptimizer, this.opts.moments ?? fileMoments(this.opts.spillDir));
   }
 
   /** Whether rounds need the base model in memory (one model) for deltas, norms or the optimiser. */
@@ -140,7 +147,8 @@ export class ComposedStrategy implements AggregationStrategy {
   }
 
   reset(): void {
-    this.optimizer = new ServerOptimizer(this.cfg.serverOptimizer);
+    this.optimizer.dispose();
+    this.optimizer = this.newOptimizer();
     this.recentNorms = [];
     this.pendingTensors = undefined;
   }
