@@ -4,6 +4,10 @@
 
 #include <cmath>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 // Values must equal the JS twin's bit for bit: no a*b+c contracted into a fused multiply-add.
 #pragma GCC optimize("fp-contract=off")
 
@@ -11,53 +15,68 @@ namespace medfl {
 
 namespace {
 
+#if defined(__SSE2__)
+// The four lanes as two float64 vectors (s0, s1) and (s2, s3): each lane still adds its own values in index order,
+// with a separate multiply and add (no FMA), so the sums are the scalar loop's bit for bit. The bound test is a
+// vector compare of |proposed weight| (in float64, exact) with max_value; NaN compares false, as in the scalar loop.
+bool check_block(const float* x, const float* b, bool is_delta, int64_t n, double max_value, double* s) {
+  const int64_t n4 = n - n % 4;
+  __m128d s01 = _mm_set_pd(s[1], s[0]);
+  __m128d s23 = _mm_set_pd(s[3], s[2]);
+  const __m128d bound = _mm_set1_pd(max_value);
+  const __m128d abs_mask = _mm_castsi128_pd(_mm_set1_epi64x(0x7fffffffffffffffLL));
+  __m128d ok = _mm_cmpeq_pd(bound, bound);  // all ones (max_value is a number)
+  for (int64_t i = 0; i < n4; i += 4) {
+    const __m128 xv = _mm_loadu_ps(x + i);
+    const __m128d x01 = _mm_cvtps_pd(xv);
+    const __m128d x23 = _mm_cvtps_pd(_mm_movehl_ps(xv, xv));
+    __m128d a01 = x01, a23 = x23, p01 = x01, p23 = x23;
+    if (b) {
+      const __m128 bv = _mm_loadu_ps(b + i);
+      const __m128d b01 = _mm_cvtps_pd(bv);
+      const __m128d b23 = _mm_cvtps_pd(_mm_movehl_ps(bv, bv));
+      if (is_delta) {
+        p01 = _mm_add_pd(b01, x01);
+        p23 = _mm_add_pd(b23, x23);
+      } else {
+        a01 = _mm_sub_pd(x01, b01);
+        a23 = _mm_sub_pd(x23, b23);
+      }
+    }
+    s01 = _mm_add_pd(s01, _mm_mul_pd(a01, a01));
+    s23 = _mm_add_pd(s23, _mm_mul_pd(a23, a23));
+    ok = _mm_and_pd(ok, _mm_cmple_pd(_mm_and_pd(p01, abs_mask), bound));
+    ok = _mm_and_pd(ok, _mm_cmple_pd(_mm_and_pd(p23, abs_mask), bound));
+  }
+  double lanes[4];
+  _mm_storeu_pd(lanes, s01);
+  _mm_storeu_pd(lanes + 2, s23);
+  bool all = _mm_movemask_pd(ok) == 3;
+  for (int64_t i = n4; i < n; ++i) {
+    const double xi = x[i];
+    const double ai = b && !is_delta ? xi - b[i] : xi;
+    lanes[0] += ai * ai;
+    all &= std::fabs(is_delta ? b[i] + xi : xi) <= max_value;
+  }
+  for (int k = 0; k < 4; ++k) s[k] = lanes[k];
+  return all;
+}
+#else
 // True when every proposed weight of the block is finite and within ±max_value; adds the block's squares to the
-// lanes (only meaningful when it returns true). `tail` is set for the last block of the update: its n mod 4
-// values go to lane 0 after the others, as the JS loop does.
+// lanes (n mod 4 values past the last group of four into lane 0, as the JS loop does).
 bool check_block(const float* x, const float* b, bool is_delta, int64_t n, double max_value, double* s) {
   const int64_t n4 = n - n % 4;
   bool ok = true;
-  int64_t i = 0;
-  if (b && !is_delta) {
-    for (; i < n4; i += 4) {
-      const double x0 = x[i], x1 = x[i + 1], x2 = x[i + 2], x3 = x[i + 3];
-      const double a0 = x0 - b[i], a1 = x1 - b[i + 1], a2 = x2 - b[i + 2], a3 = x3 - b[i + 3];
-      s[0] += a0 * a0;
-      s[1] += a1 * a1;
-      s[2] += a2 * a2;
-      s[3] += a3 * a3;
-      // NaN compares false: !(|v| <= bound) catches it with the infinities and the too-large values.
-      ok &= (std::fabs(x0) <= max_value) & (std::fabs(x1) <= max_value) & (std::fabs(x2) <= max_value) &
-            (std::fabs(x3) <= max_value);
-    }
-    for (; i < n; ++i) {
-      const double xi = x[i], ai = xi - b[i];
-      s[0] += ai * ai;
-      ok &= std::fabs(xi) <= max_value;
-    }
-  } else {
-    for (; i < n4; i += 4) {
-      const double x0 = x[i], x1 = x[i + 1], x2 = x[i + 2], x3 = x[i + 3];
-      s[0] += x0 * x0;
-      s[1] += x1 * x1;
-      s[2] += x2 * x2;
-      s[3] += x3 * x3;
-      if (is_delta) {
-        ok &= (std::fabs(b[i] + x0) <= max_value) & (std::fabs(b[i + 1] + x1) <= max_value) &
-              (std::fabs(b[i + 2] + x2) <= max_value) & (std::fabs(b[i + 3] + x3) <= max_value);
-      } else {
-        ok &= (std::fabs(x0) <= max_value) & (std::fabs(x1) <= max_value) & (std::fabs(x2) <= max_value) &
-              (std::fabs(x3) <= max_value);
-      }
-    }
-    for (; i < n; ++i) {
-      const double xi = x[i];
-      s[0] += xi * xi;
-      ok &= std::fabs(is_delta ? b[i] + xi : xi) <= max_value;
-    }
+  for (int64_t i = 0; i < n; ++i) {
+    const double xi = x[i];
+    const double ai = b && !is_delta ? xi - b[i] : xi;
+    s[i < n4 ? i % 4 : 0] += ai * ai;
+    // NaN compares false: !(|v| <= bound) catches it with the infinities and the too-large values.
+    ok &= std::fabs(is_delta ? b[i] + xi : xi) <= max_value;
   }
   return ok;
 }
+#endif
 
 }  // namespace
 
