@@ -417,7 +417,7 @@ async function main(): Promise<void> {
       ct.push([name, fmt(MB(peak - r.baselineRss)), fmt((peak - r.baselineRss) / MODEL_BYTES, 2), fmt(r.ms / 1000, 1), STRATEGIES[name].streaming ? '—' : `${fmt((RSS_SITES * MODEL_BYTES) / 1e9, 1)} GB`]);
     }
     console.log(ct.toString());
-    console.log('  includes the base model as loaded and one update buffer (the receiver\'s). Streaming goal ≤ 3×: FedAvg = sums + update; +base when a norm bound, clip, DP or optimiser needs it; +2× (m, v) for an adaptive optimiser.');
+    console.log('  includes the base model as loaded (garbage after begin(), collected whenever V8 gets to it) and one update buffer (the receiver\'s). Streaming goal ≤ 3×: float64 sums (2×) + update (1×); +base (1×) when a norm bound, clip, DP or optimiser needs it; an optimiser\'s m and v live in a file (moments.ts).');
     console.log('  trimmed mean has the memory of the median (same block pass); both spill one model of disk per update.');
   } finally {
     rmSync(dir, { recursive: true, force: true });
