@@ -14,6 +14,7 @@
  *   BENCH_BEFORE=1 npm run bench:aggregate  # also, same run: the streaming rounds with check() then add() (two passes
  *                                           # over each update, the code before the checked fold) and with the JS delta
  *                                           # norm; median / trimmed mean with the JS column reduction
+ *   BENCH_BEFORE=streaming npm run bench:aggregate   # only the two-pass rows of the streaming strategies
  */
 import { fork } from 'node:child_process';
 import { once } from 'node:events';
@@ -99,7 +100,9 @@ const STRATEGIES: Record<string, { cfg: Record<string, unknown>; streaming: bool
 const RSS_STRATEGIES = ['fedavg', 'fedavg + DP (clip + noise)', 'fedavg + FedAdam', 'median'];
 const RSS_SITES = Number(process.env.BENCH_SITES ?? 50);
 
-const BEFORE = process.env.BENCH_BEFORE === '1';
+const BEFORE = process.env.BENCH_BEFORE === '1' || process.env.BENCH_BEFORE === 'streaming';
+/** BENCH_BEFORE=streaming: only the two-pass rows of the streaming strategies (the JS robust rows take minutes). */
+const BEFORE_JS = process.env.BENCH_BEFORE === '1';
 const ONLY_STRATEGIES = process.env.BENCH_PARTS === 'strategies';
 /** The JS implementations the native kernels replaced, for same-run before/after rows. */
 const BEFORE_OPTS: ComposedOptions = { columns: robustColumnsJs, deltaNorm: deltaNormJs };
@@ -364,7 +367,7 @@ async function main(): Promise<void> {
   for (const name of Object.keys(STRATEGIES)) {
     const variants: [string, ComposedOptions, boolean][] = [[name, {}, true]];
     if (BEFORE && STRATEGIES[name].streaming) variants.push([`${name} — before (check() then add(): two passes)`, {}, false]);
-    if (BEFORE) variants.push([`${name} — before (JS ${STRATEGIES[name].streaming ? 'delta norm, two passes' : 'column reduction'})`, BEFORE_OPTS, false]);
+    if (BEFORE_JS) variants.push([`${name} — before (JS ${STRATEGIES[name].streaming ? 'delta norm, two passes' : 'column reduction'})`, BEFORE_OPTS, false]);
     for (const [label, extra, fused] of variants) {
       const strat = composed(name, extra);
       const reps = STRATEGIES[name].streaming ? 3 : 1;
