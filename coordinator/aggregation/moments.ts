@@ -48,7 +48,7 @@ export const memoryMoments: MomentsFactory = (total, withV, vInit) => {
 /** Floats per block of the file-backed moments (4 MiB each for m and v). */
 export const MOMENT_BLOCK_FLOATS = 1 << 20;
 
-/** m then v, float32, in one file under `dir` (deleted by dispose(); the coordinator empties its spill dir at start). */
+/** m then v, float32, in one file under `dir`, unlinked as soon as it is open (its space goes with dispose() or the process). */
 export function fileMoments(dir: string = tmpdir(), blockFloats = MOMENT_BLOCK_FLOATS): MomentsFactory {
   return (total, withV, vInit) => {
     mkdirSync(dir, { recursive: true });
@@ -70,6 +70,8 @@ export function fileMoments(dir: string = tmpdir(), blockFloats = MOMENT_BLOCK_F
       rmSync(path, { force: true });
       throw e;
     }
+    // Unlinked at once: the open descriptor keeps the data, and a process that dies leaves no file behind.
+    rmSync(path, { force: true });
     const base = (which: 'm' | 'v') => {
       if (which === 'v' && !withV) throw new Error('this optimiser keeps no second moment');
       return which === 'm' ? 0 : bytes;
@@ -102,7 +104,6 @@ export function fileMoments(dir: string = tmpdir(), blockFloats = MOMENT_BLOCK_F
         if (!open) return;
         open = false;
         closeSync(fd);
-        rmSync(path, { force: true });
       },
     };
   };
