@@ -11,8 +11,10 @@
  *   npm run bench:aggregate                 # = node --expose-gc --import tsx bench/aggregate.ts
  *   BENCH_REPS=3 npm run bench:aggregate    # quicker
  *   BENCH_PARTS=strategies npm run bench:aggregate   # only the memory copy and the composed strategies (no RSS runs)
- *   BENCH_BEFORE=1 npm run bench:aggregate  # also median / trimmed mean with the JS column reduction and the checked
- *                                           # rounds with the JS delta norm (the code before the native ones), same run
+ *   BENCH_BEFORE=1 npm run bench:aggregate  # also, same run: the streaming rounds with check() then add() (two passes
+ *                                           # over each update, the code before the checked fold) and with the JS delta
+ *                                           # norm; median / trimmed mean with the JS column reduction
+ *   BENCH_BEFORE=streaming npm run bench:aggregate   # only the two-pass rows of the streaming strategies
  */
 import { fork } from 'node:child_process';
 import { once } from 'node:events';
@@ -25,6 +27,8 @@ import Table from 'cli-table3';
 import { FedAvg, axpy } from '../coordinator/aggregation/fedavg.ts';
 import { ComposedStrategy, type ComposedOptions } from '../coordinator/aggregation/composed.ts';
 import { robustColumnsJs } from '../coordinator/aggregation/robust.ts';
+import { checkedFoldKernel } from '../coordinator/aggregation/checked-fold.ts';
+import type { RoundAggregator, UpdateInfo } from '../coordinator/aggregation/strategy.ts';
 import { deltaNormJs } from '../coordinator/aggregation/validate.ts';
 import { PlanSchema } from '../shared/plan/schema.ts';
 import { createSimdArena } from '../coordinator/aggregation/simd-axpy.ts';
@@ -96,7 +100,9 @@ const STRATEGIES: Record<string, { cfg: Record<string, unknown>; streaming: bool
 const RSS_STRATEGIES = ['fedavg', 'fedavg + DP (clip + noise)', 'fedavg + FedAdam', 'median'];
 const RSS_SITES = Number(process.env.BENCH_SITES ?? 50);
 
-const BEFORE = process.env.BENCH_BEFORE === '1';
+const BEFORE = process.env.BENCH_BEFORE === '1' || process.env.BENCH_BEFORE === 'streaming';
+/** BENCH_BEFORE=streaming: only the two-pass rows of the streaming strategies (the JS robust rows take minutes). */
+const BEFORE_JS = process.env.BENCH_BEFORE === '1';
 const ONLY_STRATEGIES = process.env.BENCH_PARTS === 'strategies';
 /** The JS implementations the native kernels replaced, for same-run before/after rows. */
 const BEFORE_OPTS: ComposedOptions = { columns: robustColumnsJs, deltaNorm: deltaNormJs };
@@ -105,16 +111,23 @@ function composed(name: string, extra: ComposedOptions = {}): ComposedStrategy {
   return new ComposedStrategy(PlanSchema.parse({ aggregation: STRATEGIES[name].cfg }).aggregation, { spillDir: join(os.tmpdir(), 'medfl-bench-spill'), ...extra });
 }
 
-/** One round as the coordinator runs it: begin, then check + add per update, then finish. */
-function composedRound(s: ComposedStrategy, base: TensorBundle, next: (k: number) => TensorBundle, n: number): number {
+/** Checks and folds one update as the coordinator does: in one pass where the round can (checkAndAdd), else check() + add(). */
+function checkAndFold(agg: RoundAggregator, u: TensorBundle, info: UpdateInfo, fused: boolean): void {
+  const fusedVerdict = fused ? agg.checkAndAdd?.(u, info) : undefined;
+  if (fusedVerdict) {
+    if (fusedVerdict.problem) throw new Error(`bench update refused: ${fusedVerdict.problem}`);
+    return;
+  }
+  const v = agg.check(u, info);
+  if (v.problem) throw new Error(`bench update refused: ${v.problem}`);
+  agg.add(u, info, v);
+}
+
+/** One round as the coordinator runs it: begin, then check + fold per update, then finish. `fused: false`: always check() then add(). */
+function composedRound(s: ComposedStrategy, base: TensorBundle, next: (k: number) => TensorBundle, n: number, fused = true): number {
   const t0 = performance.now();
   const agg = s.begin(base, SPECS, { expected: n });
-  for (let k = 0; k < n; k++) {
-    const u = next(k);
-    const v = agg.check(u, { site: `site-${k}`, numSamples: samplesOf(k) });
-    if (v.problem) throw new Error(`bench update refused: ${v.problem}`);
-    agg.add(u, { site: `site-${k}`, numSamples: samplesOf(k) }, v);
-  }
+  for (let k = 0; k < n; k++) checkAndFold(agg, next(k), { site: `site-${k}`, numSamples: samplesOf(k) }, fused);
   agg.finish();
   return performance.now() - t0;
 }
@@ -135,9 +148,7 @@ function rssChild(name: string, sites: number): void {
   base = undefined; // the engine keeps no reference; a strategy that needs the base copied it
   for (let k = 0; k < sites; k++) {
     for (const t of update.values()) fillUpdate(t.data, k);
-    const v = agg.check(update, { site: `site-${k}`, numSamples: samplesOf(k) });
-    if (v.problem) throw new Error(v.problem);
-    agg.add(update, { site: `site-${k}`, numSamples: samplesOf(k) }, v);
+    checkAndFold(agg, update, { site: `site-${k}`, numSamples: samplesOf(k) }, true);
     peak = Math.max(peak, process.memoryUsage().rss);
   }
   const out = agg.finish();
@@ -354,22 +365,23 @@ async function main(): Promise<void> {
     colAligns: ['left', 'right', 'right', 'right'],
   });
   for (const name of Object.keys(STRATEGIES)) {
-    const variants: [string, ComposedOptions][] = [[name, {}]];
-    if (BEFORE) variants.push([`${name} — before (JS ${STRATEGIES[name].streaming ? 'delta norm' : 'column reduction'})`, BEFORE_OPTS]);
-    for (const [label, extra] of variants) {
+    const variants: [string, ComposedOptions, boolean][] = [[name, {}, true]];
+    if (BEFORE && STRATEGIES[name].streaming) variants.push([`${name} — before (check() then add(): two passes)`, {}, false]);
+    if (BEFORE_JS) variants.push([`${name} — before (JS ${STRATEGIES[name].streaming ? 'delta norm, two passes' : 'column reduction'})`, BEFORE_OPTS, false]);
+    for (const [label, extra, fused] of variants) {
       const strat = composed(name, extra);
       const reps = STRATEGIES[name].streaming ? 3 : 1;
       const ms: number[] = [];
       for (let r = 0; r < reps; r++) {
         gc();
-        ms.push(composedRound(strat, base, (k) => updates[k], UPDATES));
+        ms.push(composedRound(strat, base, (k) => updates[k], UPDATES, fused));
       }
       const m = stat(ms).median;
       st.push([label, fmt(gbps(m), 2), fmt(gbps(m) / copyMed, 2), fmt(m / 1000, 2)]);
     }
   }
   console.log(st.toString());
-  console.log('  streaming rows include check() (one pass computing the delta norm when the strategy keeps the base); median/trimmed rows include spilling every update to disk and reading it back.');
+  console.log(`  streaming rows check and fold each update in one pass where the round can (checkAndAdd: fedavg without clipping; ${checkedFoldKernel()} loop), else check() (the delta norm) and then add(); median/trimmed rows include spilling every update to disk and reading it back.`);
   console.log(`load average after the strategies: ${os.loadavg().map((x) => fmt(x, 2)).join(' ')}`);
   if (ONLY_STRATEGIES) return;
 
@@ -408,7 +420,7 @@ async function main(): Promise<void> {
       ct.push([name, fmt(MB(peak - r.baselineRss)), fmt((peak - r.baselineRss) / MODEL_BYTES, 2), fmt(r.ms / 1000, 1), STRATEGIES[name].streaming ? '—' : `${fmt((RSS_SITES * MODEL_BYTES) / 1e9, 1)} GB`]);
     }
     console.log(ct.toString());
-    console.log('  includes the base model as loaded and one update buffer (the receiver\'s). Streaming goal ≤ 3×: FedAvg = sums + update; +base when a norm bound, clip, DP or optimiser needs it; +2× (m, v) for an adaptive optimiser.');
+    console.log('  includes the base model as loaded (garbage after begin(), collected whenever V8 gets to it) and one update buffer (the receiver\'s). Streaming goal ≤ 3×: float64 sums (2×) + update (1×); +base (1×) when a norm bound, clip, DP or optimiser needs it; an optimiser\'s m and v live in a file (moments.ts).');
     console.log('  trimmed mean has the memory of the median (same block pass); both spill one model of disk per update.');
   } finally {
     rmSync(dir, { recursive: true, force: true });

@@ -22,8 +22,10 @@ import { randomFillSync } from 'node:crypto';
 import { elementCount, makeBundle, type NamedTensor, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
 import type { Plan } from '../../shared/plan/schema.ts';
 import type { SimdArena64 } from './simd-axpy.ts';
+import { checkedFold as defaultCheckedFold, unfold, type CheckedFold, type CheckedFoldResult, type FoldTarget } from './checked-fold.ts';
 import { WeightedMeanAggregator } from './fedavg.ts';
 import { RobustCombiner, type RobustColumns, type RobustRule } from './robust.ts';
+import { fileMoments, type MomentsFactory } from './moments.ts';
 import { ServerOptimizer } from './server-optimizer.ts';
 import type { AggregationStrategy, RoundAggregator, RoundContext, StrategyState, UpdateInfo, Verdict } from './strategy.ts';
 import { deltaNorm, median, normProblem, shapeAndSamplesProblem, valueBoundProblem, type DeltaNorm, type ValidationRules } from './validate.ts';
@@ -42,6 +44,10 @@ export interface ComposedOptions {
   columns?: RobustColumns;
   /** How check() measures an update's delta norm; default the native loop when built, else JS (same result). */
   deltaNorm?: DeltaNorm;
+  /** How checkAndAdd() checks and folds in one pass; default the native loop when built, else JS (same result). */
+  checkedFold?: CheckedFold;
+  /** Where a server optimiser keeps m and v between rounds; default a file in spillDir (no RSS; same results as memory). */
+  moments?: MomentsFactory;
 }
 
 type Offsets = Map<string, { off: number; n: number }>;
@@ -62,7 +68,7 @@ export class ComposedStrategy implements AggregationStrategy {
   private pendingTensors: TensorBundle | undefined;
 
   constructor(readonly cfg: AggregationConfig, private readonly opts: ComposedOptions = {}) {
-    this.optimizer = new ServerOptimizer(cfg.serverOptimizer);
+    this.optimizer = this.newOptimizer();
     this.rules = cfg.validation;
     const clips = [cfg.clipNorm, cfg.dp?.clipNorm].filter((x): x is number => x !== undefined);
     this.clipNorm = clips.length ? Math.min(...clips) : undefined;
@@ -71,6 +77,10 @@ export class ComposedStrategy implements AggregationStrategy {
     if (this.clipNorm !== undefined) parts.push(`clip(${this.clipNorm})`);
     if (cfg.dp) parts.push(`dp(z=${cfg.dp.noiseMultiplier})`);
     this.name = parts.join('+');
+  }
+
+  private newOptimizer(): ServerOptimizer {
+    return new ServerOptimizer(this.cfg.serverOptimizer, this.opts.moments ?? fileMoments(this.opts.spillDir));
   }
 
   /** Whether rounds need the base model in memory (one model) for deltas, norms or the optimiser. */
@@ -118,7 +128,7 @@ export class ComposedStrategy implements AggregationStrategy {
       if (!this.robustOut || this.robustOut.length !== total) this.robustOut = new Float32Array(total);
       combiner = new RobustCombinerAdapter(new RobustCombiner(rule, offsets, total, this.opts), this.robustOut);
     }
-    return new ComposedRound(this, specs, offsets, base, combiner, this.rules, this.clipNorm, [...this.recentNorms], base ? maxAbs(base) : 0, this.opts.deltaNorm ?? deltaNorm);
+    return new ComposedRound(this, specs, offsets, base, combiner, this.rules, this.clipNorm, [...this.recentNorms], base ? maxAbs(base) : 0, this.opts.deltaNorm ?? deltaNorm, this.opts.checkedFold ?? defaultCheckedFold);
   }
 
   /** Called by a round at finish: the optimiser step and the norm reference for the next round. */
@@ -137,7 +147,8 @@ export class ComposedStrategy implements AggregationStrategy {
   }
 
   reset(): void {
-    this.optimizer = new ServerOptimizer(this.cfg.serverOptimizer);
+    this.optimizer.dispose();
+    this.optimizer = this.newOptimizer();
     this.recentNorms = [];
     this.pendingTensors = undefined;
   }
@@ -173,10 +184,14 @@ class MeanCombiner implements Combiner {
   /** Σ a_i over weight-form updates folded with coefficient a_i (what the base must be subtracted by). */
   private baseCoef = 0;
 
+  private readonly target: FoldTarget;
+
   constructor(
     private readonly mean: WeightedMeanAggregator,
     private readonly dp: { expected: number; sigma: number; gaussian: (out: Float32Array) => void } | undefined,
-  ) {}
+  ) {
+    this.target = { sums: mean.rawSums, foldBlock: (off, x, a) => mean.foldBlock(off, x, a) };
+  }
 
   get count(): number {
     return this.mean.count;
@@ -189,6 +204,27 @@ class MeanCombiner implements Combiner {
     this.mean.addWeighted(update, a, site);
     this.weight += w;
     if (!isDelta) this.baseCoef += a;
+  }
+
+  /** Checks and folds the update with its weight in one pass (unclipped: the factor needs the norm first). */
+  addChecked(update: TensorBundle, weight: number, isDelta: boolean, base: Float32Array | undefined, offsets: Offsets, maxValue: number, fold: CheckedFold): CheckedFoldResult {
+    const w = this.dp ? 1 : weight;
+    const r = fold(update, isDelta, base, offsets, this.target, w, maxValue);
+    if (!r.valuesOk) return r;
+    this.mean.count++;
+    this.weight += w;
+    if (!isDelta) this.baseCoef += w;
+    return r;
+  }
+
+  /** Takes an added update out again (sums −= a·Δ): the count and weights exactly, the sums within float64 rounding. */
+  retract(update: TensorBundle, weight: number, scale: number, isDelta: boolean, offsets: Offsets): void {
+    const w = this.dp ? 1 : weight;
+    const a = w * scale;
+    unfold(update, offsets, this.target, a);
+    this.mean.count--;
+    this.weight -= w;
+    if (!isDelta) this.baseCoef -= a;
   }
 
   addSum(sum: TensorBundle, totalWeight: number, sites: number): void {
@@ -284,6 +320,7 @@ class ComposedRound implements RoundAggregator {
     /** max |base value|: with ‖Δ‖ it bounds every proposed weight, so honest updates skip the value pass. */
     private readonly baseMaxAbs: number,
     private readonly deltaNorm: DeltaNorm,
+    private readonly checkedFold: CheckedFold,
   ) {}
 
   get count(): number {
@@ -313,10 +350,59 @@ class ComposedRound implements RoundAggregator {
     }
     // Without a base the pass measured ‖x‖, not a delta: only its finiteness means anything.
     if (!this.base) return {};
-    const reference = this.norms.length + this.previousNorms.length >= this.rules.normReference ? [...this.previousNorms, ...this.norms] : this.norms;
-    const problem = normProblem(norm, this.rules, reference);
+    const problem = normProblem(norm, this.rules, this.normReference());
     if (problem) return { problem, norm };
     return { norm };
+  }
+
+  /** The accepted norms a relative bound compares with: this round's, plus the last round's until there are enough. */
+  private normReference(): readonly number[] {
+    return this.norms.length + this.previousNorms.length >= this.rules.normReference ? [...this.previousNorms, ...this.norms] : this.norms;
+  }
+
+  /**
+   * check() and add() in one pass over the update (checked-fold.ts), when this round can fold before it knows the
+   * verdict: the mean without clipping (a clip factor needs the whole norm before the first value is folded).
+   * Returns the verdict; with a problem nothing is counted (the sums within float64 rounding, see checked-fold.ts),
+   * without one the update is counted and retract() takes it out again (storing it failed). Returns undefined
+   * when this round cannot (median, trimmed mean, clipping, DP): use check() and then add().
+   */
+  checkAndAdd(update: TensorBundle, info: UpdateInfo): Verdict | undefined {
+    if (this.finished) throw new Error('checkAndAdd() after finish()');
+    if (!(this.combiner instanceof MeanCombiner) || this.clipNorm !== undefined) return undefined;
+    const layout = shapeAndSamplesProblem(update, info, this.specs, this.rules);
+    if (layout) return { problem: layout };
+    if (info.isDelta && !this.base) return this.check(update, info);
+    // Without a bound, the largest finite float still stops NaN and ±Inf.
+    const maxValue = this.rules.maxValue ?? Number.MAX_VALUE;
+    const r = this.combiner.addChecked(update, info.numSamples, !!info.isDelta, this.base, this.offsets, maxValue, this.checkedFold);
+    if (!r.valuesOk || !Number.isFinite(r.norm)) {
+      if (r.valuesOk) this.combiner.retract(update, info.numSamples, 1, !!info.isDelta, this.offsets); // the norm overflowed
+      // Rare: the unfused check reads it again to name the tensor and index, in the same words as check().
+      const v = this.check(update, info);
+      return v.problem ? v : { problem: 'update holds a non-finite value or a weight beyond aggregation.validation.maxValue' };
+    }
+    if (!this.base) return {};
+    const problem = normProblem(r.norm, this.rules, this.normReference());
+    if (problem) {
+      this.combiner.retract(update, info.numSamples, 1, !!info.isDelta, this.offsets);
+      return { problem, norm: r.norm };
+    }
+    this.norms.push(r.norm);
+    return { norm: r.norm };
+  }
+
+  /** Takes out an update that checkAndAdd() counted (storing it failed): the round is as if it never came. */
+  retract(update: TensorBundle, info: UpdateInfo, verdict: Verdict): void {
+    if (this.finished) throw new Error('retract() after finish()');
+    if (!(this.combiner instanceof MeanCombiner)) throw new Error(`strategy ${this.strategy.name} cannot take an update out of the round`);
+    const norm = verdict.norm;
+    const scale = this.clipNorm !== undefined && norm !== undefined && norm > this.clipNorm ? this.clipNorm / norm : 1;
+    this.combiner.retract(update, info.numSamples, scale, !!info.isDelta, this.offsets);
+    if (norm !== undefined) {
+      const at = this.norms.lastIndexOf(norm);
+      if (at >= 0) this.norms.splice(at, 1);
+    }
   }
 
   add(update: TensorBundle, info: UpdateInfo, verdict?: Verdict): void {

@@ -88,22 +88,26 @@ export class WeightedMeanAggregator implements RoundAggregator {
       const t = update.get(name);
       if (!t || t.data.length !== n) throw new Error(`update from ${site} lacks tensor ${name} or has the wrong size`);
     }
-    for (const [name, { off, n }] of this.offsets) {
-      const x = update.get(name)!.data;
-      if (this.arena) {
-        // Block by block: a copy into wasm memory at memcpy speed (it stays in cache), then the f32x4 loop.
-        // The staging block keeps the arena at one model plus 1 MiB.
-        const arena = this.arena;
-        for (let a = 0; a < n; a += arena.stagingFloats) {
-          const len = Math.min(arena.stagingFloats, n - a);
-          arena.staging.set(len === n ? x : x.subarray(a, a + len));
-          arena.axpyBlock(off + a, 0, len, w);
-        }
-      } else {
-        axpy64(this.sums.subarray(off, off + n), x, w);
-      }
-    }
+    for (const [name, { off }] of this.offsets) this.foldBlock(off, update.get(name)!.data, w);
     this.count++;
+  }
+
+  /**
+   * sums[off … off + x.length) += w · x: through the SIMD arena block by block (a copy into wasm memory at memcpy
+   * speed, still in cache for the f32x4 loop; the staging block keeps the arena at one model plus 1 MiB), else in JS.
+   */
+  foldBlock(off: number, x: Float32Array, w: number): void {
+    const arena = this.arena;
+    if (!arena) {
+      axpy64(this.sums.subarray(off, off + x.length), x, w);
+      return;
+    }
+    const n = x.length;
+    for (let a = 0; a < n; a += arena.stagingFloats) {
+      const len = Math.min(arena.stagingFloats, n - a);
+      arena.staging.set(len === n ? x : x.subarray(a, a + len));
+      arena.axpyBlock(off + a, 0, len, w);
+    }
   }
 
   /** The running float64 sums, flat in spec order (valid until the strategy's next begin()). */

@@ -8,8 +8,11 @@
  * FedAvgM (Hsu et al. 2019, server momentum): m = β₁m + Δ; x = x_base + η·m (v unused) — it carries the
  * direction of earlier rounds on, which helps when each round's mean delta is small or sites pull apart.
  * The state (m, v: two models, kept across rounds) is exported after each round and stored with the round's model.
+ * Between rounds they live where the injected Moments put them (moments.ts: in memory, or a file updated block by
+ * block so that they cost no RSS).
  */
-import { makeBundle, type NamedTensor, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
+import { type NamedTensor, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
+import { memoryMoments, type Moments, type MomentsFactory } from './moments.ts';
 
 export type ServerOptimizerType = 'none' | 'fedavgm' | 'fedadam' | 'fedyogi' | 'fedadagrad';
 
@@ -22,95 +25,126 @@ export interface ServerOptimizerConfig {
 }
 
 export class ServerOptimizer {
-  private m: Float32Array | undefined;
-  private v: Float32Array | undefined;
+  private moments: Moments | undefined;
   step = 0;
 
-  constructor(readonly cfg: ServerOptimizerConfig) {}
+  /** `moments`: where m and v live between rounds (moments.ts); the default keeps them in memory. */
+  constructor(readonly cfg: ServerOptimizerConfig, private readonly makeMoments: MomentsFactory = memoryMoments) {}
 
-  /** In place: y holds base + Δ on entry and the optimiser's new weights on return. */
+  /** In place: y holds base + Δ on entry and the optimiser's new weights on return. Block by block over the moments. */
   apply(base: Float32Array, y: Float32Array): void {
     const { type, lr, beta1, beta2, tau } = this.cfg;
     if (type === 'none') return;
     const n = y.length;
-    if (!this.m || this.m.length !== n) {
-      this.m = new Float32Array(n);
+    if (!this.moments || this.moments.total !== n) {
+      this.moments?.dispose();
       // FedAvgM keeps no second moment: one model less in memory and on disk.
-      this.v = type === 'fedavgm' ? undefined : new Float32Array(n).fill(tau * tau);
+      this.moments = this.makeMoments(n, type !== 'fedavgm', tau * tau);
     }
-    const m = this.m;
     const b1 = 1 - beta1;
     const b2 = 1 - beta2;
-    // One loop per optimiser: no branch on the type per element.
-    if (type === 'fedavgm') {
-      for (let i = 0; i < n; i++) {
-        const mi = beta1 * m[i] + (y[i] - base[i]);
-        m[i] = mi;
-        y[i] = base[i] + lr * mi;
+    // One loop per optimiser: no branch on the type per element. i indexes the block, off + i the model.
+    this.moments.forEachBlock((off, m, v) => {
+      const len = m.length;
+      if (type === 'fedavgm') {
+        for (let i = 0; i < len; i++) {
+          const j = off + i;
+          const mi = beta1 * m[i] + (y[j] - base[j]);
+          m[i] = mi;
+          y[j] = base[j] + lr * mi;
+        }
+      } else if (type === 'fedadagrad') {
+        for (let i = 0; i < len; i++) {
+          const j = off + i;
+          const d = y[j] - base[j];
+          const mi = beta1 * m[i] + b1 * d;
+          const vi = v![i] + d * d;
+          m[i] = mi;
+          v![i] = vi;
+          y[j] = base[j] + (lr * mi) / (Math.sqrt(vi) + tau);
+        }
+      } else if (type === 'fedadam') {
+        for (let i = 0; i < len; i++) {
+          const j = off + i;
+          const d = y[j] - base[j];
+          const mi = beta1 * m[i] + b1 * d;
+          const vi = beta2 * v![i] + b2 * d * d;
+          m[i] = mi;
+          v![i] = vi;
+          y[j] = base[j] + (lr * mi) / (Math.sqrt(vi) + tau);
+        }
+      } else {
+        for (let i = 0; i < len; i++) {
+          const j = off + i;
+          const d = y[j] - base[j];
+          const mi = beta1 * m[i] + b1 * d;
+          const d2 = d * d;
+          const vo = v![i];
+          const vi = vo > d2 ? vo - b2 * d2 : vo < d2 ? vo + b2 * d2 : vo; // v − (1−β₂)Δ²·sign(v − Δ²)
+          m[i] = mi;
+          v![i] = vi;
+          y[j] = base[j] + (lr * mi) / (Math.sqrt(vi) + tau);
+        }
       }
-    } else if (type === 'fedadagrad') {
-      const v = this.v!;
-      for (let i = 0; i < n; i++) {
-        const d = y[i] - base[i];
-        const mi = beta1 * m[i] + b1 * d;
-        const vi = v[i] + d * d;
-        m[i] = mi;
-        v[i] = vi;
-        y[i] = base[i] + (lr * mi) / (Math.sqrt(vi) + tau);
-      }
-    } else if (type === 'fedadam') {
-      const v = this.v!;
-      for (let i = 0; i < n; i++) {
-        const d = y[i] - base[i];
-        const mi = beta1 * m[i] + b1 * d;
-        const vi = beta2 * v[i] + b2 * d * d;
-        m[i] = mi;
-        v[i] = vi;
-        y[i] = base[i] + (lr * mi) / (Math.sqrt(vi) + tau);
-      }
-    } else {
-      const v = this.v!;
-      for (let i = 0; i < n; i++) {
-        const d = y[i] - base[i];
-        const mi = beta1 * m[i] + b1 * d;
-        const d2 = d * d;
-        const vo = v[i];
-        const vi = vo > d2 ? vo - b2 * d2 : vo < d2 ? vo + b2 * d2 : vo; // v − (1−β₂)Δ²·sign(v − Δ²)
-        m[i] = mi;
-        v[i] = vi;
-        y[i] = base[i] + (lr * mi) / (Math.sqrt(vi) + tau);
-      }
-    }
+    });
     this.step++;
   }
 
-  /** m and v as tensors named `m/<name>`, `v/<name>` (views, no copy; m only for FedAvgM), or undefined before the first step. */
+  /**
+   * m and v as tensors named `m/<name>`, `v/<name>` (m only for FedAvgM), or undefined before the first step. Each
+   * tensor's data is read when asked for and only the last one is held (file-backed moments: one tensor at a time,
+   * as the model store writes them), so exporting costs no model-sized copy.
+   */
   exportTensors(specs: readonly TensorSpec[], offsets: ReadonlyMap<string, { off: number; n: number }>): TensorBundle | undefined {
-    if (!this.m) return undefined;
+    const moments = this.moments;
+    if (!moments) return undefined;
+    let held: { key: string; data: Float32Array } | undefined;
+    const load = (which: 'm' | 'v', off: number, n: number, key: string): Float32Array => {
+      if (held?.key !== key) held = { key, data: moments.read(which, off, n) };
+      return held.data;
+    };
     const out: NamedTensor[] = [];
     for (const s of specs) {
       const { off, n } = offsets.get(s.name)!;
-      out.push({ name: `m/${s.name}`, dtype: 'F32', shape: [...s.shape], data: this.m.subarray(off, off + n) });
-      if (this.v) out.push({ name: `v/${s.name}`, dtype: 'F32', shape: [...s.shape], data: this.v.subarray(off, off + n) });
+      for (const which of moments.withV ? (['m', 'v'] as const) : (['m'] as const)) {
+        const name = `${which}/${s.name}`;
+        out.push({
+          name,
+          dtype: 'F32',
+          shape: [...s.shape],
+          get data() {
+            return load(which, off, n, name);
+          },
+        });
+      }
     }
-    return makeBundle(out);
+    // Not makeBundle: it would read every tensor to check its length. Sorted by name, as makeBundle sorts.
+    return new Map(out.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0)).map((t) => [t.name, t]));
   }
 
   restoreTensors(t: TensorBundle, specs: readonly TensorSpec[], offsets: ReadonlyMap<string, { off: number; n: number }>, total: number): void {
     const withV = this.cfg.type !== 'fedavgm';
-    const m = new Float32Array(total);
-    const v = withV ? new Float32Array(total) : undefined;
     for (const s of specs) {
-      const { off, n } = offsets.get(s.name)!;
+      const { n } = offsets.get(s.name)!;
       const mt = t.get(`m/${s.name}`);
       const vt = t.get(`v/${s.name}`);
-      if (!mt || mt.data.length !== n || (v && (!vt || vt.data.length !== n))) {
+      if (!mt || mt.data.length !== n || (withV && (!vt || vt.data.length !== n))) {
         throw new Error(`stored server-optimiser state lacks m/v for tensor ${s.name} or has the wrong size: the plan's shared tensors changed since it was written; start a new federation directory`);
       }
-      m.set(mt.data, off);
-      if (v && vt) v.set(vt.data, off);
     }
-    this.m = m;
-    this.v = v;
+    this.moments?.dispose();
+    const moments = this.makeMoments(total, withV, 0);
+    for (const s of specs) {
+      const { off } = offsets.get(s.name)!;
+      moments.write('m', off, t.get(`m/${s.name}`)!.data);
+      if (withV) moments.write('v', off, t.get(`v/${s.name}`)!.data);
+    }
+    this.moments = moments;
+  }
+
+  /** Frees the moments (memory or file); the optimiser starts from zero moments if applied again. */
+  dispose(): void {
+    this.moments?.dispose();
+    this.moments = undefined;
   }
 }

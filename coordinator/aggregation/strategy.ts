@@ -31,6 +31,14 @@ export interface RoundAggregator {
    * must not be passed to add(). Pure: calling it and then refusing leaves the round untouched.
    */
   check(update: TensorBundle, info: UpdateInfo): Verdict;
+  /**
+   * check() and add() in one pass over the update, where the strategy can: the verdict, and the update counted
+   * when it has no problem (nothing counted when it has one). Undefined when this round cannot fold while it
+   * checks; then check() and add() as usual.
+   */
+  checkAndAdd?(update: TensorBundle, info: UpdateInfo): Verdict | undefined;
+  /** Takes out an update that checkAndAdd() counted (e.g. storing it failed). Given wherever checkAndAdd is. */
+  retract?(update: TensorBundle, info: UpdateInfo, verdict: Verdict): void;
   /** Folds one checked update in. Must not keep a reference to `update`'s arrays. */
   add(update: TensorBundle, info: UpdateInfo, verdict?: Verdict): void;
   readonly count: number;

@@ -343,10 +343,11 @@ export class RoundEngine {
    * Folds an update that has been validated and durably recorded in the store into the running
    * aggregate. Synchronous; callers run it inside serialised(), so one model-sized fold at a time.
    */
-  fold(row: UpdateRow, update: TensorBundle, opts: { isDelta?: boolean; verdict?: Verdict } = {}): boolean {
+  fold(row: UpdateRow, update: TensorBundle, opts: { isDelta?: boolean; verdict?: Verdict; folded?: boolean } = {}): boolean {
     const open = this.open;
     if (!open || open.row.round !== row.round) return false;
-    open.aggregator.add(pick(update, this.shared), { site: row.site, numSamples: row.numSamples, isDelta: opts.isDelta }, opts.verdict);
+    // checkAndFold() already counted it: only the bookkeeping is left.
+    if (!opts.folded) open.aggregator.add(pick(update, this.shared), { site: row.site, numSamples: row.numSamples, isDelta: opts.isDelta }, opts.verdict);
     open.reported.add(row.site);
     return true;
   }
@@ -359,6 +360,29 @@ export class RoundEngine {
     const open = this.open;
     if (!open || open.row.round !== round) return { problem: `round ${round} is not open any more` };
     return open.aggregator.check(update, { site, numSamples, isDelta });
+  }
+
+  /**
+   * checkUpdate() and, where the strategy can (checkAndAdd: the mean without clipping), the fold in the same pass
+   * over the update: one read of it instead of two. Call inside serialised(), before the update is stored. With
+   * `folded` the update is already in the aggregate: record it with fold(…, { folded: true }) once it is stored,
+   * or take it out with unfold() when storing fails. With a problem nothing was counted.
+   */
+  checkAndFold(site: string, round: number, update: TensorBundle, numSamples: number, isDelta: boolean): { verdict: Verdict; folded: boolean } {
+    const open = this.open;
+    if (!open || open.row.round !== round) return { verdict: { problem: `round ${round} is not open any more` }, folded: false };
+    const info = { site, numSamples, isDelta };
+    const fused = open.aggregator.checkAndAdd?.(update, info);
+    if (fused) return { verdict: fused, folded: !fused.problem };
+    return { verdict: open.aggregator.check(update, info), folded: false };
+  }
+
+  /** Takes out an update that checkAndFold() counted but that could not be stored (the site sends it again). */
+  unfold(site: string, round: number, update: TensorBundle, numSamples: number, isDelta: boolean, verdict: Verdict): void {
+    const open = this.open;
+    if (!open || open.row.round !== round) return;
+    if (!open.aggregator.retract) throw new Error(`strategy ${this.o.strategy.name} counted an update it cannot take out`);
+    open.aggregator.retract(update, { site, numSamples, isDelta }, verdict);
   }
 
   /** After fold(): announces the update and closes the round when every selected site has reported. */

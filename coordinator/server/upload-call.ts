@@ -34,7 +34,7 @@ export interface UploadCallDeps {
   /** The authenticated site the call acts for. */
   site: string;
   store: Pick<CoordinatorStore, 'getUpdate' | 'insertUpdate'>;
-  engine: Pick<RoundEngine, 'admissionProblem' | 'checkUpdate' | 'serialised' | 'acceptedEvent' | 'fold' | 'accepted' | 'rejected'>;
+  engine: Pick<RoundEngine, 'admissionProblem' | 'checkAndFold' | 'unfold' | 'serialised' | 'acceptedEvent' | 'fold' | 'accepted' | 'rejected'>;
   receiver: Pick<UploadReceiver, 'parseHeader' | 'begin' | 'finish'>;
   log: Logger;
   /** Reading is paused (HTTP/2 flow control holds the site) and resumed through these. */
@@ -153,12 +153,15 @@ export class UploadCall {
     const received = receiver.finish(p, site);
     // Re-check: the round may have closed while the bytes were travelling.
     const problem = engine.admissionProblem(site, h.round, h.baseModelHash);
-    // The strategy's validation filter: finite values, norm bound, sample count. Nothing is counted yet.
-    const verdict: Verdict | undefined = problem ? undefined : engine.checkUpdate(site, h.round, received.bundle, h.numSamples, received.isDelta);
+    // The strategy's validation filter: finite values, norm bound, sample count; where the strategy can, the fold
+    // in the same pass over the update (`folded`), taken out again below if the update cannot be stored.
+    const checked = problem ? undefined : engine.checkAndFold(site, h.round, received.bundle, h.numSamples, received.isDelta);
+    const verdict: Verdict | undefined = checked?.verdict;
     if (problem || verdict?.problem) {
       rmSync(received.path, { force: true }); // refused updates leave no trace
       throw new UploadRefused(problem ?? verdict!.problem!);
     }
+    const folded = !!checked?.folded;
     const row: UpdateRow = { updateId: h.updateId, round: h.round, site, numSamples: h.numSamples, sha256: p.expectedSha256!, path: received.path, sizeBytes: h.totalSize, acceptedAt: Date.now() };
     // The store row is the commit point; the ack goes out only after it is written. Its event and ledger
     // entry are committed with it (events/outbox.ts), so no acknowledged update can miss the ledger.
@@ -166,16 +169,18 @@ export class UploadCall {
       store.insertUpdate(row, outboxRows(engine.acceptedEvent(row)));
     } catch (e) {
       rmSync(received.path, { force: true }); // not committed: the site sends it again
+      if (folded) engine.unfold(site, h.round, received.bundle, h.numSamples, received.isDelta, verdict!);
       throw e;
     }
     const ackSent = this.d.answerSent();
     this.answer({ updateId: h.updateId, accepted: true });
     this.d.onTransfer?.({ direction: 'upload', bytes: h.totalSize, seconds });
-    // Let the ack leave the process before the model-sized, synchronous fold. The fold stays in this
-    // serialised job: the bundle views the receiver's scratch buffer, which the next finish() reuses.
+    // Let the ack leave the process before the model-sized, synchronous fold (only bookkeeping when checkAndFold
+    // folded it already). The fold stays in this serialised job: the bundle views the receiver's scratch buffer,
+    // which the next finish() reuses.
     await ackSent;
     try {
-      engine.fold(row, received.bundle, { isDelta: received.isDelta, verdict });
+      engine.fold(row, received.bundle, { isDelta: received.isDelta, verdict, folded });
     } catch (e) {
       // Stored and acknowledged, so it counts: a restart re-folds it from disk.
       log.error({ site, round: row.round, err: (e as Error).message }, 'folding an accepted update failed; restart the coordinator to re-fold it');

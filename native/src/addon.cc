@@ -10,6 +10,7 @@
 
 #include "conv.h"
 #include "elementwise.h"
+#include "fold.h"
 #include "loss.h"
 #include "norm.h"
 #include "robust.h"
@@ -630,6 +631,25 @@ napi_value DeltaSqLanes(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// foldChecked(x, b|null, isDelta, sums: Float64Array, a, maxValue, lanes: Float64Array(4)) → elements folded (see fold.h).
+napi_value FoldChecked(napi_env env, napi_callback_info info) {
+  Args a(env, info, 7, "foldChecked");
+  const size_t n = a.length(0, "x");
+  const float* x = a.f32(0, "x", n);
+  const float* b = a.f32(1, "b", n, true);
+  const bool is_delta = a.flag(2);
+  double* sums = a.f64(3, "sums", n);
+  const double w = a.number(4, "a");
+  const double max_value = a.number(5, "maxValue");
+  double* lanes = a.f64(6, "lanes", 4);
+  if (is_delta && !b) a.fail("a delta-encoded update needs the base");
+  if (!a.ok()) return nullptr;
+  const int64_t folded = medfl::fold_checked(x, b, is_delta, static_cast<int64_t>(n), sums, w, max_value, lanes);
+  napi_value out;
+  CALL(env, napi_create_double(env, static_cast<double>(folded), &out));
+  return out;
+}
+
 void delete_instance(napi_env env, void* data, void* hint) { delete static_cast<Instance*>(data); }
 
 }  // namespace
@@ -674,6 +694,7 @@ NAPI_MODULE_INIT() {
       {"segmentationLoss", nullptr, SegmentationLoss, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"robustColumns", nullptr, RobustColumns, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"deltaSqLanes", nullptr, DeltaSqLanes, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"foldChecked", nullptr, FoldChecked, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   return exports;

@@ -27,7 +27,7 @@ interface Harness {
   released: () => number;
   log: string[];
   rows: UpdateRow[];
-  engine: { rejected: string[]; folded: string[]; accepted: string[]; problem?: string };
+  engine: { rejected: string[]; folded: string[]; accepted: string[]; unfolded: string[]; problem?: string };
   partials: () => string[];
 }
 
@@ -37,12 +37,12 @@ beforeEach(() => {
 });
 afterEach(() => rmSync(dir, { recursive: true, force: true }));
 
-function harness(o: { stallMs?: number; insertFails?: Error; known?: UpdateRow } = {}): Harness {
+function harness(o: { stallMs?: number; insertFails?: Error; known?: UpdateRow; foldsWhileChecking?: boolean } = {}): Harness {
   const receiver = new UploadReceiver(join(dir, 'updates'), specs, 1 << 20);
   const replies: Harness['replies'] = [];
   let releases = 0;
   const rows: UpdateRow[] = [];
-  const engine: Harness['engine'] = { rejected: [], folded: [], accepted: [] };
+  const engine: Harness['engine'] = { rejected: [], folded: [], accepted: [], unfolded: [] };
   const log: string[] = [];
   const deps: UploadCallDeps = {
     site: 'site-a',
@@ -55,11 +55,14 @@ function harness(o: { stallMs?: number; insertFails?: Error; known?: UpdateRow }
     },
     engine: {
       admissionProblem: () => engine.problem,
-      checkUpdate: () => ({}),
+      checkAndFold: () => ({ verdict: {}, folded: !!o.foldsWhileChecking }),
+      unfold: (site) => {
+        engine.unfolded.push(site);
+      },
       serialised: (fn) => Promise.resolve().then(fn),
       acceptedEvent: (row) => ({ id: row.updateId, type: 'update.accepted', federation: 'f', at: '' }),
-      fold: (row) => {
-        engine.folded.push(`${row.site} after ${replies.length} answer(s)`);
+      fold: (row, _update, opts) => {
+        engine.folded.push(`${row.site} after ${replies.length} answer(s)${opts?.folded ? ', already folded' : ''}`);
         return true;
       },
       accepted: async (row) => {
@@ -156,6 +159,25 @@ describe('UploadCall', () => {
     expect(h.engine.rejected).toEqual([]);
     expect(readdirSync(join(dir, 'updates', 'round-1'))).toEqual([]);
     expect(h.partials()).toEqual([]);
+  });
+
+  it('an update folded while it was checked is taken out again when storing it fails, and recorded as folded when it is stored', async () => {
+    const failing = harness({ foldsWhileChecking: true, insertFails: Object.assign(new Error('database or disk is full'), { code: 'SQLITE_FULL' }) });
+    failing.call.data(header());
+    failing.call.data(chunk(0, payload));
+    failing.call.end();
+    await waitFor(() => failing.replies.length === 1, 5000, 'the answer');
+    expect(failing.replies[0]!.err).toMatchObject({ code: grpc.status.UNAVAILABLE });
+    expect(failing.engine.unfolded).toEqual(['site-a']);
+    expect(failing.engine.folded).toEqual([]);
+
+    const stored = harness({ foldsWhileChecking: true });
+    stored.call.data(header());
+    stored.call.data(chunk(0, payload));
+    stored.call.end();
+    await waitFor(() => stored.engine.accepted.length === 1, 5000, 'the update to be accepted');
+    expect(stored.engine.unfolded).toEqual([]);
+    expect(stored.engine.folded).toEqual(['site-a after 1 answer(s), already folded']);
   });
 
   it('drops a stalled upload with UNAVAILABLE and deletes its partial file', async () => {

@@ -1,0 +1,169 @@
+/**
+ * The checked fold: one pass over an update that checks it (every proposed weight finite and within ±maxValue,
+ * the delta's L2 norm) and folds it into the float64 sums (sums += a·x), instead of a norm pass and then a fold
+ * pass that read the whole update twice.
+ *
+ * Check-then-fold still holds at block granularity: a block (a few thousand floats, still in cache) is checked
+ * first and folded only when every value in it passed. A block that fails is never folded; the blocks before it
+ * are taken out again (sums += −a·x), so a non-finite or out-of-bound update leaves nothing in the sums. A verdict
+ * that needs the whole norm (the norm bound) comes after the last block, and unfold() takes the update out then.
+ * Taking out is exact for the round's bookkeeping and within float64 rounding for the sums: each touched sum
+ * differs from never having folded by at most an ulp of |sum| + |a·x| ≤ |sum| + a·maxValue, about 1e-16
+ * relative, far below the float32 the result is written in (test/aggregation/checked-fold.test.ts).
+ *
+ * The norm is accumulated in deltaNormJs's four lanes and order, and the fold is the float64 axpy of the mean
+ * (one rounding for the product, one for the sum), so with every block passing, norm and sums equal the
+ * unfused norm pass + fold bit for bit. The native addon runs the whole loop when built; the JS twin checks a
+ * block and folds it through the caller's fold (the WebAssembly SIMD arena).
+ */
+import { loadOneDnnKernels } from '../../shared/engine/onednn-kernels.ts';
+import type { TensorBundle } from '../../shared/tensors/bundle.ts';
+
+export type Offsets = ReadonlyMap<string, { off: number; n: number }>;
+
+/** Where a checked fold adds: the flat float64 sums (spec order), and how a block is folded without the addon. */
+export interface FoldTarget {
+  readonly sums: Float64Array;
+  /** sums[off … off + x.length) += a · x (the mean's own fold, e.g. through its SIMD arena). */
+  foldBlock(off: number, x: Float32Array, a: number): void;
+}
+
+export interface CheckedFoldResult {
+  /** L2 norm of the delta (x − base, or x for a delta upload or without a base); NaN when the values failed. */
+  readonly norm: number;
+  /** False: a value is non-finite or beyond ±maxValue, and nothing of the update is left in the sums. */
+  readonly valuesOk: boolean;
+}
+
+/**
+ * Checks `update` and folds a·update into `target` in one pass (see the file's comment). `base` is flat in spec
+ * order (`offsets`), required for a delta upload. On valuesOk: false the sums hold what they held before.
+ */
+export type CheckedFold = (
+  update: TensorBundle,
+  isDelta: boolean,
+  base: Float32Array | undefined,
+  offsets: Offsets,
+  target: FoldTarget,
+  a: number,
+  maxValue: number,
+) => CheckedFoldResult;
+
+/** Floats checked and then folded at a time by the JS twin (64 KiB of update: stays in L1/L2 between the loops). */
+export const JS_FOLD_BLOCK = 16 * 1024;
+
+/** Takes a·update out of the sums again (sums += −a·update) over each tensor's first `upTo(name)` values. */
+export function unfold(update: TensorBundle, offsets: Offsets, target: FoldTarget, a: number, upTo?: (name: string, n: number) => number): void {
+  for (const [name, { off, n }] of offsets) {
+    const len = upTo ? upTo(name, n) : n;
+    if (len <= 0) continue;
+    const x = update.get(name)!.data;
+    target.foldBlock(off, len === x.length ? x : x.subarray(0, len), -a);
+  }
+}
+
+/** Checks one block; adds its squares to `s` (valid only when it returns true). The JS loop of deltaNormJs, plus the bound. */
+function checkBlockJs(x: Float32Array, from: number, to: number, b: Float32Array | undefined, boff: number, isDelta: boolean, maxValue: number, s: Float64Array): boolean {
+  let s0 = s[0], s1 = s[1], s2 = s[2], s3 = s[3];
+  let ok = true;
+  const to4 = from + (to - from) - ((to - from) % 4);
+  let i = from;
+  if (b && !isDelta) {
+    for (; i < to4; i += 4) {
+      const x0 = x[i], x1 = x[i + 1], x2 = x[i + 2], x3 = x[i + 3];
+      const a = x0 - b[boff + i], c = x1 - b[boff + i + 1], d = x2 - b[boff + i + 2], e = x3 - b[boff + i + 3];
+      s0 += a * a; s1 += c * c; s2 += d * d; s3 += e * e;
+      // NaN compares false: one test catches it with the infinities and the too-large values.
+      if (!(Math.abs(x0) <= maxValue && Math.abs(x1) <= maxValue && Math.abs(x2) <= maxValue && Math.abs(x3) <= maxValue)) ok = false;
+    }
+    for (; i < to; i++) {
+      const a = x[i] - b[boff + i];
+      s0 += a * a;
+      if (!(Math.abs(x[i]) <= maxValue)) ok = false;
+    }
+  } else {
+    for (; i < to4; i += 4) {
+      const x0 = x[i], x1 = x[i + 1], x2 = x[i + 2], x3 = x[i + 3];
+      s0 += x0 * x0; s1 += x1 * x1; s2 += x2 * x2; s3 += x3 * x3;
+      if (isDelta) {
+        const j = boff + i;
+        if (!(Math.abs(b![j] + x0) <= maxValue && Math.abs(b![j + 1] + x1) <= maxValue && Math.abs(b![j + 2] + x2) <= maxValue && Math.abs(b![j + 3] + x3) <= maxValue)) ok = false;
+      } else if (!(Math.abs(x0) <= maxValue && Math.abs(x1) <= maxValue && Math.abs(x2) <= maxValue && Math.abs(x3) <= maxValue)) ok = false;
+    }
+    for (; i < to; i++) {
+      const v = x[i];
+      s0 += v * v;
+      if (!(Math.abs(isDelta ? b![boff + i] + v : v) <= maxValue)) ok = false;
+    }
+  }
+  s[0] = s0; s[1] = s1; s[2] = s2; s[3] = s3;
+  return ok;
+}
+
+/** The JS twin: per block, the check loop and then the caller's fold of the same (cached) block. */
+export const checkedFoldJs: CheckedFold = (update, isDelta, base, offsets, target, a, maxValue) => {
+  if (isDelta && !base) throw new Error('a delta-encoded update needs the base model');
+  const lanes = new Float64Array(4);
+  let sq = 0;
+  // How far each tensor got folded, for taking a failed update out again.
+  const folded = new Map<string, number>();
+  for (const [name, { off, n }] of offsets) {
+    const x = update.get(name)!.data;
+    lanes.fill(0);
+    for (let at = 0; at < n; at += JS_FOLD_BLOCK) {
+      const end = Math.min(n, at + JS_FOLD_BLOCK);
+      if (!checkBlockJs(x, at, end, base, off, isDelta, maxValue, lanes)) {
+        folded.set(name, at);
+        unfold(update, offsets, target, a, (t) => folded.get(t) ?? 0);
+        return { norm: Number.NaN, valuesOk: false };
+      }
+      target.foldBlock(off + at, x.subarray(at, end), a);
+      folded.set(name, end);
+    }
+    sq += lanes[0] + lanes[1] + lanes[2] + lanes[3];
+  }
+  return { norm: Math.sqrt(sq), valuesOk: true };
+};
+
+interface FoldAddon {
+  foldChecked(x: Float32Array, b: Float32Array | null, isDelta: boolean, sums: Float64Array, a: number, maxValue: number, lanes: Float64Array): number;
+}
+
+/** The addon's loop (fold.cc): reads the update, the base and the sums in place; same lanes, same fold. */
+function nativeCheckedFold(addon: FoldAddon): CheckedFold {
+  const lanes = new Float64Array(4);
+  return (update, isDelta, base, offsets, target, a, maxValue) => {
+    if (isDelta && !base) throw new Error('a delta-encoded update needs the base model');
+    let sq = 0;
+    const folded = new Map<string, number>();
+    for (const [name, { off, n }] of offsets) {
+      const x = update.get(name)!.data;
+      lanes.fill(0);
+      const got = addon.foldChecked(x.length === n ? x : x.subarray(0, n), base ? base.subarray(off, off + n) : null, isDelta, target.sums.subarray(off, off + n), a, maxValue, lanes);
+      folded.set(name, got);
+      if (got !== n) {
+        unfold(update, offsets, target, a, (t) => folded.get(t) ?? 0);
+        return { norm: Number.NaN, valuesOk: false };
+      }
+      sq += lanes[0] + lanes[1] + lanes[2] + lanes[3];
+    }
+    return { norm: Math.sqrt(sq), valuesOk: true };
+  };
+}
+
+let chosen: CheckedFold | undefined;
+
+/** checkedFoldJs's result, computed by the native addon when it is built and has the loop. */
+export const checkedFold: CheckedFold = (...args) => {
+  if (!chosen) {
+    const addon = loadOneDnnKernels().kernels?.addon as Partial<FoldAddon> | undefined;
+    chosen = typeof addon?.foldChecked === 'function' ? nativeCheckedFold(addon as FoldAddon) : checkedFoldJs;
+  }
+  return chosen(...args);
+};
+
+/** Which loop checkedFold runs, for logs and benchmarks. */
+export function checkedFoldKernel(): 'native' | 'js' {
+  const addon = loadOneDnnKernels().kernels?.addon as Partial<FoldAddon> | undefined;
+  return typeof addon?.foldChecked === 'function' ? 'native' : 'js';
+}
