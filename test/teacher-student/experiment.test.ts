@@ -113,6 +113,7 @@ describe('medfl experiment', () => {
     expect(base.model).toMatchObject({ head: 'unet', norm: 'group' });
     expect(base.share).toEqual({ parts: ['encoder', 'head'], keepLocal: [] });
     expect(base.data.biasCorrection).toBe('polynomial');
+    expect(base.data.augment && base.data.augment.blurProbability).toBe(0.3);
     const plan = PlanSchema.parse({ ...withOverrides(base, { rounds: 1, steps: 1, patch: [16, 16, 16] }), pretraining: { rounds: 1, steps: 2 } });
     const lines: string[] = [];
     const r = await runExperiment({ out, plan, arms: ['federated'], inits: ['scratch', 'federated-ssl'], seeds: [1], phantom: { ...phantom, poolCases: 1, testCases: 1 }, engine: 'cpu', say: (l) => lines.push(l) });
