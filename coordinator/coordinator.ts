@@ -81,6 +81,8 @@ export interface CoordinatorOptions {
      */
     transfers?: TransferLimitsConfig;
   };
+  /** The coordinator's keepalive pings on each site connection (default SERVER_KEEPALIVE: every 60 s, 120 s to answer). */
+  keepalive?: { timeMs?: number; timeoutMs?: number };
   /** Least time between two offers of a round's task to a selected site that heartbeats idle without it (default 30 s). */
   reofferMs?: number;
   /** The admin HTTP endpoint (/metrics, /healthz, /readyz, the dashboard; admin-http/): off unless given. */
@@ -159,9 +161,12 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     reofferMs: o.reofferMs,
   });
 
+  const transfers = new TransferAdmission(transferLimits, (direction, e) => log.error({ direction, err: (e as Error).message }, 'a transfer failed to start; its slot was given back'));
+  log.info({ ...transferLimits, transferBytes }, 'bulk transfers at once: downloads and uploads beyond these wait their turn');
+
   // Metrics follow the event stream from before the first round opens (admin-http/event-metrics.ts).
   const metrics = adminOptions
-    ? new CoordinatorMetrics({ federationId: config.federationId, store, engine, tracksPrivacy: plan.aggregation.dp !== undefined, dbPath: home.dbPath, partialDir: join(home.updatesDir, '.partial') })
+    ? new CoordinatorMetrics({ federationId: config.federationId, store, engine, tracksPrivacy: plan.aggregation.dp !== undefined, dbPath: home.dbPath, partialDir: join(home.updatesDir, '.partial'), transfers })
     : undefined;
   if (metrics) feedMetricsFromEvents(bus, metrics, store);
 
@@ -194,14 +199,15 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   const ca = home.certificateAuthority();
   if (!ca) log.warn({ path: home.caKeyPath }, 'no CA key: sites will enrol without a TLS client certificate' + (mtls ? ', so none can enrol under --mtls' : ''));
 
-  const transfers = new TransferAdmission(transferLimits, (direction, e) => log.error({ direction, err: (e as Error).message }, 'a transfer failed to start; its slot was given back'));
-  log.info({ ...transferLimits, transferBytes }, 'bulk transfers at once: downloads and uploads beyond these wait their turn');
-
   const { Enrollment, Federation } = loadProto();
   // One limiter for every way in (interceptor, enrolment): a peer's failures count together.
   const limiter = new FailureLimiter(log, o.limits?.authFailures);
   const authOptions = { federationId: config.federationId, directory, log, clientCaPem: mtls ? caPem : undefined, limiter, onFailure: metrics?.authFailed };
-  const server = new grpc.Server({ ...SERVER_OPTIONS, interceptors: [createAuthInterceptor(authOptions)] });
+  const keepalive = {
+    ...(o.keepalive?.timeMs !== undefined ? { 'grpc.keepalive_time_ms': o.keepalive.timeMs } : {}),
+    ...(o.keepalive?.timeoutMs !== undefined ? { 'grpc.keepalive_timeout_ms': o.keepalive.timeoutMs } : {}),
+  };
+  const server = new grpc.Server({ ...SERVER_OPTIONS, ...keepalive, interceptors: [createAuthInterceptor(authOptions)] });
   const federation = federationHandlers({ store, models, engine, receiver, log, features, maxOpenUploadsPerSite: o.limits?.maxOpenUploadsPerSite, refusals, onTransfer: metrics?.transferred, admission: transfers });
   server.addService(
     Enrollment.service,
