@@ -1,6 +1,6 @@
 /**
  * The coordinator's directory: identity, PKI, signing key, plan and state, all in one place an admin can back up.
- *   coordinator.json   federation id, hosts, port
+ *   coordinator.json   federation id, hosts, port; optional `transfers` limits (server/transfer-admission.ts)
  *   pki/               ca.pem, ca.key (0600; read only by the coordinator, to sign site TLS client certificates at
  *                      enrolment), server.pem, server.key (0600), server-chain.pem
  *   keys/              coordinator.key (0600, Ed25519: signs task manifests)
