@@ -308,7 +308,11 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         if (n <= 0) openUploads.delete(site);
         else openUploads.set(site, n);
       };
-      const start = () => receiveUpload(call, reply, site, releaseSiteSlot);
+      let reading = false;
+      const start = () => {
+        reading = true;
+        receiveUpload(call, reply, site, releaseSiteSlot);
+      };
       if (!d.admission) return start();
       // Nothing is read from the call until its turn comes: what the site sent meanwhile waits in HTTP/2 flow control.
       const admitted = d.admission.uploads.admit(start);
@@ -318,13 +322,14 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         reply({ code: grpc.status.RESOURCE_EXHAUSTED, details: `${admitted.refused}; send the update again in about ${BUSY_RETRY_HINT_S} s` });
         return;
       }
-      // Cut off while waiting: the site's slot goes with it (once running, the UploadCall gives it back). Registered
-      // before the ticket's release, so it still sees the ticket waiting.
+      // Cut off before it was read (waiting, or its turn come but not yet started): the site's slot goes with it.
+      // Once reading, the UploadCall gives the slot back.
       const cutOffWhileWaiting = () => {
-        if (admitted.ticket.state === 'waiting') releaseSiteSlot();
+        if (!reading) releaseSiteSlot();
       };
       call.once('cancelled', cutOffWhileWaiting);
       call.once('error', cutOffWhileWaiting);
+      call.once('close', cutOffWhileWaiting);
       releaseWhenCallEnds(call, admitted.ticket);
     },
 

@@ -174,46 +174,93 @@ describe('model downloads with two allowed at once', () => {
   }, 90_000);
 });
 
-describe('uploads past the waiting room', () => {
-  it('are refused RESOURCE_EXHAUSTED, sent again by the site, and counted', async () => {
-    modelStreamOptions.chunkBytes = savedChunkBytes;
-    // One upload at a time and none waiting: a second upload while the first is open is refused.
-    const f = await federation({ width: 4, minSites: 2, sites: 2, transfers: { maxUploads: 1, maxWaitingUploads: 0 } });
-    const [a, b] = f.siteDirs.map(siteClient);
-    const tasks = await Promise.all(
-      [a!, b!].map(
-        (c) =>
-          new Promise<WireTask>((resolve) => {
-            const s = c.subscribeTasks([]);
-            s.on('error', () => undefined);
-            s.on('data', (t: WireTask) => t.kind === 'TRAIN' && resolve(t));
-            closers.push(() => s.cancel());
-          }),
-      ),
-    );
-    const payloadFor = (task: WireTask, seed: number) => {
-      const settings = TaskSettingsSchema.parse(JSON.parse(task.settingsJson));
-      return encodeSafetensors(pick(architectureFor(settings.model).init(seed), settings.sharedTensors.map((name) => ({ name }))));
+/** Two sites with their round-1 tasks on a coordinator with these upload limits, and a way to hold the upload slot. */
+async function uploadFederation(transfers: { maxUploads: number; maxWaitingUploads: number }) {
+  modelStreamOptions.chunkBytes = savedChunkBytes;
+  const f = await federation({ width: 4, minSites: 2, sites: 2, transfers });
+  const [a, b] = f.siteDirs.map(siteClient) as [FederationClient, FederationClient];
+  const tasks = await Promise.all(
+    [a, b].map(
+      (c) =>
+        new Promise<WireTask>((resolve) => {
+          const s = c.subscribeTasks([]);
+          s.on('error', () => undefined);
+          s.on('data', (t: WireTask) => t.kind === 'TRAIN' && resolve(t));
+          closers.push(() => s.cancel());
+        }),
+    ),
+  );
+  const payloadFor = (task: WireTask, seed: number) => {
+    const settings = TaskSettingsSchema.parse(JSON.parse(task.settingsJson));
+    return encodeSafetensors(pick(architectureFor(settings.model).init(seed), settings.sharedTensors.map((name) => ({ name }))));
+  };
+  /** Opens an upload and sends its header and half its bytes; `finish` sends the rest. */
+  const startUpload = async (client: FederationClient, task: WireTask, updateId: string, seed: number) => {
+    const payload = payloadFor(task, seed);
+    const call = client.openUpload(60_000);
+    call.ack.catch(() => undefined); // looked at by the tests that care
+    await call.send({ header: { updateId, round: task.round, taskId: task.taskId, baseModelHash: task.modelHash, totalSize: payload.length, sha256: sha256Hex(payload), numSamples: 4 } });
+    await call.sendData(0, payload.subarray(0, payload.length >> 1));
+    const finish = async () => {
+      await call.sendData(payload.length >> 1, payload.subarray(payload.length >> 1));
+      await call.end();
+      return call.ack;
     };
+    return { call, finish };
+  };
+  return { f, a, b, tasks, payloadFor, startUpload };
+}
+
+describe('uploads past the limit', () => {
+  it('are refused RESOURCE_EXHAUSTED past the waiting room, sent again by the site, and counted', async () => {
+    // One upload at a time and none waiting: a second upload while the first is open is refused.
+    const { f, a, b, tasks, payloadFor, startUpload } = await uploadFederation({ maxUploads: 1, maxWaitingUploads: 0 });
     // Site a holds the only upload slot: its header and half its bytes are in, the rest waits.
-    const payloadA = payloadFor(tasks[0]!, 7);
-    const held = a!.openUpload(60_000);
-    await held.send({ header: { updateId: 'held-upload-a', round: tasks[0]!.round, taskId: tasks[0]!.taskId, baseModelHash: tasks[0]!.modelHash, totalSize: payloadA.length, sha256: sha256Hex(payloadA), numSamples: 4 } });
-    await held.sendData(0, payloadA.subarray(0, payloadA.length >> 1));
+    const held = await startUpload(a, tasks[0]!, 'held-upload-a', 7);
     await waitFor(() => f.coord.transfers.uploads.stats().running === 1, 10_000, 'the held upload to run');
     // Site b's upload is refused for now; its retry goes on until the slot is free.
     const warnings: string[] = [];
     const log = { warn: (o: { code?: string }) => warnings.push(String(o.code)) } as unknown as typeof quiet;
-    const sent = uploadUpdate(() => b!, { updateId: 'retried-upload-b', taskId: tasks[1]!.taskId, round: tasks[1]!.round, baseModelHash: tasks[1]!.modelHash, numSamples: 4, payload: payloadFor(tasks[1]!, 8) }, undefined, { until: Date.now() + 60_000, maxBackoffMs: 300, log });
+    const sent = uploadUpdate(() => b, { updateId: 'retried-upload-b', taskId: tasks[1]!.taskId, round: tasks[1]!.round, baseModelHash: tasks[1]!.modelHash, numSamples: 4, payload: payloadFor(tasks[1]!, 8) }, undefined, { until: Date.now() + 60_000, maxBackoffMs: 300, log });
     await waitFor(() => warnings.length > 0, 10_000, "site b's first refusal");
     expect(warnings[0]).toBe('RESOURCE_EXHAUSTED');
     expect(f.coord.transfers.uploads.stats().refused).toBeGreaterThanOrEqual(1);
-    await held.sendData(payloadA.length >> 1, payloadA.subarray(payloadA.length >> 1));
-    await held.end();
-    expect((await held.ack).accepted).toBe(true);
+    expect((await held.finish()).accepted).toBe(true);
     expect((await sent).accepted).toBe(true);
     expect(f.coord.store.getUpdate('held-upload-a')?.site).toBe('site-a');
     expect(f.coord.store.getUpdate('retried-upload-b')?.site).toBe('site-b');
     await waitFor(() => f.coord.transfers.uploads.stats().running === 0, 5000, 'the upload slot to come back');
+  }, 120_000);
+
+  it("wait their turn, and one cut off while waiting leaves the queue and gives its site's own slot back", async () => {
+    const { f, a, b, tasks, startUpload } = await uploadFederation({ maxUploads: 1, maxWaitingUploads: 4 });
+    const gate = f.coord.transfers.uploads;
+    const held = await startUpload(a, tasks[0]!, 'held-upload-a', 7);
+    await waitFor(() => gate.stats().running === 1, 10_000, 'the held upload to run');
+    // Site b's upload, over a connection that is then cut, waits and leaves the queue with its connection.
+    const relay = await startShapedRelay({ host: '127.0.0.1', port: f.coord.port }, link(0, 0));
+    relays.push(relay);
+    const home = new SiteHome(f.siteDirs[1]!);
+    const direct = home.config();
+    home.saveConfig({ ...direct, coordinator: `localhost:${relay.port}` });
+    const viaRelay = siteClient(f.siteDirs[1]!);
+    home.saveConfig(direct);
+    await viaRelay.heartbeat({ state: 'idle', progress: 0, taskId: '', engine: 'test' });
+    await startUpload(viaRelay, tasks[1]!, 'cut-upload-b', 8);
+    await waitFor(() => gate.stats().waiting === 1, 10_000, "site b's upload to wait");
+    relay.cut();
+    await waitFor(() => gate.stats().waiting === 0, 10_000, 'the cut upload to leave the queue');
+    // Site b again, directly, with two uploads open at once (its own limit): neither is refused, so the cut one
+    // holds none of site b's two slots. The first waits for site a's; the second waits behind it.
+    const first = await startUpload(b, tasks[1]!, 'first-upload-b', 8);
+    const second = await startUpload(b, tasks[1]!, 'second-upload-b', 8);
+    await waitFor(() => gate.stats().waiting === 2, 10_000, "site b's two uploads to wait");
+    expect(gate.stats().refused).toBe(0);
+    expect((await held.finish()).accepted).toBe(true);
+    expect((await first.finish()).accepted).toBe(true);
+    // The round has both its updates: the second is refused by the round, not by the gate.
+    const late = await second.finish();
+    expect(late.accepted).toBe(false);
+    expect(gate.stats()).toMatchObject({ running: 0, waiting: 0, refused: 0, peakRunning: 1 });
   }, 120_000);
 });
