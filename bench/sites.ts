@@ -11,6 +11,7 @@
  * peak RSS and CPU seconds, heartbeat / download / upload latency percentiles, and failures.
  *
  *   npm run bench:sites -- [--sites 10,100,1000] [--model-mb 1] [--train-s 2] [--rounds 2] [--workers 4] [--out DIR]
+ *                          [--max-downloads N] [--max-uploads N] [--max-waiting-uploads N]   (coordinator.json transfers)
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -57,6 +58,9 @@ async function main(): Promise<void> {
       'train-s': { type: 'string', default: '2' },
       rounds: { type: 'string', default: '2' },
       workers: { type: 'string', default: '4' },
+      'max-downloads': { type: 'string' },
+      'max-uploads': { type: 'string' },
+      'max-waiting-uploads': { type: 'string' },
       out: { type: 'string' },
     },
   });
@@ -88,8 +92,21 @@ async function main(): Promise<void> {
       share: { parts: ['encoder'] },
     });
 
-  say(`bench:sites — sites ${counts.join(', ')}; model ~${modelMb} MB (tiny3d width ${width}); simulated training ${trainS} s; ${rounds} rounds each; ${workers} site worker processes; work dir ${work}`);
+  // Transfer limits for coordinator.json; those not given are derived from memory by the coordinator (it logs them).
+  const transfers = Object.fromEntries(
+    (
+      [
+        ['maxDownloads', a['max-downloads']],
+        ['maxUploads', a['max-uploads']],
+        ['maxWaitingUploads', a['max-waiting-uploads']],
+      ] as const
+    )
+      .filter(([, v]) => v !== undefined)
+      .map(([k, v]) => [k, Number(v)]),
+  );
+  say(`bench:sites — sites ${counts.join(', ')}; model ~${modelMb} MB (tiny3d width ${width}); simulated training ${trainS} s; ${rounds} rounds each; ${workers} site worker processes; transfer limits ${Object.keys(transfers).length > 0 ? JSON.stringify(transfers) : 'derived from memory'}; work dir ${work}`);
   const home = await CoordinatorHome.init(template, { hosts: ['localhost', '127.0.0.1'], port });
+  if (Object.keys(transfers).length > 0) writeFileSync(home.configPath, JSON.stringify({ ...home.config(), transfers }, null, 2));
   // No round opens while the sites enrol: more sites are needed than will ever connect.
   writeFileSync(home.planPath, stringify(JSON.parse(JSON.stringify(planFor(maxN + 1, 1)))));
   const names = Array.from({ length: maxN }, (_, i) => generatedSiteName(i));

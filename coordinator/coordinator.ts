@@ -20,6 +20,7 @@ import { RoundEngine } from './rounds/round-engine.ts';
 import { SecureAggregation } from './rounds/features/secure-aggregation.ts';
 import { strategyFromPlan } from './aggregation/index.ts';
 import { federationHandlers } from './server/federation-service.ts';
+import { TransferAdmission, defaultTransferLimits, resolveTransferLimits, type TransferLimitsConfig } from './server/transfer-admission.ts';
 import { enrollmentHandlers } from './server/enrollment-service.ts';
 import { governanceHandlers } from './server/ledger-service.ts';
 import { openLedger, strategyName } from './ledger/index.ts';
@@ -75,7 +76,14 @@ export interface CoordinatorOptions {
     authFailures?: Partial<FailureLimitOptions>;
     /** Window in which repeated refused uploads of one site and reason make one warn line plus a count (default 60 s). */
     refusalWindowMs?: number;
+    /**
+     * Bulk transfers at once (server/transfer-admission.ts); overrides coordinator.json's `transfers`, whose limits
+     * left out are derived from the machine's memory and the model's size.
+     */
+    transfers?: TransferLimitsConfig;
   };
+  /** The coordinator's keepalive pings on each site connection (default SERVER_KEEPALIVE: every 60 s, 120 s to answer). */
+  keepalive?: { timeMs?: number; timeoutMs?: number };
   /** Least time between two offers of a round's task to a selected site that heartbeats idle without it (default 30 s). */
   reofferMs?: number;
   /** The admin HTTP endpoint (/metrics, /healthz, /readyz, the dashboard; admin-http/): off unless given. */
@@ -96,6 +104,8 @@ export interface RunningCoordinator {
   plan: Plan;
   /** The admin endpoint, when started with `admin`. */
   admin: AdminHttpServer | undefined;
+  /** The gates bulk transfers pass (their limits and counts). */
+  transfers: TransferAdmission;
   stop(): Promise<void>;
 }
 
@@ -108,6 +118,11 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   const planPath = o.planPath ?? home.planPath;
   const plan = existsSync(planPath) ? loadPlanFile(planPath) : defaultPlan();
   const architecture = architectureFor(plan.model);
+  // The largest transfer either way is the model file (every parameter as float32; an update holds a subset), with
+  // header slack. Checked before anything starts: a bad limit must not leave a half-started coordinator.
+  const modelLayout = safetensorsLayout(architecture.params());
+  const transferBytes = 8 + modelLayout.header.length + modelLayout.dataBytes + 64 * 1024;
+  const transferLimits = resolveTransferLimits(defaultTransferLimits({ transferBytes }), config.transfers, o.limits?.transfers);
   // A full disk at start must not end the process: opening waits for space (store/startup.ts).
   const store = await openStoreWhenPossible(home.dbPath, { log, open: o.openStore, retryMs: o.storageRetryMs });
   const models = new ModelFiles(home.modelsDir);
@@ -147,9 +162,12 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     reofferMs: o.reofferMs,
   });
 
+  const transfers = new TransferAdmission(transferLimits, (direction, e) => log.error({ direction, err: (e as Error).message }, 'a transfer failed to start; its slot was given back'));
+  log.info({ ...transferLimits, transferBytes }, 'bulk transfers at once: downloads and uploads beyond these wait their turn');
+
   // Metrics follow the event stream from before the first round opens (admin-http/event-metrics.ts).
   const metrics = adminOptions
-    ? new CoordinatorMetrics({ federationId: config.federationId, store, engine, tracksPrivacy: plan.aggregation.dp !== undefined, dbPath: home.dbPath, partialDir: join(home.updatesDir, '.partial') })
+    ? new CoordinatorMetrics({ federationId: config.federationId, store, engine, tracksPrivacy: plan.aggregation.dp !== undefined, dbPath: home.dbPath, partialDir: join(home.updatesDir, '.partial'), transfers })
     : undefined;
   if (metrics) feedMetricsFromEvents(bus, metrics, store);
 
@@ -186,8 +204,12 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   // One limiter for every way in (interceptor, enrolment): a peer's failures count together.
   const limiter = new FailureLimiter(log, o.limits?.authFailures);
   const authOptions = { federationId: config.federationId, directory, log, clientCaPem: mtls ? caPem : undefined, limiter, onFailure: metrics?.authFailed };
-  const server = new grpc.Server({ ...SERVER_OPTIONS, interceptors: [createAuthInterceptor(authOptions)] });
-  const federation = federationHandlers({ store, models, engine, receiver, log, features, maxOpenUploadsPerSite: o.limits?.maxOpenUploadsPerSite, refusals, onTransfer: metrics?.transferred });
+  const keepalive = {
+    ...(o.keepalive?.timeMs !== undefined ? { 'grpc.keepalive_time_ms': o.keepalive.timeMs } : {}),
+    ...(o.keepalive?.timeoutMs !== undefined ? { 'grpc.keepalive_timeout_ms': o.keepalive.timeoutMs } : {}),
+  };
+  const server = new grpc.Server({ ...SERVER_OPTIONS, ...keepalive, interceptors: [createAuthInterceptor(authOptions)] });
+  const federation = federationHandlers({ store, models, engine, receiver, log, features, maxOpenUploadsPerSite: o.limits?.maxOpenUploadsPerSite, refusals, onTransfer: metrics?.transferred, admission: transfers });
   server.addService(
     Enrollment.service,
     enrollmentHandlers({ store, federationId: config.federationId, coordinatorPublicKey: rawPublicKey(signingKey), bus, log, ca, requireClientCert: mtls, limiter }),
@@ -236,6 +258,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     store,
     plan,
     admin,
+    transfers,
     async stop() {
       await admin?.close();
       stopStartRetries?.();

@@ -1,6 +1,6 @@
 /**
  * The coordinator's directory: identity, PKI, signing key, plan and state, all in one place an admin can back up.
- *   coordinator.json   federation id, hosts, port
+ *   coordinator.json   federation id, hosts, port; optional `transfers` limits (server/transfer-admission.ts)
  *   pki/               ca.pem, ca.key (0600; read only by the coordinator, to sign site TLS client certificates at
  *                      enrolment), server.pem, server.key (0600), server-chain.pem
  *   keys/              coordinator.key (0600, Ed25519: signs task manifests)
@@ -17,6 +17,7 @@ import { createCertificateAuthority, issueServerCertificate, certificateFingerpr
 import { generateCoordinatorKey, toPrivateKey } from '../shared/security/site-identity.ts';
 import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
 import type { KeyObject } from 'node:crypto';
+import { TransferLimitsConfigSchema } from './server/transfer-admission.ts';
 
 export const DEFAULT_PORT = 7443;
 
@@ -25,6 +26,8 @@ const ConfigSchema = z.object({
   createdAt: z.string(),
   hosts: z.array(z.string()).min(1),
   port: z.number().int().min(0).max(65535),
+  /** Bulk transfers at once (coordinator/server/transfer-admission.ts); each limit left out is derived from memory. */
+  transfers: TransferLimitsConfigSchema.strict().optional(),
 });
 export type CoordinatorConfig = z.infer<typeof ConfigSchema>;
 
@@ -81,7 +84,12 @@ export class CoordinatorHome {
 
   config(): CoordinatorConfig {
     if (!this.exists()) throw new Error(`${this.dir} is not a coordinator directory: run \`medfl coordinator init --dir ${this.dir}\` first`);
-    return ConfigSchema.parse(JSON.parse(readFileSync(this.configPath, 'utf8')));
+    const parsed = ConfigSchema.safeParse(JSON.parse(readFileSync(this.configPath, 'utf8')));
+    if (!parsed.success) {
+      const problems = parsed.error.issues.map((i) => `${i.path.join('.') || '(top level)'}: ${i.message}`).join('; ');
+      throw new Error(`${this.configPath} is not a valid coordinator configuration: ${problems}`);
+    }
+    return parsed.data;
   }
 
   serverCertificate(): ServerCertificate {

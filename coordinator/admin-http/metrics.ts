@@ -14,6 +14,7 @@ import type { RoundEngine, PrivacySpent } from '../rounds/round-engine.ts';
 import { PRIVACY_KEY } from '../rounds/round-engine.ts';
 import { AuthError } from '../auth/interceptor.ts';
 import { AUTH_FAILURE_REASONS, ROUND_FAILURE_CAUSES, UPDATE_REJECTION_REASONS, authFailureReason } from '../events/reasons.ts';
+import type { TransferAdmission } from '../server/transfer-admission.ts';
 
 export interface CoordinatorMetricsDeps {
   federationId: string;
@@ -25,6 +26,8 @@ export interface CoordinatorMetricsDeps {
   dbPath: string;
   /** Where uploads in flight are written (updates/.partial). */
   partialDir: string;
+  /** The gates model downloads and uploads pass (running and waiting transfers). */
+  transfers?: Pick<TransferAdmission, 'gate'>;
 }
 
 export interface Transfer {
@@ -119,6 +122,27 @@ export class CoordinatorMetrics {
       const n = engine.openRoundNumber;
       return n === undefined ? undefined : store.getRound(n);
     };
+    const transfers = d.transfers;
+    if (transfers) {
+      new Gauge({
+        name: 'medfl_transfers_running',
+        help: 'Model downloads and update uploads running now (at most the configured limit)',
+        labelNames: ['direction'],
+        registers,
+        collect() {
+          for (const direction of ['download', 'upload'] as const) this.set({ direction }, transfers.gate(direction).stats().running);
+        },
+      });
+      new Gauge({
+        name: 'medfl_transfers_waiting',
+        help: 'Model downloads and update uploads waiting for a slot',
+        labelNames: ['direction'],
+        registers,
+        collect() {
+          for (const direction of ['download', 'upload'] as const) this.set({ direction }, transfers.gate(direction).stats().waiting);
+        },
+      });
+    }
     new Gauge({ name: 'medfl_sites_connected', help: 'Sites with an open task stream', registers, collect() { this.set(engine.connectedSites().length); } });
     new Gauge({ name: 'medfl_sites_selected', help: 'Sites selected for the open round (0 between rounds)', registers, collect() { this.set(openRound()?.selected.length ?? 0); } });
     new Gauge({

@@ -16,6 +16,7 @@ import { streamModelFile } from './model-stream.ts';
 import { COORDINATOR_FEATURES, LEGACY_SITE, type Feature, type SiteCapabilities } from '../../shared/protocol/features.ts';
 import { describeStorageFault, isStorageFault } from '../../shared/util/storage-fault.ts';
 import { RefusalWarnings } from '../events/refusal-warnings.ts';
+import type { TransferAdmission, TransferTicket } from './transfer-admission.ts';
 
 export interface FederationServiceDeps {
   store: CoordinatorStore;
@@ -33,6 +34,8 @@ export interface FederationServiceDeps {
   refusals?: RefusalWarnings;
   /** Told of each finished model download and each accepted upload (admin-http metrics); must not throw. */
   onTransfer?: (t: { direction: 'download' | 'upload'; bytes: number; seconds: number }) => void;
+  /** Bounds the downloads and uploads running at once (transfer-admission.ts); without it every transfer starts at once. */
+  admission?: TransferAdmission;
 }
 
 /**
@@ -104,6 +107,20 @@ function toWireTask(t: TaskMessage): Record<string, unknown> {
   };
 }
 
+/**
+ * Gives `ticket` back however the call ends: answered (grpc-js emits 'cancelled' once the status is sent, and after
+ * a server stream's last message was written), cancelled by the site, cut off with its connection, or failed.
+ */
+function releaseWhenCallEnds(call: { once(event: 'cancelled' | 'close' | 'error', listener: () => void): unknown }, ticket: TransferTicket): void {
+  const release = () => ticket.release();
+  call.once('cancelled', release);
+  call.once('close', release);
+  call.once('error', release);
+}
+
+/** Seconds a refused upload is told to wait before sending again (a hint for people; sites back off on their own). */
+const BUSY_RETRY_HINT_S = 5;
+
 /** Upload bytes allowed to wait for the file-writer thread before the call stops reading. */
 const UPLOAD_BACKLOG_BYTES = 16 * 1024 * 1024;
 
@@ -146,6 +163,29 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
   if (!(Number.isInteger(maxOpenUploads) && maxOpenUploads >= 1)) throw new RangeError(`maxOpenUploadsPerSite must be an integer ≥ 1, got ${maxOpenUploads}`);
   /** Open UploadUpdate calls per site. */
   const openUploads = new Map<string, number>();
+
+  /** Reads one upload: its chunks drive an UploadCall, which answers it and gives the site's slot back. */
+  function receiveUpload(call: grpc.ServerReadableStream<Record<string, unknown>, unknown>, reply: grpc.sendUnaryData<unknown>, site: string, releaseSlot: () => void): void {
+    const upload = new UploadCall({
+      site,
+      store,
+      engine,
+      receiver,
+      log,
+      stream: call,
+      reply,
+      answerSent: () => statusSent(call),
+      // The slot is given back when the call is answered (every outcome, partial file already discarded) or cut off.
+      releaseSlot,
+      stallMs: uploadOptions.stallMs,
+      backlogBytes: UPLOAD_BACKLOG_BYTES,
+      onTransfer: d.onTransfer,
+    });
+    call.on('data', (msg: Record<string, unknown>) => upload.data(msg));
+    call.on('end', () => upload.end());
+    call.on('cancelled', () => upload.abort());
+    call.on('error', () => upload.abort());
+  }
 
   return {
     Heartbeat(call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {
@@ -233,9 +273,15 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         call.emit('error', { code: grpc.status.OUT_OF_RANGE, details: `offset ${offset} is outside the ${m.sizeBytes}-byte model` });
         return;
       }
-      const started = performance.now();
-      const sent = d.onTransfer && (() => d.onTransfer!({ direction: 'download', bytes: m.sizeBytes - offset, seconds: (performance.now() - started) / 1000 }));
-      streamModelFile(call, models.pathFor(modelHash), offset, m.sizeBytes, modelHash, sent);
+      const start = () => {
+        const started = performance.now();
+        const sent = d.onTransfer && (() => d.onTransfer!({ direction: 'download', bytes: m.sizeBytes - offset, seconds: (performance.now() - started) / 1000 }));
+        streamModelFile(call, models.pathFor(modelHash), offset, m.sizeBytes, modelHash, sent);
+      };
+      if (!d.admission) return start();
+      // Waits its turn (FIFO) holding no buffer; a waiting download is never refused.
+      const { ticket } = d.admission.downloads.admit(start);
+      if (ticket) releaseWhenCallEnds(call, ticket);
     },
 
     UploadUpdate(call: grpc.ServerReadableStream<Record<string, unknown>, unknown>, reply: grpc.sendUnaryData<unknown>) {
@@ -255,31 +301,36 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
       }
       openUploads.set(site, open + 1);
       let slotHeld = true;
-      const upload = new UploadCall({
-        site,
-        store,
-        engine,
-        receiver,
-        log,
-        stream: call,
-        reply,
-        answerSent: () => statusSent(call),
-        // The slot is given back when the call is answered (every outcome, partial file already discarded) or cut off.
-        releaseSlot: () => {
-          if (!slotHeld) return;
-          slotHeld = false;
-          const n = (openUploads.get(site) ?? 1) - 1;
-          if (n <= 0) openUploads.delete(site);
-          else openUploads.set(site, n);
-        },
-        stallMs: uploadOptions.stallMs,
-        backlogBytes: UPLOAD_BACKLOG_BYTES,
-        onTransfer: d.onTransfer,
-      });
-      call.on('data', (msg: Record<string, unknown>) => upload.data(msg));
-      call.on('end', () => upload.end());
-      call.on('cancelled', () => upload.abort());
-      call.on('error', () => upload.abort());
+      const releaseSiteSlot = () => {
+        if (!slotHeld) return;
+        slotHeld = false;
+        const n = (openUploads.get(site) ?? 1) - 1;
+        if (n <= 0) openUploads.delete(site);
+        else openUploads.set(site, n);
+      };
+      let reading = false;
+      const start = () => {
+        reading = true;
+        receiveUpload(call, reply, site, releaseSiteSlot);
+      };
+      if (!d.admission) return start();
+      // Nothing is read from the call until its turn comes: what the site sent meanwhile waits in HTTP/2 flow control.
+      const admitted = d.admission.uploads.admit(start);
+      if (admitted.refused !== undefined) {
+        releaseSiteSlot();
+        refusals.refused('*', 'coordinator_busy', admitted.refused, { site, ...d.admission.uploads.stats() }, 'upload refused: too many uploads are waiting; the site sends it again later');
+        reply({ code: grpc.status.RESOURCE_EXHAUSTED, details: `${admitted.refused}; send the update again in about ${BUSY_RETRY_HINT_S} s` });
+        return;
+      }
+      // Cut off before it was read (waiting, or its turn come but not yet started): the site's slot goes with it.
+      // Once reading, the UploadCall gives the slot back.
+      const cutOffWhileWaiting = () => {
+        if (!reading) releaseSiteSlot();
+      };
+      call.once('cancelled', cutOffWhileWaiting);
+      call.once('error', cutOffWhileWaiting);
+      call.once('close', cutOffWhileWaiting);
+      releaseWhenCallEnds(call, admitted.ticket);
     },
 
     ReportMetrics(call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) {

@@ -43,11 +43,19 @@ export const CHANNEL_OPTIONS: grpc.ChannelOptions = {
   'grpc.keepalive_permit_without_calls': 1,
 };
 
+/** How often the coordinator pings a site's connection, and how long it waits for the answer before closing it. */
+export const SERVER_KEEPALIVE = { timeMs: 60_000, timeoutMs: 120_000 };
+
 export const SERVER_OPTIONS: grpc.ServerOptions = {
   'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
   'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
   'grpc.keepalive_permit_without_calls': 1,
   'grpc.http2.min_ping_interval_without_data_ms': 5_000,
+  // The coordinator pings each site's connection too, so a connection whose path died is closed and its calls end:
+  // a download blocked on a dead socket otherwise keeps its transfer slot until TCP gives up (~15 min). The answer may
+  // wait behind the megabytes already in the socket buffers on a slow link (a minute at 1 Mbit/s), hence 2 minutes.
+  'grpc.keepalive_time_ms': SERVER_KEEPALIVE.timeMs,
+  'grpc.keepalive_timeout_ms': SERVER_KEEPALIVE.timeoutMs,
   // Read by grpc-js servers once they honour it (1.14 reads it on clients only); until then widenServerWindows does it.
   'grpc-node.flow_control_window': SERVER_FLOW_CONTROL_WINDOW,
 };

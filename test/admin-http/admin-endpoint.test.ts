@@ -146,6 +146,13 @@ describe('admin endpoint of a coordinator that ran a federation', () => {
     expect(sampleValue(metrics, 'medfl_transfer_seconds_sum', { direction: 'download' })).toBeGreaterThanOrEqual(0);
   });
 
+  it('shows the transfers running and waiting for a slot: none once the rounds are over', () => {
+    for (const direction of ['download', 'upload']) {
+      expect(sampleValue(metrics, 'medfl_transfers_running', { direction })).toBe(0);
+      expect(sampleValue(metrics, 'medfl_transfers_waiting', { direction })).toBe(0);
+    }
+  });
+
   it('counts refused site calls on both transports by reason', () => {
     expect(sampleValue(metrics, 'medfl_auth_failures_total', { reason: 'missing_token' })).toBe(1);
     expect(sampleValue(metrics, 'medfl_auth_failures_total', { reason: 'malformed_token' })).toBe(1);
