@@ -19,7 +19,7 @@ import { SHA256_HEX } from '../../shared/util/hash.ts';
 import { parseTeacher, TEACHER_KEY } from './teacher.ts';
 
 export const ROLLBACK_PENDING_KEY = 'rollback_pending';
-/** Store meta key of the aggregation state (round-engine.ts writes it; not imported from there to keep this module light). */
+/** Store meta key of the aggregation state (aggregation-state.ts writes it; not imported from there to keep this module light). */
 const AGGREGATION_STATE_KEY = 'aggregation_state';
 
 export const RollbackRecordSchema = z

@@ -4,7 +4,7 @@
  * Coordinator features are named in HeartbeatResponse.features: a site uses one only after its coordinator named
  * it, so new sites keep working with older coordinators (which send no list) and older sites never use one.
  * Site features are named in SubscribeRequest.features with the site's protocol version: the coordinator sends a
- * site no task that needs a feature it did not name (coordinator/rounds/round-engine.ts), and lists the features a
+ * site no task that needs a feature it did not name (coordinator/rounds/task-offers.ts), and lists the features a
  * task needs in its signed settings (`requires`), so a site refuses one it cannot honour.
  */
 

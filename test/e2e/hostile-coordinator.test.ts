@@ -16,7 +16,7 @@ import { startCoordinator, type RunningCoordinator } from '../../coordinator/coo
 import { CoordinatorHome } from '../../coordinator/home.ts';
 import type { TaskMessage } from '../../coordinator/rounds/round-engine.ts';
 import type { RoundRow } from '../../coordinator/store/store.ts';
-import { manifestBytes, type TaskManifest } from '../../shared/protocol/task.ts';
+import { manifestBytes, type TaskManifest, type TaskSettings } from '../../shared/protocol/task.ts';
 import { signManifest } from '../../shared/security/site-identity.ts';
 import { architectureFor } from '../../shared/model/registry.ts';
 import { waitFor } from '../../cli/processes.ts';
@@ -33,10 +33,10 @@ beforeAll(async () => {
   coord = await startCoordinator({ dir: fed.coordDir, port: fed.port, host: '127.0.0.1', log: pino({ level: 'silent' }) });
   coord.bus.subscribe((e) => events.push(e));
   const signingKey = new CoordinatorHome(fed.coordDir).signingKey();
-  const engine = coord.engine as unknown as { trainTask(row: RoundRow, site: string): TaskMessage };
+  const engine = coord.engine as unknown as { trainTask(row: RoundRow, site: string, settings: TaskSettings): TaskMessage };
   const genuine = engine.trainTask.bind(engine);
-  engine.trainTask = (row, site) => {
-    const { signature: _ignored, ...manifest } = genuine(row, site);
+  engine.trainTask = (row, site, settings) => {
+    const { signature: _ignored, ...manifest } = genuine(row, site, settings);
     const m = tamper(manifest);
     return { ...m, signature: signManifest(signingKey, manifestBytes(m)) };
   };

@@ -14,7 +14,7 @@ import { startCoordinator, type RunningCoordinator } from '../../coordinator/coo
 import { CoordinatorHome } from '../../coordinator/home.ts';
 import type { TaskMessage } from '../../coordinator/rounds/round-engine.ts';
 import type { RoundRow } from '../../coordinator/store/store.ts';
-import { manifestBytes, TaskSettingsSchema, type TaskManifest } from '../../shared/protocol/task.ts';
+import { manifestBytes, TaskSettingsSchema, type TaskManifest, type TaskSettings } from '../../shared/protocol/task.ts';
 import { signManifest } from '../../shared/security/site-identity.ts';
 import { SiteAgent } from '../../site-agent/agent.ts';
 import { SiteHome } from '../../site-agent/home.ts';
@@ -29,10 +29,10 @@ beforeAll(async () => {
   fed = await makeFederation({ sites: 1, plan: TEST_PLAN({ rounds: 1, minSites: 1, deadline: 120, gather: 0, steps: 1 }) });
   coord = await startCoordinator({ dir: fed.coordDir, port: fed.port, host: '127.0.0.1', log: pino({ level: 'silent' }) });
   const signingKey = new CoordinatorHome(fed.coordDir).signingKey();
-  const engine = coord.engine as unknown as { trainTask(row: RoundRow, site: string): TaskMessage };
+  const engine = coord.engine as unknown as { trainTask(row: RoundRow, site: string, settings: TaskSettings): TaskMessage };
   const genuine = engine.trainTask.bind(engine);
-  engine.trainTask = (row, site) => {
-    const { signature: _ignored, ...manifest } = genuine(row, site);
+  engine.trainTask = (row, site, settings) => {
+    const { signature: _ignored, ...manifest } = genuine(row, site, settings);
     genuineTasks.push(manifest);
     const m = { ...manifest, modelSize: 64 * 1024 ** 3 };
     return { ...m, signature: signManifest(signingKey, manifestBytes(m)) };
