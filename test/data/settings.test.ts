@@ -8,7 +8,7 @@ describe('data settings', () => {
     expect(s).toMatchObject({ normalization: 'auto', ctWindow: [-200, 250], foregroundFraction: 0.33, cacheMiB: 1024 });
     expect(s.spacing).toBeUndefined();
     expect(augmentOptions(s)).toEqual(DEFAULT_AUGMENT);
-    expect(siteDataOptions(s, [8, 8, 8])).toEqual({ patch: [8, 8, 8], normalization: 'auto', ctWindow: [-200, 250], foregroundFraction: 0.33, cacheBytes: 2 ** 30, carveValidation: true });
+    expect(siteDataOptions(s, [8, 8, 8])).toEqual({ patch: [8, 8, 8], normalization: 'auto', biasCorrection: 'none', ctWindow: [-200, 250], foregroundFraction: 0.33, cacheBytes: 2 ** 30, carveValidation: true });
   });
 
   it('refuses bad values, naming them', () => {
