@@ -5,6 +5,7 @@
  * global model (cached by hash), trains locally with the site's own head, and sends back only the
  * plan's shared tensors. An update waits in the outbox until the coordinator acknowledges it.
  */
+import { backoffDelay } from './transport/backoff.ts';
 import * as grpc from '@grpc/grpc-js';
 import { randomUUID } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync } from 'node:fs';
@@ -422,8 +423,4 @@ function safeJson(text: string): unknown {
   }
 }
 
-/** Exponential backoff with "equal jitter" (half fixed, half random), so sites never reconnect in lockstep yet always wait a little. */
-export function backoffDelay(attempt: number, maxMs: number, baseMs = 500): number {
-  const cap = Math.min(maxMs, baseMs * 2 ** Math.min(attempt, 16));
-  return Math.round(cap / 2 + (Math.random() * cap) / 2);
-}
+export { backoffDelay } from './transport/backoff.ts';

@@ -4,6 +4,7 @@
  * Coordinators that offer it get the SHA-256 last, in a trailer, so hashing overlaps the transfer.
  * Retried under the same update id, so the coordinator counts it once.
  */
+import { backoffDelay } from './backoff.ts';
 import * as grpc from '@grpc/grpc-js';
 import { CHUNK_BYTES } from '../../shared/protocol/grpc.ts';
 import { createHash } from 'node:crypto';
@@ -136,7 +137,8 @@ export async function uploadUpdate(client: () => FederationClient, u: OutgoingUp
       if (FINAL_UPLOAD_CODES.has(err.code)) throw e;
       const transient = TRANSIENT_UPLOAD_CODES.has(err.code);
       if (!transient) failures++;
-      const delay = Math.min(maxBackoffMs, 500 * 2 ** Math.min(tryNo - 1, 16));
+      // Jittered: after a refusal to many sites at once (a full waiting room), their retries spread out.
+      const delay = backoffDelay(tryNo - 1, maxBackoffMs);
       if (opts.cancelled?.() || (transient ? Date.now() + delay > until : failures >= attempts)) throw e;
       opts.log?.warn(
         { round: u.round, attempt: tryNo, delayMs: delay, code: err.code !== undefined ? grpc.status[err.code] : undefined, reason: err.details ?? err.message },

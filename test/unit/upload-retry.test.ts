@@ -5,7 +5,7 @@
  * transport (the end-to-end path is in test/e2e/disk-full.test.ts); the retry policy is the product's.
  */
 import * as grpc from '@grpc/grpc-js';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { uploadUpdate } from '../../site-agent/transport/upload.ts';
 import type { FederationClient, UploadAck, UploadCall } from '../../site-agent/transport/client.ts';
 
@@ -58,5 +58,23 @@ describe('sending an update through transient refusals', () => {
     const stopping = scripted([grpc.status.UNAVAILABLE, 'ack']);
     await expect(uploadUpdate(() => stopping.client, update, undefined, { maxBackoffMs: 5, cancelled: () => true })).rejects.toMatchObject({ code: grpc.status.UNAVAILABLE });
     expect(stopping.tries()).toBe(1);
+  });
+
+  it('spreads its retries: the wait is jittered between half and all of the backoff step', async () => {
+    const waits: number[] = [];
+    const log = { warn: (o: { delayMs: number }) => waits.push(o.delayMs) };
+    const random = vi.spyOn(Math, 'random');
+    try {
+      random.mockReturnValue(0);
+      const first = scripted([grpc.status.RESOURCE_EXHAUSTED]);
+      await uploadUpdate(() => first.client, update, undefined, { maxBackoffMs: 40, log: log as never });
+      random.mockReturnValue(0.999);
+      const second = scripted([grpc.status.RESOURCE_EXHAUSTED]);
+      await uploadUpdate(() => second.client, update, undefined, { maxBackoffMs: 40, log: log as never });
+    } finally {
+      random.mockRestore();
+    }
+    // Two sites refused at the same moment wait 20 and 40 ms: no lockstep.
+    expect(waits).toEqual([20, 40]);
   });
 });
