@@ -8,14 +8,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
 import { waitFor } from '../../cli/processes.ts';
-import { CoordinatorStore } from '../../coordinator/store/store.ts';
-import { ModelFiles } from '../../coordinator/models/model-store.ts';
-import { RoundEngine, type TaskMessage } from '../../coordinator/rounds/round-engine.ts';
+import { bareEngine } from '../helpers/bare-engine.ts';
 import type { RoundFeature } from '../../coordinator/rounds/round-feature.ts';
-import { strategyFromPlan } from '../../coordinator/aggregation/index.ts';
-import { InProcessBus, type FederationEvent } from '../../shared/events/bus.ts';
 import { parsePlan } from '../../shared/plan/load.ts';
-import { architectureFor } from '../../shared/model/registry.ts';
 
 const plan = parsePlan(
   [
@@ -60,29 +55,11 @@ describe('round features', () => {
   it('a feature passed to the engine sees the lifecycle in order, and its close contribution is committed', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'medfl-features-'));
     dirs.push(dir);
-    const store = new CoordinatorStore(join(dir, 'state.db'));
-    const models = new ModelFiles(join(dir, 'models'));
-    const events: FederationEvent[] = [];
-    const bus = new InProcessBus();
-    bus.subscribe((e) => events.push(e));
     const calls: string[] = [];
-    const engine = new RoundEngine({
-      store,
-      models,
-      plan,
-      architecture: architectureFor(plan.model),
-      strategy: strategyFromPlan(plan),
-      bus,
-      federationId: 'fed-features',
-      sign: () => Buffer.alloc(64),
-      log: pino({ level: 'silent' }),
-      features: [recorder(calls)],
-    });
-    store.inviteSite('site-a', 'h'.repeat(64), Date.now() + 60_000);
-    expect(store.enrolSite('site-a', 'h'.repeat(64), Buffer.alloc(32, 7)).ok).toBe(true);
+    const { store, models, engine, events, tasks, enrol, connect } = bareEngine(dir, plan, { features: [recorder(calls)] });
+    enrol(['site-a']);
     await engine.start();
-    const tasks: TaskMessage[] = [];
-    engine.siteConnected('site-a', { send: (t) => tasks.push(t) });
+    connect(['site-a']);
     await waitFor(() => tasks.length > 0, 5000, 'the task of round 1');
 
     // Round 1: one update, the round closes.
@@ -117,32 +94,17 @@ describe('round features', () => {
   it('a feature that throws in a notification hook is logged and the rounds go on', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'medfl-features-'));
     dirs.push(dir);
-    const store = new CoordinatorStore(join(dir, 'state.db'));
-    const models = new ModelFiles(join(dir, 'models'));
-    const events: FederationEvent[] = [];
-    const bus = new InProcessBus();
-    bus.subscribe((e) => events.push(e));
     const boom = () => {
       throw new Error('boom');
     };
     const logged: Array<Record<string, unknown>> = [];
-    const engine = new RoundEngine({
-      store,
-      models,
-      plan,
-      architecture: architectureFor(plan.model),
-      strategy: strategyFromPlan(plan),
-      bus,
-      federationId: 'fed-features',
-      sign: () => Buffer.alloc(64),
+    const { store, models, engine, events, tasks, enrol, connect } = bareEngine(dir, plan, {
       log: pino({ level: 'warn' }, { write: (l: string) => logged.push(JSON.parse(l) as Record<string, unknown>) }),
       features: [{ name: 'broken', onRoundOpened: boom, onUpdateAccepted: boom, onRoundClosed: boom }],
     });
-    store.inviteSite('site-a', 'h'.repeat(64), Date.now() + 60_000);
-    expect(store.enrolSite('site-a', 'h'.repeat(64), Buffer.alloc(32, 7)).ok).toBe(true);
+    enrol(['site-a']);
     await engine.start();
-    const tasks: TaskMessage[] = [];
-    engine.siteConnected('site-a', { send: (t) => tasks.push(t) });
+    connect(['site-a']);
     await waitFor(() => tasks.length > 0, 5000, 'the task of round 1');
     const row = { updateId: 'u-00000001', round: 1, site: 'site-a', numSamples: 4, sha256: 'a'.repeat(64), path: join(dir, 'none'), sizeBytes: 1, acceptedAt: Date.now() };
     store.insertUpdate(row);
