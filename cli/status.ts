@@ -99,6 +99,7 @@ function teacherCell(v: Record<string, number>): string {
   if (v.teacher_behind_model === 1) {
     return v.model_val_dice === undefined || v.teacher_val_dice === undefined ? 'off: unmeasured' : `off: model ${fmt(v.model_val_dice)} > teacher ${fmt(v.teacher_val_dice)}`;
   }
+  if (v.teacher_retired === 1) return v.teacher_generation === undefined ? 'off: generation retired (its students did not beat it)' : 'off: retired';
   if (v.teacher_gated === 1) return 'off: teacher gated';
   return v.pseudo_used === 0 ? 'off' : '—';
 }

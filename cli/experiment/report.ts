@@ -42,6 +42,8 @@ export interface PseudoLabelRound {
   sitesUsed: number;
   teacherVal: number;
   modelVal: number;
+  /** Sites that withheld pseudo-labels because the generation in use was retired there (its students did not beat it). */
+  sitesRetired: number;
   /** Each site with a teacher: whether it used pseudo-labels, and the two scores it compared (NaN = not measured). */
   bySite: Record<string, { used: boolean; teacherVal: number; modelVal: number }>;
 }
@@ -56,13 +58,14 @@ export function pseudoLabelRound(round: number, siteMetrics: Readonly<Record<str
     return v.length ? v.reduce((a, x) => a + x, 0) / v.length : Number.NaN;
   };
   const bySite = Object.fromEntries(sites.map(([site, m]) => [site, { used: m.pseudo_used === 1, teacherVal: m.teacher_val_dice ?? Number.NaN, modelVal: m.model_val_dice ?? Number.NaN }]));
-  return { round, sitesWithTeacher: withTeacher.length, sitesUsed: withTeacher.filter((m) => m.pseudo_used === 1).length, teacherVal: mean('teacher_val_dice'), modelVal: mean('model_val_dice'), bySite };
+  return { round, sitesWithTeacher: withTeacher.length, sitesUsed: withTeacher.filter((m) => m.pseudo_used === 1).length, sitesRetired: withTeacher.filter((m) => m.teacher_retired === 1).length, teacherVal: mean('teacher_val_dice'), modelVal: mean('model_val_dice'), bySite };
 }
 
 /** "pseudo-labels at 1/3 sites (validation: teacher 0.412, received model 0.455)" */
 export function describePseudoLabelRound(p: PseudoLabelRound): string {
   const f = (x: number) => (Number.isFinite(x) ? x.toFixed(3) : '—');
-  return `pseudo-labels at ${p.sitesUsed}/${p.sitesWithTeacher} sites (validation: teacher ${f(p.teacherVal)}, received model ${f(p.modelVal)})`;
+  const retired = p.sitesRetired > 0 ? `, generation retired at ${p.sitesRetired}` : '';
+  return `pseudo-labels at ${p.sitesUsed}/${p.sitesWithTeacher} sites${retired} (validation: teacher ${f(p.teacherVal)}, received model ${f(p.modelVal)})`;
 }
 
 /**

@@ -27,6 +27,7 @@ import { existingPool, labelPool, prunePseudoDirs, PseudoPatches, teacherProbs, 
 import { calibrateConfidence, type CalibrationCase } from './confidence-calibration.ts';
 import { chooseTeacher, readTeacherChoice, writeTeacherChoice } from './teacher-choice.ts';
 import { pseudoLabelUse } from './teacher-vs-model.ts';
+import { studentVerdict } from './student-verdict.ts';
 import { applySiteTask, describeSiteTask, loadSiteTask, type SiteTask } from '../task-config.ts';
 import type { CaseRef } from '../data/site-data.ts';
 import { isRestorationArchitecture, restorationArchitecture } from '../../shared/model/restoration.ts';
@@ -103,7 +104,8 @@ export class LocalTraining {
     // Noisy student: with a teacher, its pseudo-labelled pool joins the labelled patches, and the student is noised.
     // The received model is scored only when a teacher has to be compared with it.
     const modelDice = () => this.validationDice(trainer, data, settings, this.scoreKey(settings, ctx.modelHash ?? sha256Hex(modelBytes), this.localPath(arch, settings)), start);
-    const setup = await this.studentSetup(arch, trainer, settings, data, { ...ctx, modelDice });
+    const verdict: { generation?: number; beat?: boolean } = {};
+    const setup = await this.studentSetup(arch, trainer, settings, data, { ...ctx, modelDice, verdict });
     const student = setup && 'pool' in setup ? setup : undefined;
     const baseAugment = augmentOptions(dataSettings);
     const augment = student?.strongAugment ? strongAugment(baseAugment) : baseAugment;
@@ -170,6 +172,16 @@ export class LocalTraining {
       // The gate's decision is a metric of its own, so a coordinator sees teachers refused (and why: NaN = unmeasured).
       metrics.teacher_gated = 1;
       if (Number.isFinite(setup.skipped)) metrics.teacher_val_dice = setup.skipped;
+    }
+    if (verdict.beat !== undefined) {
+      // Noisy Student's test of the generation this site used last (student-verdict.ts): did its students beat it?
+      metrics.student_beat_teacher = verdict.beat ? 1 : 0;
+    }
+    if (setup && 'retired' in setup) {
+      // The generation in use was retired here because its students did not beat it.
+      metrics.teacher_retired = 1;
+      if (Number.isFinite(setup.retired.teacherDice)) metrics.teacher_val_dice = setup.retired.teacherDice;
+      if (Number.isFinite(setup.retired.modelDice)) metrics.model_val_dice = setup.retired.modelDice;
     }
     if (setup && 'behind' in setup) {
       // The teacher trails the model this round (or either is unmeasured): both scores, aggregates over the validation cases.
@@ -284,14 +296,16 @@ export class LocalTraining {
    * time the generation is seen. The teacher (eval mode) labels the pool once per generation, to disk. Each round the
    * teacher in use must also hold its own against the received model on the validation cases (teacher-vs-model.ts),
    * else the round trains on labelled cases alone (`behind`); a new generation is then neither labelled nor adopted.
+   * After a round with pseudo-labels, the next round first asks whether those students beat their teacher; a
+   * generation whose students did not is retired at this site (`retired`, student-verdict.ts).
    */
   private async studentSetup(
     arch: ModelArchitecture,
     trainer: Trainer,
     settings: TaskSettings,
     data: SiteData,
-    ctx: { round: number; teacherBytes?: Buffer; modelDice: () => Promise<number> },
-  ): Promise<StudentSetup | { skipped: number } | { behind: TeacherBehind } | undefined> {
+    ctx: { round: number; teacherBytes?: Buffer; modelDice: () => Promise<number>; verdict: { generation?: number; beat?: boolean } },
+  ): Promise<StudentSetup | { skipped: number } | { behind: TeacherBehind } | { retired: TeacherBehind } | undefined> {
     const ts = settings.teacherStudent;
     const teacher = settings.teacher;
     if (!ts?.enabled || !teacher) return undefined;
@@ -331,7 +345,25 @@ export class LocalTraining {
     const choicePath = join(this.o.localDir, `${arch.id}-${this.localKey(settings)}-teacher-choice.json`);
     // A generation's pseudo-labels live in one folder per generation; the choice file names only the generation.
     const pseudoDir = (generation: number) => join(parent, `${this.localKey(settings)}-g${generation}`);
-    const saved = readTeacherChoice(choicePath);
+    let saved = readTeacherChoice(choicePath);
+    if (saved && saved.pendingRound !== undefined && saved.pendingRound < ctx.round && !saved.retired) {
+      // The model received now is what this site's last pseudo-labelled round (and the others') made of the teacher.
+      const modelDice = await ctx.modelDice();
+      const v = studentVerdict(saved.dice, modelDice);
+      ctx.verdict.generation = saved.generation;
+      ctx.verdict.beat = !v.retire;
+      if (v.retire) {
+        log.info(
+          { round: ctx.round, generation: saved.generation, teacherValDice: round4(saved.dice), modelValDice: Number.isFinite(modelDice) ? round4(modelDice) : null },
+          v.why === 'unmeasured' ? 'the students of the teacher in use could not be scored here: retiring that generation at this site' : "the students of the teacher in use did not beat it on this site's validation cases: retiring that generation at this site (its pseudo-labels are not used again)",
+        );
+      }
+      saved = { generation: saved.generation, modelHash: saved.modelHash, dice: saved.dice, ...(v.retire ? { retired: true } : {}) };
+      writeTeacherChoice(choicePath, saved);
+    }
+    // A retired generation is not used again, whether the task still names it or a newer one that is not adopted.
+    const retired = async (): Promise<{ retired: TeacherBehind }> => ({ retired: { generation: saved!.generation, teacherDice: saved!.dice, modelDice: await ctx.modelDice() } });
+    if (saved?.retired && saved.generation >= teacher.generation) return retired();
     const previousPool = saved ? existingPool(pseudoDir(saved.generation), { generation: saved.generation, teacherHash: saved.modelHash }) : undefined;
     const previous = previousPool ? saved : undefined;
     const decision = chooseTeacher({ generation: teacher.generation, dice: teacherDice }, previous, ts.minTeacherDice);
@@ -352,9 +384,11 @@ export class LocalTraining {
         { round: ctx.round, generation: teacher.generation, teacherValDice: measured, kept: previous.generation, keptValDice: round4(previous.dice), needed: ts.minTeacherDice },
         decision.why === 'not better' ? "the new teacher does not beat the one in use on this site's validation cases: keeping the earlier generation's pseudo-labels" : "the new teacher is below the floor on this site's validation cases: keeping the earlier generation's pseudo-labels",
       );
+      if (previous.retired) return retired();
       if (previousPool.cases.length === 0) return undefined;
       const against = await behindModel(previous.generation, previous.dice);
       if ('behind' in against) return against;
+      writeTeacherChoice(choicePath, { generation: previous.generation, modelHash: previous.modelHash, dice: previous.dice, pendingRound: ctx.round });
       return { pool: previousPool, dir: pseudoDir(previous.generation), generation: previous.generation, ratio: ts.ratio, dropout: ts.dropout, strongAugment: ts.strongAugment, teacherDice: previous.dice, modelDice: against.modelDice, candidateDice: teacherDice };
     }
     if (decision.use === 'none') {
@@ -371,7 +405,7 @@ export class LocalTraining {
     const pool = await labelPool(trainer, weights, data, usablePool, dir, teacherId, labelling, log, prior ? { foregroundFraction: prior, maxFactor: ts.maxForegroundFactor } : undefined);
     // Only now that the new labels are complete do the earlier generation's go (they were the fallback).
     prunePseudoDirs(parent, dir);
-    writeTeacherChoice(choicePath, { generation: teacher.generation, modelHash: teacher.modelHash, dice: teacherDice });
+    writeTeacherChoice(choicePath, { generation: teacher.generation, modelHash: teacher.modelHash, dice: teacherDice, ...(pool.cases.length > 0 ? { pendingRound: ctx.round } : {}) });
     if (pool.cases.length === 0) return undefined;
     return { pool, dir, generation: teacher.generation, ratio: ts.ratio, dropout: ts.dropout, strongAugment: ts.strongAugment, teacherDice, modelDice: against.modelDice };
   }

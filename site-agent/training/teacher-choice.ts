@@ -14,6 +14,10 @@ const ChoiceSchema = z.object({
   modelHash: z.string().regex(/^[0-9a-f]{64}$/),
   /** The teacher's mean validation Dice at this site when it was adopted. */
   dice: z.number(),
+  /** The round in which this site last trained with the generation's pseudo-labels, while its verdict is pending (student-verdict.ts). */
+  pendingRound: z.number().int().nonnegative().optional(),
+  /** Its students did not beat it here: its pseudo-labels are not used again (student-verdict.ts). */
+  retired: z.boolean().optional(),
 });
 export type TeacherChoice = z.infer<typeof ChoiceSchema>;
 

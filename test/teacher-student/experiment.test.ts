@@ -54,7 +54,7 @@ describe('medfl experiment', () => {
     // round 2 the teacher is the very model each site received, so both score alike (a site may still have had
     // nothing to learn from: every pseudo-label off its labelled prior), and the counts agree with the generation's.
     const used = ts.generations![0].usedBySites;
-    expect(ts.pseudoLabels).toEqual([{ round: 2, sitesWithTeacher: 2, sitesUsed: used, teacherVal: expect.any(Number), modelVal: expect.any(Number), bySite: expect.any(Object) }]);
+    expect(ts.pseudoLabels).toEqual([{ round: 2, sitesWithTeacher: 2, sitesUsed: used, sitesRetired: 0, teacherVal: expect.any(Number), modelVal: expect.any(Number), bySite: expect.any(Object) }]);
     expect(ts.pseudoLabels![0].modelVal).toBe(ts.pseudoLabels![0].teacherVal);
     expect(Object.keys(ts.pseudoLabels![0].bySite)).toEqual(['site-a', 'site-b']);
     expect(Object.values(ts.pseudoLabels![0].bySite).filter((s) => s.used)).toHaveLength(used);
