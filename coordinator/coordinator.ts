@@ -288,9 +288,12 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
  * trip allow 1.6 MB/s whatever the link (bench/wan.ts measures both directions).
  *
  * grpc-js 1.14 reads 'grpc-node.flow_control_window' on its clients only, and has no public hook on the sessions
- * its server accepts; this is the one place MedFL reaches into grpc-js (its `http2Servers` map). It is guarded:
- * where grpc-js's internals differ, nothing changes but the window (logged at warn, and
- * test/transport/flow-control.test.ts fails, so an upgrade that loses it is noticed). SERVER_OPTIONS passes the same
+ * its server accepts; this is the one place MedFL reaches into grpc-js (its `http2Servers` map). Its public ways in
+ * fall short: `createConnectionInjector` takes a socket we own but never shows the session made on it, and HTTP/2
+ * settings reach its server only through a ServerCredentials subclass (internal methods again), where they would widen
+ * each stream's window but not the connection's: that stays at 65,535 bytes, 64 KiB per round trip as before.
+ * It is guarded: where grpc-js's internals differ, nothing changes but the window (logged at warn, and
+ * test/transport/grpc-transport.test.ts fails, so an upgrade that loses it is noticed). SERVER_OPTIONS passes the same
  * option to the server, so a grpc-js that honours it there widens the window by itself.
  */
 export function widenServerWindows(server: grpc.Server, bytes: number, log: Logger): void {
