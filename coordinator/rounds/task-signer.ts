@@ -7,8 +7,7 @@
  * or the decision to sign lives elsewhere: a signing service that records or vets each manifest, or a test that plays
  * a coordinator holding the real key but sending tasks of its own making.
  */
-import type { PrivateKeyInput } from '../../shared/security/site-identity.ts';
-import { signManifest } from '../../shared/security/site-identity.ts';
+import { signManifest, type PrivateKeyInput } from '../../shared/security/site-identity.ts';
 import { manifestBytes, type TaskManifest } from '../../shared/protocol/task.ts';
 import type { TaskMessage } from './site-connections.ts';
 
