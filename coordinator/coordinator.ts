@@ -17,6 +17,7 @@ import { openStoreWhenPossible, retryUntilStarted } from './store/startup.ts';
 import { ModelFiles } from './models/model-store.ts';
 import { initialWeights } from './models/initial-model.ts';
 import { RoundEngine } from './rounds/round-engine.ts';
+import { keyTaskSigner, type TaskSigner } from './rounds/task-signer.ts';
 import { SecureAggregation } from './rounds/features/secure-aggregation.ts';
 import { strategyFromPlan } from './aggregation/index.ts';
 import { federationHandlers } from './server/federation-service.ts';
@@ -39,7 +40,7 @@ import { architectureFor } from '../shared/model/registry.ts';
 import { loadProto, SERVER_FLOW_CONTROL_WINDOW, SERVER_OPTIONS } from '../shared/protocol/grpc.ts';
 import { COORDINATOR_FEATURES, FEATURES, type Feature } from '../shared/protocol/features.ts';
 import { serverCredentials } from '../shared/security/pki.ts';
-import { rawPublicKey, signManifest } from '../shared/security/site-identity.ts';
+import { rawPublicKey } from '../shared/security/site-identity.ts';
 import { createLogger, type Logger } from '../shared/util/log.ts';
 import { safetensorsLayout } from '../shared/tensors/safetensors.ts';
 import { parseAdminHttpOptions, type AdminHttpSettings } from './admin-http/options.ts';
@@ -88,6 +89,11 @@ export interface CoordinatorOptions {
   reofferMs?: number;
   /** The admin HTTP endpoint (/metrics, /healthz, /readyz, the dashboard; admin-http/): off unless given. */
   admin?: AdminHttpSettings;
+  /**
+   * Signs each task sent to sites (default: with the coordinator's Ed25519 key in `dir`). A seam for a signer that
+   * records or vets what it signs, and for tests that play a coordinator holding the real key (rounds/task-signer.ts).
+   */
+  signTask?: TaskSigner;
   /** Opens the state database (default: the SQLite store in `dir`); a seam for tests that fill its disk. */
   openStore?: (path: string) => CoordinatorStore;
   /** How often opening the store, starting and the round engine's own work are retried while storage fails (default 10 s). */
@@ -151,7 +157,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     strategy: strategyFromPlan(plan, { spillDir: `${home.updatesDir}/.spill` }),
     bus,
     federationId: config.federationId,
-    sign: (bytes) => signManifest(signingKey, bytes),
+    signTask: o.signTask ?? keyTaskSigner(signingKey),
     log,
     initialWeights: () => initialWeights(architecture, plan, existsSync(planPath) ? planPath : undefined, log),
     maskedDir: `${home.updatesDir}/secagg`,
@@ -282,9 +288,12 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
  * trip allow 1.6 MB/s whatever the link (bench/wan.ts measures both directions).
  *
  * grpc-js 1.14 reads 'grpc-node.flow_control_window' on its clients only, and has no public hook on the sessions
- * its server accepts; this is the one place MedFL reaches into grpc-js (its `http2Servers` map). It is guarded:
- * where grpc-js's internals differ, nothing changes but the window (logged at warn, and
- * test/transport/flow-control.test.ts fails, so an upgrade that loses it is noticed). SERVER_OPTIONS passes the same
+ * its server accepts; this is the one place MedFL reaches into grpc-js (its `http2Servers` map). Its public ways in
+ * fall short: `createConnectionInjector` takes a socket we own but never shows the session made on it, and HTTP/2
+ * settings reach its server only through a ServerCredentials subclass (internal methods again), where they would widen
+ * each stream's window but not the connection's: that stays at 65,535 bytes, 64 KiB per round trip as before.
+ * It is guarded: where grpc-js's internals differ, nothing changes but the window (logged at warn, and
+ * test/transport/grpc-transport.test.ts fails, so an upgrade that loses it is noticed). SERVER_OPTIONS passes the same
  * option to the server, so a grpc-js that honours it there widens the window by itself.
  */
 export function widenServerWindows(server: grpc.Server, bytes: number, log: Logger): void {

@@ -10,6 +10,7 @@ import type { ModelFiles } from '../models/model-store.ts';
 import type { CoordinatorStore } from '../store/store.ts';
 import type { StandardFeatureOptions } from './features/index.ts';
 import type { RoundFeature } from './round-feature.ts';
+import type { TaskSigner } from './task-signer.ts';
 
 /** The standard features' own options (where they keep files) pass through the engine untouched. */
 export interface RoundEngineOptions extends StandardFeatureOptions {
@@ -20,7 +21,8 @@ export interface RoundEngineOptions extends StandardFeatureOptions {
   strategy: AggregationStrategy;
   bus: EventBus;
   federationId: string;
-  sign: (bytes: Buffer) => Buffer;
+  /** Signs every task sent to sites (task-signer.ts; the coordinator's: keyTaskSigner with its Ed25519 key). */
+  signTask: TaskSigner;
   log: Logger;
   /** Extra time given to an open round found at start-up, so sites can reconnect after a coordinator restart. */
   resumeGraceMs?: number;

@@ -40,7 +40,7 @@ import { RoundOpening } from './round-opening.ts';
 import { RoundRecovery } from './round-recovery.ts';
 import { SiteConnections, type TaskMessage, type TaskSink } from './site-connections.ts';
 import { StorageRetries, type StorageFault } from './storage-retries.ts';
-import { finishedManifest, REOFFER_MS, signedTask, TaskOffers, trainManifest } from './task-offers.ts';
+import { finishedManifest, REOFFER_MS, TaskOffers, trainManifest } from './task-offers.ts';
 import { UploadIntake } from './upload-intake.ts';
 
 export { PRIVACY_KEY, type PrivacySpent } from './features/dp-accounting.ts';
@@ -405,10 +405,10 @@ export class RoundEngine {
 
   /** The one place a TRAIN task is made and signed, with `settings` as task-offers.ts shaped them for the site. */
   private trainTask(row: RoundRow, site: string, settings: TaskSettings): TaskMessage {
-    return signedTask(trainManifest(row, site, settings, this.o.models.size(row.baseModelHash)), this.o.sign);
+    return this.o.signTask(trainManifest(row, site, settings, this.o.models.size(row.baseModelHash)));
   }
 
   private finishedTask(): TaskMessage {
-    return signedTask(finishedManifest(this.o.store.lastRoundNumber(), this.currentModelHash, this.o.models.size(this.currentModelHash)), this.o.sign);
+    return this.o.signTask(finishedManifest(this.o.store.lastRoundNumber(), this.currentModelHash, this.o.models.size(this.currentModelHash)));
   }
 }

@@ -6,7 +6,7 @@
 import { randomUUID } from 'node:crypto';
 import type { Plan } from '../../shared/plan/schema.ts';
 import { settingsForSite } from '../../shared/protocol/compatibility.ts';
-import { manifestBytes, type TaskManifest, type TaskSettings } from '../../shared/protocol/task.ts';
+import type { TaskManifest, TaskSettings } from '../../shared/protocol/task.ts';
 import type { Logger } from '../../shared/util/log.ts';
 import type { RoundRow } from '../store/store.ts';
 import type { FeatureHooks } from './feature-hooks.ts';
@@ -21,11 +21,6 @@ import { capabilitiesOf, type SiteConnections, type TaskMessage, type TaskSink }
  * idle until the deadline, since tasks are otherwise sent only when a round opens and when a site reconnects.
  */
 export const REOFFER_MS = 30_000;
-
-/** A signed task: the manifest and the coordinator's signature over its bytes. */
-export function signedTask(manifest: TaskManifest, sign: (bytes: Buffer) => Buffer): TaskMessage {
-  return { ...manifest, signature: sign(manifestBytes(manifest)) };
-}
 
 /** A TRAIN task of round `row` for `site` with its settings as shaped for the site. */
 export function trainManifest(row: RoundRow, site: string, settings: TaskSettings, modelSize: number): TaskManifest {

@@ -19,6 +19,7 @@ import { CoordinatorHome } from '../../coordinator/home.ts';
 import { CoordinatorStore } from '../../coordinator/store/store.ts';
 import { ModelFiles } from '../../coordinator/models/model-store.ts';
 import { RoundEngine, type TaskMessage } from '../../coordinator/rounds/round-engine.ts';
+import { signedTask } from '../../coordinator/rounds/task-signer.ts';
 import { ComposedStrategy } from '../../coordinator/aggregation/composed.ts';
 import type { AggregationStrategy } from '../../coordinator/aggregation/strategy.ts';
 import { InProcessBus, type FederationEvent } from '../../shared/events/bus.ts';
@@ -129,7 +130,7 @@ describe('the final check of an aggregate', () => {
         });
       },
     };
-    const engine = new RoundEngine({ store, models: new ModelFiles(join(dir, 'models')), plan: p, architecture: architectureFor(p.model), strategy: broken, bus, federationId: 'fed-test', sign: () => Buffer.alloc(64), log: pino({ level: 'silent' }) });
+    const engine = new RoundEngine({ store, models: new ModelFiles(join(dir, 'models')), plan: p, architecture: architectureFor(p.model), strategy: broken, bus, federationId: 'fed-test', signTask: (m) => signedTask(m, () => Buffer.alloc(64)), log: pino({ level: 'silent' }) });
     store.inviteSite('site-a', 'h'.repeat(64), Date.now() + 60_000);
     expect(store.enrolSite('site-a', 'h'.repeat(64), Buffer.alloc(32, 7)).ok).toBe(true);
     await engine.start();

@@ -2,7 +2,7 @@
  * Adjacent releases side by side, as real processes over TLS (docs/compatibility.md): the previous release's
  * `medfl` (commit 3b6b42d, packed in test/fixtures/previous-release by scripts/previous-release-fixture.sh, run
  * with the current node_modules) as a site of this coordinator and as the coordinator of this site; and this site
- * against a "newer" coordinator (the real one, its settings extended and signed again with its real key).
+ * against a "newer" coordinator (the real one, whose task signer extends the settings before signing with its real key).
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
@@ -16,10 +16,7 @@ import { enrollSite } from '../../site-agent/enroll.ts';
 import { pino } from 'pino';
 import { startCoordinator, type RunningCoordinator } from '../../coordinator/coordinator.ts';
 import { CoordinatorHome } from '../../coordinator/home.ts';
-import type { TaskMessage } from '../../coordinator/rounds/round-engine.ts';
-import type { RoundRow } from '../../coordinator/store/store.ts';
-import { manifestBytes, type TaskSettings } from '../../shared/protocol/task.ts';
-import { signManifest } from '../../shared/security/site-identity.ts';
+import { keyTaskSigner, type TaskSigner } from '../../coordinator/rounds/task-signer.ts';
 import type { FederationEvent } from '../../shared/events/bus.ts';
 import { statusJson } from '../../coordinator/admin-http/status-json.ts';
 import { medflVersion } from '../../shared/util/version.ts';
@@ -187,18 +184,15 @@ describe('this site against a newer coordinator (settings with fields this relea
   beforeAll(async () => {
     f = await makeFederation({ sites: 1, plan: TEST_PLAN({ rounds: 2, minSites: 1, deadline: 20, gather: 0, steps: 2 }) });
     cleanup.push(f.work);
-    coord = await startCoordinator({ dir: f.coordDir, port: f.port, host: '127.0.0.1', log: pino({ level: 'silent' }) });
-    coord.bus.subscribe((e) => events.push(e));
-    const signingKey = new CoordinatorHome(f.coordDir).signingKey();
-    const engine = coord.engine as unknown as { trainTask(row: RoundRow, site: string, settings?: TaskSettings): TaskMessage };
-    const genuine = engine.trainTask.bind(engine);
-    engine.trainTask = (row, site, settings) => {
-      const { signature: _ignored, ...manifest } = genuine(row, site, settings);
+    const genuine = keyTaskSigner(new CoordinatorHome(f.coordDir).signingKey());
+    const signTask: TaskSigner = (manifest) => {
+      if (manifest.kind !== 'TRAIN') return genuine(manifest);
       const s = JSON.parse(manifest.settingsJson) as Record<string, any>;
-      newer(s, row.round);
-      const m = { ...manifest, settingsJson: JSON.stringify(s) };
-      return { ...m, signature: signManifest(signingKey, manifestBytes(m)) };
+      newer(s, manifest.round);
+      return genuine({ ...manifest, settingsJson: JSON.stringify(s) });
     };
+    coord = await startCoordinator({ dir: f.coordDir, port: f.port, host: '127.0.0.1', log: pino({ level: 'silent' }), signTask });
+    coord.bus.subscribe((e) => events.push(e));
     await f.enrollAll();
   }, 60_000);
 

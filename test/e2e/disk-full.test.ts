@@ -18,6 +18,7 @@ import { CoordinatorHome } from '../../coordinator/home.ts';
 import { CoordinatorStore } from '../../coordinator/store/store.ts';
 import { ModelFiles } from '../../coordinator/models/model-store.ts';
 import { RoundEngine } from '../../coordinator/rounds/round-engine.ts';
+import { keyTaskSigner } from '../../coordinator/rounds/task-signer.ts';
 import { strategyFromPlan } from '../../coordinator/aggregation/index.ts';
 import { federationHandlers } from '../../coordinator/server/federation-service.ts';
 import { UploadReceiver } from '../../coordinator/server/upload-receiver.ts';
@@ -27,7 +28,6 @@ import { loadPlanFile } from '../../shared/plan/load.ts';
 import { architectureFor } from '../../shared/model/registry.ts';
 import { loadProto, SERVER_OPTIONS } from '../../shared/protocol/grpc.ts';
 import { serverCredentials } from '../../shared/security/pki.ts';
-import { signManifest } from '../../shared/security/site-identity.ts';
 import { safetensorsLayout, encodeSafetensors } from '../../shared/tensors/safetensors.ts';
 import { makeBundle, type TensorBundle } from '../../shared/tensors/bundle.ts';
 import { uploadOnce, uploadUpdate } from '../../site-agent/transport/upload.ts';
@@ -72,7 +72,7 @@ async function startCoordinator(): Promise<void> {
   engine = new RoundEngine({
     store, models, plan, architecture, bus, federationId, log,
     strategy: strategyFromPlan(plan, { spillDir: join(home.updatesDir, '.spill') }),
-    sign: (bytes) => signManifest(signingKey, bytes),
+    signTask: keyTaskSigner(signingKey),
     updatesDir: home.updatesDir,
     storageRetryMs: RETRY_MS,
   });

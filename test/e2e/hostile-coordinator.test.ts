@@ -1,6 +1,6 @@
 /**
  * Issue 14, items 2 and 3, end to end: a compromised coordinator that holds the federation's real keys (an
- * in-process coordinator whose task builder is replaced, tasks signed with its real signing key, served over its
+ * in-process coordinator whose task signer alters each TRAIN task before signing it with the real key, served over its
  * real TLS endpoint) against real site agent processes.
  *   - a task whose task_id is `../../../escape/PWNED`: refused at the wire edge with a clear error; nothing is
  *     downloaded, trained or written outside the site folder;
@@ -14,10 +14,8 @@ import { pino } from 'pino';
 import { makeFederation, TEST_PLAN, type TestFederation } from '../helpers/federation.ts';
 import { startCoordinator, type RunningCoordinator } from '../../coordinator/coordinator.ts';
 import { CoordinatorHome } from '../../coordinator/home.ts';
-import type { TaskMessage } from '../../coordinator/rounds/round-engine.ts';
-import type { RoundRow } from '../../coordinator/store/store.ts';
-import { manifestBytes, type TaskManifest, type TaskSettings } from '../../shared/protocol/task.ts';
-import { signManifest } from '../../shared/security/site-identity.ts';
+import { keyTaskSigner, type TaskSigner } from '../../coordinator/rounds/task-signer.ts';
+import type { TaskManifest } from '../../shared/protocol/task.ts';
 import { architectureFor } from '../../shared/model/registry.ts';
 import { waitFor } from '../../cli/processes.ts';
 import type { FederationEvent } from '../../shared/events/bus.ts';
@@ -30,16 +28,10 @@ let tamper: (m: TaskManifest) => TaskManifest = (m) => m;
 
 beforeAll(async () => {
   fed = await makeFederation({ sites: 2, plan: TEST_PLAN({ rounds: 1, minSites: 1, deadline: 30, gather: 0, steps: 2 }) });
-  coord = await startCoordinator({ dir: fed.coordDir, port: fed.port, host: '127.0.0.1', log: pino({ level: 'silent' }) });
+  const genuine = keyTaskSigner(new CoordinatorHome(fed.coordDir).signingKey());
+  const signTask: TaskSigner = (manifest) => genuine(manifest.kind === 'TRAIN' ? tamper(manifest) : manifest);
+  coord = await startCoordinator({ dir: fed.coordDir, port: fed.port, host: '127.0.0.1', log: pino({ level: 'silent' }), signTask });
   coord.bus.subscribe((e) => events.push(e));
-  const signingKey = new CoordinatorHome(fed.coordDir).signingKey();
-  const engine = coord.engine as unknown as { trainTask(row: RoundRow, site: string, settings: TaskSettings): TaskMessage };
-  const genuine = engine.trainTask.bind(engine);
-  engine.trainTask = (row, site, settings) => {
-    const { signature: _ignored, ...manifest } = genuine(row, site, settings);
-    const m = tamper(manifest);
-    return { ...m, signature: signManifest(signingKey, manifestBytes(m)) };
-  };
   await fed.enrollAll();
 }, 60_000);
 

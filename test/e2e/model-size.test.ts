@@ -1,6 +1,6 @@
 /**
  * Issue 14, item 5d: a site does not download a model larger than the plan's architecture can account for.
- * A coordinator with the real keys (its task builder replaced, tasks re-signed with its real key) announces a
+ * A coordinator with the real keys (a task signer that alters each TRAIN task, then signs it with the real key) announces a
  * 64 GiB model to an in-process site agent: the agent refuses the task with a clear error before any download
  * call, and leaves no partial file behind. The limit itself stays just above the genuine model's size.
  */
@@ -12,10 +12,8 @@ import { pino } from 'pino';
 import { makeFederation, TEST_PLAN, type TestFederation } from '../helpers/federation.ts';
 import { startCoordinator, type RunningCoordinator } from '../../coordinator/coordinator.ts';
 import { CoordinatorHome } from '../../coordinator/home.ts';
-import type { TaskMessage } from '../../coordinator/rounds/round-engine.ts';
-import type { RoundRow } from '../../coordinator/store/store.ts';
-import { manifestBytes, TaskSettingsSchema, type TaskManifest, type TaskSettings } from '../../shared/protocol/task.ts';
-import { signManifest } from '../../shared/security/site-identity.ts';
+import { keyTaskSigner, type TaskSigner } from '../../coordinator/rounds/task-signer.ts';
+import { TaskSettingsSchema, type TaskManifest } from '../../shared/protocol/task.ts';
 import { SiteAgent } from '../../site-agent/agent.ts';
 import { SiteHome } from '../../site-agent/home.ts';
 import { modelSizeLimit } from '../../site-agent/transport/model-cache.ts';
@@ -27,16 +25,13 @@ const genuineTasks: TaskManifest[] = [];
 
 beforeAll(async () => {
   fed = await makeFederation({ sites: 1, plan: TEST_PLAN({ rounds: 1, minSites: 1, deadline: 120, gather: 0, steps: 1 }) });
-  coord = await startCoordinator({ dir: fed.coordDir, port: fed.port, host: '127.0.0.1', log: pino({ level: 'silent' }) });
-  const signingKey = new CoordinatorHome(fed.coordDir).signingKey();
-  const engine = coord.engine as unknown as { trainTask(row: RoundRow, site: string, settings: TaskSettings): TaskMessage };
-  const genuine = engine.trainTask.bind(engine);
-  engine.trainTask = (row, site, settings) => {
-    const { signature: _ignored, ...manifest } = genuine(row, site, settings);
+  const genuine = keyTaskSigner(new CoordinatorHome(fed.coordDir).signingKey());
+  const signTask: TaskSigner = (manifest) => {
+    if (manifest.kind !== 'TRAIN') return genuine(manifest);
     genuineTasks.push(manifest);
-    const m = { ...manifest, modelSize: 64 * 1024 ** 3 };
-    return { ...m, signature: signManifest(signingKey, manifestBytes(m)) };
+    return genuine({ ...manifest, modelSize: 64 * 1024 ** 3 });
   };
+  coord = await startCoordinator({ dir: fed.coordDir, port: fed.port, host: '127.0.0.1', log: pino({ level: 'silent' }), signTask });
   await fed.enrollAll();
 }, 60_000);
 

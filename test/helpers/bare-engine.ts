@@ -8,6 +8,7 @@ import { CoordinatorStore } from '../../coordinator/store/store.ts';
 import { ModelFiles } from '../../coordinator/models/model-store.ts';
 import { RoundEngine, type RoundEngineOptions, type TaskMessage } from '../../coordinator/rounds/round-engine.ts';
 import { strategyFromPlan } from '../../coordinator/aggregation/index.ts';
+import { signedTask } from '../../coordinator/rounds/task-signer.ts';
 import { InProcessBus, type FederationEvent } from '../../shared/events/bus.ts';
 import type { Plan } from '../../shared/plan/schema.ts';
 import { architectureFor } from '../../shared/model/registry.ts';
@@ -42,7 +43,7 @@ export function bareEngine(dir: string, plan: Plan, options: Partial<RoundEngine
     strategy: strategyFromPlan(plan),
     bus,
     federationId: 'fed-bare',
-    sign: () => Buffer.alloc(64),
+    signTask: (m) => signedTask(m, () => Buffer.alloc(64)),
     log: pino({ level: 'silent' }),
     ...options,
   });

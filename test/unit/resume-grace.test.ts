@@ -11,6 +11,7 @@ import { describe, expect, it } from 'vitest';
 import { CoordinatorStore } from '../../coordinator/store/store.ts';
 import { ModelFiles } from '../../coordinator/models/model-store.ts';
 import { RESUME_GRACE_MARGIN_MS, RoundEngine, resumeGraceMs } from '../../coordinator/rounds/round-engine.ts';
+import { signedTask } from '../../coordinator/rounds/task-signer.ts';
 import { strategyFromPlan } from '../../coordinator/aggregation/index.ts';
 import { InProcessBus } from '../../shared/events/bus.ts';
 import { parsePlan } from '../../shared/plan/load.ts';
@@ -32,7 +33,7 @@ describe('the grace of a round resumed after a restart', () => {
     const dir = mkdtempSync(join(tmpdir(), 'medfl-grace-'));
     const store = new CoordinatorStore(join(dir, 'state.db'));
     const make = () =>
-      new RoundEngine({ store, models: new ModelFiles(join(dir, 'models')), plan, architecture: architectureFor(plan.model), strategy: strategyFromPlan(plan), bus: new InProcessBus(), federationId: 'fed-grace', sign: () => Buffer.alloc(64), log: pino({ level: 'silent' }) });
+      new RoundEngine({ store, models: new ModelFiles(join(dir, 'models')), plan, architecture: architectureFor(plan.model), strategy: strategyFromPlan(plan), bus: new InProcessBus(), federationId: 'fed-grace', signTask: (m) => signedTask(m, () => Buffer.alloc(64)), log: pino({ level: 'silent' }) });
     const first = make();
     await first.start(); // writes the initial model; no site, so no round
     first.stop();

@@ -6,7 +6,8 @@ import { FeatureHooks } from '../../../coordinator/rounds/feature-hooks.ts';
 import type { OpenRound } from '../../../coordinator/rounds/open-round.ts';
 import { RoundEvents } from '../../../coordinator/rounds/round-events.ts';
 import { SiteConnections, type TaskMessage } from '../../../coordinator/rounds/site-connections.ts';
-import { signedTask, TaskOffers, trainManifest } from '../../../coordinator/rounds/task-offers.ts';
+import { TaskOffers, trainManifest } from '../../../coordinator/rounds/task-offers.ts';
+import { signedTask } from '../../../coordinator/rounds/task-signer.ts';
 import { InProcessBus } from '../../../shared/events/bus.ts';
 import { parsePlan } from '../../../shared/plan/load.ts';
 
