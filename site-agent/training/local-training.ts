@@ -380,11 +380,17 @@ export class LocalTraining {
       return { behind: { generation, teacherDice: dice, modelDice } };
     };
     if (decision.use === 'previous' && previous && previousPool) {
+      if (previous.retired) {
+        log.info(
+          { round: ctx.round, generation: teacher.generation, teacherValDice: measured, retired: previous.generation, retiredValDice: round4(previous.dice), needed: ts.minTeacherDice },
+          decision.why === 'not better' ? "the new teacher does not beat the retired generation on this site's validation cases: no pseudo-labels this round" : "the new teacher is below the floor on this site's validation cases and the generation before it is retired: no pseudo-labels this round",
+        );
+        return retired();
+      }
       log.info(
         { round: ctx.round, generation: teacher.generation, teacherValDice: measured, kept: previous.generation, keptValDice: round4(previous.dice), needed: ts.minTeacherDice },
         decision.why === 'not better' ? "the new teacher does not beat the one in use on this site's validation cases: keeping the earlier generation's pseudo-labels" : "the new teacher is below the floor on this site's validation cases: keeping the earlier generation's pseudo-labels",
       );
-      if (previous.retired) return retired();
       if (previousPool.cases.length === 0) return undefined;
       const against = await behindModel(previous.generation, previous.dice);
       if ('behind' in against) return against;
