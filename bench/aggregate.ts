@@ -11,6 +11,7 @@
  *   npm run bench:aggregate                 # = node --expose-gc --import tsx bench/aggregate.ts
  *   BENCH_REPS=3 npm run bench:aggregate    # quicker
  *   BENCH_PARTS=strategies npm run bench:aggregate   # only the memory copy and the composed strategies (no RSS runs)
+ *   BENCH_PARTS=rss npm run bench:aggregate          # only the peak RSS of one 50-site round per streaming strategy
  *   BENCH_BEFORE=1 npm run bench:aggregate  # also, same run: the streaming rounds with check() then add() (two passes
  *                                           # over each update, the code before the checked fold) and with the JS delta
  *                                           # norm; median / trimmed mean with the JS column reduction
@@ -35,6 +36,7 @@ import { createSimdArena } from '../coordinator/aggregation/simd-axpy.ts';
 import { createTiny3d } from '../shared/model/tiny3d.ts';
 import { makeBundle, type TensorBundle, type TensorSpec } from '../shared/tensors/bundle.ts';
 import { decodeSafetensors, encodeSafetensors } from '../shared/tensors/safetensors.ts';
+import { openModelReader } from '../coordinator/models/model-reader.ts';
 
 const WIDTH = 451;
 const UPDATES = 10;
@@ -97,7 +99,7 @@ const STRATEGIES: Record<string, { cfg: Record<string, unknown>; streaming: bool
   'trimmed-mean β=0.1': { cfg: { strategy: 'trimmed-mean', trimFraction: 0.1 }, streaming: false },
   'trimmed-mean + FedYogi + clip': { cfg: { strategy: 'trimmed-mean', trimFraction: 0.1, clipNorm: 1, serverOptimizer: { type: 'fedyogi' } }, streaming: false },
 };
-const RSS_STRATEGIES = ['fedavg', 'fedavg + DP (clip + noise)', 'fedavg + FedAdam', 'median'];
+const RSS_STRATEGIES = ['fedavg', 'fedavg + norm bound', 'fedavg + DP (clip + noise)', 'fedavg + FedAdam', 'median'];
 const RSS_SITES = Number(process.env.BENCH_SITES ?? 50);
 
 const BEFORE = process.env.BENCH_BEFORE === '1' || process.env.BENCH_BEFORE === 'streaming';
@@ -134,18 +136,16 @@ function composedRound(s: ComposedStrategy, base: TensorBundle, next: (k: number
 
 /**
  * Peak RSS of one round of `sites` updates through a strategy, in a fresh process: the base model as the
- * engine loads it (dropped after begin unless the strategy keeps it), and one update buffer refilled per
- * site (the upload receiver's reused scratch).
+ * engine gives it (a reader over its model file, read a block at a time; the file is written by the parent),
+ * and one update buffer refilled per site (the upload receiver's reused scratch).
  */
-function rssChild(name: string, sites: number): void {
+function rssChild(name: string, sites: number, baseFile: string): void {
   const baselineRss = process.memoryUsage().rss;
   let peak = baselineRss;
-  let base: TensorBundle | undefined = makeUpdate(1000);
   const s = composed(name);
   const update = makeUpdate(0);
   const t0 = performance.now();
-  const agg = s.begin(base, SPECS, { expected: sites });
-  base = undefined; // the engine keeps no reference; a strategy that needs the base copied it
+  const agg = s.begin(openModelReader(baseFile), SPECS, { expected: sites });
   for (let k = 0; k < sites; k++) {
     for (const t of update.values()) fillUpdate(t.data, k);
     checkAndFold(agg, update, { site: `site-${k}`, numSamples: samplesOf(k) }, true);
@@ -157,8 +157,8 @@ function rssChild(name: string, sites: number): void {
   process.send!(r, () => process.disconnect());
 }
 
-async function runRssChild(name: string, sites: number): Promise<StreamResult> {
-  const child = fork(fileURLToPath(import.meta.url), ['--rss', name, String(sites)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+async function runRssChild(name: string, sites: number, baseFile: string): Promise<StreamResult> {
+  const child = fork(fileURLToPath(import.meta.url), ['--rss', name, String(sites), baseFile], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
   const [msg] = (await Promise.race([once(child, 'message'), once(child, 'exit').then(() => { throw new Error(`rss child (${name}) exited without a result`); })])) as [StreamResult];
   if (child.exitCode === null) await once(child, 'exit');
   return msg;
@@ -246,6 +246,36 @@ async function runChild(mode: StreamMode, file: string): Promise<StreamResult> {
   const [msg] = (await Promise.race([once(child, 'message'), once(child, 'exit').then(() => { throw new Error(`streaming child (${mode}) exited without a result`); })])) as [StreamResult];
   if (child.exitCode === null) await once(child, 'exit');
   return msg;
+}
+
+/** Peak RSS of one round of RSS_SITES sites per strategy, each in a fresh process, against the base model in `baseFile`. */
+async function strategyRss(baseFile: string): Promise<void> {
+  const ct = new Table({
+    head: [`${RSS_SITES} sites × ${fmt(PARAMS / 1e6, 1)} M params (fresh process)`, 'peak − baseline MB', '÷ one model', 'round s', 'disk spilled'],
+    colAligns: ['left', 'right', 'right', 'right', 'right'],
+  });
+  for (const name of RSS_STRATEGIES) {
+    const r = await runRssChild(name, RSS_SITES, baseFile);
+    const peak = Math.max(r.hwm, r.peakSampledRss);
+    ct.push([name, fmt(MB(peak - r.baselineRss)), fmt((peak - r.baselineRss) / MODEL_BYTES, 2), fmt(r.ms / 1000, 1), STRATEGIES[name].streaming ? '—' : `${fmt((RSS_SITES * MODEL_BYTES) / 1e9, 1)} GB`]);
+  }
+  console.log(ct.toString());
+  console.log('  includes one update buffer (the receiver\'s); the base model is read from its file a block at a time (base-blocks.ts), as the coordinator does. Streaming goal ≤ 3×: float64 sums (2×) + update (1×) + blocks; an optimiser\'s m and v live in a file (moments.ts).');
+  console.log('  trimmed mean has the memory of the median (same block pass); both spill one model of disk per update.');
+}
+
+/** BENCH_PARTS=rss: only the per-strategy peak RSS at RSS_SITES sites. */
+async function rssOnly(): Promise<void> {
+  console.log(`load average at start: ${os.loadavg().map((x) => fmt(x, 2)).join(' ')} (2 cores; other work on the machine skews every row)`);
+  const dir = mkdtempSync(join(os.tmpdir(), 'medfl-bench-aggregate-'));
+  try {
+    const baseFile = join(dir, 'base.safetensors');
+    writeFileSync(baseFile, encodeSafetensors(makeUpdate(1000)));
+    await strategyRss(baseFile);
+    console.log(`load average at the end: ${os.loadavg().map((x) => fmt(x, 2)).join(' ')}`);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 }
 
 // ───────────────────────────── main ─────────────────────────────
@@ -394,6 +424,8 @@ async function main(): Promise<void> {
   try {
     const file = join(dir, 'update.safetensors');
     writeFileSync(file, encodeSafetensors(updates[3]));
+    const baseFile = join(dir, 'base.safetensors');
+    writeFileSync(baseFile, encodeSafetensors(makeUpdate(1000)));
     updates.length = 0;
     flat.length = 0;
     const rt = new Table({
@@ -410,18 +442,7 @@ async function main(): Promise<void> {
     }
     console.log(rt.toString());
     console.log('  target: peak − baseline ≤ 3× one model.');
-    const ct = new Table({
-      head: [`${RSS_SITES} sites × ${fmt(PARAMS / 1e6, 1)} M params (fresh process)`, 'peak − baseline MB', '÷ one model', 'round s', 'disk spilled'],
-      colAligns: ['left', 'right', 'right', 'right', 'right'],
-    });
-    for (const name of RSS_STRATEGIES) {
-      const r = await runRssChild(name, RSS_SITES);
-      const peak = Math.max(r.hwm, r.peakSampledRss);
-      ct.push([name, fmt(MB(peak - r.baselineRss)), fmt((peak - r.baselineRss) / MODEL_BYTES, 2), fmt(r.ms / 1000, 1), STRATEGIES[name].streaming ? '—' : `${fmt((RSS_SITES * MODEL_BYTES) / 1e9, 1)} GB`]);
-    }
-    console.log(ct.toString());
-    console.log('  includes the base model as loaded (garbage after begin(), collected whenever V8 gets to it) and one update buffer (the receiver\'s). Streaming goal ≤ 3×: float64 sums (2×) + update (1×); +base (1×) when a norm bound, clip, DP or optimiser needs it; an optimiser\'s m and v live in a file (moments.ts).');
-    console.log('  trimmed mean has the memory of the median (same block pass); both spill one model of disk per update.');
+    await strategyRss(baseFile);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
@@ -430,9 +451,9 @@ async function main(): Promise<void> {
 if (process.argv[2] === '--stream') {
   streamingChild(process.argv[3] as StreamMode, process.argv[4]!);
 } else if (process.argv[2] === '--rss') {
-  rssChild(process.argv[3]!, Number(process.argv[4]));
+  rssChild(process.argv[3]!, Number(process.argv[4]), process.argv[5]!);
 } else {
-  main().catch((e: Error) => {
+  (process.env.BENCH_PARTS === 'rss' ? rssOnly() : main()).catch((e: Error) => {
     console.error(e.stack ?? e.message);
     process.exitCode = 1;
   });
