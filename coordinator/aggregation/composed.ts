@@ -488,9 +488,14 @@ class ComposedRound implements RoundAggregator {
   }
 }
 
+/** The uniform words of cryptoGaussian, refilled from the CSPRNG on every call: reused so a DP close leaves no garbage per block. */
+let uniformWords = new Uint32Array(0);
+
 /** N(0, 1) from a CSPRNG (Box–Muller over crypto.randomFillSync). */
 export function cryptoGaussian(out: Float32Array): void {
-  const u = new Uint32Array(out.length + (out.length % 2));
+  const words = out.length + (out.length % 2);
+  if (uniformWords.length < words) uniformWords = new Uint32Array(words);
+  const u = uniformWords.subarray(0, words);
   randomFillSync(u);
   for (let i = 0; i < out.length; i += 2) {
     const u1 = (u[i] + 1) / 4294967297; // (0, 1)
