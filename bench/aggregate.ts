@@ -11,6 +11,7 @@
  *   npm run bench:aggregate                 # = node --expose-gc --import tsx bench/aggregate.ts
  *   BENCH_REPS=3 npm run bench:aggregate    # quicker
  *   BENCH_PARTS=strategies npm run bench:aggregate   # only the memory copy and the composed strategies (no RSS runs)
+ *   BENCH_PARTS=rss npm run bench:aggregate          # only the peak RSS of one 50-site round per streaming strategy
  *   BENCH_BEFORE=1 npm run bench:aggregate  # also, same run: the streaming rounds with check() then add() (two passes
  *                                           # over each update, the code before the checked fold) and with the JS delta
  *                                           # norm; median / trimmed mean with the JS column reduction
@@ -29,12 +30,14 @@ import { ComposedStrategy, type ComposedOptions } from '../coordinator/aggregati
 import { robustColumnsJs } from '../coordinator/aggregation/robust.ts';
 import { checkedFoldKernel } from '../coordinator/aggregation/checked-fold.ts';
 import type { RoundAggregator, UpdateInfo } from '../coordinator/aggregation/strategy.ts';
+import type { RoundBase } from '../coordinator/aggregation/base-blocks.ts';
 import { deltaNormJs } from '../coordinator/aggregation/validate.ts';
 import { PlanSchema } from '../shared/plan/schema.ts';
 import { createSimdArena } from '../coordinator/aggregation/simd-axpy.ts';
 import { createTiny3d } from '../shared/model/tiny3d.ts';
 import { makeBundle, type TensorBundle, type TensorSpec } from '../shared/tensors/bundle.ts';
 import { decodeSafetensors, encodeSafetensors } from '../shared/tensors/safetensors.ts';
+import { openModelReader } from '../coordinator/models/model-reader.ts';
 
 const WIDTH = 451;
 const UPDATES = 10;
@@ -97,7 +100,7 @@ const STRATEGIES: Record<string, { cfg: Record<string, unknown>; streaming: bool
   'trimmed-mean β=0.1': { cfg: { strategy: 'trimmed-mean', trimFraction: 0.1 }, streaming: false },
   'trimmed-mean + FedYogi + clip': { cfg: { strategy: 'trimmed-mean', trimFraction: 0.1, clipNorm: 1, serverOptimizer: { type: 'fedyogi' } }, streaming: false },
 };
-const RSS_STRATEGIES = ['fedavg', 'fedavg + DP (clip + noise)', 'fedavg + FedAdam', 'median'];
+const RSS_STRATEGIES = ['fedavg', 'fedavg + norm bound', 'fedavg + DP (clip + noise)', 'fedavg + FedAdam', 'median'];
 const RSS_SITES = Number(process.env.BENCH_SITES ?? 50);
 
 const BEFORE = process.env.BENCH_BEFORE === '1' || process.env.BENCH_BEFORE === 'streaming';
@@ -124,9 +127,9 @@ function checkAndFold(agg: RoundAggregator, u: TensorBundle, info: UpdateInfo, f
 }
 
 /** One round as the coordinator runs it: begin, then check + fold per update, then finish. `fused: false`: always check() then add(). */
-function composedRound(s: ComposedStrategy, base: TensorBundle, next: (k: number) => TensorBundle, n: number, fused = true): number {
+function composedRound(s: ComposedStrategy, base: () => RoundBase, next: (k: number) => TensorBundle, n: number, fused = true): number {
   const t0 = performance.now();
-  const agg = s.begin(base, SPECS, { expected: n });
+  const agg = s.begin(base(), SPECS, { expected: n });
   for (let k = 0; k < n; k++) checkAndFold(agg, next(k), { site: `site-${k}`, numSamples: samplesOf(k) }, fused);
   agg.finish();
   return performance.now() - t0;
@@ -134,18 +137,16 @@ function composedRound(s: ComposedStrategy, base: TensorBundle, next: (k: number
 
 /**
  * Peak RSS of one round of `sites` updates through a strategy, in a fresh process: the base model as the
- * engine loads it (dropped after begin unless the strategy keeps it), and one update buffer refilled per
- * site (the upload receiver's reused scratch).
+ * engine gives it (a reader over its model file, read a block at a time; the file is written by the parent),
+ * and one update buffer refilled per site (the upload receiver's reused scratch).
  */
-function rssChild(name: string, sites: number): void {
+function rssChild(name: string, sites: number, baseFile: string): void {
   const baselineRss = process.memoryUsage().rss;
   let peak = baselineRss;
-  let base: TensorBundle | undefined = makeUpdate(1000);
   const s = composed(name);
   const update = makeUpdate(0);
   const t0 = performance.now();
-  const agg = s.begin(base, SPECS, { expected: sites });
-  base = undefined; // the engine keeps no reference; a strategy that needs the base copied it
+  const agg = s.begin(openModelReader(baseFile), SPECS, { expected: sites });
   for (let k = 0; k < sites; k++) {
     for (const t of update.values()) fillUpdate(t.data, k);
     checkAndFold(agg, update, { site: `site-${k}`, numSamples: samplesOf(k) }, true);
@@ -157,8 +158,8 @@ function rssChild(name: string, sites: number): void {
   process.send!(r, () => process.disconnect());
 }
 
-async function runRssChild(name: string, sites: number): Promise<StreamResult> {
-  const child = fork(fileURLToPath(import.meta.url), ['--rss', name, String(sites)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+async function runRssChild(name: string, sites: number, baseFile: string): Promise<StreamResult> {
+  const child = fork(fileURLToPath(import.meta.url), ['--rss', name, String(sites), baseFile], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
   const [msg] = (await Promise.race([once(child, 'message'), once(child, 'exit').then(() => { throw new Error(`rss child (${name}) exited without a result`); })])) as [StreamResult];
   if (child.exitCode === null) await once(child, 'exit');
   return msg;
@@ -246,6 +247,36 @@ async function runChild(mode: StreamMode, file: string): Promise<StreamResult> {
   const [msg] = (await Promise.race([once(child, 'message'), once(child, 'exit').then(() => { throw new Error(`streaming child (${mode}) exited without a result`); })])) as [StreamResult];
   if (child.exitCode === null) await once(child, 'exit');
   return msg;
+}
+
+/** Peak RSS of one round of RSS_SITES sites per strategy, each in a fresh process, against the base model in `baseFile`. */
+async function strategyRss(baseFile: string): Promise<void> {
+  const ct = new Table({
+    head: [`${RSS_SITES} sites × ${fmt(PARAMS / 1e6, 1)} M params (fresh process)`, 'peak − baseline MB', '÷ one model', 'round s', 'disk spilled'],
+    colAligns: ['left', 'right', 'right', 'right', 'right'],
+  });
+  for (const name of RSS_STRATEGIES) {
+    const r = await runRssChild(name, RSS_SITES, baseFile);
+    const peak = Math.max(r.hwm, r.peakSampledRss);
+    ct.push([name, fmt(MB(peak - r.baselineRss)), fmt((peak - r.baselineRss) / MODEL_BYTES, 2), fmt(r.ms / 1000, 1), STRATEGIES[name].streaming ? '—' : `${fmt((RSS_SITES * MODEL_BYTES) / 1e9, 1)} GB`]);
+  }
+  console.log(ct.toString());
+  console.log('  includes one update buffer (the receiver\'s); the base model is read from its file a block at a time (base-blocks.ts), as the coordinator does. Streaming goal ≤ 3×: float64 sums (2×) + update (1×) + blocks; an optimiser\'s m and v live in a file (moments.ts).');
+  console.log('  trimmed mean has the memory of the median (same block pass); both spill one model of disk per update.');
+}
+
+/** BENCH_PARTS=rss: only the per-strategy peak RSS at RSS_SITES sites. */
+async function rssOnly(): Promise<void> {
+  console.log(`load average at start: ${os.loadavg().map((x) => fmt(x, 2)).join(' ')} (2 cores; other work on the machine skews every row)`);
+  const dir = mkdtempSync(join(os.tmpdir(), 'medfl-bench-aggregate-'));
+  try {
+    const baseFile = join(dir, 'base.safetensors');
+    writeFileSync(baseFile, encodeSafetensors(makeUpdate(1000)));
+    await strategyRss(baseFile);
+    console.log(`load average at the end: ${os.loadavg().map((x) => fmt(x, 2)).join(' ')}`);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 }
 
 // ───────────────────────────── main ─────────────────────────────
@@ -359,7 +390,11 @@ async function main(): Promise<void> {
   console.log('  "FedAvg round" includes begin() zeroing the reused accumulator and finish() scaling it.');
 
   // Every strategy the plan can compose, on the same 10 updates, against the same memory copy.
-  const base = makeUpdate(1000);
+  // The base model as the coordinator gives it to a round: a reader over its model file (read a block at a time).
+  const baseDir = mkdtempSync(join(os.tmpdir(), 'medfl-bench-base-'));
+  const baseFile = join(baseDir, 'base.safetensors');
+  writeFileSync(baseFile, encodeSafetensors(makeUpdate(1000)));
+  const base = () => openModelReader(baseFile);
   const st = new Table({
     head: [`strategy: one round of ${UPDATES} × ${fmt(MB(MODEL_BYTES), 1)} MB (check + add + finish)`, 'GB/s', '× memory copy', 'round s'],
     colAligns: ['left', 'right', 'right', 'right'],
@@ -380,7 +415,9 @@ async function main(): Promise<void> {
       st.push([label, fmt(gbps(m), 2), fmt(gbps(m) / copyMed, 2), fmt(m / 1000, 2)]);
     }
   }
+  rmSync(baseDir, { recursive: true, force: true });
   console.log(st.toString());
+  console.log(`  the base model is read from its model file a block at a time, as the coordinator reads it (the page cache holds it).`);
   console.log(`  streaming rows check and fold each update in one pass where the round can (checkAndAdd: fedavg without clipping; ${checkedFoldKernel()} loop), else check() (the delta norm) and then add(); median/trimmed rows include spilling every update to disk and reading it back.`);
   console.log(`load average after the strategies: ${os.loadavg().map((x) => fmt(x, 2)).join(' ')}`);
   if (ONLY_STRATEGIES) return;
@@ -394,6 +431,8 @@ async function main(): Promise<void> {
   try {
     const file = join(dir, 'update.safetensors');
     writeFileSync(file, encodeSafetensors(updates[3]));
+    const baseFile = join(dir, 'base.safetensors');
+    writeFileSync(baseFile, encodeSafetensors(makeUpdate(1000)));
     updates.length = 0;
     flat.length = 0;
     const rt = new Table({
@@ -410,18 +449,7 @@ async function main(): Promise<void> {
     }
     console.log(rt.toString());
     console.log('  target: peak − baseline ≤ 3× one model.');
-    const ct = new Table({
-      head: [`${RSS_SITES} sites × ${fmt(PARAMS / 1e6, 1)} M params (fresh process)`, 'peak − baseline MB', '÷ one model', 'round s', 'disk spilled'],
-      colAligns: ['left', 'right', 'right', 'right', 'right'],
-    });
-    for (const name of RSS_STRATEGIES) {
-      const r = await runRssChild(name, RSS_SITES);
-      const peak = Math.max(r.hwm, r.peakSampledRss);
-      ct.push([name, fmt(MB(peak - r.baselineRss)), fmt((peak - r.baselineRss) / MODEL_BYTES, 2), fmt(r.ms / 1000, 1), STRATEGIES[name].streaming ? '—' : `${fmt((RSS_SITES * MODEL_BYTES) / 1e9, 1)} GB`]);
-    }
-    console.log(ct.toString());
-    console.log('  includes the base model as loaded (garbage after begin(), collected whenever V8 gets to it) and one update buffer (the receiver\'s). Streaming goal ≤ 3×: float64 sums (2×) + update (1×); +base (1×) when a norm bound, clip, DP or optimiser needs it; an optimiser\'s m and v live in a file (moments.ts).');
-    console.log('  trimmed mean has the memory of the median (same block pass); both spill one model of disk per update.');
+    await strategyRss(baseFile);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
@@ -430,9 +458,9 @@ async function main(): Promise<void> {
 if (process.argv[2] === '--stream') {
   streamingChild(process.argv[3] as StreamMode, process.argv[4]!);
 } else if (process.argv[2] === '--rss') {
-  rssChild(process.argv[3]!, Number(process.argv[4]));
+  rssChild(process.argv[3]!, Number(process.argv[4]), process.argv[5]!);
 } else {
-  main().catch((e: Error) => {
+  (process.env.BENCH_PARTS === 'rss' ? rssOnly() : main()).catch((e: Error) => {
     console.error(e.stack ?? e.message);
     process.exitCode = 1;
   });

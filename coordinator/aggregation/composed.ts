@@ -22,6 +22,7 @@ import { randomFillSync } from 'node:crypto';
 import { elementCount, makeBundle, type NamedTensor, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
 import type { Plan } from '../../shared/plan/schema.ts';
 import type { SimdArena64 } from './simd-axpy.ts';
+import { BASE_BLOCK_FLOATS, baseBlocks, baseMaxAbs, isTensorReader, type BaseBlocks, type RoundBase } from './base-blocks.ts';
 import { checkedFold as defaultCheckedFold, unfold, type CheckedFold, type CheckedFoldResult, type FoldTarget } from './checked-fold.ts';
 import { WeightedMeanAggregator } from './fedavg.ts';
 import { RobustCombiner, type RobustColumns, type RobustRule } from './robust.ts';
@@ -61,7 +62,6 @@ export class ComposedStrategy implements AggregationStrategy {
   private recentNorms: number[] = [];
   private arena: SimdArena64 | undefined;
   private robustOut: Float32Array | undefined;
-  private baseBuf: Float32Array | undefined;
   private specs: readonly TensorSpec[] = [];
   private offsets: Offsets = new Map();
   /** Restored tensors waiting for the first begin() (which knows the specs). */
@@ -83,7 +83,7 @@ export class ComposedStrategy implements AggregationStrategy {
     return new ServerOptimizer(this.cfg.serverOptimizer, this.opts.moments ?? fileMoments(this.opts.spillDir));
   }
 
-  /** Whether rounds need the base model in memory (one model) for deltas, norms or the optimiser. */
+  /** Whether rounds read the base model (a block at a time) for deltas, norms or the optimiser. */
   needsBase(ctx: RoundContext = {}): boolean {
     const c = this.cfg;
     return (
@@ -93,7 +93,7 @@ export class ComposedStrategy implements AggregationStrategy {
     );
   }
 
-  begin(current: TensorBundle, specs: readonly TensorSpec[], ctx: RoundContext = {}): RoundAggregator {
+  begin(current: RoundBase, specs: readonly TensorSpec[], ctx: RoundContext = {}): RoundAggregator {
     const offsets: Offsets = new Map();
     let total = 0;
     for (const s of specs) {
@@ -107,17 +107,10 @@ export class ComposedStrategy implements AggregationStrategy {
       this.optimizer.restoreTensors(this.pendingTensors, specs, offsets, total);
       this.pendingTensors = undefined;
     }
-    let base: Float32Array | undefined;
-    if (this.needsBase(ctx)) {
-      // Reused across rounds, like the arena: faulting in a fresh model-sized buffer costs ~0.1–0.5 s.
-      if (!this.baseBuf || this.baseBuf.length !== total) this.baseBuf = new Float32Array(total);
-      base = this.baseBuf;
-      for (const s of specs) {
-        const t = current.get(s.name);
-        if (!t || t.data.length !== offsets.get(s.name)!.n) throw new Error(`base model lacks shared tensor ${s.name} or has the wrong size`);
-        base.set(t.data, offsets.get(s.name)!.off);
-      }
-    }
+    // Not copied: read a block at a time where needed (from the model file in the coordinator: no model of RSS).
+    let base: BaseBlocks | undefined;
+    if (this.needsBase(ctx)) base = baseBlocks(this.ownedBase(current, offsets, total), offsets);
+    else if (isTensorReader(current)) current.close();
     let combiner: Combiner;
     if (this.cfg.strategy === 'fedavg') {
       const mean = new WeightedMeanAggregator(specs, { arena: this.arena, simd: this.opts.simd });
@@ -128,11 +121,30 @@ export class ComposedStrategy implements AggregationStrategy {
       if (!this.robustOut || this.robustOut.length !== total) this.robustOut = new Float32Array(total);
       combiner = new RobustCombinerAdapter(new RobustCombiner(rule, offsets, total, this.opts), this.robustOut);
     }
-    return new ComposedRound(this, specs, offsets, base, combiner, this.rules, this.clipNorm, [...this.recentNorms], base ? maxAbs(base) : 0, this.opts.deltaNorm ?? deltaNorm, this.opts.checkedFold ?? defaultCheckedFold);
+    return new ComposedRound(this, specs, offsets, base, combiner, this.rules, this.clipNorm, [...this.recentNorms], base ? baseMaxAbs(base) : 0, this.opts.deltaNorm ?? deltaNorm, this.opts.checkedFold ?? defaultCheckedFold);
+  }
+
+  /**
+   * The base as given, unless it is the last round's result still in this strategy's own memory (finish() returns
+   * views into the sums or the robust output, which this round reuses): then a copy, flat in spec order.
+   */
+  private ownedBase(current: RoundBase, offsets: Offsets, total: number): RoundBase {
+    if (isTensorReader(current)) return current;
+    const mine = [this.arena?.sums.buffer, this.robustOut?.buffer].filter((b) => b !== undefined);
+    if (![...offsets.keys()].some((name) => mine.includes(current.get(name)?.data.buffer as ArrayBuffer))) return current;
+    const flat = new Float32Array(total);
+    const out: NamedTensor[] = [];
+    for (const [name, { off, n }] of offsets) {
+      const t = current.get(name);
+      if (!t || t.data.length !== n) throw new Error(`base model lacks shared tensor ${name} or has the wrong size`);
+      flat.set(t.data, off);
+      out.push({ ...t, data: flat.subarray(off, off + n) });
+    }
+    return makeBundle(out);
   }
 
   /** Called by a round at finish: the optimiser step and the norm reference for the next round. */
-  applyOptimizer(base: Float32Array | undefined, y: Float32Array): void {
+  applyOptimizer(base: BaseBlocks | undefined, y: Float32Array): void {
     if (this.cfg.serverOptimizer.type === 'none') return;
     this.optimizer.apply(base!, y);
   }
@@ -174,7 +186,7 @@ interface Combiner {
   /** Lowers the weight of an update already added (plan maxWeightShare). Mean only. */
   reweight?(update: TensorBundle, from: number, to: number, scale: number, isDelta: boolean, site: string): void;
   /** The combined proposal y = base + Δ̄ (flat, spec order). `base` may be undefined only for the plain mean. */
-  finish(base: Float32Array | undefined): Float32Array;
+  finish(base: BaseBlocks | undefined): Float32Array;
   discard(): void;
 }
 
@@ -207,7 +219,7 @@ class MeanCombiner implements Combiner {
   }
 
   /** Checks and folds the update with its weight in one pass (unclipped: the factor needs the norm first). */
-  addChecked(update: TensorBundle, weight: number, isDelta: boolean, base: Float32Array | undefined, offsets: Offsets, maxValue: number, fold: CheckedFold): CheckedFoldResult {
+  addChecked(update: TensorBundle, weight: number, isDelta: boolean, base: BaseBlocks | undefined, offsets: Offsets, maxValue: number, fold: CheckedFold): CheckedFoldResult {
     const w = this.dp ? 1 : weight;
     const r = fold(update, isDelta, base, offsets, this.target, w, maxValue);
     if (!r.valuesOk) return r;
@@ -243,22 +255,24 @@ class MeanCombiner implements Combiner {
     if (!isDelta) this.baseCoef += a;
   }
 
-  finish(base: Float32Array | undefined): Float32Array {
+  finish(base: BaseBlocks | undefined): Float32Array {
     if (this.mean.count === 0) throw new Error('no updates to aggregate');
-    // Float64 sums in, float32 result out over the same memory (each sum is read before its slot is written).
+    // Float64 sums in, float32 result out over the same memory (each sum is read before its slot is written, and
+    // the blocks go upwards). The base is read a block at a time.
     const s = this.mean.rawSums;
     const y = this.mean.outputInPlace;
     const n = s.length;
     if (this.dp) {
       // y = b + (Σ a_i x_i − A·b + N(0, σ²)) / E, E = the sites asked (fixed before the round: not data-dependent).
       const inv = 1 / this.dp.expected;
-      const noise = new Float32Array(Math.min(n, 1 << 20));
+      const noise = new Float32Array(Math.min(n, BASE_BLOCK_FLOATS));
       for (let at = 0; at < n; at += noise.length) {
         const len = Math.min(noise.length, n - at);
         this.dp.gaussian(noise);
+        const b = base!.block(at, len);
         for (let i = 0; i < len; i++) {
           const j = at + i;
-          y[j] = base![j] + (s[j] - this.baseCoef * base![j] + this.dp.sigma * noise[i]) * inv;
+          y[j] = b[i] + (s[j] - this.baseCoef * b[i] + this.dp.sigma * noise[i]) * inv;
         }
       }
       return y;
@@ -270,7 +284,11 @@ class MeanCombiner implements Combiner {
       return y;
     }
     const k = 1 - this.baseCoef * inv;
-    for (let i = 0; i < n; i++) y[i] = s[i] * inv + k * base![i];
+    for (let at = 0; at < n; at += BASE_BLOCK_FLOATS) {
+      const len = Math.min(BASE_BLOCK_FLOATS, n - at);
+      const b = base!.block(at, len);
+      for (let i = 0; i < len; i++) y[at + i] = s[at + i] * inv + k * b[i];
+    }
     return y;
   }
 
@@ -285,7 +303,7 @@ class RobustCombinerAdapter implements Combiner {
   add(update: TensorBundle, _weight: number, scale: number, isDelta: boolean): void {
     this.r.add(update, scale, isDelta);
   }
-  finish(base: Float32Array | undefined): Float32Array {
+  finish(base: BaseBlocks | undefined): Float32Array {
     this.r.finish(base!, this.out);
     return this.out;
   }
@@ -311,7 +329,7 @@ class ComposedRound implements RoundAggregator {
     private readonly strategy: ComposedStrategy,
     private readonly specs: readonly TensorSpec[],
     private readonly offsets: Offsets,
-    private readonly base: Float32Array | undefined,
+    private readonly base: BaseBlocks | undefined,
     private readonly combiner: Combiner,
     private readonly rules: ValidationRules,
     private readonly clipNorm: number | undefined,
@@ -431,8 +449,13 @@ class ComposedRound implements RoundAggregator {
   finish(): TensorBundle {
     if (this.finished) throw new Error('finish() called twice');
     this.finished = true;
-    const y = this.combiner.finish(this.base);
-    this.strategy.applyOptimizer(this.base, y);
+    let y: Float32Array;
+    try {
+      y = this.combiner.finish(this.base);
+      this.strategy.applyOptimizer(this.base, y);
+    } finally {
+      this.base?.close();
+    }
     this.strategy.roundFinished(this.norms);
     const out: NamedTensor[] = [];
     for (const s of this.specs) {
@@ -444,6 +467,7 @@ class ComposedRound implements RoundAggregator {
 
   discard(): void {
     this.finished = true;
+    this.base?.close();
     this.combiner.discard();
   }
 
@@ -464,18 +488,14 @@ class ComposedRound implements RoundAggregator {
   }
 }
 
-function maxAbs(x: Float32Array): number {
-  let m = 0;
-  for (let i = 0; i < x.length; i++) {
-    const a = Math.abs(x[i]);
-    if (a > m) m = a;
-  }
-  return m;
-}
+/** The uniform words of cryptoGaussian, refilled from the CSPRNG on every call: reused so a DP close leaves no garbage per block. */
+let uniformWords = new Uint32Array(0);
 
 /** N(0, 1) from a CSPRNG (Box–Muller over crypto.randomFillSync). */
 export function cryptoGaussian(out: Float32Array): void {
-  const u = new Uint32Array(out.length + (out.length % 2));
+  const words = out.length + (out.length % 2);
+  if (uniformWords.length < words) uniformWords = new Uint32Array(words);
+  const u = uniformWords.subarray(0, words);
   randomFillSync(u);
   for (let i = 0; i < out.length; i += 2) {
     const u1 = (u[i] + 1) / 4294967297; // (0, 1)

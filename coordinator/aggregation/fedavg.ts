@@ -6,6 +6,7 @@
  * back as float32 into the same memory (no third model-sized buffer).
  */
 import { elementCount, makeBundle, type NamedTensor, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
+import type { RoundBase } from './base-blocks.ts';
 import { createSimdArena64, type SimdArena64 } from './simd-axpy.ts';
 import type { AggregationStrategy, RoundAggregator, UpdateInfo, Verdict } from './strategy.ts';
 import { DEFAULT_RULES, nonFiniteProblem, shapeAndSamplesProblem, valueBoundProblem } from './validate.ts';
@@ -18,7 +19,7 @@ export class FedAvg implements AggregationStrategy {
   /** Kept across rounds: refilling memory costs milliseconds, faulting in fresh pages ~0.5 s per 132 MB. */
   private arena: SimdArena64 | undefined;
 
-  begin(_current: TensorBundle, specs: readonly TensorSpec[]): RoundAggregator {
+  begin(_current: RoundBase, specs: readonly TensorSpec[]): RoundAggregator {
     const agg = new WeightedMeanAggregator(specs, { arena: this.arena });
     this.arena = agg.simdArena;
     return agg;

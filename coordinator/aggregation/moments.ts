@@ -45,8 +45,8 @@ export const memoryMoments: MomentsFactory = (total, withV, vInit) => {
   };
 };
 
-/** Floats per block of the file-backed moments (4 MiB each for m and v). */
-export const MOMENT_BLOCK_FLOATS = 1 << 20;
+/** Floats per block of the file-backed moments (1 MiB each for m and v: what the close holds of them). */
+export const MOMENT_BLOCK_FLOATS = 1 << 18;
 
 /** m then v, float32, in one file under `dir`, unlinked as soon as it is open (its space goes with dispose() or the process). */
 export function fileMoments(dir: string = tmpdir(), blockFloats = MOMENT_BLOCK_FLOATS): MomentsFactory {

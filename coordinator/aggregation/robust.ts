@@ -4,7 +4,8 @@
  * model in coordinate blocks: for each block it reads that range from every spill file into one n × block
  * matrix (bounded by `blockBytes`, default 64 MiB) and reduces each column.
  *
- * Cost: memory = base + output + the block matrix (≈ 2 models + 64 MiB, whatever the site count); disk =
+ * Cost: memory = output + the block matrix + that block of the base (≈ 1 model + 64 MiB, whatever the site
+ * count; the base is read per block, base-blocks.ts); disk =
  * one model per update (written once, read once, deleted at finish). A block's columns are reduced by the
  * native addon when it is built (robustColumnsNative: a sorting network over all columns of a tile at once, in
  * vector code) and else by robustColumnsJs (quickselect per column); both give exactly the statistics of
@@ -15,6 +16,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { loadOneDnnKernels } from '../../shared/engine/onednn-kernels.ts';
 import type { TensorBundle } from '../../shared/tensors/bundle.ts';
+import { asBaseBlocks, type BaseLike } from './base-blocks.ts';
 
 export type RobustRule = { kind: 'median' } | { kind: 'trimmed-mean'; beta: number };
 
@@ -100,7 +102,8 @@ export class RobustCombiner {
   }
 
   /** out[j] = base[j] + rule over i of scale_i · δ_ij, block by block; then deletes the spill files. */
-  finish(base: Float32Array, out: Float32Array): void {
+  finish(base: BaseLike, out: Float32Array): void {
+    const blocks = asBaseBlocks(base)!;
     const n = this.spilled.length;
     if (n === 0) throw new Error('no updates to aggregate');
     const block = Math.max(1024, Math.floor(this.blockBytes / 4 / n));
@@ -115,7 +118,7 @@ export class RobustCombiner {
       for (let a = 0; a < this.total; a += block) {
         const len = Math.min(block, this.total - a);
         for (let i = 0; i < n; i++) readFully(fds[i], rowBytes, i * block * 4, len * 4, a * 4);
-        this.columns(rows, n, block, len, base.subarray(a, a + len), scale, baseCoef, trim, out.subarray(a, a + len));
+        this.columns(rows, n, block, len, blocks.block(a, len), scale, baseCoef, trim, out.subarray(a, a + len));
       }
     } finally {
       for (const fd of fds) closeSync(fd);

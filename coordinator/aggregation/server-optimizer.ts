@@ -12,6 +12,7 @@
  * block so that they cost no RSS).
  */
 import { type NamedTensor, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
+import { asBaseBlocks, BASE_BLOCK_FLOATS, type BaseLike } from './base-blocks.ts';
 import { memoryMoments, type Moments, type MomentsFactory } from './moments.ts';
 
 export type ServerOptimizerType = 'none' | 'fedavgm' | 'fedadam' | 'fedyogi' | 'fedadagrad';
@@ -31,10 +32,14 @@ export class ServerOptimizer {
   /** `moments`: where m and v live between rounds (moments.ts); the default keeps them in memory. */
   constructor(readonly cfg: ServerOptimizerConfig, private readonly makeMoments: MomentsFactory = memoryMoments) {}
 
-  /** In place: y holds base + Δ on entry and the optimiser's new weights on return. Block by block over the moments. */
-  apply(base: Float32Array, y: Float32Array): void {
+  /**
+   * In place: y holds base + Δ on entry and the optimiser's new weights on return. Block by block over the moments,
+   * and within those over the base (`base` flat in spec order, or read in blocks).
+   */
+  apply(baseLike: BaseLike, y: Float32Array): void {
     const { type, lr, beta1, beta2, tau } = this.cfg;
     if (type === 'none') return;
+    const base = asBaseBlocks(baseLike)!;
     const n = y.length;
     if (!this.moments || this.moments.total !== n) {
       this.moments?.dispose();
@@ -43,47 +48,49 @@ export class ServerOptimizer {
     }
     const b1 = 1 - beta1;
     const b2 = 1 - beta2;
-    // One loop per optimiser: no branch on the type per element. i indexes the block, off + i the model.
-    this.moments.forEachBlock((off, m, v) => {
-      const len = m.length;
-      if (type === 'fedavgm') {
-        for (let i = 0; i < len; i++) {
-          const j = off + i;
-          const mi = beta1 * m[i] + (y[j] - base[j]);
-          m[i] = mi;
-          y[j] = base[j] + lr * mi;
-        }
-      } else if (type === 'fedadagrad') {
-        for (let i = 0; i < len; i++) {
-          const j = off + i;
-          const d = y[j] - base[j];
-          const mi = beta1 * m[i] + b1 * d;
-          const vi = v![i] + d * d;
-          m[i] = mi;
-          v![i] = vi;
-          y[j] = base[j] + (lr * mi) / (Math.sqrt(vi) + tau);
-        }
-      } else if (type === 'fedadam') {
-        for (let i = 0; i < len; i++) {
-          const j = off + i;
-          const d = y[j] - base[j];
-          const mi = beta1 * m[i] + b1 * d;
-          const vi = beta2 * v![i] + b2 * d * d;
-          m[i] = mi;
-          v![i] = vi;
-          y[j] = base[j] + (lr * mi) / (Math.sqrt(vi) + tau);
-        }
-      } else {
-        for (let i = 0; i < len; i++) {
-          const j = off + i;
-          const d = y[j] - base[j];
-          const mi = beta1 * m[i] + b1 * d;
-          const d2 = d * d;
-          const vo = v![i];
-          const vi = vo > d2 ? vo - b2 * d2 : vo < d2 ? vo + b2 * d2 : vo; // v − (1−β₂)Δ²·sign(v − Δ²)
-          m[i] = mi;
-          v![i] = vi;
-          y[j] = base[j] + (lr * mi) / (Math.sqrt(vi) + tau);
+    this.moments.forEachBlock((off, mAll, vAll) => {
+      for (let at = 0; at < mAll.length; at += BASE_BLOCK_FLOATS) {
+        const len = Math.min(BASE_BLOCK_FLOATS, mAll.length - at);
+        const m = mAll.subarray(at, at + len);
+        const v = vAll?.subarray(at, at + len);
+        const bb = base.block(off + at, len);
+        const yy = y.subarray(off + at, off + at + len);
+        // One loop per optimiser: no branch on the type per element. i indexes the block (m, v, bb and yy alike).
+        if (type === 'fedavgm') {
+          for (let i = 0; i < len; i++) {
+            const mi = beta1 * m[i] + (yy[i] - bb[i]);
+            m[i] = mi;
+            yy[i] = bb[i] + lr * mi;
+          }
+        } else if (type === 'fedadagrad') {
+          for (let i = 0; i < len; i++) {
+            const d = yy[i] - bb[i];
+            const mi = beta1 * m[i] + b1 * d;
+            const vi = v![i] + d * d;
+            m[i] = mi;
+            v![i] = vi;
+            yy[i] = bb[i] + (lr * mi) / (Math.sqrt(vi) + tau);
+          }
+        } else if (type === 'fedadam') {
+          for (let i = 0; i < len; i++) {
+            const d = yy[i] - bb[i];
+            const mi = beta1 * m[i] + b1 * d;
+            const vi = beta2 * v![i] + b2 * d * d;
+            m[i] = mi;
+            v![i] = vi;
+            yy[i] = bb[i] + (lr * mi) / (Math.sqrt(vi) + tau);
+          }
+        } else {
+          for (let i = 0; i < len; i++) {
+            const d = yy[i] - bb[i];
+            const mi = beta1 * m[i] + b1 * d;
+            const d2 = d * d;
+            const vo = v![i];
+            const vi = vo > d2 ? vo - b2 * d2 : vo < d2 ? vo + b2 * d2 : vo; // v − (1−β₂)Δ²·sign(v − Δ²)
+            m[i] = mi;
+            v![i] = vi;
+            yy[i] = bb[i] + (lr * mi) / (Math.sqrt(vi) + tau);
+          }
         }
       }
     });

@@ -4,6 +4,7 @@
  * Strategies are composed from parts (combine rule, server optimiser, filters: composed.ts), not subclassed.
  */
 import type { TensorBundle, TensorSpec } from '../../shared/tensors/bundle.ts';
+import type { RoundBase } from './base-blocks.ts';
 
 export interface UpdateInfo {
   readonly site: string;
@@ -65,8 +66,12 @@ export interface StrategyState {
 
 export interface AggregationStrategy {
   readonly name: string;
-  /** `current` holds the shared tensors of the round's base model. */
-  begin(current: TensorBundle, specs: readonly TensorSpec[], ctx?: RoundContext): RoundAggregator;
+  /**
+   * `current` holds the shared tensors of the round's base model: decoded, or a reader over its file (the
+   * coordinator's case; the round reads it a block at a time and closes it at finish() or discard()). It must not
+   * change while the round runs.
+   */
+  begin(current: RoundBase, specs: readonly TensorSpec[], ctx?: RoundContext): RoundAggregator;
   /** State after the last finish(), or undefined when the strategy keeps none. */
   exportState?(): StrategyState | undefined;
   /** Continues from state exported by an earlier process. */

@@ -4,6 +4,7 @@
  */
 import { loadOneDnnKernels } from '../../shared/engine/onednn-kernels.ts';
 import { checkAgainstSpecs, findNonFinite, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
+import { asBaseBlocks, BASE_BLOCK_FLOATS, type BaseLike } from './base-blocks.ts';
 import type { UpdateInfo } from './strategy.ts';
 
 export interface ValidationRules {
@@ -36,13 +37,15 @@ export function shapeAndSamplesProblem(update: TensorBundle, info: UpdateInfo, s
 }
 
 /**
- * L2 norm of the update's delta against the flat base (`base` in spec order, `offsets` per tensor), or of the
- * update itself when it is a delta. Non-finite values make the sum non-finite; the caller then names the tensor.
+ * L2 norm of the update's delta against the base (`base` flat in spec order or read in blocks, `offsets` per
+ * tensor), or of the update itself when it is a delta. Non-finite values make the sum non-finite; the caller then
+ * names the tensor.
  */
-export type DeltaNorm = (update: TensorBundle, isDelta: boolean, base: Float32Array | undefined, offsets: ReadonlyMap<string, { off: number; n: number }>) => number;
+export type DeltaNorm = (update: TensorBundle, isDelta: boolean, base: BaseLike | undefined, offsets: ReadonlyMap<string, { off: number; n: number }>) => number;
 
 /** The JS loop (the reference; what runs without the native addon). */
-export const deltaNormJs: DeltaNorm = (update, isDelta, base, offsets) => {
+export const deltaNormJs: DeltaNorm = (update, isDelta, baseLike, offsets) => {
+  const base = asBaseBlocks(baseLike);
   let s = 0;
   for (const [name, { off, n }] of offsets) {
     const x = update.get(name)!.data;
@@ -57,13 +60,19 @@ export const deltaNormJs: DeltaNorm = (update, isDelta, base, offsets) => {
       }
       for (; i < n; i++) s0 += x[i] * x[i];
     } else {
-      for (; i < n4; i += 4) {
-        const a = x[i] - base[off + i], b = x[i + 1] - base[off + i + 1], c = x[i + 2] - base[off + i + 2], d = x[i + 3] - base[off + i + 3];
-        s0 += a * a; s1 += b * b; s2 += c * c; s3 += d * d;
-      }
-      for (; i < n; i++) {
-        const a = x[i] - base[off + i];
-        s0 += a * a;
+      // Block by block (a multiple of four long): each lane sees the same values in the same order as in one loop.
+      for (let at = 0; at < n; at += BASE_BLOCK_FLOATS) {
+        const end = Math.min(n, at + BASE_BLOCK_FLOATS);
+        const bb = base.block(off + at, end - at);
+        const end4 = Math.min(end, n4);
+        for (i = at; i < end4; i += 4) {
+          const a = x[i] - bb[i - at], b = x[i + 1] - bb[i + 1 - at], c = x[i + 2] - bb[i + 2 - at], d = x[i + 3] - bb[i + 3 - at];
+          s0 += a * a; s1 += b * b; s2 += c * c; s3 += d * d;
+        }
+        for (i = end4; i < end; i++) {
+          const a = x[i] - bb[i - at];
+          s0 += a * a;
+        }
       }
     }
     s += s0 + s1 + s2 + s3;
@@ -78,12 +87,18 @@ interface NormAddon {
 /** The same sums in the addon (one thread, the same four lanes in the same order): equal to deltaNormJs bit for bit. */
 function nativeDeltaNorm(addon: NormAddon): DeltaNorm {
   const lanes = new Float64Array(4);
-  return (update, isDelta, base, offsets) => {
+  return (update, isDelta, baseLike, offsets) => {
+    const base = isDelta ? undefined : asBaseBlocks(baseLike);
     let s = 0;
     for (const [name, { off, n }] of offsets) {
       const x = update.get(name)!.data;
       lanes.fill(0);
-      addon.deltaSqLanes(x.length === n ? x : x.subarray(0, n), isDelta || !base ? null : base.subarray(off, off + n), lanes);
+      if (!base) addon.deltaSqLanes(x.length === n ? x : x.subarray(0, n), null, lanes);
+      // The lanes carry on across blocks (a multiple of four long): the one-call sums bit for bit.
+      else for (let at = 0; at < n; at += BASE_BLOCK_FLOATS) {
+        const len = Math.min(BASE_BLOCK_FLOATS, n - at);
+        addon.deltaSqLanes(x.subarray(at, at + len), base.block(off + at, len), lanes);
+      }
       s += lanes[0] + lanes[1] + lanes[2] + lanes[3];
     }
     return Math.sqrt(s);
@@ -108,15 +123,20 @@ export const deltaNorm: DeltaNorm = (update, isDelta, base, offsets) => {
 export function valueBoundProblem(
   update: TensorBundle,
   maxValue: number,
-  delta?: { base: Float32Array; offsets: ReadonlyMap<string, { off: number; n: number }> },
+  delta?: { base: BaseLike; offsets: ReadonlyMap<string, { off: number; n: number }> },
 ): string | undefined {
+  const base = asBaseBlocks(delta?.base);
   for (const t of update.values()) {
     const x = t.data;
     const off = delta ? delta.offsets.get(t.name)?.off : undefined;
-    for (let i = 0; i < x.length; i++) {
-      const v = off !== undefined ? delta!.base[off + i] + x[i] : x[i];
-      if (v > maxValue || v < -maxValue) {
-        return `update proposes weight ${v.toPrecision(4)} in tensor "${t.name}" at index ${i}, beyond the plan's bound ±${maxValue} (aggregation.validation.maxValue); no trained network holds such values`;
+    for (let at = 0; at < x.length; at += BASE_BLOCK_FLOATS) {
+      const end = Math.min(x.length, at + BASE_BLOCK_FLOATS);
+      const b = off !== undefined ? base!.block(off + at, end - at) : undefined;
+      for (let i = at; i < end; i++) {
+        const v = b ? b[i - at] + x[i] : x[i];
+        if (v > maxValue || v < -maxValue) {
+          return `update proposes weight ${v.toPrecision(4)} in tensor "${t.name}" at index ${i}, beyond the plan's bound ±${maxValue} (aggregation.validation.maxValue); no trained network holds such values`;
+        }
       }
     }
   }

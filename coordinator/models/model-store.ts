@@ -9,6 +9,8 @@ import { decodeSafetensors, writeSafetensors } from '../../shared/tensors/safete
 import type { TensorBundle } from '../../shared/tensors/bundle.ts';
 import { sha256Hex, SHA256_HEX } from '../../shared/util/hash.ts';
 import { fsyncDir } from '../../shared/util/fs-atomic.ts';
+import type { TensorReader } from '../aggregation/base-blocks.ts';
+import { openModelReader } from './model-reader.ts';
 
 /** A model file being written, renamed to its hash once complete. */
 const INCOMING_PREFIX = '.incoming-';
@@ -69,11 +71,23 @@ export class ModelFiles {
   load(hash: string): TensorBundle {
     const bytes = readFileSync(this.pathFor(hash));
     const actual = sha256Hex(bytes);
-    if (actual !== hash) throw new Error(`model file ${hash.slice(0, 12)}… is corrupt on disk (hash ${actual.slice(0, 12)}…); restore it from backup`);
+    if (actual !== hash) throw corruptModel(hash, actual);
     return decodeSafetensors(bytes).bundle;
+  }
+
+  /**
+   * The version's tensors read in part from its file (checked against its hash first, streamed): what a round's
+   * aggregation reads its base model from, a block at a time, instead of a decoded model-sized copy.
+   */
+  reader(hash: string): TensorReader {
+    return openModelReader(this.pathFor(hash), { hex: hash, corrupt: (actual) => corruptModel(hash, actual) });
   }
 
   size(hash: string): number {
     return statSync(this.pathFor(hash)).size;
   }
+}
+
+function corruptModel(hash: string, actual: string): Error {
+  return new Error(`model file ${hash.slice(0, 12)}… is corrupt on disk (hash ${actual.slice(0, 12)}…); restore it from backup`);
 }

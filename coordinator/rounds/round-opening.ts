@@ -41,7 +41,7 @@ export class RoundOpening {
     if (stage.kind === 'fine-tuning' && stage.index === 1 && pretrainingRounds(plan) > 0) this.o.aggregationState.forgetPretraining();
     this.o.features.onRoundOpening(row.round, stage);
     // The aggregator first: the store says a round is open only once it can run here too.
-    const aggregator = this.o.strategy.begin(this.o.models.load(row.baseModelHash), this.o.shared, aggregatorContext(row, plan.compression.delta));
+    const aggregator = this.o.strategy.begin(this.o.models.reader(row.baseModelHash), this.o.shared, aggregatorContext(row, plan.compression.delta));
     const started = this.o.events.event('round.started', { round: row.round, selected, model: row.baseModelHash, ...this.stageFields(stage) });
     try {
       store.openRound(row, outboxRows(started));

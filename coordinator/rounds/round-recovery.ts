@@ -56,7 +56,7 @@ export class RoundRecovery {
   refold(row: RoundRow): { aggregator: RoundAggregator; reported: Set<string> } {
     const { store, models, strategy, shared } = this.o;
     // The base model is handed to the strategy and not kept here: a strategy that needs it keeps it.
-    const aggregator = strategy.begin(models.load(row.baseModelHash), shared, aggregatorContext(row, this.o.plan.compression.delta));
+    const aggregator = strategy.begin(models.reader(row.baseModelHash), shared, aggregatorContext(row, this.o.plan.compression.delta));
     const reported = new Set<string>();
     try {
       for (const u of store.updatesForRound(row.round)) {

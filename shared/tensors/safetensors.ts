@@ -87,24 +87,44 @@ export interface DecodeOptions {
   readonly views?: boolean;
 }
 
-export function decodeSafetensors(buf: Uint8Array, opts: DecodeOptions = {}): DecodedSafetensors {
-  if (buf.length < 8) throw new SafetensorsError(`file too short (${buf.length} bytes) to be safetensors`);
-  const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+/** One tensor's place in a safetensors file's data section (bytes from the section's start). */
+export interface SafetensorsEntry {
+  readonly name: string;
+  readonly dtype: 'F32';
+  readonly shape: number[];
+  readonly begin: number;
+  readonly end: number;
+}
+
+/**
+ * The 8-byte length and JSON header at the start of a safetensors file of `fileBytes` bytes, validated as
+ * decodeSafetensors validates it (dtypes, shapes, offsets that tile the data section exactly): each tensor's
+ * entry, sorted by where its data starts, the metadata and where the data section starts.
+ * `prefix` holds at least the first 8 bytes; when it holds less than the whole header, `headerBytes` says how
+ * many more the caller must read (the header's length) and nothing else is returned.
+ */
+export function parseSafetensorsHeader(
+  prefix: Uint8Array,
+  fileBytes: number,
+): { entries: SafetensorsEntry[]; metadata: Record<string, string>; dataStart: number } | { headerBytes: number } {
+  if (fileBytes < 8 || prefix.length < 8) throw new SafetensorsError(`file too short (${fileBytes} bytes) to be safetensors`);
+  const view = new DataView(prefix.buffer, prefix.byteOffset, prefix.byteLength);
   const headerLen = Number(view.getBigUint64(0, true));
-  if (headerLen > MAX_HEADER_BYTES || 8 + headerLen > buf.length) {
-    throw new SafetensorsError(`header length ${headerLen} does not fit in ${buf.length} bytes: truncated or not safetensors`);
+  if (headerLen > MAX_HEADER_BYTES || 8 + headerLen > fileBytes) {
+    throw new SafetensorsError(`header length ${headerLen} does not fit in ${fileBytes} bytes: truncated or not safetensors`);
   }
+  if (prefix.length < 8 + headerLen) return { headerBytes: headerLen };
   let header: Record<string, unknown>;
   try {
-    header = JSON.parse(Buffer.from(buf.buffer, buf.byteOffset + 8, headerLen).toString('utf8'));
+    header = JSON.parse(Buffer.from(prefix.buffer, prefix.byteOffset + 8, headerLen).toString('utf8'));
   } catch (e) {
     throw new SafetensorsError(`header is not valid JSON: ${(e as Error).message}`);
   }
   if (header === null || typeof header !== 'object' || Array.isArray(header)) throw new SafetensorsError('header is not a JSON object');
   const dataStart = 8 + headerLen;
-  const dataLen = buf.length - dataStart;
+  const dataLen = fileBytes - dataStart;
   const metadata: Record<string, string> = {};
-  const entries: { name: string; dtype: string; shape: number[]; begin: number; end: number }[] = [];
+  const entries: SafetensorsEntry[] = [];
   for (const [name, raw] of Object.entries(header)) {
     if (name === '__metadata__') {
       if (raw && typeof raw === 'object') for (const [k, v] of Object.entries(raw)) metadata[k] = String(v);
@@ -125,7 +145,7 @@ export function decodeSafetensors(buf: Uint8Array, opts: DecodeOptions = {}): De
     if ((end as number) - (begin as number) !== need) {
       throw new SafetensorsError(`tensor "${name}": shape [${shape.join(',')}] needs ${need} bytes, offsets give ${(end as number) - (begin as number)}`);
     }
-    entries.push({ name, dtype: e.dtype, shape: shape as number[], begin: begin as number, end: end as number });
+    entries.push({ name, dtype: 'F32', shape: shape as number[], begin: begin as number, end: end as number });
   }
   // Offsets must tile the data section exactly: no gaps, no overlaps, nothing trailing.
   entries.sort((a, b) => a.begin - b.begin);
@@ -135,6 +155,15 @@ export function decodeSafetensors(buf: Uint8Array, opts: DecodeOptions = {}): De
     expect = e.end;
   }
   if (expect !== dataLen) throw new SafetensorsError(`data section is ${dataLen} bytes but tensors cover ${expect}: truncated or trailing bytes`);
+  return { entries, metadata, dataStart };
+}
+
+export function decodeSafetensors(buf: Uint8Array, opts: DecodeOptions = {}): DecodedSafetensors {
+  if (buf.length < 8) throw new SafetensorsError(`file too short (${buf.length} bytes) to be safetensors`);
+  const parsed = parseSafetensorsHeader(buf, buf.length);
+  // The whole file is here, so the header is too.
+  if (!('entries' in parsed)) throw new SafetensorsError('header does not fit in the buffer');
+  const { entries, metadata, dataStart } = parsed;
   const tensors: NamedTensor[] = entries.map((e) => {
     const at = buf.byteOffset + dataStart + e.begin;
     if (opts.views && at % 4 === 0) {
