@@ -209,6 +209,12 @@ export class CoordinatorStore {
     return row ? this.withPending(toSite(row)) : undefined;
   }
 
+  /** Names of the sites enrolled now (not invited, not revoked): one query, for checks over every connected site. */
+  enrolledSiteNames(): Set<string> {
+    const rows = this.db.prepare("SELECT name FROM sites WHERE state = 'enrolled'").pluck().all() as string[];
+    return new Set(rows);
+  }
+
   listSites(): SiteRow[] {
     return (this.db.prepare('SELECT * FROM sites ORDER BY name').all() as Record<string, unknown>[]).map((r) => this.withPending(toSite(r)));
   }
