@@ -10,9 +10,26 @@ const file = process.env.MEDFL_BENCH_PROBE_FILE;
 if (file) {
   const sample = () => {
     const m = process.memoryUsage();
-    const resources = {};
-    for (const r of process.getActiveResourcesInfo()) resources[r] = (resources[r] ?? 0) + 1;
-    appendFileSync(file, `${JSON.stringify({ t: Date.now(), rss: m.rss, heapTotal: m.heapTotal, heapUsed: m.heapUsed, external: m.external, arrayBuffers: m.arrayBuffers, tls: resources.TLSWRAP ?? 0 })}\n`);
+    appendFileSync(file, `${JSON.stringify({ t: Date.now(), rss: m.rss, heapTotal: m.heapTotal, heapUsed: m.heapUsed, external: m.external, arrayBuffers: m.arrayBuffers })}\n`);
   };
   setInterval(sample, 1000).unref();
+}
+
+/**
+ * MEDFL_BENCH_CPU_PROFILE=FILE: a CPU profile of the coordinator from start to exit (--cpu-prof may not be given
+ * in NODE_OPTIONS). The main thread's inspector session answers synchronously, so the profile is written in 'exit'.
+ */
+const profileFile = process.env.MEDFL_BENCH_CPU_PROFILE;
+if (profileFile) {
+  const { Session } = await import('node:inspector');
+  const { writeFileSync } = await import('node:fs');
+  const session = new Session();
+  session.connect();
+  session.post('Profiler.enable');
+  session.post('Profiler.start');
+  process.on('exit', () => {
+    session.post('Profiler.stop', (err, result) => {
+      if (!err) writeFileSync(profileFile, JSON.stringify(result.profile));
+    });
+  });
 }

@@ -12,11 +12,12 @@
  *
  *   npm run bench:sites -- [--sites 10,100,1000] [--model-mb 1] [--train-s 2] [--rounds 2] [--workers 4] [--out DIR]
  *                          [--max-downloads N] [--max-uploads N] [--max-waiting-uploads N]   (coordinator.json transfers)
- *                          [--coordinator-node-options '--cpu-prof --heapsnapshot-signal=SIGUSR2 …']
+ *                          [--cpu-profile] [--coordinator-node-options=--heapsnapshot-signal=SIGUSR2]
  *
  * The coordinator runs with bench/coordinator-probe.mjs loaded, which samples its memory breakdown once a second
  * (memory-N.jsonl in the work dir); the table gives it at its peak RSS and just before the first round opened (all
- * sites connected, no transfer yet). `--coordinator-node-options` adds Node options (profiles land in the work dir).
+ * sites connected, no transfer yet). `--cpu-profile` writes the coordinator's CPU profile to coordinator-N.cpuprofile
+ * in the work dir; `--coordinator-node-options` adds Node options allowed in NODE_OPTIONS (snapshots land there too).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -68,6 +69,7 @@ async function main(): Promise<void> {
       'max-uploads': { type: 'string' },
       'max-waiting-uploads': { type: 'string' },
       'coordinator-node-options': { type: 'string', default: '' },
+      'cpu-profile': { type: 'boolean', default: false },
       out: { type: 'string' },
     },
   });
@@ -141,7 +143,8 @@ async function main(): Promise<void> {
     const probeFile = join(work, `memory-${n}.jsonl`);
     rmSync(probeFile, { force: true });
     const nodeOptions = [`--import=${PROBE}`, `--diagnostic-dir=${work}`, a['coordinator-node-options']].join(' ');
-    coordinator = await startCoordinator(dir, port, coordLog, { NODE_OPTIONS: nodeOptions, MEDFL_BENCH_PROBE_FILE: probeFile });
+    const profile = a['cpu-profile'] ? { MEDFL_BENCH_CPU_PROFILE: join(work, `coordinator-${n}.cpuprofile`) } : {};
+    coordinator = await startCoordinator(dir, port, coordLog, { NODE_OPTIONS: nodeOptions, MEDFL_BENCH_PROBE_FILE: probeFile, ...profile });
     const pid = coordinator.pid!;
     let peakRss = 0;
     const sampler = setInterval(() => (peakRss = Math.max(peakRss, rssBytes(pid))), 200);
@@ -236,7 +239,7 @@ async function runWorkers<T>(count: number, items: T[], args: (slice: T[], i: nu
 /**
  * The coordinator's memory (coordinator-probe.mjs samples) just before `roundOpenedAt` and at its largest RSS:
  * RSS / V8 heap used / external (Buffers, ArrayBuffers) / the native rest (RSS − heap total − external: TLS,
- * HTTP/2 sessions, malloc), in MiB, and the TLS connections open.
+ * HTTP/2 sessions, malloc, code), in MiB.
  */
 function memoryBreakdown(file: string, roundOpenedAt: number | undefined): { connected: string; peak: string } {
   if (!existsSync(file)) return { connected: '—', peak: '—' };
@@ -244,10 +247,10 @@ function memoryBreakdown(file: string, roundOpenedAt: number | undefined): { con
     .trim()
     .split('\n')
     .filter(Boolean)
-    .map((l) => JSON.parse(l) as { t: number; rss: number; heapTotal: number; heapUsed: number; external: number; tls: number });
+    .map((l) => JSON.parse(l) as { t: number; rss: number; heapTotal: number; heapUsed: number; external: number });
   const mib = (b: number) => (b / 1024 / 1024).toFixed(0);
   const show = (s: (typeof samples)[number] | undefined) =>
-    s ? `${mib(s.rss)}/${mib(s.heapUsed)}/${mib(s.external)}/${mib(Math.max(0, s.rss - s.heapTotal - s.external))} (${s.tls} TLS)` : '—';
+    s ? `${mib(s.rss)}/${mib(s.heapUsed)}/${mib(s.external)}/${mib(Math.max(0, s.rss - s.heapTotal - s.external))}` : '—';
   const before = roundOpenedAt === undefined ? undefined : samples.filter((s) => s.t < roundOpenedAt).at(-1);
   const peak = samples.reduce<(typeof samples)[number] | undefined>((p, s) => (!p || s.rss > p.rss ? s : p), undefined);
   return { connected: show(before), peak: show(peak) };
