@@ -12,6 +12,12 @@
  *
  *   npm run bench:sites -- [--sites 10,100,1000] [--model-mb 1] [--train-s 2] [--rounds 2] [--workers 4] [--out DIR]
  *                          [--max-downloads N] [--max-uploads N] [--max-waiting-uploads N]   (coordinator.json transfers)
+ *                          [--cpu-profile] [--coordinator-node-options=--heapsnapshot-signal=SIGUSR2]
+ *
+ * The coordinator runs with bench/coordinator-probe.mjs loaded, which samples its memory breakdown once a second
+ * (memory-N.jsonl in the work dir); the table gives it at its peak RSS and just before the first round opened (all
+ * sites connected, no transfer yet). `--cpu-profile` writes the coordinator's CPU profile to coordinator-N.cpuprofile
+ * in the work dir; `--coordinator-node-options` adds Node options allowed in NODE_OPTIONS (snapshots land there too).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -32,6 +38,7 @@ import { FederationClient, type WireChunk, type WireTask } from '../site-agent/t
 import { uploadUpdate } from '../site-agent/transport/upload.ts';
 
 const HEARTBEAT_MS = 5000;
+const PROBE = join(import.meta.dirname, 'coordinator-probe.mjs');
 const say = (s: string) => process.stdout.write(`${s}\n`);
 
 /** What one worker reports (JSON on its stdout's last line). */
@@ -61,6 +68,8 @@ async function main(): Promise<void> {
       'max-downloads': { type: 'string' },
       'max-uploads': { type: 'string' },
       'max-waiting-uploads': { type: 'string' },
+      'coordinator-node-options': { type: 'string', default: '' },
+      'cpu-profile': { type: 'boolean', default: false },
       out: { type: 'string' },
     },
   });
@@ -131,7 +140,11 @@ async function main(): Promise<void> {
     cpSync(template, dir, { recursive: true });
     writeFileSync(join(dir, 'plan.yaml'), stringify(JSON.parse(JSON.stringify(planFor(n, rounds)))));
     const coordLog = join(logs, `coordinator-${n}.log`);
-    coordinator = await startCoordinator(dir, port, coordLog);
+    const probeFile = join(work, `memory-${n}.jsonl`);
+    rmSync(probeFile, { force: true });
+    const nodeOptions = [`--import=${PROBE}`, `--diagnostic-dir=${work}`, a['coordinator-node-options']].join(' ');
+    const profile = a['cpu-profile'] ? { MEDFL_BENCH_CPU_PROFILE: join(work, `coordinator-${n}.cpuprofile`) } : {};
+    coordinator = await startCoordinator(dir, port, coordLog, { NODE_OPTIONS: nodeOptions, MEDFL_BENCH_PROBE_FILE: probeFile, ...profile });
     const pid = coordinator.pid!;
     let peakRss = 0;
     const sampler = setInterval(() => (peakRss = Math.max(peakRss, rssBytes(pid))), 200);
@@ -163,11 +176,14 @@ async function main(): Promise<void> {
     if (failedRounds) failures.roundsFailed = failedRounds;
     const unfinished = n - reports.reduce((s, r) => s + r.finishedSites, 0);
     if (unfinished) failures.sitesNotFinished = unfinished;
+    const memory = memoryBreakdown(probeFile, rows[0]?.openedAt);
     results.push([
       String(n),
       `${closed.length}/${rounds}`,
       overhead.map((o) => o.toFixed(1)).join(' / ') || '—',
       `${(peakRss / 1024 / 1024).toFixed(0)} MiB`,
+      memory.connected,
+      memory.peak,
       `${cpu.toFixed(1)} s in ${wall.toFixed(0)} s`,
       pct(all('heartbeatMs')),
       pct(all('downloadMs')),
@@ -177,18 +193,18 @@ async function main(): Promise<void> {
     say(`N=${n}: ${results.at(-1)!.join(' | ')}`);
   }
   say('');
-  say('| sites | rounds closed | round overhead s (each round) | coordinator peak RSS | coordinator CPU | heartbeat ms p50/p95/p99 | download ms p50/p95/p99 | upload ms p50/p95/p99 | failures |');
-  say('|---|---|---|---|---|---|---|---|---|');
+  say('| sites | rounds closed | round overhead s (each round) | coordinator peak RSS | MiB rss/heap used/external/native rest, all connected before round 1 | the same at peak RSS | coordinator CPU | heartbeat ms p50/p95/p99 | download ms p50/p95/p99 | upload ms p50/p95/p99 | failures |');
+  say('|---|---|---|---|---|---|---|---|---|---|---|');
   for (const r of results) say(`| ${r.join(' | ')} |`);
   say(`\nwork dir (logs, per-N coordinator folders): ${work}`);
 }
 
-async function startCoordinator(dir: string, port: number, log: string): Promise<ChildProcess> {
-  const c = spawnMedfl(['coordinator', 'start', '--dir', dir, '--port', String(port), '--bind', '127.0.0.1'], log, { MEDFL_LOG_LEVEL: 'info' });
+async function startCoordinator(dir: string, port: number, log: string, env: NodeJS.ProcessEnv = {}): Promise<ChildProcess> {
+  const c = spawnMedfl(['coordinator', 'start', '--dir', dir, '--port', String(port), '--bind', '127.0.0.1'], log, { MEDFL_LOG_LEVEL: 'info', ...env });
   await waitFor(() => {
     if (c.exitCode !== null) throw new Error(`the coordinator exited with ${c.exitCode}; see ${log}`);
     return existsSync(log) && readFileSync(log, 'utf8').includes('listening on port');
-  }, 120_000, 'the coordinator to listen');
+  }, 600_000, 'the coordinator to listen');
   return c;
 }
 
@@ -218,6 +234,26 @@ async function runWorkers<T>(count: number, items: T[], args: (slice: T[], i: nu
     );
   }
   return Promise.all(jobs);
+}
+
+/**
+ * The coordinator's memory (coordinator-probe.mjs samples) just before `roundOpenedAt` and at its largest RSS:
+ * RSS / V8 heap used / external (Buffers, ArrayBuffers) / the native rest (RSS − heap total − external: TLS,
+ * HTTP/2 sessions, malloc, code), in MiB.
+ */
+function memoryBreakdown(file: string, roundOpenedAt: number | undefined): { connected: string; peak: string } {
+  if (!existsSync(file)) return { connected: '—', peak: '—' };
+  const samples = readFileSync(file, 'utf8')
+    .trim()
+    .split('\n')
+    .filter(Boolean)
+    .map((l) => JSON.parse(l) as { t: number; rss: number; heapTotal: number; heapUsed: number; external: number });
+  const mib = (b: number) => (b / 1024 / 1024).toFixed(0);
+  const show = (s: (typeof samples)[number] | undefined) =>
+    s ? `${mib(s.rss)}/${mib(s.heapUsed)}/${mib(s.external)}/${mib(Math.max(0, s.rss - s.heapTotal - s.external))}` : '—';
+  const before = roundOpenedAt === undefined ? undefined : samples.filter((s) => s.t < roundOpenedAt).at(-1);
+  const peak = samples.reduce<(typeof samples)[number] | undefined>((p, s) => (!p || s.rss > p.rss ? s : p), undefined);
+  return { connected: show(before), peak: show(peak) };
 }
 
 function pct(xs: number[]): string {
@@ -262,7 +298,8 @@ async function enrolWorker(file: string): Promise<void> {
       await enrollSite({ coordinator: `localhost:${job.port}`, token: inv.token, caFingerprint: inv.caFingerprint, dir: join(job.sitesDir, inv.site) });
     }
   };
-  await Promise.all(Array.from({ length: 8 }, one));
+  // Few at once: on a loaded machine many parallel enrolments ran past their 15 s deadline (a one-time token cannot be retried).
+  await Promise.all(Array.from({ length: 2 }, one));
   const report: WorkerReport = { heartbeatMs: [], downloadMs: [], uploadMs: [], failures: {}, finishedSites: job.invitations.length };
   say(JSON.stringify(report));
 }

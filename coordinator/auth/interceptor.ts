@@ -120,6 +120,27 @@ function decoy(): KeyObject {
   return decoyKey;
 }
 
+/**
+ * Site keys as KeyObjects, by their raw bytes. Building one per call (JWK import, and jose's own conversion of each new
+ * KeyObject) cost about as much as verifying the signature; every site call pays it. Keyed by the bytes, not the site,
+ * so a re-enrolled site's new key is another entry and a revoked or replaced key is never looked up for it again.
+ * Keys refused as weak are not kept (they throw every time).
+ */
+const siteKeys = new Map<string, KeyObject>();
+/** Far above any federation's site count; past it the cache starts again rather than growing without bound. */
+const MAX_CACHED_SITE_KEYS = 100_000;
+
+function siteKey(raw: Buffer): KeyObject {
+  const id = raw.toString('base64');
+  let key = siteKeys.get(id);
+  if (!key) {
+    key = publicKeyFromRaw(raw);
+    if (siteKeys.size >= MAX_CACHED_SITE_KEYS) siteKeys.clear();
+    siteKeys.set(id, key);
+  }
+  return key;
+}
+
 /** The site a call's token claims, unverified ('' when none can be read): keys the failure limiter, nothing else. */
 export function claimedSite(metadata: grpc.Metadata): string {
   const values = metadata.get(AUTH_METADATA_KEY);
@@ -183,7 +204,7 @@ export async function verifySiteToken(
 
   let key: KeyObject;
   try {
-    key = publicKeyFromRaw(record.publicKeyRaw);
+    key = siteKey(record.publicKeyRaw);
   } catch (e) {
     await jwtVerify(token, decoy(), { algorithms: ['EdDSA'] }).catch(() => undefined);
     throw unauth(`site '${site}' has an unusable registered key (${(e as Error).message}) — re-enrol the site`, hidden);

@@ -17,6 +17,7 @@ import { COORDINATOR_FEATURES, LEGACY_SITE, type Feature, type SiteCapabilities 
 import { describeStorageFault, isStorageFault } from '../../shared/util/storage-fault.ts';
 import { RefusalWarnings } from '../events/refusal-warnings.ts';
 import type { TransferAdmission, TransferTicket } from './transfer-admission.ts';
+import { RevocationWatch } from './revocation-watch.ts';
 
 export interface FederationServiceDeps {
   store: CoordinatorStore;
@@ -24,7 +25,7 @@ export interface FederationServiceDeps {
   engine: RoundEngine;
   receiver: UploadReceiver;
   log: Logger;
-  /** How often an open task stream re-checks that its site is still enrolled (revocation without restart). */
+  /** How often the open task streams' sites are checked to be still enrolled (revocation without restart; default 2 s). */
   revocationCheckMs?: number;
   /** Named in every heartbeat answer (default: all of COORDINATOR_FEATURES). */
   features?: readonly Feature[];
@@ -163,6 +164,8 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
   if (!(Number.isInteger(maxOpenUploads) && maxOpenUploads >= 1)) throw new RangeError(`maxOpenUploadsPerSite must be an integer ≥ 1, got ${maxOpenUploads}`);
   /** Open UploadUpdate calls per site. */
   const openUploads = new Map<string, number>();
+  /** Ends the task streams of sites revoked while connected: one store query per tick for all of them. */
+  const revocations = new RevocationWatch({ enrolledSites: () => store.enrolledSiteNames(), everyMs: d.revocationCheckMs, log });
 
   /** Reads one upload: its chunks drive an UploadCall, which answers it and gives the site's slot back. */
   function receiveUpload(call: grpc.ServerReadableStream<Record<string, unknown>, unknown>, reply: grpc.sendUnaryData<unknown>, site: string, releaseSlot: () => void): void {
@@ -231,25 +234,14 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
           call.emit('error', { code: grpc.status.ALREADY_EXISTS, details: `another agent connected as site '${site}'; this task stream is closed — run one agent per site (or this was a stale connection)` });
         },
       };
-      const revocationCheck = setInterval(() => {
-        let state: string | undefined;
-        try {
-          state = store.getSite(site)?.state;
-        } catch (e) {
-          // A timer must not throw (that would end the process): check again on the next tick.
-          log.warn({ site, err: describeStorageFault(e) }, 'could not check whether the site is still enrolled');
-          return;
-        }
-        if (state !== 'enrolled') {
-          log.warn({ site }, 'site revoked: closing its task stream');
-          done();
-          call.emit('error', { code: grpc.status.PERMISSION_DENIED, details: `site '${site}' was revoked by the coordinator admin` });
-        }
-      }, d.revocationCheckMs ?? 2000);
+      const stopWatching = revocations.watch(site, () => {
+        done();
+        call.emit('error', { code: grpc.status.PERMISSION_DENIED, details: `site '${site}' was revoked by the coordinator admin` });
+      });
       const done = () => {
         if (!open) return;
         open = false;
-        clearInterval(revocationCheck);
+        stopWatching();
         engine.siteDisconnected(site, sink);
       };
       call.on('cancelled', done);

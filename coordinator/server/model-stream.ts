@@ -42,7 +42,10 @@ function giveBack(buf: Buffer): void {
 export function streamModelFile(call: grpc.ServerWritableStream<unknown, unknown>, path: string, start: number, totalSize: number, sha256: string, onSent?: () => void): void {
   const chunkBytes = modelStreamOptions.chunkBytes;
   const tail = modelChunkTail(totalSize, sha256);
-  const size = MODEL_CHUNK_HEAD_ROOM + chunkBytes + Math.max(TAIL_ROOM, tail.length);
+  // A model smaller than a chunk needs a buffer of its own size, not a whole chunk's: with many downloads at once a
+  // 1 MB model would otherwise hold 2 MiB per download. Sized by the model, not the offset, so every download of
+  // one model shares the pool's buffers.
+  const size = MODEL_CHUNK_HEAD_ROOM + Math.min(chunkBytes, totalSize) + Math.max(TAIL_ROOM, tail.length);
   const free: Buffer[] = [];
   let owned = 0; // buffers taken from the pool by this download
   let fd: number | undefined;

@@ -126,6 +126,17 @@ export class CoordinatorStore {
 
   private readonly closers: (() => void)[] = [];
 
+  /**
+   * Statements run on every site call (the interceptor's site lookup, each download's model lookup), prepared once:
+   * preparing costs more than running them.
+   */
+  private readonly statements = new Map<string, Database.Statement>();
+  private prepared(sql: string): Database.Statement {
+    let s = this.statements.get(sql);
+    if (!s) this.statements.set(sql, (s = this.db.prepare(sql)));
+    return s;
+  }
+
   /** Writes what site calls left pending, then closes. A failing final write does not keep the database open. */
   close(): void {
     try {
@@ -184,7 +195,7 @@ export class CoordinatorStore {
   /** Checks and consumes a one-time token in one transaction, so two racing enrolments cannot both win. */
   enrolSite(name: string, tokenHash: string, publicKey: Buffer, now = Date.now()): EnrolOutcome {
     return this.db.transaction((): EnrolOutcome => {
-      const row = this.db.prepare('SELECT * FROM sites WHERE name = ?').get(name) as Record<string, unknown> | undefined;
+      const row = this.prepared('SELECT * FROM sites WHERE name = ?').get(name) as Record<string, unknown> | undefined;
       // The caller is not authenticated until the token matches: an unknown site and a wrong token read the same,
       // so enrolment cannot be used to learn which site names exist (or their state).
       const refused = `the enrolment token is not valid for site '${name}' (or no such site was invited); check you copied the token whole, or ask the coordinator admin for a new one`;
@@ -205,8 +216,14 @@ export class CoordinatorStore {
   }
 
   getSite(name: string): SiteRow | undefined {
-    const row = this.db.prepare('SELECT * FROM sites WHERE name = ?').get(name) as Record<string, unknown> | undefined;
+    const row = this.prepared('SELECT * FROM sites WHERE name = ?').get(name) as Record<string, unknown> | undefined;
     return row ? this.withPending(toSite(row)) : undefined;
+  }
+
+  /** Names of the sites enrolled now (not invited, not revoked): one query, for checks over every connected site. */
+  enrolledSiteNames(): Set<string> {
+    const rows = this.prepared("SELECT name FROM sites WHERE state = 'enrolled'").pluck().all() as string[];
+    return new Set(rows);
   }
 
   listSites(): SiteRow[] {
@@ -241,7 +258,7 @@ export class CoordinatorStore {
   }
 
   getModel(hash: string): ModelRow | undefined {
-    const r = this.db.prepare('SELECT * FROM models WHERE hash = ?').get(hash) as Record<string, unknown> | undefined;
+    const r = this.prepared('SELECT * FROM models WHERE hash = ?').get(hash) as Record<string, unknown> | undefined;
     return r ? toModel(r) : undefined;
   }
 

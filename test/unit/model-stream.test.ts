@@ -1,0 +1,75 @@
+/**
+ * The model download's buffers (coordinator/server/model-stream.ts): a model smaller than one chunk is sent from a
+ * buffer of its own size (with many downloads at once, a whole 2 MiB chunk buffer each for a 1 MB model doubled
+ * what the downloads held), and the messages still decode to the file's bytes, from any offset.
+ */
+import { EventEmitter } from 'node:events';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type * as grpc from '@grpc/grpc-js';
+import { afterAll, describe, expect, it } from 'vitest';
+import { modelStreamOptions, streamModelFile } from '../../coordinator/server/model-stream.ts';
+import { CHUNK_BYTES, loadProto } from '../../shared/protocol/grpc.ts';
+import { sha256Hex } from '../../shared/util/hash.ts';
+
+const work = mkdtempSync(join(tmpdir(), 'medfl-model-stream-'));
+afterAll(() => rmSync(work, { recursive: true, force: true }));
+
+/** The bytes of each buffer a download wrote from (its whole allocation, not only the message in it). */
+let heldBytes: number[] = [];
+
+/**
+ * Streams `bytes` from `offset` through a call that copies each message and completes the write at once (as grpc-js
+ * does: the buffer may then be refilled); resolves the messages.
+ */
+function stream(bytes: Buffer, offset = 0): Promise<Buffer[]> {
+  heldBytes = [];
+  const path = join(work, `model-${Math.random()}.safetensors`);
+  writeFileSync(path, bytes);
+  const written: Buffer[] = [];
+  return new Promise((resolve, reject) => {
+    const call = Object.assign(new EventEmitter(), {
+      write(buf: Buffer, done: () => void) {
+        heldBytes.push(buf.buffer.byteLength);
+        written.push(Buffer.from(buf));
+        setImmediate(done);
+        return true;
+      },
+      end: () => resolve(written),
+    });
+    call.on('error', (e: { details: string }) => reject(new Error(e.details)));
+    streamModelFile(call as unknown as grpc.ServerWritableStream<unknown, unknown>, path, offset, bytes.length, sha256Hex(bytes));
+  });
+}
+
+const decode = (buf: Buffer) => loadProto().Federation.service.DownloadModel!.responseDeserialize(buf) as { offset: number; data: Buffer; totalSize: number };
+
+describe('model download buffers', () => {
+  it('sends a model smaller than a chunk from a buffer of about its size, not a whole chunk', async () => {
+    const model = randomBytes(100_000);
+    const [message, ...more] = await stream(model);
+    expect(more).toHaveLength(0);
+    expect(heldBytes[0]).toBeLessThan(model.length + 4096);
+    expect(heldBytes[0]).toBeLessThan(CHUNK_BYTES);
+    const m = decode(message!);
+    expect(m).toMatchObject({ offset: 0, totalSize: model.length });
+    expect(Buffer.compare(m.data, model)).toBe(0);
+  });
+
+  it('still cuts a larger model into chunks, and a resumed download sends the rest', async () => {
+    const saved = modelStreamOptions.chunkBytes;
+    modelStreamOptions.chunkBytes = 64 * 1024;
+    try {
+      const model = randomBytes(200_000);
+      for (const offset of [0, 70_000]) {
+        const messages = (await stream(model, offset)).map(decode);
+        expect(messages.map((m) => m.offset)).toEqual(offset === 0 ? [0, 65536, 131072, 196608] : [70_000, 135_536]);
+        expect(Buffer.compare(Buffer.concat(messages.map((m) => m.data)), model.subarray(offset))).toBe(0);
+      }
+    } finally {
+      modelStreamOptions.chunkBytes = saved;
+    }
+  });
+});
