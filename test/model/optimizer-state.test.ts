@@ -15,7 +15,8 @@ import { decodeOptimizerState, encodeOptimizerState } from '../../site-agent/tra
 import { LocalTraining } from '../../site-agent/training/local-training.ts';
 import { writePhantomSite } from '../../site-agent/data/phantom.ts';
 import { defaultPlan } from '../../shared/plan/load.ts';
-import { TaskSettingsSchema, type TaskSettings } from '../../shared/protocol/task.ts';
+import type { TaskSettings } from '../../shared/protocol/task.ts';
+import { taskSettingsFor } from '../helpers/task-settings.ts';
 import { architectureFor } from '../../shared/model/registry.ts';
 import { localParams, pick, sharedParams } from '../../shared/model/sharing.ts';
 import { decodeSafetensors, encodeSafetensors } from '../../shared/tensors/safetensors.ts';
@@ -156,14 +157,7 @@ describe('a site keeps its own optimiser state between rounds', () => {
   const arch = architectureFor(plan.model);
   const shared = sharedParams(arch, plan.share).map((p) => p.name);
   const own = localParams(arch, plan.share).map((p) => p.name);
-  const settings: TaskSettings = TaskSettingsSchema.parse({
-    federation: 'f',
-    model: { ...plan.model, pretrained: undefined, source2d: undefined },
-    local: plan.local,
-    share: plan.share,
-    sharedTensors: shared,
-    data: plan.data,
-  });
+  const settings: TaskSettings = taskSettingsFor(plan);
   const stateDir = join(localDir, 'optimizer-state');
   const stateFile = () => (existsSync(stateDir) ? readdirSync(stateDir).find((f) => f.endsWith('.safetensors')) : undefined);
   const readState = () => decodeOptimizerState(readFileSync(join(stateDir, stateFile()!)));

@@ -15,6 +15,7 @@ import { writePhantomSite } from '../../site-agent/data/phantom.ts';
 import { writePhantomPool } from '../../site-agent/training/phantom-pool.ts';
 import { defaultPlan } from '../../shared/plan/load.ts';
 import { TaskSettingsSchema, type TaskSettings } from '../../shared/protocol/task.ts';
+import { taskSettingsFor } from '../helpers/task-settings.ts';
 import { architectureFor } from '../../shared/model/registry.ts';
 import { pick, sharedParams } from '../../shared/model/sharing.ts';
 import { decodeSafetensors, encodeSafetensors } from '../../shared/tensors/safetensors.ts';
@@ -81,13 +82,7 @@ describe('a teacher–student round at a site', () => {
   const arch = architectureFor(plan.model);
   const shared = sharedParams(arch, plan.share).map((p) => p.name);
   const settings = (teacher?: { hash: string; size: number; generation: number }, minTeacherDice = 0): TaskSettings =>
-    TaskSettingsSchema.parse({
-      federation: 'f',
-      model: { ...plan.model, pretrained: undefined, source2d: undefined },
-      local: plan.local,
-      share: plan.share,
-      sharedTensors: shared,
-      data: plan.data,
+    taskSettingsFor(plan, {
       teacherStudent: { ...plan.teacherStudent, minTeacherDice },
       ...(teacher ? { teacher: { modelHash: teacher.hash, modelSize: teacher.size, generation: teacher.generation } } : {}),
     });

@@ -14,7 +14,8 @@ import { studentVerdict } from '../../site-agent/training/student-verdict.ts';
 import { writePhantomSite } from '../../site-agent/data/phantom.ts';
 import { writePhantomPool } from '../../site-agent/training/phantom-pool.ts';
 import { defaultPlan } from '../../shared/plan/load.ts';
-import { TaskSettingsSchema, type TaskSettings } from '../../shared/protocol/task.ts';
+import type { TaskSettings } from '../../shared/protocol/task.ts';
+import { taskSettingsFor } from '../helpers/task-settings.ts';
 import { architectureFor } from '../../shared/model/registry.ts';
 import { pick, sharedParams } from '../../shared/model/sharing.ts';
 import { decodeSafetensors, encodeSafetensors } from '../../shared/tensors/safetensors.ts';
@@ -44,22 +45,12 @@ describe('a site retires a generation whose students did not beat it', () => {
     teacherStudent: { enabled: true, promoteEvery: 1, ratio: 1, confidence: 0.6, minTeacherDice: 0, maxForegroundFactor: 0 },
   });
   const arch = architectureFor(plan.model);
-  const shared = sharedParams(arch, plan.share).map((p) => p.name);
   const settings = (teacher: Buffer, generation: number, modelMargin?: number): TaskSettings =>
-    TaskSettingsSchema.parse({
-      federation: 'f',
-      model: { ...plan.model, pretrained: undefined, source2d: undefined },
-      local: plan.local,
-      share: plan.share,
-      sharedTensors: shared,
-      data: plan.data,
+    taskSettingsFor(plan, {
       teacherStudent: { ...plan.teacherStudent, ...(modelMargin === undefined ? {} : { modelMargin }) },
       teacher: { modelHash: sha256Hex(teacher), modelSize: teacher.length, generation },
     });
-  const plain = (): TaskSettings => {
-    const { teacher: _t, ...rest } = settings(Buffer.alloc(1), 1);
-    return rest as TaskSettings;
-  };
+  const plain = (): TaskSettings => taskSettingsFor(plan, { teacherStudent: plan.teacherStudent });
   const log = pino({ level: 'silent' });
   let round1Update: Buffer;
   /** All weights 0: predicts background everywhere, validation Dice 0. */
