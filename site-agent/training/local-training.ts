@@ -104,7 +104,7 @@ export class LocalTraining {
     // Noisy student: with a teacher, its pseudo-labelled pool joins the labelled patches, and the student is noised.
     // The received model is scored only when a teacher has to be compared with it.
     const modelDice = () => this.validationDice(trainer, data, settings, this.scoreKey(settings, ctx.modelHash ?? sha256Hex(modelBytes), this.localPath(arch, settings)), start);
-    const verdict: { generation?: number; beat?: boolean } = {};
+    const verdict: { beat?: boolean } = {};
     const setup = await this.studentSetup(arch, trainer, settings, data, { ...ctx, modelDice, verdict });
     const student = setup && 'pool' in setup ? setup : undefined;
     const baseAugment = augmentOptions(dataSettings);
@@ -304,7 +304,7 @@ export class LocalTraining {
     trainer: Trainer,
     settings: TaskSettings,
     data: SiteData,
-    ctx: { round: number; teacherBytes?: Buffer; modelDice: () => Promise<number>; verdict: { generation?: number; beat?: boolean } },
+    ctx: { round: number; teacherBytes?: Buffer; modelDice: () => Promise<number>; verdict: { beat?: boolean } },
   ): Promise<StudentSetup | { skipped: number } | { behind: TeacherBehind } | { retired: TeacherBehind } | undefined> {
     const ts = settings.teacherStudent;
     const teacher = settings.teacher;
@@ -350,7 +350,6 @@ export class LocalTraining {
       // The model received now is what this site's last pseudo-labelled round (and the others') made of the teacher.
       const modelDice = await ctx.modelDice();
       const v = studentVerdict(saved.dice, modelDice);
-      ctx.verdict.generation = saved.generation;
       ctx.verdict.beat = !v.retire;
       if (v.retire) {
         log.info(
