@@ -5,33 +5,19 @@
  * follows (the next round, or a failed round when the aggregate is not published).
  */
 import { readFileSync } from 'node:fs';
-import type { Plan } from '../../shared/plan/schema.ts';
 import { pick } from '../../shared/model/sharing.ts';
-import type { ModelArchitecture, ParamInfo } from '../../shared/model/types.ts';
+import type { ModelArchitecture } from '../../shared/model/types.ts';
 import { decodeUpdate } from '../../shared/tensors/update-codec.ts';
-import type { Logger } from '../../shared/util/log.ts';
-import type { AggregationStrategy } from '../aggregation/strategy.ts';
 import { aggregateProblem } from '../aggregation/validate.ts';
 import { cappedWeights } from '../aggregation/weight-share.ts';
 import { outboxRows } from '../events/outbox.ts';
-import type { ModelFiles } from '../models/model-store.ts';
-import type { CoordinatorStore } from '../store/store.ts';
 import type { AggregationState } from './aggregation-state.ts';
-import type { FeatureHooks } from './feature-hooks.ts';
 import { type OpenRound, roundView } from './open-round.ts';
-import type { RoundEvents } from './round-events.ts';
+import type { RoundParts } from './round-parts.ts';
 
-export interface RoundCloseOptions {
-  store: CoordinatorStore;
-  models: ModelFiles;
-  plan: Plan;
+export interface RoundCloseOptions extends RoundParts {
   architecture: ModelArchitecture;
-  strategy: AggregationStrategy;
-  shared: ParamInfo[];
-  features: FeatureHooks;
   aggregationState: AggregationState;
-  events: RoundEvents;
-  log: Logger;
 }
 
 /**

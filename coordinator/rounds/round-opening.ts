@@ -4,29 +4,15 @@
  * `round.started` event in one transaction. The engine takes the round over and announces it.
  */
 import type { FederationEvent } from '../../shared/events/bus.ts';
-import type { ParamInfo } from '../../shared/model/types.ts';
-import type { Plan } from '../../shared/plan/schema.ts';
-import type { Logger } from '../../shared/util/log.ts';
-import type { AggregationStrategy } from '../aggregation/strategy.ts';
 import { outboxRows } from '../events/outbox.ts';
-import type { ModelFiles } from '../models/model-store.ts';
-import type { CoordinatorStore, RoundRow } from '../store/store.ts';
+import type { RoundRow } from '../store/store.ts';
 import type { AggregationState } from './aggregation-state.ts';
-import type { FeatureHooks } from './feature-hooks.ts';
 import { aggregatorContext, type OpenRound } from './open-round.ts';
 import { pretrainingRounds, type Stage, stageAfter } from './pretraining-stage.ts';
-import type { RoundEvents } from './round-events.ts';
+import type { RoundParts } from './round-parts.ts';
 
-export interface RoundOpeningOptions {
-  store: CoordinatorStore;
-  models: ModelFiles;
-  plan: Plan;
-  strategy: AggregationStrategy;
-  shared: ParamInfo[];
-  features: FeatureHooks;
+export interface RoundOpeningOptions extends RoundParts {
   aggregationState: AggregationState;
-  events: RoundEvents;
-  log: Logger;
 }
 
 export class RoundOpening {

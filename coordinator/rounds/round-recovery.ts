@@ -6,21 +6,16 @@
  */
 import { readFileSync } from 'node:fs';
 import { SITE_MAX_RECONNECT_BACKOFF_MS } from '../../shared/protocol/reconnect.ts';
-import type { Plan } from '../../shared/plan/schema.ts';
 import { pick } from '../../shared/model/sharing.ts';
-import type { ParamInfo } from '../../shared/model/types.ts';
 import { decodeUpdate } from '../../shared/tensors/update-codec.ts';
-import type { Logger } from '../../shared/util/log.ts';
 import { describeStorageFault } from '../../shared/util/storage-fault.ts';
-import type { AggregationStrategy, RoundAggregator } from '../aggregation/strategy.ts';
+import type { RoundAggregator } from '../aggregation/strategy.ts';
 import { outboxRows } from '../events/outbox.ts';
-import type { ModelFiles } from '../models/model-store.ts';
-import type { CoordinatorStore, RoundRow } from '../store/store.ts';
-import type { FeatureHooks } from './feature-hooks.ts';
+import type { RoundRow } from '../store/store.ts';
 import { aggregatorContext, type OpenRound } from './open-round.ts';
 import { stageAfter } from './pretraining-stage.ts';
 import type { RoundView } from './round-feature.ts';
-import type { RoundEvents } from './round-events.ts';
+import type { RoundParts } from './round-parts.ts';
 
 /** Time a resumed round gives sites beyond their longest reconnect backoff: to connect, and to resend or retrain. */
 export const RESUME_GRACE_MARGIN_MS = 30_000;
@@ -33,15 +28,7 @@ export function resumeGraceMs(roundDeadlineSeconds: number): number {
   return Math.max(Math.min(60_000, roundDeadlineSeconds * 500), SITE_MAX_RECONNECT_BACKOFF_MS + RESUME_GRACE_MARGIN_MS);
 }
 
-export interface RoundRecoveryOptions {
-  store: CoordinatorStore;
-  models: ModelFiles;
-  plan: Plan;
-  strategy: AggregationStrategy;
-  shared: ParamInfo[];
-  features: FeatureHooks;
-  events: RoundEvents;
-  log: Logger;
+export interface RoundRecoveryOptions extends RoundParts {
   /** Extra time for a resumed round (default resumeGraceMs of the plan's deadline). */
   graceMs?: number;
 }
