@@ -11,15 +11,10 @@ import { join } from 'node:path';
 import { pino } from 'pino';
 import { LocalTraining } from '../../site-agent/training/local-training.ts';
 import { studentVerdict } from '../../site-agent/training/student-verdict.ts';
-import { writePhantomSite } from '../../site-agent/data/phantom.ts';
-import { writePhantomPool } from '../../site-agent/training/phantom-pool.ts';
 import { defaultPlan } from '../../shared/plan/load.ts';
 import type { TaskSettings } from '../../shared/protocol/task.ts';
 import { taskSettingsFor } from '../helpers/task-settings.ts';
-import { architectureFor } from '../../shared/model/registry.ts';
-import { pick, sharedParams } from '../../shared/model/sharing.ts';
-import { decodeSafetensors, encodeSafetensors } from '../../shared/tensors/safetensors.ts';
-import { makeBundle } from '../../shared/tensors/bundle.ts';
+import { teacherSite } from '../helpers/teacher-site.ts';
 import { sha256Hex } from '../../shared/util/hash.ts';
 import { metricsTable } from '../../cli/status.ts';
 
@@ -44,7 +39,6 @@ describe('a site retires a generation whose students did not beat it', () => {
     local: { steps: 12, batchSize: 2, learningRate: 0.01 },
     teacherStudent: { enabled: true, promoteEvery: 1, ratio: 1, confidence: 0.6, minTeacherDice: 0, maxForegroundFactor: 0 },
   });
-  const arch = architectureFor(plan.model);
   const settings = (teacher: Buffer, generation: number, modelMargin?: number): TaskSettings =>
     taskSettingsFor(plan, {
       teacherStudent: { ...plan.teacherStudent, ...(modelMargin === undefined ? {} : { modelMargin }) },
@@ -65,11 +59,7 @@ describe('a site retires a generation whose students did not beat it', () => {
   const choice = (localDir: string) => JSON.parse(readFileSync(join(localDir, readdirSync(localDir).find((f) => f.endsWith('teacher-choice.json'))!), 'utf8'));
 
   beforeAll(async () => {
-    await writePhantomSite(dataDir, { siteName: 'site-a', cases: 3, valCases: 1, size: [16, 16, 16], seed: 11, intensityShift: 0 });
-    await writePhantomPool(dataDir, { siteName: 'site-a', cases: 2, size: [16, 16, 16], seed: 11, intensityShift: 0 });
-    const first = new LocalTraining({ siteName: 'site-a', dataDir, localDir: join(work, 'first'), log, engine: 'cpu' });
-    round1Update = (await first.run(plain(), encodeSafetensors(pick(arch.init(3), sharedParams(arch, plan.share))), { round: 1 })).update;
-    blank = encodeSafetensors(makeBundle([...decodeSafetensors(round1Update).bundle.values()].map((t) => ({ ...t, data: new Float32Array(t.data.length) }))));
+    ({ round1Update, blank } = await teacherSite(work, dataDir, plan, plain(), log));
   }, 120_000);
 
   it('after students fall below their teacher, its pseudo-labels stay off although the teacher now leads the model', async () => {

@@ -16,10 +16,7 @@ import { writePhantomPool } from '../../site-agent/training/phantom-pool.ts';
 import { defaultPlan } from '../../shared/plan/load.ts';
 import type { TaskSettings } from '../../shared/protocol/task.ts';
 import { taskSettingsFor } from '../helpers/task-settings.ts';
-import { architectureFor } from '../../shared/model/registry.ts';
-import { pick, sharedParams } from '../../shared/model/sharing.ts';
-import { decodeSafetensors, encodeSafetensors } from '../../shared/tensors/safetensors.ts';
-import { makeBundle } from '../../shared/tensors/bundle.ts';
+import { teacherSite } from '../helpers/teacher-site.ts';
 import { sha256Hex } from '../../shared/util/hash.ts';
 import { metricsTable } from '../../cli/status.ts';
 
@@ -49,7 +46,6 @@ describe('a site compares its teacher with the model it received, every round', 
     local: { steps: 12, batchSize: 2, learningRate: 0.01 },
     teacherStudent: { enabled: true, promoteEvery: 1, ratio: 1, confidence: 0.6, minTeacherDice: 0, maxForegroundFactor: 0 },
   });
-  const arch = architectureFor(plan.model);
   const settings = (teacher?: Buffer, generation = 1, modelMargin?: number): TaskSettings =>
     taskSettingsFor(plan, {
       teacherStudent: { ...plan.teacherStudent, ...(modelMargin === undefined ? {} : { modelMargin }) },
@@ -68,11 +64,7 @@ describe('a site compares its teacher with the model it received, every round', 
   };
 
   beforeAll(async () => {
-    await writePhantomSite(dataDir, { siteName: 'site-a', cases: 3, valCases: 1, size: [16, 16, 16], seed: 11, intensityShift: 0 });
-    await writePhantomPool(dataDir, { siteName: 'site-a', cases: 2, size: [16, 16, 16], seed: 11, intensityShift: 0 });
-    const first = new LocalTraining({ siteName: 'site-a', dataDir, localDir: join(work, 'first'), log, engine: 'cpu' });
-    round1Update = (await first.run(settings(), encodeSafetensors(pick(arch.init(3), sharedParams(arch, plan.share))), { round: 1 })).update;
-    blank = encodeSafetensors(makeBundle([...decodeSafetensors(round1Update).bundle.values()].map((t) => ({ ...t, data: new Float32Array(t.data.length) }))));
+    ({ round1Update, blank } = await teacherSite(work, dataDir, plan, settings(), log));
   }, 120_000);
 
   it('trains on labelled cases alone, labelling nothing, when the received model beats the teacher', async () => {
