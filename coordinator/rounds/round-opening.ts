@@ -11,6 +11,9 @@ import { aggregatorContext, type OpenRound } from './open-round.ts';
 import { pretrainingRounds, type Stage, stageAfter } from './pretraining-stage.ts';
 import type { RoundParts } from './round-parts.ts';
 
+/** Above this many selected sites the `round started` line gives the count and leaves the names to debug. */
+const MAX_NAMES_AT_INFO = 50;
+
 export interface RoundOpeningOptions extends RoundParts {
   aggregationState: AggregationState;
 }
@@ -42,7 +45,10 @@ export class RoundOpening {
   announce(opened: OpenRound, started: FederationEvent): void {
     const { row } = opened;
     this.o.events.publish(started);
-    this.o.log.info({ round: row.round, selected: row.selected, model: row.baseModelHash.slice(0, 12), ...this.stageFields(opened.stage) }, 'round started');
+    // Names at info only for a small federation: at 1,000 sites one line would carry 1,000 names (debug has them all).
+    const names = row.selected.length <= MAX_NAMES_AT_INFO ? { selected: row.selected } : {};
+    this.o.log.info({ round: row.round, sites: row.selected.length, ...names, model: row.baseModelHash.slice(0, 12), ...this.stageFields(opened.stage) }, 'round started');
+    if (row.selected.length > MAX_NAMES_AT_INFO) this.o.log.debug({ round: row.round, selected: row.selected }, 'round started: selected sites');
   }
 
   /** With a pretraining stage in the plan, events and logs say which stage a round is in. */
