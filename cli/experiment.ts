@@ -119,6 +119,7 @@ export function registerExperimentCommand(program: Command): void {
     .option('--arms <list>', `arms to run (${ARMS.join(',')})`, 'local-only,federated,teacher-student,pooled')
     .option('--inits <list>', 'scratch, pretrained (needs --pretrained or model.pretrained), federated-ssl (runs the plan\'s pretraining stage on the sites\' scans first)', 'scratch')
     .option('--pretrained <file>', 'MedFL .safetensors whose encoder starts the pretrained arms')
+    .option('--pretraining-sites <dirs>', 'with --inits federated-ssl: further site folders whose scans join the self-supervised pretraining only (members without labels); never trained or scored')
     .option('--seeds <list>', 'comma-separated seeds; every arm runs once per seed', '1')
     .option('--rounds <n>', 'override the plan: rounds')
     .option('--steps <n>', 'override the plan: local steps per site and round (pooled: × sites)')
@@ -182,6 +183,7 @@ export function registerExperimentCommand(program: Command): void {
         inits,
         seeds,
         pretrained: a.pretrained ? String(a.pretrained) : undefined,
+        ...(a.pretrainingSites ? { pretrainingSites: list(String(a.pretrainingSites)) } : {}),
         phantom,
         engine: a.engine ? String(a.engine) : undefined,
         say,

@@ -36,6 +36,11 @@ export interface ExperimentOptions {
   arms: Arm[];
   inits: InitKind[];
   seeds: number[];
+  /**
+   * Further site folders whose scans join the federated-ssl pretraining only (consortium members without labels,
+   * unlabelled archives): they never train or score an arm. Their labels, if any, are not read.
+   */
+  pretrainingSites?: string[];
   /** MedFL safetensors whose encoder starts the `pretrained` arms (default: the plan's model.pretrained). */
   pretrained?: string;
   /** Generated federation when no folders are given. */
@@ -90,6 +95,11 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
     throw new Error(`--inits federated-ssl: restoration pretraining takes one-channel patches, and model.inputChannels is ${inputChannels} (not supported yet)`);
   }
 
+  const pretrainingOnly = (o.pretrainingSites ?? []).map((d) => resolve(d));
+  if (pretrainingOnly.length > 0 && !o.inits.includes('federated-ssl')) {
+    throw new Error('--pretraining-sites: those folders only join the federated self-supervised pretraining; add federated-ssl to --inits');
+  }
+
   // 1. Data: the given folders, or a generated phantom federation with unlabelled pools.
   let siteDirs = o.sites?.map((d) => resolve(d));
   let testDir = o.test ? resolve(o.test) : undefined;
@@ -101,6 +111,12 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
     say(`generated a phantom federation in ${join(out, 'data')}: ${p.sites} sites × (${p.cases} labelled + ${p.valCases} validation + ${p.poolCases} unlabelled) cases, ${p.testCases} test cases, ${patch.join('×')} voxels (easy data for a smoke run: \`medfl benchmark generate\` makes a hard one)`);
   }
   const siteNames = siteDirs.map((_, i) => generatedSiteName(i));
+  // A pretraining-only folder that is also a training site or the test folder would leak or double-count scans.
+  for (const d of pretrainingOnly) {
+    if (siteDirs.includes(d)) throw new Error(`--pretraining-sites: ${d} is already one of the training sites (--sites); its scans are in the pretraining anyway`);
+    if (d === testDir) throw new Error(`--pretraining-sites: ${d} is the test folder; test scans must never reach training, pretraining included`);
+  }
+  if (new Set(pretrainingOnly).size !== pretrainingOnly.length) throw new Error('--pretraining-sites: a folder is listed twice');
   const meta = siteMeta(siteDirs[0]);
   const test = await loadTestCases(testDir, meta, patch, { ...(plan.data.spacing ? { spacing: plan.data.spacing } : {}), normalization: plan.data.normalization, biasCorrection: plan.data.biasCorrection });
   if (test.numClasses > plan.model.numClasses) throw new Error(`the test folder has ${test.numClasses} label classes but the plan's model.numClasses is ${plan.model.numClasses}`);
@@ -160,11 +176,12 @@ export async function runExperimentArms(o: ExperimentOptions, log: Logger): Prom
       // The plan's pretraining stage, simulated like the fine-tuning rounds, on every scan of the sites (never the
       // test folder); its cost is reported apart from the arms'.
       const [{ simulateFederatedPretraining }, { readPretrainedEncoder }] = await Promise.all([import('../federated-pretraining.ts'), import('../../shared/model/pretrained-encoder-file.ts')]);
-      const pre = await simulateFederatedPretraining({ siteDirs, plan: seedPlan, seed, outDir: join(out, 'work', `seed-${seed}`, 'federated-ssl', 'pretraining'), log, engine: o.engine, say });
+      const pre = await simulateFederatedPretraining({ siteDirs: [...siteDirs, ...pretrainingOnly], plan: seedPlan, seed, outDir: join(out, 'work', `seed-${seed}`, 'federated-ssl', 'pretraining'), log, engine: o.engine, say });
       const source = readPretrainedEncoder(readFileSync(pre.encoderPath)).bundle;
       inits.set('federated-ssl', pick(initStrategyFromSpec('pretrained').init(arch, { seed, pretrained: source }).weights, shared));
       pretraining.push({ seed, seconds: pre.seconds, lossPerRound: pre.lossPerRound, encoderPath: pre.encoderPath });
-      say(`  seed ${seed}: federated self-supervised pretraining, ${seedPlan.pretraining.rounds} rounds × ${seedPlan.pretraining.steps} steps on every site scan: restoration loss ${pre.lossPerRound.map((l) => l.toFixed(3)).join(' → ')} (${pre.seconds.toFixed(0)} s, not counted in the arms' time)`);
+      const where = pretrainingOnly.length > 0 ? `every scan of ${siteDirs.length} training + ${pretrainingOnly.length} pretraining-only sites` : 'every site scan';
+      say(`  seed ${seed}: federated self-supervised pretraining, ${seedPlan.pretraining.rounds} rounds × ${seedPlan.pretraining.steps} steps on ${where}: restoration loss ${pre.lossPerRound.map((l) => l.toFixed(3)).join(' → ')} (${pre.seconds.toFixed(0)} s, not counted in the arms' time)`);
     }
 
     for (const initKind of o.inits) {

@@ -131,6 +131,31 @@ describe('medfl experiment', () => {
     expect(pre.bundle.get('encoder.conv1.weight')!.data).not.toEqual(architectureFor({ ...plan.model, seed: 1 }).init(1).get('encoder.conv1.weight')!.data);
   }, 240_000);
 
+  it('pretrains on the training sites plus pretraining-only folders, and refuses folders that would leak or double-count scans', async () => {
+    const out = mkdtempSync(join(tmpdir(), 'medfl-exp-presites-'));
+    const { generatePhantomFederation } = await import('../../cli/experiment/data.ts');
+    const extra = await generatePhantomFederation(join(out, 'extra'), { sites: 1, cases: 1, valCases: 0, poolCases: 2, testCases: 1 }, [16, 16, 16], 7);
+    const base = recommendedPlan('med3d', 2);
+    const plan = PlanSchema.parse({ ...withOverrides(base, { rounds: 1, steps: 1, patch: [16, 16, 16] }), pretraining: { rounds: 1, steps: 1 } });
+    const lines: string[] = [];
+    const r = await runExperiment({ out, plan, arms: ['federated'], inits: ['federated-ssl'], seeds: [1], pretrainingSites: extra.sites, phantom: { ...phantom, poolCases: 1, testCases: 1 }, engine: 'cpu', say: (l) => lines.push(l) });
+    expect(lines.some((l) => /pretraining, 1 rounds × 1 steps on every scan of 2 training \+ 1 pretraining-only sites/.test(l))).toBe(true);
+    const { readPretrainedEncoder } = await import('../../shared/model/pretrained-encoder-file.ts');
+    const json = JSON.parse(readFileSync(r.jsonPath, 'utf8'));
+    expect(readPretrainedEncoder(readFileSync(json.pretraining[0].encoderPath)).provenance?.sites).toHaveLength(3);
+    // Only the training sites train and are scored.
+    expect(Object.keys(r.runs[0].dice)).toHaveLength(2);
+
+    const run = (o: { sites: string[]; test: string; pretrainingSites: string[]; inits?: ('scratch' | 'federated-ssl')[] }) =>
+      runExperiment({ out: mkdtempSync(join(tmpdir(), 'medfl-exp-presites-bad-')), plan, arms: ['federated'], inits: o.inits ?? ['federated-ssl'], seeds: [1], phantom, engine: 'cpu', ...o });
+    const sites = [join(out, 'data', 'site-a'), join(out, 'data', 'site-b')];
+    const test = join(out, 'data', 'test');
+    await expect(run({ sites, test, pretrainingSites: extra.sites, inits: ['scratch'] })).rejects.toThrow(/add federated-ssl to --inits/);
+    await expect(run({ sites, test, pretrainingSites: [test] })).rejects.toThrow(/is the test folder/);
+    await expect(run({ sites, test, pretrainingSites: [sites[1]] })).rejects.toThrow(/already one of the training sites/);
+    await expect(run({ sites, test, pretrainingSites: [extra.sites[0], extra.sites[0]] })).rejects.toThrow(/listed twice/);
+  }, 240_000);
+
   it('refuses a pretrained init without an encoder file, and invalid overrides with the field', async () => {
     const plan = withOverrides(recommendedPlan('tiny3d', 2), { rounds: 1, steps: 1 });
     await expect(runExperiment({ out: mkdtempSync(join(tmpdir(), 'medfl-exp-nopre-')), plan, arms: ['federated'], inits: ['pretrained'], seeds: [1], phantom, engine: 'cpu' })).rejects.toThrow(/--pretrained/);
