@@ -267,6 +267,15 @@ export class SiteAgent {
         this.o.observer?.task('declined');
         return;
       }
+      // A site without labels (unlabelled scans only) joins the pretraining rounds and declines fine-tuning ones,
+      // before downloading anything, so the round does not wait for it until the deadline.
+      if (!settings.pretraining && !(await this.training.hasLabelledTrainingCases(settings))) {
+        const reason = 'this site has no labelled training case: it takes part in pretraining rounds only';
+        log.warn({ round: t.round, task: t.taskId }, `task declined: ${reason}`);
+        await declineTask(this.client!.connection, { round: t.round, taskId: t.taskId, reason }, log);
+        this.o.observer?.task('declined');
+        return;
+      }
       // The plan may send the model float16/int8-encoded (settings.modelFile); the task's hash stays the round's base.
       const file = settings.modelFile ?? { hash: t.modelHash, size: t.modelSize };
       const teacherSize = settings.teacherStudent?.enabled ? settings.teacher?.modelSize : undefined;

@@ -74,6 +74,18 @@ export class LocalTraining {
   }
 
   /**
+   * Whether this site holds a labelled training case for the plan's (or its own) head, from the data folder's layout
+   * alone (no voxels read). A site without one — an archive of unlabelled scans — can take part in pretraining
+   * rounds, which need no labels, but not in fine-tuning rounds.
+   */
+  async hasLabelledTrainingCases(planSettings: TaskSettings): Promise<boolean> {
+    const settings = applySiteTask(planSettings, this.siteTask);
+    const data = await this.siteDataFor(settings);
+    if (isClassification(settings)) return data.train.some((r) => r.classLabel !== undefined);
+    return data.train.some((r) => r.segmentation);
+  }
+
+  /**
    * One round. `teacherBytes` is the teacher model version named in `settings.teacher` (noisy student), when the
    * plan has teacherStudent on and a teacher was promoted. `modelHash` names the model version `modelBytes` were
    * decoded from when they are not its bytes (a float16/int8 download): the version, not the decoding, is what the
