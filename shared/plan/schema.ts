@@ -59,11 +59,12 @@ export const TeacherStudentSchema = z
     /**
      * Each round a site uses pseudo-labels only while its teacher's validation Dice is at least the received model's
      * (global shared tensors with the site's own head) minus this margin; else it trains on labelled cases alone that
-     * round. Absent = 0 (the teacher must not trail the model); 1 lets any measured teacher through; below 0 the
-     * teacher must lead the model by that much (then the round right after a promotion, whose teacher is the model
-     * itself, trains without pseudo-labels).
+     * round. 1 lets any measured teacher through; 0 lets a teacher equal to the model through; below 0 the teacher
+     * must lead the model by that much. The default (−0.005) keeps the round right after a promotion, whose teacher
+     * is the received model itself, free of pseudo-labels: on the benchmark that self-training round cost up to
+     * 0.015 Dice (docs/teacher-student.md).
      */
-    modelMargin: z.number().min(-1).max(1).optional(),
+    modelMargin: z.number().min(-1).max(1).default(-0.005),
     /**
      * Pseudo-label sanity: an unlabelled case whose predicted foreground share is more than this factor above or
      * below the share in the site's labelled training cases is not used (0 = no check).

@@ -50,7 +50,7 @@ export function settingsForSite(s: TaskSettings, site: SiteCapabilities): Settin
     // An older site has no teacher-versus-model check to tune: it trains with its teacher as it always did, and
     // would refuse the unknown field. Not withheld: the check guards the loop, the task means the same without it.
     const { modelMargin: _unchecked, ...teacherStudent } = rest.teacherStudent;
-    rest = { ...rest, teacherStudent };
+    rest = { ...rest, teacherStudent: teacherStudent as typeof rest.teacherStudent };
   }
   if (rest.data?.augment && !site.features.has(FEATURES.scannerAugmentation)) {
     // All four probabilities are 0 here (featuresNeeded): the fields do nothing, and an older site would refuse them.

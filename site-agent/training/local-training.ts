@@ -382,10 +382,10 @@ export class LocalTraining {
     // The teacher this round would learn from must not trail the model the site received (teacher-vs-model.ts).
     const behindModel = async (generation: number, dice: number): Promise<{ modelDice: number } | { behind: TeacherBehind }> => {
       const modelDice = await ctx.modelDice();
-      const check = pseudoLabelUse(dice, modelDice, ts.modelMargin ?? 0);
+      const check = pseudoLabelUse(dice, modelDice, ts.modelMargin);
       if (check.use) return { modelDice };
       log.info(
-        { round: ctx.round, generation, teacherValDice: Number.isFinite(dice) ? round4(dice) : null, modelValDice: Number.isFinite(modelDice) ? round4(modelDice) : null, margin: ts.modelMargin ?? 0 },
+        { round: ctx.round, generation, teacherValDice: Number.isFinite(dice) ? round4(dice) : null, modelValDice: Number.isFinite(modelDice) ? round4(modelDice) : null, margin: ts.modelMargin },
         check.why === 'model ahead' ? "the received model beats the teacher on this site's validation cases: no pseudo-labels this round" : 'the teacher or the received model is unmeasured here: no pseudo-labels this round',
       );
       return { behind: { generation, teacherDice: dice, modelDice } };

@@ -11,7 +11,7 @@ export type PseudoLabelUse = { readonly use: true } | { readonly use: false; rea
 
 /**
  * `teacherDice` and `modelDice` are mean validation Dice at this site (NaN = unmeasured); `margin` is how far the
- * teacher may trail the model and still be used (plan teacherStudent.modelMargin, absent = 0; below 0, how far it
+ * teacher may trail the model and still be used (plan teacherStudent.modelMargin, default −0.005; below 0, how far it
  * must lead).
  */
 export function pseudoLabelUse(teacherDice: number, modelDice: number, margin: number): PseudoLabelUse {

@@ -17,7 +17,8 @@ import type { AuditedCall } from '../../site-agent/transport/wire-audit.ts';
 
 describe('a teacher–student federation', () => {
   let fed: TestFederation;
-  const plan = TEST_PLAN({ rounds: 2, minSites: 3 }) + 'teacherStudent: { enabled: true, promoteEvery: 1, ratio: 1, confidence: 0.6, flipTTA: true, minTeacherDice: 0, maxForegroundFactor: 0 }\n';
+  // modelMargin 0: round 2's teacher is the very model version the sites receive, which the default margin leaves out.
+  const plan = TEST_PLAN({ rounds: 2, minSites: 3 }) + 'teacherStudent: { enabled: true, promoteEvery: 1, ratio: 1, confidence: 0.6, flipTTA: true, minTeacherDice: 0, maxForegroundFactor: 0, modelMargin: 0 }\n';
   const parsed = parsePlan(plan);
   const arch = architectureFor(parsed.model);
 

@@ -20,7 +20,8 @@ describe('medfl experiment', () => {
       model: { architecture: 'tiny3d', patch: [16, 16, 16], width: 4 },
       rounds: 2,
       local: { steps: 2, batchSize: 2, learningRate: 0.005 },
-      teacherStudent: { promoteEvery: 1, confidence: 0.6, minTeacherDice: 0 },
+      // modelMargin 0: the arm must pseudo-label in two rounds, where the teacher is the model just received.
+      teacherStudent: { promoteEvery: 1, confidence: 0.6, minTeacherDice: 0, modelMargin: 0 },
     });
     const r = await runExperiment({
       out, plan, arms: ['local-only', 'federated', 'teacher-student', 'pooled'], inits: ['scratch'], seeds: [1, 2], phantom, engine: 'cpu', say: (l) => lines.push(l),

@@ -17,7 +17,8 @@ const plan = PlanSchema.parse({
   model: { architecture: 'med3d', widthMultiplier: 0.0625, patch: [16, 16, 16], inputChannels: 4 },
   rounds: 2,
   local: { steps: 1, batchSize: 2 },
-  teacherStudent: { promoteEvery: 1, confidence: 0.5, minTeacherDice: 0 },
+  // modelMargin 0: the arm must pseudo-label in two rounds, where the teacher is the model just received.
+  teacherStudent: { promoteEvery: 1, confidence: 0.5, minTeacherDice: 0, modelMargin: 0 },
 });
 const phantom = { sites: 2, cases: 2, valCases: 1, poolCases: 1, testCases: 1 };
 

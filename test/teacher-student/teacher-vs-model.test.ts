@@ -82,9 +82,18 @@ describe('a site compares its teacher with the model it received, every round', 
     expect(metricsTable(rows)).toMatch(/off: model 0\.\d{3} > teacher 0\.000/);
   }, 120_000);
 
-  it('uses the teacher while it is at least as good as the model: the very model version scores the same', async () => {
-    const { lt, localDir } = await site('level');
+  it('by default leaves out a teacher that is the very model it received (it must lead the model by 0.005)', async () => {
+    const { lt, localDir } = await site('self');
+    expect(plan.teacherStudent.modelMargin).toBe(-0.005);
     const r = await lt.run(settings(round1Update), round1Update, { round: 2, teacherBytes: round1Update });
+    expect(r.metrics).toMatchObject({ pseudo_used: 0, teacher_behind_model: 1 });
+    expect(r.metrics.model_val_dice).toBe(r.metrics.teacher_val_dice);
+    expect(existsSync(join(localDir, 'pseudo'))).toBe(false);
+  }, 120_000);
+
+  it('with modelMargin 0 uses the teacher while it is at least as good as the model: the very model version scores the same', async () => {
+    const { lt, localDir } = await site('level');
+    const r = await lt.run(settings(round1Update, 1, 0), round1Update, { round: 2, teacherBytes: round1Update });
     expect(r.metrics).toMatchObject({ pseudo_used: 1, teacher_generation: 1, pseudo_cases: 2 });
     expect(r.metrics.model_val_dice).toBe(r.metrics.teacher_val_dice);
     expect(r.metrics.teacher_behind_model).toBeUndefined();

@@ -21,11 +21,11 @@ const older = { protocolVersion: 2, features: new Set<string>(olderFeatures) };
 const olderDecode = { protocolVersion: 2, features: olderFeatures };
 
 describe('compatibility: teacherStudent.modelMargin', () => {
-  it('is refused outside [-1, 1] and absent unless given (absent = margin 0 at a site that checks)', () => {
+  it('is refused outside [-1, 1] and defaults to -0.005 (the teacher must lead: no self-training right after a promotion)', () => {
     expect(() => settings(', modelMargin: -1.5')).toThrow(/modelMargin/);
     expect(settings(', modelMargin: -0.01').teacherStudent?.modelMargin).toBe(-0.01);
     expect(() => settings(', modelMargin: 2')).toThrow(/modelMargin/);
-    expect(settings('').teacherStudent?.modelMargin).toBeUndefined();
+    expect(settings('').teacherStudent?.modelMargin).toBe(-0.005);
   });
 
   it('reaches a current site as given, and needs no feature (a site without the check is not refused the task)', () => {
