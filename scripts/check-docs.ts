@@ -2,9 +2,9 @@
  * Checks the repository's Markdown against the tree it describes, so that a doc cannot quietly point at a file that
  * was renamed or deleted, or at notes kept outside the repository:
  *   1. every relative link `[text](path#anchor)` resolves to a tracked file or folder, and its anchor to a heading;
- *   2. every backticked source path (`coordinator/rounds/round-engine.ts`, `graph/pool.ts`, `layout.ts`) names a
- *      tracked file: by its path from the root or from the doc's folder, by a path suffix, or, for a bare name, by
- *      file name;
+ *   2. every backticked source path (`coordinator/rounds/round-engine.ts`, `graph/pool.ts`, `layout.ts`), and every
+ *      path with a folder in running text (docs/data.md), names a tracked file: by its path from the root or from the
+ *      doc's folder, by a path suffix, or, for a bare name, by file name;
  *   3. no line cites files outside the repository.
  *
  *   node --import tsx scripts/check-docs.ts [--root DIR] [file.md …]   (default: every tracked .md file)
@@ -19,6 +19,8 @@ import { fileURLToPath } from 'node:url';
 const SOURCE_PATH = /^[\w.@/-]+\.(ts|mts|mjs|js|py|cc|cpp|h|cu|proto|sh|md|gyp|jsonc)$/;
 /** Marks a backticked path as a pattern rather than a file: `round-N.f32`, `<sha256>.safetensors`, `…`, `-kernel.ts`. */
 const PLACEHOLDER = /[<>{}*…]|(^|[/-])[A-Z]+([/.-]|$)|^-/;
+/** A path with at least one folder and a source extension, standing alone in running text. */
+const PATH_IN_TEXT = /(?<![\w./-])([\w.-]+(?:\/[\w.-]+)+\.(?:ts|mts|mjs|py|cc|h|proto|sh|md))(?![\w/-])/g;
 /** Files the docs name that live in other projects, by design. */
 const ELSEWHERE = new Set([
   'include/node/node_api.h', // Node-API headers, shipped with Node
@@ -88,7 +90,10 @@ export function checkDocs(root: string, files?: readonly string[]): string[] {
             problems.push(`${where}: link to a heading that ${resolved} does not have: ${target}`);
           }
         }
-        for (const [, token] of line.matchAll(/`([^`\s]+)`/g)) {
+        const backticked = [...line.matchAll(/`([^`\s]+)`/g)].map((m) => m[1]);
+        // Paths in running text too (`docs/data.md` is often written without backticks); URLs are not paths here.
+        const inText = [...line.replace(/`[^`]*`|https?:\/\/\S+|\]\([^)]*\)/g, ' ').matchAll(PATH_IN_TEXT)].map((m) => m[1]);
+        for (const token of [...backticked, ...inText]) {
           if (!SOURCE_PATH.test(token) || PLACEHOLDER.test(token) || token.startsWith('/') || ELSEWHERE.has(token)) continue;
           if (!namesTrackedFile(token, docDir)) problems.push(`${where}: names a file that is not in the repository: \`${token}\``);
         }

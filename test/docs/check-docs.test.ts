@@ -33,7 +33,7 @@ describe('docs check', () => {
     expect(headingAnchor('What crosses the wire — and what never does')).toBe('what-crosses-the-wire--and-what-never-does');
   });
 
-  it('reports missing files, missing headings, unknown source paths and citations from outside', () => {
+  it('reports missing files, missing headings, unknown source paths (backticked or in text) and citations from outside', () => {
     const dir = repoWith({
       'src/engine/pool.ts': 'export {};\n',
       'docs/guide.md': '# Guide\n\n## Pools and `buffers`\n',
@@ -44,6 +44,7 @@ describe('docs check', () => {
         'Renamed: `src/engine/old-pool.ts`.',
         'Outside: see ../shared/notes/methods.md.',
         'Escapes: [up](../../elsewhere.md).',
+        'In running text: src/engine/pool.ts is here, src/engine/lost.ts is not, https://example.org/a/b.ts is a URL.',
       ].join('\n'),
     });
     try {
@@ -53,7 +54,9 @@ describe('docs check', () => {
         'docs/x.md:4: names a file that is not in the repository: `src/engine/old-pool.ts`',
         expect.stringMatching(/^docs\/x\.md:5: cites something outside the repository/),
         expect.stringMatching(/^docs\/x\.md:5: cites something outside the repository/),
+        'docs/x.md:5: names a file that is not in the repository: `../shared/notes/methods.md`',
         'docs/x.md:6: link leaves the repository: ../../elsewhere.md',
+        'docs/x.md:7: names a file that is not in the repository: `src/engine/lost.ts`',
       ]);
     } finally {
       rmSync(dir, { recursive: true, force: true });
