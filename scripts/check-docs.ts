@@ -11,8 +11,8 @@
  * Prints one line per problem and exits 1 when there is any.
  */
 import { execFileSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
-import { dirname, join, normalize, resolve } from 'node:path';
+import { type Dirent, readdirSync, readFileSync } from 'node:fs';
+import { dirname, join, normalize, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 /** Extensions of files that belong in the repository; runtime files (dataset.json, coordinator.json) do not. */
@@ -55,9 +55,21 @@ function anchorsOf(text: string): Set<string> {
   return anchors;
 }
 
+/** The tracked files; outside a git checkout (an unpacked release), every file but dependencies and build output. */
+function repositoryFiles(root: string): string[] {
+  try {
+    return execFileSync('git', ['ls-files'], { cwd: root, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).split('\n').filter(Boolean);
+  } catch {
+    return (readdirSync(root, { recursive: true, withFileTypes: true }) as Dirent[])
+      .filter((e) => e.isFile())
+      .map((e) => relative(root, join(e.parentPath, e.name)))
+      .filter((f) => !/^(node_modules|\.git|native\/build)\//.test(f));
+  }
+}
+
 /** Every problem in `files` (default: all tracked Markdown), as `path:line: what`. */
 export function checkDocs(root: string, files?: readonly string[]): string[] {
-  const tracked = execFileSync('git', ['ls-files'], { cwd: root, encoding: 'utf8' }).split('\n').filter(Boolean);
+  const tracked = repositoryFiles(root);
   const trackedFiles = new Set(tracked);
   const trackedDirs = new Set(tracked.flatMap((f) => f.split('/').slice(0, -1).map((_, i, parts) => parts.slice(0, i + 1).join('/'))));
   const anchorCache = new Map<string, Set<string>>();

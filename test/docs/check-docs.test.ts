@@ -12,14 +12,16 @@ import { checkDocs, headingAnchor } from '../../scripts/check-docs.ts';
 
 const REPO = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 
-function repoWith(files: Record<string, string>): string {
+function repoWith(files: Record<string, string>, git = true): string {
   const dir = mkdtempSync(join(tmpdir(), 'medfl-docs-'));
   for (const [path, text] of Object.entries(files)) {
     mkdirSync(dirname(join(dir, path)), { recursive: true });
     writeFileSync(join(dir, path), text);
   }
-  execFileSync('git', ['init', '-q'], { cwd: dir });
-  execFileSync('git', ['add', '.'], { cwd: dir });
+  if (git) {
+    execFileSync('git', ['init', '-q'], { cwd: dir });
+    execFileSync('git', ['add', '.'], { cwd: dir });
+  }
   return dir;
 }
 
@@ -31,6 +33,15 @@ describe('docs check', () => {
   it('makes anchors as GitHub does', () => {
     expect(headingAnchor('`bench:wan`')).toBe('benchwan');
     expect(headingAnchor('What crosses the wire — and what never does')).toBe('what-crosses-the-wire--and-what-never-does');
+  });
+
+  it('reads the files from the folder outside a git checkout (an unpacked release)', () => {
+    const dir = repoWith({ 'src/a.ts': '', 'docs/x.md': 'See [a](../src/a.ts), `src/a.ts` and [b](../src/b.ts).\n' }, false);
+    try {
+      expect(checkDocs(dir)).toEqual(['docs/x.md:1: link to a file that is not in the repository: ../src/b.ts']);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('reports missing files, missing headings, unknown source paths (backticked or in text) and citations from outside', () => {
