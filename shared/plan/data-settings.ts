@@ -65,9 +65,9 @@ export const DataSettingsSchema = z
      */
     normalization: z.enum(['auto', 'ct', 'mri', 'quantile', 'none']).default('auto'),
     /**
-     * MRI bias-field correction before normalisation: 'polynomial' fits a smooth multiplicative field (degree-3
-     * polynomial of log intensity against tissue classes) per scan and divides it out (docs/data.md). CT channels
-     * are never corrected.
+     * MRI bias-field correction before normalisation: 'polynomial' fits a smooth multiplicative field (a degree-3
+     * polynomial of the log intensity, by N3-style histogram sharpening, no tissue classes) per scan and divides it
+     * out (docs/data.md). CT channels are never corrected.
      */
     biasCorrection: z.enum(['none', 'polynomial']).default('none'),
     /** CT window [lo, hi] in HU, scaled to [0, 1]. */

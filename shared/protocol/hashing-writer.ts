@@ -194,8 +194,8 @@ const writerThread = (): WriterThread => (thread ??= new WriterThread());
  * progressiveSyncBytes: the sync interval for files that end with an fsync (uploads at the coordinator, model
  * downloads at the site). On a disk writing 300 MB/s (blkio-throttled here) it cut the closing fsync of a 132 MB
  * file from 430 ms to ~2 ms and an upload to the ack from 940–960 to 585–615 ms; on this VM's unthrottled disk,
- * 578–606 to 536–567 (bench/README.md). 2 MiB did as well, 32 MiB left 60 ms. A tunable: the transport bench
- * changes it (BENCH_SYNC_EVERY) to compare.
+ * 578–606 to 536–567 (bench/README.md). 2 MiB did as well, 32 MiB left 60 ms. An object, so that a bench can change
+ * it to compare (the transport bench did, before bench:wan replaced it).
  */
 export const fileSyncOptions = { progressiveSyncBytes: 8 << 20 };
 
