@@ -14,7 +14,7 @@
  *   BENCH_PARTS=rss npm run bench:aggregate          # only the peak RSS of one 50-site round per streaming strategy
  *   BENCH_BEFORE=1 npm run bench:aggregate  # also, same run: the streaming rounds with check() then add() (two passes
  *                                           # over each update, the code before the checked fold) and with the JS delta
- *                                           # norm; median / trimmed mean with the JS column reduction
+ *                                           # norm and JS Box–Muller; median / trimmed mean with the JS column reduction
  *   BENCH_BEFORE=streaming npm run bench:aggregate   # only the two-pass rows of the streaming strategies
  */
 import { fork } from 'node:child_process';
@@ -28,6 +28,7 @@ import Table from 'cli-table3';
 import { FedAvg, axpy } from '../coordinator/aggregation/fedavg.ts';
 import { ComposedStrategy, type ComposedOptions } from '../coordinator/aggregation/composed.ts';
 import { robustColumnsJs } from '../coordinator/aggregation/robust.ts';
+import { cryptoGaussianWith, gaussianFromWordsJs } from '../coordinator/aggregation/gaussian.ts';
 import { checkedFoldKernel } from '../coordinator/aggregation/checked-fold.ts';
 import type { RoundAggregator, UpdateInfo } from '../coordinator/aggregation/strategy.ts';
 import type { RoundBase } from '../coordinator/aggregation/base-blocks.ts';
@@ -108,7 +109,7 @@ const BEFORE = process.env.BENCH_BEFORE === '1' || process.env.BENCH_BEFORE === 
 const BEFORE_JS = process.env.BENCH_BEFORE === '1';
 const ONLY_STRATEGIES = process.env.BENCH_PARTS === 'strategies';
 /** The JS implementations the native kernels replaced, for same-run before/after rows. */
-const BEFORE_OPTS: ComposedOptions = { columns: robustColumnsJs, deltaNorm: deltaNormJs };
+const BEFORE_OPTS: ComposedOptions = { columns: robustColumnsJs, deltaNorm: deltaNormJs, gaussian: cryptoGaussianWith(gaussianFromWordsJs) };
 
 function composed(name: string, extra: ComposedOptions = {}): ComposedStrategy {
   return new ComposedStrategy(PlanSchema.parse({ aggregation: STRATEGIES[name].cfg }).aggregation, { spillDir: join(os.tmpdir(), 'medfl-bench-spill'), ...extra });
@@ -402,7 +403,7 @@ async function main(): Promise<void> {
   for (const name of Object.keys(STRATEGIES)) {
     const variants: [string, ComposedOptions, boolean][] = [[name, {}, true]];
     if (BEFORE && STRATEGIES[name].streaming) variants.push([`${name} — before (check() then add(): two passes)`, {}, false]);
-    if (BEFORE_JS) variants.push([`${name} — before (JS ${STRATEGIES[name].streaming ? 'delta norm, two passes' : 'column reduction'})`, BEFORE_OPTS, false]);
+    if (BEFORE_JS) variants.push([`${name} — before (JS ${STRATEGIES[name].streaming ? 'delta norm and noise, two passes' : 'column reduction'})`, BEFORE_OPTS, false]);
     for (const [label, extra, fused] of variants) {
       const strat = composed(name, extra);
       const reps = STRATEGIES[name].streaming ? 3 : 1;

@@ -18,7 +18,6 @@
  * and the mean, the result is bit-for-bit the plain FedAvg (sums × 1/Σn); with no norm bound either
  * (validation.maxNormFactor: 0), no base model is kept.
  */
-import { randomFillSync } from 'node:crypto';
 import { elementCount, makeBundle, type NamedTensor, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
 import type { Plan } from '../../shared/plan/schema.ts';
 import type { SimdArena64 } from './simd-axpy.ts';
@@ -27,6 +26,7 @@ import { checkedFold as defaultCheckedFold, unfold, type CheckedFold, type Check
 import { WeightedMeanAggregator } from './fedavg.ts';
 import { RobustCombiner, type RobustColumns, type RobustRule } from './robust.ts';
 import { fileMoments, type MomentsFactory } from './moments.ts';
+import { cryptoGaussian } from './gaussian.ts';
 import { ServerOptimizer } from './server-optimizer.ts';
 import type { AggregationStrategy, RoundAggregator, RoundContext, StrategyState, UpdateInfo, Verdict } from './strategy.ts';
 import { deltaNorm, median, normProblem, shapeAndSamplesProblem, valueBoundProblem, type DeltaNorm, type ValidationRules } from './validate.ts';
@@ -488,22 +488,5 @@ class ComposedRound implements RoundAggregator {
   }
 }
 
-/** The uniform words of cryptoGaussian, refilled from the CSPRNG on every call: reused so a DP close leaves no garbage per block. */
-let uniformWords = new Uint32Array(0);
-
-/** N(0, 1) from a CSPRNG (Box–Muller over crypto.randomFillSync). */
-export function cryptoGaussian(out: Float32Array): void {
-  const words = out.length + (out.length % 2);
-  if (uniformWords.length < words) uniformWords = new Uint32Array(words);
-  const u = uniformWords.subarray(0, words);
-  randomFillSync(u);
-  for (let i = 0; i < out.length; i += 2) {
-    const u1 = (u[i] + 1) / 4294967297; // (0, 1)
-    const u2 = u[i + 1] / 4294967296;
-    const r = Math.sqrt(-2 * Math.log(u1));
-    out[i] = r * Math.cos(2 * Math.PI * u2);
-    if (i + 1 < out.length) out[i + 1] = r * Math.sin(2 * Math.PI * u2);
-  }
-}
-
 export { median };
+export { cryptoGaussian };

@@ -8,8 +8,9 @@
  * count; the base is read per block, base-blocks.ts); disk =
  * one model per update (written once, read once, deleted at finish). A block's columns are reduced by the
  * native addon when it is built (robustColumnsNative: a sorting network over all columns of a tile at once, in
- * vector code) and else by robustColumnsJs (quickselect per column); both give exactly the statistics of
- * sorting each column, the trimmed mean summed in increasing order.
+ * vector code; on the stored float32 values when every row shares one scale and coef) and else by robustColumnsJs
+ * (quickselect per column); both give exactly the statistics of sorting each column, the trimmed mean summed in
+ * increasing order.
  */
 import { closeSync, mkdirSync, mkdtempSync, openSync, readSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';

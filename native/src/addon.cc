@@ -14,6 +14,7 @@
 #include "loss.h"
 #include "norm.h"
 #include "robust.h"
+#include "gaussian.h"
 
 namespace {
 
@@ -60,6 +61,7 @@ bool typed(napi_env env, napi_value v, napi_typedarray_type want, void** data, s
   if (!is || napi_get_typedarray_info(env, v, &type, length, data, &ab, &offset) != napi_ok || type != want) {
     throw_error(env, std::string(what) + (want == napi_float32_array   ? " must be a Float32Array"
                                           : want == napi_float64_array ? " must be a Float64Array"
+                                          : want == napi_uint32_array  ? " must be a Uint32Array"
                                                                        : " must be an Int32Array"));
     return false;
   }
@@ -264,6 +266,9 @@ class Args {
   }
   double* f64(size_t i, const char* what, size_t want, bool nullable = false) {
     return static_cast<double*>(array(i, what, want, napi_float64_array, nullable, sizeof(double)));
+  }
+  uint32_t* u32(size_t i, const char* what, size_t want) {
+    return static_cast<uint32_t*>(array(i, what, want, napi_uint32_array, false, sizeof(uint32_t)));
   }
   int32_t* i32(size_t i, const char* what, size_t want) {
     return static_cast<int32_t*>(array(i, what, want, napi_int32_array, false, sizeof(int32_t)));
@@ -619,6 +624,18 @@ napi_value RobustColumns(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+// gaussianFromWords(words: Uint32Array, out: Float32Array): out = N(0, 1) samples from words (out.length rounded up
+// to even of them), Box–Muller (see gaussian.h).
+napi_value GaussianFromWords(napi_env env, napi_callback_info info) {
+  Args a(env, info, 2, "gaussianFromWords");
+  const size_t n = a.length(1, "out");
+  const uint32_t* words = a.u32(0, "words", n + n % 2);
+  float* out = a.f32(1, "out", n);
+  if (!a.ok()) return nullptr;
+  medfl::gaussian_from_words(words, n, out);
+  return nullptr;
+}
+
 // deltaSqLanes(x, b|null, lanes: Float64Array(4)): lanes += the four interleaved sums of (x − b)² (see norm.h).
 napi_value DeltaSqLanes(napi_env env, napi_callback_info info) {
   Args a(env, info, 3, "deltaSqLanes");
@@ -695,6 +712,7 @@ NAPI_MODULE_INIT() {
       {"robustColumns", nullptr, RobustColumns, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"deltaSqLanes", nullptr, DeltaSqLanes, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"foldChecked", nullptr, FoldChecked, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"gaussianFromWords", nullptr, GaussianFromWords, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   return exports;

@@ -3,7 +3,7 @@
  * tile of columns, or nth_element past 32 rows) and the JS one (quickselect) against a reference written as
  * plainly as possible — sort each column, take the middle or sum the kept values in increasing order — with
  * identical results required, for 1…50 rows, ties, weights and deltas mixed, a block wider than the columns
- * used. When the addon is not built, the native half fails with the loader's reason.
+ * used; and rows sharing one scale and coef (the native float32 tile), values over many exponents and signed zeros. When the addon is not built, the native half fails with the loader's reason.
  */
 import { describe, expect, it } from 'vitest';
 import { robustColumnsJs, robustColumnsNative, trimCount, type RobustColumns } from '../../coordinator/aggregation/robust.ts';
@@ -61,7 +61,56 @@ describe.each(impls)('%s robust column reduction', (_name, get) => {
         expect(out).toEqual(want);
       }
     });
+
+    // Every row with one scale and one coef (no clipping; all weights or all deltas): the native path sorts the stored
+    // float32 values themselves, since v = s·(x − c·b) is then non-decreasing in x.
+    it(`median and trimmed means of ${n} rows sharing one scale and coef equal sorting each column`, () => {
+      const rng = mulberry32(1000 + n);
+      const ld = 300;
+      const len = 261;
+      const base = Float32Array.from({ length: len }, () => (rng() - 0.5) * 4);
+      for (const [s, c, values] of [
+        [1, 1, 'coarse'], [1, 0, 'wide'], [0.37, 1, 'wide'], [2.5, 0, 'coarse'], [1, 1, 'wide'],
+      ] as const) {
+        // Coarse values tie often; wide ones span many exponents, both signs, zeros of both signs.
+        const draw = values === 'coarse'
+          ? () => Math.round(rng() * 8 - 4) / 2
+          : () => (rng() < 0.05 ? (rng() < 0.5 ? -0 : 0) : (rng() - 0.5) * 2 ** Math.floor(rng() * 60 - 30));
+        const rows = Float32Array.from({ length: n * ld }, draw);
+        const scale = new Float64Array(n).fill(s);
+        const coef = new Float64Array(n).fill(c);
+        for (const trim of [-1, 0, trimCount(n, 0.1), trimCount(n, 0.3)]) {
+          const want = reference(rows, n, ld, len, base, scale, coef, trim);
+          const out = new Float32Array(len).fill(Number.NaN);
+          get()(rows, n, ld, len, base, scale, coef, trim, out);
+          expect(out).toEqual(want);
+        }
+      }
+    });
   }
+});
+
+describe('native and JS robust column reductions agree', () => {
+  it('on random float32 rows, one scale and mixed ones, odd and even n', () => {
+    const rng = mulberry32(77);
+    for (const n of [4, 7, 10, 16, 31]) {
+      const ld = 1024 + 13;
+      const len = 1024 + 5;
+      const rows = Float32Array.from({ length: n * ld }, () => (rng() - 0.5) * 10);
+      const base = Float32Array.from({ length: len }, () => rng() - 0.5);
+      for (const mixed of [false, true]) {
+        const scale = Float64Array.from({ length: n }, () => (mixed && rng() < 0.5 ? 0.5 + rng() : 1));
+        const coef = Float64Array.from({ length: n }, () => (mixed && rng() < 0.5 ? 0 : 1));
+        for (const trim of [-1, trimCount(n, 0.1), trimCount(n, 0.25)]) {
+          const a = new Float32Array(len);
+          const b = new Float32Array(len);
+          robustColumnsJs(rows, n, ld, len, base, scale, coef, trim, a);
+          native()(rows, n, ld, len, base, scale, coef, trim, b);
+          expect(b).toEqual(a);
+        }
+      }
+    }
+  });
 });
 
 describe('native robust column reduction, bad input', () => {
