@@ -2,8 +2,8 @@
  * Server interceptor that authenticates every Federation call by the site's bearer JWT (Enroll is exempt: its
  * one-time token is checked by the enrolment handler itself).
  *
- * Sequencing: verification happens in the listener's onReceiveMetadata hook and is async (the signature check is
- * synchronous, ed25519-jwt.ts; recording the token id waits for its commit). grpc-js does not
+ * Sequencing: verification happens in the listener's onReceiveMetadata hook and is async (the signature is checked on
+ * libuv's thread pool, ed25519-jwt.ts; recording the token id waits for its commit). grpc-js does not
  * hand metadata to the handler until we call `next(metadata)`, and every built-in handler only starts reading
  * request messages (startRead) after it has the metadata. So until verification succeeds no handler code runs and
  * no request message is read, for unary, server-stream and client-stream methods alike. On failure we never call
@@ -28,7 +28,7 @@ import { publicKeyFromRaw } from '../../shared/security/site-identity.ts';
 import { verifyClientCertificate } from '../../shared/security/pki.ts';
 import type { FailureLimiter } from './failure-limiter.ts';
 import { describeStorageFault, isStorageFault } from '../../shared/util/storage-fault.ts';
-import { checkEdDsaHeader, checkTimeClaims, decodeCompactJwt, hasValidEd25519Signature, JwtCheckError, type DecodedJwt } from './ed25519-jwt.ts';
+import { checkEdDsaHeader, checkTimeClaims, decodeCompactJwt, ed25519SignatureVerifies, JwtCheckError, type DecodedJwt } from './ed25519-jwt.ts';
 
 /** Longest token lifetime (exp - iat) accepted, seconds. */
 export const MAX_TOKEN_LIFETIME_S = 300;
@@ -204,7 +204,7 @@ export async function verifySiteToken(
   const record = opts.directory.getSite(site);
   const hidden = notAcceptedFor(site);
   if (!record) {
-    hasValidEd25519Signature(jwt, decoy());
+    await ed25519SignatureVerifies(jwt, decoy());
     throw unauth(`unknown site '${site}' — enrol it with \`medfl site enroll\` (token from \`medfl coordinator site add\`)`, hidden);
   }
 
@@ -212,11 +212,11 @@ export async function verifySiteToken(
   try {
     key = siteKey(record.publicKeyRaw);
   } catch (e) {
-    hasValidEd25519Signature(jwt, decoy());
+    await ed25519SignatureVerifies(jwt, decoy());
     throw unauth(`site '${site}' has an unusable registered key (${(e as Error).message}) — re-enrol the site`, hidden);
   }
 
-  if (!hasValidEd25519Signature(jwt, key)) {
+  if (!(await ed25519SignatureVerifies(jwt, key))) {
     throw unauth(
       `token signature does not verify with the key registered for site '${site}' — ` +
         `the site key changed or someone else is using this name; re-enrol the site if its key was replaced`,

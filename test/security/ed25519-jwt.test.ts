@@ -1,5 +1,6 @@
 /**
- * The synchronous EdDSA JWT check (coordinator/auth/ed25519-jwt.ts) against jose's jwtVerify with the options the
+ * The EdDSA JWT check (coordinator/auth/ed25519-jwt.ts, with the signature checked on this thread and on libuv's
+ * pool) against jose's jwtVerify with the options the
  * interceptor used to pass (algorithms ['EdDSA'], 30 s clock tolerance, a fixed current date): on random tokens,
  * valid and broken, both give the same verdict and, when they accept, the same claims. The only tokens where they
  * may differ are the ones the module refuses on purpose and jose lets through: a segment that is not the one
@@ -9,7 +10,7 @@ import fc from 'fast-check';
 import { generateKeyPairSync, sign, type KeyObject } from 'node:crypto';
 import { jwtVerify } from 'jose';
 import { describe, expect, it } from 'vitest';
-import { JwtCheckError, verifyEd25519Jwt } from '../../coordinator/auth/ed25519-jwt.ts';
+import { JwtCheckError, verifyEd25519Jwt, verifyEd25519JwtOffLoop } from '../../coordinator/auth/ed25519-jwt.ts';
 
 const NOW = 1_900_000_000;
 const TOLERANCE = 30;
@@ -40,6 +41,16 @@ function refusedOnPurpose(token: string): boolean {
 }
 
 type Verdict = { ok: true; claims: unknown } | { ok: false; why: string };
+
+/** The same check with the signature on libuv's pool (what the interceptor runs); must agree with the synchronous one. */
+async function oursOffLoop(token: string, key: KeyObject): Promise<Verdict> {
+  try {
+    return { ok: true, claims: await verifyEd25519JwtOffLoop(token, key, { nowSec: NOW, clockToleranceS: TOLERANCE }) };
+  } catch (e) {
+    if (!(e instanceof JwtCheckError)) throw e;
+    return { ok: false, why: `${e.kind}: ${e.message}` };
+  }
+}
 
 function ours(token: string, key: KeyObject): Verdict {
   try {
@@ -145,6 +156,7 @@ describe('ed25519-jwt against jose', () => {
       fc.asyncProperty(headerArb, claimsArb, fc.nat(4).map((n) => n === 0), mutationArb, async (header, claims, byOtherKey, mutation) => {
         const token = mutate(signed(b64(JSON.stringify(header)), b64(JSON.stringify(claims)), byOtherKey ? other.privateKey : site.privateKey), mutation);
         const mine = ours(token, site.publicKey);
+        expect(await oursOffLoop(token, site.publicKey)).toEqual(mine);
         const theirs = await jose(token, site.publicKey);
         if (mine.ok) accepted++;
         else refused++;
