@@ -193,7 +193,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
 
   const directory: SiteDirectory = {
     getSite(name) {
-      const s = store.getSite(name);
+      const s = store.siteCredentials(name);
       if (!s || !s.publicKey || s.state === 'invited') return undefined;
       return { publicKeyRaw: s.publicKey, revoked: s.state === 'revoked' };
     },

@@ -2,7 +2,8 @@
  * Server interceptor that authenticates every Federation call by the site's bearer JWT (Enroll is exempt: its
  * one-time token is checked by the enrolment handler itself).
  *
- * Sequencing: verification happens in the listener's onReceiveMetadata hook and is async (jose). grpc-js does not
+ * Sequencing: verification happens in the listener's onReceiveMetadata hook and is async (the signature is checked on
+ * libuv's thread pool, ed25519-jwt.ts; recording the token id waits for its commit). grpc-js does not
  * hand metadata to the handler until we call `next(metadata)`, and every built-in handler only starts reading
  * request messages (startRead) after it has the metadata. So until verification succeeds no handler code runs and
  * no request message is read, for unary, server-stream and client-stream methods alike. On failure we never call
@@ -20,7 +21,6 @@
  * is refused whatever certificate it presents.
  */
 import * as grpc from '@grpc/grpc-js';
-import { decodeJwt, decodeProtectedHeader, errors as joseErrors, jwtVerify, type JWTPayload } from 'jose';
 import { X509Certificate, generateKeyPairSync, type KeyObject } from 'node:crypto';
 import type { Logger } from 'pino';
 import { AUTH_METADATA_KEY, AUTHENTICATED_SITE_KEY, METHODS } from '../../shared/protocol/grpc.ts';
@@ -28,6 +28,7 @@ import { publicKeyFromRaw } from '../../shared/security/site-identity.ts';
 import { verifyClientCertificate } from '../../shared/security/pki.ts';
 import type { FailureLimiter } from './failure-limiter.ts';
 import { describeStorageFault, isStorageFault } from '../../shared/util/storage-fault.ts';
+import { checkEdDsaHeader, checkTimeClaims, decodeCompactJwt, ed25519SignatureVerifies, JwtCheckError, type DecodedJwt } from './ed25519-jwt.ts';
 
 /** Longest token lifetime (exp - iat) accepted, seconds. */
 export const MAX_TOKEN_LIFETIME_S = 300;
@@ -121,8 +122,8 @@ function decoy(): KeyObject {
 }
 
 /**
- * Site keys as KeyObjects, by their raw bytes. Building one per call (JWK import, and jose's own conversion of each new
- * KeyObject) cost about as much as verifying the signature; every site call pays it. Keyed by the bytes, not the site,
+ * Site keys as KeyObjects, by their raw bytes. Building one per call (a JWK import) cost about as much as verifying
+ * the signature; every site call would pay it. Keyed by the bytes, not the site,
  * so a re-enrolled site's new key is another entry and a revoked or replaced key is never looked up for it again.
  * Keys refused as weak are not kept (they throw every time).
  */
@@ -148,7 +149,7 @@ export function claimedSite(metadata: grpc.Metadata): string {
   const m = /^Bearer\s+(\S+)$/i.exec(String(values[0]).trim());
   if (!m || m[1]!.length > MAX_TOKEN_CHARS) return '';
   try {
-    const iss = decodeJwt(m[1]!).iss;
+    const iss = decodeCompactJwt(m[1]!).claims.iss;
     return typeof iss === 'string' ? iss : '';
   } catch {
     return '';
@@ -181,24 +182,29 @@ export async function verifySiteToken(
   if (token.length > MAX_TOKEN_CHARS) throw unauth(`malformed token: longer than ${MAX_TOKEN_CHARS} characters`);
 
   // Unverified peek, only to pick the algorithm check and the key; nothing here is trusted yet.
-  let alg: unknown;
-  let claimed: JWTPayload;
+  let jwt: DecodedJwt;
   try {
-    alg = decodeProtectedHeader(token).alg;
-    claimed = decodeJwt(token);
+    jwt = decodeCompactJwt(token);
   } catch (e) {
     throw unauth(`malformed token: ${(e as Error).message} — expected a compact JWT signed with the site key`);
   }
-  if (alg !== 'EdDSA') {
-    throw unauth(`token alg '${String(alg)}' is not allowed: site tokens must be signed with EdDSA (the site's Ed25519 key)`);
+  try {
+    checkEdDsaHeader(jwt.header);
+  } catch (e) {
+    if (e instanceof JwtCheckError && e.kind === 'algorithm') {
+      throw unauth(`token alg '${String(jwt.header.alg)}' is not allowed: site tokens must be signed with EdDSA (the site's Ed25519 key)`);
+    }
+    throw unauth(`invalid token: ${(e as Error).message}`);
   }
-  const site = claimed.iss;
+  // The claims, as the site sent them; trusted only once the signature below has verified.
+  const payload = jwt.claims;
+  const site = payload.iss;
   if (typeof site !== 'string' || site === '') throw unauth(`token has no 'iss' (site name) claim`);
   const nowSec = opts.nowSec ?? Math.floor(Date.now() / 1000);
   const record = opts.directory.getSite(site);
   const hidden = notAcceptedFor(site);
   if (!record) {
-    await jwtVerify(token, decoy(), { algorithms: ['EdDSA'] }).catch(() => undefined);
+    await ed25519SignatureVerifies(jwt, decoy());
     throw unauth(`unknown site '${site}' — enrol it with \`medfl site enroll\` (token from \`medfl coordinator site add\`)`, hidden);
   }
 
@@ -206,33 +212,26 @@ export async function verifySiteToken(
   try {
     key = siteKey(record.publicKeyRaw);
   } catch (e) {
-    await jwtVerify(token, decoy(), { algorithms: ['EdDSA'] }).catch(() => undefined);
+    await ed25519SignatureVerifies(jwt, decoy());
     throw unauth(`site '${site}' has an unusable registered key (${(e as Error).message}) — re-enrol the site`, hidden);
   }
 
-  let payload: JWTPayload;
+  if (!(await ed25519SignatureVerifies(jwt, key))) {
+    throw unauth(
+      `token signature does not verify with the key registered for site '${site}' — ` +
+        `the site key changed or someone else is using this name; re-enrol the site if its key was replaced`,
+      hidden,
+    );
+  }
   try {
-    ({ payload } = await jwtVerify(token, key, {
-      algorithms: ['EdDSA'],
-      clockTolerance: CLOCK_TOLERANCE_S,
-      currentDate: new Date(nowSec * 1000),
-    }));
+    checkTimeClaims(payload, nowSec, CLOCK_TOLERANCE_S);
   } catch (e) {
-    if (e instanceof joseErrors.JWTExpired) {
-      const exp = typeof claimed.exp === 'number' ? isoSec(claimed.exp) : '?';
+    if (!(e instanceof JwtCheckError)) throw e;
+    if (e.kind === 'expired') {
+      const exp = typeof payload.exp === 'number' ? isoSec(payload.exp) : '?';
       throw unauth(`token expired at ${exp} (coordinator time ${isoSec(nowSec)}) — check the site clock (NTP)`);
     }
-    if (e instanceof joseErrors.JWSSignatureVerificationFailed) {
-      throw unauth(
-        `token signature does not verify with the key registered for site '${site}' — ` +
-          `the site key changed or someone else is using this name; re-enrol the site if its key was replaced`,
-        hidden,
-      );
-    }
-    if (e instanceof joseErrors.JWTClaimValidationFailed) {
-      throw unauth(`token claim '${e.claim}' is invalid: ${e.message} — check the site clock (NTP)`);
-    }
-    throw unauth(`invalid token: ${(e as Error).message}`);
+    throw unauth(`token claim '${e.claim}' is invalid: ${e.message} — check the site clock (NTP)`);
   }
 
   // Signature verified: the claims below are the site's own statements.

@@ -43,8 +43,15 @@ export interface PendingSeen {
 export type SiteSeen = Omit<PendingSeen, 'at'>;
 
 interface Waiter {
-  resolve: () => void;
+  resolve: (accepted: true) => void;
   reject: (e: unknown) => void;
+}
+
+/** The statements every commit runs, prepared once (preparing cost more than running them for a commit of a few ids). */
+interface CommitStatements {
+  insertJti: Database.Statement;
+  touchSite: Database.Statement;
+  pruneJtis: Database.Statement;
 }
 
 export class CallBookkeeping {
@@ -57,6 +64,7 @@ export class CallBookkeeping {
   private seenTimer: NodeJS.Timeout | undefined;
   private nextPruneSec = 0;
   private commitsDone = 0;
+  private statements: CommitStatements | undefined;
   private readonly o: BookkeepingOptions;
 
   constructor(
@@ -72,9 +80,9 @@ export class CallBookkeeping {
     if (seen.has(jti)) return Promise.resolve(false);
     seen.set(jti, expiresAtSec);
     this.pendingIds.push({ jti, exp: expiresAtSec });
-    const durable = new Promise<void>((resolve, reject) => this.waiters.push({ resolve, reject }));
+    const durable = new Promise<boolean>((resolve, reject) => this.waiters.push({ resolve, reject }));
     this.commitTimer ??= setTimeout(() => this.commit(), this.o.commitDelayMs);
-    return durable.then(() => true);
+    return durable;
   }
 
   touch(name: string, seen: SiteSeen, now: number): void {
@@ -129,12 +137,11 @@ export class CallBookkeeping {
     const nowSec = Math.floor(Date.now() / 1000);
     const prune = this.seen !== undefined && nowSec >= this.nextPruneSec;
     try {
+      const st = this.prepared();
       this.db.transaction(() => {
-        const insert = this.db.prepare('INSERT OR IGNORE INTO seen_jti (jti, expires_at) VALUES (?, ?)');
-        for (const { jti, exp } of ids) insert.run(jti, exp);
-        const update = this.db.prepare('UPDATE sites SET last_seen_at = ?, activity = COALESCE(?, activity), engine = COALESCE(?, engine), software_version = COALESCE(?, software_version) WHERE name = ?');
-        for (const [name, s] of touched) update.run(s.at, s.activity, s.engine, s.softwareVersion, name);
-        if (prune) this.db.prepare('DELETE FROM seen_jti WHERE expires_at < ?').run(nowSec - KEEP_PAST_EXPIRY_S);
+        for (const { jti, exp } of ids) st.insertJti.run(jti, exp);
+        for (const [name, s] of touched) st.touchSite.run(s.at, s.activity, s.engine, s.softwareVersion, name);
+        if (prune) st.pruneJtis.run(nowSec - KEEP_PAST_EXPIRY_S);
       }).immediate();
     } catch (e) {
       for (const w of waiters) w.reject(e);
@@ -153,6 +160,17 @@ export class CallBookkeeping {
       for (const [jti, exp] of this.seen) if (exp < nowSec - KEEP_PAST_EXPIRY_S) this.seen.delete(jti);
       this.nextPruneSec = nowSec + KEEP_PAST_EXPIRY_S;
     }
-    for (const w of waiters) w.resolve();
+    for (const w of waiters) w.resolve(true);
+  }
+
+  private prepared(): CommitStatements {
+    this.statements ??= {
+      insertJti: this.db.prepare('INSERT OR IGNORE INTO seen_jti (jti, expires_at) VALUES (?, ?)'),
+      touchSite: this.db.prepare(
+        'UPDATE sites SET last_seen_at = ?, activity = COALESCE(?, activity), engine = COALESCE(?, engine), software_version = COALESCE(?, software_version) WHERE name = ?',
+      ),
+      pruneJtis: this.db.prepare('DELETE FROM seen_jti WHERE expires_at < ?'),
+    };
+    return this.statements;
   }
 }

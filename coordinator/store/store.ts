@@ -220,6 +220,15 @@ export class CoordinatorStore {
     return row ? this.withPending(toSite(row)) : undefined;
   }
 
+  /**
+   * A site's key and state, for the token check of every site call: two columns from one prepared statement, read
+   * anew each call so that a revocation by another process (`medfl coordinator site revoke`) counts at once.
+   */
+  siteCredentials(name: string): { publicKey: Buffer | null; state: SiteState } | undefined {
+    const row = this.prepared('SELECT public_key, state FROM sites WHERE name = ?').get(name) as { public_key: Buffer | null; state: SiteState } | undefined;
+    return row && { publicKey: row.public_key, state: row.state };
+  }
+
   /** Names of the sites enrolled now (not invited, not revoked): one query, for checks over every connected site. */
   enrolledSiteNames(): Set<string> {
     const rows = this.prepared("SELECT name FROM sites WHERE state = 'enrolled'").pluck().all() as string[];

@@ -7,7 +7,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it, vi } from 'vitest';
 import { CoordinatorStore } from '../../coordinator/store/store.ts';
 import { CallBookkeeping } from '../../coordinator/store/call-bookkeeping.ts';
 import { waitFor } from '../../cli/processes.ts';
@@ -92,6 +92,24 @@ describe('token ids and last-seen times of site calls', () => {
     const reopened = new CoordinatorStore(path);
     expect(reopened.getSite('a')).toMatchObject({ lastSeenAt: t + 2, activity: 'uploading' });
     reopened.close();
+  });
+
+  it('prepares its statements once, not for every commit', async () => {
+    const path = dbPath();
+    enrolled(path, 'a').close();
+    const db = new Database(path);
+    const prepare = vi.spyOn(db, 'prepare');
+    const calls = new CallBookkeeping(db, { commitDelayMs: 1, lastSeenFlushMs: 50 });
+    const exp = nowSec() + 300;
+    // One call at a time: each waits for its own commit.
+    for (let i = 0; i < 20; i++) {
+      calls.touch('a', { activity: 'idle', engine: null, softwareVersion: null }, Date.now());
+      expect(await calls.consumeJti(`a/${i}`, exp, nowSec())).toBe(true);
+    }
+    expect(calls.commits).toBe(20);
+    // The replay window's one load at first use, and the three commit statements.
+    expect(prepare.mock.calls.length).toBeLessThanOrEqual(4);
+    db.close();
   });
 
   it('on a full database refuses the waiting calls with the storage error, keeps last-seen, and recovers when space returns', async () => {

@@ -25,6 +25,21 @@ describe('coordinator store', () => {
     s.close();
   });
 
+  it("gives a site's key and state for the token check, and a revocation by another process at once", () => {
+    const path = join(mkdtempSync(join(tmpdir(), 'medfl-store-')), 'state.db');
+    const s = new CoordinatorStore(path);
+    expect(s.siteCredentials('a')).toBeUndefined();
+    s.inviteSite('a', 'hash-a', Date.now() + 60_000);
+    expect(s.siteCredentials('a')).toEqual({ publicKey: null, state: 'invited' });
+    s.enrolSite('a', 'hash-a', key);
+    expect(s.siteCredentials('a')).toEqual({ publicKey: key, state: 'enrolled' });
+    const admin = new CoordinatorStore(path);
+    admin.revokeSite('a');
+    admin.close();
+    expect(s.siteCredentials('a')).toEqual({ publicKey: key, state: 'revoked' });
+    s.close();
+  });
+
   it('keeps one update per site and round, and detects replayed token ids', async () => {
     const s = fresh();
     s.openRound({ round: 1, baseModelHash: 'h', selected: ['a'], openedAt: 1, deadlineAt: 2 });
