@@ -6,8 +6,11 @@
  * kernel comes with the oneDNN addon; when it is not built this fails with the loader's reason.
  */
 import { describe, expect, it } from 'vitest';
+import type { ElementwiseKernels } from '../../shared/engine/elementwise-kernels.ts';
 import { loadOneDnnKernels } from '../../shared/engine/onednn-kernels.ts';
-import { blendWeights, slidingWindowProbs, windowStarts, type Shape3 } from '../../shared/model/sliding-window.ts';
+import { createMed3d } from '../../shared/model/med3d.ts';
+import { createMed3dTrainer } from '../../shared/model/med3d-trainer.ts';
+import { blendWeights, InferenceSettingsSchema, slidingWindowProbs, windowStarts, type Shape3 } from '../../shared/model/sliding-window.ts';
 import { blendSums, jsWindowBlend, windowBlendOf, type WindowBlendKernel } from '../../shared/model/window-blend.ts';
 import { mulberry32 } from '../../shared/util/random.ts';
 
@@ -107,5 +110,24 @@ describe('native window blending against the JS path', () => {
     expect(() => k.addLogits({ logits: new Float32Array(16), factor: 4 }, [[-1, 0, 0]], sums)).toThrow(/outside the volume/);
     // Nothing was added by the refused calls.
     expect(sums.wsum.every((v) => v === 0)).toBe(true);
+  });
+
+  it('the Med3D trainer scores windows alike with the addon’s blending and with the JS fallback (an addon without it)', async () => {
+    const r = loadOneDnnKernels();
+    if (!r.kernels) throw new Error(`native kernels unavailable: ${r.reason}`);
+    const ew = r.kernels.elementwise;
+    if (!ew) throw new Error('the oneDNN addon has no elementwise functions: rebuild it (npm run build:native)');
+    // The same kernels as an addon built before windowBlend would present them.
+    const older: ElementwiseKernels = { ...ew, native: <F extends (...args: never[]) => unknown>(name: string) => (name.startsWith('window') ? undefined : ew.native<F>(name)) };
+    const withoutBlend = { ...r.kernels, elementwise: older };
+    expect(windowBlendOf(withoutBlend).name).toBe('js');
+    const settings = InferenceSettingsSchema.parse({ mode: 'window', window: [16, 16, 24], overlap: 0.5, batch: 2 });
+    const arch = createMed3d({ depth: 10, shortcut: 'B', widthMultiplier: 0.0625, head: { kind: 'segmentation', numClasses: 2 }, patch: [8, 8, 8], inference: settings });
+    const w = arch.init(3);
+    const rng = mulberry32(8);
+    const vc = { id: 'v', shape: [29, 22, 37] as Shape3, image: Float32Array.from({ length: 29 * 22 * 37 }, () => 2 * rng() - 1) };
+    const native = await createMed3dTrainer(arch, r.kernels).predictProbs(w, vc);
+    const js = await createMed3dTrainer(arch, withoutBlend).predictProbs(w, vc);
+    expect(maxAbsDiff(native, js)).toBeLessThan(1e-6);
   });
 });
