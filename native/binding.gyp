@@ -2,7 +2,7 @@
   "targets": [
     {
       "target_name": "medfl_onednn",
-      "sources": ["src/addon.cc", "src/conv.cc", "src/elementwise.cc", "src/loss.cc", "src/robust.cc", "src/norm.cc", "src/fold.cc", "src/gaussian.cc"],
+      "sources": ["src/addon.cc", "src/conv.cc", "src/elementwise.cc", "src/loss.cc", "src/robust.cc", "src/norm.cc", "src/fold.cc", "src/gaussian.cc", "src/window_blend.cc"],
       "cflags_cc!": ["-fno-exceptions", "-fno-rtti"],
       # -fno-trapping-math: no code here reads floating-point exception flags, and without it GCC keeps every
       # masked loop (ReLU backward, the norms' fused ReLU masks, pooling) scalar, since if-converting a select

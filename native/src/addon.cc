@@ -3,6 +3,7 @@
 #include <node_api.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -15,6 +16,7 @@
 #include "norm.h"
 #include "robust.h"
 #include "gaussian.h"
+#include "window_blend.h"
 
 namespace {
 
@@ -667,6 +669,49 @@ napi_value FoldChecked(napi_env env, napi_callback_info info) {
   return out;
 }
 
+// windowBlend(logits, geom: Int32Array [n, C, f, wd, wh, ww, D, H, W], starts: Int32Array [n·3], weight, acc, wsum)
+// (see window_blend.h): acc and wsum are added to in place.
+napi_value WindowBlend(napi_env env, napi_callback_info info) {
+  Args a(env, info, 6, "windowBlend");
+  const int32_t* gp = a.i32(1, "geom", 9);
+  medfl::WindowBlendGeom g{};
+  if (a.ok()) g = {gp[0], gp[1], gp[2], gp[3], gp[4], gp[5], gp[6], gp[7], gp[8]};
+  if (a.ok() && (g.n < 1 || g.C < 2 || g.f < 1 || g.wd < 1 || g.wh < 1 || g.ww < 1 || g.D < 1 || g.H < 1 || g.W < 1))
+    a.fail("geometry must be positive, with at least 2 classes");
+  if (a.ok() && (g.wd % g.f || g.wh % g.f || g.ww % g.f)) a.fail("the window's sides must be multiples of the upsampling factor");
+  const int32_t* starts = a.i32(2, "starts", static_cast<size_t>(3 * g.n));
+  if (a.ok()) {
+    const int64_t win[3] = {g.wd, g.wh, g.ww}, vol[3] = {g.D, g.H, g.W};
+    for (int64_t i = 0; i < 3 * g.n && a.ok(); ++i) {
+      const int64_t s = starts[i], ax = i % 3;
+      // A window starts inside the volume and ends inside it, or starts at 0 on a side shorter than the window.
+      if (s < 0 || s >= vol[ax] || s + win[ax] > std::max(vol[ax], win[ax])) a.fail("a window start lies outside the volume");
+    }
+  }
+  const size_t voxels = static_cast<size_t>(g.D * g.H * g.W);
+  const size_t coarse = static_cast<size_t>(g.n * (g.wd / std::max<int64_t>(g.f, 1)) * (g.wh / std::max<int64_t>(g.f, 1)) * (g.ww / std::max<int64_t>(g.f, 1)) * g.C);
+  const float* logits = a.f32(0, "logits", coarse);
+  const float* weight = a.f32(3, "weight", static_cast<size_t>(g.wd * g.wh * g.ww));
+  float* acc = a.f32(4, "acc", voxels * (g.C == 2 ? 1 : static_cast<size_t>(g.C)));
+  float* wsum = a.f32(5, "wsum", voxels);
+  if (!a.ok()) return nullptr;
+  medfl::window_blend(logits, starts, g, weight, acc, wsum);
+  return nullptr;
+}
+
+// windowNormalise(acc, wsum, C, out): out [voxels, C] = acc / wsum (two classes: acc holds class 1 only).
+napi_value WindowNormalise(napi_env env, napi_callback_info info) {
+  Args a(env, info, 4, "windowNormalise");
+  const size_t voxels = a.length(1, "wsum");
+  const int64_t C = a.integer(2, "C", 2);
+  const float* acc = a.f32(0, "acc", voxels * (C == 2 ? 1 : static_cast<size_t>(C)));
+  const float* wsum = a.f32(1, "wsum", voxels);
+  float* out = a.f32(3, "out", voxels * static_cast<size_t>(C));
+  if (!a.ok()) return nullptr;
+  medfl::window_normalise(acc, wsum, static_cast<int64_t>(voxels), C, out);
+  return nullptr;
+}
+
 void delete_instance(napi_env env, void* data, void* hint) { delete static_cast<Instance*>(data); }
 
 }  // namespace
@@ -713,6 +758,8 @@ NAPI_MODULE_INIT() {
       {"deltaSqLanes", nullptr, DeltaSqLanes, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"foldChecked", nullptr, FoldChecked, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"gaussianFromWords", nullptr, GaussianFromWords, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"windowBlend", nullptr, WindowBlend, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"windowNormalise", nullptr, WindowNormalise, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   return exports;

@@ -27,7 +27,11 @@ import { DEFAULT_OPTIMIZER, Optimizer, optimizerKernelsOf } from './optim.ts';
 import { corruptBatch, DEFAULT_RESTORATION_TRANSFORMS } from './genesis-corruption.ts';
 import { isRestorationArchitecture, restorationLoss } from './restoration.ts';
 import type { EvalResult, TrainRequest, TrainResult, Trainer, VolumeCase } from './types.ts';
-import { chooseInference, flipAveraged, slidingWindowProbs, WHOLE_VOLUME_MAX_BYTES, windowStarts, type InferencePlan, type Shape3, type WindowForward } from './sliding-window.ts';
+import { chooseInference, flipAveraged, slidingWindowProbs, WHOLE_VOLUME_MAX_BYTES, windowStarts, type InferencePlan, type Shape3, type WindowForward, type WindowLogitsNetwork } from './sliding-window.ts';
+import { jsWindowBlendOn, windowBlendOf, type WindowBlendKernel } from './window-blend.ts';
+import { upsampleLinear, windowProbsFromLogits } from './window-probs.ts';
+
+export { upsampleLinear };
 import { createLogger, type Logger } from '../util/log.ts';
 
 class ArrayStore implements ParamStore {
@@ -123,41 +127,6 @@ function dropoutAct(x: Act, p: number, rng: () => number, tape: Tape): Act {
     accumulate(x, g, true);
   });
   return out;
-}
-
-/** Linear interpolation by an integer factor along D, H and W (PyTorch `align_corners=False`), NDHWC. */
-export function upsampleLinear(x: Float32Array, shape: readonly number[], f: number, alloc: (n: number) => Float32Array = (n) => new Float32Array(n)): Float32Array {
-  let data = x;
-  let cur = [...shape];
-  for (let axis = 1; axis <= 3; axis++) {
-    const inLen = cur[axis];
-    const outLen = inLen * f;
-    const outer = cur.slice(0, axis).reduce((a, b) => a * b, 1);
-    const inner = cur.slice(axis + 1).reduce((a, b) => a * b, 1);
-    const out = alloc(outer * outLen * inner);
-    const i0s = new Int32Array(outLen);
-    const i1s = new Int32Array(outLen);
-    const ts = new Float64Array(outLen);
-    for (let o = 0; o < outLen; o++) {
-      const src = Math.max(0, (o + 0.5) / f - 0.5);
-      i0s[o] = Math.min(inLen - 1, Math.floor(src));
-      i1s[o] = Math.min(inLen - 1, i0s[o] + 1);
-      ts[o] = src - i0s[o];
-    }
-    // Rows outermost: the writes run through memory in order (the inner axes are short for W).
-    for (let a = 0; a < outer; a++) {
-      for (let o = 0; o < outLen; o++) {
-        const t = ts[o];
-        const s0 = (a * inLen + i0s[o]) * inner;
-        const s1 = (a * inLen + i1s[o]) * inner;
-        const dst = (a * outLen + o) * inner;
-        for (let k = 0; k < inner; k++) out[dst + k] = data[s0 + k] * (1 - t) + data[s1 + k] * t;
-      }
-    }
-    data = out;
-    cur[axis] = outLen;
-  }
-  return data;
 }
 
 /** Softmax cross-entropy of class logits [N, K] against class indices; mean over the batch. */
@@ -361,6 +330,8 @@ export interface InferenceOps {
   beginPass(): Med3dTrainOps;
   /** An array of n values (contents unspecified) that lives until the next pass begins. */
   take(n: number): Float32Array;
+  /** How windows' logits are blended into the volume (the addon's fused kernel when built); absent = JS. */
+  readonly blend?: WindowBlendKernel;
 }
 
 export function inferenceOps(kernels: ConvKernels, store: ParamStore): InferenceOps {
@@ -372,6 +343,7 @@ export function inferenceOps(kernels: ConvKernels, store: ParamStore): Inference
       return ops;
     },
     take: (n) => pool.take(n),
+    blend: windowBlendOf(kernels, (n) => pool.take(n)),
   };
 }
 
@@ -381,7 +353,7 @@ export function inferenceOps(kernels: ConvKernels, store: ParamStore): Inference
  * pass goes.
  */
 export function singlePassOps(kernels: ConvKernels, store: ParamStore): InferenceOps {
-  return { beginPass: () => createMed3dTrainOps({ kernels, store, training: false }), take: uninitF32 };
+  return { beginPass: () => createMed3dTrainOps({ kernels, store, training: false }), take: uninitF32, blend: windowBlendOf(kernels, uninitF32) };
 }
 
 /** Forward passes a plan takes for a volume of `shape`: one per batch of windows (or one whole), × 8 with flips. */
@@ -454,32 +426,6 @@ export function predictMed3dVolume(arch: Med3dArchitecture, inf: InferenceOps, v
   return out;
 }
 
-/** Softmax along the last axis of logits [..., C] (max-shifted; one exp per value). */
-function softmaxRows(logits: Float32Array, C: number, alloc: (n: number) => Float32Array = (n) => new Float32Array(n)): Float32Array {
-  const out = alloc(logits.length);
-  if (C === 2) {
-    // The logistic of the difference: one exp per voxel (most plans have two classes).
-    for (let o = 0; o < logits.length; o += 2) {
-      const p1 = 1 / (1 + Math.exp(logits[o] - logits[o + 1]));
-      out[o] = 1 - p1;
-      out[o + 1] = p1;
-    }
-    return out;
-  }
-  for (let o = 0; o < logits.length; o += C) {
-    let max = logits[o];
-    for (let c = 1; c < C; c++) if (logits[o + c] > max) max = logits[o + c];
-    let se = 0;
-    for (let c = 0; c < C; c++) {
-      const e = Math.exp(logits[o + c] - max);
-      out[o + c] = e;
-      se += e;
-    }
-    for (let c = 0; c < C; c++) out[o + c] /= se;
-  }
-  return out;
-}
-
 function argmaxRows(probs: Float32Array, C: number): Uint8Array {
   const out = new Uint8Array(probs.length / C);
   for (let v = 0; v < out.length; v++) {
@@ -490,30 +436,20 @@ function argmaxRows(probs: Float32Array, C: number): Uint8Array {
   return out;
 }
 
-/** Med3D as a window network: [n, d, h, w, C] inputs (sides multiples of 8) → softmax probabilities on the same grid. */
-export function med3dWindowForward(arch: Med3dArchitecture, inf: InferenceOps): WindowForward {
+/** Med3D's logits for windows: [n, d, h, w, C] inputs (sides multiples of 8) → logits on the head's grid (factor 4 or 1). */
+export function med3dWindowLogits(arch: Med3dArchitecture, inf: InferenceOps): WindowLogitsNetwork['logits'] {
   const params = names(arch);
   const factor = med3dOutputFactor(arch.config.head);
-  return (input, n, [d, h, w]) => {
-    const logits = med3dForward(arch, params, act(input, [n, d, h, w, arch.config.inChannels], false), inf.beginPass());
+  return (input, n, [d, h, w]) => ({ logits: med3dForward(arch, params, act(input, [n, d, h, w, arch.config.inChannels], false), inf.beginPass()).data, factor });
+}
+
+/** Med3D as a window network: [n, d, h, w, C] inputs (sides multiples of 8) → softmax probabilities on the same grid. */
+export function med3dWindowForward(arch: Med3dArchitecture, inf: InferenceOps): WindowForward {
+  const logitsOf = med3dWindowLogits(arch, inf);
+  return (input, n, window) => {
+    const { logits, factor } = logitsOf(input, n, window);
     // Everything up to the probabilities comes from the pass's pool: the caller reads them before the next pass.
-    const take = inf.take;
-    if (factor === 1) return softmaxRows(logits.data, arch.numClasses, take);
-    if (arch.numClasses === 2) {
-      // Two classes: the softmax is the logistic of l1 − l0, and linear upsampling commutes with the difference,
-      // so one channel is upsampled instead of two.
-      const diff = take(logits.data.length / 2);
-      for (let v = 0; v < diff.length; v++) diff[v] = logits.data[2 * v + 1] - logits.data[2 * v];
-      const up = upsampleLinear(diff, [...logits.shape.slice(0, 4), 1], factor, take);
-      const out = take(up.length * 2);
-      for (let v = 0; v < up.length; v++) {
-        const p1 = 1 / (1 + Math.exp(-up[v]));
-        out[2 * v] = 1 - p1;
-        out[2 * v + 1] = p1;
-      }
-      return out;
-    }
-    return softmaxRows(upsampleLinear(logits.data, logits.shape, factor, take), arch.numClasses, take);
+    return windowProbsFromLogits(logits, n, window, factor, arch.numClasses, inf.take);
   };
 }
 
@@ -559,9 +495,12 @@ function med3dInferencePlan(arch: Med3dArchitecture, shape: Shape3): InferencePl
 /** Probabilities [D·H·W, C] by sliding windows, or by one window over the padded volume (whole mode with flips). */
 function med3dPlannedProbs(arch: Med3dArchitecture, inf: InferenceOps, vc: VolumeCase, plan: InferencePlan): Promise<Float32Array> {
   const C = arch.numClasses;
-  const base = med3dWindowForward(arch, inf);
   const channels = arch.config.inChannels;
-  const forward = plan.flipTTA ? flipAveraged(base, C, channels) : base;
+  // Without flips the logits go straight to the blending kernel (fused upsampling, softmax and weighting); the
+  // flip average needs each window's probabilities first.
+  const forward = plan.flipTTA
+    ? flipAveraged(med3dWindowForward(arch, inf), C, channels)
+    : { logits: med3dWindowLogits(arch, inf), blend: inf.blend ?? jsWindowBlendOn(inf.take) };
   const options =
     plan.kind === 'window'
       ? { ...plan.options, numClasses: C, channels }

@@ -10,6 +10,7 @@
  * WHOLE_VOLUME_MAX_BYTES (chooseInference).
  */
 import { z } from 'zod';
+import { addWindowProbs, blendSums, jsWindowBlend, type WindowBlendKernel, type WindowLogits } from './window-blend.ts';
 
 const positiveInt = z.number().int().positive();
 
@@ -129,6 +130,12 @@ export function flipAveraged(forward: WindowForward, numClasses: number, channel
   };
 }
 
+/** Logits of windows (on the head's grid) and the kernel that blends them into the volume: no window-sized probabilities. */
+export interface WindowLogitsNetwork {
+  readonly logits: (input: Float32Array, n: number, window: Shape3) => WindowLogits;
+  readonly blend: WindowBlendKernel;
+}
+
 export interface WindowOptions {
   /** Sides multiples of 8 (windowSize). */
   readonly window: Shape3;
@@ -141,11 +148,12 @@ export interface WindowOptions {
 }
 
 /**
- * Blended probabilities [D·H·W, C] of a volume from overlapping windows. Sides shorter than the window are
+ * Blended probabilities [D·H·W, C] of a volume from overlapping windows, from a network that gives probabilities
+ * (blended in JS) or one that gives logits with its blending kernel (window-blend.ts). Sides shorter than the window are
  * zero-padded up to it (as the whole-volume pass pads to a multiple of 8), so one window covering a volume
  * gives exactly that pass's probabilities.
  */
-export async function slidingWindowProbs(image: Float32Array, shape: Shape3, o: WindowOptions, forward: WindowForward): Promise<Float32Array> {
+export async function slidingWindowProbs(image: Float32Array, shape: Shape3, o: WindowOptions, network: WindowForward | WindowLogitsNetwork): Promise<Float32Array> {
   const [D, H, W] = shape;
   const [wd, wh, ww] = o.window;
   const C = o.numClasses;
@@ -153,15 +161,10 @@ export async function slidingWindowProbs(image: Float32Array, shape: Shape3, o: 
   if (o.window.some((s) => s % 8 !== 0 || s < 8)) throw new Error(`sliding window: sides must be positive multiples of 8, got [${o.window.join(', ')}]`);
   if (image.length !== D * H * W * ch) throw new Error(`sliding window: image has ${image.length} values, shape [${shape.join(', ')}] × ${ch} channel(s) needs ${D * H * W * ch}`);
   const [Ed, Eh, Ew] = [Math.max(D, wd), Math.max(H, wh), Math.max(W, ww)];
-  const starts: [number, number, number][] = [];
+  const starts: Shape3[] = [];
   for (const z of windowStarts(Ed, wd, o.overlap)) for (const y of windowStarts(Eh, wh, o.overlap)) for (const x of windowStarts(Ew, ww, o.overlap)) starts.push([z, y, x]);
-  const weight = blendWeights(o.window, o.blend);
+  const sums = blendSums(shape, o.window, C, blendWeights(o.window, o.blend));
   const nv = wd * wh * ww;
-  // Accumulated on the volume's own grid only: padded voxels are never read back. Two classes: only class 1 is
-  // accumulated (class 0 is its complement after normalising), half the work of the hottest loop.
-  const two = C === 2;
-  const acc = new Float32Array(D * H * W * (two ? 1 : C));
-  const wsum = new Float32Array(D * H * W);
   // One input buffer for every batch of windows. Its padding stays zero: every window is cut off at the same
   // voxels (a side shorter than the window has the one start 0, a longer side never crosses the volume's edge),
   // so each batch writes exactly where the previous one did.
@@ -180,44 +183,10 @@ export async function slidingWindowProbs(image: Float32Array, shape: Shape3, o: 
     });
     // Between passes the event loop runs (a site keeps heartbeating through a long scoring).
     if (first > 0) await new Promise<void>((resolve) => setImmediate(resolve));
-    const probs = forward(input, group.length, o.window);
-    if (probs.length !== group.length * nv * C) throw new Error(`sliding window: the forward returned ${probs.length} values for ${group.length} windows of ${nv} voxels × ${C} classes`);
-    group.forEach(([z0, y0, x0], b) => {
-      const zLen = Math.min(wd, D - z0);
-      const yLen = Math.min(wh, H - y0);
-      const xLen = Math.min(ww, W - x0);
-      for (let z = 0; z < zLen; z++) {
-        for (let y = 0; y < yLen; y++) {
-          // One row at a time: contiguous in the window, the weights and the volume alike.
-          const wRow = (z * wh + y) * ww;
-          const vRow = ((z0 + z) * H + y0 + y) * W + x0;
-          const pRow = (b * nv + wRow) * C;
-          for (let x = 0; x < xLen; x++) wsum[vRow + x] += weight[wRow + x];
-          if (two) {
-            for (let x = 0; x < xLen; x++) acc[vRow + x] += weight[wRow + x] * probs[pRow + 2 * x + 1];
-          } else {
-            for (let x = 0; x < xLen; x++) {
-              const g = weight[wRow + x];
-              const a = (vRow + x) * C;
-              const s = pRow + x * C;
-              for (let c = 0; c < C; c++) acc[a + c] += g * probs[s + c];
-            }
-          }
-        }
-      }
-    });
+    if (typeof network === 'function') addWindowProbs(network(input, group.length, o.window), group, sums);
+    else network.blend.addLogits(network.logits(input, group.length, o.window), group, sums);
   }
-  if (two) {
-    const out = new Float32Array(D * H * W * 2);
-    for (let v = 0; v < wsum.length; v++) {
-      const p1 = acc[v] / wsum[v];
-      out[2 * v] = 1 - p1;
-      out[2 * v + 1] = p1;
-    }
-    return out;
-  }
-  for (let v = 0; v < wsum.length; v++) for (let c = 0; c < C; c++) acc[v * C + c] /= wsum[v];
-  return acc;
+  return (typeof network === 'function' ? jsWindowBlend : network.blend).normalise(sums);
 }
 
 /** How one volume is scored: the whole padded volume at once, or windows (with the settings that apply). */

@@ -13,8 +13,9 @@ import { BufferPool } from '../../shared/model/graph/pool.ts';
 import { act } from '../../shared/model/graph/tape.ts';
 import { createMed3d, type Med3dArchitecture } from '../../shared/model/med3d.ts';
 import { med3dForward } from '../../shared/model/med3d-forward.ts';
-import { createMed3dTrainer, inferenceOps, med3dWindowForward, type InferenceOps } from '../../shared/model/med3d-trainer.ts';
+import { createMed3dTrainer, inferenceOps, med3dWindowLogits, type InferenceOps } from '../../shared/model/med3d-trainer.ts';
 import { InferenceSettingsSchema, slidingWindowProbs, windowSize } from '../../shared/model/sliding-window.ts';
+import { windowBlendOf } from '../../shared/model/window-blend.ts';
 import type { TensorBundle } from '../../shared/tensors/bundle.ts';
 import { gaussian, mulberry32 } from '../../shared/util/random.ts';
 
@@ -59,7 +60,9 @@ describe('inference on a buffer pool', () => {
       const x = image(shape[0] * shape[1] * shape[2], 11);
       const got = await createMed3dTrainer(arch, kernels).predictProbs(w, { id: 'v', shape, image: x });
       const options = { window: windowSize(settings.window, arch.patchShape, shape), overlap: settings.overlap, blend: settings.blend, batch: settings.batch, numClasses: 2 };
-      const want = await slidingWindowProbs(x, shape, options, med3dWindowForward(arch, freshOps(kernels, storeOf(arch, w))));
+      // The same blending kernel as the trainer's (the addon's when built): only the pool differs.
+      const fresh = freshOps(kernels, storeOf(arch, w));
+      const want = await slidingWindowProbs(x, shape, options, { logits: med3dWindowLogits(arch, fresh), blend: windowBlendOf(kernels, fresh.take) });
       expect(maxAbsDiff(got, want)).toBe(0);
     });
   }
