@@ -7,6 +7,7 @@ import * as grpc from '@grpc/grpc-js';
 import { SiteHome } from '../home.ts';
 import { SiteConnection, type ServiceClient, type SiteConnectionOptions } from './connection.ts';
 import { PROTOCOL_VERSION, SITE_FEATURES, type Feature } from '../../shared/protocol/features.ts';
+import { UPLOAD_ADMITTED_KEY, UPLOAD_ADMITTED_VALUE } from '../../shared/protocol/grpc.ts';
 
 export interface WireTask {
   taskId: string;
@@ -41,6 +42,12 @@ export interface UploadCall {
   sendData(offset: number, data: Uint8Array): Promise<void>;
   end(): Promise<void>;
   ack: Promise<UploadAck>;
+  /**
+   * True once the coordinator said the upload is admitted (its response headers carry the go-ahead, feature
+   * upload-go-ahead); false when the call ended, or the headers came, without it. Only coordinators that offer the
+   * feature ever send it, so only a client that saw the feature may wait for it.
+   */
+  admitted: Promise<boolean>;
 }
 
 /** A DownloadModel call: the model's chunks as an object-mode stream; errors carry grpc-js's `code` and `details`. */
@@ -111,7 +118,7 @@ export class FederationClient {
       // A closed connection refuses to start the call: the upload fails like any other (through `ack`).
       settle(Object.assign(e as Error, { code: grpc.status.UNAVAILABLE, details: (e as Error).message }));
       const nothing = async () => undefined;
-      return { send: nothing, sendData: nothing, end: nothing, ack };
+      return { send: nothing, sendData: nothing, end: nothing, ack, admitted: Promise.resolve(false) };
     }
     // Settled early by a refusal or a failure: later writes then return at once (the outcome is `ack`).
     let over = false;
@@ -120,6 +127,13 @@ export class FederationClient {
       () => (over = true),
     );
     call.on('error', () => undefined); // the error is delivered through `ack`
+    const admitted = new Promise<boolean>((resolve) => {
+      call.once('metadata', (md: grpc.Metadata) => resolve(md.get(UPLOAD_ADMITTED_KEY)[0] === UPLOAD_ADMITTED_VALUE));
+      ack.then(
+        () => resolve(false),
+        () => resolve(false),
+      );
+    });
     // grpc-js takes each message into its HTTP/2 stream; write() asks to wait once that stream holds more than its
     // high-water mark, so at most a window and a few chunks of an update are ever queued.
     const write = (message: Record<string, unknown>): Promise<void> =>
@@ -143,6 +157,7 @@ export class FederationClient {
         if (!over && !call.writableEnded) call.end();
       },
       ack,
+      admitted,
     };
   }
 
