@@ -55,7 +55,7 @@ export function uploadDeadlineMs(bytes: number): number {
  */
 export async function uploadOnce(client: FederationClient, u: OutgoingUpdate, onProgress?: (p: number) => void, timeoutMs = uploadDeadlineMs(u.payload.length), waitUntil?: number): Promise<UploadAck> {
   // Read once per attempt: a heartbeat may change the set while the upload waits.
-  const goAhead = client.supports(FEATURES.uploadGoAhead);
+  const goAhead = client.offeredOnThisConnection(FEATURES.uploadGoAhead);
   const deadlineMs = goAhead && waitUntil !== undefined ? timeoutMs + Math.max(0, waitUntil - Date.now()) : timeoutMs;
   if (!client.supports(FEATURES.uploadSha256Trailer)) return sendUpdate(client, u, 'header', onProgress, deadlineMs, goAhead);
   const ack = await sendUpdate(client, u, 'trailer', onProgress, deadlineMs, goAhead);
@@ -75,7 +75,7 @@ export async function uploadOnce(client: FederationClient, u: OutgoingUpdate, on
  * until the coordinator admits the call (coordinators that offer FEATURES.uploadGoAhead).
  */
 async function sendUpdate(client: FederationClient, u: OutgoingUpdate, hashIn: 'header' | 'trailer', onProgress: ((p: number) => void) | undefined, timeoutMs: number, goAhead: boolean): Promise<UploadAck> {
-  const call = client.openUpload(timeoutMs);
+  const call = client.openUpload(timeoutMs, goAhead);
   // Refused while waiting (the waiting room is full, the site has too many uploads open) or cut off: the call's
   // outcome says which, and the retry policy below treats it like any other.
   if (goAhead && !(await call.admitted)) return call.ack;

@@ -3,7 +3,8 @@
  * sends no update bytes until the coordinator admits its upload, measured on the wire (a relay between the site and
  * the coordinator counts what crosses it); a refusal past the waiting room reaches it before it sent anything and its
  * retry is counted; an older site (which never waits) still uploads to this coordinator, pushing its bytes while it
- * waits as before; and a new site against a coordinator without the feature falls back to sending at once.
+ * waits as before; and a new site against a coordinator without the feature falls back to sending at once, also when
+ * that coordinator replaced, since the site's last heartbeat, one that offered it.
  */
 import { afterAll, describe, expect, it } from 'vitest';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -85,7 +86,7 @@ async function federation(o: { maxWaitingUploads: number; features?: readonly Fe
   const b = client(dirs[1]!);
   homeB.saveConfig(direct);
   const tasks = await Promise.all([a, b].map(trainTask));
-  return { coord, a, b, relay, tasks, gate: coord.transfers.uploads };
+  return { coord, coordDir, a, b, relay, tasks, gate: coord.transfers.uploads };
 }
 
 function client(dir: string): FederationClient {
@@ -200,5 +201,23 @@ describe('the upload go-ahead', () => {
     expect((await finishHeld()).accepted).toBe(true);
     expect((await sent).accepted).toBe(true);
     expect(coord.store.getUpdate('fallback-upload-b')?.site).toBe('site-b');
+  }, 120_000);
+
+  it('a new site whose coordinator was replaced by one without it since its last heartbeat does not wait for a go-ahead that never comes', async () => {
+    const { coord, coordDir, b, tasks } = await federation({ maxWaitingUploads: 4 });
+    expect((await b.heartbeat(idle)).features).toContain(FEATURES.uploadGoAhead);
+    const port = coord.port;
+    await coord.stop();
+    running.splice(running.indexOf(coord), 1);
+    // Same folder and port, the feature gone: it never sends the go-ahead, and would drop a silent upload only after 5 minutes.
+    const older = await startCoordinator({ dir: coordDir, port, host: '127.0.0.1', log: quiet, features: [FEATURES.uploadSha256Trailer], limits: { transfers: { maxUploads: 1, maxWaitingUploads: 4 } } });
+    running.push(older);
+    // No heartbeat since: the site was told of the feature, but on a connection that is gone.
+    expect(b.supports(FEATURES.uploadGoAhead)).toBe(true);
+    const t = performance.now();
+    const ack = await uploadUpdate(() => b, update(tasks[1]!, 'after-restart-upload-b', 8), undefined, { until: Date.now() + 60_000, maxBackoffMs: 300 });
+    expect(ack.accepted).toBe(true);
+    expect(performance.now() - t).toBeLessThan(30_000);
+    expect(older.store.getUpdate('after-restart-upload-b')?.site).toBe('site-b');
   }, 120_000);
 });

@@ -17,6 +17,7 @@ function scripted(answers: Array<grpc.status | 'ack'>): { client: FederationClie
   let n = 0;
   const client = {
     supports: () => true,
+    offeredOnThisConnection: () => true,
     forget: () => undefined,
     openUpload(): UploadCall {
       const a = answers[n++] ?? 'ack';
