@@ -4,7 +4,7 @@
  */
 import * as grpc from '@grpc/grpc-js';
 import { z } from 'zod';
-import { AUTHENTICATED_SITE_KEY } from '../../shared/protocol/grpc.ts';
+import { AUTHENTICATED_SITE_KEY, UPLOAD_ADMITTED_KEY, UPLOAD_ADMITTED_VALUE } from '../../shared/protocol/grpc.ts';
 import { SHA256_HEX } from '../../shared/util/hash.ts';
 import type { CoordinatorStore } from '../store/store.ts';
 import type { ModelFiles } from '../models/model-store.ts';
@@ -13,7 +13,7 @@ import type { UploadReceiver } from './upload-receiver.ts';
 import { UploadCall } from './upload-call.ts';
 import type { Logger } from '../../shared/util/log.ts';
 import { streamModelFile } from './model-stream.ts';
-import { COORDINATOR_FEATURES, LEGACY_SITE, type Feature, type SiteCapabilities } from '../../shared/protocol/features.ts';
+import { COORDINATOR_FEATURES, FEATURES, LEGACY_SITE, type Feature, type SiteCapabilities } from '../../shared/protocol/features.ts';
 import { describeStorageFault, isStorageFault } from '../../shared/util/storage-fault.ts';
 import { RefusalWarnings } from '../events/refusal-warnings.ts';
 import type { TransferAdmission, TransferTicket } from './transfer-admission.ts';
@@ -119,6 +119,13 @@ function releaseWhenCallEnds(call: { once(event: 'cancelled' | 'close' | 'error'
   call.once('error', release);
 }
 
+/** The response headers that tell a site its upload is admitted (feature upload-go-ahead). */
+function goAheadHeaders(): grpc.Metadata {
+  const md = new grpc.Metadata();
+  md.set(UPLOAD_ADMITTED_KEY, UPLOAD_ADMITTED_VALUE);
+  return md;
+}
+
 /** Seconds a refused upload is told to wait before sending again (a hint for people; sites back off on their own). */
 const BUSY_RETRY_HINT_S = 5;
 
@@ -161,6 +168,8 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
   const { store, models, engine, receiver, log } = d;
   const maxOpenUploads = d.maxOpenUploadsPerSite ?? DEFAULT_MAX_OPEN_UPLOADS_PER_SITE;
   const refusals = d.refusals ?? new RefusalWarnings(log);
+  const features = d.features ?? COORDINATOR_FEATURES;
+  const sendsGoAhead = features.includes(FEATURES.uploadGoAhead);
   if (!(Number.isInteger(maxOpenUploads) && maxOpenUploads >= 1)) throw new RangeError(`maxOpenUploadsPerSite must be an integer ≥ 1, got ${maxOpenUploads}`);
   /** Open UploadUpdate calls per site. */
   const openUploads = new Map<string, number>();
@@ -199,7 +208,7 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         store.touchSite(site, hb.data.state, hb.data.engine || null, Date.now(), hb.data.softwareVersion || null);
         // A selected site idle without its task gets it again (it may have given it up after a failed download).
         if (hb.data.state === 'idle' && hb.data.taskId === '') engine.siteIdle(site);
-        cb(null, { serverTimeMs: Date.now(), features: d.features ?? COORDINATOR_FEATURES });
+        cb(null, { serverTimeMs: Date.now(), features });
       } catch (e) {
         cb(asServiceError(e));
       }
@@ -302,11 +311,15 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
       };
       let reading = false;
       const start = () => {
+        // The go-ahead: a site that waits for it sends its update only now; older sites ignore the header. Throws
+        // only on a call already gone, and then the gate gives the slot back and the call's end frees the site's.
+        if (sendsGoAhead) call.sendMetadata(goAheadHeaders());
         reading = true;
         receiveUpload(call, reply, site, releaseSiteSlot);
       };
       if (!d.admission) return start();
-      // Nothing is read from the call until its turn comes: what the site sent meanwhile waits in HTTP/2 flow control.
+      // Nothing is read from the call until its turn comes. A site that waits for the go-ahead has sent nothing; what
+      // an older site sent meanwhile waits in HTTP/2 flow control.
       const admitted = d.admission.uploads.admit(start);
       if (admitted.refused !== undefined) {
         releaseSiteSlot();

@@ -24,6 +24,12 @@ export const FEATURES = {
    */
   uploadSha256Trailer: 'upload-sha256-trailer',
   /**
+   * UploadUpdate: the coordinator sends its response headers, carrying UPLOAD_ADMITTED_KEY, the moment it admits the
+   * upload (transfer-admission.ts), and a site that saw the feature sends nothing on the call — not even the update
+   * header — until then. So an upload waiting for its slot holds no update bytes at the coordinator.
+   */
+  uploadGoAhead: 'upload-go-ahead',
+  /**
    * Site: honours `local.keepMoments: all` (keeps the optimiser moments of shared tensors between rounds). A site
    * without it would silently restart them every round, i.e. train differently from the plan.
    */
@@ -61,7 +67,7 @@ export const FEATURES = {
 export type Feature = (typeof FEATURES)[keyof typeof FEATURES];
 
 /** What this coordinator accepts; sent with every heartbeat answer. */
-export const COORDINATOR_FEATURES: readonly Feature[] = [FEATURES.uploadSha256Trailer];
+export const COORDINATOR_FEATURES: readonly Feature[] = [FEATURES.uploadSha256Trailer, FEATURES.uploadGoAhead];
 
 /** What this site honours; sent with every SubscribeTasks request. */
 export const SITE_FEATURES: readonly Feature[] = [

@@ -63,6 +63,12 @@ export const SERVER_OPTIONS: grpc.ServerOptions = {
 export const AUTH_METADATA_KEY = 'authorization';
 /** Set by the server's auth interceptor after a token checks out; any client-sent value is dropped first. */
 export const AUTHENTICATED_SITE_KEY = 'x-medfl-authenticated-site';
+/**
+ * Response header of UploadUpdate sent the moment the coordinator admits the upload (feature upload-go-ahead): a
+ * site that saw the feature sends the update only after it. Its value is the only one defined so far.
+ */
+export const UPLOAD_ADMITTED_KEY = 'x-medfl-upload-admitted';
+export const UPLOAD_ADMITTED_VALUE = 'go';
 
 type ServiceCtor = grpc.ServiceClientConstructor;
 

@@ -7,6 +7,7 @@ import * as grpc from '@grpc/grpc-js';
 import { SiteHome } from '../home.ts';
 import { SiteConnection, type ServiceClient, type SiteConnectionOptions } from './connection.ts';
 import { PROTOCOL_VERSION, SITE_FEATURES, type Feature } from '../../shared/protocol/features.ts';
+import { UPLOAD_ADMITTED_KEY, UPLOAD_ADMITTED_VALUE } from '../../shared/protocol/grpc.ts';
 
 export interface WireTask {
   taskId: string;
@@ -41,6 +42,12 @@ export interface UploadCall {
   sendData(offset: number, data: Uint8Array): Promise<void>;
   end(): Promise<void>;
   ack: Promise<UploadAck>;
+  /**
+   * True once the coordinator said the upload is admitted (its response headers carry the go-ahead, feature
+   * upload-go-ahead); false when the call ended, or the headers came, without it. Only coordinators that offer the
+   * feature ever send it, so only a client that saw the feature may wait for it.
+   */
+  admitted: Promise<boolean>;
 }
 
 /** A DownloadModel call: the model's chunks as an object-mode stream; errors carry grpc-js's `code` and `details`. */
@@ -62,11 +69,14 @@ export class FederationClient {
 
   /** Optional protocol features the coordinator named in its last heartbeat answer (none until then). */
   private features = new Set<string>();
+  /** The connection's generation when that answer came. */
+  private featuresGeneration = -1;
 
   heartbeat(req: { state: string; progress: number; taskId: string; engine: string; softwareVersion?: string }, timeoutMs = 10_000): Promise<{ serverTimeMs: number; features: string[] }> {
     return this.unary<{ serverTimeMs: number; features?: string[] }>('Heartbeat', req, timeoutMs).then((r) => {
       const features = r.features ?? [];
       this.features = new Set(features);
+      this.featuresGeneration = this.connection.generation;
       return { serverTimeMs: r.serverTimeMs, features };
     });
   }
@@ -74,6 +84,15 @@ export class FederationClient {
   /** Whether the coordinator offered `feature` (shared/protocol/features.ts) in its last heartbeat answer. */
   supports(feature: Feature): boolean {
     return this.features.has(feature);
+  }
+
+  /**
+   * Whether the coordinator offered `feature` in a heartbeat answered on the connection still in use. For a feature the
+   * site cannot fall back from within the call: a site waiting for the go-ahead from a coordinator replaced by an older
+   * one (a new connection) would wait until that coordinator dropped the silent upload.
+   */
+  offeredOnThisConnection(feature: Feature): boolean {
+    return this.features.has(feature) && this.featuresGeneration === this.connection.generation;
   }
 
   /** Stops using `feature` until a heartbeat offers it again (the coordinator refused it: e.g. it was downgraded). */
@@ -98,8 +117,13 @@ export class FederationClient {
     return this.client.DownloadModel({ modelHash, offset }) as DownloadCall;
   }
 
-  /** Opens an upload: send the header, the data chunks, end; `ack` is the coordinator's answer. */
-  openUpload(timeoutMs: number): UploadCall {
+  /**
+   * Opens an upload: send the header, the data chunks, end; `ack` is the coordinator's answer. `waitsForGoAhead`: the
+   * caller sends nothing before `admitted` (feature upload-go-ahead, offered on this connection). Should the connection
+   * change before the go-ahead came, the call is dropped with UNAVAILABLE: it either died with the old connection or
+   * went to a coordinator that may never send one (an older one that replaced it).
+   */
+  openUpload(timeoutMs: number, waitsForGoAhead = false): UploadCall {
     let settle!: (err: Error | null, res?: UploadAck) => void;
     const ack = new Promise<UploadAck>((resolve, reject) => {
       settle = (err, res) => (err ? reject(err) : resolve(res!));
@@ -111,7 +135,7 @@ export class FederationClient {
       // A closed connection refuses to start the call: the upload fails like any other (through `ack`).
       settle(Object.assign(e as Error, { code: grpc.status.UNAVAILABLE, details: (e as Error).message }));
       const nothing = async () => undefined;
-      return { send: nothing, sendData: nothing, end: nothing, ack };
+      return { send: nothing, sendData: nothing, end: nothing, ack, admitted: Promise.resolve(false) };
     }
     // Settled early by a refusal or a failure: later writes then return at once (the outcome is `ack`).
     let over = false;
@@ -120,6 +144,23 @@ export class FederationClient {
       () => (over = true),
     );
     call.on('error', () => undefined); // the error is delivered through `ack`
+    const admitted = new Promise<boolean>((resolve) => {
+      let stopWatching = () => undefined as unknown;
+      const settled = (go: boolean) => {
+        stopWatching();
+        resolve(go);
+      };
+      call.once('metadata', (md: grpc.Metadata) => settled(md.get(UPLOAD_ADMITTED_KEY)[0] === UPLOAD_ADMITTED_VALUE));
+      ack.then(
+        () => settled(false),
+        () => settled(false),
+      );
+      if (!waitsForGoAhead) return;
+      stopWatching = this.connection.onStateChange(() => {
+        settle(Object.assign(new Error('the connection to the coordinator changed while the upload waited for its go-ahead'), { code: grpc.status.UNAVAILABLE, details: 'the connection to the coordinator changed while the upload waited for its go-ahead; sending it again' }));
+        call.cancel();
+      });
+    });
     // grpc-js takes each message into its HTTP/2 stream; write() asks to wait once that stream holds more than its
     // high-water mark, so at most a window and a few chunks of an update are ever queued.
     const write = (message: Record<string, unknown>): Promise<void> =>
@@ -143,6 +184,7 @@ export class FederationClient {
         if (!over && !call.writableEnded) call.end();
       },
       ack,
+      admitted,
     };
   }
 

@@ -95,6 +95,34 @@ export class SiteConnection {
     );
     this.channel = new grpc.Channel(coordinatorTarget(host, port), creds, channelOptions(host, o));
     this.interceptors = o.audit ? [o.audit.interceptor()] : [];
+    this.countStateChanges(this.channel.getConnectivityState(false));
+  }
+
+  private stateChanges = 0;
+  private readonly stateListeners = new Set<() => void>();
+
+  /** Calls `listener` at every change of the channel's connectivity until the returned function is called. */
+  onStateChange(listener: () => void): () => void {
+    this.stateListeners.add(listener);
+    return () => this.stateListeners.delete(listener);
+  }
+
+  /**
+   * Changes whenever the channel's connectivity does (a connection lost, another one made): while it stays the same,
+   * the calls went over one connection, so to one coordinator process. What a heartbeat answer said about the
+   * coordinator holds only while this stays what it was then (a coordinator replaced by an older one drops the connection).
+   */
+  get generation(): number {
+    return this.stateChanges;
+  }
+
+  private countStateChanges(current: grpc.connectivityState): void {
+    if (current === grpc.connectivityState.SHUTDOWN) return;
+    this.channel.watchConnectivityState(current, Number.POSITIVE_INFINITY, () => {
+      this.stateChanges++;
+      for (const l of [...this.stateListeners]) l();
+      this.countStateChanges(this.channel.getConnectivityState(false));
+    });
   }
 
   /** A client of `service` on this connection (one per service, built on first use). */

@@ -1,7 +1,9 @@
 /**
  * Sends one update as a client stream: a header (id, round, base model, size, SHA-256, samples), then
  * the payload in ordered chunks (FederationClient.openUpload, on the site's one connection).
- * Coordinators that offer it get the SHA-256 last, in a trailer, so hashing overlaps the transfer.
+ * Coordinators that offer it get the SHA-256 last, in a trailer, so hashing overlaps the transfer, and coordinators
+ * that offer the go-ahead get nothing at all until they admit the upload (an upload waiting for its slot then holds
+ * no update bytes at the coordinator, however many sites finish at once).
  * Retried under the same update id, so the coordinator counts it once.
  */
 import { backoffDelay } from './backoff.ts';
@@ -47,14 +49,21 @@ export function uploadDeadlineMs(bytes: number): number {
   return Math.max(600_000, Math.ceil(atOneMbit * 1.5 * 1000));
 }
 
-export async function uploadOnce(client: FederationClient, u: OutgoingUpdate, onProgress?: (p: number) => void, timeoutMs = uploadDeadlineMs(u.payload.length)): Promise<UploadAck> {
-  if (!client.supports(FEATURES.uploadSha256Trailer)) return sendUpdate(client, u, 'header', onProgress, timeoutMs);
-  const ack = await sendUpdate(client, u, 'trailer', onProgress, timeoutMs);
+/**
+ * One attempt. `waitUntil` (Unix ms, e.g. the round's deadline): how long the upload may wait for the coordinator's
+ * go-ahead, on top of `timeoutMs` for the transfer itself; without it the wait comes out of `timeoutMs`.
+ */
+export async function uploadOnce(client: FederationClient, u: OutgoingUpdate, onProgress?: (p: number) => void, timeoutMs = uploadDeadlineMs(u.payload.length), waitUntil?: number): Promise<UploadAck> {
+  // Read once per attempt: a heartbeat may change the set while the upload waits.
+  const goAhead = client.offeredOnThisConnection(FEATURES.uploadGoAhead);
+  const deadlineMs = goAhead && waitUntil !== undefined ? timeoutMs + Math.max(0, waitUntil - Date.now()) : timeoutMs;
+  if (!client.supports(FEATURES.uploadSha256Trailer)) return sendUpdate(client, u, 'header', onProgress, deadlineMs, goAhead);
+  const ack = await sendUpdate(client, u, 'trailer', onProgress, deadlineMs, goAhead);
   // A coordinator that offered the trailer but then refused an empty header hash was replaced by an older one
   // since the last heartbeat: send the update again the way every coordinator accepts.
   if (!ack.accepted && /^bad update header: sha256/.test(ack.reason)) {
     client.forget(FEATURES.uploadSha256Trailer);
-    return sendUpdate(client, u, 'header', onProgress, timeoutMs);
+    return sendUpdate(client, u, 'header', onProgress, deadlineMs, goAhead);
   }
   return ack;
 }
@@ -62,10 +71,14 @@ export async function uploadOnce(client: FederationClient, u: OutgoingUpdate, on
 /**
  * `hashIn: 'header'` hashes the whole payload before the header goes out (every coordinator accepts this);
  * `'trailer'` leaves the header's sha256 empty and hashes each chunk while the one before it travels, then
- * sends the hash in an UpdateTrailer (coordinators that offer FEATURES.uploadSha256Trailer).
+ * sends the hash in an UpdateTrailer (coordinators that offer FEATURES.uploadSha256Trailer). `goAhead`: send nothing
+ * until the coordinator admits the call (coordinators that offer FEATURES.uploadGoAhead).
  */
-async function sendUpdate(client: FederationClient, u: OutgoingUpdate, hashIn: 'header' | 'trailer', onProgress: ((p: number) => void) | undefined, timeoutMs: number): Promise<UploadAck> {
-  const call = client.openUpload(timeoutMs);
+async function sendUpdate(client: FederationClient, u: OutgoingUpdate, hashIn: 'header' | 'trailer', onProgress: ((p: number) => void) | undefined, timeoutMs: number, goAhead: boolean): Promise<UploadAck> {
+  const call = client.openUpload(timeoutMs, goAhead);
+  // Refused while waiting (the waiting room is full, the site has too many uploads open) or cut off: the call's
+  // outcome says which, and the retry policy below treats it like any other.
+  if (goAhead && !(await call.admitted)) return call.ack;
   const hash = hashIn === 'trailer' ? createHash('sha256') : undefined;
   const header = {
     updateId: u.updateId,
@@ -131,7 +144,7 @@ export async function uploadUpdate(client: () => FederationClient, u: OutgoingUp
   for (let tryNo = 1; ; tryNo++) {
     try {
       // Ask for the client each time: the agent may have reconnected with a new channel meanwhile.
-      return await uploadOnce(client(), u, onProgress);
+      return await uploadOnce(client(), u, onProgress, undefined, until);
     } catch (e) {
       const err = e as grpc.ServiceError;
       if (FINAL_UPLOAD_CODES.has(err.code)) throw e;

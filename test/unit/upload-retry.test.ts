@@ -17,12 +17,13 @@ function scripted(answers: Array<grpc.status | 'ack'>): { client: FederationClie
   let n = 0;
   const client = {
     supports: () => true,
+    offeredOnThisConnection: () => true,
     forget: () => undefined,
     openUpload(): UploadCall {
       const a = answers[n++] ?? 'ack';
       const ack: Promise<UploadAck> = a === 'ack' ? Promise.resolve({ updateId: 'u-1', accepted: true, duplicate: false, reason: '' }) : Promise.reject(grpcCallError(a, `refused with ${grpc.status[a]}`));
       ack.catch(() => undefined);
-      return { ack, send: async () => undefined, sendData: async () => undefined, end: async () => undefined };
+      return { ack, admitted: ack.then(() => true, () => false), send: async () => undefined, sendData: async () => undefined, end: async () => undefined };
     },
   };
   return { client: client as unknown as FederationClient, tries: () => n };
