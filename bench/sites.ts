@@ -225,10 +225,16 @@ async function runWorkers<T>(count: number, items: T[], args: (slice: T[], i: nu
     child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
     jobs.push(
       new Promise((res, rej) =>
-        child.once('exit', (code) => {
+        // 'close', not 'exit': 'exit' can fire before the last of the worker's stdout (its report) has been read,
+        // which under load cut a report short and stopped the whole bench on parsing it.
+        child.once('close', (code) => {
           const last = out.trim().split('\n').at(-1) ?? '';
           if (code !== 0) return rej(new Error(`site worker ${i} exited with ${code}: ${out.slice(-2000)}`));
-          res(JSON.parse(last) as WorkerReport);
+          try {
+            res(JSON.parse(last) as WorkerReport);
+          } catch {
+            rej(new Error(`site worker ${i} exited cleanly but its last line is not a report: ${last.slice(0, 200)}`));
+          }
         }),
       ),
     );
