@@ -38,7 +38,7 @@ export interface ExperimentOptions {
   seeds: number[];
   /**
    * Further site folders whose scans join the federated-ssl pretraining only (consortium members without labels,
-   * unlabelled archives): they never train or score an arm. Their labels, if any, are not read.
+   * unlabelled archives): they never train or score an arm. Their labels, if any, are not used.
    */
   pretrainingSites?: string[];
   /** MedFL safetensors whose encoder starts the `pretrained` arms (default: the plan's model.pretrained). */
