@@ -32,6 +32,7 @@ import { encodeSafetensors } from '../../shared/tensors/safetensors.ts';
 import { waitFor } from '../../cli/processes.ts';
 import { fetchLedgerLines } from '../../cli/audit.ts';
 import { link, startShapedRelay, type ShapedRelay } from '../helpers/shaped-relay.ts';
+import { transferPlan } from '../helpers/transfer-plan.ts';
 
 const quiet = pino({ level: 'silent' });
 /**
@@ -76,18 +77,7 @@ beforeAll(async () => {
   // Width 160: a ~17 MB model, about 2 s over the 80 Mbit/s link below.
   writeFileSync(
     home.planPath,
-    [
-      'name: transport-faults',
-      'model: { architecture: tiny3d, patch: [16, 16, 16], numClasses: 2, width: 160, seed: 3 }',
-      'rounds: 3',
-      'minSites: 1',
-      'roundDeadlineSeconds: 600',
-      'waitForSitesSeconds: 600',
-      'gatherSeconds: 0',
-      'local: { steps: 1, batchSize: 2, learningRate: 0.005 }',
-      'share: { parts: [encoder] }',
-      '',
-    ].join('\n'),
+    transferPlan({ name: 'transport-faults', width: 160, minSites: 1, rounds: 3 }),
   );
   coord = await startCoordinator({ dir: coordDir, port: 0, host: '127.0.0.1', log: quiet });
   const inv = addSite(coordDir, 'site-a', { ttlSeconds: 600 });

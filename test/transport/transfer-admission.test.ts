@@ -30,6 +30,7 @@ import { sha256Hex } from '../../shared/util/hash.ts';
 import { waitFor } from '../../cli/processes.ts';
 import { downloadBytes } from '../helpers/download.ts';
 import { link, startShapedRelay, type ShapedRelay } from '../helpers/shaped-relay.ts';
+import { transferPlan } from '../helpers/transfer-plan.ts';
 
 const quiet = pino({ level: 'silent' });
 const SITES = 6;
@@ -47,19 +48,7 @@ afterAll(async () => {
   for (const w of works) rmSync(w, { recursive: true, force: true });
 });
 
-const plan = (o: { width: number; minSites: number }) =>
-  [
-    'name: transfer-admission',
-    `model: { architecture: tiny3d, patch: [16, 16, 16], numClasses: 2, width: ${o.width}, seed: 3 }`,
-    'rounds: 1',
-    `minSites: ${o.minSites}`,
-    'roundDeadlineSeconds: 600',
-    'waitForSitesSeconds: 600',
-    'gatherSeconds: 0',
-    'local: { steps: 1, batchSize: 2, learningRate: 0.005 }',
-    'share: { parts: [encoder] }',
-    '',
-  ].join('\n');
+const plan = (o: { width: number; minSites: number }) => transferPlan({ name: 'transfer-admission', ...o });
 
 /** A coordinator with these transfer limits and `sites` enrolled sites (their directories). */
 async function federation(o: { width: number; minSites: number; sites: number; transfers: { maxDownloads?: number; maxUploads?: number; maxWaitingUploads?: number } }) {

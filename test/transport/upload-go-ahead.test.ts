@@ -26,6 +26,7 @@ import { encodeSafetensors } from '../../shared/tensors/safetensors.ts';
 import { sha256Hex } from '../../shared/util/hash.ts';
 import { waitFor } from '../../cli/processes.ts';
 import { link, startShapedRelay, type ShapedRelay } from '../helpers/shaped-relay.ts';
+import { transferPlan } from '../helpers/transfer-plan.ts';
 
 const quiet = pino({ level: 'silent' });
 const works: string[] = [];
@@ -43,19 +44,8 @@ afterAll(async () => {
 /** What may cross the wire for a call that sends no update bytes: its HTTP/2 headers (with the token) in TLS records. */
 const CALL_OVERHEAD_BYTES = 16 * 1024;
 
-const plan = [
-  'name: upload-go-ahead',
-  // Width 40: an update of about a megabyte, far above what a call's headers take.
-  'model: { architecture: tiny3d, patch: [16, 16, 16], numClasses: 2, width: 40, seed: 3 }',
-  'rounds: 1',
-  'minSites: 2',
-  'roundDeadlineSeconds: 600',
-  'waitForSitesSeconds: 600',
-  'gatherSeconds: 0',
-  'local: { steps: 1, batchSize: 2, learningRate: 0.005 }',
-  'share: { parts: [encoder] }',
-  '',
-].join('\n');
+// Width 40: an update of about a megabyte, far above what a call's headers take.
+const plan = transferPlan({ name: 'upload-go-ahead', width: 40, minSites: 2 });
 
 /**
  * A coordinator that runs one upload at once with `maxWaitingUploads` waiting, offering `features`; two enrolled sites
