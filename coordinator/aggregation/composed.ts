@@ -489,4 +489,3 @@ class ComposedRound implements RoundAggregator {
 }
 
 export { median };
-export { cryptoGaussian };

@@ -30,8 +30,6 @@ import type { EvalResult, TrainRequest, TrainResult, Trainer, VolumeCase } from 
 import { chooseInference, flipAveraged, slidingWindowProbs, WHOLE_VOLUME_MAX_BYTES, windowStarts, type InferencePlan, type Shape3, type WindowForward, type WindowLogitsNetwork } from './sliding-window.ts';
 import { jsWindowBlendOn, windowBlendOf, type WindowBlendKernel } from './window-blend.ts';
 import { upsampleLinear, windowProbsFromLogits } from './window-probs.ts';
-
-export { upsampleLinear };
 import { createLogger, type Logger } from '../util/log.ts';
 
 class ArrayStore implements ParamStore {

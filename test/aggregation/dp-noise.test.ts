@@ -6,8 +6,7 @@
  */
 import { randomFillSync } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
-import { cryptoGaussian } from '../../coordinator/aggregation/composed.ts';
-import { cryptoGaussianWith, gaussianFromWordsJs, gaussianFromWordsNative, type GaussianFromWords } from '../../coordinator/aggregation/gaussian.ts';
+import { cryptoGaussian, cryptoGaussianWith, gaussianFromWordsJs, gaussianFromWordsNative, type GaussianFromWords } from '../../coordinator/aggregation/gaussian.ts';
 import { loadOneDnnKernels } from '../../shared/engine/onednn-kernels.ts';
 
 function native(): GaussianFromWords {
