@@ -21,15 +21,15 @@
 import { elementCount, makeBundle, type NamedTensor, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
 import type { Plan } from '../../shared/plan/schema.ts';
 import type { SimdArena64 } from './simd-axpy.ts';
-import { BASE_BLOCK_FLOATS, baseBlocks, baseMaxAbs, isTensorReader, type BaseBlocks, type RoundBase } from './base-blocks.ts';
-import { checkedFold as defaultCheckedFold, unfold, type CheckedFold, type CheckedFoldResult, type FoldTarget } from './checked-fold.ts';
+import { BASE_BLOCK_FLOATS, baseBlocks, baseMaxAbs, isTensorReader, type BaseBlocks, type RoundBase, type TensorReader } from './base-blocks.ts';
+import { checkedFold as defaultCheckedFold, checkedFoldBatch as defaultCheckedFoldBatch, unfold, unfoldBlocks, type BatchUpdate, type CheckedFold, type CheckedFoldBatch, type CheckedFoldResult, type FoldTarget } from './checked-fold.ts';
 import { WeightedMeanAggregator } from './fedavg.ts';
 import { RobustCombiner, type RobustColumns, type RobustRule } from './robust.ts';
 import { fileMoments, type MomentsFactory } from './moments.ts';
 import { cryptoGaussian } from './gaussian.ts';
 import { ServerOptimizer } from './server-optimizer.ts';
-import type { AggregationStrategy, RoundAggregator, RoundContext, StrategyState, UpdateInfo, Verdict } from './strategy.ts';
-import { deltaNorm, median, normProblem, shapeAndSamplesProblem, valueBoundProblem, type DeltaNorm, type ValidationRules } from './validate.ts';
+import type { AggregationStrategy, BatchItem, RoundAggregator, RoundContext, StrategyState, UpdateInfo, Verdict } from './strategy.ts';
+import { deltaNorm, median, normProblem, samplesProblem, shapeAndSamplesProblem, valueBoundProblem, type DeltaNorm, type ValidationRules } from './validate.ts';
 
 export type AggregationConfig = Plan['aggregation'];
 
@@ -47,6 +47,8 @@ export interface ComposedOptions {
   deltaNorm?: DeltaNorm;
   /** How checkAndAdd() checks and folds in one pass; default the native loop when built, else JS (same result). */
   checkedFold?: CheckedFold;
+  /** How checkAndAddBatch() checks and folds several updates in one pass; default the native loop when built, else JS. */
+  checkedFoldBatch?: CheckedFoldBatch;
   /** Where a server optimiser keeps m and v between rounds; default a file in spillDir (no RSS; same results as memory). */
   moments?: MomentsFactory;
 }
@@ -121,7 +123,7 @@ export class ComposedStrategy implements AggregationStrategy {
       if (!this.robustOut || this.robustOut.length !== total) this.robustOut = new Float32Array(total);
       combiner = new RobustCombinerAdapter(new RobustCombiner(rule, offsets, total, this.opts), this.robustOut);
     }
-    return new ComposedRound(this, specs, offsets, base, combiner, this.rules, this.clipNorm, [...this.recentNorms], base ? baseMaxAbs(base) : 0, this.opts.deltaNorm ?? deltaNorm, this.opts.checkedFold ?? defaultCheckedFold);
+    return new ComposedRound(this, specs, offsets, base, combiner, this.rules, this.clipNorm, [...this.recentNorms], base ? baseMaxAbs(base) : 0, this.opts.deltaNorm ?? deltaNorm, this.opts.checkedFold ?? defaultCheckedFold, this.opts.checkedFoldBatch ?? defaultCheckedFoldBatch);
   }
 
   /**
@@ -227,6 +229,31 @@ class MeanCombiner implements Combiner {
     this.weight += w;
     if (!isDelta) this.baseCoef += w;
     return r;
+  }
+
+  /**
+   * Checks and folds several updates (one encoding) in one pass over the sums, in the batch's order; each result
+   * as addChecked's for that update alone. Updates whose values fail are not counted.
+   */
+  addCheckedBatch(items: readonly { values: BaseBlocks; weight: number }[], isDelta: boolean, base: BaseBlocks | undefined, offsets: Offsets, maxValue: number, fold: CheckedFoldBatch): CheckedFoldResult[] {
+    const updates: BatchUpdate[] = items.map((it) => ({ values: it.values, a: this.dp ? 1 : it.weight }));
+    const results = fold(updates, isDelta, base, offsets, this.target, maxValue);
+    results.forEach((r, j) => {
+      if (!r.valuesOk) return;
+      this.mean.count++;
+      this.weight += updates[j].a;
+      if (!isDelta) this.baseCoef += updates[j].a;
+    });
+    return results;
+  }
+
+  /** retract() for an update read a block at a time (unclipped: as addCheckedBatch folded it). */
+  retractBlocks(values: BaseBlocks, weight: number, isDelta: boolean, offsets: Offsets): void {
+    const w = this.dp ? 1 : weight;
+    unfoldBlocks(values, offsets, this.target, w);
+    this.mean.count--;
+    this.weight -= w;
+    if (!isDelta) this.baseCoef -= w;
   }
 
   /** Takes an added update out again (sums −= a·Δ): the count and weights exactly, the sums within float64 rounding. */
@@ -339,6 +366,7 @@ class ComposedRound implements RoundAggregator {
     private readonly baseMaxAbs: number,
     private readonly deltaNorm: DeltaNorm,
     private readonly checkedFold: CheckedFold,
+    private readonly checkedFoldBatch: CheckedFoldBatch,
   ) {}
 
   get count(): number {
@@ -404,6 +432,66 @@ class ComposedRound implements RoundAggregator {
     const problem = normProblem(r.norm, this.rules, this.normReference());
     if (problem) {
       this.combiner.retract(update, info.numSamples, 1, !!info.isDelta, this.offsets);
+      return { problem, norm: r.norm };
+    }
+    this.norms.push(r.norm);
+    return { norm: r.norm };
+  }
+
+  /**
+   * checkAndAdd() for several waiting updates at once, in one pass over the sums (checked-fold.ts
+   * CheckedFoldBatch): the verdicts, in order, are those of calling checkAndAdd() on each in turn, and with every
+   * update accepted the sums are the same bit for bit, however the updates are batched. An update refused for its
+   * norm is taken out again after the pass (the sums then within float64 rounding, as with checkAndAdd()). An item
+   * is a decoded bundle or a reader over its file (read a block at a time: no model-sized buffer per update).
+   * Undefined when this round cannot (as checkAndAdd()); nothing is then counted.
+   */
+  checkAndAddBatch(items: readonly BatchItem[]): Verdict[] | undefined {
+    if (this.finished) throw new Error('checkAndAddBatch() after finish()');
+    if (!(this.combiner instanceof MeanCombiner) || this.clipNorm !== undefined) return undefined;
+    const mean = this.combiner;
+    const verdicts: Verdict[] = new Array(items.length);
+    const maxValue = this.rules.maxValue ?? Number.MAX_VALUE;
+    // Consecutive updates of one encoding share a pass; the runs go in order, so the order of additions is kept.
+    let run: { j: number; values: BaseBlocks }[] = [];
+    const flush = () => {
+      if (run.length === 0) return;
+      const isDelta = !!items[run[0].j].info.isDelta;
+      const results = mean.addCheckedBatch(run.map((r) => ({ values: r.values, weight: items[r.j].info.numSamples })), isDelta, this.base, this.offsets, maxValue, this.checkedFoldBatch);
+      run.forEach((r, i) => {
+        verdicts[r.j] = this.batchVerdict(items[r.j], r.values, results[i]);
+      });
+      for (const r of run) r.values.close();
+      run = [];
+    };
+    items.forEach((item, j) => {
+      const layout = batchLayoutProblem(item, this.specs, this.offsets, this.rules);
+      const unfoldable = !!item.info.isDelta && !this.base;
+      if (layout || unfoldable) {
+        flush();
+        verdicts[j] = layout ? { problem: layout } : { problem: 'delta-encoded update, but this round keeps no base model (plan.compression.delta is off)' };
+        return;
+      }
+      if (run.length > 0 && !!items[run[0].j].info.isDelta !== !!item.info.isDelta) flush();
+      run.push({ j, values: baseBlocks('reader' in item ? item.reader : item.update, this.offsets) });
+    });
+    flush();
+    return verdicts;
+  }
+
+  /** One update's verdict after a batch pass, decided in the batch's order (the norm reference grows as they are accepted). */
+  private batchVerdict(item: BatchItem, values: BaseBlocks, r: CheckedFoldResult): Verdict {
+    const mean = this.combiner as MeanCombiner;
+    const { info } = item;
+    if (!r.valuesOk || !Number.isFinite(r.norm)) {
+      if (r.valuesOk) mean.retractBlocks(values, info.numSamples, !!info.isDelta, this.offsets); // the norm overflowed
+      const named = 'update' in item ? this.check(item.update, info).problem : undefined;
+      return { problem: named ?? 'update holds a non-finite value or a weight beyond aggregation.validation.maxValue' };
+    }
+    if (!this.base) return {};
+    const problem = normProblem(r.norm, this.rules, this.normReference());
+    if (problem) {
+      mean.retractBlocks(values, info.numSamples, !!info.isDelta, this.offsets);
       return { problem, norm: r.norm };
     }
     this.norms.push(r.norm);
@@ -486,6 +574,17 @@ class ComposedRound implements RoundAggregator {
   get acceptedNorms(): readonly number[] {
     return this.norms;
   }
+}
+
+/** The layout and sample-count check of a batch item: a bundle as check() does it; a file by its tensors' sizes. */
+function batchLayoutProblem(item: BatchItem, specs: readonly TensorSpec[], offsets: Offsets, rules: ValidationRules): string | undefined {
+  if ('update' in item) return shapeAndSamplesProblem(item.update, item.info, specs, rules);
+  const reader: TensorReader = item.reader;
+  for (const [name, { n }] of offsets) {
+    const size = reader.size(name);
+    if (size !== n) return `update does not match the plan's shared tensors: tensor "${name}" ${size === undefined ? 'is missing' : `holds ${size} values, expected ${n}`}`;
+  }
+  return samplesProblem(item.info, rules);
 }
 
 export { median };

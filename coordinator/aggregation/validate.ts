@@ -27,6 +27,11 @@ export const DEFAULT_RULES: ValidationRules = { minSamples: 1, maxSamples: 1_000
 export function shapeAndSamplesProblem(update: TensorBundle, info: UpdateInfo, specs: readonly TensorSpec[], rules: ValidationRules): string | undefined {
   const spec = checkAgainstSpecs(update, specs);
   if (spec) return `update does not match the plan's shared tensors: ${spec}`;
+  return samplesProblem(info, rules);
+}
+
+/** The claimed sample count against the plan's minSamples and maxSamples. */
+export function samplesProblem(info: UpdateInfo, rules: ValidationRules): string | undefined {
   if (!Number.isInteger(info.numSamples) || info.numSamples < rules.minSamples) {
     return `update claims ${info.numSamples} training samples; the plan needs at least ${rules.minSamples} (aggregation.validation.minSamples)`;
   }
