@@ -16,6 +16,7 @@
  *                                           # over each update, the code before the checked fold) and with the JS delta
  *                                           # norm and JS Box–Muller; median / trimmed mean with the JS column reduction
  *   BENCH_BEFORE=streaming npm run bench:aggregate   # only the two-pass rows of the streaming strategies
+ *   BENCH_STRATEGIES=fedavg,median npm run bench:aggregate   # only these strategies' rows (names as in the table)
  */
 import { fork } from 'node:child_process';
 import { once } from 'node:events';
@@ -112,6 +113,8 @@ const BEFORE = process.env.BENCH_BEFORE === '1' || process.env.BENCH_BEFORE === 
 /** BENCH_BEFORE=streaming: only the two-pass rows of the streaming strategies (the JS robust rows take minutes). */
 const BEFORE_JS = process.env.BENCH_BEFORE === '1';
 const ONLY_STRATEGIES = process.env.BENCH_PARTS === 'strategies';
+/** BENCH_STRATEGIES=fedavg,median: only these rows of the strategies table (with their same-run before/after rows). */
+const ONLY_NAMES = process.env.BENCH_STRATEGIES?.split(',').map((n) => n.trim());
 /** The JS implementations the native kernels replaced, for same-run before/after rows. */
 const BEFORE_OPTS: ComposedOptions = { columns: robustColumnsJs, deltaNorm: deltaNormJs, gaussian: cryptoGaussianWith(gaussianFromWordsJs) };
 
@@ -467,7 +470,7 @@ async function main(): Promise<void> {
     head: [`strategy: one round of ${UPDATES} × ${fmt(MB(MODEL_BYTES), 1)} MB (check + add + finish)`, 'GB/s', '× memory copy', 'round s'],
     colAligns: ['left', 'right', 'right', 'right'],
   });
-  for (const name of Object.keys(STRATEGIES)) {
+  for (const name of Object.keys(STRATEGIES).filter((n) => !ONLY_NAMES || ONLY_NAMES.includes(n))) {
     const variants: [string, ComposedOptions, boolean][] = [[name, {}, true]];
     if (BEFORE && STRATEGIES[name].streaming) variants.push([`${name} — before (check() then add(): two passes)`, {}, false]);
     if (BEFORE_JS) variants.push([`${name} — before (JS ${STRATEGIES[name].streaming ? 'delta norm and noise, two passes' : 'column reduction'})`, BEFORE_OPTS, false]);
@@ -481,6 +484,21 @@ async function main(): Promise<void> {
       }
       const m = stat(ms).median;
       st.push([label, fmt(gbps(m), 2), fmt(gbps(m) / copyMed, 2), fmt(m / 1000, 2)]);
+    }
+    if (name === 'median' || name === 'trimmed-mean β=0.1') {
+      // One read per update (checkAndAdd: the norm measured while the update is spilled) against check() then add(), interleaved.
+      const pair: [string, boolean][] = [[`${name}, one read (interleaved with the next row)`, true], [`${name} — before (check() then add(): two reads)`, false]];
+      const ms = pair.map(() => [] as number[]);
+      for (let r = 0; r < 2; r++) {
+        pair.forEach(([, fused], i) => {
+          gc();
+          ms[i].push(composedRound(composed(name), base, (k) => updates[k], UPDATES, fused));
+        });
+      }
+      pair.forEach(([label], i) => {
+        const m = stat(ms[i]).median;
+        st.push([label, fmt(gbps(m), 2), fmt(gbps(m) / copyMed, 2), fmt(m / 1000, 2)]);
+      });
     }
     if (name === 'fedavg') {
       // One by one against one batched pass, in memory and from files: interleaved, so each pair sees the same load.
