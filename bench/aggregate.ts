@@ -16,7 +16,7 @@
  *                                           # over each update, the code before the checked fold) and with the JS delta
  *                                           # norm and JS Box–Muller; median / trimmed mean with the JS column reduction
  *   BENCH_BEFORE=streaming npm run bench:aggregate   # only the two-pass rows of the streaming strategies
- *   BENCH_STRATEGIES=fedavg,median npm run bench:aggregate   # only these strategies' rows (names as in the table)
+ *   BENCH_STRATEGIES='fedavg;median' npm run bench:aggregate   # only these strategies' rows (names as in the tables)
  */
 import { fork } from 'node:child_process';
 import { once } from 'node:events';
@@ -102,19 +102,21 @@ const STRATEGIES: Record<string, { cfg: Record<string, unknown>; streaming: bool
   'trimmed-mean β=0.1': { cfg: { strategy: 'trimmed-mean', trimFraction: 0.1 }, streaming: false },
   'trimmed-mean + FedYogi + clip': { cfg: { strategy: 'trimmed-mean', trimFraction: 0.1, clipNorm: 1, serverOptimizer: { type: 'fedyogi' } }, streaming: false },
 };
-/** The default fedavg round with the waiting updates folded in batches straight from their files (checkAndAddBatch). */
-const BATCHED_FROM_FILES = 'fedavg, batches of 10 read from the update files';
+/** BENCH_STRATEGIES=fedavg,median: only these rows of the strategies and RSS tables (with their same-run before/after rows). */
+const ONLY_NAMES = process.env.BENCH_STRATEGIES?.split(';').map((n) => n.trim());
+/** A streaming round with the waiting updates handed over in batches read straight from their files (checkAndAddBatch). */
+const FROM_FILES = ', batches of 10 read from the update files';
+const BATCHED_FROM_FILES = `fedavg${FROM_FILES}`;
+const DP_FROM_FILES = `fedavg + DP (clip + noise)${FROM_FILES}`;
 /** Updates per batch in the batched rows: the ten of a round at once; at 50 sites, five batches. */
 const BATCH = 10;
-const RSS_STRATEGIES = ['fedavg', BATCHED_FROM_FILES, 'fedavg + norm bound', 'fedavg + DP (clip + noise)', 'fedavg + FedAdam', 'median'];
+const RSS_STRATEGIES = ['fedavg', BATCHED_FROM_FILES, 'fedavg + norm bound', 'fedavg + DP (clip + noise)', DP_FROM_FILES, 'fedavg + FedAdam', 'median'].filter((n) => !ONLY_NAMES || ONLY_NAMES.includes(n));
 const RSS_SITES = Number(process.env.BENCH_SITES ?? 50);
 
 const BEFORE = process.env.BENCH_BEFORE === '1' || process.env.BENCH_BEFORE === 'streaming';
 /** BENCH_BEFORE=streaming: only the two-pass rows of the streaming strategies (the JS robust rows take minutes). */
 const BEFORE_JS = process.env.BENCH_BEFORE === '1';
 const ONLY_STRATEGIES = process.env.BENCH_PARTS === 'strategies';
-/** BENCH_STRATEGIES=fedavg,median: only these rows of the strategies table (with their same-run before/after rows). */
-const ONLY_NAMES = process.env.BENCH_STRATEGIES?.split(',').map((n) => n.trim());
 /** The JS implementations the native kernels replaced, for same-run before/after rows. */
 const BEFORE_OPTS: ComposedOptions = { columns: robustColumnsJs, deltaNorm: deltaNormJs, gaussian: cryptoGaussianWith(gaussianFromWordsJs) };
 
@@ -179,7 +181,7 @@ function fromFilesRound(s: ComposedStrategy, base: () => RoundBase, files: strin
  */
 function rssChild(name: string, sites: number, baseFile: string): void {
   const baselineRss = process.memoryUsage().rss;
-  if (name === BATCHED_FROM_FILES) return rssBatchedChild(sites, baseFile, baselineRss);
+  if (name.endsWith(FROM_FILES)) return rssBatchedChild(name.slice(0, -FROM_FILES.length), sites, baseFile, baselineRss);
   let peak = baselineRss;
   const s = composed(name);
   const update = makeUpdate(0);
@@ -196,11 +198,11 @@ function rssChild(name: string, sites: number, baseFile: string): void {
   process.send!(r, () => process.disconnect());
 }
 
-/** The batched fedavg round at `sites` sites, BATCH update files at a time (the parent wrote them next to the base). */
-function rssBatchedChild(sites: number, baseFile: string, baselineRss: number): void {
+/** A streaming round at `sites` sites, BATCH update files at a time (the parent wrote them next to the base). */
+function rssBatchedChild(strategy: string, sites: number, baseFile: string, baselineRss: number): void {
   let peak = baselineRss;
   const files = updateFiles(baseFile);
-  const s = composed('fedavg');
+  const s = composed(strategy);
   const t0 = performance.now();
   const agg = s.begin(openModelReader(baseFile), SPECS, { expected: sites });
   for (let k = 0; k < sites; k += BATCH) {
