@@ -333,7 +333,7 @@ async function strategyRss(baseFile: string): Promise<void> {
     ct.push([name, fmt(MB(peak - r.baselineRss)), fmt((peak - r.baselineRss) / MODEL_BYTES, 2), fmt(r.ms / 1000, 1), STRATEGIES[name]?.streaming !== false ? '—' : `${fmt((RSS_SITES * MODEL_BYTES) / 1e9, 1)} GB`]);
   }
   console.log(ct.toString());
-  console.log('  includes one update buffer (the receiver\'s); the base model is read from its file a block at a time (base-blocks.ts), as the coordinator does. Streaming goal ≤ 3×: float64 sums (2×) + update (1×) + blocks; an optimiser\'s m and v live in a file (moments.ts).');
+  console.log('  includes one update buffer (the receiver\'s), except the rows read from the update files (a 64K-value block per update); the base model is read from its file a block at a time (base-blocks.ts), as the coordinator does. Streaming goal ≤ 3×: float64 sums (2×) + update (1×) + blocks; an optimiser\'s m and v live in a file (moments.ts).');
   console.log('  trimmed mean has the memory of the median (same block pass); both spill one model of disk per update.');
 }
 
