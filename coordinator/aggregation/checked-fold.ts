@@ -278,7 +278,14 @@ interface FoldBatchAddon {
 /** The most updates one call of the addon's batch loop takes (fold.h kFoldBatchMax); longer batches are cut. */
 export const FOLD_BATCH_MAX = 32;
 
-/** The addon's batch loop (fold.cc fold_checked_batch), in checkedFold's chunks, so blocks and lanes are the same. */
+/**
+ * Floats per update per call of the addon's batch loop: updates read from their files are copied a chunk at a time,
+ * and k chunks (k × 64 KiB) should still be in cache when the loop reads them. A multiple of the loop's block, so
+ * lanes and blocks are as in checkedFold.
+ */
+export const NATIVE_FOLD_BATCH_CHUNK = 16 * 1024;
+
+/** The addon's batch loop (fold.cc fold_checked_batch), in chunks of whole blocks, so blocks and lanes are checkedFold's. */
 function nativeCheckedFoldBatch(addon: FoldBatchAddon): CheckedFoldBatch {
   return (updates, isDelta, baseLike, offsets, target, maxValue) => {
     const base = asBaseBlocks(baseLike);
@@ -287,7 +294,7 @@ function nativeCheckedFoldBatch(addon: FoldBatchAddon): CheckedFoldBatch {
       const a = Float64Array.from(batch, (u) => u.a);
       let got = 0;
       while (got < n) {
-        const len = Math.min(NATIVE_FOLD_CHUNK, n - got);
+        const len = Math.min(NATIVE_FOLD_BATCH_CHUNK, n - got);
         const xs = batch.map((u) => u.values.block(off + got, len));
         const done = addon.foldCheckedBatch(xs, base ? base.block(off + got, len) : null, isDelta, target.sums.subarray(off + got, off + got + len), a, maxValue, lanes);
         got += done;
