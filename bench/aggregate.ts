@@ -16,6 +16,7 @@
  *                                           # over each update, the code before the checked fold) and with the JS delta
  *                                           # norm and JS Box–Muller; median / trimmed mean with the JS column reduction
  *   BENCH_BEFORE=streaming npm run bench:aggregate   # only the two-pass rows of the streaming strategies
+ *   BENCH_STRATEGIES='fedavg;median' npm run bench:aggregate   # only these strategies' rows (names as in the tables)
  */
 import { fork } from 'node:child_process';
 import { once } from 'node:events';
@@ -30,7 +31,7 @@ import { ComposedStrategy, type ComposedOptions } from '../coordinator/aggregati
 import { robustColumnsJs } from '../coordinator/aggregation/robust.ts';
 import { cryptoGaussianWith, gaussianFromWordsJs } from '../coordinator/aggregation/gaussian.ts';
 import { checkedFoldKernel } from '../coordinator/aggregation/checked-fold.ts';
-import type { RoundAggregator, UpdateInfo } from '../coordinator/aggregation/strategy.ts';
+import type { BatchItem, RoundAggregator, UpdateInfo } from '../coordinator/aggregation/strategy.ts';
 import type { RoundBase } from '../coordinator/aggregation/base-blocks.ts';
 import { deltaNormJs } from '../coordinator/aggregation/validate.ts';
 import { PlanSchema } from '../shared/plan/schema.ts';
@@ -101,7 +102,15 @@ const STRATEGIES: Record<string, { cfg: Record<string, unknown>; streaming: bool
   'trimmed-mean β=0.1': { cfg: { strategy: 'trimmed-mean', trimFraction: 0.1 }, streaming: false },
   'trimmed-mean + FedYogi + clip': { cfg: { strategy: 'trimmed-mean', trimFraction: 0.1, clipNorm: 1, serverOptimizer: { type: 'fedyogi' } }, streaming: false },
 };
-const RSS_STRATEGIES = ['fedavg', 'fedavg + norm bound', 'fedavg + DP (clip + noise)', 'fedavg + FedAdam', 'median'];
+/** BENCH_STRATEGIES=fedavg,median: only these rows of the strategies and RSS tables (with their same-run before/after rows). */
+const ONLY_NAMES = process.env.BENCH_STRATEGIES?.split(';').map((n) => n.trim());
+/** A streaming round with the waiting updates handed over in batches read straight from their files (checkAndAddBatch). */
+const FROM_FILES = ', batches of 10 read from the update files';
+const BATCHED_FROM_FILES = `fedavg${FROM_FILES}`;
+const DP_FROM_FILES = `fedavg + DP (clip + noise)${FROM_FILES}`;
+/** Updates per batch in the batched rows: the ten of a round at once; at 50 sites, five batches. */
+const BATCH = 10;
+const RSS_STRATEGIES = ['fedavg', BATCHED_FROM_FILES, 'fedavg + norm bound', 'fedavg + DP (clip + noise)', DP_FROM_FILES, 'fedavg + FedAdam', 'median'].filter((n) => !ONLY_NAMES || ONLY_NAMES.includes(n));
 const RSS_SITES = Number(process.env.BENCH_SITES ?? 50);
 
 const BEFORE = process.env.BENCH_BEFORE === '1' || process.env.BENCH_BEFORE === 'streaming';
@@ -136,6 +145,35 @@ function composedRound(s: ComposedStrategy, base: () => RoundBase, next: (k: num
   return performance.now() - t0;
 }
 
+/** One round with the updates handed over in batches of `batch` (checkAndAddBatch: one pass over the sums per batch). */
+function batchedRound(s: ComposedStrategy, base: () => RoundBase, item: (k: number) => BatchItem, n: number, batch = BATCH): number {
+  const t0 = performance.now();
+  const agg = s.begin(base(), SPECS, { expected: n });
+  for (let k = 0; k < n; k += batch) {
+    const verdicts = agg.checkAndAddBatch!(Array.from({ length: Math.min(batch, n - k) }, (_, j) => item(k + j)));
+    if (!verdicts) throw new Error('the fedavg round did not take a batch');
+    const refused = verdicts.find((v) => v.problem);
+    if (refused) throw new Error(`bench update refused: ${refused.problem}`);
+  }
+  agg.finish();
+  return performance.now() - t0;
+}
+
+/** One round as the coordinator runs it today: each update read from its file into one reused buffer (the receiver's scratch), then checkAndAdd. */
+function fromFilesRound(s: ComposedStrategy, base: () => RoundBase, files: string[], n: number): number {
+  const readBuf = Buffer.allocUnsafe(statSync(files[0]).size);
+  const t0 = performance.now();
+  const agg = s.begin(base(), SPECS, { expected: n });
+  for (let k = 0; k < n; k++) {
+    const fd = openSync(files[k % files.length], 'r');
+    for (let off = 0; off < readBuf.length; ) off += readSync(fd, readBuf, off, readBuf.length - off, off);
+    closeSync(fd);
+    checkAndFold(agg, viewSafetensors(readBuf), { site: `site-${k}`, numSamples: samplesOf(k) }, true);
+  }
+  agg.finish();
+  return performance.now() - t0;
+}
+
 /**
  * Peak RSS of one round of `sites` updates through a strategy, in a fresh process: the base model as the
  * engine gives it (a reader over its model file, read a block at a time; the file is written by the parent),
@@ -143,6 +181,7 @@ function composedRound(s: ComposedStrategy, base: () => RoundBase, next: (k: num
  */
 function rssChild(name: string, sites: number, baseFile: string): void {
   const baselineRss = process.memoryUsage().rss;
+  if (name.endsWith(FROM_FILES)) return rssBatchedChild(name.slice(0, -FROM_FILES.length), sites, baseFile, baselineRss);
   let peak = baselineRss;
   const s = composed(name);
   const update = makeUpdate(0);
@@ -157,6 +196,37 @@ function rssChild(name: string, sites: number, baseFile: string): void {
   peak = Math.max(peak, process.memoryUsage().rss);
   const r: StreamResult = { baselineRss, peakSampledRss: peak, hwm: peakRss(), ms: performance.now() - t0, check: out.get(SPECS[0].name)!.data[5] };
   process.send!(r, () => process.disconnect());
+}
+
+/** A streaming round at `sites` sites, BATCH update files at a time (the parent wrote them next to the base). */
+function rssBatchedChild(strategy: string, sites: number, baseFile: string, baselineRss: number): void {
+  let peak = baselineRss;
+  const files = updateFiles(baseFile);
+  const s = composed(strategy);
+  const t0 = performance.now();
+  const agg = s.begin(openModelReader(baseFile), SPECS, { expected: sites });
+  for (let k = 0; k < sites; k += BATCH) {
+    const items: BatchItem[] = Array.from({ length: Math.min(BATCH, sites - k) }, (_, j) => ({ reader: openModelReader(files[(k + j) % files.length]), info: { site: `site-${k + j}`, numSamples: samplesOf(k + j) } }));
+    const v = agg.checkAndAddBatch!(items)!;
+    if (v.some((x) => x.problem)) throw new Error('bench update refused');
+    peak = Math.max(peak, process.memoryUsage().rss);
+  }
+  const out = agg.finish();
+  peak = Math.max(peak, process.memoryUsage().rss);
+  const r: StreamResult = { baselineRss, peakSampledRss: peak, hwm: peakRss(), ms: performance.now() - t0, check: out.get(SPECS[0].name)!.data[5] };
+  process.send!(r, () => process.disconnect());
+}
+
+/** The BATCH update files written next to the base model file (writeUpdateFiles). */
+function updateFiles(baseFile: string): string[] {
+  return Array.from({ length: BATCH }, (_, k) => join(baseFile, '..', `update-${k}.safetensors`));
+}
+
+/** Writes update k as a safetensors file for k < BATCH, next to `baseFile` (as uploads wait on the coordinator's disk). */
+function writeUpdateFiles(baseFile: string, updates?: TensorBundle[]): string[] {
+  const files = updateFiles(baseFile);
+  files.forEach((f, k) => writeFileSync(f, encodeSafetensors(updates?.[k] ?? makeUpdate(k))));
+  return files;
 }
 
 async function runRssChild(name: string, sites: number, baseFile: string): Promise<StreamResult> {
@@ -252,6 +322,7 @@ async function runChild(mode: StreamMode, file: string): Promise<StreamResult> {
 
 /** Peak RSS of one round of RSS_SITES sites per strategy, each in a fresh process, against the base model in `baseFile`. */
 async function strategyRss(baseFile: string): Promise<void> {
+  writeUpdateFiles(baseFile);
   const ct = new Table({
     head: [`${RSS_SITES} sites × ${fmt(PARAMS / 1e6, 1)} M params (fresh process)`, 'peak − baseline MB', '÷ one model', 'round s', 'disk spilled'],
     colAligns: ['left', 'right', 'right', 'right', 'right'],
@@ -259,10 +330,10 @@ async function strategyRss(baseFile: string): Promise<void> {
   for (const name of RSS_STRATEGIES) {
     const r = await runRssChild(name, RSS_SITES, baseFile);
     const peak = Math.max(r.hwm, r.peakSampledRss);
-    ct.push([name, fmt(MB(peak - r.baselineRss)), fmt((peak - r.baselineRss) / MODEL_BYTES, 2), fmt(r.ms / 1000, 1), STRATEGIES[name].streaming ? '—' : `${fmt((RSS_SITES * MODEL_BYTES) / 1e9, 1)} GB`]);
+    ct.push([name, fmt(MB(peak - r.baselineRss)), fmt((peak - r.baselineRss) / MODEL_BYTES, 2), fmt(r.ms / 1000, 1), STRATEGIES[name]?.streaming !== false ? '—' : `${fmt((RSS_SITES * MODEL_BYTES) / 1e9, 1)} GB`]);
   }
   console.log(ct.toString());
-  console.log('  includes one update buffer (the receiver\'s); the base model is read from its file a block at a time (base-blocks.ts), as the coordinator does. Streaming goal ≤ 3×: float64 sums (2×) + update (1×) + blocks; an optimiser\'s m and v live in a file (moments.ts).');
+  console.log('  includes one update buffer (the receiver\'s), except the rows read from the update files (a 64K-value block per update); the base model is read from its file a block at a time (base-blocks.ts), as the coordinator does. Streaming goal ≤ 3×: float64 sums (2×) + update (1×) + blocks; an optimiser\'s m and v live in a file (moments.ts).');
   console.log('  trimmed mean has the memory of the median (same block pass); both spill one model of disk per update.');
 }
 
@@ -396,11 +467,12 @@ async function main(): Promise<void> {
   const baseFile = join(baseDir, 'base.safetensors');
   writeFileSync(baseFile, encodeSafetensors(makeUpdate(1000)));
   const base = () => openModelReader(baseFile);
+  const files = writeUpdateFiles(baseFile, updates);
   const st = new Table({
     head: [`strategy: one round of ${UPDATES} × ${fmt(MB(MODEL_BYTES), 1)} MB (check + add + finish)`, 'GB/s', '× memory copy', 'round s'],
     colAligns: ['left', 'right', 'right', 'right'],
   });
-  for (const name of Object.keys(STRATEGIES)) {
+  for (const name of Object.keys(STRATEGIES).filter((n) => !ONLY_NAMES || ONLY_NAMES.includes(n))) {
     const variants: [string, ComposedOptions, boolean][] = [[name, {}, true]];
     if (BEFORE && STRATEGIES[name].streaming) variants.push([`${name} — before (check() then add(): two passes)`, {}, false]);
     if (BEFORE_JS) variants.push([`${name} — before (JS ${STRATEGIES[name].streaming ? 'delta norm and noise, two passes' : 'column reduction'})`, BEFORE_OPTS, false]);
@@ -414,6 +486,44 @@ async function main(): Promise<void> {
       }
       const m = stat(ms).median;
       st.push([label, fmt(gbps(m), 2), fmt(gbps(m) / copyMed, 2), fmt(m / 1000, 2)]);
+    }
+    if (name === 'median' || name === 'trimmed-mean β=0.1') {
+      // One read per update (checkAndAdd: the norm measured while the update is spilled) against check() then add(), interleaved.
+      const pair: [string, boolean][] = [[`${name}, one read (interleaved with the next row)`, true], [`${name} — before (check() then add(): two reads)`, false]];
+      const ms = pair.map(() => [] as number[]);
+      for (let r = 0; r < 2; r++) {
+        pair.forEach(([, fused], i) => {
+          gc();
+          ms[i].push(composedRound(composed(name), base, (k) => updates[k], UPDATES, fused));
+        });
+      }
+      pair.forEach(([label], i) => {
+        const m = stat(ms[i]).median;
+        st.push([label, fmt(gbps(m), 2), fmt(gbps(m) / copyMed, 2), fmt(m / 1000, 2)]);
+      });
+    }
+    if (name === 'fedavg') {
+      // One by one against one batched pass, in memory and from files: interleaved, so each pair sees the same load.
+      const strats = [0, 1, 2, 3].map(() => composed('fedavg'));
+      const inMemory = (k: number): BatchItem => ({ update: updates[k], info: { site: `site-${k}`, numSamples: samplesOf(k) } });
+      const fromFile = (k: number): BatchItem => ({ reader: openModelReader(files[k]), info: { site: `site-${k}`, numSamples: samplesOf(k) } });
+      const rows: [string, () => number][] = [
+        ['fedavg, one by one (interleaved with the next three rows)', () => composedRound(strats[0], base, (k) => updates[k], UPDATES)],
+        [`fedavg, the ${UPDATES} updates in one batched pass (in memory)`, () => batchedRound(strats[1], base, inMemory, UPDATES)],
+        ['fedavg, one by one, each read from its file into one reused buffer (as the receiver does)', () => fromFilesRound(strats[2], base, files, UPDATES)],
+        [`fedavg, the ${UPDATES} updates in one batched pass read from their files a block at a time`, () => batchedRound(strats[3], base, fromFile, UPDATES)],
+      ];
+      const ms = rows.map(() => [] as number[]);
+      for (let r = 0; r < 3; r++) {
+        rows.forEach(([, run], i) => {
+          gc();
+          ms[i].push(run());
+        });
+      }
+      rows.forEach(([label], i) => {
+        const m = stat(ms[i]).median;
+        st.push([label, fmt(gbps(m), 2), fmt(gbps(m) / copyMed, 2), fmt(m / 1000, 2)]);
+      });
     }
   }
   rmSync(baseDir, { recursive: true, force: true });

@@ -21,15 +21,15 @@
 import { elementCount, makeBundle, type NamedTensor, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
 import type { Plan } from '../../shared/plan/schema.ts';
 import type { SimdArena64 } from './simd-axpy.ts';
-import { BASE_BLOCK_FLOATS, baseBlocks, baseMaxAbs, isTensorReader, type BaseBlocks, type RoundBase } from './base-blocks.ts';
-import { checkedFold as defaultCheckedFold, unfold, type CheckedFold, type CheckedFoldResult, type FoldTarget } from './checked-fold.ts';
+import { BASE_BLOCK_FLOATS, baseBlocks, baseMaxAbs, isTensorReader, type BaseBlocks, type RoundBase, type TensorReader } from './base-blocks.ts';
+import { checkedFold as defaultCheckedFold, checkedFoldBatch as defaultCheckedFoldBatch, unfold, unfoldBlocks, type BatchUpdate, type CheckedFold, type CheckedFoldBatch, type CheckedFoldResult, type FoldTarget } from './checked-fold.ts';
 import { WeightedMeanAggregator } from './fedavg.ts';
 import { RobustCombiner, type RobustColumns, type RobustRule } from './robust.ts';
 import { fileMoments, type MomentsFactory } from './moments.ts';
 import { cryptoGaussian } from './gaussian.ts';
 import { ServerOptimizer } from './server-optimizer.ts';
-import type { AggregationStrategy, RoundAggregator, RoundContext, StrategyState, UpdateInfo, Verdict } from './strategy.ts';
-import { deltaNorm, median, normProblem, shapeAndSamplesProblem, valueBoundProblem, type DeltaNorm, type ValidationRules } from './validate.ts';
+import type { AggregationStrategy, BatchItem, RoundAggregator, RoundContext, StrategyState, UpdateInfo, Verdict } from './strategy.ts';
+import { deltaNorm, deltaSqLanes as defaultDeltaSqLanes, median, normProblem, samplesProblem, shapeAndSamplesProblem, type DeltaSqLanes, valueBoundProblem, type DeltaNorm, type ValidationRules } from './validate.ts';
 
 export type AggregationConfig = Plan['aggregation'];
 
@@ -47,6 +47,10 @@ export interface ComposedOptions {
   deltaNorm?: DeltaNorm;
   /** How checkAndAdd() checks and folds in one pass; default the native loop when built, else JS (same result). */
   checkedFold?: CheckedFold;
+  /** How checkAndAddBatch() checks and folds several updates in one pass; default the native loop when built, else JS. */
+  checkedFoldBatch?: CheckedFoldBatch;
+  /** How the robust rules measure an update's norm while spilling it (checkAndAdd); default the native loop when built. */
+  deltaSqLanes?: DeltaSqLanes;
   /** Where a server optimiser keeps m and v between rounds; default a file in spillDir (no RSS; same results as memory). */
   moments?: MomentsFactory;
 }
@@ -121,7 +125,7 @@ export class ComposedStrategy implements AggregationStrategy {
       if (!this.robustOut || this.robustOut.length !== total) this.robustOut = new Float32Array(total);
       combiner = new RobustCombinerAdapter(new RobustCombiner(rule, offsets, total, this.opts), this.robustOut);
     }
-    return new ComposedRound(this, specs, offsets, base, combiner, this.rules, this.clipNorm, [...this.recentNorms], base ? baseMaxAbs(base) : 0, this.opts.deltaNorm ?? deltaNorm, this.opts.checkedFold ?? defaultCheckedFold);
+    return new ComposedRound(this, specs, offsets, base, combiner, this.rules, this.clipNorm, [...this.recentNorms], base ? baseMaxAbs(base) : 0, this.opts.deltaNorm ?? deltaNorm, this.opts.checkedFold ?? defaultCheckedFold, this.opts.checkedFoldBatch ?? defaultCheckedFoldBatch, this.opts.deltaSqLanes ?? defaultDeltaSqLanes);
   }
 
   /**
@@ -229,6 +233,44 @@ class MeanCombiner implements Combiner {
     return r;
   }
 
+  /**
+   * Checks and folds several updates (one encoding) in one pass over the sums, in the batch's order; each result
+   * as addChecked's for that update alone. Updates whose values fail are not counted.
+   */
+  addCheckedBatch(items: readonly { values: BaseBlocks; weight: number }[], isDelta: boolean, base: BaseBlocks | undefined, offsets: Offsets, maxValue: number, fold: CheckedFoldBatch): CheckedFoldResult[] {
+    const updates: BatchUpdate[] = items.map((it) => ({ values: it.values, a: this.dp ? 1 : it.weight }));
+    const results = fold(updates, isDelta, base, offsets, this.target, maxValue);
+    results.forEach((r, j) => {
+      if (!r.valuesOk) return;
+      this.mean.count++;
+      this.weight += updates[j].a;
+      if (!isDelta) this.baseCoef += updates[j].a;
+    });
+    return results;
+  }
+
+  /** add() for an update read a block at a time: the same a·x into each sum as addWeighted's fold. */
+  addBlocks(values: BaseBlocks, weight: number, scale: number, isDelta: boolean): void {
+    const w = this.dp ? 1 : weight;
+    const a = w * scale;
+    for (let at = 0; at < values.total; at += BASE_BLOCK_FLOATS) {
+      const len = Math.min(BASE_BLOCK_FLOATS, values.total - at);
+      this.mean.foldBlock(at, values.block(at, len), a);
+    }
+    this.mean.count++;
+    this.weight += w;
+    if (!isDelta) this.baseCoef += a;
+  }
+
+  /** retract() for an update read a block at a time (unclipped: as addCheckedBatch folded it). */
+  retractBlocks(values: BaseBlocks, weight: number, isDelta: boolean, offsets: Offsets): void {
+    const w = this.dp ? 1 : weight;
+    unfoldBlocks(values, offsets, this.target, w);
+    this.mean.count--;
+    this.weight -= w;
+    if (!isDelta) this.baseCoef -= w;
+  }
+
   /** Takes an added update out again (sums −= a·Δ): the count and weights exactly, the sums within float64 rounding. */
   retract(update: TensorBundle, weight: number, scale: number, isDelta: boolean, offsets: Offsets): void {
     const w = this.dp ? 1 : weight;
@@ -296,12 +338,12 @@ class MeanCombiner implements Combiner {
 }
 
 class RobustCombinerAdapter implements Combiner {
-  constructor(private readonly r: RobustCombiner, private readonly out: Float32Array) {}
+  constructor(readonly r: RobustCombiner, private readonly out: Float32Array) {}
   get count(): number {
     return this.r.count;
   }
-  add(update: TensorBundle, _weight: number, scale: number, isDelta: boolean): void {
-    this.r.add(update, scale, isDelta);
+  add(update: TensorBundle, _weight: number, scale: number, isDelta: boolean, site: string): void {
+    this.r.add(update, scale, isDelta, site);
   }
   finish(base: BaseBlocks | undefined): Float32Array {
     this.r.finish(base!, this.out);
@@ -339,6 +381,8 @@ class ComposedRound implements RoundAggregator {
     private readonly baseMaxAbs: number,
     private readonly deltaNorm: DeltaNorm,
     private readonly checkedFold: CheckedFold,
+    private readonly checkedFoldBatch: CheckedFoldBatch,
+    private readonly deltaSqLanes: DeltaSqLanes,
   ) {}
 
   get count(): number {
@@ -379,14 +423,16 @@ class ComposedRound implements RoundAggregator {
   }
 
   /**
-   * check() and add() in one pass over the update (checked-fold.ts), when this round can fold before it knows the
-   * verdict: the mean without clipping (a clip factor needs the whole norm before the first value is folded).
-   * Returns the verdict; with a problem nothing is counted (the sums within float64 rounding, see checked-fold.ts),
-   * without one the update is counted and retract() takes it out again (storing it failed). Returns undefined
-   * when this round cannot (median, trimmed mean, clipping, DP): use check() and then add().
+   * check() and add() in one pass over the update, when this round can take it in before it knows the verdict: the
+   * mean without clipping (checked-fold.ts; a clip factor needs the whole norm before the first value is folded) and
+   * median or trimmed mean without clipping (measured while spilled). Returns the verdict; with a problem nothing is
+   * counted (the mean's sums within float64 rounding, see checked-fold.ts), without one the update is counted and
+   * retract() takes it out again (storing it failed). Returns undefined when this round cannot (clipping, DP): use
+   * check() and then add().
    */
   checkAndAdd(update: TensorBundle, info: UpdateInfo): Verdict | undefined {
     if (this.finished) throw new Error('checkAndAdd() after finish()');
+    if (this.combiner instanceof RobustCombinerAdapter && this.clipNorm === undefined) return this.checkAndSpill(this.combiner.r, update, info);
     if (!(this.combiner instanceof MeanCombiner) || this.clipNorm !== undefined) return undefined;
     const layout = shapeAndSamplesProblem(update, info, this.specs, this.rules);
     if (layout) return { problem: layout };
@@ -410,17 +456,164 @@ class ComposedRound implements RoundAggregator {
     return { norm: r.norm };
   }
 
+  /**
+   * checkAndAdd() for median and trimmed mean without clipping: check() and add() in one read of the update (the
+   * norm measured chunk by chunk while the chunk is spilled, robust.ts addMeasured). The same verdicts and norms as
+   * check() then add(), and the same spill; a refused update's spill file is deleted again.
+   */
+  private checkAndSpill(robust: RobustCombiner, update: TensorBundle, info: UpdateInfo): Verdict {
+    const layout = shapeAndSamplesProblem(update, info, this.specs, this.rules);
+    if (layout) return { problem: layout };
+    if (info.isDelta && !this.base) return this.check(update, info);
+    const norm = robust.addMeasured(update, !!info.isDelta, this.base, info.site, this.deltaSqLanes);
+    const refuse = (v: Verdict): Verdict => {
+      robust.removeLast();
+      return v;
+    };
+    // Non-finite: check() reads it again to name the tensor and index (rare).
+    if (!Number.isFinite(norm)) return refuse(this.check(update, info));
+    const maxValue = this.rules.maxValue;
+    // As check(): only an update whose norm could break the value bound is scanned for it.
+    if (maxValue !== undefined && norm + this.baseMaxAbs > maxValue) {
+      const problem = valueBoundProblem(update, maxValue, info.isDelta && this.base ? { base: this.base, offsets: this.offsets } : undefined);
+      if (problem) return refuse({ problem });
+    }
+    if (!this.base) return {};
+    const problem = normProblem(norm, this.rules, this.normReference());
+    if (problem) return refuse({ problem, norm });
+    this.norms.push(norm);
+    return { norm };
+  }
+
+  /**
+   * checkAndAdd() for several waiting updates at once, in one pass over the sums (checked-fold.ts
+   * CheckedFoldBatch): the verdicts, in order, are those of calling checkAndAdd() on each in turn, and with every
+   * update accepted the sums are the same bit for bit, however the updates are batched. An update refused for its
+   * norm is taken out again after the pass (the sums then within float64 rounding, as with checkAndAdd()). An item
+   * is a decoded bundle or a reader over its file (read a block at a time: no model-sized buffer per update).
+   * Clipped and DP rounds check and then fold each item (two passes over its blocks), with check() + add()'s result.
+   * Undefined for median and trimmed mean (they spill one update at a time); nothing is then counted.
+   */
+  checkAndAddBatch(items: readonly BatchItem[]): Verdict[] | undefined {
+    if (this.finished) throw new Error('checkAndAddBatch() after finish()');
+    if (!(this.combiner instanceof MeanCombiner)) return undefined;
+    const mean = this.combiner;
+    if (this.clipNorm !== undefined) return items.map((item) => this.checkThenAddBlocks(mean, item));
+    const verdicts: Verdict[] = new Array(items.length);
+    const maxValue = this.rules.maxValue ?? Number.MAX_VALUE;
+    // Consecutive updates of one encoding share a pass; the runs go in order, so the order of additions is kept.
+    let run: { j: number; values: BaseBlocks }[] = [];
+    const flush = () => {
+      if (run.length === 0) return;
+      const isDelta = !!items[run[0].j].info.isDelta;
+      const results = mean.addCheckedBatch(run.map((r) => ({ values: r.values, weight: items[r.j].info.numSamples })), isDelta, this.base, this.offsets, maxValue, this.checkedFoldBatch);
+      run.forEach((r, i) => {
+        verdicts[r.j] = this.batchVerdict(items[r.j], r.values, results[i]);
+      });
+      for (const r of run) r.values.close();
+      run = [];
+    };
+    items.forEach((item, j) => {
+      const layout = batchLayoutProblem(item, this.specs, this.offsets, this.rules);
+      const unfoldable = !!item.info.isDelta && !this.base;
+      if (layout || unfoldable) {
+        flush();
+        verdicts[j] = layout ? { problem: layout } : { problem: 'delta-encoded update, but this round keeps no base model (plan.compression.delta is off)' };
+        return;
+      }
+      if (run.length > 0 && !!items[run[0].j].info.isDelta !== !!item.info.isDelta) flush();
+      run.push({ j, values: baseBlocks('reader' in item ? item.reader : item.update, this.offsets) });
+    });
+    flush();
+    return verdicts;
+  }
+
+  /**
+   * A clipped or DP round's item of a batch: check() then add(), each a pass over the update's blocks (the clip factor
+   * needs the whole norm first), read from its file where it is one, so no model-sized buffer holds it. The verdict,
+   * norm and sums of check() then add() bit for bit (the norm's lanes carry on from block to block; each sum gets
+   * the same a·x).
+   */
+  private checkThenAddBlocks(mean: MeanCombiner, item: BatchItem): Verdict {
+    const { info } = item;
+    const layout = batchLayoutProblem(item, this.specs, this.offsets, this.rules);
+    if (layout) return { problem: layout };
+    if (info.isDelta && !this.base) return { problem: 'delta-encoded update, but this round keeps no base model (plan.compression.delta is off)' };
+    const values = baseBlocks('reader' in item ? item.reader : item.update, this.offsets);
+    try {
+      const isDelta = !!info.isDelta;
+      const lanes = new Float64Array(4);
+      let sq = 0;
+      for (const [, { off, n }] of this.offsets) {
+        lanes.fill(0);
+        for (let at = 0; at < n; at += BASE_BLOCK_FLOATS) {
+          const len = Math.min(BASE_BLOCK_FLOATS, n - at);
+          this.deltaSqLanes(values.block(off + at, len), isDelta || !this.base ? undefined : this.base.block(off + at, len), lanes);
+        }
+        sq += lanes[0] + lanes[1] + lanes[2] + lanes[3];
+      }
+      const norm = Math.sqrt(sq);
+      if (!Number.isFinite(norm)) {
+        const named = 'update' in item ? this.check(item.update, info).problem : undefined;
+        return { problem: named ?? 'update holds a non-finite value, or its delta norm overflows float64' };
+      }
+      const maxValue = this.rules.maxValue;
+      if (maxValue !== undefined && norm + this.baseMaxAbs > maxValue) {
+        const problem = blocksValueBoundProblem(values, this.offsets, maxValue, isDelta ? this.base : undefined);
+        if (problem) return { problem };
+      }
+      if (this.base) {
+        const problem = normProblem(norm, this.rules, this.normReference());
+        if (problem) return { problem, norm };
+      }
+      const scale = this.clipNorm !== undefined && norm > this.clipNorm ? this.clipNorm / norm : 1;
+      mean.addBlocks(values, info.numSamples, scale, isDelta);
+      if (this.base) this.norms.push(norm);
+      return this.base ? { norm } : {};
+    } finally {
+      values.close();
+    }
+  }
+
+  /** One update's verdict after a batch pass, decided in the batch's order (the norm reference grows as they are accepted). */
+  private batchVerdict(item: BatchItem, values: BaseBlocks, r: CheckedFoldResult): Verdict {
+    const mean = this.combiner as MeanCombiner;
+    const { info } = item;
+    if (!r.valuesOk || !Number.isFinite(r.norm)) {
+      if (r.valuesOk) mean.retractBlocks(values, info.numSamples, !!info.isDelta, this.offsets); // the norm overflowed
+      const named = 'update' in item ? this.check(item.update, info).problem : undefined;
+      return { problem: named ?? 'update holds a non-finite value or a weight beyond aggregation.validation.maxValue' };
+    }
+    if (!this.base) return {};
+    const problem = normProblem(r.norm, this.rules, this.normReference());
+    if (problem) {
+      mean.retractBlocks(values, info.numSamples, !!info.isDelta, this.offsets);
+      return { problem, norm: r.norm };
+    }
+    this.norms.push(r.norm);
+    return { norm: r.norm };
+  }
+
   /** Takes out an update that checkAndAdd() counted (storing it failed): the round is as if it never came. */
   retract(update: TensorBundle, info: UpdateInfo, verdict: Verdict): void {
     if (this.finished) throw new Error('retract() after finish()');
-    if (!(this.combiner instanceof MeanCombiner)) throw new Error(`strategy ${this.strategy.name} cannot take an update out of the round`);
     const norm = verdict.norm;
+    if (this.combiner instanceof RobustCombinerAdapter) {
+      if (!this.combiner.r.remove(info.site)) throw new Error(`no update from ${info.site} to take out of the round`);
+      this.forgetNorm(norm);
+      return;
+    }
+    if (!(this.combiner instanceof MeanCombiner)) throw new Error(`strategy ${this.strategy.name} cannot take an update out of the round`);
     const scale = this.clipNorm !== undefined && norm !== undefined && norm > this.clipNorm ? this.clipNorm / norm : 1;
     this.combiner.retract(update, info.numSamples, scale, !!info.isDelta, this.offsets);
-    if (norm !== undefined) {
-      const at = this.norms.lastIndexOf(norm);
-      if (at >= 0) this.norms.splice(at, 1);
-    }
+    this.forgetNorm(norm);
+  }
+
+  /** Drops a taken-out update's norm from this round's accepted norms. */
+  private forgetNorm(norm: number | undefined): void {
+    if (norm === undefined) return;
+    const at = this.norms.lastIndexOf(norm);
+    if (at >= 0) this.norms.splice(at, 1);
   }
 
   add(update: TensorBundle, info: UpdateInfo, verdict?: Verdict): void {
@@ -486,6 +679,35 @@ class ComposedRound implements RoundAggregator {
   get acceptedNorms(): readonly number[] {
     return this.norms;
   }
+}
+
+/** valueBoundProblem for an update read a block at a time (the proposed weight is base + Δ when `deltaBase` is given). */
+function blocksValueBoundProblem(values: BaseBlocks, offsets: Offsets, maxValue: number, deltaBase: BaseBlocks | undefined): string | undefined {
+  for (const [name, { off, n }] of offsets) {
+    for (let at = 0; at < n; at += BASE_BLOCK_FLOATS) {
+      const len = Math.min(BASE_BLOCK_FLOATS, n - at);
+      const x = values.block(off + at, len);
+      const b = deltaBase?.block(off + at, len);
+      for (let i = 0; i < len; i++) {
+        const v = b ? b[i] + x[i] : x[i];
+        if (v > maxValue || v < -maxValue) {
+          return `update proposes weight ${v.toPrecision(4)} in tensor "${name}" at index ${at + i}, beyond the plan's bound ±${maxValue} (aggregation.validation.maxValue); no trained network holds such values`;
+        }
+      }
+    }
+  }
+  return undefined;
+}
+
+/** The layout and sample-count check of a batch item: a bundle as check() does it; a file by its tensors' sizes. */
+function batchLayoutProblem(item: BatchItem, specs: readonly TensorSpec[], offsets: Offsets, rules: ValidationRules): string | undefined {
+  if ('update' in item) return shapeAndSamplesProblem(item.update, item.info, specs, rules);
+  const reader: TensorReader = item.reader;
+  for (const [name, { n }] of offsets) {
+    const size = reader.size(name);
+    if (size !== n) return `update does not match the plan's shared tensors: tensor "${name}" ${size === undefined ? 'is missing' : `holds ${size} values, expected ${n}`}`;
+  }
+  return samplesProblem(item.info, rules);
 }
 
 export { median };

@@ -17,7 +17,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { loadOneDnnKernels } from '../../shared/engine/onednn-kernels.ts';
 import type { TensorBundle } from '../../shared/tensors/bundle.ts';
-import { asBaseBlocks, type BaseLike } from './base-blocks.ts';
+import { asBaseBlocks, type BaseBlocks, type BaseLike } from './base-blocks.ts';
+import type { DeltaSqLanes } from './validate.ts';
 
 export type RobustRule = { kind: 'median' } | { kind: 'trimmed-mean'; beta: number };
 
@@ -57,14 +58,21 @@ export function robustColumnsNative(): RobustColumns | undefined {
 
 interface Spilled {
   path: string;
+  /** Who sent it, so an update that could not be stored can be taken out again. */
+  site?: string;
   /** Clip factor applied to the delta. */
   scale: number;
   isDelta: boolean;
 }
 
+/** Floats written per write() by addMeasured: measured first, so the spill copies them from cache (256 KiB). */
+export const SPILL_CHUNK_FLOATS = 64 * 1024;
+
 export class RobustCombiner {
   private readonly spilled: Spilled[] = [];
   private readonly dir: string;
+  /** Names spill files: one taken out leaves a gap, never a name used twice. */
+  private nextFile = 0;
 
   constructor(
     private readonly rule: RobustRule,
@@ -87,8 +95,8 @@ export class RobustCombiner {
   }
 
   /** Writes the update's tensors, in spec order, to this round's spill directory. */
-  add(update: TensorBundle, scale: number, isDelta: boolean): void {
-    const path = join(this.dir, `${this.spilled.length}.f32`);
+  add(update: TensorBundle, scale: number, isDelta: boolean, site?: string): void {
+    const path = join(this.dir, `${this.nextFile++}.f32`);
     const fd = openSync(path, 'w', 0o600);
     try {
       for (const [name] of this.offsets) {
@@ -96,10 +104,62 @@ export class RobustCombiner {
         const b = new Uint8Array(d.buffer, d.byteOffset, d.byteLength);
         for (let off = 0; off < b.length; ) off += writeSync(fd, b, off, b.length - off);
       }
-    } finally {
+    } catch (e) {
       closeSync(fd);
+      rmSync(path, { force: true });
+      throw e;
     }
-    this.spilled.push({ path, scale, isDelta });
+    closeSync(fd);
+    this.spilled.push({ path, scale, isDelta, site });
+  }
+
+  /**
+   * add() (scale 1) that measures the update's delta norm on the way, in one read of the update: each chunk is summed
+   * into the norm lanes and then written from cache. Returns deltaNorm's result bit for bit (the same lanes, in the
+   * same order); non-finite when a value is. The caller decides the verdict and takes a refused update out with
+   * removeLast().
+   */
+  addMeasured(update: TensorBundle, isDelta: boolean, base: BaseBlocks | undefined, site: string, lanesOf: DeltaSqLanes): number {
+    const path = join(this.dir, `${this.nextFile++}.f32`);
+    const fd = openSync(path, 'w', 0o600);
+    const lanes = new Float64Array(4);
+    let sq = 0;
+    try {
+      for (const [name, { off, n }] of this.offsets) {
+        const d = update.get(name)!.data;
+        lanes.fill(0);
+        for (let at = 0; at < n; at += SPILL_CHUNK_FLOATS) {
+          const len = Math.min(SPILL_CHUNK_FLOATS, n - at);
+          const x = d.subarray(at, at + len);
+          lanesOf(x, isDelta || !base ? undefined : base.block(off + at, len), lanes);
+          const b = new Uint8Array(x.buffer, x.byteOffset, x.byteLength);
+          for (let w = 0; w < b.length; ) w += writeSync(fd, b, w, b.length - w);
+        }
+        sq += lanes[0] + lanes[1] + lanes[2] + lanes[3];
+      }
+    } catch (e) {
+      closeSync(fd);
+      rmSync(path, { force: true });
+      throw e;
+    }
+    closeSync(fd);
+    this.spilled.push({ path, scale: 1, isDelta, site });
+    return Math.sqrt(sq);
+  }
+
+  /** Takes out the update added last (refused after it was spilled). */
+  removeLast(): void {
+    const s = this.spilled.pop();
+    if (s) rmSync(s.path, { force: true });
+  }
+
+  /** Takes out `site`'s update (it could not be stored); false when there is none. */
+  remove(site: string): boolean {
+    const at = this.spilled.findIndex((s) => s.site === site);
+    if (at < 0) return false;
+    rmSync(this.spilled[at].path, { force: true });
+    this.spilled.splice(at, 1);
+    return true;
   }
 
   /** out[j] = base[j] + rule over i of scale_i · δ_ij, block by block; then deletes the spill files. */

@@ -4,7 +4,7 @@
  * Strategies are composed from parts (combine rule, server optimiser, filters: composed.ts), not subclassed.
  */
 import type { TensorBundle, TensorSpec } from '../../shared/tensors/bundle.ts';
-import type { RoundBase } from './base-blocks.ts';
+import type { RoundBase, TensorReader } from './base-blocks.ts';
 
 export interface UpdateInfo {
   readonly site: string;
@@ -18,6 +18,9 @@ export interface Verdict {
   readonly problem?: string;
   readonly norm?: number;
 }
+
+/** One of several waiting updates handed over at once: decoded, or a reader over its (float32) file. */
+export type BatchItem = { readonly update: TensorBundle; readonly info: UpdateInfo } | { readonly reader: TensorReader; readonly info: UpdateInfo };
 
 export interface RoundContext {
   /** Sites asked this round (the expected count DP divides by). */
@@ -38,6 +41,11 @@ export interface RoundAggregator {
    * checks; then check() and add() as usual.
    */
   checkAndAdd?(update: TensorBundle, info: UpdateInfo): Verdict | undefined;
+  /**
+   * checkAndAdd() for several waiting updates in one pass over the round's state: the verdicts of calling it on each
+   * in turn, and the same result. Undefined when this round cannot (nothing counted); then one at a time.
+   */
+  checkAndAddBatch?(items: readonly BatchItem[]): Verdict[] | undefined;
   /** Takes out an update that checkAndAdd() counted (e.g. storing it failed). Given wherever checkAndAdd is. */
   retract?(update: TensorBundle, info: UpdateInfo, verdict: Verdict): void;
   /** Folds one checked update in. Must not keep a reference to `update`'s arrays. */

@@ -27,6 +27,11 @@ export const DEFAULT_RULES: ValidationRules = { minSamples: 1, maxSamples: 1_000
 export function shapeAndSamplesProblem(update: TensorBundle, info: UpdateInfo, specs: readonly TensorSpec[], rules: ValidationRules): string | undefined {
   const spec = checkAgainstSpecs(update, specs);
   if (spec) return `update does not match the plan's shared tensors: ${spec}`;
+  return samplesProblem(info, rules);
+}
+
+/** The claimed sample count against the plan's minSamples and maxSamples. */
+export function samplesProblem(info: UpdateInfo, rules: ValidationRules): string | undefined {
   if (!Number.isInteger(info.numSamples) || info.numSamples < rules.minSamples) {
     return `update claims ${info.numSamples} training samples; the plan needs at least ${rules.minSamples} (aggregation.validation.minSamples)`;
   }
@@ -104,6 +109,49 @@ function nativeDeltaNorm(addon: NormAddon): DeltaNorm {
     return Math.sqrt(s);
   };
 }
+
+/**
+ * lanes += the four interleaved float64 sums of (x − b)² (b undefined: x²), the x.length mod 4 values past the last
+ * group of four added to lanes[0]: deltaNormJs's loop over one piece of a tensor. Called on consecutive pieces a
+ * multiple of four long, the lanes end as one call over the whole tensor leaves them, so a pass that measures the
+ * norm piece by piece (a spill, robust.ts) gets deltaNorm's result bit for bit.
+ */
+export type DeltaSqLanes = (x: Float32Array, b: Float32Array | undefined, lanes: Float64Array) => void;
+
+export const deltaSqLanesJs: DeltaSqLanes = (x, b, lanes) => {
+  let s0 = lanes[0], s1 = lanes[1], s2 = lanes[2], s3 = lanes[3];
+  const n = x.length;
+  const n4 = n - (n % 4);
+  let i = 0;
+  if (!b) {
+    for (; i < n4; i += 4) {
+      const p = x[i], q = x[i + 1], r = x[i + 2], t = x[i + 3];
+      s0 += p * p; s1 += q * q; s2 += r * r; s3 += t * t;
+    }
+    for (; i < n; i++) s0 += x[i] * x[i];
+  } else {
+    for (; i < n4; i += 4) {
+      const p = x[i] - b[i], q = x[i + 1] - b[i + 1], r = x[i + 2] - b[i + 2], t = x[i + 3] - b[i + 3];
+      s0 += p * p; s1 += q * q; s2 += r * r; s3 += t * t;
+    }
+    for (; i < n; i++) {
+      const p = x[i] - b[i];
+      s0 += p * p;
+    }
+  }
+  lanes[0] = s0; lanes[1] = s1; lanes[2] = s2; lanes[3] = s3;
+};
+
+let chosenLanes: DeltaSqLanes | undefined;
+
+/** deltaSqLanesJs's sums, computed by the native addon when it is built (the loop behind deltaNorm). */
+export const deltaSqLanes: DeltaSqLanes = (x, b, lanes) => {
+  if (!chosenLanes) {
+    const addon = loadOneDnnKernels().kernels?.addon as Partial<NormAddon> | undefined;
+    chosenLanes = typeof addon?.deltaSqLanes === 'function' ? (xs, bs, l) => (addon as NormAddon).deltaSqLanes(xs, bs ?? null, l) : deltaSqLanesJs;
+  }
+  chosenLanes(x, b, lanes);
+};
 
 let chosenNorm: DeltaNorm | undefined;
 

@@ -263,6 +263,7 @@ class Args {
     if (napi_get_cb_info(env, info, &argc_, argv_, nullptr, nullptr) != napi_ok || argc_ < want) fail("wrong number of arguments");
   }
   bool ok() const { return ok_; }
+  napi_value arg(size_t i) const { return argv_[i]; }
   float* f32(size_t i, const char* what, size_t want, bool nullable = false) {
     return static_cast<float*>(array(i, what, want, napi_float32_array, nullable, sizeof(float)));
   }
@@ -669,6 +670,48 @@ napi_value FoldChecked(napi_env env, napi_callback_info info) {
   return out;
 }
 
+// foldCheckedBatch(xs: Float32Array[k], b|null, isDelta, sums: Float64Array, a: Float64Array(k), maxValue,
+// lanes: Float64Array(4k)) → elements folded (see fold.h); every xs[j] as long as sums.
+napi_value FoldCheckedBatch(napi_env env, napi_callback_info info) {
+  Args a(env, info, 7, "foldCheckedBatch");
+  uint32_t k = 0;
+  bool is_array = false;
+  if (a.ok() && (napi_is_array(env, a.arg(0), &is_array) != napi_ok || !is_array || napi_get_array_length(env, a.arg(0), &k) != napi_ok))
+    a.fail("xs must be an array of Float32Arrays");
+  if (a.ok() && (k < 1 || k > static_cast<uint32_t>(medfl::kFoldBatchMax)))
+    a.fail("xs must hold 1 to " + std::to_string(medfl::kFoldBatchMax) + " updates");
+  const float* xs[medfl::kFoldBatchMax] = {};
+  size_t n = 0;
+  for (uint32_t j = 0; j < k && a.ok(); ++j) {
+    napi_value el, ab;
+    void* data = nullptr;
+    size_t len = 0, offset = 0;
+    bool is_typed = false;
+    napi_typedarray_type type = napi_int8_array;
+    if (napi_get_element(env, a.arg(0), j, &el) != napi_ok || napi_is_typedarray(env, el, &is_typed) != napi_ok || !is_typed ||
+        napi_get_typedarray_info(env, el, &type, &len, &data, &ab, &offset) != napi_ok || type != napi_float32_array) {
+      a.fail("xs must be an array of Float32Arrays");
+      break;
+    }
+    if (j == 0) n = len;
+    else if (len != n) a.fail("every update in xs must have the same length");
+    xs[j] = static_cast<const float*>(data);
+  }
+  const float* b = a.f32(1, "b", n, true);
+  const bool is_delta = a.flag(2);
+  double* sums = a.f64(3, "sums", n);
+  const double* w = a.f64(4, "a", k);
+  const double max_value = a.number(5, "maxValue");
+  double* lanes = a.f64(6, "lanes", 4 * static_cast<size_t>(k));
+  if (is_delta && !b) a.fail("a delta-encoded update needs the base");
+  if (!a.ok()) return nullptr;
+  const int64_t folded =
+      medfl::fold_checked_batch(xs, static_cast<int>(k), b, is_delta, static_cast<int64_t>(n), sums, w, max_value, lanes);
+  napi_value out;
+  CALL(env, napi_create_double(env, static_cast<double>(folded), &out));
+  return out;
+}
+
 // windowBlend(logits, geom: Int32Array [n, C, f, wd, wh, ww, D, H, W], starts: Int32Array [n·3], weight, acc, wsum)
 // (see window_blend.h): acc and wsum are added to in place.
 napi_value WindowBlend(napi_env env, napi_callback_info info) {
@@ -757,6 +800,7 @@ NAPI_MODULE_INIT() {
       {"robustColumns", nullptr, RobustColumns, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"deltaSqLanes", nullptr, DeltaSqLanes, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"foldChecked", nullptr, FoldChecked, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"foldCheckedBatch", nullptr, FoldCheckedBatch, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"gaussianFromWords", nullptr, GaussianFromWords, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"windowBlend", nullptr, WindowBlend, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"windowNormalise", nullptr, WindowNormalise, nullptr, nullptr, nullptr, napi_enumerable, nullptr},

@@ -78,7 +78,44 @@ bool check_block(const float* x, const float* b, bool is_delta, int64_t n, doubl
 }
 #endif
 
+// sums[i] += a[0]·xs[0][i], then += a[1]·xs[1][i], … for i < len: the sum stays in a register between updates.
+void fold_block_batch(const float* const* xs, int k, int64_t at, int64_t len, double* acc, const double* a) {
+  int64_t i = 0;
+#if defined(__SSE2__)
+  for (; i + 4 <= len; i += 4) {
+    __m128d s01 = _mm_loadu_pd(acc + i);
+    __m128d s23 = _mm_loadu_pd(acc + i + 2);
+    for (int j = 0; j < k; ++j) {
+      const __m128 xv = _mm_loadu_ps(xs[j] + at + i);
+      const __m128d aj = _mm_set1_pd(a[j]);
+      s01 = _mm_add_pd(s01, _mm_mul_pd(aj, _mm_cvtps_pd(xv)));
+      s23 = _mm_add_pd(s23, _mm_mul_pd(aj, _mm_cvtps_pd(_mm_movehl_ps(xv, xv))));
+    }
+    _mm_storeu_pd(acc + i, s01);
+    _mm_storeu_pd(acc + i + 2, s23);
+  }
+#endif
+  for (; i < len; ++i) {
+    double s = acc[i];
+    for (int j = 0; j < k; ++j) s += a[j] * static_cast<double>(xs[j][at + i]);
+    acc[i] = s;
+  }
+}
+
 }  // namespace
+
+int64_t fold_checked_batch(const float* const* xs, int k, const float* b, bool is_delta, int64_t n, double* sums,
+                           const double* a, double max_value, double* lanes) {
+  for (int64_t at = 0; at < n; at += kFoldBlock) {
+    const int64_t len = n - at < kFoldBlock ? n - at : kFoldBlock;
+    // Each update checks its block into its own lanes; a block that fails leaves every update's block unfolded.
+    for (int j = 0; j < k; ++j) {
+      if (!check_block(xs[j] + at, b ? b + at : nullptr, is_delta, len, max_value, lanes + 4 * j)) return at;
+    }
+    fold_block_batch(xs, k, at, len, sums + at, a);
+  }
+  return n;
+}
 
 int64_t fold_checked(const float* x, const float* b, bool is_delta, int64_t n, double* sums, double a,
                      double max_value, double* lanes) {

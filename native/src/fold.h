@@ -18,4 +18,16 @@ int64_t fold_checked(const float* x, const float* b, bool is_delta, int64_t n, d
 
 constexpr int64_t kFoldBlock = 8192;
 
+// k updates folded in one pass over the sums (the updates waiting when a fold starts): per block, each update's
+// block is checked as fold_checked checks it (its own four lanes, lanes[4j..4j+3]), then every sum is read once,
+// gets a[0]·xs[0][i], then a[1]·xs[1][i], … added in that order (each product and each sum rounded as in
+// fold_checked), and is written once. The sums are therefore fold_checked's after folding the updates one by one,
+// bit for bit, at 4 + 16/k bytes of memory traffic per update value instead of 20. When any update's block fails
+// the check, nothing at or after that block is folded, and the function returns its start (n: all folded).
+int64_t fold_checked_batch(const float* const* xs, int k, const float* b, bool is_delta, int64_t n, double* sums,
+                           const double* a, double max_value, double* lanes);
+
+// The most updates one batch call takes (their block pointers and weights live on the stack).
+constexpr int kFoldBatchMax = 32;
+
 }  // namespace medfl

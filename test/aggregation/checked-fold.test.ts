@@ -219,9 +219,9 @@ describe.each(FOLDS)('checkAndAdd (%s) against check() + add()', (_, get) => {
 });
 
 describe('checkAndAdd where it cannot fold while checking', () => {
-  it('says so (undefined) for clipping, DP and the robust rules, which then use check() + add()', () => {
+  it('says so (undefined) for clipping, DP and clipped robust rules, which then use check() + add()', () => {
     const base = bundleOf(baseModel(10));
-    for (const aggregation of [{ clipNorm: 1 }, { dp: { clipNorm: 1, noiseMultiplier: 1, delta: 1e-5 } }, { strategy: 'median' }, { strategy: 'trimmed-mean', trimFraction: 0.1 }]) {
+    for (const aggregation of [{ clipNorm: 1 }, { dp: { clipNorm: 1, noiseMultiplier: 1, delta: 1e-5 } }, { strategy: 'median', clipNorm: 1 }, { strategy: 'trimmed-mean', trimFraction: 0.1, clipNorm: 1 }]) {
       const s = new ComposedStrategy(PlanSchema.parse({ aggregation }).aggregation);
       const agg = s.begin(base, specs, { expected: 2 });
       expect(agg.checkAndAdd!(update(1), { site: 'a', numSamples: 5 })).toBeUndefined();
