@@ -14,26 +14,12 @@ import type { RoundAggregator, Verdict } from '../../coordinator/aggregation/str
 import { deltaNormJs } from '../../coordinator/aggregation/validate.ts';
 import { loadOneDnnKernels } from '../../shared/engine/onednn-kernels.ts';
 import { PlanSchema } from '../../shared/plan/schema.ts';
-import { makeBundle, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
-import { mulberry32 } from '../../shared/util/random.ts';
+import { makeBundle, type TensorBundle } from '../../shared/tensors/bundle.ts';
+import { foldFixture } from '../helpers/fold-fixture.ts';
 
 // Past both block sizes (native 8192, JS 16384 floats), at every length mod 4.
 const SIZES = [1, 3, 4, 5, 1000, 8191, 8193, 16385, 40003];
-const specs: TensorSpec[] = SIZES.map((n, i) => ({ name: `t${i}`, dtype: 'F32', shape: [n] }));
-const offsets = new Map<string, { off: number; n: number }>();
-SIZES.reduce((off, n, i) => (offsets.set(`t${i}`, { off, n }), off + n), 0);
-const total = SIZES.reduce((a, b) => a + b, 0);
-
-function update(seed: number, spread = 1, scale = 1): TensorBundle {
-  const rng = mulberry32(seed);
-  return makeBundle(specs.map((s) => ({ name: s.name, dtype: 'F32' as const, shape: [...s.shape], data: Float32Array.from({ length: s.shape[0] }, () => scale * (rng() - 0.5) * 10 ** (spread * (rng() - 0.5))) })));
-}
-const baseModel = (seed: number): Float32Array => {
-  const rng = mulberry32(seed);
-  return Float32Array.from({ length: total }, () => rng() - 0.5);
-};
-const bundleOf = (flat: Float32Array): TensorBundle =>
-  makeBundle(specs.map((s) => ({ name: s.name, dtype: 'F32' as const, shape: [...s.shape], data: flat.slice(offsets.get(s.name)!.off, offsets.get(s.name)!.off + s.shape[0]) })));
+const { specs, offsets, total, update, baseModel, bundleOf } = foldFixture(SIZES);
 
 function nativeFold(): CheckedFold {
   const addon = loadOneDnnKernels().kernels?.addon as { foldChecked?: unknown } | undefined;
