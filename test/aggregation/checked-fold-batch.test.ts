@@ -22,11 +22,12 @@ import { PlanSchema } from '../../shared/plan/schema.ts';
 import { makeBundle, type TensorBundle } from '../../shared/tensors/bundle.ts';
 import { encodeSafetensors } from '../../shared/tensors/safetensors.ts';
 import { mulberry32 } from '../../shared/util/random.ts';
-import { foldFixture } from '../helpers/fold-fixture.ts';
+import { foldFixture, maxUlpDiff } from '../helpers/fold-fixture.ts';
 
 // Past both block sizes (native 8192 in 65,536-float chunks, JS 16384), at every length mod 4.
 const SIZES = [1, 3, 4, 5, 1000, 8191, 8193, 16385, 70003];
-const { specs, offsets, total, update, baseModel, bundleOf } = foldFixture(SIZES);
+const fixture = foldFixture(SIZES);
+const { specs, offsets, total, update, baseModel, bundleOf } = fixture;
 const dir = mkdtempSync(join(tmpdir(), 'medfl-fold-batch-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
@@ -60,14 +61,6 @@ function firstByteDifference(a: Float64Array | Float32Array, b: Float64Array | F
   if (x.length !== y.length) return Math.min(x.length, y.length);
   for (let i = 0; i < x.length; i++) if (x[i] !== y[i]) return i;
   return -1;
-}
-
-function maxUlpDiff(a: Float32Array, b: Float32Array): number {
-  let worst = 0;
-  const ai = new Int32Array(a.buffer, a.byteOffset, a.length);
-  const bi = new Int32Array(b.buffer, b.byteOffset, b.length);
-  for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(ai[i] - bi[i]));
-  return worst;
 }
 
 /** Splits 0…n-1 into consecutive batches of the given sizes. */
@@ -224,14 +217,7 @@ describe.each(KINDS)('checkAndAddBatch (%s) against checkAndAdd one at a time', 
   it('refusals get checkAndAdd()\'s words and count nothing; the model within a float32 ulp of the one-by-one round', () => {
     const { one, batch } = get();
     const cfg = plan({ validation: { maxNormFactor: 3 } });
-    const base = bundleOf(baseModel(8));
-    const good = [1, 2, 3, 4].map((k) => update(k));
-    const nan = update(30);
-    nan.get('t8')!.data[30000] = Number.NaN;
-    const huge = update(31);
-    huge.get('t4')!.data[10] = 3e38;
-    const outlier = makeBundle([...good[0].values()].map((t) => ({ ...t, data: t.data.map((v) => v * 50) })));
-    const ups = [good[0], good[1], good[2], nan, outlier, huge, good[3]];
+    const { base, ups } = fixture.refusalRound();
     const a = oneByOne(new ComposedStrategy(cfg, { checkedFold: one }), base, ups);
     for (const sizes of [[7], [3, 4], [4, 3]]) {
       const b = batched(new ComposedStrategy(cfg, { checkedFoldBatch: batch }), base, ups, sizes);

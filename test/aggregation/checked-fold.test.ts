@@ -14,12 +14,13 @@ import type { RoundAggregator, Verdict } from '../../coordinator/aggregation/str
 import { deltaNormJs } from '../../coordinator/aggregation/validate.ts';
 import { loadOneDnnKernels } from '../../shared/engine/onednn-kernels.ts';
 import { PlanSchema } from '../../shared/plan/schema.ts';
-import { makeBundle, type TensorBundle } from '../../shared/tensors/bundle.ts';
-import { foldFixture } from '../helpers/fold-fixture.ts';
+import type { TensorBundle } from '../../shared/tensors/bundle.ts';
+import { foldFixture, maxUlpDiff } from '../helpers/fold-fixture.ts';
 
 // Past both block sizes (native 8192, JS 16384 floats), at every length mod 4.
 const SIZES = [1, 3, 4, 5, 1000, 8191, 8193, 16385, 40003];
-const { specs, offsets, total, update, baseModel, bundleOf } = foldFixture(SIZES);
+const fixture = foldFixture(SIZES);
+const { specs, offsets, total, update, baseModel, bundleOf } = fixture;
 
 function nativeFold(): CheckedFold {
   const addon = loadOneDnnKernels().kernels?.addon as { foldChecked?: unknown } | undefined;
@@ -123,14 +124,6 @@ function runRound(s: ComposedStrategy, base: TensorBundle, ups: TensorBundle[], 
   return { verdicts, out, norms, count };
 }
 
-function maxUlpDiff(a: Float32Array, b: Float32Array): number {
-  let worst = 0;
-  const ai = new Int32Array(a.buffer, a.byteOffset, a.length);
-  const bi = new Int32Array(b.buffer, b.byteOffset, b.length);
-  for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(ai[i] - bi[i]));
-  return worst;
-}
-
 describe.each(FOLDS)('checkAndAdd (%s) against check() + add()', (_, get) => {
   const plan = (aggregation: Record<string, unknown>) => PlanSchema.parse({ aggregation }).aggregation;
 
@@ -161,14 +154,7 @@ describe.each(FOLDS)('checkAndAdd (%s) against check() + add()', (_, get) => {
   it('refusals get check()\'s words, count nothing, and leave the model within a float32 ulp of the round without them', () => {
     const checkedFold = get();
     const cfg = plan({ validation: { maxNormFactor: 3 } });
-    const base = bundleOf(baseModel(8));
-    const good = [1, 2, 3, 4].map((k) => update(k));
-    const nan = update(30);
-    nan.get('t8')!.data[30000] = Number.NaN;
-    const huge = update(31);
-    huge.get('t4')!.data[10] = 3e38;
-    const outlier = makeBundle([...good[0].values()].map((t) => ({ ...t, data: t.data.map((v) => v * 50) })));
-    const ups = [good[0], good[1], good[2], nan, outlier, huge, good[3]];
+    const { base, good, ups } = fixture.refusalRound();
     const a = runRound(new ComposedStrategy(cfg), base, ups, false);
     const b = runRound(new ComposedStrategy(cfg, { checkedFold }), base, ups, true);
     expect(b.verdicts.map((v) => v.problem)).toEqual(a.verdicts.map((v) => v.problem));

@@ -16,6 +16,11 @@ export interface FoldFixture {
   baseModel(seed: number): Float32Array;
   /** The flat model cut back into the fixture's tensors. */
   bundleOf(flat: Float32Array): TensorBundle;
+  /**
+   * A round with every kind of refusal among four good updates: `ups` is good 0–2, a NaN (t8[30000]), a 50× outlier
+   * of good 0, a weight of 3e38 (t4[10]), good 3. Needs a tensor t8 of more than 30,000 values.
+   */
+  refusalRound(): { base: TensorBundle; good: TensorBundle[]; ups: TensorBundle[] };
 }
 
 export function foldFixture(sizes: readonly number[]): FoldFixture {
@@ -35,8 +40,27 @@ export function foldFixture(sizes: readonly number[]): FoldFixture {
       const rng = mulberry32(seed);
       return Float32Array.from({ length: total }, () => rng() - 0.5);
     },
+    refusalRound() {
+      const base = this.bundleOf(this.baseModel(8));
+      const good = [1, 2, 3, 4].map((k) => this.update(k));
+      const nan = this.update(30);
+      nan.get('t8')!.data[30000] = Number.NaN;
+      const huge = this.update(31);
+      huge.get('t4')!.data[10] = 3e38;
+      const outlier = makeBundle([...good[0].values()].map((t) => ({ ...t, data: t.data.map((v) => v * 50) })));
+      return { base, good, ups: [good[0], good[1], good[2], nan, outlier, huge, good[3]] };
+    },
     bundleOf(flat) {
       return makeBundle(specs.map((s) => ({ name: s.name, dtype: 'F32' as const, shape: [...s.shape], data: flat.slice(offsets.get(s.name)!.off, offsets.get(s.name)!.off + s.shape[0]) })));
     },
   };
+}
+
+/** The largest distance in float32 units in the last place between two arrays of finite values of one sign pattern. */
+export function maxUlpDiff(a: Float32Array, b: Float32Array): number {
+  let worst = 0;
+  const ai = new Int32Array(a.buffer, a.byteOffset, a.length);
+  const bi = new Int32Array(b.buffer, b.byteOffset, b.length);
+  for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(ai[i] - bi[i]));
+  return worst;
 }
