@@ -13,7 +13,7 @@
  * With `--transfer-mb M` each connection instead completes a model download of M MB (the coordinator's own
  * streamModelFile, from a file on disk) and then an upload of M MB that the server reads to the end and acknowledges,
  * one connection after another, and stays connected; the server reports its memory with every connection idle after
- * its transfers, and again once the client has closed them all (what a connection keeps after its transfers is the
+ * its transfers, and again once the client process has ended (its connections closed) (what a connection keeps after its transfers is the
  * difference between the two). `--transfer download` or `upload` does only one of them.
  *
  *   npm run bench:connection-memory -- [--connections 300] [--upload-mb 0] [--variants widened,default,no-channelz]
@@ -120,11 +120,11 @@ async function main(): Promise<void> {
       say(`| ${v} | ${mib(before.rss)} | ${mib(after.rss)} | ${perSite(before, after)} |`);
       continue;
     }
-    await reply<string>(c, 'close');
-    // The server notices the closed connections and frees their sessions.
-    await new Promise((r) => setTimeout(r, 3_000));
-    const closed = await reply<Memory>(s, 'measure');
+    // The client process ends, so every connection closes (closing a grpc-js channel leaves its open task stream
+    // and so its connection); the server notices and frees their sessions.
     c.kill();
+    await new Promise((r) => setTimeout(r, 5_000));
+    const closed = await reply<Memory>(s, 'measure');
     s.kill();
     say(`| ${v} | ${mib(before.rss)} / ${mib(after.rss)} / ${mib(closed.rss)} | ${perSite(before, after)} | ${perSite(closed, after)} |`);
   }
@@ -182,14 +182,13 @@ async function clients(p: ClientPlan): Promise<void> {
   // A subchannel pool per channel: one TCP + TLS connection per simulated site, as separate site processes have.
   const options = { ...CHANNEL_OPTIONS, 'grpc.use_local_subchannel_pool': 1 };
   const sites: SiteClient[] = [];
-  const timers: NodeJS.Timeout[] = [];
   const connect = async (): Promise<SiteClient> => {
     const c = new Federation(`localhost:${p.port}`, creds, options) as unknown as SiteClient;
     sites.push(c);
     const stream = c.SubscribeTasks({}) as grpc.ClientReadableStream<unknown>;
     stream.on('error', () => undefined);
     await new Promise<void>((res, rej) => c.Heartbeat({ state: 'idle', progress: 0, taskId: '', engine: 'bench' }, (e: Error | null) => (e ? rej(e) : res())));
-    timers.push(setInterval(() => c.Heartbeat({ state: 'idle', progress: 0, taskId: '', engine: 'bench' }, () => undefined), 5000));
+    setInterval(() => c.Heartbeat({ state: 'idle', progress: 0, taskId: '', engine: 'bench' }, () => undefined), 5000);
     return c;
   };
   if (p.transfer === 'none') {
@@ -214,11 +213,6 @@ async function clients(p: ClientPlan): Promise<void> {
     };
     await Promise.all(Array.from({ length: Math.max(1, p.parallel) }, worker));
   }
-  process.on('message', () => {
-    for (const t of timers) clearInterval(t);
-    for (const c of sites) c.close();
-    process.send!('closed');
-  });
   process.send!('ready');
 }
 
