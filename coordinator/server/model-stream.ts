@@ -13,12 +13,23 @@ import { close, open, read } from 'node:fs';
 import { CHUNK_BYTES } from '../../shared/protocol/grpc.ts';
 import { MODEL_CHUNK_HEAD_ROOM, modelChunkTail, writeModelChunkHead } from '../../shared/protocol/chunk-codec.ts';
 
-/** Tunables; the transport bench changes them in its own server process to sweep them. */
+/**
+ * Bytes of model per ModelChunk, well under the 2 MiB (CHUNK_BYTES) a message may carry. Node's TLS layer sizes the
+ * buffer for a connection's encrypted output by the largest write the HTTP/2 session hands it at once (all the DATA
+ * queued on the connection in one turn of the event loop), and keeps that buffer until the connection closes. A
+ * download's queued messages are that write, so with 2 MiB messages every site that had downloaded kept 1–4 MB of
+ * native memory at the coordinator for as long as it stayed connected (bench:connection-memory measures it).
+ * 64 KiB messages with two buffers keep it to about two 64 KiB writes' worth; the link is still filled, since the
+ * next chunk is queued as soon as the kernel takes the one before.
+ */
+export const DOWNLOAD_CHUNK_BYTES = 64 * 1024;
+
+/** Tunables; the transport benches change them in their own server process to sweep them. */
 export const modelStreamOptions = {
-  /** Bytes of model per ModelChunk. */
-  chunkBytes: CHUNK_BYTES,
-  /** Buffers per download: one being sent, the next queued, one being read from disk, one spare. */
-  slots: 4,
+  /** Bytes of model per ModelChunk (at most CHUNK_BYTES). */
+  chunkBytes: DOWNLOAD_CHUNK_BYTES,
+  /** Buffers per download: one being sent, the next read from disk meanwhile. Their sum bounds one write to TLS. */
+  slots: 2,
 };
 
 /** Room for the tail: total_size (≤ 1 + 8 B) and sha256 (2 + 64 B), rounded up. */
@@ -40,7 +51,7 @@ function giveBack(buf: Buffer): void {
 
 /** `onSent` runs once the last chunk has been handed to the call (not for a download that failed or was cut off). */
 export function streamModelFile(call: grpc.ServerWritableStream<unknown, unknown>, path: string, start: number, totalSize: number, sha256: string, onSent?: () => void): void {
-  const chunkBytes = modelStreamOptions.chunkBytes;
+  const chunkBytes = Math.min(modelStreamOptions.chunkBytes, CHUNK_BYTES);
   const tail = modelChunkTail(totalSize, sha256);
   // A model smaller than a chunk needs a buffer of its own size, not a whole chunk's: with many downloads at once a
   // 1 MB model would otherwise hold 2 MiB per download. Sized by the model, not the offset, so every download of

@@ -1,7 +1,9 @@
 /**
  * The model download's buffers (coordinator/server/model-stream.ts): a model smaller than one chunk is sent from a
  * buffer of its own size (with many downloads at once, a whole 2 MiB chunk buffer each for a 1 MB model doubled
- * what the downloads held), and the messages still decode to the file's bytes, from any offset.
+ * what the downloads held), the messages still decode to the file's bytes, from any offset, and a download never has
+ * more than about 128 KiB with the call at once (what one write to the connection's TLS layer holds, and what that
+ * layer then keeps for the connection's life).
  */
 import { EventEmitter } from 'node:events';
 import { randomBytes } from 'node:crypto';
@@ -10,8 +12,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type * as grpc from '@grpc/grpc-js';
 import { afterAll, describe, expect, it } from 'vitest';
-import { modelStreamOptions, streamModelFile } from '../../coordinator/server/model-stream.ts';
-import { CHUNK_BYTES, loadProto } from '../../shared/protocol/grpc.ts';
+import { DOWNLOAD_CHUNK_BYTES, modelStreamOptions, streamModelFile } from '../../coordinator/server/model-stream.ts';
+import { loadProto } from '../../shared/protocol/grpc.ts';
 import { sha256Hex } from '../../shared/util/hash.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'medfl-model-stream-'));
@@ -48,11 +50,11 @@ const decode = (buf: Buffer) => loadProto().Federation.service.DownloadModel!.re
 
 describe('model download buffers', () => {
   it('sends a model smaller than a chunk from a buffer of about its size, not a whole chunk', async () => {
-    const model = randomBytes(100_000);
+    const model = randomBytes(40_000);
     const [message, ...more] = await stream(model);
     expect(more).toHaveLength(0);
     expect(heldBytes[0]).toBeLessThan(model.length + 4096);
-    expect(heldBytes[0]).toBeLessThan(CHUNK_BYTES);
+    expect(heldBytes[0]).toBeLessThan(DOWNLOAD_CHUNK_BYTES);
     const m = decode(message!);
     expect(m).toMatchObject({ offset: 0, totalSize: model.length });
     expect(Buffer.compare(m.data, model)).toBe(0);
@@ -71,5 +73,35 @@ describe('model download buffers', () => {
     } finally {
       modelStreamOptions.chunkBytes = saved;
     }
+  });
+
+  it('has at most two small messages with the call at once, so one write to TLS stays small whatever the model size', async () => {
+    const model = randomBytes(1024 * 1024 + 1234);
+    const path = join(work, 'model-outstanding.safetensors');
+    writeFileSync(path, model);
+    let outstanding = 0;
+    let most = 0;
+    const received: Buffer[] = [];
+    await new Promise<void>((resolve, reject) => {
+      const call = Object.assign(new EventEmitter(), {
+        write(buf: Buffer, done: () => void) {
+          outstanding += buf.length;
+          most = Math.max(most, outstanding);
+          received.push(Buffer.from(buf));
+          // Completed late, as when the socket is slow: everything the stream wrote meanwhile is with the call.
+          setTimeout(() => {
+            outstanding -= buf.length;
+            done();
+          }, 5);
+          return true;
+        },
+        end: () => resolve(),
+      });
+      call.on('error', (e: { details: string }) => reject(new Error(e.details)));
+      streamModelFile(call as unknown as grpc.ServerWritableStream<unknown, unknown>, path, 0, model.length, sha256Hex(model));
+    });
+    expect(most).toBeLessThanOrEqual(2 * (64 * 1024 + 256));
+    const messages = received.map(decode);
+    expect(Buffer.compare(Buffer.concat(messages.map((m) => m.data)), model)).toBe(0);
   });
 });
