@@ -70,7 +70,7 @@ const startSync = (id, f) => {
 };
 // The chunk's memory goes back only to a sender that reuses it (back: true). Otherwise it is dropped here and freed by
 // this thread's small heap: sent back unasked, every chunk became garbage on the receiving event loop instead, whose
-// collector then ran over the whole process heap (a 2 MiB chunk cost ~2.5x the CPU of one that stays here).
+// collector then ran over the whole process heap (bench/README.md, bench/transfer-cpu.ts).
 const returnMemory = (id, b, back) =>
   back ? parentPort.postMessage({ op: 'written', id, bytes: b.length, data: b }, [b.buffer]) : parentPort.postMessage({ op: 'written', id, bytes: b.length });
 parentPort.on('message', (m) => {
