@@ -81,6 +81,8 @@ async function serve(dir: string): Promise<void> {
       process.send!({ type: 'cpu', id: m.id, cpuMs: (u.user + u.system) / 1000 } satisfies ChildMsg);
     }
   });
+  // Exit normally on SIGTERM so that `node --cpu-prof` (inherited by this child) writes its profile.
+  process.once('SIGTERM', () => process.exit(0));
   process.send!({ type: 'ready', port: coord.port } satisfies ChildMsg);
 }
 
@@ -94,6 +96,7 @@ async function relay(port: number, shape: LinkShape): Promise<void> {
       process.send!({ type: 'cpu', id: m.id, cpuMs: (u.user + u.system) / 1000 } satisfies ChildMsg);
     }
   });
+  process.once('SIGTERM', () => process.exit(0));
   process.send!({ type: 'ready', port: r.port } satisfies ChildMsg);
 }
 

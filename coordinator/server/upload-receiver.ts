@@ -217,11 +217,6 @@ export class PartialUpload {
     return this.file.whenBelow(bytes);
   }
 
-  /** Gets each chunk's memory back once it is written (the call may reuse it for later chunks). */
-  set onChunkWritten(f: ((memory: Uint8Array) => void) | undefined) {
-    this.file.onWritten = f;
-  }
-
   /** Called once if writing the partial file fails while chunks are still arriving. */
   set onWriteError(f: ((e: Error) => void) | undefined) {
     this.file.onError = f;

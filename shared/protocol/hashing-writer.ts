@@ -68,7 +68,11 @@ const startSync = (id, f) => {
     settled(f);
   });
 };
-const returnMemory = (id, b) => parentPort.postMessage({ op: 'written', id, bytes: b.length, data: b }, [b.buffer]);
+// The chunk's memory goes back only to a sender that reuses it (back: true). Otherwise it is dropped here and freed by
+// this thread's small heap: sent back unasked, every chunk became garbage on the receiving event loop instead, whose
+// collector then ran over the whole process heap (bench/README.md, bench/transfer-cpu.ts).
+const returnMemory = (id, b, back) =>
+  back ? parentPort.postMessage({ op: 'written', id, bytes: b.length, data: b }, [b.buffer]) : parentPort.postMessage({ op: 'written', id, bytes: b.length });
 parentPort.on('message', (m) => {
   const f = files.get(m.id);
   switch (m.op) {
@@ -91,14 +95,14 @@ parentPort.on('message', (m) => {
     }
     case 'write': {
       const b = m.data;
-      if (!f || f.error || f.closing) return returnMemory(m.id, b);
+      if (!f || f.error || f.closing) return returnMemory(m.id, b, m.back);
       // The thread pool writes the chunk while this thread hashes it: both only read b, and its memory goes
       // back (the sender reuses it for later chunks) once the write is done, after the hash.
       f.pending++;
       writeAll(f.fd, b, m.position, (e) => {
         if (e) fail(m.id, f, e);
-        f.unsynced += b.length; // before returnMemory, which detaches b
-        returnMemory(m.id, b);
+        f.unsynced += b.length; // before returnMemory, which may detach b
+        returnMemory(m.id, b, m.back);
         startSync(m.id, f);
         settled(f);
       });
@@ -140,7 +144,7 @@ parentPort.on('message', (m) => {
 `;
 
 type FromWorker =
-  | { op: 'written'; id: number; bytes: number; data: Uint8Array }
+  | { op: 'written'; id: number; bytes: number; data?: Uint8Array }
   | { op: 'error'; id: number; message: string }
   | { op: 'finished'; id: number; digest?: string; error?: string; syncs?: number }
   | { op: 'dropped'; id: number };
@@ -221,7 +225,10 @@ export class HashingFileWriter {
   private syncs = 0;
   /** Called once, on the first write failure (or loss of the writer thread); `write` throws it afterwards. */
   onError?: (e: Error) => void;
-  /** Gets the memory of each written chunk back (transferred or copied), for the caller to reuse or drop. */
+  /**
+   * Gets the memory of each chunk written after it was set back (transferred or copied), for the caller to reuse.
+   * Unset, the memory stays with the writer thread, which frees it: cheaper for a caller that would only drop it.
+   */
   onWritten?: (memory: Uint8Array) => void;
 
   /**
@@ -264,9 +271,10 @@ export class HashingFileWriter {
     if (n === 0) return;
     let sent = false;
     const ab = data.buffer;
+    const back = this.onWritten !== undefined;
     if (transfer && ab instanceof ArrayBuffer && n >= MIN_TRANSFER_BYTES && ab.byteLength - n <= transferSlack(n)) {
       try {
-        writerThread().post({ op: 'write', id: this.id, data, position }, [ab]);
+        writerThread().post({ op: 'write', id: this.id, data, position, back }, [ab]);
         sent = true;
       } catch {
         // Not transferable (e.g. memory owned by native code): copy below.
@@ -275,7 +283,7 @@ export class HashingFileWriter {
     if (!sent) {
       const copy = new Uint8Array(n);
       copy.set(data);
-      writerThread().post({ op: 'write', id: this.id, data: copy, position }, [copy.buffer]);
+      writerThread().post({ op: 'write', id: this.id, data: copy, position, back }, [copy.buffer]);
     }
     this.queued += n;
   }
@@ -323,7 +331,7 @@ export class HashingFileWriter {
   fromWorker(m: FromWorker): void {
     if (m.op === 'written') {
       this.queued -= m.bytes;
-      this.onWritten?.(m.data);
+      if (m.data) this.onWritten?.(m.data);
       this.release();
       return;
     }
