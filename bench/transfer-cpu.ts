@@ -5,7 +5,7 @@
  * writes a CPU profile of the coordinator's main thread and of this process for each phase, with a table of the
  * top self-time frames.
  *
- *   node --import tsx bench/transfer-cpu.ts [--sites 8] [--width 300] [--profile DIR]
+ *   npm run bench:transfer-cpu -- [--sites 8] [--width 300] [--profile DIR]
  *
  * Profiles are of the main threads only; the file writer's thread (write(2), SHA-256) is in the CPU seconds, not in
  * the tables. Frames are counted by samples, not by the time between them, so that a process the machine starves
