@@ -15,14 +15,14 @@ import { baseBlocks } from '../../coordinator/aggregation/base-blocks.ts';
 import { checkedFold, checkedFoldBatch, checkedFoldBatchJs, checkedFoldJs, type CheckedFold, type CheckedFoldBatch, type FoldTarget } from '../../coordinator/aggregation/checked-fold.ts';
 import { ComposedStrategy } from '../../coordinator/aggregation/composed.ts';
 import { WeightedMeanAggregator } from '../../coordinator/aggregation/fedavg.ts';
-import type { BatchItem, RoundAggregator, Verdict } from '../../coordinator/aggregation/strategy.ts';
+import type { BatchItem, } from '../../coordinator/aggregation/strategy.ts';
 import { openModelReader } from '../../coordinator/models/model-reader.ts';
 import { loadOneDnnKernels } from '../../shared/engine/onednn-kernels.ts';
 import { PlanSchema } from '../../shared/plan/schema.ts';
 import { makeBundle, type TensorBundle } from '../../shared/tensors/bundle.ts';
 import { encodeSafetensors } from '../../shared/tensors/safetensors.ts';
 import { mulberry32 } from '../../shared/util/random.ts';
-import { foldFixture, maxUlpDiff } from '../helpers/fold-fixture.ts';
+import { foldFixture, maxUlpDiff, type RoundResult } from '../helpers/fold-fixture.ts';
 
 // Past both block sizes (native 8192 in 65,536-float chunks, JS 16384), at every length mod 4.
 const SIZES = [1, 3, 4, 5, 1000, 8191, 8193, 16385, 70003];
@@ -132,16 +132,7 @@ describe.each(KINDS)('batched checked fold (%s) against one-by-one checked folds
 const plan = (aggregation: Record<string, unknown>) => PlanSchema.parse({ aggregation }).aggregation;
 const weights = [10, 11, 12, 13, 14, 15, 16];
 
-interface RoundResult { verdicts: Verdict[]; out: Float32Array; norms: number[]; count: number }
-
-function finishRound(agg: RoundAggregator, verdicts: Verdict[]): RoundResult {
-  const count = agg.count;
-  const norms = [...(agg as RoundAggregator & { acceptedNorms: readonly number[] }).acceptedNorms];
-  const res = agg.finish();
-  const out = new Float32Array(total);
-  for (const sp of specs) out.set(res.get(sp.name)!.data, offsets.get(sp.name)!.off);
-  return { verdicts, out, norms, count };
-}
+const finishRound = fixture.finishRound;
 
 /** A round with checkAndAdd() one update at a time (the reference). */
 function oneByOne(s: ComposedStrategy, base: TensorBundle, ups: TensorBundle[], isDelta = false): RoundResult {

@@ -10,12 +10,11 @@ import { describe, expect, it } from 'vitest';
 import { checkedFold, checkedFoldJs, type CheckedFold, type FoldTarget } from '../../coordinator/aggregation/checked-fold.ts';
 import { ComposedStrategy } from '../../coordinator/aggregation/composed.ts';
 import { WeightedMeanAggregator } from '../../coordinator/aggregation/fedavg.ts';
-import type { RoundAggregator, Verdict } from '../../coordinator/aggregation/strategy.ts';
 import { deltaNormJs } from '../../coordinator/aggregation/validate.ts';
 import { loadOneDnnKernels } from '../../shared/engine/onednn-kernels.ts';
 import { PlanSchema } from '../../shared/plan/schema.ts';
 import type { TensorBundle } from '../../shared/tensors/bundle.ts';
-import { foldFixture, maxUlpDiff } from '../helpers/fold-fixture.ts';
+import { foldFixture, maxUlpDiff, type RoundResult } from '../helpers/fold-fixture.ts';
 
 // Past both block sizes (native 8192, JS 16384 floats), at every length mod 4.
 const SIZES = [1, 3, 4, 5, 1000, 8191, 8193, 16385, 40003];
@@ -103,7 +102,7 @@ describe.each(FOLDS)('checked fold (%s) against the norm pass + fold', (_, get) 
 });
 
 /** One round of `ups`, each through checkAndAdd (fused) or check + add (the path before). */
-function runRound(s: ComposedStrategy, base: TensorBundle, ups: TensorBundle[], fused: boolean, isDelta = false, weights = ups.map((_, k) => 10 + k)): { verdicts: Verdict[]; out: Float32Array; norms: readonly number[]; count: number } {
+function runRound(s: ComposedStrategy, base: TensorBundle, ups: TensorBundle[], fused: boolean, isDelta = false, weights = ups.map((_, k) => 10 + k)): RoundResult {
   const agg = s.begin(base, specs, { expected: ups.length, deltaUpdates: isDelta });
   const verdicts = ups.map((u, k) => {
     const info = { site: `s${k}`, numSamples: weights[k], isDelta };
@@ -116,12 +115,7 @@ function runRound(s: ComposedStrategy, base: TensorBundle, ups: TensorBundle[], 
     if (!v.problem) agg.add(u, info, v);
     return v;
   });
-  const count = agg.count;
-  const norms = [...(agg as RoundAggregator & { acceptedNorms: readonly number[] }).acceptedNorms];
-  const res = agg.finish();
-  const out = new Float32Array(total);
-  for (const sp of specs) out.set(res.get(sp.name)!.data, offsets.get(sp.name)!.off);
-  return { verdicts, out, norms, count };
+  return fixture.finishRound(agg, verdicts);
 }
 
 describe.each(FOLDS)('checkAndAdd (%s) against check() + add()', (_, get) => {

@@ -2,8 +2,17 @@
  * Tensors for the checked-fold tests: one F32 tensor per length in `sizes` (lengths chosen to cross the kernels'
  * block edges), their offsets in the flat model, and seeded updates, base models and bundles over them.
  */
+import type { RoundAggregator, Verdict } from '../../coordinator/aggregation/strategy.ts';
 import { makeBundle, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
 import { mulberry32 } from '../../shared/util/random.ts';
+
+/** What a finished round gave: the verdicts, the model flat in fixture order, the accepted norms and the count. */
+export interface RoundResult {
+  verdicts: Verdict[];
+  out: Float32Array;
+  norms: number[];
+  count: number;
+}
 
 export interface FoldFixture {
   specs: TensorSpec[];
@@ -21,6 +30,8 @@ export interface FoldFixture {
    * of good 0, a weight of 3e38 (t4[10]), good 3. Needs a tensor t8 of more than 30,000 values.
    */
   refusalRound(): { base: TensorBundle; good: TensorBundle[]; ups: TensorBundle[] };
+  /** Finishes `agg` and reads what the tests compare. */
+  finishRound(agg: RoundAggregator, verdicts: Verdict[]): RoundResult;
 }
 
 export function foldFixture(sizes: readonly number[]): FoldFixture {
@@ -49,6 +60,14 @@ export function foldFixture(sizes: readonly number[]): FoldFixture {
       huge.get('t4')!.data[10] = 3e38;
       const outlier = makeBundle([...good[0].values()].map((t) => ({ ...t, data: t.data.map((v) => v * 50) })));
       return { base, good, ups: [good[0], good[1], good[2], nan, outlier, huge, good[3]] };
+    },
+    finishRound(agg, verdicts) {
+      const count = agg.count;
+      const norms = [...(agg as RoundAggregator & { acceptedNorms: readonly number[] }).acceptedNorms];
+      const res = agg.finish();
+      const out = new Float32Array(total);
+      for (const sp of specs) out.set(res.get(sp.name)!.data, offsets.get(sp.name)!.off);
+      return { verdicts, out, norms, count };
     },
     bundleOf(flat) {
       return makeBundle(specs.map((s) => ({ name: s.name, dtype: 'F32' as const, shape: [...s.shape], data: flat.slice(offsets.get(s.name)!.off, offsets.get(s.name)!.off + s.shape[0]) })));
