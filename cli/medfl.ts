@@ -75,7 +75,12 @@ coordinator
       if (stopping) return;
       stopping = true;
       process.stdout.write(`\n${why}: stopping coordinator\n`);
-      await running.stop();
+      try {
+        await running.stop();
+      } catch (e) {
+        process.stderr.write(`stopping the coordinator failed: ${(e as Error).message}\n`);
+        process.exit(1);
+      }
       process.exit(0);
     };
     process.once('SIGINT', () => void shutdown('SIGINT'));

@@ -266,18 +266,22 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     admin,
     transfers,
     async stop() {
-      await admin?.close();
-      stopStartRetries?.();
-      engine.stop();
-      refusals.close();
-      // Task streams never end on their own, so a graceful shutdown would wait forever; sites reconnect.
-      server.forceShutdown();
-      limiter.close();
-      // Sends in flight finish first; whatever is left unpublished stays in the outbox for the next start.
-      await bus.close();
-      await ledger.close();
-      await remote?.close();
-      store.close();
+      try {
+        await admin?.close();
+        stopStartRetries?.();
+        engine.stop();
+        refusals.close();
+        // Task streams never end on their own, so a graceful shutdown would wait forever; sites reconnect.
+        server.forceShutdown();
+        limiter.close();
+        // Sends in flight finish first; whatever is left unpublished stays in the outbox for the next start.
+        await bus.close();
+        await ledger.close();
+        await remote?.close();
+      } finally {
+        // Whatever failed above, the database is closed cleanly (its WAL checkpointed, no -shm left behind).
+        store.close();
+      }
     },
   };
 }
