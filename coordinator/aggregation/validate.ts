@@ -51,36 +51,20 @@ export type DeltaNorm = (update: TensorBundle, isDelta: boolean, base: BaseLike 
 /** The JS loop (the reference; what runs without the native addon). */
 export const deltaNormJs: DeltaNorm = (update, isDelta, baseLike, offsets) => {
   const base = asBaseBlocks(baseLike);
+  const lanes = new Float64Array(4);
   let s = 0;
   for (const [name, { off, n }] of offsets) {
     const x = update.get(name)!.data;
-    // Four independent sums: the loop is bound by the add chain otherwise (~2× faster here).
-    let s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    const n4 = n - (n % 4);
-    let i = 0;
-    if (isDelta || !base) {
-      for (; i < n4; i += 4) {
-        const a = x[i], b = x[i + 1], c = x[i + 2], d = x[i + 3];
-        s0 += a * a; s1 += b * b; s2 += c * c; s3 += d * d;
-      }
-      for (; i < n; i++) s0 += x[i] * x[i];
-    } else {
+    lanes.fill(0);
+    if (isDelta || !base) deltaSqLanesJs(x.subarray(0, n), undefined, lanes);
+    else {
       // Block by block (a multiple of four long): each lane sees the same values in the same order as in one loop.
       for (let at = 0; at < n; at += BASE_BLOCK_FLOATS) {
-        const end = Math.min(n, at + BASE_BLOCK_FLOATS);
-        const bb = base.block(off + at, end - at);
-        const end4 = Math.min(end, n4);
-        for (i = at; i < end4; i += 4) {
-          const a = x[i] - bb[i - at], b = x[i + 1] - bb[i + 1 - at], c = x[i + 2] - bb[i + 2 - at], d = x[i + 3] - bb[i + 3 - at];
-          s0 += a * a; s1 += b * b; s2 += c * c; s3 += d * d;
-        }
-        for (i = end4; i < end; i++) {
-          const a = x[i] - bb[i - at];
-          s0 += a * a;
-        }
+        const len = Math.min(BASE_BLOCK_FLOATS, n - at);
+        deltaSqLanesJs(x.subarray(at, at + len), base.block(off + at, len), lanes);
       }
     }
-    s += s0 + s1 + s2 + s3;
+    s += lanes[0] + lanes[1] + lanes[2] + lanes[3];
   }
   return Math.sqrt(s);
 };
