@@ -28,7 +28,7 @@ import { parseArgs } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
 import pino from 'pino';
 import { CoordinatorHome } from '../coordinator/home.ts';
-import { widenServerWindows } from '../coordinator/coordinator.ts';
+import { widenServerWindows } from '../coordinator/server/receive-window.ts';
 import { modelStreamOptions, streamModelFile } from '../coordinator/server/model-stream.ts';
 import { CHANNEL_OPTIONS, CHUNK_BYTES, SERVER_FLOW_CONTROL_WINDOW, SERVER_OPTIONS, loadProto } from '../shared/protocol/grpc.ts';
 import { pinnedChannelCredentials, serverCredentials } from '../shared/security/pki.ts';

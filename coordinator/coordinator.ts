@@ -8,7 +8,6 @@
  * site on every method except Enroll.
  */
 import * as grpc from '@grpc/grpc-js';
-import type { Http2Server, ServerHttp2Session } from 'node:http2';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { CoordinatorHome } from './home.ts';
@@ -23,6 +22,7 @@ import { strategyFromPlan } from './aggregation/index.ts';
 import { federationHandlers } from './server/federation-service.ts';
 import { TransferAdmission, defaultTransferLimits, resolveTransferLimits, type TransferLimitsConfig } from './server/transfer-admission.ts';
 import { enrollmentHandlers } from './server/enrollment-service.ts';
+import { applyReceiveWindow, DEFAULT_RECEIVE_WINDOW, receiveWindowServerOptions } from './server/receive-window.ts';
 import { governanceHandlers } from './server/ledger-service.ts';
 import { openLedger, strategyName } from './ledger/index.ts';
 import { loadGovernanceService } from '../shared/privacy/governance-proto.ts';
@@ -37,7 +37,7 @@ import type { EventBus } from '../shared/events/bus.ts';
 import { loadPlanFile, defaultPlan } from '../shared/plan/load.ts';
 import type { Plan } from '../shared/plan/schema.ts';
 import { architectureFor } from '../shared/model/registry.ts';
-import { loadProto, SERVER_FLOW_CONTROL_WINDOW, SERVER_OPTIONS } from '../shared/protocol/grpc.ts';
+import { loadProto } from '../shared/protocol/grpc.ts';
 import { COORDINATOR_FEATURES, FEATURES, type Feature } from '../shared/protocol/features.ts';
 import { serverCredentials } from '../shared/security/pki.ts';
 import { rawPublicKey } from '../shared/security/site-identity.ts';
@@ -214,7 +214,9 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     ...(o.keepalive?.timeMs !== undefined ? { 'grpc.keepalive_time_ms': o.keepalive.timeMs } : {}),
     ...(o.keepalive?.timeoutMs !== undefined ? { 'grpc.keepalive_timeout_ms': o.keepalive.timeoutMs } : {}),
   };
-  const server = new grpc.Server({ ...SERVER_OPTIONS, ...keepalive, interceptors: [createAuthInterceptor(authOptions)] });
+  // coordinator.json's `receiveWindow`: upload speed over long links against memory per connection (server/receive-window.ts).
+  const receiveWindow = config.receiveWindow ?? DEFAULT_RECEIVE_WINDOW;
+  const server = new grpc.Server({ ...receiveWindowServerOptions(receiveWindow), ...keepalive, interceptors: [createAuthInterceptor(authOptions)] });
   const federation = federationHandlers({ store, models, engine, receiver, log, features, maxOpenUploadsPerSite: o.limits?.maxOpenUploadsPerSite, refusals, onTransfer: metrics?.transferred, admission: transfers });
   server.addService(
     Enrollment.service,
@@ -231,9 +233,9 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   const port = await new Promise<number>((resolve, reject) =>
     server.bindAsync(`${host}:${o.port ?? config.port}`, creds, (err, p) => (err ? reject(new Error(`cannot listen on ${host}:${o.port ?? config.port}: ${err.message}`)) : resolve(p))),
   );
-  widenServerWindows(server, SERVER_FLOW_CONTROL_WINDOW, log);
+  applyReceiveWindow(server, receiveWindow, log);
   log.info(
-    { port, plan: planPath, rounds: plan.rounds, minSites: plan.minSites, bus: bus.describe(), shared: engine.sharedNames.length, mtls },
+    { port, plan: planPath, rounds: plan.rounds, minSites: plan.minSites, bus: bus.describe(), shared: engine.sharedNames.length, mtls, receiveWindow },
     mtls ? 'coordinator listening (TLS, token auth, client certificates required)' : 'coordinator listening (TLS, token auth)',
   );
   let admin: AdminHttpServer | undefined;
@@ -284,37 +286,4 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
       }
     },
   };
-}
-
-/**
- * Widens the HTTP/2 receive window of every connection the server accepts (connection and streams), so an upload
- * over a link with a large bandwidth-delay product is not held to grpc-js's 64 KiB: with 64 KiB, 40 ms of round
- * trip allow 1.6 MB/s whatever the link (bench/wan.ts measures both directions).
- *
- * grpc-js 1.14 reads 'grpc-node.flow_control_window' on its clients only, and has no public hook on the sessions
- * its server accepts; this is the one place MedFL reaches into grpc-js (its `http2Servers` map). Its public ways in
- * fall short: `createConnectionInjector` takes a socket we own but never shows the session made on it, and HTTP/2
- * settings reach its server only through a ServerCredentials subclass (internal methods again), where they would widen
- * each stream's window but not the connection's: that stays at 65,535 bytes, 64 KiB per round trip as before.
- * It is guarded: where grpc-js's internals differ, nothing changes but the window (logged at warn, and
- * test/transport/grpc-transport.test.ts fails, so an upgrade that loses it is noticed). SERVER_OPTIONS passes the same
- * option to the server, so a grpc-js that honours it there widens the window by itself.
- */
-export function widenServerWindows(server: grpc.Server, bytes: number, log: Logger): void {
-  const listeners = (server as unknown as { http2Servers?: unknown }).http2Servers;
-  if (!(listeners instanceof Map)) {
-    log.warn('grpc-js internals changed: the server HTTP/2 receive window stays at its default (slow uploads over long links)');
-    return;
-  }
-  for (const h2 of listeners.keys() as Iterable<Http2Server>) {
-    if (typeof h2?.on !== 'function') continue;
-    h2.on('session', (session: ServerHttp2Session) => {
-      try {
-        session.setLocalWindowSize(bytes);
-        session.settings({ initialWindowSize: Math.min(bytes, 2 ** 31 - 1) });
-      } catch (e) {
-        log.debug({ reason: (e as Error).message }, 'could not widen an HTTP/2 session window');
-      }
-    });
-  }
 }

@@ -1,6 +1,7 @@
 /**
  * The coordinator's directory: identity, PKI, signing key, plan and state, all in one place an admin can back up.
- *   coordinator.json   federation id, hosts, port; optional `transfers` limits (server/transfer-admission.ts)
+ *   coordinator.json   federation id, hosts, port; optional `transfers` limits (server/transfer-admission.ts) and
+ *                      `receiveWindow` (server/receive-window.ts)
  *   pki/               ca.pem, ca.key (0600; read only by the coordinator, to sign site TLS client certificates at
  *                      enrolment), server.pem, server.key (0600), server-chain.pem
  *   keys/              coordinator.key (0600, Ed25519: signs task manifests)
@@ -18,6 +19,7 @@ import { generateCoordinatorKey, toPrivateKey } from '../shared/security/site-id
 import { writeFileAtomic } from '../shared/util/fs-atomic.ts';
 import type { KeyObject } from 'node:crypto';
 import { TransferLimitsConfigSchema } from './server/transfer-admission.ts';
+import { ReceiveWindowSchema } from './server/receive-window.ts';
 
 export const DEFAULT_PORT = 7443;
 
@@ -28,6 +30,8 @@ const ConfigSchema = z.object({
   port: z.number().int().min(0).max(65535),
   /** Bulk transfers at once (coordinator/server/transfer-admission.ts); each limit left out is derived from memory. */
   transfers: TransferLimitsConfigSchema.strict().optional(),
+  /** HTTP/2 receive window per site connection, bytes or "grpc-default" (coordinator/server/receive-window.ts); default 32 MiB. */
+  receiveWindow: ReceiveWindowSchema.optional(),
 });
 export type CoordinatorConfig = z.infer<typeof ConfigSchema>;
 

@@ -21,7 +21,7 @@ export const MAX_MESSAGE_BYTES = CHUNK_BYTES + 64 * 1024;
  * ~250 ms. It is a limit, not an allocation: a receiver that keeps up holds little.
  */
 export const FLOW_CONTROL_WINDOW = 32 * 1024 * 1024;
-/** The coordinator's side of it (coordinator.ts: widenServerWindows). */
+/** The coordinator's side of it, unless coordinator.json's `receiveWindow` says otherwise (coordinator/server/receive-window.ts). */
 export const SERVER_FLOW_CONTROL_WINDOW = FLOW_CONTROL_WINDOW;
 
 /**
@@ -57,6 +57,7 @@ export const SERVER_OPTIONS: grpc.ServerOptions = {
   'grpc.keepalive_time_ms': SERVER_KEEPALIVE.timeMs,
   'grpc.keepalive_timeout_ms': SERVER_KEEPALIVE.timeoutMs,
   // Read by grpc-js servers once they honour it (1.14 reads it on clients only); until then widenServerWindows does it.
+  // The coordinator replaces it with its configured window (receiveWindowServerOptions).
   'grpc-node.flow_control_window': SERVER_FLOW_CONTROL_WINDOW,
 };
 

@@ -1,0 +1,129 @@
+/**
+ * The coordinator's HTTP/2 receive window as an operator setting (coordinator.json `receiveWindow`,
+ * coordinator/server/receive-window.ts): checked at start with a clear error; by default every site connection is
+ * granted the 32 MiB window; a number of bytes grants that; "grpc-default" leaves grpc-js's own 65,535 bytes and
+ * reaches into nothing inside grpc-js. The windows are read as a site's HTTP/2 session sees them.
+ */
+import * as grpc from '@grpc/grpc-js';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import http2 from 'node:http2';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { pino } from 'pino';
+import { CoordinatorHome } from '../../coordinator/home.ts';
+import { startCoordinator, type RunningCoordinator } from '../../coordinator/coordinator.ts';
+import {
+  applyReceiveWindow,
+  DEFAULT_RECEIVE_WINDOW,
+  GRPC_DEFAULT_WINDOW,
+  receiveWindowServerOptions,
+  type ReceiveWindowSetting,
+} from '../../coordinator/server/receive-window.ts';
+
+const quiet = pino({ level: 'silent' });
+/** HTTP/2's initial window, which grpc-js 1.14's server keeps for the connection and every stream. */
+const HTTP2_DEFAULT_WINDOW = 65_535;
+const MiB = 1024 * 1024;
+
+let work: string;
+const running: RunningCoordinator[] = [];
+
+/** A coordinator home whose coordinator.json carries `receiveWindow` (left out when undefined). */
+async function homeWith(name: string, receiveWindow?: unknown): Promise<CoordinatorHome> {
+  const home = await CoordinatorHome.init(join(work, name), { hosts: ['localhost', '127.0.0.1'] });
+  if (receiveWindow !== undefined) writeFileSync(home.configPath, JSON.stringify({ ...home.config(), receiveWindow }));
+  return home;
+}
+
+async function coordinatorWith(name: string, receiveWindow?: ReceiveWindowSetting): Promise<{ port: number; home: CoordinatorHome }> {
+  const home = await homeWith(name, receiveWindow);
+  const coord = await startCoordinator({ dir: home.dir, port: 0, host: '127.0.0.1', log: quiet });
+  running.push(coord);
+  return { port: coord.port, home };
+}
+
+/**
+ * The windows the coordinator grants a new connection: the connection's (what the client may send before a
+ * WINDOW_UPDATE) and each stream's (its SETTINGS_INITIAL_WINDOW_SIZE). Read after a PING's answer: the coordinator
+ * sends its window update and settings as the session opens, so by then they have arrived.
+ */
+async function grantedWindows(port: number, home: CoordinatorHome): Promise<{ connection: number; stream: number }> {
+  const session = http2.connect(`https://localhost:${port}`, { ca: home.caPem() });
+  session.on('error', () => undefined);
+  try {
+    await new Promise((resolve) => session.once('remoteSettings', resolve));
+    await new Promise<void>((resolve, reject) => session.ping((err) => (err ? reject(err) : resolve())));
+    return { connection: session.state.remoteWindowSize ?? Number.NaN, stream: session.remoteSettings.initialWindowSize ?? HTTP2_DEFAULT_WINDOW };
+  } finally {
+    session.close();
+  }
+}
+
+beforeAll(() => {
+  work = mkdtempSync(join(tmpdir(), 'medfl-receive-window-'));
+});
+
+afterAll(async () => {
+  for (const c of running) await c.stop();
+  if (work) rmSync(work, { recursive: true, force: true });
+});
+
+describe("coordinator.json's receiveWindow", () => {
+  it('takes a number of bytes or "grpc-default", and refuses anything else naming the field, the range and the value', async () => {
+    const home = await homeWith('config');
+    const config = home.config();
+    expect(config.receiveWindow).toBeUndefined();
+    for (const good of [HTTP2_DEFAULT_WINDOW, 4 * MiB, 2 ** 31 - 1, GRPC_DEFAULT_WINDOW]) {
+      writeFileSync(home.configPath, JSON.stringify({ ...config, receiveWindow: good }));
+      expect(home.config().receiveWindow).toBe(good);
+    }
+    for (const bad of [0, -1, 65_534, 2 ** 31, 1.5 * MiB + 0.5, '32MiB', 'default', null, true]) {
+      writeFileSync(home.configPath, JSON.stringify({ ...config, receiveWindow: bad }));
+      expect(() => home.config(), String(bad)).toThrow(
+        /coordinator\.json is not a valid coordinator configuration: receiveWindow: must be a whole number of bytes from 65535 to 2147483647 .* or "grpc-default"/,
+      );
+      expect(() => home.config()).toThrow(`got ${JSON.stringify(bad)}`);
+    }
+  });
+
+  it('refused, stops the coordinator before it listens', async () => {
+    const home = await homeWith('refused', 1000);
+    await expect(startCoordinator({ dir: home.dir, port: 0, host: '127.0.0.1', log: quiet })).rejects.toThrow(/receiveWindow: must be a whole number/);
+  });
+});
+
+describe('the window a site connection is granted', () => {
+  it('is 32 MiB for the connection and every stream by default', async () => {
+    const { port, home } = await coordinatorWith('default');
+    expect(DEFAULT_RECEIVE_WINDOW).toBe(32 * MiB);
+    // The connection's window counts from the 65,535 bytes every HTTP/2 connection starts with.
+    expect(await grantedWindows(port, home)).toEqual({ connection: DEFAULT_RECEIVE_WINDOW, stream: DEFAULT_RECEIVE_WINDOW });
+  });
+
+  it('is the number of bytes set', async () => {
+    const { port, home } = await coordinatorWith('one-mib', 1 * MiB);
+    expect(await grantedWindows(port, home)).toEqual({ connection: 1 * MiB, stream: 1 * MiB });
+  });
+
+  it('stays at grpc-js\'s own 65,535 bytes with "grpc-default"', async () => {
+    const { port, home } = await coordinatorWith('grpc-default', GRPC_DEFAULT_WINDOW);
+    expect(await grantedWindows(port, home)).toEqual({ connection: HTTP2_DEFAULT_WINDOW, stream: HTTP2_DEFAULT_WINDOW });
+  });
+});
+
+describe('"grpc-default"', () => {
+  it("reads no grpc-js internals and passes grpc-js no window option", () => {
+    const touched: PropertyKey[] = [];
+    const server = new Proxy(new grpc.Server(), {
+      get(target, key, receiver) {
+        touched.push(key);
+        return Reflect.get(target, key, receiver);
+      },
+    });
+    applyReceiveWindow(server, GRPC_DEFAULT_WINDOW, quiet);
+    expect(touched).toEqual([]);
+    expect(receiveWindowServerOptions(GRPC_DEFAULT_WINDOW)).not.toHaveProperty('grpc-node.flow_control_window');
+    expect(receiveWindowServerOptions(4 * MiB)).toMatchObject({ 'grpc-node.flow_control_window': 4 * MiB });
+  });
+});
