@@ -9,13 +9,21 @@
  *   2. 20 sites uploading the same size at once straight to the coordinator (loopback, no relay): the coordinator
  *      process's CPU seconds per GB received (its own threads included: TLS, HTTP/2, gRPC, the file writer).
  *
+ * BENCH_WINDOWS=grpc-default,widened runs part 1 once per HTTP/2 receive-window setting, in that order, in one run:
+ * "widened" is what MedFL ships (the coordinator's 32 MiB `receiveWindow`, the site's 32 MiB
+ * 'grpc-node.flow_control_window'); "grpc-default" leaves both at grpc-js's own 65,535 bytes (the coordinator through
+ * coordinator.json's `receiveWindow: "grpc-default"`, the site's download on a channel without the option), which
+ * measures what the widening buys.
+ *
  * Three processes, as on real machines: the coordinator (--serve), the relay (--relay), and this one (the sites).
  * Rates are of model bytes (MB = 10^6 B; the TLS, HTTP/2 and gRPC framing on top is ~1 %).
  *
  *   npm run bench:wan
  *   BENCH_WIDTH=200 BENCH_SITES=5 npm run bench:wan     # smaller and quicker
  *   BENCH_LINKS=2,2,2 BENCH_SITES=0 npm run bench:wan    # the 1 Gbit/s link three times, no many-sites part
+ *   BENCH_WINDOWS=grpc-default,widened BENCH_LINKS=1,2 BENCH_SITES=0 npm run bench:wan   # what the wide windows buy
  */
+import * as grpc from '@grpc/grpc-js';
 import { fork, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -28,12 +36,16 @@ import { pino } from 'pino';
 import { CoordinatorHome } from '../coordinator/home.ts';
 import { addSite } from '../coordinator/admin.ts';
 import { startCoordinator } from '../coordinator/coordinator.ts';
+import { GRPC_DEFAULT_WINDOW } from '../coordinator/server/receive-window.ts';
 import { enrollSite } from '../site-agent/enroll.ts';
+import { channelCredentials, channelOptions, coordinatorTarget, parseAddress } from '../site-agent/transport/connection.ts';
 import { SiteHome } from '../site-agent/home.ts';
 import { FederationClient, type WireTask } from '../site-agent/transport/client.ts';
 import { ModelCache } from '../site-agent/transport/model-cache.ts';
 import { uploadOnce } from '../site-agent/transport/upload.ts';
 import { loadPlanFile } from '../shared/plan/load.ts';
+import { loadProto } from '../shared/protocol/grpc.ts';
+import { loadSiteKey, siteCallCredentials } from '../shared/security/site-identity.ts';
 import { architectureFor } from '../shared/model/registry.ts';
 import { sharedParams } from '../shared/model/sharing.ts';
 import { encodeSafetensors } from '../shared/tensors/safetensors.ts';
@@ -50,6 +62,12 @@ const ALL_LINKS: { name: string; mbit: number; rttMs: number }[] = [
 ];
 /** BENCH_LINKS=1,2: only those rows (1-based), e.g. to repeat one. */
 const LINKS = process.env.BENCH_LINKS ? process.env.BENCH_LINKS.split(',').map((i) => ALL_LINKS[Number(i) - 1]!) : ALL_LINKS;
+/** The receive windows part 1 runs with, in this order (header). */
+type WindowMode = 'widened' | typeof GRPC_DEFAULT_WINDOW;
+const WINDOWS = (process.env.BENCH_WINDOWS ?? 'widened').split(',').map((w): WindowMode => {
+  if (w === 'widened' || w === GRPC_DEFAULT_WINDOW) return w;
+  throw new Error(`BENCH_WINDOWS: '${w}' is neither 'widened' nor '${GRPC_DEFAULT_WINDOW}'`);
+});
 
 type ChildMsg = { type: 'ready'; port: number } | { type: 'cpu'; id: number; cpuMs: number } | { type: 'relay'; id: number; up: number; down: number; at?: number };
 type ParentMsg = { type: 'cpu'; id: number } | { type: 'relay'; id: number; direction: 'up' | 'down'; total: number };
@@ -171,6 +189,23 @@ function taskStream(c: FederationClient): { next(after: number): Promise<WireTas
   };
 }
 
+/**
+ * The site's downloads on a channel with grpc-js's own receive window: the site's channel options without
+ * 'grpc-node.flow_control_window', the same credentials and token. Only downloadModel, which ModelCache.ensure uses.
+ */
+function siteWithGrpcDefaultWindow(home: SiteHome): { downloads: FederationClient; close(): void } {
+  const config = home.config();
+  const { host, port } = parseAddress(config.coordinator);
+  const creds = grpc.credentials.combineChannelCredentials(
+    channelCredentials(host, home.caPem(), home.clientCertificate()),
+    siteCallCredentials({ siteName: config.siteName, federationId: config.federationId, privateKey: loadSiteKey(home.dir).privateKey }),
+  );
+  const { 'grpc-node.flow_control_window': _window, ...options } = channelOptions(host);
+  const federation = new (loadProto().Federation)(coordinatorTarget(host, port), creds, options);
+  const downloads = { downloadModel: (modelHash: string, offset: number) => federation.DownloadModel({ modelHash, offset }) };
+  return { downloads: downloads as unknown as FederationClient, close: () => federation.close() };
+}
+
 /** A valid update for the plan (its shared tensors, shifted a little), safetensors-encoded. */
 function updatePayload(planPath: string): Buffer {
   const plan = loadPlanFile(planPath);
@@ -178,6 +213,87 @@ function updatePayload(planPath: string): Buffer {
   const names = new Set(sharedParams(arch, plan.share).map((p) => p.name));
   const all = arch.init(1);
   return encodeSafetensors(makeBundle([...all.values()].filter((t) => names.has(t.name)).map((t) => ({ ...t, data: (t.data as Float32Array).map((v) => v + 1e-3) }))));
+}
+
+/**
+ * Part 1 with one window setting: a coordinator of its own (coordinator.json's `receiveWindow` "grpc-default" or left
+ * at its default), one site, and for each link a relay, a download and an upload. Returns the update it sent.
+ */
+async function oneSite(work: string, window: WindowMode, procs: ChildProcess[], rows: string[][], cpuRows: string[][]): Promise<Buffer> {
+  const coordDir = join(work, `coordinator-${window}`);
+  const home = await CoordinatorHome.init(coordDir, { hosts: ['localhost', '127.0.0.1'] });
+  if (window === GRPC_DEFAULT_WINDOW) writeFileSync(home.configPath, JSON.stringify({ ...home.config(), receiveWindow: GRPC_DEFAULT_WINDOW }));
+  writeFileSync(home.planPath, planYaml(LINKS.length + 1, 1));
+  const payload = updatePayload(home.planPath);
+  const t0 = performance.now();
+  const coord = await child(['--serve', coordDir]);
+  procs.push(coord.proc);
+  console.log(`coordinator up, windows ${window} (${fmt((performance.now() - t0) / 1000, 1)} s incl. writing the initial model)`);
+  const inv = addSite(coordDir, 'site-a', { ttlSeconds: 600 });
+  const siteDir = join(work, `site-a-${window}`);
+  await enrollSite({ coordinator: `localhost:${coord.port}`, token: inv.token, caFingerprint: inv.caFingerprint, dir: siteDir });
+  const siteHome = new SiteHome(siteDir);
+
+  let round = 0;
+  for (const l of LINKS) {
+    const r = await child(['--relay', String(coord.port), JSON.stringify(link(l.mbit, l.rttMs))]);
+    procs.push(r.proc);
+    siteHome.saveConfig({ ...siteHome.config(), coordinator: `localhost:${r.port}` });
+    const client = new FederationClient(siteHome);
+    // The download runs on the site's own channel, or with "grpc-default" on one with grpc-js's receive window.
+    const narrow = window === GRPC_DEFAULT_WINDOW ? siteWithGrpcDefaultWindow(siteHome) : undefined;
+    try {
+      await client.heartbeat({ state: 'idle', progress: 0, taskId: '', engine: '' }); // connection up, features known
+      const tasks = taskStream(client);
+      const task = await tasks.next(round);
+      round = task.round;
+      const cache = new ModelCache(join(work, `cache-${window}-${round}`));
+      // "wire": from the request to the moment the relay delivered the transfer's last byte (its byte count crossing
+      // the size, framing included: ≤0.3 % early); "done": to the file renamed into the cache / to the ack.
+      const downFrom = (await r.relay('down', 0)).down;
+      const cpu0 = await cpuNow(coord, r);
+      const d0 = now();
+      const got = await cache.ensure(narrow?.downloads ?? client, task.modelHash, task.modelSize);
+      const downDone = (now() - d0) / 1000;
+      const downCpu = cpuSince(cpu0, await cpuNow(coord, r));
+      const downWire = ((await r.relay('down', downFrom + task.modelSize)).at! - d0) / 1000;
+      if (got !== task.modelSize) throw new Error(`download moved ${got} of ${task.modelSize} bytes`);
+      rmSync(cache.dir, { recursive: true, force: true });
+      const upFrom = (await r.relay('up', 0)).up;
+      const cpu1 = await cpuNow(coord, r);
+      const u0 = now();
+      const ack = await uploadOnce(client, { updateId: `wan-bench-round-${round}`, taskId: task.taskId, round, baseModelHash: task.modelHash, numSamples: 4, payload });
+      const upDone = (now() - u0) / 1000;
+      const upCpu = cpuSince(cpu1, await cpuNow(coord, r));
+      const upWire = ((await r.relay('up', upFrom + payload.length)).at! - u0) / 1000;
+      if (!ack.accepted) throw new Error(`upload refused: ${ack.reason}`);
+      tasks.close();
+      // ÷ link, or Mbit/s where there is no link rate.
+      const ratio = (bytes: number, s: number) => {
+        const mbit = (bytes * 8) / s / 1e6;
+        return l.mbit > 0 ? fmt(mbit / l.mbit, 2) : `${fmt(mbit, 0)} Mbit/s`;
+      };
+      rows.push([
+        window,
+        l.name,
+        `${fmt(task.modelSize / 1e6, 1)} MB`,
+        `${fmt(downWire, 2)} s`,
+        `**${ratio(task.modelSize, downWire)}**`,
+        `${fmt(downDone, 2)} s (${ratio(task.modelSize, downDone)})`,
+        `${fmt(upWire, 2)} s`,
+        `**${ratio(payload.length, upWire)}**`,
+        `${fmt(upDone, 2)} s (${ratio(payload.length, upDone)})`,
+      ]);
+      cpuRows.push([window, l.name, 'download', fmt(downDone, 2), downCpu], [window, l.name, 'upload', fmt(upDone, 2), upCpu]);
+      console.log(`${window}, ${l.name}: download wire ${fmt(downWire, 2)} s, done ${fmt(downDone, 2)} s; upload wire ${fmt(upWire, 2)} s, ack ${fmt(upDone, 2)} s`);
+    } finally {
+      narrow?.close();
+      client.close();
+      await stop(r.proc);
+    }
+  }
+  await stop(coord.proc);
+  return payload;
 }
 
 async function main(): Promise<void> {
@@ -188,83 +304,17 @@ async function main(): Promise<void> {
   const work = mkdtempSync(join(os.tmpdir(), 'medfl-bench-wan-'));
   const procs: ChildProcess[] = [];
   try {
-    // ── 1. one site through the shaped link ──
-    const coordDir = join(work, 'coordinator');
-    const home = await CoordinatorHome.init(coordDir, { hosts: ['localhost', '127.0.0.1'] });
-    writeFileSync(home.planPath, planYaml(LINKS.length + 1, 1));
-    const payload = updatePayload(home.planPath);
-    const t0 = performance.now();
-    const coord = await child(['--serve', coordDir]);
-    procs.push(coord.proc);
-    console.log(`coordinator up (${fmt((performance.now() - t0) / 1000, 1)} s incl. writing the initial model)`);
-    const inv = addSite(coordDir, 'site-a', { ttlSeconds: 600 });
-    const siteDir = join(work, 'site-a');
-    await enrollSite({ coordinator: `localhost:${coord.port}`, token: inv.token, caFingerprint: inv.caFingerprint, dir: siteDir });
-    const siteHome = new SiteHome(siteDir);
-
+    // ── 1. one site through the shaped link, once per receive-window setting ──
     const rows: string[][] = [];
     const cpuRows: string[][] = [];
-    let round = 0;
-    for (const l of LINKS) {
-      const r = await child(['--relay', String(coord.port), JSON.stringify(link(l.mbit, l.rttMs))]);
-      procs.push(r.proc);
-      siteHome.saveConfig({ ...siteHome.config(), coordinator: `localhost:${r.port}` });
-      const client = new FederationClient(siteHome);
-      try {
-        await client.heartbeat({ state: 'idle', progress: 0, taskId: '', engine: '' }); // connection up, features known
-        const tasks = taskStream(client);
-        const task = await tasks.next(round);
-        round = task.round;
-        const cache = new ModelCache(join(work, `cache-${round}`));
-        // "wire": from the request to the moment the relay delivered the transfer's last byte (its byte count crossing
-        // the size, framing included: ≤0.3 % early); "done": to the file renamed into the cache / to the ack.
-        const downFrom = (await r.relay('down', 0)).down;
-        const cpu0 = await cpuNow(coord, r);
-        const d0 = now();
-        const got = await cache.ensure(client, task.modelHash, task.modelSize);
-        const downDone = (now() - d0) / 1000;
-        const downCpu = cpuSince(cpu0, await cpuNow(coord, r));
-        const downWire = ((await r.relay('down', downFrom + task.modelSize)).at! - d0) / 1000;
-        if (got !== task.modelSize) throw new Error(`download moved ${got} of ${task.modelSize} bytes`);
-        rmSync(cache.dir, { recursive: true, force: true });
-        const upFrom = (await r.relay('up', 0)).up;
-        const cpu1 = await cpuNow(coord, r);
-        const u0 = now();
-        const ack = await uploadOnce(client, { updateId: `wan-bench-round-${round}`, taskId: task.taskId, round, baseModelHash: task.modelHash, numSamples: 4, payload });
-        const upDone = (now() - u0) / 1000;
-        const upCpu = cpuSince(cpu1, await cpuNow(coord, r));
-        const upWire = ((await r.relay('up', upFrom + payload.length)).at! - u0) / 1000;
-        if (!ack.accepted) throw new Error(`upload refused: ${ack.reason}`);
-        tasks.close();
-        // ÷ link, or Mbit/s where there is no link rate.
-        const ratio = (bytes: number, s: number) => {
-          const mbit = (bytes * 8) / s / 1e6;
-          return l.mbit > 0 ? fmt(mbit / l.mbit, 2) : `${fmt(mbit, 0)} Mbit/s`;
-        };
-        rows.push([
-          l.name,
-          `${fmt(task.modelSize / 1e6, 1)} MB`,
-          `${fmt(downWire, 2)} s`,
-          `**${ratio(task.modelSize, downWire)}**`,
-          `${fmt(downDone, 2)} s (${ratio(task.modelSize, downDone)})`,
-          `${fmt(upWire, 2)} s`,
-          `**${ratio(payload.length, upWire)}**`,
-          `${fmt(upDone, 2)} s (${ratio(payload.length, upDone)})`,
-        ]);
-        cpuRows.push([l.name, 'download', fmt(downDone, 2), downCpu], [l.name, 'upload', fmt(upDone, 2), upCpu]);
-        console.log(`${l.name}: download wire ${fmt(downWire, 2)} s, done ${fmt(downDone, 2)} s; upload wire ${fmt(upWire, 2)} s, ack ${fmt(upDone, 2)} s`);
-      } finally {
-        client.close();
-        await stop(r.proc);
-      }
-    }
-    await stop(coord.proc);
-    console.log('\n| link | model (= update) | download, wire | ÷ link | download, file ready (÷ link) | upload, wire | ÷ link | upload, to the ack (÷ link) |');
-    console.log('|---|---|---|---|---|---|---|---|');
+    let payload: Buffer | undefined;
+    for (const window of WINDOWS) payload = await oneSite(work, window, procs, rows, cpuRows);
+    console.log('\n| windows | link | model (= update) | download, wire | ÷ link | download, file ready (÷ link) | upload, wire | ÷ link | upload, to the ack (÷ link) |');
+    console.log('|---|---|---|---|---|---|---|---|---|');
     for (const r of rows) console.log(`| ${r.join(' | ')} |`);
     console.log('\nCPU seconds over each transfer (site = this process; the three processes share the machine):');
-    console.log('| link | transfer | wall s | site · coordinator · relay CPU s |');
-    console.log('|---|---|---|---|');
+    console.log('| windows | link | transfer | wall s | site · coordinator · relay CPU s |');
+    console.log('|---|---|---|---|---|');
     for (const r of cpuRows) console.log(`| ${r.join(' | ')} |`);
 
     // ── 2. many sites uploading at once: the coordinator's CPU per GB received ──
@@ -288,16 +338,17 @@ async function main(): Promise<void> {
     const tasks = await Promise.all(streams.map((s) => s.next(0)));
     const c0 = await many.cpuMs();
     const w0 = performance.now();
+    const update = payload ?? updatePayload(manyHome.planPath);
     const acks = await Promise.all(
-      clients.map((c, i) => uploadOnce(c, { updateId: `many-sites-${i}`, taskId: tasks[i]!.taskId, round: tasks[i]!.round, baseModelHash: tasks[i]!.modelHash, numSamples: 4, payload })),
+      clients.map((c, i) => uploadOnce(c, { updateId: `many-sites-${i}`, taskId: tasks[i]!.taskId, round: tasks[i]!.round, baseModelHash: tasks[i]!.modelHash, numSamples: 4, payload: update })),
     );
     const wallS = (performance.now() - w0) / 1000;
     const cpuS = ((await many.cpuMs()) - c0) / 1000;
     const refused = acks.filter((a) => !a.accepted);
     if (refused.length > 0) throw new Error(`${refused.length} uploads refused: ${refused[0]!.reason}`);
-    const gb = (payload.length * SITES) / 1e9;
+    const gb = (update.length * SITES) / 1e9;
     console.log(
-      `\n${SITES} sites uploading ${fmt(payload.length / 1e6, 1)} MB each at once over loopback: ${fmt(gb, 2)} GB in ${fmt(wallS, 1)} s; ` +
+      `\n${SITES} sites uploading ${fmt(update.length / 1e6, 1)} MB each at once over loopback: ${fmt(gb, 2)} GB in ${fmt(wallS, 1)} s; ` +
         `coordinator CPU ${fmt(cpuS, 1)} s = ${fmt(cpuS / gb, 2)} CPU s per GB received (first byte to last ack: TLS, HTTP/2, gRPC, ` +
         `checks, file writer and hashing; folds that ran meanwhile included)`,
     );
