@@ -268,10 +268,10 @@ async function oneSite(work: string, window: WindowMode, procs: ChildProcess[], 
       const upWire = ((await r.relay('up', upFrom + payload.length)).at! - u0) / 1000;
       if (!ack.accepted) throw new Error(`upload refused: ${ack.reason}`);
       tasks.close();
-      // ÷ link, or Mbit/s where there is no link rate.
+      // ÷ link (three decimals below 0.1, where grpc-js's own windows land), or Mbit/s where there is no link rate.
       const ratio = (bytes: number, s: number) => {
         const mbit = (bytes * 8) / s / 1e6;
-        return l.mbit > 0 ? fmt(mbit / l.mbit, 2) : `${fmt(mbit, 0)} Mbit/s`;
+        return l.mbit > 0 ? fmt(mbit / l.mbit, mbit / l.mbit < 0.1 ? 3 : 2) : `${fmt(mbit, 0)} Mbit/s`;
       };
       rows.push([
         window,

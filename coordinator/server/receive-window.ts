@@ -3,7 +3,7 @@
  * coordinator before it waits for the coordinator to read them (coordinator.json's `receiveWindow`).
  *
  * What it trades: an upload moves at most one window per round trip, so a window below the link's bandwidth-delay
- * product holds it below the link rate (grpc-js's default 65,535 bytes reached 0.13 of a 100 Mbit/s link at 40 ms in
+ * product holds it below the link rate (grpc-js's own 65,535 bytes reached 0.07 of a 100 Mbit/s link at 40 ms in
  * bench:wan); and a connection may hold up to one window of unread bytes at the coordinator whenever the coordinator
  * reads slower than the site sends, so the memory it may have to buffer is about window × sites transferring at once.
  * The default (32 MiB) fills 1 Gbit/s up to ~250 ms of round trip; a coordinator serving many sites on a LAN can bound
@@ -52,9 +52,11 @@ export function applyReceiveWindow(server: grpc.Server, setting: ReceiveWindowSe
 /**
  * Widens the HTTP/2 receive window of every connection the server accepts (connection and streams) to `bytes`.
  *
- * Measured need (bench:wan, same run, 132 MB update): with grpc-js's default window an upload over 100 Mbit/s at 40 ms
- * reached 0.13 of the link and over 1 Gbit/s at 20 ms 0.03 — one 64 KiB window per round trip — against 0.9–0.99
- * widened; so a coordinator for sites behind long links needs it.
+ * The measured need (bench:wan, one run, 132 MB update through a shaped relay): with grpc-js's own window an upload
+ * over 100 Mbit/s at 40 ms reached 0.070 of the link (150 s) and over 1 Gbit/s at 20 ms 0.013 (79 s), about half a
+ * window per round trip, where the widened window reached 0.97 (11 s) and 0.44 (2.4 s, on a machine loaded far beyond
+ * its two cores; 0.89–0.93 on a quiet one). A coordinator whose sites sit behind long links needs it; one whose sites
+ * are near can do without ("grpc-default").
  *
  * grpc-js 1.14 reads 'grpc-node.flow_control_window' on its clients only, and has no public hook on the sessions
  * its server accepts; this is the one place MedFL reaches into grpc-js (its `http2Servers` map). Its public ways in

@@ -17,7 +17,7 @@ export const MAX_MESSAGE_BYTES = CHUNK_BYTES + 64 * 1024;
 /**
  * HTTP/2 receive window, per connection and per stream, on both sides. A transfer moves at most one window per round
  * trip, so the window must exceed the link's bandwidth-delay product: 1 Gbit/s at 20 ms is 2.5 MB, 100 Mbit/s at
- * 40 ms 0.5 MB, where grpc-js's default 64 KiB allows 13–26 Mbit/s (bench/wan.ts). 32 MiB covers 1 Gbit/s up to
+ * 40 ms 0.5 MB, where grpc-js's own 65,535 bytes moved 7 and 13 Mbit/s both ways (bench/wan.ts, BENCH_WINDOWS). 32 MiB covers 1 Gbit/s up to
  * ~250 ms. It is a limit, not an allocation: a receiver that keeps up holds little.
  */
 export const FLOW_CONTROL_WINDOW = 32 * 1024 * 1024;
