@@ -2,12 +2,14 @@
  * The coordinator's HTTP/2 receive window as an operator setting (coordinator.json `receiveWindow`,
  * coordinator/server/receive-window.ts): checked at start with a clear error; by default every site connection is
  * granted the 32 MiB window; a number of bytes grants that; "grpc-default" leaves grpc-js's own 65,535 bytes and
- * reaches into nothing inside grpc-js. The windows are read as a site's HTTP/2 session sees them.
+ * reaches into nothing inside grpc-js. The windows are read as a site's HTTP/2 session sees them. The site's own
+ * receive window (its downloads) is set through grpc-js's public channel option, read as a server sees it.
  */
 import * as grpc from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import http2 from 'node:http2';
+import http2, { type ServerHttp2Session } from 'node:http2';
+import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
@@ -20,6 +22,9 @@ import {
   receiveWindowServerOptions,
   type ReceiveWindowSetting,
 } from '../../coordinator/server/receive-window.ts';
+import { enrolmentClient } from '../../site-agent/transport/connection.ts';
+import { FLOW_CONTROL_WINDOW } from '../../shared/protocol/grpc.ts';
+import { waitFor } from '../../cli/processes.ts';
 
 const quiet = pino({ level: 'silent' });
 /** HTTP/2's initial window, which grpc-js 1.14's server keeps for the connection and every stream. */
@@ -125,5 +130,32 @@ describe('"grpc-default"', () => {
     expect(touched).toEqual([]);
     expect(receiveWindowServerOptions(GRPC_DEFAULT_WINDOW)).not.toHaveProperty('grpc-node.flow_control_window');
     expect(receiveWindowServerOptions(4 * MiB)).toMatchObject({ 'grpc-node.flow_control_window': 4 * MiB });
+  });
+});
+
+describe("the site's own receive window (downloads)", () => {
+  it("is 32 MiB for its connection and every stream, through grpc-js's public 'grpc-node.flow_control_window'", async () => {
+    const home = await homeWith('site-window');
+    const cert = home.serverCertificate();
+    // A bare HTTP/2 server with the coordinator's certificate: it sees the windows the site's channel grants.
+    const server = http2.createSecureServer({ key: cert.keyPem, cert: cert.chainPem });
+    const sessions: ServerHttp2Session[] = [];
+    server.on('session', (s) => sessions.push(s));
+    // Every call is answered UNAVAILABLE at once (a trailers-only response): only the connection's settings matter.
+    server.on('stream', (stream) => stream.respond({ ':status': 200, 'content-type': 'application/grpc', 'grpc-status': '14' }, { endStream: true }));
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const client = enrolmentClient('localhost', (server.address() as AddressInfo).port, home.caPem());
+    try {
+      client.Enroll({}, () => undefined);
+      await waitFor(() => sessions.length > 0, 5000, 'the site connection');
+      const session = sessions[0]!;
+      await waitFor(() => (session.remoteSettings.initialWindowSize ?? 0) >= FLOW_CONTROL_WINDOW, 5000, 'the stream window setting');
+      await waitFor(() => (session.state.remoteWindowSize ?? 0) >= FLOW_CONTROL_WINDOW, 5000, 'the connection window update');
+      expect({ connection: session.state.remoteWindowSize, stream: session.remoteSettings.initialWindowSize }).toEqual({ connection: FLOW_CONTROL_WINDOW, stream: FLOW_CONTROL_WINDOW });
+    } finally {
+      client.close();
+      for (const s of sessions) s.destroy();
+      server.close();
+    }
   });
 });
