@@ -52,10 +52,10 @@ export function applyReceiveWindow(server: grpc.Server, setting: ReceiveWindowSe
 /**
  * Widens the HTTP/2 receive window of every connection the server accepts (connection and streams) to `bytes`.
  *
- * The measured need (bench:wan, one run, 132 MB update through a shaped relay): with grpc-js's own window an upload
- * over 100 Mbit/s at 40 ms reached 0.070 of the link (150 s) and over 1 Gbit/s at 20 ms 0.013 (79 s), about half a
- * window per round trip, where the widened window reached 0.97 (11 s) and 0.44 (2.4 s, on a machine loaded far beyond
- * its two cores; 0.89–0.93 on a quiet one). A coordinator whose sites sit behind long links needs it; one whose sites
+ * The measured need (bench:wan, two runs, 132 MB update through a shaped relay): with grpc-js's own window an upload
+ * over 100 Mbit/s at 40 ms reached 0.068–0.070 of the link (150–154 s) and over 1 Gbit/s at 20 ms 0.013 (79 s), about
+ * half a window per round trip, where the widened window reached 0.97 (11 s) and 0.44–0.71 (1.5–2.4 s, on a machine
+ * loaded far beyond its two cores; 0.89–0.93 on a quiet one). A coordinator whose sites sit behind long links needs it; one whose sites
  * are near can do without ("grpc-default").
  *
  * grpc-js 1.14 reads 'grpc-node.flow_control_window' on its clients only, and has no public hook on the sessions
