@@ -125,7 +125,7 @@ export class ComposedStrategy implements AggregationStrategy {
       if (!this.robustOut || this.robustOut.length !== total) this.robustOut = new Float32Array(total);
       combiner = new RobustCombinerAdapter(new RobustCombiner(rule, offsets, total, this.opts), this.robustOut);
     }
-    return new ComposedRound(this, specs, offsets, base, combiner, this.rules, this.clipNorm, [...this.recentNorms], base ? baseMaxAbs(base) : 0, this.opts.deltaNorm ?? deltaNorm, this.opts.checkedFold ?? defaultCheckedFold, this.opts.checkedFoldBatch ?? defaultCheckedFoldBatch, this.opts.deltaSqLanes ?? defaultDeltaSqLanes);
+    return new ComposedRound(this, specs, offsets, base, combiner, this.rules, this.clipNorm, [...this.recentNorms], () => (base ? baseMaxAbs(base) : 0), this.opts.deltaNorm ?? deltaNorm, this.opts.checkedFold ?? defaultCheckedFold, this.opts.checkedFoldBatch ?? defaultCheckedFoldBatch, this.opts.deltaSqLanes ?? defaultDeltaSqLanes);
   }
 
   /**
@@ -377,8 +377,11 @@ class ComposedRound implements RoundAggregator {
     private readonly clipNorm: number | undefined,
     /** Norms of the last closed round; this round's accepted norms are added as they come. */
     private readonly previousNorms: readonly number[],
-    /** max |base value|: with ‖Δ‖ it bounds every proposed weight, so honest updates skip the value pass. */
-    private readonly baseMaxAbs: number,
+    /**
+     * max |base value|: with ‖Δ‖ it bounds every proposed weight, so honest updates skip the value pass. Computed on
+     * the first check() that needs it: a round whose updates all take the checked fold never reads the base for it.
+     */
+    private readonly baseMaxAbsOf: () => number,
     private readonly deltaNorm: DeltaNorm,
     private readonly checkedFold: CheckedFold,
     private readonly checkedFoldBatch: CheckedFoldBatch,
@@ -387,6 +390,11 @@ class ComposedRound implements RoundAggregator {
 
   get count(): number {
     return this.combiner.count;
+  }
+
+  private maxAbs: number | undefined;
+  private get baseMaxAbs(): number {
+    return (this.maxAbs ??= this.baseMaxAbsOf());
   }
 
   check(update: TensorBundle, info: UpdateInfo): Verdict {
