@@ -22,6 +22,7 @@ import { elementCount, makeBundle, type NamedTensor, type TensorBundle, type Ten
 import type { Plan } from '../../shared/plan/schema.ts';
 import type { SimdArena64 } from './simd-axpy.ts';
 import { BASE_BLOCK_FLOATS, baseBlocks, baseMaxAbs, isTensorReader, type BaseBlocks, type RoundBase, type TensorReader } from './base-blocks.ts';
+import { meanToF32 } from './mean-f32.ts';
 import { checkedFold as defaultCheckedFold, checkedFoldBatch as defaultCheckedFoldBatch, unfold, unfoldBlocks, type BatchUpdate, type CheckedFold, type CheckedFoldBatch, type CheckedFoldResult, type FoldTarget } from './checked-fold.ts';
 import { WeightedMeanAggregator } from './fedavg.ts';
 import { RobustCombiner, type RobustColumns, type RobustRule } from './robust.ts';
@@ -322,8 +323,7 @@ class MeanCombiner implements Combiner {
     const inv = 1 / this.weight;
     if (this.baseCoef === this.weight) {
       // Plain FedAvg (weights, unclipped): the mean itself, exactly as the streaming FedAvg computes it.
-      for (let i = 0; i < n; i++) y[i] = s[i] * inv;
-      return y;
+      return meanToF32(s.subarray(0, y.length), inv);
     }
     const k = 1 - this.baseCoef * inv;
     for (let at = 0; at < n; at += BASE_BLOCK_FLOATS) {

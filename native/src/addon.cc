@@ -755,6 +755,28 @@ napi_value FoldCheckedBatch(napi_env env, napi_callback_info info) {
   return out;
 }
 
+// foldMeanF32(sums: Float64Array, inv[, variant]) → Float32Array: sums[i]·inv rounded to float32, written over the
+// sums' own memory (its first half), which the returned array views (see fold.h fold_mean_f32).
+napi_value FoldMeanF32(napi_env env, napi_callback_info info) {
+  Args a(env, info, 2, "foldMeanF32");
+  size_t n = 0;
+  void* data = nullptr;
+  napi_value buffer = nullptr;
+  size_t offset = 0;
+  napi_typedarray_type type = napi_int8_array;
+  bool is_typed = false;
+  if (napi_is_typedarray(env, a.arg(0), &is_typed) != napi_ok || !is_typed ||
+      napi_get_typedarray_info(env, a.arg(0), &type, &n, &data, &buffer, &offset) != napi_ok || type != napi_float64_array)
+    a.fail("sums must be a Float64Array");
+  const double inv = a.number(1, "inv");
+  const medfl::FoldIsa isa = fold_isa_arg(a, 2);
+  if (!a.ok()) return nullptr;
+  medfl::fold_mean_f32(static_cast<const double*>(data), static_cast<int64_t>(n), inv, static_cast<float*>(data), isa);
+  napi_value out;
+  CALL(env, napi_create_typedarray(env, napi_float32_array, n, buffer, offset, &out));
+  return out;
+}
+
 // windowBlend(logits, geom: Int32Array [n, C, f, wd, wh, ww, D, H, W], starts: Int32Array [n·3], weight, acc, wsum)
 // (see window_blend.h): acc and wsum are added to in place.
 napi_value WindowBlend(napi_env env, napi_callback_info info) {
@@ -845,6 +867,7 @@ NAPI_MODULE_INIT() {
       {"foldChecked", nullptr, FoldChecked, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"foldCheckedBatch", nullptr, FoldCheckedBatch, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"foldVariants", nullptr, FoldVariants, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"foldMeanF32", nullptr, FoldMeanF32, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"gaussianFromWords", nullptr, GaussianFromWords, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"windowBlend", nullptr, WindowBlend, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"windowNormalise", nullptr, WindowNormalise, nullptr, nullptr, nullptr, napi_enumerable, nullptr},

@@ -381,6 +381,44 @@ void fold_blocks(FoldIsa isa, const float* const* xs, int k, int64_t at, int64_t
   fold_block_batch(xs, k, at, len, acc, a);
 }
 
+void mean_f32_sse2(const double* sums, int64_t n, double inv, float* y) {
+  int64_t i = 0;
+#if defined(__SSE2__)
+  const __m128d f = _mm_set1_pd(inv);
+  for (; i + 4 <= n; i += 4) {
+    const __m128 lo = _mm_cvtpd_ps(_mm_mul_pd(_mm_loadu_pd(sums + i), f));
+    const __m128 hi = _mm_cvtpd_ps(_mm_mul_pd(_mm_loadu_pd(sums + i + 2), f));
+    _mm_storeu_ps(y + i, _mm_movelh_ps(lo, hi));
+  }
+#endif
+  for (; i < n; ++i) y[i] = static_cast<float>(sums[i] * inv);
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx2"))) void mean_f32_avx2(const double* sums, int64_t n, double inv, float* y) {
+  const __m256d f = _mm256_set1_pd(inv);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128 lo = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_loadu_pd(sums + i), f));
+    const __m128 hi = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_loadu_pd(sums + i + 4), f));
+    _mm256_storeu_ps(y + i, _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1));
+  }
+  for (; i < n; ++i) y[i] = static_cast<float>(sums[i] * inv);
+}
+
+__attribute__((target("avx512f"))) void mean_f32_avx512(const double* sums, int64_t n, double inv, float* y) {
+  const __m512d f = _mm512_set1_pd(inv);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 lo = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_loadu_pd(sums + i), f));
+    const __m256 hi = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_loadu_pd(sums + i + 8), f));
+    _mm512_storeu_ps(y + i, _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+                                                                 _mm256_castps_pd(hi), 1)));
+  }
+  for (; i < n; ++i) y[i] = static_cast<float>(sums[i] * inv);
+}
+#endif
+
 FoldIsa detect_isa() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
@@ -407,6 +445,15 @@ const char* fold_isa_name(FoldIsa isa) {
     case FoldIsa::kAvx2: return "avx2";
     default: return "sse2";
   }
+}
+
+void fold_mean_f32(const double* sums, int64_t n, double inv, float* y, FoldIsa isa) {
+#if defined(__x86_64__)
+  if (isa == FoldIsa::kAvx512) return mean_f32_avx512(sums, n, inv, y);
+  if (isa == FoldIsa::kAvx2) return mean_f32_avx2(sums, n, inv, y);
+#endif
+  (void)isa;
+  mean_f32_sse2(sums, n, inv, y);
 }
 
 int64_t fold_checked_batch(const float* const* xs, int k, const float* b, bool is_delta, int64_t n, double* sums,

@@ -44,4 +44,9 @@ int64_t fold_checked_batch(const float* const* xs, int k, const float* b, bool i
 // The most updates one batch call takes (their block pointers and weights live on the stack).
 constexpr int kFoldBatchMax = 32;
 
+// The round's close for a plain mean: y[i] = (float)(sums[i] * inv) for i < n, one rounding for the product and one
+// to float32 (to nearest, as JS's Float32Array store). y may be the sums' own memory, float32 over the float64 (each
+// sum is read before anything is written over it: the loop goes upwards and reads a step before writing it).
+void fold_mean_f32(const double* sums, int64_t n, double inv, float* y, FoldIsa isa = fold_best_isa());
+
 }  // namespace medfl

@@ -4,13 +4,15 @@
  * the same float64 sums and the same norms, one by one and batched (batches of 1 to 6: the checks run four updates
  * at a time, so every remainder shows), against a base, delta uploads and no base, at lengths around the vector
  * widths and the block edges; and the same verdicts where a value is non-finite or sits just past a maxValue that no
- * float32 equals (the wide loops test the bound on the float32 values). Fails with the reason where the addon or its
- * variants are not built.
+ * float32 equals (the wide loops test the bound on the float32 values); and the round's close of a plain mean
+ * (mean-f32.ts) gives the JS loop's float32 bytes. Fails with the reason where the addon or its variants are not built.
  */
 import { describe, expect, it } from 'vitest';
 import { baseBlocks } from '../../coordinator/aggregation/base-blocks.ts';
 import { checkedFoldBatchJs, checkedFoldJs, nativeCheckedFoldsWith, nativeFoldVariants, type NativeFoldVariant, type FoldTarget } from '../../coordinator/aggregation/checked-fold.ts';
 import { WeightedMeanAggregator } from '../../coordinator/aggregation/fedavg.ts';
+import { meanToF32, meanToF32Js, nativeMeanToF32With } from '../../coordinator/aggregation/mean-f32.ts';
+import { mulberry32 } from '../../shared/util/random.ts';
 import { loadOneDnnKernels } from '../../shared/engine/onednn-kernels.ts';
 import { foldFixture } from '../helpers/fold-fixture.ts';
 
@@ -100,5 +102,29 @@ describe('native fold variants', () => {
         expect(wantAll).toEqual([true, true, true, true, want]);
       }
     }
+  });
+
+  it.each(['sse2', 'avx2', 'avx512'] as const)('%s (where this CPU runs it): the mean written over its own sums, the JS loop\'s bytes', (name) => {
+    if (!variants().supported.includes(name)) return;
+    const mean = nativeMeanToF32With(name);
+    const rng = mulberry32(9);
+    // Every length mod 16 around the vector steps, a long one; values that round, overflow float32 and underflow it.
+    for (const n of [0, 1, 2, 3, 5, 8, 15, 16, 17, 31, 33, 100_003]) {
+      const sums = Float64Array.from({ length: n }, (_, i) => (rng() - 0.5) * 10 ** (i % 11 === 3 ? 41 : i % 13 === 5 ? -44 : 6 * (rng() - 0.5)));
+      for (const inv of [1 / 7.3, 1, 3e-3]) {
+        const want = meanToF32Js(sums.slice(), inv);
+        const got = mean(sums.slice(), inv);
+        expect(got.length).toBe(n);
+        expect(Buffer.compare(Buffer.from(got.buffer, got.byteOffset, got.byteLength), Buffer.from(want.buffer, want.byteOffset, want.byteLength))).toBe(0);
+        const dflt = meanToF32(sums.slice(), inv);
+        expect(Buffer.compare(Buffer.from(dflt.buffer, dflt.byteOffset, dflt.byteLength), Buffer.from(want.buffer, want.byteOffset, want.byteLength))).toBe(0);
+      }
+    }
+    // A view that starts inside its buffer: written over its own bytes only.
+    const all = Float64Array.from({ length: 40 }, (_, i) => i + 0.5);
+    const y = mean(all.subarray(8, 24), 0.5);
+    expect(Array.from(y)).toEqual(Array.from({ length: 16 }, (_, i) => (i + 8.5) * 0.5));
+    expect(all[7]).toBe(7.5);
+    expect(all.subarray(24)).toEqual(Float64Array.from({ length: 16 }, (_, i) => i + 24.5));
   });
 });
