@@ -10,8 +10,9 @@
 #include <emmintrin.h>
 #endif
 
-// Values must equal the JS twin's bit for bit: no a*b+c contracted into a fused multiply-add (binding.gyp also
-// compiles this file with -ffp-contract=off; none of the variants asks for the FMA instruction set).
+// Values must equal the JS twin's bit for bit: no a*b+c contracted into a fused multiply-add (this pragma is
+// -ffp-contract=off for every function below, the AVX ones included; none of them asks for the FMA instruction set,
+// and the object file holds no vfmadd/vfmsub).
 #pragma GCC optimize("fp-contract=off")
 // GCC 12's own AVX-512 conversion intrinsics trip this warning (their "undefined" source operand).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"

@@ -23,7 +23,10 @@ const { specs, offsets, update, baseModel } = fixture;
 
 function variants(): { best: NativeFoldVariant; supported: NativeFoldVariant[] } {
   const v = nativeFoldVariants();
-  if (!v) throw new Error(`the addon's fold variants are unavailable: build the addon (npm run build:native)${loadOneDnnKernels().kernels ? '' : `; ${loadOneDnnKernels().reason}`}`);
+  if (!v) {
+    const loaded = loadOneDnnKernels();
+    throw new Error(`the addon's fold variants are unavailable: build the addon (npm run build:native)${loaded.kernels ? '' : `; ${loaded.reason}`}`);
+  }
   return v;
 }
 
