@@ -13,8 +13,9 @@
  *
  * The norm is accumulated in deltaNormJs's four lanes and order, and the fold is the float64 axpy of the mean
  * (one rounding for the product, one for the sum), so with every block passing, norm and sums equal the
- * unfused norm pass + fold bit for bit. The native addon runs the whole loop when built; the JS twin checks a
- * block and folds it through the caller's fold (the WebAssembly SIMD arena).
+ * unfused norm pass + fold bit for bit. The native addon runs the whole loop when built (in the widest of its SSE2,
+ * AVX2 and AVX-512 variants the CPU runs: the same bytes); the JS twin checks a block and folds it through the
+ * caller's fold (the WebAssembly SIMD arena).
  */
 import { loadOneDnnKernels } from '../../shared/engine/onednn-kernels.ts';
 import type { TensorBundle } from '../../shared/tensors/bundle.ts';
