@@ -17,6 +17,8 @@
  *                                           # norm and JS Box–Muller; median / trimmed mean with the JS column reduction
  *   BENCH_BEFORE=streaming npm run bench:aggregate   # only the two-pass rows of the streaming strategies
  *   BENCH_STRATEGIES='fedavg;median' npm run bench:aggregate   # only these strategies' rows (names as in the tables)
+ *   BENCH_FOLD_VARIANTS='sse2;avx2' npm run bench:aggregate    # also fedavg's rows with the addon's fold loop forced to
+ *                                                             # these variants, interleaved with the default's
  */
 import { fork } from 'node:child_process';
 import { once } from 'node:events';
@@ -30,7 +32,7 @@ import { FedAvg, axpy } from '../coordinator/aggregation/fedavg.ts';
 import { ComposedStrategy, type ComposedOptions } from '../coordinator/aggregation/composed.ts';
 import { robustColumnsJs } from '../coordinator/aggregation/robust.ts';
 import { cryptoGaussianWith, gaussianFromWordsJs } from '../coordinator/aggregation/gaussian.ts';
-import { checkedFoldKernel } from '../coordinator/aggregation/checked-fold.ts';
+import { checkedFoldLoop, nativeCheckedFoldsWith, type NativeFoldVariant } from '../coordinator/aggregation/checked-fold.ts';
 import type { BatchItem, RoundAggregator, UpdateInfo } from '../coordinator/aggregation/strategy.ts';
 import type { RoundBase } from '../coordinator/aggregation/base-blocks.ts';
 import { deltaNormJs } from '../coordinator/aggregation/validate.ts';
@@ -117,6 +119,8 @@ const BEFORE = process.env.BENCH_BEFORE === '1' || process.env.BENCH_BEFORE === 
 /** BENCH_BEFORE=streaming: only the two-pass rows of the streaming strategies (the JS robust rows take minutes). */
 const BEFORE_JS = process.env.BENCH_BEFORE === '1';
 const ONLY_STRATEGIES = process.env.BENCH_PARTS === 'strategies';
+/** BENCH_FOLD_VARIANTS='sse2;avx2': fedavg's one-by-one and batched rows again with the addon's fold forced to each (same run, interleaved). */
+const FOLD_VARIANTS = (process.env.BENCH_FOLD_VARIANTS ?? '').split(';').map((v) => v.trim()).filter(Boolean) as NativeFoldVariant[];
 /** The JS implementations the native kernels replaced, for same-run before/after rows. */
 const BEFORE_OPTS: ComposedOptions = { columns: robustColumnsJs, deltaNorm: deltaNormJs, gaussian: cryptoGaussianWith(gaussianFromWordsJs) };
 
@@ -508,11 +512,18 @@ async function main(): Promise<void> {
       const inMemory = (k: number): BatchItem => ({ update: updates[k], info: { site: `site-${k}`, numSamples: samplesOf(k) } });
       const fromFile = (k: number): BatchItem => ({ reader: openModelReader(files[k]), info: { site: `site-${k}`, numSamples: samplesOf(k) } });
       const rows: [string, () => number][] = [
-        ['fedavg, one by one (interleaved with the next three rows)', () => composedRound(strats[0], base, (k) => updates[k], UPDATES)],
+        [`fedavg, one by one (interleaved with the next ${3 + 2 * FOLD_VARIANTS.length} rows)`, () => composedRound(strats[0], base, (k) => updates[k], UPDATES)],
         [`fedavg, the ${UPDATES} updates in one batched pass (in memory)`, () => batchedRound(strats[1], base, inMemory, UPDATES)],
         ['fedavg, one by one, each read from its file into one reused buffer (as the receiver does)', () => fromFilesRound(strats[2], base, files, UPDATES)],
         [`fedavg, the ${UPDATES} updates in one batched pass read from their files a block at a time`, () => batchedRound(strats[3], base, fromFile, UPDATES)],
       ];
+      for (const v of FOLD_VARIANTS) {
+        const folds = nativeCheckedFoldsWith(v);
+        const one = composed('fedavg', { checkedFold: folds.one });
+        const batched = composed('fedavg', { checkedFoldBatch: folds.batch });
+        rows.push([`fedavg, one by one, the ${v} fold loop`, () => composedRound(one, base, (k) => updates[k], UPDATES)]);
+        rows.push([`fedavg, one batched pass (in memory), the ${v} fold loop`, () => batchedRound(batched, base, inMemory, UPDATES)]);
+      }
       const ms = rows.map(() => [] as number[]);
       for (let r = 0; r < 3; r++) {
         rows.forEach(([, run], i) => {
@@ -529,7 +540,7 @@ async function main(): Promise<void> {
   rmSync(baseDir, { recursive: true, force: true });
   console.log(st.toString());
   console.log(`  the base model is read from its model file a block at a time, as the coordinator reads it (the page cache holds it).`);
-  console.log(`  streaming rows check and fold each update in one pass where the round can (checkAndAdd: fedavg without clipping; ${checkedFoldKernel()} loop), else check() (the delta norm) and then add(); median/trimmed rows include spilling every update to disk and reading it back.`);
+  console.log(`  streaming rows check and fold each update in one pass where the round can (checkAndAdd: fedavg without clipping; ${checkedFoldLoop()} loop), else check() (the delta norm) and then add(); median/trimmed rows include spilling every update to disk and reading it back.`);
   console.log(`load average after the strategies: ${os.loadavg().map((x) => fmt(x, 2)).join(' ')}`);
   if (ONLY_STRATEGIES) return;
 

@@ -13,8 +13,9 @@
  *
  * The norm is accumulated in deltaNormJs's four lanes and order, and the fold is the float64 axpy of the mean
  * (one rounding for the product, one for the sum), so with every block passing, norm and sums equal the
- * unfused norm pass + fold bit for bit. The native addon runs the whole loop when built; the JS twin checks a
- * block and folds it through the caller's fold (the WebAssembly SIMD arena).
+ * unfused norm pass + fold bit for bit. The native addon runs the whole loop when built (in the widest of its SSE2,
+ * AVX2 and AVX-512 variants the CPU runs: the same bytes); the JS twin checks a block and folds it through the
+ * caller's fold (the WebAssembly SIMD arena).
  */
 import { loadOneDnnKernels } from '../../shared/engine/onednn-kernels.ts';
 import type { TensorBundle } from '../../shared/tensors/bundle.ts';
@@ -128,8 +129,19 @@ export const checkedFoldJs: CheckedFold = (update, isDelta, baseLike, offsets, t
   return { norm: Math.sqrt(sq), valuesOk: true };
 };
 
+/**
+ * The instruction sets the addon's fold loops are built for (fold.h FoldIsa): the portable SSE2 build, and AVX2 and
+ * AVX-512 loops chosen at run time by what the CPU has. Every one gives the same bytes as the JS twin.
+ */
+export type NativeFoldVariant = 'sse2' | 'avx2' | 'avx512';
+
 interface FoldAddon {
-  foldChecked(x: Float32Array, b: Float32Array | null, isDelta: boolean, sums: Float64Array, a: number, maxValue: number, lanes: Float64Array): number;
+  /** `variant` undefined: the widest the CPU runs. */
+  foldChecked(x: Float32Array, b: Float32Array | null, isDelta: boolean, sums: Float64Array, a: number, maxValue: number, lanes: Float64Array, variant?: NativeFoldVariant): number;
+}
+
+interface FoldVariantsAddon {
+  foldVariants(): { best: NativeFoldVariant; supported: NativeFoldVariant[] };
 }
 
 /**
@@ -139,7 +151,7 @@ interface FoldAddon {
 export const NATIVE_FOLD_CHUNK = 64 * 1024;
 
 /** The addon's loop (fold.cc): reads the update, the base chunk and the sums in place; same lanes, same fold. */
-function nativeCheckedFold(addon: FoldAddon): CheckedFold {
+function nativeCheckedFold(addon: FoldAddon, variant?: NativeFoldVariant): CheckedFold {
   const lanes = new Float64Array(4);
   return (update, isDelta, baseLike, offsets, target, a, maxValue) => {
     const base = asBaseBlocks(baseLike);
@@ -152,7 +164,7 @@ function nativeCheckedFold(addon: FoldAddon): CheckedFold {
       let got = 0;
       while (got < n) {
         const len = Math.min(NATIVE_FOLD_CHUNK, n - got);
-        const done = addon.foldChecked(x.subarray(got, got + len), base ? base.block(off + got, len) : null, isDelta, target.sums.subarray(off + got, off + got + len), a, maxValue, lanes);
+        const done = addon.foldChecked(x.subarray(got, got + len), base ? base.block(off + got, len) : null, isDelta, target.sums.subarray(off + got, off + got + len), a, maxValue, lanes, variant);
         got += done;
         if (done !== len) break;
       }
@@ -182,6 +194,30 @@ export const checkedFold: CheckedFold = (...args) => {
 export function checkedFoldKernel(): 'native' | 'js' {
   const addon = loadOneDnnKernels().kernels?.addon as Partial<FoldAddon> | undefined;
   return typeof addon?.foldChecked === 'function' ? 'native' : 'js';
+}
+
+/**
+ * The addon's fold variants on this CPU: the one checkedFold and checkedFoldBatch run (`best`) and every one a caller
+ * may name; undefined without the addon, or with one built before the variants (its loop is SSE2's).
+ */
+export function nativeFoldVariants(): { best: NativeFoldVariant; supported: NativeFoldVariant[] } | undefined {
+  const addon = loadOneDnnKernels().kernels?.addon as Partial<FoldVariantsAddon> | undefined;
+  return typeof addon?.foldVariants === 'function' ? addon.foldVariants() : undefined;
+}
+
+/** "native avx512", "native sse2", "js": the loop the checked folds run, for logs and benchmarks. */
+export function checkedFoldLoop(): string {
+  if (checkedFoldKernel() === 'js') return 'js';
+  return `native ${nativeFoldVariants()?.best ?? 'sse2'}`;
+}
+
+/** The addon's folds forced to one variant (tests and benches compare them; a ComposedStrategy takes them as options). Throws without the addon or when this CPU does not run `variant`. */
+export function nativeCheckedFoldsWith(variant: NativeFoldVariant): { one: CheckedFold; batch: CheckedFoldBatch } {
+  const addon = loadOneDnnKernels().kernels?.addon as Partial<FoldAddon & FoldBatchAddon & FoldVariantsAddon> | undefined;
+  if (typeof addon?.foldChecked !== 'function' || typeof addon.foldCheckedBatch !== 'function') throw new Error('the native checked fold is unavailable: build the addon (npm run build:native)');
+  const supported = nativeFoldVariants()?.supported ?? [];
+  if (!supported.includes(variant)) throw new Error(`this CPU or addon build has no ${variant} fold (it has: ${supported.join(', ') || 'none that can be named'})`);
+  return { one: nativeCheckedFold(addon as FoldAddon, variant), batch: nativeCheckedFoldBatch(addon as FoldBatchAddon, variant) };
 }
 
 /** One update of a batch: its values a block at a time (a decoded bundle in place, or its file), and its coefficient. */
@@ -272,7 +308,7 @@ export const checkedFoldBatchJs: CheckedFoldBatch = (updates, isDelta, baseLike,
 };
 
 interface FoldBatchAddon {
-  foldCheckedBatch(xs: Float32Array[], b: Float32Array | null, isDelta: boolean, sums: Float64Array, a: Float64Array, maxValue: number, lanes: Float64Array): number;
+  foldCheckedBatch(xs: Float32Array[], b: Float32Array | null, isDelta: boolean, sums: Float64Array, a: Float64Array, maxValue: number, lanes: Float64Array, variant?: NativeFoldVariant): number;
 }
 
 /** The most updates one call of the addon's batch loop takes (fold.h kFoldBatchMax); longer batches are cut. */
@@ -286,7 +322,7 @@ export const FOLD_BATCH_MAX = 32;
 export const NATIVE_FOLD_BATCH_CHUNK = 16 * 1024;
 
 /** The addon's batch loop (fold.cc fold_checked_batch), in chunks of whole blocks, so blocks and lanes are checkedFold's. */
-function nativeCheckedFoldBatch(addon: FoldBatchAddon): CheckedFoldBatch {
+function nativeCheckedFoldBatch(addon: FoldBatchAddon, variant?: NativeFoldVariant): CheckedFoldBatch {
   return (updates, isDelta, baseLike, offsets, target, maxValue) => {
     const base = asBaseBlocks(baseLike);
     if (isDelta && !base) throw new Error('a delta-encoded update needs the base model');
@@ -296,7 +332,7 @@ function nativeCheckedFoldBatch(addon: FoldBatchAddon): CheckedFoldBatch {
       while (got < n) {
         const len = Math.min(NATIVE_FOLD_BATCH_CHUNK, n - got);
         const xs = batch.map((u) => u.values.block(off + got, len));
-        const done = addon.foldCheckedBatch(xs, base ? base.block(off + got, len) : null, isDelta, target.sums.subarray(off + got, off + got + len), a, maxValue, lanes);
+        const done = addon.foldCheckedBatch(xs, base ? base.block(off + got, len) : null, isDelta, target.sums.subarray(off + got, off + got + len), a, maxValue, lanes, variant);
         got += done;
         if (done !== len) break;
       }

@@ -22,6 +22,7 @@ import { elementCount, makeBundle, type NamedTensor, type TensorBundle, type Ten
 import type { Plan } from '../../shared/plan/schema.ts';
 import type { SimdArena64 } from './simd-axpy.ts';
 import { BASE_BLOCK_FLOATS, baseBlocks, baseMaxAbs, isTensorReader, type BaseBlocks, type RoundBase, type TensorReader } from './base-blocks.ts';
+import { meanToF32 } from './mean-f32.ts';
 import { checkedFold as defaultCheckedFold, checkedFoldBatch as defaultCheckedFoldBatch, unfold, unfoldBlocks, type BatchUpdate, type CheckedFold, type CheckedFoldBatch, type CheckedFoldResult, type FoldTarget } from './checked-fold.ts';
 import { WeightedMeanAggregator } from './fedavg.ts';
 import { RobustCombiner, type RobustColumns, type RobustRule } from './robust.ts';
@@ -125,7 +126,7 @@ export class ComposedStrategy implements AggregationStrategy {
       if (!this.robustOut || this.robustOut.length !== total) this.robustOut = new Float32Array(total);
       combiner = new RobustCombinerAdapter(new RobustCombiner(rule, offsets, total, this.opts), this.robustOut);
     }
-    return new ComposedRound(this, specs, offsets, base, combiner, this.rules, this.clipNorm, [...this.recentNorms], base ? baseMaxAbs(base) : 0, this.opts.deltaNorm ?? deltaNorm, this.opts.checkedFold ?? defaultCheckedFold, this.opts.checkedFoldBatch ?? defaultCheckedFoldBatch, this.opts.deltaSqLanes ?? defaultDeltaSqLanes);
+    return new ComposedRound(this, specs, offsets, base, combiner, this.rules, this.clipNorm, [...this.recentNorms], () => (base ? baseMaxAbs(base) : 0), this.opts.deltaNorm ?? deltaNorm, this.opts.checkedFold ?? defaultCheckedFold, this.opts.checkedFoldBatch ?? defaultCheckedFoldBatch, this.opts.deltaSqLanes ?? defaultDeltaSqLanes);
   }
 
   /**
@@ -322,8 +323,7 @@ class MeanCombiner implements Combiner {
     const inv = 1 / this.weight;
     if (this.baseCoef === this.weight) {
       // Plain FedAvg (weights, unclipped): the mean itself, exactly as the streaming FedAvg computes it.
-      for (let i = 0; i < n; i++) y[i] = s[i] * inv;
-      return y;
+      return meanToF32(s.subarray(0, y.length), inv);
     }
     const k = 1 - this.baseCoef * inv;
     for (let at = 0; at < n; at += BASE_BLOCK_FLOATS) {
@@ -377,8 +377,11 @@ class ComposedRound implements RoundAggregator {
     private readonly clipNorm: number | undefined,
     /** Norms of the last closed round; this round's accepted norms are added as they come. */
     private readonly previousNorms: readonly number[],
-    /** max |base value|: with ‖Δ‖ it bounds every proposed weight, so honest updates skip the value pass. */
-    private readonly baseMaxAbs: number,
+    /**
+     * max |base value|: with ‖Δ‖ it bounds every proposed weight, so honest updates skip the value pass. Computed on
+     * the first check() that needs it: a round whose updates all take the checked fold never reads the base for it.
+     */
+    private readonly baseMaxAbsOf: () => number,
     private readonly deltaNorm: DeltaNorm,
     private readonly checkedFold: CheckedFold,
     private readonly checkedFoldBatch: CheckedFoldBatch,
@@ -387,6 +390,11 @@ class ComposedRound implements RoundAggregator {
 
   get count(): number {
     return this.combiner.count;
+  }
+
+  private maxAbs: number | undefined;
+  private get baseMaxAbs(): number {
+    return (this.maxAbs ??= this.baseMaxAbsOf());
   }
 
   check(update: TensorBundle, info: UpdateInfo): Verdict {

@@ -264,6 +264,7 @@ class Args {
   }
   bool ok() const { return ok_; }
   napi_value arg(size_t i) const { return argv_[i]; }
+  napi_env env() const { return env_; }
   float* f32(size_t i, const char* what, size_t want, bool nullable = false) {
     return static_cast<float*>(array(i, what, want, napi_float32_array, nullable, sizeof(float)));
   }
@@ -651,7 +652,47 @@ napi_value DeltaSqLanes(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
-// foldChecked(x, b|null, isDelta, sums: Float64Array, a, maxValue, lanes: Float64Array(4)) → elements folded (see fold.h).
+// The fold loops' optional last argument: "sse2" | "avx2" | "avx512" (the same bytes, for tests and benches), or
+// undefined for the widest this CPU runs. One it does not run is refused, never replaced.
+medfl::FoldIsa fold_isa_arg(Args& a, size_t i) {
+  const medfl::FoldIsa best = medfl::fold_best_isa();
+  if (!a.ok()) return best;
+  napi_valuetype vt = napi_undefined;
+  napi_typeof(a.env(), a.arg(i), &vt);
+  if (vt == napi_undefined) return best;
+  char name[16] = {};
+  size_t len = 0;
+  if (vt == napi_string && napi_get_value_string_utf8(a.env(), a.arg(i), name, sizeof name, &len) == napi_ok) {
+    for (const medfl::FoldIsa isa : {medfl::FoldIsa::kSse2, medfl::FoldIsa::kAvx2, medfl::FoldIsa::kAvx512}) {
+      if (std::string(name) != medfl::fold_isa_name(isa)) continue;
+      if (medfl::fold_isa_supported(isa)) return isa;
+      a.fail(std::string("this CPU does not run the ") + name + " fold (it runs up to " + medfl::fold_isa_name(best) + ")");
+      return best;
+    }
+  }
+  a.fail("variant must be \"sse2\", \"avx2\", \"avx512\" or undefined");
+  return best;
+}
+
+// foldVariants() → { best, supported: [names] }: which fold loop runs by default here, and which a caller may name.
+napi_value FoldVariants(napi_env env, napi_callback_info) {
+  napi_value out, list, v;
+  CALL(env, napi_create_object(env, &out));
+  CALL(env, napi_create_array(env, &list));
+  uint32_t at = 0;
+  for (const medfl::FoldIsa isa : {medfl::FoldIsa::kSse2, medfl::FoldIsa::kAvx2, medfl::FoldIsa::kAvx512}) {
+    if (!medfl::fold_isa_supported(isa)) continue;
+    CALL(env, napi_create_string_utf8(env, medfl::fold_isa_name(isa), NAPI_AUTO_LENGTH, &v));
+    CALL(env, napi_set_element(env, list, at++, v));
+  }
+  CALL(env, napi_set_named_property(env, out, "supported", list));
+  CALL(env, napi_create_string_utf8(env, medfl::fold_isa_name(medfl::fold_best_isa()), NAPI_AUTO_LENGTH, &v));
+  CALL(env, napi_set_named_property(env, out, "best", v));
+  return out;
+}
+
+// foldChecked(x, b|null, isDelta, sums: Float64Array, a, maxValue, lanes: Float64Array(4)[, variant]) → elements
+// folded (see fold.h).
 napi_value FoldChecked(napi_env env, napi_callback_info info) {
   Args a(env, info, 7, "foldChecked");
   const size_t n = a.length(0, "x");
@@ -662,16 +703,17 @@ napi_value FoldChecked(napi_env env, napi_callback_info info) {
   const double w = a.number(4, "a");
   const double max_value = a.number(5, "maxValue");
   double* lanes = a.f64(6, "lanes", 4);
+  const medfl::FoldIsa isa = fold_isa_arg(a, 7);
   if (is_delta && !b) a.fail("a delta-encoded update needs the base");
   if (!a.ok()) return nullptr;
-  const int64_t folded = medfl::fold_checked(x, b, is_delta, static_cast<int64_t>(n), sums, w, max_value, lanes);
+  const int64_t folded = medfl::fold_checked(x, b, is_delta, static_cast<int64_t>(n), sums, w, max_value, lanes, isa);
   napi_value out;
   CALL(env, napi_create_double(env, static_cast<double>(folded), &out));
   return out;
 }
 
 // foldCheckedBatch(xs: Float32Array[k], b|null, isDelta, sums: Float64Array, a: Float64Array(k), maxValue,
-// lanes: Float64Array(4k)) → elements folded (see fold.h); every xs[j] as long as sums.
+// lanes: Float64Array(4k)[, variant]) → elements folded (see fold.h); every xs[j] as long as sums.
 napi_value FoldCheckedBatch(napi_env env, napi_callback_info info) {
   Args a(env, info, 7, "foldCheckedBatch");
   uint32_t k = 0;
@@ -703,12 +745,35 @@ napi_value FoldCheckedBatch(napi_env env, napi_callback_info info) {
   const double* w = a.f64(4, "a", k);
   const double max_value = a.number(5, "maxValue");
   double* lanes = a.f64(6, "lanes", 4 * static_cast<size_t>(k));
+  const medfl::FoldIsa isa = fold_isa_arg(a, 7);
   if (is_delta && !b) a.fail("a delta-encoded update needs the base");
   if (!a.ok()) return nullptr;
-  const int64_t folded =
-      medfl::fold_checked_batch(xs, static_cast<int>(k), b, is_delta, static_cast<int64_t>(n), sums, w, max_value, lanes);
+  const int64_t folded = medfl::fold_checked_batch(xs, static_cast<int>(k), b, is_delta, static_cast<int64_t>(n), sums, w,
+                                                   max_value, lanes, isa);
   napi_value out;
   CALL(env, napi_create_double(env, static_cast<double>(folded), &out));
+  return out;
+}
+
+// foldMeanF32(sums: Float64Array, inv[, variant]) → Float32Array: sums[i]·inv rounded to float32, written over the
+// sums' own memory (its first half), which the returned array views (see fold.h fold_mean_f32).
+napi_value FoldMeanF32(napi_env env, napi_callback_info info) {
+  Args a(env, info, 2, "foldMeanF32");
+  size_t n = 0;
+  void* data = nullptr;
+  napi_value buffer = nullptr;
+  size_t offset = 0;
+  napi_typedarray_type type = napi_int8_array;
+  bool is_typed = false;
+  if (napi_is_typedarray(env, a.arg(0), &is_typed) != napi_ok || !is_typed ||
+      napi_get_typedarray_info(env, a.arg(0), &type, &n, &data, &buffer, &offset) != napi_ok || type != napi_float64_array)
+    a.fail("sums must be a Float64Array");
+  const double inv = a.number(1, "inv");
+  const medfl::FoldIsa isa = fold_isa_arg(a, 2);
+  if (!a.ok()) return nullptr;
+  medfl::fold_mean_f32(static_cast<const double*>(data), static_cast<int64_t>(n), inv, static_cast<float*>(data), isa);
+  napi_value out;
+  CALL(env, napi_create_typedarray(env, napi_float32_array, n, buffer, offset, &out));
   return out;
 }
 
@@ -801,6 +866,8 @@ NAPI_MODULE_INIT() {
       {"deltaSqLanes", nullptr, DeltaSqLanes, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"foldChecked", nullptr, FoldChecked, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"foldCheckedBatch", nullptr, FoldCheckedBatch, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"foldVariants", nullptr, FoldVariants, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"foldMeanF32", nullptr, FoldMeanF32, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"gaussianFromWords", nullptr, GaussianFromWords, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"windowBlend", nullptr, WindowBlend, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"windowNormalise", nullptr, WindowNormalise, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
