@@ -11,6 +11,7 @@ import type { ModelFiles } from '../models/model-store.ts';
 import type { RoundEngine, TaskMessage, TaskSink } from '../rounds/round-engine.ts';
 import type { UploadReceiver } from './upload-receiver.ts';
 import { UploadCall } from './upload-call.ts';
+import { UploadCommits } from './upload-commits.ts';
 import type { Logger } from '../../shared/util/log.ts';
 import { streamModelFile } from './model-stream.ts';
 import { COORDINATOR_FEATURES, FEATURES, LEGACY_SITE, type Feature, type SiteCapabilities } from '../../shared/protocol/features.ts';
@@ -37,6 +38,10 @@ export interface FederationServiceDeps {
   onTransfer?: (t: { direction: 'download' | 'upload'; bytes: number; seconds: number }) => void;
   /** Bounds the downloads and uploads running at once (transfer-admission.ts); without it every transfer starts at once. */
   admission?: TransferAdmission;
+  /** Most uploads checked, folded and stored together (upload-commits.ts; default MAX_COMMIT_BATCH). */
+  maxCommitBatch?: number;
+  /** Told of each batch of uploads folded in one pass (its size); must not throw. */
+  onCommitBatch?: (size: number) => void;
 }
 
 /**
@@ -171,6 +176,8 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
   const features = d.features ?? COORDINATOR_FEATURES;
   const sendsGoAhead = features.includes(FEATURES.uploadGoAhead);
   if (!(Number.isInteger(maxOpenUploads) && maxOpenUploads >= 1)) throw new RangeError(`maxOpenUploadsPerSite must be an integer ≥ 1, got ${maxOpenUploads}`);
+  /** Closed uploads are checked, folded, stored and acknowledged together here (one job of the fold queue per batch). */
+  const commits = new UploadCommits({ engine, store, receiver, log, maxBatch: d.maxCommitBatch, onBatch: d.onCommitBatch });
   /** Open UploadUpdate calls per site. */
   const openUploads = new Map<string, number>();
   /** Ends the task streams of sites revoked while connected: one store query per tick for all of them. */
@@ -183,6 +190,7 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
       store,
       engine,
       receiver,
+      commits,
       log,
       stream: call,
       reply,
