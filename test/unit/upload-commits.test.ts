@@ -55,7 +55,7 @@ function commitPath(strategy: ComposedStrategy, o: { decodes?: boolean } = {}) {
     aggregator: strategy.begin(base, specs, { expected: SITES.length }),
     reported: new Set(),
     closing: false,
-    stage: 'fine-tuning' as OpenRound['stage'],
+    stage: { kind: 'fine-tuning', index: 1 },
   };
   const rows: UpdateRow[] = [];
   const store = {
