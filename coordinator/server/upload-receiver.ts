@@ -18,7 +18,7 @@ import { SHA256_HEX } from '../../shared/util/hash.ts';
 import { SITE_NAME_PATTERN } from '../../shared/protocol/site-names.ts';
 import { HashingFileWriter, fileSyncOptions } from '../../shared/protocol/hashing-writer.ts';
 import type { TensorReader } from '../aggregation/base-blocks.ts';
-import { openModelReader } from '../models/model-reader.ts';
+import { tensorFileReader } from '../models/model-reader.ts';
 
 export const UpdateHeaderSchema = z.object({
   updateId: z.string().regex(/^[A-Za-z0-9._-]{8,128}$/, 'update_id must be 8–128 characters of [A-Za-z0-9._-]'),
@@ -150,7 +150,8 @@ export class UploadReceiver {
     const specProblem = checkAgainstSpecs(new Map(head.entries.map((e) => [e.name, { dtype: e.dtype as DType, shape: e.shape }])), this.specs);
     if (specProblem) throw new UploadRefused(`update does not match the plan's shared tensors: ${specProblem}`);
     // Decoding the whole file is left to a refusal that must name its bad value (as finish() would have).
-    return { reader: openModelReader(p.path), isDelta: head.isDelta, decode: () => decodeUpdate(readFileSync(p.path), { views: true }).bundle };
+    const reader = tensorFileReader(p.path, new Map(head.entries.map((e) => [e.name, e])), head.dataStart);
+    return { reader, isDelta: head.isDelta, decode: () => decodeUpdate(readFileSync(p.path), { views: true }).bundle };
   }
 
   /**
