@@ -38,10 +38,6 @@ export interface FederationServiceDeps {
   onTransfer?: (t: { direction: 'download' | 'upload'; bytes: number; seconds: number }) => void;
   /** Bounds the downloads and uploads running at once (transfer-admission.ts); without it every transfer starts at once. */
   admission?: TransferAdmission;
-  /** Most uploads checked, folded and stored together (upload-commits.ts; default MAX_COMMIT_BATCH). */
-  maxCommitBatch?: number;
-  /** Told of each batch of uploads folded in one pass (its size); must not throw. */
-  onCommitBatch?: (size: number) => void;
 }
 
 /**
@@ -177,7 +173,7 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
   const sendsGoAhead = features.includes(FEATURES.uploadGoAhead);
   if (!(Number.isInteger(maxOpenUploads) && maxOpenUploads >= 1)) throw new RangeError(`maxOpenUploadsPerSite must be an integer ≥ 1, got ${maxOpenUploads}`);
   /** Closed uploads are checked, folded, stored and acknowledged together here (one job of the fold queue per batch). */
-  const commits = new UploadCommits({ engine, store, receiver, log, maxBatch: d.maxCommitBatch, onBatch: d.onCommitBatch });
+  const commits = new UploadCommits({ engine, store, receiver, log });
   /** Open UploadUpdate calls per site. */
   const openUploads = new Map<string, number>();
   /** Ends the task streams of sites revoked while connected: one store query per tick for all of them. */

@@ -43,7 +43,7 @@ export interface UploadCommitsDeps {
   log: Logger;
   /** Most updates per batch (default MAX_COMMIT_BATCH). */
   maxBatch?: number;
-  /** Told of each batch folded in one pass (its size); for metrics and tests, must not throw. */
+  /** Told of each batch folded in one pass (its size); must not throw (benches and tests count them). */
   onBatch?: (size: number) => void;
 }
 
@@ -190,6 +190,7 @@ export class UploadCommits {
       return;
     }
     for (const a of accepted) engine.folded(a.row!);
+    this.d.log.debug({ round, updates: readable.length, accepted: accepted.length }, 'uploads checked, folded and stored together');
     const sent = accepted.map((a) => a.w.req.acknowledge(a.row!));
     for (const a of accepted) a.w.resolve(a.row!);
     // Let the acks leave the process before the next model-sized job of the queue.
