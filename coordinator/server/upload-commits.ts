@@ -96,7 +96,14 @@ export class UploadCommits {
         const batch = this.waiting.splice(0, this.maxBatch);
         // What arrives meanwhile, and what did not fit, waits for the next job.
         this.schedule();
-        await this.commitBatch(batch);
+        try {
+          await this.commitBatch(batch);
+        } catch (e) {
+          // Not expected (each step settles its uploads), but no call may wait for ever: the ones still unsettled
+          // fail (settling twice changes nothing; a stored update's file was moved away from its partial path).
+          for (const w of batch) this.drop(w, e);
+          throw e;
+        }
       })
       .catch((e: Error) => this.d.log.error({ err: e.message }, 'committing uploads failed'));
   }
