@@ -4,13 +4,16 @@
  * files (never decoded whole), and the round's model is what one-by-one checked folds of the same updates give, byte
  * for byte; a bad update in a batch is refused alone in the one-at-a-time path's words; a store transaction that
  * fails takes the whole batch out of the sums again, acknowledges nothing and leaves no file; rounds without a batch
- * fold (median) and float16 uploads are committed one at a time.
+ * fold (median) and float16 uploads are committed one at a time. Through the real round engine: its round takes the
+ * uploads in one batch (never one checkAndAdd per update), and a restart before the close counts each stored update
+ * once.
  */
 import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { strategyFromPlan } from '../../coordinator/aggregation/index.ts';
 import { ComposedStrategy } from '../../coordinator/aggregation/composed.ts';
 import type { RoundAggregator, Verdict } from '../../coordinator/aggregation/strategy.ts';
 import { RefusalWarnings } from '../../coordinator/events/refusal-warnings.ts';
@@ -30,6 +33,11 @@ import { encodeSafetensors } from '../../shared/tensors/safetensors.ts';
 import { encodeUpdate } from '../../shared/tensors/update-codec.ts';
 import { sha256Hex } from '../../shared/util/hash.ts';
 import { foldFixture, maxUlpDiff } from '../helpers/fold-fixture.ts';
+import { bareEngine } from '../helpers/bare-engine.ts';
+import { waitFor } from '../../cli/processes.ts';
+import { pick } from '../../shared/model/sharing.ts';
+import { makeBundle } from '../../shared/tensors/bundle.ts';
+import { parsePlan } from '../../shared/plan/load.ts';
 
 const fixture = foldFixture([5, 8193, 70003]);
 const { specs, update, baseModel, bundleOf, total, offsets } = fixture;
@@ -224,5 +232,58 @@ describe('group commit of uploads', () => {
     expect(half.batches).toEqual([1]);
     expect(half.decoded).toEqual(['s0']);
     expect(half.open.aggregator.count).toBe(2);
+  });
+});
+
+describe('group commit through the round engine', () => {
+  const plan = parsePlan(['model: { architecture: tiny3d, patch: [16, 16, 16], numClasses: 2, width: 4, seed: 3 }', 'rounds: 1', 'minSites: 3', 'gatherSeconds: 0', 'roundDeadlineSeconds: 60', ''].join('\n'), 'plan.yaml');
+  const sites = ['site-a', 'site-b', 'site-c'];
+
+  it("the engine's round folds uploads waiting together in one batch, and after a restart counts each stored update once", async () => {
+    // Which of the round's check-and-fold entry points the engine uses.
+    const calls: string[] = [];
+    const strategy = strategyFromPlan(plan);
+    const begin = strategy.begin.bind(strategy);
+    strategy.begin = (...args) => {
+      const agg = begin(...args);
+      const batch = agg.checkAndAddBatch!.bind(agg);
+      const one = agg.checkAndAdd!.bind(agg);
+      agg.checkAndAddBatch = (items) => (calls.push(`batch of ${items.length}`), batch(items));
+      agg.checkAndAdd = (u, info) => (calls.push('one'), one(u, info));
+      return agg;
+    };
+    const first = bareEngine(dir, plan, { strategy });
+    first.enrol(sites);
+    await first.engine.start();
+    first.connect(sites);
+    await waitFor(() => first.tasks.length === 3, 5000, 'the three tasks of round 1');
+    const hash = first.engine.currentModelHash;
+    const base = pick(first.models.load(hash), first.engine.shared);
+    const specs = first.engine.shared.map((p) => ({ name: p.name, shape: [...p.shape], dtype: 'F32' as const }));
+    const receiver = new UploadReceiver(join(dir, 'updates'), specs, 1 << 24);
+    const commits = new UploadCommits({ engine: first.engine, store: first.store, receiver, log });
+    const ready = await Promise.all(
+      sites.map(async (site, k) => {
+        const bytes = encodeSafetensors(makeBundle([...base.values()].map((t) => ({ ...t, data: t.data.map((v, j) => v + 0.01 * (k + 1) * Math.sin(j)) }))));
+        const p = receiver.begin({ updateId: `update-${site}`, round: 1, taskId: 't', baseModelHash: hash, totalSize: bytes.length, sha256: sha256Hex(bytes), numSamples: 4 + k });
+        p.write(0, Buffer.from(bytes));
+        await p.close();
+        return { site, partial: p };
+      }),
+    );
+    const acked: string[] = [];
+    const rows = await Promise.all(ready.map((r) => commits.submit({ ...r, acknowledge: async (row) => void acked.push(row.site) })));
+    expect(calls).toEqual(['batch of 3']);
+    expect(acked).toEqual(sites);
+    expect(first.store.updatesForRound(1).map((u) => u.site).sort()).toEqual(sites);
+
+    // Killed before the close (the acks are out, engine.accepted() never ran): the restart re-folds the stored updates.
+    first.close();
+    const second = bareEngine(dir, plan);
+    await second.engine.start();
+    await waitFor(() => second.store.getRound(1)?.state === 'closed', 10_000, 'round 1 to close after the restart');
+    expect(second.store.updatesForRound(1).map((u) => u.updateId).sort()).toEqual(rows.map((r) => r.updateId).sort());
+    expect(second.events.find((e) => e.type === 'round.closed')).toMatchObject({ round: 1, sites });
+    second.close();
   });
 });
