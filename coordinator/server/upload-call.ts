@@ -1,8 +1,8 @@
 /**
  * One UploadUpdate call as a small state machine: the chunks a site streams (header, data, optional trailer) move it
  * from waiting for its header, through receiving, to finishing (the file closed, then checked, folded, stored and
- * acknowledged by the group commit, upload-commits.ts), and every way it can end (accepted, a duplicate, refused, a storage failure, stalled, cut off) answers it
- * at most once and leaves no partial file behind.
+ * acknowledged by the group commit, upload-commits.ts), and every way it can end (accepted, a duplicate, refused, a
+ * storage failure, stalled, cut off) answers it at most once and leaves no partial file behind.
  *
  *   awaiting-header ──header──▶ receiving ──end──▶ finishing ──▶ answered
  *          │                        │                  │
