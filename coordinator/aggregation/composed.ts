@@ -263,13 +263,14 @@ class MeanCombiner implements Combiner {
     if (!isDelta) this.baseCoef += a;
   }
 
-  /** retract() for an update read a block at a time (unclipped: as addCheckedBatch folded it). */
-  retractBlocks(values: BaseBlocks, weight: number, isDelta: boolean, offsets: Offsets): void {
+  /** retract() for an update read a block at a time (`scale` its clip factor as folded; 1 as addCheckedBatch folds). */
+  retractBlocks(values: BaseBlocks, weight: number, isDelta: boolean, offsets: Offsets, scale = 1): void {
     const w = this.dp ? 1 : weight;
-    unfoldBlocks(values, offsets, this.target, w);
+    const a = w * scale;
+    unfoldBlocks(values, offsets, this.target, a);
     this.mean.count--;
     this.weight -= w;
-    if (!isDelta) this.baseCoef -= w;
+    if (!isDelta) this.baseCoef -= a;
   }
 
   /** Takes an added update out again (sums −= a·Δ): the count and weights exactly, the sums within float64 rounding. */
@@ -562,7 +563,7 @@ class ComposedRound implements RoundAggregator {
       }
       const norm = Math.sqrt(sq);
       if (!Number.isFinite(norm)) {
-        const named = 'update' in item ? this.check(item.update, info).problem : undefined;
+        const named = this.nameProblem(item);
         return { problem: named ?? 'update holds a non-finite value, or its delta norm overflows float64' };
       }
       const maxValue = this.rules.maxValue;
@@ -583,13 +584,23 @@ class ComposedRound implements RoundAggregator {
     }
   }
 
+  /**
+   * check()'s words for an item whose values failed the batch pass (rare): a bundle is checked again; a file is
+   * checked again decoded whole when the item can decode it, so the refusal names the tensor and index as it does
+   * one update at a time.
+   */
+  private nameProblem(item: BatchItem): string | undefined {
+    if ('update' in item) return this.check(item.update, item.info).problem;
+    return item.decode ? this.check(item.decode(), item.info).problem : undefined;
+  }
+
   /** One update's verdict after a batch pass, decided in the batch's order (the norm reference grows as they are accepted). */
   private batchVerdict(item: BatchItem, values: BaseBlocks, r: CheckedFoldResult): Verdict {
     const mean = this.combiner as MeanCombiner;
     const { info } = item;
     if (!r.valuesOk || !Number.isFinite(r.norm)) {
       if (r.valuesOk) mean.retractBlocks(values, info.numSamples, !!info.isDelta, this.offsets); // the norm overflowed
-      const named = 'update' in item ? this.check(item.update, info).problem : undefined;
+      const named = this.nameProblem(item);
       return { problem: named ?? 'update holds a non-finite value or a weight beyond aggregation.validation.maxValue' };
     }
     if (!this.base) return {};
@@ -614,6 +625,26 @@ class ComposedRound implements RoundAggregator {
     if (!(this.combiner instanceof MeanCombiner)) throw new Error(`strategy ${this.strategy.name} cannot take an update out of the round`);
     const scale = this.clipNorm !== undefined && norm !== undefined && norm > this.clipNorm ? this.clipNorm / norm : 1;
     this.combiner.retract(update, info.numSamples, scale, !!info.isDelta, this.offsets);
+    this.forgetNorm(norm);
+  }
+
+  /**
+   * Takes out an update that checkAndAddBatch() counted (storing it failed), reading it again from the item (for a
+   * reader: its file, a block at a time). The same a·x comes out as went in, so the count and weights are exact and
+   * the sums within float64 rounding, as with retract().
+   */
+  retractItem(item: BatchItem, verdict: Verdict): void {
+    if (this.finished) throw new Error('retractItem() after finish()');
+    if (!(this.combiner instanceof MeanCombiner)) throw new Error(`strategy ${this.strategy.name} cannot take an update out of the round`);
+    const { info } = item;
+    const norm = verdict.norm;
+    const scale = this.clipNorm !== undefined && norm !== undefined && norm > this.clipNorm ? this.clipNorm / norm : 1;
+    const values = baseBlocks('reader' in item ? item.reader : item.update, this.offsets);
+    try {
+      this.combiner.retractBlocks(values, info.numSamples, !!info.isDelta, this.offsets, scale);
+    } finally {
+      values.close();
+    }
     this.forgetNorm(norm);
   }
 

@@ -20,7 +20,14 @@ export interface Verdict {
 }
 
 /** One of several waiting updates handed over at once: decoded, or a reader over its (float32) file. */
-export type BatchItem = { readonly update: TensorBundle; readonly info: UpdateInfo } | { readonly reader: TensorReader; readonly info: UpdateInfo };
+export type BatchItem =
+  | { readonly update: TensorBundle; readonly info: UpdateInfo }
+  | {
+      readonly reader: TensorReader;
+      readonly info: UpdateInfo;
+      /** The whole update decoded: only to name the tensor and index of a refused update's bad value (rare). */
+      readonly decode?: () => TensorBundle;
+    };
 
 export interface RoundContext {
   /** Sites asked this round (the expected count DP divides by). */
@@ -46,6 +53,8 @@ export interface RoundAggregator {
    * in turn, and the same result. Undefined when this round cannot (nothing counted); then one at a time.
    */
   checkAndAddBatch?(items: readonly BatchItem[]): Verdict[] | undefined;
+  /** Takes out an update that checkAndAddBatch() counted (e.g. storing it failed). Given wherever checkAndAddBatch is. */
+  retractItem?(item: BatchItem, verdict: Verdict): void;
   /** Takes out an update that checkAndAdd() counted (e.g. storing it failed). Given wherever checkAndAdd is. */
   retract?(update: TensorBundle, info: UpdateInfo, verdict: Verdict): void;
   /** Folds one checked update in. Must not keep a reference to `update`'s arrays. */

@@ -45,6 +45,14 @@ export function openModelReader(path: string, sha256?: { hex: string; corrupt: (
   } finally {
     closeSync(fd);
   }
+  return tensorFileReader(path, entries, dataStart);
+}
+
+/**
+ * A reader over the float32 tensors of a safetensors file whose header was already read and checked (`entries`: where
+ * each tensor's bytes lie after `dataStart`). The file is opened at the first read and kept open until close().
+ */
+export function tensorFileReader(path: string, entries: ReadonlyMap<string, Pick<SafetensorsEntry, 'begin' | 'end'>>, dataStart: number): TensorReader {
   let open: number | undefined;
   return {
     size: (name) => {

@@ -11,7 +11,7 @@
  * and the features' hooks (feature-hooks.ts).
  */
 import type { RoundRow, UpdateRow } from '../store/store.ts';
-import type { Verdict } from '../aggregation/strategy.ts';
+import type { BatchItem, Verdict } from '../aggregation/strategy.ts';
 import type { FederationEvent } from '../../shared/events/bus.ts';
 import type { ParamInfo } from '../../shared/model/types.ts';
 import type { TensorBundle } from '../../shared/tensors/bundle.ts';
@@ -231,6 +231,26 @@ export class RoundEngine {
   /** Takes out an update that checkAndFold() counted but that could not be stored (the site sends it again). */
   unfold(site: string, round: number, update: TensorBundle, numSamples: number, isDelta: boolean, verdict: Verdict): void {
     this.intake.unfold(site, round, update, numSamples, isDelta, verdict);
+  }
+
+  /**
+   * Several stored updates of `round` checked and folded in one pass over the sums (checkAndAddBatch; items may be
+   * readers over their files). Call inside serialised(), before they are stored. The verdicts in order, those without
+   * a problem counted: record each with folded() once stored, or take it out with unfoldItem() when storing fails.
+   * Undefined when this round cannot (median, trimmed mean; no round open): nothing counted, take them one at a time.
+   */
+  checkAndFoldBatch(round: number, items: readonly BatchItem[]): Verdict[] | undefined {
+    return this.intake.checkAndFoldBatch(round, items);
+  }
+
+  /** Takes out an update that checkAndFoldBatch() counted but that could not be stored (the site sends it again). */
+  unfoldItem(round: number, item: BatchItem, verdict: Verdict): void {
+    this.intake.unfoldItem(round, item, verdict);
+  }
+
+  /** The bookkeeping of a stored update that checkAndFoldBatch() already counted; false when its round is not open. */
+  folded(row: UpdateRow): boolean {
+    return this.intake.folded(row);
   }
 
   acceptedEvent(row: UpdateRow): FederationEvent {

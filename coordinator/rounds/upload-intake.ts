@@ -7,7 +7,7 @@ import type { FederationEvent } from '../../shared/events/bus.ts';
 import { pick } from '../../shared/model/sharing.ts';
 import type { ParamInfo } from '../../shared/model/types.ts';
 import type { TensorBundle } from '../../shared/tensors/bundle.ts';
-import type { Verdict } from '../aggregation/strategy.ts';
+import type { BatchItem, Verdict } from '../aggregation/strategy.ts';
 import { updateRejectionReason } from '../events/reasons.ts';
 import type { RefusalWarnings } from '../events/refusal-warnings.ts';
 import type { CoordinatorStore, UpdateRow } from '../store/store.ts';
@@ -61,6 +61,25 @@ export class UploadIntake {
     return { verdict: open.aggregator.check(update, info), folded: false };
   }
 
+  /**
+   * Several stored updates of `round` checked and folded in one pass (the strategy's checkAndAddBatch): their
+   * verdicts in order, those without a problem counted. Undefined when the round is not open or its strategy
+   * cannot (median, trimmed mean): nothing was counted, so take them one at a time (checkAndFold).
+   */
+  checkAndFoldBatch(round: number, items: readonly BatchItem[]): Verdict[] | undefined {
+    const open = this.o.open();
+    if (!open || open.row.round !== round || !open.aggregator.retractItem) return undefined;
+    return open.aggregator.checkAndAddBatch?.(items);
+  }
+
+  /** Takes out an update that checkAndFoldBatch() counted but that could not be stored. */
+  unfoldItem(round: number, item: BatchItem, verdict: Verdict): void {
+    const open = this.o.open();
+    if (!open || open.row.round !== round) return;
+    if (!open.aggregator.retractItem) throw new Error(`strategy ${this.o.strategyName} counted an update it cannot take out`);
+    open.aggregator.retractItem(item, verdict);
+  }
+
   /** Takes out an update that checkAndFold() counted but that could not be stored. */
   unfold(site: string, round: number, update: TensorBundle, numSamples: number, isDelta: boolean, verdict: Verdict): void {
     const open = this.o.open();
@@ -75,6 +94,14 @@ export class UploadIntake {
     if (!open || open.row.round !== row.round) return false;
     // checkAndFold() already counted it: only the bookkeeping is left.
     if (!opts.folded) open.aggregator.add(pick(update, this.o.shared), { site: row.site, numSamples: row.numSamples, isDelta: opts.isDelta }, opts.verdict);
+    open.reported.add(row.site);
+    return true;
+  }
+
+  /** Records a stored update that checkAndFoldBatch() already counted; false when its round is not open. */
+  folded(row: UpdateRow): boolean {
+    const open = this.o.open();
+    if (!open || open.row.round !== row.round) return false;
     open.reported.add(row.site);
     return true;
   }

@@ -11,6 +11,7 @@ import type { ModelFiles } from '../models/model-store.ts';
 import type { RoundEngine, TaskMessage, TaskSink } from '../rounds/round-engine.ts';
 import type { UploadReceiver } from './upload-receiver.ts';
 import { UploadCall } from './upload-call.ts';
+import { UploadCommits } from './upload-commits.ts';
 import type { Logger } from '../../shared/util/log.ts';
 import { streamModelFile } from './model-stream.ts';
 import { COORDINATOR_FEATURES, FEATURES, LEGACY_SITE, type Feature, type SiteCapabilities } from '../../shared/protocol/features.ts';
@@ -171,6 +172,8 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
   const features = d.features ?? COORDINATOR_FEATURES;
   const sendsGoAhead = features.includes(FEATURES.uploadGoAhead);
   if (!(Number.isInteger(maxOpenUploads) && maxOpenUploads >= 1)) throw new RangeError(`maxOpenUploadsPerSite must be an integer ≥ 1, got ${maxOpenUploads}`);
+  /** Closed uploads are checked, folded, stored and acknowledged together here (one job of the fold queue per batch). */
+  const commits = new UploadCommits({ engine, store, receiver, log });
   /** Open UploadUpdate calls per site. */
   const openUploads = new Map<string, number>();
   /** Ends the task streams of sites revoked while connected: one store query per tick for all of them. */
@@ -183,6 +186,7 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
       store,
       engine,
       receiver,
+      commits,
       log,
       stream: call,
       reply,

@@ -1,8 +1,8 @@
 /**
  * One UploadUpdate call as a small state machine: the chunks a site streams (header, data, optional trailer) move it
- * from waiting for its header, through receiving, to finishing (the file closed, checked, stored, acknowledged and
- * folded), and every way it can end (accepted, a duplicate, refused, a storage failure, stalled, cut off) answers it
- * at most once and leaves no partial file behind.
+ * from waiting for its header, through receiving, to finishing (the file closed, then checked, folded, stored and
+ * acknowledged by the group commit, upload-commits.ts), and every way it can end (accepted, a duplicate, refused, a
+ * storage failure, stalled, cut off) answers it at most once and leaves no partial file behind.
  *
  *   awaiting-header ──header──▶ receiving ──end──▶ finishing ──▶ answered
  *          │                        │                  │
@@ -11,13 +11,11 @@
  * The gRPC handler (federation-service.ts) only wires the call's events to this class and counts the site's slots.
  */
 import * as grpc from '@grpc/grpc-js';
-import { rmSync } from 'node:fs';
 import type { Logger } from '../../shared/util/log.ts';
 import { describeStorageFault, isStorageFault } from '../../shared/util/storage-fault.ts';
-import type { Verdict } from '../aggregation/strategy.ts';
-import { outboxRows } from '../events/outbox.ts';
 import type { RoundEngine } from '../rounds/round-engine.ts';
 import type { CoordinatorStore, UpdateRow } from '../store/store.ts';
+import type { UploadCommits } from './upload-commits.ts';
 import { UploadRefused, type PartialUpload, type UpdateHeader, type UploadReceiver } from './upload-receiver.ts';
 
 export type UploadState = 'awaiting-header' | 'receiving' | 'finishing' | 'answered';
@@ -33,15 +31,17 @@ export interface UploadAckMessage {
 export interface UploadCallDeps {
   /** The authenticated site the call acts for. */
   site: string;
-  store: Pick<CoordinatorStore, 'getUpdate' | 'insertUpdate'>;
-  engine: Pick<RoundEngine, 'admissionProblem' | 'checkAndFold' | 'unfold' | 'serialised' | 'acceptedEvent' | 'fold' | 'accepted' | 'rejected'>;
-  receiver: Pick<UploadReceiver, 'parseHeader' | 'begin' | 'finish'>;
+  store: Pick<CoordinatorStore, 'getUpdate'>;
+  engine: Pick<RoundEngine, 'admissionProblem' | 'accepted' | 'rejected'>;
+  receiver: Pick<UploadReceiver, 'parseHeader' | 'begin'>;
+  /** Checks, folds, stores and acknowledges closed uploads, several at once where it can (upload-commits.ts). */
+  commits: Pick<UploadCommits, 'submit'>;
   log: Logger;
   /** Reading is paused (HTTP/2 flow control holds the site) and resumed through these. */
   stream: { pause(): void; resume(): void };
   /** The call's one answer. */
   reply: grpc.sendUnaryData<unknown>;
-  /** Resolves once the answer just given has left the process (so the fold never holds the ack back). */
+  /** Resolves once the answer about to be given has left the process (so the fold never holds the ack back). */
   answerSent: () => Promise<void>;
   /** Gives the site's open-upload slot back; called once the call is answered or cut off (idempotent). */
   releaseSlot: () => void;
@@ -99,8 +99,8 @@ export class UploadCall {
     const seconds = (performance.now() - this.startedAt) / 1000;
     this.partial = undefined;
     this.state = 'finishing';
-    // Wait for the writer thread (last chunks, fsync, SHA-256) outside the serialised section: it needs no
-    // scratch buffer, and another upload's checks or fold can run meanwhile.
+    // Wait for the writer thread (last chunks, fsync, SHA-256) outside the fold queue: it needs no scratch buffer,
+    // and other uploads' checks and folds run meanwhile. Then the group commit takes it with whatever else waits.
     p.close()
       .then(
         () => undefined,
@@ -109,7 +109,7 @@ export class UploadCall {
           throw isStorageFault(e) ? e : new UploadRefused(`upload failed: storing it failed: ${e.message}`);
         },
       )
-      .then(() => this.d.engine.serialised(() => this.commit(h, p, seconds)))
+      .then(() => this.d.commits.submit({ site: this.d.site, partial: p, acknowledge: (row) => this.acknowledge(row, seconds) }))
       .then(
         (row) => this.d.engine.accepted(row),
         (e: Error) => this.failed(e, 'upload failed'),
@@ -147,45 +147,12 @@ export class UploadCall {
     partial.onWriteError = (e) => this.failed(e, 'upload failed: storing it failed');
   }
 
-  /** Inside the engine's serialised section: checks, the store row (the commit point), the ack, then the fold. */
-  private async commit(h: UpdateHeader, p: PartialUpload, seconds: number): Promise<UpdateRow> {
-    const { engine, receiver, store, site, log } = this.d;
-    const received = receiver.finish(p, site);
-    // Re-check: the round may have closed while the bytes were travelling.
-    const problem = engine.admissionProblem(site, h.round, h.baseModelHash);
-    // The strategy's validation filter: finite values, norm bound, sample count; where the strategy can, the fold
-    // in the same pass over the update (`folded`), taken out again below if the update cannot be stored.
-    const checked = problem ? undefined : engine.checkAndFold(site, h.round, received.bundle, h.numSamples, received.isDelta);
-    const verdict: Verdict | undefined = checked?.verdict;
-    if (problem || verdict?.problem) {
-      rmSync(received.path, { force: true }); // refused updates leave no trace
-      throw new UploadRefused(problem ?? verdict!.problem!);
-    }
-    const folded = !!checked?.folded;
-    const row: UpdateRow = { updateId: h.updateId, round: h.round, site, numSamples: h.numSamples, sha256: p.expectedSha256!, path: received.path, sizeBytes: h.totalSize, acceptedAt: Date.now() };
-    // The store row is the commit point; the ack goes out only after it is written. Its event and ledger
-    // entry are committed with it (events/outbox.ts), so no acknowledged update can miss the ledger.
-    try {
-      store.insertUpdate(row, outboxRows(engine.acceptedEvent(row)));
-    } catch (e) {
-      rmSync(received.path, { force: true }); // not committed: the site sends it again
-      if (folded) engine.unfold(site, h.round, received.bundle, h.numSamples, received.isDelta, verdict!);
-      throw e;
-    }
-    const ackSent = this.d.answerSent();
-    this.answer({ updateId: h.updateId, accepted: true });
-    this.d.onTransfer?.({ direction: 'upload', bytes: h.totalSize, seconds });
-    // Let the ack leave the process before the model-sized, synchronous fold (only bookkeeping when checkAndFold
-    // folded it already). The fold stays in this serialised job: the bundle views the receiver's scratch buffer,
-    // which the next finish() reuses.
-    await ackSent;
-    try {
-      engine.fold(row, received.bundle, { isDelta: received.isDelta, verdict, folded });
-    } catch (e) {
-      // Stored and acknowledged, so it counts: a restart re-folds it from disk.
-      log.error({ site, round: row.round, err: (e as Error).message }, 'folding an accepted update failed; restart the coordinator to re-fold it');
-    }
-    return row;
+  /** The update is stored and counted: the site is told; resolves once the answer has left the process. */
+  private acknowledge(row: UpdateRow, seconds: number): Promise<void> {
+    const sent = this.d.answerSent();
+    this.answer({ updateId: row.updateId, accepted: true });
+    this.d.onTransfer?.({ direction: 'upload', bytes: row.sizeBytes, seconds });
+    return sent;
   }
 
   /** Ends the call with `err` or an acknowledgement; nothing happens once it was answered. */

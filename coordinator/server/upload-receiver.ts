@@ -7,16 +7,18 @@
  * (shared/protocol/hashing-writer.ts), so the event loop keeps receiving while the disk catches up.
  */
 import { randomUUID } from 'node:crypto';
-import { closeSync, mkdirSync, openSync, readSync, renameSync, rmSync, readdirSync } from 'node:fs';
-import { join } from 'node:path';
+import { closeSync, mkdirSync, openSync, readFileSync, readSync, renameSync, rmSync, readdirSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import { z } from 'zod';
-import { decodeUpdate } from '../../shared/tensors/update-codec.ts';
-import { checkAgainstSpecs, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
+import { decodeUpdate, decodeUpdateHeader, type UpdateFileHeader } from '../../shared/tensors/update-codec.ts';
+import { checkAgainstSpecs, type DType, type TensorBundle, type TensorSpec } from '../../shared/tensors/bundle.ts';
 import { CHUNK_BYTES } from '../../shared/protocol/grpc.ts';
 import { fsyncDir } from '../../shared/util/fs-atomic.ts';
 import { SHA256_HEX } from '../../shared/util/hash.ts';
 import { SITE_NAME_PATTERN } from '../../shared/protocol/site-names.ts';
 import { HashingFileWriter, fileSyncOptions } from '../../shared/protocol/hashing-writer.ts';
+import type { TensorReader } from '../aggregation/base-blocks.ts';
+import { tensorFileReader } from '../models/model-reader.ts';
 
 export const UpdateHeaderSchema = z.object({
   updateId: z.string().regex(/^[A-Za-z0-9._-]{8,128}$/, 'update_id must be 8–128 characters of [A-Za-z0-9._-]'),
@@ -111,7 +113,68 @@ export class UploadReceiver {
   }
 
   /**
-   * Validates a complete partial upload and moves it into place. Throws UploadRefused with a reason.
+   * The checks that need no read of the stored file: every announced byte arrived and hashes (on the writer thread,
+   * while it arrived) to the SHA-256 the site announced, and the site's name is one a file may be named after.
+   * `p` must have been closed (`await p.close()`). Throws UploadRefused with a reason.
+   */
+  verify(p: PartialUpload, site: string): void {
+    const h = p.header;
+    if (p.received !== h.totalSize) throw new UploadRefused(`upload ended after ${p.received} of ${h.totalSize} bytes`);
+    const expected = p.expectedSha256;
+    if (expected === undefined) throw new UploadRefused('upload ended without the UpdateTrailer (SHA-256) its header announced by leaving sha256 empty');
+    const digest = p.digest();
+    if (digest !== expected) {
+      const from = h.sha256 ? 'header' : 'trailer';
+      throw new UploadRefused(`hash mismatch: received bytes hash to ${digest.slice(0, 16)}…, ${from} says ${expected.slice(0, 16)}…`);
+    }
+    // The file name is built from checked values only: the round and update id by the header schema, the site
+    // name by enrolment (and again here, should an auth path ever hand over something else).
+    if (!SITE_NAME_PATTERN.test(site)) throw new UploadRefused('the authenticated site name is not a valid site name');
+  }
+
+  /**
+   * A verified upload as a batch reads it: only its header is read here, checked with decodeUpdate's checks and
+   * words and against the plan's shared tensors, and a reader over the file gives the float32 values a block at a
+   * time (no model-sized buffer). Undefined for a float16 or int8 encoding: finish() decodes those. Throws
+   * UploadRefused as finish() would. The reader reads `p.path`: use it before place() moves the file.
+   */
+  inspect(p: PartialUpload): { reader: TensorReader; isDelta: boolean; decode: () => TensorBundle } | undefined {
+    let head: UpdateFileHeader;
+    try {
+      head = readUpdateHeader(p.path, p.received);
+    } catch (e) {
+      if (e instanceof UploadRefused) throw e;
+      throw new UploadRefused(`payload is not a valid update (safetensors, float32/float16/int8): ${(e as Error).message}`);
+    }
+    if (head.encoding.update !== 'float32') return undefined;
+    const specProblem = checkAgainstSpecs(new Map(head.entries.map((e) => [e.name, { dtype: e.dtype as DType, shape: e.shape }])), this.specs);
+    if (specProblem) throw new UploadRefused(`update does not match the plan's shared tensors: ${specProblem}`);
+    // Decoding the whole file is left to a refusal that must name its bad value (as finish() would have).
+    const reader = tensorFileReader(p.path, new Map(head.entries.map((e) => [e.name, e])), head.dataStart);
+    return { reader, isDelta: head.isDelta, decode: () => decodeUpdate(readFileSync(p.path), { views: true }).bundle };
+  }
+
+  /**
+   * Moves a verified upload into its round's folder and returns its final path. The folder's fsync is the caller's
+   * (syncFolder), so a batch of uploads pays one for all its renames.
+   */
+  place(p: PartialUpload, site: string): string {
+    const h = p.header;
+    const dir = join(this.updatesDir, `round-${h.round}`);
+    mkdirSync(dir, { recursive: true });
+    const finalPath = join(dir, `${site}-${h.updateId}.safetensors`);
+    renameSync(p.path, finalPath);
+    return finalPath;
+  }
+
+  /** Makes the renames into the folder of `finalPath` durable. */
+  syncFolder(finalPath: string): void {
+    fsyncDir(dirname(finalPath));
+  }
+
+  /**
+   * Validates a complete partial upload, decodes it and moves it into place (fsynced): the path for updates a
+   * batch cannot read from their file (float16, int8, or a round that folds one at a time). Throws UploadRefused.
    * `p` must have been closed (`await p.close()`: every chunk written, fsynced, hashed) — that wait needs no
    * scratch buffer, so callers do it before entering their serialised section.
    * The returned bundle views the receiver's scratch buffer: use it before the next finish().
@@ -119,14 +182,7 @@ export class UploadReceiver {
   finish(p: PartialUpload, site: string): ReceivedUpdate {
     try {
       const h = p.header;
-      if (p.received !== h.totalSize) throw new UploadRefused(`upload ended after ${p.received} of ${h.totalSize} bytes`);
-      const expected = p.expectedSha256;
-      if (expected === undefined) throw new UploadRefused('upload ended without the UpdateTrailer (SHA-256) its header announced by leaving sha256 empty');
-      const digest = p.digest();
-      if (digest !== expected) {
-        const from = h.sha256 ? 'header' : 'trailer';
-        throw new UploadRefused(`hash mismatch: received bytes hash to ${digest.slice(0, 16)}…, ${from} says ${expected.slice(0, 16)}…`);
-      }
+      this.verify(p, site);
       const bytes = this.readIntoScratch(p.path, p.received);
       let bundle: TensorBundle;
       let isDelta: boolean;
@@ -143,19 +199,35 @@ export class UploadReceiver {
       const specProblem = checkAgainstSpecs(bundle, this.specs);
       if (specProblem) throw new UploadRefused(`update does not match the plan's shared tensors: ${specProblem}`);
       // Finite values, the norm bound and the sample count are the strategy's validation filter (engine.checkUpdate).
-      // The file name is built from checked values only: the round and update id by the header schema, the site
-      // name by enrolment (and again here, should an auth path ever hand over something else).
-      if (!SITE_NAME_PATTERN.test(site)) throw new UploadRefused('the authenticated site name is not a valid site name');
-      const dir = join(this.updatesDir, `round-${h.round}`);
-      mkdirSync(dir, { recursive: true });
-      const finalPath = join(dir, `${site}-${h.updateId}.safetensors`);
-      renameSync(p.path, finalPath);
-      fsyncDir(dir);
+      const finalPath = this.place(p, site);
+      this.syncFolder(finalPath);
       return { header: h, bundle, isDelta, path: finalPath };
     } catch (e) {
       p.discard();
       throw e;
     }
+  }
+}
+
+/** The header of the update file at `path` (`bytes` long), read and checked; the values are not read. */
+function readUpdateHeader(path: string, bytes: number): UpdateFileHeader {
+  const fd = openSync(path, 'r');
+  try {
+    const read = (n: number): Uint8Array => {
+      const b = new Uint8Array(n);
+      for (let off = 0; off < n; ) {
+        const got = readSync(fd, b, off, n - off, off);
+        if (got === 0) throw new UploadRefused(`stored upload is shorter than the ${bytes} bytes received`);
+        off += got;
+      }
+      return b;
+    };
+    let head = decodeUpdateHeader(read(Math.min(8, bytes)), bytes);
+    if (!('entries' in head)) head = decodeUpdateHeader(read(head.headerBytes), bytes);
+    if (!('entries' in head)) throw new Error('header could not be read');
+    return head;
+  } finally {
+    closeSync(fd);
   }
 }
 

@@ -357,6 +357,21 @@ export class CoordinatorStore {
     }).immediate();
   }
 
+  /**
+   * Several accepted updates in one transaction (one commit, one WAL sync), each with its outbox rows: all of them
+   * are stored, or none is.
+   */
+  insertUpdates(updates: readonly { row: UpdateRow; outbox: readonly OutboxRow[] }[]): void {
+    if (updates.length === 0) return;
+    const insert = this.prepared('INSERT INTO updates (update_id, round, site, num_samples, sha256, path, size_bytes, accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)');
+    this.db.transaction(() => {
+      for (const { row: u, outbox } of updates) {
+        insert.run(u.updateId, u.round, u.site, u.numSamples, u.sha256, u.path, u.sizeBytes, u.acceptedAt);
+        this.addOutbox(outbox);
+      }
+    }).immediate();
+  }
+
   /** Every accepted update with its round's state, for `medfl audit verify`'s completeness check. */
   acceptedUpdates(): (UpdateRow & { roundState: RoundRow['state'] })[] {
     const rows = this.db.prepare('SELECT u.*, r.state AS round_state FROM updates u JOIN rounds r ON r.round = u.round ORDER BY u.round, u.accepted_at').all() as Record<string, unknown>[];

@@ -50,8 +50,11 @@ export function specsOf(bundle: TensorBundle): TensorSpec[] {
   return [...bundle.values()].map((t) => ({ name: t.name, shape: [...t.shape], dtype: t.dtype }));
 }
 
-/** First problem found when `bundle` is checked against `specs`, or undefined when it matches exactly. */
-export function checkAgainstSpecs(bundle: TensorBundle, specs: readonly TensorSpec[]): string | undefined {
+/**
+ * First problem found when `bundle` is checked against `specs` (names, dtypes, shapes), or undefined when it matches
+ * exactly. Only dtypes and shapes are read, so a file's header entries can be checked before its values are.
+ */
+export function checkAgainstSpecs(bundle: ReadonlyMap<string, Pick<NamedTensor, 'dtype' | 'shape'>>, specs: readonly TensorSpec[]): string | undefined {
   const expected = new Map(specs.map((s) => [s.name, s]));
   const unknown = [...bundle.keys()].filter((n) => !expected.has(n));
   if (unknown.length > 0) return `unknown tensor name(s): ${unknown.slice(0, 5).join(', ')}${unknown.length > 5 ? ', …' : ''}`;

@@ -84,7 +84,57 @@ export interface DecodedUpdate {
  * caller, tensors in name order) when given and large enough, else into fresh arrays.
  */
 export function decodeUpdate(buf: Uint8Array, opts: { views?: boolean; into?: (floats: number) => Float32Array } = {}): DecodedUpdate {
-  const raw = parseHeader(buf);
+  const head = decodeUpdateHeader(buf, buf.length);
+  // The whole file is here, so the header is too.
+  if (!('entries' in head)) throw new SafetensorsError('header does not fit in the buffer');
+  const { encoding, meta, entries, dataStart } = head;
+  if (meta.dtype === 'float32') return { bundle: decodeSafetensors(buf, { views: opts.views }).bundle, isDelta: meta.delta, encoding };
+  const total = entries.reduce((s, e) => s + elementCount(e.shape), 0);
+  const flat = opts.into?.(total) ?? new Float32Array(total);
+  const byName = [...entries].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  const out: NamedTensor[] = [];
+  let off = 0;
+  for (const e of byName) {
+    const n = elementCount(e.shape);
+    const data = flat.subarray(off, off + n);
+    off += n;
+    const at = buf.byteOffset + dataStart + e.begin;
+    if (meta.dtype === 'float16') {
+      const bytes = buf.subarray(dataStart + e.begin, dataStart + e.end);
+      const h = at % 2 === 0 ? new Uint16Array(buf.buffer, at, n) : new Uint16Array(bytes.slice().buffer);
+      for (let i = 0; i < n; i++) data[i] = fromHalf(h[i]);
+    } else {
+      const a = meta.affine?.[e.name];
+      if (!a || !Number.isFinite(a[0]) || !Number.isFinite(a[1])) throw new SafetensorsError(`int8 tensor "${e.name}" has no affine parameters in ${ENCODING_KEY}`);
+      const [scale, lo] = a;
+      const q = new Int8Array(buf.buffer, at, n);
+      for (let i = 0; i < n; i++) data[i] = (q[i] + 128) * scale + lo;
+    }
+    out.push({ name: e.name, dtype: 'F32', shape: e.shape, data });
+  }
+  return { bundle: makeBundle(out), isDelta: meta.delta, encoding };
+}
+
+/** An update file's header, checked as decodeUpdate checks it: the encoding and each tensor's place in the file. */
+export interface UpdateFileHeader {
+  encoding: UpdateEncoding;
+  isDelta: boolean;
+  /** Every tensor of the file (dtype as stored: F32, F16 or I8), offsets relative to `dataStart`. */
+  entries: readonly { name: string; dtype: string; shape: number[]; begin: number; end: number }[];
+  dataStart: number;
+  /** @internal the parsed encoding metadata (int8's affine parameters). */
+  meta: EncodingMeta;
+}
+
+/**
+ * The header of an update file of `fileBytes` bytes from its first bytes (`head`), validated with the same checks
+ * and words as decodeUpdate (dtypes, shapes, offsets that tile the data section, the encoding metadata), so a
+ * caller can read the tensors from the file itself instead of decoding the whole of it. When `head` holds less than
+ * the header, `headerBytes` says how many bytes the caller must read (the 8-byte length included) and nothing else.
+ */
+export function decodeUpdateHeader(head: Uint8Array, fileBytes: number): UpdateFileHeader | { headerBytes: number } {
+  const raw = parseHeader(head, fileBytes);
+  if (!('entries' in raw)) return raw;
   const metaText = raw.metadata[ENCODING_KEY];
   let meta: EncodingMeta = { v: 1, dtype: 'float32', delta: false };
   if (metaText !== undefined) {
@@ -99,31 +149,7 @@ export function decodeUpdate(buf: Uint8Array, opts: { views?: boolean; into?: (f
   const encoding: UpdateEncoding = { update: meta.dtype, delta: meta.delta };
   const want = ST_DTYPE[meta.dtype];
   for (const e of raw.entries) if (e.dtype !== want) throw new SafetensorsError(`tensor "${e.name}" is ${e.dtype}, but the encoding says ${want}`);
-  if (meta.dtype === 'float32') return { bundle: decodeSafetensors(buf, { views: opts.views }).bundle, isDelta: meta.delta, encoding };
-  const total = raw.entries.reduce((s, e) => s + elementCount(e.shape), 0);
-  const flat = opts.into?.(total) ?? new Float32Array(total);
-  const byName = [...raw.entries].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
-  const out: NamedTensor[] = [];
-  let off = 0;
-  for (const e of byName) {
-    const n = elementCount(e.shape);
-    const data = flat.subarray(off, off + n);
-    off += n;
-    const at = buf.byteOffset + raw.dataStart + e.begin;
-    if (meta.dtype === 'float16') {
-      const bytes = buf.subarray(raw.dataStart + e.begin, raw.dataStart + e.end);
-      const h = at % 2 === 0 ? new Uint16Array(buf.buffer, at, n) : new Uint16Array(bytes.slice().buffer);
-      for (let i = 0; i < n; i++) data[i] = fromHalf(h[i]);
-    } else {
-      const a = meta.affine?.[e.name];
-      if (!a || !Number.isFinite(a[0]) || !Number.isFinite(a[1])) throw new SafetensorsError(`int8 tensor "${e.name}" has no affine parameters in ${ENCODING_KEY}`);
-      const [scale, lo] = a;
-      const q = new Int8Array(buf.buffer, at, n);
-      for (let i = 0; i < n; i++) data[i] = (q[i] + 128) * scale + lo;
-    }
-    out.push({ name: e.name, dtype: 'F32', shape: e.shape, data });
-  }
-  return { bundle: makeBundle(out), isDelta: meta.delta, encoding };
+  return { encoding, isDelta: meta.delta, entries: raw.entries, dataStart: raw.dataStart, meta };
 }
 
 /** Weights from a decoded update: the bundle itself, or base + delta (fresh arrays). */
@@ -197,10 +223,11 @@ export function fromHalf(h: number): number {
 interface RawEntry { name: string; dtype: string; shape: number[]; begin: number; end: number }
 
 /** Header of a safetensors file with F32/F16/I8 tensors, checked: offsets tile the data exactly. */
-function parseHeader(buf: Uint8Array): { entries: RawEntry[]; metadata: Record<string, string>; dataStart: number } {
-  if (buf.length < 8) throw new SafetensorsError(`update too short (${buf.length} bytes) to be safetensors`);
+function parseHeader(buf: Uint8Array, fileBytes: number): { entries: RawEntry[]; metadata: Record<string, string>; dataStart: number } | { headerBytes: number } {
+  if (fileBytes < 8 || buf.length < 8) throw new SafetensorsError(`update too short (${fileBytes} bytes) to be safetensors`);
   const headerLen = Number(new DataView(buf.buffer, buf.byteOffset, 8).getBigUint64(0, true));
-  if (headerLen > 100 * 1024 * 1024 || 8 + headerLen > buf.length) throw new SafetensorsError(`header length ${headerLen} does not fit in ${buf.length} bytes`);
+  if (headerLen > 100 * 1024 * 1024 || 8 + headerLen > fileBytes) throw new SafetensorsError(`header length ${headerLen} does not fit in ${fileBytes} bytes`);
+  if (buf.length < 8 + headerLen) return { headerBytes: 8 + headerLen };
   let header: Record<string, unknown>;
   try {
     header = JSON.parse(Buffer.from(buf.buffer, buf.byteOffset + 8, headerLen).toString('utf8')) as Record<string, unknown>;
@@ -209,7 +236,7 @@ function parseHeader(buf: Uint8Array): { entries: RawEntry[]; metadata: Record<s
   }
   if (!header || typeof header !== 'object' || Array.isArray(header)) throw new SafetensorsError('header is not a JSON object');
   const dataStart = 8 + headerLen;
-  const dataLen = buf.length - dataStart;
+  const dataLen = fileBytes - dataStart;
   const metadata: Record<string, string> = {};
   const entries: RawEntry[] = [];
   for (const [name, raw] of Object.entries(header)) {

@@ -136,7 +136,7 @@ describe('a coordinator on a full disk', () => {
     const t = await f.task(a, 1);
     const update = step(f.model(t.modelHash), 0.01);
     // The small token-id rows still fit in the database's free pages; the update's row does not.
-    disk.fill(['insertUpdate']);
+    disk.fill(['insertUpdate', 'insertUpdates']);
     const first = await uploadOnce(a.client, outgoing(t, update)).then(
       (ack) => ack,
       (e: grpc.ServiceError) => e,

@@ -10,7 +10,7 @@ import type { CoordinatorStore } from '../../coordinator/store/store.ts';
 /** Every CoordinatorStore method that writes to the database. */
 export const WRITES = [
   'setMeta', 'deleteMeta', 'transaction', 'inviteSite', 'enrolSite', 'revokeSite', 'touchSite', 'consumeJti',
-  'addModel', 'openRound', 'extendDeadline', 'closeRound', 'failRound', 'insertUpdate', 'recordMetrics',
+  'addModel', 'openRound', 'extendDeadline', 'closeRound', 'failRound', 'insertUpdate', 'insertUpdates', 'recordMetrics',
 ] as const;
 export type WriteMethod = (typeof WRITES)[number];
 

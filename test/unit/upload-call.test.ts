@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
 import { UploadCall, type UploadCallDeps } from '../../coordinator/server/upload-call.ts';
+import { UploadCommits } from '../../coordinator/server/upload-commits.ts';
 import { UploadReceiver } from '../../coordinator/server/upload-receiver.ts';
 import type { UpdateRow } from '../../coordinator/store/store.ts';
 import { waitFor } from '../../cli/processes.ts';
@@ -37,43 +38,60 @@ beforeEach(() => {
 });
 afterEach(() => rmSync(dir, { recursive: true, force: true }));
 
-function harness(o: { stallMs?: number; insertFails?: Error; known?: UpdateRow; foldsWhileChecking?: boolean } = {}): Harness {
+function harness(o: { stallMs?: number; insertFails?: Error; known?: UpdateRow; foldsWhileChecking?: boolean; batches?: boolean } = {}): Harness {
   const receiver = new UploadReceiver(join(dir, 'updates'), specs, 1 << 20);
   const replies: Harness['replies'] = [];
   let releases = 0;
   const rows: UpdateRow[] = [];
   const engine: Harness['engine'] = { rejected: [], folded: [], accepted: [], unfolded: [] };
   const log: string[] = [];
+  const logger = pino({ level: 'warn' }, { write: (l: string) => log.push(JSON.parse(l).msg) });
+  const fakeEngine = {
+    admissionProblem: () => engine.problem,
+    checkAndFold: () => ({ verdict: {}, folded: !!o.foldsWhileChecking }),
+    // With `batches` the round folds batches read from the files (as the composed FedAvg does), else one at a time.
+    checkAndFoldBatch: (_round: number, items: readonly unknown[]) => (o.batches ? items.map(() => ({})) : undefined),
+    unfold: (site: string) => {
+      engine.unfolded.push(site);
+    },
+    unfoldItem: (_round: number, item: { info: { site: string } }) => {
+      engine.unfolded.push(item.info.site);
+    },
+    folded: (row: UpdateRow) => {
+      engine.folded.push(`${row.site} before its answer, batched`);
+      return true;
+    },
+    serialised: <T>(fn: () => T | Promise<T>) => Promise.resolve().then(fn),
+    acceptedEvent: (row: UpdateRow) => ({ id: row.updateId, type: 'update.accepted' as const, federation: 'f', at: '' }),
+    fold: (row: UpdateRow, _update: unknown, opts?: { folded?: boolean }) => {
+      engine.folded.push(`${row.site} after ${replies.length} answer(s)${opts?.folded ? ', already folded' : ''}`);
+      return true;
+    },
+    accepted: async (row: UpdateRow) => {
+      engine.accepted.push(row.updateId);
+    },
+    rejected: (_site: string, _round: number, reason: string) => {
+      engine.rejected.push(reason);
+    },
+  };
+  const store = {
+    getUpdate: (id: string) => (o.known?.updateId === id ? o.known : undefined),
+    insertUpdate: (row: UpdateRow) => {
+      if (o.insertFails) throw o.insertFails;
+      rows.push(row);
+    },
+    insertUpdates: (updates: readonly { row: UpdateRow }[]) => {
+      if (o.insertFails) throw o.insertFails;
+      rows.push(...updates.map((u) => u.row));
+    },
+  };
   const deps: UploadCallDeps = {
     site: 'site-a',
-    store: {
-      getUpdate: (id) => (o.known?.updateId === id ? o.known : undefined),
-      insertUpdate: (row) => {
-        if (o.insertFails) throw o.insertFails;
-        rows.push(row);
-      },
-    },
-    engine: {
-      admissionProblem: () => engine.problem,
-      checkAndFold: () => ({ verdict: {}, folded: !!o.foldsWhileChecking }),
-      unfold: (site) => {
-        engine.unfolded.push(site);
-      },
-      serialised: (fn) => Promise.resolve().then(fn),
-      acceptedEvent: (row) => ({ id: row.updateId, type: 'update.accepted', federation: 'f', at: '' }),
-      fold: (row, _update, opts) => {
-        engine.folded.push(`${row.site} after ${replies.length} answer(s)${opts?.folded ? ', already folded' : ''}`);
-        return true;
-      },
-      accepted: async (row) => {
-        engine.accepted.push(row.updateId);
-      },
-      rejected: (_site, _round, reason) => {
-        engine.rejected.push(reason);
-      },
-    },
+    store,
+    engine: fakeEngine,
     receiver,
-    log: pino({ level: 'warn' }, { write: (l: string) => log.push(JSON.parse(l).msg) }),
+    commits: new UploadCommits({ engine: fakeEngine, store, receiver, log: logger }),
+    log: logger,
     stream: { pause: () => undefined, resume: () => undefined },
     reply: (err, value) => replies.push({ err: err as Partial<grpc.StatusObject> | null, value: value as Record<string, unknown> | undefined }),
     answerSent: () => new Promise((r) => setTimeout(r, 5)),
@@ -178,6 +196,30 @@ describe('UploadCall', () => {
     await waitFor(() => stored.engine.accepted.length === 1, 5000, 'the update to be accepted');
     expect(stored.engine.unfolded).toEqual([]);
     expect(stored.engine.folded).toEqual(['site-a after 1 answer(s), already folded']);
+  });
+
+  it('a batch-folded update is stored, counted and then answered; when storing it fails it is taken out again and its file deleted', async () => {
+    const stored = harness({ batches: true });
+    stored.call.data(header());
+    stored.call.data(chunk(0, payload));
+    stored.call.end();
+    await waitFor(() => stored.engine.accepted.length === 1, 5000, 'the update to be accepted');
+    expect(stored.replies).toEqual([{ err: null, value: { updateId: 'update-0001', accepted: true, duplicate: false, reason: '' } }]);
+    expect(stored.engine.folded).toEqual(['site-a before its answer, batched']);
+    expect(readdirSync(join(dir, 'updates', 'round-1'))).toEqual(['site-a-update-0001.safetensors']);
+    expect(stored.partials()).toEqual([]);
+
+    rmSync(join(dir, 'updates'), { recursive: true, force: true });
+    const failing = harness({ batches: true, insertFails: Object.assign(new Error('database or disk is full'), { code: 'SQLITE_FULL' }) });
+    failing.call.data(header());
+    failing.call.data(chunk(0, payload));
+    failing.call.end();
+    await waitFor(() => failing.replies.length === 1, 5000, 'the answer');
+    expect(failing.replies[0]!.err).toMatchObject({ code: grpc.status.UNAVAILABLE, details: expect.stringMatching(/cannot store the update now/) });
+    expect(failing.engine.unfolded).toEqual(['site-a']);
+    expect(failing.engine.folded).toEqual([]);
+    expect(readdirSync(join(dir, 'updates', 'round-1'))).toEqual([]);
+    expect(failing.partials()).toEqual([]);
   });
 
   it('drops a stalled upload with UNAVAILABLE and deletes its partial file', async () => {
