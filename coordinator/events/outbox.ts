@@ -124,8 +124,8 @@ export class Outbox implements EventBus {
   publish(event: FederationEvent): void {
     const e = withEventId(event);
     try {
-      // A no-op for an event its state change already committed (same id).
-      this.o.store.addOutbox(outboxRows(e));
+      // A no-op for an event its state change already committed (same id); not fsync'd on its own (store.ts).
+      this.o.store.addPublishedEvent(outboxRows(e));
     } catch (err) {
       this.o.log.error({ type: e.type, id: e.id, err: (err as Error).message }, 'could not keep an event in the outbox; it reaches this process only');
     }
@@ -178,18 +178,27 @@ export class Outbox implements EventBus {
 
   private async drain(q: Queue): Promise<void> {
     let row: StoredOutboxRow | undefined;
+    // Rows delivered but not yet marked: marked together, one commit per batch instead of one per row.
+    const delivered: string[] = [];
+    const mark = () => this.o.store.markOutboxPublished(delivered.splice(0));
     try {
       for (;;) {
         const rows = this.o.store.pendingOutbox(q.kind);
         if (rows.length === 0) break;
         for (row of rows) {
-          if (this.closed) return;
+          if (this.closed) return mark();
           await this.deliver(row);
-          this.o.store.markOutboxPublished(row.id);
+          delivered.push(row.id);
           q.backlog++;
         }
+        mark();
       }
     } catch (e) {
+      try {
+        mark();
+      } catch {
+        // Those rows stay unpublished and are sent again: their destination drops the copies.
+      }
       this.failed(q, row, e as Error);
       return;
     }
