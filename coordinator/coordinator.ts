@@ -21,6 +21,7 @@ import { keyTaskSigner, type TaskSigner } from './rounds/task-signer.ts';
 import { SecureAggregation } from './rounds/features/secure-aggregation.ts';
 import { strategyFromPlan } from './aggregation/index.ts';
 import { federationHandlers } from './server/federation-service.ts';
+import { ModelBytesCache } from './models/model-bytes-cache.ts';
 import { TransferAdmission, defaultTransferLimits, resolveTransferLimits, type TransferLimitsConfig } from './server/transfer-admission.ts';
 import { enrollmentHandlers } from './server/enrollment-service.ts';
 import { governanceHandlers } from './server/ledger-service.ts';
@@ -215,7 +216,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     ...(o.keepalive?.timeoutMs !== undefined ? { 'grpc.keepalive_timeout_ms': o.keepalive.timeoutMs } : {}),
   };
   const server = new grpc.Server({ ...SERVER_OPTIONS, ...keepalive, interceptors: [createAuthInterceptor(authOptions)] });
-  const federation = federationHandlers({ store, models, engine, receiver, log, features, maxOpenUploadsPerSite: o.limits?.maxOpenUploadsPerSite, refusals, onTransfer: metrics?.transferred, admission: transfers });
+  const federation = federationHandlers({ store, models, engine, receiver, log, features, maxOpenUploadsPerSite: o.limits?.maxOpenUploadsPerSite, refusals, onTransfer: metrics?.transferred, admission: transfers, modelBytes: new ModelBytesCache() });
   server.addService(
     Enrollment.service,
     enrollmentHandlers({ store, federationId: config.federationId, coordinatorPublicKey: rawPublicKey(signingKey), bus, log, ca, requireClientCert: mtls, limiter }),
