@@ -376,7 +376,7 @@ export class CoordinatorStore {
 
   /**
    * addOutbox for a published event, in a commit that does not wait for the disk (relaxedCommit): the event either
-   * records no stored fact (a site connected) or its state change already committed the same row durably.
+   * records no stored fact (a site joined) or its state change already committed the same row durably.
    */
   addPublishedEvent(rows: readonly OutboxRow[], now = Date.now()): void {
     this.relaxedCommit(() => this.addOutbox(rows, now));

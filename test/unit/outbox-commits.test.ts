@@ -18,7 +18,7 @@ import { waitFor } from '../../cli/processes.ts';
 
 const FED = 'fed-outbox-commits';
 const dbPath = () => join(mkdtempSync(join(tmpdir(), 'medfl-outbox-commits-')), 'state.db');
-const connected = (site: string): FederationEvent => ({ type: 'site.connected', federation: FED, at: new Date().toISOString(), site });
+const joined = (site: string): FederationEvent => ({ type: 'site.joined', federation: FED, at: new Date().toISOString(), site });
 
 describe('outbox commits', () => {
   it('marks the rows one relay pass delivered in one commit, not one per row', async () => {
@@ -32,7 +32,7 @@ describe('outbox commits', () => {
       log: pino({ level: 'silent' }),
     });
     // Published before the relay starts, as events committed by an earlier run are: one pass finds all five.
-    for (const site of ['a', 'b', 'c', 'd', 'e']) outbox.publish(connected(site));
+    for (const site of ['a', 'b', 'c', 'd', 'e']) outbox.publish(joined(site));
     outbox.start();
     await waitFor(() => store.pendingOutbox('event').length === 0, 10_000, 'the events to be relayed');
     expect(sent).toEqual(['a', 'b', 'c', 'd', 'e']);
@@ -59,7 +59,7 @@ describe('outbox commits', () => {
       log: pino({ level: 'silent' }),
       retryMs: { first: 20, max: 20 },
     });
-    for (const site of ['a', 'b', 'c', 'd']) outbox.publish(connected(site));
+    for (const site of ['a', 'b', 'c', 'd']) outbox.publish(joined(site));
     outbox.start();
     await waitFor(() => store.pendingOutbox('event').length === 2, 10_000, 'a and b to be marked');
     expect(store.pendingOutbox('event').map((r) => JSON.parse(r.body).site)).toEqual(['c', 'd']);
@@ -72,9 +72,9 @@ describe('outbox commits', () => {
   it('writes a published event so that another process reads it at once, and keeps a row already committed', () => {
     const path = dbPath();
     const store = new CoordinatorStore(path);
-    const [row] = outboxRows({ ...connected('a'), id: `${FED}:fixed` });
+    const [row] = outboxRows({ ...joined('a'), id: `${FED}:fixed` });
     store.addOutbox([row!]);
-    store.addPublishedEvent([{ ...row!, body: '{"changed":true}' }, ...outboxRows(connected('b'))]);
+    store.addPublishedEvent([{ ...row!, body: '{"changed":true}' }, ...outboxRows(joined('b'))]);
     const other = new Database(path, { readonly: true });
     const bodies = (other.prepare('SELECT body FROM outbox ORDER BY pos').pluck().all() as string[]).map((b) => JSON.parse(b));
     other.close();
