@@ -43,6 +43,23 @@ describe('outbox commits', () => {
     store.close();
   });
 
+  it('reads the events published in one turn of the event loop in one query, and leaves the ledger queue alone for events without an entry', async () => {
+    const store = new CoordinatorStore(dbPath());
+    const outbox = new Outbox({ store, strategy: 'fedavg', log: pino({ level: 'silent' }) });
+    outbox.start();
+    await waitFor(() => store.pendingOutbox('event').length === 0, 10_000, 'the start-up pass');
+    await new Promise((r) => setTimeout(r, 50));
+    const reads = vi.spyOn(store, 'pendingOutbox');
+    for (let i = 0; i < 20; i++) outbox.publish(joined(`s${i}`));
+    await waitFor(() => store.listOutbox('event').every((r) => r.publishedAt !== null), 10_000, 'the joins to be relayed');
+    await new Promise((r) => setTimeout(r, 50));
+    // One pass: a query that finds the 20 rows and one that finds none.
+    expect(reads.mock.calls.filter(([kind]) => kind === 'event')).toHaveLength(2);
+    expect(reads.mock.calls.filter(([kind]) => kind === 'ledger')).toHaveLength(0);
+    await outbox.close();
+    store.close();
+  });
+
   it('keeps rows whose relay failed unmarked, and marks those delivered before the failure', async () => {
     const store = new CoordinatorStore(dbPath());
     let failAt = 'c';
