@@ -415,11 +415,13 @@ export class CoordinatorStore {
    */
   private relaxedCommit(write: () => void): void {
     if (this.db.inTransaction) return write();
-    this.prepared('PRAGMA synchronous = NORMAL').run();
+    // Not prepared once: SQLite applies this pragma when the statement is compiled, so a kept statement run again
+    // does not reliably set it.
+    this.db.pragma('synchronous = NORMAL');
     try {
       write();
     } finally {
-      this.prepared('PRAGMA synchronous = FULL').run();
+      this.db.pragma('synchronous = FULL');
     }
   }
 
