@@ -326,11 +326,13 @@ async function runWorker(file: string): Promise<void> {
 /** One site until the coordinator says the federation is finished. */
 async function runSite(dir: string, trainS: number, index: number, report: WorkerReport, fail: (what: string) => void): Promise<void> {
   const client = new FederationClient(new SiteHome(dir));
-  const idle = { state: 'idle', progress: 0, taskId: '', engine: 'bench' };
+  // What the site is doing, as a real agent reports it: a site that heartbeats "idle, no task" while it works would be
+  // offered its task again by the coordinator every 30 s (task-offers.ts), work a real site never causes.
+  const status: SiteStatus = { state: 'idle', taskId: '' };
   const beat = async () => {
     const t = performance.now();
     try {
-      await client.heartbeat(idle);
+      await client.heartbeat({ ...status, progress: 0, engine: 'bench' });
       report.heartbeatMs.push(performance.now() - t);
     } catch {
       fail('heartbeat');
@@ -354,7 +356,9 @@ async function runSite(dir: string, trainS: number, index: number, report: Worke
           }
           if (task.kind !== 'TRAIN' || handled.has(task.taskId)) return;
           handled.add(task.taskId);
-          void train(client, task, trainS, report, fail).catch(() => fail('task'));
+          void train(client, task, trainS, report, fail, status)
+            .catch(() => fail('task'))
+            .finally(() => Object.assign(status, { state: 'idle', taskId: '' }));
         });
         stream.on('error', (e: { code?: number }) => {
           if (e.code === 1) return; // cancelled by us
@@ -370,11 +374,20 @@ async function runSite(dir: string, trainS: number, index: number, report: Worke
   }
 }
 
-async function train(client: FederationClient, task: WireTask, trainS: number, report: WorkerReport, fail: (what: string) => void): Promise<void> {
+/** A site's state as its heartbeats report it. */
+interface SiteStatus {
+  state: 'idle' | 'downloading' | 'training' | 'uploading';
+  taskId: string;
+}
+
+async function train(client: FederationClient, task: WireTask, trainS: number, report: WorkerReport, fail: (what: string) => void, status: SiteStatus): Promise<void> {
   const t = performance.now();
+  Object.assign(status, { state: 'downloading', taskId: task.taskId });
   const model = await download(client, task.modelHash, fail);
   report.downloadMs.push(performance.now() - t);
+  status.state = 'training';
   await new Promise((r) => setTimeout(r, trainS * 1000));
+  status.state = 'uploading';
   const u = performance.now();
   const ack = await uploadUpdate(() => client, { updateId: `bench-${task.taskId}`, taskId: task.taskId, round: task.round, baseModelHash: task.modelHash, numSamples: 4, payload: model }, undefined, { until: task.deadlineUnixMs });
   report.uploadMs.push(performance.now() - u);

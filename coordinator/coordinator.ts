@@ -20,6 +20,7 @@ import { keyTaskSigner, type TaskSigner } from './rounds/task-signer.ts';
 import { SecureAggregation } from './rounds/features/secure-aggregation.ts';
 import { strategyFromPlan } from './aggregation/index.ts';
 import { federationHandlers } from './server/federation-service.ts';
+import { ModelBytesCache } from './models/model-bytes-cache.ts';
 import { TransferAdmission, defaultTransferLimits, resolveTransferLimits, type TransferLimitsConfig } from './server/transfer-admission.ts';
 import { enrollmentHandlers } from './server/enrollment-service.ts';
 import { applyReceiveWindow, DEFAULT_RECEIVE_WINDOW, receiveWindowServerOptions } from './server/receive-window.ts';
@@ -217,7 +218,7 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   // coordinator.json's `receiveWindow`: upload speed over long links against memory per connection (server/receive-window.ts).
   const receiveWindow = config.receiveWindow ?? DEFAULT_RECEIVE_WINDOW;
   const server = new grpc.Server({ ...receiveWindowServerOptions(receiveWindow), ...keepalive, interceptors: [createAuthInterceptor(authOptions)] });
-  const federation = federationHandlers({ store, models, engine, receiver, log, features, maxOpenUploadsPerSite: o.limits?.maxOpenUploadsPerSite, refusals, onTransfer: metrics?.transferred, admission: transfers });
+  const federation = federationHandlers({ store, models, engine, receiver, log, features, maxOpenUploadsPerSite: o.limits?.maxOpenUploadsPerSite, refusals, onTransfer: metrics?.transferred, admission: transfers, modelBytes: new ModelBytesCache() });
   server.addService(
     Enrollment.service,
     enrollmentHandlers({ store, federationId: config.federationId, coordinatorPublicKey: rawPublicKey(signingKey), bus, log, ca, requireClientCert: mtls, limiter }),

@@ -90,6 +90,8 @@ export interface OutboxOptions {
 interface Queue {
   kind: OutboxRow['kind'];
   running: Promise<void> | undefined;
+  /** A pass is scheduled but has not read the store yet: it will see anything committed meanwhile. */
+  scheduled: boolean;
   again: boolean;
   timer: NodeJS.Timeout | undefined;
   delayMs: number;
@@ -100,7 +102,7 @@ interface Queue {
 /** The coordinator's event bus: events go into the outbox, reach this process's listeners, and are relayed from there. */
 export class Outbox implements EventBus {
   private readonly handlers = new Set<(e: FederationEvent) => void>();
-  private readonly queues: Queue[] = (['ledger', 'event'] as const).map((kind) => ({ kind, running: undefined, again: false, timer: undefined, delayMs: 0, backlog: 0 }));
+  private readonly queues: Queue[] = (['ledger', 'event'] as const).map((kind) => ({ kind, running: undefined, scheduled: false, again: false, timer: undefined, delayMs: 0, backlog: 0 }));
   private closed = false;
   private started = false;
 
@@ -124,8 +126,8 @@ export class Outbox implements EventBus {
   publish(event: FederationEvent): void {
     const e = withEventId(event);
     try {
-      // A no-op for an event its state change already committed (same id).
-      this.o.store.addOutbox(outboxRows(e));
+      // A no-op for an event its state change already committed (same id); not fsync'd on its own (store.ts).
+      this.o.store.addPublishedEvent(outboxRows(e));
     } catch (err) {
       this.o.log.error({ type: e.type, id: e.id, err: (err as Error).message }, 'could not keep an event in the outbox; it reaches this process only');
     }
@@ -136,7 +138,8 @@ export class Outbox implements EventBus {
         // A faulty listener must not break the round that published.
       }
     }
-    for (const q of this.queues) if (!q.timer) this.run(q);
+    // Only the queues the event has a row in; a destination waiting out its backoff is left to its timer.
+    for (const q of this.queues) if (!q.timer && (q.kind === 'event' || LEDGER_EVENTS.has(e.type))) this.run(q);
   }
 
   subscribe(handler: (event: FederationEvent) => void): () => void {
@@ -166,30 +169,47 @@ export class Outbox implements EventBus {
   private run(q: Queue): void {
     if (this.closed || !this.started) return;
     if (q.running) {
-      q.again = true;
+      if (!q.scheduled) q.again = true;
       return;
     }
     q.again = false;
-    q.running = this.drain(q).finally(() => {
-      q.running = undefined;
-      if (q.again && !q.timer) this.run(q);
-    });
+    q.scheduled = true;
+    // One turn of the event loop later: the events published meanwhile (a round's joins, accepted updates) are then
+    // read and marked in one pass instead of a query and a commit each.
+    q.running = new Promise<void>((r) => setImmediate(r))
+      .then(() => {
+        q.scheduled = false;
+        return this.drain(q);
+      })
+      .finally(() => {
+        q.running = undefined;
+        if (q.again && !q.timer) this.run(q);
+      });
   }
 
   private async drain(q: Queue): Promise<void> {
     let row: StoredOutboxRow | undefined;
+    // Rows delivered but not yet marked: marked together, one commit per batch instead of one per row.
+    const delivered: string[] = [];
+    const mark = () => this.o.store.markOutboxPublished(delivered.splice(0));
     try {
       for (;;) {
         const rows = this.o.store.pendingOutbox(q.kind);
         if (rows.length === 0) break;
         for (row of rows) {
-          if (this.closed) return;
+          if (this.closed) return mark();
           await this.deliver(row);
-          this.o.store.markOutboxPublished(row.id);
+          delivered.push(row.id);
           q.backlog++;
         }
+        mark();
       }
     } catch (e) {
+      try {
+        mark();
+      } catch {
+        // Those rows stay unpublished and are sent again: their destination drops the copies.
+      }
       this.failed(q, row, e as Error);
       return;
     }

@@ -9,7 +9,8 @@
  * An update already in the ledger (same round, site and hash: an append retried after a lost ack or a crash)
  * is not recorded twice; on JetStream the message id (Nats-Msg-Id) says the same to the server.
  */
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, writeSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
+import { mkdir, open } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import type { KeyObject } from 'node:crypto';
 import { connect, StringCodec, type JetStreamClient, type JetStreamManager, type NatsConnection } from 'nats';
@@ -40,14 +41,15 @@ export class FileLedgerBackend implements LedgerBackend {
     return readLedgerFile(this.path);
   }
 
+  /** On the thread pool: a synchronous fsync per entry held the event loop (and every site call) for its duration. */
   async append(line: string): Promise<void> {
-    mkdirSync(dirname(this.path), { recursive: true });
-    const fd = openSync(this.path, 'a', 0o644);
+    await mkdir(dirname(this.path), { recursive: true });
+    const file = await open(this.path, 'a', 0o644);
     try {
-      writeSync(fd, line + '\n');
-      fsyncSync(fd);
+      await file.appendFile(line + '\n');
+      await file.sync();
     } finally {
-      closeSync(fd);
+      await file.close();
     }
   }
 

@@ -8,6 +8,7 @@ import { AUTHENTICATED_SITE_KEY, UPLOAD_ADMITTED_KEY, UPLOAD_ADMITTED_VALUE } fr
 import { SHA256_HEX } from '../../shared/util/hash.ts';
 import type { CoordinatorStore } from '../store/store.ts';
 import type { ModelFiles } from '../models/model-store.ts';
+import type { ModelBytesCache } from '../models/model-bytes-cache.ts';
 import type { RoundEngine, TaskMessage, TaskSink } from '../rounds/round-engine.ts';
 import type { UploadReceiver } from './upload-receiver.ts';
 import { UploadCall } from './upload-call.ts';
@@ -38,6 +39,8 @@ export interface FederationServiceDeps {
   onTransfer?: (t: { direction: 'download' | 'upload'; bytes: number; seconds: number }) => void;
   /** Bounds the downloads and uploads running at once (transfer-admission.ts); without it every transfer starts at once. */
   admission?: TransferAdmission;
+  /** Serves model downloads from memory, each version read from its file once (model-bytes-cache.ts); without it each download reads the file. */
+  modelBytes?: ModelBytesCache;
 }
 
 /**
@@ -281,7 +284,7 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
       const start = () => {
         const started = performance.now();
         const sent = d.onTransfer && (() => d.onTransfer!({ direction: 'download', bytes: m.sizeBytes - offset, seconds: (performance.now() - started) / 1000 }));
-        streamModelFile(call, models.pathFor(modelHash), offset, m.sizeBytes, modelHash, sent);
+        streamModelFile(call, models.pathFor(modelHash), offset, m.sizeBytes, modelHash, sent, d.modelBytes);
       };
       if (!d.admission) return start();
       // Waits its turn (FIFO) holding no buffer; a waiting download is never refused.

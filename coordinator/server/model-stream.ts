@@ -7,9 +7,13 @@
  * reports that write done (grpc-js has then copied it into a framed message of its own).
  * fs.createReadStream allocated a fresh buffer per chunk and protobuf encoding another, which with grpc-js's copy
  * made the coordinator run a full GC every 20–40 ms while serving a model.
+ *
+ * Given a ModelBytesCache, the chunks are copied from the model's bytes in memory (read from the file once for every
+ * download of that version) instead of read from the file per download.
  */
 import * as grpc from '@grpc/grpc-js';
 import { close, open, read } from 'node:fs';
+import type { ModelBytesCache } from '../models/model-bytes-cache.ts';
 import { CHUNK_BYTES } from '../../shared/protocol/grpc.ts';
 import { MODEL_CHUNK_HEAD_ROOM, modelChunkTail, writeModelChunkHead } from '../../shared/protocol/chunk-codec.ts';
 
@@ -49,8 +53,11 @@ function giveBack(buf: Buffer): void {
   if (free.length < POOL_KEEP) free.push(buf);
 }
 
-/** `onSent` runs once the last chunk has been handed to the call (not for a download that failed or was cut off). */
-export function streamModelFile(call: grpc.ServerWritableStream<unknown, unknown>, path: string, start: number, totalSize: number, sha256: string, onSent?: () => void): void {
+/**
+ * `onSent` runs once the last chunk has been handed to the call (not for a download that failed or was cut off).
+ * With `cache`, the bytes come from it where the model fits its budget.
+ */
+export function streamModelFile(call: grpc.ServerWritableStream<unknown, unknown>, path: string, start: number, totalSize: number, sha256: string, onSent?: () => void, cache?: ModelBytesCache): void {
   const chunkBytes = Math.min(modelStreamOptions.chunkBytes, CHUNK_BYTES);
   const tail = modelChunkTail(totalSize, sha256);
   // A model smaller than a chunk needs a buffer of its own size, not a whole chunk's: with many downloads at once a
@@ -59,7 +66,7 @@ export function streamModelFile(call: grpc.ServerWritableStream<unknown, unknown
   const size = MODEL_CHUNK_HEAD_ROOM + Math.min(chunkBytes, totalSize) + Math.max(TAIL_ROOM, tail.length);
   const free: Buffer[] = [];
   let owned = 0; // buffers taken from the pool by this download
-  let fd: number | undefined;
+  let source: ChunkSource | undefined;
   let nextPos = start; // next file position to read
   let reading = false;
   let stopped = false; // everything read (or the call failed): the file is closed, buffers go back to the pool
@@ -67,11 +74,8 @@ export function streamModelFile(call: grpc.ServerWritableStream<unknown, unknown
   const stop = () => {
     if (stopped) return;
     stopped = true;
-    if (fd !== undefined) {
-      const f = fd;
-      fd = undefined;
-      close(f, () => undefined);
-    }
+    source?.close();
+    source = undefined;
     // Buffers still queued in the call stay with it (it may be cancelled and never complete them).
     for (const b of free.splice(0)) giveBack(b);
   };
@@ -82,7 +86,7 @@ export function streamModelFile(call: grpc.ServerWritableStream<unknown, unknown
   };
 
   const pump = () => {
-    if (stopped || reading || fd === undefined) return;
+    if (stopped || reading || source === undefined) return;
     if (nextPos >= totalSize) {
       // Every chunk is with the call; it sends the status after the last one.
       stop();
@@ -100,7 +104,7 @@ export function streamModelFile(call: grpc.ServerWritableStream<unknown, unknown
     const pos = nextPos;
     const want = Math.min(chunkBytes, totalSize - pos);
     reading = true;
-    readFully(fd, slot, MODEL_CHUNK_HEAD_ROOM, want, pos, (err) => {
+    source.read(slot, MODEL_CHUNK_HEAD_ROOM, want, pos, (err) => {
       reading = false;
       if (stopped) return giveBack(slot);
       if (err) {
@@ -124,12 +128,44 @@ export function streamModelFile(call: grpc.ServerWritableStream<unknown, unknown
 
   call.on('cancelled', stop);
   call.on('error', stop);
-  open(path, 'r', (err, f) => {
-    if (err) return fail(`reading model failed: ${err.message}`);
-    if (stopped) return close(f, () => undefined);
-    fd = f;
+  const opened = (err: Error | null, s?: ChunkSource) => {
+    if (err || !s) return fail(`reading model failed: ${err?.message ?? 'no source'}`);
+    if (stopped) return s.close();
+    source = s;
     pump();
+  };
+  const cached = cache?.get(path, totalSize);
+  if (cached) cached.then((bytes) => opened(null, memorySource(bytes)), (e: Error) => opened(e));
+  else openFileSource(path, opened);
+}
+
+/** Where a download's chunks are read from: the model file, or its bytes in memory. */
+interface ChunkSource {
+  /** Fills `length` bytes of `buf` at `offset` from model position `position`. */
+  read(buf: Buffer, offset: number, length: number, position: number, cb: (err: Error | null) => void): void;
+  close(): void;
+}
+
+function openFileSource(path: string, cb: (err: Error | null, s?: ChunkSource) => void): void {
+  open(path, 'r', (err, fd) => {
+    if (err) return cb(err);
+    cb(null, {
+      read: (buf, offset, length, position, done) => readFully(fd, buf, offset, length, position, done),
+      close: () => close(fd, () => undefined),
+    });
   });
+}
+
+/** A copy from memory, answered at once (the call's write callbacks come asynchronously, so pumping does not recurse deeply). */
+function memorySource(bytes: Buffer): ChunkSource {
+  return {
+    read(buf, offset, length, position, done) {
+      if (position + length > bytes.length) return done(new Error(`model bytes end at ${bytes.length}, before position ${position + length}`));
+      bytes.copy(buf, offset, position, position + length);
+      done(null);
+    },
+    close: () => undefined,
+  };
 }
 
 /** fs.read until `length` bytes are in `buf` at `offset`; a file that ends early is an error. */

@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import type * as grpc from '@grpc/grpc-js';
 import { afterAll, describe, expect, it } from 'vitest';
 import { DOWNLOAD_CHUNK_BYTES, modelStreamOptions, streamModelFile } from '../../coordinator/server/model-stream.ts';
+import { ModelBytesCache } from '../../coordinator/models/model-bytes-cache.ts';
 import { loadProto } from '../../shared/protocol/grpc.ts';
 import { sha256Hex } from '../../shared/util/hash.ts';
 
@@ -26,10 +27,10 @@ let heldBytes: number[] = [];
  * Streams `bytes` from `offset` through a call that copies each message and completes the write at once (as grpc-js
  * does: the buffer may then be refilled); resolves the messages.
  */
-function stream(bytes: Buffer, offset = 0): Promise<Buffer[]> {
+function stream(bytes: Buffer, offset = 0, cache?: ModelBytesCache, existing?: string): Promise<Buffer[]> {
   heldBytes = [];
-  const path = join(work, `model-${Math.random()}.safetensors`);
-  writeFileSync(path, bytes);
+  const path = existing ?? join(work, `model-${Math.random()}.safetensors`);
+  if (!existing) writeFileSync(path, bytes);
   const written: Buffer[] = [];
   return new Promise((resolve, reject) => {
     const call = Object.assign(new EventEmitter(), {
@@ -42,7 +43,7 @@ function stream(bytes: Buffer, offset = 0): Promise<Buffer[]> {
       end: () => resolve(written),
     });
     call.on('error', (e: { details: string }) => reject(new Error(e.details)));
-    streamModelFile(call as unknown as grpc.ServerWritableStream<unknown, unknown>, path, offset, bytes.length, sha256Hex(bytes));
+    streamModelFile(call as unknown as grpc.ServerWritableStream<unknown, unknown>, path, offset, bytes.length, sha256Hex(bytes), undefined, cache);
   });
 }
 
@@ -103,5 +104,33 @@ describe('model download buffers', () => {
     expect(most).toBeLessThanOrEqual(2 * (64 * 1024 + 256));
     const messages = received.map(decode);
     expect(Buffer.compare(Buffer.concat(messages.map((m) => m.data)), model)).toBe(0);
+  });
+
+  it('serves every download of a model from memory once the cache has read its file, from any offset', async () => {
+    const saved = modelStreamOptions.chunkBytes;
+    modelStreamOptions.chunkBytes = 64 * 1024;
+    try {
+      const model = randomBytes(300_000);
+      const path = join(work, 'model-cached.safetensors');
+      writeFileSync(path, model);
+      const cache = new ModelBytesCache();
+      const first = (await stream(model, 0, cache, path)).map(decode);
+      expect(Buffer.compare(Buffer.concat(first.map((m) => m.data)), model)).toBe(0);
+      // The file is gone: only the cache can serve the next downloads (the file is read once, not per download).
+      rmSync(path);
+      for (const offset of [0, 100_000]) {
+        const messages = (await stream(model, offset, cache, path)).map(decode);
+        expect(messages.map((m) => m.offset)).toEqual(offset === 0 ? [0, 65536, 131072, 196608, 262144] : [100_000, 165_536, 231_072, 296_608]);
+        expect(Buffer.compare(Buffer.concat(messages.map((m) => m.data)), model.subarray(offset))).toBe(0);
+      }
+    } finally {
+      modelStreamOptions.chunkBytes = saved;
+    }
+  });
+
+  it('fails a download with the reason when the model cannot be read into the cache', async () => {
+    const model = randomBytes(1000);
+    const cache = new ModelBytesCache(1024 * 1024, async () => Buffer.alloc(10));
+    await expect(stream(model, 0, cache)).rejects.toThrow(/reading model failed: model file .* holds 10 bytes, its record says 1000/);
   });
 });
