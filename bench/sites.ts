@@ -167,6 +167,8 @@ async function main(): Promise<void> {
     const store = new CoordinatorStore(join(dir, 'state.db'));
     const rows = store.listRounds();
     store.close();
+    // Its rounds hold N model-sized updates each (2 GB at 1,000 sites × 1 MB × 2 rounds): kept only where --out asks.
+    if (!a.out) rmSync(dir, { recursive: true, force: true });
     const closed = rows.filter((r) => r.state === 'closed');
     const overhead = closed.map((r) => (r.closedAt! - r.openedAt) / 1000 - trainS);
     const all = (k: keyof Pick<WorkerReport, 'heartbeatMs' | 'downloadMs' | 'uploadMs'>) => reports.flatMap((r) => r[k]);
@@ -192,11 +194,13 @@ async function main(): Promise<void> {
     ]);
     say(`N=${n}: ${results.at(-1)!.join(' | ')}`);
   }
+  // The sites' folders (keys, tokens, downloaded models): kept only where --out asks.
+  if (!a.out) rmSync(join(work, 'sites'), { recursive: true, force: true });
   say('');
   say('| sites | rounds closed | round overhead s (each round) | coordinator peak RSS | MiB rss/heap used/external/native rest, all connected before round 1 | the same at peak RSS | coordinator CPU | heartbeat ms p50/p95/p99 | download ms p50/p95/p99 | upload ms p50/p95/p99 | failures |');
   say('|---|---|---|---|---|---|---|---|---|---|---|');
   for (const r of results) say(`| ${r.join(' | ')} |`);
-  say(`\nwork dir (logs, per-N coordinator folders): ${work}`);
+  say(`\nwork dir (logs${a.out ? ', per-N coordinator folders' : '; the coordinator folders are kept only with --out'}): ${work}`);
 }
 
 async function startCoordinator(dir: string, port: number, log: string, env: NodeJS.ProcessEnv = {}): Promise<ChildProcess> {
