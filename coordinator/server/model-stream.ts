@@ -9,7 +9,8 @@
  * made the coordinator run a full GC every 20–40 ms while serving a model.
  *
  * Given a ModelBytesCache, the chunks are copied from the model's bytes in memory (read from the file once for every
- * download of that version) instead of read from the file per download.
+ * download of that version) instead of read from the file per download; a download that comes before those bytes
+ * are in memory reads the file.
  */
 import * as grpc from '@grpc/grpc-js';
 import { close, open, read } from 'node:fs';
@@ -55,7 +56,7 @@ function giveBack(buf: Buffer): void {
 
 /**
  * `onSent` runs once the last chunk has been handed to the call (not for a download that failed or was cut off).
- * With `cache`, the bytes come from it where the model fits its budget.
+ * With `cache`, the bytes come from it once it holds them (where the model fits its budget).
  */
 export function streamModelFile(call: grpc.ServerWritableStream<unknown, unknown>, path: string, start: number, totalSize: number, sha256: string, onSent?: () => void, cache?: ModelBytesCache): void {
   const chunkBytes = Math.min(modelStreamOptions.chunkBytes, CHUNK_BYTES);
@@ -134,8 +135,8 @@ export function streamModelFile(call: grpc.ServerWritableStream<unknown, unknown
     source = s;
     pump();
   };
-  const cached = cache?.get(path, totalSize);
-  if (cached) cached.then((bytes) => opened(null, memorySource(bytes)), (e: Error) => opened(e));
+  const inMemory = cache?.peek(path, totalSize);
+  if (inMemory) opened(null, memorySource(inMemory));
   else openFileSource(path, opened);
 }
 

@@ -114,8 +114,12 @@ describe('model download buffers', () => {
       const path = join(work, 'model-cached.safetensors');
       writeFileSync(path, model);
       const cache = new ModelBytesCache();
-      const first = (await stream(model, 0, cache, path)).map(decode);
-      expect(Buffer.compare(Buffer.concat(first.map((m) => m.data)), model)).toBe(0);
+      for (let i = 0; i < 2; i++) {
+        const early = (await stream(model, 0, cache, path)).map(decode);
+        expect(Buffer.compare(Buffer.concat(early.map((m) => m.data)), model)).toBe(0);
+        expect(cache.held).toBe(i === 0 ? 0 : model.length); // the second download starts the one read of the file
+      }
+      await cache.get(path, model.length); // that read (no download waited for it)
       // The file is gone: only the cache can serve the next downloads (the file is read once, not per download).
       rmSync(path);
       for (const offset of [0, 100_000]) {
@@ -128,9 +132,29 @@ describe('model download buffers', () => {
     }
   });
 
-  it('fails a download with the reason when the model cannot be read into the cache', async () => {
+  it('reads the file while the cache cannot hold the model, and keeps nothing from a failed read', async () => {
     const model = randomBytes(1000);
     const cache = new ModelBytesCache(1024 * 1024, async () => Buffer.alloc(10));
-    await expect(stream(model, 0, cache)).rejects.toThrow(/reading model failed: model file .* holds 10 bytes, its record says 1000/);
+    const path = join(work, 'model-bad-cache.safetensors');
+    writeFileSync(path, model);
+    for (let i = 0; i < 3; i++) {
+      const messages = (await stream(model, 0, cache, path)).map(decode);
+      expect(Buffer.compare(Buffer.concat(messages.map((m) => m.data)), model)).toBe(0);
+      await new Promise((r) => setImmediate(r));
+      expect(cache.held).toBe(0);
+    }
+  });
+
+  it('does not hold a download back until the whole model is in memory', async () => {
+    const model = randomBytes(1000);
+    const path = join(work, 'model-slow-cache.safetensors');
+    writeFileSync(path, model);
+    // A cache whose read never finishes: the download must come from the file all the same.
+    const cache = new ModelBytesCache(1024 * 1024, () => new Promise<Buffer>(() => undefined));
+    for (let i = 0; i < 3; i++) {
+      const messages = (await stream(model, 0, cache, path)).map(decode);
+      expect(Buffer.compare(Buffer.concat(messages.map((m) => m.data)), model)).toBe(0);
+    }
+    expect(cache.held).toBe(1000);
   });
 });
