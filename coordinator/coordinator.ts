@@ -23,7 +23,7 @@ import { federationHandlers } from './server/federation-service.ts';
 import { ModelBytesCache } from './models/model-bytes-cache.ts';
 import { TransferAdmission, defaultTransferLimits, resolveTransferLimits, type TransferLimitsConfig } from './server/transfer-admission.ts';
 import { enrollmentHandlers } from './server/enrollment-service.ts';
-import { applyReceiveWindow, DEFAULT_RECEIVE_WINDOW, receiveWindowServerOptions } from './server/receive-window.ts';
+import { applyReceiveWindow, DEFAULT_RECEIVE_WINDOW, receiveWindowBytes, receiveWindowServerOptions } from './server/receive-window.ts';
 import { governanceHandlers } from './server/ledger-service.ts';
 import { openLedger, strategyName } from './ledger/index.ts';
 import { loadGovernanceService } from '../shared/privacy/governance-proto.ts';
@@ -129,7 +129,13 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
   // header slack. Checked before anything starts: a bad limit must not leave a half-started coordinator.
   const modelLayout = safetensorsLayout(architecture.params());
   const transferBytes = 8 + modelLayout.header.length + modelLayout.dataBytes + 64 * 1024;
-  const transferLimits = resolveTransferLimits(defaultTransferLimits({ transferBytes }), config.transfers, o.limits?.transfers);
+  // coordinator.json's `receiveWindow`: upload speed over long links against memory per connection (server/receive-window.ts).
+  const receiveWindow = config.receiveWindow ?? DEFAULT_RECEIVE_WINDOW;
+  const transferLimits = resolveTransferLimits(
+    defaultTransferLimits({ transferBytes, windowBytes: receiveWindowBytes(receiveWindow) }),
+    config.transfers,
+    o.limits?.transfers,
+  );
   // A full disk at start must not end the process: opening waits for space (store/startup.ts).
   const store = await openStoreWhenPossible(home.dbPath, { log, open: o.openStore, retryMs: o.storageRetryMs });
   const models = new ModelFiles(home.modelsDir);
@@ -215,8 +221,6 @@ export async function startCoordinator(o: CoordinatorOptions): Promise<RunningCo
     ...(o.keepalive?.timeMs !== undefined ? { 'grpc.keepalive_time_ms': o.keepalive.timeMs } : {}),
     ...(o.keepalive?.timeoutMs !== undefined ? { 'grpc.keepalive_timeout_ms': o.keepalive.timeoutMs } : {}),
   };
-  // coordinator.json's `receiveWindow`: upload speed over long links against memory per connection (server/receive-window.ts).
-  const receiveWindow = config.receiveWindow ?? DEFAULT_RECEIVE_WINDOW;
   const server = new grpc.Server({ ...receiveWindowServerOptions(receiveWindow), ...keepalive, interceptors: [createAuthInterceptor(authOptions)] });
   const federation = federationHandlers({ store, models, engine, receiver, log, features, maxOpenUploadsPerSite: o.limits?.maxOpenUploadsPerSite, refusals, onTransfer: metrics?.transferred, admission: transfers, modelBytes: new ModelBytesCache() });
   server.addService(

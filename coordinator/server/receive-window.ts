@@ -43,6 +43,11 @@ export function receiveWindowServerOptions(setting: ReceiveWindowSetting): grpc.
   return setting === GRPC_DEFAULT_WINDOW ? rest : { ...rest, 'grpc-node.flow_control_window': setting };
 }
 
+/** The bytes a connection may have in flight towards the coordinator under `setting` (what admission reckons with). */
+export function receiveWindowBytes(setting: ReceiveWindowSetting): number {
+  return setting === GRPC_DEFAULT_WINDOW ? MIN_RECEIVE_WINDOW : setting;
+}
+
 /** Gives every connection `server` accepts from now on the window `setting` names; "grpc-default" does nothing. */
 export function applyReceiveWindow(server: grpc.Server, setting: ReceiveWindowSetting, log: Logger): void {
   if (setting === GRPC_DEFAULT_WINDOW) return;

@@ -45,11 +45,13 @@ const MAX_DEFAULT_CONCURRENCY = 64;
  * `transferBytes` each (the model file, the largest update). A quarter of the transfer budget goes to running downloads,
  * a quarter to running uploads and half to waiting uploads. A running transfer is reckoned at one window of its bytes
  * (what HTTP/2 lets one call hold) plus the model stream's four chunk buffers; a waiting upload at one window of its bytes.
+ * The window is the coordinator's receive window (`windowBytes`, coordinator.json's `receiveWindow`; default 32 MiB),
+ * so a narrower window lets more uploads wait in the same memory.
  */
-export function defaultTransferLimits(o: { transferBytes: number; memoryBytes?: number }): TransferLimits {
+export function defaultTransferLimits(o: { transferBytes: number; memoryBytes?: number; windowBytes?: number }): TransferLimits {
   const memory = o.memoryBytes ?? machineMemoryBytes();
   const budget = memory * TRANSFER_MEMORY_SHARE;
-  const inWindow = Math.max(1, Math.min(o.transferBytes, SERVER_FLOW_CONTROL_WINDOW));
+  const inWindow = Math.max(1, Math.min(o.transferBytes, o.windowBytes ?? SERVER_FLOW_CONTROL_WINDOW));
   const running = inWindow + Math.min(4, Math.ceil(o.transferBytes / CHUNK_BYTES)) * CHUNK_BYTES;
   const concurrency = clamp(Math.floor(budget / 4 / running), MIN_DEFAULT_CONCURRENCY, MAX_DEFAULT_CONCURRENCY);
   return { maxDownloads: concurrency, maxUploads: concurrency, maxWaitingUploads: Math.max(concurrency, Math.floor(budget / 2 / inWindow)) };

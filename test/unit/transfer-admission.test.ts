@@ -128,6 +128,9 @@ describe('transfer limits', () => {
     expect(defaultTransferLimits({ transferBytes: 130 * MiB, memoryBytes: 24 * GiB })).toEqual({ maxDownloads: 9, maxUploads: 9, maxWaitingUploads: 24 });
     // A small machine still runs two of each at once.
     expect(defaultTransferLimits({ transferBytes: 130 * MiB, memoryBytes: 1 * GiB })).toMatchObject({ maxDownloads: 2, maxUploads: 2 });
+    // A narrower receive window holds less per waiting upload and per running transfer, so more fit the same memory.
+    expect(defaultTransferLimits({ transferBytes: 130 * MiB, memoryBytes: 24 * GiB, windowBytes: 1 * MiB })).toEqual({ maxDownloads: 42, maxUploads: 42, maxWaitingUploads: 768 });
+    expect(defaultTransferLimits({ transferBytes: 130 * MiB, memoryBytes: 24 * GiB, windowBytes: 65_535 })).toEqual({ maxDownloads: 47, maxUploads: 47, maxWaitingUploads: 12_288 });
   });
 
   it('take what coordinator.json and the options set, and name a bad one', () => {
