@@ -112,7 +112,7 @@ const BATCHED_FROM_FILES = `fedavg${FROM_FILES}`;
 const DP_FROM_FILES = `fedavg + DP (clip + noise)${FROM_FILES}`;
 /** Updates per batch in the batched rows: the ten of a round at once; at 50 sites, five batches. */
 const BATCH = 10;
-const RSS_STRATEGIES = ['fedavg', BATCHED_FROM_FILES, 'fedavg + norm bound', 'fedavg + DP (clip + noise)', DP_FROM_FILES, 'fedavg + FedAdam', 'median'].filter((n) => !ONLY_NAMES || ONLY_NAMES.includes(n));
+const RSS_STRATEGIES = ['fedavg', BATCHED_FROM_FILES, 'fedavg + norm bound', `fedavg + norm bound${FROM_FILES}`, 'fedavg + DP (clip + noise)', DP_FROM_FILES, 'fedavg + FedAdam', `fedavg + FedAdam${FROM_FILES}`, 'median'].filter((n) => !ONLY_NAMES || ONLY_NAMES.includes(n));
 const RSS_SITES = Number(process.env.BENCH_SITES ?? 50);
 
 const BEFORE = process.env.BENCH_BEFORE === '1' || process.env.BENCH_BEFORE === 'streaming';
@@ -337,7 +337,7 @@ async function strategyRss(baseFile: string): Promise<void> {
     ct.push([name, fmt(MB(peak - r.baselineRss)), fmt((peak - r.baselineRss) / MODEL_BYTES, 2), fmt(r.ms / 1000, 1), STRATEGIES[name]?.streaming !== false ? '—' : `${fmt((RSS_SITES * MODEL_BYTES) / 1e9, 1)} GB`]);
   }
   console.log(ct.toString());
-  console.log('  includes one update buffer (the receiver\'s), except the rows read from the update files (a 64K-value block per update); the base model is read from its file a block at a time (base-blocks.ts), as the coordinator does. Streaming goal ≤ 3×: float64 sums (2×) + update (1×) + blocks; an optimiser\'s m and v live in a file (moments.ts).');
+  console.log('  includes one update buffer (the receiver\'s), except the rows read from the update files (a 16K-value block per update); the base model is read from its file a block at a time (base-blocks.ts), as the coordinator does. Streaming goal ≤ 3×: float64 sums (2×) + update (1×) + blocks; an optimiser\'s m and v live in a file (moments.ts).');
   console.log('  trimmed mean has the memory of the median (same block pass); both spill one model of disk per update.');
 }
 
