@@ -198,10 +198,20 @@ export class UploadCommits {
     }
     for (const a of accepted) engine.folded(a.row!);
     this.d.log.debug({ round, updates: readable.length, accepted: accepted.length }, 'uploads checked, folded and stored together');
-    const sent = accepted.map((a) => a.w.req.acknowledge(a.row!));
+    // Stored and counted: each site is told on its own, so one call's failure cannot fail the others (or the
+    // one-at-a-time uploads still waiting in this job).
+    const sent = accepted.map((a) => {
+      try {
+        return a.w.req.acknowledge(a.row!);
+      } catch (e) {
+        return Promise.reject(e);
+      }
+    });
     for (const a of accepted) a.w.resolve(a.row!);
     // Let the acks leave the process before the next model-sized job of the queue.
-    await Promise.all(sent);
+    for (const r of await Promise.allSettled(sent)) {
+      if (r.status === 'rejected') this.d.log.warn({ round, err: (r.reason as Error)?.message }, 'acknowledging a stored update failed; the site learns of it when it sends the update again');
+    }
   }
 
   /** An accepted update of a batch that could not be stored: out of the sums (read again from its file), file deleted. */

@@ -111,10 +111,12 @@ function commitPath(strategy: ComposedStrategy, o: { decodes?: boolean } = {}) {
     return { site, partial: p };
   }
   /** Uploads handed over at once, so they wait together, each settled. */
-  async function together(ups: [string, Uint8Array, number][]) {
+  async function together(ups: [string, Uint8Array, number][], ackFails?: string) {
     const ready = await Promise.all(ups.map(([s, b, n]) => closed(s, b, n)));
-    const acknowledge = async (row: UpdateRow) => {
+    const acknowledge = (row: UpdateRow) => {
+      if (row.site === ackFails) throw new Error('the call is gone');
       acks.push(row.site);
+      return Promise.resolve();
     };
     return Promise.allSettled(ready.map((r) => commits.submit({ ...r, acknowledge })));
   }
@@ -164,6 +166,16 @@ describe('group commit of uploads', () => {
       const ref = oneByOne(new ComposedStrategy(cfg), c.base, ups.map((u, k) => [u, weights[k]]));
       expect(Buffer.from(flat(c.open.aggregator).buffer).equals(Buffer.from(flat(ref.agg).buffer))).toBe(true);
     }
+  });
+
+  it('one site whose acknowledgement fails does not fail the others of its batch: all stored and counted', async () => {
+    const c = commitPath(new ComposedStrategy(aggregation({})), { decodes: false });
+    const settled = await c.together(ups.slice(0, 3).map((u, k) => [SITES[k], encodeSafetensors(u), weights[k]]), 's1');
+    expect(settled.map((s) => s.status)).toEqual(['fulfilled', 'fulfilled', 'fulfilled']);
+    expect(c.batches).toEqual([3]);
+    expect(c.rows.map((r) => r.site)).toEqual(['s0', 's1', 's2']);
+    expect(c.acks).toEqual(['s0', 's2']);
+    expect([...c.open.reported]).toEqual(['s0', 's1', 's2']);
   });
 
   it('refuses a bad update of a batch alone, in the words of the one-at-a-time path, and keeps the rest', async () => {
