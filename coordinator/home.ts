@@ -32,7 +32,8 @@ const ConfigSchema = z.object({
   transfers: TransferLimitsConfigSchema.strict().optional(),
   /** HTTP/2 receive window per site connection, bytes or "grpc-default" (coordinator/server/receive-window.ts); default 32 MiB. */
   receiveWindow: ReceiveWindowSchema.optional(),
-});
+  // Strict: a misspelt setting ("recieveWindow") must stop the start, not be ignored while the operator believes it set.
+}).strict();
 export type CoordinatorConfig = z.infer<typeof ConfigSchema>;
 
 export const DEFAULT_PLAN_YAML = `# MedFL federation plan. Every key is optional; these are the defaults.
@@ -88,7 +89,13 @@ export class CoordinatorHome {
 
   config(): CoordinatorConfig {
     if (!this.exists()) throw new Error(`${this.dir} is not a coordinator directory: run \`medfl coordinator init --dir ${this.dir}\` first`);
-    const parsed = ConfigSchema.safeParse(JSON.parse(readFileSync(this.configPath, 'utf8')));
+    let raw: unknown;
+    try {
+      raw = JSON.parse(readFileSync(this.configPath, 'utf8'));
+    } catch (e) {
+      throw new Error(`${this.configPath} is not valid JSON: ${(e as Error).message}`);
+    }
+    const parsed = ConfigSchema.safeParse(raw);
     if (!parsed.success) {
       const problems = parsed.error.issues.map((i) => `${i.path.join('.') || '(top level)'}: ${i.message}`).join('; ');
       throw new Error(`${this.configPath} is not a valid coordinator configuration: ${problems}`);

@@ -92,6 +92,15 @@ describe("coordinator.json's receiveWindow", () => {
     }
   });
 
+  it('a misspelt setting or a file that is not JSON is refused by name, not ignored', async () => {
+    const home = await homeWith('misspelt');
+    const config = home.config();
+    writeFileSync(home.configPath, JSON.stringify({ ...config, recieveWindow: 1 * MiB }));
+    expect(() => home.config()).toThrow(/coordinator\.json is not a valid coordinator configuration: .*recieveWindow/);
+    writeFileSync(home.configPath, '{"federationId": ');
+    expect(() => home.config()).toThrow(/coordinator\.json is not valid JSON: /);
+  });
+
   it('refused, stops the coordinator before it listens', async () => {
     const home = await homeWith('refused', 1000);
     await expect(startCoordinator({ dir: home.dir, port: 0, host: '127.0.0.1', log: quiet })).rejects.toThrow(/receiveWindow: must be a whole number/);
