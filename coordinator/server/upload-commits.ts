@@ -244,16 +244,22 @@ export class UploadCommits {
     const { engine, receiver, store, log } = this.d;
     const { site, partial: p } = req;
     const h = p.header;
-    const received = receiver.finish(p, site);
-    // Re-check: the round may have closed while the bytes were travelling.
+    // Re-check before the file moves: the round may have closed while the bytes were travelling, and a second upload
+    // of an update already stored (a site's retry that crossed its first attempt) would be renamed onto the stored
+    // file's name, whose deletion on refusal would then take the stored update's file with it.
     const problem = engine.admissionProblem(site, h.round, h.baseModelHash);
+    if (problem) {
+      p.discard();
+      throw new UploadRefused(problem);
+    }
+    const received = receiver.finish(p, site);
     // The strategy's validation filter: finite values, norm bound, sample count; where the strategy can, the fold
     // in the same pass over the update (`folded`), taken out again below if the update cannot be stored.
-    const checked = problem ? undefined : engine.checkAndFold(site, h.round, received.bundle, h.numSamples, received.isDelta);
+    const checked = engine.checkAndFold(site, h.round, received.bundle, h.numSamples, received.isDelta);
     const verdict: Verdict | undefined = checked?.verdict;
-    if (problem || verdict?.problem) {
+    if (verdict?.problem) {
       rmSync(received.path, { force: true }); // refused updates leave no trace
-      throw new UploadRefused(problem ?? verdict!.problem!);
+      throw new UploadRefused(verdict.problem);
     }
     const folded = !!checked?.folded;
     const row: UpdateRow = { updateId: h.updateId, round: h.round, site, numSamples: h.numSamples, sha256: p.expectedSha256!, path: received.path, sizeBytes: h.totalSize, acceptedAt: Date.now() };

@@ -245,6 +245,19 @@ describe('group commit of uploads', () => {
     expect(half.decoded).toEqual(['s0']);
     expect(half.open.aggregator.count).toBe(2);
   });
+
+  it('one at a time, a second upload of an update already stored is refused without touching the stored file', async () => {
+    const c = commitPath(new ComposedStrategy(aggregation({})));
+    // float16: the one-at-a-time path, whose admission check used to come after the file had moved.
+    const bytes = encodeUpdate(ups[0], { update: 'float16', delta: false });
+    expect((await c.together([['s0', bytes, 3]]))[0].status).toBe('fulfilled');
+    // The site's retry, crossing its first attempt: the same update id, so the same final file name.
+    const again = await c.together([['s0', bytes, 3]]);
+    expect(again[0]).toMatchObject({ status: 'rejected', reason: { name: 'UploadRefused', message: expect.stringMatching(/already reported/) } });
+    expect(c.files()).toEqual(['s0-update-s0.safetensors']);
+    expect(c.partials()).toEqual([]);
+    expect(c.rows.map((r) => r.site)).toEqual(['s0']);
+  });
 });
 
 describe('group commit through the round engine', () => {
