@@ -30,7 +30,7 @@ import { fileMoments, type MomentsFactory } from './moments.ts';
 import { cryptoGaussian } from './gaussian.ts';
 import { ServerOptimizer } from './server-optimizer.ts';
 import type { AggregationStrategy, BatchItem, RoundAggregator, RoundContext, StrategyState, UpdateInfo, Verdict } from './strategy.ts';
-import { deltaNorm, deltaSqLanes as defaultDeltaSqLanes, median, normProblem, samplesProblem, shapeAndSamplesProblem, type DeltaSqLanes, valueBoundProblem, type DeltaNorm, type ValidationRules } from './validate.ts';
+import { deltaNorm, deltaSqLanes as defaultDeltaSqLanes, median, normProblem, samplesProblem, shapeAndSamplesProblem, type DeltaSqLanes, valueBoundMessage, valueBoundProblem, type DeltaNorm, type ValidationRules } from './validate.ts';
 
 export type AggregationConfig = Plan['aggregation'];
 
@@ -729,9 +729,7 @@ function blocksValueBoundProblem(values: BaseBlocks, offsets: Offsets, maxValue:
       const b = deltaBase?.block(off + at, len);
       for (let i = 0; i < len; i++) {
         const v = b ? b[i] + x[i] : x[i];
-        if (v > maxValue || v < -maxValue) {
-          return `update proposes weight ${v.toPrecision(4)} in tensor "${name}" at index ${at + i}, beyond the plan's bound ±${maxValue} (aggregation.validation.maxValue); no trained network holds such values`;
-        }
+        if (v > maxValue || v < -maxValue) return valueBoundMessage(v, name, at + i, maxValue);
       }
     }
   }

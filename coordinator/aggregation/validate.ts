@@ -148,6 +148,11 @@ export const deltaNorm: DeltaNorm = (update, isDelta, base, offsets) => {
   return chosenNorm(update, isDelta, base, offsets);
 };
 
+/** The refusal for a weight beyond ±maxValue, in one wording wherever it is found (events/reasons.ts matches it). */
+export function valueBoundMessage(v: number, tensor: string, index: number, maxValue: number): string {
+  return `update proposes weight ${v.toPrecision(4)} in tensor "${tensor}" at index ${index}, beyond the plan's bound ±${maxValue} (aggregation.validation.maxValue); no trained network holds such values`;
+}
+
 /**
  * The first weight beyond ±maxValue that `update` proposes (base + Δ for a delta upload), or undefined.
  * Callers skip this pass when a norm already bounds every value (see ComposedRound.check).
@@ -167,7 +172,7 @@ export function valueBoundProblem(
       for (let i = at; i < end; i++) {
         const v = b ? b[i - at] + x[i] : x[i];
         if (v > maxValue || v < -maxValue) {
-          return `update proposes weight ${v.toPrecision(4)} in tensor "${t.name}" at index ${i}, beyond the plan's bound ±${maxValue} (aggregation.validation.maxValue); no trained network holds such values`;
+          return valueBoundMessage(v, t.name, i, maxValue);
         }
       }
     }
