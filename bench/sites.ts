@@ -3,21 +3,23 @@
  *
  * Each site is a real enrolled site talking the real protocol through the site's own transport
  * (site-agent/transport: FederationClient, uploadUpdate) — TLS with the pinned CA, a fresh signed token on every
- * call, heartbeats every 5 s, the task stream, the model download and the update upload — but trains nothing: it
+ * call, heartbeats at the interval the coordinator names (5 s up to 200 sites, less often beyond), the task stream, the model download and the update upload — but trains nothing: it
  * waits `--train-s` seconds and sends the global model back as its update. Many sites share a worker process
  * (`--workers`), so 1,000 sites fit on a small machine; the coordinator is `medfl coordinator start`, as deployed.
  *
+ * With `--idle-s S`, for each N first what N connected sites cost while no round runs (CPU of the coordinator and
+ * of the site workers over S seconds, heartbeats per second).
  * For each N it prints: round overhead (round open to close, minus the simulated training time), the coordinator's
  * peak RSS and CPU seconds, heartbeat / download / upload latency percentiles, and failures.
  *
  *   npm run bench:sites -- [--sites 10,100,1000] [--model-mb 1] [--train-s 2] [--rounds 2] [--workers 4] [--out DIR]
  *                          [--max-downloads N] [--max-uploads N] [--max-waiting-uploads N]   (coordinator.json transfers)
- *                          [--cpu-profile] [--coordinator-node-options=--heapsnapshot-signal=SIGUSR2]
+ *                          [--idle-s S] [--cpu-profile] [--worker-cpu-profile] [--coordinator-node-options=--heapsnapshot-signal=SIGUSR2]
  *
  * The coordinator runs with bench/coordinator-probe.mjs loaded, which samples its memory breakdown once a second
  * (memory-N.jsonl in the work dir); the table gives it at its peak RSS and just before the first round opened (all
  * sites connected, no transfer yet). `--cpu-profile` writes the coordinator's CPU profile to coordinator-N.cpuprofile
- * in the work dir; `--coordinator-node-options` adds Node options allowed in NODE_OPTIONS (snapshots land there too).
+ * in the work dir (`--worker-cpu-profile`: the site workers' profiles, in worker-profiles-N); `--coordinator-node-options` adds Node options allowed in NODE_OPTIONS (snapshots land there too).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -31,15 +33,18 @@ import { CoordinatorStore } from '../coordinator/store/store.ts';
 import { freePort, spawnMedfl, waitFor } from '../cli/processes.ts';
 import { PlanSchema } from '../shared/plan/schema.ts';
 import { generatedSiteName } from '../shared/protocol/site-names.ts';
+import { BASE_HEARTBEAT_MS } from '../shared/protocol/heartbeat.ts';
+import { startHeartbeatLoop } from '../site-agent/transport/heartbeat-loop.ts';
 import { sha256Hex } from '../shared/util/hash.ts';
 import { enrollSite } from '../site-agent/enroll.ts';
 import { SiteHome } from '../site-agent/home.ts';
 import { FederationClient, type WireChunk, type WireTask } from '../site-agent/transport/client.ts';
 import { uploadUpdate } from '../site-agent/transport/upload.ts';
 
-const HEARTBEAT_MS = 5000;
 const PROBE = join(import.meta.dirname, 'coordinator-probe.mjs');
 const say = (s: string) => process.stdout.write(`${s}\n`);
+/** An idle worker's line once each of its sites has beaten once (--idle-s). */
+const IDLE_READY = 'IDLE-READY';
 
 /** What one worker reports (JSON on its stdout's last line). */
 interface WorkerReport {
@@ -48,11 +53,14 @@ interface WorkerReport {
   uploadMs: number[];
   failures: Record<string, number>;
   finishedSites: number;
+  /** The worker process's own user + system CPU seconds: the simulated sites share the machine with the coordinator. */
+  cpuS?: number;
 }
 
 const role = process.argv[2];
 if (role === '--enrol-worker') await enrolWorker(process.argv[3]!);
 else if (role === '--run-worker') await runWorker(process.argv[3]!);
+else if (role === '--idle-worker') await idleWorker(process.argv[3]!);
 else await main();
 
 // ---- parent ----
@@ -70,6 +78,8 @@ async function main(): Promise<void> {
       'max-waiting-uploads': { type: 'string' },
       'coordinator-node-options': { type: 'string', default: '' },
       'cpu-profile': { type: 'boolean', default: false },
+      'worker-cpu-profile': { type: 'boolean', default: false },
+      'idle-s': { type: 'string', default: '0' },
       out: { type: 'string' },
     },
   });
@@ -78,7 +88,8 @@ async function main(): Promise<void> {
   const trainS = Number(a['train-s']);
   const rounds = Number(a.rounds);
   const workers = Number(a.workers);
-  if (!counts.every((n) => Number.isInteger(n) && n >= 1) || !(modelMb > 0) || !(trainS >= 0) || !(rounds >= 1) || !(workers >= 1)) throw new Error('bad arguments');
+  const idleS = Number(a['idle-s']);
+  if (!counts.every((n) => Number.isInteger(n) && n >= 1) || !(modelMb > 0) || !(trainS >= 0) || !(rounds >= 1) || !(workers >= 1) || !(idleS >= 0)) throw new Error('bad arguments');
   const maxN = Math.max(...counts);
   // tiny3d's encoder holds ~162·w² float32 values: pick the width that gives the model size asked for.
   const width = Math.max(1, Math.round(Math.sqrt((modelMb * 1024 * 1024) / 4 / 162)));
@@ -133,8 +144,14 @@ async function main(): Promise<void> {
   }
   say(`enrolled ${maxN} sites in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
 
+  const measureIdle = (n: number) => measureIdleWith({ n, idleS, template, work, logs, port, workers, names });
   const results: string[][] = [];
+  const idleLines: string[] = [];
   for (const n of counts) {
+    if (idleS > 0) {
+      idleLines.push(await measureIdle(n));
+      say(idleLines.at(-1)!);
+    }
     const dir = join(work, `coordinator-${n}`);
     rmSync(dir, { recursive: true, force: true });
     cpSync(template, dir, { recursive: true });
@@ -156,7 +173,7 @@ async function main(): Promise<void> {
         const file = join(work, `run-${n}-${i}.json`);
         writeFileSync(file, JSON.stringify({ sitesDir: join(work, 'sites'), sites: slice, trainS, timeoutMs: 30 * 60_000 }));
         return ['--run-worker', file];
-      });
+      }, a['worker-cpu-profile'] ? ['--cpu-prof', `--cpu-prof-dir=${join(work, `worker-profiles-${n}`)}`] : []);
     } finally {
       clearInterval(sampler);
     }
@@ -187,7 +204,8 @@ async function main(): Promise<void> {
       memory.connected,
       memory.peak,
       `${cpu.toFixed(1)} s in ${wall.toFixed(0)} s`,
-      pct(all('heartbeatMs')),
+      `${reports.reduce((s, r) => s + (r.cpuS ?? 0), 0).toFixed(1)} s`,
+      `${pct(all('heartbeatMs'))} (${all('heartbeatMs').length})`,
       pct(all('downloadMs')),
       pct(all('uploadMs')),
       Object.keys(failures).length ? Object.entries(failures).map(([k, v]) => `${k} ${v}`).join(', ') : '0',
@@ -197,10 +215,64 @@ async function main(): Promise<void> {
   // The sites' folders (keys, tokens, downloaded models): kept only where --out asks.
   if (!a.out) rmSync(join(work, 'sites'), { recursive: true, force: true });
   say('');
-  say('| sites | rounds closed | round overhead s (each round) | coordinator peak RSS | MiB rss/heap used/external/native rest, all connected before round 1 | the same at peak RSS | coordinator CPU | heartbeat ms p50/p95/p99 | download ms p50/p95/p99 | upload ms p50/p95/p99 | failures |');
-  say('|---|---|---|---|---|---|---|---|---|---|---|');
+  say('| sites | rounds closed | round overhead s (each round) | coordinator peak RSS | MiB rss/heap used/external/native rest, all connected before round 1 | the same at peak RSS | coordinator CPU | site workers CPU | heartbeat ms p50/p95/p99 (beats) | download ms p50/p95/p99 | upload ms p50/p95/p99 | failures |');
+  say('|---|---|---|---|---|---|---|---|---|---|---|---|');
   for (const r of results) say(`| ${r.join(' | ')} |`);
+  for (const l of idleLines) say(`\n${l}`);
   say(`\nwork dir (logs${a.out ? ', per-N coordinator folders' : '; the coordinator folders are kept only with --out'}): ${work}`);
+}
+
+/**
+ * What N connected sites cost while no round runs: the sites subscribe and heartbeat against a coordinator whose plan
+ * needs more sites than there are (so no round opens); once every site has beaten once, the coordinator's and the
+ * workers' CPU are read over `idleS` seconds (Linux /proc).
+ */
+async function measureIdleWith(o: { n: number; idleS: number; template: string; work: string; logs: string; port: number; workers: number; names: string[] }): Promise<string> {
+  const dir = join(o.work, `idle-${o.n}`);
+  rmSync(dir, { recursive: true, force: true });
+  cpSync(o.template, dir, { recursive: true });
+  const coordinator = await startCoordinator(dir, o.port, join(o.logs, `coordinator-idle-${o.n}.log`));
+  const children: ChildProcess[] = [];
+  let ready = 0;
+  let allReady!: () => void;
+  const readyNow = new Promise<void>((r) => (allReady = r));
+  const expected = Math.ceil(o.n / Math.ceil(o.n / o.workers));
+  let reports: WorkerReport[];
+  let window: { coordinator: number; sites: number; seconds: number };
+  try {
+    const running = runWorkers(
+      o.workers,
+      o.names.slice(0, o.n),
+      (slice, i) => {
+        const file = join(o.work, `idle-${o.n}-${i}.json`);
+        writeFileSync(file, JSON.stringify({ sitesDir: join(o.work, 'sites'), sites: slice }));
+        return ['--idle-worker', file];
+      },
+      [],
+      (child) => {
+        children.push(child);
+        child.stdout!.on('data', (d: Buffer) => {
+          if (d.toString().includes(IDLE_READY) && ++ready === expected) allReady();
+        });
+      },
+    );
+    await Promise.race([readyNow, running]);
+    // Let the first beats' bookkeeping settle before the window opens.
+    await new Promise((r) => setTimeout(r, 3000));
+    const sitesCpu = () => children.reduce((t, c) => t + cpuSeconds(c.pid!), 0);
+    const before = { coordinator: cpuSeconds(coordinator.pid!), sites: sitesCpu(), at: Date.now() };
+    await new Promise((r) => setTimeout(r, o.idleS * 1000));
+    window = { coordinator: cpuSeconds(coordinator.pid!) - before.coordinator, sites: sitesCpu() - before.sites, seconds: (Date.now() - before.at) / 1000 };
+    for (const c of children) c.kill('SIGTERM');
+    reports = await running;
+  } finally {
+    await stop(coordinator);
+    rmSync(dir, { recursive: true, force: true });
+  }
+  const beats = reports.reduce((t, r) => t + r.heartbeatMs.length, 0);
+  const failures = reports.flatMap((r) => Object.entries(r.failures).map(([k, v]) => `${k} ${v}`));
+  const pc = (cpu: number) => `${((100 * cpu) / window.seconds).toFixed(1)} %`;
+  return `idle, ${o.n} sites connected, ${window.seconds.toFixed(0)} s: coordinator ${pc(window.coordinator)} of a core, site workers ${pc(window.sites)}; ${(beats / window.seconds).toFixed(1)} heartbeats/s (p50/p95/p99 ${pct(reports.flatMap((r) => r.heartbeatMs))} ms); failures ${failures.length ? failures.join(', ') : '0'}`;
 }
 
 async function startCoordinator(dir: string, port: number, log: string, env: NodeJS.ProcessEnv = {}): Promise<ChildProcess> {
@@ -220,11 +292,18 @@ async function stop(c: ChildProcess): Promise<void> {
 }
 
 /** Splits `items` over `count` worker processes (this file, in a worker role) and collects their reports. */
-async function runWorkers<T>(count: number, items: T[], args: (slice: T[], i: number) => string[]): Promise<WorkerReport[]> {
+async function runWorkers<T>(
+  count: number,
+  items: T[],
+  args: (slice: T[], i: number) => string[],
+  nodeFlags: string[] = [],
+  started?: (child: ChildProcess) => void,
+): Promise<WorkerReport[]> {
   const per = Math.ceil(items.length / count);
   const jobs: Promise<WorkerReport>[] = [];
   for (let i = 0; i * per < items.length; i++) {
-    const child = spawn(process.execPath, ['--import', 'tsx', import.meta.filename, ...args(items.slice(i * per, (i + 1) * per), i)], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const child = spawn(process.execPath, [...nodeFlags, '--import', 'tsx', import.meta.filename, ...args(items.slice(i * per, (i + 1) * per), i)], { stdio: ['ignore', 'pipe', 'inherit'] });
+    started?.(child);
     let out = '';
     child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
     jobs.push(
@@ -323,6 +402,46 @@ async function runWorker(file: string): Promise<void> {
     new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), job.timeoutMs).unref()),
   ]);
   if (done === 'timeout') fail('workerTimeout');
+  const cpu = process.cpuUsage();
+  report.cpuS = (cpu.user + cpu.system) / 1e6;
+  say(JSON.stringify(report));
+  process.exit(0);
+}
+
+/** Sites that only subscribe and heartbeat; `IDLE_READY` once each has beaten once, the report on SIGTERM. */
+async function idleWorker(file: string): Promise<void> {
+  const job = JSON.parse(readFileSync(file, 'utf8')) as { sitesDir: string; sites: string[] };
+  const report: WorkerReport = { heartbeatMs: [], downloadMs: [], uploadMs: [], failures: {}, finishedSites: 0 };
+  const fail = (what: string) => (report.failures[what] = (report.failures[what] ?? 0) + 1);
+  const stopped = new Promise((r) => process.once('SIGTERM', r));
+  let stopping = false;
+  let counting = false;
+  const stops: (() => void)[] = [];
+  await Promise.all(
+    job.sites.map(async (name, i) => {
+      const client = new FederationClient(new SiteHome(join(job.sitesDir, name)));
+      await new Promise((r) => setTimeout(r, (i * 37) % BASE_HEARTBEAT_MS));
+      const stream = client.subscribeTasks([]);
+      stream.on('data', () => {});
+      stream.on('error', () => stopping || fail('taskStreamDropped'));
+      let first!: () => void;
+      const beaten = new Promise<void>((r) => (first = r));
+      stops.push(
+        startHeartbeatLoop({
+          beat: () => timedBeat(client, { state: 'idle', taskId: '' }, counting ? report : undefined).finally(first),
+          onError: () => stopping || fail('heartbeat'),
+        }),
+      );
+      await beaten;
+    }),
+  );
+  counting = true;
+  say(IDLE_READY);
+  await stopped;
+  stopping = true;
+  for (const stopBeats of stops) stopBeats();
+  const cpu = process.cpuUsage();
+  report.cpuS = (cpu.user + cpu.system) / 1e6;
   say(JSON.stringify(report));
   process.exit(0);
 }
@@ -333,19 +452,10 @@ async function runSite(dir: string, trainS: number, index: number, report: Worke
   // What the site is doing, as a real agent reports it: a site that heartbeats "idle, no task" while it works would be
   // offered its task again by the coordinator every 30 s (task-offers.ts), work a real site never causes.
   const status: SiteStatus = { state: 'idle', taskId: '' };
-  const beat = async () => {
-    const t = performance.now();
-    try {
-      await client.heartbeat({ ...status, progress: 0, engine: 'bench' });
-      report.heartbeatMs.push(performance.now() - t);
-    } catch {
-      fail('heartbeat');
-    }
-  };
-  // Spread the sites' heartbeats over the interval, as independent agents would be.
-  await new Promise((r) => setTimeout(r, (index * 37) % HEARTBEAT_MS));
-  await beat();
-  const timer = setInterval(() => void beat(), HEARTBEAT_MS);
+  // Spread the sites' first heartbeats over the base interval, as independent agents would be; then beat as the
+  // agent does, at the interval the coordinator names (longer for many sites).
+  await new Promise((r) => setTimeout(r, (index * 37) % BASE_HEARTBEAT_MS));
+  const stopBeats = startHeartbeatLoop({ beat: () => timedBeat(client, status, report), onError: () => fail('heartbeat') });
   const handled = new Set<string>();
   try {
     await new Promise<void>((resolveSite) => {
@@ -373,9 +483,17 @@ async function runSite(dir: string, trainS: number, index: number, report: Worke
       subscribe();
     });
   } finally {
-    clearInterval(timer);
+    stopBeats();
     client.close();
   }
+}
+
+/** One heartbeat, its latency recorded in `report` (where given); resolves with the interval the coordinator named. */
+async function timedBeat(client: FederationClient, status: SiteStatus, report: WorkerReport | undefined): Promise<number> {
+  const t = performance.now();
+  const r = await client.heartbeat({ ...status, progress: 0, engine: 'bench' });
+  report?.heartbeatMs.push(performance.now() - t);
+  return r.nextHeartbeatMs;
 }
 
 /** A site's state as its heartbeats report it. */
@@ -407,7 +525,8 @@ async function download(client: FederationClient, hash: string, fail: (what: str
       await new Promise<void>((res, rej) => {
         const s = client.downloadModel(hash, have);
         s.on('data', (c: WireChunk) => {
-          parts.push(Buffer.from(c.data));
+          // A view of the message grpc-js assembled for this chunk alone: kept as it is, copied once by the concat below.
+          parts.push(c.data);
           have += c.data.length;
         });
         s.on('error', rej);

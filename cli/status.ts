@@ -3,7 +3,7 @@
  */
 import Table from 'cli-table3';
 import type { CoordinatorStore, MetricRow, RoundRow, SiteRow } from '../coordinator/store/store.ts';
-import { eventFacts, siteStatus, siteVersion, validationCases, type FederationFinish, type StorageCondition } from '../coordinator/admin-http/status-json.ts';
+import { eventFacts, federationOfflineAfterMs, siteStatus, siteVersion, validationCases, type FederationFinish, type StorageCondition } from '../coordinator/admin-http/status-json.ts';
 import { PRIVACY_KEY, type PrivacySpent } from '../coordinator/rounds/round-engine.ts';
 import { parseTeacher, TEACHER_KEY } from '../coordinator/rounds/teacher.ts';
 import { budgetStatus, describeRefusal, type BudgetStatus } from '../coordinator/rounds/privacy-budget.ts';
@@ -25,8 +25,9 @@ export interface SiteContext {
 
 export function sitesTable(sites: SiteRow[], now = Date.now(), ctx: SiteContext = {}): string {
   const t = new Table({ head: ['site', 'state', 'link', 'last seen', 'activity', 'engine', 'version', 'validation'], ...style() });
+  const offlineAfter = federationOfflineAfterMs(sites);
   for (const s of sites) {
-    const status = siteStatus(s, now, ctx.finish);
+    const status = siteStatus(s, now, ctx.finish, offlineAfter);
     const link = s.lastSeenAt === null ? '—' : status === 'online' || status === 'finished' ? status : 'offline';
     // A finished site's last activity is whatever it did before it exited: not worth an alarm.
     const activity = status === 'online' ? (s.activity ?? '—') : status === 'finished' ? '—' : `(was ${s.activity ?? '—'})`;

@@ -15,6 +15,7 @@ import { FederationClient, type WireTask } from './transport/client.ts';
 import { ModelCache, ensureWithRetry, modelSizeLimit } from './transport/model-cache.ts';
 import { WireAudit } from './transport/wire-audit.ts';
 import { tlsClockHint } from './transport/tls-hint.ts';
+import { startHeartbeatLoop } from './transport/heartbeat-loop.ts';
 import { OutboxEntrySchema, outboxPath, parseWireTask, type OutboxEntry } from './transport/task-wire.ts';
 import { encodeForUpload, uploadUpdate } from './transport/upload.ts';
 import { float32Safetensors } from '../shared/tensors/update-codec.ts';
@@ -39,6 +40,7 @@ export interface AgentOptions {
   auditPath?: string;
   /** Resolve run() when the coordinator says the federation is finished. */
   exitWhenFinished?: boolean;
+  /** The heartbeat interval where the coordinator names none (an older coordinator) or a beat failed; default 5 s. */
   heartbeatMs?: number;
   maxBackoffMs?: number;
   /** Force a compute engine (e.g. "cpu"); otherwise the best available one is chosen. */
@@ -105,7 +107,7 @@ export class SiteAgent {
     let attempt = 0;
     while (!this.stopped && !(this.finished && this.o.exitWhenFinished)) {
       this.client = new FederationClient(this.home, { audit: this.audit });
-      const heartbeat = this.startHeartbeat(() => { attempt = 0; });
+      const stopHeartbeat = this.startHeartbeat(() => { attempt = 0; });
       this.outboxUnchecked = true;
       void this.drain();
       try {
@@ -124,7 +126,7 @@ export class SiteAgent {
         const hint = tlsClockHint(reason, { caPem: () => this.home.caPem() });
         log.warn({ code: err.code !== undefined ? grpc.status[err.code] : undefined, reason, ...(hint ? { hint } : {}) }, 'lost the coordinator');
       } finally {
-        clearInterval(heartbeat);
+        stopHeartbeat();
         // Finished: let the task in flight send its last upload and metrics before the channel closes.
         // (On a lost connection we close at once; the task retries on the next channel.)
         if (this.finished && this.o.exitWhenFinished) {
@@ -149,14 +151,19 @@ export class SiteAgent {
     while (this.working) await new Promise((r) => setTimeout(r, 50));
   }
 
-  private startHeartbeat(onOk: () => void): NodeJS.Timeout {
-    const beat = () => {
-      this.client
-        ?.heartbeat({ state: this.state, progress: this.progress, taskId: this.currentTask, engine: this.training.engineName ?? '', softwareVersion: medflVersion() })
-        .then(onOk, (e: grpc.ServiceError) => this.o.log.debug({ reason: e.details ?? e.message }, 'heartbeat failed'));
-    };
-    beat();
-    return setInterval(beat, this.o.heartbeatMs ?? 5000);
+  /** Heartbeats at the interval the coordinator names (heartbeat-loop.ts); returns the stop function. */
+  private startHeartbeat(onOk: () => void): () => void {
+    return startHeartbeatLoop({
+      fallbackMs: this.o.heartbeatMs,
+      beat: async () => {
+        const client = this.client;
+        if (!client) return undefined;
+        const r = await client.heartbeat({ state: this.state, progress: this.progress, taskId: this.currentTask, engine: this.training.engineName ?? '', softwareVersion: medflVersion() });
+        onOk();
+        return r.nextHeartbeatMs;
+      },
+      onError: (e) => this.o.log.debug({ reason: (e as grpc.ServiceError).details ?? (e as Error).message }, 'heartbeat failed'),
+    });
   }
 
   private consumeTasks(client: FederationClient): Promise<void> {

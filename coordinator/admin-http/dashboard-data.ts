@@ -110,10 +110,11 @@ export function createDashboardSource(d: DashboardDeps): DashboardSource {
     status() {
       const now = Date.now();
       const json = statusJson(store, d.federationId, now, storageCondition(d.dir)) as Record<string, unknown> & { sites: { name: string; status: string }[] };
-      // The store alone calls a site online until its heartbeats are 15 s old; this process knows it already left. A
-      // site that left a finished federation is finished at once.
+      // The store alone calls a site online until it has missed three heartbeats (up to 3 minutes in a large
+      // federation, where sites beat less often); this process knows a site whose task stream closed has left: it is
+      // offline at once, or finished where the federation is.
       const connected = new Set(engine.connectedSites());
-      if (engine.isFinished) for (const s of json.sites) if (s.status === 'online' && !connected.has(s.name)) s.status = 'finished';
+      for (const s of json.sites) if (s.status === 'online' && !connected.has(s.name)) s.status = engine.isFinished ? 'finished' : 'offline';
       return { ...json, live: live(now) };
     },
     async ledger() {

@@ -9,9 +9,19 @@ import { PRIVACY_KEY, type PrivacySpent } from '../rounds/round-engine.ts';
 import { parseTeacher, TEACHER_KEY } from '../rounds/teacher.ts';
 import { medflVersion } from '../../shared/util/version.ts';
 import { budgetStatus, standingRefusal } from '../rounds/privacy-budget.ts';
+import { offlineAfterMs } from '../../shared/protocol/heartbeat.ts';
 
-/** Agents heartbeat every 5 s; three missed beats and we call the site offline. */
-export const OFFLINE_AFTER_MS = 15_000;
+/**
+ * Three missed beats and a site is shown offline. Sites beat every 5 s up to 200 enrolled sites and less often beyond
+ * (the coordinator names the interval: shared/protocol/heartbeat.ts), so the wait grows with the federation; this is
+ * a small federation's.
+ */
+export const OFFLINE_AFTER_MS = offlineAfterMs(0);
+
+/** How long after its last beat a site of this federation is shown offline (its enrolled sites set the interval). */
+export function federationOfflineAfterMs(sites: readonly Pick<SiteRow, 'state'>[]): number {
+  return offlineAfterMs(sites.filter((s) => s.state === 'enrolled').length);
+}
 
 /** Free space below which the coordinator's storage counts as low: about ten 100 MB updates, or 5%. */
 export const LOW_STORAGE_BYTES = 1024 ** 3;
@@ -97,13 +107,14 @@ export function siteVersion(s: Pick<SiteRow, 'softwareVersion' | 'lastSeenAt'>):
   return s.softwareVersion ?? (s.lastSeenAt === null ? null : 'unknown');
 }
 
-export function siteStatus(s: SiteRow, now: number, finish: FederationFinish | undefined): SiteStatus {
+/** `offlineAfter`: federationOfflineAfterMs of the site's federation. */
+export function siteStatus(s: SiteRow, now: number, finish: FederationFinish | undefined, offlineAfter = OFFLINE_AFTER_MS): SiteStatus {
   if (s.state === 'invited') return 'invited';
   if (s.state === 'revoked') return 'revoked';
   if (s.lastSeenAt === null) return 'never connected';
-  if (now - s.lastSeenAt < OFFLINE_AFTER_MS) return 'online';
+  if (now - s.lastSeenAt < offlineAfter) return 'online';
   // Its last heartbeat may come up to one beat interval before the finish it then received.
-  if (finish && s.lastSeenAt >= finish.at - OFFLINE_AFTER_MS) return 'finished';
+  if (finish && s.lastSeenAt >= finish.at - offlineAfter) return 'finished';
   return 'offline';
 }
 
@@ -130,6 +141,8 @@ export function statusJson(store: CoordinatorStore, federationId: string, now = 
   const teacher = parseTeacher(store.getMeta(TEACHER_KEY));
   const facts = eventFacts(store);
   const validation = validationCases(store);
+  const sites = store.listSites();
+  const offlineAfter = federationOfflineAfterMs(sites);
   // One object per round × site; the keys are the metric names the sites report (num_train, val_dice_mean, …).
   const metrics = new Map<string, { round: number; site: string; values: Record<string, number> }>();
   for (const m of store.listMetrics()) {
@@ -150,11 +163,11 @@ export function statusJson(store: CoordinatorStore, federationId: string, now = 
     privacyBudget: budgetStatus(store, facts.budgetRefusal),
     teacher: teacher ?? null,
     storage: storage ?? null,
-    sites: store.listSites().map((s) => ({
+    sites: sites.map((s) => ({
       name: s.name,
       state: s.state,
-      status: siteStatus(s, now, facts.finish),
-      link: s.lastSeenAt === null ? null : now - s.lastSeenAt < OFFLINE_AFTER_MS ? 'online' : 'offline',
+      status: siteStatus(s, now, facts.finish, offlineAfter),
+      link: s.lastSeenAt === null ? null : now - s.lastSeenAt < offlineAfter ? 'online' : 'offline',
       lastSeenAt: iso(s.lastSeenAt),
       activity: s.activity,
       engine: s.engine,

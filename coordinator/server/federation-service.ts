@@ -20,6 +20,10 @@ import { describeStorageFault, isStorageFault } from '../../shared/util/storage-
 import { RefusalWarnings } from '../events/refusal-warnings.ts';
 import type { TransferAdmission, TransferTicket } from './transfer-admission.ts';
 import { RevocationWatch } from './revocation-watch.ts';
+import { BASE_HEARTBEAT_MS, heartbeatIntervalMs } from '../../shared/protocol/heartbeat.ts';
+
+/** How often the heartbeat interval's site count is taken again (enrolments and revocations change it). */
+const PACE_RECOUNT_MS = 10_000;
 
 export interface FederationServiceDeps {
   store: CoordinatorStore;
@@ -181,6 +185,18 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
   const openUploads = new Map<string, number>();
   /** Ends the task streams of sites revoked while connected: one store query per tick for all of them. */
   const revocations = new RevocationWatch({ enrolledSites: () => store.enrolledSiteNames(), everyMs: d.revocationCheckMs, log });
+  /** The interval heartbeat answers name (shared/protocol/heartbeat.ts), from an enrolled-site count at most 10 s old. */
+  let pace = { at: Number.NEGATIVE_INFINITY, ms: BASE_HEARTBEAT_MS };
+  const heartbeatPace = (now: number): number => {
+    if (now - pace.at < PACE_RECOUNT_MS) return pace.ms;
+    try {
+      pace = { at: now, ms: heartbeatIntervalMs(store.enrolledSiteCount()) };
+    } catch {
+      // A storage fault: keep the last interval and count again on a later beat.
+      pace = { ...pace, at: now };
+    }
+    return pace.ms;
+  };
 
   /** Reads one upload: its chunks drive an UploadCall, which answers it and gives the site's slot back. */
   function receiveUpload(call: grpc.ServerReadableStream<Record<string, unknown>, unknown>, reply: grpc.sendUnaryData<unknown>, site: string, releaseSlot: () => void): void {
@@ -215,7 +231,8 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         store.touchSite(site, hb.data.state, hb.data.engine || null, Date.now(), hb.data.softwareVersion || null);
         // A selected site idle without its task gets it again (it may have given it up after a failed download).
         if (hb.data.state === 'idle' && hb.data.taskId === '') engine.siteIdle(site);
-        cb(null, { serverTimeMs: Date.now(), features });
+        const now = Date.now();
+        cb(null, { serverTimeMs: now, features, nextHeartbeatMs: heartbeatPace(now) });
       } catch (e) {
         cb(asServiceError(e));
       }

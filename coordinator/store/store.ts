@@ -235,6 +235,10 @@ export class CoordinatorStore {
     return new Set(rows);
   }
 
+  enrolledSiteCount(): number {
+    return this.prepared("SELECT count(*) FROM sites WHERE state = 'enrolled'").pluck().get() as number;
+  }
+
   listSites(): SiteRow[] {
     return (this.db.prepare('SELECT * FROM sites ORDER BY name').all() as Record<string, unknown>[]).map((r) => this.withPending(toSite(r)));
   }

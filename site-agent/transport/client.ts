@@ -72,12 +72,16 @@ export class FederationClient {
   /** The connection's generation when that answer came. */
   private featuresGeneration = -1;
 
-  heartbeat(req: { state: string; progress: number; taskId: string; engine: string; softwareVersion?: string }, timeoutMs = 10_000): Promise<{ serverTimeMs: number; features: string[] }> {
-    return this.unary<{ serverTimeMs: number; features?: string[] }>('Heartbeat', req, timeoutMs).then((r) => {
+  /** `nextHeartbeatMs` is the interval the coordinator named (0 from an older one); nextHeartbeatDelayMs bounds it. */
+  heartbeat(
+    req: { state: string; progress: number; taskId: string; engine: string; softwareVersion?: string },
+    timeoutMs = 10_000,
+  ): Promise<{ serverTimeMs: number; features: string[]; nextHeartbeatMs: number }> {
+    return this.unary<{ serverTimeMs: number; features?: string[]; nextHeartbeatMs?: number }>('Heartbeat', req, timeoutMs).then((r) => {
       const features = r.features ?? [];
       this.features = new Set(features);
       this.featuresGeneration = this.connection.generation;
-      return { serverTimeMs: r.serverTimeMs, features };
+      return { serverTimeMs: r.serverTimeMs, features, nextHeartbeatMs: r.nextHeartbeatMs ?? 0 };
     });
   }
 
