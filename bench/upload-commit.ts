@@ -77,6 +77,11 @@ async function run(path: Path): Promise<{ wallS: number; cpuS: number; batches: 
       folded: intake.folded.bind(intake),
       acceptedEvent: intake.acceptedEvent.bind(intake),
       serialised: <T>(fn: () => T | Promise<T>) => folds.run(fn),
+      // A bench whose folds fail measures nothing: stop it.
+      aggregateStale: (_round: number, why: string) => {
+        process.stderr.write(`bench:upload-commit: ${why}\n`);
+        process.exit(1);
+      },
     };
     const receiver = new UploadReceiver(join(dir, 'updates'), specs, 1 << 30);
     // The one-at-a-time path: a receiver that cannot hand a file to the batch, so every upload is decoded.

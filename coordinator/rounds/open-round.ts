@@ -20,6 +20,11 @@ export interface OpenRound {
   collector?: { feature: string; input: RoundInput };
   /** Pretraining or fine-tuning (plan.pretraining), fixed when the round opened. */
   stage: Stage;
+  /**
+   * Why the running aggregate may no longer be the fold of the round's stored updates (a fold or a take-out that
+   * failed part-way): the close rebuilds it from them first (round-ending.ts), as a restart would.
+   */
+  staleAggregate?: string;
 }
 
 /** The round as features see it. */

@@ -92,6 +92,7 @@ export class RoundEnding {
     if (open.timer) clearTimeout(open.timer);
     await this.o.folds.drained();
     if (!this.o.isCurrent(open)) return; // rolled back by the operator meanwhile (checkRollbacks dropped it)
+    if (open.staleAggregate) this.rebuild(open);
     const outcome = this.o.closing.commit(open, why, () => this.o.forget());
     if ('problem' in outcome) {
       this.failUnpublished(open, outcome.problem);
@@ -105,6 +106,19 @@ export class RoundEnding {
       this.o.checkRollbacks();
     }
     this.o.next();
+  }
+
+  /**
+   * The running aggregate of `open` replaced by the fold of its stored updates (a fold failed part-way earlier). A
+   * failure here fails the close, which is tried again later from the stored updates (closeFailed).
+   */
+  private rebuild(open: OpenRound): void {
+    const { aggregator, reported } = this.o.recovery.refold(open.row);
+    open.aggregator.discard?.();
+    open.aggregator = aggregator;
+    for (const s of reported) open.reported.add(s);
+    this.o.log.warn({ round: open.row.round, updates: reported.size, because: open.staleAggregate }, "the round's aggregate was rebuilt from its stored updates before the close");
+    open.staleAggregate = undefined;
   }
 
   /** The aggregate failed its final check: the round fails, naming the cause, and the federation stays on its model. */

@@ -253,6 +253,17 @@ export class RoundEngine {
     return this.intake.folded(row);
   }
 
+  /**
+   * A fold or a take-out of round `round` failed part-way, so its running aggregate cannot be trusted: the close
+   * rebuilds it from the stored updates first (no restart needed). Nothing for a round no longer open.
+   */
+  aggregateStale(round: number, why: string): void {
+    const open = this.open;
+    if (!open || open.row.round !== round) return;
+    open.staleAggregate ??= why;
+    this.o.log.error({ round, err: why }, "the round's running aggregate no longer matches its stored updates; it is rebuilt from them before the round closes");
+  }
+
   acceptedEvent(row: UpdateRow): FederationEvent {
     return this.intake.acceptedEvent(row);
   }

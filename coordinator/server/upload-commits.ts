@@ -37,7 +37,7 @@ export interface CommitRequest {
 }
 
 export interface UploadCommitsDeps {
-  engine: Pick<RoundEngine, 'admissionProblem' | 'checkAndFold' | 'unfold' | 'fold' | 'checkAndFoldBatch' | 'unfoldItem' | 'folded' | 'serialised' | 'acceptedEvent'>;
+  engine: Pick<RoundEngine, 'admissionProblem' | 'checkAndFold' | 'unfold' | 'fold' | 'checkAndFoldBatch' | 'unfoldItem' | 'folded' | 'serialised' | 'acceptedEvent' | 'aggregateStale'>;
   store: Pick<CoordinatorStore, 'insertUpdate' | 'insertUpdates'>;
   receiver: Pick<UploadReceiver, 'verify' | 'inspect' | 'place' | 'syncFolder' | 'finish'>;
   log: Logger;
@@ -129,7 +129,10 @@ export class UploadCommits {
         // Nothing was counted: this round folds one update at a time.
         if (!verdicts) oneByOne.unshift(...readable.map((r) => r.w));
       } catch (e) {
-        this.d.log.error({ round, updates: readable.length, err: (e as Error).message }, 'folding a batch of uploads failed; restart the coordinator to rebuild the round from its stored updates');
+        // Part of the batch may be in the sums: none of it is stored (the sites send it again), and the close
+        // rebuilds the round's aggregate from what is.
+        this.d.log.error({ round, updates: readable.length, err: (e as Error).message }, 'folding a batch of uploads failed; the sites send them again');
+        this.d.engine.aggregateStale(round, `folding a batch of ${readable.length} uploads failed: ${(e as Error).message}`);
         for (const r of readable) this.drop(r.w, e);
       } finally {
         for (const r of readable) r.reader.close();
@@ -224,7 +227,7 @@ export class UploadCommits {
         reader.close();
       }
     } catch (e) {
-      this.d.log.error({ round, err: (e as Error).message }, 'taking an unstored update out of the round failed; restart the coordinator to rebuild the round from its stored updates');
+      this.d.engine.aggregateStale(round, `taking an unstored update out of the round failed: ${(e as Error).message}`);
     }
     rmSync(a.path, { force: true }); // not committed: the site sends it again
     a.w.req.partial.discard();
@@ -269,7 +272,13 @@ export class UploadCommits {
       store.insertUpdate(row, outboxRows(engine.acceptedEvent(row)));
     } catch (e) {
       rmSync(received.path, { force: true }); // not committed: the site sends it again
-      if (folded) engine.unfold(site, h.round, received.bundle, h.numSamples, received.isDelta, verdict!);
+      if (folded) {
+        try {
+          engine.unfold(site, h.round, received.bundle, h.numSamples, received.isDelta, verdict!);
+        } catch (e2) {
+          engine.aggregateStale(h.round, `taking an unstored update out of the round failed: ${(e2 as Error).message}`);
+        }
+      }
       throw e;
     }
     // Let the ack leave the process before the model-sized, synchronous fold (only bookkeeping when checkAndFold
@@ -279,8 +288,8 @@ export class UploadCommits {
     try {
       engine.fold(row, received.bundle, { isDelta: received.isDelta, verdict, folded });
     } catch (e) {
-      // Stored and acknowledged, so it counts: a restart re-folds it from disk.
-      log.error({ site, round: row.round, err: (e as Error).message }, 'folding an accepted update failed; restart the coordinator to re-fold it');
+      // Stored and acknowledged, so it counts: the close rebuilds the round's aggregate from the stored updates.
+      engine.aggregateStale(row.round, `folding the accepted update of site '${site}' failed: ${(e as Error).message}`);
     }
     return row;
   }

@@ -28,7 +28,7 @@ interface Harness {
   released: () => number;
   log: string[];
   rows: UpdateRow[];
-  engine: { rejected: string[]; folded: string[]; accepted: string[]; unfolded: string[]; problem?: string };
+  engine: { rejected: string[]; folded: string[]; accepted: string[]; unfolded: string[]; stale: string[]; problem?: string };
   partials: () => string[];
 }
 
@@ -43,7 +43,7 @@ function harness(o: { stallMs?: number; insertFails?: Error; known?: UpdateRow; 
   const replies: Harness['replies'] = [];
   let releases = 0;
   const rows: UpdateRow[] = [];
-  const engine: Harness['engine'] = { rejected: [], folded: [], accepted: [], unfolded: [] };
+  const engine: Harness['engine'] = { rejected: [], folded: [], accepted: [], unfolded: [], stale: [] };
   const log: string[] = [];
   const logger = pino({ level: 'warn' }, { write: (l: string) => log.push(JSON.parse(l).msg) });
   const fakeEngine = {
@@ -62,6 +62,9 @@ function harness(o: { stallMs?: number; insertFails?: Error; known?: UpdateRow; 
       return true;
     },
     serialised: <T>(fn: () => T | Promise<T>) => Promise.resolve().then(fn),
+    aggregateStale: (_round: number, why: string) => {
+      engine.stale.push(why);
+    },
     acceptedEvent: (row: UpdateRow) => ({ id: row.updateId, type: 'update.accepted' as const, federation: 'f', at: '' }),
     fold: (row: UpdateRow, _update: unknown, opts?: { folded?: boolean }) => {
       engine.folded.push(`${row.site} after ${replies.length} answer(s)${opts?.folded ? ', already folded' : ''}`);

@@ -6,9 +6,10 @@
  * fails takes the whole batch out of the sums again, acknowledges nothing and leaves no file; rounds without a batch
  * fold (median) and float16 uploads are committed one at a time. Through the real round engine: its round takes the
  * uploads in one batch (never one checkAndAdd per update), and a restart before the close counts each stored update
- * once.
+ * once, and a batch fold that fails part-way is sent again and the close rebuilds the round from its stored updates
+ * (no restart).
  */
-import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
@@ -91,7 +92,9 @@ function commitPath(strategy: ComposedStrategy, o: { decodes?: boolean } = {}) {
     folded: (row: UpdateRow) => intake.folded(row),
     serialised: <T>(fn: () => T | Promise<T>) => folds.run(fn),
     acceptedEvent: (row: UpdateRow) => intake.acceptedEvent(row),
+    aggregateStale: (_round: number, why: string) => void stale.push(why),
   };
+  const stale: string[] = [];
   const batches: number[] = [];
   const decoded: string[] = [];
   // With decodes: false, a whole-file decode (the one-at-a-time path) fails the test's upload.
@@ -311,4 +314,69 @@ describe('group commit through the round engine', () => {
     expect(second.events.find((e) => e.type === 'round.closed')).toMatchObject({ round: 1, sites });
     second.close();
   });
+
+  it('a batch fold that fails part-way is refused and sent again, and the close rebuilds the round from its stored updates: the model of a clean round, no restart', async () => {
+    /** Round 1 with the three sites' updates; with `failFirst`, the first batch (two of them) fails after folding. */
+    async function round(at: string, failFirst: boolean) {
+      const strategy = strategyFromPlan(plan);
+      let failures = failFirst ? 1 : 0;
+      const begin = strategy.begin.bind(strategy);
+      strategy.begin = (...args) => {
+        const agg = begin(...args);
+        const batch = agg.checkAndAddBatch!.bind(agg);
+        agg.checkAndAddBatch = (items) => {
+          const verdicts = batch(items);
+          if (failures-- > 0) throw new Error('EIO: i/o error, read');
+          return verdicts;
+        };
+        return agg;
+      };
+      mkdirSync(at, { recursive: true });
+      const b = bareEngine(at, plan, { strategy });
+      b.enrol(sites);
+      await b.engine.start();
+      b.connect(sites);
+      await waitFor(() => b.tasks.length === 3, 5000, 'the three tasks of round 1');
+      const hash = b.engine.currentModelHash;
+      const base = pick(b.models.load(hash), b.engine.shared);
+      const specs = b.engine.shared.map((p) => ({ name: p.name, shape: [...p.shape], dtype: 'F32' as const }));
+      const receiver = new UploadReceiver(join(at, 'updates'), specs, 1 << 24);
+      const commits = new UploadCommits({ engine: b.engine, store: b.store, receiver, log });
+      // Closed first, then handed over at once, so they wait together.
+      const send = async (which: string[]) => {
+        const ready = await Promise.all(
+          which.map(async (site) => {
+            const k = sites.indexOf(site);
+            const bytes = encodeSafetensors(makeBundle([...base.values()].map((t) => ({ ...t, data: t.data.map((v, j) => v + 0.01 * (k + 1) * Math.sin(j)) }))));
+            const p = receiver.begin({ updateId: `update-${site}`, round: 1, taskId: 't', baseModelHash: hash, totalSize: bytes.length, sha256: sha256Hex(bytes), numSamples: 4 + k });
+            p.write(0, Buffer.from(bytes));
+            await p.close();
+            return { site, partial: p };
+          }),
+        );
+        return Promise.allSettled(
+          ready.map(async (r) => {
+            const row = await commits.submit({ ...r, acknowledge: async () => undefined });
+            await b.engine.accepted(row);
+            return row;
+          }),
+        );
+      };
+      if (failFirst) {
+        const first = await send(['site-a', 'site-b']);
+        expect(first.map((r) => r.status)).toEqual(['rejected', 'rejected']);
+        expect(b.store.updatesForRound(1)).toEqual([]);
+      }
+      expect((await send(sites)).map((r) => r.status)).toEqual(['fulfilled', 'fulfilled', 'fulfilled']);
+      await waitFor(() => b.store.getRound(1)?.state === 'closed', 10_000, 'round 1 to close');
+      const closed = b.store.getRound(1)!;
+      b.close();
+      return closed.resultModelHash;
+    }
+    const clean = await round(join(dir, 'clean'), false);
+    const failed = await round(join(dir, 'failed'), true);
+    // Without the rebuild the failed batch's two updates would count twice.
+    expect(failed).toBe(clean);
+  });
 });
+
