@@ -244,7 +244,7 @@ export class UploadCommits {
    * scratch buffer, checked (and folded where the strategy can), stored, acknowledged, then folded.
    */
   private async commitOne(req: CommitRequest): Promise<UpdateRow> {
-    const { engine, receiver, store, log } = this.d;
+    const { engine, receiver, store } = this.d;
     const { site, partial: p } = req;
     const h = p.header;
     // Re-check before the file moves: the round may have closed while the bytes were travelling, and a second upload
