@@ -56,7 +56,7 @@ afterEach(() => rmSync(dir, { recursive: true, force: true }));
 const aggregation = (a: Record<string, unknown>) => PlanSchema.parse({ aggregation: a }).aggregation;
 
 /** A coordinator's commit path around one open round of `strategy`: real intake and receiver, a store in memory. */
-function commitPath(strategy: ComposedStrategy, o: { decodes?: boolean } = {}) {
+function commitPath(strategy: ComposedStrategy, o: { decodes?: boolean; maxBatchBytes?: number } = {}) {
   const receiver = new UploadReceiver(join(dir, 'updates'), specs, 1 << 24);
   const base = bundleOf(baseModel(5));
   const open: OpenRound = {
@@ -103,7 +103,7 @@ function commitPath(strategy: ComposedStrategy, o: { decodes?: boolean } = {}) {
     if (o.decodes === false) throw new Error('decoded into the scratch buffer');
     return receiver.finish(p, site);
   };
-  const commits = new UploadCommits({ engine, store, receiver: { verify: (p, s) => receiver.verify(p, s), inspect: (p) => receiver.inspect(p), place: (p, s) => receiver.place(p, s), syncFolder: (f) => receiver.syncFolder(f), finish }, log, onBatch: (n) => batches.push(n) });
+  const commits = new UploadCommits({ engine, store, receiver: { verify: (p, s) => receiver.verify(p, s), inspect: (p) => receiver.inspect(p), place: (p, s) => receiver.place(p, s), syncFolder: (f) => receiver.syncFolder(f), finish }, log, onBatch: (n) => batches.push(n), maxBatchBytes: o.maxBatchBytes });
   const acks: string[] = [];
 
   /** One site's upload, its bytes written, fsynced and hashed: ready for the commit. */
@@ -169,6 +169,22 @@ describe('group commit of uploads', () => {
       const ref = oneByOne(new ComposedStrategy(cfg), c.base, ups.map((u, k) => [u, weights[k]]));
       expect(Buffer.from(flat(c.open.aggregator).buffer).equals(Buffer.from(flat(ref.agg).buffer))).toBe(true);
     }
+  });
+
+  it('bounds a batch by its bytes (the pass holds the event loop), in arrival order: the same model byte for byte', async () => {
+    const size = encodeSafetensors(ups[0]).length;
+    const c = commitPath(new ComposedStrategy(aggregation({})), { decodes: false, maxBatchBytes: Math.floor(2.5 * size) });
+    const settled = await c.together(ups.map((u, k) => [SITES[k], encodeSafetensors(u), weights[k]]));
+    expect(settled.map((s) => s.status)).toEqual(ups.map(() => 'fulfilled'));
+    expect(c.batches).toEqual([2, 2, 1]);
+    expect(c.rows.map((r) => r.site)).toEqual(SITES.slice(0, 5));
+    const ref = oneByOne(new ComposedStrategy(aggregation({})), c.base, ups.map((u, k) => [u, weights[k]]));
+    expect(Buffer.from(flat(c.open.aggregator).buffer).equals(Buffer.from(flat(ref.agg).buffer))).toBe(true);
+    // An update larger than the bound alone is still a batch (of one).
+    rmSync(join(dir, 'updates'), { recursive: true, force: true });
+    const c2 = commitPath(new ComposedStrategy(aggregation({})), { decodes: false, maxBatchBytes: 1 });
+    expect((await c2.together(ups.slice(0, 2).map((u, k) => [SITES[k], encodeSafetensors(u), weights[k]]))).map((s) => s.status)).toEqual(['fulfilled', 'fulfilled']);
+    expect(c2.batches).toEqual([1, 1]);
   });
 
   it('one site whose acknowledgement fails does not fail the others of its batch: all stored and counted', async () => {
