@@ -22,6 +22,7 @@
  * in the work dir (`--worker-cpu-profile`: the site workers' profiles, in worker-profiles-N); `--coordinator-node-options` adds Node options allowed in NODE_OPTIONS (snapshots land there too).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -35,7 +36,6 @@ import { PlanSchema } from '../shared/plan/schema.ts';
 import { generatedSiteName } from '../shared/protocol/site-names.ts';
 import { BASE_HEARTBEAT_MS } from '../shared/protocol/heartbeat.ts';
 import { startHeartbeatLoop } from '../site-agent/transport/heartbeat-loop.ts';
-import { sha256Hex } from '../shared/util/hash.ts';
 import { enrollSite } from '../site-agent/enroll.ts';
 import { SiteHome } from '../site-agent/home.ts';
 import { FederationClient, type WireChunk, type WireTask } from '../site-agent/transport/client.ts';
@@ -45,6 +45,12 @@ const PROBE = join(import.meta.dirname, 'coordinator-probe.mjs');
 const say = (s: string) => process.stdout.write(`${s}\n`);
 /** An idle worker's line once each of its sites has beaten once (--idle-s). */
 const IDLE_READY = 'IDLE-READY';
+/**
+ * Models this worker's sites downloaded and checked, by hash. Every site downloads and checks its own copy, but the
+ * worker keeps one: 250 sites holding 250 copies of the same megabyte only fed the worker's garbage collector (the
+ * sites share the machine with the coordinator, so their waste showed in its round times).
+ */
+const checkedModels = new Map<string, Buffer>();
 
 /** What one worker reports (JSON on its stdout's last line). */
 interface WorkerReport {
@@ -471,7 +477,11 @@ async function runSite(dir: string, trainS: number, index: number, report: Worke
           if (task.kind !== 'TRAIN' || handled.has(task.taskId)) return;
           handled.add(task.taskId);
           void train(client, task, trainS, report, fail, status)
-            .catch(() => fail('task'))
+            .catch((e: Error) => {
+              fail(`task: ${e.message.slice(0, 80)}`);
+              // As the agent does: the coordinator offers the task again to a selected site that reports idle.
+              handled.delete(task.taskId);
+            })
             .finally(() => Object.assign(status, { state: 'idle', taskId: '' }));
         });
         stream.on('error', (e: { code?: number }) => {
@@ -518,22 +528,26 @@ async function train(client: FederationClient, task: WireTask, trainS: number, r
 
 /** The model's bytes, resuming from the last offset on a failure (at most 5 tries), checked against its hash. */
 async function download(client: FederationClient, hash: string, fail: (what: string) => void): Promise<Buffer> {
-  const parts: Buffer[] = [];
+  const sha = createHash('sha256');
+  // The chunks are kept only until this worker holds a checked copy of the model.
+  const parts: Buffer[] | undefined = checkedModels.has(hash) ? undefined : [];
   let have = 0;
   for (let attempt = 1; ; attempt++) {
     try {
       await new Promise<void>((res, rej) => {
         const s = client.downloadModel(hash, have);
         s.on('data', (c: WireChunk) => {
-          // A view of the message grpc-js assembled for this chunk alone: kept as it is, copied once by the concat below.
-          parts.push(c.data);
+          // A view of the message grpc-js assembled for this chunk alone: hashed, and kept as it is where needed.
+          sha.update(c.data);
+          parts?.push(c.data);
           have += c.data.length;
         });
         s.on('error', rej);
         s.on('end', () => res());
       });
-      const model = Buffer.concat(parts);
-      if (sha256Hex(model) !== hash) throw new Error('downloaded model does not match its hash');
+      if (sha.digest('hex') !== hash) throw new Error('downloaded model does not match its hash');
+      const model = checkedModels.get(hash) ?? Buffer.concat(parts!);
+      checkedModels.set(hash, model);
       return model;
     } catch (e) {
       fail('downloadAttempt');
