@@ -18,7 +18,7 @@ import { streamModelFile } from './model-stream.ts';
 import { COORDINATOR_FEATURES, FEATURES, LEGACY_SITE, type Feature, type SiteCapabilities } from '../../shared/protocol/features.ts';
 import { describeStorageFault, isStorageFault } from '../../shared/util/storage-fault.ts';
 import { RefusalWarnings } from '../events/refusal-warnings.ts';
-import type { TransferAdmission, TransferTicket } from './transfer-admission.ts';
+import { UPLOAD_BACKLOG_BYTES, type TransferAdmission, type TransferTicket } from './transfer-admission.ts';
 import { RevocationWatch } from './revocation-watch.ts';
 import { BASE_HEARTBEAT_MS, heartbeatIntervalMs } from '../../shared/protocol/heartbeat.ts';
 
@@ -137,8 +137,6 @@ function goAheadHeaders(): grpc.Metadata {
 /** Seconds a refused upload is told to wait before sending again (a hint for people; sites back off on their own). */
 const BUSY_RETRY_HINT_S = 5;
 
-/** Upload bytes allowed to wait for the file-writer thread before the call stops reading. */
-const UPLOAD_BACKLOG_BYTES = 16 * 1024 * 1024;
 
 /** Tunables (tests shorten them). */
 export const uploadOptions = {

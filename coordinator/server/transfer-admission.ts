@@ -15,6 +15,7 @@
 import { totalmem } from 'node:os';
 import { z } from 'zod';
 import { CHUNK_BYTES, SERVER_FLOW_CONTROL_WINDOW } from '../../shared/protocol/grpc.ts';
+import { DOWNLOAD_CHUNK_BYTES } from './model-stream.ts';
 
 export type TransferDirection = 'download' | 'upload';
 
@@ -40,21 +41,33 @@ const TRANSFER_MEMORY_SHARE = 1 / 16;
 const MIN_DEFAULT_CONCURRENCY = 2;
 const MAX_DEFAULT_CONCURRENCY = 64;
 
+/** Upload bytes allowed to wait for the file-writer thread before an upload call stops reading. */
+export const UPLOAD_BACKLOG_BYTES = 16 * 1024 * 1024;
+/**
+ * What one running download holds, whatever the model's size: its two chunk buffers (model-stream.ts) and the TLS
+ * write they make, rounded up. It sends a chunk only once the kernel took the one before, so the site's receive
+ * window stays in the network, not here.
+ */
+export const RUNNING_DOWNLOAD_BYTES = 4 * DOWNLOAD_CHUNK_BYTES;
+
 /**
  * Limits for a machine with `memoryBytes` (default: this one's, or its cgroup limit when lower) and transfers of up to
  * `transferBytes` each (the model file, the largest update). A quarter of the transfer budget goes to running downloads,
- * a quarter to running uploads and half to waiting uploads. A running transfer is reckoned at one window of its bytes
- * (what HTTP/2 lets one call hold) plus the model stream's four chunk buffers; a waiting upload at one window of its bytes.
+ * a quarter to running uploads and half to waiting uploads. The two directions hold different memory: a running
+ * download little (RUNNING_DOWNLOAD_BYTES), a running upload one window of its bytes (what HTTP/2 lets its site send
+ * unread), its backlog for the file writer and the message being assembled; a waiting upload one window of its bytes.
  * The window is the coordinator's receive window (`windowBytes`, coordinator.json's `receiveWindow`; default 32 MiB),
- * so a narrower window lets more uploads wait in the same memory.
+ * so a narrower window lets more uploads run and wait in the same memory.
  */
 export function defaultTransferLimits(o: { transferBytes: number; memoryBytes?: number; windowBytes?: number }): TransferLimits {
   const memory = o.memoryBytes ?? machineMemoryBytes();
   const budget = memory * TRANSFER_MEMORY_SHARE;
-  const inWindow = Math.max(1, Math.min(o.transferBytes, o.windowBytes ?? SERVER_FLOW_CONTROL_WINDOW));
-  const running = inWindow + Math.min(4, Math.ceil(o.transferBytes / CHUNK_BYTES)) * CHUNK_BYTES;
-  const concurrency = clamp(Math.floor(budget / 4 / running), MIN_DEFAULT_CONCURRENCY, MAX_DEFAULT_CONCURRENCY);
-  return { maxDownloads: concurrency, maxUploads: concurrency, maxWaitingUploads: Math.max(concurrency, Math.floor(budget / 2 / inWindow)) };
+  const size = Math.max(1, o.transferBytes);
+  const inWindow = Math.min(size, o.windowBytes ?? SERVER_FLOW_CONTROL_WINDOW);
+  const runningUpload = inWindow + Math.min(size, UPLOAD_BACKLOG_BYTES) + Math.min(size, CHUNK_BYTES);
+  const concurrency = (holds: number) => clamp(Math.floor(budget / 4 / holds), MIN_DEFAULT_CONCURRENCY, MAX_DEFAULT_CONCURRENCY);
+  const maxUploads = concurrency(runningUpload);
+  return { maxDownloads: concurrency(RUNNING_DOWNLOAD_BYTES), maxUploads, maxWaitingUploads: Math.max(maxUploads, Math.floor(budget / 2 / inWindow)) };
 }
 
 /**

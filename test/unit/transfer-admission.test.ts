@@ -124,13 +124,16 @@ describe('transfer limits', () => {
   it('follow memory and transfer size within their bounds', () => {
     // 1 MB model, 24 GiB: memory allows more than the concurrency bound.
     expect(defaultTransferLimits({ transferBytes: 1 * MiB, memoryBytes: 24 * GiB })).toEqual({ maxDownloads: 64, maxUploads: 64, maxWaitingUploads: 768 });
-    // 130 MB Med3D model, 24 GiB: a window (32 MiB) + four 2 MiB chunk buffers per running transfer.
-    expect(defaultTransferLimits({ transferBytes: 130 * MiB, memoryBytes: 24 * GiB })).toEqual({ maxDownloads: 9, maxUploads: 9, maxWaitingUploads: 24 });
-    // A small machine still runs two of each at once.
-    expect(defaultTransferLimits({ transferBytes: 130 * MiB, memoryBytes: 1 * GiB })).toMatchObject({ maxDownloads: 2, maxUploads: 2 });
-    // A narrower receive window holds less per waiting upload and per running transfer, so more fit the same memory.
-    expect(defaultTransferLimits({ transferBytes: 130 * MiB, memoryBytes: 24 * GiB, windowBytes: 1 * MiB })).toEqual({ maxDownloads: 42, maxUploads: 42, maxWaitingUploads: 768 });
-    expect(defaultTransferLimits({ transferBytes: 130 * MiB, memoryBytes: 24 * GiB, windowBytes: 65_535 })).toEqual({ maxDownloads: 47, maxUploads: 47, maxWaitingUploads: 12_288 });
+    // 130 MB Med3D model, 24 GiB: a running upload holds a window (32 MiB), its 16 MiB backlog and a 2 MiB message;
+    // a running download only its chunk buffers, whatever the model's size, so downloads stay at the concurrency bound.
+    expect(defaultTransferLimits({ transferBytes: 130 * MiB, memoryBytes: 24 * GiB })).toEqual({ maxDownloads: 64, maxUploads: 7, maxWaitingUploads: 24 });
+    // A small machine still runs two uploads at once.
+    expect(defaultTransferLimits({ transferBytes: 130 * MiB, memoryBytes: 1 * GiB })).toMatchObject({ maxUploads: 2, maxWaitingUploads: 2 });
+    // Downloads are bounded by memory only on a tiny machine: a 64 MiB cgroup runs four.
+    expect(defaultTransferLimits({ transferBytes: 130 * MiB, memoryBytes: 64 * MiB }).maxDownloads).toBe(4);
+    // A narrower receive window holds less per waiting and per running upload, so more fit the same memory.
+    expect(defaultTransferLimits({ transferBytes: 130 * MiB, memoryBytes: 24 * GiB, windowBytes: 1 * MiB })).toEqual({ maxDownloads: 64, maxUploads: 20, maxWaitingUploads: 768 });
+    expect(defaultTransferLimits({ transferBytes: 130 * MiB, memoryBytes: 24 * GiB, windowBytes: 65_535 })).toEqual({ maxDownloads: 64, maxUploads: 21, maxWaitingUploads: 12_288 });
   });
 
   it('take what coordinator.json and the options set, and name a bad one', () => {
