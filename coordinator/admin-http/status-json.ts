@@ -107,12 +107,18 @@ export function siteVersion(s: Pick<SiteRow, 'softwareVersion' | 'lastSeenAt'>):
   return s.softwareVersion ?? (s.lastSeenAt === null ? null : 'unknown');
 }
 
+/** Heard from within `offlineAfter`, and not gone since: its task stream did not close after its last call. */
+function isOnline(s: Pick<SiteRow, 'lastSeenAt' | 'leftAt'>, now: number, offlineAfter: number): boolean {
+  if (s.lastSeenAt === null || now - s.lastSeenAt >= offlineAfter) return false;
+  return s.leftAt === null || s.leftAt < s.lastSeenAt;
+}
+
 /** `offlineAfter`: federationOfflineAfterMs of the site's federation. */
 export function siteStatus(s: SiteRow, now: number, finish: FederationFinish | undefined, offlineAfter = OFFLINE_AFTER_MS): SiteStatus {
   if (s.state === 'invited') return 'invited';
   if (s.state === 'revoked') return 'revoked';
   if (s.lastSeenAt === null) return 'never connected';
-  if (now - s.lastSeenAt < offlineAfter) return 'online';
+  if (isOnline(s, now, offlineAfter)) return 'online';
   // Its last heartbeat may come up to one beat interval before the finish it then received.
   if (finish && s.lastSeenAt >= finish.at - offlineAfter) return 'finished';
   return 'offline';
@@ -167,7 +173,7 @@ export function statusJson(store: CoordinatorStore, federationId: string, now = 
       name: s.name,
       state: s.state,
       status: siteStatus(s, now, facts.finish, offlineAfter),
-      link: s.lastSeenAt === null ? null : now - s.lastSeenAt < offlineAfter ? 'online' : 'offline',
+      link: s.lastSeenAt === null ? null : isOnline(s, now, offlineAfter) ? 'online' : 'offline',
       lastSeenAt: iso(s.lastSeenAt),
       activity: s.activity,
       engine: s.engine,

@@ -186,8 +186,11 @@ export class RoundEngine {
     this.offers.reofferToIdle(open, site);
   }
 
-  siteDisconnected(site: string, sink: TaskSink): void {
-    if (this.connections.disconnect(site, sink)) this.events.emit('site.left', { site });
+  /** True when this was the site's stream (not an older one a newer stream of the site replaced): the site left. */
+  siteDisconnected(site: string, sink: TaskSink): boolean {
+    if (!this.connections.disconnect(site, sink)) return false;
+    this.events.emit('site.left', { site });
+    return true;
   }
 
   connectedSites(): string[] {

@@ -273,7 +273,13 @@ export function federationHandlers(d: FederationServiceDeps): grpc.UntypedServic
         if (!open) return;
         open = false;
         stopWatching();
-        engine.siteDisconnected(site, sink);
+        if (!engine.siteDisconnected(site, sink)) return;
+        try {
+          // So `medfl status` shows it offline now, not only after three (in a large federation, long) beat intervals.
+          store.siteLeft(site);
+        } catch (e) {
+          log.warn({ site, err: describeStorageFault(e) }, 'could not record that the site left');
+        }
       };
       call.on('cancelled', done);
       call.on('close', done);

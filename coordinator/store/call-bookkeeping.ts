@@ -51,6 +51,7 @@ interface Waiter {
 interface CommitStatements {
   insertJti: Database.Statement;
   touchSite: Database.Statement;
+  siteLeft: Database.Statement;
   pruneJtis: Database.Statement;
 }
 
@@ -60,6 +61,8 @@ export class CallBookkeeping {
   private pendingIds: { jti: string; exp: number }[] = [];
   private waiters: Waiter[] = [];
   private readonly lastSeen = new Map<string, PendingSeen>();
+  /** Site → when its task stream closed, not yet written. */
+  private readonly leftAt = new Map<string, number>();
   private commitTimer: NodeJS.Timeout | undefined;
   private seenTimer: NodeJS.Timeout | undefined;
   private nextPruneSec = 0;
@@ -99,6 +102,20 @@ export class CallBookkeeping {
     }
   }
 
+  /** Notes that `name`'s task stream closed at `at` (written with the next last-seen commit). */
+  left(name: string, at: number): void {
+    this.leftAt.set(name, at);
+    if (!this.seenTimer) {
+      this.seenTimer = setTimeout(() => this.commit(), this.o.lastSeenFlushMs);
+      this.seenTimer.unref();
+    }
+  }
+
+  /** When `name`'s task stream closed, where that is not written yet. */
+  pendingLeft(name: string): number | undefined {
+    return this.leftAt.get(name);
+  }
+
   /** The last-seen values not yet written for `name`. */
   pending(name: string): PendingSeen | undefined {
     return this.lastSeen.get(name);
@@ -131,9 +148,10 @@ export class CallBookkeeping {
     const ids = this.pendingIds;
     const waiters = this.waiters;
     const touched = [...this.lastSeen];
+    const left = [...this.leftAt];
     this.pendingIds = [];
     this.waiters = [];
-    if (ids.length === 0 && touched.length === 0) return;
+    if (ids.length === 0 && touched.length === 0 && left.length === 0) return;
     const nowSec = Math.floor(Date.now() / 1000);
     const prune = this.seen !== undefined && nowSec >= this.nextPruneSec;
     try {
@@ -141,12 +159,13 @@ export class CallBookkeeping {
       this.db.transaction(() => {
         for (const { jti, exp } of ids) st.insertJti.run(jti, exp);
         for (const [name, s] of touched) st.touchSite.run(s.at, s.activity, s.engine, s.softwareVersion, name);
+        for (const [name, at] of left) st.siteLeft.run(at, name);
         if (prune) st.pruneJtis.run(nowSec - KEEP_PAST_EXPIRY_S);
       }).immediate();
     } catch (e) {
       for (const w of waiters) w.reject(e);
       // Last seen is retried with the next commit; ids of refused calls stay spent in memory (sites sign new ones).
-      if (!this.seenTimer && this.lastSeen.size > 0) {
+      if (!this.seenTimer && (this.lastSeen.size > 0 || this.leftAt.size > 0)) {
         this.seenTimer = setTimeout(() => this.commit(), this.o.lastSeenFlushMs);
         this.seenTimer.unref();
       }
@@ -156,6 +175,7 @@ export class CallBookkeeping {
     this.commitsDone++;
     // Values that changed while the transaction ran (it is synchronous, so none can) stay; the rest are written.
     for (const [name, s] of touched) if (this.lastSeen.get(name) === s) this.lastSeen.delete(name);
+    for (const [name, at] of left) if (this.leftAt.get(name) === at) this.leftAt.delete(name);
     if (prune && this.seen) {
       for (const [jti, exp] of this.seen) if (exp < nowSec - KEEP_PAST_EXPIRY_S) this.seen.delete(jti);
       this.nextPruneSec = nowSec + KEEP_PAST_EXPIRY_S;
@@ -169,6 +189,7 @@ export class CallBookkeeping {
       touchSite: this.db.prepare(
         'UPDATE sites SET last_seen_at = ?, activity = COALESCE(?, activity), engine = COALESCE(?, engine), software_version = COALESCE(?, software_version) WHERE name = ?',
       ),
+      siteLeft: this.db.prepare('UPDATE sites SET left_at = ? WHERE name = ?'),
       pruneJtis: this.db.prepare('DELETE FROM seen_jti WHERE expires_at < ?'),
     };
     return this.statements;

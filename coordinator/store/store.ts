@@ -23,6 +23,11 @@ export interface SiteRow {
   engine: string | null;
   /** The MedFL release the site last named in a heartbeat; null: never named (not connected yet, or a site older than the field). */
   softwareVersion: string | null;
+  /**
+   * When its task stream last closed (its agent stopped or lost the coordinator); null: never. Later than lastSeenAt:
+   * the site has not called since, so it is not online whatever its heartbeat interval.
+   */
+  leftAt: number | null;
 }
 
 export interface RoundRow {
@@ -89,7 +94,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sites (
   name TEXT PRIMARY KEY, state TEXT NOT NULL, public_key BLOB,
   token_hash TEXT, invited_at INTEGER NOT NULL, invite_expires_at INTEGER NOT NULL, token_used_at INTEGER,
-  enrolled_at INTEGER, revoked_at INTEGER, last_seen_at INTEGER, activity TEXT, engine TEXT, software_version TEXT);
+  enrolled_at INTEGER, revoked_at INTEGER, last_seen_at INTEGER, activity TEXT, engine TEXT, software_version TEXT, left_at INTEGER);
 CREATE TABLE IF NOT EXISTS rounds (
   round INTEGER PRIMARY KEY, state TEXT NOT NULL, base_model_hash TEXT NOT NULL, selected TEXT NOT NULL,
   opened_at INTEGER NOT NULL, deadline_at INTEGER NOT NULL, closed_at INTEGER, result_model_hash TEXT, note TEXT);
@@ -259,9 +264,15 @@ export class CoordinatorStore {
     return this.calls.consumeJti(jti, expiresAtSec, nowSec);
   }
 
+  /** Notes that `name`'s task stream closed (bookkeeping: written with the next last-seen commit). */
+  siteLeft(name: string, at = Date.now()): void {
+    this.calls.left(name, at);
+  }
+
   private withPending(s: SiteRow): SiteRow {
     const p = this.calls.pending(s.name);
-    return p ? { ...s, lastSeenAt: p.at, activity: p.activity ?? s.activity, engine: p.engine ?? s.engine, softwareVersion: p.softwareVersion ?? s.softwareVersion } : s;
+    const leftAt = this.calls.pendingLeft(s.name) ?? s.leftAt;
+    return p ? { ...s, leftAt, lastSeenAt: p.at, activity: p.activity ?? s.activity, engine: p.engine ?? s.engine, softwareVersion: p.softwareVersion ?? s.softwareVersion } : { ...s, leftAt };
   }
 
   // ---- models ----
@@ -485,6 +496,7 @@ function toSite(r: Record<string, unknown>): SiteRow {
     activity: (r.activity as string | null) ?? null,
     engine: (r.engine as string | null) ?? null,
     softwareVersion: (r.software_version as string | null) ?? null,
+    leftAt: (r.left_at as number | null) ?? null,
   };
 }
 
@@ -493,7 +505,10 @@ function toSite(r: Record<string, unknown>): SiteRow {
  * table as it is). One immediate transaction, so two processes opening the same older file add each column once.
  * Older releases read the file on with `SELECT *` and never name the new columns.
  */
-const ADDED_COLUMNS: readonly { table: string; column: string; type: string }[] = [{ table: 'sites', column: 'software_version', type: 'TEXT' }];
+const ADDED_COLUMNS: readonly { table: string; column: string; type: string }[] = [
+  { table: 'sites', column: 'software_version', type: 'TEXT' },
+  { table: 'sites', column: 'left_at', type: 'INTEGER' },
+];
 
 function addMissingColumns(db: Database.Database): void {
   const missing = () => ADDED_COLUMNS.filter((c) => !(db.prepare(`PRAGMA table_info(${c.table})`).all() as { name: string }[]).some((r) => r.name === c.column));

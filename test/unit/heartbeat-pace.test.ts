@@ -143,7 +143,7 @@ describe('the coordinator names the interval in every heartbeat answer', () => {
 
 describe('offline, for people', () => {
   it('waits three of the federation’s intervals: 15 s for a few sites, 75 s for 1,000', () => {
-    const site = { name: 'a', state: 'enrolled', lastSeenAt: 1_000_000 } as Parameters<typeof siteStatus>[0];
+    const site = { name: 'a', state: 'enrolled', lastSeenAt: 1_000_000, leftAt: null } as Parameters<typeof siteStatus>[0];
     const few = federationOfflineAfterMs([site, site, site]);
     const many = federationOfflineAfterMs(Array.from({ length: 1000 }, () => site));
     expect([few, many]).toEqual([15_000, 75_000]);
@@ -171,6 +171,58 @@ describe('the dashboard, live', () => {
       expect(Object.fromEntries(sites.map((s) => [s.name, s.status]))).toEqual({ here: 'online', gone: 'offline' });
     } finally {
       store.close();
+    }
+  });
+});
+
+describe('a site whose task stream closed', () => {
+  it('is offline in `medfl status` at once, until it calls again; only its own stream counts, not an older one it replaced', async () => {
+    const { EventEmitter } = await import('node:events');
+    const store = new CoordinatorStore(join(work, 'left.db'));
+    try {
+      store.inviteSite('s', 'h-s', Date.now() + 60_000);
+      store.enrolSite('s', 'h-s', Buffer.alloc(32, 1));
+      let current: unknown;
+      const engine = {
+        siteConnected: (_site: string, sink: unknown) => void (current = sink),
+        // As the round engine: true only for the site's current stream.
+        siteDisconnected: (_site: string, sink: unknown) => sink === current,
+      };
+      const h = federationHandlers({ store, engine: engine as never, models: {} as never, receiver: {} as never, log: pino({ level: 'silent' }) } as FederationServiceDeps);
+      const stream = () => {
+        const call = Object.assign(new EventEmitter(), { request: {}, metadata: new grpc.Metadata(), write: () => true, destroy: () => undefined });
+        call.metadata.set(AUTHENTICATED_SITE_KEY, 's');
+        (h.SubscribeTasks as grpc.handleServerStreamingCall<unknown, unknown>)(call as never);
+        return call;
+      };
+      const status = () => siteStatus(store.getSite('s')!, Date.now(), undefined, 75_000);
+      const older = stream();
+      const newer = stream();
+      expect(status()).toBe('online');
+      older.emit('cancelled'); // replaced by the newer stream: the site has not left
+      expect(store.getSite('s')!.leftAt).toBeNull();
+      expect(status()).toBe('online');
+      await new Promise((r) => setTimeout(r, 5));
+      newer.emit('cancelled');
+      expect(status()).toBe('offline'); // in this process at once, from the pending bookkeeping
+      // Written for other processes (medfl status) with the next bookkeeping commit.
+      store.close();
+      const other = new CoordinatorStore(join(work, 'left.db'));
+      try {
+        expect(other.getSite('s')!.leftAt).not.toBeNull();
+        expect(siteStatus(other.getSite('s')!, Date.now(), undefined, 75_000)).toBe('offline');
+        // It comes back: its next call makes it online again.
+        other.touchSite('s', 'idle', 'cpu', Date.now() + 1);
+        expect(siteStatus(other.getSite('s')!, Date.now() + 2, undefined, 75_000)).toBe('online');
+      } finally {
+        other.close();
+      }
+    } finally {
+      try {
+        store.close();
+      } catch {
+        // closed above
+      }
     }
   });
 });
