@@ -137,7 +137,6 @@ function goAheadHeaders(): grpc.Metadata {
 /** Seconds a refused upload is told to wait before sending again (a hint for people; sites back off on their own). */
 const BUSY_RETRY_HINT_S = 5;
 
-
 /** Tunables (tests shorten them). */
 export const uploadOptions = {
   /**
