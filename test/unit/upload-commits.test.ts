@@ -283,6 +283,29 @@ describe('group commit through the round engine', () => {
   const plan = parsePlan(['model: { architecture: tiny3d, patch: [16, 16, 16], numClasses: 2, width: 4, seed: 3 }', 'rounds: 1', 'minSites: 3', 'gatherSeconds: 0', 'roundDeadlineSeconds: 60', ''].join('\n'), 'plan.yaml');
   const sites = ['site-a', 'site-b', 'site-c'];
 
+  /** A bare engine in `at` with round 1 open for the three sites, and each site's update closed and ready to commit. */
+  async function openRound(at: string, strategy: ComposedStrategy) {
+    const b = bareEngine(at, plan, { strategy });
+    b.enrol(sites);
+    await b.engine.start();
+    b.connect(sites);
+    await waitFor(() => b.tasks.length === 3, 5000, 'the three tasks of round 1');
+    const hash = b.engine.currentModelHash;
+    const base = pick(b.models.load(hash), b.engine.shared);
+    const specs = b.engine.shared.map((p) => ({ name: p.name, shape: [...p.shape], dtype: 'F32' as const }));
+    const receiver = new UploadReceiver(join(at, 'updates'), specs, 1 << 24);
+    const commits = new UploadCommits({ engine: b.engine, store: b.store, receiver, log });
+    const closed = async (site: string) => {
+      const k = sites.indexOf(site);
+      const bytes = encodeSafetensors(makeBundle([...base.values()].map((t) => ({ ...t, data: t.data.map((v, j) => v + 0.01 * (k + 1) * Math.sin(j)) }))));
+      const p = receiver.begin({ updateId: `update-${site}`, round: 1, taskId: 't', baseModelHash: hash, totalSize: bytes.length, sha256: sha256Hex(bytes), numSamples: 4 + k });
+      p.write(0, Buffer.from(bytes));
+      await p.close();
+      return { site, partial: p };
+    };
+    return { b, commits, closed };
+  }
+
   it("the engine's round folds uploads waiting together in one batch, and after a restart counts each stored update once", async () => {
     // Which of the round's check-and-fold entry points the engine uses.
     const calls: string[] = [];
@@ -296,25 +319,8 @@ describe('group commit through the round engine', () => {
       agg.checkAndAdd = (u, info) => (calls.push('one'), one(u, info));
       return agg;
     };
-    const first = bareEngine(dir, plan, { strategy });
-    first.enrol(sites);
-    await first.engine.start();
-    first.connect(sites);
-    await waitFor(() => first.tasks.length === 3, 5000, 'the three tasks of round 1');
-    const hash = first.engine.currentModelHash;
-    const base = pick(first.models.load(hash), first.engine.shared);
-    const specs = first.engine.shared.map((p) => ({ name: p.name, shape: [...p.shape], dtype: 'F32' as const }));
-    const receiver = new UploadReceiver(join(dir, 'updates'), specs, 1 << 24);
-    const commits = new UploadCommits({ engine: first.engine, store: first.store, receiver, log });
-    const ready = await Promise.all(
-      sites.map(async (site, k) => {
-        const bytes = encodeSafetensors(makeBundle([...base.values()].map((t) => ({ ...t, data: t.data.map((v, j) => v + 0.01 * (k + 1) * Math.sin(j)) }))));
-        const p = receiver.begin({ updateId: `update-${site}`, round: 1, taskId: 't', baseModelHash: hash, totalSize: bytes.length, sha256: sha256Hex(bytes), numSamples: 4 + k });
-        p.write(0, Buffer.from(bytes));
-        await p.close();
-        return { site, partial: p };
-      }),
-    );
+    const { b: first, commits, closed } = await openRound(dir, strategy);
+    const ready = await Promise.all(sites.map(closed));
     const acked: string[] = [];
     const rows = await Promise.all(ready.map((r) => commits.submit({ ...r, acknowledge: async (row) => void acked.push(row.site) })));
     expect(calls).toEqual(['batch of 3']);
@@ -348,28 +354,10 @@ describe('group commit through the round engine', () => {
         return agg;
       };
       mkdirSync(at, { recursive: true });
-      const b = bareEngine(at, plan, { strategy });
-      b.enrol(sites);
-      await b.engine.start();
-      b.connect(sites);
-      await waitFor(() => b.tasks.length === 3, 5000, 'the three tasks of round 1');
-      const hash = b.engine.currentModelHash;
-      const base = pick(b.models.load(hash), b.engine.shared);
-      const specs = b.engine.shared.map((p) => ({ name: p.name, shape: [...p.shape], dtype: 'F32' as const }));
-      const receiver = new UploadReceiver(join(at, 'updates'), specs, 1 << 24);
-      const commits = new UploadCommits({ engine: b.engine, store: b.store, receiver, log });
+      const { b, commits, closed } = await openRound(at, strategy);
       // Closed first, then handed over at once, so they wait together.
       const send = async (which: string[]) => {
-        const ready = await Promise.all(
-          which.map(async (site) => {
-            const k = sites.indexOf(site);
-            const bytes = encodeSafetensors(makeBundle([...base.values()].map((t) => ({ ...t, data: t.data.map((v, j) => v + 0.01 * (k + 1) * Math.sin(j)) }))));
-            const p = receiver.begin({ updateId: `update-${site}`, round: 1, taskId: 't', baseModelHash: hash, totalSize: bytes.length, sha256: sha256Hex(bytes), numSamples: 4 + k });
-            p.write(0, Buffer.from(bytes));
-            await p.close();
-            return { site, partial: p };
-          }),
-        );
+        const ready = await Promise.all(which.map(closed));
         return Promise.allSettled(
           ready.map(async (r) => {
             const row = await commits.submit({ ...r, acknowledge: async () => undefined });
@@ -385,9 +373,9 @@ describe('group commit through the round engine', () => {
       }
       expect((await send(sites)).map((r) => r.status)).toEqual(['fulfilled', 'fulfilled', 'fulfilled']);
       await waitFor(() => b.store.getRound(1)?.state === 'closed', 10_000, 'round 1 to close');
-      const closed = b.store.getRound(1)!;
+      const result = b.store.getRound(1)!.resultModelHash;
       b.close();
-      return closed.resultModelHash;
+      return result;
     }
     const clean = await round(join(dir, 'clean'), false);
     const failed = await round(join(dir, 'failed'), true);
