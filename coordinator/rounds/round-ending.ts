@@ -92,7 +92,10 @@ export class RoundEnding {
     if (open.timer) clearTimeout(open.timer);
     await this.o.folds.drained();
     if (!this.o.isCurrent(open)) return; // rolled back by the operator meanwhile (checkRollbacks dropped it)
-    if (open.staleAggregate) this.rebuild(open);
+    if (open.staleAggregate) {
+      await this.rebuild(open);
+      if (!this.o.isCurrent(open)) return; // rolled back by the operator while the updates were read again
+    }
     const outcome = this.o.closing.commit(open, why, () => this.o.forget());
     if ('problem' in outcome) {
       this.failUnpublished(open, outcome.problem);
@@ -112,8 +115,10 @@ export class RoundEnding {
    * The running aggregate of `open` replaced by the fold of its stored updates (a fold failed part-way earlier). A
    * failure here fails the close, which is tried again later from the stored updates (closeFailed).
    */
-  private rebuild(open: OpenRound): void {
-    const { aggregator, reported } = this.o.recovery.refold(open.row);
+  private async rebuild(open: OpenRound): Promise<void> {
+    const { aggregator, reported } = await this.o.recovery.refoldYielding(open.row);
+    // The stale one is only dropped now (a failed refold leaves it to closeFailed, which discards it once). It may
+    // share the strategy's sums arena with the new one, but nothing folds into it or finishes it any more.
     open.aggregator.discard?.();
     open.aggregator = aggregator;
     for (const s of reported) open.reported.add(s);
@@ -153,15 +158,20 @@ export class RoundEnding {
       this.failDurably(open, note, () => this.moveOn());
       return;
     }
-    this.o.retries.later(`close-${round}`, `closing round ${round}`, e, () => {
+    this.o.retries.later(`close-${round}`, `closing round ${round}`, e, async () => {
       if (!this.o.isCurrent(open)) return;
       if (this.o.store.getRound(round)?.state !== 'open') {
         // Settled after all (the failure came after the commit): only what follows a close is left to do.
         this.moveOn();
         return;
       }
-      const { aggregator, reported } = this.o.recovery.refold(open.row);
+      const { aggregator, reported } = await this.o.recovery.refoldYielding(open.row);
+      if (!this.o.isCurrent(open)) {
+        aggregator.discard?.(); // rolled back by the operator while the updates were read again
+        return;
+      }
       open.aggregator = aggregator;
+      open.staleAggregate = undefined; // rebuilt from the stored updates just now
       for (const s of reported) open.reported.add(s);
       open.closing = false;
       return this.close(open, why);

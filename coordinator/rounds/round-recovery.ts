@@ -33,14 +33,42 @@ export interface RoundRecoveryOptions extends RoundParts {
   graceMs?: number;
 }
 
+/** A round's aggregator rebuilt from its stored updates, and the sites they came from. */
+export interface Refolded {
+  aggregator: RoundAggregator;
+  reported: Set<string>;
+}
+
 /** What start-up made of the round it found open: resumed (maybe with every update already in), or failed. */
 export type Recovery = { resumed: OpenRound; allReported: boolean } | { failed: string };
 
 export class RoundRecovery {
   constructor(private readonly o: RoundRecoveryOptions) {}
 
-  /** The round's aggregator rebuilt from its accepted updates in the store (after a restart, or after closing failed). */
-  refold(row: RoundRow): { aggregator: RoundAggregator; reported: Set<string> } {
+  /** The round's aggregator rebuilt from its accepted updates in the store (at start-up, before any call is served). */
+  refold(row: RoundRow): Refolded {
+    const steps = this.refoldSteps(row);
+    for (;;) {
+      const step = steps.next();
+      if (step.done) return step.value;
+    }
+  }
+
+  /**
+   * The same in a running coordinator (a close that failed, an aggregate a failed fold left stale): it gives the event
+   * loop a turn after each update, so heartbeats and transfers go on while a round of large updates is read again.
+   */
+  async refoldYielding(row: RoundRow): Promise<Refolded> {
+    const steps = this.refoldSteps(row);
+    for (;;) {
+      const step = steps.next();
+      if (step.done) return step.value;
+      await new Promise((r) => setImmediate(r));
+    }
+  }
+
+  /** Folds one stored update per step. */
+  private *refoldSteps(row: RoundRow): Generator<void, Refolded> {
     const { store, models, strategy, shared } = this.o;
     // The base model is handed to the strategy and not kept here: a strategy that needs it keeps it.
     const aggregator = strategy.begin(models.reader(row.baseModelHash), shared, aggregatorContext(row, this.o.plan.compression.delta));
@@ -50,6 +78,7 @@ export class RoundRecovery {
         const d = decodeUpdate(readFileSync(u.path), { views: true });
         aggregator.add(pick(d.bundle, shared), { site: u.site, numSamples: u.numSamples, isDelta: d.isDelta });
         reported.add(u.site);
+        yield;
       }
     } catch (e) {
       aggregator.discard?.();

@@ -23,6 +23,7 @@ import type { OpenRound } from '../../coordinator/rounds/open-round.ts';
 import { RoundEvents } from '../../coordinator/rounds/round-events.ts';
 import { UploadIntake } from '../../coordinator/rounds/upload-intake.ts';
 import { UploadCommits } from '../../coordinator/server/upload-commits.ts';
+import { RoundRecovery } from '../../coordinator/rounds/round-recovery.ts';
 import { UploadReceiver } from '../../coordinator/server/upload-receiver.ts';
 import type { CoordinatorStore, UpdateRow } from '../../coordinator/store/store.ts';
 import { InProcessBus } from '../../shared/events/bus.ts';
@@ -381,6 +382,31 @@ describe('group commit through the round engine', () => {
     const failed = await round(join(dir, 'failed'), true);
     // Without the rebuild the failed batch's two updates would count twice.
     expect(failed).toBe(clean);
+  });
+
+  it('a running coordinator reads the stored updates again with a turn of the event loop after each: the same aggregate as at start-up', async () => {
+    const strategy = strategyFromPlan(plan);
+    const { b, commits, closed } = await openRound(dir, strategy);
+    const ready = await Promise.all(sites.map(closed));
+    await Promise.all(ready.map((r) => commits.submit({ ...r, acknowledge: async () => undefined })));
+    const row = b.store.getRound(1)!;
+    const recovery = new RoundRecovery({ store: b.store, models: b.models, plan, strategy, shared: b.engine.shared, features: {} as never, events: {} as never, log });
+    let turns = 0;
+    let reading = true;
+    const tick = () => {
+      turns++;
+      if (reading) setImmediate(tick);
+    };
+    setImmediate(tick);
+    const yielding = await recovery.refoldYielding(row);
+    reading = false;
+    expect(turns).toBeGreaterThanOrEqual(sites.length); // a heartbeat could have been answered after each update
+    expect([...yielding.reported].sort()).toEqual(sites);
+    const values = (r: { aggregator: RoundAggregator }) => [...r.aggregator.finish().values()].map((t) => Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength).toString('hex')).join();
+    // Each finished before the next begins: one round's aggregator at a time, as in the coordinator.
+    const yielded = values(yielding);
+    expect(yielded).toBe(values(recovery.refold(row)));
+    b.close();
   });
 });
 
