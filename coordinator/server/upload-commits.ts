@@ -1,10 +1,10 @@
 /**
  * The commit of uploads whose bytes are complete and durable, as a group commit. Closed uploads wait in the engine's
- * fold queue; each time the queue reaches them, everything then waiting (up to `maxBatch` updates and `maxBatchBytes`) is checked and folded in
- * one pass over the round's sums (the strategy's checkAndAddBatch), each update read from its own stored file a block
- * at a time, so no model-sized buffer holds an update. The accepted ones are then stored together: their renames into
- * the round's folder made durable by one directory fsync, their rows, events and ledger entries by one store
- * transaction. Only then is each site acknowledged.
+ * fold queue; each time the queue reaches them, everything then waiting (up to `maxBatch` updates and `maxBatchBytes`)
+ * is checked and folded in one pass over the round's sums (the strategy's checkAndAddBatch), each update read from its
+ * own stored file a block at a time, so no model-sized buffer holds an update. The accepted ones are then stored
+ * together: their renames into the round's folder made durable by one directory fsync, their rows, events and ledger
+ * entries by one store transaction. Only then is each site acknowledged.
  *
  * What does not change: an update is acknowledged only once it is stored and counted; a refused update (hash,
  * layout, non-finite values, norm bound, admission) refuses only itself, in the words of the one-at-a-time path; if

@@ -271,7 +271,10 @@ export class CoordinatorStore {
 
   private withPending(s: SiteRow): SiteRow {
     const p = this.calls.pending(s.name);
-    const leftAt = this.calls.pendingLeft(s.name) ?? s.leftAt;
+    const left = this.calls.pendingLeft(s.name);
+    // Read on every call's token check: the row as read when nothing is pending (no copy).
+    if (!p && left === undefined) return s;
+    const leftAt = left ?? s.leftAt;
     return p ? { ...s, leftAt, lastSeenAt: p.at, activity: p.activity ?? s.activity, engine: p.engine ?? s.engine, softwareVersion: p.softwareVersion ?? s.softwareVersion } : { ...s, leftAt };
   }
 
