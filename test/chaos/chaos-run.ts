@@ -38,8 +38,6 @@ export interface ChaosOptions {
   /** The kills, in any order: shuffled with the seed, then NATS and (where a tmpfs can be mounted) the full disk. */
   kills: Fault[];
   seed: number;
-  /** Planned rounds; at least enough for every fault to find its moment (one per fault and a few to spare: each moment recurs every round). */
-  rounds: number;
   /** Skip the full disk even where a tmpfs could be mounted. */
   noDisk?: boolean;
 }
@@ -177,6 +175,22 @@ export const canMountTmpfs: boolean = (() => {
   return ok;
 })();
 
+/**
+ * Rounds to plan for a schedule of `faults`, so the federation cannot finish before the last one lands. Each fault
+ * waits for progress (within the open round) and then for its moment, which recurs every round: two rounds. A random
+ * kill waits up to 2 s more and NATS stays away at least NATS_DOWN_MS and until one more round's progress; a round
+ * lasts at least one paced upload (~1 s), so three rounds each bound those. The full disk comes last. Four to spare.
+ * (A fixed 12 for the short run was not enough: on an idle machine rounds close in under a second and NATS's seconds
+ * away let four or five run on.)
+ */
+export function roundsFor(faults: readonly Fault[]): number {
+  const per = (f: Fault) => (f === 'coordinator-random' || f === 'site-random' || f === 'nats' ? 3 : 2);
+  return faults.reduce((n, f) => n + per(f), 0) + 4;
+}
+
+/** Shortest time NATS stays away; it then stays away until the federation has made progress without it. */
+const NATS_DOWN_MS = 2000;
+
 /** Shuffles the kills with the seed and appends the slow faults (NATS away, disk full: rounds run on through them). */
 export function schedule(o: ChaosOptions, rand: () => number, withDisk: boolean): Fault[] {
   const faults = [...o.kills];
@@ -206,11 +220,13 @@ export async function undo(cleanups: (() => void | Promise<void>)[]): Promise<vo
 async function run(o: ChaosOptions, cleanups: (() => void | Promise<void>)[]): Promise<{ figures: ChaosFigures; line: string }> {
   const rand = mulberry32(o.seed);
   const started = Date.now();
-  const ROUNDS = o.rounds;
+  const diskFull = !o.noDisk && canMountTmpfs;
+  const faults = schedule(o, rand, diskFull);
+  const ROUNDS = roundsFor(faults);
   const fed: TestFederation = await makeFederation({ sites: 3, plan: TEST_PLAN({ rounds: ROUNDS, minSites: 2, steps: 2, gather: 1, deadline: 90 }) });
   cleanups.push(() => rmSync(fed.work, { recursive: true, force: true }));
   cleanups.push(() => fed.killAll());
-  const diskFull = !o.noDisk && canMountTmpfs && mountTmpfs(fed.coordDir, 48);
+  if (diskFull && !mountTmpfs(fed.coordDir, 48)) throw new Error(`could not mount a tmpfs on ${fed.coordDir}, though a probe could`);
   if (diskFull) cleanups.push(() => void spawnSync('umount', ['-l', fed.coordDir]));
   const natsStore = mkdtempSync(join(tmpdir(), 'medfl-chaos-nats-'));
   cleanups.push(() => rmSync(natsStore, { recursive: true, force: true }));
@@ -251,7 +267,6 @@ async function run(o: ChaosOptions, cleanups: (() => void | Promise<void>)[]): P
   };
   const whileOpen = () => waitFor(() => finished() || openRound() !== undefined, MOMENT_TIMEOUT_MS, 'an open round', 20);
 
-  const faults = schedule(o, rand, diskFull);
   /** When each fault landed (s since the start), for the figures line. */
   const timeline: string[] = [];
   let mark = progress();
@@ -320,13 +335,17 @@ async function run(o: ChaosOptions, cleanups: (() => void | Promise<void>)[]): P
         }
         break;
       }
-      case 'nats':
+      case 'nats': {
+        // Away long enough for the coordinator to go on without it: NATS_DOWN_MS and one more accepted update or close.
         await whileOpen();
         await nats.stop();
-        await new Promise((r) => setTimeout(r, 3000 + rand() * 2000));
+        const down = Date.now();
+        const before = progress();
+        await waitFor(() => finished() || (Date.now() - down >= NATS_DOWN_MS && progress() > before), MOMENT_TIMEOUT_MS, 'progress while NATS is away', 20);
         nats = await startNats({ jetstream: true, storeDir: natsStore, port: natsPort });
         figures.natsRestarts++;
         break;
+      }
       case 'disk': {
         await whileOpen();
         const t = Date.now();
