@@ -15,6 +15,7 @@
  *   npm run bench:sites -- [--sites 10,100,1000] [--model-mb 1] [--train-s 2] [--rounds 2] [--workers 4] [--out DIR]
  *                          [--max-downloads N] [--max-uploads N] [--max-waiting-uploads N]   (coordinator.json transfers)
  *                          [--idle-s S] [--cpu-profile] [--worker-cpu-profile] [--coordinator-node-options=--heapsnapshot-signal=SIGUSR2]
+ *                          [--worker-default-heap]   (the site workers with V8's default heap limits, for comparison)
  *
  * The coordinator runs with bench/coordinator-probe.mjs loaded, which samples its memory breakdown once a second
  * (memory-N.jsonl in the work dir); the table gives it at its peak RSS and just before the first round opened (all
@@ -27,6 +28,7 @@ import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, write
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
+import { constants as gcKinds, PerformanceObserver } from 'node:perf_hooks';
 import { stringify } from 'yaml';
 import { CoordinatorHome } from '../coordinator/home.ts';
 import { addSite, type Invitation } from '../coordinator/admin.ts';
@@ -40,6 +42,7 @@ import { enrollSite } from '../site-agent/enroll.ts';
 import { SiteHome } from '../site-agent/home.ts';
 import { FederationClient, type WireChunk, type WireTask } from '../site-agent/transport/client.ts';
 import { uploadUpdate } from '../site-agent/transport/upload.ts';
+import { growHeapForStreaming } from '../shared/util/heap-growth.ts';
 
 const PROBE = join(import.meta.dirname, 'coordinator-probe.mjs');
 const say = (s: string) => process.stdout.write(`${s}\n`);
@@ -61,6 +64,8 @@ interface WorkerReport {
   finishedSites: number;
   /** The worker process's own user + system CPU seconds: the simulated sites share the machine with the coordinator. */
   cpuS?: number;
+  /** Full garbage collections the worker ran. */
+  fullGcs?: number;
 }
 
 const role = process.argv[2];
@@ -86,6 +91,7 @@ async function main(): Promise<void> {
       'cpu-profile': { type: 'boolean', default: false },
       'worker-cpu-profile': { type: 'boolean', default: false },
       'idle-s': { type: 'string', default: '0' },
+      'worker-default-heap': { type: 'boolean', default: false },
       out: { type: 'string' },
     },
   });
@@ -177,7 +183,7 @@ async function main(): Promise<void> {
     try {
       reports = await runWorkers(workers, names.slice(0, n), (slice, i) => {
         const file = join(work, `run-${n}-${i}.json`);
-        writeFileSync(file, JSON.stringify({ sitesDir: join(work, 'sites'), sites: slice, trainS, timeoutMs: 30 * 60_000 }));
+        writeFileSync(file, JSON.stringify({ sitesDir: join(work, 'sites'), sites: slice, trainS, timeoutMs: 30 * 60_000, defaultHeap: a['worker-default-heap'] }));
         return ['--run-worker', file];
       }, a['worker-cpu-profile'] ? ['--cpu-prof', `--cpu-prof-dir=${join(work, `worker-profiles-${n}`)}`] : []);
     } finally {
@@ -211,6 +217,7 @@ async function main(): Promise<void> {
       memory.peak,
       `${cpu.toFixed(1)} s in ${wall.toFixed(0)} s`,
       `${reports.reduce((s, r) => s + (r.cpuS ?? 0), 0).toFixed(1)} s`,
+      `${memory.fullGcs ?? '—'} / ${reports.reduce((s, r) => s + (r.fullGcs ?? 0), 0)}`,
       `${pct(all('heartbeatMs'))} (${all('heartbeatMs').length})`,
       pct(all('downloadMs')),
       pct(all('uploadMs')),
@@ -221,8 +228,8 @@ async function main(): Promise<void> {
   // The sites' folders (keys, tokens, downloaded models): kept only where --out asks.
   if (!a.out) rmSync(join(work, 'sites'), { recursive: true, force: true });
   say('');
-  say('| sites | rounds closed | round overhead s (each round) | coordinator peak RSS | MiB rss/heap used/external/native rest, all connected before round 1 | the same at peak RSS | coordinator CPU | site workers CPU | heartbeat ms p50/p95/p99 (beats) | download ms p50/p95/p99 | upload ms p50/p95/p99 | failures |');
-  say('|---|---|---|---|---|---|---|---|---|---|---|---|');
+  say('| sites | rounds closed | round overhead s (each round) | coordinator peak RSS | MiB rss/heap used/external/native rest, all connected before round 1 | the same at peak RSS | coordinator CPU | site workers CPU | full GCs, coordinator / site workers | heartbeat ms p50/p95/p99 (beats) | download ms p50/p95/p99 | upload ms p50/p95/p99 | failures |');
+  say('|---|---|---|---|---|---|---|---|---|---|---|---|---|');
   for (const r of results) say(`| ${r.join(' | ')} |`);
   for (const l of idleLines) say(`\n${l}`);
   say(`\nwork dir (logs${a.out ? ', per-N coordinator folders' : '; the coordinator folders are kept only with --out'}): ${work}`);
@@ -336,19 +343,21 @@ async function runWorkers<T>(
  * RSS / V8 heap used / external (Buffers, ArrayBuffers) / the native rest (RSS − heap total − external: TLS,
  * HTTP/2 sessions, malloc, code), in MiB.
  */
-function memoryBreakdown(file: string, roundOpenedAt: number | undefined): { connected: string; peak: string } {
-  if (!existsSync(file)) return { connected: '—', peak: '—' };
+function memoryBreakdown(file: string, roundOpenedAt: number | undefined): { connected: string; peak: string; fullGcs: number | undefined } {
+  if (!existsSync(file)) return { connected: '—', peak: '—', fullGcs: undefined };
   const samples = readFileSync(file, 'utf8')
     .trim()
     .split('\n')
     .filter(Boolean)
-    .map((l) => JSON.parse(l) as { t: number; rss: number; heapTotal: number; heapUsed: number; external: number });
+    .map((l) => JSON.parse(l) as { t: number; rss: number; heapTotal: number; heapUsed: number; external: number; fullGcs?: number });
   const mib = (b: number) => (b / 1024 / 1024).toFixed(0);
   const show = (s: (typeof samples)[number] | undefined) =>
     s ? `${mib(s.rss)}/${mib(s.heapUsed)}/${mib(s.external)}/${mib(Math.max(0, s.rss - s.heapTotal - s.external))}` : '—';
   const before = roundOpenedAt === undefined ? undefined : samples.filter((s) => s.t < roundOpenedAt).at(-1);
   const peak = samples.reduce<(typeof samples)[number] | undefined>((p, s) => (!p || s.rss > p.rss ? s : p), undefined);
-  return { connected: show(before), peak: show(peak) };
+  // From the last sample before round 1 to the last one taken (once a second, so the final second may be missed).
+  const last = samples.at(-1)?.fullGcs;
+  return { connected: show(before), peak: show(peak), fullGcs: last === undefined ? undefined : last - (before?.fullGcs ?? 0) };
 }
 
 function pct(xs: number[]): string {
@@ -400,7 +409,15 @@ async function enrolWorker(file: string): Promise<void> {
 }
 
 async function runWorker(file: string): Promise<void> {
-  const job = JSON.parse(readFileSync(file, 'utf8')) as { sitesDir: string; sites: string[]; trainS: number; timeoutMs: number };
+  const job = JSON.parse(readFileSync(file, 'utf8')) as { sitesDir: string; sites: string[]; trainS: number; timeoutMs: number; defaultHeap?: boolean };
+  // A worker streams hundreds of sites' models and updates through one small heap, as the coordinator does, and V8's
+  // default limits had it run a full collection every 10–20 MB moved (heap-growth.ts): waste that a real site, moving
+  // one model, does not have, taken from the two cores the coordinator is measured on. --worker-default-heap keeps them.
+  if (!job.defaultHeap) growHeapForStreaming();
+  let fullGcs = 0;
+  new PerformanceObserver((list) => {
+    for (const e of list.getEntries()) if ((e as { detail?: { kind?: number } }).detail?.kind === gcKinds.NODE_PERFORMANCE_GC_MAJOR) fullGcs++;
+  }).observe({ entryTypes: ['gc'] });
   const report: WorkerReport = { heartbeatMs: [], downloadMs: [], uploadMs: [], failures: {}, finishedSites: 0 };
   const fail = (what: string) => (report.failures[what] = (report.failures[what] ?? 0) + 1);
   const done = await Promise.race([
@@ -410,6 +427,7 @@ async function runWorker(file: string): Promise<void> {
   if (done === 'timeout') fail('workerTimeout');
   const cpu = process.cpuUsage();
   report.cpuS = (cpu.user + cpu.system) / 1e6;
+  report.fullGcs = fullGcs;
   say(JSON.stringify(report));
   process.exit(0);
 }

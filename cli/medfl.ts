@@ -66,6 +66,9 @@ coordinator
   .option('--admin-token-file <file>', 'file holding the bearer token every admin request must then present')
   .option('--ready-min-free-mb <MiB>', '/readyz fails below this much free disk space on the coordinator directory', integerOption('--ready-min-free-mb', 0, 100_000_000), 1024)
   .action(async (o: { dir: string; plan?: string; nats?: string; port?: number; bind: string; mtls: boolean; maxUploadsPerSite?: number; authFailureBurst?: number; authFailureRefill?: number } & AdminCliOptions) => {
+    // Before any transfer: the coordinator streams GBs of Buffers a round through a small heap (heap-growth.ts says why).
+    const { growHeapForStreaming } = await import('../shared/util/heap-growth.ts');
+    growHeapForStreaming();
     const { startCoordinator } = await import('../coordinator/coordinator.ts');
     const running = await startCoordinator({ dir: o.dir, planPath: o.plan, natsUrl: o.nats, port: o.port, host: o.bind, requireClientCert: o.mtls, limits: { maxOpenUploadsPerSite: o.maxUploadsPerSite, authFailures: { burst: o.authFailureBurst, refillPerMinute: o.authFailureRefill } }, admin: adminSettings(o) });
     process.stdout.write(`coordinator ${running.federationId} listening on port ${running.port} (events: ${running.bus.describe()})\n`);
