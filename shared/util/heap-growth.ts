@@ -5,7 +5,7 @@
  *
  * Why: V8 counts Buffer memory allocated since the last full collection against that limit, and for a small heap it
  * marks quickly it picks a limit of about 1.7× the survivors. Every 10–20 MB moved then started a full collection:
- * 74–85 of them in a two-round, 1,000-site `bench:sites` run (1 MB model), against 22 with this setting. Full
+ * 65–85 of them over two 1,000-site rounds of `bench:sites` (1 MB model), 21–43 with this setting. Full
  * collections are still started by V8's separate trigger for Buffer memory (every 64 MB that outlives young
  * collections) and near the heap's size limit, so the garbage this lets accumulate stays bounded.
  */
