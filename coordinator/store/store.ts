@@ -102,6 +102,9 @@ CREATE TABLE IF NOT EXISTS updates (
   update_id TEXT PRIMARY KEY, round INTEGER NOT NULL, site TEXT NOT NULL, num_samples INTEGER NOT NULL,
   sha256 TEXT NOT NULL, path TEXT NOT NULL, size_bytes INTEGER NOT NULL, accepted_at INTEGER NOT NULL,
   UNIQUE (round, site));
+-- A site's own earlier updates (the sample-count check reads its last five on every accepted update): without it
+-- SQLite walked the (round, site) index back through every earlier round, ~0.6 s a round at 100 rounds × 1,000 sites.
+CREATE INDEX IF NOT EXISTS updates_by_site ON updates (site, round);
 CREATE TABLE IF NOT EXISTS models (
   hash TEXT PRIMARY KEY, path TEXT NOT NULL, round INTEGER NOT NULL, size_bytes INTEGER NOT NULL, created_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS metrics (

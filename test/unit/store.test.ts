@@ -55,6 +55,27 @@ describe('coordinator store', () => {
     s.close();
   });
 
+  it("reads a site's recent sample counts through an index of its own, added to a database made before it", () => {
+    const path = join(mkdtempSync(join(tmpdir(), 'medfl-store-')), 'state.db');
+    const s = new CoordinatorStore(path);
+    for (const round of [1, 2, 3]) {
+      s.openRound({ round, baseModelHash: 'h', selected: ['a', 'b'], openedAt: round, deadlineAt: round + 1 });
+      for (const site of ['a', 'b']) s.insertUpdate({ updateId: `${site}${round}`, round, site, numSamples: round * (site === 'a' ? 10 : 1), sha256: 'x', path: '/p', sizeBytes: 9, acceptedAt: round });
+    }
+    expect(s.recentSampleCounts('a', 4)).toEqual([30, 20, 10]);
+    expect(s.recentSampleCounts('a', 3, 1)).toEqual([20]);
+    s.close();
+    // As a release before the index left it: opening it adds the index, and the lookup uses it.
+    const older = new Database(path);
+    older.exec('DROP INDEX updates_by_site');
+    older.close();
+    new CoordinatorStore(path).close();
+    const db = new Database(path, { readonly: true });
+    const plan = db.prepare('EXPLAIN QUERY PLAN SELECT num_samples AS n FROM updates WHERE site = ? AND round < ? ORDER BY round DESC LIMIT ?').all('a', 4, 5) as { detail: string }[];
+    db.close();
+    expect(plan.map((r) => r.detail).join('; ')).toMatch(/USING (COVERING )?INDEX updates_by_site \(site=\? AND round<\?\)/);
+  });
+
   it('closes a round and records its model in one step', () => {
     const s = fresh();
     s.openRound({ round: 1, baseModelHash: 'h0', selected: ['a'], openedAt: 1, deadlineAt: 2 });
