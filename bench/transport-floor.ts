@@ -4,13 +4,15 @@
  * product's message sizes, no protobuf, no tokens, no files, no checks). Set beside bench:sites' cost per GB, it
  * says how much of a round's time is the transport's floor and how much is MedFL's work above it.
  *
- *   npm run bench:transport-floor -- [--connections 50] [--transfers 20] [--size-mb 1] [--layers tls,http2,grpc]
- *                                     [--repeat 2] [--round-sites 1000]
+ *   npm run bench:transport-floor -- [--connections 1000] [--transfers 1] [--concurrent 64] [--size-mb 1]
+ *                                     [--layers tls,http2,grpc] [--states cold,warm] [--repeat 2]
  *
- * Each connection is one "site": it uploads `size-mb` and then downloads `size-mb`, `transfers` times, one transfer
- * at a time, all connections at once. Connections are made before the clock starts, so handshakes are not counted.
- * The server is a child process; CPU is each process's own (`process.cpuUsage`: every thread), from the first byte to
- * the last. Over grpc-js each upload and each download is its own call, as a site's are; over HTTP/2 its own stream.
+ * Each connection is one "site": it uploads `size-mb` and then downloads `size-mb`, `transfers` times, at most
+ * `concurrent` sites at once (the coordinator's admission control). Connections are made before the clock starts, so
+ * handshakes are not counted; "cold" starts the clock on fresh connections, "warm" after one transfer on each. The
+ * server is a child process; CPU and minor page faults are each process's own (`process.resourceUsage`: every
+ * thread), from the first byte to the last. Over grpc-js each upload and each download is its own call, as a site's
+ * are; over HTTP/2 its own stream.
  */
 import * as grpc from '@grpc/grpc-js';
 import { fork, type ChildProcess } from 'node:child_process';
@@ -71,22 +73,27 @@ const FLOOR_SERVICE = {
 type Setup = { layer: Layer; sizeBytes: number; cert: ServerCertificate };
 type ToServer = { op: 'start' } | { op: 'stop' };
 
+/** What writeInPieces writes to: a socket, or a grpc-js call. */
+type PieceSink = { write(chunk: Buffer): boolean; once(event: 'drain', listener: () => void): unknown; end(): unknown };
+
 /**
- * Writes `payload` in DOWNLOAD_CHUNK_BYTES pieces, each after the one before has left: what the coordinator's model
- * stream does. One large write would grow the socket's TLS output buffer to its size, on fresh memory (page faults)
- * for every connection's first transfer — a cost MedFL does not have, so it is left out of the floor.
+ * Writes `payload` in pieces of `pieceBytes`, each once the stream takes more (as MedFL's senders do), then ends the
+ * stream if `end`. Raw TLS writes 64 KiB pieces, as the coordinator's model stream does: one large write would grow
+ * the socket's TLS output buffer to its size, on fresh memory (page faults) for every connection's first transfer —
+ * a cost the coordinator's downloads do not have, so it is left out of the floor.
  */
-function writeInPieces(sock: tls.TLSSocket, payload: Buffer): void {
+function writeInPieces(sink: PieceSink, payload: Buffer, pieceBytes: number, end: boolean): void {
   let at = 0;
   const more = (): void => {
     while (at < payload.length) {
-      const piece = payload.subarray(at, Math.min(at + DOWNLOAD_CHUNK_BYTES, payload.length));
+      const piece = payload.subarray(at, Math.min(at + pieceBytes, payload.length));
       at += piece.length;
-      if (!sock.write(piece)) {
-        sock.once('drain', more);
+      if (!sink.write(piece)) {
+        sink.once('drain', more);
         return;
       }
     }
+    if (end) sink.end();
   };
   more();
 }
@@ -104,7 +111,7 @@ async function listen(s: Setup): Promise<number> {
         got += d.length;
         while (got >= s.sizeBytes) {
           got -= s.sizeBytes;
-          writeInPieces(sock, payload);
+          writeInPieces(sock, payload, DOWNLOAD_CHUNK_BYTES, false);
         }
       });
       sock.on('error', () => undefined);
@@ -137,22 +144,8 @@ async function listen(s: Setup): Promise<number> {
       call.on('data', () => undefined);
       call.on('end', () => done(null, Buffer.alloc(0)));
     },
-    download: (call: grpc.ServerWritableStream<Buffer, Buffer>) => {
-      // DOWNLOAD_CHUNK_BYTES messages, waiting for 'drain' as the coordinator's model stream does.
-      let at = 0;
-      const more = (): void => {
-        while (at < payload.length) {
-          const chunk = payload.subarray(at, Math.min(at + DOWNLOAD_CHUNK_BYTES, payload.length));
-          at += chunk.length;
-          if (!call.write(chunk)) {
-            call.once('drain', more);
-            return;
-          }
-        }
-        call.end();
-      };
-      more();
-    },
+    // DOWNLOAD_CHUNK_BYTES messages, each once grpc-js takes more, as the coordinator's model stream sends them.
+    download: (call: grpc.ServerWritableStream<Buffer, Buffer>) => writeInPieces(call, payload, DOWNLOAD_CHUNK_BYTES, true),
   });
   const port = await new Promise<number>((resolve, reject) =>
     server.bindAsync('127.0.0.1:0', serverCredentials(s.cert), (e, p) => (e ? reject(e) : resolve(p))),
@@ -199,7 +192,7 @@ async function connectTls(s: Setup, port: number): Promise<Site> {
     pair: () =>
       new Promise<void>((resolve) => {
         waiting = resolve;
-        writeInPieces(sock, payload);
+        writeInPieces(sock, payload, DOWNLOAD_CHUNK_BYTES, false);
       }),
     close: () => sock.destroy(),
   };
@@ -246,20 +239,12 @@ async function connectGrpc(s: Setup, port: number): Promise<Site> {
   const payload = Buffer.alloc(s.sizeBytes, 3);
   const upload = () =>
     new Promise<void>((resolve, reject) => {
-      const call = startUpload((e) => (e ? reject(e) : resolve()));
-      let at = 0;
-      const more = (): void => {
-        while (at < payload.length) {
-          const chunk = payload.subarray(at, Math.min(at + CHUNK_BYTES, payload.length));
-          at += chunk.length;
-          if (!call.write(chunk)) {
-            call.once('drain', more);
-            return;
-          }
-        }
-        call.end();
-      };
-      more();
+      writeInPieces(
+        startUpload((e) => (e ? reject(e) : resolve())),
+        payload,
+        CHUNK_BYTES,
+        true,
+      );
     });
   const download = () =>
     new Promise<void>((resolve, reject) => {
