@@ -269,11 +269,13 @@ async function runOnce(
   opts: { connections: number; transfers: number; concurrent: number; warm: boolean; sizeBytes: number; cert: ServerCertificate },
 ): Promise<Run> {
   const setup: Setup = { layer, sizeBytes: opts.sizeBytes, cert: opts.cert };
-  const child: ChildProcess = fork(fileURLToPath(import.meta.url), ['--serve', JSON.stringify(setup)], {
+  // The setup (with the bench certificate's key) goes over the IPC channel, not the command line, which `ps` shows.
+  const child: ChildProcess = fork(fileURLToPath(import.meta.url), ['--serve'], {
     stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
   });
   const next = <T>() => new Promise<T>((r) => child.once('message', r));
   try {
+    child.send(setup);
     const { port } = await next<{ port: number }>();
     const connect = layer === 'tls' ? connectTls : layer === 'http2' ? connectHttp2 : connectGrpc;
     const sites = await Promise.all(Array.from({ length: opts.connections }, () => connect(setup, port)));
@@ -378,6 +380,5 @@ async function main(): Promise<void> {
   }
 }
 
-const serveAt = process.argv.indexOf('--serve');
-if (serveAt >= 0) await serve(JSON.parse(process.argv[serveAt + 1]!) as Setup);
+if (process.argv.includes('--serve')) await serve(await new Promise<Setup>((r) => process.once('message', r)));
 else await main();
